@@ -1,0 +1,39 @@
+# apptunnel: `make demo` to try it, `make test` to run every test, `make bench` to compare.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_DIR ?= demo-data
+# Debian packages the tests and the benchmarks start for real (installed when missing, as root).
+TEST_PACKAGES := curl
+BENCH_PACKAGES := wrk nginx openssh-server openssh-client
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: all demo install test test-deps bench clean
+
+all: install
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# A plain (non-editable) install, exactly as users do it.
+install: $(BIN)/python
+	$(BIN)/pip install -q .
+	$(BIN)/pip install -q --force-reinstall --no-deps .
+
+test-deps: install
+	$(BIN)/pip install -q ".[test]"
+
+demo: install
+	$(BIN)/python -m apptunnel.demo --dir $(DEMO_DIR)
+
+test: test-deps
+	@bash .ci/system-deps $(TEST_PACKAGES)
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	@bash .ci/system-deps $(BENCH_PACKAGES)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info $(DEMO_DIR)

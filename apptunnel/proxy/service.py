@@ -1,0 +1,173 @@
+"""The proxy process: wires auth, storage, the web UI, the app edge and the tunnel listener.
+
+Everything that can fail on bad files (CA, keys, certificates) is built in the constructor,
+so `twistd` reports it as one line before anything listens. Listening, the audit writer
+and the expiry sweep start with the service and stop with it, in reverse order.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+from OpenSSL import crypto
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService
+from twisted.internet import defer, ssl
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from apptunnel.audit import AuditLog
+from apptunnel.auth.ca import ClusterCA, load_server_tls
+from apptunnel.auth.jwt import JwtKeys, JwtSigner
+from apptunnel.auth.policy import RoleCache
+from apptunnel.auth.sessions import SessionManager
+from apptunnel.backend import open_backend
+from apptunnel.config import ConfigError, ProxyConfig
+from apptunnel.proxy.edge import EdgeFactory
+from apptunnel.proxy.forward import AppForwarder, tunnel_connector
+from apptunnel.proxy.registry import AgentRegistry
+from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_options
+from apptunnel.web.routes import WebApp
+
+log = Logger()
+
+_SWEEP_INTERVAL = 600.0
+
+
+def _web_tls_options(cert_pem: bytes, key_pem: bytes, chain: list[bytes]):
+    """TLS for browsers: our certificate (plus the CA, so clients can pin it), TLS 1.2+."""
+    cert = crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem)
+    key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
+    extra = [crypto.load_certificate(crypto.FILETYPE_PEM, pem) for pem in chain]
+    return ssl.CertificateOptions(
+        privateKey=key,
+        certificate=cert,
+        extraCertChain=extra,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+    )
+
+
+def _read_tls_files(config: ProxyConfig) -> tuple[bytes, bytes]:
+    """The operator's own certificate, checked now so a bad file is one clear line."""
+    try:
+        with open(config.tls_cert_file, "rb") as f:
+            cert_pem = f.read()
+        with open(config.tls_key_file, "rb") as f:
+            key_pem = f.read()
+        crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem)
+        crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
+    except OSError as err:
+        raise ConfigError(f"{config.path}: tls: cannot read {err.filename}: {err.strerror}") from None
+    except crypto.Error:
+        raise ConfigError(f"{config.path}: tls: cert_file/key_file is not a PEM certificate/key") from None
+    return cert_pem, key_pem
+
+
+class ProxyService(MultiService):
+    """One proxy: web edge on `web_listen_addr`, agents' tunnels on `tunnel_listen_addr`."""
+
+    def __init__(self, config: ProxyConfig, reactor) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+
+        self.ca = ClusterCA.load_or_create(config.data_dir, config.cluster_name)
+        names = [config.public_host, "*." + config.public_host, "localhost"]
+        ips = sorted({"127.0.0.1", *_ip_hosts(config.web_listen_host, config.tunnel_listen_host)})
+        own_cert, own_key = load_server_tls(config.data_dir, self.ca, names, ips)
+        if config.tls_cert_file:
+            web_cert, web_key = _read_tls_files(config)
+            web_chain: list[bytes] = []
+        else:
+            web_cert, web_key, web_chain = own_cert, own_key, [self.ca.cert_pem]
+
+        self.backend = open_backend(config, reactor)
+        self.audit = AuditLog(self.backend, reactor, json_file=config.audit_file)
+        self.sessions = SessionManager(self.backend, reactor, config.session_ttl)
+        self.roles = RoleCache(self.backend, reactor)
+        self.jwt_keys = JwtKeys.load_or_create(config.data_dir, config.jwt_algorithm)
+        self.signer = JwtSigner(self.jwt_keys, config.cluster_name, reactor, config.jwt_ttl)
+        self.registry = AgentRegistry()
+
+        self.web = WebApp(
+            config, self.sessions, self.roles, self.registry, self.audit,
+            self.jwt_keys, self.ca, reactor,
+        )
+        site = Site(self.web.resource())
+        site.displayTracebacks = False
+        self.forwarder = AppForwarder(
+            config=config,
+            registry=self.registry,
+            sessions=self.sessions,
+            roles=self.roles,
+            signer=self.signer,
+            audit=self.audit,
+            clock=reactor,
+            connect_app=tunnel_connector(self.registry),
+        )
+        edge = EdgeFactory(config.public_host, site, self.forwarder)
+        web_endpoint = SSL4ServerEndpoint(
+            reactor, config.web_listen_port, _web_tls_options(web_cert, web_key, web_chain),
+            interface=config.web_listen_host,
+        )
+        StreamServerEndpointService(web_endpoint, edge).setServiceParent(self)
+
+        tunnel_factory = TunnelServerFactory(
+            ca=self.ca,
+            backend=self.backend,
+            registry=self.registry,
+            audit=self.audit,
+            clock=reactor,
+            proxy_id=secrets.token_hex(8),
+            public_host=config.public_host,
+            public_port=config.public_port,
+            keepalive_interval=config.keepalive_interval,
+            keepalive_timeout=config.keepalive_timeout,
+        )
+        tunnel_endpoint = SSL4ServerEndpoint(
+            reactor, config.tunnel_listen_port,
+            tunnel_tls_options(self.ca.cert_pem, own_cert, own_key),
+            interface=config.tunnel_listen_host,
+        )
+        StreamServerEndpointService(tunnel_endpoint, tunnel_factory).setServiceParent(self)
+        TimerService(_SWEEP_INTERVAL, self._sweep).setServiceParent(self)
+
+    def startService(self) -> None:
+        self.audit.start()
+        super().startService()
+        log.info(
+            "apptunnel proxy {cluster} serving https://{public} (web {web}, tunnels {tunnel}); "
+            "CA pin {pin}",
+            cluster=self.config.cluster_name, public=self.config.public_addr,
+            web=self.config.web_listen_addr, tunnel=self.config.tunnel_listen_addr,
+            pin=self.ca.pin,
+        )
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        yield super().stopService()
+        yield defer.ensureDeferred(self.audit.stop())
+        yield defer.ensureDeferred(self.backend.close())
+
+    def _sweep(self):
+        """Drop expired sessions, codes and tokens so the store does not grow forever."""
+        d = defer.ensureDeferred(self.backend.delete_expired(self.reactor.seconds()))
+        d.addErrback(lambda f: log.failure("expiry sweep failed", f))
+        return d
+
+
+def _ip_hosts(*hosts: str) -> list[str]:
+    import ipaddress
+
+    found = []
+    for host in hosts:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            continue
+        if host not in ("0.0.0.0", "::"):
+            found.append(host)
+    return found
