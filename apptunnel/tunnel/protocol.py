@@ -1,0 +1,380 @@
+"""The tunnel as a Twisted protocol: a thin adapter between a transport and the ``Mux``.
+
+One write path (``_run`` dispatches events and flushes with ``writeSequence``), one
+keepalive timer, and the tunnel registered as a push producer on its transport so a full
+socket pauses every stream's producer.
+"""
+
+from __future__ import annotations
+
+import typing
+
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import (
+    IDelayedCall, IProtocol, IProtocolFactory, IPushProducer, IReactorTime, ISSLTransport)
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from apptunnel.tunnel import mux as M
+from apptunnel.tunnel.errors import StreamRefused, TunnelError, TunnelLost, TunnelProtocolError
+from apptunnel.tunnel.frames import ErrorCode
+from apptunnel.tunnel.stream import Stream
+
+if typing.TYPE_CHECKING:
+    from cryptography import x509
+
+
+class TunnelHandler(typing.Protocol):
+    """What the owner of a tunnel (proxy side or agent side) supplies."""
+
+    def tunnel_ready(self, tunnel: TunnelProtocol) -> None: ...
+
+    def control_received(self, tunnel: TunnelProtocol, message: dict) -> None: ...
+
+    def stream_requested(self, tunnel: TunnelProtocol, target: dict) -> Deferred[IProtocol]:
+        """Fire with the protocol that will own the stream; StreamRefused to refuse."""
+
+    def tunnel_lost(self, tunnel: TunnelProtocol, reason: Failure) -> None: ...
+
+
+def _describe(address) -> str:
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"{host}:{port}"
+    return str(address)
+
+
+@implementer(IPushProducer)
+class TunnelProtocol(Protocol):
+    """Many streams over one connection; see docs/protocol.rst for the wire rules."""
+
+    _log = Logger()
+
+    def __init__(self, handler: TunnelHandler, clock: IReactorTime, *, initiator: bool,
+                 keepalive_interval: float = 5.0, keepalive_timeout: float = 15.0,
+                 max_frame_size: int = 256 * 1024,
+                 initial_window: int = 1024 * 1024) -> None:
+        self._handler = handler
+        self._clock = clock
+        self._mux = M.Mux(initiator=initiator, now=clock.seconds(),
+                          keepalive_interval=keepalive_interval,
+                          keepalive_timeout=keepalive_timeout,
+                          max_frame_size=max_frame_size, initial_window=initial_window)
+        self._streams: dict[int, Stream] = {}
+        self._opening: dict[int, tuple[Deferred, dict]] = {}
+        self._accepting: dict[int, Deferred] = {}
+        self._producing: set[Stream] = set()  # streams with a registered producer
+        self._transport_paused = False
+        self._connected = False
+        self._lost = False
+        self._running = False
+        self._backlog: list[M.Event] = []
+        self._timer: IDelayedCall | None = None
+        self._close_waiters: list[Deferred] = []
+        self._cert: x509.Certificate | None = None
+        self._peer = "<unconnected>"
+
+    # -- public API -------------------------------------------------------------------
+
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The peer's TLS certificate once the handshake is done (None over plain TCP)."""
+        if self._cert is None and self.transport is not None \
+                and ISSLTransport.providedBy(self.transport):
+            try:
+                cert = self.transport.getPeerCertificate()
+            except Exception:
+                cert = None
+            if cert is not None:
+                self._cert = cert.to_cryptography()
+        return self._cert
+
+    @property
+    def stream_count(self) -> int:
+        return self._mux.stream_count
+
+    @property
+    def peer(self) -> str:
+        """The peer's address for log lines."""
+        return self._peer
+
+    def open_stream(self, target: dict) -> Deferred[Stream]:
+        """Open a stream; fires with it once the peer accepted.  Cancelling resets it."""
+        if not self._connected:
+            return fail(TunnelLost("tunnel is not connected"))
+        try:
+            sid = self._mux.open_stream(target)
+        except (TunnelError, ValueError) as e:
+            return fail(e)
+        d: Deferred[Stream] = Deferred(lambda _: self._cancel_open(sid))
+        self._opening[sid] = (d, target)
+        self._run([])
+        return d
+
+    def connect_stream(self, target: dict, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        """open_stream, then a protocol from ``factory`` owns the stream."""
+        def connected(stream: Stream) -> IProtocol:
+            try:
+                proto = factory.buildProtocol(stream.getPeer())
+            except BaseException:
+                stream.reset(ErrorCode.INTERNAL, "client protocol factory failed")
+                raise
+            if proto is None:
+                stream.reset(ErrorCode.CANCEL, "client protocol factory refused the stream")
+                raise TunnelError("protocol factory returned None")
+            stream.attach(proto)
+            return proto
+
+        return self.open_stream(target).addCallback(connected)
+
+    def send_control(self, message: dict) -> None:
+        """Send a CONTROL message: a JSON object of at most 64 KiB (else ValueError)."""
+        if not self._connected:
+            raise TunnelLost("tunnel is not connected")
+        self._mux.send_control(message)
+        self._run([])
+
+    def go_away(self, reason: str = "") -> Deferred[None]:
+        """Refuse new streams, let the open ones finish, then close; fires once closed."""
+        if self._lost:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._close_waiters.append(d)
+        if self._connected:
+            self._mux.go_away(ErrorCode.NO_ERROR, reason)
+            self._run([])
+        return d
+
+    # -- Protocol ---------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._connected = True
+        self._peer = _describe(self.transport.getPeer())
+        self._mux.touch(self._clock.seconds())
+        self.transport.registerProducer(self, True)
+        self._schedule()
+        try:
+            self._handler.tunnel_ready(self)
+        except Exception:
+            self._log.failure("tunnel {peer}: tunnel_ready failed", peer=self._peer)
+            self.transport.loseConnection()
+            return
+        self._run([])
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._mux.closed:
+            return
+        try:
+            events = self._mux.receive(data, self._clock.seconds())
+        except TunnelProtocolError as e:
+            self._log.warn("tunnel {peer} closed: {reason}", peer=self._peer, reason=str(e))
+            self._flush()
+            self.transport.loseConnection()
+            return
+        self._run(events)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionLost())) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._connected = False
+        self._mux.close()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        opening, self._opening = self._opening, {}
+        for d, target in opening.values():
+            d.errback(TunnelLost(f"tunnel lost while opening a stream to {target!r}"))
+        accepting, self._accepting = self._accepting, {}
+        for d in accepting.values():
+            d.cancel()
+        why = reason.getErrorMessage()
+        for stream in list(self._streams.values()):
+            stream._connection_lost(Failure(ConnectionLost(f"tunnel lost: {why}")))
+        self._producing.clear()
+        try:
+            self._handler.tunnel_lost(self, reason)
+        except Exception:
+            self._log.failure("tunnel {peer}: tunnel_lost failed", peer=self._peer)
+        waiters, self._close_waiters = self._close_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    # -- IPushProducer: the socket tells us when it is full ---------------------------
+
+    def pauseProducing(self) -> None:
+        self._transport_paused = True
+        self._mux.set_output_blocked(True)
+        for stream in list(self._producing):
+            stream._update_producer()
+
+    def resumeProducing(self) -> None:
+        self._transport_paused = False
+        self._mux.set_output_blocked(False)
+        for stream in list(self._producing):
+            stream._update_producer()
+
+    def stopProducing(self) -> None:
+        self._transport_paused = True
+
+    # -- called by Stream -------------------------------------------------------------
+
+    def _stream_write(self, stream: Stream, data: bytes) -> None:
+        self._mux.send_data(stream.stream_id, data)
+        self._run([])
+        stream._update_producer()
+
+    def _stream_fin(self, stream: Stream) -> None:
+        self._mux.end_stream(stream.stream_id)
+        self._run([])
+
+    def _stream_reset(self, stream: Stream, code: int, reason: str) -> None:
+        self._mux.reset(stream.stream_id, code, reason)
+        self._run([])
+
+    def _stream_consumed(self, stream: Stream, n: int) -> None:
+        self._mux.consumed(stream.stream_id, n)
+        self._run([])
+
+    def _pending_bytes(self, stream: Stream) -> int:
+        return self._mux.pending_bytes(stream.stream_id)
+
+    def _forget(self, stream: Stream) -> None:
+        self._streams.pop(stream.stream_id, None)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _run(self, events: list[M.Event]) -> None:
+        """Dispatch events and those they cause, then flush; re-entrant calls just queue."""
+        if self._running:
+            self._backlog.extend(events)
+            return
+        self._running = True
+        try:
+            while True:
+                events = events + self._backlog + self._mux.pop_events()
+                self._backlog = []
+                if not events:
+                    break
+                for event in events:
+                    try:
+                        self._dispatch(event)
+                    except Exception:
+                        self._log.failure("tunnel {peer}: handling {event} failed",
+                                          peer=self._peer, event=type(event).__name__)
+                events = []
+        finally:
+            self._running = False
+        self._flush()
+
+    def _flush(self) -> None:
+        chunks = self._mux.chunks_to_send()
+        if chunks and self._connected:
+            self.transport.writeSequence(chunks)
+
+    def _dispatch(self, event: M.Event) -> None:
+        kind = type(event)
+        if kind is M.DataReceived:
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._data_received(event.data)
+        elif kind is M.WindowUpdated:
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._update_producer()
+        elif kind is M.StreamOpened:
+            self._stream_requested(event.stream_id, event.target)
+        elif kind is M.StreamAccepted:
+            entry = self._opening.pop(event.stream_id, None)
+            if entry is None:
+                self._mux.reset(event.stream_id, ErrorCode.CANCEL, "nobody is waiting")
+                return
+            d, target = entry
+            stream = Stream(self, event.stream_id, target)
+            self._streams[event.stream_id] = stream
+            d.callback(stream)
+        elif kind is M.OpenRefused:
+            entry = self._opening.pop(event.stream_id, None)
+            if entry is not None:
+                entry[0].errback(StreamRefused(event.code, event.reason))
+        elif kind is M.StreamEnded:
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._peer_fin()
+        elif kind is M.StreamClosed:
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._streams_closed()
+        elif kind is M.StreamReset:
+            pending = self._accepting.pop(event.stream_id, None)
+            if pending is not None:
+                pending.cancel()
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._peer_reset(event.code, event.reason)
+        elif kind is M.ControlReceived:
+            self._handler.control_received(self, event.message)
+        elif kind is M.GoAwayReceived:
+            self._log.info("tunnel {peer} is going away (code {code}): {reason}",
+                           peer=self._peer, code=event.code, reason=event.reason)
+        elif kind is M.Drained:
+            self.transport.loseConnection()
+        elif kind is M.PeerDead:
+            self._log.warn("tunnel {peer} closed: no data from the peer for {silence:.1f}s",
+                           peer=self._peer, silence=event.silence)
+            abort = getattr(self.transport, "abortConnection", None)
+            (abort or self.transport.loseConnection)()
+
+    def _stream_requested(self, sid: int, target: dict) -> None:
+        d = maybeDeferred(self._handler.stream_requested, self, target)
+        self._accepting[sid] = d
+        d.addCallbacks(self._accept, self._refuse, callbackArgs=(sid, target),
+                       errbackArgs=(sid, target))
+
+    def _accept(self, proto: IProtocol | None, sid: int, target: dict) -> None:
+        if proto is None:
+            self._refuse(Failure(TunnelError("handler returned no protocol")), sid, target)
+            return
+        stream = Stream(self, sid, target)
+        if self._accepting.pop(sid, None) is None or not self._mux.accept(sid):
+            # Reset by the peer or the tunnel was lost meanwhile, and the handler ignored
+            # the cancel: the protocol still gets a stream that is already over.
+            stream.attach(proto)
+            stream._connection_lost(Failure(ConnectionLost("stream ended before it was accepted")))
+            return
+        self._streams[sid] = stream
+        stream.attach(proto)
+        self._run([])
+
+    def _refuse(self, failure: Failure, sid: int, target: dict) -> None:
+        if self._accepting.pop(sid, None) is None:
+            return None  # already reset by the peer or lost: nothing to answer
+        if failure.check(StreamRefused):
+            code, reason = failure.value.code, failure.value.reason
+        else:
+            self._log.failure("tunnel {peer}: stream request {target!r} failed", failure,
+                              peer=self._peer, target=target)
+            code, reason = ErrorCode.INTERNAL, "internal error"
+        self._mux.refuse(sid, code, reason)
+        self._run([])
+        return None
+
+    def _cancel_open(self, sid: int) -> None:
+        if self._opening.pop(sid, None) is not None:
+            self._mux.reset(sid, ErrorCode.CANCEL, "cancelled")
+            self._run([])
+
+    def _schedule(self) -> None:
+        delay = max(0.0, self._mux.next_deadline() - self._clock.seconds())
+        self._timer = self._clock.callLater(delay, self._keepalive)
+
+    def _keepalive(self) -> None:
+        self._timer = None
+        if self._lost:
+            return
+        self._run(self._mux.tick(self._clock.seconds()))
+        if not self._mux.closed and not self._lost:
+            self._schedule()

@@ -1,0 +1,560 @@
+"""TunnelProtocol, Stream and StreamEndpoint over memory pumps, a Clock and a real socket."""
+
+import gc
+import tracemalloc
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from zope.interface import implementer
+
+from apptunnel.tunnel import frames as F
+from apptunnel.tunnel.endpoints import StreamEndpoint
+from apptunnel.tunnel.errors import StreamRefused, TunnelLost
+from apptunnel.tunnel.frames import ErrorCode
+from apptunnel.tunnel.protocol import TunnelProtocol
+from apptunnel.tunnel.stream import SEND_BUFFER_LIMIT, StreamAddress
+from tests.support.pump import Pump
+
+
+class Echo(Protocol):
+    def dataReceived(self, data):
+        self.transport.write(data)
+
+
+class Recorder(Protocol):
+    """Keeps what arrives; optionally starts paused."""
+
+    def __init__(self, paused=False):
+        self.chunks, self.lost, self.paused = [], None, paused
+
+    def connectionMade(self):
+        if self.paused:
+            self.transport.pauseProducing()
+
+    def dataReceived(self, data):
+        self.chunks.append(data)
+
+    def connectionLost(self, reason):
+        self.lost = reason
+
+    @property
+    def data(self):
+        return b"".join(self.chunks)
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfCloser(Recorder):
+    """On the peer's FIN, answers with what it counted and closes."""
+
+    read_closed = False
+
+    def readConnectionLost(self):
+        self.read_closed = True
+        self.transport.write(b"got %d" % len(self.data))
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+
+class Handler:
+    """A TunnelHandler that records everything and answers opens via ``respond``."""
+
+    def __init__(self, respond=None):
+        self.ready, self.controls, self.requests, self.lost = [], [], [], []
+        self.protocols = []
+        self.respond = respond or self._default
+
+    def _default(self, target):
+        proto = Echo() if target.get("app") == "echo" else Recorder()
+        self.protocols.append(proto)
+        return succeed(proto)
+
+    def tunnel_ready(self, tunnel):
+        self.ready.append(tunnel)
+
+    def control_received(self, tunnel, message):
+        self.controls.append(message)
+
+    def stream_requested(self, tunnel, target):
+        self.requests.append(target)
+        return self.respond(target)
+
+    def tunnel_lost(self, tunnel, reason):
+        self.lost.append(reason)
+
+
+@implementer(IPushProducer)
+class RecordingProducer:
+    def __init__(self):
+        self.paused = False
+        self.stopped = False
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+
+    def stopProducing(self):
+        self.stopped = True
+
+
+def make_pair(clock=None, server_handler=None, **kw):
+    clock = clock or Clock()
+    ch, sh = Handler(), server_handler or Handler()
+    client = TunnelProtocol(ch, clock, initiator=True, **kw)
+    server = TunnelProtocol(sh, clock, initiator=False, **kw)
+    return client, server, ch, sh, Pump(client, server), clock
+
+
+def result_of(d):
+    out = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    return out[0]
+
+
+def connect(pump, client, target, proto=None):
+    d = client.connect_stream(target, Factory.forProtocol(lambda: proto or Recorder()))
+    pump.flush()
+    return result_of(d)
+
+
+def test_tunnel_ready_and_stream_echo_through_endpoint():
+    """connectionMade calls tunnel_ready; a StreamEndpoint connection echoes bytes."""
+    client, server, ch, sh, pump, _ = make_pair()
+    assert ch.ready == [client] and sh.ready == [server]
+    d = StreamEndpoint(client, {"app": "echo"}).connect(Factory.forProtocol(Recorder))
+    pump.flush()
+    proto = result_of(d)
+    proto.transport.write(b"hello " * 50_000)
+    pump.flush()
+    assert proto.data == b"hello " * 50_000
+    assert sh.requests == [{"app": "echo"}]
+    assert proto.transport.getPeer() == StreamAddress(1, {"app": "echo"})
+
+
+def test_control_messages_reach_the_handler():
+    """send_control delivers a JSON object to the peer's handler."""
+    client, server, ch, sh, pump, _ = make_pair()
+    client.send_control({"type": "hello", "host_id": "h1"})
+    server.send_control({"type": "hello_ok"})
+    pump.flush()
+    assert sh.controls == [{"type": "hello", "host_id": "h1"}]
+    assert ch.controls == [{"type": "hello_ok"}]
+    with pytest.raises(ValueError):
+        client.send_control({"x": object()})
+
+
+def test_refusal_arrives_as_stream_refused_with_code_and_reason():
+    """A handler refusing with StreamRefused gives the opener that code and reason."""
+    sh = Handler(lambda target: fail(StreamRefused(ErrorCode.UNKNOWN_TARGET, "no app x")))
+    client, server, _, _, pump, _ = make_pair(server_handler=sh)
+    d = client.open_stream({"app": "x"})
+    pump.flush()
+    failure = result_of(d)
+    assert failure.check(StreamRefused)
+    assert (failure.value.code, failure.value.reason) == (ErrorCode.UNKNOWN_TARGET, "no app x")
+    assert client.stream_count == server.stream_count == 0
+
+
+def test_handler_crash_refuses_with_internal():
+    """Any other handler failure refuses with INTERNAL and no detail."""
+    def boom(target):
+        raise RuntimeError("secret detail")
+    client, _, _, _, pump, _ = make_pair(server_handler=Handler(boom))
+    d = client.open_stream({"app": "x"})
+    pump.flush()
+    failure = result_of(d)
+    assert failure.value.code == ErrorCode.INTERNAL and "secret" not in failure.value.reason
+
+
+def test_cancel_before_acceptance_resets_and_cancels_the_handler():
+    """Cancelling a pending open sends RESET CANCEL; the peer cancels its handler Deferred."""
+    cancelled = []
+    sh = Handler(lambda target: Deferred(cancelled.append))
+    client, server, _, _, pump, _ = make_pair(server_handler=sh)
+    d = StreamEndpoint(client, {"app": "slow"}).connect(Factory.forProtocol(Recorder))
+    pump.flush()
+    assert server.stream_count == 1
+    d.cancel()
+    assert result_of(d).check(CancelledError)
+    pump.flush()
+    assert len(cancelled) == 1
+    assert client.stream_count == server.stream_count == 0
+
+
+def test_connection_loss_fails_pending_opens_and_ends_streams():
+    """On loss: pending opens fail with TunnelLost, streams get ConnectionLost, handler told once."""
+    sh = Handler()
+    client, server, ch, _, pump, _ = make_pair(server_handler=sh)
+    proto = connect(pump, client, {"app": "x"})
+    sh.respond = lambda target: Deferred()
+    pending = client.open_stream({"app": "never"})
+    pump.flush()
+    client.transport.abortConnection()
+    pump.step()
+    assert result_of(pending).check(TunnelLost)
+    assert proto.lost.check(ConnectionLost)
+    assert sh.protocols[0].lost.check(ConnectionLost)
+    assert len(ch.lost) == len(sh.lost) == 1
+    assert result_of(client.open_stream({})).check(TunnelLost)
+    client.connectionLost(ch.lost[0])
+    assert len(ch.lost) == 1
+
+
+def test_half_close_both_ways():
+    """A half-closeable peer gets readConnectionLost on FIN and can still answer."""
+    server_proto = HalfCloser()
+    sh = Handler(lambda target: succeed(server_proto))
+    client, server, _, _, pump, _ = make_pair(server_handler=sh)
+    proto = connect(pump, client, {"app": "x"}, HalfCloser())
+    proto.transport.write(b"12345")
+    proto.transport.loseWriteConnection()
+    pump.flush()
+    assert server_proto.read_closed
+    assert proto.data == b"got 5"
+    assert proto.lost.check(ConnectionDone) and server_proto.lost.check(ConnectionDone)
+    assert client.stream_count == server.stream_count == 0
+
+
+def test_fin_closes_a_plain_protocol():
+    """A protocol that is not half-closeable is closed fully by the peer's FIN."""
+    client, server, _, sh, pump, _ = make_pair()
+    proto = connect(pump, client, {"app": "x"})
+    proto.transport.write(b"bye")
+    proto.transport.loseConnection()
+    pump.flush()
+    assert sh.protocols[0].data == b"bye"
+    assert sh.protocols[0].lost.check(ConnectionDone) and proto.lost.check(ConnectionDone)
+    assert client.stream_count == server.stream_count == 0
+
+
+def test_abort_resets_the_stream():
+    """abortConnection sends RESET CANCEL: both protocols learn at once, the tunnel lives."""
+    client, server, _, sh, pump, _ = make_pair()
+    proto = connect(pump, client, {"app": "x"})
+    proto.transport.abortConnection()
+    assert proto.lost.check(ConnectionAborted)
+    pump.flush()
+    assert sh.protocols[0].lost.check(ConnectionLost)
+    assert "CANCEL" in sh.protocols[0].lost.getErrorMessage()
+    assert connect(pump, client, {"app": "y"}).lost is None
+
+
+def test_stalled_reader_stalls_only_its_stream():
+    """A paused reader on stream A holds at most its window; stream B keeps flowing."""
+    window = 64 * 1024
+    slow = Recorder(paused=True)
+    protos = iter([slow, Recorder()])
+    sh = Handler(lambda target: succeed(next(protos)))
+    client, server, _, _, pump, _ = make_pair(server_handler=sh, initial_window=window)
+    a = connect(pump, client, {"app": "a"})
+    b = connect(pump, client, {"app": "b"})
+    a.transport.write(b"a" * 1_000_000)
+    for _ in range(20):
+        b.transport.write(b"b" * 10_000)
+        pump.flush()
+    sh_b = server._streams[b.transport.stream_id].protocol
+    assert sh_b.data == b"b" * 200_000
+    assert slow.data == b""
+    stream_a = server._streams[a.transport.stream_id]
+    assert sum(map(len, stream_a._inbound)) <= window
+    stream_a.resumeProducing()
+    for _ in range(100):
+        pump.flush()
+    assert slow.data == b"a" * 1_000_000
+
+
+def test_stream_producer_paused_on_spent_window_and_resumed_on_credit():
+    """A producer writing into a stream is paused while its data waits for credit."""
+    reader = Recorder(paused=True)
+    sh = Handler(lambda target: succeed(reader))
+    client, server, _, _, pump, _ = make_pair(server_handler=sh, initial_window=32 * 1024)
+    proto = connect(pump, client, {"app": "x"})
+    producer = RecordingProducer()
+    proto.transport.registerProducer(producer, True)
+    assert not producer.paused
+    proto.transport.write(b"x" * (32 * 1024 + SEND_BUFFER_LIMIT))
+    assert producer.paused
+    pump.flush()
+    assert producer.paused
+    server._streams[1].resumeProducing()
+    pump.flush()
+    assert not producer.paused
+    proto.transport.loseConnection()
+    pump.flush()
+    assert producer.stopped
+
+
+def test_full_socket_pauses_every_stream_producer():
+    """When the tunnel's transport pauses us, all stream producers pause, then resume."""
+    client, server, _, _, pump, _ = make_pair()
+    protos = [connect(pump, client, {"app": str(i)}) for i in range(3)]
+    producers = [RecordingProducer() for _ in protos]
+    for proto, producer in zip(protos, producers):
+        proto.transport.registerProducer(producer, True)
+    protos[0].transport.write(b"z" * 400_000)  # over the pump's high-water mark
+    assert all(p.paused for p in producers)
+    pump.flush()
+    assert not any(p.paused for p in producers)
+
+
+def test_failing_stream_protocol_resets_only_its_stream():
+    """An exception in a stream protocol resets that stream with INTERNAL, not the tunnel."""
+    class Broken(Recorder):
+        def dataReceived(self, data):
+            raise ValueError("boom")
+    sh = Handler(lambda target: succeed(Broken()))
+    client, server, ch, _, pump, _ = make_pair(server_handler=sh)
+    proto = connect(pump, client, {"app": "x"})
+    proto.transport.write(b"data")
+    pump.flush()
+    assert "INTERNAL" in proto.lost.getErrorMessage()
+    assert ch.lost == [] and server.stream_count == 0
+
+
+def test_keepalive_ping_after_interval():
+    """After keepalive_interval of silence a PING is written, and the PONG keeps us alive."""
+    client, server, ch, sh, pump, clock = make_pair(keepalive_interval=5, keepalive_timeout=15)
+    before = pump.client_transport.written
+    clock.advance(4.9)
+    assert pump.client_transport.written == before
+    clock.advance(0.1)
+    assert pump.client_transport.written == before + F.HEADER_SIZE + 8
+    for _ in range(60):
+        pump.flush()
+        clock.advance(1)
+    assert ch.lost == [] and sh.lost == []
+
+
+def test_dead_peer_declared_after_timeout():
+    """With no inbound bytes for keepalive_timeout, the tunnel is aborted and reported lost."""
+    client, server, ch, sh, pump, clock = make_pair(keepalive_interval=5, keepalive_timeout=15)
+    pending = client.open_stream({"app": "x"})
+    for _ in range(15):
+        clock.advance(1)
+    assert pump.client_transport.aborted
+    pump.step()
+    assert result_of(pending).check(TunnelLost)
+    assert len(ch.lost) == 1
+    assert clock.getDelayedCalls() == []
+
+
+def test_go_away_drains_then_closes():
+    """go_away refuses new streams, lets open ones finish, then closes and fires."""
+    client, server, ch, sh, pump, _ = make_pair()
+    proto = connect(pump, client, {"app": "x"})
+    closed = client.go_away("maintenance")
+    pump.flush()
+    assert result_of(server.open_stream({})).value.code == ErrorCode.GOING_AWAY
+    assert not closed.called
+    proto.transport.write(b"last words")
+    proto.transport.loseConnection()
+    pump.flush()
+    assert sh.protocols[0].data == b"last words"
+    assert closed.called and len(ch.lost) == len(sh.lost) == 1
+
+
+def test_malformed_input_logs_one_line_and_closes():
+    """Garbage from the peer: one log line, a GOAWAY naming the problem, then close."""
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        handler = Handler()
+        proto = TunnelProtocol(handler, Clock(), initiator=False)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(b"\xff" * 40)
+        proto.dataReceived(b"\xff" * 40)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    lines = [e for e in logged if e.get("log_format") == "tunnel {peer} closed: {reason}"]
+    assert len(lines) == 1 and "version" in lines[0]["reason"]
+    assert transport.disconnecting
+    (goaway,) = F.FrameDecoder().feed(transport.value())
+    assert goaway.code == ErrorCode.PROTOCOL
+    assert proto.peer_certificate is None
+
+
+def test_idle_stream_memory_is_small():
+    """About 2000 idle streams cost well under 10 KiB each, both ends included."""
+    client, server, _, _, pump, _ = make_pair()
+    connect(pump, client, {"app": "warmup"})
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        protos = []
+        for i in range(2000):
+            protos.append(client.connect_stream({"app": "a"}, Factory.forProtocol(Recorder)))
+            if i % 100 == 99:
+                pump.flush()
+        pump.flush()
+        gc.collect()
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert client.stream_count == server.stream_count == 2001
+    per_stream = used / 2000
+    assert per_stream < 10 * 1024, per_stream
+
+
+# -- over a real loopback socket ---------------------------------------------------------
+
+
+@implementer(IHalfCloseableProtocol)
+class Sink(Protocol):
+    """Server side of the bulk stream: counts bytes, reports the count on FIN."""
+
+    def __init__(self):
+        self.count = 0
+
+    def dataReceived(self, data):
+        self.count += len(data)
+
+    def readConnectionLost(self):
+        self.transport.write(b"%d" % self.count)
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+
+
+@implementer(IPushProducer)
+class BlobProducer:
+    """Writes ``total`` bytes into a stream as fast as backpressure allows, then FINs."""
+
+    def __init__(self, clock, stream, total, chunk=64 * 1024):
+        self.clock, self.stream, self.left = clock, stream, total
+        self.block = b"\xab" * chunk
+        self.paused = False
+        self.scheduled = False
+        stream.registerProducer(self, True)
+        self._schedule()
+
+    def _schedule(self):
+        if not self.scheduled:
+            self.scheduled = True
+            self.clock.callLater(0, self._produce)
+
+    def _produce(self):
+        self.scheduled = False
+        while not self.paused and self.left > 0:
+            n = min(self.left, len(self.block))
+            self.left -= n
+            self.stream.write(self.block[:n])
+        if self.left == 0:
+            self.stream.unregisterProducer()
+            self.stream.loseWriteConnection()
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+        self._schedule()
+
+    def stopProducing(self):
+        self.left = 0
+
+
+class Waiter(Recorder):
+    def __init__(self):
+        super().__init__()
+        self.done = Deferred()
+        self.arrived = None
+
+    def dataReceived(self, data):
+        super().dataReceived(data)
+        if self.arrived is not None and not self.arrived.called:
+            self.arrived.callback(None)
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self.done.callback(None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_real_tcp_bulk_stream_leaves_other_streams_responsive():
+    """20 MiB through one stream over loopback TCP while an echo stream keeps answering."""
+    from twisted.internet import reactor
+
+    total = 20 * 1024 * 1024
+    server_handler = Handler(lambda target: succeed(Sink() if target["app"] == "sink" else Echo()))
+    servers = []
+
+    def build():
+        proto = TunnelProtocol(server_handler, reactor, initiator=False)
+        servers.append(proto)
+        return proto
+
+    port = reactor.listenTCP(0, Factory.forProtocol(build), interface="127.0.0.1")
+    client = TunnelProtocol(Handler(), reactor, initiator=True)
+    try:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        yield connectProtocol(endpoint, client).addTimeout(10, reactor)
+        bulk = yield client.connect_stream({"app": "sink"}, Factory.forProtocol(Waiter)
+                                           ).addTimeout(10, reactor)
+        echo = yield client.connect_stream({"app": "echo"}, Factory.forProtocol(Waiter)
+                                           ).addTimeout(10, reactor)
+        start = reactor.seconds()
+        BlobProducer(reactor, bulk.transport, total)
+        worst = 0.0
+        rounds = 0
+        while not bulk.done.called:
+            echo.arrived = Deferred()
+            sent = reactor.seconds()
+            echo.transport.write(b"ping")
+            yield echo.arrived.addTimeout(5, reactor)
+            worst = max(worst, reactor.seconds() - sent)
+            rounds += 1
+        yield bulk.done.addTimeout(60, reactor)
+        elapsed = reactor.seconds() - start
+        assert bulk.data == b"%d" % total
+        assert bulk.lost.check(ConnectionDone)
+        assert echo.data == b"ping" * rounds and rounds >= 2
+        assert worst < 1.0, worst
+        assert elapsed < 30, elapsed
+    finally:
+        client.transport.loseConnection()
+        yield port.stopListening()
+        for _ in range(100):
+            if all(s._lost for s in servers) and client._lost:
+                break
+            d = Deferred()
+            reactor.callLater(0.01, d.callback, None)
+            yield d
+
+
+@pytest_twisted.inlineCallbacks
+def test_pull_producer_feeds_a_stream():
+    """A non-streaming producer (FileSender) can write a file into a stream."""
+    import io
+
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+    from twisted.protocols.basic import FileSender
+
+    client, server, _, sh, pump, _ = make_pair()
+    proto = connect(pump, client, {"app": "x"})
+    blob = bytes(range(256)) * 4000
+    done = FileSender().beginFileTransfer(io.BytesIO(blob), proto.transport)
+    for _ in range(2000):
+        pump.flush()
+        if done.called:
+            break
+        yield deferLater(reactor, 0.001, lambda: None)
+    yield done.addTimeout(5, reactor)
+    pump.flush()
+    assert sh.protocols[0].data == blob

@@ -1,0 +1,328 @@
+"""The proxy's tunnel handler over memory pumps: join, hello, and everything it refuses."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
+from twisted.internet import defer, reactor, task
+from twisted.internet.interfaces import ISSLTransport
+from zope.interface import implementer
+
+from apptunnel.audit import AuditLog
+from apptunnel.auth.ca import ClusterCA
+from apptunnel.auth.tokens import secret_hash
+from apptunnel.backend.records import JoinToken
+from apptunnel.backend.sqlite import SqliteBackend
+from apptunnel.proxy.registry import AgentRegistry
+from apptunnel.proxy.tunnel_server import (
+    FIRST_MESSAGE_TIMEOUT,
+    TunnelServerFactory,
+    tunnel_tls_options,
+)
+from apptunnel.tunnel.errors import StreamRefused
+from apptunnel.tunnel.frames import ErrorCode
+from apptunnel.tunnel.protocol import TunnelProtocol
+from tests.support.pump import MemoryTransport, Pump
+
+WAIT = 5.0
+NOW = 1_800_000_000.0
+
+
+class AgentSide:
+    """A minimal agent-side TunnelHandler that records what the proxy says."""
+
+    def __init__(self, first_message=None):
+        self.first_message = first_message
+        self.controls = []
+        self.lost = None
+
+    def tunnel_ready(self, tunnel):
+        if self.first_message is not None:
+            tunnel.send_control(self.first_message)
+
+    def control_received(self, tunnel, message):
+        self.controls.append(message)
+
+    def stream_requested(self, tunnel, target):
+        return defer.fail(StreamRefused(ErrorCode.REFUSED, "test"))
+
+    def tunnel_lost(self, tunnel, reason):
+        self.lost = reason
+
+
+@implementer(ISSLTransport)
+class CertTransport(MemoryTransport):
+    """A memory transport that reports a verified TLS client certificate."""
+
+    peer_cert = None
+
+    def getPeerCertificate(self):
+        return self.peer_cert
+
+
+class World:
+    def __init__(self, tmp_path):
+        self.clock = task.Clock()
+        self.clock.advance(NOW)
+        self.ca = ClusterCA.load_or_create(str(tmp_path / "ca"), "unit", clock=self.clock)
+        self.backend = SqliteBackend(str(tmp_path / "db" / "apptunnel.db"), reactor)
+        self.audit = AuditLog(self.backend, self.clock)
+        self.registry = AgentRegistry()
+        self.factory = TunnelServerFactory(
+            ca=self.ca, backend=self.backend, registry=self.registry, audit=self.audit,
+            clock=self.clock, proxy_id="p-1", public_host="apptunnel.localhost",
+            public_port=3080,
+        )
+
+    def connect(self, agent: AgentSide, cert_pem: bytes | None = None) -> Pump:
+        server = self.factory.buildProtocol(None)
+        client = TunnelProtocol(agent, self.clock, initiator=True)
+        if cert_pem is None:
+            return Pump(client, server)
+        pump = Pump.__new__(Pump)
+        # Same wiring as Pump, but the proxy's transport reports the agent's certificate.
+        from twisted.internet.address import IPv4Address
+        a = IPv4Address("TCP", "127.0.0.1", 40001)
+        b = IPv4Address("TCP", "127.0.0.1", 3024)
+        pump.client, pump.server = client, server
+        pump.client_transport = MemoryTransport(a, b, 256 * 1024)
+        pump.server_transport = CertTransport(b, a, 256 * 1024)
+        pump.server_transport.peer_cert = crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem)
+        pump.chunk, pump.closed = 64 * 1024, False
+        client.makeConnection(pump.client_transport)
+        server.makeConnection(pump.server_transport)
+        return pump
+
+    async def add_token(self, secret: str, ttl: float = 3600.0, kind: str = "app"):
+        now = self.clock.seconds()
+        await self.backend.add_token(JoinToken(secret_hash(secret), kind, now + ttl, now))
+
+    async def events(self):
+        await self.audit.flush()
+        return await self.backend.search_audit(type="agent.join")
+
+
+@pytest_twisted.async_yield_fixture
+async def world(tmp_path):
+    w = World(tmp_path)
+    yield w
+    await w.backend.close()
+
+
+async def settle(pump: Pump, predicate, what: str):
+    """Pump bytes and let the backend's thread answer, until `predicate()` holds."""
+    deadline = reactor.seconds() + WAIT
+    while True:
+        pump.flush()
+        if predicate():
+            return
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await task.deferLater(reactor, 0.01)
+
+
+def csr_pem(key=None) -> tuple[ec.EllipticCurvePrivateKey, str]:
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+           .sign(key, hashes.SHA256()))
+    return key, csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def agent_cert(world, host_id="host-1") -> bytes:
+    return world.ca.sign_agent_csr(csr_pem()[1], host_id, 86400)
+
+
+def hello(host_id="host-1", apps=None) -> dict:
+    if apps is None:
+        apps = [{"name": "grafana", "uri": "http://127.0.0.1:3000", "labels": {"env": "dev"},
+                 "public_addr": None, "rewrite_headers": [["X-Team", "sre"]],
+                 "jwt_claims": ["sub", "roles"]}]
+    return {"type": "hello", "host_id": host_id, "version": "test", "apps": apps}
+
+
+def test_tls_options_tls13_request_not_require_client_cert(tmp_path):
+    """The tunnel context is TLS 1.3 only and asks for, but does not demand, client certs."""
+    ca = ClusterCA.load_or_create(str(tmp_path), "unit")
+    cert, key = ca.issue_server_cert(["localhost"], ["127.0.0.1"])
+    context = tunnel_tls_options(ca.cert_pem, cert, key).getContext()
+    assert context.get_verify_mode() & SSL.VERIFY_PEER
+    assert not context.get_verify_mode() & SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    assert context.get_options() & SSL.OP_NO_TLSv1_2
+
+
+@pytest_twisted.ensureDeferred
+async def test_join_signs_csr_audits_and_closes(world):
+    """A valid token gets join_ok with a cert for the CSR's key, T3100I, and a closed tunnel."""
+    await world.add_token("secret-1")
+    key, csr = csr_pem()
+    agent = AgentSide({"type": "join", "token": "secret-1", "csr": csr, "host_id": "host-9"})
+    pump = world.connect(agent)
+    await settle(pump, lambda: agent.lost is not None, "the tunnel to close")
+    [answer] = agent.controls
+    assert answer["type"] == "join_ok" and answer["ca"] == world.ca.cert_pem.decode()
+    cert = x509.load_pem_x509_certificate(answer["cert"].encode())
+    assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+    assert world.ca.verify_peer(cert) == ("agent", "host-9")
+    [event] = await world.events()
+    assert (event.code, event.actor) == ("T3100I", "host-9")
+    assert "secret-1" not in repr(event)
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_reusable_until_expiry(world):
+    """A token joins several agents until it expires, then it is refused as expired."""
+    await world.add_token("multi", ttl=60)
+    for expected in ("join_ok", "join_ok"):
+        agent = AgentSide({"type": "join", "token": "multi", "csr": csr_pem()[1], "host_id": "h"})
+        await settle(world.connect(agent), lambda: agent.lost is not None, "close")
+        assert agent.controls[0]["type"] == expected
+    world.clock.advance(61)
+    agent = AgentSide({"type": "join", "token": "multi", "csr": csr_pem()[1], "host_id": "h"})
+    await settle(world.connect(agent), lambda: agent.lost is not None, "close")
+    assert agent.controls == [{"type": "join_error", "message": "invalid or expired join token"}]
+    reasons = [e.fields.get("reason") for e in await world.events()]
+    assert reasons.count("expired token") == 1
+
+
+@pytest.mark.parametrize("message, reason", [
+    ({"type": "join", "token": "nope", "csr": "x", "host_id": "h"}, "unknown token"),
+    ({"type": "join", "token": 5, "csr": "x", "host_id": "h"}, "malformed join message"),
+    ({"type": "join", "token": "good", "csr": "not a csr", "host_id": "h"}, "invalid CSR"),
+    ({"type": "join", "token": "good", "csr": "x", "host_id": "bad id!"}, "invalid host_id"),
+])
+@pytest_twisted.ensureDeferred
+async def test_bad_joins_refused_and_audited(world, message, reason):
+    """Unknown tokens, malformed messages and bad CSRs get join_error and T3100W."""
+    await world.add_token("good")
+    agent = AgentSide(message)
+    await settle(world.connect(agent), lambda: agent.lost is not None, "close")
+    assert [m["type"] for m in agent.controls] == ["join_error"]
+    [event] = await world.events()
+    assert event.code == "T3100W" and event.fields["reason"] == reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_other_token_kind_cannot_join(world):
+    """A token of another kind is refused (deny by default)."""
+    await world.add_token("user-tok", kind="user")
+    agent = AgentSide({"type": "join", "token": "user-tok", "csr": csr_pem()[1], "host_id": "h"})
+    await settle(world.connect(agent), lambda: agent.lost is not None, "close")
+    assert agent.controls[0]["type"] == "join_error"
+
+
+@pytest_twisted.ensureDeferred
+async def test_hello_without_certificate_closes(world):
+    """A hello on a connection without a client certificate is refused and closes."""
+    agent = AgentSide(hello())
+    await settle(world.connect(agent), lambda: agent.lost is not None, "close")
+    assert agent.controls == [] and world.registry.apps() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_join_on_certificate_connection_closes(world):
+    """An agent that already has a certificate cannot send join on it."""
+    await world.add_token("t")
+    agent = AgentSide({"type": "join", "token": "t", "csr": csr_pem()[1], "host_id": "h"})
+    pump = world.connect(agent, agent_cert(world))
+    await settle(pump, lambda: agent.lost is not None, "close")
+    assert agent.controls == [] and await world.events() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_hello_registers_apps_and_loss_removes_them(world):
+    """hello registers AppInfos with defaulted public_addr; losing the tunnel removes them."""
+    agent = AgentSide(hello())
+    pump = world.connect(agent, agent_cert(world))
+    await settle(pump, lambda: agent.controls, "hello_ok")
+    assert agent.controls == [{"type": "hello_ok", "proxy_id": "p-1"}]
+    info = world.registry.app("grafana")
+    assert info.public_addr == "grafana.apptunnel.localhost:3080"
+    assert info.agent_id == "host-1" and info.labels == {"env": "dev"}
+    assert info.rewrite_headers == (("X-Team", "sre"),) and info.jwt_claims == ("sub", "roles")
+    assert world.registry.pick("grafana") is pump.server
+    pump.client_transport.loseConnection()
+    pump.flush()
+    assert world.registry.apps() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_default_public_addr_omits_443(world):
+    """On port 443 the default public address has no port."""
+    world.factory.public_port = 443
+    agent = AgentSide(hello())
+    await settle(world.connect(agent, agent_cert(world)), lambda: agent.controls, "hello_ok")
+    assert world.registry.app("grafana").public_addr == "grafana.apptunnel.localhost"
+
+
+@pytest.mark.parametrize("message", [
+    hello(host_id="someone-else"),
+    hello(apps="grafana"),
+    hello(apps=[{"name": "Bad_Name", "uri": "http://x"}]),
+    hello(apps=[{"name": "a", "uri": "ftp://x"}]),
+    hello(apps=[{"name": "a", "uri": "http://x", "labels": {"k": 1}}]),
+    hello(apps=[{"name": "a", "uri": "http://x", "public_addr": "apptunnel.localhost"}]),
+    hello(apps=[{"name": "a", "uri": "http://x", "rewrite_headers": [["Bad Name", "v"]]}]),
+    hello(apps=[{"name": "a", "uri": "http://x", "jwt_claims": ["password"]}]),
+    hello(apps=[{"name": "a", "uri": "http://x"}, {"name": "a", "uri": "http://y"}]),
+    {"type": "ping"},
+])
+@pytest_twisted.ensureDeferred
+async def test_bad_hello_closes_without_registering(world, message):
+    """A malformed hello (or other first message) closes the tunnel and registers nothing."""
+    agent = AgentSide(message)
+    await settle(world.connect(agent, agent_cert(world)), lambda: agent.lost is not None, "close")
+    assert agent.controls == [] and world.registry.apps() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_second_message_after_hello_closes(world):
+    """After registration, an unexpected control message closes the tunnel and unregisters."""
+    agent = AgentSide(hello())
+    pump = world.connect(agent, agent_cert(world))
+    await settle(pump, lambda: agent.controls, "hello_ok")
+    pump.client.send_control({"type": "join"})
+    await settle(pump, lambda: agent.lost is not None, "close")
+    assert world.registry.apps() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_connection_closed_after_timeout(world):
+    """A connection that sends nothing is closed after the first-message timeout."""
+    agent = AgentSide()
+    pump = world.connect(agent)
+    pump.flush()
+    world.clock.advance(FIRST_MESSAGE_TIMEOUT - 1)
+    pump.flush()
+    assert agent.lost is None
+    world.clock.advance(2)
+    pump.flush()
+    assert agent.lost is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_opened_streams_refused(world):
+    """The proxy refuses any stream the agent tries to open, with REFUSED."""
+    agent = AgentSide(hello())
+    pump = world.connect(agent, agent_cert(world))
+    await settle(pump, lambda: agent.controls, "hello_ok")
+    d = pump.client.open_stream({"app": "anything"})
+    pump.flush()
+    with pytest.raises(StreamRefused) as info:
+        await d.addTimeout(WAIT, reactor)
+    assert info.value.code == ErrorCode.REFUSED
+
+
+@pytest_twisted.ensureDeferred
+async def test_certificate_of_expired_agent_cannot_hello(world):
+    """An agent certificate past its validity cannot register."""
+    cert = agent_cert(world)
+    world.clock.advance(2 * 86400)
+    agent = AgentSide(hello())
+    await settle(world.connect(agent, cert), lambda: agent.lost is not None, "close")
+    assert world.registry.apps() == []
