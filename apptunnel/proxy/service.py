@@ -37,7 +37,11 @@ _SWEEP_INTERVAL = 600.0
 
 
 def _web_tls_options(cert_pem: bytes, key_pem: bytes, chain: list[bytes]):
-    """TLS for browsers: our certificate (plus the CA, so clients can pin it), TLS 1.2+."""
+    """TLS for browsers: our certificate (plus the CA, so clients can pin it), TLS 1.2+.
+
+    ALPN is pinned to HTTP/1.1: the edge speaks HTTP/1.1, and without an explicit list
+    clients that offer h2 (curl, browsers) get a handshake failure from pyOpenSSL.
+    """
     cert = crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem)
     key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
     extra = [crypto.load_certificate(crypto.FILETYPE_PEM, pem) for pem in chain]
@@ -46,6 +50,7 @@ def _web_tls_options(cert_pem: bytes, key_pem: bytes, chain: list[bytes]):
         certificate=cert,
         extraCertChain=extra,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableProtocols=[b"http/1.1"],
     )
 
 

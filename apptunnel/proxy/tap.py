@@ -12,18 +12,23 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        """Load the config here: twistd prints a UsageError as one line, without a traceback."""
         if not self["config"]:
             raise usage.UsageError("--config is required (e.g. --config etc/proxy.yaml)")
+        try:
+            self.proxy_config = load_proxy_config(self["config"])
+        except ConfigError as err:
+            raise usage.UsageError(str(err)) from None
 
 
 def makeService(options: Options):
-    """Load the config and build the proxy; a bad config is one line from twistd."""
+    """Build the proxy; files it cannot use (keys, certificates) end twistd with one line."""
     from twisted.internet import reactor
 
+    from apptunnel.backend import BackendError
     from apptunnel.proxy.service import ProxyService
 
     try:
-        config = load_proxy_config(options["config"])
-    except ConfigError as err:
-        raise usage.UsageError(str(err)) from None
-    return ProxyService(config, reactor)
+        return ProxyService(options.proxy_config, reactor)
+    except (ConfigError, BackendError, OSError, ValueError) as err:
+        raise SystemExit(f"apptunnel: error: {err}") from None

@@ -119,6 +119,8 @@ async def settle(pump: Pump, predicate, what: str):
     deadline = reactor.seconds() + WAIT
     while True:
         pump.flush()
+        pump.server._clock.advance(0)
+        pump.flush()
         if predicate():
             return
         if reactor.seconds() > deadline:
@@ -146,14 +148,86 @@ def hello(host_id="host-1", apps=None) -> dict:
     return {"type": "hello", "host_id": host_id, "version": "test", "apps": apps}
 
 
-def test_tls_options_tls13_request_not_require_client_cert(tmp_path):
-    """The tunnel context is TLS 1.3 only and asks for, but does not demand, client certs."""
-    ca = ClusterCA.load_or_create(str(tmp_path), "unit")
+def handshake(server_ctx, client_ctx) -> SSL.Connection:
+    """Run a TLS handshake between two memory BIOs; SSL.Error if either side refuses."""
+    server = SSL.Connection(server_ctx, None)
+    server.set_accept_state()
+    client = SSL.Connection(client_ctx, None)
+    client.set_connect_state()
+    done = set()
+    for _ in range(20):
+        for me, peer in ((client, server), (server, client)):
+            try:
+                me.do_handshake()
+                done.add(me)
+            except SSL.WantReadError:
+                pass
+            try:
+                peer.bio_write(me.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+        if len(done) == 2:
+            # TLS 1.3: the server judges the client certificate on the client's Finished.
+            try:
+                server.recv(1)
+            except SSL.WantReadError:
+                pass
+            return server
+    raise AssertionError("handshake did not finish")
+
+
+def client_context(max_version=None, cert_and_key=None) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    if max_version is not None:
+        ctx.set_max_proto_version(max_version)
+    if cert_and_key is not None:
+        ctx.use_certificate(crypto.load_certificate(crypto.FILETYPE_PEM, cert_and_key[0]))
+        ctx.use_privatekey(crypto.load_privatekey(crypto.FILETYPE_PEM, cert_and_key[1]))
+    return ctx
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    ca = ClusterCA.load_or_create(str(tmp_path / "tls"), "unit")
     cert, key = ca.issue_server_cert(["localhost"], ["127.0.0.1"])
-    context = tunnel_tls_options(ca.cert_pem, cert, key).getContext()
-    assert context.get_verify_mode() & SSL.VERIFY_PEER
-    assert not context.get_verify_mode() & SSL.VERIFY_FAIL_IF_NO_PEER_CERT
-    assert context.get_options() & SSL.OP_NO_TLSv1_2
+    return ca, tunnel_tls_options(ca.cert_pem, cert, key).getContext()
+
+
+def agent_pair(ca) -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = ca.sign_agent_csr(csr_pem(key)[1], "host-1", 3600)
+    return cert, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption())
+
+
+def test_tls_accepts_client_without_certificate(tls_server):
+    """A joining agent without a certificate completes the TLS 1.3 handshake."""
+    _, ctx = tls_server
+    server = handshake(ctx, client_context())
+    assert server.get_protocol_version_name() == "TLSv1.3"
+    assert server.get_peer_certificate() is None
+
+
+def test_tls_verifies_cluster_client_certificate(tls_server):
+    """An agent certificate of the cluster is accepted and visible to the proxy."""
+    ca, ctx = tls_server
+    server = handshake(ctx, client_context(cert_and_key=agent_pair(ca)))
+    assert server.get_peer_certificate().get_subject().CN == "host-1"
+
+
+def test_tls_rejects_foreign_client_certificate(tls_server, tmp_path):
+    """A client certificate from another CA fails the handshake."""
+    _, ctx = tls_server
+    other = ClusterCA.load_or_create(str(tmp_path / "other"), "unit")
+    with pytest.raises(SSL.Error):
+        handshake(ctx, client_context(cert_and_key=agent_pair(other)))
+
+
+def test_tls_rejects_tls12(tls_server):
+    """Clients limited to TLS 1.2 cannot connect."""
+    _, ctx = tls_server
+    with pytest.raises(SSL.Error):
+        handshake(ctx, client_context(max_version=SSL.TLS1_2_VERSION))
 
 
 @pytest_twisted.ensureDeferred
@@ -296,11 +370,12 @@ async def test_silent_connection_closed_after_timeout(world):
     """A connection that sends nothing is closed after the first-message timeout."""
     agent = AgentSide()
     pump = world.connect(agent)
-    pump.flush()
-    world.clock.advance(FIRST_MESSAGE_TIMEOUT - 1)
+    for _ in range(int(FIRST_MESSAGE_TIMEOUT) - 1):
+        pump.flush()
+        world.clock.advance(1)
     pump.flush()
     assert agent.lost is None
-    world.clock.advance(2)
+    world.clock.advance(1.5)
     pump.flush()
     assert agent.lost is not None
 
