@@ -247,9 +247,7 @@ class _JoinHandler:
         else:
             self.result.errback(JoinError(f"the proxy at {self._proxy_addr} answered the join "
                                           f"with an unexpected message {kind!r}"))
-        # TLS closes only once the tunnel stops being its producer.
-        tunnel.transport.unregisterProducer()
-        tunnel.transport.loseConnection()
+        tunnel.close()
 
     def stream_requested(self, tunnel, target: dict) -> defer.Deferred:
         return defer.fail(StreamRefused(ErrorCode.REFUSED, "joining"))

@@ -158,8 +158,6 @@ class AgentService(MultiService):
             self._joining = None
         draining = []
         for handler in list(self._handlers.values()):
-            # A TLS transport closes only once the tunnel stops being its producer.
-            handler.tunnel.transport.unregisterProducer()
             draining.append(handler.tunnel.go_away("agent shutting down"))
         if draining:
             done = defer.DeferredList(draining, consumeErrors=True)
@@ -171,8 +169,6 @@ class AgentService(MultiService):
             # go_away fires inside the tunnel's connectionLost; let ClientService see the
             # disconnect before it is told to stop.
             yield task.deferLater(self.reactor, 0, lambda: None)
-        for handler in list(self._handlers.values()):
-            handler.tunnel.transport.unregisterProducer()  # see above: lets TLS close
         yield super().stopService()
 
     # -- join --------------------------------------------------------------------------

@@ -12,19 +12,23 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        """Load the config here: twistd prints a UsageError as one line, without a traceback."""
         if not self["config"]:
             raise usage.UsageError("--config is required (e.g. --config etc/agent.yaml)")
+        try:
+            self.agent_config = load_agent_config(self["config"])
+        except ConfigError as err:
+            raise usage.UsageError(str(err)) from None
 
 
 def makeService(options: Options):
-    """Load the config and saved identity; any problem is one line from twistd."""
+    """Build the agent from its config and saved identity; problems are one line."""
     from twisted.internet import reactor
 
     from apptunnel.agent.join import JoinError
     from apptunnel.agent.service import AgentService
 
     try:
-        config = load_agent_config(options["config"])
-        return AgentService(config, reactor)
-    except (ConfigError, JoinError) as err:
-        raise usage.UsageError(str(err)) from None
+        return AgentService(options.agent_config, reactor)
+    except (ConfigError, JoinError, OSError) as err:
+        raise SystemExit(f"apptunnel-agent: error: {err}") from None

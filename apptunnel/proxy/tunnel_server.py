@@ -137,9 +137,7 @@ class TunnelSession:
                 return
             if role is None and kind == "join":
                 self._state = "joining"
-                # Answer on a later turn, not inside the tunnel's dispatch, so the reply is
-                # flushed before go_away closes the connection.
-                self._factory.clock.callLater(0, self._start_join, tunnel, message)
+                self._start_join(tunnel, message)
                 return
             if role == "agent" and kind == "hello":
                 self._hello(tunnel, name, message)
@@ -320,7 +318,6 @@ class TunnelSession:
         if self._state == "closing":
             return
         self._state = "closing"
-        release_producer(tunnel)
         tunnel.go_away("join finished").addErrback(lambda _: None)
 
     def _close(self, tunnel: TunnelProtocol, reason: str) -> None:
@@ -328,8 +325,7 @@ class TunnelSession:
         if self._state == "registered":
             self._factory.registry.remove(tunnel)
         self._state = "closing"
-        release_producer(tunnel)
-        tunnel.transport.loseConnection()
+        tunnel.close()
 
     def _silent(self) -> None:
         self._timer = None
@@ -341,14 +337,6 @@ class TunnelSession:
             self._timer.cancel()
         self._timer = None
 
-
-def release_producer(tunnel: TunnelProtocol) -> None:
-    """Let a TLS transport close: TLSMemoryBIOProtocol.loseConnection waits until its
-    producer is unregistered, and the tunnel registers itself as that producer (so
-    go_away and loseConnection would otherwise never close a TLS tunnel)."""
-    transport = getattr(tunnel, "transport", None)
-    if transport is not None:
-        transport.unregisterProducer()
 
 
 def _show(value: Any) -> str:

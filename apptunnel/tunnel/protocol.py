@@ -148,6 +148,10 @@ class TunnelProtocol(Protocol):
             self._run([])
         return d
 
+    def close(self) -> None:
+        """End the tunnel now, after writing what is queued; open streams are lost."""
+        self._close()
+
     # -- Protocol ---------------------------------------------------------------------
 
     def connectionMade(self) -> None:
@@ -160,7 +164,7 @@ class TunnelProtocol(Protocol):
             self._handler.tunnel_ready(self)
         except Exception:
             self._log.failure("tunnel {peer}: tunnel_ready failed", peer=self._peer)
-            self.transport.loseConnection()
+            self._close()
             return
         self._run([])
 
@@ -171,8 +175,7 @@ class TunnelProtocol(Protocol):
             events = self._mux.receive(data, self._clock.seconds())
         except TunnelProtocolError as e:
             self._log.warn("tunnel {peer} closed: {reason}", peer=self._peer, reason=str(e))
-            self._flush()
-            self.transport.loseConnection()
+            self._close()
             return
         self._run(events)
 
@@ -270,6 +273,24 @@ class TunnelProtocol(Protocol):
             self._running = False
         self._flush()
 
+    def _close(self, abort: bool = False) -> None:
+        """The one way we end the connection: send what is queued, then let go.
+
+        Unregistering as the transport's producer comes first because TLS transports
+        wait for their producer to go away before they close; without it a tunnel
+        over TLS would never finish closing.
+        """
+        if not self._connected:
+            return
+        self._flush()
+        self._connected = False
+        self.transport.unregisterProducer()
+        abort_connection = getattr(self.transport, "abortConnection", None)
+        if abort and abort_connection is not None:
+            abort_connection()
+        else:
+            self.transport.loseConnection()
+
     def _flush(self) -> None:
         chunks = self._mux.chunks_to_send()
         if chunks and self._connected:
@@ -321,12 +342,11 @@ class TunnelProtocol(Protocol):
             self._log.info("tunnel {peer} is going away (code {code}): {reason}",
                            peer=self._peer, code=event.code, reason=event.reason)
         elif kind is M.Drained:
-            self.transport.loseConnection()
+            self._close()
         elif kind is M.PeerDead:
             self._log.warn("tunnel {peer} closed: no data from the peer for {silence:.1f}s",
                            peer=self._peer, silence=event.silence)
-            abort = getattr(self.transport, "abortConnection", None)
-            (abort or self.transport.loseConnection)()
+            self._close(abort=True)
 
     def _stream_requested(self, sid: int, target: dict) -> None:
         d = maybeDeferred(self._handler.stream_requested, self, target)

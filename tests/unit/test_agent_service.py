@@ -92,13 +92,12 @@ def test_tap_requires_config():
 
 
 def test_tap_bad_config_is_one_line(tmp_path):
-    """A bad config file becomes a one-line UsageError for twistd."""
+    """A bad config file becomes a one-line UsageError while twistd parses options."""
     path = tmp_path / "agent.yaml"
     path.write_text("data_dir: x\nproxy_addr: nonsense\n")
     options = tap.Options()
-    options.parseOptions(["--config", str(path)])
     with pytest.raises(usage.UsageError) as info:
-        tap.makeService(options)
+        options.parseOptions(["--config", str(path)])
     assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 

@@ -5,7 +5,7 @@ import tracemalloc
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
@@ -558,3 +558,50 @@ def test_pull_producer_feeds_a_stream():
     yield done.addTimeout(5, reactor)
     pump.flush()
     assert sh.protocols[0].data == blob
+
+
+@pytest_twisted.ensureDeferred
+async def test_go_away_and_close_finish_over_real_tls(tmp_path):
+    """Over TLS, go_away and close end the connection (the tunnel lets go of the producer)."""
+    from twisted.internet import reactor, ssl
+    from twisted.internet.endpoints import SSL4ClientEndpoint, SSL4ServerEndpoint
+    from twisted.internet.protocol import Factory
+
+    from apptunnel.auth.ca import ClusterCA
+
+    ca = ClusterCA.load_or_create(str(tmp_path), "tls-test")
+    cert, key = ca.issue_server_cert(["localhost"], ["127.0.0.1"], 3600)
+    server_options = ssl.PrivateCertificate.loadPEM(cert + key).options()
+
+    class Handler:
+        def __init__(self):
+            self.lost = Deferred()
+
+        def tunnel_ready(self, tunnel):
+            pass
+
+        def control_received(self, tunnel, message):
+            pass
+
+        def stream_requested(self, tunnel, target):
+            return fail(StreamRefused(ErrorCode.REFUSED, "no"))
+
+        def tunnel_lost(self, tunnel, reason):
+            self.lost.callback(None)
+
+    for how in ("go_away", "close"):
+        server, client = Handler(), Handler()
+        port = await SSL4ServerEndpoint(reactor, 0, server_options, interface="127.0.0.1").listen(
+            Factory.forProtocol(lambda: TunnelProtocol(server, reactor, initiator=False)))
+        try:
+            tunnel = await SSL4ClientEndpoint(
+                reactor, "127.0.0.1", port.getHost().port, ssl.CertificateOptions()
+            ).connect(Factory.forProtocol(lambda: TunnelProtocol(client, reactor, initiator=True)))
+            if how == "go_away":
+                tunnel.go_away("done")
+            else:
+                tunnel.close()
+            both = gatherResults([server.lost, client.lost])
+            await both.addTimeout(5, reactor)
+        finally:
+            await port.stopListening()
