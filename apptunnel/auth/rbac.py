@@ -1,0 +1,304 @@
+"""Roles: who may open which app, decided from the app's labels and the user's traits.
+
+Nothing is allowed unless some role's allow selector matches, and any matching deny
+selector wins over every allow. Parsing is strict: a role that does not say exactly what
+it means is rejected with the key path of the problem, because a silently ignored deny
+rule is an open door.
+
+Label values are exact strings, ``*`` (any value, the label must exist) or ``^regex$``
+(full match). A list means any of its values. The key/value pair ``"*": "*"`` matches
+every app. ``{{internal.NAME}}`` / ``{{external.NAME}}`` expand to each of the user's
+values for trait NAME; trait values are always taken literally (escaped inside a regex),
+so a trait of ``*`` or ``.*`` from an identity provider never widens access.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_TEMPLATE_RE = re.compile(r"\{\{\s*(internal|external)\.([A-Za-z0-9_][A-Za-z0-9_.:/-]*)\s*\}\}")
+_DURATION_RE = re.compile(r"(?:\d+(?:\.\d+)?[dhms])+")
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+class RoleError(Exception):
+    """A role document is invalid; the message starts with the key path of the problem."""
+
+
+@attrs.frozen
+class LabelValue:
+    """One allowed value of a label: exact, any, regex, or a trait template."""
+
+    raw: str
+    kind: str                    # "any" | "exact" | "regex" | "template"
+    pattern: re.Pattern | None = None
+    trait: str = ""              # template: the trait name
+    before: str = ""             # template: text around the {{...}}
+    after: str = ""
+    regex: bool = False          # template: the surrounding text is a ^regex$
+
+    def matches(self, value: str, traits: Mapping[str, tuple[str, ...]]) -> bool:
+        if self.kind == "any":
+            return True
+        if self.kind == "exact":
+            return value == self.raw
+        if self.kind == "regex":
+            return self.pattern is not None and self.pattern.fullmatch(value) is not None
+        for trait_value in traits.get(self.trait, ()):
+            if self.regex:
+                expanded = self.before + re.escape(trait_value) + self.after
+                if re.fullmatch(expanded, value) is not None:
+                    return True
+            elif value == self.before + trait_value + self.after:
+                return True
+        return False
+
+
+# A selector maps a label key to its allowed values; "*" as key means "every app".
+Selector = dict[str, tuple[LabelValue, ...]]
+
+
+@attrs.frozen
+class Role:
+    name: str
+    allow_labels: Selector
+    deny_labels: Selector
+    max_session_ttl: float | None
+    require_session_mfa: bool
+    allow_request_roles: tuple[str, ...] = ()
+    allow_review_roles: tuple[str, ...] = ()
+    deny_request_roles: tuple[str, ...] = ()
+    deny_review_roles: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class Decision:
+    allowed: bool
+    reason: str
+
+
+def _selector_matches(
+    selector: Selector, labels: Mapping[str, str], traits: Mapping[str, tuple[str, ...]]
+) -> bool:
+    """Every key must match (any of its values); an empty selector matches nothing."""
+    if not selector:
+        return False
+    for key, values in selector.items():
+        if key == "*":
+            continue
+        value = labels.get(key)
+        if value is None or not any(v.matches(value, traits) for v in values):
+            return False
+    return True
+
+
+def _normalize_traits(traits: Mapping[str, Any] | None) -> dict[str, tuple[str, ...]]:
+    result: dict[str, tuple[str, ...]] = {}
+    for name, values in (traits or {}).items():
+        if isinstance(values, str):
+            result[name] = (values,)
+        elif isinstance(values, Iterable):
+            result[name] = tuple(v for v in values if isinstance(v, str))
+    return result
+
+
+class RoleSet:
+    """The roles of one user, combined: deny wins, then any allow, else denied."""
+
+    def __init__(self, roles: list[Role]) -> None:
+        self.roles = tuple(roles)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(role.name for role in self.roles)
+
+    @property
+    def require_session_mfa(self) -> bool:
+        return any(role.require_session_mfa for role in self.roles)
+
+    def check_app(self, labels: Mapping[str, str], traits: Mapping[str, Any]) -> Decision:
+        """Decide access to an app with these labels; the reason names the deciding role."""
+        user_traits = _normalize_traits(traits)
+        for role in self.roles:
+            if _selector_matches(role.deny_labels, labels, user_traits):
+                return Decision(False, f"denied by role {role.name!r}")
+        for role in self.roles:
+            if _selector_matches(role.allow_labels, labels, user_traits):
+                return Decision(True, f"allowed by role {role.name!r}")
+        if not self.roles:
+            return Decision(False, "user has no roles")
+        return Decision(False, "no role allows access to this app")
+
+    def max_session_ttl(self, default: float) -> float:
+        """The shortest limit over the roles; a role without one contributes the default."""
+        limits = [
+            role.max_session_ttl if role.max_session_ttl is not None else default
+            for role in self.roles
+        ]
+        return min(limits, default=default)
+
+
+# -- parsing ---------------------------------------------------------------------
+
+
+def _check_keys(path: str, mapping: Mapping, allowed: set[str]) -> None:
+    for key in mapping:
+        if key not in allowed:
+            where = f"{path}.{key}" if path else str(key)
+            raise RoleError(f"{where}: unknown key (expected one of {', '.join(sorted(allowed))})")
+
+
+def _mapping(path: str, value: Any) -> Mapping:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise RoleError(f"{path}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _parse_duration(path: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise RoleError(f"{path}: expected a duration like 8h or 30m")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and _DURATION_RE.fullmatch(value.strip()):
+        seconds = sum(
+            float(number) * _UNIT_SECONDS[unit]
+            for number, unit in _DURATION_PART_RE.findall(value.strip())
+        )
+    else:
+        raise RoleError(f"{path}: invalid duration {value!r} (use e.g. 8h, 30m, 1h30m, 7d)")
+    if seconds <= 0:
+        raise RoleError(f"{path}: duration must be positive")
+    return seconds
+
+
+def _parse_value(path: str, raw: Any) -> LabelValue:
+    if not isinstance(raw, str):
+        raise RoleError(f"{path}: expected a string, got {type(raw).__name__}")
+    if raw == "*":
+        return LabelValue(raw, "any")
+    templates = list(_TEMPLATE_RE.finditer(raw))
+    is_regex = raw.startswith("^") and raw.endswith("$") and len(raw) >= 2
+    if "{{" in raw or "}}" in raw:
+        if len(templates) != 1:
+            raise RoleError(
+                f"{path}: {raw!r}: expected exactly one trait template like "
+                "{{internal.NAME}} or {{external.NAME}}"
+            )
+        match = templates[0]
+        before, after = raw[: match.start()], raw[match.end():]
+        if "{{" in before + after or "}}" in before + after:
+            raise RoleError(f"{path}: {raw!r}: malformed trait template")
+        if is_regex:
+            _compile(path, before + "x" + after)
+        elif "*" in raw or raw.startswith("^") or raw.endswith("$"):
+            raise RoleError(f"{path}: {raw!r}: a regex must start with ^ and end with $")
+        return LabelValue(raw, "template", trait=match.group(2), before=before,
+                          after=after, regex=is_regex)
+    if is_regex:
+        return LabelValue(raw, "regex", pattern=_compile(path, raw))
+    if raw.startswith("^") or raw.endswith("$"):
+        raise RoleError(f"{path}: {raw!r}: a regex must start with ^ and end with $")
+    if "*" in raw:
+        raise RoleError(
+            f"{path}: {raw!r}: \"*\" only works alone; for a pattern use a regex "
+            f"such as {'^' + raw.replace('*', '.*') + '$'!r}"
+        )
+    return LabelValue(raw, "exact")
+
+
+def _compile(path: str, pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise RoleError(f"{path}: invalid regex {pattern!r}: {err}") from None
+
+
+def _parse_selector(path: str, value: Any) -> Selector:
+    selector: Selector = {}
+    for key, raw in _mapping(path, value).items():
+        key_path = f"{path}.{key}"
+        if not isinstance(key, str) or not key:
+            raise RoleError(f"{path}: label names must be non-empty strings, got {key!r}")
+        items = raw if isinstance(raw, list) else [raw]
+        if not items:
+            raise RoleError(f"{key_path}: empty list matches nothing; remove the key instead")
+        if key == "*":
+            if items != ["*"]:
+                raise RoleError(f'{key_path}: the wildcard key only accepts "*": "*"')
+            selector[key] = (LabelValue("*", "any"),)
+            continue
+        if isinstance(raw, list):
+            selector[key] = tuple(
+                _parse_value(f"{key_path}[{i}]", item) for i, item in enumerate(items)
+            )
+        else:
+            selector[key] = (_parse_value(key_path, raw),)
+    return selector
+
+
+def _parse_role_names(path: str, value: Any) -> tuple[str, ...]:
+    spec = _mapping(path, value)
+    _check_keys(path, spec, {"roles"})
+    names = spec.get("roles") or []
+    if not isinstance(names, list):
+        raise RoleError(f"{path}.roles: expected a list of role names")
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            raise RoleError(f"{path}.roles[{i}]: invalid role name {name!r}")
+    return tuple(names)
+
+
+def _parse_rules(path: str, value: Any) -> tuple[Selector, tuple[str, ...], tuple[str, ...]]:
+    rules = _mapping(path, value)
+    _check_keys(path, rules, {"app_labels", "request", "review_requests"})
+    return (
+        _parse_selector(f"{path}.app_labels", rules.get("app_labels")),
+        _parse_role_names(f"{path}.request", rules.get("request")),
+        _parse_role_names(f"{path}.review_requests", rules.get("review_requests")),
+    )
+
+
+def parse_role(doc: dict) -> Role:
+    """Validate a ``kind: role`` document and compile it; RoleError names the bad key."""
+    if not isinstance(doc, Mapping):
+        raise RoleError(f"role: expected a mapping, got {type(doc).__name__}")
+    _check_keys("", doc, {"kind", "version", "metadata", "spec"})
+    if doc.get("kind") != "role":
+        raise RoleError(f"kind: expected 'role', got {doc.get('kind')!r}")
+    metadata = _mapping("metadata", doc.get("metadata"))
+    _check_keys("metadata", metadata, {"name", "description", "labels"})
+    name = metadata.get("name")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise RoleError(
+            f"metadata.name: invalid role name {name!r} (letters, digits, '.', '_', '-')"
+        )
+    spec = _mapping("spec", doc.get("spec"))
+    _check_keys("spec", spec, {"options", "allow", "deny"})
+    options = _mapping("spec.options", spec.get("options"))
+    _check_keys("spec.options", options, {"max_session_ttl", "require_session_mfa"})
+    ttl = options.get("max_session_ttl")
+    max_ttl = None if ttl is None else _parse_duration("spec.options.max_session_ttl", ttl)
+    mfa = options.get("require_session_mfa", False)
+    if not isinstance(mfa, bool):
+        raise RoleError("spec.options.require_session_mfa: expected true or false")
+    allow, allow_request, allow_review = _parse_rules("spec.allow", spec.get("allow"))
+    deny, deny_request, deny_review = _parse_rules("spec.deny", spec.get("deny"))
+    return Role(
+        name=name,
+        allow_labels=allow,
+        deny_labels=deny,
+        max_session_ttl=max_ttl,
+        require_session_mfa=mfa,
+        allow_request_roles=allow_request,
+        allow_review_roles=allow_review,
+        deny_request_roles=deny_request,
+        deny_review_roles=deny_review,
+    )

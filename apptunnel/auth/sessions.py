@@ -1,0 +1,250 @@
+"""Web sessions, app sessions and the one-time hand-off between them.
+
+A browser signs in on the proxy host and gets a web session. To open an app on its own
+subdomain, the proxy mints a one-time auth code bound to that app and to a state secret
+only the browser holds (a host-only cookie on the app host); the app host redeems the
+code for an app session. No session secret ever travels in a URL.
+
+Only hashes of secrets reach the backend. Valid sessions are cached briefly in memory so
+the request path rarely touches storage; the cache lifetime is short so a logout or a
+deleted user on another proxy takes effect within seconds.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from apptunnel.auth.errors import AuthError
+from apptunnel.auth.passwords import verify_password
+from apptunnel.auth.tokens import constant_time_equal, new_secret, secret_hash
+from apptunnel.backend.base import Backend
+from apptunnel.backend.records import AppSession, AuthCode, User, WebSession
+
+PROXY_COOKIE_PREFIX = "__Host-apptunnel_"
+AUTH_CODE_TTL = 60.0
+MAX_SECRET_LENGTH = 256
+MAX_USERNAME_LENGTH = 256
+MAX_CACHE_ENTRIES = 10_000
+
+LOGIN_FAILED = "invalid username or password"
+CODE_INVALID = "invalid or expired sign-in link; open the app again"
+
+
+class _Cache:
+    """A bounded map of hash -> (record or None, valid until); oldest entries go first."""
+
+    def __init__(self, limit: int = MAX_CACHE_ENTRIES) -> None:
+        self._limit = limit
+        self._entries: OrderedDict[str, tuple[object, float]] = OrderedDict()
+
+    def get(self, key: str, now: float) -> tuple[bool, object]:
+        entry = self._entries.get(key)
+        if entry is None:
+            return False, None
+        if entry[1] <= now:
+            del self._entries[key]
+            return False, None
+        return True, entry[0]
+
+    def put(self, key: str, value: object, until: float) -> None:
+        self._entries[key] = (value, until)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._limit:
+            self._entries.popitem(last=False)
+
+    def drop(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+
+class SessionManager:
+    """Login, sessions and hand-off codes over a Backend, with time from ``clock``."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        backend: Backend,
+        clock: IReactorTime,
+        ttl: float,
+        *,
+        cache_ttl: float = 10.0,
+        negative_cache_ttl: float = 2.0,
+    ) -> None:
+        self._backend = backend
+        self._clock = clock
+        self._ttl = ttl
+        self._cache_ttl = cache_ttl
+        self._negative_ttl = negative_cache_ttl
+        self._web = _Cache()
+        self._app = _Cache()
+
+    # -- login ------------------------------------------------------------------
+
+    async def login(self, username: str, password: str) -> User:
+        """The user if the password matches; one uniform 401 for every other case."""
+        user = None
+        if isinstance(username, str) and 0 < len(username) <= MAX_USERNAME_LENGTH:
+            user = await self._backend.get_user(username)
+        stored = user.password_hash if user is not None else None
+        # Always run argon2 (a dummy hash for unknown users) so timing reveals nothing.
+        ok = await deferToThread(verify_password, stored, password)
+        if not ok or user is None:
+            raise AuthError(401, LOGIN_FAILED)
+        return user
+
+    # -- web sessions -----------------------------------------------------------
+
+    async def create_web_session(
+        self, user: User, ttl: float | None = None
+    ) -> tuple[str, WebSession]:
+        """Start a web session for user; returns (secret for the cookie, record)."""
+        now = self._clock.seconds()
+        secret = new_secret()
+        record = WebSession(
+            id_hash=secret_hash(secret),
+            user=user.name,
+            roles=tuple(user.roles),
+            traits=dict(user.traits),
+            created=now,
+            expires=now + (ttl if ttl is not None else self._ttl),
+        )
+        await self._backend.put_web_session(record)
+        self._web.put(record.id_hash, record, self._cache_until(record.expires, now))
+        return secret, record
+
+    async def web_session(self, secret: str | None) -> WebSession | None:
+        """The live web session for this cookie value, or None."""
+        key = self._key(secret)
+        if key is None:
+            return None
+        return await self._live_web_session(key)
+
+    async def end_web_session(self, secret: str) -> None:
+        """Log out: end the web session and every app session started from it."""
+        key = self._key(secret)
+        if key is None:
+            return
+        ended = await self._backend.delete_web_session(key)
+        self._web.drop(key)
+        for app_key in ended:
+            self._app.drop(app_key)
+
+    # -- hand-off ---------------------------------------------------------------
+
+    async def create_auth_code(self, web: WebSession, app: str, path: str, state: str) -> str:
+        """A one-time code (60 s) for ``app`` that only the holder of ``state`` can redeem."""
+        if not state:
+            raise AuthError(400, "missing state")
+        code = new_secret()
+        await self._backend.put_auth_code(
+            AuthCode(
+                code_hash=secret_hash(code),
+                web_session=web.id_hash,
+                app=app,
+                path=path,
+                state_hash=secret_hash(state),
+                expires=self._clock.seconds() + AUTH_CODE_TTL,
+            )
+        )
+        return code
+
+    async def redeem_auth_code(
+        self, code: str, state: str | None, app: str
+    ) -> tuple[str, AppSession, str]:
+        """Trade a code for an app session: (secret, record, path). Any misuse burns it."""
+        key = self._key(code)
+        if key is None:
+            raise AuthError(400, CODE_INVALID)
+        # Taking the code deletes it, so a wrong state or app cannot be retried.
+        taken = await self._backend.take_auth_code(key)
+        now = self._clock.seconds()
+        if taken is None or taken.expires <= now:
+            raise AuthError(400, CODE_INVALID)
+        if not constant_time_equal(taken.app, app):
+            self._log.warn("auth code for app {expected!r} presented on {app!r}",
+                           expected=taken.app, app=app)
+            raise AuthError(400, CODE_INVALID)
+        if not state or len(state) > MAX_SECRET_LENGTH or not constant_time_equal(
+            taken.state_hash, secret_hash(state)
+        ):
+            raise AuthError(400, CODE_INVALID)
+        web = await self._backend.get_web_session(taken.web_session)
+        if web is None or web.expires <= now:
+            raise AuthError(400, CODE_INVALID)
+        secret = new_secret()
+        record = AppSession(
+            id_hash=secret_hash(secret),
+            web_session=web.id_hash,
+            user=web.user,
+            app=app,
+            created=now,
+            expires=min(now + self._ttl, web.expires),   # never outlives its web session
+        )
+        await self._backend.put_app_session(record)
+        self._app.put(record.id_hash, record, self._cache_until(record.expires, now))
+        return secret, record, taken.path
+
+    # -- app sessions -----------------------------------------------------------
+
+    async def app_session(self, secret: str | None, app: str) -> AppSession | None:
+        """The live app session for this cookie value on this app, or None."""
+        key = self._key(secret)
+        if key is None:
+            return None
+        now = self._clock.seconds()
+        hit, cached = self._app.get(key, now)
+        record = cached if hit else await self._load(self._app, key, now,
+                                                     self._backend.get_app_session)
+        if record is None or record.expires <= now or record.app != app:
+            return None
+        return record
+
+    async def end_app_session(self, secret: str) -> None:
+        key = self._key(secret)
+        if key is None:
+            return
+        await self._backend.delete_app_session(key)
+        self._app.drop(key)
+
+    async def identity(self, app_session: AppSession) -> WebSession | None:
+        """The live parent web session (user, roles, traits) of an app session, or None."""
+        web = await self._live_web_session(app_session.web_session)
+        if web is None or web.user != app_session.user:
+            return None
+        return web
+
+    # -- helpers ----------------------------------------------------------------
+
+    @staticmethod
+    def _key(secret: str | None) -> str | None:
+        if not secret or not isinstance(secret, str) or len(secret) > MAX_SECRET_LENGTH:
+            return None
+        return secret_hash(secret)
+
+    async def _live_web_session(self, key: str) -> WebSession | None:
+        now = self._clock.seconds()
+        hit, cached = self._web.get(key, now)
+        record = cached if hit else await self._load(self._web, key, now,
+                                                     self._backend.get_web_session)
+        if record is None or record.expires <= now:
+            return None
+        return record
+
+    def _cache_until(self, expires: float, now: float) -> float:
+        return min(expires, now + self._cache_ttl)
+
+    async def _load(
+        self, cache: _Cache, key: str, now: float, fetch: Callable[[str], Awaitable]
+    ):
+        """Read through to the backend; misses are remembered only briefly."""
+        record = await fetch(key)
+        if record is None or record.expires <= now:
+            cache.put(key, None, now + self._negative_ttl)
+            return None
+        cache.put(key, record, self._cache_until(record.expires, now))
+        return record

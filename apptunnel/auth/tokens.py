@@ -1,0 +1,30 @@
+"""Secrets handed to clients, and how we store and compare them.
+
+Only the SHA-256 of a secret is ever stored, so a copy of the database cannot be
+replayed as sessions or join tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+
+def new_secret() -> str:
+    """32 random bytes, URL-safe base64: fits in cookies, URLs and headers as is."""
+    return secrets.token_urlsafe(32)
+
+
+def secret_hash(secret: str) -> str:
+    """Hex SHA-256: the storage key of a secret (high-entropy, so no salt is needed)."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def constant_time_equal(a: str | bytes, b: str | bytes) -> bool:
+    """Compare secrets without leaking the matching prefix length through timing."""
+    if isinstance(a, str):
+        a = a.encode("utf-8", "surrogatepass")
+    if isinstance(b, str):
+        b = b.encode("utf-8", "surrogatepass")
+    return hmac.compare_digest(a, b)

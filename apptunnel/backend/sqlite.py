@@ -1,0 +1,583 @@
+"""SQLite backend: the default single-machine store.
+
+Every call runs on one private worker thread, so the reactor never waits on disk and the
+connection is never used by two threads at once. WAL mode plus a busy timeout let the CLI
+and a running proxy share the file. The SQL is deliberately plain (no sqlite-only
+features in the interface) so a PostgreSQL backend can mirror it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from apptunnel.backend.base import AlreadyExists, BackendError, NotFound
+from apptunnel.backend.records import (
+    AppSession,
+    AuditEvent,
+    AuthCode,
+    JoinToken,
+    Resource,
+    User,
+    WebSession,
+)
+
+_T = TypeVar("_T")
+
+BUSY_TIMEOUT_MS = 5000
+MAX_SEARCH_LIMIT = 100_000
+
+# Each entry upgrades the schema by one version (PRAGMA user_version). Append only:
+# never edit a migration that has shipped.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE users (
+            name TEXT PRIMARY KEY,
+            password_hash TEXT,
+            roles TEXT NOT NULL,
+            traits TEXT NOT NULL,
+            created REAL NOT NULL)""",
+        """CREATE TABLE resources (
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            doc TEXT NOT NULL,
+            PRIMARY KEY (kind, name))""",
+        """CREATE TABLE join_tokens (
+            token_hash TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            expires REAL NOT NULL,
+            created REAL NOT NULL)""",
+        """CREATE TABLE web_sessions (
+            id_hash TEXT PRIMARY KEY,
+            user_name TEXT NOT NULL,
+            roles TEXT NOT NULL,
+            traits TEXT NOT NULL,
+            created REAL NOT NULL,
+            expires REAL NOT NULL)""",
+        "CREATE INDEX web_sessions_user ON web_sessions (user_name)",
+        """CREATE TABLE app_sessions (
+            id_hash TEXT PRIMARY KEY,
+            web_session TEXT NOT NULL,
+            user_name TEXT NOT NULL,
+            app TEXT NOT NULL,
+            created REAL NOT NULL,
+            expires REAL NOT NULL)""",
+        "CREATE INDEX app_sessions_web ON app_sessions (web_session)",
+        "CREATE INDEX app_sessions_user ON app_sessions (user_name)",
+        """CREATE TABLE auth_codes (
+            code_hash TEXT PRIMARY KEY,
+            web_session TEXT NOT NULL,
+            app TEXT NOT NULL,
+            path TEXT NOT NULL,
+            state_hash TEXT NOT NULL,
+            expires REAL NOT NULL)""",
+        "CREATE INDEX auth_codes_web ON auth_codes (web_session)",
+        """CREATE TABLE audit_events (
+            id TEXT PRIMARY KEY,
+            time REAL NOT NULL,
+            type TEXT NOT NULL,
+            code TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            target TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            fields TEXT NOT NULL)""",
+        "CREATE INDEX audit_events_time ON audit_events (time)",
+        "CREATE INDEX audit_events_type_time ON audit_events (type, time)",
+    ),
+)
+
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _traits(text: str) -> dict[str, tuple[str, ...]]:
+    return {k: tuple(v) for k, v in json.loads(text).items()}
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction that takes the lock up front, so readers never deadlock-upgrade."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _open_connection(path: str) -> sqlite3.Connection:
+    """Create the file 0600 before SQLite sees it, then set the pragmas and migrate."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    conn = sqlite3.connect(
+        path,
+        timeout=BUSY_TIMEOUT_MS / 1000,
+        isolation_level=None,
+        check_same_thread=False,
+    )
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        _migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring the schema to SCHEMA_VERSION; safe when two processes open a new file at once."""
+    if _user_version(conn) == SCHEMA_VERSION:
+        return
+    with _transaction(conn):
+        version = _user_version(conn)   # re-read under the write lock
+        if version > SCHEMA_VERSION:
+            raise BackendError(
+                f"database schema version {version} is newer than this apptunnel "
+                f"understands ({SCHEMA_VERSION}); upgrade apptunnel"
+            )
+        for statements in _MIGRATIONS[version:]:
+            for statement in statements:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _user(row: tuple) -> User:
+    return User(
+        name=row[0],
+        password_hash=row[1],
+        roles=tuple(json.loads(row[2])),
+        traits=_traits(row[3]),
+        created=row[4],
+    )
+
+
+def _web_session(row: tuple) -> WebSession:
+    return WebSession(
+        id_hash=row[0],
+        user=row[1],
+        roles=tuple(json.loads(row[2])),
+        traits=_traits(row[3]),
+        created=row[4],
+        expires=row[5],
+    )
+
+
+def _app_session(row: tuple) -> AppSession:
+    return AppSession(*row)
+
+
+def _audit_event(row: tuple) -> AuditEvent:
+    return AuditEvent(*row[:7], fields=json.loads(row[7]))
+
+
+class SqliteBackend:
+    """The Backend protocol on one SQLite file, driven from a private one-thread pool."""
+
+    _log = Logger()
+
+    def __init__(self, path: str, reactor: IReactorCore) -> None:
+        self._path = path
+        self._reactor = reactor
+        self._conn: sqlite3.Connection | None = None   # touched only on the worker thread
+        self._closed = False
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="apptunnel-sqlite")
+        # Daemon: a backend nobody closed must not keep the process alive at exit. A write
+        # cut short that way is a rolled-back transaction, never a corrupt file (WAL).
+        self._pool.threadFactory = functools.partial(threading.Thread, daemon=True)
+        self._pool.start()
+        self._shutdown_trigger = reactor.addSystemEventTrigger(
+            "during", "shutdown", self._on_shutdown
+        )
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    # -- plumbing ---------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._closed:
+            raise BackendError(f"sqlite {self._path}: backend is closed")
+        reactor: IReactorFromThreads = self._reactor   # type: ignore[assignment]
+        return await deferToThreadPool(reactor, self._pool, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Worker thread: open lazily, run fn, and turn driver errors into BackendError."""
+        try:
+            if self._conn is None:
+                self._conn = _open_connection(self._path)
+            return fn(self._conn)
+        except BackendError:
+            raise
+        except sqlite3.IntegrityError as err:
+            raise AlreadyExists(f"sqlite {self._path}: already exists ({err})") from None
+        except sqlite3.Error as err:
+            raise BackendError(f"sqlite {self._path}: {err}") from None
+        except OSError as err:
+            raise BackendError(f"sqlite {self._path}: {err.strerror or err}") from None
+        except (TypeError, ValueError) as err:
+            raise BackendError(f"sqlite {self._path}: cannot encode record: {err}") from None
+
+    def _close_in_thread(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def close(self) -> None:
+        """Close the connection on its own thread, then stop that thread."""
+        if self._closed:
+            return
+        self._closed = True
+        reactor: IReactorFromThreads = self._reactor   # type: ignore[assignment]
+        try:
+            await deferToThreadPool(reactor, self._pool, self._close_in_thread)
+        finally:
+            self._pool.stop()
+            self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+
+    def _on_shutdown(self) -> Deferred:
+        return Deferred.fromCoroutine(self.close())
+
+    # -- users ------------------------------------------------------------------
+
+    async def create_user(self, user: User) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    "INSERT INTO users (name, password_hash, roles, traits, created)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (user.name, user.password_hash, _dump(list(user.roles)),
+                     _dump(user.traits), user.created),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"user {user.name!r} already exists") from None
+
+        await self._run(run)
+
+    async def update_user(self, user: User) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            cur = conn.execute(
+                "UPDATE users SET password_hash = ?, roles = ?, traits = ? WHERE name = ?",
+                (user.password_hash, _dump(list(user.roles)), _dump(user.traits), user.name),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"user {user.name!r} does not exist")
+
+        await self._run(run)
+
+    async def get_user(self, name: str) -> User | None:
+        def run(conn: sqlite3.Connection) -> User | None:
+            row = conn.execute(
+                "SELECT name, password_hash, roles, traits, created FROM users WHERE name = ?",
+                (name,),
+            ).fetchone()
+            return _user(row) if row else None
+
+        return await self._run(run)
+
+    async def list_users(self) -> list[User]:
+        def run(conn: sqlite3.Connection) -> list[User]:
+            rows = conn.execute(
+                "SELECT name, password_hash, roles, traits, created FROM users ORDER BY name"
+            ).fetchall()
+            return [_user(row) for row in rows]
+
+        return await self._run(run)
+
+    async def delete_user(self, name: str) -> bool:
+        """Remove the user and every session and pending hand-off that belongs to them."""
+        def run(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                conn.execute(
+                    "DELETE FROM auth_codes WHERE web_session IN"
+                    " (SELECT id_hash FROM web_sessions WHERE user_name = ?)",
+                    (name,),
+                )
+                conn.execute("DELETE FROM app_sessions WHERE user_name = ?", (name,))
+                conn.execute("DELETE FROM web_sessions WHERE user_name = ?", (name,))
+                cur = conn.execute("DELETE FROM users WHERE name = ?", (name,))
+                return cur.rowcount > 0
+
+        return await self._run(run)
+
+    # -- resources --------------------------------------------------------------
+
+    async def put_resource(self, res: Resource) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO resources (kind, name, doc) VALUES (?, ?, ?)"
+                " ON CONFLICT (kind, name) DO UPDATE SET doc = excluded.doc",
+                (res.kind, res.name, _dump(res.doc)),
+            )
+
+        await self._run(run)
+
+    async def get_resource(self, kind: str, name: str) -> Resource | None:
+        def run(conn: sqlite3.Connection) -> Resource | None:
+            row = conn.execute(
+                "SELECT kind, name, doc FROM resources WHERE kind = ? AND name = ?",
+                (kind, name),
+            ).fetchone()
+            return Resource(row[0], row[1], json.loads(row[2])) if row else None
+
+        return await self._run(run)
+
+    async def list_resources(self, kind: str) -> list[Resource]:
+        def run(conn: sqlite3.Connection) -> list[Resource]:
+            rows = conn.execute(
+                "SELECT kind, name, doc FROM resources WHERE kind = ? ORDER BY name", (kind,)
+            ).fetchall()
+            return [Resource(r[0], r[1], json.loads(r[2])) for r in rows]
+
+        return await self._run(run)
+
+    async def delete_resource(self, kind: str, name: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "DELETE FROM resources WHERE kind = ? AND name = ?", (kind, name)
+            )
+            return cur.rowcount > 0
+
+        return await self._run(run)
+
+    # -- join tokens ------------------------------------------------------------
+
+    async def add_token(self, token: JoinToken) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    "INSERT INTO join_tokens (token_hash, kind, expires, created)"
+                    " VALUES (?, ?, ?, ?)",
+                    (token.token_hash, token.kind, token.expires, token.created),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists("join token already exists") from None
+
+        await self._run(run)
+
+    async def get_token(self, token_hash: str) -> JoinToken | None:
+        def run(conn: sqlite3.Connection) -> JoinToken | None:
+            row = conn.execute(
+                "SELECT token_hash, kind, expires, created FROM join_tokens"
+                " WHERE token_hash = ?",
+                (token_hash,),
+            ).fetchone()
+            return JoinToken(*row) if row else None
+
+        return await self._run(run)
+
+    async def list_tokens(self) -> list[JoinToken]:
+        def run(conn: sqlite3.Connection) -> list[JoinToken]:
+            rows = conn.execute(
+                "SELECT token_hash, kind, expires, created FROM join_tokens"
+                " ORDER BY created, token_hash"
+            ).fetchall()
+            return [JoinToken(*row) for row in rows]
+
+        return await self._run(run)
+
+    async def delete_token(self, token_hash: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("DELETE FROM join_tokens WHERE token_hash = ?", (token_hash,))
+            return cur.rowcount > 0
+
+        return await self._run(run)
+
+    # -- sessions ---------------------------------------------------------------
+
+    async def put_web_session(self, s: WebSession) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO web_sessions (id_hash, user_name, roles, traits, created, expires)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (id_hash) DO UPDATE SET user_name = excluded.user_name,"
+                " roles = excluded.roles, traits = excluded.traits,"
+                " created = excluded.created, expires = excluded.expires",
+                (s.id_hash, s.user, _dump(list(s.roles)), _dump(s.traits), s.created,
+                 s.expires),
+            )
+
+        await self._run(run)
+
+    async def get_web_session(self, id_hash: str) -> WebSession | None:
+        def run(conn: sqlite3.Connection) -> WebSession | None:
+            row = conn.execute(
+                "SELECT id_hash, user_name, roles, traits, created, expires"
+                " FROM web_sessions WHERE id_hash = ?",
+                (id_hash,),
+            ).fetchone()
+            return _web_session(row) if row else None
+
+        return await self._run(run)
+
+    async def delete_web_session(self, id_hash: str) -> list[str]:
+        """End the web session with its app sessions and hand-offs; return the app hashes."""
+        def run(conn: sqlite3.Connection) -> list[str]:
+            with _transaction(conn):
+                ended = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT id_hash FROM app_sessions WHERE web_session = ?", (id_hash,)
+                    ).fetchall()
+                ]
+                conn.execute("DELETE FROM app_sessions WHERE web_session = ?", (id_hash,))
+                conn.execute("DELETE FROM auth_codes WHERE web_session = ?", (id_hash,))
+                conn.execute("DELETE FROM web_sessions WHERE id_hash = ?", (id_hash,))
+                return ended
+
+        return await self._run(run)
+
+    async def put_app_session(self, s: AppSession) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO app_sessions"
+                " (id_hash, web_session, user_name, app, created, expires)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (id_hash) DO UPDATE SET web_session = excluded.web_session,"
+                " user_name = excluded.user_name, app = excluded.app,"
+                " created = excluded.created, expires = excluded.expires",
+                (s.id_hash, s.web_session, s.user, s.app, s.created, s.expires),
+            )
+
+        await self._run(run)
+
+    async def get_app_session(self, id_hash: str) -> AppSession | None:
+        def run(conn: sqlite3.Connection) -> AppSession | None:
+            row = conn.execute(
+                "SELECT id_hash, web_session, user_name, app, created, expires"
+                " FROM app_sessions WHERE id_hash = ?",
+                (id_hash,),
+            ).fetchone()
+            return _app_session(row) if row else None
+
+        return await self._run(run)
+
+    async def delete_app_session(self, id_hash: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("DELETE FROM app_sessions WHERE id_hash = ?", (id_hash,))
+            return cur.rowcount > 0
+
+        return await self._run(run)
+
+    # -- auth codes -------------------------------------------------------------
+
+    async def put_auth_code(self, c: AuthCode) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    "INSERT INTO auth_codes"
+                    " (code_hash, web_session, app, path, state_hash, expires)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (c.code_hash, c.web_session, c.app, c.path, c.state_hash, c.expires),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists("auth code already exists") from None
+
+        await self._run(run)
+
+    async def take_auth_code(self, code_hash: str) -> AuthCode | None:
+        """Read and delete in one transaction, so a code can be redeemed at most once."""
+        def run(conn: sqlite3.Connection) -> AuthCode | None:
+            with _transaction(conn):
+                row = conn.execute(
+                    "SELECT code_hash, web_session, app, path, state_hash, expires"
+                    " FROM auth_codes WHERE code_hash = ?",
+                    (code_hash,),
+                ).fetchone()
+                if row is None:
+                    return None
+                conn.execute("DELETE FROM auth_codes WHERE code_hash = ?", (code_hash,))
+                return AuthCode(*row)
+
+        return await self._run(run)
+
+    # -- audit ------------------------------------------------------------------
+
+    async def append_audit(self, events: list[AuditEvent]) -> None:
+        rows = [
+            (e.id, e.time, e.type, e.code, e.actor, e.target, e.outcome, e.fields)
+            for e in events
+        ]
+        if not rows:
+            return
+
+        def run(conn: sqlite3.Connection) -> None:
+            encoded = [row[:7] + (_dump(row[7]),) for row in rows]
+            with _transaction(conn):
+                conn.executemany(
+                    "INSERT INTO audit_events"
+                    " (id, time, type, code, actor, target, outcome, fields)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    encoded,
+                )
+
+        await self._run(run)
+
+    async def search_audit(
+        self,
+        since: float | None = None,
+        until: float | None = None,
+        type: str | None = None,
+        limit: int = 1000,
+    ) -> list[AuditEvent]:
+        """Events with since <= time < until, oldest first (ties in insertion order)."""
+        where: list[str] = []
+        params: list[Any] = []
+        if since is not None:
+            where.append("time >= ?")
+            params.append(float(since))
+        if until is not None:
+            where.append("time < ?")
+            params.append(float(until))
+        if type is not None:
+            where.append("type = ?")
+            params.append(type)
+        params.append(max(0, min(int(limit), MAX_SEARCH_LIMIT)))
+        sql = (
+            "SELECT id, time, type, code, actor, target, outcome, fields FROM audit_events"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY time, rowid LIMIT ?"   # rowid: insertion order within a tick
+        )
+
+        def run(conn: sqlite3.Connection) -> list[AuditEvent]:
+            return [_audit_event(row) for row in conn.execute(sql, params).fetchall()]
+
+        return await self._run(run)
+
+    # -- housekeeping -----------------------------------------------------------
+
+    async def delete_expired(self, now: float) -> int:
+        """Drop expired sessions, hand-offs and join tokens; return how many rows went."""
+        def run(conn: sqlite3.Connection) -> int:
+            removed = 0
+            with _transaction(conn):
+                for table in ("auth_codes", "app_sessions", "web_sessions", "join_tokens"):
+                    cur = conn.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,))
+                    removed += cur.rowcount
+            return removed
+
+        return await self._run(run)

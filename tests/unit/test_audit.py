@@ -1,0 +1,210 @@
+"""AuditLog: queued emit, batched writes on the clock, JSON mirror, search."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+
+from apptunnel.audit import AuditLog, code_for
+from apptunnel.backend.base import BackendError
+from apptunnel.backend.sqlite import SqliteBackend
+
+TIMEOUT = 10.0
+
+
+def wait(coro):
+    return defer.ensureDeferred(coro).addTimeout(TIMEOUT, reactor)
+
+
+class RecordingBackend(SqliteBackend):
+    """The real SQLite backend, noting batch sizes and failing the first `fail` writes."""
+
+    def __init__(self, path, reactor, fail=0):
+        super().__init__(path, reactor)
+        self.batches: list[int] = []
+        self.fail = fail
+
+    async def append_audit(self, events):
+        self.batches.append(len(events))
+        if self.fail:
+            self.fail -= 1
+            raise BackendError("disk on fire")
+        await super().append_audit(events)
+
+
+@pytest_twisted.async_yield_fixture
+async def backend(tmp_path):
+    b = RecordingBackend(str(tmp_path / "apptunnel.db"), reactor)
+    yield b
+    await wait(b.close())
+
+
+@pytest.fixture
+def clock():
+    c = Clock()
+    c.advance(5000)
+    return c
+
+
+def capture(audit: AuditLog) -> list[dict]:
+    events: list[dict] = []
+    audit._log = Logger(namespace="audit-test", observer=events.append)
+    return events
+
+
+def test_codes_table():
+    """Types map to the documented codes; failures get the W code."""
+    assert code_for("user.login", "success") == "T1000I"
+    assert code_for("user.login", "failure") == "T1000W"
+    assert code_for("access.denied", "failure") == "T2200W"
+    assert code_for("agent.join", "failure") == "T3100W"
+    assert code_for("resource.delete", "success") == "T4101I"
+    assert code_for("no.such.type", "success") == "T0000I"
+
+
+@pytest_twisted.ensureDeferred
+async def test_emit_does_not_touch_backend(backend, clock):
+    """emit only queues: nothing reaches the backend until the loop or flush runs."""
+    audit = AuditLog(backend, clock)
+    audit.emit("user.login", actor="alice", method="password")
+    assert backend.batches == [] and audit.pending == 1
+    assert await wait(backend.search_audit()) == []
+    await wait(audit.flush())
+    assert audit.pending == 0
+    (event,) = await wait(backend.search_audit())
+    assert (event.type, event.code, event.actor, event.outcome, event.time) == (
+        "user.login", "T1000I", "alice", "success", 5000.0)
+    assert event.fields == {"method": "password"} and len(event.id) == 32
+
+
+@pytest_twisted.ensureDeferred
+async def test_background_loop_writes_batches(backend, clock):
+    """With start(), each clock interval writes the queue in batches of batch_size."""
+    audit = AuditLog(backend, clock, batch_size=500, interval=1.0)
+    audit.start()
+    for i in range(1200):
+        audit.emit("app.request", actor="alice", target="grafana", status=200, n=i)
+    clock.advance(0.5)
+    assert backend.batches == []
+    clock.advance(0.5)
+    await wait(audit.flush())
+    assert backend.batches == [500, 500, 200]
+    stored = await wait(backend.search_audit(limit=5000))
+    assert [e.fields["n"] for e in stored] == sorted(e.fields["n"] for e in stored)
+    assert len({e.id for e in stored}) == 1200
+    await wait(audit.stop())
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_flushes(backend, clock):
+    """stop() writes what is still queued."""
+    audit = AuditLog(backend, clock)
+    audit.start()
+    audit.emit("token.create", actor="admin")
+    await wait(audit.stop())
+    assert [e.code for e in await wait(backend.search_audit())] == ["T3000I"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_json_mirror(backend, clock, tmp_path):
+    """The JSON-lines mirror gets one object per event, in order, in a 0600 file."""
+    path = str(tmp_path / "audit.jsonl")
+    audit = AuditLog(backend, clock, json_file=path, batch_size=2)
+    audit.emit("user.login", actor="alice", outcome="failure", reason="bad password")
+    clock.advance(1)
+    audit.emit("session.web.start", actor="alice")
+    audit.emit("access.denied", actor="alice", target="prod-db", outcome="failure")
+    await wait(audit.flush())
+    with open(path) as f:
+        lines = [json.loads(line) for line in f]
+    assert [(d["type"], d["code"], d["time"]) for d in lines] == [
+        ("user.login", "T1000W", 5000.0),
+        ("session.web.start", "T2000I", 5001.0),
+        ("access.denied", "T2200W", 5001.0),
+    ]
+    assert lines[0]["fields"] == {"reason": "bad password"}
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+@pytest_twisted.ensureDeferred
+async def test_search_by_type_and_since(backend, clock):
+    """search() flushes first and filters by type and time."""
+    audit = AuditLog(backend, clock)
+    audit.emit("user.login", actor="alice")
+    clock.advance(60)
+    audit.emit("user.login", actor="bob")
+    audit.emit("app.request", actor="bob")
+    logins = await wait(audit.search(type="user.login"))
+    assert [e.actor for e in logins] == ["alice", "bob"]
+    recent = await wait(audit.search(since=5030.0))
+    assert [e.type for e in recent] == ["user.login", "app.request"]
+    assert [e.actor for e in await wait(audit.search(until=5030.0))] == ["alice"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_overflow_drops_oldest_and_counts(backend, clock):
+    """A full queue drops the oldest events and logs how many were lost."""
+    audit = AuditLog(backend, clock, max_queue=10)
+    logged = capture(audit)
+    for i in range(15):
+        audit.emit("app.request", n=i)
+    assert audit.pending == 10
+    await wait(audit.flush())
+    stored = await wait(backend.search_audit())
+    assert [e.fields["n"] for e in stored] == list(range(5, 15))
+    warnings = [e for e in logged if "dropped" in e["log_format"]]
+    assert len(warnings) == 1 and warnings[0]["count"] == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_failure_is_retried_without_duplicates(backend, clock, tmp_path):
+    """A failed batch is retried on the next tick, stored once and mirrored once."""
+    backend.fail = 1
+    path = str(tmp_path / "audit.jsonl")
+    audit = AuditLog(backend, clock, json_file=path)
+    logged = capture(audit)
+    audit.start()
+    audit.emit("user.create", actor="admin", target="carol")
+    clock.advance(1)
+    await wait(audit.flush())
+    assert backend.batches == [1, 1]
+    assert [e.target for e in await wait(backend.search_audit())] == ["carol"]
+    with open(path) as f:
+        assert len(f.readlines()) == 1
+    assert any("will retry" in e["log_format"] for e in logged)
+    await wait(audit.stop())
+
+
+@pytest_twisted.ensureDeferred
+async def test_persistent_failure_drops_batch_and_keeps_going(backend, clock):
+    """After repeated refusals a batch is dropped with an error; later events still land."""
+    backend.fail = 3
+    audit = AuditLog(backend, clock)
+    logged = capture(audit)
+    audit.emit("user.delete", target="x")
+    for _ in range(3):
+        await wait(audit.flush())
+    assert audit.pending == 0
+    assert any(e.get("log_level").name == "error" for e in logged)
+    audit.emit("user.delete", target="y")
+    await wait(audit.flush())
+    assert [e.target for e in await wait(backend.search_audit())] == ["y"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_emit_never_raises_on_odd_fields(backend, clock):
+    """Unserializable field values are stored as strings instead of failing the batch."""
+    audit = AuditLog(backend, clock)
+    audit.emit("resource.create", actor=None, target=42, blob=b"\x00", obj=object(),
+               nested={"k": {1, 2}.__class__.__name__})
+    await wait(audit.flush())
+    (event,) = await wait(backend.search_audit())
+    assert event.actor == "None" and event.target == "42"
+    assert event.fields["blob"] == "b'\\x00'" and event.fields["obj"].startswith("<object")

@@ -1,0 +1,201 @@
+"""Role parsing and app access decisions."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from apptunnel.auth.rbac import Decision, RoleError, RoleSet, parse_role
+
+
+def role(name="r", allow=None, deny=None, options=None, **extra_allow):
+    spec: dict = {}
+    if allow is not None:
+        spec["allow"] = {"app_labels": allow, **extra_allow}
+    if deny is not None:
+        spec["deny"] = {"app_labels": deny}
+    if options is not None:
+        spec["options"] = options
+    return parse_role({"kind": "role", "metadata": {"name": name}, "spec": spec})
+
+
+TRAITS = {"team": ["sre", "db"], "env": "staging", "evil": ["*", ".*", "^.*$"]}
+
+# (allow selector, app labels, expected)
+MATCH_TABLE = [
+    ({"env": "prod"}, {"env": "prod"}, True),
+    ({"env": "prod"}, {"env": "production"}, False),
+    ({"env": "prod"}, {"env": "PROD"}, False),
+    ({"env": "prod"}, {}, False),
+    ({"env": "*"}, {"env": "anything"}, True),
+    ({"env": "*"}, {"team": "x"}, False),
+    ({"env": ["staging", "prod"]}, {"env": "prod"}, True),
+    ({"env": ["staging", "prod"]}, {"env": "dev"}, False),
+    ({"env": "^dev-.*$"}, {"env": "dev-42"}, True),
+    ({"env": "^dev-.*$"}, {"env": "xdev-42"}, False),
+    ({"env": "^dev$"}, {"env": "dev\n"}, False),
+    ({"env": "^(a|b)$"}, {"env": "ab"}, False),
+    ({"env": ["staging", "^dev-[0-9]+$"]}, {"env": "dev-7"}, True),
+    ({"env": "prod", "team": "sre"}, {"env": "prod", "team": "sre"}, True),
+    ({"env": "prod", "team": "sre"}, {"env": "prod", "team": "db"}, False),
+    ({"env": "prod", "team": "sre"}, {"env": "prod"}, False),
+    ({"*": "*"}, {}, True),
+    ({"*": "*"}, {"env": "prod"}, True),
+    ({"*": "*", "env": "dev"}, {"env": "prod"}, False),
+    ({}, {"env": "prod"}, False),
+    ({"team": "{{internal.team}}"}, {"team": "db"}, True),
+    ({"team": "{{external.team}}"}, {"team": "sre"}, True),
+    ({"team": "{{internal.team}}"}, {"team": "web"}, False),
+    ({"team": "{{ internal.env }}"}, {"team": "staging"}, True),
+    ({"team": "{{internal.missing}}"}, {"team": ""}, False),
+    ({"team": "{{internal.missing}}"}, {"team": "{{internal.missing}}"}, False),
+    ({"team": "team-{{internal.team}}"}, {"team": "team-sre"}, True),
+    ({"team": "^{{internal.team}}-[0-9]+$"}, {"team": "db-12"}, True),
+    ({"team": "^{{internal.team}}-[0-9]+$"}, {"team": "web-12"}, False),
+    # Trait values are literal: an IdP-supplied "*" or ".*" never becomes a wildcard.
+    ({"team": "{{internal.evil}}"}, {"team": "prod"}, False),
+    ({"team": "{{internal.evil}}"}, {"team": "*"}, True),
+    ({"team": "^{{internal.evil}}$"}, {"team": "prod"}, False),
+    ({"team": "^{{internal.evil}}$"}, {"team": ".*"}, True),
+]
+
+
+@pytest.mark.parametrize("allow,labels,expected", MATCH_TABLE)
+def test_matching_table(allow, labels, expected):
+    """Each label selector matches exactly the apps the contract says it does."""
+    decision = RoleSet([role("r", allow=allow)]).check_app(labels, TRAITS)
+    assert decision.allowed is expected, decision
+
+
+def test_deny_wins_over_allow():
+    """A matching deny in any role beats every allow, and the reason names that role."""
+    roles = RoleSet([
+        role("everything", allow={"*": "*"}),
+        role("no-prod", allow={"team": "sre"}, deny={"env": "prod"}),
+    ])
+    assert roles.check_app({"env": "prod", "team": "sre"}, {}) == Decision(
+        False, "denied by role 'no-prod'"
+    )
+    assert roles.check_app({"env": "dev"}, {}) == Decision(True, "allowed by role 'everything'")
+
+
+def test_deny_with_regex_and_template():
+    """Deny selectors use the same value forms as allow."""
+    roles = RoleSet([role("r", allow={"*": "*"}, deny={"owner": "^{{internal.blocked}}$"})])
+    assert not roles.check_app({"owner": "bob"}, {"blocked": ["bob"]}).allowed
+    assert roles.check_app({"owner": "bob"}, {"blocked": ["alice"]}).allowed
+
+
+def test_default_deny():
+    """No roles, or roles without allow rules, allow nothing."""
+    assert RoleSet([]).check_app({"env": "dev"}, {}) == Decision(False, "user has no roles")
+    decision = RoleSet([role("empty"), role("only-deny", deny={"env": "prod"})]).check_app(
+        {"env": "dev"}, {}
+    )
+    assert decision == Decision(False, "no role allows access to this app")
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    labels=st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=4),
+    traits=st.dictionaries(st.text(max_size=5), st.lists(st.text(max_size=5)), max_size=3),
+)
+def test_everything_denied_when_denied(labels, traits):
+    """A `"*": "*"` deny denies every app whatever the allows and traits."""
+    roles = RoleSet([role("a", allow={"*": "*"}), role("d", deny={"*": "*"})])
+    assert not roles.check_app(labels, traits).allowed
+
+
+def test_max_session_ttl():
+    """max_session_ttl parses durations and takes the minimum, default for unset roles."""
+    roles = RoleSet([
+        role("a", allow={}, options={"max_session_ttl": "8h"}),
+        role("b", allow={}, options={"max_session_ttl": "1h30m"}),
+    ])
+    assert roles.max_session_ttl(43200.0) == 5400.0
+    long_and_unset = RoleSet([
+        role("a", options={"max_session_ttl": "7d"}),
+        role("b"),
+    ])
+    assert long_and_unset.max_session_ttl(43200.0) == 43200.0
+    assert RoleSet([]).max_session_ttl(60.0) == 60.0
+    assert role("n", options={"max_session_ttl": 90}).max_session_ttl == 90.0
+
+
+def test_design_example_parses():
+    """The role example of DESIGN.md parses with every field."""
+    r = parse_role({
+        "kind": "role",
+        "metadata": {"name": "sre-apps"},
+        "spec": {
+            "options": {"max_session_ttl": "8h", "require_session_mfa": False},
+            "allow": {
+                "app_labels": {"team": "sre", "env": ["staging", "^dev-.*$"], "*": "*"},
+                "request": {"roles": ["prod-apps"]},
+                "review_requests": {"roles": ["prod-apps"]},
+            },
+            "deny": {"app_labels": {"env": "prod"}},
+        },
+    })
+    assert r.name == "sre-apps" and r.max_session_ttl == 8 * 3600
+    assert r.allow_request_roles == ("prod-apps",) and r.allow_review_roles == ("prod-apps",)
+    assert RoleSet([r]).check_app({"team": "sre", "env": "dev-1"}, {}).allowed
+    assert not RoleSet([r]).check_app({"team": "sre", "env": "prod"}, {}).allowed
+    assert RoleSet([r, role("mfa", options={"require_session_mfa": True})]).require_session_mfa
+
+
+def doc_with(spec=None, **top):
+    doc = {"kind": "role", "metadata": {"name": "r"}, "spec": spec or {}}
+    doc.update(top)
+    return doc
+
+
+PARSE_ERRORS = [
+    ("not a dict", "role: expected a mapping"),
+    (doc_with(kind="user"), "kind: expected 'role'"),
+    (doc_with(metadata={"name": ""}), "metadata.name: invalid role name"),
+    (doc_with(metadata={"name": "a b"}), "metadata.name: invalid role name"),
+    (doc_with(metadata={"name": "r", "owner": "x"}), "metadata.owner: unknown key"),
+    (doc_with(extra=1), "extra: unknown key"),
+    (doc_with({"allow": {"app_labels": {"env": "^(prod$"}}}),
+     "spec.allow.app_labels.env: invalid regex"),
+    (doc_with({"allow": {"app_labels": {"env": ["dev", "^[z-a]$"]}}}),
+     "spec.allow.app_labels.env[1]: invalid regex"),
+    (doc_with({"deny": {"app_labels": {"env": "prod-*"}}}),
+     "spec.deny.app_labels.env: 'prod-*': \"*\" only works alone"),
+    (doc_with({"deny": {"app_labels": {"env": "^prod"}}}),
+     "spec.deny.app_labels.env: '^prod': a regex must start with ^ and end with $"),
+    (doc_with({"allow": {"app_labels": {"env": 3}}}),
+     "spec.allow.app_labels.env: expected a string, got int"),
+    (doc_with({"allow": {"app_labels": {"env": []}}}),
+     "spec.allow.app_labels.env: empty list"),
+    (doc_with({"allow": {"app_labels": {"*": "prod"}}}),
+     "spec.allow.app_labels.*: the wildcard key only accepts"),
+    (doc_with({"allow": {"app_labels": {"team": "{{internal.team}}-{{internal.x}}"}}}),
+     "spec.allow.app_labels.team: '{{internal.team}}-{{internal.x}}': expected exactly one"),
+    (doc_with({"allow": {"app_labels": {"team": "{{user.team}}"}}}),
+     "spec.allow.app_labels.team: '{{user.team}}': expected exactly one"),
+    (doc_with({"allow": {"app_labels": {"team": "^{{internal.team}}($"}}}),
+     "spec.allow.app_labels.team: invalid regex"),
+    (doc_with({"allow": {"app_labels": ["env"]}}),
+     "spec.allow.app_labels: expected a mapping, got list"),
+    (doc_with({"allow": {"apps": {}}}), "spec.allow.apps: unknown key"),
+    (doc_with({"allow": {"request": {"roles": "prod"}}}),
+     "spec.allow.request.roles: expected a list"),
+    (doc_with({"options": {"max_session_ttl": "8 hours"}}),
+     "spec.options.max_session_ttl: invalid duration"),
+    (doc_with({"options": {"max_session_ttl": "0s"}}),
+     "spec.options.max_session_ttl: duration must be positive"),
+    (doc_with({"options": {"require_session_mfa": "yes"}}),
+     "spec.options.require_session_mfa: expected true or false"),
+    (doc_with({"options": {"mfa": True}}), "spec.options.mfa: unknown key"),
+]
+
+
+@pytest.mark.parametrize("doc,message", PARSE_ERRORS)
+def test_parse_errors_name_the_key_path(doc, message):
+    """An invalid role is one RoleError whose message starts at the offending key."""
+    with pytest.raises(RoleError) as info:
+        parse_role(doc)
+    assert str(info.value).startswith(message), str(info.value)
