@@ -1,0 +1,83 @@
+"""`apptunnel audit search`: read the audit trail from the backend, oldest first."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+
+from apptunnel.backend.records import AuditEvent
+from apptunnel.cli.context import Admin, UsageError
+from apptunnel.cli.output import clean, iso, json_text
+from apptunnel.config import parse_duration
+
+MAX_LIMIT = 10_000
+
+
+def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    audit = verbs.add_parser("audit", parents=[common], help="the audit log")
+    sub = audit.add_subparsers(dest="action", metavar="ACTION", required=True)
+    search = sub.add_parser("search", parents=[common], help="search audit events")
+    search.add_argument("--since", help="a duration ago (1h, 2d) or an ISO time (UTC if no zone)")
+    search.add_argument("--until", help="a duration ago or an ISO time (default: now)")
+    search.add_argument("--type", help="only this event type, e.g. user.login")
+    search.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
+    search.add_argument("--format", choices=("text", "json"), default="text")
+    search.set_defaults(handler=search_audit)
+
+
+def parse_time(option: str, text: str, now: float) -> float:
+    """``1h`` means an hour before now; otherwise an ISO 8601 time (naive = UTC)."""
+    try:
+        return now - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(f"{option}: expected a duration like 1h or an ISO time like "
+                         f"2024-05-01T12:00:00Z, got {text!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def _field_text(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False,
+                                                          sort_keys=True)
+
+
+def event_line(event: AuditEvent) -> str:
+    """One event per line: time, type, code, actor, target, outcome, then key=value fields."""
+    head = [iso(event.time), event.type, event.code, event.actor or "-", event.target or "-",
+            event.outcome]
+    fields = [f"{key}={_field_text(value)}" for key, value in sorted(event.fields.items())]
+    return " ".join(clean(part) for part in head + fields)
+
+
+def event_json(event: AuditEvent) -> dict:
+    return {"id": event.id, "time": iso(event.time), "epoch": event.time, "type": event.type,
+            "code": event.code, "actor": event.actor, "target": event.target,
+            "outcome": event.outcome, "fields": event.fields}
+
+
+async def search_audit(admin: Admin, args: argparse.Namespace) -> int:
+    now = admin.now()
+    since = parse_time("--since", args.since, now) if args.since else None
+    until = parse_time("--until", args.until, now) if args.until else None
+    if not 1 <= args.limit <= MAX_LIMIT:
+        raise UsageError(f"--limit: must be 1-{MAX_LIMIT}, got {args.limit}")
+    if since is not None and until is not None and since >= until:
+        raise UsageError("--since must be before --until")
+    events = await admin.backend.search_audit(since=since, until=until, type=args.type,
+                                              limit=args.limit)
+    if args.format == "json":
+        admin.io.out(json_text([event_json(e) for e in events]))
+    else:
+        admin.io.out("".join(event_line(e) + "\n" for e in events))
+        if not events:
+            admin.io.warn("no audit events match")
+    if len(events) == args.limit:
+        admin.io.warn(f"showing the first {args.limit} matching events; narrow --since or "
+                      "raise --limit for more")
+    return 0

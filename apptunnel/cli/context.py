@@ -1,0 +1,104 @@
+"""What every admin verb works with: streams, the proxy's backend and the audit log.
+
+Admin verbs talk to the storage of ``--config`` directly (no running proxy needed), and
+every change they make is written to the audit log, flushed before the process exits.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, TextIO
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+
+from apptunnel.audit import AuditLog
+from apptunnel.backend import Backend, open_backend
+from apptunnel.cli.output import clean
+from apptunnel.config import ProxyConfig
+
+
+class CliError(Exception):
+    """A failure to report as one line; ``code`` is the exit status (1 failure, 2 usage)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class UsageError(CliError):
+    """Bad arguments or bad input files: exit status 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code=2)
+
+
+@attrs.define
+class Io:
+    """The process's streams and environment, passed in so tests run the CLI in-process."""
+
+    stdin: TextIO
+    stdout: TextIO
+    stderr: TextIO
+    environ: Mapping[str, str]
+
+    def out(self, text: str) -> None:
+        self.stdout.write(text)
+
+    def warn(self, message: str) -> None:
+        self.stderr.write(f"apptunnel: warning: {clean(message)}\n")
+
+    def error(self, message: str) -> None:
+        self.stderr.write(f"apptunnel: error: {clean(message)}\n")
+
+    @property
+    def actor(self) -> str:
+        """Who ran the command, for the audit log: the invoking login, else ``cli``."""
+        for name in ("SUDO_USER", "USER", "LOGNAME"):
+            value = self.environ.get(name, "").strip()
+            if value:
+                return value
+        return "cli"
+
+
+class Admin:
+    """An open backend plus the audit log for one CLI run; `close` flushes the audit."""
+
+    def __init__(self, config: ProxyConfig, reactor: Any, io: Io, backend: Backend,
+                 audit: AuditLog) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.io = io
+        self.backend = backend
+        self.audit = audit
+
+    @classmethod
+    def open(cls, config: ProxyConfig, reactor: Any, io: Io) -> Admin:
+        """Open storage the way the proxy does, creating the data directory (0700) if new."""
+        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+        os.makedirs(os.path.dirname(config.backend_path) or ".", mode=0o700, exist_ok=True)
+        backend = open_backend(config, reactor)
+        audit = AuditLog(backend, reactor, json_file=config.audit_file)
+        audit.start()
+        return cls(config, reactor, io, backend, audit)
+
+    @property
+    def clock(self) -> IReactorTime:
+        return self.reactor
+
+    def now(self) -> float:
+        return self.reactor.seconds()
+
+    def emit(self, type: str, target: str, **fields: Any) -> None:
+        """Record one admin change; the CLI marks its events with ``via: cli``."""
+        self.audit.emit(type, actor=self.io.actor, target=target, outcome="success",
+                        via="cli", **fields)
+
+    async def close(self) -> None:
+        """Write pending audit events, then close storage; a failure here is reported."""
+        try:
+            await self.audit.flush()
+            await self.audit.stop()
+        finally:
+            await self.backend.close()

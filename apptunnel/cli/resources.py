@@ -1,0 +1,255 @@
+"""`apptunnel create -f`, `get`, `rm`: roles and users as YAML documents.
+
+A file is validated completely before anything is written, and nothing is replaced
+without ``--force``, so a half-applied file or a silently overwritten role cannot happen.
+`get` prints documents that `create -f` reads back unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import attrs
+
+from apptunnel.auth.rbac import RoleError, parse_role
+from apptunnel.backend.records import Resource, User
+from apptunnel.cli.context import Admin, CliError, Io, UsageError
+from apptunnel.cli.output import clean, iso, json_text, table, yaml_docs
+from apptunnel.cli.users import ROLE_NAME, TRAIT_NAME, USER_NAME
+from apptunnel.config import load_yaml_documents
+
+KINDS = {"role": "role", "roles": "role", "user": "user", "users": "user"}
+
+
+def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    create = verbs.add_parser("create", parents=[common],
+                              help="create roles and users from a (multi-document) YAML file")
+    create.add_argument("-f", "--file", required=True, metavar="FILE")
+    create.add_argument("--force", action="store_true", help="replace resources that exist")
+    create.set_defaults(handler=create_resources, read_inputs=read_documents)
+
+    get = verbs.add_parser("get", parents=[common], help="show roles or users")
+    get.add_argument("kind", metavar="roles|users", choices=sorted(KINDS))
+    get.add_argument("name", nargs="?", metavar="NAME")
+    get.add_argument("--format", choices=("yaml", "json", "text"), default="yaml")
+    get.set_defaults(handler=get_resources)
+
+    rm = verbs.add_parser("rm", parents=[common], help="remove a role or a user")
+    rm.add_argument("ref", metavar="KIND/NAME", help="role/NAME or user/NAME")
+    rm.set_defaults(handler=remove_resource)
+
+
+@attrs.frozen
+class Planned:
+    """One validated document of a `create -f` file."""
+
+    kind: str
+    name: str
+    doc: dict
+    roles: tuple[str, ...] = ()
+    traits: dict = attrs.field(factory=dict)
+
+
+# -- reading and validating `create -f` files --------------------------------------------
+
+
+def read_documents(args: argparse.Namespace, io: Io) -> None:
+    """Load and validate every document before storage is opened."""
+    plan: list[Planned] = []
+    seen: set[tuple[str, str]] = set()
+    for number, doc in enumerate(load_yaml_documents(args.file), start=1):
+        if doc is None:
+            continue
+        where = f"{args.file}: doc {number}"
+        item = _validate(where, doc)
+        if (item.kind, item.name) in seen:
+            raise UsageError(f"{where}: {item.kind} {item.name!r} appears twice in the file")
+        seen.add((item.kind, item.name))
+        plan.append(item)
+    if not plan:
+        raise UsageError(f"{args.file}: no documents (expected kind: role or kind: user)")
+    args.plan = plan
+
+
+def _validate(where: str, doc: Any) -> Planned:
+    if not isinstance(doc, dict):
+        raise UsageError(f"{where}: expected a mapping with kind, metadata and spec")
+    kind = doc.get("kind")
+    if kind == "role":
+        try:
+            role = parse_role(doc)
+        except RoleError as err:
+            raise UsageError(f"{where}: {err}") from None
+        return Planned("role", role.name, doc)
+    if kind == "user":
+        return _validate_user(where, doc)
+    raise UsageError(f"{where}: kind: expected role or user, got {kind!r}")
+
+
+def _check_keys(where: str, path: str, mapping: dict, allowed: tuple[str, ...]) -> None:
+    for key in mapping:
+        if key not in allowed:
+            raise UsageError(f"{where}: {path}{key}: unknown key (expected one of "
+                             f"{', '.join(allowed)})")
+
+
+def _validate_user(where: str, doc: dict) -> Planned:
+    """``kind: user`` with ``spec: {roles, traits}``; passwords never come from files."""
+    _check_keys(where, "", doc, ("kind", "version", "metadata", "spec"))
+    metadata = doc.get("metadata")
+    if not isinstance(metadata, dict):
+        raise UsageError(f"{where}: metadata: expected a mapping with a name")
+    _check_keys(where, "metadata.", metadata, ("name", "description"))
+    name = metadata.get("name")
+    if not isinstance(name, str) or not USER_NAME.match(name):
+        raise UsageError(f"{where}: metadata.name: invalid user name {name!r}")
+    spec = doc.get("spec") or {}
+    if not isinstance(spec, dict):
+        raise UsageError(f"{where}: spec: expected a mapping")
+    _check_keys(where, "spec.", spec, ("roles", "traits"))
+    roles = spec.get("roles") or []
+    if not isinstance(roles, list):
+        raise UsageError(f"{where}: spec.roles: expected a list of role names")
+    for index, role in enumerate(roles):
+        if not isinstance(role, str) or not ROLE_NAME.match(role):
+            raise UsageError(f"{where}: spec.roles[{index}]: invalid role name {role!r}")
+    raw_traits = spec.get("traits") or {}
+    if not isinstance(raw_traits, dict):
+        raise UsageError(f"{where}: spec.traits: expected a mapping of trait names to values")
+    traits: dict[str, tuple[str, ...]] = {}
+    for key, values in raw_traits.items():
+        if not isinstance(key, str) or not TRAIT_NAME.match(key):
+            raise UsageError(f"{where}: spec.traits: invalid trait name {key!r}")
+        values = [values] if isinstance(values, str) else values
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise UsageError(f"{where}: spec.traits.{key}: expected a list of strings")
+        traits[key] = tuple(values)
+    return Planned("user", name, doc, roles=tuple(dict.fromkeys(roles)), traits=traits)
+
+
+# -- verbs -------------------------------------------------------------------------------
+
+
+async def _exists(admin: Admin, item: Planned) -> Any:
+    if item.kind == "role":
+        return await admin.backend.get_resource("role", item.name)
+    return await admin.backend.get_user(item.name)
+
+
+async def create_resources(admin: Admin, args: argparse.Namespace) -> int:
+    existing = {}
+    for item in args.plan:
+        existing[(item.kind, item.name)] = current = await _exists(admin, item)
+        if current is not None and not args.force:
+            raise CliError(f"{item.kind} {item.name!r} already exists (use --force to replace it); "
+                           "nothing was changed")
+    for item in args.plan:
+        current = existing[(item.kind, item.name)]
+        verb = "replaced" if current is not None else "created"
+        if item.kind == "role":
+            await admin.backend.put_resource(Resource(kind="role", name=item.name, doc=item.doc))
+            admin.emit("resource.create", f"role/{item.name}", kind="role", name=item.name,
+                       replaced=current is not None)
+        else:
+            await _put_user(admin, item, current)
+        admin.io.out(f"{item.kind} {clean(item.name)!r} {verb}\n")
+    return 0
+
+
+async def _put_user(admin: Admin, item: Planned, current: User | None) -> None:
+    """Create or replace a user's roles and traits, keeping any password they have."""
+    if current is None:
+        await admin.backend.create_user(User(name=item.name, password_hash=None, roles=item.roles,
+                                             traits=item.traits, created=admin.now()))
+        admin.emit("user.create", item.name, roles=list(item.roles), traits=sorted(item.traits))
+        admin.io.warn(f"user {item.name!r} has no password; set one with "
+                      f"`apptunnel users set-password {item.name}`")
+        return
+    await admin.backend.update_user(User(name=item.name, password_hash=current.password_hash,
+                                         roles=item.roles, traits=item.traits,
+                                         created=current.created))
+    admin.emit("user.update", item.name, changed=["roles", "traits"], roles=list(item.roles))
+
+
+def _user_doc(user: User) -> dict:
+    return {
+        "kind": "user",
+        "metadata": {"name": user.name},
+        "spec": {"roles": list(user.roles),
+                 "traits": {k: list(v) for k, v in sorted(user.traits.items())}},
+    }
+
+
+def _selector_text(rules: Any) -> str:
+    labels = rules.get("app_labels") if isinstance(rules, dict) else None
+    if not labels:
+        return "-"
+    parts = []
+    for key, value in labels.items():
+        values = value if isinstance(value, list) else [value]
+        parts.append(f"{key}={'|'.join(str(v) for v in values)}")
+    return " ".join(parts)
+
+
+async def get_resources(admin: Admin, args: argparse.Namespace) -> int:
+    kind = KINDS[args.kind]
+    if kind == "role":
+        if args.name is not None:
+            found = await admin.backend.get_resource("role", args.name)
+            if found is None:
+                raise CliError(f"no role named {args.name!r}")
+            docs = [found.doc]
+        else:
+            docs = [r.doc for r in sorted(await admin.backend.list_resources("role"),
+                                          key=lambda r: r.name)]
+    else:
+        if args.name is not None:
+            user = await admin.backend.get_user(args.name)
+            if user is None:
+                raise CliError(f"no user named {args.name!r}")
+            users = [user]
+        else:
+            users = sorted(await admin.backend.list_users(), key=lambda u: u.name)
+        docs = [_user_doc(u) for u in users]
+
+    if args.format == "yaml":
+        admin.io.out(yaml_docs(docs))
+    elif args.format == "json":
+        admin.io.out(json_text(docs[0] if args.name is not None else docs))
+    elif not docs:
+        admin.io.out(f"No {kind}s.\n")
+    elif kind == "role":
+        admin.io.out(table(("NAME", "ALLOW", "DENY"), [
+            (d["metadata"]["name"], _selector_text(d.get("spec", {}).get("allow")),
+             _selector_text(d.get("spec", {}).get("deny")))
+            for d in docs
+        ]))
+    else:
+        admin.io.out(table(("NAME", "ROLES", "TRAITS", "CREATED"), [
+            (u.name, ",".join(u.roles) or "-",
+             " ".join(f"{k}={','.join(v)}" for k, v in sorted(u.traits.items())) or "-",
+             iso(u.created))
+            for u in users
+        ]))
+    return 0
+
+
+async def remove_resource(admin: Admin, args: argparse.Namespace) -> int:
+    kind_text, sep, name = args.ref.partition("/")
+    kind = KINDS.get(kind_text)
+    if not sep or kind is None or not name:
+        raise UsageError(f"rm: expected role/NAME or user/NAME, got {args.ref!r}")
+    if kind == "role":
+        if not await admin.backend.delete_resource("role", name):
+            raise CliError(f"no role named {name!r}")
+        admin.emit("resource.delete", f"role/{name}", kind="role", name=name)
+        holders = [u.name for u in await admin.backend.list_users() if name in u.roles]
+        if holders:
+            admin.io.warn(f"users still listing role {name!r}: {', '.join(sorted(holders))}")
+    else:
+        if not await admin.backend.delete_user(name):
+            raise CliError(f"no user named {name!r}")
+        admin.emit("user.delete", name)
+    admin.io.out(f"{kind} {clean(name)!r} removed\n")
+    return 0

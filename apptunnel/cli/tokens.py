@@ -1,0 +1,135 @@
+"""`apptunnel tokens add|ls|rm`: join tokens that let a new agent get its certificate.
+
+Only the SHA-256 of a token is stored; the secret is printed once, next to the CA pin the
+agent needs to verify the proxy on its first connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from twisted.internet.threads import deferToThread
+
+from apptunnel.auth.ca import ClusterCA
+from apptunnel.auth.tokens import new_secret, secret_hash
+from apptunnel.backend.records import JoinToken
+from apptunnel.cli.context import Admin, CliError, UsageError
+from apptunnel.cli.output import human_duration, iso, json_text, table
+from apptunnel.config import parse_duration
+
+TOKEN_TYPES = ("app",)
+MAX_TTL = 30 * 86400.0
+_HASH_PREFIX = re.compile(r"[0-9a-f]{6,64}\Z")
+_SHOWN_HASH = 12
+
+
+def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    tokens = verbs.add_parser("tokens", parents=[common], help="join tokens for agents")
+    sub = tokens.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    add = sub.add_parser("add", parents=[common], help="create a join token (printed once)")
+    add.add_argument("--type", choices=TOKEN_TYPES, default="app",
+                     help="what may join with it (default: app, an agent)")
+    add.add_argument("--ttl", default="1h", help="how long it stays valid (default: 1h)")
+    add.add_argument("--format", choices=("text", "json"), default="text")
+    add.set_defaults(handler=add_token)
+
+    ls = sub.add_parser("ls", parents=[common], help="list join tokens (hash prefixes)")
+    ls.add_argument("--format", choices=("text", "json"), default="text")
+    ls.set_defaults(handler=list_tokens)
+
+    rm = sub.add_parser("rm", parents=[common], help="remove a join token")
+    rm.add_argument("token", metavar="TOKEN_OR_HASH_PREFIX",
+                    help="the token itself, or a prefix of its hash as `tokens ls` shows it")
+    rm.set_defaults(handler=remove_token)
+
+
+def _ttl(text: str) -> float:
+    try:
+        ttl = parse_duration(text)
+    except ValueError as err:
+        raise UsageError(f"--ttl: {err}") from None
+    if ttl <= 0 or ttl > MAX_TTL:
+        raise UsageError(f"--ttl: must be more than 0 and at most 30d, got {text!r}")
+    return ttl
+
+
+def _join_snippet(secret: str, pin: str, proxy_addr: str) -> str:
+    return (
+        "Add this to the agent's agent.yaml (needed for its first start only):\n"
+        "\n"
+        f"# proxy_addr: {proxy_addr}   (the proxy's tunnel address, as agents reach it)\n"
+        "join:\n"
+        f'  token: "{secret}"\n'
+        f'  ca_pin: "{pin}"\n'
+    )
+
+
+async def add_token(admin: Admin, args: argparse.Namespace) -> int:
+    ttl = _ttl(args.ttl)
+    config = admin.config
+    ca = await deferToThread(ClusterCA.load_or_create, config.data_dir, config.cluster_name)
+    secret = new_secret()
+    now = admin.now()
+    token = JoinToken(token_hash=secret_hash(secret), kind=args.type, expires=now + ttl,
+                      created=now)
+    await admin.backend.add_token(token)
+    admin.emit("token.create", token.token_hash[:_SHOWN_HASH], kind=token.kind,
+               expires=iso(token.expires))
+    if args.format == "json":
+        admin.io.out(json_text({"token": secret, "expires": iso(token.expires),
+                                "ca_pin": ca.pin}))
+        return 0
+    proxy_addr = f"{config.public_host}:{config.tunnel_listen_port}"
+    admin.io.out(
+        f"Token:   {secret}\n"
+        f"Type:    {token.kind}\n"
+        f"Expires: {iso(token.expires)} (in {human_duration(ttl)})\n"
+        f"CA pin:  {ca.pin}\n"
+        "\n" + _join_snippet(secret, ca.pin, proxy_addr)
+    )
+    return 0
+
+
+async def list_tokens(admin: Admin, args: argparse.Namespace) -> int:
+    now = admin.now()
+    tokens = sorted(await admin.backend.list_tokens(), key=lambda t: t.expires)
+    if args.format == "json":
+        admin.io.out(json_text([
+            {"hash": t.token_hash, "type": t.kind, "created": iso(t.created),
+             "expires": iso(t.expires), "expired": t.expires <= now}
+            for t in tokens
+        ]))
+        return 0
+    if not tokens:
+        admin.io.out("No join tokens.\n")
+        return 0
+    admin.io.out(table(
+        ("HASH", "TYPE", "EXPIRES", "STATUS"),
+        [(t.token_hash[:_SHOWN_HASH], t.kind, iso(t.expires),
+          "expired" if t.expires <= now else f"valid {human_duration(t.expires - now)}")
+         for t in tokens],
+    ))
+    return 0
+
+
+async def remove_token(admin: Admin, args: argparse.Namespace) -> int:
+    """Remove by the secret itself or by an unambiguous prefix of its hash."""
+    given = args.token.strip()
+    tokens = await admin.backend.list_tokens()
+    full = secret_hash(given)
+    matches = [t for t in tokens if t.token_hash == full]
+    if not matches and _HASH_PREFIX.match(given.lower()):
+        matches = [t for t in tokens if t.token_hash.startswith(given.lower())]
+    if not matches:
+        raise CliError("no join token matches (give the token, or 6+ hex digits of its hash "
+                       "from `apptunnel tokens ls`)")
+    if len(matches) > 1:
+        raise CliError(f"{len(matches)} tokens match that hash prefix; give more digits")
+    token = matches[0]
+    if not await admin.backend.delete_token(token.token_hash):
+        raise CliError("the token was removed by someone else meanwhile")
+    admin.emit("token.delete", token.token_hash[:_SHOWN_HASH], kind=token.kind)
+    admin.io.out(f"Removed join token {token.token_hash[:_SHOWN_HASH]}.\n")
+    return 0

@@ -1,0 +1,232 @@
+"""`apptunnel users add|ls|rm|set-password|update`: local users and their roles.
+
+Passwords are hashed with argon2id in a thread (never on the reactor) and never echoed;
+a generated password is printed exactly once. Role names that do not exist yet are
+allowed (roles may be created afterwards) but warned about, since such a user can open
+nothing until they do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import secrets
+
+from twisted.internet.threads import deferToThread
+
+from apptunnel.auth.passwords import MAX_PASSWORD_LENGTH, hash_password
+from apptunnel.backend import AlreadyExists
+from apptunnel.backend.records import User
+from apptunnel.cli.context import Admin, CliError, Io, UsageError
+from apptunnel.cli.output import clean, iso, json_text, table
+
+MIN_PASSWORD_LENGTH = 8
+USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}\Z")
+ROLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+TRAIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}\Z")
+
+
+def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    users = verbs.add_parser("users", parents=[common], help="local users")
+    sub = users.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    add = sub.add_parser("add", parents=[common], help="create a user")
+    add.add_argument("name", metavar="NAME")
+    add.add_argument("--roles", required=True, help="comma-separated role names")
+    add.add_argument("--traits", action="append", default=[], metavar="KEY=V1,V2",
+                     help="a trait and its values (repeat for more traits)")
+    add.add_argument("--password-stdin", action="store_true",
+                     help="read the password from stdin (else one is generated and shown once)")
+    add.set_defaults(handler=add_user, read_inputs=read_password)
+
+    ls = sub.add_parser("ls", parents=[common], help="list users")
+    ls.add_argument("--format", choices=("text", "json"), default="text")
+    ls.set_defaults(handler=list_users)
+
+    rm = sub.add_parser("rm", parents=[common], help="remove a user and end their sessions")
+    rm.add_argument("name", metavar="NAME")
+    rm.set_defaults(handler=remove_user)
+
+    pw = sub.add_parser("set-password", parents=[common], help="set a user's password")
+    pw.add_argument("name", metavar="NAME")
+    pw.add_argument("--password-stdin", action="store_true",
+                    help="read the password from stdin (else one is generated and shown once)")
+    pw.set_defaults(handler=set_password, read_inputs=read_password)
+
+    update = sub.add_parser("update", parents=[common], help="change a user's roles or traits")
+    update.add_argument("name", metavar="NAME")
+    update.add_argument("--roles", help="comma-separated role names (replaces the old ones)")
+    update.add_argument("--traits", action="append", default=None, metavar="KEY=V1,V2",
+                        help="a trait and its values; given at all, replaces every trait")
+    update.set_defaults(handler=update_user)
+
+
+# -- argument parsing --------------------------------------------------------------------
+
+
+def check_user_name(name: str) -> str:
+    if not USER_NAME.match(name):
+        raise UsageError(f"invalid user name {name!r} (letters, digits and . _ @ + -, "
+                         "starting with a letter or digit)")
+    return name
+
+
+def parse_roles(text: str) -> tuple[str, ...]:
+    """``"a,b"`` -> ("a", "b"), each a valid role name, duplicates dropped."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise UsageError("--roles: give at least one role name")
+    for name in names:
+        if not ROLE_NAME.match(name):
+            raise UsageError(f"--roles: invalid role name {name!r}")
+    return tuple(dict.fromkeys(names))
+
+
+def parse_traits(items: list[str]) -> dict[str, tuple[str, ...]]:
+    """``["logins=alice,root", "team=sre"]`` -> {"logins": ("alice", "root"), "team": ("sre",)}."""
+    traits: dict[str, tuple[str, ...]] = {}
+    for item in items:
+        key, sep, values_text = item.partition("=")
+        key = key.strip()
+        if not sep or not TRAIT_NAME.match(key):
+            raise UsageError(f"--traits: expected KEY=VALUE[,VALUE...], got {item!r}")
+        values = [v.strip() for v in values_text.split(",") if v.strip()]
+        if not values:
+            raise UsageError(f"--traits: {key}: give at least one value")
+        traits[key] = tuple(dict.fromkeys(traits.get(key, ()) + tuple(values)))
+    return traits
+
+
+def read_password(args: argparse.Namespace, io: Io) -> None:
+    """Read ``--password-stdin`` before any storage is touched: one line, sane length."""
+    args.password = None
+    if not args.password_stdin:
+        return
+    text = io.stdin.read(MAX_PASSWORD_LENGTH + 3)
+    if text.endswith("\n"):
+        text = text[:-1]
+        if text.endswith("\r"):
+            text = text[:-1]
+    if "\n" in text or "\r" in text:
+        raise UsageError("--password-stdin: expected the password on a single line")
+    if len(text) > MAX_PASSWORD_LENGTH:
+        raise UsageError(f"--password-stdin: password longer than {MAX_PASSWORD_LENGTH} characters")
+    if len(text) < MIN_PASSWORD_LENGTH:
+        raise UsageError(f"--password-stdin: password shorter than {MIN_PASSWORD_LENGTH} characters")
+    args.password = text
+
+
+async def _hash(password: str | None) -> tuple[str, str | None]:
+    """(argon2 hash, generated password to show once or None)."""
+    generated = None
+    if password is None:
+        generated = password = secrets.token_urlsafe(18)
+    return await deferToThread(hash_password, password), generated
+
+
+async def warn_missing_roles(admin: Admin, roles: tuple[str, ...]) -> None:
+    for role in roles:
+        if await admin.backend.get_resource("role", role) is None:
+            admin.io.warn(f"role {role!r} does not exist yet; create it with "
+                          "`apptunnel create -f ROLE.yaml`")
+
+
+async def _existing(admin: Admin, name: str) -> User:
+    user = await admin.backend.get_user(check_user_name(name))
+    if user is None:
+        raise CliError(f"no user named {name!r}")
+    return user
+
+
+# -- verbs -------------------------------------------------------------------------------
+
+
+async def add_user(admin: Admin, args: argparse.Namespace) -> int:
+    name = check_user_name(args.name)
+    roles = parse_roles(args.roles)
+    traits = parse_traits(args.traits)
+    password_hash, generated = await _hash(args.password)
+    user = User(name=name, password_hash=password_hash, roles=roles, traits=traits,
+                created=admin.now())
+    try:
+        await admin.backend.create_user(user)
+    except AlreadyExists:
+        raise CliError(f"user {name!r} already exists (see `apptunnel users update` and "
+                       "`apptunnel users set-password`)") from None
+    admin.emit("user.create", name, roles=list(roles), traits=sorted(traits))
+    await warn_missing_roles(admin, roles)
+    admin.io.out(f"Created user {clean(name)} with roles {clean(', '.join(roles))}.\n")
+    if generated is not None:
+        admin.io.out(f"Password (shown only once): {generated}\n")
+    return 0
+
+
+async def list_users(admin: Admin, args: argparse.Namespace) -> int:
+    users = sorted(await admin.backend.list_users(), key=lambda u: u.name)
+    if args.format == "json":
+        admin.io.out(json_text([
+            {"name": u.name, "roles": list(u.roles),
+             "traits": {k: list(v) for k, v in u.traits.items()},
+             "password": u.password_hash is not None, "created": iso(u.created)}
+            for u in users
+        ]))
+        return 0
+    if not users:
+        admin.io.out("No users.\n")
+        return 0
+    admin.io.out(table(
+        ("NAME", "ROLES", "TRAITS", "PASSWORD", "CREATED"),
+        [(u.name, ",".join(u.roles),
+          " ".join(f"{k}={','.join(v)}" for k, v in sorted(u.traits.items())) or "-",
+          "yes" if u.password_hash else "no", iso(u.created))
+         for u in users],
+    ))
+    return 0
+
+
+async def remove_user(admin: Admin, args: argparse.Namespace) -> int:
+    name = check_user_name(args.name)
+    if not await admin.backend.delete_user(name):
+        raise CliError(f"no user named {name!r}")
+    admin.emit("user.delete", name)
+    admin.io.out(f"Removed user {clean(name)} and ended their sessions.\n")
+    return 0
+
+
+async def set_password(admin: Admin, args: argparse.Namespace) -> int:
+    user = await _existing(admin, args.name)
+    password_hash, generated = await _hash(args.password)
+    await admin.backend.update_user(User(
+        name=user.name, password_hash=password_hash, roles=user.roles, traits=user.traits,
+        created=user.created,
+    ))
+    admin.emit("user.update", user.name, changed=["password"])
+    admin.io.out(f"Password of {clean(user.name)} changed.\n")
+    if generated is not None:
+        admin.io.out(f"Password (shown only once): {generated}\n")
+    return 0
+
+
+async def update_user(admin: Admin, args: argparse.Namespace) -> int:
+    if args.roles is None and args.traits is None:
+        raise UsageError("users update: nothing to change (give --roles and/or --traits)")
+    roles = parse_roles(args.roles) if args.roles is not None else None
+    traits = parse_traits(args.traits) if args.traits is not None else None
+    user = await _existing(admin, args.name)
+    changed = []
+    if roles is not None:
+        changed.append("roles")
+    if traits is not None:
+        changed.append("traits")
+    await admin.backend.update_user(User(
+        name=user.name, password_hash=user.password_hash,
+        roles=roles if roles is not None else user.roles,
+        traits=traits if traits is not None else user.traits,
+        created=user.created,
+    ))
+    admin.emit("user.update", user.name, changed=changed,
+               roles=list(roles if roles is not None else user.roles))
+    if roles is not None:
+        await warn_missing_roles(admin, roles)
+    admin.io.out(f"Updated {' and '.join(changed)} of {clean(user.name)}.\n")
+    return 0

@@ -1,0 +1,726 @@
+"""YAML configuration files -> frozen attrs objects, with errors an operator can act on.
+
+Every problem becomes one `ConfigError` line naming the file, the line and the key
+(``etc/proxy.yaml:7: web_listen_addr: expected host:port, got 'abc'``). To know lines,
+the YAML is loaded with a safe loader that remembers where each key and list item was.
+Unknown keys are errors (a typo must not silently become a default), with the closest
+valid key suggested. Relative paths are resolved against the config file's directory,
+so a config means the same thing whatever directory the process starts in.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from typing import Any, Callable, NoReturn
+from urllib.parse import urlsplit
+
+import attrs
+import yaml
+
+__all__ = [
+    "AgentConfig",
+    "AppConfig",
+    "ConfigError",
+    "ProxyConfig",
+    "load_agent_config",
+    "load_proxy_config",
+    "load_yaml_documents",
+    "parse_duration",
+]
+
+JWT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
+JWT_CLAIMS = ("iss", "sub", "username", "aud", "iat", "nbf", "exp", "roles", "traits", "jti")
+BACKEND_TYPES = ("sqlite",)
+_NOT_YET_BACKENDS = ("postgres", "postgresql")
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})\Z")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_CA_PIN = re.compile(r"sha256:[0-9a-f]{64}\Z")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_MAX_FILE_BYTES = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """A bad config file; ``str()`` is one line ``file[:line]: key: problem``.
+
+    ``ConfigError(file, problem, key=..., line=...)`` builds that line; a caller that
+    already has the whole line may pass just ``ConfigError(message)``.
+    """
+
+    def __init__(self, file: str, problem: str | None = None, key: str | None = None,
+                 line: int | None = None) -> None:
+        if problem is None:
+            self.file, self.line, self.key, self.problem = None, None, None, file
+            super().__init__(_one_line(file))
+            return
+        self.file = file
+        self.line = line
+        self.key = key
+        self.problem = problem
+        where = file if line is None else f"{file}:{line}"
+        text = f"{where}: {key}: {problem}" if key else f"{where}: {problem}"
+        super().__init__(_one_line(text))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _show(value: Any) -> str:
+    """A short, single-line rendering of a bad value for an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# -- durations ------------------------------------------------------------------------
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Seconds from ``90``, ``"90s"``, ``"15m"``, ``"1h"``, ``"2h30m"``, ``"7d"``, ``"500ms"``.
+
+    A bare number means seconds. Negative, empty or malformed input raises ValueError.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"expected a duration like 90s, 15m, 1h, got {_show(text)}")
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    elif isinstance(text, str):
+        seconds = _parse_duration_text(text.strip())
+    else:
+        raise ValueError(f"expected a duration like 90s, 15m, 1h, got {_show(text)}")
+    if not (seconds >= 0.0) or seconds == float("inf"):
+        raise ValueError(f"expected a non-negative duration, got {_show(text)}")
+    return seconds
+
+
+def _parse_duration_text(text: str) -> float:
+    bad = ValueError(f"expected a duration like 90s, 15m, 1h, 2h30m, got {_show(text)}")
+    if not text:
+        raise bad
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    total, pos = 0.0, 0
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            raise bad
+        total += float(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    return total
+
+
+# -- YAML with line numbers -----------------------------------------------------------
+
+
+class _Map(dict):
+    """A YAML mapping that remembers its own line and the line of each key."""
+
+    line: int = 0
+    key_lines: dict
+
+
+class _Seq(list):
+    """A YAML sequence that remembers its own line and the line of each item."""
+
+    line: int = 0
+    item_lines: list
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader whose mappings and sequences carry line numbers; duplicate keys fail."""
+
+
+def _construct_map(loader: _LineLoader, node: yaml.MappingNode):
+    data = _Map()
+    data.line = node.start_mark.line + 1
+    data.key_lines = {}
+    yield data
+    loader.flatten_mapping(node)
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, "a mapping key must be a plain value", key_node.start_mark,
+            ) from None
+        if key in data:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {_show(key)}", key_node.start_mark,
+            )
+        data[key] = loader.construct_object(value_node, deep=True)
+        data.key_lines[key] = key_node.start_mark.line + 1
+
+
+def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode):
+    data = _Seq()
+    data.line = node.start_mark.line + 1
+    data.item_lines = []
+    yield data
+    for item in node.value:
+        data.append(loader.construct_object(item, deep=True))
+        data.item_lines.append(item.start_mark.line + 1)
+
+
+_LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
+_LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
+
+
+def _read_text(path: str) -> str:
+    """The file as text, bounded in size; ConfigError when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_FILE_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(path, f"cannot read file: {err.strerror or err}") from None
+    if len(raw) > _MAX_FILE_BYTES:
+        raise ConfigError(path, f"file is larger than {_MAX_FILE_BYTES} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(path, "file is not UTF-8 text") from None
+
+
+def _yaml_error(path: str, err: Exception) -> ConfigError:
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        line = mark.line + 1 if mark is not None else None
+        problem = err.problem or err.context or "invalid YAML"
+        return ConfigError(path, f"invalid YAML: {problem}", line=line)
+    return ConfigError(path, f"invalid YAML: {err}")
+
+
+def _read_yaml(path: str) -> _Map:
+    """The top-level mapping of a config file, or one ConfigError line."""
+    text = _read_text(path)
+    try:
+        data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+    except (yaml.YAMLError, RecursionError) as err:
+        raise _yaml_error(path, err) from None
+    if data is None:
+        raise ConfigError(path, "config file is empty (expected a mapping of settings)")
+    if not isinstance(data, _Map):
+        raise ConfigError(path, f"expected a mapping of settings at the top, got {_type_name(data)}",
+                          line=1)
+    return data
+
+
+_MAX_VALUES = 100_000
+
+
+def _plain(value: Any, budget: list[int]) -> Any:
+    """Copy into plain dicts/lists, counting values so aliases cannot expand without bound."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError(f"more than {_MAX_VALUES} values (aliases expanding?)")
+    if isinstance(value, dict):
+        return {k: _plain(v, budget) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v, budget) for v in value]
+    return value
+
+
+def load_yaml_documents(path: str) -> list[Any]:
+    """Every document of a multi-document YAML file (resources for `apptunnel create -f`).
+
+    The same safe, strict loader as the config files (duplicate keys are errors, so a
+    repeated ``deny:`` cannot silently drop rules); values come back as plain dicts and
+    lists. ConfigError (one line, with the line number) on unreadable files or bad YAML.
+    """
+    text = _read_text(path)
+    budget = [_MAX_VALUES]
+    try:
+        return [_plain(doc, budget) for doc in yaml.load_all(text, Loader=_LineLoader)]  # noqa: S506
+    except (yaml.YAMLError, RecursionError, ValueError) as err:
+        raise _yaml_error(path, err) from None
+
+
+# -- typed access to one mapping -------------------------------------------------------
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    return {
+        bool: "a boolean", int: "a number", float: "a number", str: "a string",
+        _Map: "a mapping", _Seq: "a list",
+    }.get(type(value), type(value).__name__)
+
+
+class _Section:
+    """Validated reads from one mapping; every problem names its key path and line."""
+
+    def __init__(self, file: str, data: _Map, prefix: str, allowed: tuple[str, ...],
+                 home_line: int | None = None) -> None:
+        self.file = file
+        self.data = data
+        self.prefix = prefix
+        # A missing key is reported at the line that introduced this mapping.
+        self.home_line = data.line if home_line is None else home_line
+        for key in data:
+            if not isinstance(key, str) or key not in allowed:
+                self._unknown(key, allowed)
+
+    def _unknown(self, key: Any, allowed: tuple[str, ...]) -> NoReturn:
+        close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(allowed)})"
+        self.fail(key, f"unknown key{hint}")
+
+    def path(self, key: Any) -> str:
+        return f"{self.prefix}{key}"
+
+    def line(self, key: Any) -> int:
+        return self.data.key_lines.get(key, self.home_line)
+
+    def fail(self, key: Any, problem: str) -> NoReturn:
+        raise ConfigError(self.file, problem, key=self.path(key), line=self.line(key))
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def raw(self, key: str, required: bool = False) -> Any:
+        value = self.data.get(key)
+        if value is None and required:
+            self.fail(key, "required key is missing" if key not in self.data else "must not be empty")
+        return value
+
+    def string(self, key: str, required: bool = False, default: str | None = None) -> str | None:
+        value = self.raw(key, required)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            self.fail(key, f"expected a string, got {_type_name(value)} {_show(value)}")
+        if not value.strip():
+            self.fail(key, "must not be empty")
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            self.fail(key, "must not contain control characters")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.fail(key, f"expected true or false, got {_show(value)}")
+        return value
+
+    def duration(self, key: str, default: float) -> float:
+        value = self.raw(key)
+        if value is None:
+            return default
+        try:
+            seconds = parse_duration(value)
+        except ValueError as err:
+            self.fail(key, str(err))
+        if seconds <= 0:
+            self.fail(key, f"must be longer than zero, got {_show(value)}")
+        return seconds
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.string(key, default=default)
+        if value not in choices:
+            self.fail(key, f"expected one of {', '.join(choices)}, got {_show(value)}")
+        return value
+
+    def address(self, key: str, required: bool = False, default: str | None = None,
+                default_port: int | None = None, allow_port_zero: bool = False) -> str | None:
+        value = self.string(key, required=required, default=default)
+        if value is None:
+            return None
+        try:
+            _split_addr(value, default_port, allow_port_zero)
+        except ValueError as err:
+            self.fail(key, str(err))
+        return value
+
+    def file_path(self, key: str, base: str, required: bool = False) -> str | None:
+        value = self.string(key, required=required)
+        if value is None:
+            return None
+        return _resolve(base, value)
+
+    def section(self, key: str, allowed: tuple[str, ...]) -> _Section | None:
+        value = self.raw(key)
+        if value is None:
+            return None
+        if not isinstance(value, _Map):
+            self.fail(key, f"expected a mapping, got {_type_name(value)}")
+        return _Section(self.file, value, f"{self.path(key)}.", allowed, self.line(key))
+
+    def sequence(self, key: str) -> _Seq:
+        value = self.raw(key)
+        if value is None:
+            empty = _Seq()
+            empty.line, empty.item_lines = self.line(key), []
+            return empty
+        if not isinstance(value, _Seq):
+            self.fail(key, f"expected a list, got {_type_name(value)}")
+        return value
+
+
+def _resolve(base: str, value: str) -> str:
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+def _split_addr(addr: str, default_port: int | None, allow_port_zero: bool) -> tuple[str, int]:
+    """(host, port) of ``host:port`` / ``[v6]:port`` / ``host`` (with a default port)."""
+    bad = ValueError(f"expected host:port, got {_show(addr)}")
+    host, port_text = addr, None
+    if addr.startswith("["):
+        end = addr.find("]")
+        if end < 0:
+            raise bad
+        host, rest = addr[1:end], addr[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise bad
+            port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad from None
+    elif ":" in addr:
+        host, _, port_text = addr.rpartition(":")
+        if ":" in host:
+            raise ValueError(f"expected host:port (write IPv6 as [addr]:port), got {_show(addr)}")
+    bracketed = addr.startswith("[")
+    if not host or (not bracketed and not _HOSTNAME.match(host)):
+        raise bad
+    if port_text is None:
+        if default_port is None:
+            raise bad
+        return host, default_port
+    if not port_text.isdigit() or not port_text.isascii():
+        raise bad
+    port = int(port_text)
+    if port > 65535 or (port == 0 and not allow_port_zero):
+        raise ValueError(f"port must be 1-65535, got {_show(addr)}")
+    return host, port
+
+
+# -- the config objects ------------------------------------------------------------------
+
+
+@attrs.frozen
+class AppConfig:
+    """One app an agent serves; the agent dials only these URIs."""
+
+    name: str
+    uri: str
+    labels: dict[str, str]
+    public_addr: str | None
+    insecure_skip_verify: bool = False
+    rewrite_headers: tuple[tuple[str, str], ...] = ()
+    jwt_claims: tuple[str, ...] | None = None
+
+
+@attrs.frozen
+class ProxyConfig:
+    """Everything the proxy process needs; paths are absolute."""
+
+    path: str
+    cluster_name: str
+    data_dir: str
+    public_addr: str
+    web_listen_addr: str
+    tunnel_listen_addr: str
+    backend_type: str
+    backend_path: str
+    tls_cert_file: str | None
+    tls_key_file: str | None
+    jwt_header: str = "Apptunnel-Jwt-Assertion"
+    jwt_algorithm: str = "RS256"
+    jwt_ttl: float = 300.0
+    session_ttl: float = 43200.0
+    keepalive_interval: float = 5.0
+    keepalive_timeout: float = 15.0
+    audit_file: str | None = None
+
+    @property
+    def public_host(self) -> str:
+        return _split_addr(self.public_addr, 443, False)[0]
+
+    @property
+    def public_port(self) -> int:
+        return _split_addr(self.public_addr, 443, False)[1]
+
+    @property
+    def web_listen_host(self) -> str:
+        return _split_addr(self.web_listen_addr, None, True)[0]
+
+    @property
+    def web_listen_port(self) -> int:
+        return _split_addr(self.web_listen_addr, None, True)[1]
+
+    @property
+    def tunnel_listen_host(self) -> str:
+        return _split_addr(self.tunnel_listen_addr, None, True)[0]
+
+    @property
+    def tunnel_listen_port(self) -> int:
+        return _split_addr(self.tunnel_listen_addr, None, True)[1]
+
+
+@attrs.frozen
+class AgentConfig:
+    """Everything the agent process needs; paths are absolute."""
+
+    path: str
+    data_dir: str
+    proxy_addr: str
+    join_token: str | None
+    ca_pin: str | None
+    apps: tuple[AppConfig, ...]
+    keepalive_interval: float = 5.0
+    keepalive_timeout: float = 15.0
+
+    @property
+    def proxy_host(self) -> str:
+        return _split_addr(self.proxy_addr, None, False)[0]
+
+    @property
+    def proxy_port(self) -> int:
+        return _split_addr(self.proxy_addr, None, False)[1]
+
+
+# -- loaders -----------------------------------------------------------------------------
+
+_PROXY_KEYS = (
+    "cluster_name", "data_dir", "public_addr", "web_listen_addr", "tunnel_listen_addr",
+    "backend", "tls", "jwt", "session_ttl", "keepalive", "audit",
+)
+_AGENT_KEYS = ("data_dir", "proxy_addr", "join", "keepalive", "apps")
+_APP_KEYS = (
+    "name", "uri", "labels", "public_addr", "insecure_skip_verify", "rewrite", "jwt_claims",
+)
+
+
+def _guard(path: str, build: Callable[[str, _Map], Any]) -> Any:
+    """Run a loader so that nothing but ConfigError can leave it."""
+    try:
+        return build(path, _read_yaml(path))
+    except ConfigError:
+        raise
+    except (RecursionError, MemoryError, ValueError, TypeError) as err:
+        raise ConfigError(path, f"cannot load config: {err}") from None
+
+
+def load_proxy_config(path: str) -> ProxyConfig:
+    """Read and validate the proxy's YAML file; ConfigError (one line) on any problem."""
+    return _guard(path, _build_proxy)
+
+
+def load_agent_config(path: str) -> AgentConfig:
+    """Read and validate the agent's YAML file; ConfigError (one line) on any problem."""
+    return _guard(path, _build_agent)
+
+
+def _base_dir(path: str) -> str:
+    return os.path.dirname(os.path.abspath(path))
+
+
+def _keepalive(top: _Section) -> tuple[float, float]:
+    keepalive = top.section("keepalive", ("interval", "timeout"))
+    if keepalive is None:
+        return 5.0, 15.0
+    interval = keepalive.duration("interval", 5.0)
+    timeout = keepalive.duration("timeout", 15.0)
+    if timeout <= interval:
+        keepalive.fail("timeout", "must be longer than keepalive.interval")
+    return interval, timeout
+
+
+def _build_proxy(path: str, data: _Map) -> ProxyConfig:
+    base = _base_dir(path)
+    top = _Section(path, data, "", _PROXY_KEYS)
+    data_dir = top.file_path("data_dir", base, required=True)
+    public_addr = top.address("public_addr", required=True, default_port=443)
+    public_host = _split_addr(public_addr, 443, False)[0]
+    cluster_name = top.string("cluster_name", default=public_host)
+    web = top.address("web_listen_addr", default="0.0.0.0:3080", allow_port_zero=True)
+    tunnel = top.address("tunnel_listen_addr", default="0.0.0.0:3024", allow_port_zero=True)
+
+    backend_type, backend_path = "sqlite", os.path.join(data_dir, "apptunnel.db")
+    backend = top.section("backend", ("type", "path"))
+    if backend is not None:
+        backend_type = backend.string("type", default="sqlite")
+        if backend_type in _NOT_YET_BACKENDS:
+            backend.fail("type", f"backend {backend_type!r} is not supported yet (use sqlite)")
+        if backend_type not in BACKEND_TYPES:
+            backend.fail("type", f"expected one of {', '.join(BACKEND_TYPES)}, got {_show(backend_type)}")
+        backend_path = backend.file_path("path", base) or backend_path
+
+    cert_file = key_file = None
+    tls = top.section("tls", ("cert_file", "key_file"))
+    if tls is not None:
+        cert_file = tls.file_path("cert_file", base)
+        key_file = tls.file_path("key_file", base)
+        if cert_file and not key_file:
+            tls.fail("key_file", "required when tls.cert_file is set")
+        if key_file and not cert_file:
+            tls.fail("cert_file", "required when tls.key_file is set")
+
+    jwt_header, jwt_algorithm, jwt_ttl = "Apptunnel-Jwt-Assertion", "RS256", 300.0
+    jwt = top.section("jwt", ("header", "algorithm", "ttl"))
+    if jwt is not None:
+        jwt_header = jwt.string("header", default=jwt_header)
+        if not _HEADER_NAME.match(jwt_header):
+            jwt.fail("header", f"not a valid HTTP header name: {_show(jwt_header)}")
+        if "_" in jwt_header:
+            jwt.fail("header", "must not contain '_' (proxies drop such headers)")
+        jwt_algorithm = jwt.choice("algorithm", JWT_ALGORITHMS, jwt_algorithm)
+        jwt_ttl = jwt.duration("ttl", jwt_ttl)
+
+    audit_file = None
+    audit = top.section("audit", ("file",))
+    if audit is not None:
+        audit_file = audit.file_path("file", base)
+
+    interval, timeout = _keepalive(top)
+    return ProxyConfig(
+        path=os.path.abspath(path),
+        cluster_name=cluster_name,
+        data_dir=data_dir,
+        public_addr=public_addr,
+        web_listen_addr=web,
+        tunnel_listen_addr=tunnel,
+        backend_type=backend_type,
+        backend_path=backend_path,
+        tls_cert_file=cert_file,
+        tls_key_file=key_file,
+        jwt_header=jwt_header,
+        jwt_algorithm=jwt_algorithm,
+        jwt_ttl=jwt_ttl,
+        session_ttl=top.duration("session_ttl", 43200.0),
+        keepalive_interval=interval,
+        keepalive_timeout=timeout,
+        audit_file=audit_file,
+    )
+
+
+def _build_agent(path: str, data: _Map) -> AgentConfig:
+    base = _base_dir(path)
+    top = _Section(path, data, "", _AGENT_KEYS)
+    data_dir = top.file_path("data_dir", base, required=True)
+    proxy_addr = top.address("proxy_addr", required=True)
+
+    token = pin = None
+    join = top.section("join", ("token", "ca_pin"))
+    if join is not None:
+        token = join.string("token")
+        pin = join.string("ca_pin")
+        if pin is not None and not _CA_PIN.match(pin):
+            join.fail("ca_pin", "expected 'sha256:' and 64 lowercase hex digits "
+                                "(printed by `apptunnel tokens add`)")
+        if token is not None and pin is None:
+            join.fail("ca_pin", "required with join.token, so the agent can verify the proxy "
+                                "(printed by `apptunnel tokens add`)")
+
+    items = top.sequence("apps")
+    apps: list[AppConfig] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        line = items.item_lines[index] if index < len(items.item_lines) else items.line
+        if not isinstance(item, _Map):
+            raise ConfigError(path, f"expected a mapping with name and uri, got {_type_name(item)}",
+                              key=f"apps[{index}]", line=line)
+        app = _build_app(_Section(path, item, f"apps[{index}].", _APP_KEYS))
+        if app.name in seen:
+            raise ConfigError(path, f"duplicate app name {app.name!r} (first at line {seen[app.name]})",
+                              key=f"apps[{index}].name", line=item.key_lines.get("name", line))
+        seen[app.name] = item.key_lines.get("name", line)
+        apps.append(app)
+
+    interval, timeout = _keepalive(top)
+    return AgentConfig(
+        path=os.path.abspath(path),
+        data_dir=data_dir,
+        proxy_addr=proxy_addr,
+        join_token=token,
+        ca_pin=pin,
+        apps=tuple(apps),
+        keepalive_interval=interval,
+        keepalive_timeout=timeout,
+    )
+
+
+def _build_app(app: _Section) -> AppConfig:
+    name = app.string("name", required=True)
+    if not _DNS_LABEL.match(name):
+        app.fail("name", f"expected a DNS label (a-z, 0-9, '-', at most 63), got {_show(name)}")
+
+    uri = app.string("uri", required=True)
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        app.fail("uri", f"not a valid URL: {_show(uri)}")
+    if parts.scheme not in ("http", "https"):
+        app.fail("uri", f"expected an http:// or https:// URL, got {_show(uri)}")
+    if not parts.hostname:
+        app.fail("uri", f"URL has no host: {_show(uri)}")
+
+    labels: dict[str, str] = {}
+    raw_labels = app.raw("labels")
+    if raw_labels is not None:
+        if not isinstance(raw_labels, _Map):
+            app.fail("labels", f"expected a mapping of strings, got {_type_name(raw_labels)}")
+        for key, value in raw_labels.items():
+            where = dict(file=app.file, line=raw_labels.key_lines.get(key, raw_labels.line))
+            if not isinstance(key, str) or not key.strip():
+                raise ConfigError(problem=f"label names must be non-empty strings, got {_show(key)}",
+                                  key=app.path("labels"), **where)
+            if not isinstance(value, str):
+                raise ConfigError(problem=f"expected a string, got {_type_name(value)} {_show(value)} "
+                                  "(quote it)", key=f"{app.path('labels')}.{key}", **where)
+            labels[key] = value
+
+    public_addr = app.address("public_addr", default_port=443)
+    rewrite_headers: list[tuple[str, str]] = []
+    rewrite = app.section("rewrite", ("headers",))
+    if rewrite is not None:
+        headers = rewrite.sequence("headers")
+        for index, entry in enumerate(headers):
+            line = headers.item_lines[index]
+            rewrite_headers.append(_parse_header(app.file, f"{rewrite.path('headers')}[{index}]",
+                                                 line, entry))
+
+    jwt_claims: tuple[str, ...] | None = None
+    if app.has("jwt_claims"):
+        claims = app.sequence("jwt_claims")
+        for index, claim in enumerate(claims):
+            if claim not in JWT_CLAIMS:
+                raise ConfigError(app.file, f"unknown claim {_show(claim)} "
+                                  f"(expected some of {', '.join(JWT_CLAIMS)})",
+                                  key=f"{app.path('jwt_claims')}[{index}]",
+                                  line=claims.item_lines[index])
+        jwt_claims = tuple(dict.fromkeys(claims))
+
+    return AppConfig(
+        name=name,
+        uri=uri,
+        labels=labels,
+        public_addr=public_addr,
+        insecure_skip_verify=app.boolean("insecure_skip_verify", False),
+        rewrite_headers=tuple(rewrite_headers),
+        jwt_claims=jwt_claims,
+    )
+
+
+def _parse_header(file: str, key: str, line: int, entry: Any) -> tuple[str, str]:
+    """``"Name: value"`` -> (name, value); the value may be empty, never multi-line."""
+    if not isinstance(entry, str) or ":" not in entry:
+        raise ConfigError(file, f"expected \"Name: value\", got {_show(entry)}", key=key, line=line)
+    name, _, value = entry.partition(":")
+    name, value = name.strip(), value.strip()
+    if not _HEADER_NAME.match(name):
+        raise ConfigError(file, f"not a valid HTTP header name: {_show(name)}", key=key, line=line)
+    if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
+        raise ConfigError(file, "header value must not contain control characters", key=key,
+                          line=line)
+    return name, value

@@ -1,0 +1,492 @@
+"""The `apptunnel` command: admin verbs against a real SQLite backend, one-line errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import attrs
+import pytest
+import pytest_twisted
+import yaml
+from twisted.internet import defer, reactor
+
+from apptunnel.auth.ca import ClusterCA
+from apptunnel.auth.passwords import verify_password
+from apptunnel.auth.tokens import secret_hash
+from apptunnel.backend import open_backend
+from apptunnel.cli.context import Io
+from apptunnel.cli.main import main, run
+from apptunnel.cli.output import clean
+from apptunnel.config import load_agent_config, load_proxy_config
+
+REPO = Path(__file__).resolve().parents[2]
+ROLE_FILE = REPO / "etc" / "roles" / "sre-apps.yaml"
+TIMEOUT = 30
+
+
+@attrs.frozen
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def config_path(tmp_path) -> str:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(
+        "cluster_name: test-cluster\n"
+        "data_dir: data\n"
+        "public_addr: apptunnel.localhost:3080\n"
+        "web_listen_addr: 127.0.0.1:0\n"
+        "tunnel_listen_addr: 127.0.0.1:3024\n"
+        "audit: {file: audit.jsonl}\n"
+    )
+    return str(path)
+
+
+async def cli(config: str, *argv: str, stdin: str = "") -> Result:
+    """Run the CLI in-process on the test reactor; every output is checked for tracebacks."""
+    out, err = io.StringIO(), io.StringIO()
+    streams = Io(stdin=io.StringIO(stdin), stdout=out, stderr=err, environ={"USER": "tester"})
+    d = defer.ensureDeferred(run(reactor, ["--config", config, *argv], streams))
+    code = await d.addTimeout(TIMEOUT, reactor)
+    result = Result(code, out.getvalue(), err.getvalue())
+    assert "Traceback" not in result.out + result.err
+    for line in result.err.splitlines():
+        assert line.startswith(("apptunnel: error: ", "apptunnel: warning: ")), line
+    return result
+
+
+async def stored(config: str, fn):
+    """Look at the backend directly, the way the proxy would see it."""
+    backend = open_backend(load_proxy_config(config), reactor)
+    try:
+        return await defer.ensureDeferred(fn(backend)).addTimeout(TIMEOUT, reactor)
+    finally:
+        await defer.ensureDeferred(backend.close()).addTimeout(TIMEOUT, reactor)
+
+
+def one_error(result: Result, code: int) -> str:
+    assert result.code == code, result
+    lines = result.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("apptunnel: error: "), result.err
+    return lines[0]
+
+
+# -- tokens ------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_add_prints_token_pin_and_a_join_snippet_that_loads(config_path, tmp_path):
+    """tokens add prints the secret once, the CA pin and a join snippet agent.yaml accepts."""
+    result = await cli(config_path, "tokens", "add", "--type", "app", "--ttl", "1h")
+    assert result.code == 0, result
+    token = result.out.split("Token:", 1)[1].split()[0]
+    pin = ClusterCA.load_or_create(str(tmp_path / "data"), "test-cluster").pin
+    assert f"CA pin:  {pin}" in result.out
+    assert "(in 1h)" in result.out
+    snippet = result.out[result.out.index("join:"):]
+    agent = tmp_path / "agent.yaml"
+    agent.write_text("data_dir: agent\nproxy_addr: 127.0.0.1:3024\n" + snippet)
+    config = load_agent_config(str(agent))
+    assert (config.join_token, config.ca_pin) == (token, pin)
+
+    tokens = await stored(config_path, lambda b: b.list_tokens())
+    assert [t.token_hash for t in tokens] == [secret_hash(token)]
+    assert tokens[0].kind == "app"
+    assert 3590 < tokens[0].expires - tokens[0].created <= 3600
+    database = (tmp_path / "data" / "apptunnel.db").read_bytes()
+    assert token.encode() not in database
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_add_json_ls_and_rm_by_hash_prefix(config_path):
+    """JSON output has token/expires/ca_pin; ls shows a hash prefix that rm accepts."""
+    result = await cli(config_path, "tokens", "add", "--ttl", "15m", "--format", "json")
+    assert result.code == 0, result
+    data = json.loads(result.out)
+    assert set(data) == {"token", "expires", "ca_pin"}
+    assert data["ca_pin"].startswith("sha256:") and len(data["ca_pin"]) == 71
+    prefix = secret_hash(data["token"])[:12]
+
+    listing = await cli(config_path, "tokens", "ls")
+    assert listing.code == 0 and prefix in listing.out and "valid 15m" in listing.out
+    assert data["token"] not in listing.out
+
+    removed = await cli(config_path, "tokens", "rm", prefix[:8])
+    assert removed.code == 0 and prefix in removed.out
+    assert await stored(config_path, lambda b: b.list_tokens()) == []
+    assert "No join tokens." in (await cli(config_path, "tokens", "ls")).out
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_rm_by_secret_and_unknown_token(config_path):
+    """rm accepts the secret itself; an unknown token is one error line and exit 1."""
+    data = json.loads((await cli(config_path, "tokens", "add", "--format", "json")).out)
+    assert (await cli(config_path, "tokens", "rm", data["token"])).code == 0
+    assert "no join token matches" in one_error(await cli(config_path, "tokens", "rm", data["token"]), 1)
+    assert "no join token matches" in one_error(await cli(config_path, "tokens", "rm", "abc"), 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_add_rejects_bad_ttl_and_type(config_path):
+    """A bad --ttl or --type is a usage error (exit 2) and stores nothing."""
+    assert "--ttl" in one_error(await cli(config_path, "tokens", "add", "--ttl", "soon"), 2)
+    assert "--ttl" in one_error(await cli(config_path, "tokens", "add", "--ttl", "90d"), 2)
+    assert "invalid choice" in one_error(await cli(config_path, "tokens", "add", "--type", "x"), 2)
+    assert await stored(config_path, lambda b: b.list_tokens()) == []
+
+
+# -- users -------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_users_add_with_password_stdin_stores_a_verifying_hash(config_path):
+    """users add --password-stdin stores an argon2id hash of exactly that password."""
+    result = await cli(config_path, "users", "add", "alice", "--roles", "sre-apps,viewer",
+                       "--traits", "logins=alice,root", "--traits", "team=sre",
+                       "--password-stdin", stdin="correct horse\n")
+    assert result.code == 0, result
+    assert "correct horse" not in result.out + result.err
+    assert "role 'sre-apps' does not exist yet" in result.err
+    user = await stored(config_path, lambda b: b.get_user("alice"))
+    assert user.roles == ("sre-apps", "viewer")
+    assert user.traits == {"logins": ("alice", "root"), "team": ("sre",)}
+    assert user.password_hash.startswith("$argon2id$")
+    assert verify_password(user.password_hash, "correct horse")
+    assert not verify_password(user.password_hash, "correct horse\n")
+
+    again = await cli(config_path, "users", "add", "alice", "--roles", "x", "--password-stdin",
+                      stdin="another password")
+    assert "already exists" in one_error(again, 1)
+
+    listing = await cli(config_path, "users", "ls")
+    assert "alice" in listing.out and "sre-apps,viewer" in listing.out
+    assert "$argon2" not in listing.out
+
+
+@pytest_twisted.ensureDeferred
+async def test_users_add_generates_a_password_shown_once(config_path):
+    """Without --password-stdin a generated password is printed once and verifies."""
+    result = await cli(config_path, "users", "add", "bob", "--roles", "viewer")
+    assert result.code == 0, result
+    password = result.out.split("Password (shown only once): ", 1)[1].split()[0]
+    user = await stored(config_path, lambda b: b.get_user("bob"))
+    assert verify_password(user.password_hash, password)
+
+
+@pytest_twisted.ensureDeferred
+async def test_users_set_password_update_and_rm(config_path):
+    """set-password replaces the hash; update replaces roles/traits; rm deletes."""
+    await cli(config_path, "users", "add", "carol", "--roles", "a", "--password-stdin",
+              stdin="first password")
+    changed = await cli(config_path, "users", "set-password", "carol", "--password-stdin",
+                        stdin="second password\r\n")
+    assert changed.code == 0, changed
+    user = await stored(config_path, lambda b: b.get_user("carol"))
+    assert verify_password(user.password_hash, "second password")
+    assert not verify_password(user.password_hash, "first password")
+
+    updated = await cli(config_path, "users", "update", "carol", "--roles", "b,c",
+                        "--traits", "env=dev")
+    assert updated.code == 0, updated
+    user2 = await stored(config_path, lambda b: b.get_user("carol"))
+    assert (user2.roles, user2.traits) == (("b", "c"), {"env": ("dev",)})
+    assert user2.password_hash == user.password_hash and user2.created == user.created
+
+    assert "nothing to change" in one_error(await cli(config_path, "users", "update", "carol"), 2)
+    assert (await cli(config_path, "users", "rm", "carol")).code == 0
+    assert await stored(config_path, lambda b: b.get_user("carol")) is None
+    assert "no user named 'carol'" in one_error(await cli(config_path, "users", "rm", "carol"), 1)
+
+
+@pytest.mark.parametrize("argv,stdin,fragment", [
+    (["users", "add", "dave", "--roles", "a", "--password-stdin"], "short\n", "shorter than 8"),
+    (["users", "add", "dave", "--roles", "a", "--password-stdin"], "two\nlines\n", "single line"),
+    (["users", "add", "dave", "--roles", " , ", "--password-stdin"], "long enough", "--roles"),
+    (["users", "add", "-bad", "--roles", "a"], "", "required: NAME"),
+    (["users", "add", "bad name", "--roles", "a"], "", "invalid user name"),
+    (["users", "add", "dave", "--roles", "a", "--traits", "novalue"], "", "KEY=VALUE"),
+    (["users", "add", "dave", "--roles", "bad role!"], "", "invalid role name"),
+    (["users", "add", "dave"], "", "--roles"),
+])
+@pytest_twisted.ensureDeferred
+async def test_users_add_bad_input_is_one_usage_line(config_path, argv, stdin, fragment):
+    """Bad names, roles, traits or passwords: one error line, exit 2, no user stored."""
+    assert fragment in one_error(await cli(config_path, *argv, stdin=stdin), 2)
+    assert await stored(config_path, lambda b: b.list_users()) == []
+
+
+# -- create / get / rm -------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_role_and_get_round_trip(config_path, tmp_path):
+    """create -f stores the role; get roles prints YAML that create -f reads back as is."""
+    created = await cli(config_path, "create", "-f", str(ROLE_FILE))
+    assert created.code == 0 and "role 'sre-apps' created" in created.out, created
+    original = yaml.safe_load(ROLE_FILE.read_text())
+
+    got = await cli(config_path, "get", "roles")
+    assert got.code == 0, got
+    assert list(yaml.safe_load_all(got.out)) == [original]
+
+    again = tmp_path / "again.yaml"
+    again.write_text(got.out)
+    refused = await cli(config_path, "create", "-f", str(again))
+    assert "already exists (use --force" in one_error(refused, 1)
+    replaced = await cli(config_path, "create", "-f", str(again), "--force")
+    assert replaced.code == 0 and "replaced" in replaced.out
+
+    single = json.loads((await cli(config_path, "get", "roles", "sre-apps", "--format", "json")).out)
+    assert single == original
+    text = await cli(config_path, "get", "roles", "--format", "text")
+    assert "sre-apps" in text.out and "env=prod" in text.out
+    assert "no role named 'nope'" in one_error(await cli(config_path, "get", "roles", "nope"), 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_example_role_file_is_accepted(config_path):
+    """Each etc/roles/*.yaml example passes create -f and reads back unchanged."""
+    files = sorted((REPO / "etc" / "roles").glob("*.yaml"))
+    assert len(files) >= 2
+    for path in files:
+        assert (await cli(config_path, "create", "-f", str(path))).code == 0, path
+    got = await cli(config_path, "get", "roles")
+    by_name = {d["metadata"]["name"]: d for d in yaml.safe_load_all(got.out)}
+    for path in files:
+        doc = yaml.safe_load(path.read_text())
+        assert by_name[doc["metadata"]["name"]] == doc
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_role_is_one_line_with_key_path_and_nothing_written(config_path, tmp_path):
+    """A bad document names file, doc number and key path; no document of the file is stored."""
+    path = tmp_path / "roles.yaml"
+    path.write_text(
+        "kind: role\nmetadata: {name: good}\nspec: {allow: {app_labels: {team: sre}}}\n"
+        "---\n"
+        "kind: role\nmetadata: {name: bad}\nspec: {allow: {app_labels: {env: 'dev*'}}}\n"
+    )
+    line = one_error(await cli(config_path, "create", "-f", str(path)), 2)
+    assert line.startswith(f"apptunnel: error: {path}: doc 2: spec.allow.app_labels.env: ")
+    assert await stored(config_path, lambda b: b.list_resources("role")) == []
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("kind: role\nmetadata: {name: r}\nspec: {alow: {}}\n", "doc 1: spec.alow: unknown key"),
+    ("kind: rolle\nmetadata: {name: r}\n", "doc 1: kind: expected role or user, got 'rolle'"),
+    ("- just\n- a list\n", "doc 1: expected a mapping"),
+    ("kind: role\nmetadata: {name: r}\nspec:\n  deny: {}\n  deny: {}\n", ":5: invalid YAML: duplicate key"),
+    ("kind: role\nmetadata: {name: [r\n", "invalid YAML"),
+    ("", "no documents"),
+    ("kind: user\nmetadata: {name: u}\nspec: {roles: [a], password: x}\n",
+     "doc 1: spec.password: unknown key"),
+    ("kind: user\nmetadata: {name: u}\n---\nkind: user\nmetadata: {name: u}\n", "appears twice"),
+])
+@pytest_twisted.ensureDeferred
+async def test_create_rejects_bad_files(config_path, tmp_path, text, fragment):
+    """Every kind of bad resource file is one error line with exit 2."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    line = one_error(await cli(config_path, "create", "-f", str(path)), 2)
+    assert str(path) in line and fragment in line
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_missing_file(config_path, tmp_path):
+    """create -f of a missing file names it in one line."""
+    line = one_error(await cli(config_path, "create", "-f", str(tmp_path / "none.yaml")), 2)
+    assert "none.yaml: cannot read file" in line
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_user_documents_and_get_users(config_path, tmp_path):
+    """kind: user documents create password-less users, and --force keeps a password."""
+    await cli(config_path, "users", "add", "erin", "--roles", "old", "--password-stdin",
+              stdin="erin's password")
+    path = tmp_path / "users.yaml"
+    path.write_text(
+        "kind: user\nmetadata: {name: frank}\nspec: {roles: [viewer], traits: {team: ops}}\n"
+        "---\n"
+        "kind: user\nmetadata: {name: erin}\nspec: {roles: [new]}\n"
+    )
+    result = await cli(config_path, "create", "-f", str(path), "--force")
+    assert result.code == 0, result
+    assert "user 'frank' has no password" in result.err
+    frank = await stored(config_path, lambda b: b.get_user("frank"))
+    assert (frank.password_hash, frank.roles, frank.traits) == (None, ("viewer",), {"team": ("ops",)})
+    erin = await stored(config_path, lambda b: b.get_user("erin"))
+    assert erin.roles == ("new",) and verify_password(erin.password_hash, "erin's password")
+
+    docs = json.loads((await cli(config_path, "get", "users", "--format", "json")).out)
+    assert docs == [
+        {"kind": "user", "metadata": {"name": "erin"}, "spec": {"roles": ["new"], "traits": {}}},
+        {"kind": "user", "metadata": {"name": "frank"},
+         "spec": {"roles": ["viewer"], "traits": {"team": ["ops"]}}},
+    ]
+    assert "password" not in json.dumps(docs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_rm_role_and_user(config_path):
+    """rm role/NAME and rm user/NAME delete; a bad reference is a usage error."""
+    await cli(config_path, "create", "-f", str(ROLE_FILE))
+    await cli(config_path, "users", "add", "gina", "--roles", "sre-apps")
+    removed = await cli(config_path, "rm", "role/sre-apps")
+    assert removed.code == 0, removed
+    assert "users still listing role 'sre-apps': gina" in removed.err
+    assert await stored(config_path, lambda b: b.get_resource("role", "sre-apps")) is None
+    assert (await cli(config_path, "rm", "user/gina")).code == 0
+    assert "no role named" in one_error(await cli(config_path, "rm", "role/sre-apps"), 1)
+    assert "expected role/NAME" in one_error(await cli(config_path, "rm", "sre-apps"), 2)
+    assert "expected role/NAME" in one_error(await cli(config_path, "rm", "token/x"), 2)
+
+
+# -- audit -------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_audit_search_shows_admin_events(config_path, tmp_path):
+    """Every admin change is audited (actor = invoking user) and found by audit search."""
+    token = json.loads((await cli(config_path, "tokens", "add", "--format", "json")).out)["token"]
+    await cli(config_path, "tokens", "rm", token)
+    await cli(config_path, "users", "add", "hank", "--roles", "sre-apps")
+    await cli(config_path, "create", "-f", str(ROLE_FILE))
+    await cli(config_path, "rm", "role/sre-apps")
+    await cli(config_path, "rm", "user/hank")
+
+    result = await cli(config_path, "audit", "search", "--since", "1h")
+    assert result.code == 0, result
+    lines = result.out.splitlines()
+    assert [line.split()[1] for line in lines] == [
+        "token.create", "token.delete", "user.create", "resource.create", "resource.delete",
+        "user.delete",
+    ]
+    assert lines[0].split()[2] == "T3000I" and lines[0].split()[3] == "tester"
+    assert "role/sre-apps" in lines[3] and "success" in lines[3]
+    assert token not in result.out
+
+    events = json.loads((await cli(config_path, "audit", "search", "--type", "user.create",
+                                   "--format", "json")).out)
+    assert [(e["type"], e["code"], e["target"]) for e in events] == [
+        ("user.create", "T4000I", "hank")]
+    limited = await cli(config_path, "audit", "search", "--limit", "2")
+    assert len(limited.out.splitlines()) == 2 and "showing the first 2" in limited.err
+    future = await cli(config_path, "audit", "search", "--since", "2999-01-01T00:00:00Z")
+    assert future.out == "" and future.code == 0
+
+    mirror = (tmp_path / "audit.jsonl").read_text()
+    assert "token.create" in mirror and token not in mirror
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["audit", "search", "--since", "yesterday"], "--since"),
+    (["audit", "search", "--limit", "0"], "--limit"),
+    (["audit", "search", "--since", "1h", "--until", "2h"], "before --until"),
+    (["audit", "find"], "invalid choice"),
+])
+@pytest_twisted.ensureDeferred
+async def test_audit_search_bad_arguments(config_path, argv, fragment):
+    """Bad audit search arguments are one usage line, exit 2."""
+    assert fragment in one_error(await cli(config_path, *argv), 2)
+
+
+# -- main(): usage errors and the console script --------------------------------------------
+
+
+def run_main(argv, capsys, monkeypatch, env=None) -> Result:
+    """Call main() in-process the way the console script does; it always exits."""
+    for key in ("APPTUNNEL_CONFIG",):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    return Result(info.value.code, captured.out, captured.err)
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    ([], "required: VERB"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["tokens"], "required: ACTION"),
+    (["tokens", "add", "--bogus"], "unrecognized arguments: --bogus"),
+    (["get", "apps"], "invalid choice: 'apps'"),
+    (["--config"], "expected one argument"),
+])
+def test_main_usage_errors_are_one_line_exit_2(argv, fragment, capsys, monkeypatch):
+    """Bad arguments and unknown verbs give one stderr line and exit 2."""
+    result = run_main(argv, capsys, monkeypatch)
+    assert fragment in one_error(result, 2)
+    assert result.out == ""
+
+
+def test_main_missing_and_bad_config_exit_2(tmp_path, capsys, monkeypatch):
+    """A missing or invalid config is one line naming the file, exit 2."""
+    missing = str(tmp_path / "nope.yaml")
+    line = one_error(run_main(["--config", missing, "tokens", "ls"], capsys, monkeypatch), 2)
+    assert f"{missing}: cannot read file" in line
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data_dir: x\npublic_addr: h:1\nweb_listen_addr: abc\n")
+    line = one_error(run_main(["tokens", "ls", "--config", str(bad)], capsys, monkeypatch), 2)
+    assert line == f"apptunnel: error: {bad}:3: web_listen_addr: expected host:port, got 'abc'"
+    line = one_error(run_main(["users", "ls"], capsys, monkeypatch,
+                              env={"APPTUNNEL_CONFIG": missing}), 2)
+    assert missing in line
+
+
+def test_main_version_and_help(capsys, monkeypatch):
+    """version prints one line; --help prints usage and exits 0."""
+    result = run_main(["version"], capsys, monkeypatch)
+    assert result.code == 0 and result.out.startswith("apptunnel ") and result.err == ""
+    result = run_main(["--help"], capsys, monkeypatch)
+    assert result.code == 0 and "tokens" in result.out and "audit" in result.out
+
+
+def test_clean_escapes_control_characters():
+    """Text from the network cannot put escape sequences on the operator's terminal."""
+    assert clean("a\x1b[31mred\nline\x7f") == "a\\x1b[31mred\\nline\\x7f"
+
+
+def subprocess_cli(config: str, *argv: str, stdin: str = "") -> Result:
+    env = {k: v for k, v in os.environ.items() if k != "APPTUNNEL_CONFIG"}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "apptunnel.cli.main", "--config", config, *argv],
+        input=stdin, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO, env=env,
+    )
+    result = Result(proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in result.out + result.err
+    return result
+
+
+def test_subprocess_tokens_users_and_audit(config_path):
+    """The real process: tokens add/ls, users add from stdin, audit search, exit statuses."""
+    token = json.loads(subprocess_cli(config_path, "tokens", "add", "--format", "json").out)
+    assert set(token) == {"token", "expires", "ca_pin"}
+    listing = subprocess_cli(config_path, "tokens", "ls")
+    assert listing.code == 0 and secret_hash(token["token"])[:12] in listing.out
+    added = subprocess_cli(config_path, "users", "add", "ivy", "--roles", "viewer",
+                           "--password-stdin", stdin="ivy's password\n")
+    assert added.code == 0, added
+    audit = subprocess_cli(config_path, "audit", "search")
+    assert " token.create " in audit.out and " user.create " in audit.out
+    assert audit.code == 0
+
+
+def test_subprocess_errors_are_one_line(config_path, tmp_path):
+    """The real process exits 2 with one line for a bad verb and a missing config."""
+    bad_verb = subprocess_cli(config_path, "bogus")
+    assert "invalid choice: 'bogus'" in one_error(bad_verb, 2)
+    missing = subprocess_cli(str(tmp_path / "missing.yaml"), "users", "ls")
+    assert "cannot read file" in one_error(missing, 2)
+    gone = subprocess_cli(config_path, "users", "rm", "nobody")
+    assert "no user named 'nobody'" in one_error(gone, 1)
