@@ -1,0 +1,630 @@
+"""Sans-IO HTTP/1.1 for the app edge: parse heads, find where bodies end, touch nothing else.
+
+The proxy reads and rewrites only message heads. Bodies pass through byte for byte (chunk
+framing included), so this module parses chunk sizes and trailers only to know where a
+message ends. Framing is strict, because a proxy that reads a length differently from the
+app behind it lets a client smuggle a second request past authorization (RFC 9112 6.3,
+11.2): CRLF line ends only, Transfer-Encoding with Content-Length is refused, differing
+Content-Length values are refused, obs-fold is refused.
+
+Two readers hand back events:
+
+* ``RequestReader`` (client -> proxy): ``RequestHead``, ``BodyBytes``, ``EndOfMessage``.
+  It stops after each ``EndOfMessage`` and keeps later bytes until ``next_message()``, so
+  the caller handles one request at a time; ``switch_to_raw()`` ends HTTP on the
+  connection (after a 101) and returns what was left over.
+* ``ResponseReader`` (app -> proxy): told each request's method with ``start(method)``;
+  yields ``ResponseHead`` (also for 1xx), ``BodyBytes``, ``EndOfMessage``, or ``Upgraded``
+  after a 101 / a 2xx answer to CONNECT, after which every byte is a ``BodyBytes``.
+
+Nothing but ``HttpError`` leaves ``receive``; its ``status`` is what the client is told.
+No Twisted import here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+
+import attrs
+
+MAX_HEAD = 64 * 1024
+MAX_HEADERS = 100
+MAX_CHUNK_LINE = 4096
+MAX_TRAILERS = 64 * 1024
+# Bytes kept while the caller is busy with the previous message (it pauses its
+# transport meanwhile, so only one read's worth should ever arrive).
+MAX_HELD = 1024 * 1024
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# field-value: VCHAR, SP, HTAB and obs-text; no CTLs, CR, LF, NUL or DEL.
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TARGET = re.compile(rb"[\x21-\x7e\x80-\xff]+")
+_VERSION = re.compile(rb"HTTP/(\d)\.(\d)")
+_STATUS = re.compile(rb"\d{3}")
+_REASON_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_CHUNK_EXT_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class HttpError(Exception):
+    """A message we refuse; ``status`` is the HTTP status the peer should be told."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}"
+
+
+class Headers:
+    """Ordered (name, value) byte pairs; lookups ignore case, order and spelling are kept."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        self._items: list[tuple[bytes, bytes]] = list(items)
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Headers) and self._items == other._items
+
+    def __repr__(self) -> str:
+        return f"Headers({self._items!r})"
+
+    def __contains__(self, name: bytes) -> bool:
+        lname = name.lower()
+        return any(n.lower() == lname for n, _ in self._items)
+
+    def get(self, name: bytes, default: bytes | None = None) -> bytes | None:
+        """The first value of ``name``, or ``default``."""
+        lname = name.lower()
+        for n, v in self._items:
+            if n.lower() == lname:
+                return v
+        return default
+
+    def get_all(self, name: bytes) -> list[bytes]:
+        lname = name.lower()
+        return [v for n, v in self._items if n.lower() == lname]
+
+    def tokens(self, name: bytes) -> list[bytes]:
+        """Comma-separated list values of every ``name`` field, lower-cased, empties dropped."""
+        found = []
+        for value in self.get_all(name):
+            for part in value.split(b","):
+                part = part.strip(b" \t").lower()
+                if part:
+                    found.append(part)
+        return found
+
+    def remove(self, name: bytes) -> int:
+        """Drop every ``name`` field; returns how many went."""
+        lname = name.lower()
+        before = len(self._items)
+        self._items = [(n, v) for n, v in self._items if n.lower() != lname]
+        return before - len(self._items)
+
+    def remove_if(self, predicate) -> int:
+        """Drop every field whose lower-cased name makes ``predicate`` true."""
+        before = len(self._items)
+        self._items = [(n, v) for n, v in self._items if not predicate(n.lower())]
+        return before - len(self._items)
+
+    def set(self, name: bytes, value: bytes) -> None:
+        """Replace every ``name`` field by one, at the end."""
+        self.remove(name)
+        self._items.append((name, value))
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self._items.append((name, value))
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        return list(self._items)
+
+    def replace_all(self, items: Iterable[tuple[bytes, bytes]]) -> None:
+        self._items = list(items)
+
+
+@attrs.define
+class RequestHead:
+    method: bytes
+    target: bytes
+    version: bytes  # b"HTTP/1.1"
+    headers: Headers
+
+    def to_bytes(self) -> bytes:
+        return b"".join(
+            [self.method, b" ", self.target, b" ", self.version, b"\r\n",
+             _headers_bytes(self.headers), b"\r\n"]
+        )
+
+
+@attrs.define
+class ResponseHead:
+    version: bytes
+    status: int
+    reason: bytes
+    headers: Headers
+
+    def to_bytes(self) -> bytes:
+        return b"".join(
+            [self.version, b" ", b"%d" % self.status, b" ", self.reason, b"\r\n",
+             _headers_bytes(self.headers), b"\r\n"]
+        )
+
+
+@attrs.frozen
+class BodyBytes:
+    """Body bytes exactly as they were on the wire (chunk framing included)."""
+
+    data: bytes | memoryview
+
+
+@attrs.frozen
+class EndOfMessage:
+    pass
+
+
+@attrs.frozen
+class Upgraded:
+    """HTTP ended on this connection; the bytes that follow are another protocol."""
+
+
+Event = RequestHead | ResponseHead | BodyBytes | EndOfMessage | Upgraded
+
+
+def _headers_bytes(headers: Headers) -> bytes:
+    return b"".join(b"%s: %s\r\n" % (n, v) for n, v in headers)
+
+
+def keep_alive(version: bytes, headers: Headers) -> bool:
+    """Whether the sender of this head means to keep the connection open afterwards."""
+    conn = headers.tokens(b"connection")
+    if b"close" in conn:
+        return False
+    if version == b"HTTP/1.0":
+        return b"keep-alive" in conn
+    return True
+
+
+def _parse_version(raw: bytes, status: int) -> bytes:
+    m = _VERSION.fullmatch(raw)
+    if m is None:
+        raise HttpError(400 if status == 400 else status, "malformed HTTP version")
+    if m.group(1) != b"1":
+        raise HttpError(505 if status == 400 else status, "unsupported HTTP version")
+    return raw
+
+
+def _parse_fields(lines: list[bytes], status: int) -> Headers:
+    """Header lines to Headers; ``status`` is what a bad field becomes (400 or 502)."""
+    if len(lines) > MAX_HEADERS:
+        raise HttpError(431 if status == 400 else status, "too many header fields")
+    items = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            raise HttpError(status, "obsolete line folding in header")
+        name, sep, value = line.partition(b":")
+        if not sep or _TOKEN.fullmatch(name) is None:
+            raise HttpError(status, "invalid header field name")
+        value = value.strip(b" \t")
+        if _BAD_VALUE.search(value) is not None:
+            raise HttpError(status, "invalid character in header field value")
+        items.append((name, value))
+    return Headers(items)
+
+
+def _split_head(head: bytes, status: int) -> tuple[bytes, list[bytes]]:
+    lines = head.split(b"\r\n")
+    for line in lines:
+        if b"\r" in line or b"\n" in line:
+            raise HttpError(status, "bare CR or LF in message head")
+    return lines[0], lines[1:]
+
+
+def parse_request_head(head: bytes) -> RequestHead:
+    """One request head without its final empty line (``head`` ends before CRLFCRLF)."""
+    first, lines = _split_head(head, 400)
+    parts = first.split(b" ")
+    if len(parts) != 3:
+        raise HttpError(400, "malformed request line")
+    method, target, version = parts
+    if _TOKEN.fullmatch(method) is None:
+        raise HttpError(400, "invalid request method")
+    if _TARGET.fullmatch(target) is None:
+        raise HttpError(400, "invalid request target")
+    version = _parse_version(version, 400)
+    headers = _parse_fields(lines, 400)
+    hosts = headers.get_all(b"host")
+    if len(hosts) > 1 or (version == b"HTTP/1.1" and not hosts):
+        raise HttpError(400, "a request needs exactly one Host header")
+    return RequestHead(method, target, version, headers)
+
+
+def parse_response_head(head: bytes) -> ResponseHead:
+    first, lines = _split_head(head, 502)
+    version, sep, rest = first.partition(b" ")
+    status_raw, _, reason = rest.partition(b" ")
+    if not sep or _STATUS.fullmatch(status_raw) is None:
+        raise HttpError(502, "malformed status line")
+    if _REASON_BAD.search(reason) is not None:
+        raise HttpError(502, "invalid status reason")
+    version = _parse_version(version, 502)
+    status = int(status_raw)
+    if status < 100:
+        raise HttpError(502, "invalid status code")
+    return ResponseHead(version, status, reason, _parse_fields(lines, 502))
+
+
+def _content_length(headers: Headers, status: int) -> int | None:
+    values = headers.get_all(b"content-length")
+    if not values:
+        return None
+    found = set()
+    for value in values:
+        for part in value.split(b","):
+            part = part.strip(b" \t")
+            if _DIGITS.fullmatch(part) is None:
+                raise HttpError(status, "invalid Content-Length")
+            found.add(int(part))
+    if len(found) != 1:
+        raise HttpError(status, "conflicting Content-Length values")
+    return found.pop()
+
+
+def _is_chunked(headers: Headers, status: int, request: bool) -> bool | None:
+    """True for chunked, None when there is no Transfer-Encoding, False for until-close."""
+    if not headers.get_all(b"transfer-encoding"):
+        return None
+    codings = headers.tokens(b"transfer-encoding")
+    if not codings:
+        raise HttpError(status, "empty Transfer-Encoding")
+    if codings.count(b"chunked") > 1 or (b"chunked" in codings and codings[-1] != b"chunked"):
+        raise HttpError(status, "chunked must be the final transfer coding, once")
+    if codings[-1] != b"chunked":
+        if request:
+            raise HttpError(400, "request body length cannot be determined")
+        return False
+    return True
+
+
+class _Framer:
+    """Where one body ends; passes the body's bytes through as they are."""
+
+    # kinds: "length", "chunked", "close", "none"
+
+    def __init__(self, kind: str, length: int = 0, status: int = 400) -> None:
+        self.kind = kind
+        self.remaining = length
+        self.status = status
+        # chunked sub-state: "size", "data", "data_crlf", "trailer"
+        self.chunk_state = "size"
+        self.trailer_bytes = 0
+
+    def feed(self, buf: bytearray, out: list) -> bool:
+        """Consume from ``buf`` into ``out`` events; True once the body is complete."""
+        if self.kind == "none":
+            return True
+        if self.kind == "close":
+            if buf:
+                out.append(BodyBytes(bytes(buf)))
+                del buf[:]
+            return False
+        if self.kind == "length":
+            if self.remaining and buf:
+                n = min(self.remaining, len(buf))
+                out.append(BodyBytes(bytes(buf[:n])))
+                del buf[:n]
+                self.remaining -= n
+            return self.remaining == 0
+        return self._feed_chunked(buf, out)
+
+    def _feed_chunked(self, buf: bytearray, out: list) -> bool:
+        # Consumed bytes are gathered and emitted as one BodyBytes per call.
+        pos = 0
+        done = False
+        size = len(buf)
+        while pos < size and not done:
+            if self.chunk_state == "data":
+                n = min(self.remaining, size - pos)
+                pos += n
+                self.remaining -= n
+                if self.remaining == 0:
+                    self.chunk_state = "data_crlf"
+                continue
+            if self.chunk_state == "data_crlf":
+                if size - pos < 2:
+                    break
+                if buf[pos:pos + 2] != b"\r\n":
+                    raise HttpError(self.status, "missing CRLF after chunk data")
+                pos += 2
+                self.chunk_state = "size"
+                continue
+            end = buf.find(b"\r\n", pos)
+            limit = MAX_CHUNK_LINE if self.chunk_state == "size" else MAX_TRAILERS
+            if end < 0:
+                if size - pos > limit:
+                    raise HttpError(self.status, "chunk line too long")
+                break
+            line = bytes(buf[pos:end])
+            pos = end + 2
+            if self.chunk_state == "size":
+                self._chunk_size(line)
+            else:
+                self.trailer_bytes += len(line) + 2
+                if self.trailer_bytes > MAX_TRAILERS:
+                    raise HttpError(self.status, "trailer section too large")
+                if line == b"":
+                    done = True
+                else:
+                    _parse_fields([line], self.status)
+        if pos:
+            out.append(BodyBytes(bytes(buf[:pos])))
+            del buf[:pos]
+        return done
+
+    def _chunk_size(self, line: bytes) -> None:
+        size_part, semi, ext = line.partition(b";")
+        size_part = size_part.rstrip(b" \t")
+        if _HEX.fullmatch(size_part) is None:
+            raise HttpError(self.status, "invalid chunk size")
+        if semi and _CHUNK_EXT_BAD.search(ext) is not None:
+            raise HttpError(self.status, "invalid chunk extension")
+        n = int(size_part, 16)
+        if n == 0:
+            self.chunk_state = "trailer"
+        else:
+            self.remaining = n
+            self.chunk_state = "data"
+
+    def feed_direct(self, data: bytes, out: list) -> tuple[bool, bytes]:
+        """Fast path with nothing buffered: pass ``data`` on without copying it.
+
+        Returns (complete, bytes past the end of the body).
+        """
+        if self.kind == "close":
+            out.append(BodyBytes(data))
+            return False, b""
+        n = min(self.remaining, len(data))
+        out.append(BodyBytes(data if n == len(data) else data[:n]))
+        self.remaining -= n
+        return self.remaining == 0, data[n:]
+
+    def direct(self) -> bool:
+        return self.kind == "close" or (self.kind == "length" and self.remaining > 0)
+
+    def at_close(self) -> bool:
+        """True when the peer closing the connection ends this body properly."""
+        return self.kind == "close"
+
+
+def _take_head(buf: bytearray, status: int) -> bytes | None:
+    """Remove and return one head (without the blank line), None if incomplete."""
+    # Tolerate empty lines before a request line (RFC 9112 2.2).
+    skip = 0
+    while buf[skip:skip + 2] == b"\r\n":
+        skip += 2
+    end = buf.find(b"\r\n\r\n", skip)
+    if end < 0:
+        if len(buf) > MAX_HEAD:
+            raise HttpError(431 if status == 400 else status, "message head too large")
+        return None
+    if end + 4 > MAX_HEAD:
+        raise HttpError(431 if status == 400 else status, "message head too large")
+    head = bytes(buf[skip:end])
+    del buf[:end + 4]
+    return head
+
+
+def peek_request_head(data: bytes) -> RequestHead | None:
+    """The first request head in ``data`` if it is complete, without consuming anything."""
+    head = _take_head(bytearray(data), 400)
+    return None if head is None else parse_request_head(head)
+
+
+class RequestReader:
+    """Client-to-proxy requests, one at a time."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._state = "head"  # head | body | done | raw | error
+        self._framer: _Framer | None = None
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def receive(self, data: bytes) -> list[Event]:
+        if self._state == "raw":
+            return [BodyBytes(data)] if data else []
+        if self._state == "error":
+            raise HttpError(400, "request stream already failed")
+        if self._state == "body" and not self._buf and data and self._framer.direct():
+            out: list[Event] = []
+            done, rest = self._framer.feed_direct(data, out)
+            if done:
+                out.append(EndOfMessage())
+                self._state = "done"
+                self._buf += rest
+            return out
+        self._buf += data
+        if self._state == "done":
+            if len(self._buf) > MAX_HELD:
+                self._state = "error"
+                raise HttpError(400, "too much pipelined data")
+            return []
+        return self._run()
+
+    def next_message(self) -> list[Event]:
+        """The previous request was answered: parse the next one from what is held."""
+        if self._state != "done":
+            raise HttpError(400, "next_message called before the request ended")
+        self._state = "head"
+        return self._run()
+
+    def switch_to_raw(self) -> bytes:
+        """Stop parsing (after a 101); returns bytes the client already sent past the head."""
+        rest = bytes(self._buf)
+        self._buf = bytearray()
+        self._state = "raw"
+        return rest
+
+    def connection_closed(self) -> None:
+        """The client closed: fine between requests, an error inside one."""
+        if self._state == "body" or (self._state == "head" and self._buf.strip(b"\r\n")):
+            raise HttpError(400, "client closed in the middle of a request")
+
+    def _run(self) -> list[Event]:
+        out: list[Event] = []
+        try:
+            if self._state == "head":
+                head = _take_head(self._buf, 400)
+                if head is None:
+                    return out
+                req = parse_request_head(head)
+                self._framer = self._framing(req)
+                out.append(req)
+                self._state = "body"
+            if self._state == "body":
+                if self._framer.feed(self._buf, out):
+                    out.append(EndOfMessage())
+                    self._state = "done"
+        except HttpError:
+            self._state = "error"
+            raise
+        return out
+
+    @staticmethod
+    def _framing(req: RequestHead) -> _Framer:
+        chunked = _is_chunked(req.headers, 400, request=True)
+        length = _content_length(req.headers, 400)
+        if chunked is not None:
+            if req.version == b"HTTP/1.0":
+                raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
+            if length is not None:
+                raise HttpError(400, "both Transfer-Encoding and Content-Length")
+            return _Framer("chunked", status=400)
+        if length:
+            return _Framer("length", length, status=400)
+        return _Framer("none")
+
+
+class ResponseReader:
+    """App-to-proxy responses; each one is read against the method that asked for it."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._state = "idle"  # idle | head | body | raw | error
+        self._method = b""
+        self._framer: _Framer | None = None
+        self.must_close = False  # the connection cannot carry another response
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def start(self, method: bytes) -> list[Event]:
+        """A request with ``method`` was sent; read its response (from held bytes first)."""
+        if self._state != "idle":
+            raise HttpError(502, "a response is already in progress")
+        self._method = method
+        self._state = "head"
+        return self._run()
+
+    def receive(self, data: bytes) -> list[Event]:
+        if self._state == "raw":
+            return [BodyBytes(data)] if data else []
+        if self._state == "error":
+            raise HttpError(502, "response stream already failed")
+        if self._state == "idle":
+            if data:
+                self._state = "error"
+                raise HttpError(502, "data from the app without a request")
+            return []
+        if self._state == "body" and not self._buf and data and self._framer.direct():
+            out: list[Event] = []
+            done, rest = self._framer.feed_direct(data, out)
+            if done:
+                out.append(EndOfMessage())
+                self._state = "idle"
+                if rest:
+                    self._state = "error"
+                    raise HttpError(502, "data from the app past the end of the response")
+            return out
+        self._buf += data
+        return self._run()
+
+    def connection_closed(self) -> list[Event]:
+        """The app closed; ends an until-close body, fails anything else in flight."""
+        if self._state == "body" and self._framer.at_close():
+            self._state = "idle"
+            return [EndOfMessage()]
+        if self._state in ("head", "body"):
+            self._state = "error"
+            raise HttpError(502, "app closed the connection in the middle of a response")
+        return []
+
+    def _run(self) -> list[Event]:
+        out: list[Event] = []
+        try:
+            while self._state == "head":
+                head = _take_head(self._buf, 502)
+                if head is None:
+                    return out
+                resp = parse_response_head(head)
+                out.append(resp)
+                if self._settle(resp, out):
+                    return out
+            if self._state == "body":
+                if self._framer.feed(self._buf, out):
+                    out.append(EndOfMessage())
+                    self._state = "idle"
+                    if self._buf:
+                        self._state = "error"
+                        raise HttpError(502, "data from the app past the end of the response")
+        except HttpError:
+            self._state = "error"
+            raise
+        return out
+
+    def _settle(self, resp: ResponseHead, out: list) -> bool:
+        """Pick framing after a head; True when the reader left HTTP (upgrade)."""
+        status = resp.status
+        upgrade = status == 101 or (self._method == b"CONNECT" and 200 <= status < 300)
+        if upgrade:
+            self._state = "raw"
+            self.must_close = True
+            out.append(Upgraded())
+            if self._buf:
+                out.append(BodyBytes(bytes(self._buf)))
+                self._buf = bytearray()
+            return True
+        if status < 200:
+            return False  # informational: the final response follows
+        if not keep_alive(resp.version, resp.headers):
+            self.must_close = True
+        if self._method == b"HEAD" or status in (204, 304):
+            self._framer = _Framer("none")
+        else:
+            chunked = _is_chunked(resp.headers, 502, request=False)
+            length = _content_length(resp.headers, 502)
+            if chunked is not None and length is not None:
+                raise HttpError(502, "both Transfer-Encoding and Content-Length")
+            if chunked:
+                self._framer = _Framer("chunked", status=502)
+            elif chunked is False or length is None:
+                self._framer = _Framer("close")
+                self.must_close = True
+            else:
+                self._framer = _Framer("length", length, status=502)
+        self._state = "body"
+        return False

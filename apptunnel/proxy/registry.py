@@ -1,0 +1,98 @@
+"""Which apps are online, and through which agent tunnels the proxy can reach them.
+
+An app is online while at least one live tunnel announced it; the registry holds only
+what agents told us in their ``hello``, so a tunnel going away takes its apps with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.logger import Logger
+
+log = Logger()
+
+
+@attrs.frozen
+class AppInfo:
+    """One app as announced by an agent (``public_addr`` already defaulted by the caller)."""
+
+    name: str
+    uri: str
+    labels: dict[str, str] = attrs.field(factory=dict)
+    public_addr: str = ""
+    rewrite_headers: tuple[tuple[str, str], ...] = ()
+    jwt_claims: tuple[str, ...] | None = None
+    agent_id: str = ""
+
+
+def host_only(host: str) -> str:
+    """``Host`` header or address without its port, lower-cased, no trailing dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        host = host[: end + 1] if end > 0 else host
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+class AgentRegistry:
+    """Live tunnels and their apps; lookups by name or by the Host a browser used."""
+
+    def __init__(self) -> None:
+        self._tunnels: dict[Any, tuple[str, list[AppInfo]]] = {}
+        # name -> [(tunnel, AppInfo)] in registration order; rebuilt on every change.
+        self._by_name: dict[str, list[tuple[Any, AppInfo]]] = {}
+        self._by_host: dict[str, str] = {}
+        self._turn: dict[str, int] = {}
+
+    def add(self, tunnel: Any, agent_id: str, apps: list[AppInfo]) -> None:
+        """Register (or re-register) what one tunnel serves."""
+        self._tunnels[tunnel] = (agent_id, list(apps))
+        self._rebuild()
+
+    def remove(self, tunnel: Any) -> None:
+        if self._tunnels.pop(tunnel, None) is not None:
+            self._rebuild()
+
+    def apps(self) -> list[AppInfo]:
+        """Online apps, one per name (the first announcement wins), sorted by name."""
+        return [entries[0][1] for _, entries in sorted(self._by_name.items())]
+
+    def app(self, name: str) -> AppInfo | None:
+        entries = self._by_name.get(name)
+        return entries[0][1] if entries else None
+
+    def app_by_host(self, host: str) -> AppInfo | None:
+        """The app whose public address is ``host``, ignoring case and any port."""
+        name = self._by_host.get(host_only(host))
+        return self.app(name) if name is not None else None
+
+    def pick(self, name: str) -> Any | None:
+        """A tunnel serving ``name``, taking turns over all of them."""
+        entries = self._by_name.get(name)
+        if not entries:
+            return None
+        turn = self._turn.get(name, 0) % len(entries)
+        self._turn[name] = turn + 1
+        return entries[turn][0]
+
+    def _rebuild(self) -> None:
+        by_name: dict[str, list[tuple[Any, AppInfo]]] = {}
+        for tunnel, (_, apps) in self._tunnels.items():
+            for app in apps:
+                by_name.setdefault(app.name, []).append((tunnel, app))
+        by_host: dict[str, str] = {}
+        for name, entries in by_name.items():
+            host = host_only(entries[0][1].public_addr)
+            owner = by_host.setdefault(host, name)
+            if owner != name:
+                log.warn(
+                    "apps {first} and {second} claim the same public address {host}; "
+                    "serving {first}", first=owner, second=name, host=host,
+                )
+        self._by_name = by_name
+        self._by_host = by_host
+        self._turn = {name: turn for name, turn in self._turn.items() if name in by_name}

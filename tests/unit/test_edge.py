@@ -1,0 +1,158 @@
+"""The edge: first-head routing by Host, hand-over of the transport, limits, TLS."""
+
+from __future__ import annotations
+
+import json
+
+import pytest_twisted
+from twisted.internet import reactor, ssl
+from twisted.internet.endpoints import SSL4ClientEndpoint, SSL4ServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.web import resource, server
+
+from apptunnel.config import ProxyConfig
+from apptunnel.proxy.edge import EdgeFactory
+from apptunnel.proxy.forward import AppForwarder, AppConnection
+from apptunnel.proxy.http1 import MAX_HEAD
+from apptunnel.proxy.registry import AgentRegistry, AppInfo
+from tests.unit.test_forward import APP_HOST, PUBLIC, Client, env, request_bytes, wait  # noqa: F401
+
+
+class Hello(resource.Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        return b"web:" + request.getHeader(b"host")
+
+
+class _TransportWithProtocol(StringTransport):
+    """A memory transport that, like tcp.Server, dispatches through `.protocol`."""
+
+    protocol = None
+
+
+def make_edge(clock):
+    config = ProxyConfig(
+        path="p.yaml", cluster_name="t", data_dir="/nonexistent", public_addr=PUBLIC,
+        web_listen_addr="127.0.0.1:0", tunnel_listen_addr="127.0.0.1:0", backend_type="sqlite",
+        backend_path="/nonexistent/db", tls_cert_file=None, tls_key_file=None,
+    )
+    registry = AgentRegistry()
+    registry.add(object(), "a1", [AppInfo(name="grafana", uri="http://127.0.0.1:1", public_addr=APP_HOST)])
+    # Routing and hand-over never reach sessions, roles, signing or audit.
+    forwarder = AppForwarder(
+        config=config, registry=registry, sessions=None, roles=None, signer=None, audit=None,
+        clock=clock, connect_app=None,
+    )
+    site = server.Site(Hello())
+    return EdgeFactory("Apptunnel.Localhost", site, forwarder)
+
+
+def connect(factory):
+    proto = factory.buildProtocol(None)
+    transport = _TransportWithProtocol()
+    transport.protocol = proto
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def test_head_split_across_reads_is_replayed_to_the_web_site():
+    """A first head arriving in pieces is handed whole to the web Site, which answers it."""
+    clock = Clock()
+    edge, transport = connect(make_edge(clock))
+    raw = request_bytes(host="APPTUNNEL.localhost:3080")
+    for i in range(0, len(raw), 5):
+        transport.protocol.dataReceived(raw[i:i + 5])
+    assert transport.value().startswith(b"HTTP/1.1 200 OK")
+    assert transport.value().endswith(b"web:APPTUNNEL.localhost:3080")
+    assert transport.protocol is not edge  # later bytes skip the edge
+
+
+def test_app_host_goes_to_the_forwarder():
+    """A head naming an app host gives the connection to an AppConnection."""
+    edge, transport = connect(make_edge(Clock()))
+    edge.dataReceived(b"GET / HTTP/1.1\r\n")
+    assert transport.value() == b""
+    edge.dataReceived(f"Host: {APP_HOST}\r\n".encode())
+    assert not isinstance(transport.protocol, AppConnection)
+    edge.dataReceived(b"\r\n")
+    assert isinstance(transport.protocol, AppConnection)
+
+
+def test_foreign_host_is_421_and_closed():
+    """A Host that is neither ours nor an app's is refused with 421 and the connection closed."""
+    _, transport = connect(make_edge(Clock()))
+    transport.protocol.dataReceived(request_bytes(host="example.com"))
+    assert transport.value().startswith(b"HTTP/1.1 421 ")
+    assert transport.disconnecting
+
+
+def test_oversized_first_head_is_431():
+    """A first head over the limit is refused with 431 before its end arrives."""
+    _, transport = connect(make_edge(Clock()))
+    transport.protocol.dataReceived(b"GET / HTTP/1.1\r\nX: " + b"a" * (MAX_HEAD + 10))
+    assert transport.value().startswith(b"HTTP/1.1 431 ")
+    assert transport.disconnecting
+
+
+def test_malformed_first_head_is_400():
+    """A malformed first head is answered 400 and closed."""
+    _, transport = connect(make_edge(Clock()))
+    transport.protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 400 ")
+
+
+def test_no_head_in_time_is_408():
+    """A connection that never completes its first head is closed after the head timeout."""
+    clock = Clock()
+    _, transport = connect(make_edge(clock))
+    transport.protocol.dataReceived(b"GET / HT")
+    clock.advance(29)
+    assert not transport.disconnecting
+    clock.advance(2)
+    assert transport.value().startswith(b"HTTP/1.1 408 ") and transport.disconnecting
+
+
+def test_idle_app_connection_times_out():
+    """An app-host connection with no traffic is closed after the idle timeout."""
+    clock = Clock()
+    edge, transport = connect(make_edge(clock))
+    edge.dataReceived(b"GET / HTTP/1.1\r\nHost: nothing." + PUBLIC.encode() + b"\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 404 ") and not transport.disconnecting
+    clock.advance(100)
+    transport.protocol.dataReceived(b"GET / HT")  # activity moves the deadline
+    clock.advance(100)
+    assert not transport.disconnecting
+    clock.advance(21)
+    assert transport.disconnecting
+
+
+@pytest_twisted.ensureDeferred
+async def test_edge_over_tls_serves_web_and_apps_on_one_port(env, tmp_path):
+    """Behind TLS the edge hands over the TLS transport: web UI and app requests both work."""
+    cert = ssl.KeyPair.generate().selfSignedCert(1, CN="apptunnel.localhost")
+    listener = await wait(SSL4ServerEndpoint(reactor, 0, cert.options(), interface="127.0.0.1").listen(
+        EdgeFactory("apptunnel.localhost", server.Site(Hello()), env.forwarder)))
+    port = listener.getHost().port
+    try:
+        async def fetch(raw):
+            client = Client()
+            await wait(SSL4ClientEndpoint(reactor, "127.0.0.1", port, ssl.CertificateOptions()).connect(
+                Factory.forProtocol(lambda: client)))
+            results = []
+            for one in raw:
+                results.append(await client.request(one))
+            client.transport.loseConnection()
+            await wait(client.closed)
+            return results
+
+        [(head, body)] = await fetch([request_bytes(host=PUBLIC)])
+        assert head.status == 200 and body == f"web:{PUBLIC}".encode()
+        secret = await env.app_cookie()
+        cookie = [("Cookie", f"__Host-apptunnel_app={secret}")]
+        results = await fetch([request_bytes(path=f"/echo?n={i}", headers=cookie) for i in range(3)])
+        assert [json.loads(body)["uri"] for _, body in results] == ["/echo?n=0", "/echo?n=1", "/echo?n=2"]
+    finally:
+        await listener.stopListening()

@@ -1,0 +1,41 @@
+"""Uniform pages and redirects the edge answers itself."""
+
+from apptunnel.proxy.http1 import ResponseReader
+from apptunnel.proxy.pages import error_response, page_html, redirect_response
+
+
+def parse(raw, method=b"GET"):
+    reader = ResponseReader()
+    reader.start(method)
+    events = reader.receive(raw)
+    return events[0], b"".join(bytes(e.data) for e in events[1:-1])
+
+
+def test_error_page_is_valid_http_with_security_headers():
+    """An error page parses as one complete response with no-store and nosniff."""
+    head, body = parse(error_response(502))
+    assert head.status == 502 and b"The app is not reachable." in body
+    assert head.headers.get(b"cache-control") == b"no-store"
+    assert head.headers.get(b"x-content-type-options") == b"nosniff"
+    assert int(head.headers.get(b"content-length")) == len(body)
+
+
+def test_page_escapes_message():
+    """Messages are HTML-escaped so nothing a client sent can inject markup."""
+    assert b"<script>" not in page_html(400, "<script>alert(1)</script>")
+
+
+def test_redirect_sets_location_and_extra_headers():
+    """A redirect carries Location and any Set-Cookie given."""
+    raw = redirect_response("/x?y=1", [(b"Set-Cookie", b"a=b")], close=True)
+    head, _ = parse(raw)
+    assert head.status == 302 and head.headers.get(b"location") == b"/x?y=1"
+    assert head.headers.get(b"set-cookie") == b"a=b" and head.headers.get(b"connection") == b"close"
+
+
+def test_head_only_response_has_no_body():
+    """For HEAD the page keeps its Content-Length but sends no body."""
+    raw = error_response(404, head_only=True)
+    assert raw.endswith(b"\r\n\r\n")
+    head, body = parse(raw, b"HEAD")
+    assert head.status == 404 and body == b""

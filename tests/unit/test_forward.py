@@ -1,0 +1,742 @@
+"""The app edge end to end over loopback: a real edge, a real upstream app, real auth.
+
+The proxy side is the real EdgeFactory + AppForwarder with SessionManager, RoleCache,
+JwtSigner and AuditLog over SQLite in tmp_path. ``connect_app`` opens a TCP connection to
+the app's URI (what the agent does at the other end of a tunnel). The upstream is a
+twisted.web Site, plus a raw WebSocket echo built on the websockets sans-IO protocol.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import tracemalloc
+from urllib.parse import parse_qs, urlsplit
+
+import jwt as pyjwt
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.web import resource, server
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.server import ServerProtocol
+from websockets.typing import Origin
+from websockets.uri import parse_uri
+
+from apptunnel.audit import AuditLog
+from apptunnel.auth.jwt import JwtKeys, JwtSigner
+from apptunnel.auth.policy import RoleCache
+from apptunnel.auth.sessions import SessionManager
+from apptunnel.backend.records import Resource, User
+from apptunnel.backend.sqlite import SqliteBackend
+from apptunnel.config import ProxyConfig
+from apptunnel.proxy.edge import EdgeFactory
+from apptunnel.proxy.forward import AppForwarder, tunnel_connector
+from apptunnel.proxy.http1 import BodyBytes, EndOfMessage, ResponseHead, ResponseReader, Upgraded
+from apptunnel.proxy.registry import AgentRegistry, AppInfo
+
+TIMEOUT = 10.0
+PUBLIC = "apptunnel.localhost:3080"
+APP_HOST = "grafana.apptunnel.localhost:3080"
+
+
+def wait(d):
+    return defer.ensureDeferred(d).addTimeout(TIMEOUT, reactor)
+
+
+def role_doc(name, allow):
+    return {"kind": "role", "metadata": {"name": name}, "spec": {"allow": {"app_labels": allow}}}
+
+
+# The upstream app
+
+
+class Echo(resource.Resource):
+    """Answers with what it received, so tests can see exactly what the proxy forwarded."""
+
+    isLeaf = True
+
+    def render(self, request):
+        body = request.content.read()
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({
+            "method": request.method.decode(),
+            "uri": request.uri.decode(),
+            "headers": [[k.decode(), v.decode()] for k, vs in request.requestHeaders.getAllRawHeaders()
+                        for v in vs],
+            "body_length": len(body),
+        }).encode()
+
+
+class Redirect(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, origin: str):
+        super().__init__()
+        self.origin = origin
+
+    def render_GET(self, request):
+        request.setResponseCode(302)
+        request.setHeader(b"location", f"{self.origin}/landing?x=1".encode())
+        request.setHeader(b"x-other-location", f"{self.origin}/kept".encode())
+        request.addCookie(b"app_cookie", b"1", path=b"/")
+        request.addCookie(b"__Host-apptunnel_app", b"planted", path=b"/", secure=True)
+        return b""
+
+
+class Chunked(resource.Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        for i in range(5):
+            request.write(b"part-%d;" % i)
+        request.finish()
+        return server.NOT_DONE_YET
+
+
+class Events(resource.Resource):
+    """Server-sent events: the first one now, the end when the test says so."""
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.release = defer.Deferred()
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.write(b"data: first\n\n")
+
+        def finish(_):
+            request.write(b"data: last\n\n")
+            request.finish()
+
+        self.release.addCallback(finish)
+        return server.NOT_DONE_YET
+
+
+class _Blocks:
+    """A pull producer writing ``total`` bytes in 64 KiB blocks."""
+
+    def __init__(self, request, total):
+        self.request, self.left = request, total
+        self.block = b"x" * 65536
+
+    def resumeProducing(self):
+        if self.left <= 0:
+            return
+        n = min(self.left, len(self.block))
+        self.left -= n
+        self.request.write(self.block[:n])
+        if self.left <= 0:
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def stopProducing(self):
+        self.left = 0
+
+
+class Big(resource.Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        total = int(request.args[b"mb"][0]) * 1024 * 1024
+        request.setHeader(b"content-length", b"%d" % total)
+        request.registerProducer(_Blocks(request, total), False)
+        return server.NOT_DONE_YET
+
+
+class WsEcho(Protocol):
+    """A WebSocket server (websockets' sans-IO protocol) that echoes text messages."""
+
+    def connectionMade(self):
+        self.ws = ServerProtocol()
+        self.accepted = False
+
+    def dataReceived(self, data):
+        self.ws.receive_data(data)
+        for event in self.ws.events_received():
+            if not self.accepted:
+                self.ws.send_response(self.ws.accept(event))
+                self.accepted = True
+            elif isinstance(event, Frame) and event.opcode == Opcode.TEXT:
+                self.ws.send_text(b"echo:" + event.data)
+        for chunk in self.ws.data_to_send():
+            if chunk:
+                self.transport.write(chunk)
+            else:
+                self.transport.loseConnection()
+
+
+class Garbage(Protocol):
+    """An app that answers every request with something that is not HTTP."""
+
+    def dataReceived(self, data):
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+
+# A small HTTP client that reads responses with our own reader
+
+
+class Client(Protocol):
+    def __init__(self):
+        self.reader = ResponseReader()
+        self.head = None
+        self.body = bytearray()
+        self.count = 0
+        self.keep_body = True
+        self.done = None
+        self.watch = None  # (needle, Deferred)
+        self.upgraded = False
+        self.closed = defer.Deferred()
+
+    def request(self, raw: bytes, method: bytes = b"GET") -> defer.Deferred:
+        self.head, self.body, self.count = None, bytearray(), 0
+        self.done = defer.Deferred()
+        self._handle(self.reader.start(method))
+        self.transport.write(raw)
+        return self.done.addTimeout(TIMEOUT, reactor)
+
+    def wait_for(self, needle: bytes) -> defer.Deferred:
+        d = defer.Deferred()
+        self.watch = (needle, d)
+        self._check()
+        return d.addTimeout(TIMEOUT, reactor)
+
+    def dataReceived(self, data):
+        if self.upgraded:
+            self.body += data
+            self._check()
+            return
+        self._handle(self.reader.receive(data))
+
+    def connectionLost(self, reason):
+        if not self.upgraded and self.reader.state in ("head", "body"):
+            try:
+                self._handle(self.reader.connection_closed())
+            except Exception as err:
+                if self.done is not None and not self.done.called:
+                    self.done.errback(err)
+        if self.done is not None and not self.done.called:
+            self.done.errback(ConnectionError("closed before a response"))
+        self.closed.callback(None)
+
+    def _handle(self, events):
+        for ev in events:
+            if isinstance(ev, ResponseHead):
+                if ev.status >= 200 or ev.status == 101:
+                    self.head = ev
+            elif isinstance(ev, BodyBytes):
+                self.count += len(ev.data)
+                if self.keep_body:
+                    self.body += ev.data
+                self._check()
+            elif isinstance(ev, Upgraded):
+                self.upgraded = True
+                self.done.callback((self.head, b""))
+            elif isinstance(ev, EndOfMessage):
+                self.done.callback((self.head, bytes(self.body)))
+
+    def _check(self):
+        if self.watch and self.watch[0] in self.body:
+            d, self.watch = self.watch[1], None
+            d.callback(None)
+
+
+def request_bytes(method="GET", path="/", host=APP_HOST, headers=(), body=b""):
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
+    lines += [f"{k}: {v}" for k, v in headers]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class Env:
+    """Everything a test needs: the proxy's port, its parts, a signed-in user's cookie."""
+
+    async def connect(self) -> Client:
+        client = Client()
+        await wait(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port).connect(
+            Factory.forProtocol(lambda: client)))
+        return client
+
+    async def fetch(self, raw: bytes, method: bytes = b"GET"):
+        client = await self.connect()
+        try:
+            return await client.request(raw, method)
+        finally:
+            client.transport.loseConnection()
+            await wait(client.closed)
+
+    async def app_cookie(self, user: str = "alice", app: str = "grafana", path: str = "/") -> str:
+        web = self.webs[user]
+        code = await self.sessions.create_auth_code(web, app, path, "state-1")
+        secret, _, _ = await self.sessions.redeem_auth_code(code, "state-1", app)
+        return secret
+
+    async def audit_events(self, type: str):
+        return await wait(self.audit.search(type=type))
+
+
+@pytest_twisted.async_yield_fixture
+async def env(tmp_path):
+    e = Env()
+    e.backend = backend = SqliteBackend(str(tmp_path / "apptunnel.db"), reactor)
+    await wait(backend.put_resource(Resource("role", "dev", role_doc("dev", {"env": "dev"}))))
+    await wait(backend.put_resource(Resource("role", "ops", role_doc("ops", {"env": "prod"}))))
+    alice = User("alice", None, ("dev",), {"team": ("sre", "web")}, 0.0)
+    bob = User("bob", None, ("ops",), {}, 0.0)
+    for user in (alice, bob):
+        await wait(backend.create_user(user))
+
+    # Upstream app on a real port.
+    root = resource.Resource()
+    e.events = Events()
+    for name, child in [(b"echo", Echo()), (b"chunked", Chunked()), (b"sse", e.events), (b"big", Big())]:
+        root.putChild(name, child)
+    upstream = await wait(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(root)))
+    up_port = upstream.getHost().port
+    origin = f"http://127.0.0.1:{up_port}"
+    root.putChild(b"redirect", Redirect(origin))
+    ws_listener = await wait(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(WsEcho)))
+    e.up_port = up_port
+    garbage = await wait(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(Garbage)))
+
+    e.config = ProxyConfig(
+        path="proxy.yaml", cluster_name="test", data_dir=str(tmp_path), public_addr=PUBLIC,
+        web_listen_addr="127.0.0.1:0", tunnel_listen_addr="127.0.0.1:0", backend_type="sqlite",
+        backend_path=str(tmp_path / "apptunnel.db"), tls_cert_file=None, tls_key_file=None,
+    )
+    e.sessions = SessionManager(backend, reactor, e.config.session_ttl)
+    e.audit = AuditLog(backend, reactor)
+    e.keys = JwtKeys.load_or_create(str(tmp_path), "ES256")
+    signer = JwtSigner(e.keys, "test", reactor, 300.0)
+    e.registry = AgentRegistry()
+    closed_port = await wait(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory()))
+    dead = closed_port.getHost().port
+    await closed_port.stopListening()
+
+    def app(name, uri, labels=None, **kw):
+        return AppInfo(name=name, uri=uri, labels=labels or {"env": "dev"},
+                       public_addr=f"{name}.{PUBLIC}", agent_id="agent-1", **kw)
+
+    e.registry.add(object(), "agent-1", [
+        app("grafana", origin, rewrite_headers=(("X-Team", "{{internal.team}}"), ("X-Missing", "{{external.nope}}"))),
+        app("prod", origin, {"env": "prod"}),
+        app("ws", f"http://127.0.0.1:{ws_listener.getHost().port}"),
+        app("down", f"http://127.0.0.1:{dead}"),
+        app("ghost", origin),
+        app("broken", f"http://127.0.0.1:{garbage.getHost().port}"),
+    ])
+
+    def connect_app(app_info, target, factory):
+        if app_info.name == "ghost":  # no live tunnel: the production connector's answer
+            return tunnel_connector(AgentRegistry())(app_info, target, factory)
+        parts = urlsplit(app_info.uri)
+        return TCP4ClientEndpoint(reactor, parts.hostname, parts.port).connect(factory)
+
+    e.forwarder = AppForwarder(
+        config=e.config, registry=e.registry, sessions=e.sessions, roles=RoleCache(backend, reactor),
+        signer=signer, audit=e.audit, clock=reactor, connect_app=connect_app,
+    )
+
+    class Web(resource.Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            return b"proxy web ui"
+
+    site = server.Site(Web())
+    listener = await wait(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        EdgeFactory("apptunnel.localhost", site, e.forwarder)))
+    e.port = listener.getHost().port
+    e.webs = {}
+    for user in (alice, bob):
+        _, e.webs[user.name] = await wait(e.sessions.create_web_session(user))
+    yield e
+    e.events.release.callback(None) if not e.events.release.called else None
+    for port in (listener, upstream, ws_listener, garbage):
+        await port.stopListening()
+    await wait(e.audit.stop())
+    await wait(backend.close())
+
+
+def header_map(echo):
+    found = {}
+    for name, value in echo["headers"]:
+        found.setdefault(name.lower(), []).append(value)
+    return found
+
+
+# Sign-in hand-off
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_cookie_redirects_to_launch_with_state_cookie(env):
+    """Without an app session a GET is sent to the proxy's launch page, bound to a state cookie."""
+    head, _ = await env.fetch(request_bytes(path="/dash/x?a=1&b=%2F"))
+    assert head.status == 302
+    loc = urlsplit(head.headers.get(b"location").decode())
+    assert (loc.scheme, loc.netloc, loc.path) == ("https", PUBLIC, "/web/launch/grafana")
+    query = parse_qs(loc.query)
+    assert query["path"] == ["/dash/x?a=1&b=%2F"]
+    cookie = head.headers.get(b"set-cookie").decode()
+    assert cookie.startswith(f"__Host-apptunnel_state={query['state'][0]};")
+    for attr in ("Path=/", "Secure", "HttpOnly", "SameSite=Lax", "Max-Age=300"):
+        assert attr in cookie
+    assert "Domain" not in cookie
+
+
+@pytest_twisted.ensureDeferred
+async def test_post_without_session_is_401(env):
+    """A non-GET request without a session gets 401, not a redirect."""
+    head, body = await env.fetch(request_bytes("POST", "/echo", body=b"x=1"), b"POST")
+    assert head.status == 401 and b"Sign in" in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_code_hand_off_sets_host_only_cookie_and_lands_on_path(env):
+    """Redeeming a code sets a __Host- Secure HttpOnly cookie, clears state and redirects to the path."""
+    code = await wait(env.sessions.create_auth_code(env.webs["alice"], "grafana", "/dash?x=1", "st"))
+    raw = request_bytes(path=f"/.apptunnel/auth?code={code}", headers=[("Cookie", "__Host-apptunnel_state=st")])
+    head, _ = await env.fetch(raw)
+    assert head.status == 302 and head.headers.get(b"location") == b"/dash?x=1"
+    cookies = [c.decode() for c in head.headers.get_all(b"set-cookie")]
+    app_cookie = next(c for c in cookies if c.startswith("__Host-apptunnel_app="))
+    secret = app_cookie.split(";")[0].split("=", 1)[1]
+    for attr in ("Path=/", "Secure", "HttpOnly", "SameSite=Lax"):
+        assert attr in app_cookie
+    assert "Domain" not in app_cookie
+    max_age = int(app_cookie.split("Max-Age=")[1].split(";")[0])
+    assert env.config.session_ttl - 60 < max_age <= env.config.session_ttl
+    assert any(c.startswith("__Host-apptunnel_state=;") and "Max-Age=0" in c for c in cookies)
+    # The cookie now opens the app.
+    head, body = await env.fetch(request_bytes(path="/echo", headers=[("Cookie", f"__Host-apptunnel_app={secret}")]))
+    assert head.status == 200 and json.loads(body)["uri"] == "/echo"
+    events = await env.audit_events("session.app.start")
+    assert [(e.actor, e.target, e.outcome) for e in events] == [("alice", "grafana", "success")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_forged_wrong_state_and_replayed_codes_are_refused(env):
+    """Unknown codes, a wrong state, and a second use of a code all get 400 and no cookie."""
+    web = env.webs["alice"]
+    state_cookie = [("Cookie", "__Host-apptunnel_state=st")]
+    head, _ = await env.fetch(request_bytes(path="/.apptunnel/auth?code=forged", headers=state_cookie))
+    assert head.status == 400
+    code = await wait(env.sessions.create_auth_code(web, "grafana", "/", "other-state"))
+    head, _ = await env.fetch(request_bytes(path=f"/.apptunnel/auth?code={code}", headers=state_cookie))
+    assert head.status == 400
+    code = await wait(env.sessions.create_auth_code(web, "grafana", "/", "st"))
+    first, _ = await env.fetch(request_bytes(path=f"/.apptunnel/auth?code={code}", headers=state_cookie))
+    again, _ = await env.fetch(request_bytes(path=f"/.apptunnel/auth?code={code}", headers=state_cookie))
+    assert first.status == 302 and again.status == 400
+    assert not any(c.startswith(b"__Host-apptunnel_app=") for c in again.headers.get_all(b"set-cookie"))
+    outcomes = [e.outcome for e in await env.audit_events("session.app.start")]
+    assert sorted(outcomes) == ["failure", "failure", "failure", "success"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_logout_ends_app_session_and_clears_cookie(env):
+    """The app-host logout path ends the session, clears the cookie and goes to the proxy."""
+    secret = await env.app_cookie()
+    cookie = [("Cookie", f"__Host-apptunnel_app={secret}")]
+    head, _ = await env.fetch(request_bytes(path="/.apptunnel/logout", headers=cookie))
+    assert head.status == 302 and head.headers.get(b"location") == f"https://{PUBLIC}/".encode()
+    assert head.headers.get(b"set-cookie").startswith(b"__Host-apptunnel_app=;")
+    head, _ = await env.fetch(request_bytes(path="/echo", headers=cookie))
+    assert head.status == 302 and b"/web/launch/grafana" in head.headers.get(b"location")
+
+
+# Forwarding
+
+
+@pytest_twisted.ensureDeferred
+async def test_identity_and_forwarding_headers_are_stripped_and_set(env):
+    """Client identity headers, proxy cookies and hop-by-hop headers never reach the app; ours do."""
+    secret = await env.app_cookie()
+    raw = request_bytes(path="/echo?q=1", headers=[
+        ("Apptunnel-Jwt-Assertion", "forged-1"),
+        ("apptunnel-jwt-assertion", "forged-2"),
+        ("APPTUNNEL-JWT-ASSERTION", "forged-3"),
+        ("Apptunnel_Jwt_Assertion", "forged-4"),
+        ("X_Remote_User", "admin"),
+        ("X-Forwarded-For", "6.6.6.6"),
+        ("X-Forwarded-Host", "evil.example"),
+        ("X-Forwarded-Proto", "http"),
+        ("Forwarded", "for=6.6.6.6"),
+        ("X-Real-IP", "6.6.6.6"),
+        ("Proxy-Authorization", "Basic eA=="),
+        ("Connection", "keep-alive, X-Drop-Me, Content-Length"),
+        ("X-Drop-Me", "1"),
+        ("Cookie", f"a=1; __Host-apptunnel_app={secret}; __Host-apptunnel_state=s; b=2"),
+        ("X-Kept", "yes"),
+    ])
+    head, body = await env.fetch(raw)
+    assert head.status == 200
+    seen = header_map(json.loads(body))
+    assert not any("_" in name for name in seen)
+    for gone in ("forwarded", "x-real-ip", "proxy-authorization", "x-drop-me", "x-missing"):
+        assert gone not in seen
+    assert seen["cookie"] == ["a=1; b=2"]
+    assert seen["x-forwarded-for"] == ["127.0.0.1"]
+    assert seen["x-forwarded-host"] == [APP_HOST]
+    assert seen["x-forwarded-proto"] == ["https"]
+    assert seen["host"] == [f"127.0.0.1:{env.up_port}"]
+    assert seen["x-kept"] == ["yes"]
+    assert seen["x-team"] == ["sre,web"]
+    tokens = seen["apptunnel-jwt-assertion"]
+    assert len(tokens) == 1 and "forged" not in tokens[0]
+    key = pyjwt.PyJWK(env.keys.jwks()["keys"][0]).key
+    claims = pyjwt.decode(tokens[0], key, algorithms=["ES256"], audience=f"https://grafana.{PUBLIC}")
+    assert claims["sub"] == claims["username"] == "alice" and claims["roles"] == ["dev"]
+    assert claims["iss"] == "test"
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_body_and_keep_alive_reuse(env):
+    """Bodies reach the app and several requests on one connection each get their response."""
+    secret = await env.app_cookie()
+    cookie = [("Cookie", f"__Host-apptunnel_app={secret}")]
+    client = await env.connect()
+    for i in range(3):
+        body = b"z" * (1000 * (i + 1))
+        head, data = await client.request(request_bytes("POST", f"/echo?i={i}", headers=cookie, body=body), b"POST")
+        echo = json.loads(data)
+        assert head.status == 200 and echo["body_length"] == len(body) and echo["uri"] == f"/echo?i={i}"
+    chunked = request_bytes("PUT", "/echo", headers=cookie + [("Transfer-Encoding", "chunked")])
+    head, data = await client.request(chunked + b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n", b"PUT")
+    assert json.loads(data)["body_length"] == 5
+    client.transport.loseConnection()
+    await wait(client.closed)
+    events = await env.audit_events("app.request")
+    assert [e.fields["status"] for e in events] == [200] * 4
+    first = events[0]
+    assert (first.actor, first.target, first.fields["method"], first.fields["path"]) == ("alice", "grafana", "POST", "/echo")
+    assert first.fields["bytes_in"] == 1000 and first.fields["bytes_out"] > 0
+    assert first.fields["client_ip"] == "127.0.0.1" and first.fields["duration_ms"] >= 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_requests_are_answered_in_order(env):
+    """Two requests sent at once are answered one after the other, in order."""
+    secret = await env.app_cookie()
+    cookie = [("Cookie", f"__Host-apptunnel_app={secret}")]
+    client = await env.connect()
+    both = request_bytes(path="/echo?n=1", headers=cookie) + request_bytes(path="/echo?n=2", headers=cookie)
+    _, first = await client.request(both)
+    second = defer.Deferred()
+    client.done = second
+    client.head, client.body = None, bytearray()
+    client._handle(client.reader.start(b"GET"))
+    _, data = await second.addTimeout(TIMEOUT, reactor)
+    assert json.loads(first)["uri"] == "/echo?n=1" and json.loads(data)["uri"] == "/echo?n=2"
+    client.transport.loseConnection()
+    await wait(client.closed)
+
+
+@pytest_twisted.ensureDeferred
+async def test_rbac_denial_is_403_without_app_content_and_audited(env):
+    """A user whose roles do not allow the app gets the 403 page, never the app, and an audit event."""
+    secret = await env.app_cookie(user="bob")
+    head, body = await env.fetch(request_bytes(path="/echo", headers=[("Cookie", f"__Host-apptunnel_app={secret}")]))
+    assert head.status == 403 and b"not allowed" in body and b"headers" not in body
+    events = await env.audit_events("access.denied")
+    assert [(e.actor, e.target, e.outcome) for e in events] == [("bob", "grafana", "failure")]
+    assert await env.audit_events("app.request") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_location_pointing_at_app_origin_is_rewritten(env):
+    """Redirects to the app's internal origin become its public address; proxy cookies are dropped."""
+    secret = await env.app_cookie()
+    head, _ = await env.fetch(request_bytes(path="/redirect", headers=[("Cookie", f"__Host-apptunnel_app={secret}")]))
+    assert head.status == 302
+    assert head.headers.get(b"location") == f"https://grafana.{PUBLIC}/landing?x=1".encode()
+    assert head.headers.get(b"x-other-location") == f"http://127.0.0.1:{env.up_port}/kept".encode()
+    cookies = head.headers.get_all(b"set-cookie")
+    assert any(c.startswith(b"app_cookie=1") for c in cookies)
+    assert not any(b"apptunnel" in c for c in cookies)
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunked_response_passes_through_framed(env):
+    """A chunked response keeps its chunked framing and decodes to the app's bytes."""
+    secret = await env.app_cookie()
+    head, body = await env.fetch(request_bytes(path="/chunked", headers=[("Cookie", f"__Host-apptunnel_app={secret}")]))
+    assert head.headers.get(b"transfer-encoding") == b"chunked"
+    assert dechunk(body) == b"part-0;part-1;part-2;part-3;part-4;"
+
+
+def dechunk(data: bytes) -> bytes:
+    out, pos = bytearray(), 0
+    while True:
+        end = data.index(b"\r\n", pos)
+        size = int(data[pos:end].split(b";")[0], 16)
+        pos = end + 2
+        if size == 0:
+            return bytes(out)
+        out += data[pos:pos + size]
+        pos += size + 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_sent_events_stream_before_response_ends(env):
+    """The first SSE event reaches the client while the response is still open."""
+    secret = await env.app_cookie()
+    client = await env.connect()
+    done = client.request(request_bytes(path="/sse", headers=[("Cookie", f"__Host-apptunnel_app={secret}")]))
+    await client.wait_for(b"data: first")
+    assert not done.called
+    env.events.release.callback(None)
+    head, body = await done
+    assert head.status == 200 and b"data: last" in body
+    client.transport.loseConnection()
+    await wait(client.closed)
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_response_streams_with_bounded_memory(env):
+    """A 64 MiB response to a stalled then slow reader is relayed with bounded memory (backpressure)."""
+    from twisted.internet.task import deferLater
+
+    secret = await env.app_cookie()
+    client = await env.connect()
+    client.keep_body = False
+    gc.collect()
+    tracemalloc.start()
+    try:
+        done = client.request(request_bytes(path="/big?mb=64", headers=[("Cookie", f"__Host-apptunnel_app={secret}")]))
+        # The client stops reading: without backpressure the proxy would keep pulling the
+        # app's bytes into its write buffer for the client.
+        client.transport.pauseProducing()
+        await wait(deferLater(reactor, 0.5, lambda: None))
+        stalled_count = client.count
+        client.transport.resumeProducing()
+        head, _ = await done
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert head.status == 200 and client.count == 64 * 1024 * 1024
+    assert stalled_count < 8 * 1024 * 1024
+    assert peak < 8 * 1024 * 1024, f"peak {peak} bytes"
+    client.transport.loseConnection()
+    await wait(client.closed)
+
+
+# WebSocket
+
+
+async def ws_connect(env, origin):
+    secret = await env.app_cookie(app="ws")
+    ws = ClientProtocol(parse_uri(f"wss://ws.{PUBLIC}/socket"), origin=Origin(origin) if origin else None)
+    handshake = ws.connect()
+    handshake.headers["Cookie"] = f"__Host-apptunnel_app={secret}"
+    ws.send_request(handshake)
+    client = await env.connect()
+    done = client.request(b"".join(ws.data_to_send()))
+    return ws, client, done
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocket_upgrade_echo_with_matching_origin(env):
+    """A WebSocket with the app's own Origin is upgraded and messages echo both ways."""
+    ws, client, done = await ws_connect(env, f"https://ws.{PUBLIC}")
+    head, _ = await done
+    assert head.status == 101
+    ws.receive_data(head.to_bytes() + bytes(client.body))
+    client.body = bytearray()
+    assert ws.events_received()[0].status_code == 101
+    ws.send_text(b"hello")
+    client.transport.write(b"".join(ws.data_to_send()))
+    await client.wait_for(b"echo:hello")
+    ws.receive_data(bytes(client.body))
+    assert [f.data for f in ws.events_received()] == [b"echo:hello"]
+    client.transport.loseConnection()
+    await wait(client.closed)
+    events = await env.audit_events("app.request")
+    assert [(e.target, e.fields["status"]) for e in events] == [("ws", 101)]
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", f"http://ws.{PUBLIC}", f"https://grafana.{PUBLIC}", None])
+@pytest_twisted.ensureDeferred
+async def test_websocket_with_foreign_origin_is_refused(env, origin):
+    """A WebSocket upgrade whose Origin is not the app's own is refused with 403."""
+    ws, client, done = await ws_connect(env, origin)
+    head, _ = await done
+    assert head.status == 403
+    client.transport.loseConnection()
+    await wait(client.closed)
+
+
+# Errors
+
+
+@pytest_twisted.ensureDeferred
+async def test_app_down_is_502(env):
+    """An app nobody listens for gets the 502 page without socket details."""
+    secret = await env.app_cookie(app="down")
+    head, body = await env.fetch(request_bytes(path="/", host=f"down.{PUBLIC}", headers=[("Cookie", f"__Host-apptunnel_app={secret}")]))
+    assert head.status == 502 and b"not reachable" in body and b"refused" not in body.lower()
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_app_response_is_502_and_closed(env):
+    """An app answering with ambiguous framing gets the client a 502 and a closed connection."""
+    secret = await env.app_cookie(app="broken")
+    client = await env.connect()
+    head, body = await client.request(request_bytes(host=f"broken.{PUBLIC}", headers=[("Cookie", f"__Host-apptunnel_app={secret}")]))
+    assert head.status == 502 and b"not reachable" in body
+    await wait(client.closed)
+    events = await env.audit_events("app.request")
+    assert [(e.target, e.fields["status"], e.outcome) for e in events] == [("broken", 502, "failure")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_agent_is_503(env):
+    """An app with no live tunnel gets the 503 page."""
+    secret = await env.app_cookie(app="ghost")
+    head, body = await env.fetch(request_bytes(path="/", host=f"ghost.{PUBLIC}", headers=[("Cookie", f"__Host-apptunnel_app={secret}")]))
+    assert head.status == 503 and b"No agent" in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_request_is_400_and_closed(env):
+    """A request with an invalid header line gets 400 and the connection is closed."""
+    client = await env.connect()
+    d = client.request(f"GET / HTTP/1.1\r\nHost: {APP_HOST}\r\nBad Header: x\r\n\r\n".encode())
+    head, _ = await d
+    assert head.status == 400
+    await wait(client.closed)
+
+
+@pytest_twisted.ensureDeferred
+async def test_smuggling_attempt_is_400(env):
+    """A request with both Content-Length and Transfer-Encoding is refused before any app sees it."""
+    secret = await env.app_cookie()
+    raw = request_bytes("POST", "/echo", headers=[("Cookie", f"__Host-apptunnel_app={secret}"),
+                                                 ("Content-Length", "4"), ("Transfer-Encoding", "chunked")])
+    head, _ = await env.fetch(raw + b"0\r\n\r\n", b"POST")
+    assert head.status == 400
+    assert await env.audit_events("app.request") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_app_host_is_404(env):
+    """A subdomain no app serves gets the 404 page."""
+    head, body = await env.fetch(request_bytes(host=f"nothing.{PUBLIC}"))
+    assert head.status == 404 and b"No app" in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxy_host_goes_to_web_ui_and_foreign_host_is_421(env):
+    """The edge hands the proxy's own host to the web Site and refuses hosts it does not serve."""
+    head, body = await env.fetch(request_bytes(host=PUBLIC))
+    assert head.status == 200 and body == b"proxy web ui"
+    head, _ = await env.fetch(request_bytes(host="example.com"))
+    assert head.status == 421
