@@ -1,7 +1,9 @@
 """Which apps are online, and through which agent tunnels the proxy can reach them.
 
-An app is online while at least one live tunnel announced it; the registry holds only
-what agents told us in their ``hello``, so a tunnel going away takes its apps with it.
+An app is online while at least one live tunnel announced it. When its last tunnel goes
+away the app stays *known* (offline) with what the agent last told us, so a request for it
+is answered "no agent is serving this app" (503) rather than "no such host" (404), and
+the UI can show it as offline.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class AgentRegistry:
         self._by_name: dict[str, list[tuple[Any, AppInfo]]] = {}
         self._by_host: dict[str, str] = {}
         self._turn: dict[str, int] = {}
+        # Every app ever announced since start, by name, and its host; outlives tunnels.
+        self._known: dict[str, AppInfo] = {}
+        self._known_hosts: dict[str, str] = {}
 
     def add(self, tunnel: Any, agent_id: str, apps: list[AppInfo]) -> None:
         """Register (or re-register) what one tunnel serves."""
@@ -57,17 +62,24 @@ class AgentRegistry:
         if self._tunnels.pop(tunnel, None) is not None:
             self._rebuild()
 
-    def apps(self) -> list[AppInfo]:
-        """Online apps, one per name (the first announcement wins), sorted by name."""
+    def apps(self, include_offline: bool = False) -> list[AppInfo]:
+        """Online apps (and known offline ones if asked), one per name, sorted by name."""
+        if include_offline:
+            return [app for _, app in sorted(self._known.items())]
         return [entries[0][1] for _, entries in sorted(self._by_name.items())]
 
+    def is_online(self, name: str) -> bool:
+        return name in self._by_name
+
     def app(self, name: str) -> AppInfo | None:
+        """The app called ``name``, online or last seen."""
         entries = self._by_name.get(name)
-        return entries[0][1] if entries else None
+        return entries[0][1] if entries else self._known.get(name)
 
     def app_by_host(self, host: str) -> AppInfo | None:
         """The app whose public address is ``host``, ignoring case and any port."""
-        name = self._by_host.get(host_only(host))
+        host = host_only(host)
+        name = self._by_host.get(host) or self._known_hosts.get(host)
         return self.app(name) if name is not None else None
 
     def pick(self, name: str) -> Any | None:
@@ -95,4 +107,9 @@ class AgentRegistry:
                 )
         self._by_name = by_name
         self._by_host = by_host
+        for host, name in by_host.items():
+            self._known[name] = by_name[name][0][1]
+            for old_host in [h for h, n in self._known_hosts.items() if n == name and h != host]:
+                del self._known_hosts[old_host]
+            self._known_hosts[host] = name
         self._turn = {name: turn for name, turn in self._turn.items() if name in by_name}

@@ -11,14 +11,14 @@ def app(name, addr=None, agent="a1"):
 
 
 def test_apps_are_online_while_a_tunnel_serves_them():
-    """Apps appear with their tunnel and disappear when it is removed."""
+    """Apps are online with their tunnel and go offline (not forgotten) when it is removed."""
     reg = AgentRegistry()
     t1 = object()
     reg.add(t1, "a1", [app("grafana"), app("wiki")])
     assert [a.name for a in reg.apps()] == ["grafana", "wiki"]
     assert reg.app("wiki").name == "wiki" and reg.app("nope") is None
     reg.remove(t1)
-    assert reg.apps() == [] and reg.app("wiki") is None and reg.pick("wiki") is None
+    assert reg.apps() == [] and reg.pick("wiki") is None and not reg.is_online("wiki")
     reg.remove(t1)  # removing twice is harmless
 
 
@@ -52,7 +52,7 @@ def test_re_adding_a_tunnel_replaces_its_apps():
     reg.add(t1, "a1", [app("grafana")])
     reg.add(t1, "a1", [app("wiki")])
     assert [a.name for a in reg.apps()] == ["wiki"]
-    assert reg.app_by_host("grafana.apptunnel.localhost") is None
+    assert not reg.is_online("grafana") and reg.pick("grafana") is None
 
 
 def test_host_only_handles_ipv6_and_ports():
@@ -60,3 +60,18 @@ def test_host_only_handles_ipv6_and_ports():
     assert host_only("[::1]:8080") == "[::1]"
     assert host_only("Example.COM:1") == "example.com"
     assert host_only("example.com") == "example.com"
+
+
+def test_app_stays_known_offline_after_its_tunnel_leaves():
+    """A departed app is still found by host (so the edge can answer 503) but not picked."""
+    registry = AgentRegistry()
+    tunnel = object()
+    app = AppInfo(name="grafana", uri="http://127.0.0.1:3000", public_addr="grafana.example.com")
+    registry.add(tunnel, "agent-1", [app])
+    registry.remove(tunnel)
+    assert registry.app_by_host("grafana.example.com") == app
+    assert registry.app("grafana") == app
+    assert registry.pick("grafana") is None
+    assert not registry.is_online("grafana")
+    assert registry.apps() == []
+    assert registry.apps(include_offline=True) == [app]
