@@ -1,0 +1,465 @@
+"""The proxy host's own web UI and JSON API (Klein).
+
+Users sign in here, see the apps their roles allow, and launch them; the app host then
+receives a one-time code bound to its own state cookie (see proxy/forward.py), never a
+session secret. Every decision (passwords, sessions, RBAC) is made by the objects handed
+in; this module only speaks HTTP: cookies, redirects, CSRF origin checks, security
+headers, and one uniform error page so no traceback ever reaches a browser.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+from importlib.resources import files
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit
+
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from twisted.web.static import Data
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+
+from apptunnel.auth.errors import AuthError
+from apptunnel.auth.redirects import safe_path
+
+if TYPE_CHECKING:
+    from apptunnel.audit import AuditLog
+    from apptunnel.auth.ca import ClusterCA
+    from apptunnel.auth.jwt import JwtKeys
+    from apptunnel.auth.policy import RoleCache
+    from apptunnel.auth.sessions import SessionManager
+    from apptunnel.backend.records import WebSession
+    from apptunnel.config import ProxyConfig
+    from apptunnel.proxy.registry import AgentRegistry, AppInfo
+
+SESSION_COOKIE = "__Host-apptunnel_session"
+LOGIN_FAILED = "invalid username or password"
+
+# Bounds checked before any work is done (argon2 on a megabyte password is a DoS).
+MAX_USERNAME = 256
+MAX_PASSWORD = 1024
+MAX_STATE = 512
+MAX_COOKIE = 256
+MAX_JSON_BODY = 16 * 1024
+
+# Set on every response. Referrer-Policy is `same-origin`, not `no-referrer`: under
+# `no-referrer` browsers send `Origin: null` on our own form POSTs (Fetch spec, "append a
+# request Origin header"), which the CSRF check must refuse, so nobody could sign in. With
+# `same-origin` no Referer ever leaves for another origin (an app host, a launched URL).
+SECURITY_HEADERS = (
+    (b"Content-Security-Policy",
+     b"default-src 'self'; frame-ancestors 'none'; form-action 'self' https:"),
+    (b"X-Frame-Options", b"DENY"),
+    (b"X-Content-Type-Options", b"nosniff"),
+    (b"Referrer-Policy", b"same-origin"),
+    (b"Cache-Control", b"no-store"),
+)
+
+_HEADINGS = {
+    400: ("Bad request", "The request was not valid."),
+    401: ("Sign-in required", "Sign in to continue."),
+    403: ("Access denied", "You are not allowed to do this."),
+    404: ("Not found", "There is nothing at this address."),
+    405: ("Method not allowed", "This address does not accept that method."),
+    413: ("Request too large", "The request body is larger than this address accepts."),
+    415: ("Unsupported media type", "This address accepts application/json only."),
+    500: ("Something went wrong", "The proxy could not complete the request; it has been logged."),
+}
+
+_JSON_PREFIXES = (b"/v1/", b"/.well-known/", b"/healthz")
+
+
+class WebError(Exception):
+    """An HTTP error to show on the uniform page (or as JSON under the API paths)."""
+
+    def __init__(self, status: int, message: str | None = None) -> None:
+        self.status = status
+        self.message = message or _HEADINGS.get(status, ("", "The request failed."))[1]
+        super().__init__(self.message)
+
+
+class _SecurityHeaders(Resource):
+    """Root resource: stamps the security headers on every response, then lets Klein route."""
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def render(self, request: IRequest):
+        for name, value in SECURITY_HEADERS:
+            request.setHeader(name, value)
+        return self._inner.render(request)
+
+
+class WebApp:
+    """Routes of the proxy host: apps page, sign-in/out, launch hand-off, JSON API, JWKS."""
+
+    app = Klein()
+    _log = Logger()
+
+    def __init__(self, config: ProxyConfig, sessions: SessionManager, roles: RoleCache,
+                 registry: AgentRegistry, audit: AuditLog, jwt_keys: JwtKeys, ca: ClusterCA,
+                 clock: IReactorTime) -> None:
+        self._config = config
+        self._sessions = sessions
+        self._roles = roles
+        self._registry = registry
+        self._audit = audit
+        self._jwt_keys = jwt_keys
+        self._ca = ca
+        self._clock = clock
+        self._origins = _own_origins(config.public_host, config.public_port)
+        self._templates = Environment(
+            loader=PackageLoader("apptunnel.web", "templates"),
+            autoescape=True,
+            undefined=StrictUndefined,
+            auto_reload=False,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        # Load every template now, so rendering on the reactor never touches the disk.
+        for name in ("base.html", "apps.html", "login.html", "error.html"):
+            self._templates.get_template(name)
+        self._static = _load_static()
+
+    def resource(self) -> IResource:
+        """The root resource to serve at https://<public_addr>/ (wrapped in a Site by the caller)."""
+        return _SecurityHeaders(self.app.resource())
+
+    # -- pages -------------------------------------------------------------------------
+
+    @app.route("/", methods=["GET"])
+    async def apps_page(self, request):
+        secret, web = await self._web_session(request)
+        if web is None:
+            return _redirect(request, 302, "/web/login")
+        apps = await self._allowed_apps(web)
+        return self._page(request, 200, "apps.html", {
+            "user": web.user,
+            "roles": list(web.roles),
+            "apps": [
+                {
+                    "name": app.name,
+                    "labels": sorted(app.labels.items()),
+                    "public_addr": self._app_addr(app),
+                    "launch_url": f"https://{self._app_addr(app)}/",
+                }
+                for app in apps
+            ],
+            "ca_pin": self._ca.pin,
+        })
+
+    @app.route("/web/login", methods=["GET"])
+    async def login_form(self, request):
+        target = safe_path(_arg(request, "next"))
+        _, web = await self._web_session(request)
+        if web is not None:
+            return _redirect(request, 302, target)
+        return self._login_page(request, 200, target, error=None)
+
+    @app.route("/web/login", methods=["POST"])
+    async def login_submit(self, request):
+        self._require_same_origin(request)
+        target = safe_path(_arg(request, "next"))
+        username = _arg(request, "username") or ""
+        password = _arg(request, "password") or ""
+        try:
+            secret, web, ttl = await self._password_login(request, username, password)
+        except AuthError as err:
+            return self._login_page(request, err.status, target, error=err.message)
+        _set_session_cookie(request, secret, ttl)
+        return _redirect(request, 303, target)
+
+    @app.route("/web/logout", methods=["POST"])
+    async def logout(self, request):
+        self._require_same_origin(request)
+        await self._end_session(request)
+        return _redirect(request, 303, "/web/login")
+
+    @app.route("/web/launch/<string:name>", methods=["GET"])
+    async def launch(self, request, name: str):
+        _, web = await self._web_session(request)
+        if web is None:
+            here = request.uri.decode("latin-1")
+            return _redirect(request, 302, "/web/login?next=" + quote(here, safe=""))
+        app = self._registry.app(name)
+        if app is None:
+            raise WebError(404, "No application of that name is online.")
+        state = _arg(request, "state")
+        if not state or len(state) > MAX_STATE:
+            raise WebError(400, "The launch link is missing its state; open the app again.")
+        role_set = await self._roles.role_set(web.roles)
+        decision = role_set.check_app(app.labels, web.traits)
+        if not decision.allowed:
+            self._audit.emit("access.denied", actor=web.user, target=app.name,
+                             outcome="failure", reason=decision.reason,
+                             client=_client(request))
+            raise WebError(403, "Your roles do not allow you to open this application.")
+        path = safe_path(_arg(request, "path"))
+        code = await self._sessions.create_auth_code(web, app.name, path, state)
+        url = f"https://{self._app_addr(app)}/.apptunnel/auth?code={quote(code, safe='')}"
+        return _redirect(request, 302, url)
+
+    @app.route("/static/<string:name>", methods=["GET"])
+    def static(self, request, name: str):
+        asset = self._static.get(name)
+        if asset is None:
+            raise WebError(404)
+        request.setHeader(b"Cache-Control", b"public, max-age=300")
+        return asset
+
+    # -- JSON API ----------------------------------------------------------------------
+
+    @app.route("/v1/sessions", methods=["POST"])
+    async def api_login(self, request):
+        if self._same_origin(request) is False:
+            raise WebError(403, "cross-origin request refused")
+        body = _json_body(request)
+        username, password = body.get("username"), body.get("password")
+        if not isinstance(username, str) or not isinstance(password, str):
+            raise WebError(400, "username and password (strings) are required")
+        secret, web, ttl = await self._password_login(request, username, password)
+        _set_session_cookie(request, secret, ttl)
+        return _json(request, 200, {
+            "user": web.user, "roles": list(web.roles), "expires": web.expires,
+        })
+
+    @app.route("/v1/sessions", methods=["DELETE"])
+    async def api_logout(self, request):
+        if self._same_origin(request) is False:
+            raise WebError(403, "cross-origin request refused")
+        await self._end_session(request)
+        request.setResponseCode(204)
+        return b""
+
+    @app.route("/v1/apps", methods=["GET"])
+    async def api_apps(self, request):
+        _, web = await self._web_session(request)
+        if web is None:
+            raise WebError(401, "sign in required")
+        apps = await self._allowed_apps(web)
+        return _json(request, 200, {"apps": [
+            {
+                "name": app.name,
+                "labels": dict(app.labels),
+                "public_addr": self._app_addr(app),
+                "online": True,
+            }
+            for app in apps
+        ]})
+
+    @app.route("/.well-known/jwks.json", methods=["GET"])
+    def jwks(self, request):
+        request.setHeader(b"Cache-Control", b"public, max-age=300")
+        return _json(request, 200, self._jwt_keys.jwks())
+
+    @app.route("/healthz", methods=["GET"])
+    def healthz(self, request):
+        return _json(request, 200, {"status": "ok"})
+
+    # -- errors ------------------------------------------------------------------------
+
+    @app.handle_errors
+    def on_error(self, request, failure: Failure):
+        """Every failure becomes one uniform page (or JSON error); never a traceback."""
+        err = failure.value
+        if isinstance(err, (WebError, AuthError)):
+            status, message = err.status, err.message
+        elif isinstance(err, HTTPException):
+            status = err.code if err.code in _HEADINGS else 404
+            message = _HEADINGS[status][1]
+            if isinstance(err, MethodNotAllowed) and err.valid_methods:
+                request.setHeader(b"Allow", ", ".join(err.valid_methods).encode("ascii"))
+        else:
+            self._log.failure(
+                "web request {method} {path} failed", failure,
+                method=request.method.decode("latin-1"), path=request.path.decode("latin-1"),
+            )
+            status, message = 500, _HEADINGS[500][1]
+        if request.path.startswith(_JSON_PREFIXES):
+            return _json(request, status, {"error": message})
+        return self._error_page(request, status, message)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    async def _web_session(self, request) -> tuple[str | None, WebSession | None]:
+        """(secret, WebSession) from the session cookie, or (None, None)."""
+        raw = request.getCookie(SESSION_COOKIE.encode("ascii"))
+        if not raw or len(raw) > MAX_COOKIE:
+            return None, None
+        try:
+            secret = raw.decode("ascii")
+        except UnicodeDecodeError:
+            return None, None
+        web = await self._sessions.web_session(secret)
+        return (secret, web) if web is not None else (None, None)
+
+    async def _password_login(self, request, username: str, password: str
+                              ) -> tuple[str, WebSession, float]:
+        """Check the password, open a web session and audit both; AuthError(401) on failure."""
+        client = _client(request)
+        if not username or len(username) > MAX_USERNAME or len(password) > MAX_PASSWORD:
+            self._audit.emit("user.login", actor=username[:MAX_USERNAME], outcome="failure",
+                             method="password", client=client)
+            raise AuthError(401, LOGIN_FAILED)
+        try:
+            user = await self._sessions.login(username, password)
+        except AuthError:
+            self._audit.emit("user.login", actor=username, outcome="failure",
+                             method="password", client=client)
+            raise
+        role_set = await self._roles.role_set(user.roles)
+        default = self._config.session_ttl
+        ttl = min(default, role_set.max_session_ttl(default))
+        secret, web = await self._sessions.create_web_session(user, ttl=ttl)
+        self._audit.emit("user.login", actor=user.name, method="password", client=client)
+        self._audit.emit("session.web.start", actor=user.name, client=client,
+                         expires=web.expires)
+        return secret, web, ttl
+
+    async def _end_session(self, request) -> None:
+        """End the caller's web session (and its app sessions) if any; always clear the cookie."""
+        secret, web = await self._web_session(request)
+        if web is not None:
+            await self._sessions.end_web_session(secret)
+            self._audit.emit("session.web.end", actor=web.user, client=_client(request))
+        _set_session_cookie(request, "", 0)
+
+    async def _allowed_apps(self, web: WebSession) -> list[AppInfo]:
+        role_set = await self._roles.role_set(web.roles)
+        allowed = [
+            app for app in self._registry.apps()
+            if role_set.check_app(app.labels, web.traits).allowed
+        ]
+        return sorted(allowed, key=lambda app: app.name)
+
+    def _app_addr(self, app: AppInfo) -> str:
+        """host[:port] users reach the app at: all app hosts share the proxy's public port."""
+        addr = app.public_addr or f"{app.name}.{self._config.public_host}"
+        if ":" not in addr and self._config.public_port != 443:
+            addr = f"{addr}:{self._config.public_port}"
+        return addr
+
+    def _same_origin(self, request) -> bool | None:
+        """Whether Origin (or else Referer) names this proxy; None when neither is sent."""
+        origin = request.getHeader(b"origin")
+        if origin is not None:
+            return origin.decode("latin-1").strip().lower() in self._origins
+        referer = request.getHeader(b"referer")
+        if referer is not None:
+            try:
+                parts = urlsplit(referer.decode("latin-1").strip())
+            except ValueError:
+                return False
+            return f"{parts.scheme}://{parts.netloc}".lower() in self._origins
+        return None
+
+    def _require_same_origin(self, request) -> None:
+        """CSRF guard for form POSTs: browsers always label those with Origin or Referer."""
+        if self._same_origin(request) is not True:
+            raise WebError(403, "This form was not submitted from this site.")
+
+    def _login_page(self, request, status: int, target: str, error: str | None) -> bytes:
+        return self._page(request, status, "login.html", {
+            "next": target, "error": error,
+            "max_username": MAX_USERNAME, "max_password": MAX_PASSWORD,
+        })
+
+    def _error_page(self, request, status: int, message: str) -> bytes:
+        heading = _HEADINGS.get(status, ("Error", ""))[0]
+        return self._page(request, status, "error.html", {
+            "status": status, "heading": heading, "message": message,
+        })
+
+    def _page(self, request, status: int, name: str, context: dict[str, Any]) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        template = self._templates.get_template(name)
+        return template.render(cluster_name=self._config.cluster_name, **context).encode("utf-8")
+
+
+def _load_static() -> dict[str, Data]:
+    """The package's static files, read once: serving them never touches the disk."""
+    assets = {}
+    for entry in (files("apptunnel.web") / "static").iterdir():
+        if not entry.is_file():
+            continue
+        content_type = mimetypes.guess_type(entry.name)[0] or "application/octet-stream"
+        if content_type.startswith("text/"):
+            content_type += "; charset=utf-8"
+        assets[entry.name] = Data(entry.read_bytes(), content_type)
+    return assets
+
+
+def _own_origins(host: str, port: int) -> frozenset[str]:
+    """The Origin values a browser sends for pages of this proxy (port 443 is implicit)."""
+    host = host.lower()
+    origins = {f"https://{host}:{port}"}
+    if port == 443:
+        origins.add(f"https://{host}")
+    return frozenset(origins)
+
+
+def _arg(request, name: str) -> str | None:
+    """First value of a query or form field, or None; bad UTF-8 is a 400, not a traceback."""
+    values = request.args.get(name.encode("ascii"))
+    if not values:
+        return None
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebError(400, f"The {name} field is not valid UTF-8.") from None
+
+
+def _json_body(request) -> dict:
+    """The request's JSON object, bounded in size; 415/413/400 for anything else."""
+    content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    if content_type != b"application/json":
+        raise WebError(415, "Content-Type must be application/json")
+    request.content.seek(0)
+    raw = request.content.read(MAX_JSON_BODY + 1)
+    if len(raw) > MAX_JSON_BODY:
+        raise WebError(413, "request body too large")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise WebError(400, "malformed JSON") from None
+    if not isinstance(body, dict):
+        raise WebError(400, "the body must be a JSON object")
+    return body
+
+
+def _json(request, status: int, body: Any) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(body).encode("utf-8")
+
+
+def _redirect(request, status: int, location: str) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Location", location.encode("utf-8"))
+    return b""
+
+
+def _set_session_cookie(request, secret: str, max_age: float) -> None:
+    """Host-only, Secure, HttpOnly, Lax: the only shape the `__Host-` prefix allows anyway."""
+    request.responseHeaders.addRawHeader(
+        b"Set-Cookie",
+        f"{SESSION_COOKIE}={secret}; Path=/; Secure; HttpOnly; SameSite=Lax; "
+        f"Max-Age={int(max_age)}".encode("ascii"),
+    )
+
+
+def _client(request) -> str:
+    addr = request.getClientAddress()
+    host = getattr(addr, "host", None)
+    port = getattr(addr, "port", None)
+    return f"{host}:{port}" if host is not None else ""
