@@ -151,6 +151,7 @@ class WebApp:
                     "labels": sorted(app.labels.items()),
                     "public_addr": self._app_addr(app),
                     "launch_url": f"https://{self._app_addr(app)}/",
+                    "online": self._registry.is_online(app.name),
                 }
                 for app in apps
             ],
@@ -251,7 +252,7 @@ class WebApp:
                 "name": app.name,
                 "labels": dict(app.labels),
                 "public_addr": self._app_addr(app),
-                "online": True,
+                "online": self._registry.is_online(app.name),
             }
             for app in apps
         ]})
@@ -336,7 +337,7 @@ class WebApp:
     async def _allowed_apps(self, web: WebSession) -> list[AppInfo]:
         role_set = await self._roles.role_set(web.roles)
         allowed = [
-            app for app in self._registry.apps()
+            app for app in self._registry.apps(include_offline=True)
             if role_set.check_app(app.labels, web.traits).allowed
         ]
         return sorted(allowed, key=lambda app: app.name)

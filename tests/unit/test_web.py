@@ -56,6 +56,7 @@ class Env:
     jwt_keys: JwtKeys
     ca: ClusterCA
     web: WebApp
+    registry: AgentRegistry
 
     async def call(self, method: str, path: str, *, cookie: str | None = None,
                    origin: str | None = BASE, headers: dict | None = None, **kwargs):
@@ -164,7 +165,7 @@ async def env(tmp_path):
     ca = ClusterCA.load_or_create(str(tmp_path), config.cluster_name)
     web = WebApp(config, sessions, RoleCache(backend, clock), registry, audit, jwt_keys, ca,
                  clock)
-    yield Env(config, clock, backend, sessions, audit, jwt_keys, ca, web)
+    yield Env(config, clock, backend, sessions, audit, jwt_keys, ca, web, registry)
     await audit.stop()
     await backend.close()
 
@@ -378,6 +379,22 @@ async def test_json_login_and_logout(env):
     response, body = await env.call("GET", "/v1/apps", cookie=secret)
     assert response.code == 401
     assert "error" in json.loads(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_apps_whose_agent_left_are_listed_offline(env):
+    """An allowed app whose agent went away stays listed, marked offline, without Launch."""
+    tunnel = object()
+    env.registry.add(tunnel, "agent-2", [_app("metrics", {"env": "staging"})])
+    env.registry.remove(tunnel)
+    response, body = await env.call(
+        "POST", "/v1/sessions", origin=None, json={"username": "alice", "password": "alice-pw"})
+    secret, _ = _session_cookie(response)
+    response, body = await env.call("GET", "/v1/apps", cookie=secret)
+    apps = {app["name"]: app["online"] for app in json.loads(body)["apps"]}
+    assert apps == {"grafana": True, "metrics": False}
+    response, body = await env.call("GET", "/", cookie=secret)
+    assert b"offline" in body and b"https://metrics.apptunnel.localhost:3080/" not in body
 
 
 @pytest_twisted.ensureDeferred
