@@ -82,7 +82,7 @@ def _app_online(cluster: Cluster, name: str) -> bool:
                    verify=cluster.ca_file, timeout=5)
         r.raise_for_status()
         apps = s.get(cluster.url(path="/v1/apps"), verify=cluster.ca_file, timeout=5).json()["apps"]
-    return any(app["name"] == name for app in apps)
+    return any(app["name"] == name and app["online"] for app in apps)
 
 
 def _jwks(cluster: Cluster) -> dict:

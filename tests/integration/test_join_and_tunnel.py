@@ -184,7 +184,7 @@ async def test_join_tunnel_and_relay(tmp_path, proxy, echo_port):
         assert [(e.code, e.actor) for e in events] == [("T3100I", identity.host_id)]
     finally:
         await bounded(agent.stopService())
-    await until(lambda: proxy.registry.app("echo") is None, "the app to go offline")
+    await until(lambda: not proxy.registry.is_online("echo"), "the app to go offline")
 
 
 @pytest_twisted.ensureDeferred
@@ -256,24 +256,24 @@ async def test_agent_reconnects_and_restarts_without_token(tmp_path, proxy, echo
     agent = AgentService(config, reactor)
     agent.startService()
     try:
-        await until(lambda: proxy.registry.app("echo"), "the first registration")
+        await until(lambda: proxy.registry.is_online("echo"), "the first registration")
         await proxy.port.stopListening()
         proxy.registry.pick("echo").transport.abortConnection()
-        await until(lambda: proxy.registry.app("echo") is None, "the app to go offline")
+        await until(lambda: not proxy.registry.is_online("echo"), "the app to go offline")
         await proxy.listen()
-        await until(lambda: proxy.registry.app("echo"), "the agent to reconnect", timeout=15)
+        await until(lambda: proxy.registry.is_online("echo"), "the agent to reconnect", timeout=15)
         client = await open_collect(proxy.registry.pick("echo"), {"app": "echo"})
         client.transport.write(b"after reconnect")
         await until(lambda: client.data == b"after reconnect", "the echo")
         client.transport.loseConnection()
     finally:
         await bounded(agent.stopService())
-    await until(lambda: proxy.registry.app("echo") is None, "the app to go offline")
+    await until(lambda: not proxy.registry.is_online("echo"), "the app to go offline")
 
     again = AgentService(agent_config(tmp_path, proxy, apps=apps), reactor)
     again.startService()
     try:
-        await until(lambda: proxy.registry.app("echo"), "the restarted agent")
+        await until(lambda: proxy.registry.is_online("echo"), "the restarted agent")
     finally:
         await bounded(again.stopService())
     assert [e.code for e in await proxy.joins()] == ["T3100I"]
@@ -295,9 +295,9 @@ async def test_stop_drains_open_streams_without_reconnecting(tmp_path, proxy, ec
     await until(lambda: client.data == b"still here", "the echo while draining")
     client.transport.loseConnection()
     await bounded(stopping)
-    await until(lambda: proxy.registry.app("echo") is None, "the app to go offline")
+    await until(lambda: not proxy.registry.is_online("echo"), "the app to go offline")
     await task.deferLater(reactor, 1.0)
-    assert proxy.registry.app("echo") is None
+    assert not proxy.registry.is_online("echo")
 
 
 class HelloOnReady:
