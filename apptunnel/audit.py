@@ -41,6 +41,10 @@ CODES: dict[str, tuple[str, str]] = {
     "user.update": ("T4002I", "T4002W"),
     "resource.create": ("T4100I", "T4100W"),
     "resource.delete": ("T4101I", "T4101W"),
+    "lock.create": ("T6000I", "T6000W"),
+    "lock.delete": ("T6001I", "T6001W"),
+    "lock.enforced": ("T6002W", "T6002W"),
+    "cert.issue": ("T5000I", "T5000W"),
 }
 UNKNOWN_CODES = ("T0000I", "T0000W")
 
@@ -55,8 +59,17 @@ def code_for(type: str, outcome: str) -> str:
     return success if outcome == "success" else other
 
 
+_SCALARS = frozenset([str, int, float, bool, type(None)])
+
+
 def _plain(fields: dict[str, Any]) -> dict[str, Any]:
-    """Fields as JSON values; anything exotic becomes its str() so storage never fails."""
+    """Fields as JSON values; anything exotic becomes its str() so storage never fails.
+
+    Scalar-only fields (every per-request event) are copied as they are: the JSON round
+    trip would give back the same dict, at a cost paid on every request.
+    """
+    if all(type(v) in _SCALARS for v in fields.values()):
+        return dict(fields)
     return json.loads(json.dumps(fields, default=str))
 
 

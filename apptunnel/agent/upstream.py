@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from apptunnel.config import AppConfig
 from apptunnel.net import loopback_host
+from apptunnel.tunnel.endpoints import no_delay
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 
@@ -177,6 +178,7 @@ class UpstreamProtocol(Protocol):
         self._write_done = False
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         if not self._tls:
             self._become_ready()
 

@@ -18,6 +18,7 @@ from twisted.web.server import Site
 from apptunnel.proxy import pages
 from apptunnel.proxy.http1 import MAX_HEAD, HttpError, peek_request_head
 from apptunnel.proxy.registry import host_only
+from apptunnel.tunnel.endpoints import no_delay
 
 HEAD_TIMEOUT = 30.0
 
@@ -36,6 +37,7 @@ class EdgeProtocol(Protocol):
         self._timer = None
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         clock = self._factory.forwarder.clock
         self._timer = clock.callLater(self._factory.head_timeout, self._head_timed_out)
 

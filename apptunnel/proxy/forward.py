@@ -528,10 +528,12 @@ class AppConnection(Protocol):
             return
         self._queue(events)
         # Pause only when the client actually sends more while we are busy with a request:
-        # what arrived is held (one read at most), and the common case costs no syscalls.
+        # what arrived is held (one read at most), and the common case (one request, then
+        # wait for its response) costs no syscalls.
         if self._routing and not self._closing:
             self._pause_client("routing")
-        if self._ex is not None and self._reader.state == "done" and not self._closing:
+        if (self._ex is not None and self._reader.state == "done" and self._reader.held
+                and not self._closing):
             self._pause_client("waiting")
 
     def connectionLost(self, reason: Failure) -> None:
