@@ -33,6 +33,8 @@ CODES: dict[str, tuple[str, str]] = {
     "session.app.end": ("T2011I", "T2011W"),
     "app.request": ("T2100I", "T2100W"),
     "access.denied": ("T2200W", "T2200W"),
+    "tcp.session.start": ("T2300I", "T2300W"),
+    "tcp.session.end": ("T2301I", "T2301W"),
     "token.create": ("T3000I", "T3000W"),
     "token.delete": ("T3001I", "T3001W"),
     "agent.join": ("T3100I", "T3100W"),

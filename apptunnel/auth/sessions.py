@@ -7,29 +7,36 @@ code for an app session. No session secret ever travels in a URL.
 
 Only hashes of secrets reach the backend. Valid sessions are cached briefly in memory so
 the request path rarely touches storage; the cache lifetime is short so a logout or a
-deleted user on another proxy takes effect within seconds.
+deleted user on another proxy takes effect within seconds. Locks (``auth/locks.py``) are
+checked on every lookup, after the cache, so a lock wins as soon as the watcher knows it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from apptunnel.auth.errors import AuthError
+from apptunnel.auth.locks import LockWatcher, lock_message
 from apptunnel.auth.passwords import verify_password
 from apptunnel.auth.tokens import constant_time_equal, new_secret, secret_hash
 from apptunnel.backend.base import Backend
-from apptunnel.backend.records import AppSession, AuthCode, User, WebSession
+from apptunnel.backend.records import AppSession, AuthCode, Lock, User, WebSession
+
+if TYPE_CHECKING:
+    from apptunnel.audit import AuditLog
 
 PROXY_COOKIE_PREFIX = "__Host-apptunnel_"
 AUTH_CODE_TTL = 60.0
 MAX_SECRET_LENGTH = 256
 MAX_USERNAME_LENGTH = 256
 MAX_CACHE_ENTRIES = 10_000
+LOCK_AUDIT_INTERVAL = 10.0      # one lock.enforced event per (user, app) per this many seconds
 
 LOGIN_FAILED = "invalid username or password"
 CODE_INVALID = "invalid or expired sign-in link; open the app again"
@@ -74,6 +81,8 @@ class SessionManager:
         *,
         cache_ttl: float = 10.0,
         negative_cache_ttl: float = 2.0,
+        locks: LockWatcher | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self._backend = backend
         self._clock = clock
@@ -82,6 +91,9 @@ class SessionManager:
         self._negative_ttl = negative_cache_ttl
         self._web = _Cache()
         self._app = _Cache()
+        self._locks = locks
+        self._audit = audit
+        self._lock_audited: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     # -- login ------------------------------------------------------------------
 
@@ -95,6 +107,8 @@ class SessionManager:
         ok = await deferToThread(verify_password, stored, password)
         if not ok or user is None:
             raise AuthError(401, LOGIN_FAILED)
+        # Only after the password matched, so a lock message tells a stranger nothing.
+        self._refuse_if_locked(user.name, None, "login")
         return user
 
     # -- web sessions -----------------------------------------------------------
@@ -103,6 +117,7 @@ class SessionManager:
         self, user: User, ttl: float | None = None
     ) -> tuple[str, WebSession]:
         """Start a web session for user; returns (secret for the cookie, record)."""
+        self._refuse_if_locked(user.name, None, "web session")
         now = self._clock.seconds()
         secret = new_secret()
         record = WebSession(
@@ -122,7 +137,10 @@ class SessionManager:
         key = self._key(secret)
         if key is None:
             return None
-        return await self._live_web_session(key)
+        web = await self._live_web_session(key)
+        if web is None or self._lock_for(web.user, None, "web session") is not None:
+            return None
+        return web
 
     async def end_web_session(self, secret: str) -> None:
         """Log out: end the web session and every app session started from it."""
@@ -140,6 +158,7 @@ class SessionManager:
         """A one-time code (60 s) for ``app`` that only the holder of ``state`` can redeem."""
         if not state:
             raise AuthError(400, "missing state")
+        self._refuse_if_locked(web.user, app, "launch")
         code = new_secret()
         await self._backend.put_auth_code(
             AuthCode(
@@ -176,6 +195,7 @@ class SessionManager:
         web = await self._backend.get_web_session(taken.web_session)
         if web is None or web.expires <= now:
             raise AuthError(400, CODE_INVALID)
+        self._refuse_if_locked(web.user, app, "app session")
         secret = new_secret()
         record = AppSession(
             id_hash=secret_hash(secret),
@@ -202,6 +222,8 @@ class SessionManager:
                                                      self._backend.get_app_session)
         if record is None or record.expires <= now or record.app != app:
             return None
+        if self._lock_for(record.user, app, "app session") is not None:
+            return None
         return record
 
     async def end_app_session(self, secret: str) -> None:
@@ -216,7 +238,40 @@ class SessionManager:
         web = await self._live_web_session(app_session.web_session)
         if web is None or web.user != app_session.user:
             return None
+        if self._lock_for(web.user, app_session.app, "app session") is not None:
+            return None
         return web
+
+    # -- locks ------------------------------------------------------------------
+
+    def _lock_for(self, user: str, app: str | None, where: str) -> Lock | None:
+        """The lock refusing (user, app), audited at most once per LOCK_AUDIT_INTERVAL."""
+        if self._locks is None:
+            return None
+        lock = self._locks.locked(user, app)
+        if lock is not None:
+            self._audit_enforced(lock, user, app, where)
+        return lock
+
+    def _refuse_if_locked(self, user: str, app: str | None, where: str) -> None:
+        lock = self._lock_for(user, app, where)
+        if lock is not None:
+            raise AuthError(403, lock_message(lock))
+
+    def _audit_enforced(self, lock: Lock, user: str, app: str | None, where: str) -> None:
+        if self._audit is None:
+            return
+        now = self._clock.seconds()
+        key = (user, app or "")
+        last = self._lock_audited.get(key)
+        if last is not None and now - last < LOCK_AUDIT_INTERVAL:
+            return
+        self._lock_audited[key] = now
+        self._lock_audited.move_to_end(key)
+        while len(self._lock_audited) > MAX_CACHE_ENTRIES:
+            self._lock_audited.popitem(last=False)
+        self._audit.emit("lock.enforced", actor=user, target=app or "", outcome="failure",
+                         lock=lock.id, where=where)
 
     # -- helpers ----------------------------------------------------------------
 

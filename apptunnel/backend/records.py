@@ -69,6 +69,22 @@ class AuthCode:
 
 
 @attrs.frozen
+class Lock:
+    """Refuses a user, an app, or one user on one app, until removed or expired.
+
+    ``user`` and ``app`` are never both None; ``expires`` None means until removed.
+    """
+
+    id: str
+    user: str | None
+    app: str | None
+    message: str
+    created: float
+    expires: float | None
+    created_by: str
+
+
+@attrs.frozen
 class AuditEvent:
     id: str
     time: float

@@ -29,6 +29,7 @@ from apptunnel.backend.records import (
     AuditEvent,
     AuthCode,
     JoinToken,
+    Lock,
     Resource,
     User,
     WebSession,
@@ -95,6 +96,17 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             fields TEXT NOT NULL)""",
         "CREATE INDEX audit_events_time ON audit_events (time)",
         "CREATE INDEX audit_events_type_time ON audit_events (type, time)",
+    ),
+    (
+        """CREATE TABLE locks (
+            id TEXT PRIMARY KEY,
+            user_name TEXT,
+            app TEXT,
+            message TEXT NOT NULL,
+            created REAL NOT NULL,
+            expires REAL,
+            created_by TEXT NOT NULL)""",
+        "CREATE INDEX app_sessions_app ON app_sessions (app)",
     ),
 )
 
@@ -483,6 +495,89 @@ class SqliteBackend:
 
         return await self._run(run)
 
+    async def delete_user_sessions(self, user: str) -> list[str]:
+        """End every web session of ``user`` with its app sessions and hand-offs (a lock)."""
+        def run(conn: sqlite3.Connection) -> list[str]:
+            with _transaction(conn):
+                ended = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT id_hash FROM app_sessions WHERE user_name = ?", (user,)
+                    ).fetchall()
+                ]
+                conn.execute(
+                    "DELETE FROM auth_codes WHERE web_session IN"
+                    " (SELECT id_hash FROM web_sessions WHERE user_name = ?)",
+                    (user,),
+                )
+                conn.execute("DELETE FROM app_sessions WHERE user_name = ?", (user,))
+                conn.execute("DELETE FROM web_sessions WHERE user_name = ?", (user,))
+                return ended
+
+        return await self._run(run)
+
+    async def delete_app_sessions(self, app: str, user: str | None = None) -> list[str]:
+        """End the app sessions (and pending hand-offs) on ``app``, of one user or everyone."""
+        def run(conn: sqlite3.Connection) -> list[str]:
+            if user is None:
+                sessions_where, params = "app = ?", (app,)
+                codes_where = "app = ?"
+            else:
+                sessions_where, params = "app = ? AND user_name = ?", (app, user)
+                codes_where = ("app = ? AND web_session IN"
+                               " (SELECT id_hash FROM web_sessions WHERE user_name = ?)")
+            with _transaction(conn):
+                ended = [
+                    row[0]
+                    for row in conn.execute(
+                        f"SELECT id_hash FROM app_sessions WHERE {sessions_where}", params
+                    ).fetchall()
+                ]
+                conn.execute(f"DELETE FROM auth_codes WHERE {codes_where}", params)
+                conn.execute(f"DELETE FROM app_sessions WHERE {sessions_where}", params)
+                return ended
+
+        return await self._run(run)
+
+    # -- locks ------------------------------------------------------------------
+
+    async def put_lock(self, lock: Lock) -> None:
+        """Store a lock (replacing one with the same id)."""
+        if lock.user is None and lock.app is None:
+            raise BackendError("a lock needs a user, an app, or both")
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO locks (id, user_name, app, message, created, expires, created_by)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET user_name = excluded.user_name,"
+                " app = excluded.app, message = excluded.message,"
+                " created = excluded.created, expires = excluded.expires,"
+                " created_by = excluded.created_by",
+                (lock.id, lock.user, lock.app, lock.message, lock.created, lock.expires,
+                 lock.created_by),
+            )
+
+        await self._run(run)
+
+    async def list_locks(self, now: float) -> list[Lock]:
+        """Locks still in force at ``now``, oldest first."""
+        def run(conn: sqlite3.Connection) -> list[Lock]:
+            rows = conn.execute(
+                "SELECT id, user_name, app, message, created, expires, created_by FROM locks"
+                " WHERE expires IS NULL OR expires > ? ORDER BY created, id",
+                (now,),
+            ).fetchall()
+            return [Lock(*row) for row in rows]
+
+        return await self._run(run)
+
+    async def delete_lock(self, id: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            return conn.execute("DELETE FROM locks WHERE id = ?", (id,)).rowcount > 0
+
+        return await self._run(run)
+
     # -- auth codes -------------------------------------------------------------
 
     async def put_auth_code(self, c: AuthCode) -> None:
@@ -571,13 +666,17 @@ class SqliteBackend:
     # -- housekeeping -----------------------------------------------------------
 
     async def delete_expired(self, now: float) -> int:
-        """Drop expired sessions, hand-offs and join tokens; return how many rows went."""
+        """Drop expired sessions, hand-offs, join tokens and locks; return how many rows went."""
         def run(conn: sqlite3.Connection) -> int:
             removed = 0
             with _transaction(conn):
                 for table in ("auth_codes", "app_sessions", "web_sessions", "join_tokens"):
                     cur = conn.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,))
                     removed += cur.rowcount
+                cur = conn.execute(
+                    "DELETE FROM locks WHERE expires IS NOT NULL AND expires <= ?", (now,)
+                )
+                removed += cur.rowcount
             return removed
 
         return await self._run(run)

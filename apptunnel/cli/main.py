@@ -8,6 +8,9 @@ Work is split in two so the reactor only runs when there is storage to talk to:
 synchronous code, and `execute` runs the verb against the backend under the reactor.
 `run` does both on a reactor that is already running (the tests use it in-process);
 `main` is the console script and drives `execute` with `twisted.internet.task.react`.
+
+The user's verbs (login, status, logout, apps ls) need no config and no reactor: they talk
+to a proxy over HTTPS with blocking `requests`, so `prepare` runs them to completion.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from twisted.logger import (
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.rbac import RoleError
 from apptunnel.backend import BackendError
-from apptunnel.cli import audit_search, resources, tokens, users
+from apptunnel.cli import apps, audit_search, locks, login, resources, tokens, users
 from apptunnel.cli.context import Admin, CliError, Io, UsageError
 from apptunnel.cli.output import clean
 from apptunnel.config import ConfigError, ProxyConfig, load_proxy_config
@@ -90,6 +93,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     users.add_parsers(verbs, common)
     resources.add_parsers(verbs, common)
     audit_search.add_parsers(verbs, common)
+    locks.add_parsers(verbs, common)
+    login.add_parsers(verbs, common)
+    apps.add_parsers(verbs, common)
     verbs.add_parser("version", parents=[common], help="print the version")
     return parser
 
@@ -136,6 +142,9 @@ def prepare(argv: list[str], io: Io) -> Invocation | int:
         if args.verb == "version":
             io.out(version_text() + "\n")
             return 0
+        user_handler = getattr(args, "user_handler", None)
+        if user_handler is not None:
+            return user_handler(args, io)
         config = load_proxy_config(args.config)
         read_inputs = getattr(args, "read_inputs", None)
         if read_inputs is not None:

@@ -21,6 +21,7 @@ from twisted.web.server import Site
 from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA, load_server_tls
 from apptunnel.auth.jwt import JwtKeys, JwtSigner
+from apptunnel.auth.locks import LockWatcher
 from apptunnel.auth.policy import RoleCache
 from apptunnel.auth.sessions import SessionManager
 from apptunnel.backend import open_backend
@@ -36,21 +37,35 @@ log = Logger()
 _SWEEP_INTERVAL = 600.0
 
 
-def _web_tls_options(cert_pem: bytes, key_pem: bytes, chain: list[bytes]):
+def _web_tls_options(cert_pem: bytes, key_pem: bytes, chain: list[bytes],
+                     client_ca_pem: bytes | None = None):
     """TLS for browsers: our certificate (plus the CA, so clients can pin it), TLS 1.2+.
 
     ALPN is pinned to HTTP/1.1: the edge speaks HTTP/1.1, and without an explicit list
     clients that offer h2 (curl, browsers) get a handshake failure from pyOpenSSL.
+
+    With `client_ca_pem` (the cluster CA) a client certificate is *requested*, not
+    required: the CLI presents its user certificate, browsers present nothing and are
+    served as before. A certificate that is offered must chain to the cluster CA, or the
+    handshake fails; who it names is decided per request by the web routes.
     """
     cert = crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem)
     key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
     extra = [crypto.load_certificate(crypto.FILETYPE_PEM, pem) for pem in chain]
+    client_auth = {}
+    if client_ca_pem is not None:
+        client_auth = {
+            "verify": True,
+            "requireCertificate": False,
+            "caCerts": [crypto.load_certificate(crypto.FILETYPE_PEM, client_ca_pem)],
+        }
     return ssl.CertificateOptions(
         privateKey=key,
         certificate=cert,
         extraCertChain=extra,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         acceptableProtocols=[b"http/1.1"],
+        **client_auth,
     )
 
 
@@ -91,7 +106,9 @@ class ProxyService(MultiService):
 
         self.backend = open_backend(config, reactor)
         self.audit = AuditLog(self.backend, reactor, json_file=config.audit_file)
-        self.sessions = SessionManager(self.backend, reactor, config.session_ttl)
+        self.locks = LockWatcher(self.backend, reactor)
+        self.sessions = SessionManager(self.backend, reactor, config.session_ttl,
+                                       locks=self.locks, audit=self.audit)
         self.roles = RoleCache(self.backend, reactor)
         self.jwt_keys = JwtKeys.load_or_create(config.data_dir, config.jwt_algorithm)
         self.signer = JwtSigner(self.jwt_keys, config.cluster_name, reactor, config.jwt_ttl)
@@ -115,7 +132,7 @@ class ProxyService(MultiService):
         )
         edge = EdgeFactory(config.public_host, site, self.forwarder)
         web_endpoint = SSL4ServerEndpoint(
-            reactor, config.web_listen_port, _web_tls_options(web_cert, web_key, web_chain),
+            reactor, config.web_listen_port, _web_tls_options(web_cert, web_key, web_chain, self.ca.cert_pem),
             interface=config.web_listen_host,
         )
         StreamServerEndpointService(web_endpoint, edge).setServiceParent(self)
@@ -142,6 +159,7 @@ class ProxyService(MultiService):
 
     def startService(self) -> None:
         self.audit.start()
+        self.locks.start()
         super().startService()
         log.info(
             "apptunnel proxy {cluster} serving https://{public} (web {web}, tunnels {tunnel}); "
@@ -154,6 +172,7 @@ class ProxyService(MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         yield super().stopService()
+        self.locks.stop()
         yield defer.ensureDeferred(self.audit.stop())
         yield defer.ensureDeferred(self.backend.close())
 

@@ -15,6 +15,9 @@ from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
@@ -25,6 +28,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.static import Data
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from apptunnel.auth.ca import user_identity
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.redirects import safe_path
 
@@ -34,7 +38,7 @@ if TYPE_CHECKING:
     from apptunnel.auth.jwt import JwtKeys
     from apptunnel.auth.policy import RoleCache
     from apptunnel.auth.sessions import SessionManager
-    from apptunnel.backend.records import WebSession
+    from apptunnel.backend.records import User, WebSession
     from apptunnel.config import ProxyConfig
     from apptunnel.proxy.registry import AgentRegistry, AppInfo
 
@@ -47,6 +51,9 @@ MAX_PASSWORD = 1024
 MAX_STATE = 512
 MAX_COOKIE = 256
 MAX_JSON_BODY = 16 * 1024
+MAX_PUBLIC_KEY = 4 * 1024
+# The shortest user certificate we issue: shorter ones would expire before the CLI used them.
+MIN_CERT_TTL = 1.0
 
 # Set on every response. Referrer-Policy is `same-origin`, not `no-referrer`: under
 # `no-referrer` browsers send `Origin: null` on our own form POSTs (Fetch spec, "append a
@@ -82,6 +89,15 @@ class WebError(Exception):
         self.status = status
         self.message = message or _HEADINGS.get(status, ("", "The request failed."))[1]
         super().__init__(self.message)
+
+
+@attrs.frozen
+class Caller:
+    """Who is asking, from a web session or a user certificate: what authorization needs."""
+
+    user: str
+    roles: tuple[str, ...]
+    traits: dict
 
 
 class _SecurityHeaders(Resource):
@@ -241,15 +257,61 @@ class WebApp:
         request.setResponseCode(204)
         return b""
 
+    @app.route("/v1/certs", methods=["POST"])
+    async def api_certs(self, request):
+        """A short-lived user certificate for the caller's own public key (the CLI's login).
+
+        Authenticated by username/password in the body or else by the web-session cookie,
+        never by a certificate: a certificate must not be able to renew itself forever.
+        """
+        if self._same_origin(request) is False:
+            raise WebError(403, "cross-origin request refused")
+        body = _json_body(request)
+        public_key = _public_key(body.get("public_key"))
+        wanted = _requested_ttl(body.get("ttl"))
+        username, password = body.get("username"), body.get("password")
+        now = self._clock.seconds()
+        if username is not None or password is not None:
+            if not isinstance(username, str) or not isinstance(password, str):
+                raise WebError(400, "username and password must be strings")
+            user = await self._check_password(request, username, password)
+            caller = Caller(user.name, tuple(user.roles), dict(user.traits))
+            limit = self._config.session_ttl
+        else:
+            _, web = await self._web_session(request)
+            if web is None:
+                raise AuthError(401, LOGIN_FAILED)
+            caller = Caller(web.user, tuple(web.roles), dict(web.traits))
+            limit = web.expires - now  # a certificate never outlives the session behind it
+        role_set = await self._roles.role_set(caller.roles)
+        ttl = min(limit, role_set.max_session_ttl(self._config.session_ttl))
+        if wanted is not None:
+            ttl = min(ttl, wanted)
+        if ttl < MIN_CERT_TTL:
+            raise AuthError(401, LOGIN_FAILED)
+        cert_pem = self._ca.issue_user_cert(public_key, caller.user, caller.roles,
+                                            caller.traits, ttl)
+        self._audit.emit("cert.issue", actor=caller.user, target=caller.user, user=caller.user,
+                         ttl=round(ttl, 3), client=_client(request))
+        expires = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc.timestamp()
+        return _json(request, 200, {
+            "cert": cert_pem.decode("ascii"),
+            "ca": self._ca.cert_pem.decode("ascii"),
+            "expires": expires,
+            "user": caller.user,
+            "roles": list(caller.roles),
+        })
+
     @app.route("/v1/apps", methods=["GET"])
     async def api_apps(self, request):
-        _, web = await self._web_session(request)
-        if web is None:
+        caller = await self._caller(request)
+        if caller is None:
             raise WebError(401, "sign in required")
-        apps = await self._allowed_apps(web)
+        apps = await self._allowed_apps(caller)
         return _json(request, 200, {"apps": [
             {
                 "name": app.name,
+                "type": _app_type(app.uri),
                 "labels": dict(app.labels),
                 "public_addr": self._app_addr(app),
                 "online": self._registry.is_online(app.name),
@@ -303,9 +365,41 @@ class WebApp:
         web = await self._sessions.web_session(secret)
         return (secret, web) if web is not None else (None, None)
 
-    async def _password_login(self, request, username: str, password: str
-                              ) -> tuple[str, WebSession, float]:
-        """Check the password, open a web session and audit both; AuthError(401) on failure."""
+    async def _caller(self, request) -> Caller | None:
+        """The session cookie's user, else the user certificate of the TLS connection."""
+        _, web = await self._web_session(request)
+        if web is not None:
+            return Caller(web.user, tuple(web.roles), dict(web.traits))
+        return self._certificate_caller(request)
+
+    def _certificate_caller(self, request) -> Caller | None:
+        """The caller named by a valid, unexpired user certificate of this cluster, or None.
+
+        The TLS layer only checked that an offered certificate chains to our CA; the role
+        (OU ``user``), cluster and validity period are checked here, on every request.
+        """
+        transport = getattr(request.channel, "transport", None) or request.transport
+        get_peer = getattr(transport, "getPeerCertificate", None)
+        if get_peer is None:
+            return None
+        try:
+            peer = get_peer()
+        except Exception:  # noqa: BLE001 - a transport without TLS state has no certificate
+            return None
+        if peer is None:
+            return None
+        cert = peer.to_cryptography()
+        try:
+            role, name = self._ca.verify_peer(cert, now=self._clock.seconds())
+            if role != "user":
+                return None
+            roles, traits = user_identity(cert)
+        except AuthError:
+            return None
+        return Caller(name, roles, traits)
+
+    async def _check_password(self, request, username: str, password: str) -> User:
+        """The user if the password is right, with the attempt audited; AuthError(401) if not."""
         client = _client(request)
         if not username or len(username) > MAX_USERNAME or len(password) > MAX_PASSWORD:
             self._audit.emit("user.login", actor=username[:MAX_USERNAME], outcome="failure",
@@ -317,11 +411,18 @@ class WebApp:
             self._audit.emit("user.login", actor=username, outcome="failure",
                              method="password", client=client)
             raise
+        self._audit.emit("user.login", actor=user.name, method="password", client=client)
+        return user
+
+    async def _password_login(self, request, username: str, password: str
+                              ) -> tuple[str, WebSession, float]:
+        """Check the password, open a web session and audit both; AuthError(401) on failure."""
+        client = _client(request)
+        user = await self._check_password(request, username, password)
         role_set = await self._roles.role_set(user.roles)
         default = self._config.session_ttl
         ttl = min(default, role_set.max_session_ttl(default))
         secret, web = await self._sessions.create_web_session(user, ttl=ttl)
-        self._audit.emit("user.login", actor=user.name, method="password", client=client)
         self._audit.emit("session.web.start", actor=user.name, client=client,
                          expires=web.expires)
         return secret, web, ttl
@@ -334,7 +435,7 @@ class WebApp:
             self._audit.emit("session.web.end", actor=web.user, client=_client(request))
         _set_session_cookie(request, "", 0)
 
-    async def _allowed_apps(self, web: WebSession) -> list[AppInfo]:
+    async def _allowed_apps(self, web: WebSession | Caller) -> list[AppInfo]:
         role_set = await self._roles.role_set(web.roles)
         allowed = [
             app for app in self._registry.apps(include_offline=True)
@@ -436,6 +537,33 @@ def _json_body(request) -> dict:
     if not isinstance(body, dict):
         raise WebError(400, "the body must be a JSON object")
     return body
+
+
+def _public_key(value: Any) -> bytes:
+    """The PEM public key of a certificate request, parsed here so garbage is a 400."""
+    if not isinstance(value, str) or not value or len(value) > MAX_PUBLIC_KEY:
+        raise WebError(400, "public_key (a PEM public key) is required")
+    pem = value.encode("utf-8", "replace")
+    try:
+        serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError):
+        raise WebError(400, "public_key is not a valid PEM public key") from None
+    return pem
+
+
+def _requested_ttl(value: Any) -> float | None:
+    """The optional `ttl` (seconds) a client asks for; it can only shorten, never extend."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise WebError(400, "ttl must be a positive number of seconds")
+    return float(value)
+
+
+def _app_type(uri: str) -> str:
+    """``http`` for web apps, ``tcp`` for tcp:// apps: how a client reaches the app."""
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    return "tcp" if scheme == "tcp" else "http"
 
 
 def _json(request, status: int, body: Any) -> bytes:

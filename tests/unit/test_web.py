@@ -369,7 +369,7 @@ async def test_json_login_and_logout(env):
     response, body = await env.call("GET", "/v1/apps", cookie=secret)
     assert response.code == 200
     assert json.loads(body) == {"apps": [{
-        "name": "grafana", "labels": {"env": "staging"},
+        "name": "grafana", "type": "http", "labels": {"env": "staging"},
         "public_addr": "grafana.apptunnel.localhost:3080", "online": True,
     }]}
 

@@ -1,0 +1,265 @@
+"""`apptunnel login`, `status` and `logout`: the user's short-lived certificate.
+
+Login makes a fresh EC P-256 key here (it never leaves the machine), proves the user's
+password to the proxy and gets back a certificate from the cluster CA naming the user,
+their roles and traits, valid for at most the session lifetime their roles allow.
+
+Trust on first contact: with ``--ca-pin`` the proxy's presented chain is checked against
+the pin on a connection that sends nothing, and only then is the password sent, on a new
+connection that trusts that CA alone. Without a pin the system trust store decides;
+``--insecure`` skips every check and says so loudly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import re
+import time
+from typing import Callable
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from apptunnel.agent.join import check_chain
+from apptunnel.auth.ca import cert_pin
+from apptunnel.cli.context import CliError, Io, UsageError
+from apptunnel.cli.http import ProxyClient, fetch_chain, tls_context
+from apptunnel.cli.output import clean, human_duration, iso, json_text
+from apptunnel.cli.profile import (
+    NOT_LOGGED_IN,
+    TRUST_INSECURE,
+    TRUST_PINNED,
+    TRUST_SYSTEM,
+    Profile,
+    home_dir,
+)
+from apptunnel.config import parse_duration
+
+__all__ = ["add_parsers", "login", "logout", "status"]
+
+_PIN = re.compile(r"sha256:[0-9a-f]{64}\Z")
+MAX_PASSWORD = 1024
+
+INSECURE_WARNING = (
+    "--insecure: NOT verifying the proxy's TLS certificate (no CA pin check, no trust "
+    "store check, no hostname check); anyone on the network path can impersonate the "
+    "proxy and read your password"
+)
+
+
+def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    login_p = verbs.add_parser("login", parents=[common],
+                               help="sign in at a proxy and get a short-lived user certificate")
+    login_p.add_argument("--proxy", required=True, metavar="HOST:PORT",
+                         help="the proxy's public address, e.g. apptunnel.localhost:3080")
+    login_p.add_argument("--user", required=True, metavar="NAME")
+    login_p.add_argument("--password-stdin", action="store_true",
+                         help="read the password from stdin (else it is asked for)")
+    login_p.add_argument("--ttl", metavar="DURATION",
+                         help="ask for a shorter certificate lifetime, e.g. 1h")
+    login_p.add_argument("--ca-pin", metavar="sha256:HEX",
+                         help="the cluster CA pin (from `apptunnel tokens add` or the web UI)")
+    login_p.add_argument("--insecure", action="store_true",
+                         help="do not verify the proxy's certificate at all (testing only)")
+    login_p.set_defaults(user_handler=login)
+
+    status_p = verbs.add_parser("status", parents=[common], help="show who is logged in")
+    status_p.add_argument("--format", choices=("text", "json"), default="text")
+    status_p.set_defaults(user_handler=status)
+
+    logout_p = verbs.add_parser("logout", parents=[common], help="remove the saved login")
+    logout_p.set_defaults(user_handler=logout)
+
+
+def login(args: argparse.Namespace, io: Io, now: Callable[[], float] = time.time) -> int:
+    """Check the proxy, send the password with a fresh public key, save the certificate."""
+    if args.insecure and args.ca_pin:
+        raise UsageError("--insecure and --ca-pin exclude each other")
+    ttl = _ttl(args.ttl)
+    pin = _pin(args.ca_pin)
+    if pin is not None:
+        ca_pem = _pinned_ca(args.proxy, pin, now())
+        trust, context = TRUST_PINNED, tls_context(ca_pem)
+    elif args.insecure:
+        io.warn(INSECURE_WARNING)
+        ca_pem, trust, context = None, TRUST_INSECURE, tls_context(None, insecure=True)
+    else:
+        ca_pem, trust, context = None, TRUST_SYSTEM, tls_context(None)
+    client = ProxyClient(args.proxy, context, insecure=trust == TRUST_INSECURE)
+    password = _password(args, io)
+    key = ec.generate_private_key(ec.SECP256R1())
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    body = {"username": args.user, "password": password,
+            "public_key": public_pem.decode("ascii")}
+    if ttl is not None:
+        body["ttl"] = ttl
+    try:
+        code, answer = client.call("POST", "/v1/certs", body)
+    finally:
+        client.close()
+    if code == 401:
+        raise CliError(f"login to {args.proxy} failed: invalid username or password")
+    if code != 200 or not isinstance(answer, dict):
+        raise CliError(f"the proxy at {args.proxy} refused the login: "
+                       f"{_error_text(answer)} (HTTP {code})")
+    cert_pem = _check_answer(args.proxy, answer, key, pin)
+    profile = Profile(
+        proxy=args.proxy, trust=trust,
+        cert_pem=cert_pem,
+        key_pem=key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()),
+        ca_pem=ca_pem,
+    )
+    profile.save(home_dir(io.environ))
+    roles, _ = profile.identity()
+    io.out(f"logged in to {args.proxy} as {profile.user} (roles: {', '.join(roles) or '-'}), "
+           f"valid until {iso(profile.expires)}\n")
+    return 0
+
+
+def status(args: argparse.Namespace, io: Io, now: Callable[[], float] = time.time) -> int:
+    """Who is logged in where; exit 1 when nobody is or the certificate has expired."""
+    profile = Profile.load(home_dir(io.environ))
+    if profile is None:
+        raise CliError(NOT_LOGGED_IN)
+    roles, traits = profile.identity()
+    moment = now()
+    expired = profile.expired(moment)
+    if args.format == "json":
+        io.out(json_text({
+            "user": profile.user,
+            "proxy": profile.proxy,
+            "roles": list(roles),
+            "traits": {k: list(v) for k, v in sorted(traits.items())},
+            "expires": profile.expires,
+            "expired": expired,
+            "trust": profile.trust,
+        }))
+    else:
+        if expired:
+            validity = "expired: run apptunnel login"
+        else:
+            validity = (f"{iso(profile.expires)} "
+                        f"(in {human_duration(profile.expires - moment)})")
+        trait_text = "; ".join(f"{k}={','.join(v)}" for k, v in sorted(traits.items()))
+        lines = [
+            ("Logged in as", profile.user),
+            ("Proxy", profile.proxy),
+            ("Roles", ", ".join(roles) or "-"),
+            ("Traits", trait_text or "-"),
+            ("Valid until", validity),
+            ("TLS trust", _trust_text(profile)),
+        ]
+        io.out("".join(f"{label + ':':<14}{clean(value)}\n" for label, value in lines))
+    return 1 if expired else 0
+
+
+def logout(args: argparse.Namespace, io: Io) -> int:
+    """Remove the saved key and certificate (nothing on the proxy outlives them)."""
+    home = home_dir(io.environ)
+    try:
+        profile = Profile.load(home)
+    except CliError:  # a damaged profile is exactly what logout must be able to remove
+        profile = None
+    if not Profile.remove(home):
+        io.out("not logged in\n")
+        return 0
+    where = f" of {profile.proxy}" if profile is not None else ""
+    io.out(f"logged out{where}\n")
+    return 0
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def _pinned_ca(proxy: str, pin: str, now: float) -> bytes:
+    """The pinned CA's PEM from the proxy's presented chain, or CliError before any secret."""
+    chain = fetch_chain(proxy)
+    problem = check_chain(chain, pin, now)
+    if problem is not None:
+        raise CliError(f"refusing the proxy at {proxy}: {problem} "
+                       "(check --ca-pin; the password was not sent)")
+    anchor = next(cert for cert in chain if cert_pin(cert) == pin)
+    return anchor.public_bytes(serialization.Encoding.PEM)
+
+
+def _check_answer(proxy: str, answer: dict, key: ec.EllipticCurvePrivateKey,
+                  pin: str | None) -> bytes:
+    """The certificate from the proxy's answer, if it is for our key and from the right CA."""
+    try:
+        cert_text, ca_text = answer.get("cert"), answer.get("ca")
+        if not isinstance(cert_text, str) or not isinstance(ca_text, str):
+            raise ValueError("the answer has no cert and ca")
+        cert = x509.load_pem_x509_certificate(cert_text.encode("ascii"))
+        ca = x509.load_pem_x509_certificate(ca_text.encode("ascii"))
+        if pin is not None and cert_pin(ca) != pin:
+            raise ValueError(f"the CA it returned does not match --ca-pin {pin}")
+        ours = serialization.PublicFormat.SubjectPublicKeyInfo
+        if cert.public_key().public_bytes(serialization.Encoding.DER, ours) != \
+                key.public_key().public_bytes(serialization.Encoding.DER, ours):
+            raise ValueError("the certificate is not for our key")
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, UnicodeError, InvalidSignature) as err:
+        raise CliError(f"the proxy at {proxy} answered with a bad certificate: "
+                       f"{err or 'signature check failed'}") from None
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _password(args: argparse.Namespace, io: Io) -> str:
+    if not args.password_stdin:
+        try:
+            return getpass.getpass(f"Password for {args.user} at {args.proxy}: ")
+        except (EOFError, KeyboardInterrupt):
+            raise CliError("no password entered") from None
+    text = io.stdin.read(MAX_PASSWORD + 3)
+    if text.endswith("\n"):
+        text = text[:-1]
+        if text.endswith("\r"):
+            text = text[:-1]
+    if "\n" in text or "\r" in text:
+        raise UsageError("--password-stdin: expected the password on a single line")
+    if len(text) > MAX_PASSWORD:
+        raise UsageError(f"--password-stdin: password longer than {MAX_PASSWORD} characters")
+    if not text:
+        raise UsageError("--password-stdin: no password on stdin")
+    return text
+
+
+def _ttl(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = parse_duration(text)
+    except ValueError as err:
+        raise UsageError(f"--ttl: {err}") from None
+    if value <= 0:
+        raise UsageError("--ttl: must be positive")
+    return value
+
+
+def _pin(text: str | None) -> str | None:
+    if text is None:
+        return None
+    pin = text.strip().lower()
+    if not _PIN.match(pin):
+        raise UsageError("--ca-pin: expected sha256: followed by 64 hex digits")
+    return pin
+
+
+def _trust_text(profile: Profile) -> str:
+    if profile.trust == TRUST_PINNED and profile.ca_pem is not None:
+        return f"cluster CA {cert_pin(x509.load_pem_x509_certificate(profile.ca_pem))}"
+    if profile.trust == TRUST_INSECURE:
+        return "NONE (--insecure: the proxy's certificate is not verified)"
+    return "system trust store"
+
+
+def _error_text(answer) -> str:
+    if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+        return answer["error"][:300]
+    return "unexpected answer"

@@ -1,0 +1,173 @@
+"""The user's CLI against a real proxy and agent: login with the pin, status, apps ls, logout.
+
+The commands are the installed ones, run as subprocesses with ``APPTUNNEL_HOME`` in a temp
+dir. Tests run in file order and share one cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from tests.support.cluster import BIN, Cluster, free_port, wait_until
+from tests.support.upstream import HttpUpstream
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    http = HttpUpstream()
+    yield http
+    http.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(upstream):
+    apps = [
+        {"name": "hello", "uri": upstream.uri, "labels": {"team": "sre", "env": "staging"}},
+        {"name": "prod-db", "uri": upstream.uri, "labels": {"team": "sre", "env": "prod"}},
+    ]
+    c = Cluster(apps)
+    try:
+        c.start_proxy()
+        c.add_role({
+            "kind": "role", "metadata": {"name": "sre-apps"},
+            "spec": {"options": {"max_session_ttl": "2h"},
+                     "allow": {"app_labels": {"team": "sre"}},
+                     "deny": {"app_labels": {"env": "prod"}}},
+        })
+        c.add_user("alice", ["sre-apps"], PASSWORD, traits=["logins=alice,root"])
+        c.start_agent()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("user") / ".apptunnel"
+
+
+@pytest.fixture(scope="module")
+def pin(cluster):
+    out = cluster.cli("tokens", "add", "--type", "app", "--ttl", "1m", "--format", "json").stdout
+    return json.loads(out)["ca_pin"]
+
+
+def user(home, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`apptunnel ARGS` as the user runs it: no --config, profile in `home`."""
+    env = {**os.environ, "APPTUNNEL_HOME": str(home)}
+    return subprocess.run([str(BIN / "apptunnel"), *args], input=stdin, capture_output=True,
+                          text=True, timeout=60, env=env, cwd=str(home.parent))
+
+
+def login(cluster, home, *extra: str, password: str = PASSWORD) -> subprocess.CompletedProcess:
+    return user(home, "login", "--proxy", cluster.public_addr, "--user", "alice",
+                "--password-stdin", *extra, stdin=password + "\n")
+
+
+def audit(cluster, type: str) -> list[dict]:
+    out = cluster.cli("audit", "search", "--type", type, "--format", "json").stdout.strip()
+    if out.startswith("["):
+        return json.loads(out)
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_wrong_pin_is_refused_before_the_password(cluster, home):
+    """A pin of some other CA stops login before the password is sent; no profile is saved."""
+    result = login(cluster, home, "--ca-pin", "sha256:" + "ab" * 32)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"apptunnel: error: refusing the proxy at {cluster.public_addr}")
+    assert "the password was not sent" in result.stderr and "Traceback" not in result.stderr
+    assert not (home / "profile.json").exists()
+
+
+def test_bad_password(cluster, home, pin):
+    """A wrong password is one line and exit 1."""
+    result = login(cluster, home, "--ca-pin", pin, password="not it")
+    assert result.returncode == 1
+    assert result.stderr == (f"apptunnel: error: login to {cluster.public_addr} failed: "
+                             "invalid username or password\n")
+
+
+def test_login_with_pin(cluster, home, pin):
+    """login --ca-pin gets a certificate; the proxy audits cert.issue, and only our logins."""
+    result = login(cluster, home, "--ca-pin", pin)
+    assert result.returncode == 0, result.stderr
+    assert "logged in to" in result.stdout and "alice" in result.stdout
+    assert oct(os.stat(home / "user.key").st_mode & 0o777) == "0o600"
+    events = wait_until(lambda: audit(cluster, "cert.issue"), 15, "the cert.issue event")
+    assert events[0]["code"] == "T5000I" and events[0]["actor"] == "alice"
+    logins = audit(cluster, "user.login")
+    # the wrong-pin attempt never reached the proxy: one failure (bad password), one success
+    assert sorted(e["outcome"] for e in logins) == ["failure", "success"]
+
+
+def test_status(cluster, home):
+    """status shows user, proxy, roles, traits and expiry; JSON carries the same facts."""
+    result = user(home, "status")
+    assert result.returncode == 0, result.stderr
+    assert "Logged in as: alice" in result.stdout
+    assert f"Proxy:        {cluster.public_addr}" in result.stdout
+    assert "Roles:        sre-apps" in result.stdout
+    assert "Traits:       logins=alice,root" in result.stdout
+    data = json.loads(user(home, "status", "--format", "json").stdout)
+    assert data["user"] == "alice" and data["expired"] is False
+    # capped by the role's max_session_ttl (2h), not the proxy's 12h default
+    assert data["expires"] - time.time() == pytest.approx(7200, abs=120)
+
+
+def test_apps_ls_with_the_certificate(cluster, home):
+    """apps ls authenticates with the user cert through the real edge and lists allowed apps."""
+
+    def listed():
+        result = user(home, "apps", "ls", "--format", "json")
+        assert result.returncode == 0, result.stderr
+        apps = json.loads(result.stdout)["apps"]
+        return apps if apps and all(app["online"] for app in apps) else None
+
+    apps = wait_until(listed, 30, "the agent to register hello")
+    assert apps == [{
+        "name": "hello", "type": "http", "labels": {"team": "sre", "env": "staging"},
+        "public_addr": f"hello.{cluster.public_addr}", "online": True,
+    }]
+    text = user(home, "apps", "ls")
+    assert text.returncode == 0
+    assert text.stdout.splitlines()[1].split() == [
+        "hello", "http", "env=staging,team=sre", f"hello.{cluster.public_addr}", "online"]
+
+
+def test_expired_certificate(cluster, home, pin):
+    """A certificate asked for 2 s is expired 3 s later: status and apps ls say log in again."""
+    result = login(cluster, home, "--ca-pin", pin, "--ttl", "2s")
+    assert result.returncode == 0, result.stderr
+    time.sleep(3)
+    status = user(home, "status")
+    assert status.returncode == 1 and "expired: run apptunnel login" in status.stdout
+    listed = user(home, "apps", "ls")
+    assert listed.returncode == 1
+    assert listed.stderr.startswith("apptunnel: error: ") and "run apptunnel login" in listed.stderr
+
+
+def test_logout(cluster, home):
+    """logout removes the profile; afterwards the user is told to log in."""
+    result = user(home, "logout")
+    assert result.returncode == 0 and "logged out" in result.stdout
+    assert not (home / "user.key").exists()
+    status = user(home, "status")
+    assert status.returncode == 1
+    assert status.stderr == "apptunnel: error: not logged in: run apptunnel login\n"
+
+
+def test_unreachable_proxy(home):
+    """A proxy that is not listening is one 'cannot reach' line."""
+    result = user(home, "login", "--proxy", f"apptunnel.localhost:{free_port()}",
+                  "--user", "alice", "--password-stdin", "--ca-pin", "sha256:" + "ab" * 32,
+                  stdin="x\n")
+    assert result.returncode == 1
+    assert result.stderr.startswith("apptunnel: error: cannot reach the proxy at")

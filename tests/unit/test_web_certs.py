@@ -1,0 +1,225 @@
+"""POST /v1/certs and user-certificate authentication of the JSON API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from twisted.internet import reactor, threads
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.web.server import Site
+
+from apptunnel.auth.ca import ClusterCA, user_identity
+from apptunnel.backend.records import User
+from apptunnel.cli.context import CliError
+from apptunnel.cli.http import ProxyClient, tls_context
+from apptunnel.proxy.service import _web_tls_options
+from tests.unit.test_web import _hash, env  # noqa: F401 - the shared web fixture
+
+WAIT = 15.0
+
+
+def new_key() -> tuple[ec.EllipticCurvePrivateKey, str]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key, pem.decode("ascii")
+
+
+def key_pem(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+async def cert_request(env, body, cookie=None):
+    return await env.call("POST", "/v1/certs", cookie=cookie, json=body)
+
+
+async def listen_tls(env):
+    """The web app behind the real web TLS options (client certs requested) on 127.0.0.1:0."""
+    cert_pem, server_key = env.ca.issue_server_cert(["apptunnel.localhost"], ["127.0.0.1"])
+    options = _web_tls_options(cert_pem, server_key, [env.ca.cert_pem], env.ca.cert_pem)
+    site = Site(env.web.resource())
+    site.noisy = False
+    endpoint = SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1")
+    return await endpoint.listen(site)
+
+
+async def in_thread(function, *args, **kwargs):
+    """Run blocking client code off the reactor, bounded."""
+    return await threads.deferToThread(function, *args, **kwargs).addTimeout(WAIT, reactor)
+
+
+def api_client(env, port: int, cert_pem: bytes | None = None, key=None) -> ProxyClient:
+    client = (cert_pem, key_pem(key)) if cert_pem is not None else None
+    return ProxyClient(f"apptunnel.localhost:{port}", tls_context(env.ca.cert_pem, client=client))
+
+
+@pytest_twisted.ensureDeferred
+async def test_password_gets_a_certificate_for_our_key(env):
+    """A right password and a public key yield a user cert from the cluster CA with roles."""
+    key, public = new_key()
+    response, body = await cert_request(
+        env, {"username": "alice", "password": "alice-pw", "public_key": public})
+    assert response.code == 200
+    data = json.loads(body)
+    assert data["user"] == "alice" and data["roles"] == ["dev"]
+    assert data["ca"] == env.ca.cert_pem.decode()
+    cert = x509.load_pem_x509_certificate(data["cert"].encode())
+    assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+    assert env.ca.verify_peer(cert) == ("user", "alice")
+    assert user_identity(cert) == (("dev",), {})
+    assert data["expires"] == pytest.approx(cert.not_valid_after_utc.timestamp())
+    # capped by the dev role's max_session_ttl (1h), not the proxy's 12h
+    assert data["expires"] == pytest.approx(env.clock.seconds() + 3600, abs=120)
+
+
+@pytest_twisted.ensureDeferred
+async def test_requested_ttl_only_shortens(env):
+    """`ttl` asks for less; asking for more than the roles allow still gets the cap."""
+    _, public = new_key()
+    _, body = await cert_request(env, {"username": "alice", "password": "alice-pw",
+                                       "public_key": public, "ttl": 60})
+    assert json.loads(body)["expires"] == pytest.approx(env.clock.seconds() + 60, abs=120)
+    _, body = await cert_request(env, {"username": "alice", "password": "alice-pw",
+                                       "public_key": public, "ttl": 10 * 86400})
+    assert json.loads(body)["expires"] == pytest.approx(env.clock.seconds() + 3600, abs=120)
+
+
+@pytest_twisted.ensureDeferred
+async def test_traits_are_carried(env):
+    """The user's traits end up in the certificate."""
+    await env.backend.create_user(User("carol", _hash("carol-pw"), ("dev",),
+                                       {"logins": ("root", "ubuntu")}, env.clock.seconds()))
+    _, public = new_key()
+    response, body = await cert_request(
+        env, {"username": "carol", "password": "carol-pw", "public_key": public})
+    assert response.code == 200
+    cert = x509.load_pem_x509_certificate(json.loads(body)["cert"].encode())
+    assert user_identity(cert) == (("dev",), {"logins": ("root", "ubuntu")})
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_password_is_the_uniform_401(env):
+    """Wrong password and unknown user get the same 401 body as /v1/sessions; no cert event."""
+    _, public = new_key()
+    wrong, wrong_body = await cert_request(
+        env, {"username": "alice", "password": "nope", "public_key": public})
+    unknown, unknown_body = await cert_request(
+        env, {"username": "mallory", "password": "nope", "public_key": public})
+    session, session_body = await env.call(
+        "POST", "/v1/sessions", json={"username": "alice", "password": "nope"})
+    assert wrong.code == unknown.code == session.code == 401
+    assert wrong_body == unknown_body == session_body
+    assert await env.events("cert.issue") == []
+    assert [e.outcome for e in await env.events("user.login")] == ["failure"] * 3
+
+
+@pytest.mark.parametrize("public_key", [
+    "not a key", "", 7, None,
+    "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+])
+@pytest_twisted.ensureDeferred
+async def test_malformed_key_is_400(env, public_key):
+    """A missing or malformed public key is a 400, whatever the password."""
+    response, body = await cert_request(
+        env, {"username": "alice", "password": "alice-pw", "public_key": public_key})
+    assert response.code == 400
+    assert "public_key" in json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("ttl", [0, -5, "1h", True])
+@pytest_twisted.ensureDeferred
+async def test_bad_ttl_is_400(env, ttl):
+    """A ttl that is not a positive number of seconds is a 400."""
+    _, public = new_key()
+    response, _ = await cert_request(
+        env, {"username": "alice", "password": "alice-pw", "public_key": public, "ttl": ttl})
+    assert response.code == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_issue_is_audited(env):
+    """cert.issue (T5000I) records the user, the ttl and the client address."""
+    _, public = new_key()
+    await cert_request(env, {"username": "alice", "password": "alice-pw",
+                             "public_key": public, "ttl": 120})
+    [event] = await env.events("cert.issue")
+    assert event.code == "T5000I" and event.actor == "alice" and event.outcome == "success"
+    assert event.fields["user"] == "alice" and event.fields["ttl"] == 120
+    assert "client" in event.fields
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_cookie_gets_a_certificate(env):
+    """A signed-in browser session can get a cert without the password; no cookie is a 401."""
+    secret = await env.login()
+    _, public = new_key()
+    response, body = await cert_request(env, {"public_key": public}, cookie=secret)
+    assert response.code == 200
+    assert json.loads(body)["user"] == "alice"
+    response, _ = await cert_request(env, {"public_key": public})
+    assert response.code == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_api_accepts_user_certificate_over_tls(env):
+    """Over real TLS, /v1/apps takes a valid user cert as identity; no cert is a 401."""
+    port = await listen_tls(env)
+    try:
+        key, public = new_key()
+        cert_pem = env.ca.issue_user_cert(public, "alice", ["dev"], {}, 600)
+        code, data = await in_thread(
+            lambda: api_client(env, port.getHost().port, cert_pem, key).call("GET", "/v1/apps"))
+        assert code == 200
+        assert data == {"apps": [{
+            "name": "grafana", "type": "http", "labels": {"env": "staging"},
+            "public_addr": "grafana.apptunnel.localhost:3080", "online": True,
+        }]}
+        code, _ = await in_thread(
+            lambda: api_client(env, port.getHost().port).call("GET", "/v1/apps"))
+        assert code == 401  # a client without a certificate still completes the handshake
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_expired_or_agent_certificate_is_refused(env):
+    """An expired user cert and an agent cert do not authenticate the API."""
+    port = await listen_tls(env)
+    try:
+        key, public = new_key()
+        short = env.ca.issue_user_cert(public, "alice", ["dev"], {}, 30)
+        env.clock.advance(60)
+        code, _ = await in_thread(
+            lambda: api_client(env, port.getHost().port, short, key).call("GET", "/v1/apps"))
+        assert code == 401
+        csr = (x509.CertificateSigningRequestBuilder()
+               .subject_name(x509.Name([]))
+               .sign(key, hashes.SHA256()))
+        agent = env.ca.sign_agent_csr(csr.public_bytes(serialization.Encoding.PEM), "host-1")
+        code, _ = await in_thread(
+            lambda: api_client(env, port.getHost().port, agent, key).call("GET", "/v1/apps"))
+        assert code == 401
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_certificate_of_another_ca_fails_the_handshake(env, tmp_path):
+    """A client cert from a foreign CA is refused by TLS itself."""
+    port = await listen_tls(env)
+    try:
+        other = ClusterCA.load_or_create(str(tmp_path / "other"), env.config.cluster_name)
+        key, public = new_key()
+        foreign = other.issue_user_cert(public, "alice", ["dev"], {}, 600)
+        with pytest.raises(CliError):
+            await in_thread(lambda: api_client(env, port.getHost().port, foreign, key)
+                            .call("GET", "/v1/apps"))
+    finally:
+        await port.stopListening()
+
