@@ -417,6 +417,12 @@ class AppConfig:
     insecure_skip_verify: bool = False
     rewrite_headers: tuple[tuple[str, str], ...] = ()
     jwt_claims: tuple[str, ...] | None = None
+    tcp_ports: tuple[tuple[int, int], ...] = ()   # (low, high) ranges; tcp:// apps only
+
+    @property
+    def kind(self) -> str:
+        """``tcp`` for raw TCP apps (``tcp://``), else ``http``."""
+        return "tcp" if self.uri.startswith("tcp://") else "http"
 
 
 @attrs.frozen
@@ -497,6 +503,7 @@ _PROXY_KEYS = (
 _AGENT_KEYS = ("data_dir", "proxy_addr", "join", "keepalive", "apps")
 _APP_KEYS = (
     "name", "uri", "labels", "public_addr", "insecure_skip_verify", "rewrite", "jwt_claims",
+    "tcp_ports",
 )
 
 
@@ -660,10 +667,11 @@ def _build_app(app: _Section) -> AppConfig:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         app.fail("uri", f"not a valid URL: {_show(uri)}")
-    if parts.scheme not in ("http", "https"):
-        app.fail("uri", f"expected an http:// or https:// URL, got {_show(uri)}")
+    if parts.scheme not in ("http", "https", "tcp"):
+        app.fail("uri", f"expected an http:// or https:// URL (or tcp:// for a TCP app), got {_show(uri)}")
     if not parts.hostname:
         app.fail("uri", f"URL has no host: {_show(uri)}")
+    tcp_ports = _tcp_ports(app, parts)
 
     labels: dict[str, str] = {}
     raw_labels = app.raw("labels")
@@ -709,7 +717,56 @@ def _build_app(app: _Section) -> AppConfig:
         insecure_skip_verify=app.boolean("insecure_skip_verify", False),
         rewrite_headers=tuple(rewrite_headers),
         jwt_claims=jwt_claims,
+        tcp_ports=tcp_ports,
     )
+
+
+def _tcp_ports(app: _Section, parts) -> tuple[tuple[int, int], ...]:
+    """``tcp_ports: [5432, "8000-8010"]`` -> ((5432, 5432), (8000, 8010)).
+
+    A tcp:// app must say which port(s) the agent may dial: the uri's port, or this list.
+    """
+    if not app.has("tcp_ports"):
+        if parts.scheme == "tcp" and parts.port is None:
+            app.fail("uri", "a tcp:// URL needs a port (or list the ports in tcp_ports)")
+        if parts.scheme == "tcp" and parts.path not in ("", "/"):
+            app.fail("uri", "a tcp:// URL has no path")
+        return ()
+    if parts.scheme != "tcp":
+        app.fail("tcp_ports", "only for tcp:// apps")
+    ports = app.sequence("tcp_ports")
+    if not ports:
+        app.fail("tcp_ports", "must list at least one port or range")
+    ranges: list[tuple[int, int]] = []
+    for index, entry in enumerate(ports):
+        key, line = f"{app.path('tcp_ports')}[{index}]", ports.item_lines[index]
+        try:
+            ranges.append(parse_port_range(entry))
+        except ValueError as err:
+            raise ConfigError(app.file, str(err), key=key, line=line) from None
+    return tuple(ranges)
+
+
+def parse_port_range(entry: Any) -> tuple[int, int]:
+    """``5432`` or ``"8000-8010"`` -> (low, high); ValueError naming the problem."""
+    if isinstance(entry, bool):
+        raise ValueError(f"expected a port or \"low-high\", got {_show(entry)}")
+    if isinstance(entry, int):
+        low = high = entry
+    elif isinstance(entry, str) and entry.strip():
+        first, dash, second = entry.strip().partition("-")
+        if not (first.strip().isdigit() and first.strip().isascii()
+                and (not dash or (second.strip().isdigit() and second.strip().isascii()))):
+            raise ValueError(f"expected a port or \"low-high\", got {_show(entry)}")
+        low = int(first)
+        high = int(second) if dash else low
+    else:
+        raise ValueError(f"expected a port or \"low-high\", got {_show(entry)}")
+    if not (1 <= low <= 65535 and 1 <= high <= 65535):
+        raise ValueError(f"ports must be 1-65535, got {_show(entry)}")
+    if low > high:
+        raise ValueError(f"range must be low-high, got {_show(entry)}")
+    return low, high
 
 
 def _parse_header(file: str, key: str, line: int, entry: Any) -> tuple[str, str]:

@@ -207,7 +207,7 @@ class AgentService(MultiService):
     # -- tunnel ------------------------------------------------------------------------
 
     def hello_message(self) -> dict:
-        return {
+        hello = {
             "type": "hello",
             "host_id": self.identity.host_id,
             "version": VERSION,
@@ -223,6 +223,11 @@ class AgentService(MultiService):
                 for app in self.config.apps
             ],
         }
+        # Multi-port TCP apps only, so HTTP apps' entries stay as they were.
+        for entry, app in zip(hello["apps"], self.config.apps):
+            if app.tcp_ports:
+                entry["tcp_ports"] = [list(r) for r in app.tcp_ports]
+        return hello
 
     def _start_tunnel(self) -> None:
         identity = self.identity

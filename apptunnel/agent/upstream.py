@@ -35,7 +35,7 @@ from apptunnel.tunnel.endpoints import no_delay
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 
-__all__ = ["CONNECT_TIMEOUT", "UpstreamDialer"]
+__all__ = ["CONNECT_TIMEOUT", "UpstreamDialer", "target_port"]
 
 log = Logger()
 
@@ -85,11 +85,13 @@ class UpstreamDialer:
         self._apps = {app.name: app for app in apps}
         self._timeout = connect_timeout
 
-    def endpoint(self, app: AppConfig) -> IStreamClientEndpoint:
-        """The endpoint that reaches `app.uri` (TCP for http, TLS for https)."""
+    def endpoint(self, app: AppConfig, port: int | None = None) -> IStreamClientEndpoint:
+        """The endpoint that reaches `app.uri` (TCP for http and tcp, TLS for https);
+        `port` (already allowed by `target_port`) overrides the uri's for tcp apps."""
         parts = urlsplit(app.uri)
         host = parts.hostname or ""
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        if port is None:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
         tcp = HostnameEndpoint(self._reactor, loopback_host(host), port, timeout=self._timeout)
         if parts.scheme != "https":
             return tcp
@@ -106,7 +108,12 @@ class UpstreamDialer:
         if app is None:
             return defer.fail(StreamRefused(ErrorCode.UNKNOWN_TARGET, "no such app on this agent"))
         try:
-            endpoint = self.endpoint(app)
+            port = target_port(app, target.get("port"))
+        except StreamRefused as refused:
+            log.info("stream to {app} refused: {reason}", app=app.name, reason=refused.reason)
+            return defer.fail(refused)
+        try:
+            endpoint = self.endpoint(app, port)
         except (ValueError, UnicodeError) as err:
             return defer.fail(StreamRefused(ErrorCode.CONNECT_FAILED, f"bad app URI: {err}"))
 
@@ -147,6 +154,29 @@ class UpstreamDialer:
 
         d.addCallbacks(connected, failed)
         return accepted
+
+
+def target_port(app: AppConfig, requested) -> int | None:
+    """The port a stream may dial: only the uri's port or a declared tcp_ports range.
+
+    HTTP apps take no port (None = the uri's). A refusal is ``UNKNOWN_TARGET``, the same
+    code as an unknown app: the tunnel can never be aimed at an undeclared port.
+    """
+    if app.kind != "tcp":
+        if requested is not None:
+            raise StreamRefused(ErrorCode.UNKNOWN_TARGET, f"{app.name} is an HTTP app: no port")
+        return None
+    uri_port = urlsplit(app.uri).port
+    if requested is None:
+        if uri_port is None:
+            raise StreamRefused(ErrorCode.UNKNOWN_TARGET,
+                                f"{app.name} serves several ports: name one")
+        return uri_port
+    if type(requested) is not int:
+        raise StreamRefused(ErrorCode.UNKNOWN_TARGET, "port must be a number")
+    if requested == uri_port or any(low <= requested <= high for low, high in app.tcp_ports):
+        return requested
+    raise StreamRefused(ErrorCode.UNKNOWN_TARGET, f"port {requested} is not served by {app.name}")
 
 
 class _UpstreamFactory(Factory):

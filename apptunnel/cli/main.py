@@ -36,7 +36,7 @@ from twisted.logger import (
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.rbac import RoleError
 from apptunnel.backend import BackendError
-from apptunnel.cli import apps, audit_search, locks, login, resources, tokens, users
+from apptunnel.cli import apps, audit_search, locks, login, proxy_app, resources, tokens, users
 from apptunnel.cli.context import Admin, CliError, Io, UsageError
 from apptunnel.cli.output import clean
 from apptunnel.config import ConfigError, ProxyConfig, load_proxy_config
@@ -96,6 +96,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     locks.add_parsers(verbs, common)
     login.add_parsers(verbs, common)
     apps.add_parsers(verbs, common)
+    proxy_app.add_parsers(verbs, common)
     verbs.add_parser("version", parents=[common], help="print the version")
     return parser
 

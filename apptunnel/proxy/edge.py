@@ -18,6 +18,7 @@ from twisted.web.server import Site
 from apptunnel.proxy import pages
 from apptunnel.proxy.http1 import MAX_HEAD, HttpError, peek_request_head
 from apptunnel.proxy.registry import host_only
+from apptunnel.proxy.tcp_access import is_tcp_request
 from apptunnel.tunnel.endpoints import no_delay
 
 HEAD_TIMEOUT = 30.0
@@ -63,7 +64,11 @@ class EdgeProtocol(Protocol):
         host_raw = head.headers.get(b"host")
         host = host_only(host_raw.decode("latin-1")) if host_raw is not None else None
         if host is None or host == self._factory.public_host:
-            self._hand_over(self._factory.web_site.buildProtocol(self._addr))
+            tcp_access = self._factory.tcp_access
+            if tcp_access is not None and is_tcp_request(head):
+                self._hand_over(tcp_access.buildProtocol(self._addr))
+            else:
+                self._hand_over(self._factory.web_site.buildProtocol(self._addr))
         elif self._factory.serves(host):
             self._hand_over(self._factory.forwarder.buildProtocol(self._addr))
         else:
@@ -112,11 +117,14 @@ class EdgeProtocol(Protocol):
 class EdgeFactory(Factory):
     """Builds edge connections; ``public_host`` is the proxy's own host, without port."""
 
-    def __init__(self, public_host: str, web_site: Site, forwarder, head_timeout: float = HEAD_TIMEOUT) -> None:
+    def __init__(self, public_host: str, web_site: Site, forwarder, head_timeout: float = HEAD_TIMEOUT,
+                 tcp_access: Factory | None = None) -> None:
         self.public_host = host_only(public_host)
         self.web_site = web_site
         self.forwarder = forwarder
         self.head_timeout = head_timeout
+        # `apptunnel proxy app` upgrades on the proxy's own host (see tcp_access.py).
+        self.tcp_access = tcp_access
 
     def serves(self, host: str) -> bool:
         """App hosts, and any name under ours (unknown apps get the forwarder's 404)."""

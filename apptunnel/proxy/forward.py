@@ -249,6 +249,9 @@ class AppForwarder(Factory):
         app = self.registry.app_by_host(host)
         if app is None:
             return page(421 if host_only(host) == self._public_host else 404)
+        if app.kind == "tcp":
+            message = f"TCP app: use apptunnel proxy app {app.name}"
+            return Answer(pages.error_response(400, message, close=True, head_only=head_only), 400, True)
         if not head.target.startswith(b"/"):
             return page(405 if head.method == b"CONNECT" else 400, close_now=True)
         path, _, query = head.target.partition(b"?")

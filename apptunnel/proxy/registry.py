@@ -27,6 +27,12 @@ class AppInfo:
     rewrite_headers: tuple[tuple[str, str], ...] = ()
     jwt_claims: tuple[str, ...] | None = None
     agent_id: str = ""
+    tcp_ports: tuple[tuple[int, int], ...] = ()   # (low, high) ranges of a multi-port TCP app
+
+    @property
+    def kind(self) -> str:
+        """``tcp`` for raw TCP apps (``tcp://``), else ``http``."""
+        return "tcp" if self.uri.startswith("tcp://") else "http"
 
 
 def host_only(host: str) -> str:

@@ -29,6 +29,7 @@ from apptunnel.config import ConfigError, ProxyConfig
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder, tunnel_connector
 from apptunnel.proxy.registry import AgentRegistry
+from apptunnel.proxy.tcp_access import TcpAccess
 from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_options
 from apptunnel.web.routes import WebApp
 
@@ -130,7 +131,11 @@ class ProxyService(MultiService):
             clock=reactor,
             connect_app=tunnel_connector(self.registry),
         )
-        edge = EdgeFactory(config.public_host, site, self.forwarder)
+        self.tcp_access = TcpAccess(
+            ca=self.ca, registry=self.registry, roles=self.roles, audit=self.audit,
+            clock=reactor, connect_app=tunnel_connector(self.registry), locks=self.locks,
+        )
+        edge = EdgeFactory(config.public_host, site, self.forwarder, tcp_access=self.tcp_access)
         web_endpoint = SSL4ServerEndpoint(
             reactor, config.web_listen_port, _web_tls_options(web_cert, web_key, web_chain, self.ca.cert_pem),
             interface=config.web_listen_host,

@@ -255,8 +255,9 @@ class TunnelSession:
             parts = urlsplit(uri) if isinstance(uri, str) else None
         except ValueError:
             parts = None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise HelloError(f"{where}.uri must be an http(s) URL, got {_show(uri)}")
+        if parts is None or parts.scheme not in ("http", "https", "tcp") or not parts.hostname:
+            raise HelloError(f"{where}.uri must be an http(s) or tcp URL, got {_show(uri)}")
+        tcp_ports = self._tcp_ports(item.get("tcp_ports"), parts.scheme, where)
         labels = item.get("labels") or {}
         if not isinstance(labels, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
@@ -286,7 +287,24 @@ class TunnelSession:
             rewrite_headers=tuple((n, v) for n, v in rewrite),
             jwt_claims=tuple(claims) if claims is not None else None,
             agent_id=host_id,
+            tcp_ports=tcp_ports,
         )
+
+    @staticmethod
+    def _tcp_ports(raw: Any, scheme: str, where: str) -> tuple[tuple[int, int], ...]:
+        """[[low, high], ...] of a tcp:// app; absent or empty for the others."""
+        if not raw:
+            return ()
+        if scheme != "tcp" or not isinstance(raw, list) or len(raw) > 1024:
+            raise HelloError(f"{where}.tcp_ports must be a list of [low, high] for a tcp app")
+        ranges = []
+        for pair in raw:
+            if not (isinstance(pair, list) and len(pair) == 2
+                    and all(type(p) is int and 1 <= p <= 65535 for p in pair)
+                    and pair[0] <= pair[1]):
+                raise HelloError(f"{where}.tcp_ports has a bad range {_show(pair)}")
+            ranges.append((pair[0], pair[1]))
+        return tuple(ranges)
 
     def _valid_public_addr(self, addr: str) -> bool:
         """A host[:port] that is not the proxy's own host (that would hijack the web UI)."""

@@ -1,0 +1,446 @@
+"""TCP apps through the proxy: ``apptunnel proxy app`` connections, upgraded to raw bytes.
+
+A local proxy opens TLS to the proxy's own host, presents the user's certificate, and
+sends one request::
+
+    GET /v1/tcp/<app>?port=N HTTP/1.1
+    Connection: Upgrade
+    Upgrade: apptunnel-tcp
+
+The edge hands such a connection here instead of to the web UI. The caller is decided
+from the certificate alone (no cookies): valid user certificate of this cluster, then
+the app, locks, RBAC, and finally the agent's own port policy (a stream names an app and
+a port, the agent dials only declared ones). Refusals are one plain-text line with a
+status and close the connection; success is ``101 Switching Protocols`` and from then on
+the connection is a byte pipe to one tunnel stream.
+
+The relay needs no buffer of its own: each side is the other's push producer, so a slow
+reader on one side pauses reading on the other. TLS has no half close, so a FIN from the
+app closes the client connection once queued bytes are out; the client's close ends the
+stream the same way.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, unquote
+
+from cryptography import x509
+from OpenSSL import crypto
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from apptunnel.auth.ca import ClusterCA, user_identity
+from apptunnel.auth.errors import AuthError
+from apptunnel.auth.locks import lock_matches, lock_message
+from apptunnel.proxy import pages
+from apptunnel.proxy.forward import ConnectApp, NoAgent
+from apptunnel.proxy.http1 import MAX_HEAD, HttpError, RequestHead, parse_request_head
+from apptunnel.proxy.registry import AgentRegistry
+from apptunnel.tunnel.errors import StreamRefused
+from apptunnel.tunnel.frames import ErrorCode
+
+__all__ = ["TCP_PATH", "UPGRADE_TOKEN", "TcpAccess", "is_tcp_request"]
+
+TCP_PATH = b"/v1/tcp/"
+UPGRADE_TOKEN = b"apptunnel-tcp"
+CONNECT_TIMEOUT = 15.0
+# Client bytes that may arrive before the 101 (a well-behaved client sends none).
+EARLY_LIMIT = 64 * 1024
+
+
+def is_tcp_request(head: RequestHead) -> bool:
+    """A ``GET /v1/tcp/...`` asking to upgrade to ``apptunnel-tcp``."""
+    return (
+        head.method == b"GET"
+        and head.target.startswith(TCP_PATH)
+        and UPGRADE_TOKEN in head.headers.tokens(b"upgrade")
+        and b"upgrade" in head.headers.tokens(b"connection")
+    )
+
+
+class Refusal(Exception):
+    """A request answered with ``status`` and a one-line ``message``, then closed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message)
+        self.status = status
+        self.message = message
+
+
+def _plain(status: int, message: str) -> bytes:
+    """One line of text the CLI can print as it is."""
+    body = (" ".join(message.split())[:300] + "\n").encode("utf-8")
+    return b"".join([
+        b"HTTP/1.1 %d %s\r\n" % (status, pages.reason(status).encode("ascii")),
+        b"Content-Type: text/plain; charset=utf-8\r\n",
+        b"Content-Length: %d\r\n" % len(body),
+        b"Cache-Control: no-store\r\n",
+        b"Connection: close\r\n\r\n",
+        body,
+    ])
+
+
+def _split_head(data: bytes) -> tuple[bytes, bytes] | None:
+    """(head without the blank line, bytes after it), None while incomplete."""
+    skip = 0
+    while data[skip:skip + 2] == b"\r\n":
+        skip += 2
+    end = data.find(b"\r\n\r\n", skip)
+    if end < 0:
+        return None
+    return data[skip:end], data[end + 4:]
+
+
+def _parse_target(target: bytes) -> tuple[str, int | None]:
+    """``/v1/tcp/<app>?port=N`` -> (app, port or None); Refusal(400) if malformed."""
+    path, _, query = target.partition(b"?")
+    try:
+        name = unquote(path[len(TCP_PATH):].decode("ascii"), errors="strict")
+        params = parse_qs(query.decode("ascii"), keep_blank_values=True, strict_parsing=False)
+    except (UnicodeError, ValueError):
+        raise Refusal(400, "malformed request target") from None
+    if not name or "/" in name or len(name) > 63:
+        raise Refusal(400, "malformed app name")
+    ports = params.get("port", [])
+    if len(ports) > 1:
+        raise Refusal(400, "port given more than once")
+    if not ports or ports[0] == "":
+        return name, None
+    text = ports[0]
+    if not (text.isdigit() and text.isascii() and len(text) <= 5 and 1 <= int(text) <= 65535):
+        raise Refusal(400, f"bad port {text[:10]!r}")
+    return name, int(text)
+
+
+class TcpAccess(Factory):
+    """Builds one `TcpSession` per upgraded connection; holds what they all need."""
+
+    _log = Logger()
+
+    def __init__(self, *, ca: ClusterCA, registry: AgentRegistry, roles, audit,
+                 clock: IReactorTime, connect_app: ConnectApp, locks=None,
+                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+        self.ca = ca
+        self.registry = registry
+        self.roles = roles
+        self.audit = audit
+        self.clock = clock
+        self.connect_app = connect_app
+        self.locks = locks
+        self.connect_timeout = connect_timeout
+        self.sessions: set[TcpSession] = set()
+        if locks is not None:
+            locks.add_listener(self._lock_added)
+
+    def buildProtocol(self, addr: IAddress) -> TcpSession:
+        return TcpSession(self, addr)
+
+    def _lock_added(self, lock) -> None:
+        """A new lock ends the live sessions it covers, not only the next connection."""
+        for session in list(self.sessions):
+            if session.user and lock_matches(lock, session.user, session.app):
+                session.end(f"locked: {lock_message(lock)}")
+
+
+@implementer(IHalfCloseableProtocol)
+class TcpSession(Protocol):
+    """One client connection: read the upgrade request, authorize, then relay.
+
+    States: ``reading`` (head not complete), ``deciding`` (authorizing / opening the
+    stream), ``relaying``, ``closed``.
+    """
+
+    _log = Logger()
+
+    def __init__(self, access: TcpAccess, addr: IAddress) -> None:
+        self._access = access
+        self._addr = addr
+        self._state = "reading"
+        self._held: list[bytes] = []
+        self._held_size = 0
+        self._stream: _StreamSide | None = None
+        self._pending: defer.Deferred | None = None
+        self._expiry = None
+        self.user = ""
+        self.app = ""
+        self.port: int | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._started = 0.0
+
+    @property
+    def client(self) -> str:
+        host, port = getattr(self._addr, "host", "?"), getattr(self._addr, "port", "?")
+        return f"{host}:{port}"
+
+    # -- client side -------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._state == "relaying":
+            self.bytes_in += len(data)
+            self._stream.transport.write(data)
+            return
+        if self._state == "closed":
+            return
+        self._held.append(data)
+        self._held_size += len(data)
+        if self._state == "deciding":
+            if self._held_size > EARLY_LIMIT:
+                self._refuse(400, "too much data before the upgrade")
+            return
+        buffered = b"".join(self._held)
+        self._held = [buffered]
+        parts = _split_head(buffered)
+        if parts is None:
+            if self._held_size > MAX_HEAD:
+                self._refuse(431, "request head too large")
+            return
+        head_bytes, rest = parts
+        if len(head_bytes) + 4 > MAX_HEAD:
+            self._refuse(431, "request head too large")
+            return
+        self._held, self._held_size = ([rest] if rest else []), len(rest)
+        try:
+            head = parse_request_head(head_bytes)
+        except HttpError as err:
+            self._refuse(err.status, str(err))
+            return
+        if not is_tcp_request(head):
+            self._refuse(400, "expected an apptunnel-tcp upgrade")
+            return
+        self._state = "deciding"
+        # Read nothing more until there is a stream to give it to.
+        self.transport.pauseProducing()
+        self._pending = defer.ensureDeferred(self._decide(head))
+        self._pending.addCallbacks(self._connected, self._decide_failed)
+
+    def readConnectionLost(self) -> None:
+        """The client half closed (plain TCP only; TLS reports a whole close): pass the
+        FIN on and keep sending the app's answer."""
+        if self._state == "relaying" and self._stream is not None:
+            self._stream.transport.loseWriteConnection()
+        elif self._state != "closed":
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """Nothing to do: we never half close the client (TLS cannot)."""
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._state == "closed":
+            return
+        was_relaying = self._state == "relaying"
+        self._state = "closed"
+        self._cancel_expiry()
+        if self._pending is not None and not self._pending.called:
+            self._pending.cancel()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.client_lost(reason)
+        if was_relaying:
+            self._ended(reason)
+
+    # -- deciding ----------------------------------------------------------------------
+
+    async def _decide(self, head: RequestHead) -> Protocol:
+        access = self._access
+        user, roles, traits, not_after = self._identity()
+        self.user = user
+        name, port = _parse_target(head.target)
+        self.app, self.port = name, port
+        app = access.registry.app(name)
+        if app is None:
+            raise Refusal(404, f"no app named {name!r}")
+        if access.locks is not None:
+            lock = access.locks.locked(user, name)
+            if lock is not None:
+                raise Refusal(403, lock_message(lock))
+        role_set = await access.roles.role_set(roles)
+        decision = role_set.check_app(app.labels, traits)
+        if not decision.allowed:
+            access.audit.emit("access.denied", actor=user, target=name, outcome="failure",
+                              reason=decision.reason, client_ip=self.client, port=port)
+            raise Refusal(403, f"you are not allowed to use {name}")
+        if app.kind != "tcp":
+            raise Refusal(400, f"{name} is an HTTP app: open https://{app.public_addr}")
+        self._schedule_expiry(not_after)
+        target = {"app": name, "user": user, "client": self.client}
+        if port is not None:
+            target["port"] = port
+        d = access.connect_app(app, target, _StreamFactory(self))
+        d.addTimeout(access.connect_timeout, access.clock)
+        try:
+            return await d
+        except NoAgent:
+            raise Refusal(503, f"no agent is serving {name}") from None
+        except StreamRefused as refused:
+            if refused.code == ErrorCode.UNKNOWN_TARGET:
+                raise Refusal(403, refused.reason or f"{name} does not serve that port") from None
+            if refused.code == ErrorCode.CONNECT_FAILED:
+                raise Refusal(502, f"{name} is not reachable: {refused.reason}") from None
+            raise Refusal(502, f"{name} is not reachable") from None
+        except defer.TimeoutError:
+            raise Refusal(504, f"{name} did not answer in time") from None
+
+    def _identity(self) -> tuple[str, tuple[str, ...], dict, float]:
+        """(user, roles, traits, not_after) from the TLS client certificate; Refusal(401)."""
+        get_peer = getattr(self.transport, "getPeerCertificate", None)
+        peer = None
+        if get_peer is not None:
+            try:
+                peer = get_peer()
+            except Exception:  # noqa: BLE001 - no TLS state: no certificate
+                peer = None
+        if peer is None:
+            raise Refusal(401, "a user certificate is required: run apptunnel login")
+        cert = peer.to_cryptography() if isinstance(peer, crypto.X509) else peer
+        if not isinstance(cert, x509.Certificate):
+            raise Refusal(401, "a user certificate is required: run apptunnel login")
+        try:
+            role, name = self._access.ca.verify_peer(cert, self._access.clock.seconds())
+            if role != "user":
+                raise AuthError(401, "not a user certificate")
+            roles, traits = user_identity(cert)
+        except AuthError as err:
+            raise Refusal(401, f"certificate refused ({err.message}): run apptunnel login") from None
+        return name, roles, traits, cert.not_valid_after_utc.timestamp()
+
+    def _connected(self, stream_side: _StreamSide) -> None:
+        self._pending = None
+        if self._state != "deciding":
+            stream_side.transport.abortConnection()
+            return
+        self._state = "relaying"
+        self._stream = stream_side
+        self._started = self._access.clock.seconds()
+        self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n"
+                             b"Connection: Upgrade\r\nUpgrade: apptunnel-tcp\r\n\r\n")
+        early, self._held, self._held_size = self._held, [], 0
+        for chunk in early:
+            self.bytes_in += len(chunk)
+            stream_side.transport.write(chunk)
+        # Backpressure both ways: a full side pauses reading on the other.
+        self.transport.registerProducer(stream_side.transport, True)
+        stream_side.transport.registerProducer(self.transport, True)
+        self.transport.resumeProducing()
+        self._access.sessions.add(self)
+        self._access.audit.emit("tcp.session.start", actor=self.user, target=self.app,
+                                user=self.user, app=self.app, port=self.port,
+                                client_ip=self.client)
+        self._log.info("tcp session {user} -> {app}:{port} from {client}", user=self.user,
+                       app=self.app, port=self.port or "-", client=self.client)
+
+    def _decide_failed(self, failure: Failure) -> None:
+        self._pending = None
+        if self._state != "deciding":
+            return  # the client went away; the cancellation landed here
+        if failure.check(Refusal):
+            self._refuse(failure.value.status, failure.value.message)
+            return
+        self._log.failure("tcp access for {client} failed", failure, client=self.client)
+        self._refuse(500, "internal error")
+
+    def _refuse(self, status: int, message: str) -> None:
+        self._log.info("tcp access refused {client} {user} {app}: {status} {message}",
+                       client=self.client, user=self.user or "-", app=self.app or "-",
+                       status=status, message=message)
+        self._state = "closed"
+        self._cancel_expiry()
+        self._held = []
+        self.transport.write(_plain(status, message))
+        self.transport.loseConnection()
+
+    # -- relaying ----------------------------------------------------------------------
+
+    def stream_data(self, data: bytes) -> None:
+        if self._state == "relaying":
+            self.bytes_out += len(data)
+            self.transport.write(data)
+
+    def stream_finished(self) -> None:
+        """The app sent FIN: close the client once its queued bytes are out (TLS waits
+        for the producer to be unregistered before it closes)."""
+        if self._state == "relaying":
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+
+    def stream_lost(self, reason: Failure) -> None:
+        self._stream = None
+        if self._state == "relaying":
+            self.transport.unregisterProducer()
+            if reason.check(error.ConnectionDone):
+                self.transport.loseConnection()
+            else:
+                self.transport.abortConnection()
+
+    def end(self, why: str) -> None:
+        """Cut a live session (lock, certificate expiry)."""
+        self._log.info("tcp session {user} -> {app} ended: {why}", user=self.user,
+                       app=self.app, why=why)
+        if self._state in ("relaying", "deciding"):
+            self.transport.abortConnection()
+
+    def _schedule_expiry(self, not_after: float) -> None:
+        delay = max(0.0, not_after - self._access.clock.seconds())
+        self._expiry = self._access.clock.callLater(delay, self.end, "certificate expired")
+
+    def _cancel_expiry(self) -> None:
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
+
+    def _ended(self, reason: Failure) -> None:
+        self._access.sessions.discard(self)
+        duration_ms = int((self._access.clock.seconds() - self._started) * 1000)
+        self._access.audit.emit("tcp.session.end", actor=self.user, target=self.app,
+                                user=self.user, app=self.app, port=self.port,
+                                client_ip=self.client, bytes_in=self.bytes_in,
+                                bytes_out=self.bytes_out, duration_ms=duration_ms)
+
+
+class _StreamFactory(Factory):
+    noisy = False
+
+    def __init__(self, session: TcpSession) -> None:
+        self._session = session
+
+    def buildProtocol(self, addr) -> _StreamSide:
+        return _StreamSide(self._session)
+
+
+@implementer(IHalfCloseableProtocol)
+class _StreamSide(Protocol):
+    """The tunnel stream's end of the relay; passes everything to its session."""
+
+    def __init__(self, session: TcpSession) -> None:
+        self._session: TcpSession | None = session
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._session is not None:
+            self._session.stream_data(data)
+
+    def readConnectionLost(self) -> None:
+        if self._session is not None:
+            self._session.stream_finished()
+
+    def writeConnectionLost(self) -> None:
+        """Our FIN went out; the stream closes once the agent's arrives."""
+
+    def client_lost(self, reason: Failure) -> None:
+        """The client went away: end the stream cleanly, or reset it on an error."""
+        self._session = None
+        if self.transport is None:
+            return
+        self.transport.unregisterProducer()
+        if reason.check(error.ConnectionDone):
+            self.transport.loseConnection()
+        else:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            session.stream_lost(reason)

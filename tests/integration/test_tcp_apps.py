@@ -1,0 +1,295 @@
+"""TCP apps end to end: a throwaway PostgreSQL and a real redis-server behind a real agent,
+reached with the real psql and redis-cli through the installed `apptunnel proxy app`.
+
+Users sign in with the installed `apptunnel login`; every server and local proxy is a
+subprocess stopped by the PID we hold, every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.support.cluster import BIN, Child, Cluster, free_port, wait_until
+
+PGBIN = "/usr/lib/postgresql/15/bin"
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL 15 cluster in a temp dir on a free port (trust auth), as user postgres."""
+    root = tempfile.mkdtemp(prefix="pg-")
+    as_pg = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+        as_pg = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
+    subprocess.run(as_pg + [f"{PGBIN}/initdb", "-D", f"{root}/data", "-U", "postgres", "-A",
+                            "trust", "-E", "UTF8", "--no-locale", "--no-sync"],
+                   check=True, stdout=subprocess.DEVNULL, timeout=60)
+    port = free_port()
+    log = open(Path(root) / "pg.log", "ab")
+    proc = subprocess.Popen(
+        as_pg + [f"{PGBIN}/postgres", "-D", f"{root}/data", "-p", str(port),
+                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={root}",
+                 "-c", "fsync=off", "-c", "synchronous_commit=off"],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def ready():
+            if proc.poll() is not None:
+                raise AssertionError("postgres exited")
+            return subprocess.run([f"{PGBIN}/pg_isready", "-q", "-h", "127.0.0.1", "-p",
+                                   str(port)], timeout=5).returncode == 0
+        wait_until(ready, 30, "postgres to accept connections")
+        yield port
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def redis():
+    """A redis-server on a free port with no persistence."""
+    root = tempfile.mkdtemp(prefix="redis-")
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port),
+                             "--save", "", "--appendonly", "no", "--dir", root,
+                             "--logfile", f"{root}/redis.log"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: subprocess.run(
+            ["redis-cli", "-h", "127.0.0.1", "-p", str(port), "ping"], capture_output=True,
+            text=True, timeout=5).stdout.strip() == "PONG", 15, "redis to answer PING")
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(postgres, redis):
+    apps = [
+        {"name": "pg", "uri": f"tcp://127.0.0.1:{postgres}", "labels": {"env": "dev"}},
+        {"name": "cache", "uri": f"tcp://localhost:{redis}", "labels": {"env": "dev"}},
+        {"name": "multi", "uri": "tcp://127.0.0.1", "labels": {"env": "dev"},
+         "tcp_ports": [postgres, redis]},
+    ]
+    c = Cluster(apps)
+    try:
+        c.start_proxy()
+        c.add_role({"kind": "role", "metadata": {"name": "dev"},
+                    "spec": {"allow": {"app_labels": {"env": "dev"}}}})
+        c.add_role({"kind": "role", "metadata": {"name": "ops"},
+                    "spec": {"allow": {"app_labels": {"env": "prod"}}}})
+        c.add_user("alice", ["dev"], PASSWORD)
+        c.add_user("bob", ["ops"], PASSWORD)
+        c.start_agent()
+        yield c
+    finally:
+        c.stop()
+
+
+def user_env(home: Path) -> dict:
+    return {**os.environ, "APPTUNNEL_HOME": str(home)}
+
+
+@pytest.fixture(scope="module")
+def homes(cluster, tmp_path_factory):
+    """alice and bob logged in with the installed `apptunnel login`, each in their own home."""
+    pin = json.loads(cluster.cli("tokens", "add", "--type", "app", "--ttl", "1m",
+                                 "--format", "json").stdout)["ca_pin"]
+    homes = {}
+    for name in ("alice", "bob"):
+        home = tmp_path_factory.mktemp(name) / ".apptunnel"
+        result = subprocess.run(
+            [str(BIN / "apptunnel"), "login", "--proxy", cluster.public_addr, "--user", name,
+             "--password-stdin", "--ca-pin", pin], input=PASSWORD + "\n", capture_output=True,
+            text=True, timeout=60, env=user_env(home), cwd=str(home.parent))
+        assert result.returncode == 0, result.stderr
+        homes[name] = home
+
+    def online():
+        if not cluster.agent.alive():
+            raise AssertionError("agent exited:\n" + cluster.agent.log_tail())
+        out = subprocess.run([str(BIN / "apptunnel"), "apps", "ls", "--format", "json"],
+                             capture_output=True, text=True, timeout=30,
+                             env=user_env(homes["alice"])).stdout
+        apps = json.loads(out)["apps"] if out.strip() else []
+        return {(a["name"], a["type"]) for a in apps if a["online"]} == {
+            ("pg", "tcp"), ("cache", "tcp"), ("multi", "tcp")}
+    wait_until(online, 30, "alice's apps ls to list the three TCP apps online")
+    return homes
+
+
+class ProxyApp:
+    """`apptunnel proxy app NAME --port SPEC` as a subprocess, ready once it prints its port."""
+
+    def __init__(self, home: Path, name: str, spec: str, wait: bool = True):
+        self.log_path = home.parent / f"proxy-app-{name}-{spec.replace(':', '-')}.log"
+        self.child = Child("proxy app", [str(BIN / "apptunnel"), "proxy", "app", name,
+                                         "--port", spec], home.parent, self.log_path)
+        if wait:
+            wait_until(self._ready, 20, f"proxy app {name} to listen")
+
+    def _ready(self) -> bool:
+        if not self.child.alive():
+            raise AssertionError("proxy app exited:\n" + self.child.log_tail())
+        return "Proxying connections" in self.log_path.read_text()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.child.stop()
+
+
+def start(home: Path, name: str, spec: str, wait: bool = True) -> ProxyApp:
+    old = os.environ.get("APPTUNNEL_HOME")
+    os.environ["APPTUNNEL_HOME"] = str(home)  # Child passes our environment on
+    try:
+        return ProxyApp(home, name, spec, wait)
+    finally:
+        if old is None:
+            del os.environ["APPTUNNEL_HOME"]
+        else:
+            os.environ["APPTUNNEL_HOME"] = old
+
+
+def psql(port: int, sql: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                           "-d", "postgres", "-tA", "-v", "ON_ERROR_STOP=1", "-c", sql],
+                          capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PGCONNECT_TIMEOUT": "10"})
+
+
+def redis_cli(port: int, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(port), *args],
+                          input=stdin, capture_output=True, timeout=30)
+
+
+def audit(cluster: Cluster, type: str) -> list[dict]:
+    out = cluster.cli("audit", "search", "--type", type, "--format", "json").stdout.strip()
+    if out.startswith("["):
+        return json.loads(out)
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_psql_through_proxy_app(cluster, homes):
+    """psql runs queries on the real PostgreSQL through the local proxy; sessions are audited."""
+    local = free_port()
+    proxy = start(homes["alice"], "pg", str(local))
+    try:
+        result = psql(local, "CREATE TABLE t (n int); INSERT INTO t SELECT generate_series(1, 5000);"
+                             " SELECT sum(n) FROM t")
+        assert result.returncode == 0, result.stderr + proxy.log()
+        assert result.stdout.strip().splitlines()[-1] == str(sum(range(1, 5001)))
+    finally:
+        proxy.stop()
+
+    def ended():
+        events = [e for e in audit(cluster, "tcp.session.end") if e.get("target") == "pg"]
+        return events
+    events = wait_until(ended, 20, "tcp.session.end for pg")
+    event = events[0]
+    fields = event.get("fields", event)
+    assert event["code"] == "T2301I" and event["actor"] == "alice"
+    assert fields["bytes_in"] > 0 and fields["bytes_out"] > 0
+
+
+def test_redis_cli_through_proxy_app_with_a_large_value(cluster, homes):
+    """redis-cli sets and reads back a 2 MiB value through the tunnel, byte for byte."""
+    local = free_port()
+    proxy = start(homes["alice"], "cache", str(local))
+    try:
+        value = os.urandom(1024 * 1024).hex().encode()  # 2 MiB of text
+        stored = redis_cli(local, "-x", "set", "big", stdin=value)
+        assert stored.stdout.strip() == b"OK", stored.stderr + proxy.log().encode()
+        length = redis_cli(local, "strlen", "big")
+        assert length.stdout.strip() == str(len(value)).encode()
+        got = redis_cli(local, "--raw", "get", "big")
+        assert got.stdout.rstrip(b"\n") == value
+    finally:
+        proxy.stop()
+
+
+def test_many_concurrent_redis_clients(cluster, homes):
+    """Several redis-cli processes at once each get their own stream."""
+    local = free_port()
+    proxy = start(homes["alice"], "cache", str(local))
+    try:
+        procs = [subprocess.Popen(["redis-cli", "-h", "127.0.0.1", "-p", str(local), "set",
+                                   f"k{i}", f"v{i}"], stdout=subprocess.PIPE)
+                 for i in range(10)]
+        outs = [p.communicate(timeout=30)[0].strip() for p in procs]
+        assert outs == [b"OK"] * 10
+        assert redis_cli(local, "get", "k7").stdout.strip() == b"v7"
+    finally:
+        proxy.stop()
+
+
+def test_denied_user_gets_one_403_line_and_psql_fails(cluster, homes):
+    """bob's roles do not allow pg: psql fails and the local proxy prints the 403 once."""
+    local = free_port()
+    proxy = start(homes["bob"], "pg", str(local))
+    try:
+        result = psql(local, "SELECT 1")
+        assert result.returncode != 0
+        wait_until(lambda: "403" in proxy.log(), 10, "the refusal line")
+        lines = [line for line in proxy.log().splitlines() if "403" in line]
+        assert lines == ["apptunnel: proxy refused: 403 Forbidden: you are not allowed to use pg"]
+        assert proxy.child.alive()  # a refused connection does not stop the listener
+    finally:
+        proxy.stop()
+    denied = wait_until(lambda: [e for e in audit(cluster, "access.denied")
+                                 if e.get("actor") == "bob"], 20, "access.denied for bob")
+    assert denied[0]["target"] == "pg"
+
+
+def test_multi_port_app(cluster, homes, postgres, redis):
+    """LOCAL:REMOTE reaches each declared port of a multi-port app; an undeclared one is 403."""
+    redis_local, pg_local, bad_local = free_port(), free_port(), free_port()
+    to_redis = start(homes["alice"], "multi", f"{redis_local}:{redis}")
+    to_pg = start(homes["alice"], "multi", f"{pg_local}:{postgres}")
+    to_ssh = start(homes["alice"], "multi", f"{bad_local}:22")
+    try:
+        assert redis_cli(redis_local, "ping").stdout.strip() == b"PONG"
+        result = psql(pg_local, "SELECT 40 + 2")
+        assert result.returncode == 0 and result.stdout.strip() == "42", result.stderr
+        assert redis_cli(bad_local, "ping").stdout.strip() != b"PONG"
+        wait_until(lambda: "403" in to_ssh.log(), 10, "the refusal line")
+        assert "port 22 is not served by multi" in to_ssh.log()
+    finally:
+        for proxy in (to_redis, to_pg, to_ssh):
+            proxy.stop()
+
+
+def test_local_port_in_use_is_one_line_and_exit_1(cluster, homes):
+    """A busy local port is one error line and exit status 1."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = subprocess.run([str(BIN / "apptunnel"), "proxy", "app", "pg", "--port", str(port)],
+                                capture_output=True, text=True, timeout=30,
+                                env=user_env(homes["alice"]))
+    assert result.returncode == 1
+    assert result.stderr == f"apptunnel: error: local port {port} is in use\n"

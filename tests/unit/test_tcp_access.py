@@ -1,0 +1,390 @@
+"""TCP access on real loopback sockets: the edge over TLS with the cluster CA, TcpAccess,
+a real tunnel (TunnelProtocol pair + the agent's UpstreamDialer) to real TCP servers, real
+SQLite/RoleCache/AuditLog/LockWatcher, and the CLI's LocalProxy as the client."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import defer, protocol, reactor, ssl, task
+from twisted.internet.endpoints import SSL4ClientEndpoint, SSL4ServerEndpoint, TCP4ClientEndpoint
+from twisted.web import resource, server
+
+from apptunnel.agent.upstream import UpstreamDialer
+from apptunnel.audit import AuditLog
+from apptunnel.auth.ca import ClusterCA, load_server_tls
+from apptunnel.auth.locks import LockWatcher
+from apptunnel.auth.policy import RoleCache
+from apptunnel.backend.records import Lock, Resource
+from apptunnel.backend.sqlite import SqliteBackend
+from apptunnel.cli.profile import Profile
+from apptunnel.cli.proxy_app import LocalProxy, parse_port_spec
+from apptunnel.cli.context import UsageError
+from apptunnel.config import AppConfig, ProxyConfig
+from apptunnel.proxy.edge import EdgeFactory
+from apptunnel.proxy.forward import AppForwarder, tunnel_connector
+from apptunnel.proxy.registry import AgentRegistry, AppInfo
+from apptunnel.proxy.service import _web_tls_options
+from apptunnel.proxy.tcp_access import TcpAccess
+from apptunnel.proxy.tunnel_server import HelloError, TunnelSession
+from apptunnel.tunnel.protocol import TunnelProtocol
+
+WAIT = 10.0
+PUBLIC_HOST = "apptunnel.localhost"
+
+
+def bounded(d):
+    if not isinstance(d, defer.Deferred):
+        d = defer.ensureDeferred(d)
+    return d.addTimeout(WAIT, reactor)
+
+
+async def until(predicate, what: str):
+    deadline = reactor.seconds() + WAIT
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await task.deferLater(reactor, 0.01)
+
+
+class Echo(protocol.Protocol):
+    def dataReceived(self, data):
+        self.transport.write(data)
+
+
+class Banner(protocol.Protocol):
+    def connectionMade(self):
+        self.transport.write(b"banner")
+        self.transport.loseConnection()
+
+
+class Collect(protocol.Protocol):
+    def __init__(self):
+        self.data = b""
+        self.done = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason):
+        self.done.callback(None)
+
+
+class AgentHandler:
+    """The agent's end of an in-test tunnel: the real UpstreamDialer answers streams."""
+
+    def __init__(self, dialer):
+        self.dialer = dialer
+
+    def tunnel_ready(self, tunnel):
+        pass
+
+    def control_received(self, tunnel, message):
+        pass
+
+    def stream_requested(self, tunnel, target):
+        return self.dialer.stream_requested(tunnel, target)
+
+    def tunnel_lost(self, tunnel, reason):
+        pass
+
+
+class ProxyHandler(AgentHandler):
+    def __init__(self):
+        self.ready = defer.Deferred()
+
+    def tunnel_ready(self, tunnel):
+        self.ready.callback(tunnel)
+
+
+def key_pair():
+    key = ec.generate_private_key(ec.SECP256R1())
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    return pub, priv
+
+
+class Env:
+    """Everything running; `profile(user)` makes a login for that user."""
+
+    listening: list
+
+    def profile(self, user: str, roles=("dev",), ttl: float = 3600.0, ca=None) -> Profile:
+        pub, priv = key_pair()
+        cert = (ca or self.ca).issue_user_cert(pub, user, roles, {}, ttl)
+        return Profile(proxy=f"{PUBLIC_HOST}:{self.edge_port}", trust="pinned",
+                       cert_pem=cert, key_pem=priv, ca_pem=self.ca.cert_pem)
+
+    async def local(self, profile: Profile, app: str, remote_port=None, now=None):
+        """A LocalProxy for `profile` on a free port; returns (port, said lines)."""
+        said: list[str] = []
+        kwargs = {"now": now} if now else {}
+        factory = LocalProxy(reactor, lambda: profile, app, remote_port, said.append, **kwargs)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.listening.append(port)
+        return port.getHost().port, said
+
+    async def exchange(self, local_port: int, payload: bytes, close_after: bytes | None = None):
+        """Connect to a local proxy, send, collect until the far side closes (or we got enough)."""
+        client = await bounded(TCP4ClientEndpoint(reactor, "127.0.0.1", local_port).connect(
+            protocol.Factory.forProtocol(Collect)))
+        client.transport.write(payload)
+        if close_after is not None:
+            await until(lambda: len(client.data) >= len(close_after), "the relayed bytes")
+            client.transport.loseConnection()
+        await bounded(client.done)
+        return client.data
+
+    async def events(self, type: str):
+        await self.audit.flush()
+        return await self.backend.search_audit(type=type)
+
+
+@pytest_twisted.async_yield_fixture
+async def env(tmp_path):
+    e = Env()
+    e.listening = []
+    data = str(tmp_path / "proxy")
+    e.ca = ClusterCA.load_or_create(data, "utest")
+    cert, key = load_server_tls(data, e.ca, [PUBLIC_HOST, "*." + PUBLIC_HOST], ["127.0.0.1"])
+    e.backend = SqliteBackend(str(tmp_path / "apptunnel.db"), reactor)
+    for name, labels in [("dev", {"env": "dev"}), ("ops", {"env": "prod"})]:
+        doc = {"kind": "role", "metadata": {"name": name}, "spec": {"allow": {"app_labels": labels}}}
+        await bounded(e.backend.put_resource(Resource("role", name, doc)))
+    e.audit = AuditLog(e.backend, reactor)
+    e.audit.start()
+    e.locks = LockWatcher(e.backend, reactor, interval=0.1)
+    e.locks.start()
+    roles = RoleCache(e.backend, reactor)
+
+    # Real TCP apps and a real tunnel to a real dialer.
+    for name, proto in [("echo", Echo), ("echo2", Echo), ("banner", Banner)]:
+        port = reactor.listenTCP(0, protocol.Factory.forProtocol(proto), interface="127.0.0.1")
+        e.listening.append(port)
+        setattr(e, f"{name}_port", port.getHost().port)
+    closed = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
+    closed_port = closed.getHost().port
+    await closed.stopListening()
+    apps = (
+        AppConfig("db", f"tcp://127.0.0.1:{e.echo_port}", {"env": "dev"}, None),
+        AppConfig("multi", "tcp://127.0.0.1", {"env": "dev"}, None,
+                  tcp_ports=((e.echo2_port, e.echo2_port), (e.banner_port, e.banner_port))),
+        AppConfig("prod-db", f"tcp://127.0.0.1:{e.echo_port}", {"env": "prod"}, None),
+        AppConfig("down", f"tcp://127.0.0.1:{closed_port}", {"env": "dev"}, None),
+        AppConfig("web", f"http://127.0.0.1:{e.echo_port}", {"env": "dev"}, None),
+    )
+    dialer = UpstreamDialer(reactor, apps)
+    proxy_side = ProxyHandler()
+    tunnel_listener = reactor.listenTCP(0, protocol.Factory.forProtocol(
+        lambda: TunnelProtocol(proxy_side, reactor, initiator=False)), interface="127.0.0.1")
+    e.listening.append(tunnel_listener)
+    agent_tunnel = await bounded(TCP4ClientEndpoint(
+        reactor, "127.0.0.1", tunnel_listener.getHost().port).connect(protocol.Factory.forProtocol(
+            lambda: TunnelProtocol(AgentHandler(dialer), reactor, initiator=True))))
+    proxy_tunnel = await bounded(proxy_side.ready)
+    e.registry = AgentRegistry()
+    e.registry.add(proxy_tunnel, "agent-1", [
+        AppInfo(name=a.name, uri=a.uri, labels=a.labels, public_addr=f"{a.name}.{PUBLIC_HOST}",
+                tcp_ports=a.tcp_ports, agent_id="agent-1") for a in apps])
+    gone_tunnel = object()
+    e.registry.add(gone_tunnel, "agent-2", [AppInfo(name="gone", uri="tcp://127.0.0.1:1",
+                                                  labels={"env": "dev"},
+                                                  public_addr=f"gone.{PUBLIC_HOST}")])
+    e.registry.remove(gone_tunnel)  # known, but no agent serves it now
+
+    config = ProxyConfig(
+        path="p.yaml", cluster_name="utest", data_dir=data, public_addr=PUBLIC_HOST,
+        web_listen_addr="127.0.0.1:0", tunnel_listen_addr="127.0.0.1:0", backend_type="sqlite",
+        backend_path="db", tls_cert_file=None, tls_key_file=None,
+    )
+    forwarder = AppForwarder(config=config, registry=e.registry, sessions=None, roles=roles,
+                             signer=None, audit=e.audit, clock=reactor,
+                             connect_app=tunnel_connector(e.registry))
+    e.access = TcpAccess(ca=e.ca, registry=e.registry, roles=roles, audit=e.audit,
+                         clock=reactor, connect_app=tunnel_connector(e.registry), locks=e.locks)
+    web = resource.Resource()
+    edge = EdgeFactory(PUBLIC_HOST, server.Site(web), forwarder, tcp_access=e.access)
+    listener = await bounded(SSL4ServerEndpoint(
+        reactor, 0, _web_tls_options(cert, key, [e.ca.cert_pem], e.ca.cert_pem),
+        interface="127.0.0.1").listen(edge))
+    e.listening.append(listener)
+    e.edge_port = listener.getHost().port
+    yield e
+    for port in e.listening:
+        await port.stopListening()
+    agent_tunnel.transport.loseConnection()
+    e.locks.stop()
+    await bounded(e.audit.stop())
+    await bounded(e.backend.close())
+
+
+async def raw(env, request: bytes, client_cert: bytes | None = None) -> bytes:
+    """Send `request` over TLS to the edge (with or without a certificate) and read to close."""
+    cert = ssl.PrivateCertificate.loadPEM(client_cert) if client_cert else None
+    options = ssl.optionsForClientTLS(PUBLIC_HOST, trustRoot=ssl.Certificate.loadPEM(env.ca.cert_pem),
+                                      clientCertificate=cert)
+    client = await bounded(SSL4ClientEndpoint(reactor, "127.0.0.1", env.edge_port, options).connect(
+        protocol.Factory.forProtocol(Collect)))
+    client.transport.write(request)
+    await bounded(client.done)
+    return client.data
+
+
+UPGRADE = (b"GET /v1/tcp/db HTTP/1.1\r\nHost: apptunnel.localhost\r\nConnection: Upgrade\r\n"
+           b"Upgrade: apptunnel-tcp\r\n\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_relays_bytes_both_ways_and_audits_the_session(env):
+    """An allowed user gets 101 and a byte pipe; start and end are audited with byte counts."""
+    port, said = await env.local(env.profile("alice"), "db")
+    payload = b"x" * 300_000
+    got = await env.exchange(port, payload, close_after=payload)
+    assert got == payload and said == []
+    await until(lambda: not env.access.sessions, "the session to end")
+    start = await env.events("tcp.session.start")
+    end = await env.events("tcp.session.end")
+    assert [(e.code, e.actor, e.target) for e in start] == [("T2300I", "alice", "db")]
+    assert end[0].code == "T2301I" and end[0].fields["bytes_in"] == len(payload)
+    assert end[0].fields["bytes_out"] == len(payload)
+    assert end[0].fields["duration_ms"] >= 0 and end[0].fields["client_ip"].startswith("127.0.0.1:")
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_concurrent_connections(env):
+    """Several local connections at once each get their own stream."""
+    port, _ = await env.local(env.profile("alice"), "db")
+    payloads = [bytes([65 + i]) * 20_000 for i in range(8)]
+    results = await bounded(defer.gatherResults([
+        defer.ensureDeferred(env.exchange(port, p, close_after=p)) for p in payloads]))
+    assert results == payloads
+
+
+@pytest_twisted.ensureDeferred
+async def test_app_close_reaches_the_client(env):
+    """When the app closes after writing, the client gets the bytes and then EOF."""
+    port, said = await env.local(env.profile("alice"), "multi", remote_port=env.banner_port)
+    assert await env.exchange(port, b"") == b"banner"
+
+
+@pytest_twisted.ensureDeferred
+async def test_multi_port_app_declared_port_works(env):
+    """A declared port of a multi-port app is reachable."""
+    port, _ = await env.local(env.profile("alice"), "multi", remote_port=env.echo2_port)
+    assert await env.exchange(port, b"hello", close_after=b"hello") == b"hello"
+
+
+@pytest.mark.parametrize("app, remote, line", [
+    ("multi", 22, "403 Forbidden: port 22 is not served by multi"),
+    ("multi", None, "403 Forbidden: multi serves several ports: name one"),
+    ("prod-db", None, "403 Forbidden: you are not allowed to use prod-db"),
+    ("nope", None, "404 Not Found: no app named 'nope'"),
+    ("web", None, "400 Bad Request: web is an HTTP app"),
+    ("down", None, "502 Bad Gateway: down is not reachable: connection refused"),
+    ("gone", None, "503 Service Unavailable: no agent is serving gone"),
+])
+@pytest_twisted.ensureDeferred
+async def test_refusals_are_one_line_and_close(env, app, remote, line):
+    """Each refusal closes the local connection and prints the proxy's reason as one line."""
+    port, said = await env.local(env.profile("alice"), app, remote_port=remote)
+    assert await env.exchange(port, b"early bytes") == b""
+    await until(lambda: said, "the printed reason")
+    assert len(said) == 1 and said[0].startswith("proxy refused: " + line), said
+
+
+@pytest_twisted.ensureDeferred
+async def test_rbac_denial_is_audited(env):
+    """A role denial is audited as access.denied naming the user and app."""
+    port, _ = await env.local(env.profile("alice"), "prod-db")
+    await env.exchange(port, b"")
+    denied = await env.events("access.denied")
+    assert [(e.code, e.actor, e.target) for e in denied] == [("T2200W", "alice", "prod-db")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_certificate_is_401(env):
+    """No client certificate: 401 with a hint, no stream opened."""
+    answer = await raw(env, UPGRADE)
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    assert b"run apptunnel login" in answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_expired_certificate_is_refused_locally(env):
+    """An expired profile certificate is refused by the local proxy with one line."""
+    profile = env.profile("alice", ttl=60)
+    port, said = await env.local(profile, "db", now=lambda: profile.expires + 1)
+    assert await env.exchange(port, b"x") == b""
+    assert said == ["certificate expired: run apptunnel login"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_certificate_is_not_a_user_401(env):
+    """An agent certificate of this cluster (TLS accepts its chain) is not a user: 401."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "host-1")]))
+           .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    cert = env.ca.sign_agent_csr(csr, "host-1", 3600)
+    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    answer = await raw(env, UPGRADE, cert + priv)
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    assert b"not a user certificate" in answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_lock_refuses_and_ends_live_sessions(env):
+    """A lock on the user refuses new sessions (403 with its message) and ends live ones."""
+    port, said = await env.local(env.profile("alice"), "db")
+    client = await bounded(TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+        protocol.Factory.forProtocol(Collect)))
+    client.transport.write(b"ping")
+    await until(lambda: client.data == b"ping", "the echo")
+    now = reactor.seconds()
+    await bounded(env.backend.put_lock(Lock("l1", "alice", None, "incident", now, None, "admin")))
+    await bounded(client.done)
+    assert await env.exchange(port, b"x") == b""
+    await until(lambda: said, "the printed reason")
+    assert said == ["proxy refused: 403 Forbidden: your access is locked: incident"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_web_host_without_upgrade_still_goes_to_the_site(env):
+    """A plain request on the proxy host is the web UI's, not TcpAccess's."""
+    answer = await raw(env, b"GET /v1/tcp/db HTTP/1.1\r\nHost: apptunnel.localhost\r\n"
+                            b"Connection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 404 ")
+
+
+@pytest_twisted.ensureDeferred
+async def test_browser_on_tcp_app_host_gets_400_page(env):
+    """A browser opening a TCP app's subdomain is told to use apptunnel proxy app."""
+    answer = await raw(env, b"GET / HTTP/1.1\r\nHost: db.apptunnel.localhost\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"TCP app: use apptunnel proxy app db" in answer
+
+
+def test_port_spec():
+    """--port takes LOCAL or LOCAL:REMOTE; anything else is a usage error."""
+    assert parse_port_spec("15432") == (15432, None)
+    assert parse_port_spec("15432:5432") == (15432, 5432)
+    for bad in ("", "x", "1:0", "70000", "1:2:3", "-1"):
+        with pytest.raises(UsageError):
+            parse_port_spec(bad)
+
+
+def test_hello_tcp_ports_are_checked():
+    """The proxy takes tcp_ports only as [low, high] pairs of a tcp:// app."""
+    assert TunnelSession._tcp_ports([[1, 2], [5, 5]], "tcp", "apps[0]") == ((1, 2), (5, 5))
+    assert TunnelSession._tcp_ports(None, "http", "apps[0]") == ()
+    for bad, scheme in [([[1, 2]], "http"), ([[2, 1]], "tcp"), ([[0, 1]], "tcp"),
+                        ([[1, True]], "tcp"), ("1-2", "tcp"), ([[1, 2, 3]], "tcp")]:
+        with pytest.raises(HelloError):
+            TunnelSession._tcp_ports(bad, scheme, "apps[0]")
