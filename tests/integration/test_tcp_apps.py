@@ -293,3 +293,69 @@ def test_local_port_in_use_is_one_line_and_exit_1(cluster, homes):
                                 env=user_env(homes["alice"]))
     assert result.returncode == 1
     assert result.stderr == f"apptunnel: error: local port {port} is in use\n"
+
+
+def login(cluster: Cluster, name: str, home: Path, ttl: str | None = None) -> None:
+    """Sign `name` in with the installed `apptunnel login` into its own home."""
+    pin = json.loads(cluster.cli("tokens", "add", "--type", "app", "--ttl", "1m",
+                                 "--format", "json").stdout)["ca_pin"]
+    argv = [str(BIN / "apptunnel"), "login", "--proxy", cluster.public_addr, "--user", name,
+            "--password-stdin", "--ca-pin", pin]
+    if ttl:
+        argv += ["--ttl", ttl]
+    result = subprocess.run(argv, input=PASSWORD + "\n", capture_output=True, text=True,
+                            timeout=60, env=user_env(home), cwd=str(home.parent))
+    assert result.returncode == 0, result.stderr
+
+
+def test_expired_certificate_closes_new_connections_and_keeps_running(cluster, tmp_path):
+    """Once the certificate expires, psql fails with the login hint; proxy app keeps going."""
+    cluster.add_user("dave", ["dev"], PASSWORD)
+    home = tmp_path / ".apptunnel"
+    login(cluster, "dave", home, ttl="2s")
+    local = free_port()
+    proxy = start(home, "pg", str(local))
+    try:
+        wait_until(lambda: psql(local, "SELECT 1").returncode != 0, 15,
+                   "the certificate to expire")
+        wait_until(lambda: "certificate expired: run apptunnel login" in proxy.log(), 10,
+                   "the expiry line")
+        assert proxy.child.alive()
+    finally:
+        proxy.stop()
+
+
+def test_lock_cuts_a_live_psql_session(cluster, tmp_path):
+    """`apptunnel lock --user` ends carol's open psql session and refuses her next one."""
+    cluster.add_user("carol", ["dev"], PASSWORD)
+    home = tmp_path / ".apptunnel"
+    login(cluster, "carol", home)
+    local = free_port()
+    proxy = start(home, "pg", str(local))
+    out_path = tmp_path / "psql.out"
+    with open(out_path, "wb") as out:
+        session = subprocess.Popen(
+            ["psql", "-h", "127.0.0.1", "-p", str(local), "-U", "postgres", "-d", "postgres",
+             "-tA"], stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        session.stdin.write(b"SELECT 'before' || 'lock';\n")
+        session.stdin.flush()
+        wait_until(lambda: b"beforelock" in out_path.read_bytes(), 15, "the first query")
+        lock_id = cluster.cli("lock", "--user", "carol", "--message", "test lock").stdout.split()[0]
+        # The proxy notices the lock within its poll interval and ends the live session.
+        session.stdin.write(b"SELECT pg_sleep(6); SELECT 'after' || 'lock';\n")
+        session.stdin.flush()
+        session.stdin.close()
+        session.wait(30)
+        output = out_path.read_bytes()
+        assert b"afterlock" not in output
+        assert b"connection to server was lost" in output
+        refused = psql(local, "SELECT 1")
+        assert refused.returncode != 0
+        wait_until(lambda: "test lock" in proxy.log(), 10, "the lock message from the proxy")
+        cluster.cli("locks", "rm", lock_id)
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait(5)
+        proxy.stop()
