@@ -1,16 +1,19 @@
-"""`apptunnel apps ls`: the apps the logged-in user may open, asked with their certificate."""
+"""`apptunnel apps ls|config`: the apps the logged-in user may open, asked with their
+certificate, and how to call one directly with that certificate (curl and friends)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import time
 from typing import Callable
 
 from apptunnel.cli.context import CliError, Io
 from apptunnel.cli.output import json_text, table
-from apptunnel.cli.profile import require_profile
+from apptunnel.cli.profile import TRUST_INSECURE, TRUST_PINNED, Profile, home_dir, require_profile
 
-__all__ = ["add_parsers", "list_apps"]
+__all__ = ["add_parsers", "app_config", "list_apps"]
 
 _FIELDS = ("name", "type", "labels", "public_addr", "online")
 
@@ -21,22 +24,16 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
     ls = sub.add_parser("ls", parents=[common], help="list the apps your roles allow")
     ls.add_argument("--format", choices=("text", "json"), default="text")
     ls.set_defaults(user_handler=list_apps)
+    config = sub.add_parser("config", parents=[common],
+                            help="how to call an HTTP app directly with your certificate")
+    config.add_argument("name", metavar="NAME", help="the app")
+    config.add_argument("--format", choices=("curl", "text", "json"), default="curl")
+    config.set_defaults(user_handler=app_config)
 
 
 def list_apps(args: argparse.Namespace, io: Io, now: Callable[[], float] = time.time) -> int:
     """GET /v1/apps with the profile's certificate and print name, type, labels, address, state."""
-    profile = require_profile(io.environ, now())
-    client = profile.client()
-    try:
-        code, answer = client.call("GET", "/v1/apps")
-    finally:
-        client.close()
-    if code == 401:
-        raise CliError(f"the proxy at {profile.proxy} did not accept your certificate: "
-                       "run apptunnel login")
-    if code != 200 or not isinstance(answer, dict) or not isinstance(answer.get("apps"), list):
-        raise CliError(f"the proxy at {profile.proxy} could not list apps (HTTP {code})")
-    apps = [_app(entry) for entry in answer["apps"] if isinstance(entry, dict)]
+    apps = _fetch_apps(require_profile(io.environ, now()))
     if args.format == "json":
         io.out(json_text({"apps": apps}))
         return 0
@@ -48,6 +45,67 @@ def list_apps(args: argparse.Namespace, io: Io, now: Callable[[], float] = time.
     ]
     io.out(table(("NAME", "TYPE", "LABELS", "ADDRESS", "STATUS"), rows))
     return 0
+
+
+def app_config(args: argparse.Namespace, io: Io, now: Callable[[], float] = time.time) -> int:
+    """Print the app's public URL and the profile files to call it with (the app host
+    accepts the user certificate in place of a browser session)."""
+    profile = require_profile(io.environ, now())
+    app = next((a for a in _fetch_apps(profile) if a["name"] == args.name), None)
+    if app is None:
+        raise CliError(f"no app named {args.name!r} that you may open (see apptunnel apps ls)")
+    if app["type"] == "tcp":
+        raise CliError(f"{args.name} is a TCP app: use apptunnel proxy app {args.name}")
+    home = os.path.abspath(home_dir(io.environ))
+    config = {
+        "name": app["name"],
+        "url": f"https://{app['public_addr']}/",
+        "ca": os.path.join(home, "ca.crt") if profile.trust == TRUST_PINNED else None,
+        "cert": os.path.join(home, "user.crt"),
+        "key": os.path.join(home, "user.key"),
+        "insecure": profile.trust == TRUST_INSECURE,
+        "expires": int(profile.expires),
+    }
+    if args.format == "json":
+        io.out(json_text(config))
+    elif args.format == "text":
+        io.out(_config_text(config, profile))
+    else:
+        argv = ["curl"]
+        if config["insecure"]:
+            argv.append("--insecure")
+        if config["ca"]:
+            argv += ["--cacert", config["ca"]]
+        argv += ["--cert", config["cert"], "--key", config["key"], config["url"]]
+        io.out(shlex.join(argv) + "\n")
+    return 0
+
+
+def _config_text(config: dict, profile: Profile) -> str:
+    trust = config["ca"] or ("none (--insecure login)" if config["insecure"] else "the system store")
+    return (
+        f"Name:   {config['name']}\n"
+        f"URL:    {config['url']}\n"
+        f"CA:     {trust}\n"
+        f"Cert:   {config['cert']}\n"
+        f"Key:    {config['key']}\n"
+        f"Valid:  until {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(profile.expires))}\n"
+    )
+
+
+def _fetch_apps(profile: Profile) -> list[dict]:
+    """GET /v1/apps with the profile's certificate: the apps the user may open."""
+    client = profile.client()
+    try:
+        code, answer = client.call("GET", "/v1/apps")
+    finally:
+        client.close()
+    if code == 401:
+        raise CliError(f"the proxy at {profile.proxy} did not accept your certificate: "
+                       "run apptunnel login")
+    if code != 200 or not isinstance(answer, dict) or not isinstance(answer.get("apps"), list):
+        raise CliError(f"the proxy at {profile.proxy} could not list apps (HTTP {code})")
+    return [_app(entry) for entry in answer["apps"] if isinstance(entry, dict)]
 
 
 def _app(entry: dict) -> dict:

@@ -1,4 +1,4 @@
-"""`apptunnel proxy app NAME --port P`: a local port that leads to one TCP app.
+"""`apptunnel proxy app NAME --port P`: a local port that leads to one app.
 
 Each connection to 127.0.0.1:P becomes its own TLS connection to the proxy, presenting
 the user's certificate from the login profile, and one ``apptunnel-tcp`` upgrade (see
@@ -8,6 +8,10 @@ take it. Any other answer is printed as one line and that connection is closed; 
 listener keeps running. The certificate is checked per connection: once it has expired,
 connections are refused locally (after a re-read of the profile, so a fresh
 ``apptunnel login`` in another terminal is picked up without a restart).
+
+For an HTTP app the relay is the same: the proxy, not this process, reads the HTTP
+requests after the upgrade and authorizes, signs and audits each one, so plain
+``curl localhost:P`` reaches the app as the logged-in user.
 
 This verb runs a reactor, unlike the other user verbs.
 """
@@ -58,7 +62,7 @@ def parse_port_spec(spec: str) -> tuple[int, int | None]:
 def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     proxy = verbs.add_parser("proxy", parents=[common], help="local ports leading to apps")
     sub = proxy.add_subparsers(dest="action", metavar="ACTION", required=True)
-    app = sub.add_parser("app", parents=[common], help="listen on localhost and relay to a TCP app")
+    app = sub.add_parser("app", parents=[common], help="listen on localhost and relay to an app (HTTP or TCP)")
     app.add_argument("name", metavar="NAME", help="the app")
     app.add_argument("--port", default="0", metavar="LOCAL[:REMOTE]",
                      help="local port (0 = any free one); REMOTE picks a port of a multi-port app")

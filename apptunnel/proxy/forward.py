@@ -23,6 +23,9 @@ from typing import Any
 from urllib.parse import parse_qs, quote, quote_from_bytes, urlsplit
 
 import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from OpenSSL import crypto
 from twisted.internet import defer
 from twisted.internet.interfaces import IAddress, IProtocolFactory, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -30,7 +33,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from apptunnel.auth.ca import user_identity
 from apptunnel.auth.errors import AuthError
+from apptunnel.auth.locks import lock_matches, lock_message
 from apptunnel.auth.sessions import PROXY_COOKIE_PREFIX
 from apptunnel.proxy import pages
 from apptunnel.proxy.http1 import (
@@ -54,6 +59,8 @@ STATE_COOKIE = PROXY_COOKIE_PREFIX + "state"
 AUTH_PATH = b"/.apptunnel/auth"
 LOGOUT_PATH = b"/.apptunnel/logout"
 STATE_MAX_AGE = 300
+LOCK_AUDIT_INTERVAL = 10.0  # one lock.enforced per (user, app) per this many seconds
+_LOOPBACK_ORIGIN = re.compile(r"http://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?")
 
 # Bytes held per connection while a request is being authorized, and bytes of a request
 # body thrown away after answering it here, before the connection is closed instead.
@@ -89,6 +96,45 @@ def tunnel_connector(registry: AgentRegistry) -> ConnectApp:
         return tunnel.connect_stream(target, factory)
 
     return connect_app
+
+
+@attrs.frozen
+class CertCaller:
+    """A caller named by a verified user certificate: no session, valid until ``expires``.
+
+    ``fingerprint`` (SHA-256 hex of the certificate) keys the RBAC and JWT caches, so a
+    renewed certificate (new roles, new traits) never reuses the old one's entries.
+    """
+
+    user: str
+    roles: tuple[str, ...]
+    traits: dict
+    expires: float
+    fingerprint: str
+
+
+def peer_certificate(transport) -> x509.Certificate | None:
+    """The client certificate on a TLS transport; None without TLS or without one."""
+    get_peer = getattr(transport, "getPeerCertificate", None)
+    if get_peer is None:
+        return None
+    try:
+        peer = get_peer()
+    except Exception:  # noqa: BLE001 - no TLS state: no certificate
+        return None
+    if isinstance(peer, crypto.X509):
+        peer = peer.to_cryptography()
+    return peer if isinstance(peer, x509.Certificate) else None
+
+
+def cert_caller(ca, cert: x509.Certificate, now: float) -> CertCaller:
+    """The identity of a user certificate of this cluster; AuthError(401) otherwise."""
+    role, name = ca.verify_peer(cert, now)
+    if role != "user":
+        raise AuthError(401, "not a user certificate")
+    roles, traits = user_identity(cert)
+    return CertCaller(name, roles, traits, cert.not_valid_after_utc.timestamp(),
+                      cert.fingerprint(hashes.SHA256()).hex())
 
 
 @attrs.frozen
@@ -209,6 +255,8 @@ class AppForwarder(Factory):
         connect_timeout: float = 15.0,
         decision_ttl: float = 5.0,
         max_cached_decisions: int = 10000,
+        ca=None,
+        locks=None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -227,14 +275,53 @@ class AppForwarder(Factory):
         self._jwt_header = config.jwt_header.encode("ascii")
         self._jwt_header_l = self._jwt_header.lower()
         self._public_host = host_only(config.public_addr)
+        # With the cluster CA, app hosts also accept a user certificate (apps config);
+        # with a lock watcher, a new lock cuts the live connections it covers.
+        self.ca = ca
+        self.locks = locks
+        self.connections: set[AppConnection] = set()
+        self._lock_audited: dict[tuple[str, str], float] = {}
+        if locks is not None:
+            locks.add_listener(self._lock_added)
 
     def buildProtocol(self, addr: IAddress) -> "AppConnection":
         return AppConnection(self)
 
+    def fixed_connection(self, app_name: str, caller: CertCaller) -> "AppConnection":
+        """A connection bound to one app and one certificate (``apptunnel proxy app``)."""
+        return AppConnection(self, fixed_app=app_name, caller=caller)
+
+    def certificate_caller(self, transport) -> CertCaller | None:
+        """The verified user certificate on ``transport``, or None (no CA, none, invalid)."""
+        if self.ca is None:
+            return None
+        cert = peer_certificate(transport)
+        if cert is None:
+            return None
+        try:
+            return cert_caller(self.ca, cert, self.clock.seconds())
+        except AuthError:
+            return None
+
+    def _lock_added(self, lock) -> None:
+        """Cut live connections (keep-alive or upgraded) whose user/app the lock covers."""
+        for conn in list(self.connections):
+            if conn.user and lock_matches(lock, conn.user, conn.app_name):
+                self._log.info("lock {id} cuts {user} on {app}", id=lock.id, user=conn.user,
+                               app=conn.app_name)
+                self.audit.emit("lock.enforced", actor=conn.user, target=conn.app_name or "",
+                                outcome="failure", lock=lock.id, where="live connection")
+                conn.cut()
+
     # Deciding what a request gets
 
-    async def route(self, head: RequestHead, client_ip: str) -> Answer | Forward:
-        """Answer here (hand-off, logout, sign-in redirect, refusal) or allow through."""
+    async def route(self, head: RequestHead, client_ip: str,
+                    caller: CertCaller | None = None) -> Answer | Forward:
+        """Answer here (hand-off, logout, sign-in redirect, refusal) or allow through.
+
+        ``caller`` is the connection's verified user certificate, used only when the
+        request carries no valid app session (a browser without one is unaffected).
+        """
         head_only = head.method == b"HEAD"
         close = not keep_alive(head.version, head.headers)
 
@@ -265,6 +352,8 @@ class AppForwarder(Factory):
         app_session = await self.sessions.app_session(cookies.get(APP_COOKIE), app.name)
         cached = await self._decide(app_session, app) if app_session is not None else None
         if cached is None or cached.web is None:
+            if caller is not None and self.clock.seconds() < caller.expires:
+                return await self._by_certificate(head, app, caller, client_ip, False)
             if head.method not in (b"GET", b"HEAD"):
                 return page(401)
             return self._launch(app, head.target, close, head_only)
@@ -290,7 +379,89 @@ class AppForwarder(Factory):
                     method=head.method.decode("latin-1"), path=path.decode("latin-1"),
                 )
                 return page(403)
-        return Forward(app, self._app_head(head, app, app_session, web, client_ip, upgrade), web.user, upgrade)
+        return Forward(app, self._app_head(head, app, app_session.id_hash, web, client_ip, upgrade),
+                       web.user, upgrade)
+
+    async def route_fixed(self, head: RequestHead, client_ip: str, app_name: str,
+                          caller: CertCaller) -> Answer | Forward:
+        """A request of a fixed-app connection: the app and caller are the connection's,
+        whatever Host says; no cookies, no hand-off."""
+        head_only = head.method == b"HEAD"
+        if self.clock.seconds() >= caller.expires:
+            message = "certificate expired: run apptunnel login"
+            return Answer(pages.error_response(401, message, close=True, head_only=head_only), 401, True)
+        app = self.registry.app(app_name)
+        if app is None:
+            close = not keep_alive(head.version, head.headers)
+            return Answer(pages.error_response(503, close=close, head_only=head_only), 503, close)
+        if not head.target.startswith(b"/"):
+            return Answer(pages.error_response(400, close=True, head_only=head_only), 400, True)
+        return await self._by_certificate(head, app, caller, client_ip, True)
+
+    async def _by_certificate(self, head: RequestHead, app: AppInfo, caller: CertCaller,
+                              client_ip: str, fixed: bool) -> Answer | Forward:
+        """Locks, RBAC and the upgrade rule for a certificate caller, as for sessions."""
+        head_only = head.method == b"HEAD"
+        close = not keep_alive(head.version, head.headers)
+        path = head.target.partition(b"?")[0].decode("latin-1")
+        method = head.method.decode("latin-1")
+        lock = self.locks.locked(caller.user, app.name) if self.locks is not None else None
+        if lock is not None:
+            self._audit_lock(lock, caller.user, app.name)
+            return Answer(pages.error_response(403, lock_message(lock), close=close,
+                                               head_only=head_only), 403, close)
+        cached = await self._decide_cert(caller, app)
+        if not cached.allowed:
+            self.audit.emit("access.denied", actor=caller.user, target=app.name, outcome="failure",
+                            reason=cached.reason, client_ip=client_ip, method=method, path=path)
+            return Answer(pages.error_response(403, close=close, head_only=head_only), 403, close)
+        upgrade = b"websocket" in head.headers.tokens(b"upgrade") and b"upgrade" in head.headers.tokens(b"connection")
+        if upgrade:
+            origin = (head.headers.get(b"origin") or b"").decode("latin-1").lower()
+            if fixed:
+                # Through a local port: a browser page must come from a loopback origin.
+                ok = not origin or _LOOPBACK_ORIGIN.fullmatch(origin) is not None
+            else:
+                ok = origin == f"https://{app.public_addr}".lower()
+            if not ok or head.method != b"GET":
+                self.audit.emit("access.denied", actor=caller.user, target=app.name, outcome="failure",
+                                reason="WebSocket origin mismatch", client_ip=client_ip,
+                                method=method, path=path)
+                return Answer(pages.error_response(403, close=close, head_only=head_only), 403, close)
+        forwarded_host = app.public_addr.encode("ascii", "replace") if fixed else None
+        out = self._app_head(head, app, caller.fingerprint, caller, client_ip, upgrade, forwarded_host)
+        return Forward(app, out, caller.user, upgrade)
+
+    async def _decide_cert(self, caller: CertCaller, app: AppInfo) -> _Cached:
+        """RBAC for (certificate, app), cached like the session decisions."""
+        now = self.clock.seconds()
+        key = ("cert:" + caller.fingerprint, app.name)
+        cached = self._decisions.get(key)
+        if cached is not None and now < cached.until:
+            return cached
+        decision = (await self.roles.role_set(caller.roles)).check_app(app.labels, caller.traits)
+        self._remember(key, _Cached(min(now + self._decision_ttl, caller.expires), caller,
+                                    decision.allowed, decision.reason), now)
+        return self._decisions[key]
+
+    def _remember(self, key: tuple[str, str], cached: _Cached, now: float) -> None:
+        if len(self._decisions) >= self._max_cached:
+            self._decisions = {k: v for k, v in self._decisions.items() if v.until > now}
+            if len(self._decisions) >= self._max_cached:
+                self._decisions.clear()
+        self._decisions[key] = cached
+
+    def _audit_lock(self, lock, user: str, app: str) -> None:
+        """``lock.enforced`` at most once per (user, app) per LOCK_AUDIT_INTERVAL."""
+        now = self.clock.seconds()
+        last = self._lock_audited.get((user, app))
+        if last is not None and now - last < LOCK_AUDIT_INTERVAL:
+            return
+        if len(self._lock_audited) >= self._max_cached:
+            self._lock_audited.clear()
+        self._lock_audited[(user, app)] = now
+        self.audit.emit("lock.enforced", actor=user, target=app, outcome="failure",
+                        lock=lock.id, where="app request")
 
     async def _decide(self, app_session, app: AppInfo) -> _Cached:
         """RBAC for (app session, app), cached for a few seconds so requests skip storage."""
@@ -305,11 +476,8 @@ class AppForwarder(Factory):
             return _Cached(0.0, None, False, "session ended")
         decision = (await self.roles.role_set(web.roles)).check_app(app.labels, web.traits)
         until = min(now + self._decision_ttl, web.expires, app_session.expires)
-        if len(self._decisions) >= self._max_cached:
-            self._decisions = {k: v for k, v in self._decisions.items() if v.until > now}
-            if len(self._decisions) >= self._max_cached:
-                self._decisions.clear()
-        cached = self._decisions[key] = _Cached(until, web, decision.allowed, decision.reason)
+        cached = _Cached(until, web, decision.allowed, decision.reason)
+        self._remember(key, cached, now)
         return cached
 
     async def _redeem(self, app: AppInfo, query: bytes, cookies: dict, close: bool, head_only: bool) -> Answer:
@@ -362,9 +530,13 @@ class AppForwarder(Factory):
         )
         return Answer(data, 302, close)
 
-    def _app_head(self, head: RequestHead, app: AppInfo, app_session, web, client_ip: str,
-                  upgrade: bool) -> RequestHead:
-        """The head the app sees: no hop-by-hop or spoofable headers, ours added."""
+    def _app_head(self, head: RequestHead, app: AppInfo, cache_key: str, web, client_ip: str,
+                  upgrade: bool, forwarded_host: bytes | None = None) -> RequestHead:
+        """The head the app sees: no hop-by-hop or spoofable headers, ours added.
+
+        ``web`` is whoever calls (session or certificate: user, roles, traits);
+        ``cache_key`` keys the signer's token cache for that caller.
+        """
         headers = head.headers
         client_host = headers.get(b"host") or b""
         named = {t for t in headers.tokens(b"connection") if t not in _PROTECTED}
@@ -390,9 +562,9 @@ class AppForwarder(Factory):
             out.add(b"Upgrade", b"websocket")
         out.add(b"X-Forwarded-For", client_ip.encode("ascii", "replace"))
         out.add(b"X-Forwarded-Proto", b"https")
-        out.add(b"X-Forwarded-Host", client_host)
+        out.add(b"X-Forwarded-Host", client_host if forwarded_host is None else forwarded_host)
         token = self.signer.token(
-            app_session.id_hash, web.user, web.roles, web.traits,
+            cache_key, web.user, web.roles, web.traits,
             audience=f"https://{app.public_addr}", claims=app.jwt_claims,
         )
         out.add(self._jwt_header, token.encode("ascii"))
@@ -405,10 +577,14 @@ class AppForwarder(Factory):
             out.set(name.encode("ascii"), value.encode("utf-8"))
         return RequestHead(head.method, head.target, head.version, out)
 
-    def response_head(self, head: ResponseHead, app: AppInfo) -> ResponseHead:
-        """The head the client sees: app-origin redirects made public, our cookies kept ours."""
+    def response_head(self, head: ResponseHead, app: AppInfo, fixed: bool = False) -> ResponseHead:
+        """The head the client sees: app-origin redirects made public, our cookies kept ours.
+
+        On a fixed-app connection the client reached us through a local port whose address
+        we do not know, so app-origin redirects become origin-relative instead.
+        """
         prefix = PROXY_COOKIE_PREFIX.encode("ascii")
-        public = f"https://{app.public_addr}"
+        public = "" if fixed else f"https://{app.public_addr}"
         origins = _internal_origins(app.uri)
         out = []
         for name, value in head.headers:
@@ -420,7 +596,7 @@ class AppForwarder(Factory):
                 low = text.lower()
                 for origin in origins:
                     if low.startswith(origin) and (len(text) == len(origin) or text[len(origin)] in "/?#"):
-                        value = (public + text[len(origin):]).encode("latin-1")
+                        value = (public + text[len(origin):] or "/").encode("latin-1")
                         break
             out.append((name, value))
         return ResponseHead(head.version, head.status, head.reason, Headers(out))
@@ -481,13 +657,27 @@ class _AppSideFactory(Factory):
         return _AppSide(self._conn)
 
 
+_UNKNOWN = object()  # the connection's certificate has not been looked at yet
+
+
 class AppConnection(Protocol):
-    """One client connection to app hosts: requests in order, each authorized and relayed."""
+    """One client connection to app hosts: requests in order, each authorized and relayed.
+
+    In fixed-app mode (``fixed_app`` and ``caller`` given, after an ``apptunnel-tcp``
+    upgrade for an HTTP app) every request goes to that app as that certificate's user.
+    ``user`` / ``app_name`` say who the connection currently serves, for locks.
+    """
 
     _log = Logger()
 
-    def __init__(self, forwarder: AppForwarder) -> None:
+    def __init__(self, forwarder: AppForwarder, fixed_app: str | None = None,
+                 caller: CertCaller | None = None) -> None:
         self._fw = forwarder
+        self._fixed_app = fixed_app
+        self._caller = caller if fixed_app is not None else _UNKNOWN
+        self.user = caller.user if fixed_app is not None and caller is not None else ""
+        self.app_name = fixed_app
+        self._expiry = None
         self._clock = forwarder.clock
         self._reader = RequestReader()
         self._pending: deque = deque()
@@ -514,7 +704,18 @@ class AppConnection(Protocol):
         peer = self.transport.getPeer()
         self._client_ip = getattr(peer, "host", "") or ""
         self.transport.registerProducer(_Valve(self._client_blocked, self._client_unblocked), True)
+        self._fw.connections.add(self)
+        if self._fixed_app is not None:
+            delay = max(0.0, self._caller.expires - self._clock.seconds())
+            self._expiry = self._clock.callLater(delay, self.cut)
         self._touch()
+
+    def cut(self) -> None:
+        """End the connection now (a lock, an expired certificate), whatever is in flight."""
+        if self._closed:
+            return
+        self._close()
+        self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -541,6 +742,10 @@ class AppConnection(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         self._closed = self._closing = True
+        self._fw.connections.discard(self)
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
         self._cancel_timer()
         if self._connecting is not None:
             self._connecting.cancel()
@@ -587,7 +792,14 @@ class AppConnection(Protocol):
             keep_alive=keep_alive(head.version, head.headers), version=head.version,
         )
         self._routing = True
-        d = defer.Deferred.fromCoroutine(self._fw.route(head, self._client_ip))
+        if self._fixed_app is not None:
+            routing = self._fw.route_fixed(head, self._client_ip, self._fixed_app, self._caller)
+        else:
+            if self._caller is _UNKNOWN:
+                # A TLS connection's certificate cannot change: verify it once.
+                self._caller = self._fw.certificate_caller(self.transport)
+            routing = self._fw.route(head, self._client_ip, self._caller)
+        d = defer.Deferred.fromCoroutine(routing)
         d.addCallback(self._routed, self._ex)
         d.addErrback(self._route_failed, self._ex)
 
@@ -598,6 +810,7 @@ class AppConnection(Protocol):
             self._answer(outcome)
             return
         ex.app, ex.user, ex.upgrade = outcome.app, outcome.user, outcome.upgrade
+        self.user, self.app_name = outcome.user, outcome.app.name
         if self._upstream is not None and self._upstream_app == outcome.app.name:
             self._send_head(outcome)
             return
@@ -776,7 +989,7 @@ class AppConnection(Protocol):
                     continue
                 ex.status = event.status
                 ex.head_sent = True
-                out.append(self._fw.response_head(event, ex.app).to_bytes())
+                out.append(self._fw.response_head(event, ex.app, self._fixed_app is not None).to_bytes())
                 if self._resp.must_close and event.status != 101:
                     ex.keep_alive = False
             elif isinstance(event, Upgraded):

@@ -130,10 +130,13 @@ class ProxyService(MultiService):
             audit=self.audit,
             clock=reactor,
             connect_app=tunnel_connector(self.registry),
+            ca=self.ca,
+            locks=self.locks,
         )
         self.tcp_access = TcpAccess(
             ca=self.ca, registry=self.registry, roles=self.roles, audit=self.audit,
             clock=reactor, connect_app=tunnel_connector(self.registry), locks=self.locks,
+            forwarder=self.forwarder,
         )
         edge = EdgeFactory(config.public_host, site, self.forwarder, tcp_access=self.tcp_access)
         web_endpoint = SSL4ServerEndpoint(

@@ -14,6 +14,11 @@ a port, the agent dials only declared ones). Refusals are one plain-text line wi
 status and close the connection; success is ``101 Switching Protocols`` and from then on
 the connection is a byte pipe to one tunnel stream.
 
+HTTP apps take the same upgrade (when a forwarder is given): after the ``101`` the
+connection is handed to the app forwarder in fixed-app mode, which reads the HTTP
+requests that follow and authorizes, signs and audits each one as for a browser, with
+the certificate as the caller. The local proxy stays a byte relay either way.
+
 The relay needs no buffer of its own: each side is the other's push producer, so a slow
 reader on one side pauses reading on the other. TLS has no half close, so a FIN from the
 app closes the client connection once queued bytes are out; the client's close ends the
@@ -24,8 +29,6 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, unquote
 
-from cryptography import x509
-from OpenSSL import crypto
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -33,11 +36,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from apptunnel.auth.ca import ClusterCA, user_identity
+from apptunnel.auth.ca import ClusterCA
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.locks import lock_matches, lock_message
 from apptunnel.proxy import pages
-from apptunnel.proxy.forward import ConnectApp, NoAgent
+from apptunnel.proxy.forward import AppForwarder, CertCaller, ConnectApp, NoAgent, cert_caller, peer_certificate
 from apptunnel.proxy.http1 import MAX_HEAD, HttpError, RequestHead, parse_request_head
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.tunnel.errors import StreamRefused
@@ -123,7 +126,8 @@ class TcpAccess(Factory):
 
     def __init__(self, *, ca: ClusterCA, registry: AgentRegistry, roles, audit,
                  clock: IReactorTime, connect_app: ConnectApp, locks=None,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT,
+                 forwarder: AppForwarder | None = None) -> None:
         self.ca = ca
         self.registry = registry
         self.roles = roles
@@ -132,6 +136,7 @@ class TcpAccess(Factory):
         self.connect_app = connect_app
         self.locks = locks
         self.connect_timeout = connect_timeout
+        self.forwarder = forwarder  # serves HTTP apps after the upgrade; None refuses them
         self.sessions: set[TcpSession] = set()
         if locks is not None:
             locks.add_listener(self._lock_added)
@@ -151,7 +156,8 @@ class TcpSession(Protocol):
     """One client connection: read the upgrade request, authorize, then relay.
 
     States: ``reading`` (head not complete), ``deciding`` (authorizing / opening the
-    stream), ``relaying``, ``closed``.
+    stream), ``relaying``, ``handed`` (an HTTP app's connection, now the forwarder's),
+    ``closed``.
     """
 
     _log = Logger()
@@ -165,6 +171,7 @@ class TcpSession(Protocol):
         self._stream: _StreamSide | None = None
         self._pending: defer.Deferred | None = None
         self._expiry = None
+        self._handed: Protocol | None = None
         self.user = ""
         self.app = ""
         self.port: int | None = None
@@ -183,6 +190,9 @@ class TcpSession(Protocol):
         if self._state == "relaying":
             self.bytes_in += len(data)
             self._stream.transport.write(data)
+            return
+        if self._handed is not None:
+            self._handed.dataReceived(data)  # a transport we could not re-point
             return
         if self._state == "closed":
             return
@@ -230,6 +240,9 @@ class TcpSession(Protocol):
         """Nothing to do: we never half close the client (TLS cannot)."""
 
     def connectionLost(self, reason: Failure) -> None:
+        if self._handed is not None:
+            self._handed.connectionLost(reason)
+            return
         if self._state == "closed":
             return
         was_relaying = self._state == "relaying"
@@ -245,9 +258,11 @@ class TcpSession(Protocol):
 
     # -- deciding ----------------------------------------------------------------------
 
-    async def _decide(self, head: RequestHead) -> Protocol:
+    async def _decide(self, head: RequestHead) -> Protocol | None:
+        """The stream's protocol for a TCP app; None once handed to the forwarder."""
         access = self._access
-        user, roles, traits, not_after = self._identity()
+        caller = self._identity()
+        user, roles, traits, not_after = caller.user, caller.roles, caller.traits, caller.expires
         self.user = user
         name, port = _parse_target(head.target)
         self.app, self.port = name, port
@@ -265,7 +280,13 @@ class TcpSession(Protocol):
                               reason=decision.reason, client_ip=self.client, port=port)
             raise Refusal(403, f"you are not allowed to use {name}")
         if app.kind != "tcp":
-            raise Refusal(400, f"{name} is an HTTP app: open https://{app.public_addr}")
+            if access.forwarder is None:
+                raise Refusal(400, f"{name} is an HTTP app: open https://{app.public_addr}")
+            if port is not None:
+                raise Refusal(400, f"{name} is an HTTP app: it takes no port")
+            if self._state == "deciding":
+                self._to_forwarder(caller)
+            return None
         self._schedule_expiry(not_after)
         target = {"app": name, "user": user, "client": self.client}
         if port is not None:
@@ -285,31 +306,41 @@ class TcpSession(Protocol):
         except defer.TimeoutError:
             raise Refusal(504, f"{name} did not answer in time") from None
 
-    def _identity(self) -> tuple[str, tuple[str, ...], dict, float]:
-        """(user, roles, traits, not_after) from the TLS client certificate; Refusal(401)."""
-        get_peer = getattr(self.transport, "getPeerCertificate", None)
-        peer = None
-        if get_peer is not None:
-            try:
-                peer = get_peer()
-            except Exception:  # noqa: BLE001 - no TLS state: no certificate
-                peer = None
-        if peer is None:
-            raise Refusal(401, "a user certificate is required: run apptunnel login")
-        cert = peer.to_cryptography() if isinstance(peer, crypto.X509) else peer
-        if not isinstance(cert, x509.Certificate):
+    def _identity(self) -> CertCaller:
+        """The caller named by the TLS client certificate; Refusal(401)."""
+        cert = peer_certificate(self.transport)
+        if cert is None:
             raise Refusal(401, "a user certificate is required: run apptunnel login")
         try:
-            role, name = self._access.ca.verify_peer(cert, self._access.clock.seconds())
-            if role != "user":
-                raise AuthError(401, "not a user certificate")
-            roles, traits = user_identity(cert)
+            return cert_caller(self._access.ca, cert, self._access.clock.seconds())
         except AuthError as err:
             raise Refusal(401, f"certificate refused ({err.message}): run apptunnel login") from None
-        return name, roles, traits, cert.not_valid_after_utc.timestamp()
 
-    def _connected(self, stream_side: _StreamSide) -> None:
+    def _to_forwarder(self, caller: CertCaller) -> None:
+        """101, then the connection belongs to a fixed-app ``AppConnection``."""
+        self._state = "handed"
+        conn = self._handed = self._access.forwarder.fixed_connection(self.app, caller)
+        transport = self.transport
+        transport.write(b"HTTP/1.1 101 Switching Protocols\r\n"
+                        b"Connection: Upgrade\r\nUpgrade: apptunnel-tcp\r\n\r\n")
+        early, self._held, self._held_size = b"".join(self._held), [], 0
+        # Re-point the transport as the edge does: TCP dispatches through `.protocol`, TLS
+        # through `.wrappedProtocol`.
+        if getattr(transport, "protocol", None) is self:
+            transport.protocol = conn
+        if getattr(transport, "wrappedProtocol", None) is self:
+            transport.wrappedProtocol = conn
+        self._log.info("http session {user} -> {app} from {client}", user=self.user,
+                       app=self.app, client=self.client)
+        conn.makeConnection(transport)
+        transport.resumeProducing()
+        if early:
+            conn.dataReceived(early)
+
+    def _connected(self, stream_side: _StreamSide | None) -> None:
         self._pending = None
+        if stream_side is None:
+            return  # handed to the forwarder
         if self._state != "deciding":
             stream_side.transport.abortConnection()
             return

@@ -1,0 +1,286 @@
+"""HTTP apps with certificate identity on real loopback sockets.
+
+The edge over TLS with the cluster CA (client certificate requested), TcpAccess handing
+HTTP apps to the AppForwarder in fixed-app mode, the CLI's LocalProxy as the client,
+real SQLite/SessionManager/RoleCache/JwtSigner/AuditLog/LockWatcher, a real upstream
+twisted.web app, and user certificates issued by the real CA.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlsplit
+
+import jwt as pyjwt
+import pytest_twisted
+from twisted.internet import defer, reactor, ssl, task
+from twisted.internet.endpoints import SSL4ClientEndpoint, SSL4ServerEndpoint, TCP4ClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.web import resource, server
+
+from apptunnel.audit import AuditLog
+from apptunnel.auth.ca import ClusterCA, load_server_tls
+from apptunnel.auth.jwt import JwtKeys, JwtSigner
+from apptunnel.auth.locks import LockWatcher
+from apptunnel.auth.policy import RoleCache
+from apptunnel.auth.sessions import SessionManager
+from apptunnel.backend.records import Lock, Resource, User
+from apptunnel.backend.sqlite import SqliteBackend
+from apptunnel.cli.profile import Profile
+from apptunnel.cli.proxy_app import LocalProxy
+from apptunnel.config import ProxyConfig
+from apptunnel.proxy.edge import EdgeFactory
+from apptunnel.proxy.forward import Answer, AppForwarder, CertCaller
+from apptunnel.proxy.http1 import Headers, RequestHead
+from apptunnel.proxy.registry import AgentRegistry, AppInfo
+from apptunnel.proxy.service import _web_tls_options
+from apptunnel.proxy.tcp_access import TcpAccess
+from tests.unit.test_forward import Client, Echo, Redirect, header_map, request_bytes, role_doc
+from tests.unit.test_tcp_access import key_pair
+
+WAIT = 10.0
+HOST = "apptunnel.localhost"
+APP_PUBLIC = f"grafana.{HOST}"
+
+
+def bounded(d):
+    if not isinstance(d, defer.Deferred):
+        d = defer.ensureDeferred(d)
+    return d.addTimeout(WAIT, reactor)
+
+
+async def until(predicate, what: str):
+    deadline = reactor.seconds() + WAIT
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await task.deferLater(reactor, 0.01)
+
+
+class Env:
+    def cert(self, user: str, roles=("dev",)) -> tuple[bytes, bytes]:
+        pub, priv = key_pair()
+        return self.ca.issue_user_cert(pub, user, roles, {"team": ["sre"]}, 3600.0), priv
+
+    async def local(self, user: str, app: str = "grafana", roles=("dev",)):
+        """A LocalProxy (the CLI's) for `user`; returns (port, said lines)."""
+        cert, key = self.cert(user, roles)
+        profile = Profile(proxy=f"{HOST}:{self.edge_port}", trust="pinned", cert_pem=cert,
+                          key_pem=key, ca_pem=self.ca.cert_pem)
+        said: list[str] = []
+        port = reactor.listenTCP(0, LocalProxy(reactor, lambda: profile, app, None, said.append),
+                                 interface="127.0.0.1")
+        self.listening.append(port)
+        return port.getHost().port, said
+
+    async def plain(self, port: int) -> Client:
+        client = Client()
+        await bounded(TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(lambda: client)))
+        self.clients.append(client)
+        return client
+
+    async def tls(self, cert: tuple[bytes, bytes] | None) -> Client:
+        """A TLS connection to the edge for the app host, with or without a certificate."""
+        client_cert = ssl.PrivateCertificate.loadPEM(cert[0] + b"\n" + cert[1]) if cert else None
+        options = ssl.optionsForClientTLS(APP_PUBLIC, trustRoot=ssl.Certificate.loadPEM(self.ca.cert_pem),
+                                          clientCertificate=client_cert)
+        client = Client()
+        await bounded(SSL4ClientEndpoint(reactor, "127.0.0.1", self.edge_port, options).connect(
+            Factory.forProtocol(lambda: client)))
+        self.clients.append(client)
+        return client
+
+    async def events(self, type: str):
+        await self.audit.flush()
+        return await self.backend.search_audit(type=type)
+
+    def claims(self, token: str) -> dict:
+        key = pyjwt.PyJWK(self.keys.jwk()).key
+        return pyjwt.decode(token, key, algorithms=["ES256"], audience=f"https://{APP_PUBLIC}")
+
+
+@pytest_twisted.async_yield_fixture
+async def cenv(tmp_path):
+    e = Env()
+    e.listening, e.clients = [], []
+    data = str(tmp_path / "proxy")
+    e.ca = ClusterCA.load_or_create(data, "utest")
+    cert, key = load_server_tls(data, e.ca, [HOST, "*." + HOST], ["127.0.0.1"])
+    e.backend = SqliteBackend(str(tmp_path / "apptunnel.db"), reactor)
+    for name, labels in [("dev", {"env": "dev"}), ("ops", {"env": "prod"})]:
+        await bounded(e.backend.put_resource(Resource("role", name, role_doc(name, labels))))
+    await bounded(e.backend.create_user(User("carol", None, ("dev",), {}, 0.0)))
+    e.audit = AuditLog(e.backend, reactor)
+    e.audit.start()
+    e.locks = LockWatcher(e.backend, reactor, interval=0.1)
+    e.locks.start()
+    roles = RoleCache(e.backend, reactor)
+
+    root = resource.Resource()
+    root.putChild(b"echo", Echo())
+    upstream = reactor.listenTCP(0, server.Site(root), interface="127.0.0.1")
+    e.listening.append(upstream)
+    origin = f"http://127.0.0.1:{upstream.getHost().port}"
+    root.putChild(b"redirect", Redirect(origin))
+    e.registry = AgentRegistry()
+    e.registry.add(object(), "agent-1", [
+        AppInfo(name="grafana", uri=origin, labels={"env": "dev"}, public_addr=APP_PUBLIC, agent_id="agent-1"),
+        AppInfo(name="prod", uri=origin, labels={"env": "prod"}, public_addr=f"prod.{HOST}", agent_id="agent-1"),
+    ])
+
+    def connect_app(app_info, target, factory):
+        parts = urlsplit(app_info.uri)
+        return TCP4ClientEndpoint(reactor, parts.hostname, parts.port).connect(factory)
+
+    config = ProxyConfig(
+        path="p.yaml", cluster_name="utest", data_dir=data, public_addr=HOST,
+        web_listen_addr="127.0.0.1:0", tunnel_listen_addr="127.0.0.1:0", backend_type="sqlite",
+        backend_path="db", tls_cert_file=None, tls_key_file=None,
+    )
+    e.sessions = SessionManager(e.backend, reactor, config.session_ttl, locks=e.locks, audit=e.audit)
+    e.keys = JwtKeys.load_or_create(data, "ES256")
+    e.forwarder = AppForwarder(config=config, registry=e.registry, sessions=e.sessions, roles=roles,
+                               signer=JwtSigner(e.keys, "utest", reactor, 300.0), audit=e.audit,
+                               clock=reactor, connect_app=connect_app, ca=e.ca, locks=e.locks)
+    access = TcpAccess(ca=e.ca, registry=e.registry, roles=roles, audit=e.audit, clock=reactor,
+                       connect_app=connect_app, locks=e.locks, forwarder=e.forwarder)
+    edge = EdgeFactory(HOST, server.Site(resource.Resource()), e.forwarder, tcp_access=access)
+    listener = await bounded(SSL4ServerEndpoint(
+        reactor, 0, _web_tls_options(cert, key, [e.ca.cert_pem], e.ca.cert_pem),
+        interface="127.0.0.1").listen(edge))
+    e.listening.append(listener)
+    e.edge_port = listener.getHost().port
+    yield e
+    for client in e.clients:
+        if client.transport is not None and client.transport.connected:
+            client.transport.abortConnection()
+            await bounded(client.closed)
+    for port in e.listening:
+        await port.stopListening()
+    e.locks.stop()
+    await bounded(e.audit.stop())
+    await bounded(e.backend.close())
+
+
+FORGED = [("Apptunnel-Jwt-Assertion", "forged"), ("X-Forwarded-For", "6.6.6.6"),
+          ("X-Forwarded-Host", "evil.example"), ("Cookie", "__Host-apptunnel_app=stolen; a=1")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_port_reaches_http_app_with_identity(cenv):
+    """proxy app on an HTTP app: requests get one valid JWT, X-Forwarded-*, no forged headers."""
+    port, said = await cenv.local("alice")
+    client = await cenv.plain(port)
+    tokens = []
+    for _ in range(2):  # two requests on one keep-alive connection
+        head, body = await client.request(request_bytes(path="/echo?x=1", host=f"127.0.0.1:{port}",
+                                                        headers=FORGED))
+        assert head.status == 200, body
+        echo = json.loads(body)
+        headers = header_map(echo)
+        assert echo["uri"] == "/echo?x=1"
+        assert len(headers["apptunnel-jwt-assertion"]) == 1
+        tokens.append(headers["apptunnel-jwt-assertion"][0])
+        assert headers["x-forwarded-host"] == [APP_PUBLIC]
+        assert headers["x-forwarded-proto"] == ["https"]
+        assert headers["x-forwarded-for"] == ["127.0.0.1"]
+        assert headers["host"] == [urlsplit(cenv.registry.app("grafana").uri).netloc]
+        assert headers["cookie"] == ["a=1"]
+    claims = cenv.claims(tokens[0])
+    assert (claims["sub"], claims["roles"], claims["traits"]) == ("alice", ["dev"], {"team": ["sre"]})
+    assert tokens[0] == tokens[1]  # signed once per certificate, then cached
+    assert said == []
+    requests = await cenv.events("app.request")
+    assert [(e.actor, e.target, e.fields["status"]) for e in requests] == [("alice", "grafana", 200)] * 2
+    assert await cenv.events("tcp.session.start") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_port_http_app_refused_by_role_before_upgrade(cenv):
+    """A user whose roles do not allow the app gets the one-line 403 from TcpAccess."""
+    port, said = await cenv.local("bob", "prod")
+    client = await cenv.plain(port)
+    client.transport.write(request_bytes(path="/echo"))
+    await bounded(client.closed)
+    assert client.head is None
+    assert said == ["proxy refused: 403 Forbidden: you are not allowed to use prod"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_port_redirects_become_relative(cenv):
+    """An app-origin redirect through a local port points at the local address, not the public one."""
+    port, _ = await cenv.local("alice")
+    client = await cenv.plain(port)
+    head, _ = await client.request(request_bytes(path="/redirect", host=f"127.0.0.1:{port}"))
+    assert head.status == 302 and head.headers.get(b"location") == b"/landing?x=1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_app_host_accepts_user_certificate(cenv):
+    """Directly on the app host, a valid user certificate stands in for the app session."""
+    client = await cenv.tls(cenv.cert("alice"))
+    head, body = await client.request(request_bytes(path="/echo", host=APP_PUBLIC, headers=FORGED))
+    assert head.status == 200
+    headers = header_map(json.loads(body))
+    assert len(headers["apptunnel-jwt-assertion"]) == 1
+    assert cenv.claims(headers["apptunnel-jwt-assertion"][0])["username"] == "alice"
+    assert headers["x-forwarded-host"] == [APP_PUBLIC]
+
+
+@pytest_twisted.ensureDeferred
+async def test_app_host_certificate_denied_by_role_and_browser_unaffected(cenv):
+    """A certificate whose roles deny the app gets 403 (audited); no certificate still redirects."""
+    client = await cenv.tls(cenv.cert("bob", roles=("ops",)))
+    head, _ = await client.request(request_bytes(path="/echo", host=APP_PUBLIC))
+    assert head.status == 403
+    denied = await cenv.events("access.denied")
+    assert [(e.actor, e.target) for e in denied] == [("bob", "grafana")]
+    browser = await cenv.tls(None)
+    head, _ = await browser.request(request_bytes(path="/echo", host=APP_PUBLIC))
+    assert head.status == 302 and b"/web/launch/grafana" in head.headers.get(b"location")
+
+
+@pytest_twisted.ensureDeferred
+async def test_lock_cuts_live_http_connections(cenv):
+    """A new lock cuts keep-alive connections of that user in every mode; new requests refused."""
+    port, said = await cenv.local("alice")
+    fixed = await cenv.plain(port)
+    head, _ = await fixed.request(request_bytes(path="/echo", host="x"))
+    assert head.status == 200
+    direct = await cenv.tls(cenv.cert("alice"))
+    head, _ = await direct.request(request_bytes(path="/echo", host=APP_PUBLIC))
+    assert head.status == 200
+    _, web = await bounded(cenv.sessions.create_web_session(User("alice", None, ("dev",), {}, 0.0)))
+    code = await bounded(cenv.sessions.create_auth_code(web, "grafana", "/", "st"))
+    secret, _, _ = await bounded(cenv.sessions.redeem_auth_code(code, "st", "grafana"))
+    browser = await cenv.tls(None)
+    head, _ = await browser.request(request_bytes(
+        path="/echo", host=APP_PUBLIC, headers=[("Cookie", f"__Host-apptunnel_app={secret}")]))
+    assert head.status == 200
+    other = await cenv.tls(cenv.cert("carol"))
+    head, _ = await other.request(request_bytes(path="/echo", host=APP_PUBLIC))
+    assert head.status == 200
+
+    await bounded(cenv.backend.put_lock(Lock("l1", "alice", None, "incident", reactor.seconds(), None, "admin")))
+    await bounded(defer.gatherResults([fixed.closed, direct.closed, browser.closed]))
+    assert other.transport.connected  # carol is not locked
+    enforced = await cenv.events("lock.enforced")
+    assert sum(1 for e in enforced if e.fields.get("where") == "live connection") == 3
+
+    again = await cenv.plain(port)
+    again.transport.write(request_bytes(path="/echo"))
+    await bounded(again.closed)
+    assert said[-1] == "proxy refused: 403 Forbidden: your access is locked: incident"
+    direct = await cenv.tls(cenv.cert("alice"))
+    head, body = await direct.request(request_bytes(path="/echo", host=APP_PUBLIC))
+    assert head.status == 403 and b"your access is locked: incident" in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_fixed_route_refuses_expired_certificate(cenv):
+    """A fixed-app request after the certificate expired is answered 401 and closed."""
+    caller = CertCaller("alice", ("dev",), {}, reactor.seconds() - 1, "ab" * 32)
+    head = RequestHead(b"GET", b"/echo", b"HTTP/1.1", Headers([(b"Host", b"x")]))
+    answer = await cenv.forwarder.route_fixed(head, "127.0.0.1", "grafana", caller)
+    assert isinstance(answer, Answer) and (answer.status, answer.close) == (401, True)
+    assert b"certificate expired: run apptunnel login" in answer.data
