@@ -58,13 +58,15 @@ def test_example_proxy_yaml_parses():
 
 
 def test_example_agent_yaml_parses():
-    """etc/agent.yaml is a valid agent config whose apps all have http(s) URIs."""
+    """etc/agent.yaml is a valid agent config: HTTP apps, a TCP app and a multi-port one."""
     config = load_agent_config(str(ETC / "agent.yaml"))
     assert isinstance(config, AgentConfig)
     assert config.proxy_addr == "127.0.0.1:3024"
-    assert [app.name for app in config.apps] == ["grafana", "dev-wiki"]
+    assert [app.name for app in config.apps] == ["grafana", "dev-wiki", "pg", "cache"]
     assert config.apps[0].rewrite_headers == (("X-Webauth-Team", "sre"),)
     assert config.apps[1].insecure_skip_verify is True
+    assert [app.kind for app in config.apps] == ["http", "http", "tcp", "tcp"]
+    assert config.apps[3].tcp_ports == ((6379, 6379), (8000, 8010))
 
 
 def test_proxy_defaults(tmp_path):
