@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from tests.support.cluster import BIN, Cluster, free_port, wait_until
+from tests.support.cli_user import ca_pin, user_env
+from tests.support.cluster import BIN, Cluster, audit, free_port, wait_until
 from tests.support.upstream import HttpUpstream
 
 PASSWORD = "correct horse battery staple"
@@ -55,27 +56,18 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pin(cluster):
-    out = cluster.cli("tokens", "add", "--type", "app", "--ttl", "1m", "--format", "json").stdout
-    return json.loads(out)["ca_pin"]
+    return ca_pin(cluster)
 
 
 def user(home, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     """`apptunnel ARGS` as the user runs it: no --config, profile in `home`."""
-    env = {**os.environ, "APPTUNNEL_HOME": str(home)}
     return subprocess.run([str(BIN / "apptunnel"), *args], input=stdin, capture_output=True,
-                          text=True, timeout=60, env=env, cwd=str(home.parent))
+                          text=True, timeout=60, env=user_env(home), cwd=str(home.parent))
 
 
 def login(cluster, home, *extra: str, password: str = PASSWORD) -> subprocess.CompletedProcess:
     return user(home, "login", "--proxy", cluster.public_addr, "--user", "alice",
                 "--password-stdin", *extra, stdin=password + "\n")
-
-
-def audit(cluster, type: str) -> list[dict]:
-    out = cluster.cli("audit", "search", "--type", type, "--format", "json").stdout.strip()
-    if out.startswith("["):
-        return json.loads(out)
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def test_wrong_pin_is_refused_before_the_password(cluster, home):

@@ -17,7 +17,7 @@ import jwt as pyjwt
 import pytest
 import requests
 
-from tests.integration.test_tcp_apps import start, user_env
+from tests.support.cli_user import ca_pin, log_in, start, user_env
 from tests.support.cluster import BIN, Cluster, free_port, wait_until
 from tests.support.localhost import localhost_resolution
 from tests.support.upstream import HttpUpstream
@@ -47,17 +47,11 @@ def cluster():
 @pytest.fixture(scope="module")
 def homes(cluster, tmp_path_factory):
     """alice, bob and carol logged in with the installed `apptunnel login`."""
-    pin = json.loads(cluster.cli("tokens", "add", "--type", "app", "--ttl", "1m",
-                                 "--format", "json").stdout)["ca_pin"]
+    pin = ca_pin(cluster)
     homes = {}
     for name in ("alice", "bob", "carol"):
-        home = tmp_path_factory.mktemp(name) / ".apptunnel"
-        result = subprocess.run(
-            [str(BIN / "apptunnel"), "login", "--proxy", cluster.public_addr, "--user", name,
-             "--password-stdin", "--ca-pin", pin], input=PASSWORD + "\n", capture_output=True,
-            text=True, timeout=60, env=user_env(home), cwd=str(home.parent))
-        assert result.returncode == 0, result.stderr
-        homes[name] = home
+        homes[name] = tmp_path_factory.mktemp(name) / ".apptunnel"
+        log_in(cluster, name, homes[name], PASSWORD, pin)
 
     def online():
         out = subprocess.run([str(BIN / "apptunnel"), "apps", "ls", "--format", "json"],

@@ -31,25 +31,7 @@ from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_option
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol
-
-WAIT = 10.0
-
-
-async def until(predicate, what: str, timeout: float = WAIT):
-    """Poll the reactor until `predicate()` is truthy; fail naming `what` after `timeout`."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await task.deferLater(reactor, 0.02)
-
-
-def bounded(d):
-    return defer.ensureDeferred(d).addTimeout(WAIT, reactor) if not isinstance(
-        d, defer.Deferred) else d.addTimeout(WAIT, reactor)
+from tests.support.waiting import until, wait
 
 
 class Echo(protocol.Protocol):
@@ -129,8 +111,8 @@ async def proxy(tmp_path):
     yield p
     if p.port is not None:
         await p.port.stopListening()
-    await bounded(p.audit.stop())
-    await bounded(p.backend.close())
+    await wait(p.audit.stop())
+    await wait(p.backend.close())
 
 
 @pytest.fixture
@@ -154,7 +136,7 @@ def mode(path) -> int:
 
 async def open_collect(tunnel, target) -> Collect:
     factory = protocol.Factory.forProtocol(Collect)
-    return await bounded(tunnel.connect_stream(target, factory))
+    return await wait(tunnel.connect_stream(target, factory))
 
 
 @pytest_twisted.ensureDeferred
@@ -178,12 +160,12 @@ async def test_join_tunnel_and_relay(tmp_path, proxy, echo_port):
         client.transport.write(b"ping " * 1000)
         await until(lambda: client.data == b"ping " * 1000, "the echo")
         client.transport.loseWriteConnection()
-        await bounded(client.done)
+        await wait(client.done)
 
         events = await proxy.joins()
         assert [(e.code, e.actor) for e in events] == [("T3100I", identity.host_id)]
     finally:
-        await bounded(agent.stopService())
+        await wait(agent.stopService())
     await until(lambda: not proxy.registry.is_online("echo"), "the app to go offline")
 
 
@@ -192,7 +174,7 @@ async def test_wrong_pin_never_sends_token(tmp_path, proxy):
     """A wrong pin fails the join with a clear error and the proxy never sees a join."""
     config = agent_config(tmp_path, proxy, token=await proxy.token(), pin="sha256:" + "ab" * 32)
     with pytest.raises(JoinError, match="ca_pin") as info:
-        await bounded(defer.ensureDeferred(join(reactor, config)))
+        await wait(defer.ensureDeferred(join(reactor, config)))
     assert "token was not sent" in str(info.value)
     assert not info.value.retry
     assert await proxy.joins() == []
@@ -206,7 +188,7 @@ async def test_bad_and_expired_tokens_refused_and_audited(tmp_path, proxy):
     for token in ("not-a-token", expired):
         config = agent_config(tmp_path, proxy, token=token, pin=proxy.ca.pin)
         with pytest.raises(JoinError, match="refused the join: invalid or expired join token"):
-            await bounded(defer.ensureDeferred(join(reactor, config)))
+            await wait(defer.ensureDeferred(join(reactor, config)))
     events = await proxy.joins()
     assert sorted(e.fields["reason"] for e in events) == ["expired token", "unknown token"]
     assert {e.code for e in events} == {"T3100W"}
@@ -220,7 +202,7 @@ async def test_proxy_unreachable_is_retryable_join_error(tmp_path, proxy):
     proxy.port = None
     config = agent_config(tmp_path, proxy, token="t", pin=proxy.ca.pin)
     with pytest.raises(JoinError, match="cannot reach the proxy .*connection refused") as info:
-        await bounded(defer.ensureDeferred(join(reactor, config)))
+        await wait(defer.ensureDeferred(join(reactor, config)))
     assert info.value.retry
 
 
@@ -238,14 +220,14 @@ async def test_unknown_app_and_app_down(tmp_path, proxy, echo_port):
         await until(lambda: proxy.registry.app("down"), "the app to register")
         tunnel = proxy.registry.pick("down")
         with pytest.raises(StreamRefused) as info:
-            await bounded(tunnel.open_stream({"app": "grafana"}))
+            await wait(tunnel.open_stream({"app": "grafana"}))
         assert info.value.code == ErrorCode.UNKNOWN_TARGET
         with pytest.raises(StreamRefused) as info:
-            await bounded(tunnel.open_stream({"app": "down"}))
+            await wait(tunnel.open_stream({"app": "down"}))
         assert info.value.code == ErrorCode.CONNECT_FAILED
         assert info.value.reason == "connection refused"
     finally:
-        await bounded(agent.stopService())
+        await wait(agent.stopService())
 
 
 @pytest_twisted.ensureDeferred
@@ -267,7 +249,7 @@ async def test_agent_reconnects_and_restarts_without_token(tmp_path, proxy, echo
         await until(lambda: client.data == b"after reconnect", "the echo")
         client.transport.loseConnection()
     finally:
-        await bounded(agent.stopService())
+        await wait(agent.stopService())
     await until(lambda: not proxy.registry.is_online("echo"), "the app to go offline")
 
     again = AgentService(agent_config(tmp_path, proxy, apps=apps), reactor)
@@ -275,7 +257,7 @@ async def test_agent_reconnects_and_restarts_without_token(tmp_path, proxy, echo
     try:
         await until(lambda: proxy.registry.is_online("echo"), "the restarted agent")
     finally:
-        await bounded(again.stopService())
+        await wait(again.stopService())
     assert [e.code for e in await proxy.joins()] == ["T3100I"]
 
 
@@ -294,7 +276,7 @@ async def test_stop_drains_open_streams_without_reconnecting(tmp_path, proxy, ec
     client.transport.write(b"still here")
     await until(lambda: client.data == b"still here", "the echo while draining")
     client.transport.loseConnection()
-    await bounded(stopping)
+    await wait(stopping)
     await until(lambda: not proxy.registry.is_online("echo"), "the app to go offline")
     await task.deferLater(reactor, 1.0)
     assert not proxy.registry.is_online("echo")
@@ -338,9 +320,9 @@ async def test_foreign_client_certificate_is_refused(tmp_path, proxy):
     handler = HelloOnReady({"type": "hello", "host_id": "rogue", "version": "x",
                             "apps": [{"name": "rogue", "uri": "http://127.0.0.1:1"}]})
     endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", proxy.port_number, options)
-    await bounded(endpoint.connect(protocol.Factory.forProtocol(
+    await wait(endpoint.connect(protocol.Factory.forProtocol(
         lambda: TunnelProtocol(handler, reactor, initiator=True))))
-    await bounded(handler.lost)
+    await wait(handler.lost)
     assert handler.controls == []
     assert proxy.registry.apps() == []
 
@@ -358,7 +340,7 @@ async def test_tunnel_listener_refuses_tls12(proxy):
             self.lost.callback(reason.value)
 
     endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", proxy.port_number, options)
-    client = await bounded(endpoint.connect(protocol.Factory.forProtocol(Nothing)))
+    client = await wait(endpoint.connect(protocol.Factory.forProtocol(Nothing)))
     client.transport.write(b"x")
-    reason = await bounded(client.lost)
+    reason = await wait(client.lost)
     assert "alert" in str(reason).lower() or "version" in str(reason).lower()

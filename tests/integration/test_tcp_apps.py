@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import BIN, Child, Cluster, free_port, wait_until
+from tests.support.cli_user import ca_pin, log_in, start, user_env
+from tests.support.cluster import BIN, Cluster, audit, free_port, wait_until
 
 PGBIN = "/usr/lib/postgresql/15/bin"
 PASSWORD = "correct horse battery staple"
@@ -108,24 +109,14 @@ def cluster(postgres, redis):
         c.stop()
 
 
-def user_env(home: Path) -> dict:
-    return {**os.environ, "APPTUNNEL_HOME": str(home)}
-
-
 @pytest.fixture(scope="module")
 def homes(cluster, tmp_path_factory):
     """alice and bob logged in with the installed `apptunnel login`, each in their own home."""
-    pin = json.loads(cluster.cli("tokens", "add", "--type", "app", "--ttl", "1m",
-                                 "--format", "json").stdout)["ca_pin"]
+    pin = ca_pin(cluster)
     homes = {}
     for name in ("alice", "bob"):
-        home = tmp_path_factory.mktemp(name) / ".apptunnel"
-        result = subprocess.run(
-            [str(BIN / "apptunnel"), "login", "--proxy", cluster.public_addr, "--user", name,
-             "--password-stdin", "--ca-pin", pin], input=PASSWORD + "\n", capture_output=True,
-            text=True, timeout=60, env=user_env(home), cwd=str(home.parent))
-        assert result.returncode == 0, result.stderr
-        homes[name] = home
+        homes[name] = tmp_path_factory.mktemp(name) / ".apptunnel"
+        log_in(cluster, name, homes[name], PASSWORD, pin)
 
     def online():
         if not cluster.agent.alive():
@@ -140,40 +131,6 @@ def homes(cluster, tmp_path_factory):
     return homes
 
 
-class ProxyApp:
-    """`apptunnel proxy app NAME --port SPEC` as a subprocess, ready once it prints its port."""
-
-    def __init__(self, home: Path, name: str, spec: str, wait: bool = True):
-        self.log_path = home.parent / f"proxy-app-{name}-{spec.replace(':', '-')}.log"
-        self.child = Child("proxy app", [str(BIN / "apptunnel"), "proxy", "app", name,
-                                         "--port", spec], home.parent, self.log_path)
-        if wait:
-            wait_until(self._ready, 20, f"proxy app {name} to listen")
-
-    def _ready(self) -> bool:
-        if not self.child.alive():
-            raise AssertionError("proxy app exited:\n" + self.child.log_tail())
-        return "Proxying connections" in self.log_path.read_text()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        self.child.stop()
-
-
-def start(home: Path, name: str, spec: str, wait: bool = True) -> ProxyApp:
-    old = os.environ.get("APPTUNNEL_HOME")
-    os.environ["APPTUNNEL_HOME"] = str(home)  # Child passes our environment on
-    try:
-        return ProxyApp(home, name, spec, wait)
-    finally:
-        if old is None:
-            del os.environ["APPTUNNEL_HOME"]
-        else:
-            os.environ["APPTUNNEL_HOME"] = old
-
-
 def psql(port: int, sql: str) -> subprocess.CompletedProcess:
     return subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
                            "-d", "postgres", "-tA", "-v", "ON_ERROR_STOP=1", "-c", sql],
@@ -184,13 +141,6 @@ def psql(port: int, sql: str) -> subprocess.CompletedProcess:
 def redis_cli(port: int, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(port), *args],
                           input=stdin, capture_output=True, timeout=30)
-
-
-def audit(cluster: Cluster, type: str) -> list[dict]:
-    out = cluster.cli("audit", "search", "--type", type, "--format", "json").stdout.strip()
-    if out.startswith("["):
-        return json.loads(out)
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def test_psql_through_proxy_app(cluster, homes):
@@ -297,15 +247,7 @@ def test_local_port_in_use_is_one_line_and_exit_1(cluster, homes):
 
 def login(cluster: Cluster, name: str, home: Path, ttl: str | None = None) -> None:
     """Sign `name` in with the installed `apptunnel login` into its own home."""
-    pin = json.loads(cluster.cli("tokens", "add", "--type", "app", "--ttl", "1m",
-                                 "--format", "json").stdout)["ca_pin"]
-    argv = [str(BIN / "apptunnel"), "login", "--proxy", cluster.public_addr, "--user", name,
-            "--password-stdin", "--ca-pin", pin]
-    if ttl:
-        argv += ["--ttl", ttl]
-    result = subprocess.run(argv, input=PASSWORD + "\n", capture_output=True, text=True,
-                            timeout=60, env=user_env(home), cwd=str(home.parent))
-    assert result.returncode == 0, result.stderr
+    log_in(cluster, name, home, PASSWORD, ca_pin(cluster), *(["--ttl", ttl] if ttl else []))
 
 
 def test_expired_certificate_closes_new_connections_and_keeps_running(cluster, tmp_path):

@@ -9,7 +9,6 @@ stopped by the PID we hold.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -177,6 +176,14 @@ class Cluster:
         for child in (self.agent, self.proxy):
             if child is not None:
                 child.stop()
+
+
+def audit(cluster: Cluster, type: str) -> list[dict]:
+    """The cluster's audit events of `type`, through the admin CLI."""
+    out = cluster.cli("audit", "search", "--type", type, "--format", "json").stdout.strip()
+    if out.startswith("["):
+        return json.loads(out)
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 class Browser:

@@ -8,19 +8,14 @@ import stat
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 
 from apptunnel.audit import AuditLog, code_for
 from apptunnel.backend.base import BackendError
 from apptunnel.backend.sqlite import SqliteBackend
-
-TIMEOUT = 10.0
-
-
-def wait(coro):
-    return defer.ensureDeferred(coro).addTimeout(TIMEOUT, reactor)
+from tests.support.waiting import wait
 
 
 class RecordingBackend(SqliteBackend):

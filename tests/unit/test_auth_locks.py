@@ -10,22 +10,9 @@ from twisted.internet.task import Clock
 from apptunnel.auth.locks import LockWatcher, lock_matches, lock_message
 from apptunnel.backend.records import AppSession, Lock, WebSession
 from apptunnel.backend.sqlite import SqliteBackend
+from tests.support.waiting import until, wait
 
-TIMEOUT = 10.0
 NOW = 1_000_000.0
-
-
-def wait(coro):
-    return defer.ensureDeferred(coro).addTimeout(TIMEOUT, reactor)
-
-
-async def eventually(predicate, what: str) -> None:
-    """Let the backend thread finish a tick's poll; fail after TIMEOUT seconds."""
-    for _ in range(int(TIMEOUT / 0.01)):
-        if predicate():
-            return
-        await task.deferLater(reactor, 0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def lock(id="l1", user="alice", app=None, expires=None, message="incident 42"):
@@ -167,13 +154,13 @@ async def test_start_polls_now_and_on_every_tick_until_stop(backend, watcher, cl
     await wait(backend.put_lock(lock("first")))
     watcher.start()
     watcher.start()   # idempotent
-    await eventually(lambda: seen == ["first"], "the first poll")
+    await until(lambda: seen == ["first"], "the first poll")
     await wait(backend.put_lock(lock("second", user="bob")))
     clock.advance(1.9)
     await task.deferLater(reactor, 0.05)
     assert seen == ["first"]
     clock.advance(0.1)
-    await eventually(lambda: seen == ["first", "second"], "the tick's poll")
+    await until(lambda: seen == ["first", "second"], "the tick's poll")
     await wait(watcher.refresh())   # let any poll in flight finish before stopping
     watcher.stop()
     await wait(backend.put_lock(lock("third", user="carol")))

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 
 from apptunnel.auth.policy import RoleCache
 from apptunnel.backend.records import Resource
 from apptunnel.backend.sqlite import SqliteBackend
-
-TIMEOUT = 10.0
-
-
-def wait(coro):
-    return defer.ensureDeferred(coro).addTimeout(TIMEOUT, reactor)
+from tests.support.waiting import wait
 
 
 def role_doc(name, allow=None, deny=None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import attrs
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.task import Clock
 
 from apptunnel.auth.errors import AuthError
@@ -14,15 +14,11 @@ from apptunnel.auth.sessions import AUTH_CODE_TTL, SessionManager
 from apptunnel.auth.tokens import constant_time_equal, new_secret, secret_hash
 from apptunnel.backend.records import AuthCode, User
 from apptunnel.backend.sqlite import SqliteBackend
+from tests.support.waiting import wait
 
-TIMEOUT = 10.0
 TTL = 3600.0
 PASSWORD = "correct horse battery staple"
 HASH = hash_password(PASSWORD)
-
-
-def wait(coro):
-    return defer.ensureDeferred(coro).addTimeout(TIMEOUT, reactor)
 
 
 @pytest_twisted.async_yield_fixture

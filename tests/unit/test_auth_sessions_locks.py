@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.task import Clock
 
 from apptunnel.audit import AuditLog, code_for
@@ -14,14 +14,10 @@ from apptunnel.auth.passwords import hash_password
 from apptunnel.auth.sessions import LOCK_AUDIT_INTERVAL, SessionManager
 from apptunnel.backend.records import Lock, User
 from apptunnel.backend.sqlite import SqliteBackend
+from tests.support.waiting import wait
 
-TIMEOUT = 10.0
 PASSWORD = "correct horse battery staple"
 HASH = hash_password(PASSWORD)
-
-
-def wait(coro):
-    return defer.ensureDeferred(coro).addTimeout(TIMEOUT, reactor)
 
 
 @pytest.fixture

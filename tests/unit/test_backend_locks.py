@@ -6,17 +6,12 @@ import sqlite3
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 
 from apptunnel.backend.base import BackendError
 from apptunnel.backend.records import AppSession, AuthCode, Lock, User, WebSession
 from apptunnel.backend.sqlite import _MIGRATIONS, SCHEMA_VERSION, SqliteBackend
-
-TIMEOUT = 10.0
-
-
-def wait(coro):
-    return defer.ensureDeferred(coro).addTimeout(TIMEOUT, reactor)
+from tests.support.waiting import wait
 
 
 @pytest_twisted.async_yield_fixture

@@ -23,13 +23,7 @@ from apptunnel.backend.records import (
     WebSession,
 )
 from apptunnel.backend.sqlite import SCHEMA_VERSION, SqliteBackend
-
-TIMEOUT = 10.0
-
-
-def wait(coro):
-    """Run a backend coroutine with a timeout, so a stuck thread fails the test."""
-    return defer.ensureDeferred(coro).addTimeout(TIMEOUT, reactor)
+from tests.support.waiting import wait
 
 
 @pytest_twisted.async_yield_fixture

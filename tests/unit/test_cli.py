@@ -2,38 +2,26 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import attrs
 import pytest
 import pytest_twisted
 import yaml
-from twisted.internet import defer, reactor
 
 from apptunnel.auth.ca import ClusterCA
 from apptunnel.auth.passwords import verify_password
 from apptunnel.auth.tokens import secret_hash
-from apptunnel.backend import open_backend
-from apptunnel.cli.context import Io
-from apptunnel.cli.main import main, run
+from apptunnel.cli.main import main
 from apptunnel.cli.output import clean
-from apptunnel.config import load_agent_config, load_proxy_config
+from apptunnel.config import load_agent_config
+from tests.support.cli_admin import TIMEOUT, Result, cli, one_error, stored
 
 REPO = Path(__file__).resolve().parents[2]
 ROLE_FILE = REPO / "etc" / "roles" / "sre-apps.yaml"
-TIMEOUT = 30
-
-
-@attrs.frozen
-class Result:
-    code: int
-    out: str
-    err: str
 
 
 @pytest.fixture
@@ -48,35 +36,6 @@ def config_path(tmp_path) -> str:
         "audit: {file: audit.jsonl}\n"
     )
     return str(path)
-
-
-async def cli(config: str, *argv: str, stdin: str = "") -> Result:
-    """Run the CLI in-process on the test reactor; every output is checked for tracebacks."""
-    out, err = io.StringIO(), io.StringIO()
-    streams = Io(stdin=io.StringIO(stdin), stdout=out, stderr=err, environ={"USER": "tester"})
-    d = defer.ensureDeferred(run(reactor, ["--config", config, *argv], streams))
-    code = await d.addTimeout(TIMEOUT, reactor)
-    result = Result(code, out.getvalue(), err.getvalue())
-    assert "Traceback" not in result.out + result.err
-    for line in result.err.splitlines():
-        assert line.startswith(("apptunnel: error: ", "apptunnel: warning: ")), line
-    return result
-
-
-async def stored(config: str, fn):
-    """Look at the backend directly, the way the proxy would see it."""
-    backend = open_backend(load_proxy_config(config), reactor)
-    try:
-        return await defer.ensureDeferred(fn(backend)).addTimeout(TIMEOUT, reactor)
-    finally:
-        await defer.ensureDeferred(backend.close()).addTimeout(TIMEOUT, reactor)
-
-
-def one_error(result: Result, code: int) -> str:
-    assert result.code == code, result
-    lines = result.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("apptunnel: error: "), result.err
-    return lines[0]
 
 
 # -- tokens ------------------------------------------------------------------------------

@@ -6,13 +6,19 @@ import json
 import os
 import shlex
 
+import pytest
 import pytest_twisted
 
-from tests.unit.test_cli_login import cli, home, login, serve  # noqa: F401 - shared fixtures
-from tests.unit.test_web import env  # noqa: F401 - the shared web fixture
-from tests.unit.test_web_certs import in_thread
+from tests.support.cli_in_process import cli, login, serve
+from tests.support.waiting import in_thread
 
 URL = "https://grafana.apptunnel.localhost:3080/"
+
+
+@pytest.fixture
+def env(web_env):
+    """The tests here run against the shared web app environment."""
+    return web_env
 
 
 @pytest_twisted.ensureDeferred

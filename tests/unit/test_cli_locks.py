@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 
-import attrs
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
 
-from apptunnel.backend import open_backend
-from apptunnel.cli.context import Io
-from apptunnel.cli.main import run
-from apptunnel.config import load_proxy_config
-
-TIMEOUT = 30
-
-
-@attrs.frozen
-class Result:
-    code: int
-    out: str
-    err: str
+from tests.support.cli_admin import cli, one_error, stored
 
 
 @pytest.fixture
@@ -36,34 +21,6 @@ def config_path(tmp_path) -> str:
         "tunnel_listen_addr: 127.0.0.1:3024\n"
     )
     return str(path)
-
-
-async def cli(config: str, *argv: str) -> Result:
-    """Run the CLI in-process; no output may carry a traceback or a stray stderr line."""
-    out, err = io.StringIO(), io.StringIO()
-    streams = Io(stdin=io.StringIO(""), stdout=out, stderr=err, environ={"USER": "tester"})
-    code = await defer.ensureDeferred(run(reactor, ["--config", config, *argv], streams)
-                                      ).addTimeout(TIMEOUT, reactor)
-    result = Result(code, out.getvalue(), err.getvalue())
-    assert "Traceback" not in result.out + result.err
-    for line in result.err.splitlines():
-        assert line.startswith(("apptunnel: error: ", "apptunnel: warning: ")), line
-    return result
-
-
-async def stored(config: str, fn):
-    backend = open_backend(load_proxy_config(config), reactor)
-    try:
-        return await defer.ensureDeferred(fn(backend)).addTimeout(TIMEOUT, reactor)
-    finally:
-        await defer.ensureDeferred(backend.close()).addTimeout(TIMEOUT, reactor)
-
-
-def one_error(result: Result, code: int) -> str:
-    assert result.code == code, result
-    lines = result.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("apptunnel: error: "), result.err
-    return lines[0]
 
 
 async def audit_of(config: str, type: str) -> list:

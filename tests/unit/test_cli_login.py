@@ -2,53 +2,27 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import stat
 
-import attrs
 import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from apptunnel.auth.ca import ClusterCA
-from apptunnel.cli.context import Io
-from apptunnel.cli.main import prepare
 from apptunnel.cli.profile import TRUST_PINNED, Profile, home_dir
+from tests.support.cli_in_process import cli, login, serve
 from tests.support.cluster import free_port
-from tests.unit.test_web import env  # noqa: F401 - the shared web fixture
-from tests.unit.test_web_certs import in_thread, listen_tls
-
-
-@attrs.define
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-def cli(home, *argv: str, stdin: str = "") -> Run:
-    """The CLI in-process, blocking (call it through in_thread while a server runs)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = prepare(list(argv), Io(io.StringIO(stdin), out, err, {"APPTUNNEL_HOME": str(home)}))
-    return Run(code, out.getvalue(), err.getvalue())
+from tests.support.keys import key_pair
+from tests.support.waiting import in_thread
 
 
 @pytest.fixture
-def home(tmp_path):
-    return tmp_path / "home" / ".apptunnel"
-
-
-async def serve(env):
-    port = await listen_tls(env)
-    return port, f"apptunnel.localhost:{port.getHost().port}"
-
-
-async def login(env, home, proxy, *extra, password="alice-pw"):
-    return await in_thread(cli, home, "login", "--proxy", proxy, "--user", "alice",
-                           "--password-stdin", *extra, stdin=password + "\n")
+def env(web_env):
+    """The tests here run against the shared web app environment."""
+    return web_env
 
 
 @pytest_twisted.ensureDeferred
@@ -165,14 +139,9 @@ async def test_unreachable_proxy(env, home):
 
 
 def _save_profile(env, home, proxy: str, ttl: float, roles=("dev",), traits=None) -> Profile:
-    key = ec.generate_private_key(ec.SECP256R1())
-    public = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    public, private = key_pair()
     cert = env.ca.issue_user_cert(public, "alice", roles, traits or {}, ttl)
-    profile = Profile(proxy=proxy, trust=TRUST_PINNED, cert_pem=cert,
-                      key_pem=key.private_bytes(serialization.Encoding.PEM,
-                                                serialization.PrivateFormat.PKCS8,
-                                                serialization.NoEncryption()),
+    profile = Profile(proxy=proxy, trust=TRUST_PINNED, cert_pem=cert, key_pem=private,
                       ca_pem=env.ca.cert_pem)
     profile.save(str(home))
     return profile

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor, ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint, SSL4ServerEndpoint
@@ -17,7 +18,14 @@ from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder, AppConnection
 from apptunnel.proxy.http1 import MAX_HEAD
 from apptunnel.proxy.registry import AgentRegistry, AppInfo
-from tests.unit.test_forward import APP_HOST, PUBLIC, Client, env, request_bytes, wait  # noqa: F401
+from tests.support.forward_env import APP_HOST, PUBLIC, Client, request_bytes
+from tests.support.waiting import wait
+
+
+@pytest.fixture
+def env(forward_env):
+    """The tests here run against the shared forwarder environment."""
+    return forward_env
 
 
 class Hello(resource.Resource):

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import jwt as pyjwt
 import pytest_twisted
-from twisted.internet import defer, reactor, ssl, task
+from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint, SSL4ServerEndpoint, TCP4ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.web import resource, server
@@ -35,26 +35,12 @@ from apptunnel.proxy.http1 import Headers, RequestHead
 from apptunnel.proxy.registry import AgentRegistry, AppInfo
 from apptunnel.proxy.service import _web_tls_options
 from apptunnel.proxy.tcp_access import TcpAccess
-from tests.unit.test_forward import Client, Echo, Redirect, header_map, request_bytes, role_doc
-from tests.unit.test_tcp_access import key_pair
+from tests.support.forward_env import Client, Echo, Redirect, header_map, request_bytes, role_doc
+from tests.support.keys import key_pair
+from tests.support.waiting import wait
 
-WAIT = 10.0
 HOST = "apptunnel.localhost"
 APP_PUBLIC = f"grafana.{HOST}"
-
-
-def bounded(d):
-    if not isinstance(d, defer.Deferred):
-        d = defer.ensureDeferred(d)
-    return d.addTimeout(WAIT, reactor)
-
-
-async def until(predicate, what: str):
-    deadline = reactor.seconds() + WAIT
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await task.deferLater(reactor, 0.01)
 
 
 class Env:
@@ -75,7 +61,7 @@ class Env:
 
     async def plain(self, port: int) -> Client:
         client = Client()
-        await bounded(TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(lambda: client)))
+        await wait(TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(lambda: client)))
         self.clients.append(client)
         return client
 
@@ -85,7 +71,7 @@ class Env:
         options = ssl.optionsForClientTLS(APP_PUBLIC, trustRoot=ssl.Certificate.loadPEM(self.ca.cert_pem),
                                           clientCertificate=client_cert)
         client = Client()
-        await bounded(SSL4ClientEndpoint(reactor, "127.0.0.1", self.edge_port, options).connect(
+        await wait(SSL4ClientEndpoint(reactor, "127.0.0.1", self.edge_port, options).connect(
             Factory.forProtocol(lambda: client)))
         self.clients.append(client)
         return client
@@ -108,8 +94,8 @@ async def cenv(tmp_path):
     cert, key = load_server_tls(data, e.ca, [HOST, "*." + HOST], ["127.0.0.1"])
     e.backend = SqliteBackend(str(tmp_path / "apptunnel.db"), reactor)
     for name, labels in [("dev", {"env": "dev"}), ("ops", {"env": "prod"})]:
-        await bounded(e.backend.put_resource(Resource("role", name, role_doc(name, labels))))
-    await bounded(e.backend.create_user(User("carol", None, ("dev",), {}, 0.0)))
+        await wait(e.backend.put_resource(Resource("role", name, role_doc(name, labels))))
+    await wait(e.backend.create_user(User("carol", None, ("dev",), {}, 0.0)))
     e.audit = AuditLog(e.backend, reactor)
     e.audit.start()
     e.locks = LockWatcher(e.backend, reactor, interval=0.1)
@@ -145,7 +131,7 @@ async def cenv(tmp_path):
     access = TcpAccess(ca=e.ca, registry=e.registry, roles=roles, audit=e.audit, clock=reactor,
                        connect_app=connect_app, locks=e.locks, forwarder=e.forwarder)
     edge = EdgeFactory(HOST, server.Site(resource.Resource()), e.forwarder, tcp_access=access)
-    listener = await bounded(SSL4ServerEndpoint(
+    listener = await wait(SSL4ServerEndpoint(
         reactor, 0, _web_tls_options(cert, key, [e.ca.cert_pem], e.ca.cert_pem),
         interface="127.0.0.1").listen(edge))
     e.listening.append(listener)
@@ -154,12 +140,12 @@ async def cenv(tmp_path):
     for client in e.clients:
         if client.transport is not None and client.transport.connected:
             client.transport.abortConnection()
-            await bounded(client.closed)
+            await wait(client.closed)
     for port in e.listening:
         await port.stopListening()
     e.locks.stop()
-    await bounded(e.audit.stop())
-    await bounded(e.backend.close())
+    await wait(e.audit.stop())
+    await wait(e.backend.close())
 
 
 FORGED = [("Apptunnel-Jwt-Assertion", "forged"), ("X-Forwarded-For", "6.6.6.6"),
@@ -201,7 +187,7 @@ async def test_local_port_http_app_refused_by_role_before_upgrade(cenv):
     port, said = await cenv.local("bob", "prod")
     client = await cenv.plain(port)
     client.transport.write(request_bytes(path="/echo"))
-    await bounded(client.closed)
+    await wait(client.closed)
     assert client.head is None
     assert said == ["proxy refused: 403 Forbidden: you are not allowed to use prod"]
 
@@ -250,9 +236,9 @@ async def test_lock_cuts_live_http_connections(cenv):
     direct = await cenv.tls(cenv.cert("alice"))
     head, _ = await direct.request(request_bytes(path="/echo", host=APP_PUBLIC))
     assert head.status == 200
-    _, web = await bounded(cenv.sessions.create_web_session(User("alice", None, ("dev",), {}, 0.0)))
-    code = await bounded(cenv.sessions.create_auth_code(web, "grafana", "/", "st"))
-    secret, _, _ = await bounded(cenv.sessions.redeem_auth_code(code, "st", "grafana"))
+    _, web = await wait(cenv.sessions.create_web_session(User("alice", None, ("dev",), {}, 0.0)))
+    code = await wait(cenv.sessions.create_auth_code(web, "grafana", "/", "st"))
+    secret, _, _ = await wait(cenv.sessions.redeem_auth_code(code, "st", "grafana"))
     browser = await cenv.tls(None)
     head, _ = await browser.request(request_bytes(
         path="/echo", host=APP_PUBLIC, headers=[("Cookie", f"__Host-apptunnel_app={secret}")]))
@@ -261,15 +247,15 @@ async def test_lock_cuts_live_http_connections(cenv):
     head, _ = await other.request(request_bytes(path="/echo", host=APP_PUBLIC))
     assert head.status == 200
 
-    await bounded(cenv.backend.put_lock(Lock("l1", "alice", None, "incident", reactor.seconds(), None, "admin")))
-    await bounded(defer.gatherResults([fixed.closed, direct.closed, browser.closed]))
+    await wait(cenv.backend.put_lock(Lock("l1", "alice", None, "incident", reactor.seconds(), None, "admin")))
+    await wait(defer.gatherResults([fixed.closed, direct.closed, browser.closed]))
     assert other.transport.connected  # carol is not locked
     enforced = await cenv.events("lock.enforced")
     assert sum(1 for e in enforced if e.fields.get("where") == "live connection") == 3
 
     again = await cenv.plain(port)
     again.transport.write(request_bytes(path="/echo"))
-    await bounded(again.closed)
+    await wait(again.closed)
     assert said[-1] == "proxy refused: 403 Forbidden: your access is locked: incident"
     direct = await cenv.tls(cenv.cert("alice"))
     head, body = await direct.request(request_bytes(path="/echo", host=APP_PUBLIC))

@@ -17,7 +17,15 @@ from twisted.internet.testing import StringTransport
 from apptunnel.audit import _plain
 from apptunnel.proxy.http1 import Headers, RequestReader
 from apptunnel.tunnel.endpoints import no_delay
-from tests.unit.test_forward import TIMEOUT, env, request_bytes, wait  # noqa: F401  (fixture)
+from tests.support.forward_env import request_bytes
+from tests.support.waiting import wait
+
+
+@pytest.fixture
+def env(forward_env):
+    """The tests here run against the shared forwarder environment."""
+    return forward_env
+
 
 _names = st.sampled_from([b"Host", b"host", b"Cookie", b"X-A", b"x-a", b"CONNECTION"])
 _ops = st.lists(st.tuples(st.sampled_from(["add", "set", "remove", "replace"]), _names,

@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import defer, protocol, reactor, ssl, task
+from twisted.internet import defer, protocol, reactor, ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint, SSL4ServerEndpoint, TCP4ClientEndpoint
 from twisted.web import resource, server
 
@@ -32,23 +32,10 @@ from apptunnel.proxy.service import _web_tls_options
 from apptunnel.proxy.tcp_access import TcpAccess
 from apptunnel.proxy.tunnel_server import HelloError, TunnelSession
 from apptunnel.tunnel.protocol import TunnelProtocol
+from tests.support.keys import key_pair
+from tests.support.waiting import until, wait
 
-WAIT = 10.0
 PUBLIC_HOST = "apptunnel.localhost"
-
-
-def bounded(d):
-    if not isinstance(d, defer.Deferred):
-        d = defer.ensureDeferred(d)
-    return d.addTimeout(WAIT, reactor)
-
-
-async def until(predicate, what: str):
-    deadline = reactor.seconds() + WAIT
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await task.deferLater(reactor, 0.01)
 
 
 class Echo(protocol.Protocol):
@@ -101,15 +88,6 @@ class ProxyHandler(AgentHandler):
         self.ready.callback(tunnel)
 
 
-def key_pair():
-    key = ec.generate_private_key(ec.SECP256R1())
-    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                        serialization.PublicFormat.SubjectPublicKeyInfo)
-    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-    return pub, priv
-
-
 class Env:
     """Everything running; `profile(user)` makes a login for that user."""
 
@@ -132,13 +110,13 @@ class Env:
 
     async def exchange(self, local_port: int, payload: bytes, close_after: bytes | None = None):
         """Connect to a local proxy, send, collect until the far side closes (or we got enough)."""
-        client = await bounded(TCP4ClientEndpoint(reactor, "127.0.0.1", local_port).connect(
+        client = await wait(TCP4ClientEndpoint(reactor, "127.0.0.1", local_port).connect(
             protocol.Factory.forProtocol(Collect)))
         client.transport.write(payload)
         if close_after is not None:
             await until(lambda: len(client.data) >= len(close_after), "the relayed bytes")
             client.transport.loseConnection()
-        await bounded(client.done)
+        await wait(client.done)
         return client.data
 
     async def events(self, type: str):
@@ -156,7 +134,7 @@ async def env(tmp_path):
     e.backend = SqliteBackend(str(tmp_path / "apptunnel.db"), reactor)
     for name, labels in [("dev", {"env": "dev"}), ("ops", {"env": "prod"})]:
         doc = {"kind": "role", "metadata": {"name": name}, "spec": {"allow": {"app_labels": labels}}}
-        await bounded(e.backend.put_resource(Resource("role", name, doc)))
+        await wait(e.backend.put_resource(Resource("role", name, doc)))
     e.audit = AuditLog(e.backend, reactor)
     e.audit.start()
     e.locks = LockWatcher(e.backend, reactor, interval=0.1)
@@ -184,10 +162,10 @@ async def env(tmp_path):
     tunnel_listener = reactor.listenTCP(0, protocol.Factory.forProtocol(
         lambda: TunnelProtocol(proxy_side, reactor, initiator=False)), interface="127.0.0.1")
     e.listening.append(tunnel_listener)
-    agent_tunnel = await bounded(TCP4ClientEndpoint(
+    agent_tunnel = await wait(TCP4ClientEndpoint(
         reactor, "127.0.0.1", tunnel_listener.getHost().port).connect(protocol.Factory.forProtocol(
             lambda: TunnelProtocol(AgentHandler(dialer), reactor, initiator=True))))
-    proxy_tunnel = await bounded(proxy_side.ready)
+    proxy_tunnel = await wait(proxy_side.ready)
     e.registry = AgentRegistry()
     e.registry.add(proxy_tunnel, "agent-1", [
         AppInfo(name=a.name, uri=a.uri, labels=a.labels, public_addr=f"{a.name}.{PUBLIC_HOST}",
@@ -210,7 +188,7 @@ async def env(tmp_path):
                          clock=reactor, connect_app=tunnel_connector(e.registry), locks=e.locks)
     web = resource.Resource()
     edge = EdgeFactory(PUBLIC_HOST, server.Site(web), forwarder, tcp_access=e.access)
-    listener = await bounded(SSL4ServerEndpoint(
+    listener = await wait(SSL4ServerEndpoint(
         reactor, 0, _web_tls_options(cert, key, [e.ca.cert_pem], e.ca.cert_pem),
         interface="127.0.0.1").listen(edge))
     e.listening.append(listener)
@@ -220,8 +198,8 @@ async def env(tmp_path):
         await port.stopListening()
     agent_tunnel.transport.loseConnection()
     e.locks.stop()
-    await bounded(e.audit.stop())
-    await bounded(e.backend.close())
+    await wait(e.audit.stop())
+    await wait(e.backend.close())
 
 
 async def raw(env, request: bytes, client_cert: bytes | None = None) -> bytes:
@@ -229,10 +207,10 @@ async def raw(env, request: bytes, client_cert: bytes | None = None) -> bytes:
     cert = ssl.PrivateCertificate.loadPEM(client_cert) if client_cert else None
     options = ssl.optionsForClientTLS(PUBLIC_HOST, trustRoot=ssl.Certificate.loadPEM(env.ca.cert_pem),
                                       clientCertificate=cert)
-    client = await bounded(SSL4ClientEndpoint(reactor, "127.0.0.1", env.edge_port, options).connect(
+    client = await wait(SSL4ClientEndpoint(reactor, "127.0.0.1", env.edge_port, options).connect(
         protocol.Factory.forProtocol(Collect)))
     client.transport.write(request)
-    await bounded(client.done)
+    await wait(client.done)
     return client.data
 
 
@@ -261,7 +239,7 @@ async def test_many_concurrent_connections(env):
     """Several local connections at once each get their own stream."""
     port, _ = await env.local(env.profile("alice"), "db")
     payloads = [bytes([65 + i]) * 20_000 for i in range(8)]
-    results = await bounded(defer.gatherResults([
+    results = await wait(defer.gatherResults([
         defer.ensureDeferred(env.exchange(port, p, close_after=p)) for p in payloads]))
     assert results == payloads
 
@@ -343,13 +321,13 @@ async def test_agent_certificate_is_not_a_user_401(env):
 async def test_lock_refuses_and_ends_live_sessions(env):
     """A lock on the user refuses new sessions (403 with its message) and ends live ones."""
     port, said = await env.local(env.profile("alice"), "db")
-    client = await bounded(TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+    client = await wait(TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
         protocol.Factory.forProtocol(Collect)))
     client.transport.write(b"ping")
     await until(lambda: client.data == b"ping", "the echo")
     now = reactor.seconds()
-    await bounded(env.backend.put_lock(Lock("l1", "alice", None, "incident", now, None, "admin")))
-    await bounded(client.done)
+    await wait(env.backend.put_lock(Lock("l1", "alice", None, "incident", now, None, "admin")))
+    await wait(client.done)
     assert await env.exchange(port, b"x") == b""
     await until(lambda: said, "the printed reason")
     assert said == ["proxy refused: 403 Forbidden: your access is locked: incident"]

@@ -2,172 +2,22 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import time
 from urllib.parse import parse_qs, quote, urlsplit
 
-import attrs
 import jwt
 import pytest
 import pytest_twisted
-import treq
-from treq.testing import StubTreq
-from twisted.internet import reactor
-from twisted.internet.task import Clock, deferLater
 
-from apptunnel.audit import AuditLog
-from apptunnel.auth.ca import ClusterCA
 from apptunnel.auth.errors import AuthError
-from apptunnel.auth.jwt import JwtKeys, JwtSigner
-from apptunnel.auth.passwords import hash_password
-from apptunnel.auth.policy import RoleCache
-from apptunnel.auth.sessions import SessionManager
-from apptunnel.backend.records import Resource, User
-from apptunnel.backend.sqlite import SqliteBackend
-from apptunnel.config import ProxyConfig
-from apptunnel.proxy.registry import AgentRegistry, AppInfo
-from apptunnel.web.routes import SESSION_COOKIE, WebApp
-
-BASE = "https://apptunnel.localhost:3080"
-COOKIE = SESSION_COOKIE
-WAIT = 10.0
-
-ROLES = [
-    {
-        "kind": "role",
-        "metadata": {"name": "dev"},
-        "spec": {
-            "options": {"max_session_ttl": "1h"},
-            "allow": {"app_labels": {"env": "staging"}},
-            "deny": {"app_labels": {"team": "secret"}},
-        },
-    },
-]
+from apptunnel.auth.jwt import JwtSigner
+from tests.support.web_env import BASE, app_info, header, session_cookie
 
 
-@attrs.define
-class Env:
-    config: ProxyConfig
-    clock: Clock
-    backend: SqliteBackend
-    sessions: SessionManager
-    audit: AuditLog
-    jwt_keys: JwtKeys
-    ca: ClusterCA
-    web: WebApp
-    registry: AgentRegistry
-
-    async def call(self, method: str, path: str, *, cookie: str | None = None,
-                   origin: str | None = BASE, headers: dict | None = None, **kwargs):
-        """One request through a fresh client (no cookie jar): (response, body bytes)."""
-        stub = StubTreq(self.web.resource())
-        sent = dict(headers or {})
-        if cookie is not None:
-            sent["Cookie"] = f"{COOKIE}={cookie}"
-        if origin is not None and method != "GET":
-            sent["Origin"] = origin
-        d = stub.request(method, BASE + path, headers=sent, allow_redirects=False, **kwargs)
-        response = await _settle(stub, d)
-        body = await _settle(stub, treq.content(response))
-        return response, body
-
-    async def login(self, username: str = "alice", password: str = "alice-pw") -> str:
-        """Sign in through the form and return the session secret from Set-Cookie."""
-        response, _ = await self.call(
-            "POST", "/web/login",
-            data={"username": username, "password": password, "next": "/"},
-        )
-        assert response.code == 303
-        return _session_cookie(response)[0]
-
-    async def events(self, type: str) -> list:
-        await self.audit.flush()
-        return await self.backend.search_audit(type=type)
-
-
-async def _settle(stub: StubTreq, d, timeout: float = WAIT):
-    """Pump the in-memory connection while real threads (sqlite, argon2) do their work."""
-    deadline = reactor.seconds() + timeout
-    done: list[bool] = []
-
-    def finished(result):
-        done.append(True)
-        return result
-
-    d.addBoth(finished)  # not d.called: a called Deferred may still wait on a chained one
-    while not done:
-        if reactor.seconds() > deadline:
-            d.cancel()
-            raise AssertionError(f"no response within {timeout}s")
-        stub.flush()
-        await deferLater(reactor, 0.002, lambda: None)
-    return await d
-
-
-def _session_cookie(response) -> tuple[str, list[str]]:
-    """(value, attributes) of the one session Set-Cookie header."""
-    headers = [
-        h.decode() for h in response.headers.getRawHeaders(b"set-cookie", [])
-        if h.startswith(COOKIE.encode() + b"=")
-    ]
-    assert len(headers) == 1, headers
-    first, *attributes = [part.strip() for part in headers[0].split(";")]
-    return first.split("=", 1)[1], attributes
-
-
-def _header(response, name: str) -> str | None:
-    values = response.headers.getRawHeaders(name)
-    return values[0] if values else None
-
-
-@functools.cache
-def _hash(password: str) -> str:
-    """argon2 is slow on purpose; hash each test password once per run."""
-    return hash_password(password)
-
-
-def _app(name: str, labels: dict[str, str]) -> AppInfo:
-    return AppInfo(
-        name=name, uri=f"http://127.0.0.1:9/{name}", labels=labels,
-        public_addr=f"{name}.apptunnel.localhost:3080", rewrite_headers=(),
-        jwt_claims=None, agent_id="agent-1",
-    )
-
-
-@pytest_twisted.async_yield_fixture
-async def env(tmp_path):
-    clock = Clock()
-    clock.advance(time.time())  # real epoch, so PyJWT accepts the signed tokens
-    config = ProxyConfig(
-        path=str(tmp_path / "proxy.yaml"), cluster_name="test-cluster",
-        data_dir=str(tmp_path), public_addr="apptunnel.localhost:3080",
-        web_listen_addr="127.0.0.1:3080", tunnel_listen_addr="127.0.0.1:3024",
-        backend_type="sqlite", backend_path=str(tmp_path / "apptunnel.db"),
-        tls_cert_file=None, tls_key_file=None, session_ttl=43200.0,
-    )
-    backend = SqliteBackend(config.backend_path, reactor)
-    for doc in ROLES:
-        await backend.put_resource(Resource("role", doc["metadata"]["name"], doc))
-    now = clock.seconds()
-    await backend.create_user(User("alice", _hash("alice-pw"), ("dev",), {}, now))
-    await backend.create_user(User("bob", _hash("bob-pw"), (), {}, now))
-    registry = AgentRegistry()
-    registry.add(object(), "agent-1", [
-        _app("grafana", {"env": "staging"}),
-        _app("wiki", {"env": "staging", "team": "secret"}),
-        _app("billing", {"env": "prod"}),
-    ])
-    audit = AuditLog(backend, clock)
-    audit.start()
-    sessions = SessionManager(backend, clock, config.session_ttl)
-    jwt_keys = JwtKeys.load_or_create(str(tmp_path), "RS256")
-    ca = ClusterCA.load_or_create(str(tmp_path), config.cluster_name)
-    web = WebApp(config, sessions, RoleCache(backend, clock), registry, audit, jwt_keys, ca,
-                 clock)
-    yield Env(config, clock, backend, sessions, audit, jwt_keys, ca, web, registry)
-    await audit.stop()
-    await backend.close()
+@pytest.fixture
+def env(web_env):
+    """The tests here run against the shared web app environment."""
+    return web_env
 
 
 @pytest_twisted.ensureDeferred
@@ -175,7 +25,7 @@ async def test_login_page_renders(env):
     """GET /web/login shows the form with the safe `next` carried in a hidden field."""
     response, body = await env.call("GET", "/web/login?next=%2Fweb%2Flaunch%2Fgrafana")
     assert response.code == 200
-    assert _header(response, "content-type") == "text/html; charset=utf-8"
+    assert header(response, "content-type") == "text/html; charset=utf-8"
     page = body.decode()
     assert 'action="/web/login"' in page and 'method="post"' in page
     assert 'name="next" value="/web/launch/grafana"' in page
@@ -216,8 +66,8 @@ async def test_login_sets_host_only_cookie_and_redirects(env):
     response, _ = await env.call(
         "POST", "/web/login", data={"username": "alice", "password": "alice-pw", "next": target})
     assert response.code == 303
-    assert _header(response, "location") == target
-    secret, attributes = _session_cookie(response)
+    assert header(response, "location") == target
+    secret, attributes = session_cookie(response)
     assert secret
     assert attributes == ["Path=/", "Secure", "HttpOnly", "SameSite=Lax", "Max-Age=3600"]
     web = await env.sessions.web_session(secret)
@@ -235,7 +85,7 @@ async def test_hostile_next_lands_on_root(env, hostile):
     response, _ = await env.call(
         "POST", "/web/login", data={"username": "alice", "password": "alice-pw", "next": hostile})
     assert response.code == 303
-    assert _header(response, "location") == "/"
+    assert header(response, "location") == "/"
 
 
 @pytest_twisted.ensureDeferred
@@ -268,7 +118,7 @@ async def test_apps_page_without_session_redirects_to_login(env):
     for cookie in (None, "made-up-secret"):
         response, _ = await env.call("GET", "/", cookie=cookie)
         assert response.code == 302
-        assert _header(response, "location") == "/web/login"
+        assert header(response, "location") == "/web/login"
 
 
 @pytest_twisted.ensureDeferred
@@ -281,7 +131,7 @@ async def test_launch_issues_code_bound_to_state_and_app(env):
             "GET", "/web/launch/grafana?path=" + quote("/dash?x=1", safe="") + "&state=st-1",
             cookie=secret)
         assert response.code == 302
-        location = urlsplit(_header(response, "location"))
+        location = urlsplit(header(response, "location"))
         assert (location.scheme, location.netloc, location.path) == (
             "https", "grafana.apptunnel.localhost:3080", "/.apptunnel/auth")
         return parse_qs(location.query)["code"][0]
@@ -304,14 +154,14 @@ async def test_launch_without_session_round_trips_through_login(env):
     launch = "/web/launch/grafana?path=%2F&state=st-2"
     response, _ = await env.call("GET", launch)
     assert response.code == 302
-    location = _header(response, "location")
+    location = header(response, "location")
     assert location == "/web/login?next=" + quote(launch, safe="")
     next_value = parse_qs(urlsplit(location).query)["next"][0]
     response, _ = await env.call(
         "POST", "/web/login",
         data={"username": "alice", "password": "alice-pw", "next": next_value})
     assert response.code == 303
-    assert _header(response, "location") == launch
+    assert header(response, "location") == launch
 
 
 @pytest_twisted.ensureDeferred
@@ -344,8 +194,8 @@ async def test_logout_ends_session(env):
     secret = await env.login()
     response, _ = await env.call("POST", "/web/logout", cookie=secret)
     assert response.code == 303
-    assert _header(response, "location") == "/web/login"
-    value, attributes = _session_cookie(response)
+    assert header(response, "location") == "/web/login"
+    value, attributes = session_cookie(response)
     assert value == "" and "Max-Age=0" in attributes
     again, _ = await env.call("GET", "/", cookie=secret)
     assert again.code == 302
@@ -360,11 +210,11 @@ async def test_json_login_and_logout(env):
         "POST", "/v1/sessions", origin=None,
         json={"username": "alice", "password": "alice-pw"})
     assert response.code == 200
-    assert _header(response, "content-type") == "application/json"
+    assert header(response, "content-type") == "application/json"
     data = json.loads(body)
     assert data["user"] == "alice" and data["roles"] == ["dev"]
     assert data["expires"] == pytest.approx(env.clock.seconds() + 3600)
-    secret, _ = _session_cookie(response)
+    secret, _ = session_cookie(response)
 
     response, body = await env.call("GET", "/v1/apps", cookie=secret)
     assert response.code == 200
@@ -375,7 +225,7 @@ async def test_json_login_and_logout(env):
 
     response, body = await env.call("DELETE", "/v1/sessions", cookie=secret, origin=None)
     assert response.code == 204 and body == b""
-    assert "Max-Age=0" in _session_cookie(response)[1]
+    assert "Max-Age=0" in session_cookie(response)[1]
     response, body = await env.call("GET", "/v1/apps", cookie=secret)
     assert response.code == 401
     assert "error" in json.loads(body)
@@ -385,11 +235,11 @@ async def test_json_login_and_logout(env):
 async def test_apps_whose_agent_left_are_listed_offline(env):
     """An allowed app whose agent went away stays listed, marked offline, without Launch."""
     tunnel = object()
-    env.registry.add(tunnel, "agent-2", [_app("metrics", {"env": "staging"})])
+    env.registry.add(tunnel, "agent-2", [app_info("metrics", {"env": "staging"})])
     env.registry.remove(tunnel)
     response, body = await env.call(
         "POST", "/v1/sessions", origin=None, json={"username": "alice", "password": "alice-pw"})
-    secret, _ = _session_cookie(response)
+    secret, _ = session_cookie(response)
     response, body = await env.call("GET", "/v1/apps", cookie=secret)
     apps = {app["name"]: app["online"] for app in json.loads(body)["apps"]}
     assert apps == {"grafana": True, "metrics": False}
@@ -409,7 +259,7 @@ async def test_json_api_errors(env):
     for kwargs, status in cases:
         response, body = await env.call("POST", "/v1/sessions", origin=None, **kwargs)
         assert response.code == status, (kwargs, body)
-        assert _header(response, "content-type") == "application/json"
+        assert header(response, "content-type") == "application/json"
         assert isinstance(json.loads(body)["error"], str)
     response, body = await env.call(
         "POST", "/v1/sessions", origin=None, json={"username": "alice", "password": "x"})
@@ -423,7 +273,7 @@ async def test_jwks_verifies_signed_tokens(env):
     """The published JWKS verifies a JwtSigner token with PyJWT, and may be cached 5 minutes."""
     response, body = await env.call("GET", "/.well-known/jwks.json")
     assert response.code == 200
-    assert _header(response, "cache-control") == "public, max-age=300"
+    assert header(response, "cache-control") == "public, max-age=300"
     jwks = jwt.PyJWKSet.from_dict(json.loads(body))
     signer = JwtSigner(env.jwt_keys, "test-cluster", env.clock, 300.0)
     token = signer.token("s1", "alice", ["dev"], {}, "https://grafana.apptunnel.localhost:3080",
@@ -467,7 +317,7 @@ async def test_same_origin_referer_is_accepted_and_logout_is_guarded(env):
         "POST", "/web/login", origin=None, headers={"Referer": BASE + "/web/login?next=%2F"},
         data={"username": "alice", "password": "alice-pw", "next": "/"})
     assert response.code == 303
-    secret, _ = _session_cookie(response)
+    secret, _ = session_cookie(response)
     response, _ = await env.call("POST", "/web/logout", cookie=secret,
                                  origin="https://evil.com")
     assert response.code == 403
@@ -490,10 +340,10 @@ async def test_security_headers_on_every_response(env):
     for path in ("/web/login", "/healthz", "/static/app.css", "/no/such/page", "/"):
         response, _ = await env.call("GET", path)
         for name, value in expected.items():
-            assert _header(response, name) == value, (path, name)
+            assert header(response, name) == value, (path, name)
     for path in ("/web/login", "/healthz", "/no/such/page"):
         response, _ = await env.call("GET", path)
-        assert _header(response, "cache-control") == "no-store", path
+        assert header(response, "cache-control") == "no-store", path
 
 
 @pytest_twisted.ensureDeferred
@@ -501,7 +351,7 @@ async def test_static_css_and_uniform_error_pages(env):
     """CSS is served from the package; unknown paths and methods get the uniform error page."""
     response, body = await env.call("GET", "/static/app.css")
     assert response.code == 200
-    assert _header(response, "content-type").startswith("text/css")
+    assert header(response, "content-type").startswith("text/css")
     assert b".topbar" in body
     for path in ("/static/nope.css", "/static/", "/static/../routes.py", "/no/such/page"):
         response, body = await env.call("GET", path)

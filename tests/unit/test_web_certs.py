@@ -8,50 +8,25 @@ import pytest
 import pytest_twisted
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from twisted.internet import reactor, threads
-from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.web.server import Site
 
 from apptunnel.auth.ca import ClusterCA, user_identity
 from apptunnel.backend.records import User
 from apptunnel.cli.context import CliError
 from apptunnel.cli.http import ProxyClient, tls_context
-from apptunnel.proxy.service import _web_tls_options
-from tests.unit.test_web import _hash, env  # noqa: F401 - the shared web fixture
-
-WAIT = 15.0
-
-
-def new_key() -> tuple[ec.EllipticCurvePrivateKey, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return key, pem.decode("ascii")
+from tests.support.keys import key_pem, new_key
+from tests.support.tls_listener import listen_tls
+from tests.support.waiting import in_thread
+from tests.support.web_env import password_hash
 
 
-def key_pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+@pytest.fixture
+def env(web_env):
+    """The tests here run against the shared web app environment."""
+    return web_env
 
 
 async def cert_request(env, body, cookie=None):
     return await env.call("POST", "/v1/certs", cookie=cookie, json=body)
-
-
-async def listen_tls(env):
-    """The web app behind the real web TLS options (client certs requested) on 127.0.0.1:0."""
-    cert_pem, server_key = env.ca.issue_server_cert(["apptunnel.localhost"], ["127.0.0.1"])
-    options = _web_tls_options(cert_pem, server_key, [env.ca.cert_pem], env.ca.cert_pem)
-    site = Site(env.web.resource())
-    site.noisy = False
-    endpoint = SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1")
-    return await endpoint.listen(site)
-
-
-async def in_thread(function, *args, **kwargs):
-    """Run blocking client code off the reactor, bounded."""
-    return await threads.deferToThread(function, *args, **kwargs).addTimeout(WAIT, reactor)
 
 
 def api_client(env, port: int, cert_pem: bytes | None = None, key=None) -> ProxyClient:
@@ -93,7 +68,7 @@ async def test_requested_ttl_only_shortens(env):
 @pytest_twisted.ensureDeferred
 async def test_traits_are_carried(env):
     """The user's traits end up in the certificate."""
-    await env.backend.create_user(User("carol", _hash("carol-pw"), ("dev",),
+    await env.backend.create_user(User("carol", password_hash("carol-pw"), ("dev",),
                                        {"logins": ("root", "ubuntu")}, env.clock.seconds()))
     _, public = new_key()
     response, body = await cert_request(
