@@ -14,6 +14,7 @@ import json
 import pytest
 
 from tests.support.cluster import Cluster, wait_until
+from tests.support.system import require_program
 from tests.support.upstream import HttpUpstream
 
 PASSWORD = "browser test password"
@@ -42,6 +43,8 @@ def cluster():
 @pytest.fixture(scope="module")
 def page():
     from playwright.sync_api import sync_playwright
+
+    require_program(CHROMIUM, "chromium")
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)

@@ -22,6 +22,7 @@ from jwcrypto import jwt as jc_jwt
 
 from tests.support.cluster import BIN, Browser, Cluster, free_port, wait_until
 from tests.support.localhost import localhost_resolution
+from tests.support.system import require_program
 from tests.support.upstream import HttpUpstream, WebSocketEcho
 
 PASSWORD = "correct horse battery staple"
@@ -171,8 +172,9 @@ def test_client_identity_headers_are_stripped(cluster, alice, spelling):
     assert "__Host-apptunnel" not in cookie
 
 
-def test_curl_follows_the_login_by_redirects_alone(cluster):
+def test_curl_follows_the_login_by_redirects_alone(cluster, alice):  # alice: the app is online
     """`curl -L -c jar -b jar` reaches the app after posting the login form: no JavaScript."""
+    require_program("curl", "curl")
     jar = cluster.root / "curl.jar"
     common = ["curl", "-sS", "-L", "-c", str(jar), "-b", str(jar), "--cacert", cluster.ca_file,
               "--max-time", "30"]

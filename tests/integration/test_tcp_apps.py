@@ -20,6 +20,7 @@ import pytest
 
 from tests.support.cli_user import ca_pin, log_in, start, user_env
 from tests.support.cluster import BIN, Cluster, audit, free_port, wait_until
+from tests.support.system import require_program
 
 PGBIN = "/usr/lib/postgresql/15/bin"
 PASSWORD = "correct horse battery staple"
@@ -28,6 +29,8 @@ PASSWORD = "correct horse battery staple"
 @pytest.fixture(scope="module")
 def postgres():
     """A PostgreSQL 15 cluster in a temp dir on a free port (trust auth), as user postgres."""
+    require_program(f"{PGBIN}/initdb", "postgresql")
+    require_program("psql", "postgresql-client")
     root = tempfile.mkdtemp(prefix="pg-")
     as_pg = []
     if os.geteuid() == 0:
@@ -65,6 +68,8 @@ def postgres():
 @pytest.fixture(scope="module")
 def redis():
     """A redis-server on a free port with no persistence."""
+    require_program("redis-server", "redis-server")
+    require_program("redis-cli", "redis-tools")
     root = tempfile.mkdtemp(prefix="redis-")
     port = free_port()
     proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port),
