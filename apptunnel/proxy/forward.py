@@ -15,6 +15,7 @@ first authorized request and reused while both ends keep the connection alive.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 import secrets
 from collections import deque
@@ -135,6 +136,28 @@ def cert_caller(ca, cert: x509.Certificate, now: float) -> CertCaller:
     roles, traits = user_identity(cert)
     return CertCaller(name, roles, traits, cert.not_valid_after_utc.timestamp(),
                       cert.fingerprint(hashes.SHA256()).hex())
+
+
+def _local_host_ok(host_raw: bytes | None, public_addr: str) -> bool:
+    """Whether a request through a local port names a host no web page can rebind.
+
+    The local port answers as the signed-in user whatever the Host, so a page on a DNS name
+    an attacker points at 127.0.0.1 could read the app through it (DNS rebinding). Only
+    names such a page cannot own pass: IP literals, single labels (``localhost``), names
+    under ``.localhost`` (RFC 6761) and the app's own public name.
+    """
+    if host_raw is None:
+        return True  # HTTP/1.0 without Host: not a browser's request
+    host = host_only(host_raw.decode("latin-1"))
+    if "." not in host or host.endswith(".localhost") or host.startswith("["):
+        return True
+    if host == host_only(public_addr):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 @attrs.frozen
@@ -339,7 +362,9 @@ class AppForwarder(Factory):
         if app.kind == "tcp":
             message = f"TCP app: use apptunnel proxy app {app.name}"
             return Answer(pages.error_response(400, message, close=True, head_only=head_only), 400, True)
-        if not head.target.startswith(b"/"):
+        if head.method == b"CONNECT" or not head.target.startswith(b"/"):
+            # A 2xx to CONNECT would make the connection a raw pipe to the app, past
+            # header stripping, the JWT and the audit: never forward one.
             return page(405 if head.method == b"CONNECT" else 400, close_now=True)
         path, _, query = head.target.partition(b"?")
         cookies = _cookies(head.headers)
@@ -394,8 +419,14 @@ class AppForwarder(Factory):
         if app is None:
             close = not keep_alive(head.version, head.headers)
             return Answer(pages.error_response(503, close=close, head_only=head_only), 503, close)
+        if head.method == b"CONNECT":
+            return Answer(pages.error_response(405, close=True, head_only=head_only), 405, True)
         if not head.target.startswith(b"/"):
             return Answer(pages.error_response(400, close=True, head_only=head_only), 400, True)
+        if not _local_host_ok(head.headers.get(b"host"), app.public_addr):
+            self._log.info("refused {app} through a local port for Host {host!r}", app=app.name,
+                           host=(head.headers.get(b"host") or b"").decode("latin-1")[:100])
+            return Answer(pages.error_response(421, close=True, head_only=head_only), 421, True)
         return await self._by_certificate(head, app, caller, client_ip, True)
 
     async def _by_certificate(self, head: RequestHead, app: AppInfo, caller: CertCaller,

@@ -88,6 +88,11 @@ class AgentRegistry:
         name = self._by_host.get(host) or self._known_hosts.get(host)
         return self.app(name) if name is not None else None
 
+    def host_owner(self, host: str) -> str | None:
+        """The name of the app (online or last seen) that holds public ``host``, if any."""
+        host = host_only(host)
+        return self._by_host.get(host) or self._known_hosts.get(host)
+
     def pick(self, name: str) -> Any | None:
         """A tunnel serving ``name``, taking turns over all of them."""
         entries = self._by_name.get(name)

@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from apptunnel.auth.ca import ClusterCA
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.tokens import constant_time_equal, secret_hash
-from apptunnel.proxy.registry import AppInfo
+from apptunnel.proxy.registry import AppInfo, host_only
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol
@@ -234,13 +234,20 @@ class TunnelSession:
     def _apps(self, raw: Any, host_id: str) -> list[AppInfo]:
         if not isinstance(raw, list):
             raise HelloError("apps must be a list")
-        apps, seen = [], set()
+        apps, seen, hosts = [], set(), {}
         for index, item in enumerate(raw):
             if not isinstance(item, dict):
                 raise HelloError(f"apps[{index}] must be an object")
             app = self._app(item, host_id, index)
             if app.name in seen:
                 raise HelloError(f"apps[{index}]: duplicate app {app.name!r}")
+            # A public host belongs to one app name: its cookies and JWT audience are that
+            # app's, so no agent may put another app there, even while its owner is away.
+            host = host_only(app.public_addr)
+            owner = hosts.get(host) or self._factory.registry.host_owner(host)
+            if owner is not None and owner != app.name:
+                raise HelloError(f"apps[{index}].public_addr {host!r} belongs to app {owner!r}")
+            hosts[host] = app.name
             seen.add(app.name)
             apps.append(app)
         return apps
