@@ -31,6 +31,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from apptunnel.auth.ca import user_identity
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.redirects import safe_path
+from apptunnel.proxy.registry import host_only
 
 if TYPE_CHECKING:
     from apptunnel.audit import AuditLog
@@ -76,6 +77,7 @@ _HEADINGS = {
     405: ("Method not allowed", "This address does not accept that method."),
     413: ("Request too large", "The request body is larger than this address accepts."),
     415: ("Unsupported media type", "This address accepts application/json only."),
+    421: ("Wrong address", "This connection serves the proxy itself, not that address."),
     500: ("Something went wrong", "The proxy could not complete the request; it has been logged."),
 }
 
@@ -101,17 +103,28 @@ class Caller:
 
 
 class _SecurityHeaders(Resource):
-    """Root resource: stamps the security headers on every response, then lets Klein route."""
+    """Root resource: stamps the security headers on every response, then lets Klein route.
+
+    It also refuses (421) a request whose Host is not the proxy's own: the edge hands a
+    whole keep-alive connection to the web UI after its first request, so a later request
+    on it naming an app host must not be answered as if it were the proxy's.
+    """
 
     isLeaf = True
 
-    def __init__(self, inner: IResource) -> None:
+    def __init__(self, inner: IResource, public_host: str, error_page) -> None:
         super().__init__()
         self._inner = inner
+        self._public_host = public_host
+        self._error_page = error_page
 
     def render(self, request: IRequest):
         for name, value in SECURITY_HEADERS:
             request.setHeader(name, value)
+        host = host_only((request.getHeader(b"host") or b"").decode("latin-1"))
+        if host != self._public_host:
+            request.setHeader(b"Connection", b"close")
+            return self._error_page(request, 421, _HEADINGS[421][1])
         return self._inner.render(request)
 
 
@@ -148,7 +161,8 @@ class WebApp:
 
     def resource(self) -> IResource:
         """The root resource to serve at https://<public_addr>/ (wrapped in a Site by the caller)."""
-        return _SecurityHeaders(self.app.resource())
+        return _SecurityHeaders(self.app.resource(), self._config.public_host.lower(),
+                                self._error_page)
 
     # -- pages -------------------------------------------------------------------------
 

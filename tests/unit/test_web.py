@@ -360,3 +360,13 @@ async def test_static_css_and_uniform_error_pages(env):
     response, body = await env.call("GET", "/web/logout")
     assert response.code == 405
     assert b"Method not allowed" in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_for_another_host_are_refused_with_421(env):
+    """A request on the web UI naming an app host (keep-alive reuse) gets 421, not a page."""
+    response, body = await env.call("GET", "/healthz", headers={"Host": "grafana.apptunnel.localhost:3080"})
+    assert response.code == 421
+    assert b"Wrong address" in body
+    response, _ = await env.call("GET", "/healthz")
+    assert response.code == 200
