@@ -8,7 +8,7 @@ TEST_PACKAGES := curl chromium postgresql redis-server
 BENCH_PACKAGES := wrk nginx openssh-server openssh-client iperf3
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: all demo install test test-deps bench clean
+.PHONY: all demo install test test-deps bench fuzz clean
 
 all: install
 
@@ -34,6 +34,21 @@ test: test-deps
 bench: install
 	@bash .ci/system-deps $(BENCH_PACKAGES)
 	$(BIN)/python bench/run.py
+
+# Coverage-guided fuzzing of the parsers (atheris), FUZZ_TIME seconds per harness. Not
+# part of `make test` (CI runs each harness briefly in tests/unit/test_fuzz_smoke.py).
+# Crashes land in fuzz/artifacts/; what the fuzzer learns in $(FUZZ_WORK).
+FUZZ_TIME ?= 60
+FUZZ_WORK ?= /tmp/apptunnel-fuzz
+FUZZ_HARNESSES := frames mux http1 config
+fuzz: test-deps
+	@mkdir -p fuzz/artifacts
+	@for h in $(FUZZ_HARNESSES); do \
+		echo "== fuzz_$$h ($(FUZZ_TIME) s)"; \
+		APPTUNNEL_FUZZ_WORK=$(FUZZ_WORK) $(BIN)/python fuzz/fuzz_$$h.py \
+			-max_total_time=$(FUZZ_TIME) -print_final_stats=1 \
+			-artifact_prefix=fuzz/artifacts/$$h- || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info $(DEMO_DIR)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import struct
 from collections import deque
 from dataclasses import dataclass, field
@@ -214,9 +215,18 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed")
 
 
+def _finite_float(text: str) -> float:
+    # "1e400" parses to inf, which no peer could have sent through encode_json.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
 def _decode_json(payload: bytes, what: str) -> dict:
     try:
-        obj = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        obj = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant,
+                         parse_float=_finite_float)
     except (ValueError, RecursionError) as e:
         raise _fail(f"{what} is not valid JSON: {type(e).__name__}") from None
     if not isinstance(obj, dict):
