@@ -35,6 +35,9 @@ from apptunnel.backend.records import (
     WebSession,
 )
 
+# Rows per audit INSERT: 8 parameters each, under SQLite's historic 999-variable limit.
+_AUDIT_ROWS_PER_INSERT = 120
+
 _T = TypeVar("_T")
 
 BUSY_TIMEOUT_MS = 5000
@@ -621,14 +624,19 @@ class SqliteBackend:
             return
 
         def run(conn: sqlite3.Connection) -> None:
-            encoded = [row[:7] + (_dump(row[7]),) for row in rows]
+            # One multi-row INSERT per chunk rather than executemany: the driver lets go
+            # of the GIL around every statement step, and a handoff per row makes the
+            # reactor thread wait for the GIL thousands of times a second under load.
             with _transaction(conn):
-                conn.executemany(
-                    "INSERT INTO audit_events"
-                    " (id, time, type, code, actor, target, outcome, fields)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    encoded,
-                )
+                for start in range(0, len(rows), _AUDIT_ROWS_PER_INSERT):
+                    chunk = rows[start:start + _AUDIT_ROWS_PER_INSERT]
+                    params = [value for row in chunk for value in (*row[:7], _dump(row[7]))]
+                    conn.execute(
+                        "INSERT INTO audit_events"
+                        " (id, time, type, code, actor, target, outcome, fields) VALUES "
+                        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk)),
+                        params,
+                    )
 
         await self._run(run)
 

@@ -219,6 +219,15 @@ async def test_audit_append_and_search(backend):
 
 
 @pytest_twisted.ensureDeferred
+async def test_audit_batch_larger_than_one_insert_keeps_every_event_in_order(backend):
+    """A batch spanning several multi-row INSERTs stores every event, ties in batch order."""
+    batch = [event(i, 7.0) for i in range(1001)]
+    await wait(backend.append_audit(batch))
+    stored = await wait(backend.search_audit(limit=5000))
+    assert stored == batch
+
+
+@pytest_twisted.ensureDeferred
 async def test_audit_duplicate_id_rolls_back_batch(backend):
     """A batch with a duplicate id fails as a whole and stores nothing of itself."""
     await wait(backend.append_audit([event(1, 1.0)]))
