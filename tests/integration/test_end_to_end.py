@@ -267,17 +267,17 @@ def test_websocket_echo_and_cross_origin_refusal(cluster, alice):
 
 
 def test_large_download_keeps_memory_flat(cluster, alice):
-    """256 MiB stream through proxy and agent without either growing by more than 48 MiB."""
+    """1 GiB streams through proxy and agent without either growing by more than 48 MiB."""
     before = {c.name: c.rss_kib() for c in (cluster.proxy, cluster.agent)}
     peak = dict(before)
     received = 0
     with localhost_resolution():
-        r = alice.session.get(cluster.url("hello", "/big?mb=256"), stream=True, timeout=120)
+        r = alice.session.get(cluster.url("hello", "/big?mb=1024"), stream=True, timeout=120)
         for chunk in r.iter_content(1024 * 1024):
             received += len(chunk)
             for c in (cluster.proxy, cluster.agent):
                 peak[c.name] = max(peak[c.name], c.rss_kib())
-    assert received == 256 * 1024 * 1024
+    assert received == 1024 * 1024 * 1024
     for name in before:
         assert peak[name] - before[name] < 48 * 1024, (name, before[name], peak[name])
 
