@@ -91,10 +91,16 @@ def tunnel_connector(registry: AgentRegistry) -> ConnectApp:
     """Production ``connect_app``: a stream to the app over one of its agents' tunnels."""
 
     def connect_app(app: AppInfo, target: dict, factory: IProtocolFactory) -> defer.Deferred:
-        tunnel = registry.pick(app.name)
+        tunnel = registry.pick(app.name)  # never one that is going away
         if tunnel is None:
             return defer.fail(NoAgent(app.name))
-        return tunnel.connect_stream(target, factory)
+
+        def connected(proto):
+            if isinstance(proto, _AppSide):
+                proto.tunnel = tunnel  # so its connection can tell when the tunnel drains
+            return proto
+
+        return tunnel.connect_stream(target, factory).addCallback(connected)
 
     return connect_app
 
@@ -306,6 +312,7 @@ class AppForwarder(Factory):
         self._lock_audited: dict[tuple[str, str], float] = {}
         if locks is not None:
             locks.add_listener(self._lock_added)
+        registry.add_drain_listener(self._tunnel_draining)
 
     def buildProtocol(self, addr: IAddress) -> "AppConnection":
         return AppConnection(self)
@@ -335,6 +342,12 @@ class AppForwarder(Factory):
                 self.audit.emit("lock.enforced", actor=conn.user, target=conn.app_name or "",
                                 outcome="failure", lock=lock.id, where="live connection")
                 conn.cut()
+
+    def _tunnel_draining(self, tunnel) -> None:
+        """An agent is going away: connections idle between requests let go of their
+        stream on its tunnel now, so it can close; busy ones finish first."""
+        for conn in list(self.connections):
+            conn.tunnel_draining(tunnel)
 
     # Deciding what a request gets
 
@@ -672,12 +685,18 @@ class _AppSide(Protocol):
 
     def __init__(self, conn: "AppConnection") -> None:
         self._conn = conn
+        self.tunnel = None  # set by tunnel_connector: the tunnel the stream rides on
 
     def dataReceived(self, data: bytes) -> None:
         self._conn.app_data(self, data)
 
     def connectionLost(self, reason: Failure) -> None:
         self._conn.app_lost(self, reason)
+
+
+def _draining(proto: _AppSide) -> bool:
+    """Whether the tunnel under this stream to the app is going away."""
+    return proto.tunnel is not None and proto.tunnel.going_away
 
 
 class _AppSideFactory(Factory):
@@ -747,6 +766,19 @@ class AppConnection(Protocol):
             return
         self._close()
         self.transport.abortConnection()
+
+    def tunnel_draining(self, tunnel) -> None:
+        """Close our idle upstream stream if it rides on ``tunnel`` (which is going away).
+
+        Only between requests: an exchange in progress keeps its stream until the response
+        ends (``_finish`` then lets it go), and an upgraded connection keeps relaying.
+        """
+        if self._raw or self._closing or self._upstream is None:
+            return
+        if self._ex is not None and self._ex.forwarding:
+            return
+        if self._upstream.tunnel is tunnel:
+            self._drop_upstream(abort=False)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -842,7 +874,8 @@ class AppConnection(Protocol):
             return
         ex.app, ex.user, ex.upgrade = outcome.app, outcome.user, outcome.upgrade
         self.user, self.app_name = outcome.user, outcome.app.name
-        if self._upstream is not None and self._upstream_app == outcome.app.name:
+        if (self._upstream is not None and self._upstream_app == outcome.app.name
+                and not _draining(self._upstream)):
             self._send_head(outcome)
             return
         self._drop_upstream(abort=False)
@@ -945,6 +978,8 @@ class AppConnection(Protocol):
         if not ex.keep_alive:
             self._close()
             return
+        if self._upstream is not None and _draining(self._upstream):
+            self._drop_upstream(abort=False)  # the next request opens a stream elsewhere
         self._resume_client("waiting")
         try:
             events = self._reader.next_message()

@@ -8,6 +8,7 @@ the UI can show it as offline.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -58,6 +59,7 @@ class AgentRegistry:
         # Every app ever announced since start, by name, and its host; outlives tunnels.
         self._known: dict[str, AppInfo] = {}
         self._known_hosts: dict[str, str] = {}
+        self._drain_listeners: list[Callable[[Any], None]] = []
 
     def add(self, tunnel: Any, agent_id: str, apps: list[AppInfo]) -> None:
         """Register (or re-register) what one tunnel serves."""
@@ -67,6 +69,20 @@ class AgentRegistry:
     def remove(self, tunnel: Any) -> None:
         if self._tunnels.pop(tunnel, None) is not None:
             self._rebuild()
+
+    def add_drain_listener(self, listener: Callable[[Any], None]) -> None:
+        """Call ``listener(tunnel)`` whenever a tunnel starts going away (see ``drain``)."""
+        self._drain_listeners.append(listener)
+
+    def drain(self, tunnel: Any) -> None:
+        """The tunnel is going away: pick it no more, and tell listeners so the streams
+        they keep open on it between requests can be let go (the tunnel then closes)."""
+        self.remove(tunnel)
+        for listener in list(self._drain_listeners):
+            try:
+                listener(tunnel)
+            except Exception:
+                log.failure("drain listener failed")
 
     def apps(self, include_offline: bool = False) -> list[AppInfo]:
         """Online apps (and known offline ones if asked), one per name, sorted by name."""
@@ -94,8 +110,9 @@ class AgentRegistry:
         return self._by_host.get(host) or self._known_hosts.get(host)
 
     def pick(self, name: str) -> Any | None:
-        """A tunnel serving ``name``, taking turns over all of them."""
-        entries = self._by_name.get(name)
+        """A tunnel serving ``name``, taking turns over those not going away."""
+        entries = [entry for entry in self._by_name.get(name, ())
+                   if not getattr(entry[0], "going_away", False)]
         if not entries:
             return None
         turn = self._turn.get(name, 0) % len(entries)

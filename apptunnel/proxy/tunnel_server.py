@@ -150,6 +150,14 @@ class TunnelSession:
     def stream_requested(self, tunnel: TunnelProtocol, target: dict) -> defer.Deferred:
         return defer.fail(StreamRefused(ErrorCode.REFUSED, "the proxy accepts no streams"))
 
+    def tunnel_going_away(self, tunnel: TunnelProtocol) -> None:
+        """The agent is draining: no new streams here; idle keep-alive streams are let go
+        so the tunnel can finish closing (registry listeners do that). Apps stay known."""
+        if self._state == "registered":
+            self._factory.registry.drain(tunnel)
+            log.info("agent {host_id} ({peer}) is going away", host_id=self._host_id,
+                     peer=self._peer)
+
     def tunnel_lost(self, tunnel: TunnelProtocol, reason: Failure) -> None:
         self._cancel_timer()
         if self._state == "registered":

@@ -40,6 +40,9 @@ class TunnelHandler(typing.Protocol):
 
     def tunnel_lost(self, tunnel: TunnelProtocol, reason: Failure) -> None: ...
 
+    # Optional: ``tunnel_going_away(tunnel)`` is called when the peer sends GOAWAY, so the
+    # owner can stop choosing this tunnel and let idle streams go (looked up with getattr).
+
 
 def _describe(address) -> str:
     host, port = getattr(address, "host", None), getattr(address, "port", None)
@@ -96,6 +99,11 @@ class TunnelProtocol(Protocol):
     @property
     def stream_count(self) -> int:
         return self._mux.stream_count
+
+    @property
+    def going_away(self) -> bool:
+        """True once either side sent or received GOAWAY: no new stream can open here."""
+        return self._mux.going_away
 
     @property
     def peer(self) -> str:
@@ -343,6 +351,9 @@ class TunnelProtocol(Protocol):
         elif kind is M.GoAwayReceived:
             self._log.info("tunnel {peer} is going away (code {code}): {reason}",
                            peer=self._peer, code=event.code, reason=event.reason)
+            going_away = getattr(self._handler, "tunnel_going_away", None)
+            if going_away is not None:
+                going_away(self)
         elif kind is M.Drained:
             self._close()
         elif kind is M.PeerDead:

@@ -14,23 +14,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
-from twisted.internet.endpoints import SSL4ClientEndpoint, SSL4ServerEndpoint
+from twisted.internet.endpoints import SSL4ClientEndpoint
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from zope.interface import implementer
 
 from apptunnel.agent.join import AgentIdentity, JoinError, join
 from apptunnel.agent.service import AgentService
-from apptunnel.audit import AuditLog
-from apptunnel.auth.ca import ClusterCA, load_server_tls
-from apptunnel.auth.tokens import new_secret, secret_hash
-from apptunnel.backend.records import JoinToken
-from apptunnel.backend.sqlite import SqliteBackend
-from apptunnel.config import AgentConfig, AppConfig
-from apptunnel.proxy.registry import AgentRegistry
-from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_options
+from apptunnel.auth.ca import ClusterCA
+from apptunnel.config import AppConfig
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol
+from tests.support.tunnel_env import Proxy, agent_config
 from tests.support.waiting import until, wait
 
 
@@ -63,46 +58,6 @@ class Collect(protocol.Protocol):
             self.done.callback(reason.value)
 
 
-class Proxy:
-    """The proxy's side of the tunnel, as ProxyService wires it, on a free loopback port."""
-
-    def __init__(self, root):
-        self.data_dir = str(root / "proxy")
-        self.ca = ClusterCA.load_or_create(self.data_dir, "itest")
-        self.cert, self.key = load_server_tls(self.data_dir, self.ca, ["localhost"], ["127.0.0.1"])
-        self.backend = SqliteBackend(os.path.join(self.data_dir, "apptunnel.db"), reactor)
-        self.audit = AuditLog(self.backend, reactor)
-        self.registry = AgentRegistry()
-        self.factory = TunnelServerFactory(
-            ca=self.ca, backend=self.backend, registry=self.registry, audit=self.audit,
-            clock=reactor, proxy_id="proxy-1", public_host="apptunnel.localhost",
-            public_port=3080, keepalive_interval=0.5, keepalive_timeout=2.0,
-        )
-        self.port = None
-        self.port_number = 0
-
-    async def listen(self):
-        endpoint = SSL4ServerEndpoint(
-            reactor, self.port_number, tunnel_tls_options(self.ca.cert_pem, self.cert, self.key),
-            interface="127.0.0.1")
-        self.port = await endpoint.listen(self.factory)
-        self.port_number = self.port.getHost().port
-
-    async def token(self, ttl: float = 3600.0) -> str:
-        secret = new_secret()
-        now = reactor.seconds()
-        await self.backend.add_token(JoinToken(secret_hash(secret), "app", now + ttl, now))
-        return secret
-
-    async def joins(self) -> list:
-        await self.audit.flush()
-        return await self.backend.search_audit(type="agent.join")
-
-    @property
-    def addr(self) -> str:
-        return f"localhost:{self.port_number}"
-
-
 @pytest_twisted.async_yield_fixture
 async def proxy(tmp_path):
     p = Proxy(tmp_path)
@@ -120,14 +75,6 @@ def echo_port():
     port = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
     yield port.getHost().port
     port.stopListening()
-
-
-def agent_config(tmp_path, proxy, *, token=None, pin=None, apps=(), name="agent"):
-    return AgentConfig(
-        path=str(tmp_path / f"{name}.yaml"), data_dir=str(tmp_path / name),
-        proxy_addr=proxy.addr, join_token=token, ca_pin=pin, apps=tuple(apps),
-        keepalive_interval=0.5, keepalive_timeout=2.0,
-    )
 
 
 def mode(path) -> int:
