@@ -52,7 +52,7 @@ from apptunnel.proxy.http1 import (
     keep_alive,
 )
 from apptunnel.proxy.registry import AgentRegistry, AppInfo, host_only
-from apptunnel.tunnel.errors import StreamRefused
+from apptunnel.tunnel.errors import StreamRefused, TunnelLost
 from apptunnel.tunnel.frames import ErrorCode
 
 APP_COOKIE = PROXY_COOKIE_PREFIX + "app"
@@ -90,9 +90,10 @@ class NoAgent(Exception):
 def tunnel_connector(registry: AgentRegistry) -> ConnectApp:
     """Production ``connect_app``: a stream to the app over one of its agents' tunnels."""
 
-    def connect_app(app: AppInfo, target: dict, factory: IProtocolFactory) -> defer.Deferred:
+    def connect_app(app: AppInfo, target: dict, factory: IProtocolFactory,
+                    tried: frozenset = frozenset()) -> defer.Deferred:
         tunnel = registry.pick(app.name)  # never one that is going away
-        if tunnel is None:
+        if tunnel is None or tunnel in tried:
             return defer.fail(NoAgent(app.name))
 
         def connected(proto):
@@ -100,7 +101,16 @@ def tunnel_connector(registry: AgentRegistry) -> ConnectApp:
                 proto.tunnel = tunnel  # so its connection can tell when the tunnel drains
             return proto
 
-        return tunnel.connect_stream(target, factory).addCallback(connected)
+        def elsewhere(failure: Failure):
+            # An open that crossed the agent's GOAWAY on the wire, or a tunnel that died
+            # under it, says nothing about the app: another tunnel may serve it.
+            err = failure.value
+            if isinstance(err, TunnelLost) or (
+                    isinstance(err, StreamRefused) and err.code == ErrorCode.GOING_AWAY):
+                return connect_app(app, target, factory, tried | {tunnel})
+            return failure
+
+        return tunnel.connect_stream(target, factory).addCallbacks(connected, elsewhere)
 
     return connect_app
 
