@@ -52,6 +52,19 @@ class Io:
     def error(self, message: str) -> None:
         self.stderr.write(f"apptunnel: error: {clean(message)}\n")
 
+    def password_line(self, limit: int) -> str:
+        """The password given on stdin (``--password-stdin``): one line, at most ``limit``."""
+        text = self.stdin.read(limit + 3)
+        if text.endswith("\n"):
+            text = text[:-1]
+            if text.endswith("\r"):
+                text = text[:-1]
+        if "\n" in text or "\r" in text:
+            raise UsageError("--password-stdin: expected the password on a single line")
+        if len(text) > limit:
+            raise UsageError(f"--password-stdin: password longer than {limit} characters")
+        return text
+
     @property
     def actor(self) -> str:
         """Who ran the command, for the audit log: the invoking login, else ``cli``."""

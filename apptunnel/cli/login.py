@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from apptunnel.agent.join import check_chain
 from apptunnel.auth.ca import cert_pin
+from apptunnel.auth.passwords import MAX_PASSWORD_LENGTH
 from apptunnel.cli.context import CliError, Io, UsageError
 from apptunnel.cli.http import ProxyClient, fetch_chain, tls_context
 from apptunnel.cli.output import clean, human_duration, iso, json_text
@@ -41,7 +42,6 @@ from apptunnel.config import parse_duration
 __all__ = ["add_parsers", "login", "logout", "status"]
 
 _PIN = re.compile(r"sha256:[0-9a-f]{64}\Z")
-MAX_PASSWORD = 1024
 
 INSECURE_WARNING = (
     "--insecure: NOT verifying the proxy's TLS certificate (no CA pin check, no trust "
@@ -216,15 +216,7 @@ def _password(args: argparse.Namespace, io: Io) -> str:
             return getpass.getpass(f"Password for {args.user} at {args.proxy}: ")
         except (EOFError, KeyboardInterrupt):
             raise CliError("no password entered") from None
-    text = io.stdin.read(MAX_PASSWORD + 3)
-    if text.endswith("\n"):
-        text = text[:-1]
-        if text.endswith("\r"):
-            text = text[:-1]
-    if "\n" in text or "\r" in text:
-        raise UsageError("--password-stdin: expected the password on a single line")
-    if len(text) > MAX_PASSWORD:
-        raise UsageError(f"--password-stdin: password longer than {MAX_PASSWORD} characters")
+    text = io.password_line(MAX_PASSWORD_LENGTH)
     if not text:
         raise UsageError("--password-stdin: no password on stdin")
     return text

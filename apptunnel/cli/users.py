@@ -102,15 +102,7 @@ def read_password(args: argparse.Namespace, io: Io) -> None:
     args.password = None
     if not args.password_stdin:
         return
-    text = io.stdin.read(MAX_PASSWORD_LENGTH + 3)
-    if text.endswith("\n"):
-        text = text[:-1]
-        if text.endswith("\r"):
-            text = text[:-1]
-    if "\n" in text or "\r" in text:
-        raise UsageError("--password-stdin: expected the password on a single line")
-    if len(text) > MAX_PASSWORD_LENGTH:
-        raise UsageError(f"--password-stdin: password longer than {MAX_PASSWORD_LENGTH} characters")
+    text = io.password_line(MAX_PASSWORD_LENGTH)
     if len(text) < MIN_PASSWORD_LENGTH:
         raise UsageError(f"--password-stdin: password shorter than {MIN_PASSWORD_LENGTH} characters")
     args.password = text
