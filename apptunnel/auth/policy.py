@@ -25,7 +25,6 @@ def _deny_all(name: str) -> Role:
         allow_labels={},
         deny_labels={"*": (LabelValue("*", "any"),)},
         max_session_ttl=None,
-        require_session_mfa=False,
     )
 
 
@@ -39,6 +38,7 @@ class RoleCache:
         self._clock = clock
         self._ttl = ttl
         self._cache: dict[str, tuple[float, Role | None]] = {}
+        self._reported: set[tuple[str, str]] = set()   # (role, problem) already logged
 
     async def role_set(self, names: Iterable[str]) -> RoleSet:
         """The RoleSet for these role names; unknown names are logged and ignored."""
@@ -70,19 +70,24 @@ class RoleCache:
             try:
                 role = parse_role(resource.doc)
             except RoleError as err:
-                self._log.error(
-                    "role {role!r} is invalid and now denies everything: {error}",
-                    role=name, error=str(err),
-                )
+                self._report(name, f"role {name!r} is invalid and now denies everything "
+                                   f"to its holders: {err}")
                 role = _deny_all(name)
             else:
                 if role.name != name:
-                    self._log.error(
-                        "role stored as {stored!r} names itself {inner!r}; denying everything",
-                        stored=name, inner=role.name,
-                    )
+                    self._report(name, f"role stored as {name!r} names itself "
+                                       f"{role.name!r}; denying everything")
                     role = _deny_all(name)
         if len(self._cache) >= MAX_CACHED_ROLES:
             self._cache.clear()
         self._cache[name] = (now + self._ttl, role)
         return role
+
+    def _report(self, name: str, problem: str) -> None:
+        """Log a broken stored role once, not on every re-read of the cache."""
+        if (name, problem) in self._reported:
+            return
+        if len(self._reported) >= MAX_CACHED_ROLES:
+            self._reported.clear()
+        self._reported.add((name, problem))
+        self._log.error("{problem}", problem=problem)

@@ -10,6 +10,11 @@ Label values are exact strings, ``*`` (any value, the label must exist) or ``^re
 every app. ``{{internal.NAME}}`` / ``{{external.NAME}}`` expand to each of the user's
 values for trait NAME; trait values are always taken literally (escaped inside a regex),
 so a trait of ``*`` or ``.*`` from an identity provider never widens access.
+
+An option is parsed only when something enforces it. ``require_session_mfa: true`` and
+``request`` / ``review_requests`` (access requests) name features apptunnel does not
+have yet: a role that asks for them is refused (`UNSUPPORTED`), never loaded and
+silently ignored, because an operator who wrote them expects them to hold.
 """
 
 from __future__ import annotations
@@ -70,11 +75,6 @@ class Role:
     allow_labels: Selector
     deny_labels: Selector
     max_session_ttl: float | None
-    require_session_mfa: bool
-    allow_request_roles: tuple[str, ...] = ()
-    allow_review_roles: tuple[str, ...] = ()
-    deny_request_roles: tuple[str, ...] = ()
-    deny_review_roles: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -117,10 +117,6 @@ class RoleSet:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(role.name for role in self.roles)
-
-    @property
-    def require_session_mfa(self) -> bool:
-        return any(role.require_session_mfa for role in self.roles)
 
     def check_app(self, labels: Mapping[str, str], traits: Mapping[str, Any]) -> Decision:
         """Decide access to an app with these labels; the reason names the deciding role."""
@@ -244,6 +240,20 @@ def _parse_selector(path: str, value: Any) -> Selector:
     return selector
 
 
+# Role options of features not built yet: setting one to anything but its default is an
+# error naming the option, so no role loads with a promise nothing keeps.
+UNSUPPORTED = {
+    "require_session_mfa": "per-session MFA is not supported yet",
+    "request": "access requests are not supported yet",
+    "review_requests": "access requests are not supported yet",
+}
+
+
+def _unsupported(path: str, key: str) -> RoleError:
+    return RoleError(f"{path}: {UNSUPPORTED[key]}; remove this option (apptunnel does not "
+                     "enforce it)")
+
+
 def _parse_role_names(path: str, value: Any) -> tuple[str, ...]:
     spec = _mapping(path, value)
     _check_keys(path, spec, {"roles"})
@@ -256,14 +266,14 @@ def _parse_role_names(path: str, value: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _parse_rules(path: str, value: Any) -> tuple[Selector, tuple[str, ...], tuple[str, ...]]:
+def _parse_rules(path: str, value: Any) -> Selector:
     rules = _mapping(path, value)
     _check_keys(path, rules, {"app_labels", "request", "review_requests"})
-    return (
-        _parse_selector(f"{path}.app_labels", rules.get("app_labels")),
-        _parse_role_names(f"{path}.request", rules.get("request")),
-        _parse_role_names(f"{path}.review_requests", rules.get("review_requests")),
-    )
+    for key in ("request", "review_requests"):
+        # Validated for a precise message, then refused unless it grants nothing.
+        if _parse_role_names(f"{path}.{key}", rules.get(key)):
+            raise _unsupported(f"{path}.{key}", key)
+    return _parse_selector(f"{path}.app_labels", rules.get("app_labels"))
 
 
 def parse_role(doc: dict) -> Role:
@@ -289,16 +299,11 @@ def parse_role(doc: dict) -> Role:
     mfa = options.get("require_session_mfa", False)
     if not isinstance(mfa, bool):
         raise RoleError("spec.options.require_session_mfa: expected true or false")
-    allow, allow_request, allow_review = _parse_rules("spec.allow", spec.get("allow"))
-    deny, deny_request, deny_review = _parse_rules("spec.deny", spec.get("deny"))
+    if mfa:
+        raise _unsupported("spec.options.require_session_mfa", "require_session_mfa")
     return Role(
         name=name,
-        allow_labels=allow,
-        deny_labels=deny,
+        allow_labels=_parse_rules("spec.allow", spec.get("allow")),
+        deny_labels=_parse_rules("spec.deny", spec.get("deny")),
         max_session_ttl=max_ttl,
-        require_session_mfa=mfa,
-        allow_request_roles=allow_request,
-        allow_review_roles=allow_review,
-        deny_request_roles=deny_request,
-        deny_review_roles=deny_review,
     )

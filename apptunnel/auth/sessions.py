@@ -9,6 +9,9 @@ Only hashes of secrets reach the backend. Valid sessions are cached briefly in m
 the request path rarely touches storage; the cache lifetime is short so a logout or a
 deleted user on another proxy takes effect within seconds. Locks (``auth/locks.py``) are
 checked on every lookup, after the cache, so a lock wins as soon as the watcher knows it.
+So is the user directory (``auth/directory.py``): a session of a removed user is no
+session, and a session acts with the roles and traits its user still holds, not the ones
+they had at sign-in.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
+from apptunnel.auth.directory import UserDirectory, effective_identity
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.locks import LockWatcher, lock_message
 from apptunnel.auth.passwords import verify_password
@@ -83,6 +88,7 @@ class SessionManager:
         negative_cache_ttl: float = 2.0,
         locks: LockWatcher | None = None,
         audit: AuditLog | None = None,
+        users: UserDirectory | None = None,
     ) -> None:
         self._backend = backend
         self._clock = clock
@@ -93,6 +99,7 @@ class SessionManager:
         self._app = _Cache()
         self._locks = locks
         self._audit = audit
+        self._users = users
         self._lock_audited: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     # -- login ------------------------------------------------------------------
@@ -140,7 +147,7 @@ class SessionManager:
         web = await self._live_web_session(key)
         if web is None or self._lock_for(web.user, None, "web session") is not None:
             return None
-        return web
+        return await self._as_now(web)
 
     async def end_web_session(self, secret: str) -> None:
         """Log out: end the web session and every app session started from it."""
@@ -240,7 +247,19 @@ class SessionManager:
             return None
         if self._lock_for(web.user, app_session.app, "app session") is not None:
             return None
-        return web
+        return await self._as_now(web)
+
+    async def _as_now(self, web: WebSession) -> WebSession | None:
+        """The session with what its user holds now; None when the user is gone."""
+        if self._users is None:
+            return web
+        found = effective_identity(web.roles, web.traits, await self._users.lookup(web.user))
+        if found is None:
+            return None
+        roles, traits = found
+        if roles == tuple(web.roles) and traits == web.traits:
+            return web
+        return attrs.evolve(web, roles=roles, traits=traits)
 
     # -- locks ------------------------------------------------------------------
 

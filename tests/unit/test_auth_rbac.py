@@ -123,8 +123,9 @@ def test_max_session_ttl():
     assert role("n", options={"max_session_ttl": 90}).max_session_ttl == 90.0
 
 
-def test_design_example_parses():
-    """The role example of DESIGN.md parses with every field."""
+def test_supported_options_parse():
+    """A role with every supported option parses; unsupported ones set to their defaults
+    (MFA false, no request roles) are accepted too."""
     r = parse_role({
         "kind": "role",
         "metadata": {"name": "sre-apps"},
@@ -132,17 +133,36 @@ def test_design_example_parses():
             "options": {"max_session_ttl": "8h", "require_session_mfa": False},
             "allow": {
                 "app_labels": {"team": "sre", "env": ["staging", "^dev-.*$"], "*": "*"},
-                "request": {"roles": ["prod-apps"]},
-                "review_requests": {"roles": ["prod-apps"]},
+                "request": {"roles": []},
+                "review_requests": None,
             },
             "deny": {"app_labels": {"env": "prod"}},
         },
     })
     assert r.name == "sre-apps" and r.max_session_ttl == 8 * 3600
-    assert r.allow_request_roles == ("prod-apps",) and r.allow_review_roles == ("prod-apps",)
     assert RoleSet([r]).check_app({"team": "sre", "env": "dev-1"}, {}).allowed
     assert not RoleSet([r]).check_app({"team": "sre", "env": "prod"}, {}).allowed
-    assert RoleSet([r, role("mfa", options={"require_session_mfa": True})]).require_session_mfa
+
+
+UNSUPPORTED = [
+    ({"options": {"require_session_mfa": True}},
+     "spec.options.require_session_mfa: per-session MFA is not supported yet"),
+    ({"allow": {"request": {"roles": ["prod-apps"]}}},
+     "spec.allow.request: access requests are not supported yet"),
+    ({"allow": {"review_requests": {"roles": ["prod-apps"]}}},
+     "spec.allow.review_requests: access requests are not supported yet"),
+    ({"deny": {"request": {"roles": ["prod-apps"]}}},
+     "spec.deny.request: access requests are not supported yet"),
+]
+
+
+@pytest.mark.parametrize("spec,message", UNSUPPORTED)
+def test_options_nothing_enforces_are_refused_naming_the_option(spec, message):
+    """An option whose feature does not exist is an error, never silently ignored."""
+    with pytest.raises(RoleError) as info:
+        parse_role({"kind": "role", "metadata": {"name": "r"}, "spec": spec})
+    assert str(info.value).startswith(message), str(info.value)
+    assert "remove this option" in str(info.value)
 
 
 def doc_with(spec=None, **top):

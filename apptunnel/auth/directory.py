@@ -1,0 +1,190 @@
+"""Who exists now, with which roles and traits: the users table kept in memory.
+
+A certificate or a session names a user and the roles and traits they had when it was
+issued. Both live for hours, so on their own they would outlive `apptunnel users rm` and
+any role change. Every proxy keeps the current users here (polled like locks, and
+refreshed at once by the admin CLI through the control socket) so that each request can
+cap what its credential claims by what the user holds now, without touching storage.
+
+`effective_identity` is that rule, and the only place it is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from apptunnel.backend.base import Backend
+from apptunnel.backend.records import User
+
+MAX_MISSES = 10_000
+MISS_TTL = 1.0            # a name storage did not know is asked again after this long
+REMOVED_MESSAGE = "your user account no longer exists"
+
+
+@attrs.frozen
+class Entry:
+    """One user as storage holds them now; ``revision`` changes whenever they change."""
+
+    name: str
+    roles: tuple[str, ...]
+    traits: dict
+    revision: int
+
+
+def effective_identity(
+    roles: Iterable[str], traits: Mapping[str, Iterable[str]], current: Entry | None
+) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]] | None:
+    """What a credential issued with ``roles``/``traits`` may act as now.
+
+    A credential never grants more than its user holds now: its roles are those it names
+    that the user still has, its trait values those the user still has. A removed user
+    (``current`` None) acts as nobody: None.
+    """
+    if current is None:
+        return None
+    held = set(current.roles)
+    capped_roles = tuple(r for r in dict.fromkeys(roles) if r in held)
+    capped_traits: dict[str, tuple[str, ...]] = {}
+    for name, values in traits.items():
+        if isinstance(values, str):
+            values = (values,)
+        now = current.traits.get(name)
+        if not now:
+            continue
+        now_set = {now} if isinstance(now, str) else set(now)
+        kept = tuple(v for v in values if v in now_set)
+        if kept:
+            capped_traits[name] = kept
+    return capped_roles, capped_traits
+
+
+UserListener = Callable[[str, "Entry | None"], object]
+
+
+class UserDirectory:
+    """Polls ``backend.list_users`` every ``interval`` seconds of ``clock``.
+
+    Listeners hear ``(name, entry)`` once per change of a known user: ``entry`` None when
+    the user was removed, else their new roles and traits. A name the last poll did not
+    know (a user created since) is read from storage on first use, so a new user never
+    waits for a poll; unknown names are remembered for ``MISS_TTL`` seconds.
+    """
+
+    _log = Logger()
+
+    def __init__(self, backend: Backend, clock: IReactorTime, interval: float = 2.0) -> None:
+        self._backend = backend
+        self._clock = clock
+        self._interval = interval
+        self._entries: dict[str, Entry] = {}
+        self._misses: dict[str, float] = {}
+        self._revision = 0
+        self._polls = 0                     # successful polls so far
+        self._listeners: list[UserListener] = []
+        self._mutex = DeferredLock()        # one poll at a time, so a change is told once
+        self._loop: LoopingCall | None = None
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def start(self) -> None:
+        """Poll now and then every ``interval`` seconds until `stop`."""
+        if self._loop is not None:
+            return
+        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self.refresh()))
+        self._loop.clock = self._clock
+        self._loop.start(self._interval, now=True).addErrback(
+            lambda f: self._log.failure("user directory loop stopped", f)
+        )
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+    # -- queries ----------------------------------------------------------------
+
+    def current(self, name: str) -> Entry | None:
+        """The user as last seen, without any I/O (None: removed, or not seen yet)."""
+        return self._entries.get(name)
+
+    async def lookup(self, name: str) -> Entry | None:
+        """The user now: from memory, else read once from storage (a user created since
+        the last poll); None when no such user exists."""
+        entry = self._entries.get(name)
+        if entry is not None:
+            return entry
+        now = self._clock.seconds()
+        until = self._misses.get(name)
+        if until is not None and until > now:
+            return None
+        polls = self._polls
+        try:
+            user = await self._backend.get_user(name)
+        except Exception as err:
+            self._log.warn("cannot read user {name!r}: {error}", name=name, error=str(err))
+            return None
+        if self._polls != polls or name in self._entries:
+            return self._entries.get(name)   # a poll finished meanwhile: it knows better
+        if user is None:
+            if len(self._misses) >= MAX_MISSES:
+                self._misses.clear()
+            self._misses[name] = now + MISS_TTL
+            return None
+        self._misses.pop(name, None)
+        entry = self._entries[name] = self._entry(user)
+        return entry
+
+    def add_listener(self, fn: UserListener) -> None:
+        """Call ``fn(name, entry_or_None)`` for each change seen from now on."""
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: UserListener) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
+    # -- polling ----------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Poll storage now; never raises (failures are logged, the last state is kept)."""
+        async with self._mutex:
+            try:
+                users = await self._backend.list_users()
+            except Exception as err:
+                self._log.warn("cannot read users (will retry): {error}", error=str(err))
+                return
+            old, fresh = self._entries, {}
+            changed: list[tuple[str, Entry | None]] = []
+            for user in users:
+                before = old.get(user.name)
+                if before is not None and before.roles == tuple(user.roles) \
+                        and before.traits == dict(user.traits):
+                    fresh[user.name] = before
+                    continue
+                fresh[user.name] = self._entry(user)
+                if before is not None:
+                    changed.append((user.name, fresh[user.name]))
+            changed.extend((name, None) for name in old if name not in fresh)
+            self._entries = fresh
+            self._misses.clear()
+            self._polls += 1
+            for name, entry in changed:
+                self._log.info("user {name} {what}", name=name,
+                               what="removed" if entry is None else "changed")
+                self._notify(name, entry)
+
+    def _entry(self, user: User) -> Entry:
+        self._revision += 1
+        return Entry(user.name, tuple(user.roles), dict(user.traits), self._revision)
+
+    def _notify(self, name: str, entry: Entry | None) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(name, entry)
+            except Exception:
+                self._log.failure("user listener {fn!r} failed for {name}", fn=fn, name=name)
