@@ -169,6 +169,7 @@ class JwtKeys:
 class _Cached:
     token: str
     refresh_at: float
+    who: tuple = ()      # (username, roles, traits) the token says: reused only for the same
 
 
 class JwtSigner:
@@ -196,11 +197,14 @@ class JwtSigner:
         """A signed token for this caller and app; ``claims`` selects the optional ones."""
         now = self._clock.seconds()
         slot = (audience, claims)
+        roles = tuple(roles)
+        who = (username, roles, traits)
         per_session = self._cache.get(cache_key)
         if per_session is not None:
             self._cache.move_to_end(cache_key)
             cached = per_session.get(slot)
-            if cached is not None and now < cached.refresh_at:
+            # A role change caps a live session's roles: never hand out the old token.
+            if cached is not None and now < cached.refresh_at and cached.who == who:
                 return cached.token
         issued = int(now)
         expires = issued + int(self._ttl)
@@ -225,7 +229,7 @@ class JwtSigner:
             per_session.clear()
         while len(self._cache) > MAX_CACHED_SESSIONS:
             self._cache.popitem(last=False)
-        per_session[slot] = _Cached(token, expires - self._ttl / 3)
+        per_session[slot] = _Cached(token, expires - self._ttl / 3, who)
         return token
 
     def forget(self, cache_key: str) -> None:

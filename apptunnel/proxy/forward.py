@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from apptunnel.auth.ca import user_identity
+from apptunnel.auth.directory import REMOVED_MESSAGE, effective_identity
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.locks import lock_matches, lock_message
 from apptunnel.auth.sessions import PROXY_COOKIE_PREFIX
@@ -193,6 +194,7 @@ class Forward:
     head: RequestHead
     user: str
     upgrade: bool
+    credential: Any = None   # the AppSession or CertCaller that was authorized
 
 
 def _cookies(headers: Headers) -> dict[str, str]:
@@ -268,9 +270,10 @@ def _expand(template: str, traits: dict) -> str | None:
 @attrs.define
 class _Cached:
     until: float
-    web: Any
+    web: Any                 # who acts: session or certificate, capped to roles held now
     allowed: bool
     reason: str
+    revision: int = 0        # of the user's directory entry the decision was made with
 
 
 class AppForwarder(Factory):
@@ -296,6 +299,7 @@ class AppForwarder(Factory):
         max_cached_decisions: int = 10000,
         ca=None,
         locks=None,
+        users=None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -322,6 +326,10 @@ class AppForwarder(Factory):
         self._lock_audited: dict[tuple[str, str], float] = {}
         if locks is not None:
             locks.add_listener(self._lock_added)
+        # With the user directory, a removed user or a role change re-checks live ones.
+        self.users = users
+        if users is not None:
+            users.add_listener(self._user_changed)
         registry.add_drain_listener(self._tunnel_draining)
 
     def buildProtocol(self, addr: IAddress) -> "AppConnection":
@@ -352,6 +360,49 @@ class AppForwarder(Factory):
                 self.audit.emit("lock.enforced", actor=conn.user, target=conn.app_name or "",
                                 outcome="failure", lock=lock.id, where="live connection")
                 conn.cut()
+
+    def _user_changed(self, name: str, entry) -> None:
+        """A removed user's live connections are cut now; a changed user's are re-checked
+        and cut when their current credential no longer reaches the app."""
+        for conn in list(self.connections):
+            if conn.user != name:
+                continue
+            if entry is None:
+                self._log.info("user {user} removed: cutting their connection to {app}",
+                               user=name, app=conn.app_name)
+                self.audit.emit("access.denied", actor=name, target=conn.app_name or "",
+                                outcome="failure", reason="user removed",
+                                where="live connection")
+                conn.cut()
+            else:
+                d = defer.Deferred.fromCoroutine(self._recheck(conn))
+                d.addErrback(lambda f: self._log.failure("re-checking a connection failed", f))
+
+    async def _recheck(self, conn: "AppConnection") -> None:
+        credential, app_name = conn.credential, conn.app_name
+        app = self.registry.app(app_name) if app_name else None
+        if credential is None or app is None:
+            return
+        if isinstance(credential, CertCaller):
+            cached = await self._decide_cert(credential, app)
+        else:
+            cached = await self._decide(credential, app)
+        if (cached.web is None or not cached.allowed) and conn.credential is credential:
+            self._log.info("{user} may no longer open {app}: cutting their connection",
+                           user=conn.user, app=app.name)
+            self.audit.emit("access.denied", actor=conn.user, target=app.name,
+                            outcome="failure", reason=cached.reason, where="live connection")
+            conn.cut()
+
+    def _revision(self, user: str) -> int:
+        """The directory revision of ``user`` now (-1 when unknown), for cache checks."""
+        entry = self.users.current(user) if self.users is not None else None
+        return entry.revision if entry is not None else -1
+
+    def _still_valid(self, cached: _Cached | None, now: float) -> bool:
+        """A cached decision holds until its time is up or its user changes."""
+        return (cached is not None and now < cached.until
+                and (self.users is None or self._revision(cached.web.user) == cached.revision))
 
     def _tunnel_draining(self, tunnel) -> None:
         """An agent is going away: connections idle between requests let go of their
@@ -428,7 +479,7 @@ class AppForwarder(Factory):
                 )
                 return page(403)
         return Forward(app, self._app_head(head, app, app_session.id_hash, web, client_ip, upgrade),
-                       web.user, upgrade)
+                       web.user, upgrade, app_session)
 
     async def route_fixed(self, head: RequestHead, client_ip: str, app_name: str,
                           caller: CertCaller) -> Answer | Forward:
@@ -465,6 +516,11 @@ class AppForwarder(Factory):
             return Answer(pages.error_response(403, lock_message(lock), close=close,
                                                head_only=head_only), 403, close)
         cached = await self._decide_cert(caller, app)
+        if cached.web is None:
+            self.audit.emit("access.denied", actor=caller.user, target=app.name, outcome="failure",
+                            reason=cached.reason, client_ip=client_ip, method=method, path=path)
+            return Answer(pages.error_response(403, REMOVED_MESSAGE, close=close,
+                                               head_only=head_only), 403, close)
         if not cached.allowed:
             self.audit.emit("access.denied", actor=caller.user, target=app.name, outcome="failure",
                             reason=cached.reason, client_ip=client_ip, method=method, path=path)
@@ -483,20 +539,33 @@ class AppForwarder(Factory):
                                 method=method, path=path)
                 return Answer(pages.error_response(403, close=close, head_only=head_only), 403, close)
         forwarded_host = app.public_addr.encode("ascii", "replace") if fixed else None
-        out = self._app_head(head, app, caller.fingerprint, caller, client_ip, upgrade, forwarded_host)
-        return Forward(app, out, caller.user, upgrade)
+        out = self._app_head(head, app, caller.fingerprint, cached.web, client_ip, upgrade,
+                             forwarded_host)
+        return Forward(app, out, caller.user, upgrade, caller)
 
     async def _decide_cert(self, caller: CertCaller, app: AppInfo) -> _Cached:
-        """RBAC for (certificate, app), cached like the session decisions."""
+        """RBAC for (certificate, app) with the roles its user holds now, cached like the
+        session decisions; ``web`` None when the user no longer exists."""
         now = self.clock.seconds()
         key = ("cert:" + caller.fingerprint, app.name)
         cached = self._decisions.get(key)
-        if cached is not None and now < cached.until:
+        if self._still_valid(cached, now):
             return cached
-        decision = (await self.roles.role_set(caller.roles)).check_app(app.labels, caller.traits)
-        self._remember(key, _Cached(min(now + self._decision_ttl, caller.expires), caller,
-                                    decision.allowed, decision.reason), now)
-        return self._decisions[key]
+        revision = self._revision(caller.user)  # before any await: a change meanwhile re-decides
+        who = caller
+        if self.users is not None:
+            found = effective_identity(caller.roles, caller.traits,
+                                       await self.users.lookup(caller.user))
+            if found is None:
+                self._decisions.pop(key, None)
+                return _Cached(0.0, None, False, "user removed")
+            if found != (caller.roles, caller.traits):
+                who = attrs.evolve(caller, roles=found[0], traits=found[1])
+        decision = (await self.roles.role_set(who.roles)).check_app(app.labels, who.traits)
+        cached = _Cached(min(now + self._decision_ttl, caller.expires), who,
+                         decision.allowed, decision.reason, revision)
+        self._remember(key, cached, now)
+        return cached
 
     def _remember(self, key: tuple[str, str], cached: _Cached, now: float) -> None:
         if len(self._decisions) >= self._max_cached:
@@ -522,15 +591,16 @@ class AppForwarder(Factory):
         now = self.clock.seconds()
         key = (app_session.id_hash, app.name)
         cached = self._decisions.get(key)
-        if cached is not None and now < cached.until:
+        if self._still_valid(cached, now):
             return cached
+        revision = self._revision(app_session.user)  # before any await, as in _decide_cert
         web = await self.sessions.identity(app_session)
         if web is None:
             self._decisions.pop(key, None)
             return _Cached(0.0, None, False, "session ended")
         decision = (await self.roles.role_set(web.roles)).check_app(app.labels, web.traits)
         until = min(now + self._decision_ttl, web.expires, app_session.expires)
-        cached = _Cached(until, web, decision.allowed, decision.reason)
+        cached = _Cached(until, web, decision.allowed, decision.reason, revision)
         self._remember(key, cached, now)
         return cached
 
@@ -737,6 +807,7 @@ class AppConnection(Protocol):
         self._caller = caller if fixed_app is not None else _UNKNOWN
         self.user = caller.user if fixed_app is not None and caller is not None else ""
         self.app_name = fixed_app
+        self.credential = caller if fixed_app is not None else None
         self._expiry = None
         self._clock = forwarder.clock
         self._reader = RequestReader()
@@ -884,6 +955,7 @@ class AppConnection(Protocol):
             return
         ex.app, ex.user, ex.upgrade = outcome.app, outcome.user, outcome.upgrade
         self.user, self.app_name = outcome.user, outcome.app.name
+        self.credential = outcome.credential
         if (self._upstream is not None and self._upstream_app == outcome.app.name
                 and not _draining(self._upstream)):
             self._send_head(outcome)

@@ -37,8 +37,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from apptunnel.auth.ca import ClusterCA
+from apptunnel.auth.directory import REMOVED_MESSAGE, effective_identity
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.locks import lock_matches, lock_message
+from apptunnel.auth.rbac import Decision
 from apptunnel.proxy import pages
 from apptunnel.proxy.forward import AppForwarder, CertCaller, ConnectApp, NoAgent, cert_caller, peer_certificate
 from apptunnel.proxy.http1 import MAX_HEAD, HttpError, RequestHead, parse_request_head
@@ -127,7 +129,7 @@ class TcpAccess(Factory):
     def __init__(self, *, ca: ClusterCA, registry: AgentRegistry, roles, audit,
                  clock: IReactorTime, connect_app: ConnectApp, locks=None,
                  connect_timeout: float = CONNECT_TIMEOUT,
-                 forwarder: AppForwarder | None = None) -> None:
+                 forwarder: AppForwarder | None = None, users=None) -> None:
         self.ca = ca
         self.registry = registry
         self.roles = roles
@@ -140,6 +142,9 @@ class TcpAccess(Factory):
         self.sessions: set[TcpSession] = set()
         if locks is not None:
             locks.add_listener(self._lock_added)
+        self.users = users
+        if users is not None:
+            users.add_listener(self._user_changed)
 
     def buildProtocol(self, addr: IAddress) -> TcpSession:
         return TcpSession(self, addr)
@@ -149,6 +154,39 @@ class TcpAccess(Factory):
         for session in list(self.sessions):
             if session.user and lock_matches(lock, session.user, session.app):
                 session.end(f"locked: {lock_message(lock)}")
+
+    async def decide(self, caller: CertCaller, labels: dict) -> Decision | None:
+        """RBAC for a certificate with the roles its user holds now; None when the user
+        no longer exists."""
+        roles, traits = caller.roles, caller.traits
+        if self.users is not None:
+            found = effective_identity(roles, traits, await self.users.lookup(caller.user))
+            if found is None:
+                return None
+            roles, traits = found
+        return (await self.roles.role_set(roles)).check_app(labels, traits)
+
+    def _user_changed(self, name: str, entry) -> None:
+        """A removed user's live sessions end now; a changed user's are re-checked."""
+        for session in list(self.sessions):
+            if session.user != name:
+                continue
+            if entry is None:
+                session.end("user removed")
+            else:
+                d = defer.Deferred.fromCoroutine(self._recheck(session))
+                d.addErrback(lambda f: self._log.failure("re-checking a tcp session failed", f))
+
+    async def _recheck(self, session: TcpSession) -> None:
+        app = self.registry.app(session.app)
+        if app is None or session.caller is None:
+            return
+        decision = await self.decide(session.caller, app.labels)
+        if decision is None or not decision.allowed:
+            reason = "user removed" if decision is None else decision.reason
+            self.audit.emit("access.denied", actor=session.user, target=session.app,
+                            outcome="failure", reason=reason, where="live connection")
+            session.end(f"no longer allowed: {reason}")
 
 
 @implementer(IHalfCloseableProtocol)
@@ -174,6 +212,7 @@ class TcpSession(Protocol):
         self._handed: Protocol | None = None
         self.user = ""
         self.app = ""
+        self.caller: CertCaller | None = None
         self.port: int | None = None
         self.bytes_in = 0
         self.bytes_out = 0
@@ -262,8 +301,8 @@ class TcpSession(Protocol):
         """The stream's protocol for a TCP app; None once handed to the forwarder."""
         access = self._access
         caller = self._identity()
-        user, roles, traits, not_after = caller.user, caller.roles, caller.traits, caller.expires
-        self.user = user
+        user, not_after = caller.user, caller.expires
+        self.user, self.caller = user, caller
         name, port = _parse_target(head.target)
         self.app, self.port = name, port
         app = access.registry.app(name)
@@ -273,8 +312,11 @@ class TcpSession(Protocol):
             lock = access.locks.locked(user, name)
             if lock is not None:
                 raise Refusal(403, lock_message(lock))
-        role_set = await access.roles.role_set(roles)
-        decision = role_set.check_app(app.labels, traits)
+        decision = await access.decide(caller, app.labels)
+        if decision is None:
+            access.audit.emit("access.denied", actor=user, target=name, outcome="failure",
+                              reason="user removed", client_ip=self.client, port=port)
+            raise Refusal(403, REMOVED_MESSAGE)
         if not decision.allowed:
             access.audit.emit("access.denied", actor=user, target=name, outcome="failure",
                               reason=decision.reason, client_ip=self.client, port=port)
@@ -343,6 +385,12 @@ class TcpSession(Protocol):
             return  # handed to the forwarder
         if self._state != "deciding":
             stream_side.transport.abortConnection()
+            return
+        users = self._access.users
+        if users is not None and users.current(self.user) is None:
+            # Removed while the stream was opening: the listener could not see us yet.
+            stream_side.transport.abortConnection()
+            self._refuse(403, REMOVED_MESSAGE)
             return
         self._state = "relaying"
         self._stream = stream_side

@@ -29,13 +29,17 @@ from twisted.web.static import Data
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from apptunnel.auth.ca import user_identity
+from apptunnel.auth.directory import REMOVED_MESSAGE, effective_identity
 from apptunnel.auth.errors import AuthError
+from apptunnel.auth.locks import lock_message
 from apptunnel.auth.redirects import safe_path
 from apptunnel.proxy.registry import host_only
 
 if TYPE_CHECKING:
     from apptunnel.audit import AuditLog
     from apptunnel.auth.ca import ClusterCA
+    from apptunnel.auth.directory import UserDirectory
+    from apptunnel.auth.locks import LockWatcher
     from apptunnel.auth.jwt import JwtKeys
     from apptunnel.auth.policy import RoleCache
     from apptunnel.auth.sessions import SessionManager
@@ -136,7 +140,8 @@ class WebApp:
 
     def __init__(self, config: ProxyConfig, sessions: SessionManager, roles: RoleCache,
                  registry: AgentRegistry, audit: AuditLog, jwt_keys: JwtKeys, ca: ClusterCA,
-                 clock: IReactorTime) -> None:
+                 clock: IReactorTime, *, locks: LockWatcher | None = None,
+                 users: UserDirectory | None = None) -> None:
         self._config = config
         self._sessions = sessions
         self._roles = roles
@@ -145,6 +150,8 @@ class WebApp:
         self._jwt_keys = jwt_keys
         self._ca = ca
         self._clock = clock
+        self._locks = locks        # a certificate caller is checked against both on every
+        self._users = users        # request (sessions are checked by the SessionManager)
         self._origins = _own_origins(config.public_host, config.public_port)
         self._templates = Environment(
             loader=PackageLoader("apptunnel.web", "templates"),
@@ -380,11 +387,27 @@ class WebApp:
         return (secret, web) if web is not None else (None, None)
 
     async def _caller(self, request) -> Caller | None:
-        """The session cookie's user, else the user certificate of the TLS connection."""
+        """The session cookie's user, else the user certificate of the TLS connection.
+
+        A certificate of a locked user is refused with the lock's message, one of a removed
+        user with 403, and it acts with the roles its user holds now (AuthError 403).
+        """
         _, web = await self._web_session(request)
         if web is not None:
             return Caller(web.user, tuple(web.roles), dict(web.traits))
-        return self._certificate_caller(request)
+        caller = self._certificate_caller(request)
+        if caller is None:
+            return None
+        lock = self._locks.locked(caller.user) if self._locks is not None else None
+        if lock is not None:
+            raise AuthError(403, lock_message(lock))
+        if self._users is None:
+            return caller
+        found = effective_identity(caller.roles, caller.traits,
+                                   await self._users.lookup(caller.user))
+        if found is None:
+            raise AuthError(403, REMOVED_MESSAGE)
+        return Caller(caller.user, found[0], found[1])
 
     def _certificate_caller(self, request) -> Caller | None:
         """The caller named by a valid, unexpired user certificate of this cluster, or None.

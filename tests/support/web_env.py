@@ -21,7 +21,9 @@ from twisted.internet.task import Clock, deferLater
 
 from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA
+from apptunnel.auth.directory import UserDirectory
 from apptunnel.auth.jwt import JwtKeys
+from apptunnel.auth.locks import LockWatcher
 from apptunnel.auth.passwords import hash_password
 from apptunnel.auth.policy import RoleCache
 from apptunnel.auth.sessions import SessionManager
@@ -59,6 +61,8 @@ class Env:
     ca: ClusterCA
     web: WebApp
     registry: AgentRegistry
+    locks: LockWatcher | None = None     # not started: tests call refresh()
+    users: UserDirectory | None = None
 
     async def call(self, method: str, path: str, *, cookie: str | None = None,
                    origin: str | None = BASE, headers: dict | None = None, **kwargs):
@@ -162,11 +166,12 @@ async def running_web_env(tmp_path) -> AsyncIterator[Env]:
     ])
     audit = AuditLog(backend, clock)
     audit.start()
-    sessions = SessionManager(backend, clock, config.session_ttl)
+    locks, users = LockWatcher(backend, clock), UserDirectory(backend, clock)
+    sessions = SessionManager(backend, clock, config.session_ttl, locks=locks, users=users)
     jwt_keys = JwtKeys.load_or_create(str(tmp_path), "RS256")
     ca = ClusterCA.load_or_create(str(tmp_path), config.cluster_name)
     web = WebApp(config, sessions, RoleCache(backend, clock), registry, audit, jwt_keys, ca,
-                 clock)
-    yield Env(config, clock, backend, sessions, audit, jwt_keys, ca, web, registry)
+                 clock, locks=locks, users=users)
+    yield Env(config, clock, backend, sessions, audit, jwt_keys, ca, web, registry, locks, users)
     await audit.stop()
     await backend.close()

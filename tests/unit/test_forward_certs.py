@@ -8,6 +8,7 @@ twisted.web app, and user certificates issued by the real CA.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from urllib.parse import urlsplit
 
@@ -20,6 +21,7 @@ from twisted.web import resource, server
 
 from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA, load_server_tls
+from apptunnel.auth.directory import UserDirectory
 from apptunnel.auth.jwt import JwtKeys, JwtSigner
 from apptunnel.auth.locks import LockWatcher
 from apptunnel.auth.policy import RoleCache
@@ -87,6 +89,14 @@ class Env:
 
 @pytest_twisted.async_yield_fixture
 async def cenv(tmp_path):
+    async with cert_env(tmp_path) as e:
+        yield e
+
+
+@contextlib.asynccontextmanager
+async def cert_env(tmp_path, users: tuple[User, ...] = ()):
+    """The env; with ``users``, they are stored and a UserDirectory (polling every 0.1 s)
+    caps every certificate and session by them."""
     e = Env()
     e.listening, e.clients = [], []
     data = str(tmp_path / "proxy")
@@ -96,6 +106,12 @@ async def cenv(tmp_path):
     for name, labels in [("dev", {"env": "dev"}), ("ops", {"env": "prod"})]:
         await wait(e.backend.put_resource(Resource("role", name, role_doc(name, labels))))
     await wait(e.backend.create_user(User("carol", None, ("dev",), {}, 0.0)))
+    for user in users:
+        await wait(e.backend.create_user(user))
+    e.users = None
+    if users:
+        e.users = UserDirectory(e.backend, reactor, interval=0.1)
+        e.users.start()
     e.audit = AuditLog(e.backend, reactor)
     e.audit.start()
     e.locks = LockWatcher(e.backend, reactor, interval=0.1)
@@ -123,13 +139,15 @@ async def cenv(tmp_path):
         web_listen_addr="127.0.0.1:0", tunnel_listen_addr="127.0.0.1:0", backend_type="sqlite",
         backend_path="db", tls_cert_file=None, tls_key_file=None,
     )
-    e.sessions = SessionManager(e.backend, reactor, config.session_ttl, locks=e.locks, audit=e.audit)
+    e.sessions = SessionManager(e.backend, reactor, config.session_ttl, locks=e.locks, audit=e.audit,
+                                users=e.users)
     e.keys = JwtKeys.load_or_create(data, "ES256")
     e.forwarder = AppForwarder(config=config, registry=e.registry, sessions=e.sessions, roles=roles,
                                signer=JwtSigner(e.keys, "utest", reactor, 300.0), audit=e.audit,
-                               clock=reactor, connect_app=connect_app, ca=e.ca, locks=e.locks)
+                               clock=reactor, connect_app=connect_app, ca=e.ca, locks=e.locks,
+                               users=e.users)
     access = TcpAccess(ca=e.ca, registry=e.registry, roles=roles, audit=e.audit, clock=reactor,
-                       connect_app=connect_app, locks=e.locks, forwarder=e.forwarder)
+                       connect_app=connect_app, locks=e.locks, forwarder=e.forwarder, users=e.users)
     edge = EdgeFactory(HOST, server.Site(resource.Resource()), e.forwarder, tcp_access=access)
     listener = await wait(SSL4ServerEndpoint(
         reactor, 0, _web_tls_options(cert, key, [e.ca.cert_pem], e.ca.cert_pem),
@@ -144,6 +162,8 @@ async def cenv(tmp_path):
     for port in e.listening:
         await port.stopListening()
     e.locks.stop()
+    if e.users is not None:
+        e.users.stop()
     await wait(e.audit.stop())
     await wait(e.backend.close())
 

@@ -17,9 +17,10 @@ from twisted.web import resource, server
 from apptunnel.agent.upstream import UpstreamDialer
 from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA, load_server_tls
+from apptunnel.auth.directory import UserDirectory
 from apptunnel.auth.locks import LockWatcher
 from apptunnel.auth.policy import RoleCache
-from apptunnel.backend.records import Lock, Resource
+from apptunnel.backend.records import Lock, Resource, User
 from apptunnel.backend.sqlite import SqliteBackend
 from apptunnel.cli.profile import Profile
 from apptunnel.cli.proxy_app import LocalProxy, parse_port_spec
@@ -139,6 +140,10 @@ async def env(tmp_path):
     e.audit.start()
     e.locks = LockWatcher(e.backend, reactor, interval=0.1)
     e.locks.start()
+    for name, held in (("alice", ("dev",)), ("bob", ("dev", "ops"))):
+        await wait(e.backend.create_user(User(name, None, held, {}, 0.0)))
+    e.users = UserDirectory(e.backend, reactor, interval=0.1)
+    e.users.start()
     roles = RoleCache(e.backend, reactor)
 
     # Real TCP apps and a real tunnel to a real dialer.
@@ -185,7 +190,8 @@ async def env(tmp_path):
                              signer=None, audit=e.audit, clock=reactor,
                              connect_app=tunnel_connector(e.registry))
     e.access = TcpAccess(ca=e.ca, registry=e.registry, roles=roles, audit=e.audit,
-                         clock=reactor, connect_app=tunnel_connector(e.registry), locks=e.locks)
+                         clock=reactor, connect_app=tunnel_connector(e.registry), locks=e.locks,
+                         users=e.users)
     web = resource.Resource()
     edge = EdgeFactory(PUBLIC_HOST, server.Site(web), forwarder, tcp_access=e.access)
     listener = await wait(SSL4ServerEndpoint(
@@ -198,6 +204,7 @@ async def env(tmp_path):
         await port.stopListening()
     agent_tunnel.transport.loseConnection()
     e.locks.stop()
+    e.users.stop()
     await wait(e.audit.stop())
     await wait(e.backend.close())
 
@@ -366,3 +373,43 @@ def test_hello_tcp_ports_are_checked():
                         ([[1, True]], "tcp"), ("1-2", "tcp"), ([[1, 2, 3]], "tcp")]:
         with pytest.raises(HelloError):
             TunnelSession._tcp_ports(bad, scheme, "apps[0]")
+
+
+async def live_session(env, user: str, roles, app: str):
+    """A relaying session of `user` through a local proxy: (local port, said, client)."""
+    port, said = await env.local(env.profile(user, roles=roles), app)
+    client = await wait(TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+        protocol.Factory.forProtocol(Collect)))
+    client.transport.write(b"ping")
+    await until(lambda: client.data == b"ping", "the echo")
+    return port, said, client
+
+
+@pytest_twisted.ensureDeferred
+async def test_removed_user_is_refused_and_their_live_session_ends(env):
+    """users rm: the live stream ends within the poll interval; a new one is a 403 line."""
+    port, said, client = await live_session(env, "alice", ("dev",), "db")
+    _, _, other = await live_session(env, "bob", ("dev",), "db")
+    await wait(env.backend.delete_user("alice"))
+    await wait(client.done)
+    assert other.transport.connected    # bob is not removed
+    assert await env.exchange(port, b"x") == b""
+    await until(lambda: said, "the printed reason")
+    assert said == ["proxy refused: 403 Forbidden: your user account no longer exists"]
+    denied = await env.events("access.denied")
+    assert [(e.actor, e.fields["reason"]) for e in denied] == [("alice", "user removed")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_role_taken_away_ends_the_session_that_role_allowed(env):
+    """bob loses ops: his live prod-db stream ends, his dev stream keeps flowing."""
+    _, said, prod = await live_session(env, "bob", ("dev", "ops"), "prod-db")
+    _, _, dev = await live_session(env, "bob", ("dev", "ops"), "db")
+    await wait(env.backend.update_user(User("bob", None, ("dev",), {}, 0.0)))
+    await wait(prod.done)
+    dev.transport.write(b"more")
+    await until(lambda: dev.data == b"pingmore", "the dev echo after the change")
+    port, said = await env.local(env.profile("bob", roles=("dev", "ops")), "prod-db")
+    assert await env.exchange(port, b"x") == b""
+    await until(lambda: said, "the printed reason")
+    assert said == ["proxy refused: 403 Forbidden: you are not allowed to use prod-db"]

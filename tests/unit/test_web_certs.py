@@ -198,3 +198,67 @@ async def test_certificate_of_another_ca_fails_the_handshake(env, tmp_path):
     finally:
         await port.stopListening()
 
+
+
+async def apps_with_cert(env, port, user: str, roles) -> tuple[int, dict]:
+    key, public = new_key()
+    cert_pem = env.ca.issue_user_cert(public, user, list(roles), {}, 600)
+    return await in_thread(
+        lambda: api_client(env, port.getHost().port, cert_pem, key).call("GET", "/v1/apps"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_locked_users_certificate_gets_403_with_the_lock_message(env):
+    """/v1/apps with the certificate of a locked user is 403 + the lock message, not a list."""
+    from apptunnel.backend.records import Lock
+
+    port = await listen_tls(env)
+    try:
+        assert (await apps_with_cert(env, port, "alice", ["dev"]))[0] == 200
+        await env.backend.put_lock(Lock("l1", "alice", None, "incident 9", env.clock.seconds(),
+                                        None, "admin"))
+        await env.locks.refresh()
+        code, data = await apps_with_cert(env, port, "alice", ["dev"])
+        assert (code, data) == (403, {"error": "your access is locked: incident 9"})
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_removed_users_certificate_gets_403(env):
+    """After the user is deleted, their still-valid certificate lists nothing: 403."""
+    port = await listen_tls(env)
+    try:
+        await env.users.refresh()
+        await env.backend.delete_user("alice")
+        await env.users.refresh()
+        code, data = await apps_with_cert(env, port, "alice", ["dev"])
+        assert (code, data) == (403, {"error": "your user account no longer exists"})
+        code, _ = await apps_with_cert(env, port, "mallory", ["dev"])   # never existed
+        assert code == 403
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_certificate_roles_are_capped_by_the_users_roles_now(env):
+    """bob holds no roles: a certificate naming him with role dev lists no app."""
+    port = await listen_tls(env)
+    try:
+        code, data = await apps_with_cert(env, port, "bob", ["dev"])
+        assert (code, data) == (200, {"apps": []})
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cookie_certificate_carries_only_the_roles_held_now(env):
+    """A session started with role dev, after dev is taken away, gets a cert with no roles."""
+    secret = await env.login()
+    await env.users.refresh()
+    user = await env.backend.get_user("alice")
+    await env.backend.update_user(User("alice", user.password_hash, (), {}, user.created))
+    await env.users.refresh()
+    _, public = new_key()
+    response, body = await cert_request(env, {"public_key": public}, cookie=secret)
+    assert response.code == 200 and json.loads(body)["roles"] == []
