@@ -7,6 +7,7 @@ every change they make is written to the audit log, flushed before the process e
 from __future__ import annotations
 
 import os
+import pwd
 from typing import Any, Mapping, TextIO
 
 import attrs
@@ -14,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from apptunnel.audit import AuditLog
 from apptunnel.backend import Backend, open_backend
+from apptunnel.cli.control import refresh_proxy
 from apptunnel.cli.output import clean
 from apptunnel.config import ProxyConfig
 
@@ -42,6 +44,7 @@ class Io:
     stdout: TextIO
     stderr: TextIO
     environ: Mapping[str, str]
+    uid: int = attrs.field(factory=os.getuid)   # the real account running the command
 
     def out(self, text: str) -> None:
         self.stdout.write(text)
@@ -67,12 +70,26 @@ class Io:
 
     @property
     def actor(self) -> str:
-        """Who ran the command, for the audit log: the invoking login, else ``cli``."""
-        for name in ("SUDO_USER", "USER", "LOGNAME"):
-            value = self.environ.get(name, "").strip()
-            if value:
-                return value
-        return "cli"
+        """Who ran the command, for the audit log: the real OS account (uid -> name).
+
+        Never ``$USER`` or ``$LOGNAME``: anyone sets those. An account without a passwd
+        entry is ``uid:N``.
+        """
+        try:
+            return pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            return f"uid:{self.uid}"
+
+    @property
+    def sudo_user(self) -> str | None:
+        """Who ran ``sudo``, noted beside the actor when root runs the command through it.
+
+        Only root can have it, and root could write anything anyway: it is a note for the
+        reader of the audit log, never the actor.
+        """
+        if self.uid != 0:
+            return None
+        return clean(self.environ.get("SUDO_USER", "").strip())[:64] or None
 
 
 class Admin:
@@ -105,8 +122,22 @@ class Admin:
 
     def emit(self, type: str, target: str, **fields: Any) -> None:
         """Record one admin change; the CLI marks its events with ``via: cli``."""
+        sudo = self.io.sudo_user
+        if sudo is not None:
+            fields["sudo_user"] = sudo
         self.audit.emit(type, actor=self.io.actor, target=target, outcome="success",
                         via="cli", **fields)
+
+    async def refresh_proxy(self) -> None:
+        """Make the change hold on the proxy of this config before the command returns.
+
+        A proxy that does not run here is nothing to wait for; one that does not confirm
+        in time still applies the change at its next poll, which the warning says.
+        """
+        confirmed = await refresh_proxy(self.reactor, self.config.data_dir)
+        if confirmed is False:
+            self.io.warn("the proxy did not confirm the change in time; "
+                         "it applies it within a few seconds")
 
     async def close(self) -> None:
         """Write pending audit events, then close storage; a failure here is reported."""

@@ -2,7 +2,8 @@
 
 A lock is only a row in the backend; every running proxy polls it within seconds, ends
 the matching sessions and refuses new ones (`auth/locks.py`). So these verbs need no
-running proxy, exactly like the other admin verbs.
+running proxy, exactly like the other admin verbs; when the proxy of this config runs on
+this machine, they wait (briefly) until it has the change (`cli/control.py`).
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ async def add_lock(admin: Admin, args: argparse.Namespace) -> int:
     lock = Lock(id=str(uuid.uuid4()), user=user, app=app, message=message, created=now,
                 expires=now + ttl if ttl is not None else None, created_by=admin.io.actor)
     await admin.backend.put_lock(lock)
+    await admin.refresh_proxy()   # holds on this machine's proxy before we return
     admin.emit("lock.create", lock.id, user=user, app=app, message=message,
                expires=_as_json(lock)["expires"])
     if args.format == "json":
@@ -144,6 +146,7 @@ async def remove_lock(admin: Admin, args: argparse.Namespace) -> int:
     lock = matches[0]
     if not await admin.backend.delete_lock(lock.id):
         raise CliError("the lock was removed by someone else meanwhile")
+    await admin.refresh_proxy()
     admin.emit("lock.delete", lock.id, user=lock.user, app=lock.app)
     admin.io.out(f"Removed lock {lock.id} ({clean(_describe(lock))}).\n")
     return 0

@@ -154,6 +154,7 @@ async def create_resources(admin: Admin, args: argparse.Namespace) -> int:
         else:
             await _put_user(admin, item, current)
         admin.io.out(f"{item.kind} {clean(item.name)!r} {verb}\n")
+    await admin.refresh_proxy()
     return 0
 
 
@@ -251,5 +252,6 @@ async def remove_resource(admin: Admin, args: argparse.Namespace) -> int:
         if not await admin.backend.delete_user(name):
             raise CliError(f"no user named {name!r}")
         admin.emit("user.delete", name)
+    await admin.refresh_proxy()
     admin.io.out(f"{kind} {clean(name)!r} removed\n")
     return 0

@@ -3,7 +3,9 @@
 Passwords are hashed with argon2id in a thread (never on the reactor) and never echoed;
 a generated password is printed exactly once. Role names that do not exist yet are
 allowed (roles may be created afterwards) but warned about, since such a user can open
-nothing until they do.
+nothing until they do. Removing a user or changing their roles or traits reaches their
+existing sessions and certificates too (`auth/directory.py`): the proxy of this config
+is asked to apply it before the command returns.
 """
 
 from __future__ import annotations
@@ -181,6 +183,7 @@ async def remove_user(admin: Admin, args: argparse.Namespace) -> int:
     if not await admin.backend.delete_user(name):
         raise CliError(f"no user named {name!r}")
     admin.emit("user.delete", name)
+    await admin.refresh_proxy()   # their certificates and live connections end now
     admin.io.out(f"Removed user {clean(name)} and ended their sessions.\n")
     return 0
 
@@ -218,6 +221,7 @@ async def update_user(admin: Admin, args: argparse.Namespace) -> int:
     ))
     admin.emit("user.update", user.name, changed=changed,
                roles=list(roles if roles is not None else user.roles))
+    await admin.refresh_proxy()   # live connections are re-checked now
     if roles is not None:
         await warn_missing_roles(admin, roles)
     admin.io.out(f"Updated {' and '.join(changed)} of {clean(user.name)}.\n")

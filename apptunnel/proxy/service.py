@@ -20,12 +20,14 @@ from twisted.web.server import Site
 
 from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA, load_server_tls
+from apptunnel.auth.directory import UserDirectory
 from apptunnel.auth.jwt import JwtKeys, JwtSigner
 from apptunnel.auth.locks import LockWatcher
 from apptunnel.auth.policy import RoleCache
 from apptunnel.auth.sessions import SessionManager
 from apptunnel.backend import open_backend
 from apptunnel.config import ConfigError, ProxyConfig
+from apptunnel.proxy.control import ControlFactory, control_endpoint
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder, tunnel_connector
 from apptunnel.proxy.registry import AgentRegistry
@@ -108,8 +110,9 @@ class ProxyService(MultiService):
         self.backend = open_backend(config, reactor)
         self.audit = AuditLog(self.backend, reactor, json_file=config.audit_file)
         self.locks = LockWatcher(self.backend, reactor)
+        self.users = UserDirectory(self.backend, reactor)
         self.sessions = SessionManager(self.backend, reactor, config.session_ttl,
-                                       locks=self.locks, audit=self.audit)
+                                       locks=self.locks, audit=self.audit, users=self.users)
         self.roles = RoleCache(self.backend, reactor)
         self.jwt_keys = JwtKeys.load_or_create(config.data_dir, config.jwt_algorithm)
         self.signer = JwtSigner(self.jwt_keys, config.cluster_name, reactor, config.jwt_ttl)
@@ -117,7 +120,7 @@ class ProxyService(MultiService):
 
         self.web = WebApp(
             config, self.sessions, self.roles, self.registry, self.audit,
-            self.jwt_keys, self.ca, reactor,
+            self.jwt_keys, self.ca, reactor, locks=self.locks, users=self.users,
         )
         site = Site(self.web.resource())
         site.displayTracebacks = False
@@ -132,11 +135,12 @@ class ProxyService(MultiService):
             connect_app=tunnel_connector(self.registry),
             ca=self.ca,
             locks=self.locks,
+            users=self.users,
         )
         self.tcp_access = TcpAccess(
             ca=self.ca, registry=self.registry, roles=self.roles, audit=self.audit,
             clock=reactor, connect_app=tunnel_connector(self.registry), locks=self.locks,
-            forwarder=self.forwarder,
+            forwarder=self.forwarder, users=self.users,
         )
         edge = EdgeFactory(config.public_host, site, self.forwarder, tcp_access=self.tcp_access)
         web_endpoint = SSL4ServerEndpoint(
@@ -164,10 +168,14 @@ class ProxyService(MultiService):
         )
         StreamServerEndpointService(tunnel_endpoint, tunnel_factory).setServiceParent(self)
         TimerService(_SWEEP_INTERVAL, self._sweep).setServiceParent(self)
+        # The admin CLI on this machine asks here so its changes hold before it returns.
+        StreamServerEndpointService(control_endpoint(reactor, config.data_dir),
+                                    ControlFactory(self.refresh_now, reactor)).setServiceParent(self)
 
     def startService(self) -> None:
         self.audit.start()
         self.locks.start()
+        self.users.start()
         super().startService()
         log.info(
             "apptunnel proxy {cluster} serving https://{public} (web {web}, tunnels {tunnel}); "
@@ -181,8 +189,16 @@ class ProxyService(MultiService):
     def stopService(self):
         yield super().stopService()
         self.locks.stop()
+        self.users.stop()
         yield defer.ensureDeferred(self.audit.stop())
         yield defer.ensureDeferred(self.backend.close())
+
+    def refresh_now(self) -> defer.Deferred:
+        """Re-read locks, users and roles now (the control socket's ``refresh``)."""
+        self.roles.invalidate()
+        return defer.gatherResults([defer.ensureDeferred(self.locks.refresh()),
+                                    defer.ensureDeferred(self.users.refresh())],
+                                   consumeErrors=True)
 
     def _sweep(self):
         """Drop expired sessions, codes and tokens so the store does not grow forever."""

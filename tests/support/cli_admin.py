@@ -4,6 +4,8 @@ plus a direct look at the backend it wrote to."""
 from __future__ import annotations
 
 import io
+import os
+import pwd
 
 import attrs
 from twisted.internet import defer, reactor
@@ -14,6 +16,8 @@ from apptunnel.cli.main import run
 from apptunnel.config import load_proxy_config
 
 TIMEOUT = 30
+# The audit actor of admin verbs: the real account, whatever $USER says ("tester" below).
+ACCOUNT = pwd.getpwuid(os.getuid()).pw_name
 
 
 @attrs.frozen

@@ -219,3 +219,16 @@ def test_parse_errors_name_the_key_path(doc, message):
     with pytest.raises(RoleError) as info:
         parse_role(doc)
     assert str(info.value).startswith(message), str(info.value)
+
+
+def test_example_roles_in_etc_load():
+    """The example roles shipped in etc/roles parse: they show only what works."""
+    from pathlib import Path
+
+    from apptunnel.config import load_yaml_documents
+
+    files = sorted((Path(__file__).parents[2] / "etc" / "roles").glob("*.yaml"))
+    assert files
+    for path in files:
+        for doc in load_yaml_documents(str(path)):
+            parse_role(doc)

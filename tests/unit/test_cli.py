@@ -18,7 +18,7 @@ from apptunnel.auth.tokens import secret_hash
 from apptunnel.cli.main import main
 from apptunnel.cli.output import clean
 from apptunnel.config import load_agent_config
-from tests.support.cli_admin import TIMEOUT, Result, cli, one_error, stored
+from tests.support.cli_admin import ACCOUNT, TIMEOUT, Result, cli, one_error, stored
 
 REPO = Path(__file__).resolve().parents[2]
 ROLE_FILE = REPO / "etc" / "roles" / "sre-apps.yaml"
@@ -328,7 +328,7 @@ async def test_audit_search_shows_admin_events(config_path, tmp_path):
         "token.create", "token.delete", "user.create", "resource.create", "resource.delete",
         "user.delete",
     ]
-    assert lines[0].split()[2] == "T3000I" and lines[0].split()[3] == "tester"
+    assert lines[0].split()[2] == "T3000I" and lines[0].split()[3] == ACCOUNT  # not $USER (tester)
     assert "role/sre-apps" in lines[3] and "success" in lines[3]
     assert token not in result.out
 

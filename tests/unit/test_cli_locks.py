@@ -7,7 +7,7 @@ import json
 import pytest
 import pytest_twisted
 
-from tests.support.cli_admin import cli, one_error, stored
+from tests.support.cli_admin import ACCOUNT, cli, one_error, stored
 
 
 @pytest.fixture
@@ -38,10 +38,10 @@ async def test_lock_user_prints_id_stores_the_lock_and_audits(config_path):
     assert "no local user 'alice'" in result.err      # a warning, not an error
     (lock,) = await stored(config_path, lambda b: b.list_locks(0.0))
     assert (lock.id, lock.user, lock.app, lock.message, lock.created_by) == (
-        lock_id, "alice", None, "incident 42", "tester")
+        lock_id, "alice", None, "incident 42", ACCOUNT)
     assert lock.expires - lock.created == pytest.approx(3600)
     (event,) = await audit_of(config_path, "lock.create")
-    assert (event.code, event.actor, event.target) == ("T6000I", "tester", lock_id)
+    assert (event.code, event.actor, event.target) == ("T6000I", ACCOUNT, lock_id)
     assert event.fields["user"] == "alice" and event.fields["via"] == "cli"
 
 
