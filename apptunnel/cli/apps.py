@@ -103,6 +103,9 @@ def _fetch_apps(profile: Profile) -> list[dict]:
     if code == 401:
         raise CliError(f"the proxy at {profile.proxy} did not accept your certificate: "
                        "run apptunnel login")
+    if code == 403 and isinstance(answer, dict) and isinstance(answer.get("error"), str):
+        # A lock or a removed account: say so rather than a bare status.
+        raise CliError(f"the proxy at {profile.proxy} refused: {answer['error'][:300]}")
     if code != 200 or not isinstance(answer, dict) or not isinstance(answer.get("apps"), list):
         raise CliError(f"the proxy at {profile.proxy} could not list apps (HTTP {code})")
     return [_app(entry) for entry in answer["apps"] if isinstance(entry, dict)]
