@@ -394,6 +394,10 @@ class AppForwarder(Factory):
                             outcome="failure", reason=cached.reason, where="live connection")
             conn.cut()
 
+    def forget_decisions(self) -> None:
+        """Decide every request afresh (roles were edited: ``apptunnel create -f``)."""
+        self._decisions.clear()
+
     def _revision(self, user: str) -> int:
         """The directory revision of ``user`` now (-1 when unknown), for cache checks."""
         entry = self.users.current(user) if self.users is not None else None

@@ -196,6 +196,7 @@ class ProxyService(MultiService):
     def refresh_now(self) -> defer.Deferred:
         """Re-read locks, users and roles now (the control socket's ``refresh``)."""
         self.roles.invalidate()
+        self.forwarder.forget_decisions()
         return defer.gatherResults([defer.ensureDeferred(self.locks.refresh()),
                                     defer.ensureDeferred(self.users.refresh())],
                                    consumeErrors=True)

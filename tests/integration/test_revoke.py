@@ -231,3 +231,19 @@ def test_audit_actor_is_the_os_account_not_user(cluster):
     assert lock["created_by"] == account != "mallory"
     [event] = [e for e in audit(cluster, "lock.create") if e["target"] == lock["id"]]
     assert event["actor"] == account
+
+
+def test_role_edit_holds_before_create_returns(cluster, homes, tmp_path):
+    """create -f --force of an edited role applies to the very next request."""
+    home = homes["erin"]
+    assert with_cert(cluster, home, "hello").status_code == 200
+    role = tmp_path / "dev.yaml"
+    role.write_text("kind: role\nmetadata: {name: dev}\nspec:\n  allow: {app_labels: {env: dev}}\n"
+                    "  deny: {app_labels: {env: dev}}\n")
+    cluster.cli("create", "-f", str(role), "--force")
+    try:
+        assert with_cert(cluster, home, "hello").status_code == 403
+    finally:
+        role.write_text("kind: role\nmetadata: {name: dev}\nspec:\n  allow: {app_labels: {env: dev}}\n")
+        cluster.cli("create", "-f", str(role), "--force")
+    assert with_cert(cluster, home, "hello").status_code == 200
