@@ -184,7 +184,8 @@ async def remove_user(admin: Admin, args: argparse.Namespace) -> int:
         raise CliError(f"no user named {name!r}")
     admin.emit("user.delete", name)
     await admin.refresh_proxy()   # their certificates and live connections end now
-    admin.io.out(f"Removed user {clean(name)} and ended their sessions.\n")
+    admin.io.out(f"Removed user {clean(name)}: their sessions and certificates no longer "
+                 "open anything.\n")
     return 0
 
 

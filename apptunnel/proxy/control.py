@@ -25,6 +25,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 
 SOCKET_NAME = "control.sock"
 IDLE_TIMEOUT = 10.0
+MAX_PATH = 100   # AF_UNIX paths are limited to 107 bytes on Linux
 
 Refresh = Callable[[], defer.Deferred]
 
@@ -33,9 +34,13 @@ def control_path(data_dir: str) -> str:
     return os.path.join(data_dir, SOCKET_NAME)
 
 
-def control_endpoint(reactor, data_dir: str) -> UNIXServerEndpoint:
-    """The listening endpoint; ``wantPID`` lets a restart remove a crashed proxy's socket."""
-    return UNIXServerEndpoint(reactor, control_path(data_dir), mode=0o600, wantPID=True)
+def control_endpoint(reactor, data_dir: str) -> UNIXServerEndpoint | None:
+    """The listening endpoint; ``wantPID`` lets a restart remove a crashed proxy's socket.
+    None when the data directory's path is too long for a Unix socket."""
+    path = control_path(data_dir)
+    if len(os.fsencode(path)) > MAX_PATH:
+        return None
+    return UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=True)
 
 
 class ControlProtocol(LineOnlyReceiver):

@@ -169,8 +169,13 @@ class ProxyService(MultiService):
         StreamServerEndpointService(tunnel_endpoint, tunnel_factory).setServiceParent(self)
         TimerService(_SWEEP_INTERVAL, self._sweep).setServiceParent(self)
         # The admin CLI on this machine asks here so its changes hold before it returns.
-        StreamServerEndpointService(control_endpoint(reactor, config.data_dir),
-                                    ControlFactory(self.refresh_now, reactor)).setServiceParent(self)
+        control = control_endpoint(reactor, config.data_dir)
+        if control is None:
+            log.warn("data_dir path too long for the control socket: admin changes apply "
+                     "at the next poll (about 2 s) instead of at once")
+        else:
+            StreamServerEndpointService(control, ControlFactory(self.refresh_now, reactor)
+                                        ).setServiceParent(self)
 
     def startService(self) -> None:
         self.audit.start()

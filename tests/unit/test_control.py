@@ -130,3 +130,20 @@ async def test_create_refuses_a_role_with_an_option_nothing_enforces(tmp_path):
     role.write_text(ROLE_WITH_MFA)
     line = one_error(await cli(str(config), "create", "-f", str(role)), 2)
     assert "spec.options.require_session_mfa: per-session MFA is not supported yet" in line
+
+
+def test_a_silent_client_is_dropped_after_the_idle_timeout():
+    """A connection that never sends its line is aborted after IDLE_TIMEOUT on the clock."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from apptunnel.proxy.control import IDLE_TIMEOUT
+
+    clock = Clock()
+    proto = ControlFactory(lambda: None, clock).buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    clock.advance(IDLE_TIMEOUT - 0.1)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting and transport.value() == b""
