@@ -247,3 +247,33 @@ def test_role_edit_holds_before_create_returns(cluster, homes, tmp_path):
         role.write_text("kind: role\nmetadata: {name: dev}\nspec:\n  allow: {app_labels: {env: dev}}\n")
         cluster.cli("create", "-f", str(role), "--force")
     assert with_cert(cluster, home, "hello").status_code == 200
+
+
+def test_removal_from_another_machine_holds_within_the_poll_interval(cluster, tmp_path):
+    """users rm through a config whose proxy is elsewhere (same database, no control socket
+    here: like an admin on another machine) still cuts the live TCP stream at the next
+    poll, about 2 s later."""
+    import yaml
+
+    cluster.add_user("frank", ["dev"], PASSWORD)
+    home = tmp_path / ".apptunnel"
+    log_in(cluster, "frank", home, PASSWORD, ca_pin(cluster))
+    elsewhere = yaml.safe_load(cluster.proxy_config.read_text())
+    elsewhere["data_dir"] = str(tmp_path / "elsewhere")
+    elsewhere["backend"] = {"type": "sqlite", "path": str(cluster.root / "proxy" / "apptunnel.db")}
+    other_config = tmp_path / "other.yaml"
+    other_config.write_text(yaml.safe_dump(elsewhere))
+    port = free_port()
+    local = start(home, "pipe", str(port))
+    stream = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        stream.sendall(b"ping")
+        assert stream.recv(4) == b"ping"
+        removed = subprocess.run([str(BIN / "apptunnel"), "--config", str(other_config), "users",
+                                  "rm", "frank"], capture_output=True, text=True, timeout=60)
+        assert removed.returncode == 0 and removed.stderr == "", removed.stderr
+        assert closed_within(stream, 2.0 + CUT_WITHIN)
+        assert with_cert(cluster, home, "hello").status_code == 403
+    finally:
+        stream.close()
+        local.stop()
