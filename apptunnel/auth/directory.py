@@ -86,6 +86,8 @@ class UserDirectory:
         self._misses: dict[str, float] = {}
         self._revision = 0
         self._polls = 0                     # successful polls so far
+        self._reads = 0                     # polls started so far
+        self._looked_up: dict[str, int] = {}  # name -> self._reads when lookup() stored it
         self._listeners: list[UserListener] = []
         self._mutex = DeferredLock()        # one poll at a time, so a change is told once
         self._loop: LoopingCall | None = None
@@ -138,6 +140,7 @@ class UserDirectory:
             return None
         self._misses.pop(name, None)
         entry = self._entries[name] = self._entry(user)
+        self._looked_up[name] = self._reads
         return entry
 
     def add_listener(self, fn: UserListener) -> None:
@@ -153,6 +156,8 @@ class UserDirectory:
     async def refresh(self) -> None:
         """Poll storage now; never raises (failures are logged, the last state is kept)."""
         async with self._mutex:
+            self._reads += 1
+            started = self._reads
             try:
                 users = await self._backend.list_users()
             except Exception as err:
@@ -169,7 +174,15 @@ class UserDirectory:
                 fresh[user.name] = self._entry(user)
                 if before is not None:
                     changed.append((user.name, fresh[user.name]))
-            changed.extend((name, None) for name in old if name not in fresh)
+            for name in old:
+                if name in fresh:
+                    continue
+                if self._looked_up.get(name, 0) >= started:
+                    # Read by lookup() while this poll was reading: newer than our list.
+                    fresh[name] = old[name]
+                else:
+                    changed.append((name, None))
+            self._looked_up = {n: r for n, r in self._looked_up.items() if r >= started}
             self._entries = fresh
             self._misses.clear()
             self._polls += 1

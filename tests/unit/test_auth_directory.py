@@ -145,3 +145,31 @@ async def test_sessions_act_with_the_roles_the_user_holds_now(backend, users, cl
     await wait(users.refresh())
     now = await wait(sessions.web_session(secret))
     assert now.roles == ("dev",) and now.traits == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_poll_that_read_before_a_lookup_does_not_remove_its_user(backend, users):
+    """A user created and looked up while a poll was reading is not reported removed by
+    that poll (its list is older); the next poll is authoritative."""
+    from twisted.internet import defer
+
+    await wait(users.refresh())
+    gate, real = defer.Deferred(), backend.list_users
+    stale = await wait(real())
+
+    async def slow_list():
+        await gate
+        return stale
+
+    backend.list_users = slow_list
+    heard = []
+    users.add_listener(lambda name, e: heard.append((name, e)))
+    polling = defer.ensureDeferred(users.refresh())
+    await wait(backend.create_user(User("carol", HASH, ("dev",), {}, 0.0)))
+    assert (await wait(users.lookup("carol"))).roles == ("dev",)
+    gate.callback(None)
+    await wait(polling)
+    assert heard == [] and users.current("carol") is not None
+    backend.list_users = real
+    await wait(users.refresh())
+    assert heard == [] and users.current("carol") is not None
