@@ -28,6 +28,7 @@ from apptunnel.backend import open_backend
 from apptunnel.config import ConfigError, ProxyConfig
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder, tunnel_connector
+from apptunnel.proxy.limits import ConnectionTracker, LimitedFactory, Limits, raise_fd_limit
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.tcp_access import TcpAccess
 from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_options
@@ -114,6 +115,7 @@ class ProxyService(MultiService):
         self.jwt_keys = JwtKeys.load_or_create(config.data_dir, config.jwt_algorithm)
         self.signer = JwtSigner(self.jwt_keys, config.cluster_name, reactor, config.jwt_ttl)
         self.registry = AgentRegistry()
+        self.connections = _connection_tracker(config, reactor)
 
         self.web = WebApp(
             config, self.sessions, self.roles, self.registry, self.audit,
@@ -143,7 +145,8 @@ class ProxyService(MultiService):
             reactor, config.web_listen_port, _web_tls_options(web_cert, web_key, web_chain, self.ca.cert_pem),
             interface=config.web_listen_host,
         )
-        StreamServerEndpointService(web_endpoint, edge).setServiceParent(self)
+        StreamServerEndpointService(
+            web_endpoint, LimitedFactory(edge, self.connections)).setServiceParent(self)
 
         tunnel_factory = TunnelServerFactory(
             ca=self.ca,
@@ -162,7 +165,9 @@ class ProxyService(MultiService):
             tunnel_tls_options(self.ca.cert_pem, own_cert, own_key),
             interface=config.tunnel_listen_host,
         )
-        StreamServerEndpointService(tunnel_endpoint, tunnel_factory).setServiceParent(self)
+        # The same limits as the web port: an agent's port is just as reachable.
+        StreamServerEndpointService(
+            tunnel_endpoint, LimitedFactory(tunnel_factory, self.connections)).setServiceParent(self)
         TimerService(_SWEEP_INTERVAL, self._sweep).setServiceParent(self)
 
     def startService(self) -> None:
@@ -189,6 +194,21 @@ class ProxyService(MultiService):
         d = defer.ensureDeferred(self.backend.delete_expired(self.reactor.seconds()))
         d.addErrback(lambda f: log.failure("expiry sweep failed", f))
         return d
+
+
+def _connection_tracker(config: ProxyConfig, reactor) -> ConnectionTracker:
+    """One count for both listeners (they share the descriptor table), fitted into it."""
+    wanted = config.limits
+    budget = raise_fd_limit(wanted.max_connections)
+    if budget < wanted.max_connections:
+        log.warn("limits.max_connections {wanted} does not fit the open-file limit; using {budget} "
+                 "(raise LimitNOFILE / ulimit -n)", wanted=wanted.max_connections, budget=budget)
+    limits = Limits(
+        handshake_timeout=wanted.handshake_timeout,
+        max_connections=budget,
+        max_connections_per_ip=min(wanted.max_connections_per_ip, budget),
+    )
+    return ConnectionTracker(limits, reactor)
 
 
 def _ip_hosts(*hosts: str) -> list[str]:
