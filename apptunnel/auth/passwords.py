@@ -1,6 +1,7 @@
 """Password hashing with argon2id.
 
-Both functions are CPU-heavy on purpose: callers on the reactor run them in a thread.
+Both functions are CPU-heavy on purpose: callers on the reactor run them in a thread, and
+sign-in runs its checks through a ``HashQueue`` so only a few run at once.
 verify_password costs the same for unknown users (it checks a dummy hash), so response
 time does not reveal which usernames exist.
 """
@@ -8,8 +9,14 @@ time does not reveal which usernames exist.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable
 
 from argon2 import PasswordHasher, Type
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.threads import deferToThread
+
+from apptunnel.auth.throttle import Throttled
 
 MAX_PASSWORD_LENGTH = 1024
 
@@ -41,3 +48,54 @@ def verify_password(stored: str | None, pw: str) -> bool:
         return bool(ok) and stored is not None and candidate == pw
     except Exception:
         return False
+
+
+class HashQueue:
+    """Runs password checks a few at a time, with a bounded, fair queue in front.
+
+    Each argon2 check holds its memory cost (64 MiB by default) while it runs, so running
+    every request's check at once lets a flood of guesses take the proxy's memory. At most
+    ``concurrent`` run at once; at most ``queued`` wait, served round-robin by ``key``
+    (the client address), so one address's burst cannot push others to the back. Beyond
+    the queue a check fails at once with ``Throttled`` (503), costing nothing.
+    ``run_in_thread(f, *args)`` returns a Deferred (``deferToThread`` when not given).
+    """
+
+    def __init__(self, concurrent: int = 2, queued: int = 32,
+                 run_in_thread: Callable[..., Deferred] | None = None) -> None:
+        self._concurrent = concurrent
+        self._queued = queued
+        self._run = run_in_thread or deferToThread
+        self._running = 0
+        self._waiting: OrderedDict[str, deque[tuple[Deferred, tuple]]] = OrderedDict()
+        self._waiting_count = 0
+
+    def verify(self, key: str, stored: str | None, pw: str) -> Deferred:
+        """A Deferred firing with verify_password(stored, pw), or failing with Throttled."""
+        if self._running < self._concurrent:
+            return self._start((stored, pw))
+        if self._waiting_count >= self._queued:
+            return fail(Throttled(1, 503, "sign-in is busy", reason="busy"))
+        d: Deferred = Deferred()
+        self._waiting.setdefault(key, deque()).append((d, (stored, pw)))
+        self._waiting_count += 1
+        return d
+
+    def _start(self, args: tuple) -> Deferred:
+        self._running += 1
+        d = self._run(verify_password, *args)
+        d.addBoth(self._done)
+        return d
+
+    def _done(self, result):
+        self._running -= 1
+        if self._waiting:
+            key, queue = next(iter(self._waiting.items()))
+            waiter, args = queue.popleft()
+            self._waiting_count -= 1
+            if queue:
+                self._waiting.move_to_end(key)   # round-robin over addresses
+            else:
+                del self._waiting[key]
+            self._start(args).chainDeferred(waiter)
+        return result

@@ -22,8 +22,10 @@ from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA, load_server_tls
 from apptunnel.auth.jwt import JwtKeys, JwtSigner
 from apptunnel.auth.locks import LockWatcher
+from apptunnel.auth.passwords import HashQueue
 from apptunnel.auth.policy import RoleCache
 from apptunnel.auth.sessions import SessionManager
+from apptunnel.auth.throttle import LoginThrottle
 from apptunnel.backend import open_backend
 from apptunnel.config import ConfigError, ProxyConfig
 from apptunnel.proxy.edge import EdgeFactory
@@ -109,8 +111,13 @@ class ProxyService(MultiService):
         self.backend = open_backend(config, reactor)
         self.audit = AuditLog(self.backend, reactor, json_file=config.audit_file)
         self.locks = LockWatcher(self.backend, reactor)
-        self.sessions = SessionManager(self.backend, reactor, config.session_ttl,
-                                       locks=self.locks, audit=self.audit)
+        throttle = config.throttle
+        self.sessions = SessionManager(
+            self.backend, reactor, config.session_ttl, locks=self.locks, audit=self.audit,
+            throttle=LoginThrottle(throttle.max_failures_per_user, throttle.max_failures_per_address,
+                                   throttle.window, throttle.max_tracked),
+            hashes=HashQueue(throttle.concurrent_hashes, throttle.queued_hashes),
+        )
         self.roles = RoleCache(self.backend, reactor)
         self.jwt_keys = JwtKeys.load_or_create(config.data_dir, config.jwt_algorithm)
         self.signer = JwtSigner(self.jwt_keys, config.cluster_name, reactor, config.jwt_ttl)
