@@ -12,7 +12,8 @@ the same address. A success does take back its own attempt, so honest users behi
 address (NAT) only spend the address's budget on their mistakes.
 
 Memory is bounded: each key keeps at most its limit of timestamps, and at most
-``max_tracked`` keys are kept (expired ones go first, then the least recently used).
+``max_tracked`` keys are kept (the least recently tried go first, which puts expired ones
+first).
 """
 
 from __future__ import annotations
@@ -63,8 +64,11 @@ class _Window:
     def count(self, key: str, now: float) -> None:
         times = self._keys.get(key)
         if times is None:
+            # Keys are kept in the order of their latest attempt, so the first ones are the
+            # expired ones, then the least recently tried: the ones to forget.
+            while len(self._keys) >= self._max_keys:
+                self._keys.popitem(last=False)
             times = self._keys[key] = deque(maxlen=self._limit)
-            self._evict(now)
         self._keys.move_to_end(key)
         times.append(now)
 
@@ -79,15 +83,6 @@ class _Window:
 
     def __len__(self) -> int:
         return len(self._keys)
-
-    def _evict(self, now: float) -> None:
-        if len(self._keys) <= self._max_keys:
-            return
-        for key in [k for k, times in self._keys.items()
-                    if not times or times[-1] + self._window <= now]:
-            del self._keys[key]
-        while len(self._keys) > self._max_keys:
-            self._keys.popitem(last=False)
 
 
 class LoginThrottle:
