@@ -56,8 +56,10 @@ class HashQueue:
     Each argon2 check holds its memory cost (64 MiB by default) while it runs, so running
     every request's check at once lets a flood of guesses take the proxy's memory. At most
     ``concurrent`` run at once; at most ``queued`` wait, served round-robin by ``key``
-    (the client address), so one address's burst cannot push others to the back. Beyond
-    the queue a check fails at once with ``Throttled`` (503), costing nothing.
+    (the client address), so one address's burst cannot push others to the back. When the
+    queue is full, the address with the most waiting gives up its newest place to an
+    address with fewer; failing that, the check fails at once with ``Throttled`` (503),
+    costing nothing.
     ``run_in_thread(f, *args)`` returns a Deferred (``deferToThread`` when not given).
     """
 
@@ -74,12 +76,24 @@ class HashQueue:
         """A Deferred firing with verify_password(stored, pw), or failing with Throttled."""
         if self._running < self._concurrent:
             return self._start((stored, pw))
-        if self._waiting_count >= self._queued:
-            return fail(Throttled(1, 503, "sign-in is busy", reason="busy"))
+        if self._waiting_count >= self._queued and not self._make_room(key):
+            return fail(_busy())
         d: Deferred = Deferred()
         self._waiting.setdefault(key, deque()).append((d, (stored, pw)))
         self._waiting_count += 1
         return d
+
+    def _make_room(self, key: str) -> bool:
+        """Full: turn away the newest waiter of the address with the most waiting, if it
+        has more than ``key`` would after queueing; so a flood cannot crowd a newcomer out."""
+        mine = len(self._waiting.get(key, ()))
+        biggest = max(self._waiting, key=lambda k: len(self._waiting[k]))
+        if len(self._waiting[biggest]) <= mine + 1:
+            return False
+        waiter, _ = self._waiting[biggest].pop()
+        self._waiting_count -= 1
+        waiter.errback(_busy())
+        return True
 
     def _start(self, args: tuple) -> Deferred:
         self._running += 1
@@ -99,3 +113,7 @@ class HashQueue:
                 del self._waiting[key]
             self._start(args).chainDeferred(waiter)
         return result
+
+
+def _busy() -> Throttled:
+    return Throttled(1, 503, "sign-in is busy", reason="busy")

@@ -226,3 +226,26 @@ def test_throttled_carries_status_and_message(status):
     """Both refusals say how long to wait, in the message and in retry_after."""
     err = Throttled(3, status)
     assert err.status == status and err.retry_after == 3 and err.message.endswith("in 3 s")
+
+
+def test_full_queue_makes_room_for_an_address_with_nothing_waiting():
+    """When one address fills the queue, a newcomer from elsewhere takes its newest place."""
+    threads = FakeThreads()
+    q = HashQueue(concurrent=1, queued=3, run_in_thread=threads)
+    flood = [q.verify("attacker", None, f"guess{i}") for i in range(4)]
+    mine = q.verify("alice-ip", None, "alice-pw")
+    bounced = []
+    flood[3].addErrback(bounced.append)
+    assert bounced and bounced[0].value.status == 503
+    threads.finish()
+    threads.finish()
+    assert threads.calls[0][1] == (None, "alice-pw")
+    got = []
+    mine.addCallback(got.append)
+    threads.finish(result=True)
+    assert got == [True]
+    # An address that already has its share waiting gets no more room.
+    more = [q.verify("attacker", None, "x") for _ in range(4)]   # 3 fill the queue
+    refused_now = []
+    more[-1].addErrback(refused_now.append)
+    assert refused_now and refused_now[0].value.status == 503
