@@ -55,8 +55,11 @@ class HashQueue:
 
     Each argon2 check holds its memory cost (64 MiB by default) while it runs, so running
     every request's check at once lets a flood of guesses take the proxy's memory. At most
-    ``concurrent`` run at once; at most ``queued`` wait, served round-robin by ``key``
-    (the client address), so one address's burst cannot push others to the back. When the
+    ``concurrent`` run at once; at most ``queued`` wait, grouped by ``key`` (the client
+    address), and the next check comes from the address that has started the fewest
+    while it had checks running or waiting (round-robin among equals), so a newcomer goes before a
+    burst that has been waiting, and a flood cannot delay a real user by more than a
+    check or two. When the
     queue is full, the address with the most waiting gives up its newest place to an
     address with fewer; failing that, the check fails at once with ``Throttled`` (503),
     costing nothing.
@@ -71,15 +74,19 @@ class HashQueue:
         self._running = 0
         self._waiting: OrderedDict[str, deque[tuple[Deferred, tuple]]] = OrderedDict()
         self._waiting_count = 0
+        # Per key with checks running or waiting: [running, started]. Bounded by
+        # concurrent + queued keys; a key that goes quiet is forgotten.
+        self._keys: dict[str, list[int]] = {}
 
     def verify(self, key: str, stored: str | None, pw: str) -> Deferred:
         """A Deferred firing with verify_password(stored, pw), or failing with Throttled."""
         if self._running < self._concurrent:
-            return self._start((stored, pw))
+            return self._start(key, (stored, pw))
         if self._waiting_count >= self._queued and not self._make_room(key):
             return fail(_busy())
         d: Deferred = Deferred()
         self._waiting.setdefault(key, deque()).append((d, (stored, pw)))
+        self._keys.setdefault(key, [0, 0])
         self._waiting_count += 1
         return d
 
@@ -95,23 +102,32 @@ class HashQueue:
         waiter.errback(_busy())
         return True
 
-    def _start(self, args: tuple) -> Deferred:
+    def _start(self, key: str, args: tuple) -> Deferred:
         self._running += 1
+        counts = self._keys.setdefault(key, [0, 0])
+        counts[0] += 1
+        counts[1] += 1
         d = self._run(verify_password, *args)
-        d.addBoth(self._done)
+        d.addBoth(self._done, key)
         return d
 
-    def _done(self, result):
+    def _done(self, result, key: str):
         self._running -= 1
+        counts = self._keys[key]
+        counts[0] -= 1
+        if not counts[0] and key not in self._waiting:
+            del self._keys[key]
         if self._waiting:
-            key, queue = next(iter(self._waiting.items()))
+            # The address that has started the fewest checks lately goes next.
+            nxt = min(self._waiting, key=lambda k: self._keys[k][1])
+            queue = self._waiting[nxt]
             waiter, args = queue.popleft()
             self._waiting_count -= 1
             if queue:
-                self._waiting.move_to_end(key)   # round-robin over addresses
+                self._waiting.move_to_end(nxt)   # round-robin among equals
             else:
-                del self._waiting[key]
-            self._start(args).chainDeferred(waiter)
+                del self._waiting[nxt]
+            self._start(nxt, args).chainDeferred(waiter)
         return result
 
 

@@ -158,9 +158,9 @@ def test_hash_queue_is_fair_between_addresses():
         q.verify("attacker", None, f"guess{i}")
     q.verify("alice-ip", None, "alice-pw")
     threads.finish()
-    assert threads.calls[0][1] == (None, "guess1")
-    threads.finish()
     assert threads.calls[0][1] == (None, "alice-pw")
+    threads.finish()
+    assert threads.calls[0][1] == (None, "guess1")
 
 
 # -- the routes -------------------------------------------------------------------------------
@@ -238,14 +238,31 @@ def test_full_queue_makes_room_for_an_address_with_nothing_waiting():
     flood[3].addErrback(bounced.append)
     assert bounced and bounced[0].value.status == 503
     threads.finish()
-    threads.finish()
     assert threads.calls[0][1] == (None, "alice-pw")
     got = []
     mine.addCallback(got.append)
     threads.finish(result=True)
     assert got == [True]
+    threads.finish()        # guess1 runs; guess2 waits
     # An address that already has its share waiting gets no more room.
     more = [q.verify("attacker", None, "x") for _ in range(4)]   # 3 fill the queue
     refused_now = []
     more[-1].addErrback(refused_now.append)
     assert refused_now and refused_now[0].value.status == 503
+
+
+def test_newcomer_goes_before_a_burst_that_has_been_served():
+    """Several flooding addresses: a newcomer's check is the next to run, not one per address."""
+    threads = FakeThreads()
+    q = HashQueue(concurrent=1, queued=30, run_in_thread=threads)
+    q.verify("a", None, "first")
+    for i in range(5):
+        for who in ("a", "b", "c"):
+            q.verify(who, None, f"{who}{i}")
+    threads.finish()
+    threads.finish()
+    threads.finish()
+    threads.finish()      # a, b, c have each had a turn
+    q.verify("alice-ip", None, "alice-pw")
+    threads.finish()
+    assert threads.calls[0][1] == (None, "alice-pw")
