@@ -21,7 +21,6 @@ requests). A protocol without ``is_idle`` is busy once its handshake is done.
 from __future__ import annotations
 
 import resource
-from collections import Counter
 from collections.abc import Iterable, Iterator
 
 import attrs
@@ -130,41 +129,45 @@ class ConnectionTracker:
     def __init__(self, limits: Limits, clock: IReactorTime) -> None:
         self.limits = limits
         self.clock = clock
-        self._live: dict[LimitedProtocol, None] = {}   # insertion order = age
-        self._per_client: Counter[str] = Counter()
+        # Insertion order is age, in both; a client's entry goes with its last connection.
+        self._live: dict[LimitedProtocol, None] = {}
+        self._by_client: dict[str, dict[LimitedProtocol, None]] = {}
 
     def __len__(self) -> int:
         return len(self._live)
 
     def admit(self, conn: LimitedProtocol) -> bool:
         """Track ``conn`` if the caps allow it, shedding the idle connections that must go."""
-        live = list(self._live) if self._at_a_cap(conn.client) else []
-        plan = plan_admission(self._seen(live), len(self._live), self._per_client[conn.client],
+        mine = self._by_client.get(conn.client, {})
+        # Only at the total cap can anybody's connection go; otherwise look at this
+        # client's alone. Either way the candidates are read lazily, oldest first.
+        candidates = self._live if len(self._live) >= self.limits.max_connections else mine
+        read: list[LimitedProtocol] = []
+        plan = plan_admission(_seen(candidates, read), len(self._live), len(mine),
                               conn.client, self.limits)
         if not plan.admit:
             return False
         for index in plan.shed:
-            victim = live[index]
+            victim = read[index]
             self.forget(victim)
             victim.shed()
         self._live[conn] = None
-        self._per_client[conn.client] += 1
+        self._by_client.setdefault(conn.client, {})[conn] = None
         return True
 
     def forget(self, conn: LimitedProtocol) -> None:
         if self._live.pop(conn, 0) is None:
-            self._per_client[conn.client] -= 1
-            if not self._per_client[conn.client]:
-                del self._per_client[conn.client]
+            mine = self._by_client[conn.client]
+            del mine[conn]
+            if not mine:
+                del self._by_client[conn.client]
 
-    def _at_a_cap(self, client: str) -> bool:
-        return (len(self._live) >= self.limits.max_connections
-                or self._per_client[client] >= self.limits.max_connections_per_ip)
 
-    @staticmethod
-    def _seen(live: list[LimitedProtocol]) -> Iterator[Seen]:
-        for conn in live:
-            yield Seen(conn.client, conn.is_idle())
+def _seen(conns: dict[LimitedProtocol, None], read: list[LimitedProtocol]) -> Iterator[Seen]:
+    """``conns`` as the decision sees them, remembering in ``read`` which were looked at."""
+    for conn in conns:
+        read.append(conn)
+        yield Seen(conn.client, conn.is_idle())
 
 
 @implementer(IHandshakeListener)
