@@ -430,9 +430,10 @@ class WebApp:
             self._audit.emit("user.login", actor=username, outcome="failure",
                              method="password", client=client, reason=err.reason)
             raise
-        except AuthError:
+        except AuthError as err:
+            reason = "locked" if err.status == 403 else "invalid credentials"
             self._audit.emit("user.login", actor=username, outcome="failure",
-                             method="password", client=client, reason="invalid credentials")
+                             method="password", client=client, reason=reason)
             raise
         self._audit.emit("user.login", actor=user.name, method="password", client=client)
         return user
