@@ -31,25 +31,14 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
+from apptunnel.config import LimitsConfig
 from apptunnel.net import client_key
 
-HANDSHAKE_TIMEOUT = 10.0
-MAX_CONNECTIONS = 10_000
-MAX_CONNECTIONS_PER_IP = 256
 # Descriptors kept free for what is not a client connection: the backend, log and audit
 # files, the CA and key files read at start, the resolver, the thread pool's pipes.
 FD_RESERVE = 64
 
 _log = Logger()
-
-
-@attrs.frozen
-class Limits:
-    """What the listeners enforce; ``max_connections`` counts every listener together."""
-
-    handshake_timeout: float = HANDSHAKE_TIMEOUT
-    max_connections: int = MAX_CONNECTIONS
-    max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP
 
 
 @attrs.frozen
@@ -69,7 +58,7 @@ class Admission:
 
 
 def plan_admission(live: Iterable[Seen], total: int, same: int, client: str,
-                   limits: Limits) -> Admission:
+                   limits: LimitsConfig) -> Admission:
     """Whether a new connection from ``client`` may join, and which live ones go for it.
 
     ``live`` is every live connection, oldest first (read lazily, only as far as needed);
@@ -126,7 +115,7 @@ def raise_fd_limit(wanted: int) -> int:
 class ConnectionTracker:
     """Every live connection of the process's listeners, oldest first, and the caps on them."""
 
-    def __init__(self, limits: Limits, clock: IReactorTime) -> None:
+    def __init__(self, limits: LimitsConfig, clock: IReactorTime) -> None:
         self.limits = limits
         self.clock = clock
         # Insertion order is age, in both; a client's entry goes with its last connection.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 
+import attrs
 from OpenSSL import crypto
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
@@ -30,7 +31,7 @@ from apptunnel.backend import open_backend
 from apptunnel.config import ConfigError, ProxyConfig
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder, tunnel_connector
-from apptunnel.proxy.limits import ConnectionTracker, LimitedFactory, Limits, raise_fd_limit
+from apptunnel.proxy.limits import ConnectionTracker, LimitedFactory, raise_fd_limit
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.tcp_access import TcpAccess
 from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_options
@@ -210,11 +211,8 @@ def _connection_tracker(config: ProxyConfig, reactor) -> ConnectionTracker:
     if budget < wanted.max_connections:
         log.warn("limits.max_connections {wanted} does not fit the open-file limit; using {budget} "
                  "(raise LimitNOFILE / ulimit -n)", wanted=wanted.max_connections, budget=budget)
-    limits = Limits(
-        handshake_timeout=wanted.handshake_timeout,
-        max_connections=budget,
-        max_connections_per_ip=min(wanted.max_connections_per_ip, budget),
-    )
+    limits = attrs.evolve(wanted, max_connections=budget,
+                          max_connections_per_ip=min(wanted.max_connections_per_ip, budget))
     return ConnectionTracker(limits, reactor)
 
 

@@ -7,10 +7,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from apptunnel.config import LimitsConfig as Limits
 from apptunnel.proxy.limits import (
     ConnectionTracker,
     LimitedFactory,
-    Limits,
     Seen,
     connection_budget,
     plan_admission,
