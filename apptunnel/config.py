@@ -426,6 +426,27 @@ class AppConfig:
 
 
 @attrs.frozen
+class LimitsConfig:
+    """``limits:``: what the web and tunnel listeners enforce on connections (proxy/limits.py)."""
+
+    handshake_timeout: float = 10.0
+    max_connections: int = 10_000
+    max_connections_per_ip: int = 256
+
+
+@attrs.frozen
+class ThrottleConfig:
+    """``auth.throttle:``: sign-in attempts (auth/throttle.py) and password hashing at once."""
+
+    max_failures_per_user: int = 5
+    max_failures_per_address: int = 20
+    window: float = 300.0
+    max_tracked: int = 10_000
+    concurrent_hashes: int = 2
+    queued_hashes: int = 32
+
+
+@attrs.frozen
 class ProxyConfig:
     """Everything the proxy process needs; paths are absolute."""
 
@@ -446,6 +467,8 @@ class ProxyConfig:
     keepalive_interval: float = 5.0
     keepalive_timeout: float = 15.0
     audit_file: str | None = None
+    limits: LimitsConfig = LimitsConfig()
+    throttle: ThrottleConfig = ThrottleConfig()
 
     @property
     def public_host(self) -> str:
@@ -499,6 +522,7 @@ class AgentConfig:
 _PROXY_KEYS = (
     "cluster_name", "data_dir", "public_addr", "web_listen_addr", "tunnel_listen_addr",
     "backend", "tls", "jwt", "session_ttl", "keepalive", "audit",
+    "limits", "auth",
 )
 _AGENT_KEYS = ("data_dir", "proxy_addr", "join", "keepalive", "apps")
 _APP_KEYS = (
@@ -540,6 +564,53 @@ def _keepalive(top: _Section) -> tuple[float, float]:
     if timeout <= interval:
         keepalive.fail("timeout", "must be longer than keepalive.interval")
     return interval, timeout
+
+
+def _count(section: _Section, key: str, default: int, most: int = 10_000_000) -> int:
+    """A whole number from 1 to ``most``."""
+    value = section.raw(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        section.fail(key, f"expected a whole number, got {_show(value)}")
+    if not 1 <= value <= most:
+        section.fail(key, f"must be from 1 to {most}, got {value}")
+    return value
+
+
+def _limits(top: _Section) -> LimitsConfig:
+    limits = top.section("limits", ("handshake_timeout", "max_connections",
+                                    "max_connections_per_ip"))
+    if limits is None:
+        return LimitsConfig()
+    default = LimitsConfig()
+    total = _count(limits, "max_connections", default.max_connections)
+    per_ip = _count(limits, "max_connections_per_ip", min(default.max_connections_per_ip, total))
+    if per_ip > total:
+        limits.fail("max_connections_per_ip", f"must not exceed max_connections ({total})")
+    return LimitsConfig(
+        handshake_timeout=limits.duration("handshake_timeout", default.handshake_timeout),
+        max_connections=total,
+        max_connections_per_ip=per_ip,
+    )
+
+
+def _throttle(top: _Section) -> ThrottleConfig:
+    auth = top.section("auth", ("throttle",))
+    throttle = auth.section("throttle", tuple(attrs.fields_dict(ThrottleConfig))) if auth else None
+    if throttle is None:
+        return ThrottleConfig()
+    default = ThrottleConfig()
+    return ThrottleConfig(
+        max_failures_per_user=_count(throttle, "max_failures_per_user",
+                                     default.max_failures_per_user, 1000),
+        max_failures_per_address=_count(throttle, "max_failures_per_address",
+                                        default.max_failures_per_address, 100_000),
+        window=throttle.duration("window", default.window),
+        max_tracked=_count(throttle, "max_tracked", default.max_tracked),
+        concurrent_hashes=_count(throttle, "concurrent_hashes", default.concurrent_hashes, 64),
+        queued_hashes=_count(throttle, "queued_hashes", default.queued_hashes, 10_000),
+    )
 
 
 def _build_proxy(path: str, data: _Map) -> ProxyConfig:
@@ -607,6 +678,8 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
         keepalive_interval=interval,
         keepalive_timeout=timeout,
         audit_file=audit_file,
+        limits=_limits(top),
+        throttle=_throttle(top),
     )
 
 

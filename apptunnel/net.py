@@ -7,7 +7,9 @@ certificate against the name the user gave, only the TCP connect uses the mapped
 
 from __future__ import annotations
 
-__all__ = ["loopback_host", "split_host_port"]
+import ipaddress
+
+__all__ = ["client_key", "loopback_host", "split_host_port"]
 
 
 def loopback_host(host: str) -> str:
@@ -55,3 +57,21 @@ def split_host_port(addr: str, default_port: int | None = None) -> tuple[str, in
     if not 0 < port < 65536:
         raise ValueError(f"port out of range (1-65535) in {addr!r}")
     return host, port
+
+
+def client_key(host: str) -> str:
+    """Whom a per-client limit counts: the IPv4 address, or the IPv6 /64 around it.
+
+    One IPv6 host usually holds a whole /64, so counting single v6 addresses would let
+    it take a fresh quota per address. IPv4-mapped v6 addresses count as their IPv4.
+    Anything that is not an IP address (a Unix socket, a test transport) counts as given.
+    """
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)

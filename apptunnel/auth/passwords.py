@@ -1,6 +1,7 @@
 """Password hashing with argon2id.
 
-Both functions are CPU-heavy on purpose: callers on the reactor run them in a thread.
+Both functions are CPU-heavy on purpose: callers on the reactor run them in a thread, and
+sign-in runs its checks through a ``HashQueue`` so only a few run at once.
 verify_password costs the same for unknown users (it checks a dummy hash), so response
 time does not reveal which usernames exist.
 """
@@ -8,8 +9,14 @@ time does not reveal which usernames exist.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable
 
 from argon2 import PasswordHasher, Type
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.threads import deferToThread
+
+from apptunnel.auth.throttle import Throttled
 
 MAX_PASSWORD_LENGTH = 1024
 
@@ -41,3 +48,88 @@ def verify_password(stored: str | None, pw: str) -> bool:
         return bool(ok) and stored is not None and candidate == pw
     except Exception:
         return False
+
+
+class HashQueue:
+    """Runs password checks a few at a time, with a bounded, fair queue in front.
+
+    Each argon2 check holds its memory cost (64 MiB by default) while it runs, so running
+    every request's check at once lets a flood of guesses take the proxy's memory. At most
+    ``concurrent`` run at once; at most ``queued`` wait, grouped by ``key`` (the client
+    address), and the next check comes from the address that has started the fewest
+    while it had checks running or waiting (round-robin among equals), so a newcomer goes before a
+    burst that has been waiting, and a flood cannot delay a real user by more than a
+    check or two. When the
+    queue is full, the address with the most waiting gives up its newest place to an
+    address with fewer; failing that, the check fails at once with ``Throttled`` (503),
+    costing nothing.
+    ``run_in_thread(f, *args)`` returns a Deferred (``deferToThread`` when not given).
+    """
+
+    def __init__(self, concurrent: int = 2, queued: int = 32,
+                 run_in_thread: Callable[..., Deferred] | None = None) -> None:
+        self._concurrent = concurrent
+        self._queued = queued
+        self._run = run_in_thread or deferToThread
+        self._running = 0
+        self._waiting: OrderedDict[str, deque[tuple[Deferred, tuple]]] = OrderedDict()
+        self._waiting_count = 0
+        # Per key with checks running or waiting: [running, started]. Bounded by
+        # concurrent + queued keys; a key that goes quiet is forgotten.
+        self._keys: dict[str, list[int]] = {}
+
+    def verify(self, key: str, stored: str | None, pw: str) -> Deferred:
+        """A Deferred firing with verify_password(stored, pw), or failing with Throttled."""
+        if self._running < self._concurrent:
+            return self._start(key, (stored, pw))
+        if self._waiting_count >= self._queued and not self._make_room(key):
+            return fail(_busy())
+        d: Deferred = Deferred()
+        self._waiting.setdefault(key, deque()).append((d, (stored, pw)))
+        self._keys.setdefault(key, [0, 0])
+        self._waiting_count += 1
+        return d
+
+    def _make_room(self, key: str) -> bool:
+        """Full: turn away the newest waiter of the address with the most waiting, if it
+        has more than ``key`` would after queueing; so a flood cannot crowd a newcomer out."""
+        mine = len(self._waiting.get(key, ()))
+        biggest = max(self._waiting, key=lambda k: len(self._waiting[k]))
+        if len(self._waiting[biggest]) <= mine + 1:
+            return False
+        waiter, _ = self._waiting[biggest].pop()
+        self._waiting_count -= 1
+        waiter.errback(_busy())
+        return True
+
+    def _start(self, key: str, args: tuple) -> Deferred:
+        self._running += 1
+        counts = self._keys.setdefault(key, [0, 0])
+        counts[0] += 1
+        counts[1] += 1
+        d = self._run(verify_password, *args)
+        d.addBoth(self._done, key)
+        return d
+
+    def _done(self, result, key: str):
+        self._running -= 1
+        counts = self._keys[key]
+        counts[0] -= 1
+        if not counts[0] and key not in self._waiting:
+            del self._keys[key]
+        if self._waiting:
+            # The address that has started the fewest checks lately goes next.
+            nxt = min(self._waiting, key=lambda k: self._keys[k][1])
+            queue = self._waiting[nxt]
+            waiter, args = queue.popleft()
+            self._waiting_count -= 1
+            if queue:
+                self._waiting.move_to_end(nxt)   # round-robin among equals
+            else:
+                del self._waiting[nxt]
+            self._start(nxt, args).chainDeferred(waiter)
+        return result
+
+
+def _busy() -> Throttled:
+    return Throttled(1, 503, "sign-in is busy", reason="busy")

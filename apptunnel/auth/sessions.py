@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from apptunnel.auth.directory import UserDirectory, effective_identity
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.locks import LockWatcher, lock_message
-from apptunnel.auth.passwords import verify_password
+from apptunnel.auth.passwords import HashQueue
+from apptunnel.auth.throttle import LoginThrottle, Throttled
 from apptunnel.auth.tokens import constant_time_equal, new_secret, secret_hash
 from apptunnel.backend.base import Backend
 from apptunnel.backend.records import AppSession, AuthCode, Lock, User, WebSession
@@ -89,6 +89,8 @@ class SessionManager:
         locks: LockWatcher | None = None,
         audit: AuditLog | None = None,
         users: UserDirectory | None = None,
+        throttle: LoginThrottle | None = None,
+        hashes: HashQueue | None = None,
     ) -> None:
         self._backend = backend
         self._clock = clock
@@ -101,19 +103,31 @@ class SessionManager:
         self._audit = audit
         self._users = users
         self._lock_audited: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._throttle = throttle or LoginThrottle()
+        self._hashes = hashes or HashQueue()
 
     # -- login ------------------------------------------------------------------
 
-    async def login(self, username: str, password: str) -> User:
-        """The user if the password matches; one uniform 401 for every other case."""
+    async def login(self, username: str, password: str, address: str = "") -> User:
+        """The user if the password matches; one uniform 401 for every other case.
+
+        Throttled (429) before any work when the name or the client ``address`` has used up
+        its attempts, known user or not; Throttled (503) when too many checks are waiting.
+        """
+        self._throttle.attempt(username, address, self._clock.seconds())
         user = None
         if isinstance(username, str) and 0 < len(username) <= MAX_USERNAME_LENGTH:
             user = await self._backend.get_user(username)
         stored = user.password_hash if user is not None else None
         # Always run argon2 (a dummy hash for unknown users) so timing reveals nothing.
-        ok = await deferToThread(verify_password, stored, password)
+        try:
+            ok = await self._hashes.verify(address, stored, password)
+        except Throttled:
+            self._throttle.abandoned(username, address)
+            raise
         if not ok or user is None:
             raise AuthError(401, LOGIN_FAILED)
+        self._throttle.succeeded(username, address)
         # Only after the password matched, so a lock message tells a stranger nothing.
         self._refuse_if_locked(user.name, None, "login")
         return user

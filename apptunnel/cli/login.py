@@ -103,6 +103,8 @@ def login(args: argparse.Namespace, io: Io, now: Callable[[], float] = time.time
         client.close()
     if code == 401:
         raise CliError(f"login to {args.proxy} failed: invalid username or password")
+    if code in (429, 503):   # throttled or busy: the proxy's message says how long to wait
+        raise CliError(f"login to {args.proxy} failed: {_error_text(answer)}")
     if code != 200 or not isinstance(answer, dict):
         raise CliError(f"the proxy at {args.proxy} refused the login: "
                        f"{_error_text(answer)} (HTTP {code})")

@@ -74,6 +74,10 @@ class EdgeProtocol(Protocol):
         else:
             self._refuse(421, f"host {host!r} is not served here")
 
+    def is_idle(self) -> bool:
+        """Still waiting for the first head: the connection limits may shed it."""
+        return self._inner is None
+
     def connectionLost(self, reason: Failure) -> None:
         self._cancel_timer()
         if self._inner is not None:

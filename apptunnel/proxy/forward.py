@@ -852,6 +852,10 @@ class AppConnection(Protocol):
         self._close()
         self.transport.abortConnection()
 
+    def is_idle(self) -> bool:
+        """Between requests (no exchange, not upgraded): the connection limits may shed it."""
+        return self._ex is None and not self._raw
+
     def tunnel_draining(self, tunnel) -> None:
         """Close our idle upstream stream if it rides on ``tunnel`` (which is going away).
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 
+import attrs
 from OpenSSL import crypto
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
@@ -23,13 +24,16 @@ from apptunnel.auth.ca import ClusterCA, load_server_tls
 from apptunnel.auth.directory import UserDirectory
 from apptunnel.auth.jwt import JwtKeys, JwtSigner
 from apptunnel.auth.locks import LockWatcher
+from apptunnel.auth.passwords import HashQueue
 from apptunnel.auth.policy import RoleCache
 from apptunnel.auth.sessions import SessionManager
+from apptunnel.auth.throttle import LoginThrottle
 from apptunnel.backend import open_backend
 from apptunnel.config import ConfigError, ProxyConfig
 from apptunnel.proxy.control import ControlFactory, control_endpoint
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder, tunnel_connector
+from apptunnel.proxy.limits import ConnectionTracker, LimitedFactory, raise_fd_limit
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.tcp_access import TcpAccess
 from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_options
@@ -111,12 +115,19 @@ class ProxyService(MultiService):
         self.audit = AuditLog(self.backend, reactor, json_file=config.audit_file)
         self.locks = LockWatcher(self.backend, reactor)
         self.users = UserDirectory(self.backend, reactor)
-        self.sessions = SessionManager(self.backend, reactor, config.session_ttl,
-                                       locks=self.locks, audit=self.audit, users=self.users)
+        throttle = config.throttle
+        self.sessions = SessionManager(
+            self.backend, reactor, config.session_ttl, locks=self.locks, audit=self.audit,
+            users=self.users,
+            throttle=LoginThrottle(throttle.max_failures_per_user, throttle.max_failures_per_address,
+                                   throttle.window, throttle.max_tracked),
+            hashes=HashQueue(throttle.concurrent_hashes, throttle.queued_hashes),
+        )
         self.roles = RoleCache(self.backend, reactor)
         self.jwt_keys = JwtKeys.load_or_create(config.data_dir, config.jwt_algorithm)
         self.signer = JwtSigner(self.jwt_keys, config.cluster_name, reactor, config.jwt_ttl)
         self.registry = AgentRegistry()
+        self.connections = _connection_tracker(config, reactor)
 
         self.web = WebApp(
             config, self.sessions, self.roles, self.registry, self.audit,
@@ -147,7 +158,8 @@ class ProxyService(MultiService):
             reactor, config.web_listen_port, _web_tls_options(web_cert, web_key, web_chain, self.ca.cert_pem),
             interface=config.web_listen_host,
         )
-        StreamServerEndpointService(web_endpoint, edge).setServiceParent(self)
+        StreamServerEndpointService(
+            web_endpoint, LimitedFactory(edge, self.connections)).setServiceParent(self)
 
         tunnel_factory = TunnelServerFactory(
             ca=self.ca,
@@ -166,7 +178,9 @@ class ProxyService(MultiService):
             tunnel_tls_options(self.ca.cert_pem, own_cert, own_key),
             interface=config.tunnel_listen_host,
         )
-        StreamServerEndpointService(tunnel_endpoint, tunnel_factory).setServiceParent(self)
+        # The same limits as the web port: an agent's port is just as reachable.
+        StreamServerEndpointService(
+            tunnel_endpoint, LimitedFactory(tunnel_factory, self.connections)).setServiceParent(self)
         TimerService(_SWEEP_INTERVAL, self._sweep).setServiceParent(self)
         # The admin CLI on this machine asks here so its changes hold before it returns.
         control = control_endpoint(reactor, config.data_dir)
@@ -211,6 +225,18 @@ class ProxyService(MultiService):
         d = defer.ensureDeferred(self.backend.delete_expired(self.reactor.seconds()))
         d.addErrback(lambda f: log.failure("expiry sweep failed", f))
         return d
+
+
+def _connection_tracker(config: ProxyConfig, reactor) -> ConnectionTracker:
+    """One count for both listeners (they share the descriptor table), fitted into it."""
+    wanted = config.limits
+    budget = raise_fd_limit(wanted.max_connections)
+    if budget < wanted.max_connections:
+        log.warn("limits.max_connections {wanted} does not fit the open-file limit; using {budget} "
+                 "(raise LimitNOFILE / ulimit -n)", wanted=wanted.max_connections, budget=budget)
+    limits = attrs.evolve(wanted, max_connections=budget,
+                          max_connections_per_ip=min(wanted.max_connections_per_ip, budget))
+    return ConnectionTracker(limits, reactor)
 
 
 def _ip_hosts(*hosts: str) -> list[str]:

@@ -33,6 +33,7 @@ from apptunnel.auth.directory import REMOVED_MESSAGE, effective_identity
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.locks import lock_message
 from apptunnel.auth.redirects import safe_path
+from apptunnel.auth.throttle import Throttled
 from apptunnel.proxy.registry import host_only
 
 if TYPE_CHECKING:
@@ -82,7 +83,9 @@ _HEADINGS = {
     413: ("Request too large", "The request body is larger than this address accepts."),
     415: ("Unsupported media type", "This address accepts application/json only."),
     421: ("Wrong address", "This connection serves the proxy itself, not that address."),
+    429: ("Too many attempts", "Too many attempts; wait a little and try again."),
     500: ("Something went wrong", "The proxy could not complete the request; it has been logged."),
+    503: ("Busy", "The proxy is busy; try again in a moment."),
 }
 
 _JSON_PREFIXES = (b"/v1/", b"/.well-known/", b"/healthz")
@@ -443,10 +446,17 @@ class WebApp:
                              method="password", client=client)
             raise AuthError(401, LOGIN_FAILED)
         try:
-            user = await self._sessions.login(username, password)
-        except AuthError:
+            user = await self._sessions.login(username, password, _client_host(request))
+        except Throttled as err:
+            # Same answer for known and unknown names; Retry-After for scripts and the CLI.
+            request.setHeader(b"Retry-After", str(err.retry_after).encode("ascii"))
             self._audit.emit("user.login", actor=username, outcome="failure",
-                             method="password", client=client)
+                             method="password", client=client, reason=err.reason)
+            raise
+        except AuthError as err:
+            reason = "locked" if err.status == 403 else "invalid credentials"
+            self._audit.emit("user.login", actor=username, outcome="failure",
+                             method="password", client=client, reason=reason)
             raise
         self._audit.emit("user.login", actor=user.name, method="password", client=client)
         return user
@@ -622,6 +632,11 @@ def _set_session_cookie(request, secret: str, max_age: float) -> None:
         f"{SESSION_COOKIE}={secret}; Path=/; Secure; HttpOnly; SameSite=Lax; "
         f"Max-Age={int(max_age)}".encode("ascii"),
     )
+
+
+def _client_host(request) -> str:
+    """The client's IP address alone: what sign-in throttling counts per address."""
+    return str(getattr(request.getClientAddress(), "host", "") or "")
 
 
 def _client(request) -> str:
