@@ -309,6 +309,7 @@ class AppForwarder(Factory):
         clock: IReactorTime,
         connect_app: ConnectApp,
         idle_timeout: float = 120.0,
+        head_timeout: float = 30.0,
         upgraded_idle_timeout: float = 3600.0,
         connect_timeout: float = 15.0,
         decision_ttl: float = 5.0,
@@ -325,6 +326,9 @@ class AppForwarder(Factory):
         self.clock = clock
         self.connect_app = connect_app
         self.idle_timeout = idle_timeout
+        # Every request head must be whole this long after its first byte: the idle timer
+        # alone restarts on each byte, so a head sent a byte a second would never end.
+        self.head_timeout = head_timeout
         self.upgraded_idle_timeout = upgraded_idle_timeout
         self.connect_timeout = connect_timeout
         self._decision_ttl = decision_ttl
@@ -792,6 +796,7 @@ class AppConnection(Protocol):
         self._client_ip = ""
         self._last_active = 0.0
         self._timer = None
+        self._head_timer = None
 
     # Client side
 
@@ -839,6 +844,7 @@ class AppConnection(Protocol):
             self._bad_request(err)
             return
         self._queue(events)
+        self._watch_head()
         # Pause only when the client actually sends more while we are busy with a request:
         # what arrived is held (one read at most), and the common case (one request, then
         # wait for its response) costs no syscalls.
@@ -855,6 +861,7 @@ class AppConnection(Protocol):
             self._expiry.cancel()
         self._expiry = None
         self._cancel_timer()
+        self._cancel_head_timer()
         if self._connecting is not None:
             self._connecting.cancel()
         ex = self._ex
@@ -1037,6 +1044,7 @@ class AppConnection(Protocol):
             self._bad_request(err)
             return
         self._queue(events)
+        self._watch_head()
 
     def _bad_request(self, err: HttpError) -> None:
         self._log.info("bad request from {ip}: {why}", ip=self._client_ip, why=err.reason)
@@ -1213,6 +1221,7 @@ class AppConnection(Protocol):
             return
         self._closing = True
         self._cancel_timer()
+        self._cancel_head_timer()
         ex, self._ex = self._ex, None
         in_flight = ex is not None and not ex.response_done
         if in_flight:
@@ -1221,6 +1230,27 @@ class AppConnection(Protocol):
         self._drop_upstream(abort=in_flight or self._raw)
         self.transport.unregisterProducer()
         self.transport.loseConnection()
+
+    def _watch_head(self) -> None:
+        """Start the head deadline at a head's first byte; stop it once the head is read."""
+        waiting = self._reader.state == "head" and self._reader.held > 0 and not self._closing
+        if waiting and self._head_timer is None:
+            self._head_timer = self._clock.callLater(self._fw.head_timeout, self._head_late)
+        elif not waiting:
+            self._cancel_head_timer()
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self._closing or self._reader.state != "head":
+            return
+        self._log.info("request head from {ip} not complete in time; closing", ip=self._client_ip)
+        self.transport.write(pages.error_response(408, close=True))
+        self._close()
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None and self._head_timer.active():
+            self._head_timer.cancel()
+        self._head_timer = None
 
     def _touch(self) -> None:
         self._last_active = self._clock.seconds()

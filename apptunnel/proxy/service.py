@@ -16,7 +16,6 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, ssl
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA, load_server_tls
@@ -31,6 +30,7 @@ from apptunnel.proxy.forward import AppForwarder, tunnel_connector
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.tcp_access import TcpAccess
 from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_options
+from apptunnel.proxy.web_channel import WebSite
 from apptunnel.web.routes import WebApp
 
 log = Logger()
@@ -119,7 +119,7 @@ class ProxyService(MultiService):
             config, self.sessions, self.roles, self.registry, self.audit,
             self.jwt_keys, self.ca, reactor,
         )
-        site = Site(self.web.resource())
+        site = WebSite(self.web.resource())  # a deadline on every request head
         site.displayTracebacks = False
         self.forwarder = AppForwarder(
             config=config,
