@@ -567,3 +567,29 @@ def test_peek_finds_the_same_first_head_whatever_the_split(msgs, cuts):
         found = found or head
     assert found == msgs[0][0]
     assert peek.data == stream
+
+
+def _outcome(chunks):
+    """Events (body bytes joined) or the HttpError status, for split comparisons."""
+    try:
+        events, _ = read_requests(chunks)
+    except HttpError as err:
+        return ("error", err.status)
+    return ("events", events)
+
+
+_chunk_lines = st.lists(st.sampled_from([
+    b"3\r\nabc\r\n", b"A;x=y\r\n0123456789\r\n", b"3 \r\nabc\r\n", b"0\r\n", b"\r\n", b"X-T: 1\r\n",
+    b"Bad Name: 1\r\n", b"zz\r\n", b"3\r\nabcd", b"\r", b"\n", b"1\r\n\r\n\r\n", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+]), max_size=10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_chunk_lines, st.lists(st.integers(0, 10**6), max_size=8))
+def test_chunked_bodies_give_the_same_outcome_for_any_split(lines, cuts):
+    """Resumed line scanning: any split (and byte at a time) gives what one write gives,
+    errors included."""
+    data = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(lines)
+    whole = _outcome([data])
+    assert _outcome(splits(data, cuts)) == whole
+    assert _outcome([data[i:i + 1] for i in range(len(data))]) == whole
