@@ -97,6 +97,22 @@ def test_foreign_host_is_421_and_closed():
     assert transport.disconnecting
 
 
+def test_first_head_a_byte_at_a_time_costs_linear_time():
+    """A 60 KB first head in 1-byte reads is routed in linear time (the edge used to
+    join and re-parse everything held on each read: quadratic)."""
+    import time
+
+    _, transport = connect(make_edge(Clock()))
+    raw = b"GET / HTTP/1.1\r\nHost: nothing." + PUBLIC.encode() + b"\r\nX-Pad: " + b"p" * 60000 + b"\r\n\r\n"
+    edge = transport.protocol
+    started = time.process_time()
+    for i in range(len(raw)):
+        edge.dataReceived(raw[i:i + 1])
+    elapsed = time.process_time() - started
+    assert transport.value().startswith(b"HTTP/1.1 404 ")
+    assert elapsed < 0.3, elapsed  # about 0.05 s now; the old edge took about 1 s
+
+
 def test_oversized_first_head_is_431():
     """A first head over the limit is refused with 431 before its end arrives."""
     _, transport = connect(make_edge(Clock()))

@@ -537,7 +537,7 @@ def test_head_scanner_resumes_across_leading_empty_lines_and_split_crlf():
 
 @pytest.mark.parametrize("feed", ["reader", "peek"])
 def test_slow_head_costs_linear_time(feed):
-    """60 KB of head in 1-byte writes parses in well under a second (it took seconds before)."""
+    """60 KB of head in 1-byte writes parses in linear time (about 0.05 s of CPU)."""
     import time
 
     from apptunnel.proxy.http1 import RequestHeadPeek
@@ -549,7 +549,7 @@ def test_slow_head_costs_linear_time(feed):
     elapsed = time.process_time() - started
     assert results[-1]  # the head came out at the last byte
     assert not any(results[:-1])
-    assert elapsed < 1.0, elapsed
+    assert elapsed < 0.3, elapsed  # about 0.05 s of CPU now
 
 
 @settings(max_examples=100, deadline=None)
