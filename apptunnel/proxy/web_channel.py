@@ -22,9 +22,10 @@ HEAD_TIMEOUT = 30.0
 class HeadDeadlineChannel(HTTPChannel):
     """An ``HTTPChannel`` that closes a connection whose request head arrives too slowly.
 
-    A head starts with its first byte while no request is being read or answered; it
-    ends at ``allHeadersReceived``. Bytes that arrive while a request is answered are
-    buffered by the channel and read afterwards; their head's deadline starts then.
+    A head starts with its first byte after the previous request's body; it ends at
+    ``allHeadersReceived``. Bytes that arrive while a request is answered are buffered by
+    the channel and read afterwards: if they leave a partial head, its deadline starts
+    when the answer is done.
     """
 
     _log = Logger()
@@ -34,15 +35,15 @@ class HeadDeadlineChannel(HTTPChannel):
         super().__init__()
         self._head_call = None
         self._awaiting_head = True   # the next bytes read belong to a request head
+        self._head_started = False   # ... and some of them have arrived
         self._answering = False      # a whole request is being answered
-        self._held_while_answering = False
         self._abort_call = None
 
     def dataReceived(self, data: bytes) -> None:
-        if self._answering:
-            self._held_while_answering = self._held_while_answering or bool(data)
-        elif data and self._awaiting_head:
-            self._start_head_deadline()
+        if data and self._awaiting_head:
+            self._head_started = True
+            if not self._answering:  # else the channel buffers them until the answer is done
+                self._start_head_deadline()
         super().dataReceived(data)
 
     def headerReceived(self, line: bytes) -> bool:
@@ -55,7 +56,7 @@ class HeadDeadlineChannel(HTTPChannel):
         return super().headerReceived(line)
 
     def allHeadersReceived(self) -> None:
-        self._awaiting_head = False
+        self._awaiting_head = self._head_started = False
         self._stop_head_deadline()
         super().allHeadersReceived()
 
@@ -66,10 +67,9 @@ class HeadDeadlineChannel(HTTPChannel):
 
     def requestDone(self, request) -> None:
         self._answering = False
-        held, self._held_while_answering = self._held_while_answering, False
         # Replays the bytes buffered meanwhile: they may hold (part of) the next head.
         super().requestDone(request)
-        if held and self._awaiting_head and not self._answering:
+        if self._awaiting_head and self._head_started and not self._answering:
             self._start_head_deadline()
 
     def connectionLost(self, reason) -> None:

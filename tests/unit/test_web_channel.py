@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.web import resource
+from twisted.web import resource, server
 
 from apptunnel.proxy.web_channel import WebSite
 
@@ -117,3 +117,53 @@ def test_unread_408_is_aborted_later():
     assert transport.disconnecting and not aborted
     clock.advance(channel.abortTimeout + 1)
     assert aborted
+
+
+class Later(resource.Resource):
+    """Answers only when the test says so, like an async Klein handler."""
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.pending = []
+
+    def render_GET(self, request):
+        self.pending.append(request)
+        return server.NOT_DONE_YET
+
+
+def test_head_buffered_while_answering_gets_its_deadline_after_the_answer():
+    """Pipelined bytes held during a slow answer: a whole head is served, a partial one is timed
+    from the answer's end, and nothing is timed when nothing is left."""
+    clock = Clock()
+    later = Later()
+    site = WebSite(later, head_timeout=30, reactor=clock)
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(HEAD + HEAD + b"GET / HT")
+    clock.advance(40)  # the first answer takes longer than the head deadline
+    assert not transport.disconnecting
+    later.pending.pop(0).finish()  # the second head was whole: it is read at once
+    assert len(later.pending) == 1
+    later.pending.pop(0).finish()  # the third is partial: its deadline starts now
+    clock.advance(29)
+    assert not transport.disconnecting
+    clock.advance(2)
+    assert transport.disconnecting and b"408 Request Timeout" in transport.value()
+
+
+def test_nothing_left_after_an_answer_means_no_head_deadline():
+    """Bytes of a whole pipelined request held during an answer do not start a deadline."""
+    clock = Clock()
+    later = Later()
+    site = WebSite(later, head_timeout=30, reactor=clock)
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(HEAD + HEAD)
+    later.pending.pop(0).finish()
+    later.pending.pop(0).finish()
+    clock.advance(45)
+    assert not transport.disconnecting
