@@ -553,9 +553,6 @@ class RequestHeadPeek:
     def data(self) -> bytes:
         return bytes(self._buf)
 
-    def __len__(self) -> int:
-        return len(self._buf)
-
     def receive(self, data: bytes) -> RequestHead | None:
         """The head once it is complete (HttpError if it is bad), else None."""
         self._buf += data
