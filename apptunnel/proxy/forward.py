@@ -342,6 +342,7 @@ class AppForwarder(Factory):
         self.locks = locks
         self.connections: set[AppConnection] = set()
         self._lock_audited: dict[tuple[str, str], float] = {}
+        self._cookies_dropped: set[tuple[str, bytes]] = set()  # (app, cookie name) logged once
         if locks is not None:
             locks.add_listener(self._lock_added)
         registry.add_drain_listener(self._tunnel_draining)
@@ -666,6 +667,16 @@ class AppForwarder(Factory):
             out.set(name.encode("ascii"), value.encode("utf-8"))
         return RequestHead(head.method, head.target, head.version, out)
 
+    def _cookie_dropped(self, app: str, name: bytes) -> None:
+        """One log line per (app, cookie name), not one per response."""
+        if (app, name) in self._cookies_dropped:
+            return
+        if len(self._cookies_dropped) >= self._max_cached:
+            self._cookies_dropped.clear()
+        self._cookies_dropped.add((app, name))
+        self._log.info("dropped a Set-Cookie with a Domain from app {app}: {name} (only host-only "
+                       "cookies reach the browser)", app=app, name=name.decode("latin-1"))
+
     def response_head(self, head: ResponseHead, app: AppInfo, fixed: bool = False) -> ResponseHead:
         """The head the client sees: app-origin redirects made public, our cookies kept ours.
 
@@ -681,8 +692,7 @@ class AppForwarder(Factory):
             if lname == b"set-cookie" and value.lstrip().startswith(prefix):
                 continue
             if lname == b"set-cookie" and cookie_has_domain(value):
-                self._log.info("dropped a Set-Cookie with a Domain from app {app}: {name}", app=app.name,
-                               name=value.partition(b"=")[0].strip().decode("latin-1")[:100])
+                self._cookie_dropped(app.name, value.partition(b"=")[0].strip()[:100])
                 continue
             if lname == b"location":
                 text = value.decode("latin-1")

@@ -309,3 +309,28 @@ async def test_local_port_serves_same_origin_and_non_browser_requests(cenv, head
     head, body = await client.request(request_bytes("POST", "/echo", host=f"127.0.0.1:{port}",
                                                     headers=headers, body=b"x=1"), b"POST")
     assert head.status == 200, body
+
+
+def test_dropped_domain_cookie_is_logged_once_per_app_and_name(env):
+    """An app that sets a Domain cookie on every response costs one log line, not one per response."""
+    from twisted.logger import globalLogPublisher
+
+    from apptunnel.proxy.http1 import Headers, ResponseHead
+
+    lines = []
+
+    def observer(event):
+        if "Set-Cookie with a Domain" in event.get("log_format", ""):
+            lines.append(event)
+
+    app = env.registry.app("grafana")
+    head = ResponseHead(b"HTTP/1.1", 200, b"OK", Headers([(b"Set-Cookie", b"a=1; Domain=apptunnel.localhost"),
+                                                          (b"Set-Cookie", b"b=1; Path=/")]))
+    globalLogPublisher.addObserver(observer)
+    try:
+        for _ in range(5):
+            out = env.forwarder.response_head(head, app)
+            assert out.headers.get_all(b"set-cookie") == [b"b=1; Path=/"]
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert len(lines) == 1
