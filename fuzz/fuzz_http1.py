@@ -6,8 +6,9 @@ bytes (responses: the methods of the requests they answer, in turn), a cut count
 
 * nothing but ``HttpError`` leaves the readers;
 * every head re-parses from the exact bytes it was taken from;
-* body bytes are exactly the stream's bytes after the head, in order, with nothing lost
-  or repeated (requests: bytes accounted for + bytes held == bytes fed);
+* body bytes (and a chunked body's trailer section) are exactly the stream's bytes after
+  the head, in order, with nothing lost or repeated (requests: bytes accounted for +
+  bytes held == bytes fed);
 * at ``EndOfMessage`` the body is exactly what its head framed: Content-Length bytes, or
   a complete chunked body (checked by an independent, simpler chunk parser).
 
@@ -108,7 +109,7 @@ class _Checker:
         for ev in events:
             if isinstance(ev, (H.RequestHead, H.ResponseHead)):
                 self.take_head(ev)
-            elif isinstance(ev, H.BodyBytes):
+            elif isinstance(ev, (H.BodyBytes, H.Trailers)):
                 self.take_body(ev.data)
             elif isinstance(ev, H.Upgraded):
                 self.raw = True

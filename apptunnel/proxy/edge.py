@@ -16,7 +16,8 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from apptunnel.proxy import pages
-from apptunnel.proxy.http1 import MAX_HEAD, HttpError, peek_request_head
+from apptunnel.proxy.headers import valid_host
+from apptunnel.proxy.http1 import HttpError, RequestHeadPeek
 from apptunnel.proxy.registry import host_only
 from apptunnel.proxy.tcp_access import is_tcp_request
 from apptunnel.tunnel.endpoints import no_delay
@@ -32,8 +33,7 @@ class EdgeProtocol(Protocol):
     def __init__(self, factory: "EdgeFactory", addr: IAddress) -> None:
         self._factory = factory
         self._addr = addr
-        self._held: list[bytes] = []
-        self._held_size = 0
+        self._held: RequestHeadPeek | None = RequestHeadPeek()  # None once refused
         self._inner: Protocol | None = None
         self._timer = None
 
@@ -48,20 +48,19 @@ class EdgeProtocol(Protocol):
             return
         if self._held is None:
             return  # refused; closing
-        self._held.append(data)
-        self._held_size += len(data)
-        buffered = b"".join(self._held)
-        self._held = [buffered]
         try:
-            head = peek_request_head(buffered)
+            # Resumes where the last read stopped: a head sent a byte at a time is searched
+            # once, not once per byte (the held bytes are bounded by MAX_HEAD there).
+            head = self._held.receive(data)
         except HttpError as err:
             self._refuse(err.status, str(err))
             return
         if head is None:
-            if self._held_size > MAX_HEAD:
-                self._refuse(431, "request head too large")
             return
         host_raw = head.headers.get(b"host")
+        if host_raw is not None and not valid_host(host_raw):
+            self._refuse(400, "malformed Host")
+            return
         host = host_only(host_raw.decode("latin-1")) if host_raw is not None else None
         if host is None or host == self._factory.public_host:
             tcp_access = self._factory.tcp_access
@@ -85,7 +84,7 @@ class EdgeProtocol(Protocol):
 
     def _hand_over(self, inner: Protocol) -> None:
         self._cancel_timer()
-        data = b"".join(self._held)
+        data = self._held.data
         self._held = None
         self._inner = inner
         transport = self.transport

@@ -38,6 +38,7 @@ from apptunnel.auth.ca import user_identity
 from apptunnel.auth.directory import REMOVED_MESSAGE, effective_identity
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.locks import lock_matches, lock_message
+from apptunnel.auth.origins import own_origins, same_origin
 from apptunnel.auth.sessions import PROXY_COOKIE_PREFIX
 from apptunnel.proxy import pages
 from apptunnel.proxy.http1 import (
@@ -49,8 +50,17 @@ from apptunnel.proxy.http1 import (
     RequestReader,
     ResponseHead,
     ResponseReader,
+    Trailers,
     Upgraded,
     keep_alive,
+)
+from apptunnel.proxy.headers import (
+    LOOPBACK_ORIGIN,
+    client_headers,
+    cookie_has_domain,
+    identity_names,
+    local_port_cross_site,
+    valid_host,
 )
 from apptunnel.proxy.registry import AgentRegistry, AppInfo, host_only
 from apptunnel.tunnel.errors import StreamRefused, TunnelLost
@@ -62,18 +72,12 @@ AUTH_PATH = b"/.apptunnel/auth"
 LOGOUT_PATH = b"/.apptunnel/logout"
 STATE_MAX_AGE = 300
 LOCK_AUDIT_INTERVAL = 10.0  # one lock.enforced per (user, app) per this many seconds
-_LOOPBACK_ORIGIN = re.compile(r"http://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?")
 
 # Bytes held per connection while a request is being authorized, and bytes of a request
 # body thrown away after answering it here, before the connection is closed instead.
 MAX_PENDING = 1024 * 1024
 MAX_DISCARD = 1024 * 1024
 
-_HOP_BY_HOP = frozenset(
-    [b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"]
-)
-# Never removed because a client listed them in Connection: framing and routing.
-_PROTECTED = frozenset([b"host", b"content-length", b"transfer-encoding"])
 _NOT_REWRITABLE = frozenset([b"content-length", b"transfer-encoding", b"connection", b"upgrade"])
 _TEMPLATE = re.compile(r"\{\{\s*(internal|external)\.([A-Za-z0-9_.\-]+)\s*\}\}")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -244,6 +248,21 @@ def _internal_origins(uri: str) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=1024)
+def _app_origins(public_addr: str) -> frozenset[str]:
+    """The Origin values of the app's pages: https on its public address."""
+    netloc = urlsplit("//" + public_addr).netloc
+    host, sep, port = netloc.rpartition(":")
+    if sep and port.isdigit() and (not host.startswith("[") or host.endswith("]")):
+        return own_origins(host, int(port))
+    return own_origins(netloc, 443)
+
+
+@functools.lru_cache(maxsize=1024)
+def _identity_names(jwt_header: str, rewrite_headers: tuple[tuple[str, str], ...]) -> frozenset[bytes]:
+    return identity_names(jwt_header, (name for name, _ in rewrite_headers))
+
+
+@functools.lru_cache(maxsize=1024)
 def _app_host_header(uri: str) -> bytes:
     parts = urlsplit(uri)
     return parts.netloc.rpartition("@")[2].encode("ascii", "ignore")
@@ -293,6 +312,7 @@ class AppForwarder(Factory):
         clock: IReactorTime,
         connect_app: ConnectApp,
         idle_timeout: float = 120.0,
+        head_timeout: float = 30.0,
         upgraded_idle_timeout: float = 3600.0,
         connect_timeout: float = 15.0,
         decision_ttl: float = 5.0,
@@ -310,13 +330,15 @@ class AppForwarder(Factory):
         self.clock = clock
         self.connect_app = connect_app
         self.idle_timeout = idle_timeout
+        # Every request head must be whole this long after its first byte: the idle timer
+        # alone restarts on each byte, so a head sent a byte a second would never end.
+        self.head_timeout = head_timeout
         self.upgraded_idle_timeout = upgraded_idle_timeout
         self.connect_timeout = connect_timeout
         self._decision_ttl = decision_ttl
         self._max_cached = max_cached_decisions
         self._decisions: dict[tuple[str, str], _Cached] = {}
         self._jwt_header = config.jwt_header.encode("ascii")
-        self._jwt_header_l = self._jwt_header.lower()
         self._public_host = host_only(config.public_addr)
         # With the cluster CA, app hosts also accept a user certificate (apps config);
         # with a lock watcher, a new lock cuts the live connections it covers.
@@ -324,6 +346,7 @@ class AppForwarder(Factory):
         self.locks = locks
         self.connections: set[AppConnection] = set()
         self._lock_audited: dict[tuple[str, str], float] = {}
+        self._cookies_dropped: set[tuple[str, bytes]] = set()  # (app, cookie name) logged once
         if locks is not None:
             locks.add_listener(self._lock_added)
         # With the user directory, a removed user or a role change re-checks live ones.
@@ -431,7 +454,7 @@ class AppForwarder(Factory):
             return Answer(pages.error_response(status, headers=headers, close=c, head_only=head_only), status, c)
 
         host_raw = head.headers.get(b"host")
-        if host_raw is None:
+        if not valid_host(host_raw):
             return page(400, close_now=True)
         host = host_raw.decode("latin-1")
         app = self.registry.app_by_host(host)
@@ -450,7 +473,7 @@ class AppForwarder(Factory):
         if path == AUTH_PATH:
             return await self._redeem(app, query, cookies, close, head_only)
         if path == LOGOUT_PATH:
-            return await self._logout(app, cookies, close, head_only)
+            return await self._logout(app, head, cookies, close, head_only)
 
         app_session = await self.sessions.app_session(cookies.get(APP_COOKIE), app.name)
         cached = await self._decide(app_session, app) if app_session is not None else None
@@ -499,12 +522,21 @@ class AppForwarder(Factory):
             return Answer(pages.error_response(503, close=close, head_only=head_only), 503, close)
         if head.method == b"CONNECT":
             return Answer(pages.error_response(405, close=True, head_only=head_only), 405, True)
-        if not head.target.startswith(b"/"):
+        host_raw = head.headers.get(b"host")
+        if not head.target.startswith(b"/") or (host_raw is not None and not valid_host(host_raw)):
             return Answer(pages.error_response(400, close=True, head_only=head_only), 400, True)
         if not _local_host_ok(head.headers.get(b"host"), app.public_addr):
             self._log.info("refused {app} through a local port for Host {host!r}", app=app.name,
                            host=(head.headers.get(b"host") or b"").decode("latin-1")[:100])
             return Answer(pages.error_response(421, close=True, head_only=head_only), 421, True)
+        why = local_port_cross_site(head.headers, f"https://{app.public_addr}")
+        if why is not None:
+            self._log.info("refused {app} through a local port for {user}: {why}", app=app.name,
+                           user=caller.user, why=why)
+            self.audit.emit("access.denied", actor=caller.user, target=app.name, outcome="failure",
+                            reason=why, client_ip=client_ip, method=head.method.decode("latin-1"),
+                            path=head.target.partition(b"?")[0].decode("latin-1"))
+            return Answer(pages.error_response(403, close=True, head_only=head_only), 403, True)
         return await self._by_certificate(head, app, caller, client_ip, True)
 
     async def _by_certificate(self, head: RequestHead, app: AppInfo, caller: CertCaller,
@@ -534,7 +566,7 @@ class AppForwarder(Factory):
             origin = (head.headers.get(b"origin") or b"").decode("latin-1").lower()
             if fixed:
                 # Through a local port: a browser page must come from a loopback origin.
-                ok = not origin or _LOOPBACK_ORIGIN.fullmatch(origin) is not None
+                ok = not origin or LOOPBACK_ORIGIN.fullmatch(origin) is not None
             else:
                 ok = origin == f"https://{app.public_addr}".lower()
             if not ok or head.method != b"GET":
@@ -542,9 +574,7 @@ class AppForwarder(Factory):
                                 reason="WebSocket origin mismatch", client_ip=client_ip,
                                 method=method, path=path)
                 return Answer(pages.error_response(403, close=close, head_only=head_only), 403, close)
-        forwarded_host = app.public_addr.encode("ascii", "replace") if fixed else None
-        out = self._app_head(head, app, caller.fingerprint, cached.web, client_ip, upgrade,
-                             forwarded_host)
+        out = self._app_head(head, app, caller.fingerprint, cached.web, client_ip, upgrade)
         return Forward(app, out, caller.user, upgrade, caller)
 
     async def _decide_cert(self, caller: CertCaller, app: AppInfo) -> _Cached:
@@ -631,7 +661,27 @@ class AppForwarder(Factory):
         )
         return Answer(data, 302, close)
 
-    async def _logout(self, app: AppInfo, cookies: dict, close: bool, head_only: bool) -> Answer:
+    async def _logout(self, app: AppInfo, head: RequestHead, cookies: dict, close: bool,
+                      head_only: bool) -> Answer:
+        """GET shows a sign-out button; only a same-origin POST (what it sends) signs out.
+
+        A GET that signed out could be fired by any page (``<img src=.../logout>``); the
+        POST must prove with Origin or Referer that it came from the app's own page, as
+        the proxy's own logout does.
+        """
+        if head.method in (b"GET", b"HEAD"):
+            return Answer(pages.logout_response(app.name, LOGOUT_PATH.decode("ascii"), close=close,
+                                                head_only=head_only), 200, close)
+        if head.method != b"POST":
+            return Answer(pages.error_response(405, headers=[(b"Allow", b"GET, POST")], close=close), 405, close)
+        origin, referer = head.headers.get(b"origin"), head.headers.get(b"referer")
+        proof = same_origin(None if origin is None else origin.decode("latin-1"),
+                            None if referer is None else referer.decode("latin-1"),
+                            _app_origins(app.public_addr))
+        if proof is not True:
+            self._log.info("refused a cross-site logout on {app}", app=app.name)
+            return Answer(pages.error_response(403, "This sign-out was not sent from this app.",
+                                               close=close), 403, close)
         secret = cookies.get(APP_COOKIE)
         if secret:
             app_session = await self.sessions.app_session(secret, app.name)
@@ -642,9 +692,9 @@ class AppForwarder(Factory):
                 self.audit.emit("session.app.end", actor=app_session.user, target=app.name)
         data = pages.redirect_response(
             f"https://{self.config.public_addr}/", [_cookie_header(APP_COOKIE, "", 0)],
-            close=close, head_only=head_only,
+            close=close, status=303,
         )
-        return Answer(data, 302, close)
+        return Answer(data, 303, close)
 
     def _launch(self, app: AppInfo, target: bytes, close: bool, head_only: bool) -> Answer:
         """Send the browser to sign in at the proxy, bound to a fresh state cookie."""
@@ -659,30 +709,14 @@ class AppForwarder(Factory):
         return Answer(data, 302, close)
 
     def _app_head(self, head: RequestHead, app: AppInfo, cache_key: str, web, client_ip: str,
-                  upgrade: bool, forwarded_host: bytes | None = None) -> RequestHead:
+                  upgrade: bool) -> RequestHead:
         """The head the app sees: no hop-by-hop or spoofable headers, ours added.
 
         ``web`` is whoever calls (session or certificate: user, roles, traits);
         ``cache_key`` keys the signer's token cache for that caller.
         """
-        headers = head.headers
-        client_host = headers.get(b"host") or b""
-        named = {t for t in headers.tokens(b"connection") if t not in _PROTECTED}
-        jwt_l = self._jwt_header_l
-
-        def drop(name: bytes) -> bool:
-            return (
-                name in _HOP_BY_HOP
-                or name in named
-                or name.startswith(b"proxy-")
-                or b"_" in name
-                or name == jwt_l
-                or name == b"forwarded"
-                or name.startswith(b"x-forwarded-")
-                or name == b"x-real-ip"
-            )
-
-        out = Headers([(n, v) for n, v in headers if not drop(n.lower())])
+        identity = _identity_names(self.config.jwt_header, app.rewrite_headers)
+        out = client_headers(head.headers, identity)
         _strip_proxy_cookies(out)
         out.set(b"Host", _app_host_header(app.uri))
         if upgrade:
@@ -690,7 +724,8 @@ class AppForwarder(Factory):
             out.add(b"Upgrade", b"websocket")
         out.add(b"X-Forwarded-For", client_ip.encode("ascii", "replace"))
         out.add(b"X-Forwarded-Proto", b"https")
-        out.add(b"X-Forwarded-Host", client_host if forwarded_host is None else forwarded_host)
+        # The app's public address, never the client's Host: the app builds URLs from it.
+        out.add(b"X-Forwarded-Host", app.public_addr.encode("ascii", "replace"))
         token = self.signer.token(
             cache_key, web.user, web.roles, web.traits,
             audience=f"https://{app.public_addr}", claims=app.jwt_claims,
@@ -705,6 +740,16 @@ class AppForwarder(Factory):
             out.set(name.encode("ascii"), value.encode("utf-8"))
         return RequestHead(head.method, head.target, head.version, out)
 
+    def _cookie_dropped(self, app: str, name: bytes) -> None:
+        """One log line per (app, cookie name), not one per response."""
+        if (app, name) in self._cookies_dropped:
+            return
+        if len(self._cookies_dropped) >= self._max_cached:
+            self._cookies_dropped.clear()
+        self._cookies_dropped.add((app, name))
+        self._log.info("dropped a Set-Cookie with a Domain from app {app}: {name} (only host-only "
+                       "cookies reach the browser)", app=app, name=name.decode("latin-1"))
+
     def response_head(self, head: ResponseHead, app: AppInfo, fixed: bool = False) -> ResponseHead:
         """The head the client sees: app-origin redirects made public, our cookies kept ours.
 
@@ -718,6 +763,9 @@ class AppForwarder(Factory):
         for name, value in head.headers:
             lname = name.lower()
             if lname == b"set-cookie" and value.lstrip().startswith(prefix):
+                continue
+            if lname == b"set-cookie" and cookie_has_domain(value):
+                self._cookie_dropped(app.name, value.partition(b"=")[0].strip()[:100])
                 continue
             if lname == b"location":
                 text = value.decode("latin-1")
@@ -832,6 +880,7 @@ class AppConnection(Protocol):
         self._client_ip = ""
         self._last_active = 0.0
         self._timer = None
+        self._head_timer = None
 
     # Client side
 
@@ -883,6 +932,7 @@ class AppConnection(Protocol):
             self._bad_request(err)
             return
         self._queue(events)
+        self._watch_head()
         # Pause only when the client actually sends more while we are busy with a request:
         # what arrived is held (one read at most), and the common case (one request, then
         # wait for its response) costs no syscalls.
@@ -899,6 +949,7 @@ class AppConnection(Protocol):
             self._expiry.cancel()
         self._expiry = None
         self._cancel_timer()
+        self._cancel_head_timer()
         if self._connecting is not None:
             self._connecting.cancel()
         ex = self._ex
@@ -910,7 +961,7 @@ class AppConnection(Protocol):
 
     def _queue(self, events: list) -> None:
         for event in events:
-            if isinstance(event, BodyBytes):
+            if isinstance(event, (BodyBytes, Trailers)):
                 self._pending_bytes += len(event.data)
         self._pending.extend(events)
         if self._pending_bytes > MAX_PENDING:
@@ -932,6 +983,11 @@ class AppConnection(Protocol):
                 elif isinstance(event, BodyBytes):
                     self._pending_bytes -= len(event.data)
                     self._request_body(event.data)
+                elif isinstance(event, Trailers):
+                    # Trailer fields would reach the app as header fields past our
+                    # stripping (a JWT header, a rewrite header): an empty section goes instead.
+                    self._pending_bytes -= len(event.data)
+                    self._request_body(b"\r\n")
                 elif isinstance(event, EndOfMessage):
                     self._request_end()
         finally:
@@ -1077,6 +1133,7 @@ class AppConnection(Protocol):
             self._bad_request(err)
             return
         self._queue(events)
+        self._watch_head()
 
     def _bad_request(self, err: HttpError) -> None:
         self._log.info("bad request from {ip}: {why}", ip=self._client_ip, why=err.reason)
@@ -1128,7 +1185,7 @@ class AppConnection(Protocol):
         out: list = []
         ex = self._ex
         for event in events:
-            if isinstance(event, BodyBytes):
+            if isinstance(event, (BodyBytes, Trailers)):
                 out.append(event.data)
                 if ex is not None:
                     ex.bytes_out += len(event.data)
@@ -1253,6 +1310,7 @@ class AppConnection(Protocol):
             return
         self._closing = True
         self._cancel_timer()
+        self._cancel_head_timer()
         ex, self._ex = self._ex, None
         in_flight = ex is not None and not ex.response_done
         if in_flight:
@@ -1261,6 +1319,27 @@ class AppConnection(Protocol):
         self._drop_upstream(abort=in_flight or self._raw)
         self.transport.unregisterProducer()
         self.transport.loseConnection()
+
+    def _watch_head(self) -> None:
+        """Start the head deadline at a head's first byte; stop it once the head is read."""
+        waiting = self._reader.state == "head" and self._reader.held > 0 and not self._closing
+        if waiting and self._head_timer is None:
+            self._head_timer = self._clock.callLater(self._fw.head_timeout, self._head_late)
+        elif not waiting:
+            self._cancel_head_timer()
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self._closing or self._reader.state != "head":
+            return
+        self._log.info("request head from {ip} not complete in time; closing", ip=self._client_ip)
+        self.transport.write(pages.error_response(408, close=True))
+        self._close()
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None and self._head_timer.active():
+            self._head_timer.cancel()
+        self._head_timer = None
 
     def _touch(self) -> None:
         self._last_active = self._clock.seconds()

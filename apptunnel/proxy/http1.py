@@ -1,11 +1,19 @@
 """Sans-IO HTTP/1.1 for the app edge: parse heads, find where bodies end, touch nothing else.
 
 The proxy reads and rewrites only message heads. Bodies pass through byte for byte (chunk
-framing included), so this module parses chunk sizes and trailers only to know where a
-message ends. Framing is strict, because a proxy that reads a length differently from the
-app behind it lets a client smuggle a second request past authorization (RFC 9112 6.3,
-11.2): CRLF line ends only, Transfer-Encoding with Content-Length is refused, differing
-Content-Length values are refused, obs-fold is refused.
+framing included), so this module parses chunk sizes only to know where a message ends;
+a chunked body's trailer section comes out as its own ``Trailers`` event so the caller
+decides whether it travels on. Framing is strict, because a proxy that reads a length
+differently from the app behind it lets a client smuggle a second request past
+authorization (RFC 9112 6.3, 11.2): CRLF line ends only, Transfer-Encoding with
+Content-Length is refused, differing Content-Length values are refused, obs-fold is
+refused. Requests are held to the one plain spelling of each framing element, because
+whatever we accept is forwarded as it is and the app may read a looser spelling another
+way: ``Transfer-Encoding`` exactly ``chunked``, one ``Content-Length`` value, chunk sizes
+of at most 8 hex digits with nothing around them, and HTTP/1.0 or HTTP/1.1 only.
+
+Finding the end of a head resumes where the last search stopped, so a head that arrives
+one byte at a time costs linear time, not quadratic (``HeadScanner``).
 
 Two readers hand back events:
 
@@ -16,6 +24,9 @@ Two readers hand back events:
 * ``ResponseReader`` (app -> proxy): told each request's method with ``start(method)``;
   yields ``ResponseHead`` (also for 1xx), ``BodyBytes``, ``EndOfMessage``, or ``Upgraded``
   after a 101 / a 2xx answer to CONNECT, after which every byte is a ``BodyBytes``.
+
+Both emit ``Trailers`` (the raw trailer section of a chunked body, final CRLF included)
+just before that body's ``EndOfMessage``.
 
 Nothing but ``HttpError`` leaves ``receive``; its ``status`` is what the client is told.
 No Twisted import here.
@@ -44,6 +55,9 @@ _VERSION = re.compile(rb"HTTP/(\d)\.(\d)")
 _STATUS = re.compile(rb"\d{3}")
 _REASON_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+# A request's chunk size: hex digits only, few enough that no app's integer overflows.
+_STRICT_HEX = re.compile(rb"[0-9A-Fa-f]{1,8}")
+_REQUEST_VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _CHUNK_EXT_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -186,6 +200,17 @@ class BodyBytes:
 
 
 @attrs.frozen
+class Trailers:
+    """A chunked body's trailer section as it was on the wire, ending with the empty line.
+
+    Kept apart from ``BodyBytes`` because trailer fields are header fields a client could
+    use to smuggle what the head had stripped; ``b"\\r\\n"`` in its place is an empty one.
+    """
+
+    data: bytes
+
+
+@attrs.frozen
 class EndOfMessage:
     pass
 
@@ -195,7 +220,7 @@ class Upgraded:
     """HTTP ended on this connection; the bytes that follow are another protocol."""
 
 
-Event = RequestHead | ResponseHead | BodyBytes | EndOfMessage | Upgraded
+Event = RequestHead | ResponseHead | BodyBytes | Trailers | EndOfMessage | Upgraded
 
 
 def _headers_bytes(headers: Headers) -> bytes:
@@ -259,6 +284,8 @@ def parse_request_head(head: bytes) -> RequestHead:
     if _TARGET.fullmatch(target) is None:
         raise HttpError(400, "invalid request target")
     version = _parse_version(version, 400)
+    if version not in _REQUEST_VERSIONS:
+        raise HttpError(505, "unsupported HTTP version")
     headers = _parse_fields(lines, 400)
     hosts = headers.get_all(b"host")
     if len(hosts) > 1 or (version == b"HTTP/1.1" and not hosts):
@@ -314,17 +341,25 @@ def _is_chunked(headers: Headers, status: int, request: bool) -> bool | None:
 
 
 class _Framer:
-    """Where one body ends; passes the body's bytes through as they are."""
+    """Where one body ends; passes the body's bytes through as they are.
+
+    ``strict`` (requests) holds chunk-size lines to the one plain spelling.
+    """
 
     # kinds: "length", "chunked", "close", "none"
 
-    def __init__(self, kind: str, length: int = 0, status: int = 400) -> None:
+    def __init__(self, kind: str, length: int = 0, status: int = 400, strict: bool = False) -> None:
         self.kind = kind
         self.remaining = length
         self.status = status
+        self.strict = strict
         # chunked sub-state: "size", "data", "data_crlf", "trailer"
         self.chunk_state = "size"
-        self.trailer_bytes = 0
+        # Bytes at the start of the buffer already searched for a line end, so a line
+        # that arrives a byte at a time is scanned once, not once per byte; and where the
+        # trailer line being read starts (the trailer section stays in the buffer).
+        self._scanned = 0
+        self._line_start = 0
 
     def feed(self, buf: bytearray, out: list) -> bool:
         """Consume from ``buf`` into ``out`` events; True once the body is complete."""
@@ -345,7 +380,9 @@ class _Framer:
         return self._feed_chunked(buf, out)
 
     def _feed_chunked(self, buf: bytearray, out: list) -> bool:
-        # Consumed bytes are gathered and emitted as one BodyBytes per call.
+        # Consumed body bytes are gathered and emitted as one BodyBytes per call. The
+        # trailer section stays in ``buf`` until its empty line arrives, then leaves as
+        # one Trailers event.
         pos = 0
         done = False
         size = len(buf)
@@ -365,39 +402,65 @@ class _Framer:
                 pos += 2
                 self.chunk_state = "size"
                 continue
-            end = buf.find(b"\r\n", pos)
-            limit = MAX_CHUNK_LINE if self.chunk_state == "size" else MAX_TRAILERS
+            if self.chunk_state == "trailer":
+                done = self._trailers(buf, pos, out)
+                return done
+            end = buf.find(b"\r\n", max(pos, self._scanned - 1))
             if end < 0:
-                if size - pos > limit:
+                if size - pos > MAX_CHUNK_LINE:
                     raise HttpError(self.status, "chunk line too long")
+                self._scanned = size - pos  # the partial line starts the buffer after _emit
                 break
+            self._scanned = 0
             line = bytes(buf[pos:end])
             pos = end + 2
-            if self.chunk_state == "size":
-                self._chunk_size(line)
-            else:
-                self.trailer_bytes += len(line) + 2
-                if self.trailer_bytes > MAX_TRAILERS:
+            self._chunk_size(line)
+        self._emit(buf, pos, out)
+        return done
+
+    def _trailers(self, buf: bytearray, start: int, out: list) -> bool:
+        """Emit the body up to ``start`` and, once it is whole, the trailer section."""
+        self._emit(buf, start, out)
+        pos = self._line_start
+        while True:
+            end = buf.find(b"\r\n", max(pos, self._scanned - 1))
+            if end < 0:
+                self._scanned = len(buf)
+                if len(buf) > MAX_TRAILERS:
                     raise HttpError(self.status, "trailer section too large")
-                if line == b"":
-                    done = True
-                else:
-                    _parse_fields([line], self.status)
+                return False
+            line = bytes(buf[pos:end])
+            pos = self._line_start = self._scanned = end + 2
+            if pos > MAX_TRAILERS:
+                raise HttpError(self.status, "trailer section too large")
+            if line == b"":
+                out.append(Trailers(bytes(buf[:pos])))
+                del buf[:pos]
+                self._scanned = self._line_start = 0
+                return True
+            _parse_fields([line], self.status)
+
+    @staticmethod
+    def _emit(buf: bytearray, pos: int, out: list) -> None:
         if pos:
             out.append(BodyBytes(bytes(buf[:pos])))
             del buf[:pos]
-        return done
 
     def _chunk_size(self, line: bytes) -> None:
         size_part, semi, ext = line.partition(b";")
-        size_part = size_part.rstrip(b" \t")
-        if _HEX.fullmatch(size_part) is None:
-            raise HttpError(self.status, "invalid chunk size")
+        if self.strict:
+            if _STRICT_HEX.fullmatch(size_part) is None:
+                raise HttpError(self.status, "invalid chunk size")
+        else:
+            size_part = size_part.rstrip(b" \t")
+            if _HEX.fullmatch(size_part) is None:
+                raise HttpError(self.status, "invalid chunk size")
         if semi and _CHUNK_EXT_BAD.search(ext) is not None:
             raise HttpError(self.status, "invalid chunk extension")
         n = int(size_part, 16)
         if n == 0:
             self.chunk_state = "trailer"
+            self._scanned = self._line_start = 0  # counted from the trailer section's start
         else:
             self.remaining = n
             self.chunk_state = "data"
@@ -423,28 +486,86 @@ class _Framer:
         return self.kind == "close"
 
 
-def _take_head(buf: bytearray, status: int) -> bytes | None:
+class HeadScanner:
+    """Finds where a head ends in a growing buffer, resuming where the last search stopped.
+
+    Searching the whole buffer again on every read makes a head sent a byte at a time
+    cost time quadratic in its size; this remembers how far it looked. ``reset()`` after
+    the head (and whatever came before it) has left the buffer.
+    """
+
+    __slots__ = ("_skip", "_scanned", "_status")
+
+    def __init__(self, status: int = 400) -> None:
+        self._status = status
+        self._skip = 0      # empty lines before the start line (RFC 9112 2.2)
+        self._scanned = 0   # bytes already searched for the blank line
+
+    def reset(self) -> None:
+        self._skip = self._scanned = 0
+
+    def find(self, buf: bytearray | bytes) -> tuple[int, int] | None:
+        """(start, end) of the first complete head in ``buf``, ``end`` at its CRLFCRLF.
+
+        Raises 431 (502 for responses) once the head cannot fit in MAX_HEAD.
+        """
+        skip = self._skip
+        if skip == self._scanned:  # still among (or just past) leading empty lines
+            while buf[skip:skip + 2] == b"\r\n":
+                skip += 2
+            self._skip = skip
+        end = buf.find(b"\r\n\r\n", max(skip, self._scanned - 3))
+        if end < 0:
+            if len(buf) > MAX_HEAD:
+                raise HttpError(431 if self._status == 400 else self._status, "message head too large")
+            # An odd trailing CR may begin the next empty line: look at it again.
+            self._scanned = max(skip, len(buf) - (1 if buf[-1:] == b"\r" else 0))
+            return None
+        if end + 4 > MAX_HEAD:
+            raise HttpError(431 if self._status == 400 else self._status, "message head too large")
+        return skip, end
+
+
+def _take_head(buf: bytearray, scanner: HeadScanner) -> bytes | None:
     """Remove and return one head (without the blank line), None if incomplete."""
-    # Tolerate empty lines before a request line (RFC 9112 2.2).
-    skip = 0
-    while buf[skip:skip + 2] == b"\r\n":
-        skip += 2
-    end = buf.find(b"\r\n\r\n", skip)
-    if end < 0:
-        if len(buf) > MAX_HEAD:
-            raise HttpError(431 if status == 400 else status, "message head too large")
+    found = scanner.find(buf)
+    if found is None:
         return None
-    if end + 4 > MAX_HEAD:
-        raise HttpError(431 if status == 400 else status, "message head too large")
-    head = bytes(buf[skip:end])
+    start, end = found
+    head = bytes(buf[start:end])
     del buf[:end + 4]
+    scanner.reset()
     return head
+
+
+class RequestHeadPeek:
+    """The first request head of a connection, found as bytes arrive, consuming nothing.
+
+    For the edge, which must read a head to pick the connection's owner and then hand the
+    owner every byte: ``data`` is everything received so far.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._scanner = HeadScanner(400)
+
+    @property
+    def data(self) -> bytes:
+        return bytes(self._buf)
+
+    def receive(self, data: bytes) -> RequestHead | None:
+        """The head once it is complete (HttpError if it is bad), else None."""
+        self._buf += data
+        found = self._scanner.find(self._buf)
+        if found is None:
+            return None
+        start, end = found
+        return parse_request_head(bytes(self._buf[start:end]))
 
 
 def peek_request_head(data: bytes) -> RequestHead | None:
     """The first request head in ``data`` if it is complete, without consuming anything."""
-    head = _take_head(bytearray(data), 400)
-    return None if head is None else parse_request_head(head)
+    return RequestHeadPeek().receive(data)
 
 
 class RequestReader:
@@ -452,6 +573,7 @@ class RequestReader:
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._scanner = HeadScanner(400)
         self._state = "head"  # head | body | done | raw | error
         self._framer: _Framer | None = None
 
@@ -508,7 +630,7 @@ class RequestReader:
         out: list[Event] = []
         try:
             if self._state == "head":
-                head = _take_head(self._buf, 400)
+                head = _take_head(self._buf, self._scanner)
                 if head is None:
                     return out
                 req = parse_request_head(head)
@@ -528,12 +650,19 @@ class RequestReader:
     def _framing(req: RequestHead) -> _Framer:
         chunked = _is_chunked(req.headers, 400, request=True)
         length = _content_length(req.headers, 400)
+        # The head goes to the app as it came: only spellings every parser reads alike.
+        lengths = req.headers.get_all(b"content-length")
+        if length is not None and (len(lengths) != 1 or _DIGITS.fullmatch(lengths[0]) is None):
+            raise HttpError(400, "Content-Length must be one plain number")
         if chunked is not None:
             if req.version == b"HTTP/1.0":
                 raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
             if length is not None:
                 raise HttpError(400, "both Transfer-Encoding and Content-Length")
-            return _Framer("chunked", status=400)
+            codings = req.headers.get_all(b"transfer-encoding")
+            if len(codings) != 1 or codings[0].lower() != b"chunked":
+                raise HttpError(400, "Transfer-Encoding other than chunked")
+            return _Framer("chunked", status=400, strict=True)
         if length:
             return _Framer("length", length, status=400)
         return _Framer("none")
@@ -544,6 +673,7 @@ class ResponseReader:
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._scanner = HeadScanner(502)
         self._state = "idle"  # idle | head | body | raw | error
         self._method = b""
         self._framer: _Framer | None = None
@@ -598,7 +728,7 @@ class ResponseReader:
         out: list[Event] = []
         try:
             while self._state == "head":
-                head = _take_head(self._buf, 502)
+                head = _take_head(self._buf, self._scanner)
                 if head is None:
                     return out
                 resp = parse_response_head(head)

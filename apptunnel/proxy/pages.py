@@ -10,7 +10,9 @@ import html
 from collections.abc import Iterable
 
 _REASONS = {
+    200: "OK",
     302: "Found",
+    303: "See Other",
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
@@ -107,14 +109,34 @@ def error_response(
     return response(status, page_html(status, message), headers, close=close, head_only=head_only)
 
 
+def logout_response(app_name: str, action: str, *, close: bool = False, head_only: bool = False) -> bytes:
+    """A page whose one button signs out of an app (POST to ``action``, same origin).
+
+    A plain link could be followed by any page (an <img> to the logout path signs the user
+    out); a form POST carries the Origin the logout checks.
+    """
+    title = "Sign out"
+    body = (
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{title}</title>"
+        "<style>body{font:16px system-ui,sans-serif;margin:4em auto;max-width:36em;"
+        "color:#222}h1{font-size:1.4em}</style></head>\n"
+        f"<body><h1>{title}</h1><p>Sign out of {html.escape(app_name)}?</p>"
+        f"<form method=\"post\" action=\"{html.escape(action)}\"><button type=\"submit\">Sign out</button></form>"
+        "<p><small>apptunnel</small></p></body></html>\n"
+    ).encode("utf-8")
+    return response(200, body, close=close, head_only=head_only)
+
+
 def redirect_response(
     location: str,
     headers: Iterable[tuple[bytes, bytes]] = (),
     *,
     close: bool = False,
     head_only: bool = False,
+    status: int = 302,
 ) -> bytes:
-    """A 302 to ``location`` (already safe and URL-encoded by the caller)."""
+    """A 302 (or ``status``) to ``location`` (already safe and URL-encoded by the caller)."""
     loc = location.encode("ascii")
-    body = page_html(302, "Redirecting.")
-    return response(302, body, [(b"Location", loc), *headers], close=close, head_only=head_only)
+    body = page_html(status, "Redirecting.")
+    return response(status, body, [(b"Location", loc), *headers], close=close, head_only=head_only)

@@ -17,7 +17,6 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, ssl
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA, load_server_tls
@@ -37,6 +36,7 @@ from apptunnel.proxy.limits import ConnectionTracker, LimitedFactory, raise_fd_l
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.tcp_access import TcpAccess
 from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_options
+from apptunnel.proxy.web_channel import WebSite
 from apptunnel.web.routes import WebApp
 
 log = Logger()
@@ -133,7 +133,7 @@ class ProxyService(MultiService):
             config, self.sessions, self.roles, self.registry, self.audit,
             self.jwt_keys, self.ca, reactor, locks=self.locks, users=self.users,
         )
-        site = Site(self.web.resource())
+        site = WebSite(self.web.resource())  # a deadline on every request head
         site.displayTracebacks = False
         self.forwarder = AppForwarder(
             config=config,

@@ -13,7 +13,7 @@ import json
 import mimetypes
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import attrs
 from cryptography import x509
@@ -32,6 +32,7 @@ from apptunnel.auth.ca import user_identity
 from apptunnel.auth.directory import REMOVED_MESSAGE, effective_identity
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.locks import lock_message
+from apptunnel.auth.origins import own_origins, same_origin
 from apptunnel.auth.redirects import safe_path
 from apptunnel.auth.throttle import Throttled
 from apptunnel.proxy.registry import host_only
@@ -155,7 +156,7 @@ class WebApp:
         self._clock = clock
         self._locks = locks        # a certificate caller is checked against both on every
         self._users = users        # request (sessions are checked by the SessionManager)
-        self._origins = _own_origins(config.public_host, config.public_port)
+        self._origins = own_origins(config.public_host, config.public_port)
         self._templates = Environment(
             loader=PackageLoader("apptunnel.web", "templates"),
             autoescape=True,
@@ -499,17 +500,9 @@ class WebApp:
 
     def _same_origin(self, request) -> bool | None:
         """Whether Origin (or else Referer) names this proxy; None when neither is sent."""
-        origin = request.getHeader(b"origin")
-        if origin is not None:
-            return origin.decode("latin-1").strip().lower() in self._origins
-        referer = request.getHeader(b"referer")
-        if referer is not None:
-            try:
-                parts = urlsplit(referer.decode("latin-1").strip())
-            except ValueError:
-                return False
-            return f"{parts.scheme}://{parts.netloc}".lower() in self._origins
-        return None
+        origin, referer = request.getHeader(b"origin"), request.getHeader(b"referer")
+        return same_origin(None if origin is None else origin.decode("latin-1"),
+                           None if referer is None else referer.decode("latin-1"), self._origins)
 
     def _require_same_origin(self, request) -> None:
         """CSRF guard for form POSTs: browsers always label those with Origin or Referer."""
@@ -546,15 +539,6 @@ def _load_static() -> dict[str, Data]:
             content_type += "; charset=utf-8"
         assets[entry.name] = Data(entry.read_bytes(), content_type)
     return assets
-
-
-def _own_origins(host: str, port: int) -> frozenset[str]:
-    """The Origin values a browser sends for pages of this proxy (port 443 is implicit)."""
-    host = host.lower()
-    origins = {f"https://{host}:{port}"}
-    if port == 443:
-        origins.add(f"https://{host}")
-    return frozenset(origins)
 
 
 def _arg(request, name: str) -> str | None:

@@ -29,7 +29,7 @@ from apptunnel.backend.sqlite import SqliteBackend
 from apptunnel.config import ProxyConfig
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder, tunnel_connector
-from apptunnel.proxy.http1 import BodyBytes, EndOfMessage, ResponseHead, ResponseReader, Upgraded
+from apptunnel.proxy.http1 import BodyBytes, EndOfMessage, ResponseHead, ResponseReader, Trailers, Upgraded
 from apptunnel.proxy.registry import AgentRegistry, AppInfo
 from tests.support.waiting import TIMEOUT, wait
 
@@ -219,7 +219,7 @@ class Client(Protocol):
             if isinstance(ev, ResponseHead):
                 if ev.status >= 200 or ev.status == 101:
                     self.head = ev
-            elif isinstance(ev, BodyBytes):
+            elif isinstance(ev, (BodyBytes, Trailers)):  # the body as it was on the wire
                 self.count += len(ev.data)
                 if self.keep_body:
                     self.body += ev.data

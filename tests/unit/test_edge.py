@@ -97,6 +97,22 @@ def test_foreign_host_is_421_and_closed():
     assert transport.disconnecting
 
 
+def test_first_head_a_byte_at_a_time_costs_linear_time():
+    """A 60 KB first head in 1-byte reads is routed in linear time (the edge used to
+    join and re-parse everything held on each read: quadratic)."""
+    import time
+
+    _, transport = connect(make_edge(Clock()))
+    raw = b"GET / HTTP/1.1\r\nHost: nothing." + PUBLIC.encode() + b"\r\nX-Pad: " + b"p" * 60000 + b"\r\n\r\n"
+    edge = transport.protocol
+    started = time.process_time()
+    for i in range(len(raw)):
+        edge.dataReceived(raw[i:i + 1])
+    elapsed = time.process_time() - started
+    assert transport.value().startswith(b"HTTP/1.1 404 ")
+    assert elapsed < 0.3, elapsed  # about 0.05 s now; the old edge took about 1 s
+
+
 def test_oversized_first_head_is_431():
     """A first head over the limit is refused with 431 before its end arrives."""
     _, transport = connect(make_edge(Clock()))
@@ -129,11 +145,77 @@ def test_idle_app_connection_times_out():
     edge, transport = connect(make_edge(clock))
     edge.dataReceived(b"GET / HTTP/1.1\r\nHost: nothing." + PUBLIC.encode() + b"\r\n\r\n")
     assert transport.value().startswith(b"HTTP/1.1 404 ") and not transport.disconnecting
-    clock.advance(100)
-    transport.protocol.dataReceived(b"GET / HT")  # activity moves the deadline
-    clock.advance(100)
+    clock.advance(119)
     assert not transport.disconnecting
-    clock.advance(21)
+    clock.advance(2)
+    assert transport.disconnecting
+
+
+def test_second_head_has_a_deadline_from_its_first_byte():
+    """Slowloris after the first request: a later head sent a byte at a time is cut at 30 s.
+
+    (Until issue 8 each byte moved the idle deadline, so it stayed open for ever.)
+    """
+    clock = Clock()
+    edge, transport = connect(make_edge(clock))
+    edge.dataReceived(b"GET / HTTP/1.1\r\nHost: nothing." + PUBLIC.encode() + b"\r\n\r\n")
+    first = len(transport.value())
+    clock.advance(50)  # idle between requests: no head deadline yet
+    slow = b"GET / HTTP/1.1\r\nHost: nothing." + PUBLIC.encode() + b"\r\nX-Slow: " + b"a" * 100
+    for byte in slow[:29]:
+        transport.protocol.dataReceived(bytes([byte]))
+        clock.advance(1)
+    assert not transport.disconnecting
+    for byte in slow[29:31]:
+        transport.protocol.dataReceived(bytes([byte]))
+        clock.advance(1)
+    assert transport.disconnecting
+    assert transport.value()[first:].startswith(b"HTTP/1.1 408 ")
+
+
+def test_head_deadline_is_per_head():
+    """Heads that each complete in time keep the connection; the deadline restarts per head."""
+    clock = Clock()
+    edge, transport = connect(make_edge(clock))
+    head = b"GET / HTTP/1.1\r\nHost: nothing." + PUBLIC.encode() + b"\r\n\r\n"
+    edge.dataReceived(head)
+    for _ in range(4):
+        for i in range(0, len(head), len(head) // 4 + 1):
+            transport.protocol.dataReceived(head[i:i + len(head) // 4 + 1])
+            clock.advance(6)
+    assert not transport.disconnecting
+    assert transport.value().count(b"HTTP/1.1 404 ") == 5
+
+
+def test_head_timeout_is_a_constructor_parameter():
+    """The forwarder's head_timeout sets the per-head deadline (tests use small values)."""
+    clock = Clock()
+    factory = make_edge(clock)
+    factory.forwarder.head_timeout = 2.0
+    edge, transport = connect(factory)
+    edge.dataReceived(b"GET / HTTP/1.1\r\nHost: nothing." + PUBLIC.encode() + b"\r\n\r\nG")
+    clock.advance(1.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting
+
+
+@pytest.mark.parametrize("host", [b"grafana.apptunnel.localhost:@evil.com", b"a b", b"x/y", b"user@grafana",
+                                  b"grafana.apptunnel.localhost:99999", b"[::1", b"", b"grafana..x"])
+def test_malformed_host_on_first_head_is_400(host):
+    """A Host that is not a name or IP literal with a numeric port is refused before routing."""
+    _, transport = connect(make_edge(Clock()))
+    transport.protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 400 ")
+    assert transport.disconnecting
+
+
+def test_malformed_host_on_a_later_head_is_400():
+    """The forwarder checks the Host of every later head on the connection too."""
+    edge, transport = connect(make_edge(Clock()))
+    edge.dataReceived(b"GET / HTTP/1.1\r\nHost: nothing." + PUBLIC.encode() + b"\r\n\r\n")
+    transport.protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: nothing." + PUBLIC.encode() + b":@evil.com\r\n\r\n")
+    assert transport.value().count(b"HTTP/1.1 400 ") == 1
     assert transport.disconnecting
 
 

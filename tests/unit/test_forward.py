@@ -104,11 +104,54 @@ async def test_logout_ends_app_session_and_clears_cookie(env):
     """The app-host logout path ends the session, clears the cookie and goes to the proxy."""
     secret = await env.app_cookie()
     cookie = [("Cookie", f"__Host-apptunnel_app={secret}")]
-    head, _ = await env.fetch(request_bytes(path="/.apptunnel/logout", headers=cookie))
-    assert head.status == 302 and head.headers.get(b"location") == f"https://{PUBLIC}/".encode()
+    # Since issue 8 a logout is a POST from the app's own page (the GET shows its button).
+    head, _ = await env.fetch(request_bytes("POST", "/.apptunnel/logout", headers=cookie + [
+        ("Origin", f"https://{APP_HOST}")]), b"POST")
+    assert head.status == 303 and head.headers.get(b"location") == f"https://{PUBLIC}/".encode()
     assert head.headers.get(b"set-cookie").startswith(b"__Host-apptunnel_app=;")
     head, _ = await env.fetch(request_bytes(path="/echo", headers=cookie))
     assert head.status == 302 and b"/web/launch/grafana" in head.headers.get(b"location")
+
+
+@pytest_twisted.ensureDeferred
+async def test_logout_get_shows_a_button_and_keeps_the_session(env):
+    """GET on the logout path (what any page can fire) only shows a form that POSTs."""
+    secret = await env.app_cookie()
+    cookie = [("Cookie", f"__Host-apptunnel_app={secret}")]
+    head, body = await env.fetch(request_bytes(path="/.apptunnel/logout", headers=cookie))
+    assert head.status == 200 and head.headers.get(b"set-cookie") is None
+    assert b'<form method="post" action="/.apptunnel/logout">' in body
+    head, _ = await env.fetch(request_bytes(path="/echo", headers=cookie))
+    assert head.status == 200
+
+
+@pytest.mark.parametrize("proof", [
+    [],
+    [("Origin", "https://evil.example")],
+    [("Origin", "null")],
+    [("Origin", f"https://prod.{PUBLIC}")],
+    [("Referer", "https://evil.example/page")],
+    [("Origin", f"http://{APP_HOST}")],
+])
+@pytest_twisted.ensureDeferred
+async def test_cross_site_logout_post_is_refused(env, proof):
+    """A logout POST without Origin/Referer of the app's own https origin is 403; the session lives."""
+    secret = await env.app_cookie()
+    cookie = [("Cookie", f"__Host-apptunnel_app={secret}")]
+    head, _ = await env.fetch(request_bytes("POST", "/.apptunnel/logout", headers=cookie + proof), b"POST")
+    assert head.status == 403
+    head, _ = await env.fetch(request_bytes(path="/echo", headers=cookie))
+    assert head.status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_logout_with_same_origin_referer_is_accepted(env):
+    """A Referer on the app's own origin stands in for Origin, as on the proxy's logout."""
+    secret = await env.app_cookie()
+    cookie = [("Cookie", f"__Host-apptunnel_app={secret}")]
+    head, _ = await env.fetch(request_bytes("POST", "/.apptunnel/logout", headers=cookie + [
+        ("Referer", f"https://{APP_HOST}/some/page")]), b"POST")
+    assert head.status == 303
 
 
 # Forwarding

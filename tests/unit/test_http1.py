@@ -14,6 +14,7 @@ from apptunnel.proxy.http1 import (
     RequestReader,
     ResponseHead,
     ResponseReader,
+    Trailers,
     Upgraded,
     keep_alive,
 )
@@ -88,11 +89,11 @@ def test_content_length_body_passes_through():
     assert events[1:] == [b"hello", EndOfMessage()]
 
 
-def test_chunked_body_passes_through_with_framing_and_trailers():
-    """Chunked framing, extensions and trailers are relayed byte for byte."""
+def test_chunked_body_passes_through_with_framing_and_trailers_apart():
+    """Chunked framing and extensions pass byte for byte; the trailer section is its own event."""
     events, _ = read_requests([POST_CHUNKED])
-    body = POST_CHUNKED.split(b"\r\n\r\n", 1)[1]
-    assert events[1:] == [body, EndOfMessage()]
+    assert events[1:] == [b"5;name=val\r\nhello\r\n0\r\n", Trailers(b"X-Trailer: yes\r\n\r\n"),
+                          EndOfMessage()]
 
 
 def test_reader_holds_pipelined_request_until_next_message():
@@ -325,12 +326,13 @@ def requests(draw):
             parts.append(b"%x;e=1\r\n%s\r\n" % (len(piece), piece))
         if rest:
             parts.append(b"%X\r\n%s\r\n" % (len(rest), rest))
-        parts.append(b"0\r\nX-T: 1\r\n\r\n" if draw(st.booleans()) else b"0\r\n\r\n")
+        parts.append(b"0\r\n")
+        trailers = Trailers(draw(st.sampled_from([b"", b"X-T: 1\r\n", b"A: b\r\nC-D: e f\r\n"])) + b"\r\n")
         wire_body = b"".join(parts)
     else:
         wire_body = b""
     head = RequestHead(method, b"/p?q=1", b"HTTP/1.1", Headers(headers))
-    return head, wire_body
+    return head, wire_body, trailers if framing == "chunked" else None
 
 
 def splits(data, cuts):
@@ -347,12 +349,15 @@ def splits(data, cuts):
 @given(st.lists(requests(), min_size=1, max_size=4), st.lists(st.integers(0, 10**6), max_size=12))
 def test_any_split_of_pipelined_requests_gives_same_events(msgs, cuts):
     """Pipelined requests split anywhere yield the same heads, body bytes and ends."""
-    stream = b"".join(head.to_bytes() + body for head, body in msgs)
+    stream = b"".join(head.to_bytes() + body + (trailers.data if trailers else b"")
+                      for head, body, trailers in msgs)
     expected = []
-    for head, body in msgs:
+    for head, body, trailers in msgs:
         expected.append(head)
         if body:
             expected.append(body)
+        if trailers:
+            expected.append(trailers)
         expected.append(EndOfMessage())
     whole, _ = read_requests([stream])
     pieces, _ = read_requests(splits(stream, cuts))
@@ -368,11 +373,12 @@ def responses(draw):
     headers = [(b"Server", b"t")]
     if chunked and status not in (204, 304):
         headers.append((b"Transfer-Encoding", b"chunked"))
-        wire = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+        wire = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n"
+        trailers = Trailers(draw(st.sampled_from([b"", b"X-T: 1\r\n"])) + b"\r\n")
     else:
         headers.append((b"Content-Length", b"%d" % len(body)))
-        wire = body
-    return ResponseHead(b"HTTP/1.1", status, b"Reason", Headers(headers)), wire
+        wire, trailers = body, None
+    return ResponseHead(b"HTTP/1.1", status, b"Reason", Headers(headers)), wire, trailers
 
 
 @settings(max_examples=150, deadline=None)
@@ -380,18 +386,20 @@ def responses(draw):
 def test_any_split_of_response_stream_gives_same_events(msgs, cuts):
     """Responses on one connection, split anywhere, yield the same events."""
     expected = []
-    for head, body in msgs:
+    for head, body, trailers in msgs:
         expected.append(head)
         if body:
             expected.append(body)
+        if trailers:
+            expected.append(trailers)
         expected.append(EndOfMessage())
     # Each response is fed separately: the app may only answer an outstanding request.
     for pieces_of in (lambda b: [b], lambda b: splits(b, cuts), lambda b: [b[i:i + 1] for i in range(len(b))]):
         reader = ResponseReader()
         events = []
-        for head, body in msgs:
+        for head, body, trailers in msgs:
             events.extend(reader.start(b"GET"))
-            for piece in pieces_of(head.to_bytes() + body):
+            for piece in pieces_of(head.to_bytes() + body + (trailers.data if trailers else b"")):
                 events.extend(reader.receive(piece))
         assert normalize(events) == expected
 
@@ -420,3 +428,168 @@ def test_garbage_responses_give_events_or_http_error(data, method):
         reader.connection_closed()
     except HttpError:
         pass
+
+
+# Ambiguous framing in requests (issue 8, finding 13): the head is forwarded as it came,
+# so only the one plain spelling of each framing element is accepted.
+
+
+@pytest.mark.parametrize(
+    "raw, status",
+    [
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\nabc", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3 \r\nabc\r\n0\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\t\r\nabc\r\n0\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n 3\r\nabc\r\n0\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0000000000000003\r\nabc\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n000000003\r\nabc\r\n", 400),
+        (b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", 505),
+        (b"GET / HTTP/1.9\r\nHost: a\r\n\r\n", 505),
+    ],
+)
+def test_ambiguous_request_framing_is_refused(raw, status):
+    """identity+chunked, repeated lengths, padded or 16-digit chunk sizes and HTTP/1.2 are refused."""
+    with pytest.raises(HttpError) as e:
+        read_requests([raw])
+    assert e.value.status == status
+
+
+def test_plain_chunk_sizes_and_extensions_still_pass():
+    """Upper/lower-case hex of up to 8 digits and chunk extensions are fine."""
+    body = b"0000000A;x=1\r\n0123456789\r\na\r\n0123456789\r\n0\r\n\r\n"
+    events, _ = read_requests([b"PUT / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n" + body])
+    assert events[1:] == [body[:-2], Trailers(b"\r\n"), EndOfMessage()]
+
+
+def test_responses_keep_their_tolerance():
+    """An app's padded chunk size is read as before: responses go to the client, not to an app."""
+    events, _ = read_responses([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3 \r\nabc\r\n0\r\n\r\n"],
+                               [b"GET"])
+    assert events[-1] == EndOfMessage()
+
+
+@pytest.mark.parametrize("reader_kind", ["request", "response"])
+def test_trailer_section_is_one_event_whatever_the_split(reader_kind):
+    """Trailer fields arriving a byte at a time come out as one Trailers event, then the end."""
+    trailer = b"Apptunnel-Jwt-Assertion: forged\r\nX-More: 1\r\n\r\n"
+    body = b"3\r\nabc\r\n0\r\n"
+    if reader_kind == "request":
+        wire = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + body + trailer
+        events, _ = read_requests([wire[i:i + 1] for i in range(len(wire))])
+    else:
+        wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body + trailer
+        events, _ = read_responses([wire[i:i + 1] for i in range(len(wire))], [b"GET"])
+    assert events[1:] == [body, Trailers(trailer), EndOfMessage()]
+
+
+def test_oversized_trailer_section_is_refused():
+    """A trailer section past MAX_TRAILERS is an error, also when it never ends."""
+    wire = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"X: y\r\n" * 20000
+    with pytest.raises(HttpError):
+        read_requests([wire])
+
+
+# Slow heads (issue 8, finding 9): finding the end of a head resumes where it stopped.
+
+
+class _CountingBuffer(bytearray):
+    """A bytearray that counts how many bytes ``find`` was asked to look at."""
+
+    looked = 0
+
+    def find(self, sub, start=0, *rest):
+        type(self).looked += max(0, len(self) - start)
+        return super().find(sub, start, *rest)
+
+
+def test_head_scanner_looks_at_each_byte_a_bounded_number_of_times():
+    """A 60 KB head fed a byte at a time is searched in linear, not quadratic, work."""
+    from apptunnel.proxy.http1 import HeadScanner
+
+    head = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-Pad: " + b"p" * 60000 + b"\r\n\r\n"
+    scanner = HeadScanner()
+    buf = _CountingBuffer()
+    _CountingBuffer.looked = 0
+    found = None
+    for i in range(len(head)):
+        buf += head[i:i + 1]
+        found = scanner.find(buf)
+        if found is not None:
+            break
+    assert found == (0, len(head) - 4)
+    assert _CountingBuffer.looked < 5 * len(head)
+
+
+def test_head_scanner_resumes_across_leading_empty_lines_and_split_crlf():
+    """Empty lines before a head and a CRLFCRLF split anywhere are found exactly once."""
+    from apptunnel.proxy.http1 import HeadScanner
+
+    data = b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    for cut in range(1, len(data)):
+        scanner = HeadScanner()
+        assert scanner.find(data[:cut]) is None
+        assert scanner.find(data) == (4, len(data) - 4)
+
+
+@pytest.mark.parametrize("feed", ["reader", "peek"])
+def test_slow_head_costs_linear_time(feed):
+    """60 KB of head in 1-byte writes parses in linear time (about 0.05 s of CPU)."""
+    import time
+
+    from apptunnel.proxy.http1 import RequestHeadPeek
+
+    head = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-Pad: " + b"p" * 60000 + b"\r\n\r\n"
+    target = RequestReader() if feed == "reader" else RequestHeadPeek()
+    started = time.process_time()
+    results = [target.receive(head[i:i + 1]) for i in range(len(head))]
+    elapsed = time.process_time() - started
+    assert results[-1]  # the head came out at the last byte
+    assert not any(results[:-1])
+    assert elapsed < 0.3, elapsed  # about 0.05 s of CPU now
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(requests(), min_size=1, max_size=2), st.lists(st.integers(0, 10**6), max_size=12))
+def test_peek_finds_the_same_first_head_whatever_the_split(msgs, cuts):
+    """RequestHeadPeek gives the first head at the same point for any split, consuming nothing."""
+    from apptunnel.proxy.http1 import RequestHeadPeek
+
+    stream = b"\r\n" + b"".join(head.to_bytes() + body + (trailers.data if trailers else b"")
+                               for head, body, trailers in msgs)
+    peek = RequestHeadPeek()
+    found = None
+    for piece in splits(stream, cuts):
+        head = peek.receive(piece)
+        found = found or head
+    assert found == msgs[0][0]
+    assert peek.data == stream
+
+
+def _outcome(chunks):
+    """Events (body bytes joined) or the HttpError status, for split comparisons."""
+    try:
+        events, _ = read_requests(chunks)
+    except HttpError as err:
+        return ("error", err.status)
+    return ("events", events)
+
+
+_chunk_lines = st.lists(st.sampled_from([
+    b"3\r\nabc\r\n", b"A;x=y\r\n0123456789\r\n", b"3 \r\nabc\r\n", b"0\r\n", b"\r\n", b"X-T: 1\r\n",
+    b"Bad Name: 1\r\n", b"zz\r\n", b"3\r\nabcd", b"\r", b"\n", b"1\r\n\r\n\r\n", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+]), max_size=10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_chunk_lines, st.lists(st.integers(0, 10**6), max_size=8))
+def test_chunked_bodies_give_the_same_outcome_for_any_split(lines, cuts):
+    """Resumed line scanning: any split (and byte at a time) gives what one write gives,
+    errors included."""
+    data = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(lines)
+    whole = _outcome([data])
+    assert _outcome(splits(data, cuts)) == whole
+    assert _outcome([data[i:i + 1] for i in range(len(data))]) == whole
