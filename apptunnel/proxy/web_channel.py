@@ -72,6 +72,10 @@ class HeadDeadlineChannel(HTTPChannel):
         if self._awaiting_head and self._head_started and not self._answering:
             self._start_head_deadline()
 
+    def is_idle(self) -> bool:
+        """Between requests (or still in a head): the connection limits may shed it."""
+        return self._awaiting_head and not self._answering
+
     def connectionLost(self, reason) -> None:
         self._stop_head_deadline()
         if self._abort_call is not None and self._abort_call.active():

@@ -167,3 +167,40 @@ def test_nothing_left_after_an_answer_means_no_head_deadline():
     later.pending.pop(0).finish()
     clock.advance(45)
     assert not transport.disconnecting
+
+
+class Slow(resource.Resource):
+    """Answers only when the test says so, like a page that waits for storage."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list = []
+
+    def render_GET(self, request):
+        self.waiting.append(request)
+        return server.NOT_DONE_YET
+
+
+def test_idle_only_between_requests():
+    """The connection limits may shed a web UI connection only while no request is in it."""
+    clock = Clock()
+    slow = Slow()
+    channel = WebSite(slow, reactor=clock).buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    assert channel.is_idle()
+    channel.dataReceived(b"POST / HTTP/1.1\r\nHost: apptunnel.localhost\r\nContent-Length: 4\r\n\r\nab")
+    assert not channel.is_idle()          # a body still coming
+    channel.dataReceived(b"cd")
+    assert channel.is_idle() and not slow.waiting  # no render_POST: answered (405) at once
+    channel2 = WebSite(slow, reactor=clock).buildProtocol(None)
+    transport2 = StringTransport()
+    channel2.makeConnection(transport2)
+    channel2.dataReceived(HEAD)
+    assert slow.waiting and not channel2.is_idle()   # being answered
+    request = slow.waiting.pop()
+    request.write(b"late")
+    request.finish()
+    assert channel2.is_idle()             # kept alive, waiting for the next head
