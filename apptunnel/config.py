@@ -597,8 +597,8 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
 
     interval, timeout = _keepalive(top)
     agent_cert_ttl = top.duration("agent_cert_ttl", 3 * 86400.0)
-    if not 60.0 <= agent_cert_ttl <= 90 * 86400.0:
-        top.fail("agent_cert_ttl", f"must be between 1m and 90d, got {_show(top.raw('agent_cert_ttl'))}")
+    if not 10.0 <= agent_cert_ttl <= 90 * 86400.0:
+        top.fail("agent_cert_ttl", f"must be between 10s and 90d, got {_show(top.raw('agent_cert_ttl'))}")
     allowed = _allowed_public_addrs(top)
     return ProxyConfig(
         path=os.path.abspath(path),
