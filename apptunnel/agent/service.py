@@ -114,6 +114,7 @@ class _AgentTunnel:
                       addr=self._service.config.proxy_addr,
                       reason=" ".join(str(message.get("message", ""))[:300].split()))
             self._service.refused = True
+            self._service.rejoin_wanted = message.get("rejoin") is True
             tunnel.close()
         elif kind in ("renew_ok", "renew_error") and self.up:
             self._service.renewal_answered(message)
@@ -213,6 +214,7 @@ class AgentService(MultiService):
         self._joining: defer.Deferred | None = None
         self.stopping = False
         self.refused = False           # the last hello was refused (hello_error)
+        self.rejoin_wanted = False     # ... because our certificate is no longer good
         self._failures = 0             # tunnels in a row that ended without hello_ok
         self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=2.0,
                                       jitter=_jitter)
@@ -336,15 +338,31 @@ class AgentService(MultiService):
         """The tunnel ended before hello_ok: one line saying why (the refusal itself was
         logged already), and a longer wait before the next attempt."""
         self._failures += 1
+        expired = self.identity.not_after <= self.reactor.seconds()
+        if (self.rejoin_wanted or expired) and self.config.join_token and not self.stopping:
+            self._rejoin()
+            return
         if self.refused:
             return
-        if self.identity.not_after <= self.reactor.seconds():
+        if expired:
             log.error("the agent certificate expired at {when}: join again with a new token "
                       "(set join.token and join.ca_pin in {path} and restart)",
                       when=_iso(self.identity.not_after), path=self.config.path)
             return
         log.warn("tunnel to {addr} not established: {reason}", addr=self.config.proxy_addr,
                  reason=reason.getErrorMessage())
+
+    def _rejoin(self) -> None:
+        """Our certificate is expired or unknown to the proxy and a token is configured:
+        stop reconnecting with it and join again (the token may still have a use)."""
+        log.warn("joining again with the configured token")
+        self.rejoin_wanted = self.refused = False
+        client, self.client = self.client, None
+        if client is not None:
+            client.disownServiceParent()
+        self._cancel_renewal()
+        self._joining = defer.ensureDeferred(self._join_until_done())
+        self._joining.addErrback(lambda f: f.trap(defer.CancelledError))
 
     # -- certificate renewal -----------------------------------------------------------
 

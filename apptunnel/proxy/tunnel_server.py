@@ -331,7 +331,7 @@ class TunnelSession:
         if agent is None:
             self._refuse_hello(tunnel, host_id, "this agent is not known to the cluster (it "
                                "joined before agent records existed, or was removed): join "
-                               "again with a new token")
+                               "again with a new token", rejoin=True)
             return
         if f.agent_lock(host_id) is not None:
             self._refuse_hello(tunnel, host_id, "this agent is locked")
@@ -339,7 +339,7 @@ class TunnelSession:
         cert = self._certificate(tunnel)
         if cert is None or cert_pin(cert) != agent.key_pin:
             self._refuse_hello(tunnel, host_id, "certificate is not the agent's current one: "
-                               "join again with a new token")
+                               "join again with a new token", rejoin=True)
             return
         accepted, refused = [], []
         for app in apps:
@@ -372,13 +372,16 @@ class TunnelSession:
                                             peer=self._peer, proxy_id=f.proxy_id,
                                             apps=tuple(serving)))
 
-    def _refuse_hello(self, tunnel: TunnelProtocol, host_id: str, reason: str) -> None:
-        """One line for the agent (why), one for our log, an audit event, then close."""
+    def _refuse_hello(self, tunnel: TunnelProtocol, host_id: str, reason: str,
+                      rejoin: bool = False) -> None:
+        """One line for the agent (why), one for our log, an audit event, then close.
+        ``rejoin``: the agent's certificate is no good here, a new join could help."""
         log.warn("agent {host_id} ({peer}) refused: {reason}", host_id=host_id,
                  peer=self._peer, reason=reason)
         self._factory.audit.emit("agent.hello", actor=host_id, target=self._factory.proxy_id,
                                  outcome="failure", reason=reason, peer=self._peer)
-        self._send(tunnel, {"type": "hello_error", "message": reason})
+        self._send(tunnel, {"type": "hello_error", "message": reason,
+                            **({"rejoin": True} if rejoin else {})})
         self._finish(tunnel)
 
     def _hello_crashed(self, failure: Failure, tunnel: TunnelProtocol) -> None:
