@@ -160,7 +160,8 @@ class TunnelSession:
     """The handler of one agent connection: join, or hello and then registered.
 
     States: ``waiting`` (no message yet), ``joining`` (join in progress, nothing else
-    accepted), ``registered`` (hello accepted), ``closing``.
+    accepted), ``hello`` (hello being checked against the backend), ``registered``
+    (hello accepted; ``renew`` is the one message it takes), ``closing``.
     """
 
     def __init__(self, factory: TunnelServerFactory) -> None:
@@ -434,9 +435,15 @@ class TunnelSession:
             return
         self._renewing, self._last_renew = True, now
         d = defer.ensureDeferred(self._renew(tunnel, message))
-        d.addErrback(lambda failure: log.failure("renewal for {host_id} failed", failure,
-                                                 host_id=self._host_id))
+        d.addErrback(self._renew_crashed, tunnel)
         d.addBoth(lambda _: setattr(self, "_renewing", False))
+
+    def _renew_crashed(self, failure: Failure, tunnel: TunnelProtocol) -> None:
+        """The agent still gets an answer, so it tries again later."""
+        log.warn("renewal for agent {host_id} failed: {error}", host_id=self._host_id,
+                 error=failure.getErrorMessage())
+        if self._state == "registered":
+            self._send(tunnel, {"type": "renew_error", "message": "internal error, try again"})
 
     async def _renew(self, tunnel: TunnelProtocol, message: dict) -> None:
         """A new certificate for the same key, while the agent is known and not locked."""
