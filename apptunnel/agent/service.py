@@ -340,7 +340,9 @@ class AgentService(MultiService):
         self._failures += 1
         expired = self.identity.not_after <= self.reactor.seconds()
         if (self.rejoin_wanted or expired) and self.config.join_token and not self.stopping:
-            self._rejoin()
+            # Next turn: ClientService must first see this disconnect in its own state.
+            self.rejoin_wanted = self.refused = False
+            self.reactor.callLater(0, self._rejoin)
             return
         if self.refused:
             return
@@ -355,8 +357,9 @@ class AgentService(MultiService):
     def _rejoin(self) -> None:
         """Our certificate is expired or unknown to the proxy and a token is configured:
         stop reconnecting with it and join again (the token may still have a use)."""
+        if self.stopping or self.client is None:
+            return
         log.warn("joining again with the configured token")
-        self.rejoin_wanted = self.refused = False
         client, self.client = self.client, None
         if client is not None:
             client.disownServiceParent()

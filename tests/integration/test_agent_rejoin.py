@@ -8,6 +8,7 @@ import sqlite3
 
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.logger import globalLogPublisher
 
 from apptunnel.agent.service import AgentService
 from apptunnel.config import AppConfig
@@ -41,6 +42,8 @@ async def test_unknown_agent_with_a_token_joins_again(tmp_path, proxy, echo_port
     await until(lambda: not proxy.registry.is_online("echo"), "the app to go offline")
     forget_agents(proxy)
 
+    events = []
+    globalLogPublisher.addObserver(events.append)
     again = AgentService(config, reactor)
     again.startService()
     try:
@@ -48,4 +51,6 @@ async def test_unknown_agent_with_a_token_joins_again(tmp_path, proxy, echo_port
                     timeout=15)
     finally:
         await wait(again.stopService())
+        globalLogPublisher.removeObserver(events.append)
+    assert not [e for e in events if "log_failure" in e], "a traceback was logged"
     assert [e.code for e in await proxy.joins()] == ["T3100I", "T3100I"]
