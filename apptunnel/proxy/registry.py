@@ -179,8 +179,15 @@ class AgentRegistry:
         self._forget_expired()
         return self._hosts.get(host_only(host))
 
-    def pick(self, name: str) -> Any | None:
-        """A tunnel serving ``name``'s registration, taking turns over those not going away."""
+    def pick(self, name: str, checked: AppInfo | None = None) -> Any | None:
+        """A tunnel serving ``name``'s registration, taking turns over those not going away.
+
+        With ``checked`` (the AppInfo a decision was made on), None unless that is still
+        the registration: a request is never routed to a definition it was not checked on.
+        """
+        reg = self._names.get(name)
+        if checked is not None and (reg is None or definition(reg.app) != definition(checked)):
+            return None
         tunnels = [t for t in self._serving.get(name, ()) if not getattr(t, "going_away", False)]
         if not tunnels:
             return None

@@ -137,3 +137,18 @@ def attrs_evolve(value, **changes):
     import attrs
 
     return attrs.evolve(value, **changes)
+
+
+def test_pick_with_the_checked_registration_refuses_a_changed_one():
+    """pick(name, app) routes only while app is still the registration decisions saw."""
+    clock = Clock()
+    reg = AgentRegistry(clock, grace=10)
+    t1, t2 = object(), object()
+    reg.add(t1, "a1", [app("grafana")])
+    checked = reg.app("grafana")
+    assert reg.pick("grafana", checked) is t1
+    reg.remove(t1)
+    clock.advance(11)
+    other = attrs_evolve(checked, labels={"env": "prod"}, agent_id="a2")
+    assert reg.add(t2, "a2", [other]) == []
+    assert reg.pick("grafana", checked) is None and reg.pick("grafana", reg.app("grafana")) is t2

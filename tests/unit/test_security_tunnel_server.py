@@ -253,3 +253,33 @@ async def test_renewal_keeps_the_key_and_moves_the_expiry(world):  # noqa: F811
     assert agent.lost is None and world.registry.is_online("grafana")
     run_for(600)                   # past the renewed one's: cut
     assert agent.lost is not None and not world.registry.is_online("grafana")
+
+
+@pytest_twisted.ensureDeferred
+async def test_renew_garbage_and_floods_are_answered_not_obeyed(world):  # noqa: F811
+    """A renew with no CSR, a garbage CSR, or too soon after the last is answered with
+    renew_error; nothing is signed, and the tunnel stays up."""
+    agent, pump = await registered(world, hello())
+    for message in ({"type": "renew"}, {"type": "renew", "csr": ["x"]},
+                    {"type": "renew", "csr": "-----BEGIN CERTIFICATE REQUEST-----\nAAAA"}):
+        world.clock.advance(6)
+        count = len(agent.controls)
+        pump.client.send_control(message)
+        await settle(pump, lambda: len(agent.controls) > count, "an answer")
+        assert agent.controls[-1]["type"] == "renew_error"
+    count = len(agent.controls)
+    pump.client.send_control({"type": "renew", "csr": csr_pem()[1]})
+    pump.client.send_control({"type": "renew", "csr": csr_pem()[1]})
+    await settle(pump, lambda: len(agent.controls) >= count + 2, "two answers")
+    assert {"type": "renew_error", "message": "renewal too soon"} in agent.controls[count:]
+    assert not [m for m in agent.controls if m["type"] == "renew_ok"]
+    assert agent.lost is None and world.registry.is_online("grafana")
+
+
+@pytest_twisted.ensureDeferred
+async def test_renew_as_first_message_closes(world):  # noqa: F811
+    """renew before a hello is an unexpected first message: closed, nothing signed."""
+    agent = AgentSide({"type": "renew", "csr": csr_pem()[1]})
+    await settle(world.connect(agent, await enrolled(world)), lambda: agent.lost is not None,
+                 "close")
+    assert agent.controls == []
