@@ -461,9 +461,14 @@ class SqliteBackend:
     async def redeem_token(self, token_hash: str, now: float, agent: Agent) -> Agent | None:
         """Take one use of a live token and store ``agent`` with the token's scope, in one
         transaction: of two joins racing for a token's last use, exactly one gets it.
-        None when the token is unknown, expired or used up."""
+        None when the token is unknown, expired or used up; AlreadyExists (and no use
+        taken) when the host id is recorded with another key."""
         def run(conn: sqlite3.Connection) -> Agent | None:
             with _transaction(conn):
+                known = conn.execute("SELECT key_pin FROM agents WHERE host_id = ?",
+                                     (agent.host_id,)).fetchone()
+                if known is not None and known[0] != agent.key_pin:
+                    raise AlreadyExists(f"agent {agent.host_id} is recorded with another key")
                 row = conn.execute(
                     f"SELECT {_TOKEN_COLUMNS} FROM join_tokens WHERE token_hash = ?"
                     " AND expires > ? AND (uses_left IS NULL OR uses_left > 0)",

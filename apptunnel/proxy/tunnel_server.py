@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from apptunnel.auth.ca import ClusterCA, cert_pin
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.tokens import constant_time_equal, scope_refusal, secret_hash
+from apptunnel.backend.base import AlreadyExists
 from apptunnel.backend.records import Agent, Scope
 from apptunnel.proxy.registry import AppInfo, host_only
 from apptunnel.tunnel.errors import StreamRefused
@@ -276,18 +277,18 @@ class TunnelSession:
             return
         cert = x509.load_pem_x509_certificate(cert_pem)
         key_pin = cert_pin(cert)
-        known = await f.backend.get_agent(host_id)
-        if known is not None and known.key_pin != key_pin:
+        try:
+            stored = await f.backend.redeem_token(token_hash, now, Agent(
+                host_id=host_id, scope=Scope(), joined=now,
+                cert_expires=cert.not_valid_after_utc.timestamp(), key_pin=key_pin,
+                last_seen=now, peer=self._peer, proxy_id=f.proxy_id))
+        except AlreadyExists:
             # Only the agent holding the key of that host id may join again under it
             # (it reuses agent.key), so nobody can take over another agent's record.
             self._refuse_join(tunnel, host_id, "host_id taken by an agent with another key",
                               f"host_id {host_id} belongs to another agent; remove the "
                               "agent's host_id file to join as a new agent")
             return
-        stored = await f.backend.redeem_token(token_hash, now, Agent(
-            host_id=host_id, scope=Scope(), joined=now,
-            cert_expires=cert.not_valid_after_utc.timestamp(), key_pin=key_pin,
-            last_seen=now, peer=self._peer, proxy_id=f.proxy_id))
         if self._state == "closing":
             return
         if stored is None:

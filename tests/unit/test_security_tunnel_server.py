@@ -283,3 +283,20 @@ async def test_renew_as_first_message_closes(world):  # noqa: F811
     await settle(world.connect(agent, await enrolled(world)), lambda: agent.lost is not None,
                  "close")
     assert agent.controls == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_holder_cannot_take_over_another_agents_host_id(world):  # noqa: F811
+    """A join naming an existing agent's host id with another key is refused and the
+    token keeps its use; the real agent (same key) may join again under it."""
+    from apptunnel.auth.tokens import secret_hash
+    from apptunnel.backend.records import JoinToken
+
+    await enrolled(world, "host-1")
+    now = world.clock.seconds()
+    await world.backend.add_token(JoinToken(secret_hash("one"), "app", now + 60, now, 1))
+    thief = AgentSide({"type": "join", "token": "one", "csr": csr_pem()[1], "host_id": "host-1"})
+    await settle(world.connect(thief), lambda: thief.lost is not None, "close")
+    assert thief.controls[0]["type"] == "join_error"
+    assert "belongs to another agent" in thief.controls[0]["message"]
+    assert (await world.backend.get_token(secret_hash("one"))).uses_left == 1
