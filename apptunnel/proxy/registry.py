@@ -82,6 +82,7 @@ class AgentRegistry:
         self._hosts: dict[str, str] = {}       # public host -> app name, for every known name
         self._serving: dict[str, list[Any]] = {}   # name -> tunnels, in registration order
         self._turn: dict[str, int] = {}
+        self._offline: set[str] = set()        # names with no tunnel, within the grace period
         self._drain_listeners: list[Callable[[Any], None]] = []
 
     def add(self, tunnel: Any, agent_id: str, apps: list[AppInfo]) -> list[tuple[str, str]]:
@@ -103,6 +104,7 @@ class AgentRegistry:
                 reg = self._names[app.name]
             reg.agents.add(agent_id)
             reg.offline_since = None
+            self._offline.discard(app.name)
         self._tunnels[tunnel] = (agent_id, accepted)
         self._rebuild()
         return refused
@@ -139,6 +141,7 @@ class AgentRegistry:
             reg = self._names.get(app.name)
             if reg is not None and app.name not in self._serving and reg.offline_since is None:
                 reg.offline_since = now
+                self._offline.add(app.name)
 
     def add_drain_listener(self, listener: Callable[[Any], None]) -> None:
         """Call ``listener(tunnel)`` whenever a tunnel starts going away (see ``drain``)."""
@@ -205,11 +208,11 @@ class AgentRegistry:
 
     def _forget_expired(self) -> None:
         """Drop names offline for longer than the grace period (never without a clock)."""
-        if self._clock is None:
+        if self._clock is None or not self._offline:
             return
         cutoff = self._clock.seconds() - self._grace
-        for name in [n for n, reg in self._names.items()
-                     if reg.offline_since is not None and reg.offline_since <= cutoff]:
+        for name in [n for n in self._offline if self._names[n].offline_since <= cutoff]:
+            self._offline.discard(name)
             reg = self._names.pop(name)
             self._hosts.pop(host_only(reg.app.public_addr), None)
             log.info("app {app} forgotten after {grace:.0f}s offline", app=name,
