@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import requests
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.support.cluster import BIN, Browser, Child, Cluster, audit, wait_until
-from tests.support.localhost import localhost_resolution
 from tests.support.upstream import HttpUpstream
 
 PASSWORD = "correct horse battery staple"
@@ -248,13 +248,11 @@ def test_certificate_is_renewed_and_the_tunnel_stays_up(cluster):
     crt = cluster.root / "agent" / "agent.crt"
     first = x509.load_pem_x509_certificate(crt.read_bytes())
     since = agents(cluster)[(cluster.root / "agent" / "host_id").read_text().strip()]
-    wait_until(lambda: crt.read_bytes() != first.public_bytes(
-        __import__("cryptography.hazmat.primitives.serialization",
-                   fromlist=["Encoding"]).Encoding.PEM), WAIT, "a renewed agent.crt")
+    wait_until(lambda: crt.read_bytes() != first.public_bytes(Encoding.PEM), WAIT,
+               "a renewed agent.crt")
     renewed = x509.load_pem_x509_certificate(crt.read_bytes())
     assert renewed.not_valid_after_utc > first.not_valid_after_utc
     assert renewed.public_key().public_numbers() == first.public_key().public_numbers()
-    import time
     wait_until(lambda: time.time() > first.not_valid_after_utc.timestamp() + 1, WAIT,
                "the first certificate to expire")
     now = agents(cluster)[since["id"]]

@@ -9,6 +9,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from apptunnel.agent import tap
 from apptunnel.agent.join import AgentIdentity
@@ -150,8 +151,7 @@ def test_refused_hello_is_one_error_line_and_backs_off(tmp_path, ca):
         for _ in range(3):
             handler, tunnel = connected(service)
             handler.control_received(tunnel, {"type": "hello_error", "message": "this agent is locked"})
-            handler.tunnel_lost(tunnel, __import__("twisted.python.failure", fromlist=["Failure"])
-                                .Failure(ConnectionError("closed")))
+            handler.tunnel_lost(tunnel, Failure(ConnectionError("closed")))
             assert tunnel.closed
             delays.append(service._retry_delay(0))   # ClientService saw a made connection
     finally:

@@ -14,12 +14,17 @@ import uuid
 
 import pytest_twisted
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from apptunnel.auth.ca import cert_pin
 from apptunnel.auth.locks import LockWatcher
-from apptunnel.backend.records import Lock, Scope
+from apptunnel.auth.tokens import secret_hash
+from apptunnel.backend.records import Agent, JoinToken, Lock, Scope
 from apptunnel.proxy.tunnel_server import public_addr_refusal
 from tests.unit.test_tunnel_server import (  # noqa: F401
     AgentSide,
+    agent_cert,
     csr_pem,
     enrolled,
     hello,
@@ -164,7 +169,6 @@ async def test_scope_limits_what_an_agent_may_announce(world):  # noqa: F811
 @pytest_twisted.ensureDeferred
 async def test_unknown_agent_is_refused_with_one_line(world):  # noqa: F811
     """A valid certificate whose agent the backend does not know cannot hello."""
-    from tests.unit.test_tunnel_server import agent_cert
     agent = AgentSide(hello())
     await settle(world.connect(agent, agent_cert(world)), lambda: agent.lost is not None, "close")
     [answer] = agent.controls
@@ -220,17 +224,11 @@ async def test_locked_agent_is_cut_refused_and_cannot_renew(world):  # noqa: F81
 async def test_renewal_keeps_the_key_and_moves_the_expiry(world):  # noqa: F811
     """renew answers a new certificate for the same key; the tunnel outlives the old one;
     a CSR for another key is refused."""
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from tests.support.pump import Pump  # noqa: F401
-    from apptunnel.auth.ca import cert_pin
-    from apptunnel.backend.records import Agent
-
     key = ec.generate_private_key(ec.SECP256R1())
     cert = x509.load_pem_x509_certificate(
         world.ca.sign_agent_csr(csr_pem(key)[1], "host-1", 600))
     await world.backend.put_agent(Agent("host-1", Scope(), world.clock.seconds(),
                                         cert.not_valid_after_utc.timestamp(), cert_pin(cert)))
-    from cryptography.hazmat.primitives import serialization
     agent = AgentSide(hello())
     pump = world.connect(agent, cert.public_bytes(serialization.Encoding.PEM))
     await settle(pump, lambda: agent.controls, "hello_ok")
@@ -289,9 +287,6 @@ async def test_renew_as_first_message_closes(world):  # noqa: F811
 async def test_a_token_holder_cannot_take_over_another_agents_host_id(world):  # noqa: F811
     """A join naming an existing agent's host id with another key is refused and the
     token keeps its use; the real agent (same key) may join again under it."""
-    from apptunnel.auth.tokens import secret_hash
-    from apptunnel.backend.records import JoinToken
-
     await enrolled(world, "host-1")
     now = world.clock.seconds()
     await world.backend.add_token(JoinToken(secret_hash("one"), "app", now + 60, now, 1))
