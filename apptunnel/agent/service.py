@@ -101,7 +101,8 @@ class _AgentTunnel:
             for item in refused[:1000]:
                 if isinstance(item, dict):
                     log.error("the proxy refused app {app}: {reason}",
-                              app=str(item.get("app"))[:64], reason=str(item.get("reason"))[:300])
+                              app=str(item.get("app"))[:64],
+                              reason=" ".join(str(item.get("reason"))[:300].split()))
             names = {str(item.get("app")) for item in refused if isinstance(item, dict)}
             serving = [a.name for a in self._service.config.apps if a.name not in names]
             log.info("tunnel to {peer} up (proxy {proxy_id}), serving {apps}",

@@ -150,9 +150,9 @@ def test_single_use_token_cannot_join_a_second_agent(cluster):
         [listed] = [t for t in json.loads(cluster.cli("tokens", "ls", "--format", "json").stdout)
                     if t["expires"] == secret["expires"]]
         assert listed["uses_left"] == 0
-        reasons = [e["fields"].get("reason") for e in audit(cluster, "agent.join")
-                   if e["outcome"] == "failure"]
-        assert "token used up" in reasons
+        wait_until(lambda: "token used up" in [
+            e["fields"].get("reason") for e in audit(cluster, "agent.join")
+            if e["outcome"] == "failure"], WAIT, "the refused join in the audit log")
     finally:
         first.stop()
         if second is not None:
@@ -173,7 +173,8 @@ def test_token_scope_holds_after_restart(cluster, upstream):
         wait_until(lambda: agent.log().count("the proxy refused app scoped-b") == 2, WAIT,
                    "scoped-b refused again after the restart")
         assert agents(cluster)[agent.host_id]["apps"] == ["scoped-a"]
-        assert len(refusals(cluster, "scoped-b")) == 2
+        wait_until(lambda: len(refusals(cluster, "scoped-b")) == 2, WAIT,
+                   "two agent.app.refused for scoped-b")
     finally:
         agent.stop()
 
@@ -237,7 +238,8 @@ def test_lock_agent_cuts_its_tunnel_and_agents_ls_shows_it(cluster, upstream):
         assert agents(cluster)[agent.host_id]["locked"] is True
         log = agent.log()
         assert "Traceback" not in log and "NoTransition" not in log
-        assert "lock.enforced" in {e["type"] for e in audit(cluster, "lock.enforced")}
+        wait_until(lambda: [e for e in audit(cluster, "lock.enforced")
+                            if e["actor"] == agent.host_id], WAIT, "lock.enforced audited")
     finally:
         agent.stop()
 
@@ -272,6 +274,7 @@ def test_public_addr_outside_public_host_needs_the_allow_list(cluster, upstream)
     try:
         wait_until(lambda: "loopback" in _serving(cluster), WAIT, "loopback online")
         assert "local" not in _serving(cluster)
+        wait_until(lambda: refusals(cluster, "local"), WAIT, "agent.app.refused for local")
         assert "allowed_public_addrs" in refusals(cluster, "local")[0]["fields"]["reason"]
         s = requests.Session()
         s.trust_env = False
