@@ -167,7 +167,8 @@ def test_token_scope_holds_after_restart(cluster, upstream):
     try:
         wait_until(lambda: "scoped-a" in _serving(cluster), WAIT, "scoped-a online")
         assert "scoped-b" not in _serving(cluster)
-        assert "the proxy refused app scoped-b" in agent.log()
+        wait_until(lambda: "the proxy refused app scoped-b" in agent.log(), WAIT,
+                   "the agent's line about scoped-b")
         agent.stop()
         agent.start()                       # restart: certificate, no token
         wait_until(lambda: agent.log().count("the proxy refused app scoped-b") == 2, WAIT,
@@ -194,7 +195,8 @@ def test_rogue_agent_cannot_take_over_an_app(cluster):
         wait_until(lambda: "rogue-own" in _serving(cluster), WAIT, "the rogue's own app")
         wait_until(lambda: refusals(cluster, "echo"), WAIT, "agent.app.refused for echo")
         assert "already defined differently" in refusals(cluster, "echo")[0]["fields"]["reason"]
-        assert "the proxy refused app echo" in rogue.log()
+        wait_until(lambda: "the proxy refused app echo" in rogue.log(), WAIT,
+                   "the rogue's line about echo")
 
         alice = Browser(cluster)
         assert alice.login_through(cluster.url("echo", "/echo?n=0"), "alice", PASSWORD).status_code == 200
