@@ -12,8 +12,14 @@ import secrets
 
 
 def new_secret() -> str:
-    """32 random bytes, URL-safe base64: fits in cookies, URLs and headers as is."""
-    return secrets.token_urlsafe(32)
+    """32 random bytes, URL-safe base64: fits in cookies, URLs and headers as is.
+
+    Never starting with ``-``, so it can be passed as a command-line argument
+    (``apptunnel tokens rm TOKEN``) without being taken for an option."""
+    while True:
+        secret = secrets.token_urlsafe(32)
+        if not secret.startswith("-"):
+            return secret
 
 
 def secret_hash(secret: str) -> str:

@@ -94,3 +94,14 @@ def test_scope_decisions():
     assert describe_scope(SCOPE) == "apps a,b; labels team=x"
     assert describe_scope(Scope()) == "any app"
     assert Scope.from_json(SCOPE.to_json()) == SCOPE
+
+
+def test_secrets_never_look_like_options(monkeypatch):
+    """A token starting with '-' would be an unknown option to `tokens rm`: never made."""
+    import secrets
+
+    from apptunnel.auth import tokens
+
+    made = iter(["-starts-with-dash", "fine-secret"])
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda n: next(made))
+    assert tokens.new_secret() == "fine-secret"
