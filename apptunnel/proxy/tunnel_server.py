@@ -52,6 +52,7 @@ log = Logger()
 
 AGENT_CERT_TTL = 3 * 86400.0
 RENEW_MIN_INTERVAL = 5.0
+MAX_REFUSALS_LOGGED = 20    # per hello: an agent cannot flood the log and the audit
 FIRST_MESSAGE_TIMEOUT = 30.0
 JOIN_TOKEN_KINDS = ("app",)
 JWT_CLAIMS = ("iss", "sub", "username", "aud", "iat", "nbf", "exp", "roles", "traits", "jti")
@@ -359,11 +360,14 @@ class TunnelSession:
         self._host_id = host_id
         f.sessions.setdefault(host_id, set()).add(self)
         self._watch_expiry(cert.not_valid_after_utc.timestamp())
-        for name, reason in refused:
+        for name, reason in refused[:MAX_REFUSALS_LOGGED]:
             log.warn("agent {host_id} ({peer}): app {app} refused: {reason}", host_id=host_id,
                      peer=self._peer, app=name, reason=reason)
             f.audit.emit("agent.app.refused", actor=host_id, target=name, outcome="failure",
                          reason=reason, peer=self._peer)
+        if len(refused) > MAX_REFUSALS_LOGGED:
+            log.warn("agent {host_id} ({peer}): {count} more apps refused", host_id=host_id,
+                     peer=self._peer, count=len(refused) - MAX_REFUSALS_LOGGED)
         self._send(tunnel, {"type": "hello_ok", "proxy_id": f.proxy_id,
                             **({"refused": [{"app": n, "reason": r} for n, r in refused]}
                                if refused else {})})
