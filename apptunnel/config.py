@@ -469,6 +469,12 @@ class ProxyConfig:
     audit_file: str | None = None
     limits: LimitsConfig = LimitsConfig()
     throttle: ThrottleConfig = ThrottleConfig()
+    # Agents: certificate lifetime (renewed over the tunnel), how long a departed agent's
+    # apps stay listed, and public addresses allowed outside *.PUBLIC_HOST (host or
+    # host:port, or *.domain).
+    agent_cert_ttl: float = 3 * 86400.0
+    app_grace_period: float = 120.0
+    allowed_public_addrs: tuple[str, ...] = ()
 
     @property
     def public_host(self) -> str:
@@ -523,6 +529,7 @@ _PROXY_KEYS = (
     "cluster_name", "data_dir", "public_addr", "web_listen_addr", "tunnel_listen_addr",
     "backend", "tls", "jwt", "session_ttl", "keepalive", "audit",
     "limits", "auth",
+    "agent_cert_ttl", "app_grace_period", "allowed_public_addrs",
 )
 _AGENT_KEYS = ("data_dir", "proxy_addr", "join", "keepalive", "apps")
 _APP_KEYS = (
@@ -660,6 +667,10 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
         audit_file = audit.file_path("file", base)
 
     interval, timeout = _keepalive(top)
+    agent_cert_ttl = top.duration("agent_cert_ttl", 3 * 86400.0)
+    if not 10.0 <= agent_cert_ttl <= 90 * 86400.0:
+        top.fail("agent_cert_ttl", f"must be between 10s and 90d, got {_show(top.raw('agent_cert_ttl'))}")
+    allowed = _allowed_public_addrs(top)
     return ProxyConfig(
         path=os.path.abspath(path),
         cluster_name=cluster_name,
@@ -680,7 +691,30 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
         audit_file=audit_file,
         limits=_limits(top),
         throttle=_throttle(top),
+        agent_cert_ttl=agent_cert_ttl,
+        app_grace_period=top.duration("app_grace_period", 120.0),
+        allowed_public_addrs=allowed,
     )
+
+
+def _allowed_public_addrs(top: _Section) -> tuple[str, ...]:
+    """``[localhost:8443, "*.apps.example.com"]``: lower-cased host[:port] or *.domain."""
+    items = top.sequence("allowed_public_addrs")
+    out = []
+    for index, entry in enumerate(items):
+        key, line = f"allowed_public_addrs[{index}]", items.item_lines[index]
+        text = entry.lower().rstrip(".") if isinstance(entry, str) else ""
+        host = text[2:] if text.startswith("*.") else text
+        try:
+            _split_addr(host, 443, False)
+        except ValueError:
+            raise ConfigError(top.file, f"expected host, host:port or *.domain, got {_show(entry)}",
+                              key=key, line=line) from None
+        if text.startswith("*.") and ":" in host:
+            raise ConfigError(top.file, f"a *.domain entry takes no port, got {_show(entry)}",
+                              key=key, line=line)
+        out.append(text)
+    return tuple(out)
 
 
 def _build_agent(path: str, data: _Map) -> AgentConfig:

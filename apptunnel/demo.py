@@ -247,13 +247,14 @@ class LocalCluster:
     # -- agent -------------------------------------------------------------------------------
 
     def write_agent_config(self, apps: list[dict]) -> None:
-        """agent.yaml; a join token only while the agent has no certificate yet."""
+        """agent.yaml with a fresh single-use join token: used on the first start, and again
+        when a kept demo dir's short-lived certificate expired (or predates agent records);
+        otherwise the agent keeps its certificate and the token simply expires."""
         config: dict[str, Any] = {
             "data_dir": str(self.root / "agent"),
             "proxy_addr": f"127.0.0.1:{self.tunnel_port}",
+            "join": self.join_token(),
         }
-        if not (self.root / "agent" / "agent.crt").exists():
-            config["join"] = self.join_token()
         if self.keepalive:
             config["keepalive"] = self.keepalive
         config["apps"] = apps

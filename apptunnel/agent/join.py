@@ -115,6 +115,16 @@ class AgentIdentity:
         except (ValueError, TypeError, InvalidSignature):
             raise ValueError("agent.crt is not issued by ca.crt") from None
 
+    def save_cert(self, data_dir: str) -> None:
+        """Replace only agent.crt (a renewal keeps the key): one atomic rename."""
+        write_file(os.path.join(data_dir, "agent.crt"), self.cert_pem, 0o644)
+
+    @property
+    def cert_host_id(self) -> str:
+        cert = x509.load_pem_x509_certificate(self.cert_pem)
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(names[0].value) if names else ""
+
     def save(self, data_dir: str) -> None:
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         write_file(os.path.join(data_dir, "host_id"), self.host_id.encode("ascii") + b"\n", 0o644)
@@ -217,6 +227,27 @@ def _is_ip(host: str) -> bool:
 # -- the join conversation --------------------------------------------------------------
 
 
+def make_csr(key_pem: bytes, host_id: str) -> str:
+    """A PEM CSR signed by our key: proves to the proxy that we hold it."""
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host_id)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def _saved_key(data_dir: str) -> ec.EllipticCurvePrivateKey | None:
+    """The key of an earlier join: a host id may only be joined again with its key."""
+    try:
+        with open(os.path.join(data_dir, "agent.key"), "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), password=None)
+    except (OSError, ValueError, TypeError):
+        return None
+    return key if isinstance(key, ec.EllipticCurvePrivateKey) else None
+
+
 class _JoinHandler:
     """TunnelHandler for the one-message join: send join, wait for the answer."""
 
@@ -274,17 +305,13 @@ async def join(reactor, config: AgentConfig) -> AgentIdentity:
     host, port = split_host_port(config.proxy_addr)
     old_host_id = _read_host_id(config.data_dir)
     host_id = old_host_id or str(uuid.uuid4())
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host_id)]))
-        .sign(key, hashes.SHA256())
-    )
+    key = (_saved_key(config.data_dir) if old_host_id else None) or ec.generate_private_key(
+        ec.SECP256R1())
     tls = PinnedTLS(reactor, host, config.ca_pin)
     handler = _JoinHandler(tls, {
         "type": "join",
         "token": config.join_token,
-        "csr": csr.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+        "csr": make_csr(_key_pem(key), host_id),
         "host_id": host_id,
     }, config.proxy_addr)
     endpoint = wrapClientTLS(
@@ -328,9 +355,7 @@ def _identity_from(answer: dict, key: ec.EllipticCurvePrivateKey, host_id: str,
             raise ValueError(f"the CA it returned does not match ca_pin {config.ca_pin}")
         identity = AgentIdentity(
             host_id=host_id,
-            key_pem=key.private_bytes(serialization.Encoding.PEM,
-                                      serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()),
+            key_pem=_key_pem(key),
             cert_pem=cert_text.encode("ascii"),
             ca_pem=ca.public_bytes(serialization.Encoding.PEM),
         )
@@ -339,6 +364,11 @@ def _identity_from(answer: dict, key: ec.EllipticCurvePrivateKey, host_id: str,
         raise JoinError(f"the proxy at {config.proxy_addr} answered the join with a bad "
                         f"certificate: {err}") from None
     return identity
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
 
 
 def _read_host_id(data_dir: str) -> str | None:

@@ -4,9 +4,18 @@ Start-up order: the saved identity is used when it is there, still valid and fro
 pinned CA; otherwise the agent joins with its token (retrying with backoff while the
 proxy is unreachable, and every 30 s when the proxy refuses, so a fixed config or a new
 token heals it without a restart). Then a ``ClientService`` keeps the tunnel up: each
-connection sends ``hello`` and counts as up only once ``hello_ok`` arrives; a dead peer
-(keepalive) or a refused hello ends the connection and the service reconnects with
-exponential backoff and jitter.
+connection sends ``hello``; ``hello_ok`` (which may list apps the proxy refused, one log
+line each) makes it up; ``hello_error`` is one log line saying why, then the tunnel
+closes. A refused or unanswered hello counts as a failed attempt, so reconnects back off
+exponentially (with jitter) until a hello is accepted again.
+
+The hello is deliberately not a ``prepareConnection`` step: ClientService's state machine
+has no transition for a connection that is lost while it is being prepared (automat
+``NoTransition``), which is exactly what a refused hello is.
+
+The certificate is short-lived: at two thirds of its remaining life the agent sends
+``renew`` with a CSR for its own key and saves the answer (``agent.crt``, replaced
+atomically). Reconnects always present the current certificate.
 
 Shutdown says ``go_away`` on the live tunnel first, so open streams finish (bounded by
 ``DRAIN_TIMEOUT``) before the connection is closed.
@@ -14,18 +23,22 @@ Shutdown says ``go_away`` on the live tunnel first, so open streams finish (boun
 
 from __future__ import annotations
 
+import datetime
 import random
 from importlib import metadata
 
+import attrs
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import defer, ssl, task
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from apptunnel.agent.join import AgentIdentity, JoinError, join
+from apptunnel.agent.join import AgentIdentity, JoinError, join, make_csr
 from apptunnel.agent.upstream import UpstreamDialer
 from apptunnel.auth.ca import spki_pin
 from apptunnel.config import AgentConfig, ConfigError
@@ -40,6 +53,7 @@ CONNECT_TIMEOUT = 10.0
 HELLO_TIMEOUT = 15.0
 DRAIN_TIMEOUT = 10.0
 REFUSED_RETRY = 30.0
+RENEW_RETRY_MIN = 6.0
 
 
 def _version() -> str:
@@ -56,28 +70,55 @@ def _jitter() -> float:
     return random.random()
 
 
+def _iso(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(
+        timespec="seconds")
+
+
 class _AgentTunnel:
     """The agent's TunnelHandler for one connection: hello, then answer streams."""
 
     def __init__(self, service: AgentService) -> None:
         self._service = service
         self.tunnel: TunnelProtocol | None = None
-        self.hello_ok: defer.Deferred = defer.Deferred()
+        self.up = False
+        self._timer = None
 
     def tunnel_ready(self, tunnel: TunnelProtocol) -> None:
         # Sent before the handshake finishes, TLS holds it until the proxy is verified
         # against our CA (and the proxy has verified our certificate).
         self.tunnel = tunnel
-        self._service._handlers[tunnel.transport] = self
+        self._service.handlers.add(self)
         tunnel.send_control(self._service.hello_message())
+        self._timer = self._service.reactor.callLater(HELLO_TIMEOUT, self._unanswered)
 
     def control_received(self, tunnel: TunnelProtocol, message: dict) -> None:
         kind = message.get("type")
-        if kind == "hello_ok" and not self.hello_ok.called:
-            self.hello_ok.callback(tunnel)
+        if kind == "hello_ok" and not self.up:
+            self._cancel_timer()
+            self.up = True
+            refused = message.get("refused") if isinstance(message.get("refused"), list) else []
+            for item in refused[:1000]:
+                if isinstance(item, dict):
+                    log.error("the proxy refused app {app}: {reason}",
+                              app=str(item.get("app"))[:64],
+                              reason=" ".join(str(item.get("reason"))[:300].split()))
+            names = {str(item.get("app")) for item in refused if isinstance(item, dict)}
+            serving = [a.name for a in self._service.config.apps if a.name not in names]
             log.info("tunnel to {peer} up (proxy {proxy_id}), serving {apps}",
                      peer=tunnel.peer, proxy_id=str(message.get("proxy_id", "?"))[:64],
-                     apps=", ".join(a.name for a in self._service.config.apps) or "no apps")
+                     apps=", ".join(serving) or "no apps")
+            self._service.tunnel_up(self)
+        elif kind == "hello_error" and not self.up:
+            self._cancel_timer()
+            log.error("the proxy at {addr} refused this agent: {reason}",
+                      addr=self._service.config.proxy_addr,
+                      reason=" ".join(str(message.get("message", ""))[:300].split()))
+            self._service.refused = True
+            self._service.rejoin_wanted = message.get("rejoin") is True
+            tunnel.close()
+        elif kind in ("renew_ok", "renew_error") and self.up:
+            self._service.renewal_answered(message)
         else:
             log.warn("tunnel to {peer}: ignoring unexpected message {kind!r}",
                      peer=tunnel.peer, kind=str(kind)[:40])
@@ -86,12 +127,42 @@ class _AgentTunnel:
         return self._service.dialer.stream_requested(tunnel, target)
 
     def tunnel_lost(self, tunnel: TunnelProtocol, reason: Failure) -> None:
-        self._service._handlers.pop(tunnel.transport, None)
-        if not self.hello_ok.called:
-            self.hello_ok.errback(reason)
+        self._cancel_timer()
+        self._service.handlers.discard(self)
+        if self.up:
+            log.info("tunnel to {peer} lost: {reason}", peer=tunnel.peer,
+                     reason=reason.getErrorMessage())
             return
-        log.info("tunnel to {peer} lost: {reason}", peer=tunnel.peer,
-                 reason=reason.getErrorMessage())
+        self._service.hello_failed(reason)
+
+    def _unanswered(self) -> None:
+        self._timer = None
+        log.warn("the proxy at {addr} did not answer our hello within {s:.0f}s",
+                 addr=self._service.config.proxy_addr, s=HELLO_TIMEOUT)
+        if self.tunnel is not None:
+            self.tunnel.close()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _CurrentIdentityTLS:
+    """Client TLS built per connection, so a reconnect presents the renewed certificate."""
+
+    def __init__(self, service: AgentService) -> None:
+        self._service = service
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        identity = self._service.identity
+        options = ssl.optionsForClientTLS(
+            self._service.host,
+            trustRoot=identity.trust_root(),
+            clientCertificate=identity.client_certificate(),
+        )
+        return options.clientConnectionForTLS(tlsProtocol)
 
 
 class _Closed(Protocol):
@@ -133,12 +204,23 @@ class AgentService(MultiService):
             raise ConfigError(config.path, f"no saved identity in {config.data_dir}: set "
                                            "join.token and join.ca_pin to join the cluster",
                               key="join")
+        if (self.identity is not None and not config.join_token
+                and self.identity.not_after <= reactor.seconds()):
+            raise JoinError(f"the agent certificate in {config.data_dir} expired at "
+                            f"{_iso(self.identity.not_after)}: join again with a new token "
+                            f"(set join.token and join.ca_pin in {config.path})")
         self.host, self.port = split_host_port(config.proxy_addr)
         self.client: ClientService | None = None
-        # Keyed by transport: ClientService hands prepareConnection a proxy of our protocol.
-        self._handlers: dict[object, _AgentTunnel] = {}
+        self.handlers: set[_AgentTunnel] = set()
         self._joining: defer.Deferred | None = None
         self.stopping = False
+        self.refused = False           # the last hello was refused (hello_error)
+        self.rejoin_wanted = False     # ... because our certificate is no longer good
+        self._failures = 0             # tunnels in a row that ended without hello_ok
+        self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=2.0,
+                                      jitter=_jitter)
+        self._renew_call = None
+        self._renew_sent = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -156,8 +238,9 @@ class AgentService(MultiService):
         if self._joining is not None:
             self._joining.cancel()
             self._joining = None
+        self._cancel_renewal()
         draining = []
-        for handler in list(self._handlers.values()):
+        for handler in list(self.handlers):
             draining.append(handler.tunnel.go_away("agent shutting down"))
         if draining:
             done = defer.DeferredList(draining, consumeErrors=True)
@@ -230,36 +313,104 @@ class AgentService(MultiService):
         return hello
 
     def _start_tunnel(self) -> None:
-        identity = self.identity
-        tls = ssl.optionsForClientTLS(
-            self.host,
-            trustRoot=identity.trust_root(),
-            clientCertificate=identity.client_certificate(),
-        )
         endpoint = wrapClientTLS(
-            tls, HostnameEndpoint(self.reactor, loopback_host(self.host), self.port,
-                                  timeout=CONNECT_TIMEOUT),
+            _CurrentIdentityTLS(self),
+            HostnameEndpoint(self.reactor, loopback_host(self.host), self.port,
+                             timeout=CONNECT_TIMEOUT),
         )
         self.client = ClientService(
-            endpoint, _TunnelFactory(self),
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=2.0,
-                                      jitter=_jitter),
-            clock=self.reactor,
-            prepareConnection=self._await_hello,
+            endpoint, _TunnelFactory(self), retryPolicy=self._retry_delay, clock=self.reactor,
         )
         self.client.setServiceParent(self)
 
-    def _await_hello(self, tunnel) -> defer.Deferred:
-        """The connection counts as up once the proxy accepted our hello."""
-        handler = self._handlers.get(tunnel.transport)
-        if handler is None:
-            return defer.fail(ConnectionError("no tunnel on this connection"))
-        d = handler.hello_ok
-        d.addTimeout(HELLO_TIMEOUT, self.reactor)
+    def _retry_delay(self, attempt: int) -> float:
+        """ClientService counts failed connects; we also count refused/unanswered hellos,
+        which ClientService sees as connections that were made."""
+        return self._backoff(max(attempt, self._failures))
 
-        def failed(failure: Failure) -> Failure:
-            log.warn("tunnel to {addr} not established: {reason}", addr=self.config.proxy_addr,
-                     reason=failure.getErrorMessage())
-            return failure
+    def tunnel_up(self, handler: _AgentTunnel) -> None:
+        self._failures = 0
+        self.refused = False
+        if self._renew_call is None:
+            self._renew_sent = False   # an answer lost with an earlier tunnel never comes
+            self._schedule_renewal((self.identity.not_after - self.reactor.seconds()) * 2 / 3)
 
-        return d.addErrback(failed)
+    def hello_failed(self, reason: Failure) -> None:
+        """The tunnel ended before hello_ok: one line saying why (the refusal itself was
+        logged already), and a longer wait before the next attempt."""
+        self._failures += 1
+        expired = self.identity.not_after <= self.reactor.seconds()
+        if (self.rejoin_wanted or expired) and self.config.join_token and not self.stopping:
+            # Next turn: ClientService must first see this disconnect in its own state.
+            self.rejoin_wanted = self.refused = False
+            self.reactor.callLater(0, self._rejoin)
+            return
+        if self.refused:
+            return
+        if expired:
+            log.error("the agent certificate expired at {when}: join again with a new token "
+                      "(set join.token and join.ca_pin in {path} and restart)",
+                      when=_iso(self.identity.not_after), path=self.config.path)
+            return
+        log.warn("tunnel to {addr} not established: {reason}", addr=self.config.proxy_addr,
+                 reason=reason.getErrorMessage())
+
+    def _rejoin(self) -> None:
+        """Our certificate is expired or unknown to the proxy and a token is configured:
+        stop reconnecting with it and join again (the token may still have a use)."""
+        if self.stopping or self.client is None:
+            return
+        log.warn("joining again with the configured token")
+        client, self.client = self.client, None
+        if client is not None:
+            client.disownServiceParent()
+        self._cancel_renewal()
+        self._joining = defer.ensureDeferred(self._join_until_done())
+        self._joining.addErrback(lambda f: f.trap(defer.CancelledError))
+
+    # -- certificate renewal -----------------------------------------------------------
+
+    def _schedule_renewal(self, delay: float) -> None:
+        self._cancel_renewal()
+        self._renew_call = self.reactor.callLater(max(1.0, delay), self._renew)
+
+    def _cancel_renewal(self) -> None:
+        if self._renew_call is not None and self._renew_call.active():
+            self._renew_call.cancel()
+        self._renew_call = None
+
+    def _renew(self) -> None:
+        """Ask a live tunnel for a new certificate; without one, the next hello_ok will."""
+        self._renew_call = None
+        handler = next((h for h in self.handlers if h.up), None)
+        if handler is None or self.stopping:
+            return
+        csr = make_csr(self.identity.key_pem, self.identity.host_id)
+        self._renew_sent = True
+        handler.tunnel.send_control({"type": "renew", "csr": csr})
+
+    def renewal_answered(self, message: dict) -> None:
+        self._renew_sent = False
+        remaining = self.identity.not_after - self.reactor.seconds()
+        if message.get("type") == "renew_error":
+            log.error("certificate renewal refused: {reason} (certificate valid until {when})",
+                      reason=" ".join(str(message.get("message", ""))[:300].split()),
+                      when=_iso(self.identity.not_after))
+            self._schedule_renewal(max(RENEW_RETRY_MIN, remaining / 4))
+            return
+        try:
+            cert = message.get("cert")
+            if not isinstance(cert, str):
+                raise ValueError("renew_ok without a certificate")
+            renewed = attrs.evolve(self.identity, cert_pem=cert.encode("ascii"))
+            renewed.check()
+            if renewed.cert_host_id != self.identity.host_id:
+                raise ValueError("the certificate names another agent")
+            renewed.save_cert(self.config.data_dir)
+        except (ValueError, TypeError, UnicodeError, OSError) as err:
+            log.error("cannot use the renewed certificate: {error}", error=str(err))
+            self._schedule_renewal(max(RENEW_RETRY_MIN, remaining / 4))
+            return
+        self.identity = renewed
+        log.info("agent certificate renewed, valid until {when}", when=_iso(renewed.not_after))
+        self._schedule_renewal((renewed.not_after - self.reactor.seconds()) * 2 / 3)

@@ -131,6 +131,9 @@ class LockWatcher:
 
     async def _end_sessions(self, lock: Lock) -> None:
         """End the stored sessions the lock covers; retried on the next poll if it fails."""
+        if lock.user is None and lock.app is None:
+            self._ended.add(lock.id)   # an agent lock: its tunnels are cut by the listener
+            return
         try:
             if lock.app is None:
                 ended = await self._backend.delete_user_sessions(lock.user)

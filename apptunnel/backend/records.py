@@ -29,11 +29,51 @@ class Resource:
 
 
 @attrs.frozen
+class Scope:
+    """Which apps an agent may announce: names (None = any name) and labels every
+    announced app must carry. The default scope is unlimited (tokens made before scopes
+    existed); ``apptunnel tokens add`` narrows it. ``auth.tokens.scope_refusal`` decides."""
+
+    apps: tuple[str, ...] | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def to_json(self) -> dict:
+        return {"apps": list(self.apps) if self.apps is not None else None,
+                "labels": {k: v for k, v in self.labels}}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "Scope":
+        apps = doc.get("apps")
+        return cls(apps=tuple(apps) if apps is not None else None,
+                   labels=tuple(sorted((doc.get("labels") or {}).items())))
+
+
+@attrs.frozen
 class JoinToken:
     token_hash: str                     # hex sha256 of the secret; the secret is never stored
     kind: str
     expires: float
     created: float
+    uses_left: int | None = None        # None: unlimited (tokens made before uses existed)
+    scope: Scope = Scope()
+
+
+@attrs.frozen
+class Agent:
+    """An agent that joined: what its token allowed, and what the proxies last saw of it.
+
+    ``connected_since`` is None while no proxy holds a tunnel of it."""
+
+    host_id: str
+    scope: Scope
+    joined: float
+    cert_expires: float
+    key_pin: str = ""                   # spki_pin of the key its certificate was issued for
+    last_seen: float | None = None
+    connected_since: float | None = None
+    peer: str = ""
+    proxy_id: str = ""
+    apps: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -70,9 +110,10 @@ class AuthCode:
 
 @attrs.frozen
 class Lock:
-    """Refuses a user, an app, or one user on one app, until removed or expired.
+    """Refuses a user, an app, or one user on one app, until removed or expired; or,
+    with ``agent`` (and no user or app), one agent's hello, renewals and tunnels.
 
-    ``user`` and ``app`` are never both None; ``expires`` None means until removed.
+    ``user``, ``app`` and ``agent`` are never all None; ``expires`` None means until removed.
     """
 
     id: str
@@ -82,6 +123,7 @@ class Lock:
     created: float
     expires: float | None
     created_by: str
+    agent: str | None = None
 
 
 @attrs.frozen

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
@@ -27,10 +28,12 @@ from apptunnel.backend.base import AlreadyExists, BackendError, NotFound
 from apptunnel.backend.records import (
     AppSession,
     AuditEvent,
+    Agent,
     AuthCode,
     JoinToken,
     Lock,
     Resource,
+    Scope,
     User,
     WebSession,
 )
@@ -110,6 +113,24 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             expires REAL,
             created_by TEXT NOT NULL)""",
         "CREATE INDEX app_sessions_app ON app_sessions (app)",
+    ),
+    (
+        # Tokens made before version 3 keep working as they did: unlimited uses
+        # (uses_left NULL) and an unlimited scope ('{}').
+        "ALTER TABLE join_tokens ADD COLUMN uses_left INTEGER",
+        "ALTER TABLE join_tokens ADD COLUMN scope TEXT NOT NULL DEFAULT '{}'",
+        """CREATE TABLE agents (
+            host_id TEXT PRIMARY KEY,
+            scope TEXT NOT NULL,
+            joined REAL NOT NULL,
+            cert_expires REAL NOT NULL,
+            key_pin TEXT NOT NULL,
+            last_seen REAL,
+            connected_since REAL,
+            peer TEXT NOT NULL,
+            proxy_id TEXT NOT NULL,
+            apps TEXT NOT NULL)""",
+        "ALTER TABLE locks ADD COLUMN agent TEXT",
     ),
 )
 
@@ -203,6 +224,23 @@ def _web_session(row: tuple) -> WebSession:
 
 def _app_session(row: tuple) -> AppSession:
     return AppSession(*row)
+
+
+_TOKEN_COLUMNS = "token_hash, kind, expires, created, uses_left, scope"
+_AGENT_COLUMNS = ("host_id, scope, joined, cert_expires, key_pin, last_seen, connected_since,"
+                  " peer, proxy_id, apps")
+_AGENT_STATE = ("cert_expires", "key_pin", "last_seen", "connected_since", "peer", "proxy_id",
+                "apps")
+_LOCK_COLUMNS = "id, user_name, app, message, created, expires, created_by, agent"
+
+
+def _token(row: tuple) -> JoinToken:
+    return JoinToken(*row[:5], scope=Scope.from_json(json.loads(row[5])))
+
+
+def _agent(row: tuple) -> Agent:
+    return Agent(row[0], Scope.from_json(json.loads(row[1])), *row[2:9],
+                 apps=tuple(json.loads(row[9])))
 
 
 def _audit_event(row: tuple) -> AuditEvent:
@@ -385,9 +423,9 @@ class SqliteBackend:
         def run(conn: sqlite3.Connection) -> None:
             try:
                 conn.execute(
-                    "INSERT INTO join_tokens (token_hash, kind, expires, created)"
-                    " VALUES (?, ?, ?, ?)",
-                    (token.token_hash, token.kind, token.expires, token.created),
+                    f"INSERT INTO join_tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                    (token.token_hash, token.kind, token.expires, token.created,
+                     token.uses_left, _dump(token.scope.to_json())),
                 )
             except sqlite3.IntegrityError:
                 raise AlreadyExists("join token already exists") from None
@@ -397,27 +435,110 @@ class SqliteBackend:
     async def get_token(self, token_hash: str) -> JoinToken | None:
         def run(conn: sqlite3.Connection) -> JoinToken | None:
             row = conn.execute(
-                "SELECT token_hash, kind, expires, created FROM join_tokens"
-                " WHERE token_hash = ?",
+                f"SELECT {_TOKEN_COLUMNS} FROM join_tokens WHERE token_hash = ?",
                 (token_hash,),
             ).fetchone()
-            return JoinToken(*row) if row else None
+            return _token(row) if row else None
 
         return await self._run(run)
 
     async def list_tokens(self) -> list[JoinToken]:
         def run(conn: sqlite3.Connection) -> list[JoinToken]:
             rows = conn.execute(
-                "SELECT token_hash, kind, expires, created FROM join_tokens"
-                " ORDER BY created, token_hash"
+                f"SELECT {_TOKEN_COLUMNS} FROM join_tokens ORDER BY created, token_hash"
             ).fetchall()
-            return [JoinToken(*row) for row in rows]
+            return [_token(row) for row in rows]
 
         return await self._run(run)
 
     async def delete_token(self, token_hash: str) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
             cur = conn.execute("DELETE FROM join_tokens WHERE token_hash = ?", (token_hash,))
+            return cur.rowcount > 0
+
+        return await self._run(run)
+
+    async def redeem_token(self, token_hash: str, now: float, agent: Agent) -> Agent | None:
+        """Take one use of a live token and store ``agent`` with the token's scope, in one
+        transaction: of two joins racing for a token's last use, exactly one gets it.
+        None when the token is unknown, expired or used up; AlreadyExists (and no use
+        taken) when the host id is recorded with another key."""
+        def run(conn: sqlite3.Connection) -> Agent | None:
+            with _transaction(conn):
+                known = conn.execute("SELECT key_pin FROM agents WHERE host_id = ?",
+                                     (agent.host_id,)).fetchone()
+                if known is not None and known[0] != agent.key_pin:
+                    raise AlreadyExists(f"agent {agent.host_id} is recorded with another key")
+                row = conn.execute(
+                    f"SELECT {_TOKEN_COLUMNS} FROM join_tokens WHERE token_hash = ?"
+                    " AND expires > ? AND (uses_left IS NULL OR uses_left > 0)",
+                    (token_hash, now),
+                ).fetchone()
+                if row is None:
+                    return None
+                token = _token(row)
+                if token.uses_left is not None:
+                    conn.execute("UPDATE join_tokens SET uses_left = uses_left - 1"
+                                 " WHERE token_hash = ?", (token_hash,))
+                stored = attrs.evolve(agent, scope=token.scope)
+                self._put_agent(conn, stored)
+                return stored
+
+        return await self._run(run)
+
+    # -- agents -----------------------------------------------------------------
+
+    @staticmethod
+    def _put_agent(conn: sqlite3.Connection, a: Agent) -> None:
+        conn.execute(
+            f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (host_id) DO UPDATE SET scope = excluded.scope,"
+            " joined = excluded.joined, cert_expires = excluded.cert_expires,"
+            " key_pin = excluded.key_pin, last_seen = excluded.last_seen,"
+            " connected_since = excluded.connected_since, peer = excluded.peer,"
+            " proxy_id = excluded.proxy_id, apps = excluded.apps",
+            (a.host_id, _dump(a.scope.to_json()), a.joined, a.cert_expires, a.key_pin,
+             a.last_seen, a.connected_since, a.peer, a.proxy_id, _dump(list(a.apps))),
+        )
+
+    async def put_agent(self, agent: Agent) -> None:
+        await self._run(lambda conn: self._put_agent(conn, agent))
+
+    async def get_agent(self, host_id: str) -> Agent | None:
+        def run(conn: sqlite3.Connection) -> Agent | None:
+            row = conn.execute(f"SELECT {_AGENT_COLUMNS} FROM agents WHERE host_id = ?",
+                               (host_id,)).fetchone()
+            return _agent(row) if row else None
+
+        return await self._run(run)
+
+    async def list_agents(self) -> list[Agent]:
+        def run(conn: sqlite3.Connection) -> list[Agent]:
+            rows = conn.execute(f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY host_id")
+            return [_agent(row) for row in rows.fetchall()]
+
+        return await self._run(run)
+
+    async def update_agent(self, host_id: str, **state: Any) -> bool:
+        """Set some of the agent's state columns (``_AGENT_STATE``); False if unknown.
+
+        ``only_proxy``: change nothing unless the row still names that proxy (a tunnel
+        that ends must not mark an agent offline that has reconnected elsewhere)."""
+        only_proxy = state.pop("only_proxy", None)
+        if not state or not set(state) <= set(_AGENT_STATE):
+            raise BackendError(f"update_agent: unknown fields {sorted(set(state) - set(_AGENT_STATE))}")
+        names = sorted(state)
+        values = [_dump(list(state[n])) if n == "apps" else state[n] for n in names]
+        where, params = "host_id = ?", [host_id]
+        if only_proxy is not None:
+            where += " AND proxy_id = ?"
+            params.append(only_proxy)
+
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                f"UPDATE agents SET {', '.join(f'{n} = ?' for n in names)} WHERE {where}",
+                (*values, *params),
+            )
             return cur.rowcount > 0
 
         return await self._run(run)
@@ -546,19 +667,18 @@ class SqliteBackend:
 
     async def put_lock(self, lock: Lock) -> None:
         """Store a lock (replacing one with the same id)."""
-        if lock.user is None and lock.app is None:
-            raise BackendError("a lock needs a user, an app, or both")
+        if lock.user is None and lock.app is None and lock.agent is None:
+            raise BackendError("a lock needs a user, an app, or both (or an agent)")
 
         def run(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT INTO locks (id, user_name, app, message, created, expires, created_by)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)"
+                f"INSERT INTO locks ({_LOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (id) DO UPDATE SET user_name = excluded.user_name,"
                 " app = excluded.app, message = excluded.message,"
                 " created = excluded.created, expires = excluded.expires,"
-                " created_by = excluded.created_by",
+                " created_by = excluded.created_by, agent = excluded.agent",
                 (lock.id, lock.user, lock.app, lock.message, lock.created, lock.expires,
-                 lock.created_by),
+                 lock.created_by, lock.agent),
             )
 
         await self._run(run)
@@ -567,7 +687,7 @@ class SqliteBackend:
         """Locks still in force at ``now``, oldest first."""
         def run(conn: sqlite3.Connection) -> list[Lock]:
             rows = conn.execute(
-                "SELECT id, user_name, app, message, created, expires, created_by FROM locks"
+                f"SELECT {_LOCK_COLUMNS} FROM locks"
                 " WHERE expires IS NULL OR expires > ? ORDER BY created, id",
                 (now,),
             ).fetchall()

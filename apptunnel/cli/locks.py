@@ -9,6 +9,7 @@ this machine, they wait (briefly) until it has the change (`cli/control.py`).
 from __future__ import annotations
 
 import argparse
+import re
 import uuid
 
 from apptunnel.backend.records import Lock
@@ -21,6 +22,7 @@ MAX_MESSAGE = 500
 MAX_TTL = 3650 * 86400.0
 MIN_ID_PREFIX = 6
 _APP_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
+_AGENT_ID = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?\Z")
 
 
 def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -30,6 +32,8 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
     )
     lock.add_argument("--user", metavar="NAME", help="the user to lock out")
     lock.add_argument("--app", metavar="NAME", help="the app to lock (for everyone, or for --user)")
+    lock.add_argument("--agent", metavar="ID",
+                      help="the agent to lock out: its tunnels are cut, hello and renewal refused")
     lock.add_argument("--ttl", help="remove the lock by itself after this long (default: never)")
     lock.add_argument("--message", default="", help="shown to the locked-out user")
     lock.add_argument("--format", choices=("text", "json"), default="text")
@@ -47,8 +51,14 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 def _target(args: argparse.Namespace) -> tuple[str | None, str | None]:
     user, app = args.user, args.app
+    if args.agent is not None:
+        if user is not None or app is not None:
+            raise UsageError("lock: --agent goes alone (without --user or --app)")
+        if not _AGENT_ID.match(args.agent):
+            raise UsageError(f"--agent: not a valid agent id: {clean(args.agent)!r}")
+        return None, None
     if user is None and app is None:
-        raise UsageError("lock: give --user NAME, --app NAME, or both")
+        raise UsageError("lock: give --user NAME, --app NAME, or both (or --agent ID)")
     if user is not None and not USER_NAME.match(user):
         raise UsageError(f"--user: not a valid user name: {clean(user)!r}")
     if app is not None and not (0 < len(app) <= 63 and set(app) <= _APP_NAME_CHARS
@@ -79,6 +89,8 @@ def _message(text: str) -> str:
 
 
 def _describe(lock: Lock) -> str:
+    if lock.agent:
+        return f"agent {lock.agent}"
     if lock.user and lock.app:
         return f"user {lock.user} on app {lock.app}"
     return f"user {lock.user}" if lock.user else f"app {lock.app}"
@@ -86,7 +98,8 @@ def _describe(lock: Lock) -> str:
 
 def _as_json(lock: Lock) -> dict:
     return {
-        "id": lock.id, "user": lock.user, "app": lock.app, "message": lock.message,
+        "id": lock.id, "user": lock.user, "app": lock.app, "agent": lock.agent,
+        "message": lock.message,
         "created": iso(lock.created), "created_by": lock.created_by,
         "expires": iso(lock.expires) if lock.expires is not None else None,
     }
@@ -98,12 +111,15 @@ async def add_lock(admin: Admin, args: argparse.Namespace) -> int:
     message = _message(args.message)
     if user is not None and await admin.backend.get_user(user) is None:
         admin.io.warn(f"no local user {user!r}; the lock still applies if they sign in through SSO")
+    if args.agent is not None and await admin.backend.get_agent(args.agent) is None:
+        admin.io.warn(f"no agent {args.agent!r} has joined; the lock applies if one does")
     now = admin.now()
     lock = Lock(id=str(uuid.uuid4()), user=user, app=app, message=message, created=now,
-                expires=now + ttl if ttl is not None else None, created_by=admin.io.actor)
+                expires=now + ttl if ttl is not None else None, created_by=admin.io.actor,
+                agent=args.agent)
     await admin.backend.put_lock(lock)
     await admin.refresh_proxy()   # holds on this machine's proxy before we return
-    admin.emit("lock.create", lock.id, user=user, app=app, message=message,
+    admin.emit("lock.create", lock.id, user=user, app=app, agent=lock.agent, message=message,
                expires=_as_json(lock)["expires"])
     if args.format == "json":
         admin.io.out(json_text(_as_json(lock)))
@@ -122,11 +138,12 @@ async def list_locks(admin: Admin, args: argparse.Namespace) -> int:
     if not locks:
         admin.io.out("No locks.\n")
         return 0
+    agent_column = ("AGENT",) if any(lock.agent for lock in locks) else ()
     admin.io.out(table(
-        ("ID", "USER", "APP", "EXPIRES", "BY", "MESSAGE"),
-        [(lock.id, lock.user or "*", lock.app or "*",
+        ("ID", "USER", "APP", "EXPIRES", "BY", "MESSAGE") + agent_column,
+        [(lock.id, lock.user or ("-" if lock.agent else "*"), lock.app or ("-" if lock.agent else "*"),
           iso(lock.expires) if lock.expires is not None else "never",
-          lock.created_by, lock.message)
+          lock.created_by, lock.message) + ((lock.agent or "",) if agent_column else ())
          for lock in locks],
     ))
     return 0

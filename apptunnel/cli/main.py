@@ -36,7 +36,9 @@ from twisted.logger import (
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.rbac import RoleError
 from apptunnel.backend import BackendError
-from apptunnel.cli import apps, audit_search, locks, login, proxy_app, resources, tokens, users
+from apptunnel.cli import (
+    agents, apps, audit_search, locks, login, proxy_app, resources, tokens, users,
+)
 from apptunnel.cli.context import Admin, CliError, Io, UsageError
 from apptunnel.cli.output import clean
 from apptunnel.config import ConfigError, ProxyConfig, load_proxy_config
@@ -90,6 +92,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help=f"proxy config file (default: $APPTUNNEL_CONFIG or {DEFAULT_CONFIG})")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     tokens.add_parsers(verbs, common)
+    agents.add_parsers(verbs, common)
     users.add_parsers(verbs, common)
     resources.add_parsers(verbs, common)
     audit_search.add_parsers(verbs, common)

@@ -2,6 +2,11 @@
 
 Only the SHA-256 of a token is stored; the secret is printed once, next to the CA pin the
 agent needs to verify the proxy on its first connection.
+
+A new token is single-use unless ``--uses`` says otherwise, and may be limited to what
+its agent may announce: ``--apps a,b`` (names) and/or ``--labels k=v`` (repeatable: every
+pair must be among an app's labels). The scope is copied into the agent's record at join
+and checked at every hello, also after restarts with the certificate.
 """
 
 from __future__ import annotations
@@ -12,14 +17,17 @@ import re
 from twisted.internet.threads import deferToThread
 
 from apptunnel.auth.ca import ClusterCA
-from apptunnel.auth.tokens import new_secret, secret_hash
-from apptunnel.backend.records import JoinToken
+from apptunnel.auth.tokens import describe_scope, new_secret, secret_hash
+from apptunnel.backend.records import JoinToken, Scope
 from apptunnel.cli.context import Admin, CliError, UsageError
 from apptunnel.cli.output import human_duration, iso, json_text, table
 from apptunnel.config import parse_duration
 
 TOKEN_TYPES = ("app",)
 MAX_TTL = 30 * 86400.0
+MAX_USES = 10_000
+_APP_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+_LABEL = re.compile(r"([^=\s]{1,63})=([^\x00-\x1f\x7f]{0,255})\Z")
 _HASH_PREFIX = re.compile(r"[0-9a-f]{6,64}\Z")
 _SHOWN_HASH = 12
 
@@ -32,6 +40,12 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
     add.add_argument("--type", choices=TOKEN_TYPES, default="app",
                      help="what may join with it (default: app, an agent)")
     add.add_argument("--ttl", default="1h", help="how long it stays valid (default: 1h)")
+    add.add_argument("--uses", type=_uses, default=1, metavar="N",
+                     help="how many agents may join with it (default: 1)")
+    add.add_argument("--apps", type=_apps, metavar="A,B",
+                     help="its agent may announce only these app names")
+    add.add_argument("--labels", action="append", type=_label, default=[], metavar="K=V",
+                     help="its agent may announce only apps labelled K=V (repeatable: all)")
     add.add_argument("--format", choices=("text", "json"), default="text")
     add.set_defaults(handler=add_token)
 
@@ -55,6 +69,40 @@ def _ttl(text: str) -> float:
     return ttl
 
 
+def _uses(text: str) -> int:
+    if not (text.isdigit() and text.isascii() and 1 <= int(text) <= MAX_USES):
+        raise argparse.ArgumentTypeError(f"expected a number from 1 to {MAX_USES}, got {text!r}")
+    return int(text)
+
+
+def _apps(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    bad = [n for n in names if not _APP_NAME.match(n)]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"expected app names like a,b, got {text!r}")
+    return names
+
+
+def _label(text: str) -> tuple[str, str]:
+    match = _LABEL.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return match.group(1), match.group(2)
+
+
+def _scope(args: argparse.Namespace) -> Scope:
+    labels = dict(args.labels)
+    if len(labels) != len(args.labels):
+        raise UsageError("--labels: a key is given twice with different values")
+    return Scope(apps=args.apps, labels=tuple(sorted(labels.items())))
+
+
+def _token_json(t: JoinToken, now: float) -> dict:
+    return {"hash": t.token_hash, "type": t.kind, "created": iso(t.created),
+            "expires": iso(t.expires), "expired": t.expires <= now,
+            "uses_left": t.uses_left, "scope": t.scope.to_json()}
+
+
 def _join_snippet(secret: str, pin: str, proxy_addr: str) -> str:
     return (
         "Add this to the agent's agent.yaml (needed for its first start only):\n"
@@ -73,18 +121,21 @@ async def add_token(admin: Admin, args: argparse.Namespace) -> int:
     secret = new_secret()
     now = admin.now()
     token = JoinToken(token_hash=secret_hash(secret), kind=args.type, expires=now + ttl,
-                      created=now)
+                      created=now, uses_left=args.uses, scope=_scope(args))
     await admin.backend.add_token(token)
     admin.emit("token.create", token.token_hash[:_SHOWN_HASH], kind=token.kind,
-               expires=iso(token.expires))
+               expires=iso(token.expires), uses=token.uses_left, scope=token.scope.to_json())
     if args.format == "json":
         admin.io.out(json_text({"token": secret, "expires": iso(token.expires),
-                                "ca_pin": ca.pin}))
+                                "ca_pin": ca.pin, "uses_left": token.uses_left,
+                                "scope": token.scope.to_json()}))
         return 0
     proxy_addr = f"{config.public_host}:{config.tunnel_listen_port}"
     admin.io.out(
         f"Token:   {secret}\n"
         f"Type:    {token.kind}\n"
+        f"Uses:    {token.uses_left}\n"
+        f"Scope:   {describe_scope(token.scope)}\n"
         f"Expires: {iso(token.expires)} (in {human_duration(ttl)})\n"
         f"CA pin:  {ca.pin}\n"
         "\n" + _join_snippet(secret, ca.pin, proxy_addr)
@@ -96,19 +147,16 @@ async def list_tokens(admin: Admin, args: argparse.Namespace) -> int:
     now = admin.now()
     tokens = sorted(await admin.backend.list_tokens(), key=lambda t: t.expires)
     if args.format == "json":
-        admin.io.out(json_text([
-            {"hash": t.token_hash, "type": t.kind, "created": iso(t.created),
-             "expires": iso(t.expires), "expired": t.expires <= now}
-            for t in tokens
-        ]))
+        admin.io.out(json_text([_token_json(t, now) for t in tokens]))
         return 0
     if not tokens:
         admin.io.out("No join tokens.\n")
         return 0
     admin.io.out(table(
-        ("HASH", "TYPE", "EXPIRES", "STATUS"),
+        ("HASH", "TYPE", "EXPIRES", "STATUS", "USES LEFT", "SCOPE"),
         [(t.token_hash[:_SHOWN_HASH], t.kind, iso(t.expires),
-          "expired" if t.expires <= now else f"valid {human_duration(t.expires - now)}")
+          "expired" if t.expires <= now else f"valid {human_duration(t.expires - now)}",
+          "unlimited" if t.uses_left is None else t.uses_left, describe_scope(t.scope))
          for t in tokens],
     ))
     return 0

@@ -97,7 +97,7 @@ def tunnel_connector(registry: AgentRegistry) -> ConnectApp:
 
     def connect_app(app: AppInfo, target: dict, factory: IProtocolFactory,
                     tried: frozenset = frozenset()) -> defer.Deferred:
-        tunnel = registry.pick(app.name)  # never one that is going away
+        tunnel = registry.pick(app.name, app)  # the checked registration, not going away
         if tunnel is None or tunnel in tried:
             return defer.fail(NoAgent(app.name))
 

@@ -1,9 +1,16 @@
-"""Which apps are online, and through which agent tunnels the proxy can reach them.
+"""Which apps are online, what each one is, and through which tunnels it is reached.
 
-An app is online while at least one live tunnel announced it. When its last tunnel goes
-away the app stays *known* (offline) with what the agent last told us, so a request for it
-is answered "no agent is serving this app" (503) rather than "no such host" (404), and
-the UI can show it as offline.
+An app name has ONE registration: the definition its first agent announced (uri, labels,
+public address, rewrites, JWT claims, ports). Policy reads that registration (``app``,
+``app_by_host``) and forwarding picks among the tunnels that announced exactly it
+(``pick``), so what is checked is what is routed to. Another agent may serve the same name
+only with an identical definition (load-balanced); a different one is refused for that
+app (``add`` returns why), the agent's other apps register.
+
+When its last tunnel goes away an app stays *known* (offline) for a grace period, so a
+request for it is answered 503 rather than 404 and no other agent can take its name or
+host meanwhile; an agent that served it may come back with a changed definition (a
+restart after a config change). After the grace period the name is forgotten.
 """
 
 from __future__ import annotations
@@ -12,9 +19,12 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 log = Logger()
+
+DEFAULT_GRACE = 120.0
 
 
 @attrs.frozen
@@ -47,28 +57,91 @@ def host_only(host: str) -> str:
     return host.rstrip(".")
 
 
+@attrs.define
+class _Registration:
+    """The one definition of an app name, who served it, and since when it is offline."""
+
+    app: AppInfo
+    agents: set[str]
+    offline_since: float | None = None
+
+
+def definition(app: AppInfo) -> AppInfo:
+    """What must be identical for two agents to serve one name: all but the agent id."""
+    return attrs.evolve(app, agent_id="")
+
+
 class AgentRegistry:
     """Live tunnels and their apps; lookups by name or by the Host a browser used."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: IReactorTime | None = None, grace: float = DEFAULT_GRACE) -> None:
+        self._clock = clock
+        self._grace = grace
         self._tunnels: dict[Any, tuple[str, list[AppInfo]]] = {}
-        # name -> [(tunnel, AppInfo)] in registration order; rebuilt on every change.
-        self._by_name: dict[str, list[tuple[Any, AppInfo]]] = {}
-        self._by_host: dict[str, str] = {}
+        self._names: dict[str, _Registration] = {}
+        self._hosts: dict[str, str] = {}       # public host -> app name, for every known name
+        self._serving: dict[str, list[Any]] = {}   # name -> tunnels, in registration order
         self._turn: dict[str, int] = {}
-        # Every app ever announced since start, by name, and its host; outlives tunnels.
-        self._known: dict[str, AppInfo] = {}
-        self._known_hosts: dict[str, str] = {}
+        self._offline: set[str] = set()        # names with no tunnel, within the grace period
         self._drain_listeners: list[Callable[[Any], None]] = []
 
-    def add(self, tunnel: Any, agent_id: str, apps: list[AppInfo]) -> None:
-        """Register (or re-register) what one tunnel serves."""
-        self._tunnels[tunnel] = (agent_id, list(apps))
+    def add(self, tunnel: Any, agent_id: str, apps: list[AppInfo]) -> list[tuple[str, str]]:
+        """Register (or re-register) what one tunnel serves; returns (name, reason) for
+        each app refused because its name or public host is defined otherwise."""
+        self._forget_expired()
+        if tunnel in self._tunnels:
+            self.remove(tunnel)
+        accepted, refused = [], []
+        for app in apps:
+            reason = self._conflict(app, agent_id)
+            if reason is not None:
+                refused.append((app.name, reason))
+                continue
+            accepted.append(app)
+            reg = self._names.get(app.name)
+            if reg is None or reg.offline_since is not None and definition(reg.app) != definition(app):
+                self._define(app)
+                reg = self._names[app.name]
+            reg.agents.add(agent_id)
+            reg.offline_since = None
+            self._offline.discard(app.name)
+        self._tunnels[tunnel] = (agent_id, accepted)
         self._rebuild()
+        return refused
+
+    def _conflict(self, app: AppInfo, agent_id: str) -> str | None:
+        host = host_only(app.public_addr)
+        owner = self._hosts.get(host)
+        if owner is not None and owner != app.name:
+            return f"public address {host} belongs to app {owner}"
+        reg = self._names.get(app.name)
+        if reg is None or definition(reg.app) == definition(app):
+            return None
+        if reg.offline_since is not None and agent_id in reg.agents:
+            return None   # its own agent, back with a changed config
+        fields = [f.name for f in attrs.fields(AppInfo)
+                  if f.name != "agent_id" and getattr(reg.app, f.name) != getattr(app, f.name)]
+        return (f"app {app.name} is already defined differently by agent {reg.app.agent_id} "
+                f"({', '.join(fields)} differ)")
+
+    def _define(self, app: AppInfo) -> None:
+        old = self._names.get(app.name)
+        if old is not None:
+            self._hosts.pop(host_only(old.app.public_addr), None)
+        self._names[app.name] = _Registration(app, set())
+        self._hosts[host_only(app.public_addr)] = app.name
 
     def remove(self, tunnel: Any) -> None:
-        if self._tunnels.pop(tunnel, None) is not None:
-            self._rebuild()
+        entry = self._tunnels.pop(tunnel, None)
+        if entry is None:
+            return
+        self._rebuild()
+        now = self._clock.seconds() if self._clock is not None else 0.0
+        for app in entry[1]:
+            reg = self._names.get(app.name)
+            if reg is not None and app.name not in self._serving and reg.offline_since is None:
+                reg.offline_since = now
+                self._offline.add(app.name)
 
     def add_drain_listener(self, listener: Callable[[Any], None]) -> None:
         """Call ``listener(tunnel)`` whenever a tunnel starts going away (see ``drain``)."""
@@ -86,58 +159,61 @@ class AgentRegistry:
 
     def apps(self, include_offline: bool = False) -> list[AppInfo]:
         """Online apps (and known offline ones if asked), one per name, sorted by name."""
-        if include_offline:
-            return [app for _, app in sorted(self._known.items())]
-        return [entries[0][1] for _, entries in sorted(self._by_name.items())]
+        self._forget_expired()
+        return [reg.app for name, reg in sorted(self._names.items())
+                if include_offline or name in self._serving]
 
     def is_online(self, name: str) -> bool:
-        return name in self._by_name
+        return name in self._serving
 
     def app(self, name: str) -> AppInfo | None:
-        """The app called ``name``, online or last seen."""
-        entries = self._by_name.get(name)
-        return entries[0][1] if entries else self._known.get(name)
+        """The registration of ``name`` (online, or offline within the grace period)."""
+        self._forget_expired()
+        reg = self._names.get(name)
+        return reg.app if reg is not None else None
 
     def app_by_host(self, host: str) -> AppInfo | None:
         """The app whose public address is ``host``, ignoring case and any port."""
-        host = host_only(host)
-        name = self._by_host.get(host) or self._known_hosts.get(host)
+        name = self.host_owner(host)
         return self.app(name) if name is not None else None
 
     def host_owner(self, host: str) -> str | None:
         """The name of the app (online or last seen) that holds public ``host``, if any."""
-        host = host_only(host)
-        return self._by_host.get(host) or self._known_hosts.get(host)
+        self._forget_expired()
+        return self._hosts.get(host_only(host))
 
-    def pick(self, name: str) -> Any | None:
-        """A tunnel serving ``name``, taking turns over those not going away."""
-        entries = [entry for entry in self._by_name.get(name, ())
-                   if not getattr(entry[0], "going_away", False)]
-        if not entries:
+    def pick(self, name: str, checked: AppInfo | None = None) -> Any | None:
+        """A tunnel serving ``name``'s registration, taking turns over those not going away.
+
+        With ``checked`` (the AppInfo a decision was made on), None unless that is still
+        the registration: a request is never routed to a definition it was not checked on.
+        """
+        reg = self._names.get(name)
+        if checked is not None and (reg is None or definition(reg.app) != definition(checked)):
             return None
-        turn = self._turn.get(name, 0) % len(entries)
+        tunnels = [t for t in self._serving.get(name, ()) if not getattr(t, "going_away", False)]
+        if not tunnels:
+            return None
+        turn = self._turn.get(name, 0) % len(tunnels)
         self._turn[name] = turn + 1
-        return entries[turn][0]
+        return tunnels[turn]
 
     def _rebuild(self) -> None:
-        by_name: dict[str, list[tuple[Any, AppInfo]]] = {}
+        serving: dict[str, list[Any]] = {}
         for tunnel, (_, apps) in self._tunnels.items():
             for app in apps:
-                by_name.setdefault(app.name, []).append((tunnel, app))
-        by_host: dict[str, str] = {}
-        for name, entries in by_name.items():
-            host = host_only(entries[0][1].public_addr)
-            owner = by_host.setdefault(host, name)
-            if owner != name:
-                log.warn(
-                    "apps {first} and {second} claim the same public address {host}; "
-                    "serving {first}", first=owner, second=name, host=host,
-                )
-        self._by_name = by_name
-        self._by_host = by_host
-        for host, name in by_host.items():
-            self._known[name] = by_name[name][0][1]
-            for old_host in [h for h, n in self._known_hosts.items() if n == name and h != host]:
-                del self._known_hosts[old_host]
-            self._known_hosts[host] = name
-        self._turn = {name: turn for name, turn in self._turn.items() if name in by_name}
+                serving.setdefault(app.name, []).append(tunnel)
+        self._serving = serving
+        self._turn = {name: turn for name, turn in self._turn.items() if name in serving}
+
+    def _forget_expired(self) -> None:
+        """Drop names offline for longer than the grace period (never without a clock)."""
+        if self._clock is None or not self._offline:
+            return
+        cutoff = self._clock.seconds() - self._grace
+        for name in [n for n in self._offline if self._names[n].offline_since <= cutoff]:
+            self._offline.discard(name)
+            reg = self._names.pop(name)
+            self._hosts.pop(host_only(reg.app.public_addr), None)
+            log.info("app {app} forgotten after {grace:.0f}s offline", app=name,
+                     grace=self._grace)

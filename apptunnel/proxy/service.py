@@ -126,7 +126,7 @@ class ProxyService(MultiService):
         self.roles = RoleCache(self.backend, reactor)
         self.jwt_keys = JwtKeys.load_or_create(config.data_dir, config.jwt_algorithm)
         self.signer = JwtSigner(self.jwt_keys, config.cluster_name, reactor, config.jwt_ttl)
-        self.registry = AgentRegistry()
+        self.registry = AgentRegistry(reactor, grace=config.app_grace_period)
         self.connections = _connection_tracker(config, reactor)
 
         self.web = WebApp(
@@ -172,6 +172,9 @@ class ProxyService(MultiService):
             public_port=config.public_port,
             keepalive_interval=config.keepalive_interval,
             keepalive_timeout=config.keepalive_timeout,
+            locks=self.locks,
+            agent_cert_ttl=config.agent_cert_ttl,
+            allowed_public_addrs=config.allowed_public_addrs,
         )
         tunnel_endpoint = SSL4ServerEndpoint(
             reactor, config.tunnel_listen_port,

@@ -7,7 +7,15 @@ not joined yet has none. What a connection may do depends on that certificate:
 * no certificate: exactly one ``join`` message (token + CSR), answered with the signed
   certificate or an error, then the connection is closed;
 * an agent certificate of this cluster: a ``hello`` listing its apps, after which the
-  apps are online in the registry for as long as the tunnel lives.
+  apps are online in the registry for as long as the tunnel lives (and the certificate:
+  the tunnel is cut when it expires unless the agent renewed it with ``renew``).
+
+What an agent may claim: it must be known to the backend (an ``agents`` row written at
+join, carrying its join token's scope), not locked, and every app it announces must fit
+that scope, have its public address under ``*.PUBLIC_HOST`` (or in the operator's
+``allowed_public_addrs``) and match the registry's definition of that name. An app that
+fails is refused alone (listed in ``hello_ok.refused`` and audited); a hello that cannot
+be accepted at all gets ``hello_error`` with the reason, then the connection closes.
 
 Anything else (another first message, a malformed message, silence) gets one log line
 and a closed connection. Streams only ever go proxy -> agent: the proxy refuses every
@@ -28,19 +36,23 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from apptunnel.auth.ca import ClusterCA
+from apptunnel.auth.ca import ClusterCA, cert_pin
 from apptunnel.auth.errors import AuthError
-from apptunnel.auth.tokens import constant_time_equal, secret_hash
+from apptunnel.auth.tokens import constant_time_equal, scope_refusal, secret_hash
+from apptunnel.backend.base import AlreadyExists
+from apptunnel.backend.records import Agent, Scope
 from apptunnel.proxy.registry import AppInfo, host_only
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol
 
-__all__ = ["AGENT_CERT_TTL", "TunnelServerFactory", "tunnel_tls_options"]
+__all__ = ["AGENT_CERT_TTL", "TunnelServerFactory", "public_addr_refusal", "tunnel_tls_options"]
 
 log = Logger()
 
-AGENT_CERT_TTL = 365 * 86400.0
+AGENT_CERT_TTL = 3 * 86400.0
+RENEW_MIN_INTERVAL = 5.0
+MAX_REFUSALS_LOGGED = 20    # per hello: an agent cannot flood the log and the audit
 FIRST_MESSAGE_TIMEOUT = 30.0
 JOIN_TOKEN_KINDS = ("app",)
 JWT_CLAIMS = ("iss", "sub", "username", "aud", "iat", "nbf", "exp", "roles", "traits", "jti")
@@ -71,7 +83,9 @@ class TunnelServerFactory(ServerFactory):
 
     def __init__(self, ca: ClusterCA, backend, registry, audit, clock: IReactorTime,
                  proxy_id: str, public_host: str, public_port: int,
-                 keepalive_interval: float = 5.0, keepalive_timeout: float = 15.0) -> None:
+                 keepalive_interval: float = 5.0, keepalive_timeout: float = 15.0,
+                 locks=None, agent_cert_ttl: float = AGENT_CERT_TTL,
+                 allowed_public_addrs: tuple[str, ...] = ()) -> None:
         self.ca = ca
         self.backend = backend
         self.registry = registry
@@ -82,6 +96,28 @@ class TunnelServerFactory(ServerFactory):
         self.public_port = public_port
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
+        self.locks = locks
+        self.agent_cert_ttl = agent_cert_ttl
+        self.allowed_public_addrs = tuple(allowed_public_addrs)
+        # host_id -> its registered sessions here, so a lock can cut them all.
+        self.sessions: dict[str, set[TunnelSession]] = {}
+        if locks is not None:
+            locks.add_listener(self._lock_added)
+
+    def agent_lock(self, host_id: str):
+        """The lock in force on agent ``host_id``, or None."""
+        if self.locks is None:
+            return None
+        return next((lock for lock in self.locks.locks if lock.agent == host_id), None)
+
+    def _lock_added(self, lock) -> None:
+        """A new agent lock cuts that agent's tunnels here."""
+        if lock.agent is None:
+            return
+        for session in list(self.sessions.get(lock.agent, ())):
+            self.audit.emit("lock.enforced", actor=lock.agent, target=self.proxy_id,
+                            outcome="failure", lock=lock.id, where="agent tunnel")
+            session.cut(f"agent {lock.agent} is locked")
 
     def buildProtocol(self, addr) -> TunnelProtocol:
         return TunnelProtocol(
@@ -95,6 +131,29 @@ class TunnelServerFactory(ServerFactory):
         return host if self.public_port == 443 else f"{host}:{self.public_port}"
 
 
+def public_addr_refusal(addr: str, public_host: str, allowed: tuple[str, ...]) -> str | None:
+    """Why an agent may not put an app at ``addr``, or None.
+
+    Apps live at ``NAME.PUBLIC_HOST`` (one label, what the proxy's ``*.`` certificate
+    covers). Anything else (``localhost:PORT``, another domain) would let an agent take
+    requests for a name the operator never gave to apps, so it needs an entry in
+    ``allowed_public_addrs``: ``host``, ``host:port`` or ``*.domain``.
+    """
+    addr = addr.lower()
+    host = host_only(addr)
+    label, dot, rest = host.partition(".")
+    if dot and rest == public_host and _DNS_LABEL.match(label):
+        return None
+    for entry in allowed:
+        if entry.startswith("*."):
+            if host.endswith(entry[1:]) and len(host) > len(entry) - 1:
+                return None
+        elif entry == addr or entry == host:
+            return None
+    return (f"public address {addr} is outside *.{public_host} and not in the proxy's "
+            "allowed_public_addrs")
+
+
 class HelloError(ValueError):
     """A hello message we will not register; the text is the logged reason."""
 
@@ -103,7 +162,8 @@ class TunnelSession:
     """The handler of one agent connection: join, or hello and then registered.
 
     States: ``waiting`` (no message yet), ``joining`` (join in progress, nothing else
-    accepted), ``registered`` (hello accepted), ``closing``.
+    accepted), ``hello`` (hello being checked against the backend), ``registered``
+    (hello accepted; ``renew`` is the one message it takes), ``closing``.
     """
 
     def __init__(self, factory: TunnelServerFactory) -> None:
@@ -113,6 +173,9 @@ class TunnelSession:
         self._tunnel: TunnelProtocol | None = None
         self._peer = "?"
         self._host_id = ""
+        self._expiry = None          # closes the tunnel when the agent certificate expires
+        self._renewing = False
+        self._last_renew = float("-inf")
 
     # -- TunnelHandler -----------------------------------------------------------------
 
@@ -140,10 +203,15 @@ class TunnelSession:
                 self._start_join(tunnel, message)
                 return
             if role == "agent" and kind == "hello":
-                self._hello(tunnel, name, message)
+                self._state = "hello"
+                d = defer.ensureDeferred(self._hello(tunnel, name, message))
+                d.addErrback(self._hello_crashed, tunnel)
                 return
             who = "unauthenticated connection" if role is None else f"{role} {name}"
             self._close(tunnel, f"unexpected first message {_show(kind)} from {who}")
+            return
+        if self._state == "registered" and kind == "renew":
+            self._start_renew(tunnel, message)
             return
         self._close(tunnel, f"unexpected message {_show(kind)} in state {self._state}")
 
@@ -161,10 +229,15 @@ class TunnelSession:
     def tunnel_lost(self, tunnel: TunnelProtocol, reason: Failure) -> None:
         self._cancel_timer()
         if self._state == "registered":
-            self._factory.registry.remove(tunnel)
+            self._unregister(tunnel)
             log.info("agent {host_id} ({peer}) disconnected: {reason}", host_id=self._host_id,
                      peer=self._peer, reason=reason.getErrorMessage())
         self._state = "closing"
+
+    def cut(self, reason: str) -> None:
+        """End this agent's tunnel now (a lock, an expired certificate)."""
+        if self._tunnel is not None and self._state != "closing":
+            self._close(self._tunnel, reason)
 
     # -- join --------------------------------------------------------------------------
 
@@ -196,9 +269,31 @@ class TunnelSession:
                               "this token cannot be used to join an agent")
             return
         try:
-            cert_pem = f.ca.sign_agent_csr(csr, host_id, AGENT_CERT_TTL)
+            cert_pem = f.ca.sign_agent_csr(csr, host_id, f.agent_cert_ttl)
         except AuthError as err:
             self._refuse_join(tunnel, host_id, err.message, err.message)
+            return
+        if f.agent_lock(host_id) is not None:
+            self._refuse_join(tunnel, host_id, "agent is locked", f"agent {host_id} is locked")
+            return
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key_pin = cert_pin(cert)
+        try:
+            stored = await f.backend.redeem_token(token_hash, now, Agent(
+                host_id=host_id, scope=Scope(), joined=now,
+                cert_expires=cert.not_valid_after_utc.timestamp(), key_pin=key_pin,
+                last_seen=now, peer=self._peer, proxy_id=f.proxy_id))
+        except AlreadyExists:
+            # Only the agent holding the key of that host id may join again under it
+            # (it reuses agent.key), so nobody can take over another agent's record.
+            self._refuse_join(tunnel, host_id, "host_id taken by an agent with another key",
+                              f"host_id {host_id} belongs to another agent; remove the "
+                              "agent's host_id file to join as a new agent")
+            return
+        if self._state == "closing":
+            return
+        if stored is None:
+            self._refuse_join(tunnel, host_id, "token used up", "invalid or expired join token")
             return
         self._send(tunnel, {"type": "join_ok", "cert": cert_pem.decode("ascii"),
                             "ca": f.ca.cert_pem.decode("ascii")})
@@ -223,39 +318,188 @@ class TunnelSession:
 
     # -- hello -------------------------------------------------------------------------
 
-    def _hello(self, tunnel: TunnelProtocol, host_id: str, message: dict) -> None:
+    async def _hello(self, tunnel: TunnelProtocol, host_id: str, message: dict) -> None:
+        f = self._factory
         try:
             if message.get("host_id") != host_id:
                 raise HelloError(f"host_id {_show(message.get('host_id'))} does not match "
                                  f"its certificate ({host_id})")
             apps = self._apps(message.get("apps"), host_id)
         except HelloError as err:
-            self._close(tunnel, f"bad hello from agent {host_id}: {err}")
+            self._refuse_hello(tunnel, host_id, f"bad hello: {err}")
             return
+        agent = await f.backend.get_agent(host_id)
+        if self._state != "hello":
+            return  # the tunnel went away meanwhile
+        if agent is None:
+            self._refuse_hello(tunnel, host_id, "this agent is not known to the cluster (it "
+                               "joined before agent records existed, or was removed): join "
+                               "again with a new token", rejoin=True)
+            return
+        if f.agent_lock(host_id) is not None:
+            self._refuse_hello(tunnel, host_id, "this agent is locked")
+            return
+        cert = self._certificate(tunnel)
+        if cert is None or cert_pin(cert) != agent.key_pin:
+            self._refuse_hello(tunnel, host_id, "certificate is not the agent's current one: "
+                               "join again with a new token", rejoin=True)
+            return
+        accepted, refused = [], []
+        for app in apps:
+            reason = (scope_refusal(agent.scope, app.name, app.labels)
+                      or public_addr_refusal(app.public_addr, f.public_host,
+                                             f.allowed_public_addrs))
+            if reason is None:
+                accepted.append(app)
+            else:
+                refused.append((app.name, reason))
+        refused += f.registry.add(tunnel, host_id, accepted)
+        refused_names = {name for name, _ in refused}
+        serving = [a.name for a in accepted if a.name not in refused_names]
         self._state = "registered"
         self._host_id = host_id
-        self._factory.registry.add(tunnel, host_id, apps)
-        self._send(tunnel, {"type": "hello_ok", "proxy_id": self._factory.proxy_id})
+        f.sessions.setdefault(host_id, set()).add(self)
+        self._watch_expiry(cert.not_valid_after_utc.timestamp())
+        for name, reason in refused[:MAX_REFUSALS_LOGGED]:
+            log.warn("agent {host_id} ({peer}): app {app} refused: {reason}", host_id=host_id,
+                     peer=self._peer, app=name, reason=reason)
+            f.audit.emit("agent.app.refused", actor=host_id, target=name, outcome="failure",
+                         reason=reason, peer=self._peer)
+        if len(refused) > MAX_REFUSALS_LOGGED:
+            log.warn("agent {host_id} ({peer}): {count} more apps refused", host_id=host_id,
+                     peer=self._peer, count=len(refused) - MAX_REFUSALS_LOGGED)
+        self._send(tunnel, {"type": "hello_ok", "proxy_id": f.proxy_id,
+                            **({"refused": [{"app": n, "reason": r} for n, r in refused]}
+                               if refused else {})})
         log.info("agent {host_id} connected from {peer} with apps {apps}", host_id=host_id,
-                 peer=self._peer, apps=", ".join(a.name for a in apps) or "(none)")
+                 peer=self._peer, apps=", ".join(serving) or "(none)")
+        now = f.clock.seconds()
+        self._record(f.backend.update_agent(host_id, connected_since=now, last_seen=now,
+                                            peer=self._peer, proxy_id=f.proxy_id,
+                                            apps=tuple(serving)))
+
+    def _refuse_hello(self, tunnel: TunnelProtocol, host_id: str, reason: str,
+                      rejoin: bool = False) -> None:
+        """One line for the agent (why), one for our log, an audit event, then close.
+        ``rejoin``: the agent's certificate is no good here, a new join could help."""
+        log.warn("agent {host_id} ({peer}) refused: {reason}", host_id=host_id,
+                 peer=self._peer, reason=reason)
+        self._factory.audit.emit("agent.hello", actor=host_id, target=self._factory.proxy_id,
+                                 outcome="failure", reason=reason, peer=self._peer)
+        self._send(tunnel, {"type": "hello_error", "message": reason,
+                            **({"rejoin": True} if rejoin else {})})
+        self._finish(tunnel)
+
+    def _hello_crashed(self, failure: Failure, tunnel: TunnelProtocol) -> None:
+        log.failure("hello from {peer} failed", failure, peer=self._peer)
+        if self._state == "registered":
+            self._unregister(tunnel)
+        self._send(tunnel, {"type": "hello_error", "message": "internal error, try again"})
+        self._finish(tunnel)
+
+    def _unregister(self, tunnel: TunnelProtocol) -> None:
+        """Out of the registry; the backend hears it was the agent's last tunnel here."""
+        f = self._factory
+        f.registry.remove(tunnel)
+        self._cancel_expiry()
+        mine = f.sessions.get(self._host_id, set())
+        mine.discard(self)
+        if not mine:
+            f.sessions.pop(self._host_id, None)
+            self._record(f.backend.update_agent(
+                self._host_id, connected_since=None, last_seen=f.clock.seconds(),
+                only_proxy=f.proxy_id))
+
+    @staticmethod
+    def _record(coro) -> None:
+        """Connection state is informational: a failed write is logged, never fatal."""
+        defer.ensureDeferred(coro).addErrback(
+            lambda failure: log.warn("cannot record agent state: {error}",
+                                     error=failure.getErrorMessage()))
+
+    # -- certificate lifetime ----------------------------------------------------------
+
+    def _watch_expiry(self, not_after: float) -> None:
+        self._cancel_expiry()
+        delay = max(0.0, not_after - self._factory.clock.seconds())
+        self._expiry = self._factory.clock.callLater(delay, self._expired)
+
+    def _cancel_expiry(self) -> None:
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
+
+    def _expired(self) -> None:
+        self._expiry = None
+        self.cut(f"the certificate of agent {self._host_id} expired")
+
+    def _start_renew(self, tunnel: TunnelProtocol, message: dict) -> None:
+        now = self._factory.clock.seconds()
+        if self._renewing or now - self._last_renew < RENEW_MIN_INTERVAL:
+            self._send(tunnel, {"type": "renew_error", "message": "renewal too soon"})
+            return
+        self._renewing, self._last_renew = True, now
+        d = defer.ensureDeferred(self._renew(tunnel, message))
+        d.addErrback(self._renew_crashed, tunnel)
+        d.addBoth(lambda _: setattr(self, "_renewing", False))
+
+    def _renew_crashed(self, failure: Failure, tunnel: TunnelProtocol) -> None:
+        """The agent still gets an answer, so it tries again later."""
+        log.warn("renewal for agent {host_id} failed: {error}", host_id=self._host_id,
+                 error=failure.getErrorMessage())
+        if self._state == "registered":
+            self._send(tunnel, {"type": "renew_error", "message": "internal error, try again"})
+
+    async def _renew(self, tunnel: TunnelProtocol, message: dict) -> None:
+        """A new certificate for the same key, while the agent is known and not locked."""
+        f, host_id = self._factory, self._host_id
+        agent = await f.backend.get_agent(host_id)
+        reason = None
+        if agent is None:
+            reason = "this agent is no longer known to the cluster"
+        elif f.agent_lock(host_id) is not None:
+            reason = "this agent is locked"
+        cert_pem = b""
+        if reason is None:
+            try:
+                cert_pem = f.ca.sign_agent_csr(message.get("csr") if isinstance(
+                    message.get("csr"), str) else "", host_id, f.agent_cert_ttl)
+            except AuthError as err:
+                reason = err.message
+        if reason is None:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+            if cert_pin(cert) != agent.key_pin:
+                reason = "a renewal must keep the agent's key"
+        if self._state != "registered":
+            return
+        if reason is not None:
+            log.warn("renewal for agent {host_id} refused: {reason}", host_id=host_id,
+                     reason=reason)
+            f.audit.emit("agent.renew", actor=host_id, target=f.proxy_id, outcome="failure",
+                         reason=reason, peer=self._peer)
+            self._send(tunnel, {"type": "renew_error", "message": reason})
+            return
+        not_after = cert.not_valid_after_utc.timestamp()
+        await f.backend.update_agent(host_id, cert_expires=not_after,
+                                     last_seen=f.clock.seconds())
+        if self._state != "registered":
+            return
+        self._watch_expiry(not_after)
+        self._send(tunnel, {"type": "renew_ok", "cert": cert_pem.decode("ascii")})
+        f.audit.emit("agent.renew", actor=host_id, target=f.proxy_id, outcome="success",
+                     peer=self._peer)
+        log.info("renewed the certificate of agent {host_id}", host_id=host_id)
 
     def _apps(self, raw: Any, host_id: str) -> list[AppInfo]:
         if not isinstance(raw, list):
             raise HelloError("apps must be a list")
-        apps, seen, hosts = [], set(), {}
+        apps, seen = [], set()
         for index, item in enumerate(raw):
             if not isinstance(item, dict):
                 raise HelloError(f"apps[{index}] must be an object")
             app = self._app(item, host_id, index)
             if app.name in seen:
                 raise HelloError(f"apps[{index}]: duplicate app {app.name!r}")
-            # A public host belongs to one app name: its cookies and JWT audience are that
-            # app's, so no agent may put another app there, even while its owner is away.
-            host = host_only(app.public_addr)
-            owner = hosts.get(host) or self._factory.registry.host_owner(host)
-            if owner is not None and owner != app.name:
-                raise HelloError(f"apps[{index}].public_addr {host!r} belongs to app {owner!r}")
-            hosts[host] = app.name
             seen.add(app.name)
             apps.append(app)
         return apps
@@ -333,14 +577,17 @@ class TunnelSession:
     def _peer_identity(self, tunnel: TunnelProtocol) -> tuple[str | None, str | None]:
         """(role, name) from the client certificate, (None, None) without one; AuthError
         when the certificate is not a valid agent/user certificate of this cluster now."""
-        cert = getattr(tunnel, "peer_certificate", None)
+        cert = self._certificate(tunnel)
         if cert is None:
             return None, None
+        return self._factory.ca.verify_peer(cert, self._factory.clock.seconds())
+
+    @staticmethod
+    def _certificate(tunnel: TunnelProtocol) -> x509.Certificate | None:
+        cert = getattr(tunnel, "peer_certificate", None)
         if isinstance(cert, crypto.X509):
             cert = cert.to_cryptography()
-        if not isinstance(cert, x509.Certificate):
-            return None, None
-        return self._factory.ca.verify_peer(cert, self._factory.clock.seconds())
+        return cert if isinstance(cert, x509.Certificate) else None
 
     def _send(self, tunnel: TunnelProtocol, message: dict) -> None:
         if self._state != "closing":
@@ -356,7 +603,7 @@ class TunnelSession:
     def _close(self, tunnel: TunnelProtocol, reason: str) -> None:
         log.warn("tunnel {peer} closed: {reason}", peer=self._peer, reason=reason)
         if self._state == "registered":
-            self._factory.registry.remove(tunnel)
+            self._unregister(tunnel)
         self._state = "closing"
         tunnel.close()
 

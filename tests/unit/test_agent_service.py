@@ -9,6 +9,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from apptunnel.agent import tap
 from apptunnel.agent.join import AgentIdentity
@@ -109,3 +110,105 @@ def test_tap_builds_agent_service(tmp_path, ca):
     options = tap.Options()
     options.parseOptions(["--config", str(path)])
     assert isinstance(tap.makeService(options), AgentService)
+
+
+# -- refused hellos and renewal (issue 8, findings 1 and 13) -------------------------------
+
+class FakeTunnel:
+    peer = "127.0.0.1:3024"
+
+    def __init__(self):
+        self.sent, self.closed = [], False
+
+    def send_control(self, message):
+        self.sent.append(message)
+
+    def close(self):
+        self.closed = True
+
+
+def connected(service):
+    from apptunnel.agent.service import _AgentTunnel
+
+    handler = _AgentTunnel(service)
+    tunnel = FakeTunnel()
+    handler.tunnel_ready(tunnel)
+    return handler, tunnel
+
+
+def test_refused_hello_is_one_error_line_and_backs_off(tmp_path, ca):
+    """hello_error: one error line with the proxy's reason, the tunnel closed, and each
+    refusal in a row makes the next reconnect wait longer (up to the cap)."""
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    saved_identity(tmp_path, ca)
+    service = AgentService(config(tmp_path), MemoryReactorClock())
+    service._backoff = lambda attempt: 0.5 * 2 ** attempt
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        delays = []
+        for _ in range(3):
+            handler, tunnel = connected(service)
+            handler.control_received(tunnel, {"type": "hello_error", "message": "this agent is locked"})
+            handler.tunnel_lost(tunnel, Failure(ConnectionError("closed")))
+            assert tunnel.closed
+            delays.append(service._retry_delay(0))   # ClientService saw a made connection
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert delays == [1.0, 2.0, 4.0]
+    errors = [e for e in events if e.get("log_level") == LogLevel.error]
+    assert len(errors) == 3 and all(e["reason"] == "this agent is locked" for e in errors)
+    assert not [e for e in events if "log_failure" in e]
+    handler, tunnel = connected(service)
+    handler.control_received(tunnel, {"type": "hello_ok", "proxy_id": "p"})
+    assert service._retry_delay(0) == 0.5    # accepted: back to the first delay
+
+
+def test_refused_apps_are_logged_and_renewal_is_scheduled(tmp_path, ca):
+    """hello_ok listing refused apps logs one line each; a renewal is asked for at two
+    thirds of the certificate's remaining life with a CSR for the same key, and the
+    answer replaces agent.crt."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from twisted.logger import globalLogPublisher
+
+    identity = saved_identity(tmp_path, ca)
+    reactor = MemoryReactorClock()
+    reactor.advance(ca.clock.seconds())
+    service = AgentService(config(tmp_path), reactor)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        handler, tunnel = connected(service)
+        handler.control_received(tunnel, {"type": "hello_ok", "proxy_id": "p", "refused": [
+            {"app": "wiki", "reason": "its join token allows only apps grafana"}]})
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e["app"] for e in events if "app" in e and "reason" in e] == ["wiki"]
+    remaining = identity.not_after - reactor.seconds()
+    reactor.advance(remaining * 2 / 3 + 1)
+    renew = tunnel.sent[-1]
+    assert renew["type"] == "renew"
+    csr = x509.load_pem_x509_csr(renew["csr"].encode())
+    key = ser.load_pem_private_key(identity.key_pem, None)
+    assert csr.public_key().public_numbers() == key.public_key().public_numbers()
+    new_cert = ca.sign_agent_csr(renew["csr"], "host-1", 86400)
+    handler.control_received(tunnel, {"type": "renew_ok", "cert": new_cert.decode()})
+    assert (tmp_path / "agent" / "agent.crt").read_bytes() == new_cert
+    assert service.identity.cert_pem == new_cert
+    other = ca.sign_agent_csr(renew["csr"], "someone-else", 86400)
+    handler.control_received(tunnel, {"type": "renew_ok", "cert": other.decode()})
+    assert service.identity.cert_pem == new_cert   # another agent's name: not taken
+
+
+def test_expired_certificate_without_token_is_one_line(tmp_path, ca):
+    """An expired saved certificate and no join token: one line saying to join again."""
+    from apptunnel.agent.join import JoinError
+
+    saved_identity(tmp_path, ca)
+    reactor = MemoryReactorClock()
+    reactor.advance(ca.clock.seconds() + 2 * 86400)
+    with pytest.raises(JoinError) as info:
+        AgentService(config(tmp_path), reactor)
+    assert "expired" in str(info.value) and "new token" in str(info.value)
+    assert "\n" not in str(info.value)

@@ -66,11 +66,13 @@ async def test_tokens_add_prints_token_pin_and_a_join_snippet_that_loads(config_
 
 @pytest_twisted.ensureDeferred
 async def test_tokens_add_json_ls_and_rm_by_hash_prefix(config_path):
-    """JSON output has token/expires/ca_pin; ls shows a hash prefix that rm accepts."""
+    """JSON output has token/expires/ca_pin (and uses/scope); ls shows a hash prefix that
+    rm accepts."""
     result = await cli(config_path, "tokens", "add", "--ttl", "15m", "--format", "json")
     assert result.code == 0, result
     data = json.loads(result.out)
-    assert set(data) == {"token", "expires", "ca_pin"}
+    assert set(data) == {"token", "expires", "ca_pin", "uses_left", "scope"}
+    assert data["uses_left"] == 1 and data["scope"] == {"apps": None, "labels": {}}
     assert data["ca_pin"].startswith("sha256:") and len(data["ca_pin"]) == 71
     prefix = secret_hash(data["token"])[:12]
 
@@ -82,6 +84,23 @@ async def test_tokens_add_json_ls_and_rm_by_hash_prefix(config_path):
     assert removed.code == 0 and prefix in removed.out
     assert await stored(config_path, lambda b: b.list_tokens()) == []
     assert "No join tokens." in (await cli(config_path, "tokens", "ls")).out
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_add_scope_and_uses_shown_by_ls_json(config_path):
+    """--apps, repeatable --labels and --uses are stored and listed; bad values are usage
+    errors that store nothing."""
+    result = await cli(config_path, "tokens", "add", "--apps", "a,b", "--labels", "team=x",
+                       "--labels", "env=dev", "--uses", "3", "--format", "json")
+    assert result.code == 0, result
+    [listed] = json.loads((await cli(config_path, "tokens", "ls", "--format", "json")).out)
+    assert listed["uses_left"] == 3
+    assert listed["scope"] == {"apps": ["a", "b"], "labels": {"env": "dev", "team": "x"}}
+    text = (await cli(config_path, "tokens", "ls")).out
+    assert "apps a,b; labels env=dev,team=x" in text
+    for bad in (["--uses", "0"], ["--uses", "x"], ["--apps", "Bad_Name"], ["--labels", "nokv"]):
+        one_error(await cli(config_path, "tokens", "add", *bad), 2)
+    assert len(await stored(config_path, lambda b: b.list_tokens())) == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -430,7 +449,7 @@ def subprocess_cli(config: str, *argv: str, stdin: str = "") -> Result:
 def test_subprocess_tokens_users_and_audit(config_path):
     """The real process: tokens add/ls, users add from stdin, audit search, exit statuses."""
     token = json.loads(subprocess_cli(config_path, "tokens", "add", "--format", "json").out)
-    assert set(token) == {"token", "expires", "ca_pin"}
+    assert set(token) >= {"token", "expires", "ca_pin"}
     listing = subprocess_cli(config_path, "tokens", "ls")
     assert listing.code == 0 and secret_hash(token["token"])[:12] in listing.out
     added = subprocess_cli(config_path, "users", "add", "ivy", "--roles", "viewer",

@@ -14,9 +14,9 @@ from twisted.internet.interfaces import ISSLTransport
 from zope.interface import implementer
 
 from apptunnel.audit import AuditLog
-from apptunnel.auth.ca import ClusterCA
+from apptunnel.auth.ca import ClusterCA, cert_pin
 from apptunnel.auth.tokens import secret_hash
-from apptunnel.backend.records import JoinToken
+from apptunnel.backend.records import Agent, JoinToken, Scope
 from apptunnel.backend.sqlite import SqliteBackend
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.tunnel_server import (
@@ -72,7 +72,7 @@ class World:
         self.ca = ClusterCA.load_or_create(str(tmp_path / "ca"), "unit", clock=self.clock)
         self.backend = SqliteBackend(str(tmp_path / "db" / "apptunnel.db"), reactor)
         self.audit = AuditLog(self.backend, self.clock)
-        self.registry = AgentRegistry()
+        self.registry = AgentRegistry(self.clock)
         self.factory = TunnelServerFactory(
             ca=self.ca, backend=self.backend, registry=self.registry, audit=self.audit,
             clock=self.clock, proxy_id="p-1", public_host="apptunnel.localhost",
@@ -137,7 +137,18 @@ def csr_pem(key=None) -> tuple[ec.EllipticCurvePrivateKey, str]:
 
 
 def agent_cert(world, host_id="host-1") -> bytes:
+    """A certificate of the cluster CA that the backend knows nothing about."""
     return world.ca.sign_agent_csr(csr_pem()[1], host_id, 86400)
+
+
+async def enrolled(world, host_id="host-1", scope=Scope(), ttl=86400.0) -> bytes:
+    """An agent certificate with the backend's agent record, as a join leaves them."""
+    cert = world.ca.sign_agent_csr(csr_pem()[1], host_id, ttl)
+    parsed = x509.load_pem_x509_certificate(cert)
+    await world.backend.put_agent(Agent(
+        host_id=host_id, scope=scope, joined=world.clock.seconds(),
+        cert_expires=parsed.not_valid_after_utc.timestamp(), key_pin=cert_pin(parsed)))
+    return cert
 
 
 def hello(host_id="host-1", apps=None) -> dict:
@@ -250,10 +261,11 @@ async def test_join_signs_csr_audits_and_closes(world):
 
 @pytest_twisted.ensureDeferred
 async def test_token_reusable_until_expiry(world):
-    """A token joins several agents until it expires, then it is refused as expired."""
+    """A token without a use limit (as made before limits) joins several agents until it
+    expires, then it is refused as expired."""
     await world.add_token("multi", ttl=60)
-    for expected in ("join_ok", "join_ok"):
-        agent = AgentSide({"type": "join", "token": "multi", "csr": csr_pem()[1], "host_id": "h"})
+    for expected, host in (("join_ok", "h1"), ("join_ok", "h2")):
+        agent = AgentSide({"type": "join", "token": "multi", "csr": csr_pem()[1], "host_id": host})
         await settle(world.connect(agent), lambda: agent.lost is not None, "close")
         assert agent.controls[0]["type"] == expected
     world.clock.advance(61)
@@ -303,7 +315,7 @@ async def test_join_on_certificate_connection_closes(world):
     """An agent that already has a certificate cannot send join on it."""
     await world.add_token("t")
     agent = AgentSide({"type": "join", "token": "t", "csr": csr_pem()[1], "host_id": "h"})
-    pump = world.connect(agent, agent_cert(world))
+    pump = world.connect(agent, await enrolled(world))
     await settle(pump, lambda: agent.lost is not None, "close")
     assert agent.controls == [] and await world.events() == []
 
@@ -312,7 +324,7 @@ async def test_join_on_certificate_connection_closes(world):
 async def test_hello_registers_apps_and_loss_removes_them(world):
     """hello registers AppInfos with defaulted public_addr; losing the tunnel removes them."""
     agent = AgentSide(hello())
-    pump = world.connect(agent, agent_cert(world))
+    pump = world.connect(agent, await enrolled(world))
     await settle(pump, lambda: agent.controls, "hello_ok")
     assert agent.controls == [{"type": "hello_ok", "proxy_id": "p-1"}]
     info = world.registry.app("grafana")
@@ -330,7 +342,7 @@ async def test_default_public_addr_omits_443(world):
     """On port 443 the default public address has no port."""
     world.factory.public_port = 443
     agent = AgentSide(hello())
-    await settle(world.connect(agent, agent_cert(world)), lambda: agent.controls, "hello_ok")
+    await settle(world.connect(agent, await enrolled(world)), lambda: agent.controls, "hello_ok")
     assert world.registry.app("grafana").public_addr == "grafana.apptunnel.localhost"
 
 
@@ -348,17 +360,23 @@ async def test_default_public_addr_omits_443(world):
 ])
 @pytest_twisted.ensureDeferred
 async def test_bad_hello_closes_without_registering(world, message):
-    """A malformed hello (or other first message) closes the tunnel and registers nothing."""
+    """A malformed hello (or other first message) closes the tunnel and registers nothing;
+    a hello is answered with one hello_error line saying why."""
     agent = AgentSide(message)
-    await settle(world.connect(agent, agent_cert(world)), lambda: agent.lost is not None, "close")
-    assert agent.controls == [] and world.registry.apps() == []
+    await settle(world.connect(agent, await enrolled(world)), lambda: agent.lost is not None, "close")
+    assert world.registry.apps() == []
+    if message["type"] == "hello":
+        [answer] = agent.controls
+        assert answer["type"] == "hello_error" and answer["message"].startswith("bad hello: ")
+    else:
+        assert agent.controls == []
 
 
 @pytest_twisted.ensureDeferred
 async def test_second_message_after_hello_closes(world):
     """After registration, an unexpected control message closes the tunnel and unregisters."""
     agent = AgentSide(hello())
-    pump = world.connect(agent, agent_cert(world))
+    pump = world.connect(agent, await enrolled(world))
     await settle(pump, lambda: agent.controls, "hello_ok")
     pump.client.send_control({"type": "join"})
     await settle(pump, lambda: agent.lost is not None, "close")
@@ -384,7 +402,7 @@ async def test_silent_connection_closed_after_timeout(world):
 async def test_agent_opened_streams_refused(world):
     """The proxy refuses any stream the agent tries to open, with REFUSED."""
     agent = AgentSide(hello())
-    pump = world.connect(agent, agent_cert(world))
+    pump = world.connect(agent, await enrolled(world))
     await settle(pump, lambda: agent.controls, "hello_ok")
     d = pump.client.open_stream({"app": "anything"})
     pump.flush()
@@ -396,7 +414,7 @@ async def test_agent_opened_streams_refused(world):
 @pytest_twisted.ensureDeferred
 async def test_certificate_of_expired_agent_cannot_hello(world):
     """An agent certificate past its validity cannot register."""
-    cert = agent_cert(world)
+    cert = await enrolled(world)
     world.clock.advance(2 * 86400)
     agent = AgentSide(hello())
     await settle(world.connect(agent, cert), lambda: agent.lost is not None, "close")
