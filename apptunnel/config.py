@@ -876,6 +876,14 @@ def parse_port_range(entry: Any) -> tuple[int, int]:
     return low, high
 
 
+# Header names an app's rewrite may not set: they frame the request or its connection, so
+# only the proxy writes them. Refused in the agent's config and again in the proxy's hello.
+UNREWRITABLE_HEADERS = frozenset(
+    ["content-length", "transfer-encoding", "connection", "upgrade", "keep-alive", "te",
+     "trailer", "proxy-connection"]
+)
+
+
 def _parse_header(file: str, key: str, line: int, entry: Any) -> tuple[str, str]:
     """``"Name: value"`` -> (name, value); the value may be empty, never multi-line."""
     if not isinstance(entry, str) or ":" not in entry:
@@ -884,6 +892,9 @@ def _parse_header(file: str, key: str, line: int, entry: Any) -> tuple[str, str]
     name, value = name.strip(), value.strip()
     if not _HEADER_NAME.match(name):
         raise ConfigError(file, f"not a valid HTTP header name: {_show(name)}", key=key, line=line)
+    if name.lower() in UNREWRITABLE_HEADERS:
+        raise ConfigError(file, f"{name} frames the request; only the proxy sets it", key=key,
+                          line=line)
     if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
         raise ConfigError(file, "header value must not contain control characters", key=key,
                           line=line)

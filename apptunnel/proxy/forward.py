@@ -40,6 +40,7 @@ from apptunnel.auth.errors import AuthError
 from apptunnel.auth.locks import lock_matches, lock_message
 from apptunnel.auth.origins import own_origins, same_origin
 from apptunnel.auth.sessions import PROXY_COOKIE_PREFIX
+from apptunnel.config import UNREWRITABLE_HEADERS
 from apptunnel.proxy import pages
 from apptunnel.proxy.http1 import (
     BodyBytes,
@@ -78,7 +79,6 @@ LOCK_AUDIT_INTERVAL = 10.0  # one lock.enforced per (user, app) per this many se
 MAX_PENDING = 1024 * 1024
 MAX_DISCARD = 1024 * 1024
 
-_NOT_REWRITABLE = frozenset([b"content-length", b"transfer-encoding", b"connection", b"upgrade"])
 _TEMPLATE = re.compile(r"\{\{\s*(internal|external)\.([A-Za-z0-9_.\-]+)\s*\}\}")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -734,7 +734,7 @@ class AppForwarder(Factory):
         for name, template in app.rewrite_headers:
             value = _expand(template, web.traits)
             if (value is None or _TOKEN.fullmatch(name) is None or _BAD_VALUE.search(value)
-                    or name.lower().encode("ascii") in _NOT_REWRITABLE):
+                    or name.lower() in UNREWRITABLE_HEADERS):
                 self._log.debug("skipped header rewrite {name} for {app}", name=name, app=app.name)
                 continue
             out.set(name.encode("ascii"), value.encode("utf-8"))

@@ -41,6 +41,7 @@ from apptunnel.auth.errors import AuthError
 from apptunnel.auth.tokens import constant_time_equal, scope_refusal, secret_hash
 from apptunnel.backend.base import AlreadyExists
 from apptunnel.backend.records import Agent, Scope
+from apptunnel.config import UNREWRITABLE_HEADERS
 from apptunnel.proxy.registry import AppInfo, host_only
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
@@ -534,6 +535,9 @@ class TunnelSession:
             for p in rewrite
         ):
             raise HelloError(f"{where}.rewrite_headers must be [name, value] pairs")
+        framing = [n for n, _ in rewrite if n.lower() in UNREWRITABLE_HEADERS]
+        if framing:
+            raise HelloError(f"{where}.rewrite_headers may not set {_show(framing[0])}")
         claims = item.get("jwt_claims")
         if claims is not None and (not isinstance(claims, list)
                                    or not all(c in JWT_CLAIMS for c in claims)):

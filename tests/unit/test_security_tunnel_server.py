@@ -187,6 +187,19 @@ async def test_public_addr_outside_public_host_needs_the_allow_list(world):  # n
     assert refused(again) == {} and world.registry.app_by_host("localhost:3080").name == "local"
 
 
+@pytest_twisted.ensureDeferred
+async def test_rewrite_of_a_framing_header_is_refused(world):  # noqa: F811
+    """A rewrite setting Content-Length would strip the client's and desynchronise the
+    request's framing towards the app. The agent's own config refuses it, so a hello that
+    carries one is malformed: refused whole, with the reason."""
+    app = {"name": "smuggle", "uri": "http://127.0.0.1:1",
+           "rewrite_headers": [["X-Team", "a"], ["Content-Length", "0"]]}
+    agent, _ = await registered(world, hello(apps=[app, GRAFANA]))
+    [answer] = agent.controls
+    assert answer["type"] == "hello_error" and "Content-Length" in answer["message"]
+    assert world.registry.app("smuggle") is None and world.registry.app("grafana") is None
+
+
 def test_public_addr_rule():
     """One label under the public host is fine; deeper names, other domains, need a list."""
     rule = public_addr_refusal
