@@ -11,7 +11,6 @@ so a config means the same thing whatever directory the process starts in.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
 import re
 from typing import Any, Callable, NoReturn
@@ -19,6 +18,8 @@ from urllib.parse import urlsplit
 
 import attrs
 import yaml
+
+from apptunnel.net import is_ip
 
 __all__ = [
     "AgentConfig",
@@ -380,10 +381,8 @@ def _split_addr(addr: str, default_port: int | None, allow_port_zero: bool) -> t
             if not rest.startswith(":"):
                 raise bad
             port_text = rest[1:]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise bad from None
+        if not is_ip(host, version=6):
+            raise bad
     elif ":" in addr:
         host, _, port_text = addr.rpartition(":")
         if ":" in host:

@@ -17,7 +17,6 @@ complete identity.
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import os
 import uuid
 
@@ -38,7 +37,7 @@ from zope.interface import implementer
 
 from apptunnel.auth.ca import cert_pin, write_file
 from apptunnel.config import AgentConfig
-from apptunnel.net import loopback_host, split_host_port
+from apptunnel.net import is_ip, loopback_host, split_host_port
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol
@@ -199,7 +198,7 @@ class PinnedTLS:
         context.set_verify(SSL.VERIFY_PEER, self._verify)
         connection = SSL.Connection(context, None)
         connection.set_app_data(tlsProtocol)
-        if not _is_ip(self._hostname):
+        if not is_ip(self._hostname):
             connection.set_tlsext_host_name(self._hostname.encode("idna"))
         return connection
 
@@ -214,14 +213,6 @@ class PinnedTLS:
             self._passed = True
             self._reactor.callLater(0, self.verified.callback, None)
         return True
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 # -- the join conversation --------------------------------------------------------------

@@ -22,6 +22,8 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from apptunnel.net import host_only
+
 log = Logger()
 
 DEFAULT_GRACE = 120.0
@@ -44,17 +46,6 @@ class AppInfo:
     def kind(self) -> str:
         """``tcp`` for raw TCP apps (``tcp://``), else ``http``."""
         return "tcp" if self.uri.startswith("tcp://") else "http"
-
-
-def host_only(host: str) -> str:
-    """``Host`` header or address without its port, lower-cased, no trailing dot."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        host = host[: end + 1] if end > 0 else host
-    elif host.count(":") == 1:
-        host = host.partition(":")[0]
-    return host.rstrip(".")
 
 
 @attrs.define

@@ -29,6 +29,7 @@ from apptunnel.auth.sessions import SessionManager
 from apptunnel.auth.throttle import LoginThrottle
 from apptunnel.backend import open_backend
 from apptunnel.config import ConfigError, ProxyConfig
+from apptunnel.net import is_ip
 from apptunnel.proxy.control import ControlFactory, control_endpoint
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder, tunnel_connector
@@ -243,14 +244,4 @@ def _connection_tracker(config: ProxyConfig, reactor) -> ConnectionTracker:
 
 
 def _ip_hosts(*hosts: str) -> list[str]:
-    import ipaddress
-
-    found = []
-    for host in hosts:
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            continue
-        if host not in ("0.0.0.0", "::"):
-            found.append(host)
-    return found
+    return [host for host in hosts if is_ip(host) and host not in ("0.0.0.0", "::")]

@@ -42,7 +42,8 @@ from apptunnel.auth.tokens import constant_time_equal, scope_refusal, secret_has
 from apptunnel.backend.base import AlreadyExists
 from apptunnel.backend.records import Agent, Scope
 from apptunnel.config import UNREWRITABLE_HEADERS
-from apptunnel.proxy.registry import AppInfo, host_only
+from apptunnel.net import host_only
+from apptunnel.proxy.registry import AppInfo
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol

@@ -35,7 +35,7 @@ from apptunnel.auth.locks import lock_message
 from apptunnel.auth.origins import own_origins, same_origin
 from apptunnel.auth.redirects import safe_path
 from apptunnel.auth.throttle import Throttled
-from apptunnel.proxy.registry import host_only
+from apptunnel.net import host_only
 
 if TYPE_CHECKING:
     from apptunnel.audit import AuditLog
