@@ -64,7 +64,8 @@ from apptunnel.proxy.headers import (
     valid_host,
 )
 from apptunnel.net import host_only
-from apptunnel.proxy.registry import AgentRegistry, AppInfo
+from apptunnel.catalog import AppInfo
+from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.tunnel.errors import StreamRefused, TunnelLost
 from apptunnel.tunnel.frames import ErrorCode
 

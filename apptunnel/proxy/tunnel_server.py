@@ -41,9 +41,9 @@ from apptunnel.auth.errors import AuthError
 from apptunnel.auth.tokens import constant_time_equal, scope_refusal, secret_hash
 from apptunnel.backend.base import AlreadyExists
 from apptunnel.backend.records import Agent, Scope
+from apptunnel.catalog import AppInfo
 from apptunnel.config import UNREWRITABLE_HEADERS
 from apptunnel.net import host_only
-from apptunnel.proxy.registry import AppInfo
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol

@@ -46,8 +46,8 @@ if TYPE_CHECKING:
     from apptunnel.auth.policy import RoleCache
     from apptunnel.auth.sessions import SessionManager
     from apptunnel.backend.records import User, WebSession
+    from apptunnel.catalog import AppCatalog, AppInfo
     from apptunnel.config import ProxyConfig
-    from apptunnel.proxy.registry import AgentRegistry, AppInfo
 
 SESSION_COOKIE = "__Host-apptunnel_session"
 LOGIN_FAILED = "invalid username or password"
@@ -143,7 +143,7 @@ class WebApp:
     _log = Logger()
 
     def __init__(self, config: ProxyConfig, sessions: SessionManager, roles: RoleCache,
-                 registry: AgentRegistry, audit: AuditLog, jwt_keys: JwtKeys, ca: ClusterCA,
+                 registry: AppCatalog, audit: AuditLog, jwt_keys: JwtKeys, ca: ClusterCA,
                  clock: IReactorTime, *, locks: LockWatcher | None = None,
                  users: UserDirectory | None = None) -> None:
         self._config = config

@@ -30,7 +30,8 @@ from apptunnel.auth.sessions import SessionManager
 from apptunnel.backend.records import Resource, User
 from apptunnel.backend.sqlite import SqliteBackend
 from apptunnel.config import ProxyConfig
-from apptunnel.proxy.registry import AgentRegistry, AppInfo
+from apptunnel.catalog import AppInfo
+from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.web.routes import SESSION_COOKIE, WebApp
 
 BASE = "https://apptunnel.localhost:3080"

@@ -34,7 +34,8 @@ from apptunnel.config import ProxyConfig
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import Answer, AppForwarder, CertCaller
 from apptunnel.proxy.http1 import Headers, RequestHead
-from apptunnel.proxy.registry import AgentRegistry, AppInfo
+from apptunnel.catalog import AppInfo
+from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.service import _web_tls_options
 from apptunnel.proxy.tcp_access import TcpAccess
 from tests.support.forward_env import Client, Echo, Redirect, header_map, request_bytes, role_doc

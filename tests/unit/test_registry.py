@@ -1,6 +1,7 @@
 """The registry of online apps and the tunnels that serve them."""
 
-from apptunnel.proxy.registry import AgentRegistry, AppInfo
+from apptunnel.catalog import AppInfo
+from apptunnel.proxy.registry import AgentRegistry
 
 
 def app(name, addr=None, agent="a1"):
