@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
+from apptunnel.auth.pins import is_pin
 from apptunnel.net import is_ip
 
 __all__ = [
@@ -40,7 +41,6 @@ _NOT_YET_BACKENDS = ("postgres", "postgresql")
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})\Z")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
-_CA_PIN = re.compile(r"sha256:[0-9a-f]{64}\Z")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _MAX_FILE_BYTES = 1024 * 1024
@@ -727,7 +727,7 @@ def _build_agent(path: str, data: _Map) -> AgentConfig:
     if join is not None:
         token = join.string("token")
         pin = join.string("ca_pin")
-        if pin is not None and not _CA_PIN.match(pin):
+        if pin is not None and not is_pin(pin):
             join.fail("ca_pin", "expected 'sha256:' and 64 lowercase hex digits "
                                 "(printed by `apptunnel tokens add`)")
         if token is not None and pin is None:

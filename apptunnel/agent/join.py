@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet import defer, error, ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -35,8 +35,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from apptunnel.auth.ca import cert_pin, write_file
+from apptunnel.auth.pins import cert_pin, check_chain
 from apptunnel.config import AgentConfig
+from apptunnel.files import write_file
 from apptunnel.net import is_ip, loopback_host, split_host_port
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
@@ -146,33 +147,6 @@ class AgentIdentity:
 
 
 # -- the pinned handshake ---------------------------------------------------------------
-
-
-def check_chain(chain: list[x509.Certificate], pin: str, now: float) -> str | None:
-    """Why this presented chain is not our proxy, or None if it is.
-
-    Some certificate of the chain must have `pin`; the leaf must be directly issued by it,
-    valid at `now` and meant for a TLS server.
-    """
-    if not chain:
-        return "the proxy presented no certificate"
-    anchors = [cert for cert in chain if cert_pin(cert) == pin]
-    if not anchors:
-        return f"no certificate presented by the proxy matches ca_pin {pin}"
-    leaf = chain[0]
-    try:
-        leaf.verify_directly_issued_by(anchors[0])
-    except (ValueError, TypeError, InvalidSignature):
-        return "the proxy's certificate is not issued by the pinned CA"
-    if not leaf.not_valid_before_utc.timestamp() <= now <= leaf.not_valid_after_utc.timestamp():
-        return "the proxy's certificate is expired or not yet valid"
-    try:
-        usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        usages = []
-    if ExtendedKeyUsageOID.SERVER_AUTH not in usages:
-        return "the proxy's certificate is not a server certificate"
-    return None
 
 
 @implementer(IOpenSSLClientConnectionCreator)

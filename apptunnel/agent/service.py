@@ -40,7 +40,7 @@ from zope.interface import implementer
 
 from apptunnel.agent.join import AgentIdentity, JoinError, join, make_csr
 from apptunnel.agent.upstream import UpstreamDialer
-from apptunnel.auth.ca import spki_pin
+from apptunnel.auth.pins import spki_pin
 from apptunnel.config import AgentConfig, ConfigError
 from apptunnel.net import loopback_host, split_host_port
 from apptunnel.tunnel.protocol import TunnelProtocol

@@ -18,7 +18,6 @@ readable by others; files are replaced atomically (write a temp file, then renam
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 import json
 import os
@@ -35,14 +34,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from apptunnel.auth.errors import AuthError
+from apptunnel.auth.pins import cert_pin
+from apptunnel.files import write_file
 from apptunnel.config import ConfigError
 
 __all__ = [
     "IDENTITY_OID",
     "ClusterCA",
-    "cert_pin",
     "load_server_tls",
-    "spki_pin",
     "user_identity",
 ]
 
@@ -78,45 +77,12 @@ def _when(seconds: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
 
 
-def spki_pin(cert_pem: bytes) -> str:
-    """``sha256:<hex>`` of the certificate's SubjectPublicKeyInfo; survives re-issuing the cert."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    return cert_pin(cert)
-
-
-def cert_pin(cert: x509.Certificate) -> str:
-    """:func:`spki_pin` of a loaded certificate."""
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return "sha256:" + hashlib.sha256(spki).hexdigest()
-
-
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def write_file(path: str, data: bytes, mode: int) -> None:
-    """Atomically replace `path` with `data`, created with `mode` from the first byte."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)  # an old temp file may have had other bits
-        with os.fdopen(fd, "wb") as f:
-            fd = -1
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _der_utf8(text: str) -> bytes:

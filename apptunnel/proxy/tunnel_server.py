@@ -36,7 +36,8 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from apptunnel.auth.ca import ClusterCA, cert_pin
+from apptunnel.auth.ca import ClusterCA
+from apptunnel.auth.pins import cert_pin
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.tokens import constant_time_equal, scope_refusal, secret_hash
 from apptunnel.backend.base import AlreadyExists

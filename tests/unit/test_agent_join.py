@@ -14,7 +14,8 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from apptunnel.agent.join import AgentIdentity, JoinError, _identity_from, check_chain, join
+from apptunnel.agent.join import AgentIdentity, JoinError, _identity_from, join
+from apptunnel.auth.pins import check_chain
 from apptunnel.auth.ca import ClusterCA
 from apptunnel.config import AgentConfig
 

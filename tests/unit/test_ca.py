@@ -11,7 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet.task import Clock
 
-from apptunnel.auth.ca import ClusterCA, load_server_tls, spki_pin, user_identity
+from apptunnel.auth.ca import ClusterCA, load_server_tls, user_identity
+from apptunnel.auth.pins import spki_pin
 from apptunnel.auth.errors import AuthError
 from apptunnel.config import ConfigError
 

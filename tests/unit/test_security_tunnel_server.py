@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from apptunnel.auth.ca import cert_pin
+from apptunnel.auth.pins import cert_pin
 from apptunnel.auth.locks import LockWatcher
 from apptunnel.auth.tokens import secret_hash
 from apptunnel.backend.records import Agent, JoinToken, Lock, Scope

@@ -14,7 +14,8 @@ from twisted.internet.interfaces import ISSLTransport
 from zope.interface import implementer
 
 from apptunnel.audit import AuditLog
-from apptunnel.auth.ca import ClusterCA, cert_pin
+from apptunnel.auth.ca import ClusterCA
+from apptunnel.auth.pins import cert_pin
 from apptunnel.auth.tokens import secret_hash
 from apptunnel.backend.records import Agent, JoinToken, Scope
 from apptunnel.backend.sqlite import SqliteBackend
