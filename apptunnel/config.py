@@ -20,6 +20,7 @@ import attrs
 import yaml
 
 from apptunnel.auth.pins import is_pin
+from apptunnel.errors import ConfigError
 from apptunnel.net import is_ip
 
 __all__ = [
@@ -44,28 +45,6 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _MAX_FILE_BYTES = 1024 * 1024
-
-
-class ConfigError(Exception):
-    """A bad config file; ``str()`` is one line ``file[:line]: key: problem``.
-
-    ``ConfigError(file, problem, key=..., line=...)`` builds that line; a caller that
-    already has the whole line may pass just ``ConfigError(message)``.
-    """
-
-    def __init__(self, file: str, problem: str | None = None, key: str | None = None,
-                 line: int | None = None) -> None:
-        if problem is None:
-            self.file, self.line, self.key, self.problem = None, None, None, file
-            super().__init__(_one_line(file))
-            return
-        self.file = file
-        self.line = line
-        self.key = key
-        self.problem = problem
-        where = file if line is None else f"{file}:{line}"
-        text = f"{where}: {key}: {problem}" if key else f"{where}: {problem}"
-        super().__init__(_one_line(text))
 
 
 def _one_line(text: str) -> str:

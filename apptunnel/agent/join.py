@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from apptunnel.agent.errors import AgentError
 from apptunnel.auth.pins import cert_pin, check_chain
 from apptunnel.config import AgentConfig
 from apptunnel.files import write_file
@@ -53,7 +54,7 @@ CONNECT_TIMEOUT = 10.0
 _FILES = ("agent.key", "agent.crt", "ca.crt", "host_id")
 
 
-class JoinError(Exception):
+class JoinError(AgentError):
     """Joining failed; ``str()`` is one line for the operator.
 
     ``retry`` is False when retrying cannot help without a config change (wrong pin,

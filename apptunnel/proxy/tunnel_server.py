@@ -45,6 +45,7 @@ from apptunnel.backend.records import Agent, Scope
 from apptunnel.catalog import AppInfo
 from apptunnel.config import UNREWRITABLE_HEADERS
 from apptunnel.net import host_only
+from apptunnel.proxy.errors import ProxyError
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol
@@ -157,7 +158,7 @@ def public_addr_refusal(addr: str, public_host: str, allowed: tuple[str, ...]) -
             "allowed_public_addrs")
 
 
-class HelloError(ValueError):
+class HelloError(ProxyError):
     """A hello message we will not register; the text is the logged reason."""
 
 

@@ -35,6 +35,7 @@ from apptunnel.auth.locks import lock_message
 from apptunnel.auth.origins import own_origins, same_origin
 from apptunnel.auth.redirects import safe_path
 from apptunnel.auth.throttle import Throttled
+from apptunnel.errors import ApptunnelError
 from apptunnel.net import host_only
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ _HEADINGS = {
 _JSON_PREFIXES = (b"/v1/", b"/.well-known/", b"/healthz")
 
 
-class WebError(Exception):
+class WebError(ApptunnelError):
     """An HTTP error to show on the uniform page (or as JSON under the API paths)."""
 
     def __init__(self, status: int, message: str | None = None) -> None:
