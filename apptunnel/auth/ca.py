@@ -22,7 +22,6 @@ import ipaddress
 import json
 import os
 import re
-import time
 from typing import Iterable
 
 from cryptography import x509
@@ -35,8 +34,8 @@ from twisted.logger import Logger
 
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.pins import cert_pin
+from apptunnel.errors import ConfigError
 from apptunnel.files import write_file
-from apptunnel.config import ConfigError
 
 __all__ = [
     "IDENTITY_OID",
@@ -64,13 +63,6 @@ ROLE_PROXY = "proxy"
 _HOST_ID = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?\Z")
 _MAX_CSR_BYTES = 16 * 1024
 _MAX_IDENTITY_BYTES = 32 * 1024
-
-
-class _WallClock:
-    """Used only when no reactor clock is passed (the CLI, or the proxy at startup)."""
-
-    def seconds(self) -> float:
-        return time.time()
 
 
 def _when(seconds: float) -> datetime.datetime:
@@ -132,18 +124,19 @@ class ClusterCA:
     """Issues and checks the cluster's certificates. Holds the CA key in memory only."""
 
     def __init__(self, cluster_name: str, key: ec.EllipticCurvePrivateKey,
-                 cert: x509.Certificate, clock: IReactorTime | None = None) -> None:
+                 cert: x509.Certificate, clock: IReactorTime) -> None:
         self.cluster_name = cluster_name
         self._key = key
         self.cert = cert
         self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         self.pin = cert_pin(cert)
-        self.clock: IReactorTime = clock if clock is not None else _WallClock()
+        self.clock = clock
 
     @classmethod
-    def load_or_create(cls, data_dir: str, cluster_name: str,
-                       clock: IReactorTime | None = None) -> ClusterCA:
+    def load_or_create(cls, data_dir: str, cluster_name: str, clock: IReactorTime) -> ClusterCA:
         """Load ``ca.key``/``ca.crt`` from `data_dir`, creating them on first start.
+
+        ``clock`` (the caller's reactor) dates everything the CA issues and checks.
 
         A half-present or unreadable pair is a ConfigError: silently making a new CA
         would orphan every agent that joined with the old pin.
@@ -158,7 +151,7 @@ class ClusterCA:
             raise ConfigError(missing, "CA file missing while its pair exists; restore it "
                                        "or remove both to create a new CA (agents must rejoin)")
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
-        ca = cls._create(cluster_name, clock if clock is not None else _WallClock())
+        ca = cls._create(cluster_name, clock)
         write_file(key_path, _key_pem(ca._key), 0o600)
         write_file(cert_path, ca.cert_pem, 0o644)
         log.info("created cluster CA for {cluster} (pin {pin})", cluster=cluster_name, pin=ca.pin)
@@ -166,7 +159,7 @@ class ClusterCA:
 
     @classmethod
     def _load(cls, key_path: str, cert_path: str, cluster_name: str,
-              clock: IReactorTime | None) -> ClusterCA:
+              clock: IReactorTime) -> ClusterCA:
         try:
             with open(key_path, "rb") as f:
                 key = serialization.load_pem_private_key(f.read(), password=None)

@@ -102,7 +102,7 @@ class ProxyService(MultiService):
         self.reactor = reactor
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
 
-        self.ca = ClusterCA.load_or_create(config.data_dir, config.cluster_name)
+        self.ca = ClusterCA.load_or_create(config.data_dir, config.cluster_name, reactor)
         names = [config.public_host, "*." + config.public_host, "localhost"]
         ips = sorted({"127.0.0.1", *_ip_hosts(config.web_listen_host, config.tunnel_listen_host)})
         own_cert, own_key = load_server_tls(config.data_dir, self.ca, names, ips)

@@ -17,6 +17,7 @@ from twisted.internet import ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from zope.interface import implementer
+from twisted.internet import reactor as wall_clock
 
 from apptunnel.agent.join import AgentIdentity, JoinError, join
 from apptunnel.agent.service import AgentService
@@ -253,7 +254,7 @@ class HelloOnReady:
 @pytest_twisted.ensureDeferred
 async def test_foreign_client_certificate_is_refused(tmp_path, proxy):
     """A client certificate from another cluster's CA cannot say hello: TLS refuses it."""
-    other = ClusterCA.load_or_create(str(tmp_path / "other"), "itest")
+    other = ClusterCA.load_or_create(str(tmp_path / "other"), "itest", wall_clock)
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))

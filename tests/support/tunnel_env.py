@@ -10,6 +10,7 @@ import os
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet import reactor as wall_clock
 
 from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA, load_server_tls
@@ -26,7 +27,7 @@ class Proxy:
 
     def __init__(self, root):
         self.data_dir = str(root / "proxy")
-        self.ca = ClusterCA.load_or_create(self.data_dir, "itest")
+        self.ca = ClusterCA.load_or_create(self.data_dir, "itest", wall_clock)
         self.cert, self.key = load_server_tls(self.data_dir, self.ca, ["localhost"], ["127.0.0.1"])
         self.backend = SqliteBackend(os.path.join(self.data_dir, "apptunnel.db"), reactor)
         self.audit = AuditLog(self.backend, reactor)

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.internet import reactor as wall_clock
 
 from apptunnel.agent.join import AgentIdentity, JoinError, _identity_from, join
 from apptunnel.auth.pins import check_chain
@@ -75,7 +76,7 @@ def test_chain_wrong_pin(ca):
 
 def test_chain_leaf_from_other_ca(ca, tmp_path):
     """A MITM that appends our real CA to its own leaf is refused."""
-    other = ClusterCA.load_or_create(str(tmp_path / "other"), "unit")
+    other = ClusterCA.load_or_create(str(tmp_path / "other"), "unit", wall_clock)
     leaf, _ = other.issue_server_cert(["localhost"], [], DAY)
     problem = check_chain([load(leaf), load(ca.cert_pem)], ca.pin, NOW)
     assert problem == "the proxy's certificate is not issued by the pinned CA"

@@ -13,6 +13,7 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import defer, protocol, reactor, ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint, SSL4ServerEndpoint, TCP4ClientEndpoint
 from twisted.web import resource, server
+from twisted.internet import reactor as wall_clock
 
 from apptunnel.agent.upstream import UpstreamDialer
 from apptunnel.audit import AuditLog
@@ -131,7 +132,7 @@ async def env(tmp_path):
     e = Env()
     e.listening = []
     data = str(tmp_path / "proxy")
-    e.ca = ClusterCA.load_or_create(data, "utest")
+    e.ca = ClusterCA.load_or_create(data, "utest", wall_clock)
     cert, key = load_server_tls(data, e.ca, [PUBLIC_HOST, "*." + PUBLIC_HOST], ["127.0.0.1"])
     e.backend = SqliteBackend(str(tmp_path / "apptunnel.db"), reactor)
     for name, labels in [("dev", {"env": "dev"}), ("ops", {"env": "prod"})]:

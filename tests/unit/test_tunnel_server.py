@@ -12,6 +12,7 @@ from OpenSSL import SSL, crypto
 from twisted.internet import defer, reactor, task
 from twisted.internet.interfaces import ISSLTransport
 from zope.interface import implementer
+from twisted.internet import reactor as wall_clock
 
 from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA
@@ -200,7 +201,7 @@ def client_context(max_version=None, cert_and_key=None) -> SSL.Context:
 
 @pytest.fixture
 def tls_server(tmp_path):
-    ca = ClusterCA.load_or_create(str(tmp_path / "tls"), "unit")
+    ca = ClusterCA.load_or_create(str(tmp_path / "tls"), "unit", wall_clock)
     cert, key = ca.issue_server_cert(["localhost"], ["127.0.0.1"])
     return ca, tunnel_tls_options(ca.cert_pem, cert, key).getContext()
 
@@ -230,7 +231,7 @@ def test_tls_verifies_cluster_client_certificate(tls_server):
 def test_tls_rejects_foreign_client_certificate(tls_server, tmp_path):
     """A client certificate from another CA fails the handshake."""
     _, ctx = tls_server
-    other = ClusterCA.load_or_create(str(tmp_path / "other"), "unit")
+    other = ClusterCA.load_or_create(str(tmp_path / "other"), "unit", wall_clock)
     with pytest.raises(SSL.Error):
         handshake(ctx, client_context(cert_and_key=agent_pair(other)))
 
