@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
+from apptunnel.auth.jwt import JWT_CLAIMS
 from apptunnel.auth.pins import is_pin
 from apptunnel.errors import ConfigError
 from apptunnel.net import is_ip
@@ -35,7 +36,6 @@ __all__ = [
 ]
 
 JWT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
-JWT_CLAIMS = ("iss", "sub", "username", "aud", "iat", "nbf", "exp", "roles", "traits", "jti")
 BACKEND_TYPES = ("sqlite",)
 _NOT_YET_BACKENDS = ("postgres", "postgresql")
 

@@ -39,6 +39,7 @@ from apptunnel.agent.errors import AgentError
 from apptunnel.auth.pins import cert_pin, check_chain
 from apptunnel.config import AgentConfig
 from apptunnel.files import write_file
+from apptunnel.messages import Join, JoinOk, JoinRefused, MessageError, kind_of, parse
 from apptunnel.net import is_ip, loopback_host, split_host_port
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
@@ -217,7 +218,7 @@ def _saved_key(data_dir: str) -> ec.EllipticCurvePrivateKey | None:
 class _JoinHandler:
     """TunnelHandler for the one-message join: send join, wait for the answer."""
 
-    def __init__(self, tls: PinnedTLS, message: dict, proxy_addr: str) -> None:
+    def __init__(self, tls: PinnedTLS, message: Join, proxy_addr: str) -> None:
         self._tls = tls
         self._message = message
         self._proxy_addr = proxy_addr
@@ -227,23 +228,26 @@ class _JoinHandler:
     def tunnel_ready(self, tunnel) -> None:
         def send(_):
             if not self._lost:
-                tunnel.send_control(self._message)
+                tunnel.send_control(self._message.to_dict())
 
         self._tls.verified.addCallback(send)
 
     def control_received(self, tunnel, message: dict) -> None:
         if self.result.called:
             return
-        kind = message.get("type")
-        if kind == "join_ok":
-            self.result.callback(message)
-        elif kind == "join_error":
-            text = str(message.get("message", ""))[:300]
+        try:
+            answer = parse(message)
+        except MessageError as err:
+            answer = err
+        if isinstance(answer, JoinOk):
+            self.result.callback(answer)
+        elif isinstance(answer, JoinRefused):
+            text = " ".join(answer.message[:300].split())
             self.result.errback(JoinError(f"the proxy at {self._proxy_addr} refused the join: "
                                           f"{text}"))
         else:
             self.result.errback(JoinError(f"the proxy at {self._proxy_addr} answered the join "
-                                          f"with an unexpected message {kind!r}"))
+                                          f"with an unexpected message {kind_of(message)}"))
         tunnel.close()
 
     def stream_requested(self, tunnel, target: dict) -> defer.Deferred:
@@ -274,12 +278,9 @@ async def join(reactor, config: AgentConfig) -> AgentIdentity:
     key = (_saved_key(config.data_dir) if old_host_id else None) or ec.generate_private_key(
         ec.SECP256R1())
     tls = PinnedTLS(reactor, host, config.ca_pin)
-    handler = _JoinHandler(tls, {
-        "type": "join",
-        "token": config.join_token,
-        "csr": make_csr(_key_pem(key), host_id),
-        "host_id": host_id,
-    }, config.proxy_addr)
+    handler = _JoinHandler(tls, Join(token=config.join_token,
+                                     csr=make_csr(_key_pem(key), host_id),
+                                     host_id=host_id), config.proxy_addr)
     endpoint = wrapClientTLS(
         tls, HostnameEndpoint(reactor, loopback_host(host), port, timeout=CONNECT_TIMEOUT)
     )
@@ -309,13 +310,11 @@ async def join(reactor, config: AgentConfig) -> AgentIdentity:
     return identity
 
 
-def _identity_from(answer: dict, key: ec.EllipticCurvePrivateKey, host_id: str,
+def _identity_from(answer: JoinOk, key: ec.EllipticCurvePrivateKey, host_id: str,
                    config: AgentConfig) -> AgentIdentity:
     """Check the proxy's join_ok: the CA must be the pinned one, the cert ours and from it."""
-    cert_text, ca_text = answer.get("cert"), answer.get("ca")
+    cert_text, ca_text = answer.cert, answer.ca
     try:
-        if not isinstance(cert_text, str) or not isinstance(ca_text, str):
-            raise ValueError("join_ok needs cert and ca")
         ca = x509.load_pem_x509_certificate(ca_text.encode("ascii"))
         if cert_pin(ca) != config.ca_pin:
             raise ValueError(f"the CA it returned does not match ca_pin {config.ca_pin}")

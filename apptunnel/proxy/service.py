@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA, load_server_tls
 from apptunnel.auth.directory import UserDirectory
+from apptunnel.auth.enrolment import AgentEnrolment
 from apptunnel.auth.jwt import JwtKeys, JwtSigner
 from apptunnel.auth.locks import LockWatcher
 from apptunnel.auth.passwords import HashQueue
@@ -162,19 +163,21 @@ class ProxyService(MultiService):
         StreamServerEndpointService(
             web_endpoint, LimitedFactory(edge, self.connections)).setServiceParent(self)
 
+        proxy_id = secrets.token_hex(8)
+        enrolment = AgentEnrolment(ca=self.ca, backend=self.backend, clock=reactor,
+                                   proxy_id=proxy_id, locks=self.locks,
+                                   agent_cert_ttl=config.agent_cert_ttl)
         tunnel_factory = TunnelServerFactory(
-            ca=self.ca,
-            backend=self.backend,
+            enrolment=enrolment,
             registry=self.registry,
             audit=self.audit,
             clock=reactor,
-            proxy_id=secrets.token_hex(8),
+            proxy_id=proxy_id,
             public_host=config.public_host,
             public_port=config.public_port,
             keepalive_interval=config.keepalive_interval,
             keepalive_timeout=config.keepalive_timeout,
             locks=self.locks,
-            agent_cert_ttl=config.agent_cert_ttl,
             allowed_public_addrs=config.allowed_public_addrs,
         )
         tunnel_endpoint = SSL4ServerEndpoint(

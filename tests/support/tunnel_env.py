@@ -14,6 +14,7 @@ from twisted.internet import reactor as wall_clock
 
 from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA, load_server_tls
+from apptunnel.auth.enrolment import AgentEnrolment
 from apptunnel.auth.tokens import new_secret, secret_hash
 from apptunnel.backend.records import JoinToken
 from apptunnel.backend.sqlite import SqliteBackend
@@ -32,8 +33,10 @@ class Proxy:
         self.backend = SqliteBackend(os.path.join(self.data_dir, "apptunnel.db"), reactor)
         self.audit = AuditLog(self.backend, reactor)
         self.registry = AgentRegistry()
+        self.enrolment = AgentEnrolment(ca=self.ca, backend=self.backend, clock=reactor,
+                                        proxy_id="proxy-1")
         self.factory = TunnelServerFactory(
-            ca=self.ca, backend=self.backend, registry=self.registry, audit=self.audit,
+            enrolment=self.enrolment, registry=self.registry, audit=self.audit,
             clock=reactor, proxy_id="proxy-1", public_host="apptunnel.localhost",
             public_port=3080, keepalive_interval=0.5, keepalive_timeout=2.0,
         )

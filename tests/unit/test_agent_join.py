@@ -17,6 +17,7 @@ from twisted.internet import reactor as wall_clock
 
 from apptunnel.agent.join import AgentIdentity, JoinError, _identity_from, join
 from apptunnel.auth.pins import check_chain
+from apptunnel.messages import JoinOk
 from apptunnel.auth.ca import ClusterCA
 from apptunnel.config import AgentConfig
 
@@ -134,8 +135,8 @@ async def test_join_needs_token_and_pin(tmp_path):
 def test_join_ok_with_other_ca_refused(ca, tmp_path):
     """A join_ok whose CA does not match the pin is refused."""
     key = new_key()
-    answer = {"type": "join_ok", "cert": ca.sign_agent_csr(csr_for(key), "h", DAY).decode(),
-              "ca": ca.cert_pem.decode()}
+    answer = JoinOk(cert=ca.sign_agent_csr(csr_for(key), "h", DAY).decode(),
+                    ca=ca.cert_pem.decode())
     with pytest.raises(JoinError, match="does not match ca_pin"):
         _identity_from(answer, key, "h", config(tmp_path, pin="sha256:" + "1" * 64))
     assert _identity_from(answer, key, "h", config(tmp_path, pin=ca.pin)).host_id == "h"
@@ -143,7 +144,7 @@ def test_join_ok_with_other_ca_refused(ca, tmp_path):
 
 def test_join_ok_cert_for_other_key_refused(ca, tmp_path):
     """A join_ok certificate that is not for our key is refused."""
-    answer = {"type": "join_ok", "ca": ca.cert_pem.decode(),
-              "cert": ca.sign_agent_csr(csr_for(new_key()), "h", DAY).decode()}
+    answer = JoinOk(ca=ca.cert_pem.decode(),
+                    cert=ca.sign_agent_csr(csr_for(new_key()), "h", DAY).decode())
     with pytest.raises(JoinError, match="bad certificate"):
         _identity_from(answer, new_key(), "h", config(tmp_path, pin=ca.pin))

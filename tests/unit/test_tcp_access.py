@@ -33,7 +33,7 @@ from apptunnel.catalog import AppInfo
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.service import _web_tls_options
 from apptunnel.proxy.tcp_access import TcpAccess
-from apptunnel.proxy.tunnel_server import HelloError, TunnelSession
+from apptunnel.messages import MessageError, _tcp_ports
 from apptunnel.tunnel.protocol import TunnelProtocol
 from tests.support.keys import key_pair
 from tests.support.waiting import until, wait
@@ -369,12 +369,12 @@ def test_port_spec():
 
 def test_hello_tcp_ports_are_checked():
     """The proxy takes tcp_ports only as [low, high] pairs of a tcp:// app."""
-    assert TunnelSession._tcp_ports([[1, 2], [5, 5]], "tcp", "apps[0]") == ((1, 2), (5, 5))
-    assert TunnelSession._tcp_ports(None, "http", "apps[0]") == ()
+    assert _tcp_ports([[1, 2], [5, 5]], "tcp", "apps[0]") == ((1, 2), (5, 5))
+    assert _tcp_ports(None, "http", "apps[0]") == ()
     for bad, scheme in [([[1, 2]], "http"), ([[2, 1]], "tcp"), ([[0, 1]], "tcp"),
                         ([[1, True]], "tcp"), ("1-2", "tcp"), ([[1, 2, 3]], "tcp")]:
-        with pytest.raises(HelloError):
-            TunnelSession._tcp_ports(bad, scheme, "apps[0]")
+        with pytest.raises(MessageError):
+            _tcp_ports(bad, scheme, "apps[0]")
 
 
 async def live_session(env, user: str, roles, app: str):

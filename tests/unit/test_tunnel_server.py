@@ -16,6 +16,7 @@ from twisted.internet import reactor as wall_clock
 
 from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA
+from apptunnel.auth.enrolment import AgentEnrolment
 from apptunnel.auth.pins import cert_pin
 from apptunnel.auth.tokens import secret_hash
 from apptunnel.backend.records import Agent, JoinToken, Scope
@@ -75,8 +76,10 @@ class World:
         self.backend = SqliteBackend(str(tmp_path / "db" / "apptunnel.db"), reactor)
         self.audit = AuditLog(self.backend, self.clock)
         self.registry = AgentRegistry(self.clock)
+        self.enrolment = AgentEnrolment(ca=self.ca, backend=self.backend, clock=self.clock,
+                                        proxy_id="p-1")
         self.factory = TunnelServerFactory(
-            ca=self.ca, backend=self.backend, registry=self.registry, audit=self.audit,
+            enrolment=self.enrolment, registry=self.registry, audit=self.audit,
             clock=self.clock, proxy_id="p-1", public_host="apptunnel.localhost",
             public_port=3080,
         )
