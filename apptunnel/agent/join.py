@@ -245,6 +245,9 @@ class _JoinHandler:
             text = " ".join(answer.message[:300].split())
             self.result.errback(JoinError(f"the proxy at {self._proxy_addr} refused the join: "
                                           f"{text}"))
+        elif isinstance(answer, MessageError) and message.get("type") == JoinOk.TYPE:
+            self.result.errback(JoinError(f"the proxy at {self._proxy_addr} answered the join "
+                                          f"with a bad certificate: {answer.one_line()}"))
         else:
             self.result.errback(JoinError(f"the proxy at {self._proxy_addr} answered the join "
                                           f"with an unexpected message {kind_of(message)}"))

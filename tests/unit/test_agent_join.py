@@ -148,3 +148,31 @@ def test_join_ok_cert_for_other_key_refused(ca, tmp_path):
                     cert=ca.sign_agent_csr(csr_for(new_key()), "h", DAY).decode())
     with pytest.raises(JoinError, match="bad certificate"):
         _identity_from(answer, new_key(), "h", config(tmp_path, pin=ca.pin))
+
+
+def test_join_answers_are_read_as_typed_messages():
+    """join_ok without a CA is a bad certificate, an unknown answer is named; both one line."""
+    from twisted.internet.defer import Deferred
+
+    from apptunnel.agent.join import _JoinHandler
+    from apptunnel.messages import Join
+
+    class Tunnel:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    class TLS:
+        verified = Deferred()
+        problem = None
+
+    for message, text in [({"type": "join_ok", "cert": "x"}, "bad certificate: join_ok.ca"),
+                          ({"type": "hello_ok", "proxy_id": "p"}, "unexpected message 'hello_ok'"),
+                          ({"type": "join_error", "message": "no\nway"}, "refused the join: no way")]:
+        handler = _JoinHandler(TLS(), Join("t", "csr", "h"), "proxy:3024")
+        tunnel = Tunnel()
+        handler.control_received(tunnel, message)
+        failures = []
+        handler.result.addErrback(failures.append)
+        assert tunnel.closed and text in str(failures[0].value)
