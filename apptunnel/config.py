@@ -11,7 +11,6 @@ so a config means the same thing whatever directory the process starts in.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
 import re
 from typing import Any, Callable, NoReturn
@@ -19,6 +18,11 @@ from urllib.parse import urlsplit
 
 import attrs
 import yaml
+
+from apptunnel.auth.jwt import JWT_CLAIMS
+from apptunnel.auth.pins import is_pin
+from apptunnel.errors import ConfigError
+from apptunnel.net import is_ip
 
 __all__ = [
     "AgentConfig",
@@ -32,39 +36,15 @@ __all__ = [
 ]
 
 JWT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
-JWT_CLAIMS = ("iss", "sub", "username", "aud", "iat", "nbf", "exp", "roles", "traits", "jti")
 BACKEND_TYPES = ("sqlite",)
 _NOT_YET_BACKENDS = ("postgres", "postgresql")
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})\Z")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
-_CA_PIN = re.compile(r"sha256:[0-9a-f]{64}\Z")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _MAX_FILE_BYTES = 1024 * 1024
-
-
-class ConfigError(Exception):
-    """A bad config file; ``str()`` is one line ``file[:line]: key: problem``.
-
-    ``ConfigError(file, problem, key=..., line=...)`` builds that line; a caller that
-    already has the whole line may pass just ``ConfigError(message)``.
-    """
-
-    def __init__(self, file: str, problem: str | None = None, key: str | None = None,
-                 line: int | None = None) -> None:
-        if problem is None:
-            self.file, self.line, self.key, self.problem = None, None, None, file
-            super().__init__(_one_line(file))
-            return
-        self.file = file
-        self.line = line
-        self.key = key
-        self.problem = problem
-        where = file if line is None else f"{file}:{line}"
-        text = f"{where}: {key}: {problem}" if key else f"{where}: {problem}"
-        super().__init__(_one_line(text))
 
 
 def _one_line(text: str) -> str:
@@ -380,10 +360,8 @@ def _split_addr(addr: str, default_port: int | None, allow_port_zero: bool) -> t
             if not rest.startswith(":"):
                 raise bad
             port_text = rest[1:]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise bad from None
+        if not is_ip(host, version=6):
+            raise bad
     elif ":" in addr:
         host, _, port_text = addr.rpartition(":")
         if ":" in host:
@@ -728,7 +706,7 @@ def _build_agent(path: str, data: _Map) -> AgentConfig:
     if join is not None:
         token = join.string("token")
         pin = join.string("ca_pin")
-        if pin is not None and not _CA_PIN.match(pin):
+        if pin is not None and not is_pin(pin):
             join.fail("ca_pin", "expected 'sha256:' and 64 lowercase hex digits "
                                 "(printed by `apptunnel tokens add`)")
         if token is not None and pin is None:

@@ -1,4 +1,7 @@
-"""Small address helpers shared by the agent, the CLI and the local proxies.
+"""Small address helpers shared by the proxy, the agent, the CLI and the local proxies.
+
+One place for what a host is: ``host_only`` (a Host header or address without its port),
+``is_ip`` (an IP literal, not a name), ``split_host_port``, ``loopback_host``.
 
 ``*.localhost`` is loopback by RFC 6761, but the system resolver of a plain Debian machine
 does not know that, so our own clients map it before they connect. TLS still checks the
@@ -9,7 +12,34 @@ from __future__ import annotations
 
 import ipaddress
 
-__all__ = ["client_key", "loopback_host", "split_host_port"]
+__all__ = ["client_key", "host_only", "is_ip", "loopback_host", "split_host_port"]
+
+
+def host_only(host: str) -> str:
+    """``Host`` header or address without its port, lower-cased, no trailing dot.
+
+    A bracketed IPv6 literal keeps its brackets (``[::1]:8080`` -> ``[::1]``).
+    """
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        host = host[: end + 1] if end > 0 else host
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def is_ip(host: str, version: int | None = None) -> bool:
+    """Whether ``host`` is an IP address literal (of ``version`` 4 or 6 when given).
+
+    No brackets and no zone: ``::1`` is an IP, ``[::1]`` is not. TLS sends no SNI for an
+    IP, and a browser page cannot own one through DNS.
+    """
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return version is None or ip.version == version
 
 
 def loopback_host(host: str) -> str:

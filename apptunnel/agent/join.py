@@ -17,7 +17,6 @@ complete identity.
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import os
 import uuid
 
@@ -26,7 +25,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet import defer, error, ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -36,9 +35,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from apptunnel.auth.ca import cert_pin, write_file
+from apptunnel.agent.errors import AgentError
+from apptunnel.auth.pins import cert_pin, check_chain
 from apptunnel.config import AgentConfig
-from apptunnel.net import loopback_host, split_host_port
+from apptunnel.files import write_file
+from apptunnel.messages import Join, JoinOk, JoinRefused, MessageError, kind_of, parse
+from apptunnel.net import is_ip, loopback_host, split_host_port
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol
@@ -53,7 +55,7 @@ CONNECT_TIMEOUT = 10.0
 _FILES = ("agent.key", "agent.crt", "ca.crt", "host_id")
 
 
-class JoinError(Exception):
+class JoinError(AgentError):
     """Joining failed; ``str()`` is one line for the operator.
 
     ``retry`` is False when retrying cannot help without a config change (wrong pin,
@@ -149,33 +151,6 @@ class AgentIdentity:
 # -- the pinned handshake ---------------------------------------------------------------
 
 
-def check_chain(chain: list[x509.Certificate], pin: str, now: float) -> str | None:
-    """Why this presented chain is not our proxy, or None if it is.
-
-    Some certificate of the chain must have `pin`; the leaf must be directly issued by it,
-    valid at `now` and meant for a TLS server.
-    """
-    if not chain:
-        return "the proxy presented no certificate"
-    anchors = [cert for cert in chain if cert_pin(cert) == pin]
-    if not anchors:
-        return f"no certificate presented by the proxy matches ca_pin {pin}"
-    leaf = chain[0]
-    try:
-        leaf.verify_directly_issued_by(anchors[0])
-    except (ValueError, TypeError, InvalidSignature):
-        return "the proxy's certificate is not issued by the pinned CA"
-    if not leaf.not_valid_before_utc.timestamp() <= now <= leaf.not_valid_after_utc.timestamp():
-        return "the proxy's certificate is expired or not yet valid"
-    try:
-        usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        usages = []
-    if ExtendedKeyUsageOID.SERVER_AUTH not in usages:
-        return "the proxy's certificate is not a server certificate"
-    return None
-
-
 @implementer(IOpenSSLClientConnectionCreator)
 class PinnedTLS:
     """Client TLS 1.3 that accepts a proxy only if its chain matches the CA pin.
@@ -199,7 +174,7 @@ class PinnedTLS:
         context.set_verify(SSL.VERIFY_PEER, self._verify)
         connection = SSL.Connection(context, None)
         connection.set_app_data(tlsProtocol)
-        if not _is_ip(self._hostname):
+        if not is_ip(self._hostname):
             connection.set_tlsext_host_name(self._hostname.encode("idna"))
         return connection
 
@@ -214,14 +189,6 @@ class PinnedTLS:
             self._passed = True
             self._reactor.callLater(0, self.verified.callback, None)
         return True
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 # -- the join conversation --------------------------------------------------------------
@@ -251,7 +218,7 @@ def _saved_key(data_dir: str) -> ec.EllipticCurvePrivateKey | None:
 class _JoinHandler:
     """TunnelHandler for the one-message join: send join, wait for the answer."""
 
-    def __init__(self, tls: PinnedTLS, message: dict, proxy_addr: str) -> None:
+    def __init__(self, tls: PinnedTLS, message: Join, proxy_addr: str) -> None:
         self._tls = tls
         self._message = message
         self._proxy_addr = proxy_addr
@@ -261,23 +228,29 @@ class _JoinHandler:
     def tunnel_ready(self, tunnel) -> None:
         def send(_):
             if not self._lost:
-                tunnel.send_control(self._message)
+                tunnel.send_control(self._message.to_dict())
 
         self._tls.verified.addCallback(send)
 
     def control_received(self, tunnel, message: dict) -> None:
         if self.result.called:
             return
-        kind = message.get("type")
-        if kind == "join_ok":
-            self.result.callback(message)
-        elif kind == "join_error":
-            text = str(message.get("message", ""))[:300]
+        try:
+            answer = parse(message)
+        except MessageError as err:
+            answer = err
+        if isinstance(answer, JoinOk):
+            self.result.callback(answer)
+        elif isinstance(answer, JoinRefused):
+            text = " ".join(answer.message[:300].split())
             self.result.errback(JoinError(f"the proxy at {self._proxy_addr} refused the join: "
                                           f"{text}"))
+        elif isinstance(answer, MessageError) and message.get("type") == JoinOk.TYPE:
+            self.result.errback(JoinError(f"the proxy at {self._proxy_addr} answered the join "
+                                          f"with a bad certificate: {answer.one_line()}"))
         else:
             self.result.errback(JoinError(f"the proxy at {self._proxy_addr} answered the join "
-                                          f"with an unexpected message {kind!r}"))
+                                          f"with an unexpected message {kind_of(message)}"))
         tunnel.close()
 
     def stream_requested(self, tunnel, target: dict) -> defer.Deferred:
@@ -308,12 +281,9 @@ async def join(reactor, config: AgentConfig) -> AgentIdentity:
     key = (_saved_key(config.data_dir) if old_host_id else None) or ec.generate_private_key(
         ec.SECP256R1())
     tls = PinnedTLS(reactor, host, config.ca_pin)
-    handler = _JoinHandler(tls, {
-        "type": "join",
-        "token": config.join_token,
-        "csr": make_csr(_key_pem(key), host_id),
-        "host_id": host_id,
-    }, config.proxy_addr)
+    handler = _JoinHandler(tls, Join(token=config.join_token,
+                                     csr=make_csr(_key_pem(key), host_id),
+                                     host_id=host_id), config.proxy_addr)
     endpoint = wrapClientTLS(
         tls, HostnameEndpoint(reactor, loopback_host(host), port, timeout=CONNECT_TIMEOUT)
     )
@@ -343,13 +313,11 @@ async def join(reactor, config: AgentConfig) -> AgentIdentity:
     return identity
 
 
-def _identity_from(answer: dict, key: ec.EllipticCurvePrivateKey, host_id: str,
+def _identity_from(answer: JoinOk, key: ec.EllipticCurvePrivateKey, host_id: str,
                    config: AgentConfig) -> AgentIdentity:
     """Check the proxy's join_ok: the CA must be the pinned one, the cert ours and from it."""
-    cert_text, ca_text = answer.get("cert"), answer.get("ca")
+    cert_text, ca_text = answer.cert, answer.ca
     try:
-        if not isinstance(cert_text, str) or not isinstance(ca_text, str):
-            raise ValueError("join_ok needs cert and ca")
         ca = x509.load_pem_x509_certificate(ca_text.encode("ascii"))
         if cert_pin(ca) != config.ca_pin:
             raise ValueError(f"the CA it returned does not match ca_pin {config.ca_pin}")

@@ -39,8 +39,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from apptunnel.agent.join import AgentIdentity, JoinError, join, make_csr
+from apptunnel import messages
 from apptunnel.agent.upstream import UpstreamDialer
-from apptunnel.auth.ca import spki_pin
+from apptunnel.auth.pins import spki_pin
 from apptunnel.config import AgentConfig, ConfigError
 from apptunnel.net import loopback_host, split_host_port
 from apptunnel.tunnel.protocol import TunnelProtocol
@@ -70,6 +71,11 @@ def _jitter() -> float:
     return random.random()
 
 
+def _line(text: str) -> str:
+    """A peer's text for one log line: bounded, no newlines."""
+    return " ".join(text[:300].split())
+
+
 def _iso(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(
         timespec="seconds")
@@ -93,35 +99,36 @@ class _AgentTunnel:
         self._timer = self._service.reactor.callLater(HELLO_TIMEOUT, self._unanswered)
 
     def control_received(self, tunnel: TunnelProtocol, message: dict) -> None:
-        kind = message.get("type")
-        if kind == "hello_ok" and not self.up:
+        try:
+            answer = messages.parse(message)
+        except messages.MessageError as err:
+            log.warn("tunnel to {peer}: ignoring a malformed message: {reason}",
+                     peer=tunnel.peer, reason=_line(str(err)))
+            return
+        if isinstance(answer, messages.HelloOk) and not self.up:
             self._cancel_timer()
             self.up = True
-            refused = message.get("refused") if isinstance(message.get("refused"), list) else []
-            for item in refused[:1000]:
-                if isinstance(item, dict):
-                    log.error("the proxy refused app {app}: {reason}",
-                              app=str(item.get("app"))[:64],
-                              reason=" ".join(str(item.get("reason"))[:300].split()))
-            names = {str(item.get("app")) for item in refused if isinstance(item, dict)}
+            for app, reason in answer.refused[:1000]:
+                log.error("the proxy refused app {app}: {reason}", app=app[:64],
+                          reason=_line(reason))
+            names = {app for app, _ in answer.refused}
             serving = [a.name for a in self._service.config.apps if a.name not in names]
             log.info("tunnel to {peer} up (proxy {proxy_id}), serving {apps}",
-                     peer=tunnel.peer, proxy_id=str(message.get("proxy_id", "?"))[:64],
+                     peer=tunnel.peer, proxy_id=answer.proxy_id[:64] or "?",
                      apps=", ".join(serving) or "no apps")
             self._service.tunnel_up(self)
-        elif kind == "hello_error" and not self.up:
+        elif isinstance(answer, messages.HelloRefused) and not self.up:
             self._cancel_timer()
             log.error("the proxy at {addr} refused this agent: {reason}",
-                      addr=self._service.config.proxy_addr,
-                      reason=" ".join(str(message.get("message", ""))[:300].split()))
+                      addr=self._service.config.proxy_addr, reason=_line(answer.message))
             self._service.refused = True
-            self._service.rejoin_wanted = message.get("rejoin") is True
+            self._service.rejoin_wanted = answer.rejoin
             tunnel.close()
-        elif kind in ("renew_ok", "renew_error") and self.up:
-            self._service.renewal_answered(message)
+        elif isinstance(answer, (messages.RenewOk, messages.RenewRefused)) and self.up:
+            self._service.renewal_answered(answer)
         else:
-            log.warn("tunnel to {peer}: ignoring unexpected message {kind!r}",
-                     peer=tunnel.peer, kind=str(kind)[:40])
+            log.warn("tunnel to {peer}: ignoring unexpected message {kind}",
+                     peer=tunnel.peer, kind=messages.kind_of(message))
 
     def stream_requested(self, tunnel: TunnelProtocol, target: dict) -> defer.Deferred:
         return self._service.dialer.stream_requested(tunnel, target)
@@ -290,27 +297,23 @@ class AgentService(MultiService):
     # -- tunnel ------------------------------------------------------------------------
 
     def hello_message(self) -> dict:
-        hello = {
-            "type": "hello",
-            "host_id": self.identity.host_id,
-            "version": VERSION,
-            "apps": [
-                {
-                    "name": app.name,
-                    "uri": app.uri,
-                    "labels": dict(app.labels),
-                    "public_addr": app.public_addr,
-                    "rewrite_headers": [list(pair) for pair in app.rewrite_headers],
-                    "jwt_claims": list(app.jwt_claims) if app.jwt_claims is not None else None,
-                }
+        """Our hello: the host id and every configured app, as the wire carries them."""
+        return messages.Hello(
+            host_id=self.identity.host_id,
+            version=VERSION,
+            apps=tuple(
+                messages.AppAnnouncement(
+                    name=app.name,
+                    uri=app.uri,
+                    labels=dict(app.labels),
+                    public_addr=app.public_addr,
+                    rewrite_headers=tuple(app.rewrite_headers),
+                    jwt_claims=app.jwt_claims,
+                    tcp_ports=app.tcp_ports,
+                )
                 for app in self.config.apps
-            ],
-        }
-        # Multi-port TCP apps only, so HTTP apps' entries stay as they were.
-        for entry, app in zip(hello["apps"], self.config.apps):
-            if app.tcp_ports:
-                entry["tcp_ports"] = [list(r) for r in app.tcp_ports]
-        return hello
+            ),
+        ).to_dict()
 
     def _start_tunnel(self) -> None:
         endpoint = wrapClientTLS(
@@ -387,22 +390,18 @@ class AgentService(MultiService):
             return
         csr = make_csr(self.identity.key_pem, self.identity.host_id)
         self._renew_sent = True
-        handler.tunnel.send_control({"type": "renew", "csr": csr})
+        handler.tunnel.send_control(messages.Renew(csr=csr).to_dict())
 
-    def renewal_answered(self, message: dict) -> None:
+    def renewal_answered(self, answer: messages.RenewOk | messages.RenewRefused) -> None:
         self._renew_sent = False
         remaining = self.identity.not_after - self.reactor.seconds()
-        if message.get("type") == "renew_error":
+        if isinstance(answer, messages.RenewRefused):
             log.error("certificate renewal refused: {reason} (certificate valid until {when})",
-                      reason=" ".join(str(message.get("message", ""))[:300].split()),
-                      when=_iso(self.identity.not_after))
+                      reason=_line(answer.message), when=_iso(self.identity.not_after))
             self._schedule_renewal(max(RENEW_RETRY_MIN, remaining / 4))
             return
         try:
-            cert = message.get("cert")
-            if not isinstance(cert, str):
-                raise ValueError("renew_ok without a certificate")
-            renewed = attrs.evolve(self.identity, cert_pem=cert.encode("ascii"))
+            renewed = attrs.evolve(self.identity, cert_pem=answer.cert.encode("ascii"))
             renewed.check()
             if renewed.cert_host_id != self.identity.host_id:
                 raise ValueError("the certificate names another agent")

@@ -18,12 +18,10 @@ readable by others; files are replaced atomically (write a temp file, then renam
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 import json
 import os
 import re
-import time
 from typing import Iterable
 
 from cryptography import x509
@@ -35,14 +33,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from apptunnel.auth.errors import AuthError
-from apptunnel.config import ConfigError
+from apptunnel.auth.pins import cert_pin
+from apptunnel.errors import ConfigError
+from apptunnel.files import write_file
 
 __all__ = [
     "IDENTITY_OID",
     "ClusterCA",
-    "cert_pin",
     "load_server_tls",
-    "spki_pin",
     "user_identity",
 ]
 
@@ -67,29 +65,8 @@ _MAX_CSR_BYTES = 16 * 1024
 _MAX_IDENTITY_BYTES = 32 * 1024
 
 
-class _WallClock:
-    """Used only when no reactor clock is passed (the CLI, or the proxy at startup)."""
-
-    def seconds(self) -> float:
-        return time.time()
-
-
 def _when(seconds: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
-
-
-def spki_pin(cert_pem: bytes) -> str:
-    """``sha256:<hex>`` of the certificate's SubjectPublicKeyInfo; survives re-issuing the cert."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    return cert_pin(cert)
-
-
-def cert_pin(cert: x509.Certificate) -> str:
-    """:func:`spki_pin` of a loaded certificate."""
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return "sha256:" + hashlib.sha256(spki).hexdigest()
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -98,25 +75,6 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def write_file(path: str, data: bytes, mode: int) -> None:
-    """Atomically replace `path` with `data`, created with `mode` from the first byte."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)  # an old temp file may have had other bits
-        with os.fdopen(fd, "wb") as f:
-            fd = -1
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _der_utf8(text: str) -> bytes:
@@ -166,18 +124,19 @@ class ClusterCA:
     """Issues and checks the cluster's certificates. Holds the CA key in memory only."""
 
     def __init__(self, cluster_name: str, key: ec.EllipticCurvePrivateKey,
-                 cert: x509.Certificate, clock: IReactorTime | None = None) -> None:
+                 cert: x509.Certificate, clock: IReactorTime) -> None:
         self.cluster_name = cluster_name
         self._key = key
         self.cert = cert
         self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         self.pin = cert_pin(cert)
-        self.clock: IReactorTime = clock if clock is not None else _WallClock()
+        self.clock = clock
 
     @classmethod
-    def load_or_create(cls, data_dir: str, cluster_name: str,
-                       clock: IReactorTime | None = None) -> ClusterCA:
+    def load_or_create(cls, data_dir: str, cluster_name: str, clock: IReactorTime) -> ClusterCA:
         """Load ``ca.key``/``ca.crt`` from `data_dir`, creating them on first start.
+
+        ``clock`` (the caller's reactor) dates everything the CA issues and checks.
 
         A half-present or unreadable pair is a ConfigError: silently making a new CA
         would orphan every agent that joined with the old pin.
@@ -192,7 +151,7 @@ class ClusterCA:
             raise ConfigError(missing, "CA file missing while its pair exists; restore it "
                                        "or remove both to create a new CA (agents must rejoin)")
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
-        ca = cls._create(cluster_name, clock if clock is not None else _WallClock())
+        ca = cls._create(cluster_name, clock)
         write_file(key_path, _key_pem(ca._key), 0o600)
         write_file(cert_path, ca.cert_pem, 0o644)
         log.info("created cluster CA for {cluster} (pin {pin})", cluster=cluster_name, pin=ca.pin)
@@ -200,7 +159,7 @@ class ClusterCA:
 
     @classmethod
     def _load(cls, key_path: str, cert_path: str, cluster_name: str,
-              clock: IReactorTime | None) -> ClusterCA:
+              clock: IReactorTime) -> ClusterCA:
         try:
             with open(key_path, "rb") as f:
                 key = serialization.load_pem_private_key(f.read(), password=None)

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.internet.interfaces import IReactorTime
 
+from apptunnel.auth.errors import AuthError
+
 ALGORITHMS = ("RS256", "ES256", "EdDSA")
 KEY_FILE = "jwt.key"
 # Every claim a token can carry, in the order of DESIGN.md.
@@ -35,8 +37,11 @@ MAX_SLOTS_PER_SESSION = 256
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
 
-class JwtKeyError(ValueError):
+class JwtKeyError(AuthError, ValueError):
     """The key file cannot be used with the configured algorithm."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(500, message)
 
 
 def _b64(data: bytes) -> str:

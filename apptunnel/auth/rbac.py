@@ -25,6 +25,8 @@ from typing import Any
 
 import attrs
 
+from apptunnel.auth.errors import AuthError
+
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TEMPLATE_RE = re.compile(r"\{\{\s*(internal|external)\.([A-Za-z0-9_][A-Za-z0-9_.:/-]*)\s*\}\}")
 _DURATION_RE = re.compile(r"(?:\d+(?:\.\d+)?[dhms])+")
@@ -32,8 +34,13 @@ _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
 _UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
 
 
-class RoleError(Exception):
+class RoleError(AuthError):
     """A role document is invalid; the message starts with the key path of the problem."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(400, message)
 
 
 @attrs.frozen

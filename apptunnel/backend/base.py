@@ -20,9 +20,10 @@ from apptunnel.backend.records import (
     User,
     WebSession,
 )
+from apptunnel.errors import ApptunnelError
 
 
-class BackendError(Exception):
+class BackendError(ApptunnelError):
     """Storage failed; the message says what, never with secrets in it."""
 
 

@@ -18,15 +18,20 @@ from apptunnel.backend import Backend, open_backend
 from apptunnel.cli.control import refresh_proxy
 from apptunnel.cli.output import clean
 from apptunnel.config import ProxyConfig
+from apptunnel.errors import ApptunnelError
 
 
-class CliError(Exception):
+class CliError(ApptunnelError):
     """A failure to report as one line; ``code`` is the exit status (1 failure, 2 usage)."""
 
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.exit_code = code
+
+    def one_line(self) -> str:
+        return self.message
 
 
 class UsageError(CliError):

@@ -15,7 +15,6 @@ reads the certificate chain it presents without trusting it, for ``check_chain``
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import select
@@ -34,7 +33,7 @@ from OpenSSL import SSL
 from requests.adapters import HTTPAdapter
 
 from apptunnel.cli.context import CliError
-from apptunnel.net import loopback_host, split_host_port
+from apptunnel.net import is_ip, loopback_host, split_host_port
 
 __all__ = ["ProxyClient", "fetch_chain", "tls_context"]
 
@@ -160,7 +159,7 @@ def fetch_chain(proxy: str, timeout: float = TIMEOUT) -> list[x509.Certificate]:
                        f"{err.strerror or err.__class__.__name__}") from None
     try:
         connection = SSL.Connection(context, sock)
-        if not _is_ip(host):
+        if not is_ip(host):
             connection.set_tlsext_host_name(host.encode("idna"))
         connection.set_connect_state()
         _handshake(connection, sock, time.monotonic() + timeout)
@@ -202,14 +201,6 @@ def _ssl_reason(err: Exception) -> str:
     if isinstance(err, SSL.Error) and err.args and isinstance(err.args[0], list) and err.args[0]:
         return str(err.args[0][0][-1])
     return str(err) or err.__class__.__name__
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _reason(err: Exception) -> str:

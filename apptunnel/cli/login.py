@@ -23,8 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from apptunnel.agent.join import check_chain
-from apptunnel.auth.ca import cert_pin
+from apptunnel.auth.pins import cert_pin, check_chain
 from apptunnel.auth.passwords import MAX_PASSWORD_LENGTH
 from apptunnel.cli.context import CliError, Io, UsageError
 from apptunnel.cli.http import ProxyClient, fetch_chain, tls_context

@@ -23,7 +23,6 @@ import sys
 from typing import Any, Mapping, NoReturn, TextIO
 
 import attrs
-import yaml
 from twisted.internet import defer
 from twisted.logger import (
     FilteringLogObserver,
@@ -33,15 +32,13 @@ from twisted.logger import (
     globalLogBeginner,
 )
 
-from apptunnel.auth.errors import AuthError
-from apptunnel.auth.rbac import RoleError
-from apptunnel.backend import BackendError
 from apptunnel.cli import (
     agents, apps, audit_search, locks, login, proxy_app, resources, tokens, users,
 )
-from apptunnel.cli.context import Admin, CliError, Io, UsageError
+from apptunnel.cli.context import Admin, Io, UsageError
 from apptunnel.cli.output import clean
-from apptunnel.config import ConfigError, ProxyConfig, load_proxy_config
+from apptunnel.config import ProxyConfig, load_proxy_config
+from apptunnel.errors import ApptunnelError
 
 DEFAULT_CONFIG = "/etc/apptunnel/proxy.yaml"
 
@@ -115,21 +112,9 @@ class Invocation:
 
 def report(io: Io, err: BaseException) -> int:
     """One stderr line for any failure, and the exit status it means."""
-    if isinstance(err, CliError):
-        io.error(err.message)
-        return err.code
-    if isinstance(err, ConfigError):
-        io.error(str(err))
-        return 2
-    if isinstance(err, (yaml.YAMLError, RoleError)):
-        io.error(str(err))
-        return 2
-    if isinstance(err, AuthError):
-        io.error(err.message)
-        return 1
-    if isinstance(err, BackendError):
-        io.error(str(err))
-        return 1
+    if isinstance(err, ApptunnelError):   # every room's family: its own line and status
+        io.error(err.one_line())
+        return err.exit_code
     if isinstance(err, OSError):
         where = f"{err.filename}: " if err.filename else ""
         io.error(f"{where}{err.strerror or err}")

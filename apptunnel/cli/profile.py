@@ -17,7 +17,8 @@ import attrs
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from apptunnel.auth.ca import user_identity, write_file
+from apptunnel.auth.ca import user_identity
+from apptunnel.files import write_file
 from apptunnel.auth.errors import AuthError
 from apptunnel.cli.context import CliError
 from apptunnel.cli.http import ProxyClient, tls_context

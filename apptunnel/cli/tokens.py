@@ -117,7 +117,8 @@ def _join_snippet(secret: str, pin: str, proxy_addr: str) -> str:
 async def add_token(admin: Admin, args: argparse.Namespace) -> int:
     ttl = _ttl(args.ttl)
     config = admin.config
-    ca = await deferToThread(ClusterCA.load_or_create, config.data_dir, config.cluster_name)
+    ca = await deferToThread(ClusterCA.load_or_create, config.data_dir, config.cluster_name,
+                            admin.clock)
     secret = new_secret()
     now = admin.now()
     token = JoinToken(token_hash=secret_hash(secret), kind=args.type, expires=now + ttl,

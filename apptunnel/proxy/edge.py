@@ -18,7 +18,7 @@ from twisted.web.server import Site
 from apptunnel.proxy import pages
 from apptunnel.proxy.headers import valid_host
 from apptunnel.proxy.http1 import HttpError, RequestHeadPeek
-from apptunnel.proxy.registry import host_only
+from apptunnel.net import host_only
 from apptunnel.proxy.tcp_access import is_tcp_request
 from apptunnel.tunnel.endpoints import no_delay
 

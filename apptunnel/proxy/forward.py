@@ -63,7 +63,9 @@ from apptunnel.proxy.headers import (
     local_port_cross_site,
     valid_host,
 )
-from apptunnel.proxy.registry import AgentRegistry, AppInfo, host_only
+from apptunnel.net import host_only
+from apptunnel.catalog import AppInfo
+from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.tunnel.errors import StreamRefused, TunnelLost
 from apptunnel.tunnel.frames import ErrorCode
 

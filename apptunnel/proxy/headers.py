@@ -10,10 +10,10 @@ proxy then sets a value.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable
 
+from apptunnel.net import is_ip
 from apptunnel.proxy.http1 import Headers
 
 # Identity headers of the products apptunnel stands in for: apps built for them trust these.
@@ -84,9 +84,7 @@ def valid_host(raw: bytes | None) -> bool:
     if m.group("port") is not None and not 0 < int(m.group("port")) <= 65535:
         return False
     if m.group("v6") is not None:
-        try:
-            ipaddress.IPv6Address(m.group("v6"))
-        except ValueError:
+        if not is_ip(m.group("v6"), version=6):
             return False
     return len(m.group("name") or "") <= 254
 

@@ -39,6 +39,8 @@ from collections.abc import Iterable, Iterator
 
 import attrs
 
+from apptunnel.proxy.errors import ProxyError
+
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 100
 MAX_CHUNK_LINE = 4096
@@ -62,7 +64,7 @@ _DIGITS = re.compile(rb"[0-9]{1,18}")
 _CHUNK_EXT_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-class HttpError(Exception):
+class HttpError(ProxyError):
     """A message we refuse; ``status`` is the HTTP status the peer should be told."""
 
     def __init__(self, status: int, reason: str) -> None:

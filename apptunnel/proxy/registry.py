@@ -22,39 +22,12 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from apptunnel.catalog import AppInfo
+from apptunnel.net import host_only
+
 log = Logger()
 
 DEFAULT_GRACE = 120.0
-
-
-@attrs.frozen
-class AppInfo:
-    """One app as announced by an agent (``public_addr`` already defaulted by the caller)."""
-
-    name: str
-    uri: str
-    labels: dict[str, str] = attrs.field(factory=dict)
-    public_addr: str = ""
-    rewrite_headers: tuple[tuple[str, str], ...] = ()
-    jwt_claims: tuple[str, ...] | None = None
-    agent_id: str = ""
-    tcp_ports: tuple[tuple[int, int], ...] = ()   # (low, high) ranges of a multi-port TCP app
-
-    @property
-    def kind(self) -> str:
-        """``tcp`` for raw TCP apps (``tcp://``), else ``http``."""
-        return "tcp" if self.uri.startswith("tcp://") else "http"
-
-
-def host_only(host: str) -> str:
-    """``Host`` header or address without its port, lower-cased, no trailing dot."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        host = host[: end + 1] if end > 0 else host
-    elif host.count(":") == 1:
-        host = host.partition(":")[0]
-    return host.rstrip(".")
 
 
 @attrs.define
@@ -72,7 +45,11 @@ def definition(app: AppInfo) -> AppInfo:
 
 
 class AgentRegistry:
-    """Live tunnels and their apps; lookups by name or by the Host a browser used."""
+    """Live tunnels and their apps; lookups by name or by the Host a browser used.
+
+    Implements ``catalog.AppCatalog`` (``apps``, ``app``, ``app_by_host``, ``is_online``)
+    for the web room; the rest (``add``, ``remove``, ``pick``, ``drain``) is the proxy's.
+    """
 
     def __init__(self, clock: IReactorTime | None = None, grace: float = DEFAULT_GRACE) -> None:
         self._clock = clock
@@ -164,6 +141,7 @@ class AgentRegistry:
                 if include_offline or name in self._serving]
 
     def is_online(self, name: str) -> bool:
+        """Whether some live tunnel serves ``name`` now."""
         return name in self._serving
 
     def app(self, name: str) -> AppInfo | None:

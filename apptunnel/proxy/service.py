@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA, load_server_tls
 from apptunnel.auth.directory import UserDirectory
+from apptunnel.auth.enrolment import AgentEnrolment
 from apptunnel.auth.jwt import JwtKeys, JwtSigner
 from apptunnel.auth.locks import LockWatcher
 from apptunnel.auth.passwords import HashQueue
@@ -29,6 +30,7 @@ from apptunnel.auth.sessions import SessionManager
 from apptunnel.auth.throttle import LoginThrottle
 from apptunnel.backend import open_backend
 from apptunnel.config import ConfigError, ProxyConfig
+from apptunnel.net import is_ip
 from apptunnel.proxy.control import ControlFactory, control_endpoint
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder, tunnel_connector
@@ -101,7 +103,7 @@ class ProxyService(MultiService):
         self.reactor = reactor
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
 
-        self.ca = ClusterCA.load_or_create(config.data_dir, config.cluster_name)
+        self.ca = ClusterCA.load_or_create(config.data_dir, config.cluster_name, reactor)
         names = [config.public_host, "*." + config.public_host, "localhost"]
         ips = sorted({"127.0.0.1", *_ip_hosts(config.web_listen_host, config.tunnel_listen_host)})
         own_cert, own_key = load_server_tls(config.data_dir, self.ca, names, ips)
@@ -161,19 +163,21 @@ class ProxyService(MultiService):
         StreamServerEndpointService(
             web_endpoint, LimitedFactory(edge, self.connections)).setServiceParent(self)
 
+        proxy_id = secrets.token_hex(8)
+        enrolment = AgentEnrolment(ca=self.ca, backend=self.backend, clock=reactor,
+                                   proxy_id=proxy_id, locks=self.locks,
+                                   agent_cert_ttl=config.agent_cert_ttl)
         tunnel_factory = TunnelServerFactory(
-            ca=self.ca,
-            backend=self.backend,
+            enrolment=enrolment,
             registry=self.registry,
             audit=self.audit,
             clock=reactor,
-            proxy_id=secrets.token_hex(8),
+            proxy_id=proxy_id,
             public_host=config.public_host,
             public_port=config.public_port,
             keepalive_interval=config.keepalive_interval,
             keepalive_timeout=config.keepalive_timeout,
             locks=self.locks,
-            agent_cert_ttl=config.agent_cert_ttl,
             allowed_public_addrs=config.allowed_public_addrs,
         )
         tunnel_endpoint = SSL4ServerEndpoint(
@@ -243,14 +247,4 @@ def _connection_tracker(config: ProxyConfig, reactor) -> ConnectionTracker:
 
 
 def _ip_hosts(*hosts: str) -> list[str]:
-    import ipaddress
-
-    found = []
-    for host in hosts:
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            continue
-        if host not in ("0.0.0.0", "::"):
-            found.append(host)
-    return found
+    return [host for host in hosts if is_ip(host) and host not in ("0.0.0.0", "::")]

@@ -10,8 +10,12 @@ not joined yet has none. What a connection may do depends on that certificate:
   apps are online in the registry for as long as the tunnel lives (and the certificate:
   the tunnel is cut when it expires unless the agent renewed it with ``renew``).
 
-What an agent may claim: it must be known to the backend (an ``agents`` row written at
-join, carrying its join token's scope), not locked, and every app it announces must fit
+This module only speaks the protocol: messages are the typed records of
+``apptunnel.messages``, and every decision with storage behind it (redeem a token, admit
+an agent, renew its certificate) is asked of ``auth.enrolment.AgentEnrolment``.
+
+What an agent may claim: it must be enrolled (an ``agents`` row written at join,
+carrying its join token's scope), not locked, and every app it announces must fit
 that scope, have its public address under ``*.PUBLIC_HOST`` (or in the operator's
 ``allowed_public_addrs``) and match the registry's definition of that name. An app that
 fails is refused alone (listed in ``hello_ok.refused`` and audited); a hello that cannot
@@ -25,8 +29,6 @@ stream an agent tries to open.
 from __future__ import annotations
 
 import re
-from typing import Any
-from urllib.parse import urlsplit
 
 from cryptography import x509
 from OpenSSL import crypto
@@ -36,32 +38,41 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from apptunnel.auth.ca import ClusterCA, cert_pin
+from apptunnel.auth.enrolment import AgentEnrolment, EnrolmentRefused
 from apptunnel.auth.errors import AuthError
-from apptunnel.auth.tokens import constant_time_equal, scope_refusal, secret_hash
-from apptunnel.backend.base import AlreadyExists
-from apptunnel.backend.records import Agent, Scope
+from apptunnel.auth.tokens import scope_refusal
+from apptunnel.catalog import AppInfo
 from apptunnel.config import UNREWRITABLE_HEADERS
-from apptunnel.proxy.registry import AppInfo, host_only
+from apptunnel.messages import (
+    AppAnnouncement,
+    Hello,
+    HelloOk,
+    HelloRefused,
+    Join,
+    JoinOk,
+    JoinRefused,
+    MessageError,
+    Renew,
+    RenewOk,
+    RenewRefused,
+    kind_of,
+)
+from apptunnel.net import host_only
+from apptunnel.proxy.errors import ProxyError
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol
 
-__all__ = ["AGENT_CERT_TTL", "TunnelServerFactory", "public_addr_refusal", "tunnel_tls_options"]
+__all__ = ["TunnelServerFactory", "public_addr_refusal", "tunnel_tls_options"]
 
 log = Logger()
 
-AGENT_CERT_TTL = 3 * 86400.0
 RENEW_MIN_INTERVAL = 5.0
 MAX_REFUSALS_LOGGED = 20    # per hello: an agent cannot flood the log and the audit
 FIRST_MESSAGE_TIMEOUT = 30.0
-JOIN_TOKEN_KINDS = ("app",)
-JWT_CLAIMS = ("iss", "sub", "username", "aud", "iat", "nbf", "exp", "roles", "traits", "jti")
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\Z")
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
-_MAX_TOKEN = 512
 
 
 def tunnel_tls_options(ca_cert_pem: bytes, cert_pem: bytes, key_pem: bytes) -> ssl.CertificateOptions:
@@ -80,15 +91,18 @@ def tunnel_tls_options(ca_cert_pem: bytes, cert_pem: bytes, key_pem: bytes) -> s
 
 
 class TunnelServerFactory(ServerFactory):
-    """Builds one TunnelProtocol (responder side) and one handler per agent connection."""
+    """Builds one TunnelProtocol (responder side) and one handler per agent connection.
 
-    def __init__(self, ca: ClusterCA, backend, registry, audit, clock: IReactorTime,
+    What an agent may do is decided by ``enrolment`` (join tokens, agent records, locks,
+    certificates); this factory and its sessions only speak the protocol, check what an
+    agent announces against the public-address rule and the registry, and cut tunnels.
+    """
+
+    def __init__(self, enrolment: AgentEnrolment, registry, audit, clock: IReactorTime,
                  proxy_id: str, public_host: str, public_port: int,
                  keepalive_interval: float = 5.0, keepalive_timeout: float = 15.0,
-                 locks=None, agent_cert_ttl: float = AGENT_CERT_TTL,
-                 allowed_public_addrs: tuple[str, ...] = ()) -> None:
-        self.ca = ca
-        self.backend = backend
+                 locks=None, allowed_public_addrs: tuple[str, ...] = ()) -> None:
+        self.enrolment = enrolment
         self.registry = registry
         self.audit = audit
         self.clock = clock
@@ -97,21 +111,13 @@ class TunnelServerFactory(ServerFactory):
         self.public_port = public_port
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
-        self.locks = locks
-        self.agent_cert_ttl = agent_cert_ttl
         self.allowed_public_addrs = tuple(allowed_public_addrs)
         # host_id -> its registered sessions here, so a lock can cut them all.
         self.sessions: dict[str, set[TunnelSession]] = {}
         if locks is not None:
-            locks.add_listener(self._lock_added)
+            locks.add_listener(self.lock_added)
 
-    def agent_lock(self, host_id: str):
-        """The lock in force on agent ``host_id``, or None."""
-        if self.locks is None:
-            return None
-        return next((lock for lock in self.locks.locks if lock.agent == host_id), None)
-
-    def _lock_added(self, lock) -> None:
+    def lock_added(self, lock) -> None:
         """A new agent lock cuts that agent's tunnels here."""
         if lock.agent is None:
             return
@@ -130,6 +136,34 @@ class TunnelServerFactory(ServerFactory):
     def default_public_addr(self, name: str) -> str:
         host = f"{name}.{self.public_host}"
         return host if self.public_port == 443 else f"{host}:{self.public_port}"
+
+    def app_info(self, app: AppAnnouncement, host_id: str, where: str) -> AppInfo:
+        """The registration an announcement asks for; HelloError when its public address
+        would take the proxy's own host or header rewrites would break framing."""
+        public_addr = app.public_addr or self.default_public_addr(app.name)
+        if not self._valid_public_addr(public_addr):
+            raise HelloError(f"{where}.public_addr is not a usable app address: "
+                             f"{public_addr!r}")
+        framing = [n for n, _ in app.rewrite_headers if n.lower() in UNREWRITABLE_HEADERS]
+        if framing:
+            raise HelloError(f"{where}.rewrite_headers may not set {framing[0]!r}")
+        return AppInfo(
+            name=app.name,
+            uri=app.uri,
+            labels=dict(app.labels),
+            public_addr=public_addr.lower(),
+            rewrite_headers=app.rewrite_headers,
+            jwt_claims=app.jwt_claims,
+            agent_id=host_id,
+            tcp_ports=app.tcp_ports,
+        )
+
+    def _valid_public_addr(self, addr: str) -> bool:
+        """A host[:port] that is not the proxy's own host (that would hijack the web UI)."""
+        host, _, port = addr.lower().partition(":")
+        if port and not (port.isdigit() and port.isascii() and 0 < int(port) < 65536):
+            return False
+        return bool(_HOSTNAME.match(host)) and host.rstrip(".") != self.public_host
 
 
 def public_addr_refusal(addr: str, public_host: str, allowed: tuple[str, ...]) -> str | None:
@@ -155,7 +189,7 @@ def public_addr_refusal(addr: str, public_host: str, allowed: tuple[str, ...]) -
             "allowed_public_addrs")
 
 
-class HelloError(ValueError):
+class HelloError(ProxyError):
     """A hello message we will not register; the text is the logged reason."""
 
 
@@ -163,12 +197,13 @@ class TunnelSession:
     """The handler of one agent connection: join, or hello and then registered.
 
     States: ``waiting`` (no message yet), ``joining`` (join in progress, nothing else
-    accepted), ``hello`` (hello being checked against the backend), ``registered``
-    (hello accepted; ``renew`` is the one message it takes), ``closing``.
+    accepted), ``hello`` (hello being checked), ``registered`` (hello accepted; ``renew``
+    is the one message it takes), ``closing``.
     """
 
     def __init__(self, factory: TunnelServerFactory) -> None:
         self._factory = factory
+        self._enrolment = factory.enrolment
         self._state = "waiting"
         self._timer = None
         self._tunnel: TunnelProtocol | None = None
@@ -199,22 +234,22 @@ class TunnelSession:
             except AuthError as err:
                 self._close(tunnel, f"client certificate refused: {err.message}")
                 return
-            if role is None and kind == "join":
+            if role is None and kind == Join.TYPE:
                 self._state = "joining"
                 self._start_join(tunnel, message)
                 return
-            if role == "agent" and kind == "hello":
+            if role == "agent" and kind == Hello.TYPE:
                 self._state = "hello"
                 d = defer.ensureDeferred(self._hello(tunnel, name, message))
                 d.addErrback(self._hello_crashed, tunnel)
                 return
             who = "unauthenticated connection" if role is None else f"{role} {name}"
-            self._close(tunnel, f"unexpected first message {_show(kind)} from {who}")
+            self._close(tunnel, f"unexpected first message {kind_of(message)} from {who}")
             return
-        if self._state == "registered" and kind == "renew":
+        if self._state == "registered" and kind == Renew.TYPE:
             self._start_renew(tunnel, message)
             return
-        self._close(tunnel, f"unexpected message {_show(kind)} in state {self._state}")
+        self._close(tunnel, f"unexpected message {kind_of(message)} in state {self._state}")
 
     def stream_requested(self, tunnel: TunnelProtocol, target: dict) -> defer.Deferred:
         return defer.fail(StreamRefused(ErrorCode.REFUSED, "the proxy accepts no streams"))
@@ -247,74 +282,39 @@ class TunnelSession:
         d.addErrback(self._join_crashed, tunnel)
 
     async def _join(self, tunnel: TunnelProtocol, message: dict) -> None:
+        try:
+            join = Join.parse(message)
+        except MessageError:
+            self._refuse_join(tunnel, str(message.get("host_id"))[:64], EnrolmentRefused(
+                "malformed join message", "join message needs token, csr and host_id strings"))
+            return
+        try:
+            joined = await self._enrolment.join(join.token, join.csr, join.host_id, self._peer)
+        except EnrolmentRefused as err:
+            if self._state != "closing":
+                self._refuse_join(tunnel, join.host_id, err)
+            return
+        if self._state == "closing":
+            return  # the agent went away meanwhile
         f = self._factory
-        token, csr, host_id = message.get("token"), message.get("csr"), message.get("host_id")
-        if not (isinstance(token, str) and 0 < len(token) <= _MAX_TOKEN
-                and isinstance(csr, str) and isinstance(host_id, str)):
-            self._refuse_join(tunnel, str(host_id)[:64], "malformed join message",
-                              "join message needs token, csr and host_id strings")
-            return
-        token_hash = secret_hash(token)
-        record = await f.backend.get_token(token_hash)
-        if self._state == "closing":
-            return  # the agent went away while we looked the token up
-        now = f.clock.seconds()
-        if record is None or not constant_time_equal(record.token_hash, token_hash):
-            self._refuse_join(tunnel, host_id, "unknown token", "invalid or expired join token")
-            return
-        if record.expires <= now:
-            self._refuse_join(tunnel, host_id, "expired token", "invalid or expired join token")
-            return
-        if record.kind not in JOIN_TOKEN_KINDS:
-            self._refuse_join(tunnel, host_id, f"token kind {record.kind!r} cannot join agents",
-                              "this token cannot be used to join an agent")
-            return
-        try:
-            cert_pem = f.ca.sign_agent_csr(csr, host_id, f.agent_cert_ttl)
-        except AuthError as err:
-            self._refuse_join(tunnel, host_id, err.message, err.message)
-            return
-        if f.agent_lock(host_id) is not None:
-            self._refuse_join(tunnel, host_id, "agent is locked", f"agent {host_id} is locked")
-            return
-        cert = x509.load_pem_x509_certificate(cert_pem)
-        key_pin = cert_pin(cert)
-        try:
-            stored = await f.backend.redeem_token(token_hash, now, Agent(
-                host_id=host_id, scope=Scope(), joined=now,
-                cert_expires=cert.not_valid_after_utc.timestamp(), key_pin=key_pin,
-                last_seen=now, peer=self._peer, proxy_id=f.proxy_id))
-        except AlreadyExists:
-            # Only the agent holding the key of that host id may join again under it
-            # (it reuses agent.key), so nobody can take over another agent's record.
-            self._refuse_join(tunnel, host_id, "host_id taken by an agent with another key",
-                              f"host_id {host_id} belongs to another agent; remove the "
-                              "agent's host_id file to join as a new agent")
-            return
-        if self._state == "closing":
-            return
-        if stored is None:
-            self._refuse_join(tunnel, host_id, "token used up", "invalid or expired join token")
-            return
-        self._send(tunnel, {"type": "join_ok", "cert": cert_pem.decode("ascii"),
-                            "ca": f.ca.cert_pem.decode("ascii")})
-        f.audit.emit("agent.join", actor=host_id, target=f.proxy_id, outcome="success",
+        self._send(tunnel, JoinOk(cert=joined.cert_pem.decode("ascii"),
+                                  ca=joined.ca_pem.decode("ascii")))
+        f.audit.emit("agent.join", actor=join.host_id, target=f.proxy_id, outcome="success",
                      peer=self._peer)
-        log.info("agent {host_id} joined from {peer}", host_id=host_id, peer=self._peer)
+        log.info("agent {host_id} joined from {peer}", host_id=join.host_id, peer=self._peer)
         self._finish(tunnel)
 
-    def _refuse_join(self, tunnel: TunnelProtocol, host_id: str, reason: str,
-                     public: str) -> None:
+    def _refuse_join(self, tunnel: TunnelProtocol, host_id: str, err: EnrolmentRefused) -> None:
         """Tell the agent why (without detail that helps guessing) and log/audit the rest."""
-        self._send(tunnel, {"type": "join_error", "message": public})
+        self._send(tunnel, JoinRefused(err.message))
         self._factory.audit.emit("agent.join", actor=host_id, target=self._factory.proxy_id,
-                                 outcome="failure", peer=self._peer, reason=reason)
-        log.warn("agent join from {peer} refused: {reason}", peer=self._peer, reason=reason)
+                                 outcome="failure", peer=self._peer, reason=err.reason)
+        log.warn("agent join from {peer} refused: {reason}", peer=self._peer, reason=err.reason)
         self._finish(tunnel)
 
     def _join_crashed(self, failure: Failure, tunnel: TunnelProtocol) -> None:
         log.failure("join from {peer} failed", failure, peer=self._peer)
-        self._send(tunnel, {"type": "join_error", "message": "internal error, try again"})
+        self._send(tunnel, JoinRefused("internal error, try again"))
         self._finish(tunnel)
 
     # -- hello -------------------------------------------------------------------------
@@ -322,32 +322,27 @@ class TunnelSession:
     async def _hello(self, tunnel: TunnelProtocol, host_id: str, message: dict) -> None:
         f = self._factory
         try:
-            if message.get("host_id") != host_id:
-                raise HelloError(f"host_id {_show(message.get('host_id'))} does not match "
-                                 f"its certificate ({host_id})")
-            apps = self._apps(message.get("apps"), host_id)
-        except HelloError as err:
+            hello = Hello.parse(message)
+            if hello.host_id != host_id:
+                raise HelloError(f"host_id {hello.host_id!r} does not match its certificate "
+                                 f"({host_id})")
+            apps = [f.app_info(app, host_id, f"apps[{index}]")
+                    for index, app in enumerate(hello.apps)]
+        except (MessageError, HelloError) as err:
             self._refuse_hello(tunnel, host_id, f"bad hello: {err}")
             return
-        agent = await f.backend.get_agent(host_id)
+        cert = self._certificate(tunnel)
+        try:
+            scope = await self._enrolment.hello(host_id, cert)
+        except EnrolmentRefused as err:
+            if self._state == "hello":
+                self._refuse_hello(tunnel, host_id, err.message, rejoin=err.rejoin)
+            return
         if self._state != "hello":
             return  # the tunnel went away meanwhile
-        if agent is None:
-            self._refuse_hello(tunnel, host_id, "this agent is not known to the cluster (it "
-                               "joined before agent records existed, or was removed): join "
-                               "again with a new token", rejoin=True)
-            return
-        if f.agent_lock(host_id) is not None:
-            self._refuse_hello(tunnel, host_id, "this agent is locked")
-            return
-        cert = self._certificate(tunnel)
-        if cert is None or cert_pin(cert) != agent.key_pin:
-            self._refuse_hello(tunnel, host_id, "certificate is not the agent's current one: "
-                               "join again with a new token", rejoin=True)
-            return
         accepted, refused = [], []
         for app in apps:
-            reason = (scope_refusal(agent.scope, app.name, app.labels)
+            reason = (scope_refusal(scope, app.name, app.labels)
                       or public_addr_refusal(app.public_addr, f.public_host,
                                              f.allowed_public_addrs))
             if reason is None:
@@ -369,15 +364,10 @@ class TunnelSession:
         if len(refused) > MAX_REFUSALS_LOGGED:
             log.warn("agent {host_id} ({peer}): {count} more apps refused", host_id=host_id,
                      peer=self._peer, count=len(refused) - MAX_REFUSALS_LOGGED)
-        self._send(tunnel, {"type": "hello_ok", "proxy_id": f.proxy_id,
-                            **({"refused": [{"app": n, "reason": r} for n, r in refused]}
-                               if refused else {})})
+        self._send(tunnel, HelloOk(proxy_id=f.proxy_id, refused=tuple(refused)))
         log.info("agent {host_id} connected from {peer} with apps {apps}", host_id=host_id,
                  peer=self._peer, apps=", ".join(serving) or "(none)")
-        now = f.clock.seconds()
-        self._record(f.backend.update_agent(host_id, connected_since=now, last_seen=now,
-                                            peer=self._peer, proxy_id=f.proxy_id,
-                                            apps=tuple(serving)))
+        self._enrolment.connected(host_id, self._peer, tuple(serving))
 
     def _refuse_hello(self, tunnel: TunnelProtocol, host_id: str, reason: str,
                       rejoin: bool = False) -> None:
@@ -387,19 +377,18 @@ class TunnelSession:
                  peer=self._peer, reason=reason)
         self._factory.audit.emit("agent.hello", actor=host_id, target=self._factory.proxy_id,
                                  outcome="failure", reason=reason, peer=self._peer)
-        self._send(tunnel, {"type": "hello_error", "message": reason,
-                            **({"rejoin": True} if rejoin else {})})
+        self._send(tunnel, HelloRefused(reason, rejoin=rejoin))
         self._finish(tunnel)
 
     def _hello_crashed(self, failure: Failure, tunnel: TunnelProtocol) -> None:
         log.failure("hello from {peer} failed", failure, peer=self._peer)
         if self._state == "registered":
             self._unregister(tunnel)
-        self._send(tunnel, {"type": "hello_error", "message": "internal error, try again"})
+        self._send(tunnel, HelloRefused("internal error, try again"))
         self._finish(tunnel)
 
     def _unregister(self, tunnel: TunnelProtocol) -> None:
-        """Out of the registry; the backend hears it was the agent's last tunnel here."""
+        """Out of the registry; the enrolment hears it was the agent's last tunnel here."""
         f = self._factory
         f.registry.remove(tunnel)
         self._cancel_expiry()
@@ -407,16 +396,7 @@ class TunnelSession:
         mine.discard(self)
         if not mine:
             f.sessions.pop(self._host_id, None)
-            self._record(f.backend.update_agent(
-                self._host_id, connected_since=None, last_seen=f.clock.seconds(),
-                only_proxy=f.proxy_id))
-
-    @staticmethod
-    def _record(coro) -> None:
-        """Connection state is informational: a failed write is logged, never fatal."""
-        defer.ensureDeferred(coro).addErrback(
-            lambda failure: log.warn("cannot record agent state: {error}",
-                                     error=failure.getErrorMessage()))
+            self._enrolment.disconnected(self._host_id)
 
     # -- certificate lifetime ----------------------------------------------------------
 
@@ -437,7 +417,7 @@ class TunnelSession:
     def _start_renew(self, tunnel: TunnelProtocol, message: dict) -> None:
         now = self._factory.clock.seconds()
         if self._renewing or now - self._last_renew < RENEW_MIN_INTERVAL:
-            self._send(tunnel, {"type": "renew_error", "message": "renewal too soon"})
+            self._send(tunnel, RenewRefused("renewal too soon"))
             return
         self._renewing, self._last_renew = True, now
         d = defer.ensureDeferred(self._renew(tunnel, message))
@@ -449,132 +429,31 @@ class TunnelSession:
         log.warn("renewal for agent {host_id} failed: {error}", host_id=self._host_id,
                  error=failure.getErrorMessage())
         if self._state == "registered":
-            self._send(tunnel, {"type": "renew_error", "message": "internal error, try again"})
+            self._send(tunnel, RenewRefused("internal error, try again"))
 
     async def _renew(self, tunnel: TunnelProtocol, message: dict) -> None:
         """A new certificate for the same key, while the agent is known and not locked."""
         f, host_id = self._factory, self._host_id
-        agent = await f.backend.get_agent(host_id)
-        reason = None
-        if agent is None:
-            reason = "this agent is no longer known to the cluster"
-        elif f.agent_lock(host_id) is not None:
-            reason = "this agent is locked"
-        cert_pem = b""
-        if reason is None:
-            try:
-                cert_pem = f.ca.sign_agent_csr(message.get("csr") if isinstance(
-                    message.get("csr"), str) else "", host_id, f.agent_cert_ttl)
-            except AuthError as err:
-                reason = err.message
-        if reason is None:
-            cert = x509.load_pem_x509_certificate(cert_pem)
-            if cert_pin(cert) != agent.key_pin:
-                reason = "a renewal must keep the agent's key"
-        if self._state != "registered":
-            return
-        if reason is not None:
+        try:
+            renew = Renew.parse(message)
+            issued = await self._enrolment.renew(host_id, renew.csr)
+        except (MessageError, EnrolmentRefused) as err:
+            if self._state != "registered":
+                return
+            reason = err.reason if isinstance(err, EnrolmentRefused) else str(err)
             log.warn("renewal for agent {host_id} refused: {reason}", host_id=host_id,
                      reason=reason)
             f.audit.emit("agent.renew", actor=host_id, target=f.proxy_id, outcome="failure",
                          reason=reason, peer=self._peer)
-            self._send(tunnel, {"type": "renew_error", "message": reason})
+            self._send(tunnel, RenewRefused(reason))
             return
-        not_after = cert.not_valid_after_utc.timestamp()
-        await f.backend.update_agent(host_id, cert_expires=not_after,
-                                     last_seen=f.clock.seconds())
         if self._state != "registered":
             return
-        self._watch_expiry(not_after)
-        self._send(tunnel, {"type": "renew_ok", "cert": cert_pem.decode("ascii")})
+        self._watch_expiry(issued.not_after)
+        self._send(tunnel, RenewOk(cert=issued.cert_pem.decode("ascii")))
         f.audit.emit("agent.renew", actor=host_id, target=f.proxy_id, outcome="success",
                      peer=self._peer)
         log.info("renewed the certificate of agent {host_id}", host_id=host_id)
-
-    def _apps(self, raw: Any, host_id: str) -> list[AppInfo]:
-        if not isinstance(raw, list):
-            raise HelloError("apps must be a list")
-        apps, seen = [], set()
-        for index, item in enumerate(raw):
-            if not isinstance(item, dict):
-                raise HelloError(f"apps[{index}] must be an object")
-            app = self._app(item, host_id, index)
-            if app.name in seen:
-                raise HelloError(f"apps[{index}]: duplicate app {app.name!r}")
-            seen.add(app.name)
-            apps.append(app)
-        return apps
-
-    def _app(self, item: dict, host_id: str, index: int) -> AppInfo:
-        where = f"apps[{index}]"
-        name = item.get("name")
-        if not isinstance(name, str) or not _DNS_LABEL.match(name):
-            raise HelloError(f"{where}.name must be a DNS label, got {_show(name)}")
-        uri = item.get("uri")
-        try:
-            parts = urlsplit(uri) if isinstance(uri, str) else None
-        except ValueError:
-            parts = None
-        if parts is None or parts.scheme not in ("http", "https", "tcp") or not parts.hostname:
-            raise HelloError(f"{where}.uri must be an http(s) or tcp URL, got {_show(uri)}")
-        tcp_ports = self._tcp_ports(item.get("tcp_ports"), parts.scheme, where)
-        labels = item.get("labels") or {}
-        if not isinstance(labels, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
-        ):
-            raise HelloError(f"{where}.labels must map strings to strings")
-        public_addr = item.get("public_addr") or self._factory.default_public_addr(name)
-        if not isinstance(public_addr, str) or not self._valid_public_addr(public_addr):
-            raise HelloError(f"{where}.public_addr is not a usable app address: "
-                             f"{_show(public_addr)}")
-        rewrite = item.get("rewrite_headers") or []
-        if not isinstance(rewrite, list) or not all(
-            isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
-            and _HEADER_NAME.match(p[0]) and isinstance(p[1], str)
-            and not any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in p[1])
-            for p in rewrite
-        ):
-            raise HelloError(f"{where}.rewrite_headers must be [name, value] pairs")
-        framing = [n for n, _ in rewrite if n.lower() in UNREWRITABLE_HEADERS]
-        if framing:
-            raise HelloError(f"{where}.rewrite_headers may not set {_show(framing[0])}")
-        claims = item.get("jwt_claims")
-        if claims is not None and (not isinstance(claims, list)
-                                   or not all(c in JWT_CLAIMS for c in claims)):
-            raise HelloError(f"{where}.jwt_claims must be a list of known claims")
-        return AppInfo(
-            name=name,
-            uri=uri,
-            labels=dict(labels),
-            public_addr=public_addr.lower(),
-            rewrite_headers=tuple((n, v) for n, v in rewrite),
-            jwt_claims=tuple(claims) if claims is not None else None,
-            agent_id=host_id,
-            tcp_ports=tcp_ports,
-        )
-
-    @staticmethod
-    def _tcp_ports(raw: Any, scheme: str, where: str) -> tuple[tuple[int, int], ...]:
-        """[[low, high], ...] of a tcp:// app; absent or empty for the others."""
-        if not raw:
-            return ()
-        if scheme != "tcp" or not isinstance(raw, list) or len(raw) > 1024:
-            raise HelloError(f"{where}.tcp_ports must be a list of [low, high] for a tcp app")
-        ranges = []
-        for pair in raw:
-            if not (isinstance(pair, list) and len(pair) == 2
-                    and all(type(p) is int and 1 <= p <= 65535 for p in pair)
-                    and pair[0] <= pair[1]):
-                raise HelloError(f"{where}.tcp_ports has a bad range {_show(pair)}")
-            ranges.append((pair[0], pair[1]))
-        return tuple(ranges)
-
-    def _valid_public_addr(self, addr: str) -> bool:
-        """A host[:port] that is not the proxy's own host (that would hijack the web UI)."""
-        host, _, port = addr.lower().partition(":")
-        if port and not (port.isdigit() and port.isascii() and 0 < int(port) < 65536):
-            return False
-        return bool(_HOSTNAME.match(host)) and host.rstrip(".") != self._factory.public_host
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -584,7 +463,7 @@ class TunnelSession:
         cert = self._certificate(tunnel)
         if cert is None:
             return None, None
-        return self._factory.ca.verify_peer(cert, self._factory.clock.seconds())
+        return self._enrolment.verify_peer(cert)
 
     @staticmethod
     def _certificate(tunnel: TunnelProtocol) -> x509.Certificate | None:
@@ -593,9 +472,10 @@ class TunnelSession:
             cert = cert.to_cryptography()
         return cert if isinstance(cert, x509.Certificate) else None
 
-    def _send(self, tunnel: TunnelProtocol, message: dict) -> None:
+    def _send(self, tunnel: TunnelProtocol, message) -> None:
+        """Send one typed control message (see apptunnel.messages), unless closing."""
         if self._state != "closing":
-            tunnel.send_control(message)
+            tunnel.send_control(message.to_dict())
 
     def _finish(self, tunnel: TunnelProtocol) -> None:
         """Close after the answer has been written (go_away flushes first)."""
@@ -620,9 +500,3 @@ class TunnelSession:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -35,7 +35,8 @@ from apptunnel.auth.locks import lock_message
 from apptunnel.auth.origins import own_origins, same_origin
 from apptunnel.auth.redirects import safe_path
 from apptunnel.auth.throttle import Throttled
-from apptunnel.proxy.registry import host_only
+from apptunnel.errors import ApptunnelError
+from apptunnel.net import host_only
 
 if TYPE_CHECKING:
     from apptunnel.audit import AuditLog
@@ -46,8 +47,8 @@ if TYPE_CHECKING:
     from apptunnel.auth.policy import RoleCache
     from apptunnel.auth.sessions import SessionManager
     from apptunnel.backend.records import User, WebSession
+    from apptunnel.catalog import AppCatalog, AppInfo
     from apptunnel.config import ProxyConfig
-    from apptunnel.proxy.registry import AgentRegistry, AppInfo
 
 SESSION_COOKIE = "__Host-apptunnel_session"
 LOGIN_FAILED = "invalid username or password"
@@ -92,7 +93,7 @@ _HEADINGS = {
 _JSON_PREFIXES = (b"/v1/", b"/.well-known/", b"/healthz")
 
 
-class WebError(Exception):
+class WebError(ApptunnelError):
     """An HTTP error to show on the uniform page (or as JSON under the API paths)."""
 
     def __init__(self, status: int, message: str | None = None) -> None:
@@ -143,7 +144,7 @@ class WebApp:
     _log = Logger()
 
     def __init__(self, config: ProxyConfig, sessions: SessionManager, roles: RoleCache,
-                 registry: AgentRegistry, audit: AuditLog, jwt_keys: JwtKeys, ca: ClusterCA,
+                 registry: AppCatalog, audit: AuditLog, jwt_keys: JwtKeys, ca: ClusterCA,
                  clock: IReactorTime, *, locks: LockWatcher | None = None,
                  users: UserDirectory | None = None) -> None:
         self._config = config

@@ -14,7 +14,8 @@ from twisted.internet import reactor
 from apptunnel.agent.service import DRAIN_TIMEOUT, AgentService
 from apptunnel.config import AppConfig
 from apptunnel.proxy.forward import tunnel_connector
-from apptunnel.proxy.registry import AgentRegistry, AppInfo
+from apptunnel.catalog import AppInfo
+from apptunnel.proxy.registry import AgentRegistry
 from tests.support.tunnel_env import Proxy, agent_config
 from tests.support.forward_env import PUBLIC, request_bytes, running_forward_env
 from tests.support.waiting import until, wait

@@ -17,6 +17,7 @@ from twisted.internet import ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from zope.interface import implementer
+from twisted.internet import reactor as wall_clock
 
 from apptunnel.agent.join import AgentIdentity, JoinError, join
 from apptunnel.agent.service import AgentService
@@ -253,7 +254,7 @@ class HelloOnReady:
 @pytest_twisted.ensureDeferred
 async def test_foreign_client_certificate_is_refused(tmp_path, proxy):
     """A client certificate from another cluster's CA cannot say hello: TLS refuses it."""
-    other = ClusterCA.load_or_create(str(tmp_path / "other"), "itest")
+    other = ClusterCA.load_or_create(str(tmp_path / "other"), "itest", wall_clock)
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
@@ -291,3 +292,36 @@ async def test_tunnel_listener_refuses_tls12(proxy):
     client.transport.write(b"x")
     reason = await wait(client.lost)
     assert "alert" in str(reason).lower() or "version" in str(reason).lower()
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_joins_are_refused_one_line_and_spend_no_token(tmp_path, proxy):
+    """Joins with a token of the wrong type, a CSR that is not a string or a host id list,
+    over real TLS without a certificate: one join_error each, the connection closed, the
+    single-use token untouched, so the real agent joins with it afterwards."""
+    from apptunnel.auth.tokens import new_secret, secret_hash
+    from apptunnel.backend.records import JoinToken
+
+    secret = new_secret()
+    now = reactor.seconds()
+    await wait(defer.ensureDeferred(proxy.backend.add_token(
+        JoinToken(secret_hash(secret), "app", now + 3600, now, uses_left=1))))
+    options = ssl.optionsForClientTLS(
+        "localhost", trustRoot=ssl.Certificate.loadPEM(proxy.ca.cert_pem))
+    for message in ({"type": "join", "token": [secret], "csr": "x", "host_id": "h"},
+                    {"type": "join", "token": secret, "csr": {"pem": 1}, "host_id": "h"},
+                    {"type": "join", "token": secret, "csr": "x", "host_id": ["h"]},
+                    {"type": "join", "token": "t" * 600, "csr": "x", "host_id": "h"}):
+        handler = HelloOnReady(message)
+        endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", proxy.port_number, options)
+        await wait(endpoint.connect(protocol.Factory.forProtocol(
+            lambda: TunnelProtocol(handler, reactor, initiator=True))))
+        await wait(handler.lost)
+        assert handler.controls == [{"type": "join_error",
+                                     "message": "join message needs token, csr and host_id "
+                                                "strings"}]
+    reasons = [e.fields.get("reason") for e in await wait(defer.ensureDeferred(proxy.joins()))]
+    assert reasons == ["malformed join message"] * 4
+    config = agent_config(tmp_path, proxy, token=secret, pin=proxy.ca.pin)
+    identity = await wait(defer.ensureDeferred(join(reactor, config)))
+    assert identity.cert_host_id == identity.host_id

@@ -30,7 +30,8 @@ from apptunnel.config import ProxyConfig
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder, tunnel_connector
 from apptunnel.proxy.http1 import BodyBytes, EndOfMessage, ResponseHead, ResponseReader, Trailers, Upgraded
-from apptunnel.proxy.registry import AgentRegistry, AppInfo
+from apptunnel.catalog import AppInfo
+from apptunnel.proxy.registry import AgentRegistry
 from tests.support.waiting import TIMEOUT, wait
 
 PUBLIC = "apptunnel.localhost:3080"

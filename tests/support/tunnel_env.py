@@ -10,9 +10,11 @@ import os
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet import reactor as wall_clock
 
 from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA, load_server_tls
+from apptunnel.auth.enrolment import AgentEnrolment
 from apptunnel.auth.tokens import new_secret, secret_hash
 from apptunnel.backend.records import JoinToken
 from apptunnel.backend.sqlite import SqliteBackend
@@ -26,13 +28,15 @@ class Proxy:
 
     def __init__(self, root):
         self.data_dir = str(root / "proxy")
-        self.ca = ClusterCA.load_or_create(self.data_dir, "itest")
+        self.ca = ClusterCA.load_or_create(self.data_dir, "itest", wall_clock)
         self.cert, self.key = load_server_tls(self.data_dir, self.ca, ["localhost"], ["127.0.0.1"])
         self.backend = SqliteBackend(os.path.join(self.data_dir, "apptunnel.db"), reactor)
         self.audit = AuditLog(self.backend, reactor)
         self.registry = AgentRegistry()
+        self.enrolment = AgentEnrolment(ca=self.ca, backend=self.backend, clock=reactor,
+                                        proxy_id="proxy-1")
         self.factory = TunnelServerFactory(
-            ca=self.ca, backend=self.backend, registry=self.registry, audit=self.audit,
+            enrolment=self.enrolment, registry=self.registry, audit=self.audit,
             clock=reactor, proxy_id="proxy-1", public_host="apptunnel.localhost",
             public_port=3080, keepalive_interval=0.5, keepalive_timeout=2.0,
         )

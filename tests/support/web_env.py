@@ -18,6 +18,7 @@ import treq
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
+from twisted.internet import reactor as wall_clock
 
 from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA
@@ -30,7 +31,8 @@ from apptunnel.auth.sessions import SessionManager
 from apptunnel.backend.records import Resource, User
 from apptunnel.backend.sqlite import SqliteBackend
 from apptunnel.config import ProxyConfig
-from apptunnel.proxy.registry import AgentRegistry, AppInfo
+from apptunnel.catalog import AppInfo
+from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.web.routes import SESSION_COOKIE, WebApp
 
 BASE = "https://apptunnel.localhost:3080"
@@ -169,7 +171,7 @@ async def running_web_env(tmp_path) -> AsyncIterator[Env]:
     locks, users = LockWatcher(backend, clock), UserDirectory(backend, clock)
     sessions = SessionManager(backend, clock, config.session_ttl, locks=locks, users=users)
     jwt_keys = JwtKeys.load_or_create(str(tmp_path), "RS256")
-    ca = ClusterCA.load_or_create(str(tmp_path), config.cluster_name)
+    ca = ClusterCA.load_or_create(str(tmp_path), config.cluster_name, wall_clock)
     web = WebApp(config, sessions, RoleCache(backend, clock), registry, audit, jwt_keys, ca,
                  clock, locks=locks, users=users)
     yield Env(config, clock, backend, sessions, audit, jwt_keys, ca, web, registry, locks, users)

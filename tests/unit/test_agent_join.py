@@ -13,8 +13,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.internet import reactor as wall_clock
 
-from apptunnel.agent.join import AgentIdentity, JoinError, _identity_from, check_chain, join
+from apptunnel.agent.join import AgentIdentity, JoinError, _identity_from, join
+from apptunnel.auth.pins import check_chain
+from apptunnel.messages import JoinOk
 from apptunnel.auth.ca import ClusterCA
 from apptunnel.config import AgentConfig
 
@@ -74,7 +77,7 @@ def test_chain_wrong_pin(ca):
 
 def test_chain_leaf_from_other_ca(ca, tmp_path):
     """A MITM that appends our real CA to its own leaf is refused."""
-    other = ClusterCA.load_or_create(str(tmp_path / "other"), "unit")
+    other = ClusterCA.load_or_create(str(tmp_path / "other"), "unit", wall_clock)
     leaf, _ = other.issue_server_cert(["localhost"], [], DAY)
     problem = check_chain([load(leaf), load(ca.cert_pem)], ca.pin, NOW)
     assert problem == "the proxy's certificate is not issued by the pinned CA"
@@ -132,8 +135,8 @@ async def test_join_needs_token_and_pin(tmp_path):
 def test_join_ok_with_other_ca_refused(ca, tmp_path):
     """A join_ok whose CA does not match the pin is refused."""
     key = new_key()
-    answer = {"type": "join_ok", "cert": ca.sign_agent_csr(csr_for(key), "h", DAY).decode(),
-              "ca": ca.cert_pem.decode()}
+    answer = JoinOk(cert=ca.sign_agent_csr(csr_for(key), "h", DAY).decode(),
+                    ca=ca.cert_pem.decode())
     with pytest.raises(JoinError, match="does not match ca_pin"):
         _identity_from(answer, key, "h", config(tmp_path, pin="sha256:" + "1" * 64))
     assert _identity_from(answer, key, "h", config(tmp_path, pin=ca.pin)).host_id == "h"
@@ -141,7 +144,35 @@ def test_join_ok_with_other_ca_refused(ca, tmp_path):
 
 def test_join_ok_cert_for_other_key_refused(ca, tmp_path):
     """A join_ok certificate that is not for our key is refused."""
-    answer = {"type": "join_ok", "ca": ca.cert_pem.decode(),
-              "cert": ca.sign_agent_csr(csr_for(new_key()), "h", DAY).decode()}
+    answer = JoinOk(ca=ca.cert_pem.decode(),
+                    cert=ca.sign_agent_csr(csr_for(new_key()), "h", DAY).decode())
     with pytest.raises(JoinError, match="bad certificate"):
         _identity_from(answer, new_key(), "h", config(tmp_path, pin=ca.pin))
+
+
+def test_join_answers_are_read_as_typed_messages():
+    """join_ok without a CA is a bad certificate, an unknown answer is named; both one line."""
+    from twisted.internet.defer import Deferred
+
+    from apptunnel.agent.join import _JoinHandler
+    from apptunnel.messages import Join
+
+    class Tunnel:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    class TLS:
+        verified = Deferred()
+        problem = None
+
+    for message, text in [({"type": "join_ok", "cert": "x"}, "bad certificate: join_ok.ca"),
+                          ({"type": "hello_ok", "proxy_id": "p"}, "unexpected message 'hello_ok'"),
+                          ({"type": "join_error", "message": "no\nway"}, "refused the join: no way")]:
+        handler = _JoinHandler(TLS(), Join("t", "csr", "h"), "proxy:3024")
+        tunnel = Tunnel()
+        handler.control_received(tunnel, message)
+        failures = []
+        handler.result.addErrback(failures.append)
+        assert tunnel.closed and text in str(failures[0].value)

@@ -10,6 +10,7 @@ from cryptography.x509.oid import NameOID
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.python.failure import Failure
+from twisted.internet import reactor as wall_clock
 
 from apptunnel.agent import tap
 from apptunnel.agent.join import AgentIdentity
@@ -43,7 +44,7 @@ def config(tmp_path, token=None, pin=None, addr="localhost:3024") -> AgentConfig
 
 @pytest.fixture
 def ca(tmp_path):
-    return ClusterCA.load_or_create(str(tmp_path / "proxy"), "unit")
+    return ClusterCA.load_or_create(str(tmp_path / "proxy"), "unit", wall_clock)
 
 
 def test_no_identity_no_token_is_config_error(tmp_path):

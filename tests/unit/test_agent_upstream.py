@@ -10,6 +10,7 @@ from twisted.python.failure import Failure
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
+from twisted.internet import reactor as wall_clock
 
 from apptunnel.agent.upstream import StreamSide, UpstreamDialer
 from apptunnel.config import AppConfig
@@ -210,7 +211,7 @@ def tls_listen(tmp_path):
 
     from apptunnel.auth.ca import ClusterCA
 
-    ca = ClusterCA.load_or_create(str(tmp_path / "appca"), "apps")
+    ca = ClusterCA.load_or_create(str(tmp_path / "appca"), "apps", wall_clock)
     cert, key = ca.issue_server_cert(["localhost"], ["127.0.0.1"], 3600)
     options = ssl.PrivateCertificate.loadPEM(cert + key).options()
     port = reactor.listenSSL(0, protocol.Factory.forProtocol(Echo), options, interface="127.0.0.1")

@@ -3,6 +3,8 @@
 import datetime
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 from cryptography import x509
@@ -10,8 +12,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet.task import Clock
+from twisted.internet import reactor as wall_clock
 
-from apptunnel.auth.ca import ClusterCA, load_server_tls, spki_pin, user_identity
+from apptunnel.auth.ca import ClusterCA, load_server_tls, user_identity
+from apptunnel.auth.pins import spki_pin
 from apptunnel.auth.errors import AuthError
 from apptunnel.config import ConfigError
 
@@ -71,14 +75,14 @@ def test_half_present_ca_is_config_error(tmp_path, ca):
     """A CA key without its certificate is refused instead of silently replaced."""
     os.unlink(tmp_path / "data" / "ca.crt")
     with pytest.raises(ConfigError, match="ca.crt"):
-        ClusterCA.load_or_create(str(tmp_path / "data"), "acme")
+        ClusterCA.load_or_create(str(tmp_path / "data"), "acme", wall_clock)
 
 
 def test_corrupt_ca_key_is_config_error(tmp_path, ca):
     """An unreadable CA key is one clear ConfigError."""
     (tmp_path / "data" / "ca.key").write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="cannot load the CA key"):
-        ClusterCA.load_or_create(str(tmp_path / "data"), "acme")
+        ClusterCA.load_or_create(str(tmp_path / "data"), "acme", wall_clock)
 
 
 def test_sign_agent_csr_sets_identity_and_ignores_subject(ca):
@@ -211,3 +215,17 @@ def test_load_server_tls_replaces_cert_of_other_ca(tmp_path):
     (data / "proxy.key").write_bytes(key_pem)
     new_cert, _ = load_server_tls(str(data), ca, ["a.localhost"], [])
     load(new_cert).verify_directly_issued_by(load(ca.cert_pem))
+
+
+def test_the_ca_has_no_clock_of_its_own(tmp_path):
+    """Time comes from the reactor the caller passes in: there is no wall-clock fallback."""
+    with pytest.raises(TypeError):
+        ClusterCA.load_or_create(str(tmp_path / "data"), "acme")
+
+
+def test_the_ca_does_not_load_the_config_module():
+    """auth/ca.py reports bad CA files without importing the config loader."""
+    code = "import sys, apptunnel.auth.ca; print('apptunnel.config' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.strip()
+    assert out == "False"

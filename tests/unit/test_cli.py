@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 import yaml
+from twisted.internet import reactor as wall_clock
 
 from apptunnel.auth.ca import ClusterCA
 from apptunnel.auth.passwords import verify_password
@@ -47,7 +48,7 @@ async def test_tokens_add_prints_token_pin_and_a_join_snippet_that_loads(config_
     result = await cli(config_path, "tokens", "add", "--type", "app", "--ttl", "1h")
     assert result.code == 0, result
     token = result.out.split("Token:", 1)[1].split()[0]
-    pin = ClusterCA.load_or_create(str(tmp_path / "data"), "test-cluster").pin
+    pin = ClusterCA.load_or_create(str(tmp_path / "data"), "test-cluster", wall_clock).pin
     assert f"CA pin:  {pin}" in result.out
     assert "(in 1h)" in result.out
     snippet = result.out[result.out.index("join:"):]

@@ -10,6 +10,7 @@ import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from twisted.internet import reactor as wall_clock
 
 from apptunnel.auth.ca import ClusterCA
 from apptunnel.cli.profile import TRUST_PINNED, Profile, home_dir
@@ -50,7 +51,7 @@ async def test_login_with_pin_saves_a_private_profile(env, home):
 @pytest_twisted.ensureDeferred
 async def test_wrong_pin_is_refused_before_the_password(env, home, tmp_path):
     """A pin of another CA stops login before any request: no login attempt is audited."""
-    other = ClusterCA.load_or_create(str(tmp_path / "other"), "other")
+    other = ClusterCA.load_or_create(str(tmp_path / "other"), "other", wall_clock)
     port, proxy = await serve(env)
     try:
         run = await login(env, home, proxy, "--ca-pin", other.pin)

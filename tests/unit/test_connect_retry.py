@@ -11,7 +11,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 
 from apptunnel.proxy.forward import NoAgent, tunnel_connector
-from apptunnel.proxy.registry import AgentRegistry, AppInfo
+from apptunnel.catalog import AppInfo
+from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.tunnel.protocol import TunnelProtocol
 from tests.support.pump import Pump
 

@@ -17,7 +17,8 @@ from apptunnel.config import ProxyConfig
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder, AppConnection
 from apptunnel.proxy.http1 import MAX_HEAD
-from apptunnel.proxy.registry import AgentRegistry, AppInfo
+from apptunnel.catalog import AppInfo
+from apptunnel.proxy.registry import AgentRegistry
 from tests.support.forward_env import APP_HOST, PUBLIC, Client, request_bytes
 from tests.support.waiting import wait
 

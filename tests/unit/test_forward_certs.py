@@ -18,6 +18,7 @@ from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint, SSL4ServerEndpoint, TCP4ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.web import resource, server
+from twisted.internet import reactor as wall_clock
 
 from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA, load_server_tls
@@ -34,7 +35,8 @@ from apptunnel.config import ProxyConfig
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import Answer, AppForwarder, CertCaller
 from apptunnel.proxy.http1 import Headers, RequestHead
-from apptunnel.proxy.registry import AgentRegistry, AppInfo
+from apptunnel.catalog import AppInfo
+from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.service import _web_tls_options
 from apptunnel.proxy.tcp_access import TcpAccess
 from tests.support.forward_env import Client, Echo, Redirect, header_map, request_bytes, role_doc
@@ -100,7 +102,7 @@ async def cert_env(tmp_path, users: tuple[User, ...] = ()):
     e = Env()
     e.listening, e.clients = [], []
     data = str(tmp_path / "proxy")
-    e.ca = ClusterCA.load_or_create(data, "utest")
+    e.ca = ClusterCA.load_or_create(data, "utest", wall_clock)
     cert, key = load_server_tls(data, e.ca, [HOST, "*." + HOST], ["127.0.0.1"])
     e.backend = SqliteBackend(str(tmp_path / "apptunnel.db"), reactor)
     for name, labels in [("dev", {"env": "dev"}), ("ops", {"env": "prod"})]:

@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from apptunnel.net import loopback_host, split_host_port
+from apptunnel.net import host_only, is_ip, loopback_host, split_host_port
 
 
 @pytest.mark.parametrize("host", ["localhost", "LOCALHOST", "grafana.apptunnel.localhost",
@@ -61,3 +61,21 @@ def test_split_never_raises_anything_but_valueerror(addr, default):
     except ValueError:
         return
     assert host and 0 < port < 65536
+
+
+def test_host_only_handles_ipv6_and_ports():
+    """host_only strips ports, also after bracketed IPv6 literals."""
+    assert host_only("[::1]:8080") == "[::1]"
+    assert host_only("Example.COM:1") == "example.com"
+    assert host_only("example.com") == "example.com"
+    assert host_only("example.com.:443") == "example.com"
+
+
+@pytest.mark.parametrize("host, version, expected", [
+    ("127.0.0.1", None, True), ("::1", None, True), ("::1", 6, True), ("::1", 4, False),
+    ("10.0.0.1", 6, False), ("[::1]", None, False), ("example.com", None, False),
+    ("1.2.3", None, False), ("", None, False), ("localhost", None, False),
+])
+def test_is_ip_tells_literals_from_names(host, version, expected):
+    """is_ip: bare IP literals (of the asked version) only; names and brackets are not."""
+    assert is_ip(host, version) is expected

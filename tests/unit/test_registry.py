@@ -1,6 +1,7 @@
 """The registry of online apps and the tunnels that serve them."""
 
-from apptunnel.proxy.registry import AgentRegistry, AppInfo, host_only
+from apptunnel.catalog import AppInfo
+from apptunnel.proxy.registry import AgentRegistry
 
 
 def app(name, addr=None, agent="a1"):
@@ -54,12 +55,6 @@ def test_re_adding_a_tunnel_replaces_its_apps():
     assert [a.name for a in reg.apps()] == ["wiki"]
     assert not reg.is_online("grafana") and reg.pick("grafana") is None
 
-
-def test_host_only_handles_ipv6_and_ports():
-    """host_only strips ports, also after bracketed IPv6 literals."""
-    assert host_only("[::1]:8080") == "[::1]"
-    assert host_only("Example.COM:1") == "example.com"
-    assert host_only("example.com") == "example.com"
 
 
 def test_app_stays_known_offline_after_its_tunnel_leaves():

@@ -23,7 +23,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
 from apptunnel.proxy.http1 import EndOfMessage, RequestReader
-from apptunnel.proxy.registry import AppInfo
+from apptunnel.catalog import AppInfo
 from tests.support.forward_env import APP_HOST, PUBLIC, header_map, request_bytes
 from tests.support.waiting import TIMEOUT, until, wait
 from tests.unit.test_forward_certs import cenv  # noqa: F401 - the certificate environment

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from apptunnel.auth.ca import cert_pin
+from apptunnel.auth.pins import cert_pin
 from apptunnel.auth.locks import LockWatcher
 from apptunnel.auth.tokens import secret_hash
 from apptunnel.backend.records import Agent, JoinToken, Lock, Scope
@@ -216,8 +216,8 @@ def test_public_addr_rule():
 async def test_locked_agent_is_cut_refused_and_cannot_renew(world):  # noqa: F811
     """A lock on an agent cuts its tunnel, refuses its next hello, and is audited."""
     locks = LockWatcher(world.backend, world.clock)
-    locks.add_listener(world.factory._lock_added)
-    world.factory.locks = locks
+    locks.add_listener(world.factory.lock_added)
+    world.enrolment.locks = locks
     agent, pump = await registered(world, hello())
     await world.backend.put_lock(Lock(id=str(uuid.uuid4()), user=None, app=None, message="",
                                       created=world.clock.seconds(), expires=None,
@@ -248,7 +248,7 @@ async def test_renewal_keeps_the_key_and_moves_the_expiry(world):  # noqa: F811
     pump.client.send_control({"type": "renew", "csr": csr_pem()[1]})   # another key
     await settle(pump, lambda: len(agent.controls) == 2, "renew_error")
     assert agent.controls[1]["type"] == "renew_error"
-    world.factory.agent_cert_ttl = 1200.0
+    world.enrolment.agent_cert_ttl = 1200.0
     world.clock.advance(10)
     pump.client.send_control({"type": "renew", "csr": csr_pem(key)[1]})
     await settle(pump, lambda: len(agent.controls) == 3, "renew_ok")

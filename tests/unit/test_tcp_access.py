@@ -13,6 +13,7 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import defer, protocol, reactor, ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint, SSL4ServerEndpoint, TCP4ClientEndpoint
 from twisted.web import resource, server
+from twisted.internet import reactor as wall_clock
 
 from apptunnel.agent.upstream import UpstreamDialer
 from apptunnel.audit import AuditLog
@@ -28,10 +29,11 @@ from apptunnel.cli.context import UsageError
 from apptunnel.config import AppConfig, ProxyConfig
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder, tunnel_connector
-from apptunnel.proxy.registry import AgentRegistry, AppInfo
+from apptunnel.catalog import AppInfo
+from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.service import _web_tls_options
 from apptunnel.proxy.tcp_access import TcpAccess
-from apptunnel.proxy.tunnel_server import HelloError, TunnelSession
+from apptunnel.messages import MessageError, _tcp_ports
 from apptunnel.tunnel.protocol import TunnelProtocol
 from tests.support.keys import key_pair
 from tests.support.waiting import until, wait
@@ -130,7 +132,7 @@ async def env(tmp_path):
     e = Env()
     e.listening = []
     data = str(tmp_path / "proxy")
-    e.ca = ClusterCA.load_or_create(data, "utest")
+    e.ca = ClusterCA.load_or_create(data, "utest", wall_clock)
     cert, key = load_server_tls(data, e.ca, [PUBLIC_HOST, "*." + PUBLIC_HOST], ["127.0.0.1"])
     e.backend = SqliteBackend(str(tmp_path / "apptunnel.db"), reactor)
     for name, labels in [("dev", {"env": "dev"}), ("ops", {"env": "prod"})]:
@@ -367,12 +369,12 @@ def test_port_spec():
 
 def test_hello_tcp_ports_are_checked():
     """The proxy takes tcp_ports only as [low, high] pairs of a tcp:// app."""
-    assert TunnelSession._tcp_ports([[1, 2], [5, 5]], "tcp", "apps[0]") == ((1, 2), (5, 5))
-    assert TunnelSession._tcp_ports(None, "http", "apps[0]") == ()
+    assert _tcp_ports([[1, 2], [5, 5]], "tcp", "apps[0]") == ((1, 2), (5, 5))
+    assert _tcp_ports(None, "http", "apps[0]") == ()
     for bad, scheme in [([[1, 2]], "http"), ([[2, 1]], "tcp"), ([[0, 1]], "tcp"),
                         ([[1, True]], "tcp"), ("1-2", "tcp"), ([[1, 2, 3]], "tcp")]:
-        with pytest.raises(HelloError):
-            TunnelSession._tcp_ports(bad, scheme, "apps[0]")
+        with pytest.raises(MessageError):
+            _tcp_ports(bad, scheme, "apps[0]")
 
 
 async def live_session(env, user: str, roles, app: str):

@@ -13,7 +13,7 @@ from twisted.internet import defer, protocol, reactor
 
 from apptunnel.agent.upstream import UpstreamDialer, target_port
 from apptunnel.config import AppConfig, ConfigError, load_agent_config, parse_port_range
-from apptunnel.proxy.registry import AppInfo
+from apptunnel.catalog import AppInfo
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 

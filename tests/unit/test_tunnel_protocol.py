@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
+from twisted.internet import reactor as wall_clock
 
 from apptunnel.tunnel import frames as F
 from apptunnel.tunnel.endpoints import StreamEndpoint
@@ -569,7 +570,7 @@ async def test_go_away_and_close_finish_over_real_tls(tmp_path):
 
     from apptunnel.auth.ca import ClusterCA
 
-    ca = ClusterCA.load_or_create(str(tmp_path), "tls-test")
+    ca = ClusterCA.load_or_create(str(tmp_path), "tls-test", wall_clock)
     cert, key = ca.issue_server_cert(["localhost"], ["127.0.0.1"], 3600)
     server_options = ssl.PrivateCertificate.loadPEM(cert + key).options()
 

@@ -12,9 +12,12 @@ from OpenSSL import SSL, crypto
 from twisted.internet import defer, reactor, task
 from twisted.internet.interfaces import ISSLTransport
 from zope.interface import implementer
+from twisted.internet import reactor as wall_clock
 
 from apptunnel.audit import AuditLog
-from apptunnel.auth.ca import ClusterCA, cert_pin
+from apptunnel.auth.ca import ClusterCA
+from apptunnel.auth.enrolment import AgentEnrolment
+from apptunnel.auth.pins import cert_pin
 from apptunnel.auth.tokens import secret_hash
 from apptunnel.backend.records import Agent, JoinToken, Scope
 from apptunnel.backend.sqlite import SqliteBackend
@@ -73,8 +76,10 @@ class World:
         self.backend = SqliteBackend(str(tmp_path / "db" / "apptunnel.db"), reactor)
         self.audit = AuditLog(self.backend, self.clock)
         self.registry = AgentRegistry(self.clock)
+        self.enrolment = AgentEnrolment(ca=self.ca, backend=self.backend, clock=self.clock,
+                                        proxy_id="p-1")
         self.factory = TunnelServerFactory(
-            ca=self.ca, backend=self.backend, registry=self.registry, audit=self.audit,
+            enrolment=self.enrolment, registry=self.registry, audit=self.audit,
             clock=self.clock, proxy_id="p-1", public_host="apptunnel.localhost",
             public_port=3080,
         )
@@ -199,7 +204,7 @@ def client_context(max_version=None, cert_and_key=None) -> SSL.Context:
 
 @pytest.fixture
 def tls_server(tmp_path):
-    ca = ClusterCA.load_or_create(str(tmp_path / "tls"), "unit")
+    ca = ClusterCA.load_or_create(str(tmp_path / "tls"), "unit", wall_clock)
     cert, key = ca.issue_server_cert(["localhost"], ["127.0.0.1"])
     return ca, tunnel_tls_options(ca.cert_pem, cert, key).getContext()
 
@@ -229,7 +234,7 @@ def test_tls_verifies_cluster_client_certificate(tls_server):
 def test_tls_rejects_foreign_client_certificate(tls_server, tmp_path):
     """A client certificate from another CA fails the handshake."""
     _, ctx = tls_server
-    other = ClusterCA.load_or_create(str(tmp_path / "other"), "unit")
+    other = ClusterCA.load_or_create(str(tmp_path / "other"), "unit", wall_clock)
     with pytest.raises(SSL.Error):
         handshake(ctx, client_context(cert_and_key=agent_pair(other)))
 

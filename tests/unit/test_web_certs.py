@@ -8,6 +8,7 @@ import pytest
 import pytest_twisted
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from twisted.internet import reactor as wall_clock
 
 from apptunnel.auth.ca import ClusterCA, user_identity
 from apptunnel.backend.records import User
@@ -189,7 +190,7 @@ async def test_certificate_of_another_ca_fails_the_handshake(env, tmp_path):
     """A client cert from a foreign CA is refused by TLS itself."""
     port = await listen_tls(env)
     try:
-        other = ClusterCA.load_or_create(str(tmp_path / "other"), env.config.cluster_name)
+        other = ClusterCA.load_or_create(str(tmp_path / "other"), env.config.cluster_name, wall_clock)
         key, public = new_key()
         foreign = other.issue_user_cert(public, "alice", ["dev"], {}, 600)
         with pytest.raises(CliError):
