@@ -16,7 +16,7 @@ from apptunnel.auth.rbac import RoleError, parse_role
 from apptunnel.backend.records import Resource, User
 from apptunnel.cli.context import Admin, CliError, Io, UsageError
 from apptunnel.cli.output import clean, iso, json_text, table, yaml_docs
-from apptunnel.cli.users import ROLE_NAME, TRAIT_NAME, USER_NAME
+from apptunnel.cli.users import ROLE_NAME, TRAIT_NAME, USER_NAME, require_roles
 from apptunnel.config import load_yaml_documents
 
 KINDS = {"role": "role", "roles": "role", "user": "user", "users": "user"}
@@ -138,6 +138,11 @@ async def _exists(admin: Admin, item: Planned) -> Any:
 
 
 async def create_resources(admin: Admin, args: argparse.Namespace) -> int:
+    planned_roles = frozenset(item.name for item in args.plan if item.kind == "role")
+    for item in args.plan:
+        if item.kind == "user":
+            await require_roles(admin, item.roles, f"{args.file}: user {item.name!r}: spec.roles",
+                                planned_roles)
     existing = {}
     for item in args.plan:
         existing[(item.kind, item.name)] = current = await _exists(admin, item)

@@ -124,15 +124,24 @@ async def test_tokens_add_rejects_bad_ttl_and_type(config_path):
 # -- users -------------------------------------------------------------------------------
 
 
+async def make_roles(config_path: str, *names: str) -> None:
+    """Roles that users may name (issue 9: naming a role that does not exist is an error)."""
+    path = Path(config_path).parent / "made-roles.yaml"
+    path.write_text(yaml.safe_dump_all(
+        [{"kind": "role", "metadata": {"name": name}, "spec": {"allow": {}}} for name in names]))
+    made = await cli(config_path, "create", "-f", str(path), "--force")
+    assert made.code == 0, made
+
+
 @pytest_twisted.ensureDeferred
 async def test_users_add_with_password_stdin_stores_a_verifying_hash(config_path):
     """users add --password-stdin stores an argon2id hash of exactly that password."""
+    await make_roles(config_path, "sre-apps", "viewer")
     result = await cli(config_path, "users", "add", "alice", "--roles", "sre-apps,viewer",
                        "--traits", "logins=alice,root", "--traits", "team=sre",
                        "--password-stdin", stdin="correct horse\n")
     assert result.code == 0, result
     assert "correct horse" not in result.out + result.err
-    assert "role 'sre-apps' does not exist yet" in result.err
     user = await stored(config_path, lambda b: b.get_user("alice"))
     assert user.roles == ("sre-apps", "viewer")
     assert user.traits == {"logins": ("alice", "root"), "team": ("sre",)}
@@ -140,7 +149,7 @@ async def test_users_add_with_password_stdin_stores_a_verifying_hash(config_path
     assert verify_password(user.password_hash, "correct horse")
     assert not verify_password(user.password_hash, "correct horse\n")
 
-    again = await cli(config_path, "users", "add", "alice", "--roles", "x", "--password-stdin",
+    again = await cli(config_path, "users", "add", "alice", "--roles", "viewer", "--password-stdin",
                       stdin="another password")
     assert "already exists" in one_error(again, 1)
 
@@ -152,6 +161,7 @@ async def test_users_add_with_password_stdin_stores_a_verifying_hash(config_path
 @pytest_twisted.ensureDeferred
 async def test_users_add_generates_a_password_shown_once(config_path):
     """Without --password-stdin a generated password is printed once and verifies."""
+    await make_roles(config_path, "viewer")
     result = await cli(config_path, "users", "add", "bob", "--roles", "viewer")
     assert result.code == 0, result
     password = result.out.split("Password (shown only once): ", 1)[1].split()[0]
@@ -162,6 +172,7 @@ async def test_users_add_generates_a_password_shown_once(config_path):
 @pytest_twisted.ensureDeferred
 async def test_users_set_password_update_and_rm(config_path):
     """set-password replaces the hash; update replaces roles/traits; rm deletes."""
+    await make_roles(config_path, "a", "b", "c")
     await cli(config_path, "users", "add", "carol", "--roles", "a", "--password-stdin",
               stdin="first password")
     changed = await cli(config_path, "users", "set-password", "carol", "--password-stdin",
@@ -184,6 +195,33 @@ async def test_users_set_password_update_and_rm(config_path):
     assert "no user named 'carol'" in one_error(await cli(config_path, "users", "rm", "carol"), 1)
 
 
+@pytest_twisted.ensureDeferred
+async def test_users_naming_an_unknown_role_is_an_error(config_path, tmp_path):
+    """users add/update and create -f refuse a role that does not exist (exit 2, naming
+    it) and store nothing, as tctl does; a role created in the same file is fine."""
+    line = one_error(await cli(config_path, "users", "add", "bob", "--roles", "no-such-role"), 2)
+    assert "role 'no-such-role' does not exist" in line
+    assert await stored(config_path, lambda b: b.get_user("bob")) is None
+
+    await make_roles(config_path, "viewer")
+    assert (await cli(config_path, "users", "add", "bob", "--roles", "viewer")).code == 0
+    line = one_error(await cli(config_path, "users", "update", "bob", "--roles",
+                               "viewer,typo-role"), 2)
+    assert "role 'typo-role' does not exist" in line
+    assert (await stored(config_path, lambda b: b.get_user("bob"))).roles == ("viewer",)
+
+    path = tmp_path / "carol.yaml"
+    path.write_text("kind: user\nmetadata: {name: carol}\nspec: {roles: [later]}\n")
+    line = one_error(await cli(config_path, "create", "-f", str(path)), 2)
+    assert "spec.roles: role 'later' does not exist" in line
+    assert await stored(config_path, lambda b: b.get_user("carol")) is None
+    path.write_text(path.read_text() + "---\nkind: role\nmetadata: {name: later}\nspec: {}\n")
+    assert (await cli(config_path, "create", "-f", str(path))).code == 0
+
+    real = subprocess_cli(config_path, "users", "add", "dave", "--roles", "no-such-role")
+    assert "role 'no-such-role' does not exist" in one_error(real, 2)
+
+
 @pytest.mark.parametrize("argv,stdin,fragment", [
     (["users", "add", "dave", "--roles", "a", "--password-stdin"], "short\n", "shorter than 8"),
     (["users", "add", "dave", "--roles", "a", "--password-stdin"], "two\nlines\n", "single line"),
@@ -197,6 +235,7 @@ async def test_users_set_password_update_and_rm(config_path):
 @pytest_twisted.ensureDeferred
 async def test_users_add_bad_input_is_one_usage_line(config_path, argv, stdin, fragment):
     """Bad names, roles, traits or passwords: one error line, exit 2, no user stored."""
+    await make_roles(config_path, "a")
     assert fragment in one_error(await cli(config_path, *argv, stdin=stdin), 2)
     assert await stored(config_path, lambda b: b.list_users()) == []
 
@@ -287,6 +326,7 @@ async def test_create_missing_file(config_path, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_create_user_documents_and_get_users(config_path, tmp_path):
     """kind: user documents create password-less users, and --force keeps a password."""
+    await make_roles(config_path, "old", "new", "viewer")
     await cli(config_path, "users", "add", "erin", "--roles", "old", "--password-stdin",
               stdin="erin's password")
     path = tmp_path / "users.yaml"
@@ -335,8 +375,8 @@ async def test_audit_search_shows_admin_events(config_path, tmp_path):
     """Every admin change is audited (actor = invoking user) and found by audit search."""
     token = json.loads((await cli(config_path, "tokens", "add", "--format", "json")).out)["token"]
     await cli(config_path, "tokens", "rm", token)
-    await cli(config_path, "users", "add", "hank", "--roles", "sre-apps")
     await cli(config_path, "create", "-f", str(ROLE_FILE))
+    await cli(config_path, "users", "add", "hank", "--roles", "sre-apps")
     await cli(config_path, "rm", "role/sre-apps")
     await cli(config_path, "rm", "user/hank")
 
@@ -344,11 +384,11 @@ async def test_audit_search_shows_admin_events(config_path, tmp_path):
     assert result.code == 0, result
     lines = result.out.splitlines()
     assert [line.split()[1] for line in lines] == [
-        "token.create", "token.delete", "user.create", "resource.create", "resource.delete",
+        "token.create", "token.delete", "resource.create", "user.create", "resource.delete",
         "user.delete",
-    ]
+    ]  # issue 9: the role exists before a user may name it
     assert lines[0].split()[2] == "T3000I" and lines[0].split()[3] == ACCOUNT  # not $USER (tester)
-    assert "role/sre-apps" in lines[3] and "success" in lines[3]
+    assert "role/sre-apps" in lines[2] and "success" in lines[2]
     assert token not in result.out
 
     events = json.loads((await cli(config_path, "audit", "search", "--type", "user.create",
@@ -452,6 +492,9 @@ def test_subprocess_tokens_users_and_audit(config_path):
     assert set(token) >= {"token", "expires", "ca_pin"}
     listing = subprocess_cli(config_path, "tokens", "ls")
     assert listing.code == 0 and secret_hash(token["token"])[:12] in listing.out
+    role = Path(config_path).parent / "viewer.yaml"
+    role.write_text("kind: role\nmetadata: {name: viewer}\nspec: {allow: {}}\n")
+    assert subprocess_cli(config_path, "create", "-f", str(role)).code == 0
     added = subprocess_cli(config_path, "users", "add", "ivy", "--roles", "viewer",
                            "--password-stdin", stdin="ivy's password\n")
     assert added.code == 0, added
