@@ -367,6 +367,27 @@ async def test_rm_role_and_user(config_path):
     assert "expected role/NAME" in one_error(await cli(config_path, "rm", "token/x"), 2)
 
 
+@pytest_twisted.ensureDeferred
+async def test_get_and_rm_accept_kind_slash_name_and_kind_name(config_path):
+    """`rm role NAME` works like `get roles NAME` (issue 9): KIND/NAME or KIND NAME,
+    singular or plural, in get and rm alike."""
+    await make_roles(config_path, "r1", "r2", "r3")
+    for ref in (["roles", "r1"], ["role", "r1"], ["role/r1"], ["roles/r1"]):
+        got = await cli(config_path, "get", *ref, "--format", "json")
+        assert got.code == 0 and json.loads(got.out)["metadata"]["name"] == "r1", (ref, got)
+    await cli(config_path, "users", "add", "u1", "--roles", "r1")
+    for ref in (["users", "u1"], ["user/u1"]):
+        got = await cli(config_path, "get", *ref, "--format", "json")
+        assert json.loads(got.out)["metadata"]["name"] == "u1", (ref, got)
+    for ref, name in ((["role", "r1"], "r1"), (["roles", "r2"], "r2"), (["roles/r3"], "r3")):
+        removed = await cli(config_path, "rm", *ref)
+        assert removed.code == 0, (ref, removed)
+        assert await stored(config_path, lambda b: b.get_resource("role", name)) is None
+    assert (await cli(config_path, "rm", "user", "u1")).code == 0
+    assert "not both" in one_error(await cli(config_path, "rm", "role/x", "y"), 2)
+    assert "expected role/NAME" in one_error(await cli(config_path, "rm", "role"), 2)
+
+
 # -- audit -------------------------------------------------------------------------------
 
 
@@ -432,8 +453,15 @@ def run_main(argv, capsys, monkeypatch, env=None) -> Result:
     return Result(info.value.code, captured.out, captured.err)
 
 
+def test_bare_apptunnel_prints_the_help(capsys, monkeypatch):
+    """`apptunnel` alone prints the help on stdout (no argparse error line), exit 2."""
+    for argv in ([], ["--config", "x.yaml"]):
+        result = run_main(argv, capsys, monkeypatch)
+        assert result.code == 2 and result.err == "", result
+        assert result.out.startswith("usage: apptunnel") and "login" in result.out, result
+
+
 @pytest.mark.parametrize("argv,fragment", [
-    ([], "required: VERB"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["tokens"], "required: ACTION"),
     (["tokens", "add", "--bogus"], "unrecognized arguments: --bogus"),
