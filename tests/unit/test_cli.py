@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -389,6 +391,47 @@ async def test_get_and_rm_accept_kind_slash_name_and_kind_name(config_path):
 
 
 # -- audit -------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_audit_search_filters_and_prints_iso_times(config_path):
+    """--user, --app and --outcome filter (in storage); every time, in text and JSON,
+    including an `expires` stored as epoch seconds, is ISO 8601 UTC."""
+    from apptunnel.backend.records import AuditEvent
+
+    now = time.time()
+    events = [
+        AuditEvent("e1", now - 30, "session.web.start", "T2000I", "bob", "", "success",
+                   {"expires": now + 3600, "client": "127.0.0.1"}),
+        AuditEvent("e2", now - 20, "app.request", "T2100I", "bob", "grafana", "success",
+                   {"status": 200}),
+        AuditEvent("e3", now - 10, "access.denied", "T2200W", "bob", "wiki", "failure", {}),
+        AuditEvent("e4", now - 5, "app.request", "T2100I", "carol", "grafana", "success", {}),
+    ]
+    await stored(config_path, lambda b: b.append_audit(events))
+
+    async def ids(*argv):
+        result = await cli(config_path, "audit", "search", "--format", "json", *argv)
+        assert result.code == 0, result
+        return [e["id"] for e in json.loads(result.out)]
+
+    assert await ids("--user", "bob") == ["e1", "e2", "e3"]
+    assert await ids("--app", "grafana") == ["e2", "e4"]
+    assert await ids("--user", "bob", "--outcome", "failure") == ["e3"]
+    assert await ids("--user", "nobody") == []
+    assert "invalid choice" in one_error(
+        await cli(config_path, "audit", "search", "--outcome", "maybe"), 2)
+
+    epoch = re.compile(r"\b1[0-9]{9}(\.[0-9]+)?\b")
+    as_json = (await cli(config_path, "audit", "search", "--user", "bob", "--format", "json")).out
+    assert not epoch.search(as_json), as_json
+    first = json.loads(as_json)[0]
+    assert first["time"].endswith("Z") and first["fields"]["expires"].endswith("Z")
+    as_text = (await cli(config_path, "audit", "search", "--user", "bob")).out
+    assert not epoch.search(as_text), as_text
+    assert "expires=20" in as_text
+
+
 
 
 @pytest_twisted.ensureDeferred

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from apptunnel.auth.ca import ClusterCA
+from apptunnel.cli.output import iso
 from apptunnel.cli.profile import TRUST_PINNED, Profile, home_dir
 from tests.support.cli_in_process import cli, login, serve
 from tests.support.cluster import free_port
@@ -161,7 +162,8 @@ def test_status_text_and_json(env, home):
     assert "(in 1h)" in run.out or "(in 59m" in run.out
     data = json.loads(cli(home, "status", "--format", "json").out)
     assert data == {"user": "alice", "proxy": "apptunnel.localhost:3080", "roles": ["dev"],
-                    "traits": {"logins": ["root", "ubuntu"]}, "expires": profile.expires,
+                    "traits": {"logins": ["root", "ubuntu"]},
+                    "expires": iso(profile.expires),  # issue 9: ISO, not epoch seconds
                     "expired": False, "trust": "pinned"}
 
 
