@@ -2,7 +2,9 @@
 
 Everything that can fail on bad files (CA, keys, certificates) is built in the constructor,
 so `twistd` reports it as one line before anything listens. Listening, the audit writer
-and the expiry sweep start with the service and stop with it, in reverse order.
+and the expiry sweep start with the service and stop with it, in reverse order. A port
+that cannot be bound or a backend that cannot be read at start ends the process with one
+line and exit 1 (`apptunnel.startup.fatal`); "serving" is logged only after both worked.
 """
 
 from __future__ import annotations
