@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -240,20 +239,19 @@ def test_banner_and_readme_lines_work_then_sigterm_to_makes_group_stops_all(tmp_
         env = {**os.environ, "APPTUNNEL_HOME": str(tmp_path / "home")}
         env.pop("APPTUNNEL_CONFIG", None)
         outputs = run_pasted(commands, env, tmp_path)
-        by_kind = {line: out for line, out in outputs.items()}
-        listed = next(out for line, out in by_kind.items() if line.endswith("apps ls"))
+        listed = next(out for line, out in outputs.items() if line.endswith("apps ls"))
         assert "hello " in listed and "hello-tcp" in listed
-        curl_line = next(out for line, out in by_kind.items() if line.endswith("apps config hello"))
+        curl_line = next(out for line, out in outputs.items() if line.endswith("apps config hello"))
         assert whoami(shell(curl_line.strip() + "api/whoami", env, tmp_path).stdout)["username"] \
             == "demo"
-        answers = [out for line, out in by_kind.items()
+        answers = [out for line, out in outputs.items()
                    if line.startswith("curl") and "/api/whoami" in line]
         identities = [whoami(out) for out in answers]
         assert len(identities) == 3, answers
         # proxy app hello and the browser-style curl reach the app as demo, JWT verified;
         # the TCP app relays bytes to the same app, which then sees no identity
         assert sum(1 for i in identities if i.get("username") == "demo" and i.get("verified")) == 2
-        users = next(out for line, out in by_kind.items() if line.endswith("users ls"))
+        users = next(out for line, out in outputs.items() if line.endswith("users ls"))
         assert "demo" in users
 
         (tmp_path / ".venv").symlink_to(VENV)   # README's paths, from the checkout's root
@@ -264,7 +262,7 @@ def test_banner_and_readme_lines_work_then_sigterm_to_makes_group_stops_all(tmp_
     except BaseException:
         demo.kill()
         raise
-    assert not demo.banner_done.wait(0) or demo.proc.stdout.closed
+    assert demo.proc.stdout.closed   # as when make's terminal or pipe is gone
     with_group(demo.proc.pid, signal.SIGTERM)
     assert_all_stopped(demo)
 
