@@ -88,6 +88,9 @@ async def test_without_pin_the_system_store_rejects_a_private_ca(env, home):
     assert run.code == 1
     assert "TLS verification of the proxy" in run.err
     assert await env.events("user.login") == []
+    # issue 9: one whole line that says what to do, not a cut-off "(_ssl.c:1006"
+    assert run.err.count("\n") == 1 and "_ssl.c" not in run.err
+    assert "--ca-pin" in run.err and "CA pin" in run.err
 
 
 @pytest_twisted.ensureDeferred
