@@ -4,7 +4,15 @@
 
 It writes the two config files, starts the installed commands exactly as an operator would
 (`twistd apptunnel`, `apptunnel ...`, `twistd apptunnel-agent`), signs the demo user in once
-to check the whole path, prints where to go, and stops its three children on Ctrl-C.
+to check the whole path, and prints a banner whose `$ ` lines are commands that work when
+pasted (tests/integration/test_demo.py runs each of them). It also leaves the password and
+the CA pin in ``DIR/demo-password`` and ``DIR/ca-pin`` for README.rst's lines.
+
+Stopping: Ctrl-C (SIGINT to the terminal's process group), SIGTERM to make's process group
+and SIGTERM to this process all stop the agent, the sample app and the proxy, in that
+order. The children run in their own process group (so a group signal reaches only us and
+we stop them in order) and are told by the kernel to end if we die without cleaning up
+(``PR_SET_PDEATHSIG``).
 
 This is orchestration outside any reactor: plain subprocesses, `requests` and bounded
 polling loops. `LocalCluster` is reused by bench/run.py.
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import html
 import json
 import os
@@ -76,6 +85,17 @@ def loopback_resolution() -> Iterator[None]:
         socket.getaddrinfo = _real_getaddrinfo
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _end_with_parent() -> None:
+    """In the child before exec: SIGTERM when the demo dies, even by SIGKILL (Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass   # not Linux: the orderly stop in `run` still applies
+
+
 class Child:
     """One subprocess with its output in a log file, stopped by the PID we hold."""
 
@@ -85,7 +105,8 @@ class Child:
         self._log = open(log_path, "ab")
         # Its own process group: Ctrl-C reaches only us, and we stop the children in order.
         self.proc = subprocess.Popen(argv, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, process_group=0)
+                                     stdin=subprocess.DEVNULL, process_group=0,
+                                     preexec_fn=_end_with_parent)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -163,6 +184,7 @@ class LocalCluster:
         self.agent_config = self.root / "agent.yaml"
         self.proxy: Child | None = None
         self.agent: Child | None = None
+        self.ca_pin: str | None = None
 
     @property
     def ca_file(self) -> Path:
@@ -239,6 +261,7 @@ class LocalCluster:
         out = self.cli("tokens", "add", "--type", "app", "--ttl", "1h", "--format", "json").stdout
         try:
             token = json.loads(out)
+            self.ca_pin = token["ca_pin"]
             return {"token": token["token"], "ca_pin": token["ca_pin"]}
         except (ValueError, KeyError, TypeError):
             raise DemoError(f"`apptunnel tokens add --format json` printed no token: {out[:200]!r}") \
@@ -320,9 +343,16 @@ def app_cookie(session: requests.Session) -> str | None:
     return None
 
 
-def _banner(cluster: LocalCluster, password: str, app_port: int) -> str:
+def _banner(cluster: LocalCluster, password: str, ports: dict[str, int]) -> str:
+    """What to open and what to paste. Every line starting with `$ ` works as printed
+    (tests/integration/test_demo.py runs them); `# keeps running` marks a command that
+    serves until Ctrl-C, for the lines after it in another terminal."""
     ca = cluster.ca_file
-    api = cluster.url(path="")
+    bin_dir = BIN
+    cli = f"{bin_dir}/apptunnel"
+    admin = f"{cli} --config {cluster.proxy_config}"
+    origin = cluster.url().rstrip("/")
+    jar = cluster.root / "curl-cookies"
     return f"""
 ================================================================================
  apptunnel demo is running
@@ -331,18 +361,32 @@ def _banner(cluster: LocalCluster, password: str, app_port: int) -> str:
  Sample app  {cluster.url('hello')}
  User        demo
  Password    {password}
+ CA pin      {cluster.ca_pin}
 
  Your browser will warn about the certificate until you trust the demo CA:
    {ca}
- (Chrome/Firefox: settings -> certificates -> authorities -> import;
-  or curl with --cacert as below.)
+ (Chrome/Firefox: settings -> certificates -> authorities -> import.)
 
- With curl:
-   curl --cacert {ca} -c /tmp/apptunnel-demo.jar \\
-        -H 'Content-Type: application/json' \\
-        -d '{{"username":"demo","password":"{password}"}}' {api}/v1/sessions
-   curl --cacert {ca} -b /tmp/apptunnel-demo.jar {api}/v1/apps
-   curl http://127.0.0.1:{app_port}/api/whoami     # directly: no identity header
+ The commands are in {bin_dir} (add it to PATH, or paste these as they are).
+
+ As a user, with the CLI (a short-lived certificate in ~/.apptunnel):
+   $ echo '{password}' | {cli} login --proxy {cluster.public_addr} --user demo --ca-pin {cluster.ca_pin} --password-stdin
+   $ {cli} apps ls
+   $ {cli} apps config hello
+ (`apps config` prints a curl line that reaches the app with that certificate.)
+   $ {cli} proxy app hello --port {ports['http']}    # keeps running; in another terminal:
+   $ curl -s http://127.0.0.1:{ports['http']}/api/whoami
+   $ {cli} proxy app hello-tcp --port {ports['tcp']}    # keeps running; a TCP app:
+   $ curl -s http://127.0.0.1:{ports['tcp']}/api/whoami
+
+ With curl alone: sign in (the sign-in form wants an Origin header, as browsers
+ send it: a CSRF guard), then open the app; the cookie jar carries the hand-off:
+   $ curl -s -o /dev/null --cacert {ca} -c {jar} -b {jar} -H 'Origin: {origin}' -d username=demo -d password={password} {cluster.url(path="/web/login")}
+   $ curl -s -L --cacert {ca} -c {jar} -b {jar} {cluster.url('hello', '/api/whoami')}
+
+ As the admin (the commands read the proxy's config):
+   $ {admin} users ls
+   $ {admin} audit search --since 10m --user demo
 
  Logs: {cluster.root}/proxy.log, agent.log, sample-app.log
  Press Ctrl-C to stop.
@@ -357,6 +401,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=3080, help="the proxy's HTTPS port")
     parser.add_argument("--tunnel-port", type=int, default=3024, help="the agents' tunnel port")
     parser.add_argument("--app-port", type=int, default=8081, help="the sample app's port")
+    parser.add_argument("--proxy-app-port", type=int, default=8082,
+                        help="the port the banner's `proxy app hello` line uses")
+    parser.add_argument("--tcp-app-port", type=int, default=15432,
+                        help="the port the banner's `proxy app hello-tcp` line uses")
     return parser.parse_args(argv)
 
 
@@ -389,11 +437,17 @@ def run(args: argparse.Namespace) -> int:
         password = secrets.token_urlsafe(12)
         cluster.put_role("demo-apps", {"env": "demo"})
         cluster.put_user("demo", ["demo-apps"], password)
-        cluster.write_agent_config([{"name": "hello", "uri": f"http://127.0.0.1:{args.app_port}",
-                                     "labels": {"env": "demo"}}])
+        upstream = f"127.0.0.1:{args.app_port}"
+        cluster.write_agent_config([
+            {"name": "hello", "uri": f"http://{upstream}", "labels": {"env": "demo"}},
+            # The same sample app as a TCP app: `apptunnel proxy app hello-tcp` relays bytes.
+            {"name": "hello-tcp", "uri": f"tcp://{upstream}", "labels": {"env": "demo"}},
+        ])
+        _write_secret(root / "demo-password", password)
+        _write_secret(root / "ca-pin", cluster.ca_pin or "")
         print("starting the sample app and the agent ...", flush=True)
         app = Child("sample app", [sys.executable, "-m", "apptunnel.sample_app",
-                                   "--listen", f"127.0.0.1:{args.app_port}",
+                                   "--listen", upstream,
                                    "--jwks-url", cluster.url(path="/.well-known/jwks.json"),
                                    "--ca-file", str(cluster.ca_file),
                                    "--audience", cluster.url("hello").rstrip("/")],
@@ -402,7 +456,8 @@ def run(args: argparse.Namespace) -> int:
         cluster.start_agent()
         cluster.wait_app_online(cluster.api_session("demo", password), "hello")
         print(_self_check(cluster, password), flush=True)
-        print(_banner(cluster, password, args.app_port), flush=True)
+        print(_banner(cluster, password, {"http": args.proxy_app_port, "tcp": args.tcp_app_port}),
+              flush=True)
         while True:
             for child in (cluster.proxy, cluster.agent, app):
                 if not child.alive():
@@ -410,13 +465,28 @@ def run(args: argparse.Namespace) -> int:
                                     f"end of {child.log_path}:\n{child.log_tail()}")
             time.sleep(1.0)
     finally:
-        print("stopping ...", flush=True)
-        if cluster.agent is not None:
-            cluster.agent.stop()
-        if app is not None:
-            app.stop()
-        if cluster.proxy is not None:
-            cluster.proxy.stop()
+        # A second Ctrl-C or the SIGTERM that follows make's must not cut this short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _say("stopping ...")
+        for child in (cluster.agent, app, cluster.proxy):
+            if child is not None:
+                child.stop()
+
+
+def _write_secret(path: Path, text: str) -> None:
+    """Written 0600 without a newline, so `--password-stdin < file` reads it as is."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _say(text: str) -> None:
+    """Print, unless our terminal or pipe is gone (make was killed): stopping goes on."""
+    try:
+        print(text, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def _terminate(signum, frame) -> None:
@@ -426,6 +496,7 @@ def _terminate(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)   # the terminal went away
     try:
         with loopback_resolution():
             run(args)

@@ -24,6 +24,7 @@ Shutdown says ``go_away`` on the live tunnel first, so open streams finish (boun
 from __future__ import annotations
 
 import datetime
+import os
 import random
 from importlib import metadata
 
@@ -44,6 +45,7 @@ from apptunnel.agent.upstream import UpstreamDialer
 from apptunnel.auth.pins import spki_pin
 from apptunnel.config import AgentConfig, ConfigError
 from apptunnel.net import loopback_host, split_host_port
+from apptunnel.startup import fatal, os_error_text
 from apptunnel.tunnel.protocol import TunnelProtocol
 
 __all__ = ["AgentService"]
@@ -206,6 +208,7 @@ class AgentService(MultiService):
         self.config = config
         self.reactor = reactor
         self.dialer = UpstreamDialer(reactor, config.apps)
+        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)  # OSError: one line in tap.py
         self.identity = AgentIdentity.load(config.data_dir)
         if self.identity is None and not config.join_token:
             raise ConfigError(config.path, f"no saved identity in {config.data_dir}: set "
@@ -237,7 +240,18 @@ class AgentService(MultiService):
             self._start_tunnel()
         else:
             self._joining = defer.ensureDeferred(self._join_until_done())
-            self._joining.addErrback(lambda f: f.trap(defer.CancelledError))
+            self._joining.addErrback(self._join_failed)
+
+    def _join_failed(self, failure: Failure) -> None:
+        """Cancelled by stopService, or a failure no retry heals (e.g. data_dir not
+        writable): then one line and exit 1, not a traceback and an idle agent."""
+        if failure.check(defer.CancelledError):
+            return
+        if failure.check(OSError):
+            reason = f"cannot save the agent identity: {os_error_text(failure.value)}"
+        else:
+            reason = f"cannot join the cluster: {failure.getErrorMessage()}"
+        fatal(self.reactor, f"apptunnel-agent: {reason}")
 
     @defer.inlineCallbacks
     def stopService(self):

@@ -3,6 +3,9 @@
 from twisted.python import usage
 
 from apptunnel.config import ConfigError, load_agent_config
+from apptunnel.startup import os_error_text, startup_error
+
+PROG = "apptunnel-agent"
 
 
 class Options(usage.Options):
@@ -12,13 +15,16 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        """Load the config here: twistd prints a UsageError as one line, without a traceback."""
+        """Load the config here, so a bad one is one line before anything starts.
+
+        Not a UsageError: twistd would print its whole ``Options:`` block above it.
+        """
         if not self["config"]:
-            raise usage.UsageError("--config is required (e.g. --config etc/agent.yaml)")
+            startup_error(PROG, "--config is required (e.g. --config etc/agent.yaml)")
         try:
             self.agent_config = load_agent_config(self["config"])
         except ConfigError as err:
-            raise usage.UsageError(str(err)) from None
+            startup_error(PROG, str(err))
 
 
 def makeService(options: Options):
@@ -30,5 +36,7 @@ def makeService(options: Options):
 
     try:
         return AgentService(options.agent_config, reactor)
-    except (ConfigError, JoinError, OSError) as err:
-        raise SystemExit(f"apptunnel-agent: error: {err}") from None
+    except OSError as err:
+        startup_error(PROG, os_error_text(err))
+    except (ConfigError, JoinError) as err:
+        startup_error(PROG, str(err))

@@ -81,7 +81,15 @@ class Backend(typing.Protocol):
         until: float | None = None,
         type: str | None = None,
         limit: int = 1000,
-    ) -> list[AuditEvent]: ...
+        *,
+        actor: str | None = None,
+        target: str | None = None,
+        outcome: str | None = None,
+    ) -> list[AuditEvent]:
+        """Events with since <= time < until, oldest first (ties in insertion order), at
+        most `limit`; each other argument given must equal the event's field exactly.
+        Filtering happens in storage, so the limit counts matching events only."""
+        ...
 
     async def delete_expired(self, now: float) -> int: ...
     async def close(self) -> None: ...

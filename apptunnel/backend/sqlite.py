@@ -766,8 +766,13 @@ class SqliteBackend:
         until: float | None = None,
         type: str | None = None,
         limit: int = 1000,
+        *,
+        actor: str | None = None,
+        target: str | None = None,
+        outcome: str | None = None,
     ) -> list[AuditEvent]:
-        """Events with since <= time < until, oldest first (ties in insertion order)."""
+        """Events with since <= time < until, oldest first (ties in insertion order);
+        type, actor, target and outcome, when given, match exactly."""
         where: list[str] = []
         params: list[Any] = []
         if since is not None:
@@ -776,9 +781,11 @@ class SqliteBackend:
         if until is not None:
             where.append("time < ?")
             params.append(float(until))
-        if type is not None:
-            where.append("type = ?")
-            params.append(type)
+        for column, value in (("type", type), ("actor", actor), ("target", target),
+                              ("outcome", outcome)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
         params.append(max(0, min(int(limit), MAX_SEARCH_LIMIT)))
         sql = (
             "SELECT id, time, type, code, actor, target, outcome, fields FROM audit_events"

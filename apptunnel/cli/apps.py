@@ -10,7 +10,7 @@ import time
 from typing import Callable
 
 from apptunnel.cli.context import CliError, Io
-from apptunnel.cli.output import json_text, table
+from apptunnel.cli.output import iso, json_text, table
 from apptunnel.cli.profile import TRUST_INSECURE, TRUST_PINNED, Profile, home_dir, require_profile
 
 __all__ = ["add_parsers", "app_config", "list_apps"]
@@ -64,7 +64,7 @@ def app_config(args: argparse.Namespace, io: Io, now: Callable[[], float] = time
         "cert": os.path.join(home, "user.crt"),
         "key": os.path.join(home, "user.key"),
         "insecure": profile.trust == TRUST_INSECURE,
-        "expires": int(profile.expires),
+        "expires": iso(profile.expires),
     }
     if args.format == "json":
         io.out(json_text(config))
@@ -89,7 +89,7 @@ def _config_text(config: dict, profile: Profile) -> str:
         f"CA:     {trust}\n"
         f"Cert:   {config['cert']}\n"
         f"Key:    {config['key']}\n"
-        f"Valid:  until {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(profile.expires))}\n"
+        f"Valid:  until {iso(profile.expires)}\n"
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import socket
 import ssl
@@ -36,6 +37,8 @@ from apptunnel.cli.context import CliError
 from apptunnel.net import is_ip, loopback_host, split_host_port
 
 __all__ = ["ProxyClient", "fetch_chain", "tls_context"]
+
+_SSL_SOURCE = re.compile(r"\s*\(_ssl\.c:\d+\)?")
 
 TIMEOUT = 15.0
 MAX_RESPONSE = 1024 * 1024
@@ -95,13 +98,16 @@ class _LoopbackAdapter(HTTPAdapter):
 class ProxyClient:
     """JSON calls to one proxy; every failure is a CliError naming the proxy."""
 
-    def __init__(self, proxy: str, context: ssl.SSLContext, insecure: bool = False) -> None:
+    def __init__(self, proxy: str, context: ssl.SSLContext, insecure: bool = False,
+                 tls_hint: str = "") -> None:
+        """`tls_hint` is added to a failed certificate check (e.g. how to pin the CA)."""
         try:
             self._host, self._port = split_host_port(proxy, default_port=443)
         except ValueError as err:
             raise CliError(f"--proxy: {err}", code=2) from None
         self.proxy = proxy
         self._insecure = insecure
+        self._tls_hint = tls_hint
         self._session = requests.Session()
         self._session.trust_env = False  # no HTTPS_PROXY detours for credentials
         self._session.mount("https://", _LoopbackAdapter(context, insecure))
@@ -122,7 +128,7 @@ class ProxyClient:
             response.close()
         except requests.exceptions.SSLError as err:
             raise CliError(f"TLS verification of the proxy at {self.proxy} failed: "
-                           f"{_reason(err)}") from None
+                           f"{_reason(err)}{self._tls_hint}") from None
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as err:
             raise CliError(f"cannot reach the proxy at {self.proxy}: {_reason(err)}") from None
         except requests.exceptions.RequestException as err:
@@ -209,5 +215,6 @@ def _reason(err: Exception) -> str:
     for marker in ("Caused by ", "] "):
         if marker in text:
             text = text.rsplit(marker, 1)[-1]
+    text = _SSL_SOURCE.sub("", text)   # "... chain (_ssl.c:1006)": OpenSSL's source line
     return " ".join(text.strip("()'\" ").split())[:300] or err.__class__.__name__
 

@@ -49,6 +49,16 @@ INSECURE_WARNING = (
 )
 
 
+NO_PIN_HINT = (
+    "; a proxy with its own cluster CA needs --ca-pin sha256:... (the proxy logs it at "
+    "start-up: \"serving ... CA pin sha256:...\"; `apptunnel tokens add` and `make demo` "
+    "print it too)"
+)
+
+NO_TERMINAL = ("no terminal to ask for the password: give it on stdin with --password-stdin "
+               "(e.g. `apptunnel login ... --password-stdin < password-file`)")
+
+
 def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     login_p = verbs.add_parser("login", parents=[common],
                                help="sign in at a proxy and get a short-lived user certificate")
@@ -87,7 +97,8 @@ def login(args: argparse.Namespace, io: Io, now: Callable[[], float] = time.time
         ca_pem, trust, context = None, TRUST_INSECURE, tls_context(None, insecure=True)
     else:
         ca_pem, trust, context = None, TRUST_SYSTEM, tls_context(None)
-    client = ProxyClient(args.proxy, context, insecure=trust == TRUST_INSECURE)
+    client = ProxyClient(args.proxy, context, insecure=trust == TRUST_INSECURE,
+                         tls_hint=NO_PIN_HINT if trust == TRUST_SYSTEM else "")
     password = _password(args, io)
     key = ec.generate_private_key(ec.SECP256R1())
     public_pem = key.public_key().public_bytes(
@@ -137,7 +148,7 @@ def status(args: argparse.Namespace, io: Io, now: Callable[[], float] = time.tim
             "proxy": profile.proxy,
             "roles": list(roles),
             "traits": {k: list(v) for k, v in sorted(traits.items())},
-            "expires": profile.expires,
+            "expires": iso(profile.expires),
             "expired": expired,
             "trust": profile.trust,
         }))
@@ -213,6 +224,8 @@ def _check_answer(proxy: str, answer: dict, key: ec.EllipticCurvePrivateKey,
 
 def _password(args: argparse.Namespace, io: Io) -> str:
     if not args.password_stdin:
+        if not _have_terminal():   # getpass would warn and read stdin, echoing it
+            raise UsageError(NO_TERMINAL)
         try:
             return getpass.getpass(f"Password for {args.user} at {args.proxy}: ")
         except (EOFError, KeyboardInterrupt):
@@ -221,6 +234,15 @@ def _password(args: argparse.Namespace, io: Io) -> str:
     if not text:
         raise UsageError("--password-stdin: no password on stdin")
     return text
+
+
+def _have_terminal() -> bool:
+    """True when getpass can prompt on the controlling terminal (it opens /dev/tty)."""
+    try:
+        with open("/dev/tty", "rb"):
+            return True
+    except OSError:
+        return False
 
 
 def _ttl(text: str | None) -> float | None:

@@ -87,7 +87,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", default=default_config, metavar="PATH",
                         help=f"proxy config file (default: $APPTUNNEL_CONFIG or {DEFAULT_CONFIG})")
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    # Not required: a bare `apptunnel` prints this help (see `prepare`), not an error.
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     tokens.add_parsers(verbs, common)
     agents.add_parsers(verbs, common)
     users.add_parsers(verbs, common)
@@ -126,8 +127,12 @@ def report(io: Io, err: BaseException) -> int:
 def prepare(argv: list[str], io: Io) -> Invocation | int:
     """Parse and load everything that does not need the reactor; an int is an exit status."""
     try:
+        parser = build_parser(io.environ)
         with contextlib.redirect_stdout(io.stdout), contextlib.redirect_stderr(io.stderr):
-            args = build_parser(io.environ).parse_args(argv)
+            args = parser.parse_args(argv)
+        if args.verb is None:   # like git: the help on stdout, and a usage status
+            io.out(parser.format_help())
+            return 2
         if args.verb == "version":
             io.out(version_text() + "\n")
             return 0

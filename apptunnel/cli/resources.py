@@ -2,7 +2,9 @@
 
 A file is validated completely before anything is written, and nothing is replaced
 without ``--force``, so a half-applied file or a silently overwritten role cannot happen.
-`get` prints documents that `create -f` reads back unchanged.
+`get` prints documents that `create -f` reads back unchanged. `get` and `rm` name what
+they act on as ``KIND/NAME`` or ``KIND NAME``, the kind singular or plural (``role``,
+``roles``, ``user``, ``users``), as kubectl and tctl accept.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from apptunnel.auth.rbac import RoleError, parse_role
 from apptunnel.backend.records import Resource, User
 from apptunnel.cli.context import Admin, CliError, Io, UsageError
 from apptunnel.cli.output import clean, iso, json_text, table, yaml_docs
-from apptunnel.cli.users import ROLE_NAME, TRAIT_NAME, USER_NAME
+from apptunnel.cli.users import ROLE_NAME, TRAIT_NAME, USER_NAME, require_roles
 from apptunnel.config import load_yaml_documents
 
 KINDS = {"role": "role", "roles": "role", "user": "user", "users": "user"}
@@ -30,14 +32,41 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
     create.set_defaults(handler=create_resources, read_inputs=read_documents)
 
     get = verbs.add_parser("get", parents=[common], help="show roles or users")
-    get.add_argument("kind", metavar="roles|users", choices=sorted(KINDS))
+    get.add_argument("kind", metavar="KIND[/NAME]", type=_kind_word, help="roles, users, role/NAME or user/NAME")
     get.add_argument("name", nargs="?", metavar="NAME")
     get.add_argument("--format", choices=("yaml", "json", "text"), default="yaml")
     get.set_defaults(handler=get_resources)
 
     rm = verbs.add_parser("rm", parents=[common], help="remove a role or a user")
-    rm.add_argument("ref", metavar="KIND/NAME", help="role/NAME or user/NAME")
+    rm.add_argument("kind", metavar="KIND[/NAME]", type=_kind_word, help="role/NAME, role NAME, user/NAME or user NAME")
+    rm.add_argument("name", nargs="?", metavar="NAME")
     rm.set_defaults(handler=remove_resource)
+
+
+def _kind_word(text: str) -> str:
+    """argparse type: the kind part must be known, so `get apps` fails before any config."""
+    if text.partition("/")[0].lower() not in KINDS:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text.partition('/')[0]!r} (expected role/NAME, user/NAME or "
+            f"KIND NAME with KIND one of {', '.join(sorted(KINDS))})")
+    return text
+
+
+def parse_ref(verb: str, first: str, second: str | None, name_required: bool
+              ) -> tuple[str, str | None]:
+    """``("role/x", None)`` or ``("roles", "x")`` -> ("role", "x"); UsageError otherwise."""
+    kind_text, sep, name = first.partition("/")
+    if sep and second is not None:
+        raise UsageError(f"{verb}: give KIND/NAME or KIND NAME, not both ({first!r} {second!r})")
+    if not sep:
+        name = second
+    kind = KINDS.get(kind_text.lower())
+    if kind is None or (sep and not name) or (name_required and not name):
+        shape = "role/NAME, user/NAME or KIND NAME" if name_required else \
+            "roles, users, role/NAME, user/NAME or KIND NAME"
+        got = first if second is None else f"{first} {second}"
+        raise UsageError(f"{verb}: expected {shape}, got {got!r}")
+    return kind, name or None
 
 
 @attrs.frozen
@@ -138,6 +167,11 @@ async def _exists(admin: Admin, item: Planned) -> Any:
 
 
 async def create_resources(admin: Admin, args: argparse.Namespace) -> int:
+    planned_roles = frozenset(item.name for item in args.plan if item.kind == "role")
+    for item in args.plan:
+        if item.kind == "user":
+            await require_roles(admin, item.roles, f"{args.file}: user {item.name!r}: spec.roles",
+                                planned_roles)
     existing = {}
     for item in args.plan:
         existing[(item.kind, item.name)] = current = await _exists(admin, item)
@@ -194,21 +228,21 @@ def _selector_text(rules: Any) -> str:
 
 
 async def get_resources(admin: Admin, args: argparse.Namespace) -> int:
-    kind = KINDS[args.kind]
+    kind, name = parse_ref("get", args.kind, args.name, name_required=False)
     if kind == "role":
-        if args.name is not None:
-            found = await admin.backend.get_resource("role", args.name)
+        if name is not None:
+            found = await admin.backend.get_resource("role", name)
             if found is None:
-                raise CliError(f"no role named {args.name!r}")
+                raise CliError(f"no role named {name!r}")
             docs = [found.doc]
         else:
             docs = [r.doc for r in sorted(await admin.backend.list_resources("role"),
                                           key=lambda r: r.name)]
     else:
-        if args.name is not None:
-            user = await admin.backend.get_user(args.name)
+        if name is not None:
+            user = await admin.backend.get_user(name)
             if user is None:
-                raise CliError(f"no user named {args.name!r}")
+                raise CliError(f"no user named {name!r}")
             users = [user]
         else:
             users = sorted(await admin.backend.list_users(), key=lambda u: u.name)
@@ -217,7 +251,7 @@ async def get_resources(admin: Admin, args: argparse.Namespace) -> int:
     if args.format == "yaml":
         admin.io.out(yaml_docs(docs))
     elif args.format == "json":
-        admin.io.out(json_text(docs[0] if args.name is not None else docs))
+        admin.io.out(json_text(docs[0] if name is not None else docs))
     elif not docs:
         admin.io.out(f"No {kind}s.\n")
     elif kind == "role":
@@ -237,10 +271,7 @@ async def get_resources(admin: Admin, args: argparse.Namespace) -> int:
 
 
 async def remove_resource(admin: Admin, args: argparse.Namespace) -> int:
-    kind_text, sep, name = args.ref.partition("/")
-    kind = KINDS.get(kind_text)
-    if not sep or kind is None or not name:
-        raise UsageError(f"rm: expected role/NAME or user/NAME, got {args.ref!r}")
+    kind, name = parse_ref("rm", args.kind, args.name, name_required=True)
     if kind == "role":
         if not await admin.backend.delete_resource("role", name):
             raise CliError(f"no role named {name!r}")

@@ -1,9 +1,9 @@
 """`apptunnel users add|ls|rm|set-password|update`: local users and their roles.
 
 Passwords are hashed with argon2id in a thread (never on the reactor) and never echoed;
-a generated password is printed exactly once. Role names that do not exist yet are
-allowed (roles may be created afterwards) but warned about, since such a user can open
-nothing until they do. Removing a user or changing their roles or traits reaches their
+a generated password is printed exactly once. Every role named must exist (as in
+`tctl users add`): a typo would otherwise create a user who can open nothing, with only a
+warning to notice. Removing a user or changing their roles or traits reaches their
 existing sessions and certificates too (`auth/directory.py`): the proxy of this config
 is asked to apply it before the command returns.
 """
@@ -118,11 +118,14 @@ async def _hash(password: str | None) -> tuple[str, str | None]:
     return await deferToThread(hash_password, password), generated
 
 
-async def warn_missing_roles(admin: Admin, roles: tuple[str, ...]) -> None:
+async def require_roles(admin: Admin, roles: tuple[str, ...], where: str = "--roles",
+                        planned: frozenset[str] = frozenset()) -> None:
+    """UsageError (exit 2) naming the first role that is neither stored nor `planned`."""
     for role in roles:
-        if await admin.backend.get_resource("role", role) is None:
-            admin.io.warn(f"role {role!r} does not exist yet; create it with "
-                          "`apptunnel create -f ROLE.yaml`")
+        if role not in planned and await admin.backend.get_resource("role", role) is None:
+            raise UsageError(f"{where}: role {role!r} does not exist (create it first with "
+                             "`apptunnel create -f ROLE.yaml`; `apptunnel get roles` lists "
+                             "them); nothing was changed")
 
 
 async def _existing(admin: Admin, name: str) -> User:
@@ -139,6 +142,7 @@ async def add_user(admin: Admin, args: argparse.Namespace) -> int:
     name = check_user_name(args.name)
     roles = parse_roles(args.roles)
     traits = parse_traits(args.traits)
+    await require_roles(admin, roles)
     password_hash, generated = await _hash(args.password)
     user = User(name=name, password_hash=password_hash, roles=roles, traits=traits,
                 created=admin.now())
@@ -148,7 +152,6 @@ async def add_user(admin: Admin, args: argparse.Namespace) -> int:
         raise CliError(f"user {name!r} already exists (see `apptunnel users update` and "
                        "`apptunnel users set-password`)") from None
     admin.emit("user.create", name, roles=list(roles), traits=sorted(traits))
-    await warn_missing_roles(admin, roles)
     admin.io.out(f"Created user {clean(name)} with roles {clean(', '.join(roles))}.\n")
     if generated is not None:
         admin.io.out(f"Password (shown only once): {generated}\n")
@@ -209,6 +212,8 @@ async def update_user(admin: Admin, args: argparse.Namespace) -> int:
     roles = parse_roles(args.roles) if args.roles is not None else None
     traits = parse_traits(args.traits) if args.traits is not None else None
     user = await _existing(admin, args.name)
+    if roles is not None:
+        await require_roles(admin, roles)
     changed = []
     if roles is not None:
         changed.append("roles")
@@ -223,7 +228,5 @@ async def update_user(admin: Admin, args: argparse.Namespace) -> int:
     admin.emit("user.update", user.name, changed=changed,
                roles=list(roles if roles is not None else user.roles))
     await admin.refresh_proxy()   # live connections are re-checked now
-    if roles is not None:
-        await warn_missing_roles(admin, roles)
     admin.io.out(f"Updated {' and '.join(changed)} of {clean(user.name)}.\n")
     return 0

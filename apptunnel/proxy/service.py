@@ -2,7 +2,9 @@
 
 Everything that can fail on bad files (CA, keys, certificates) is built in the constructor,
 so `twistd` reports it as one line before anything listens. Listening, the audit writer
-and the expiry sweep start with the service and stop with it, in reverse order.
+and the expiry sweep start with the service and stop with it, in reverse order. A port
+that cannot be bound or a backend that cannot be read at start ends the process with one
+line and exit 1 (`apptunnel.startup.fatal`); "serving" is logged only after both worked.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import secrets
 
 import attrs
 from OpenSSL import crypto
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import defer, ssl
 from twisted.internet.endpoints import SSL4ServerEndpoint
@@ -28,10 +30,10 @@ from apptunnel.auth.passwords import HashQueue
 from apptunnel.auth.policy import RoleCache
 from apptunnel.auth.sessions import SessionManager
 from apptunnel.auth.throttle import LoginThrottle
-from apptunnel.backend import open_backend
+from apptunnel.backend import BackendError, open_backend
 from apptunnel.config import ConfigError, ProxyConfig
 from apptunnel.net import is_ip
-from apptunnel.proxy.control import ControlFactory, control_endpoint
+from apptunnel.proxy.control import ControlFactory, control_endpoint, control_path
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder, tunnel_connector
 from apptunnel.proxy.limits import ConnectionTracker, LimitedFactory, raise_fd_limit
@@ -39,6 +41,7 @@ from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.tcp_access import TcpAccess
 from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_options
 from apptunnel.proxy.web_channel import WebSite
+from apptunnel.startup import CannotStart, Listeners, fatal
 from apptunnel.web.routes import WebApp
 
 log = Logger()
@@ -130,6 +133,7 @@ class ProxyService(MultiService):
         self.signer = JwtSigner(self.jwt_keys, config.cluster_name, reactor, config.jwt_ttl)
         self.registry = AgentRegistry(reactor, grace=config.app_grace_period)
         self.connections = _connection_tracker(config, reactor)
+        self.listeners = Listeners()
 
         self.web = WebApp(
             config, self.sessions, self.roles, self.registry, self.audit,
@@ -160,8 +164,8 @@ class ProxyService(MultiService):
             reactor, config.web_listen_port, _web_tls_options(web_cert, web_key, web_chain, self.ca.cert_pem),
             interface=config.web_listen_host,
         )
-        StreamServerEndpointService(
-            web_endpoint, LimitedFactory(edge, self.connections)).setServiceParent(self)
+        self.listeners.add(f"web_listen_addr {config.web_listen_addr}", web_endpoint,
+                           LimitedFactory(edge, self.connections))
 
         proxy_id = secrets.token_hex(8)
         enrolment = AgentEnrolment(ca=self.ca, backend=self.backend, clock=reactor,
@@ -186,8 +190,8 @@ class ProxyService(MultiService):
             interface=config.tunnel_listen_host,
         )
         # The same limits as the web port: an agent's port is just as reachable.
-        StreamServerEndpointService(
-            tunnel_endpoint, LimitedFactory(tunnel_factory, self.connections)).setServiceParent(self)
+        self.listeners.add(f"tunnel_listen_addr {config.tunnel_listen_addr}", tunnel_endpoint,
+                           LimitedFactory(tunnel_factory, self.connections))
         TimerService(_SWEEP_INTERVAL, self._sweep).setServiceParent(self)
         # The admin CLI on this machine asks here so its changes hold before it returns.
         control = control_endpoint(reactor, config.data_dir)
@@ -195,14 +199,28 @@ class ProxyService(MultiService):
             log.warn("data_dir path too long for the control socket: admin changes apply "
                      "at the next poll (about 2 s) instead of at once")
         else:
-            StreamServerEndpointService(control, ControlFactory(self.refresh_now, reactor)
-                                        ).setServiceParent(self)
+            self.listeners.add(f"the control socket {control_path(config.data_dir)}",
+                               control, ControlFactory(self.refresh_now, reactor))
 
     def startService(self) -> None:
         self.audit.start()
         self.locks.start()
         self.users.start()
         super().startService()
+        # Bound here, not by StreamServerEndpointService: a busy port or a store it cannot
+        # open must end the process (one line, exit 1) instead of an "Unhandled Error" and
+        # a proxy that never serves; "serving" is said only once all of it works.
+        starting = defer.ensureDeferred(self._start_serving())
+        starting.addCallbacks(self._serving, self._cannot_serve)
+
+    async def _start_serving(self) -> None:
+        await self.listeners.listen()
+        try:
+            await self.backend.list_locks(self.reactor.seconds())  # the store opens and reads
+        except BackendError as err:
+            raise CannotStart(f"cannot use the backend: {err}") from None
+
+    def _serving(self, _: object) -> None:
         log.info(
             "apptunnel proxy {cluster} serving https://{public} (web {web}, tunnels {tunnel}); "
             "CA pin {pin}",
@@ -211,8 +229,12 @@ class ProxyService(MultiService):
             pin=self.ca.pin,
         )
 
+    def _cannot_serve(self, failure) -> None:
+        fatal(self.reactor, f"apptunnel proxy: {failure.getErrorMessage()}")
+
     @defer.inlineCallbacks
     def stopService(self):
+        yield self.listeners.stop()
         yield super().stopService()
         self.locks.stop()
         self.users.stop()
@@ -230,7 +252,8 @@ class ProxyService(MultiService):
     def _sweep(self):
         """Drop expired sessions, codes and tokens so the store does not grow forever."""
         d = defer.ensureDeferred(self.backend.delete_expired(self.reactor.seconds()))
-        d.addErrback(lambda f: log.failure("expiry sweep failed", f))
+        d.addErrback(lambda f: log.warn("expiry sweep failed (will retry): {error}",
+                                        error=f.getErrorMessage()))
         return d
 
 

@@ -3,6 +3,9 @@
 from twisted.python import usage
 
 from apptunnel.config import ConfigError, load_proxy_config
+from apptunnel.startup import os_error_text, startup_error
+
+PROG = "apptunnel"
 
 
 class Options(usage.Options):
@@ -12,13 +15,16 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        """Load the config here: twistd prints a UsageError as one line, without a traceback."""
+        """Load the config here, so a bad one is one line before anything starts.
+
+        Not a UsageError: twistd would print its whole ``Options:`` block above it.
+        """
         if not self["config"]:
-            raise usage.UsageError("--config is required (e.g. --config etc/proxy.yaml)")
+            startup_error(PROG, "--config is required (e.g. --config etc/proxy.yaml)")
         try:
             self.proxy_config = load_proxy_config(self["config"])
         except ConfigError as err:
-            raise usage.UsageError(str(err)) from None
+            startup_error(PROG, str(err))
 
 
 def makeService(options: Options):
@@ -30,5 +36,7 @@ def makeService(options: Options):
 
     try:
         return ProxyService(options.proxy_config, reactor)
-    except (ConfigError, BackendError, OSError, ValueError) as err:
-        raise SystemExit(f"apptunnel: error: {err}") from None
+    except OSError as err:
+        startup_error(PROG, os_error_text(err))
+    except (ConfigError, BackendError, ValueError) as err:
+        startup_error(PROG, str(err))

@@ -6,8 +6,10 @@ dir. Tests run in file order and share one cluster.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -111,7 +113,9 @@ def test_status(cluster, home):
     data = json.loads(user(home, "status", "--format", "json").stdout)
     assert data["user"] == "alice" and data["expired"] is False
     # capped by the role's max_session_ttl (2h), not the proxy's 12h default
-    assert data["expires"] - time.time() == pytest.approx(7200, abs=120)
+    # an ISO time like every time the CLI prints (issue 9), not epoch seconds
+    expires = datetime.datetime.fromisoformat(data["expires"].replace("Z", "+00:00"))
+    assert expires.timestamp() - time.time() == pytest.approx(7200, abs=120)
 
 
 def test_apps_ls_with_the_certificate(cluster, home):
@@ -163,3 +167,48 @@ def test_unreachable_proxy(home):
                   stdin="x\n")
     assert result.returncode == 1
     assert result.stderr.startswith("apptunnel: error: cannot reach the proxy at")
+
+
+def test_login_without_pin_names_ca_pin_and_where_it_is(cluster, tmp_path):
+    """Against the cluster's own CA without --ca-pin: one line naming --ca-pin and where
+    the pin is shown, not a cut-off `certificate verify failed (_ssl.c:1006`."""
+    result = user(tmp_path / ".apptunnel", "login", "--proxy", cluster.public_addr,
+                  "--user", "alice", "--password-stdin", stdin=PASSWORD + "\n")
+    assert result.returncode == 1, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("apptunnel: error: "), result.stderr
+    assert "certificate verify failed" in lines[0] and "_ssl.c" not in lines[0]
+    assert "--ca-pin" in lines[0] and "CA pin" in lines[0] and "make demo" in lines[0]
+    # the pin the hint points at really is in the proxy's start-up line
+    assert "CA pin sha256:" in cluster.proxy.log_path.read_text()
+
+
+def test_login_without_terminal_and_without_stdin_password(cluster, tmp_path):
+    """No tty, nothing on stdin, no --password-stdin: one clear line, exit 2, no
+    GetPassWarning and nothing sent."""
+    result = subprocess.run(
+        [str(BIN / "apptunnel"), "login", "--proxy", cluster.public_addr, "--user", "alice"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        env=user_env(tmp_path / ".apptunnel"), start_new_session=True)  # no controlling tty
+    assert result.returncode == 2, result
+    assert "GetPassWarning" not in result.stderr and "Warning" not in result.stderr
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert "--password-stdin" in result.stderr and "no terminal" in result.stderr
+
+
+def test_audit_search_by_user_app_and_outcome(cluster):
+    """audit search --user/--app/--outcome against the real proxy's store; ISO times only."""
+    def alices_failures():
+        return json.loads(cluster.cli("audit", "search", "--user", "alice", "--outcome",
+                                      "failure", "--format", "json").stdout)
+    failures = wait_until(alices_failures, 15, "alice's failed login in the audit log")
+    assert failures and {e["actor"] for e in failures} == {"alice"}
+    assert {e["outcome"] for e in failures} == {"failure"}
+    everything = cluster.cli("audit", "search", "--format", "json").stdout
+    assert not re.search(r"\b1[0-9]{9}(\.[0-9]+)?\b", everything), everything
+    text = cluster.cli("audit", "search", "--user", "alice").stdout
+    assert text and all(line.split()[3] == "alice" for line in text.splitlines())
+    assert not re.search(r"\b1[0-9]{9}(\.[0-9]+)?\b", text), text
+    for app_event in json.loads(cluster.cli("audit", "search", "--app", "hello",
+                                            "--format", "json").stdout):
+        assert app_event["target"] == "hello"

@@ -34,6 +34,8 @@ def cluster():
     c.proxy_config.write_text(yaml.safe_dump(config))
     try:
         c.start_proxy()
+        # issue 9: a user may only name roles that exist
+        c.add_role({"kind": "role", "metadata": {"name": "access"}, "spec": {"allow": {}}})
         c.add_user("alice", ["access"], PASSWORD)
         c.add_user("erin", ["access"], PASSWORD)
         c.add_user("frank", ["access"], PASSWORD)

@@ -8,7 +8,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.internet import reactor as wall_clock
 
@@ -88,17 +87,18 @@ def test_hello_lists_configured_apps(tmp_path, ca):
 
 
 def test_tap_requires_config():
-    """`twistd apptunnel-agent` without --config is a usage error."""
-    with pytest.raises(usage.UsageError, match="--config is required"):
+    """`twistd apptunnel-agent` without --config is one error line (no twistd usage block)."""
+    with pytest.raises(SystemExit, match="--config is required"):
         tap.Options().parseOptions([])
 
 
 def test_tap_bad_config_is_one_line(tmp_path):
-    """A bad config file becomes a one-line UsageError while twistd parses options."""
+    """A bad config file becomes one error line while twistd parses options (issue 9:
+    a SystemExit, not a UsageError, so twistd prints no `Options:` block above it)."""
     path = tmp_path / "agent.yaml"
     path.write_text("data_dir: x\nproxy_addr: nonsense\n")
     options = tap.Options()
-    with pytest.raises(usage.UsageError) as info:
+    with pytest.raises(SystemExit) as info:
         options.parseOptions(["--config", str(path)])
     assert "\n" not in str(info.value) and str(path) in str(info.value)
 

@@ -219,6 +219,24 @@ async def test_audit_append_and_search(backend):
 
 
 @pytest_twisted.ensureDeferred
+async def test_audit_search_filters_by_actor_target_and_outcome_in_storage(backend):
+    """actor/target/outcome match exactly and the limit counts matching events only, so
+    a few of bob's events behind many of alice's are found (not lost in a first page)."""
+    noise = [AuditEvent(f"a{i:04d}", 10.0 + i, "app.request", "T2100I", "alice", "grafana",
+                        "success", {}) for i in range(50)]
+    bobs = [AuditEvent(f"b{i}", 100.0 + i, "app.request", "T2100W", "bob", "wiki",
+                       "failure" if i % 2 else "success", {}) for i in range(4)]
+    await wait(backend.append_audit(noise + bobs))
+    found = await wait(backend.search_audit(actor="bob", limit=3))
+    assert [e.id for e in found] == ["b0", "b1", "b2"]
+    assert [e.id for e in await wait(backend.search_audit(target="wiki", outcome="failure"))] \
+        == ["b1", "b3"]
+    assert len(await wait(backend.search_audit(target="grafana", limit=5000))) == 50
+    assert await wait(backend.search_audit(actor="bob", target="grafana")) == []
+    assert await wait(backend.search_audit(actor="b%")) == []   # no LIKE, no wildcards
+
+
+@pytest_twisted.ensureDeferred
 async def test_audit_batch_larger_than_one_insert_keeps_every_event_in_order(backend):
     """A batch spanning several multi-row INSERTs stores every event, ties in batch order."""
     batch = [event(i, 7.0) for i in range(1001)]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,15 +127,24 @@ async def test_tokens_add_rejects_bad_ttl_and_type(config_path):
 # -- users -------------------------------------------------------------------------------
 
 
+async def make_roles(config_path: str, *names: str) -> None:
+    """Roles that users may name (issue 9: naming a role that does not exist is an error)."""
+    path = Path(config_path).parent / "made-roles.yaml"
+    path.write_text(yaml.safe_dump_all(
+        [{"kind": "role", "metadata": {"name": name}, "spec": {"allow": {}}} for name in names]))
+    made = await cli(config_path, "create", "-f", str(path), "--force")
+    assert made.code == 0, made
+
+
 @pytest_twisted.ensureDeferred
 async def test_users_add_with_password_stdin_stores_a_verifying_hash(config_path):
     """users add --password-stdin stores an argon2id hash of exactly that password."""
+    await make_roles(config_path, "sre-apps", "viewer")
     result = await cli(config_path, "users", "add", "alice", "--roles", "sre-apps,viewer",
                        "--traits", "logins=alice,root", "--traits", "team=sre",
                        "--password-stdin", stdin="correct horse\n")
     assert result.code == 0, result
     assert "correct horse" not in result.out + result.err
-    assert "role 'sre-apps' does not exist yet" in result.err
     user = await stored(config_path, lambda b: b.get_user("alice"))
     assert user.roles == ("sre-apps", "viewer")
     assert user.traits == {"logins": ("alice", "root"), "team": ("sre",)}
@@ -141,7 +152,7 @@ async def test_users_add_with_password_stdin_stores_a_verifying_hash(config_path
     assert verify_password(user.password_hash, "correct horse")
     assert not verify_password(user.password_hash, "correct horse\n")
 
-    again = await cli(config_path, "users", "add", "alice", "--roles", "x", "--password-stdin",
+    again = await cli(config_path, "users", "add", "alice", "--roles", "viewer", "--password-stdin",
                       stdin="another password")
     assert "already exists" in one_error(again, 1)
 
@@ -153,6 +164,7 @@ async def test_users_add_with_password_stdin_stores_a_verifying_hash(config_path
 @pytest_twisted.ensureDeferred
 async def test_users_add_generates_a_password_shown_once(config_path):
     """Without --password-stdin a generated password is printed once and verifies."""
+    await make_roles(config_path, "viewer")
     result = await cli(config_path, "users", "add", "bob", "--roles", "viewer")
     assert result.code == 0, result
     password = result.out.split("Password (shown only once): ", 1)[1].split()[0]
@@ -163,6 +175,7 @@ async def test_users_add_generates_a_password_shown_once(config_path):
 @pytest_twisted.ensureDeferred
 async def test_users_set_password_update_and_rm(config_path):
     """set-password replaces the hash; update replaces roles/traits; rm deletes."""
+    await make_roles(config_path, "a", "b", "c")
     await cli(config_path, "users", "add", "carol", "--roles", "a", "--password-stdin",
               stdin="first password")
     changed = await cli(config_path, "users", "set-password", "carol", "--password-stdin",
@@ -185,6 +198,33 @@ async def test_users_set_password_update_and_rm(config_path):
     assert "no user named 'carol'" in one_error(await cli(config_path, "users", "rm", "carol"), 1)
 
 
+@pytest_twisted.ensureDeferred
+async def test_users_naming_an_unknown_role_is_an_error(config_path, tmp_path):
+    """users add/update and create -f refuse a role that does not exist (exit 2, naming
+    it) and store nothing, as tctl does; a role created in the same file is fine."""
+    line = one_error(await cli(config_path, "users", "add", "bob", "--roles", "no-such-role"), 2)
+    assert "role 'no-such-role' does not exist" in line
+    assert await stored(config_path, lambda b: b.get_user("bob")) is None
+
+    await make_roles(config_path, "viewer")
+    assert (await cli(config_path, "users", "add", "bob", "--roles", "viewer")).code == 0
+    line = one_error(await cli(config_path, "users", "update", "bob", "--roles",
+                               "viewer,typo-role"), 2)
+    assert "role 'typo-role' does not exist" in line
+    assert (await stored(config_path, lambda b: b.get_user("bob"))).roles == ("viewer",)
+
+    path = tmp_path / "carol.yaml"
+    path.write_text("kind: user\nmetadata: {name: carol}\nspec: {roles: [later]}\n")
+    line = one_error(await cli(config_path, "create", "-f", str(path)), 2)
+    assert "spec.roles: role 'later' does not exist" in line
+    assert await stored(config_path, lambda b: b.get_user("carol")) is None
+    path.write_text(path.read_text() + "---\nkind: role\nmetadata: {name: later}\nspec: {}\n")
+    assert (await cli(config_path, "create", "-f", str(path))).code == 0
+
+    real = subprocess_cli(config_path, "users", "add", "dave", "--roles", "no-such-role")
+    assert "role 'no-such-role' does not exist" in one_error(real, 2)
+
+
 @pytest.mark.parametrize("argv,stdin,fragment", [
     (["users", "add", "dave", "--roles", "a", "--password-stdin"], "short\n", "shorter than 8"),
     (["users", "add", "dave", "--roles", "a", "--password-stdin"], "two\nlines\n", "single line"),
@@ -198,6 +238,7 @@ async def test_users_set_password_update_and_rm(config_path):
 @pytest_twisted.ensureDeferred
 async def test_users_add_bad_input_is_one_usage_line(config_path, argv, stdin, fragment):
     """Bad names, roles, traits or passwords: one error line, exit 2, no user stored."""
+    await make_roles(config_path, "a")
     assert fragment in one_error(await cli(config_path, *argv, stdin=stdin), 2)
     assert await stored(config_path, lambda b: b.list_users()) == []
 
@@ -288,6 +329,7 @@ async def test_create_missing_file(config_path, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_create_user_documents_and_get_users(config_path, tmp_path):
     """kind: user documents create password-less users, and --force keeps a password."""
+    await make_roles(config_path, "old", "new", "viewer")
     await cli(config_path, "users", "add", "erin", "--roles", "old", "--password-stdin",
               stdin="erin's password")
     path = tmp_path / "users.yaml"
@@ -328,7 +370,69 @@ async def test_rm_role_and_user(config_path):
     assert "expected role/NAME" in one_error(await cli(config_path, "rm", "token/x"), 2)
 
 
+@pytest_twisted.ensureDeferred
+async def test_get_and_rm_accept_kind_slash_name_and_kind_name(config_path):
+    """`rm role NAME` works like `get roles NAME` (issue 9): KIND/NAME or KIND NAME,
+    singular or plural, in get and rm alike."""
+    await make_roles(config_path, "r1", "r2", "r3")
+    for ref in (["roles", "r1"], ["role", "r1"], ["role/r1"], ["roles/r1"]):
+        got = await cli(config_path, "get", *ref, "--format", "json")
+        assert got.code == 0 and json.loads(got.out)["metadata"]["name"] == "r1", (ref, got)
+    await cli(config_path, "users", "add", "u1", "--roles", "r1")
+    for ref in (["users", "u1"], ["user/u1"]):
+        got = await cli(config_path, "get", *ref, "--format", "json")
+        assert json.loads(got.out)["metadata"]["name"] == "u1", (ref, got)
+    for ref, name in ((["role", "r1"], "r1"), (["roles", "r2"], "r2"), (["roles/r3"], "r3")):
+        removed = await cli(config_path, "rm", *ref)
+        assert removed.code == 0, (ref, removed)
+        assert await stored(config_path, lambda b: b.get_resource("role", name)) is None
+    assert (await cli(config_path, "rm", "user", "u1")).code == 0
+    assert "not both" in one_error(await cli(config_path, "rm", "role/x", "y"), 2)
+    assert "expected role/NAME" in one_error(await cli(config_path, "rm", "role"), 2)
+
+
 # -- audit -------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_audit_search_filters_and_prints_iso_times(config_path):
+    """--user, --app and --outcome filter (in storage); every time, in text and JSON,
+    including an `expires` stored as epoch seconds, is ISO 8601 UTC."""
+    from apptunnel.backend.records import AuditEvent
+
+    now = time.time()
+    events = [
+        AuditEvent("e1", now - 30, "session.web.start", "T2000I", "bob", "", "success",
+                   {"expires": now + 3600, "client": "127.0.0.1"}),
+        AuditEvent("e2", now - 20, "app.request", "T2100I", "bob", "grafana", "success",
+                   {"status": 200}),
+        AuditEvent("e3", now - 10, "access.denied", "T2200W", "bob", "wiki", "failure", {}),
+        AuditEvent("e4", now - 5, "app.request", "T2100I", "carol", "grafana", "success", {}),
+    ]
+    await stored(config_path, lambda b: b.append_audit(events))
+
+    async def ids(*argv):
+        result = await cli(config_path, "audit", "search", "--format", "json", *argv)
+        assert result.code == 0, result
+        return [e["id"] for e in json.loads(result.out)]
+
+    assert await ids("--user", "bob") == ["e1", "e2", "e3"]
+    assert await ids("--app", "grafana") == ["e2", "e4"]
+    assert await ids("--user", "bob", "--outcome", "failure") == ["e3"]
+    assert await ids("--user", "nobody") == []
+    assert "invalid choice" in one_error(
+        await cli(config_path, "audit", "search", "--outcome", "maybe"), 2)
+
+    epoch = re.compile(r"\b1[0-9]{9}(\.[0-9]+)?\b")
+    as_json = (await cli(config_path, "audit", "search", "--user", "bob", "--format", "json")).out
+    assert not epoch.search(as_json), as_json
+    first = json.loads(as_json)[0]
+    assert first["time"].endswith("Z") and first["fields"]["expires"].endswith("Z")
+    as_text = (await cli(config_path, "audit", "search", "--user", "bob")).out
+    assert not epoch.search(as_text), as_text
+    assert "expires=20" in as_text
+
+
 
 
 @pytest_twisted.ensureDeferred
@@ -336,8 +440,8 @@ async def test_audit_search_shows_admin_events(config_path, tmp_path):
     """Every admin change is audited (actor = invoking user) and found by audit search."""
     token = json.loads((await cli(config_path, "tokens", "add", "--format", "json")).out)["token"]
     await cli(config_path, "tokens", "rm", token)
-    await cli(config_path, "users", "add", "hank", "--roles", "sre-apps")
     await cli(config_path, "create", "-f", str(ROLE_FILE))
+    await cli(config_path, "users", "add", "hank", "--roles", "sre-apps")
     await cli(config_path, "rm", "role/sre-apps")
     await cli(config_path, "rm", "user/hank")
 
@@ -345,11 +449,11 @@ async def test_audit_search_shows_admin_events(config_path, tmp_path):
     assert result.code == 0, result
     lines = result.out.splitlines()
     assert [line.split()[1] for line in lines] == [
-        "token.create", "token.delete", "user.create", "resource.create", "resource.delete",
+        "token.create", "token.delete", "resource.create", "user.create", "resource.delete",
         "user.delete",
-    ]
+    ]  # issue 9: the role exists before a user may name it
     assert lines[0].split()[2] == "T3000I" and lines[0].split()[3] == ACCOUNT  # not $USER (tester)
-    assert "role/sre-apps" in lines[3] and "success" in lines[3]
+    assert "role/sre-apps" in lines[2] and "success" in lines[2]
     assert token not in result.out
 
     events = json.loads((await cli(config_path, "audit", "search", "--type", "user.create",
@@ -393,8 +497,15 @@ def run_main(argv, capsys, monkeypatch, env=None) -> Result:
     return Result(info.value.code, captured.out, captured.err)
 
 
+def test_bare_apptunnel_prints_the_help(capsys, monkeypatch):
+    """`apptunnel` alone prints the help on stdout (no argparse error line), exit 2."""
+    for argv in ([], ["--config", "x.yaml"]):
+        result = run_main(argv, capsys, monkeypatch)
+        assert result.code == 2 and result.err == "", result
+        assert result.out.startswith("usage: apptunnel") and "login" in result.out, result
+
+
 @pytest.mark.parametrize("argv,fragment", [
-    ([], "required: VERB"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["tokens"], "required: ACTION"),
     (["tokens", "add", "--bogus"], "unrecognized arguments: --bogus"),
@@ -453,6 +564,9 @@ def test_subprocess_tokens_users_and_audit(config_path):
     assert set(token) >= {"token", "expires", "ca_pin"}
     listing = subprocess_cli(config_path, "tokens", "ls")
     assert listing.code == 0 and secret_hash(token["token"])[:12] in listing.out
+    role = Path(config_path).parent / "viewer.yaml"
+    role.write_text("kind: role\nmetadata: {name: viewer}\nspec: {allow: {}}\n")
+    assert subprocess_cli(config_path, "create", "-f", str(role)).code == 0
     added = subprocess_cli(config_path, "users", "add", "ivy", "--roles", "viewer",
                            "--password-stdin", stdin="ivy's password\n")
     assert added.code == 0, added

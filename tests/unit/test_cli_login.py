@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import reactor as wall_clock
 
 from apptunnel.auth.ca import ClusterCA
+from apptunnel.cli.output import iso
 from apptunnel.cli.profile import TRUST_PINNED, Profile, home_dir
 from tests.support.cli_in_process import cli, login, serve
 from tests.support.cluster import free_port
@@ -88,6 +89,9 @@ async def test_without_pin_the_system_store_rejects_a_private_ca(env, home):
     assert run.code == 1
     assert "TLS verification of the proxy" in run.err
     assert await env.events("user.login") == []
+    # issue 9: one whole line that says what to do, not a cut-off "(_ssl.c:1006"
+    assert run.err.count("\n") == 1 and "_ssl.c" not in run.err
+    assert "--ca-pin" in run.err and "CA pin" in run.err
 
 
 @pytest_twisted.ensureDeferred
@@ -162,7 +166,8 @@ def test_status_text_and_json(env, home):
     assert "(in 1h)" in run.out or "(in 59m" in run.out
     data = json.loads(cli(home, "status", "--format", "json").out)
     assert data == {"user": "alice", "proxy": "apptunnel.localhost:3080", "roles": ["dev"],
-                    "traits": {"logins": ["root", "ubuntu"]}, "expires": profile.expires,
+                    "traits": {"logins": ["root", "ubuntu"]},
+                    "expires": iso(profile.expires),  # issue 9: ISO, not epoch seconds
                     "expired": False, "trust": "pinned"}
 
 
