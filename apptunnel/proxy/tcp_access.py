@@ -19,17 +19,17 @@ connection is handed to the app forwarder in fixed-app mode, which reads the HTT
 requests that follow and authorizes, signs and audits each one as for a browser, with
 the certificate as the caller. The local proxy stays a byte relay either way.
 
-The relay needs no buffer of its own: each side is the other's push producer, so a slow
-reader on one side pauses reading on the other. TLS has no half close, so a FIN from the
-app closes the client connection once queued bytes are out; the client's close ends the
-stream the same way.
+The bytes go through the one relay (``apptunnel/tunnel/relay.py``): each side is the
+other's push producer, so a slow reader on one side pauses reading on the other. TLS has
+no half close, so a FIN from the app closes the client connection (close_notify) once
+queued bytes are out; the client's clean close is a FIN on the stream, an error a reset.
 """
 
 from __future__ import annotations
 
 from urllib.parse import parse_qs, unquote
 
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -47,6 +47,7 @@ from apptunnel.proxy.http1 import MAX_HEAD, HttpError, RequestHead, parse_reques
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
+from apptunnel.tunnel.relay import Relay, RelayEnd
 
 __all__ = ["TCP_PATH", "UPGRADE_TOKEN", "TcpAccess", "is_tcp_request"]
 
@@ -206,7 +207,7 @@ class TcpSession(Protocol):
         self._state = "reading"
         self._held: list[bytes] = []
         self._held_size = 0
-        self._stream: _StreamSide | None = None
+        self._relay: Relay | None = None   # a: the client, b: the stream (once relaying)
         self._pending: defer.Deferred | None = None
         self._expiry = None
         self._handed: Protocol | None = None
@@ -214,9 +215,17 @@ class TcpSession(Protocol):
         self.app = ""
         self.caller: CertCaller | None = None
         self.port: int | None = None
-        self.bytes_in = 0
-        self.bytes_out = 0
         self._started = 0.0
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes the client sent to the app (after the upgrade)."""
+        return self._relay.a.received if self._relay is not None else 0
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes the app sent to the client."""
+        return self._relay.b.received if self._relay is not None else 0
 
     @property
     def client(self) -> str:
@@ -227,8 +236,7 @@ class TcpSession(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._state == "relaying":
-            self.bytes_in += len(data)
-            self._stream.transport.write(data)
+            self._relay.a.dataReceived(data)
             return
         if self._handed is not None:
             self._handed.dataReceived(data)  # a transport we could not re-point
@@ -270,13 +278,14 @@ class TcpSession(Protocol):
     def readConnectionLost(self) -> None:
         """The client half closed (plain TCP only; TLS reports a whole close): pass the
         FIN on and keep sending the app's answer."""
-        if self._state == "relaying" and self._stream is not None:
-            self._stream.transport.loseWriteConnection()
+        if self._state == "relaying":
+            self._relay.a.readConnectionLost()
         elif self._state != "closed":
             self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
-        """Nothing to do: we never half close the client (TLS cannot)."""
+        if self._state == "relaying":
+            self._relay.a.writeConnectionLost()
 
     def connectionLost(self, reason: Failure) -> None:
         if self._handed is not None:
@@ -289,10 +298,8 @@ class TcpSession(Protocol):
         self._cancel_expiry()
         if self._pending is not None and not self._pending.called:
             self._pending.cancel()
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            stream.client_lost(reason)
         if was_relaying:
+            self._relay.a.connectionLost(reason)
             self._ended(reason)
 
     # -- deciding ----------------------------------------------------------------------
@@ -333,7 +340,7 @@ class TcpSession(Protocol):
         target = {"app": name, "user": user, "client": self.client}
         if port is not None:
             target["port"] = port
-        d = access.connect_app(app, target, _StreamFactory(self))
+        d = access.connect_app(app, target, _StreamFactory(self._relay_to_app()))
         d.addTimeout(access.connect_timeout, access.clock)
         try:
             return await d
@@ -379,7 +386,7 @@ class TcpSession(Protocol):
         if early:
             conn.dataReceived(early)
 
-    def _connected(self, stream_side: _StreamSide | None) -> None:
+    def _connected(self, stream_side: RelayEnd | None) -> None:
         self._pending = None
         if stream_side is None:
             return  # handed to the forwarder
@@ -393,18 +400,16 @@ class TcpSession(Protocol):
             self._refuse(403, REMOVED_MESSAGE)
             return
         self._state = "relaying"
-        self._stream = stream_side
         self._started = self._access.clock.seconds()
         self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n"
                              b"Connection: Upgrade\r\nUpgrade: apptunnel-tcp\r\n\r\n")
-        early, self._held, self._held_size = self._held, [], 0
-        for chunk in early:
-            self.bytes_in += len(chunk)
-            stream_side.transport.write(chunk)
-        # Backpressure both ways: a full side pauses reading on the other.
-        self.transport.registerProducer(stream_side.transport, True)
-        stream_side.transport.registerProducer(self.transport, True)
-        self.transport.resumeProducing()
+        early, self._held, self._held_size = b"".join(self._held), [], 0
+        # The client's end joins the relay (which resumes reading), then what the client
+        # sent after its upgrade request goes first.
+        client_end = self._relay.a
+        client_end.makeConnection(self.transport)
+        if early:
+            client_end.dataReceived(early)
         self._access.sessions.add(self)
         self._access.audit.emit("tcp.session.start", actor=self.user, target=self.app,
                                 user=self.user, app=self.app, port=self.port,
@@ -434,26 +439,10 @@ class TcpSession(Protocol):
 
     # -- relaying ----------------------------------------------------------------------
 
-    def stream_data(self, data: bytes) -> None:
-        if self._state == "relaying":
-            self.bytes_out += len(data)
-            self.transport.write(data)
-
-    def stream_finished(self) -> None:
-        """The app sent FIN: close the client once its queued bytes are out (TLS waits
-        for the producer to be unregistered before it closes)."""
-        if self._state == "relaying":
-            self.transport.unregisterProducer()
-            self.transport.loseConnection()
-
-    def stream_lost(self, reason: Failure) -> None:
-        self._stream = None
-        if self._state == "relaying":
-            self.transport.unregisterProducer()
-            if reason.check(error.ConnectionDone):
-                self.transport.loseConnection()
-            else:
-                self.transport.abortConnection()
+    def _relay_to_app(self) -> RelayEnd:
+        """The stream's end of a new relay; the client's end joins it after the 101."""
+        self._relay = Relay(EARLY_LIMIT)
+        return self._relay.b
 
     def end(self, why: str) -> None:
         """Cut a live session (lock, certificate expiry)."""
@@ -481,45 +470,12 @@ class TcpSession(Protocol):
 
 
 class _StreamFactory(Factory):
+    """Gives the tunnel stream the relay's stream end."""
+
     noisy = False
 
-    def __init__(self, session: TcpSession) -> None:
-        self._session = session
+    def __init__(self, end: RelayEnd) -> None:
+        self._end = end
 
-    def buildProtocol(self, addr) -> _StreamSide:
-        return _StreamSide(self._session)
-
-
-@implementer(IHalfCloseableProtocol)
-class _StreamSide(Protocol):
-    """The tunnel stream's end of the relay; passes everything to its session."""
-
-    def __init__(self, session: TcpSession) -> None:
-        self._session: TcpSession | None = session
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._session is not None:
-            self._session.stream_data(data)
-
-    def readConnectionLost(self) -> None:
-        if self._session is not None:
-            self._session.stream_finished()
-
-    def writeConnectionLost(self) -> None:
-        """Our FIN went out; the stream closes once the agent's arrives."""
-
-    def client_lost(self, reason: Failure) -> None:
-        """The client went away: end the stream cleanly, or reset it on an error."""
-        self._session = None
-        if self.transport is None:
-            return
-        self.transport.unregisterProducer()
-        if reason.check(error.ConnectionDone):
-            self.transport.loseConnection()
-        else:
-            self.transport.abortConnection()
-
-    def connectionLost(self, reason: Failure) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            session.stream_lost(reason)
+    def buildProtocol(self, addr) -> RelayEnd:
+        return self._end

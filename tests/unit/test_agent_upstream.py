@@ -11,7 +11,8 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from apptunnel.agent.upstream import StreamSide, UpstreamDialer
+from apptunnel.agent.upstream import UpstreamDialer
+from apptunnel.tunnel.relay import RelayEnd
 from apptunnel.config import AppConfig
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
@@ -139,10 +140,10 @@ async def test_relay_both_ways_with_producers(listen):
     dialer = UpstreamDialer(reactor, (app("web", f"http://localhost:{port}"),))
     d = dialer.stream_requested(None, {"app": "web", "user": "alice"})
     side = await d.addTimeout(WAIT, reactor)
-    assert isinstance(side, StreamSide)
+    assert isinstance(side, RelayEnd)
     stream = FakeStream()
     side.makeConnection(stream)
-    upstream = side._upstream
+    upstream = side.peer
     assert stream.producer is upstream.transport and stream.streaming
     assert upstream.transport.producer is stream
     side.dataReceived(b"hello ")
@@ -176,7 +177,7 @@ async def test_stream_reset_aborts_upstream(listen):
     side = await dialer.stream_requested(None, {"app": "web"}).addTimeout(WAIT, reactor)
     stream = FakeStream()
     side.makeConnection(stream)
-    upstream = side._upstream
+    upstream = side.peer
     side.connectionLost(Failure(ConnectionLost("reset")))
     await until(lambda: not upstream.transport.connected, "abort")
 
@@ -195,7 +196,7 @@ async def test_upstream_close_finishes_stream(listen):
     side = await dialer.stream_requested(None, {"app": "web"}).addTimeout(WAIT, reactor)
     stream = FakeStream()
     side.makeConnection(stream)
-    upstream = side._upstream
+    upstream = side.peer
     await until(lambda: stream.write_closed, "stream half close")
     assert stream.value() == b"hi"
     assert not stream.aborted and not stream.disconnecting
