@@ -240,3 +240,40 @@ async def test_https_app_insecure_skip_verify_relays(tls_listen):
     side.dataReceived(b"over tls")
     await until(lambda: stream.value() == b"over tls", "the TLS echo")
     side.connectionLost(Failure(protocol.connectionDone.value))
+
+
+@implementer(IHalfCloseableProtocol)
+class RecordEnd(protocol.Protocol):
+    """An app that records how the agent's side ended: a FIN, or a reset."""
+
+    endings: list = []
+
+    def readConnectionLost(self):
+        RecordEnd.endings.append("fin")
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+    def connectionLost(self, reason):
+        if not RecordEnd.endings or RecordEnd.endings[-1] != "fin":
+            RecordEnd.endings.append(type(reason.value).__name__)
+
+
+@pytest.mark.parametrize("reason, ending", [
+    (Failure(protocol.connectionDone.value), "fin"),
+    (Failure(ConnectionLost("stream reset by peer (CANCEL)")), "ConnectionLost"),
+])
+@pytest_twisted.ensureDeferred
+async def test_a_clean_stream_end_is_a_fin_to_the_app_and_a_reset_is_a_reset(listen, reason, ending):
+    """The app's real socket sees a FIN when the stream ended cleanly, a reset only on a reset."""
+    RecordEnd.endings = []
+    port = listen(RecordEnd)
+    dialer = UpstreamDialer(reactor, (app("web", f"http://127.0.0.1:{port}"),))
+    side = await dialer.stream_requested(None, {"app": "web"}).addTimeout(WAIT, reactor)
+    stream = FakeStream()
+    side.makeConnection(stream)
+    side.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+    side.connectionLost(reason)
+    await until(lambda: RecordEnd.endings, "the app to see the end")
+    assert RecordEnd.endings == [ending]  # ConnectionLost: ECONNRESET, no FIN before it
