@@ -12,7 +12,10 @@ from the certificate alone (no cookies): valid user certificate of this cluster,
 the app, locks, RBAC, and finally the agent's own port policy (a stream names an app and
 a port, the agent dials only declared ones). Refusals are one plain-text line with a
 status and close the connection; success is ``101 Switching Protocols`` and from then on
-the connection is a byte pipe to one tunnel stream.
+the connection is a byte pipe to one tunnel stream. With ``Apptunnel-Dry-Run: 1`` the
+same decision is made (and a denial audited) but nothing is opened: success is ``200``
+with the app's kind, ``tcp`` or ``http``, as the one line. ``apptunnel proxy app`` asks
+this before it listens.
 
 HTTP apps take the same upgrade (when a forwarder is given): after the ``101`` the
 connection is handed to the app forwarder in fixed-app mode, which reads the HTTP
@@ -28,6 +31,8 @@ queued bytes are out; the client's clean close is a FIN on the stream, an error 
 from __future__ import annotations
 
 from urllib.parse import parse_qs, unquote
+
+import attrs
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IReactorTime
@@ -48,11 +53,15 @@ from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.relay import Relay, RelayEnd
+from apptunnel.tunnel.targets import target_port
 
-__all__ = ["TCP_PATH", "UPGRADE_TOKEN", "TcpAccess", "is_tcp_request"]
+__all__ = ["DRY_RUN_HEADER", "TCP_PATH", "UPGRADE_TOKEN", "TcpAccess", "is_tcp_request"]
 
 TCP_PATH = b"/v1/tcp/"
 UPGRADE_TOKEN = b"apptunnel-tcp"
+# ``Apptunnel-Dry-Run: 1`` on the upgrade: decide exactly as for a real one, then answer
+# ``200`` with the app's kind (``tcp`` or ``http``) instead of opening anything.
+DRY_RUN_HEADER = b"apptunnel-dry-run"
 CONNECT_TIMEOUT = 15.0
 # Client bytes that may arrive before the 101 (a well-behaved client sends none).
 EARLY_LIMIT = 64 * 1024
@@ -66,6 +75,13 @@ def is_tcp_request(head: RequestHead) -> bool:
         and UPGRADE_TOKEN in head.headers.tokens(b"upgrade")
         and b"upgrade" in head.headers.tokens(b"connection")
     )
+
+
+@attrs.frozen
+class _WouldAccept:
+    """A dry run's verdict: a real upgrade would be accepted for an app of this kind."""
+
+    kind: str
 
 
 class Refusal(Exception):
@@ -211,6 +227,7 @@ class TcpSession(Protocol):
         self._pending: defer.Deferred | None = None
         self._expiry = None
         self._handed: Protocol | None = None
+        self._dry_run = False
         self.user = ""
         self.app = ""
         self.caller: CertCaller | None = None
@@ -270,6 +287,7 @@ class TcpSession(Protocol):
             self._refuse(400, "expected an apptunnel-tcp upgrade")
             return
         self._state = "deciding"
+        self._dry_run = head.headers.get(DRY_RUN_HEADER) == b"1"
         # Read nothing more until there is a stream to give it to.
         self.transport.pauseProducing()
         self._pending = defer.ensureDeferred(self._decide(head))
@@ -333,9 +351,17 @@ class TcpSession(Protocol):
                 raise Refusal(400, f"{name} is an HTTP app: open https://{app.public_addr}")
             if port is not None:
                 raise Refusal(400, f"{name} is an HTTP app: it takes no port")
+            if self._dry_run:
+                return _WouldAccept("http")
             if self._state == "deciding":
                 self._to_forwarder(caller)
             return None
+        try:
+            target_port(app, port)  # the agent's own rule, asked before opening a stream
+        except StreamRefused as refused:
+            raise Refusal(403, refused.reason) from None
+        if self._dry_run:
+            return _WouldAccept("tcp")
         self._schedule_expiry(not_after)
         target = {"app": name, "user": user, "client": self.client}
         if port is not None:
@@ -386,10 +412,14 @@ class TcpSession(Protocol):
         if early:
             conn.dataReceived(early)
 
-    def _connected(self, stream_side: RelayEnd | None) -> None:
+    def _connected(self, stream_side: RelayEnd | _WouldAccept | None) -> None:
         self._pending = None
         if stream_side is None:
             return  # handed to the forwarder
+        if isinstance(stream_side, _WouldAccept):
+            if self._state == "deciding":
+                self._answer(200, stream_side.kind)
+            return
         if self._state != "deciding":
             stream_side.transport.abortConnection()
             return
@@ -431,6 +461,10 @@ class TcpSession(Protocol):
         self._log.info("tcp access refused {client} {user} {app}: {status} {message}",
                        client=self.client, user=self.user or "-", app=self.app or "-",
                        status=status, message=message)
+        self._answer(status, message)
+
+    def _answer(self, status: int, message: str) -> None:
+        """One plain-text answer, then close (a refusal, or a dry run's verdict)."""
         self._state = "closed"
         self._cancel_expiry()
         self._held = []
