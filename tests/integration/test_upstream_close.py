@@ -8,13 +8,17 @@ answers keep-alive requests and then records how the agent's side ended: ``recv`
 from __future__ import annotations
 
 import http.client
+import json
+import subprocess
 import socket
+import ssl
 import threading
 
 import pytest
 
-from tests.support.cli_user import ca_pin, log_in, start
-from tests.support.cluster import Cluster, free_port, wait_until
+from tests.support.cli_user import ca_pin, log_in, start, user_env
+from tests.support.cluster import BIN, Cluster, free_port, wait_until
+from tests.support.localhost import localhost_resolution
 
 PASSWORD = "correct horse battery staple"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
@@ -91,13 +95,20 @@ def cluster(app):
 
 @pytest.fixture(scope="module")
 def home(cluster, tmp_path_factory):
+    """alice logged in, once both apps are online."""
     h = tmp_path_factory.mktemp("alice") / ".apptunnel"
     log_in(cluster, "alice", h, PASSWORD, ca_pin(cluster))
+
+    def online():
+        out = subprocess.run([str(BIN / "apptunnel"), "apps", "ls", "--format", "json"],
+                             capture_output=True, text=True, timeout=30, env=user_env(h)).stdout
+        return {a["name"] for a in json.loads(out)["apps"] if a["online"]} == {"keep", "keeptcp"}
+    wait_until(online, 30, "both apps to be online")
     return h
 
 
-def _requests_then_leave(port: int, count: int = 2) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+def _requests_then_leave(conn: http.client.HTTPConnection, count: int = 2) -> None:
+    """`count` keep-alive requests on one connection, then a clean close by the client."""
     try:
         for _ in range(count):
             conn.request("GET", "/")
@@ -107,29 +118,34 @@ def _requests_then_leave(port: int, count: int = 2) -> None:
         conn.close()
 
 
+def _ending_after(app: KeepAliveApp, leave) -> str:
+    """Run `leave` (requests, then the client goes away) and say how the app's side ended."""
+    before = len(app.endings)
+    leave()
+    wait_until(lambda: len(app.endings) > before, 15, "the app's connection to end")
+    return app.endings[before]
+
+
 @pytest.mark.parametrize("name", ["keep", "keeptcp"])
-def test_client_leaving_ends_the_app_connection_with_a_fin(cluster, home, app, name):
-    """A keep-alive client that leaves cleanly: the app sees a FIN, not a reset."""
+def test_client_leaving_proxy_app_ends_the_app_connection_with_a_fin(cluster, home, app, name):
+    """A keep-alive client of `proxy app` that leaves cleanly: the app sees a FIN, not a reset."""
     local = free_port()
-    def online():
-        proxy = start(home, name, str(local))
-        return proxy
-    proxy = wait_until(online, 30, "proxy app to start")
+    proxy = start(home, name, str(local))
     try:
-        before = len(app.endings)
-        wait_until(lambda: _try(local), 30, "a first request through the tunnel")
-        wait_until(lambda: len(app.endings) > before, 15, "the app's connection to end")
-        before = len(app.endings)
-        _requests_then_leave(local)
-        wait_until(lambda: len(app.endings) > before, 15, "the app's connection to end")
-        assert app.endings[before:] == ["fin"], app.endings
+        ending = _ending_after(app, lambda: _requests_then_leave(
+            http.client.HTTPConnection("127.0.0.1", local, timeout=20)))
     finally:
         proxy.stop()
+    assert ending == "fin"
 
 
-def _try(port: int) -> bool:
-    try:
-        _requests_then_leave(port, 1)
-        return True
-    except (OSError, AssertionError, http.client.HTTPException):
-        return False
+def test_browser_leaving_ends_the_app_connection_with_a_fin(cluster, home, app):
+    """A client on the app's own subdomain (certificate login, as `apps config` prints) that
+    leaves between requests: the app sees a FIN, not a reset."""
+    context = ssl.create_default_context(cafile=str(home / "ca.crt"))
+    context.load_cert_chain(str(home / "user.crt"), str(home / "user.key"))
+    host = "keep.apptunnel.localhost"
+    with localhost_resolution():
+        ending = _ending_after(app, lambda: _requests_then_leave(http.client.HTTPSConnection(
+            host, cluster.web_port, context=context, timeout=20)))
+    assert ending == "fin"
