@@ -27,7 +27,7 @@ Invariants (read ``twisted/protocols/portforward.py`` for the shape):
 
 from __future__ import annotations
 
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, ITransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -93,7 +93,10 @@ class RelayEnd(Protocol):
         self._held.append(data)
         self._held_size += len(data)
         if self._held_size > self._relay.early_limit:
+            # Gone from the relay's point of view now: the other end, once connected, is
+            # aborted too and nothing is written to this one.
             self._held, self._held_size = [], 0
+            self.lost = Failure(ConnectionAborted("too many bytes before the other side joined"))
             self.transport.abortConnection()
 
     def readConnectionLost(self) -> None:

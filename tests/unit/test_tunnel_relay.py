@@ -6,66 +6,40 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 
 from apptunnel.tunnel.relay import Relay, can_half_close
+from tests.support.pump import MemoryTransport
 
 HIGH_WATER = 1000
 
 
-class Wire:
-    """A memory transport: a write buffer that pauses its producer past HIGH_WATER, like a
-    socket whose peer does not read; ``drain`` is the peer reading it all."""
+class Wire(MemoryTransport):
+    """The pump's memory transport (pauses its producer past HIGH_WATER, like a socket
+    whose peer does not read); ``drain`` is the peer reading it all. Writing to a closed
+    transport is a failure here, not a silent drop."""
 
     def __init__(self) -> None:
-        self.out = bytearray()
-        self.producer = None
-        self.producer_paused = False
-        self.reading_paused = False
+        address = IPv4Address("TCP", "127.0.0.1", 1)
+        super().__init__(address, address, HIGH_WATER)
         self.write_closed = False     # we sent FIN
-        self.closed = False           # loseConnection asked for
-        self.aborted = False
-        self.disconnecting = False
 
     def write(self, data: bytes) -> None:
         assert not self.aborted and not self.write_closed, "write after close"
-        self.out += data
-        if len(self.out) > HIGH_WATER and self.producer is not None and not self.producer_paused:
-            self.producer_paused = True
-            self.producer.pauseProducing()
-
-    def writeSequence(self, seq) -> None:
-        self.write(b"".join(seq))
+        super().write(data)
 
     def drain(self) -> bytes:
-        data, self.out = bytes(self.out), bytearray()
-        if self.producer is not None and self.producer_paused:
-            self.producer_paused = False
-            self.producer.resumeProducing()
-        return data
+        return self.take(self.buffered)
 
     def registerProducer(self, producer, streaming: bool) -> None:
-        assert streaming and self.producer is None, "one push producer at a time"
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-    def pauseProducing(self) -> None:
-        self.reading_paused = True
-
-    def resumeProducing(self) -> None:
-        self.reading_paused = False
-
-    def stopProducing(self) -> None:
-        self.loseConnection()
+        assert self.producer is None, "one producer at a time"
+        super().registerProducer(producer, streaming)
 
     def loseConnection(self) -> None:
-        self.closed = self.disconnecting = True
-
-    def abortConnection(self) -> None:
-        self.aborted = self.disconnecting = True
+        super().loseConnection()
+        self.closed = True
 
 
 class TcpWire(Wire):
@@ -189,7 +163,7 @@ def test_nothing_is_written_to_a_lost_end():
     relay, a, b = joined()
     relay.b.connectionLost(Failure(ConnectionDone()))
     relay.a.dataReceived(b"after")
-    assert b.out == b""
+    assert b.buffered == 0
 
 
 def test_end_lost_before_the_other_connects_is_applied_on_join():
@@ -260,3 +234,6 @@ def test_any_event_order_never_raises_and_never_overflows(events, a_tls, b_tls, 
             wire.drain()
         for e in (relay.a, relay.b):
             assert sum(len(c) for c in e._held) <= early
+    if all(kind != "reset" for _, kind, _ in events) and early >= sum(len(d) for *_, d in events):
+        # Only a reset (or an overflow) may abort: clean ends and FINs never do.
+        assert not wires["a"].aborted and not wires["b"].aborted
