@@ -53,6 +53,7 @@ CONNECT_TIMEOUT = 15.0
 MAX_RESPONSE = 16 * 1024
 EARLY_LIMIT = 64 * 1024
 EXPIRED = "certificate expired: run apptunnel login"
+LINGER = 2.0  # seconds a refused HTTP client may take to close after our answer
 
 Say = Callable[[str], None]
 
@@ -268,6 +269,8 @@ class LocalConnection(Protocol):
         self._relay = Relay(EARLY_LIMIT)   # a: this client, b: the proxy after the 101
         self._connecting: defer.Deferred | None = None
         self._closed = False
+        self._discarding = False   # answered and half closed: the client's bytes are dropped
+        self._linger = None
 
     def connectionMade(self) -> None:
         # The relay reads nothing more from the client until the other end is joined.
@@ -298,14 +301,26 @@ class LocalConnection(Protocol):
     def _answer(self, answer: Answer, status: int, message: str) -> None:
         if self._closed:
             return
-        if self._factory.kind == "http":
-            self.transport.write(answer.raw if answer.complete() else http_answer(status, message))
-        self.transport.loseConnection()
+        if self._factory.kind != "http":
+            self.transport.loseConnection()
+            return
+        self.transport.write(answer.raw if answer.complete() else http_answer(status, message))
+        # Lingering close: closing with the request still unread would be a RST that can
+        # destroy the answer in the client's buffer; so FIN, read and drop until the client
+        # closes, for LINGER seconds at most.
+        self._discarding = True
+        self.transport.loseWriteConnection()
+        self.transport.resumeProducing()
+        self._linger = self._factory.reactor.callLater(LINGER, self.transport.loseConnection)
 
     def dataReceived(self, data: bytes) -> None:
-        self._relay.a.dataReceived(data)
+        if not self._discarding:
+            self._relay.a.dataReceived(data)
 
     def readConnectionLost(self) -> None:
+        if self._discarding:
+            self.transport.loseConnection()
+            return
         self._relay.a.readConnectionLost()
 
     def writeConnectionLost(self) -> None:
@@ -327,6 +342,8 @@ class LocalConnection(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         self._closed = True
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
         if self._connecting is not None:
             d, self._connecting = self._connecting, None
             d.cancel()
