@@ -60,15 +60,11 @@ class RelayEnd(Protocol):
         self._held_size = 0
         self._read_done = False                # its transport sent us FIN
         self._write_done = False               # we sent it FIN (or closed it)
-        self._producing = False                # the peer's transport is our producer
+        self._producing = False                # our transport has the peer's as producer
 
     @property
     def peer(self) -> RelayEnd:
         return self._relay.other(self)
-
-    @property
-    def joined(self) -> bool:
-        return self.transport is not None and self.peer.transport is not None
 
     # -- events from this end's transport ----------------------------------------------
 
@@ -203,9 +199,3 @@ class Relay:
         self.joined = True
         self.a.start()
         self.b.start()
-
-    def abort(self) -> None:
-        """Cut both sides now (a lock, an expired certificate, a refused stream)."""
-        for end in (self.a, self.b):
-            if end.transport is not None and end.lost is None:
-                end.transport.abortConnection()

@@ -189,13 +189,6 @@ def test_reset_before_join_aborts_on_join():
     assert b.aborted
 
 
-def test_abort_cuts_both_sides():
-    """Relay.abort (a lock, an expiry) aborts both transports."""
-    relay, a, b = joined()
-    relay.abort()
-    assert a.aborted and b.aborted
-
-
 EVENTS = st.lists(st.tuples(
     st.sampled_from(["a", "b"]),
     st.sampled_from(["data", "fin", "done", "reset", "drain", "connect"]),
