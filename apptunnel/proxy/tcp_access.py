@@ -33,7 +33,6 @@ from __future__ import annotations
 from urllib.parse import parse_qs, unquote
 
 import attrs
-
 from twisted.internet import defer
 from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
