@@ -8,16 +8,14 @@ answers keep-alive requests and then records how the agent's side ended: ``recv`
 from __future__ import annotations
 
 import http.client
-import json
-import subprocess
 import socket
 import ssl
 import threading
 
 import pytest
 
-from tests.support.cli_user import ca_pin, log_in, start, user_env
-from tests.support.cluster import BIN, Cluster, free_port, wait_until
+from tests.support.cli_user import ca_pin, log_in, online_apps, start
+from tests.support.cluster import Cluster, free_port, wait_until
 from tests.support.localhost import localhost_resolution
 
 PASSWORD = "correct horse battery staple"
@@ -98,12 +96,7 @@ def home(cluster, tmp_path_factory):
     """alice logged in, once both apps are online."""
     h = tmp_path_factory.mktemp("alice") / ".apptunnel"
     log_in(cluster, "alice", h, PASSWORD, ca_pin(cluster))
-
-    def online():
-        out = subprocess.run([str(BIN / "apptunnel"), "apps", "ls", "--format", "json"],
-                             capture_output=True, text=True, timeout=30, env=user_env(h)).stdout
-        return {a["name"] for a in json.loads(out)["apps"] if a["online"]} == {"keep", "keeptcp"}
-    wait_until(online, 30, "both apps to be online")
+    wait_until(lambda: online_apps(h) == {"keep", "keeptcp"}, 30, "both apps to be online")
     return h
 
 
