@@ -507,3 +507,10 @@ async def test_check_before_listening(env):
         await check(local("multi", 22))
     assert info.value.message == "proxy refused: 403 Forbidden: port 22 is not served by multi"
     assert not env.access.sessions
+
+
+@pytest_twisted.ensureDeferred
+async def test_dry_run_without_a_certificate_is_401(env):
+    """A dry run asks the same question: no certificate, no answer but 401."""
+    answer = await raw(env, dry_run("db"))
+    assert answer.startswith(b"HTTP/1.1 401 ") and b"run apptunnel login" in answer
