@@ -5,10 +5,10 @@ config, so the tunnel cannot be used to reach anything the operator did not list
 stream is accepted only once the app's socket is connected, so the proxy can answer a
 down app with 502 instead of a stream that dies at once.
 
-The relay is two small protocols, one on each side, that hand each other their
-transports: each side registers the other as its push producer, so a slow reader on one
-side pauses reading on the other (backpressure both ways with no buffer of our own), and a
-FIN on one side becomes a half close on the other.
+The bytes go through the one relay (``apptunnel/tunnel/relay.py``): backpressure both
+ways, a FIN on one side becomes a half close on the other, a clean end on one side is a
+FIN on the other and only a reset or error is an abort (an app never sees a RST for a
+client that left cleanly).
 """
 
 from __future__ import annotations
@@ -34,13 +34,15 @@ from apptunnel.net import loopback_host
 from apptunnel.tunnel.endpoints import no_delay
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
+from apptunnel.tunnel.relay import Relay
+from apptunnel.tunnel.targets import target_port
 
 __all__ = ["CONNECT_TIMEOUT", "UpstreamDialer", "target_port"]
 
 log = Logger()
 
 CONNECT_TIMEOUT = 10.0
-EARLY_LIMIT = 64 * 1024
+EARLY_LIMIT = 64 * 1024  # bytes from the app held until the stream is attached
 _MAX_REASON = 200
 
 
@@ -141,7 +143,7 @@ class UpstreamDialer:
             if accepted.called:
                 upstream.transport.abortConnection()
                 return
-            accepted.callback(StreamSide(upstream))
+            accepted.callback(upstream.relay.b)
 
         def failed(failure: Failure) -> None:
             if timer.active():
@@ -156,29 +158,6 @@ class UpstreamDialer:
         return accepted
 
 
-def target_port(app: AppConfig, requested) -> int | None:
-    """The port a stream may dial: only the uri's port or a declared tcp_ports range.
-
-    HTTP apps take no port (None = the uri's). A refusal is ``UNKNOWN_TARGET``, the same
-    code as an unknown app: the tunnel can never be aimed at an undeclared port.
-    """
-    if app.kind != "tcp":
-        if requested is not None:
-            raise StreamRefused(ErrorCode.UNKNOWN_TARGET, f"{app.name} is an HTTP app: no port")
-        return None
-    uri_port = urlsplit(app.uri).port
-    if requested is None:
-        if uri_port is None:
-            raise StreamRefused(ErrorCode.UNKNOWN_TARGET,
-                                f"{app.name} serves several ports: name one")
-        return uri_port
-    if type(requested) is not int:
-        raise StreamRefused(ErrorCode.UNKNOWN_TARGET, "port must be a number")
-    if requested == uri_port or any(low <= requested <= high for low, high in app.tcp_ports):
-        return requested
-    raise StreamRefused(ErrorCode.UNKNOWN_TARGET, f"port {requested} is not served by {app.name}")
-
-
 class _UpstreamFactory(Factory):
     noisy = False
 
@@ -186,30 +165,27 @@ class _UpstreamFactory(Factory):
         self._tls = tls
 
     def buildProtocol(self, addr) -> UpstreamProtocol:
-        return TLSUpstreamProtocol(True) if self._tls else UpstreamProtocol(False)
+        return TLSUpstreamProtocol() if self._tls else UpstreamProtocol()
 
 
 @implementer(IHalfCloseableProtocol)
 class UpstreamProtocol(Protocol):
-    """The app's socket: `ready` once connected (for https: once TLS has verified the app).
+    """The app's socket: `ready` once connected (for https: once TLS has verified the app),
+    then one end of the relay to the stream (`relay.a`; the stream gets `relay.b`).
 
-    Until its stream side is attached it reads nothing more; bytes TLS had already
-    decrypted are kept (at most ``EARLY_LIMIT``) and handed over on attach.
+    From `ready` on, the relay end holds what the app sends until the stream is attached
+    (bounded, with reading paused), passes the app's FIN on as a half close, and ends the
+    stream cleanly on a clean close or with a reset on an error (and the other way round).
     """
 
-    def __init__(self, tls: bool = False) -> None:
-        self._tls = tls
+    def __init__(self) -> None:
         self.ready: defer.Deferred = defer.Deferred(self._give_up)
-        self.peer: StreamSide | None = None
-        self.lost: Failure | None = None
-        self._early: list[bytes] = []
-        self._early_size = 0
-        self._read_done = False
-        self._write_done = False
+        self.relay = Relay(EARLY_LIMIT)
+        self._end = None
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
-        if not self._tls:
+        if not IHandshakeListener.providedBy(self):
             self._become_ready()
 
     def _give_up(self, _: defer.Deferred) -> None:
@@ -221,64 +197,31 @@ class UpstreamProtocol(Protocol):
         self._become_ready()
 
     def _become_ready(self) -> None:
-        # Nothing more may be read before there is a stream to write it to.
-        self.transport.pauseProducing()
-        if not self.ready.called:
-            self.ready.callback(self)
-
-    def attach(self, peer: StreamSide) -> None:
-        self.peer = peer
-        early, self._early = self._early, []
-        for chunk in early:
-            peer.transport.write(chunk)
-        if self.lost is not None:
-            peer.upstream_lost(self.lost)
+        if self.ready.called:
             return
-        if self._read_done:
-            peer.transport.loseWriteConnection()
-        # Backpressure: when the app's socket buffer fills, stop reading from the stream.
-        self.transport.registerProducer(peer.transport, True)
-        self.transport.resumeProducing()
+        self._end = self.relay.a
+        self._end.makeConnection(self.transport)  # pauses reading until the stream attaches
+        self.ready.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.peer is not None:
-            self.peer.transport.write(data)
-            return
-        self._early_size += len(data)
-        if self._early_size > EARLY_LIMIT:
-            self.transport.abortConnection()
-            return
-        self._early.append(data)
+        if self._end is not None:
+            self._end.dataReceived(data)
 
     def readConnectionLost(self) -> None:
-        """The app sent FIN: pass it on to the stream, keep sending the app what comes."""
-        self._read_done = True
-        if self.peer is not None:
-            self.peer.transport.loseWriteConnection()
-        self._close_if_done()
-
-    def writeConnectionLost(self) -> None:
-        self._write_done = True
-        self._close_if_done()
-
-    def half_close(self) -> None:
-        """The stream sent FIN: half close the app's socket (TCP only: TLS has no half
-        close, a bare FIN would truncate the session, so there the app decides)."""
-        if not self._tls:
-            self.transport.loseWriteConnection()
-
-    def _close_if_done(self) -> None:
-        if self._read_done and self._write_done:
+        if self._end is not None:
+            self._end.readConnectionLost()
+        else:
             self.transport.loseConnection()
 
+    def writeConnectionLost(self) -> None:
+        if self._end is not None:
+            self._end.writeConnectionLost()
+
     def connectionLost(self, reason: Failure) -> None:
-        self.lost = reason
         if not self.ready.called:
             self.ready.errback(reason)
-            return
-        peer, self.peer = self.peer, None
-        if peer is not None and peer.transport is not None:
-            peer.upstream_lost(reason)
+        elif self._end is not None:
+            self._end.connectionLost(reason)
 
 
 @implementer(IHandshakeListener)
@@ -287,61 +230,5 @@ class TLSUpstreamProtocol(UpstreamProtocol):
 
     A separate class because Twisted's endpoint wrapper keeps only the last of the
     optional interfaces a protocol provides, and plain TCP needs IHalfCloseableProtocol.
+    TLS cannot half close: the relay closes it (close_notify) when the stream sends FIN.
     """
-
-
-@implementer(IHalfCloseableProtocol)
-class StreamSide(Protocol):
-    """The tunnel stream's end of the relay; owns nothing but a link to the app's socket."""
-
-    def __init__(self, upstream: UpstreamProtocol) -> None:
-        self._upstream: UpstreamProtocol | None = upstream
-        self._closed = False
-        self._registered = False
-
-    def connectionMade(self) -> None:
-        upstream = self._upstream
-        if upstream is None or upstream.peer is not None:
-            self.transport.abortConnection()
-            return
-        if upstream.lost is None:
-            # Backpressure: when the tunnel window is spent, stop reading from the app.
-            self.transport.registerProducer(upstream.transport, True)
-            self._registered = True
-        upstream.attach(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._upstream is not None:
-            self._upstream.transport.write(data)
-
-    def readConnectionLost(self) -> None:
-        if self._upstream is not None:
-            self._upstream.half_close()
-
-    def writeConnectionLost(self) -> None:
-        """Our FIN went out; the stream closes itself when the peer's FIN arrives too."""
-
-    def upstream_lost(self, reason: Failure) -> None:
-        """The app's socket closed: finish the stream cleanly, or reset it on an error."""
-        self._upstream = None
-        if self._closed:
-            return
-        if self._registered:
-            self._registered = False
-            self.transport.unregisterProducer()
-        if reason.check(error.ConnectionDone):
-            self.transport.loseConnection()
-        else:
-            self.transport.abortConnection()
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._closed = True
-        upstream, self._upstream = self._upstream, None
-        if upstream is None or upstream.lost is not None:
-            return
-        upstream.peer = None
-        upstream.transport.unregisterProducer()
-        if reason.check(error.ConnectionDone):
-            upstream.transport.loseConnection()
-        else:
-            upstream.transport.abortConnection()

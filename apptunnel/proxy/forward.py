@@ -955,10 +955,14 @@ class AppConnection(Protocol):
         if self._connecting is not None:
             self._connecting.cancel()
         ex = self._ex
-        if ex is not None and not ex.response_done:
+        in_flight = ex is not None and not ex.response_done
+        if in_flight:
             self._audit(ex, incomplete=True)
         self._ex = None
-        self._drop_upstream(abort=True)
+        # A client that left between requests ends the app's connection with a FIN (the
+        # app must not log a reset per keep-alive client); one that left mid-exchange or
+        # mid-upgrade cuts it.
+        self._drop_upstream(abort=in_flight or self._raw)
         self._pending.clear()
 
     def _queue(self, events: list) -> None:

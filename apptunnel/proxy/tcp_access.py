@@ -12,24 +12,28 @@ from the certificate alone (no cookies): valid user certificate of this cluster,
 the app, locks, RBAC, and finally the agent's own port policy (a stream names an app and
 a port, the agent dials only declared ones). Refusals are one plain-text line with a
 status and close the connection; success is ``101 Switching Protocols`` and from then on
-the connection is a byte pipe to one tunnel stream.
+the connection is a byte pipe to one tunnel stream. With ``Apptunnel-Dry-Run: 1`` the
+same decision is made (and a denial audited) but nothing is opened: success is ``200``
+with the app's kind, ``tcp`` or ``http``, as the one line. ``apptunnel proxy app`` asks
+this before it listens.
 
 HTTP apps take the same upgrade (when a forwarder is given): after the ``101`` the
 connection is handed to the app forwarder in fixed-app mode, which reads the HTTP
 requests that follow and authorizes, signs and audits each one as for a browser, with
 the certificate as the caller. The local proxy stays a byte relay either way.
 
-The relay needs no buffer of its own: each side is the other's push producer, so a slow
-reader on one side pauses reading on the other. TLS has no half close, so a FIN from the
-app closes the client connection once queued bytes are out; the client's close ends the
-stream the same way.
+The bytes go through the one relay (``apptunnel/tunnel/relay.py``): each side is the
+other's push producer, so a slow reader on one side pauses reading on the other. TLS has
+no half close, so a FIN from the app closes the client connection (close_notify) once
+queued bytes are out; the client's clean close is a FIN on the stream, an error a reset.
 """
 
 from __future__ import annotations
 
 from urllib.parse import parse_qs, unquote
 
-from twisted.internet import defer, error
+import attrs
+from twisted.internet import defer
 from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -47,11 +51,16 @@ from apptunnel.proxy.http1 import MAX_HEAD, HttpError, RequestHead, parse_reques
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
+from apptunnel.tunnel.relay import Relay, RelayEnd
+from apptunnel.tunnel.targets import target_port
 
-__all__ = ["TCP_PATH", "UPGRADE_TOKEN", "TcpAccess", "is_tcp_request"]
+__all__ = ["DRY_RUN_HEADER", "TCP_PATH", "UPGRADE_TOKEN", "TcpAccess", "is_tcp_request"]
 
 TCP_PATH = b"/v1/tcp/"
 UPGRADE_TOKEN = b"apptunnel-tcp"
+# ``Apptunnel-Dry-Run: 1`` on the upgrade: decide exactly as for a real one, then answer
+# ``200`` with the app's kind (``tcp`` or ``http``) instead of opening anything.
+DRY_RUN_HEADER = b"apptunnel-dry-run"
 CONNECT_TIMEOUT = 15.0
 # Client bytes that may arrive before the 101 (a well-behaved client sends none).
 EARLY_LIMIT = 64 * 1024
@@ -65,6 +74,13 @@ def is_tcp_request(head: RequestHead) -> bool:
         and UPGRADE_TOKEN in head.headers.tokens(b"upgrade")
         and b"upgrade" in head.headers.tokens(b"connection")
     )
+
+
+@attrs.frozen
+class _WouldAccept:
+    """A dry run's verdict: a real upgrade would be accepted for an app of this kind."""
+
+    kind: str
 
 
 class Refusal(Exception):
@@ -206,17 +222,26 @@ class TcpSession(Protocol):
         self._state = "reading"
         self._held: list[bytes] = []
         self._held_size = 0
-        self._stream: _StreamSide | None = None
+        self._relay: Relay | None = None   # a: the client, b: the stream (once relaying)
         self._pending: defer.Deferred | None = None
         self._expiry = None
         self._handed: Protocol | None = None
+        self._dry_run = False
         self.user = ""
         self.app = ""
         self.caller: CertCaller | None = None
         self.port: int | None = None
-        self.bytes_in = 0
-        self.bytes_out = 0
         self._started = 0.0
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes the client sent to the app (after the upgrade)."""
+        return self._relay.a.received if self._relay is not None else 0
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes the app sent to the client."""
+        return self._relay.b.received if self._relay is not None else 0
 
     @property
     def client(self) -> str:
@@ -227,8 +252,7 @@ class TcpSession(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._state == "relaying":
-            self.bytes_in += len(data)
-            self._stream.transport.write(data)
+            self._relay.a.dataReceived(data)
             return
         if self._handed is not None:
             self._handed.dataReceived(data)  # a transport we could not re-point
@@ -262,6 +286,7 @@ class TcpSession(Protocol):
             self._refuse(400, "expected an apptunnel-tcp upgrade")
             return
         self._state = "deciding"
+        self._dry_run = head.headers.get(DRY_RUN_HEADER) == b"1"
         # Read nothing more until there is a stream to give it to.
         self.transport.pauseProducing()
         self._pending = defer.ensureDeferred(self._decide(head))
@@ -270,13 +295,14 @@ class TcpSession(Protocol):
     def readConnectionLost(self) -> None:
         """The client half closed (plain TCP only; TLS reports a whole close): pass the
         FIN on and keep sending the app's answer."""
-        if self._state == "relaying" and self._stream is not None:
-            self._stream.transport.loseWriteConnection()
+        if self._state == "relaying":
+            self._relay.a.readConnectionLost()
         elif self._state != "closed":
             self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
-        """Nothing to do: we never half close the client (TLS cannot)."""
+        if self._state == "relaying":
+            self._relay.a.writeConnectionLost()
 
     def connectionLost(self, reason: Failure) -> None:
         if self._handed is not None:
@@ -289,10 +315,8 @@ class TcpSession(Protocol):
         self._cancel_expiry()
         if self._pending is not None and not self._pending.called:
             self._pending.cancel()
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            stream.client_lost(reason)
         if was_relaying:
+            self._relay.a.connectionLost(reason)
             self._ended(reason)
 
     # -- deciding ----------------------------------------------------------------------
@@ -326,14 +350,22 @@ class TcpSession(Protocol):
                 raise Refusal(400, f"{name} is an HTTP app: open https://{app.public_addr}")
             if port is not None:
                 raise Refusal(400, f"{name} is an HTTP app: it takes no port")
+            if self._dry_run:
+                return _WouldAccept("http")
             if self._state == "deciding":
                 self._to_forwarder(caller)
             return None
+        try:
+            target_port(app, port)  # the agent's own rule, asked before opening a stream
+        except StreamRefused as refused:
+            raise Refusal(403, refused.reason) from None
+        if self._dry_run:
+            return _WouldAccept("tcp")
         self._schedule_expiry(not_after)
         target = {"app": name, "user": user, "client": self.client}
         if port is not None:
             target["port"] = port
-        d = access.connect_app(app, target, _StreamFactory(self))
+        d = access.connect_app(app, target, _StreamFactory(self._relay_to_app()))
         d.addTimeout(access.connect_timeout, access.clock)
         try:
             return await d
@@ -379,10 +411,14 @@ class TcpSession(Protocol):
         if early:
             conn.dataReceived(early)
 
-    def _connected(self, stream_side: _StreamSide | None) -> None:
+    def _connected(self, stream_side: RelayEnd | _WouldAccept | None) -> None:
         self._pending = None
         if stream_side is None:
             return  # handed to the forwarder
+        if isinstance(stream_side, _WouldAccept):
+            if self._state == "deciding":
+                self._answer(200, stream_side.kind)
+            return
         if self._state != "deciding":
             stream_side.transport.abortConnection()
             return
@@ -393,18 +429,16 @@ class TcpSession(Protocol):
             self._refuse(403, REMOVED_MESSAGE)
             return
         self._state = "relaying"
-        self._stream = stream_side
         self._started = self._access.clock.seconds()
         self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n"
                              b"Connection: Upgrade\r\nUpgrade: apptunnel-tcp\r\n\r\n")
-        early, self._held, self._held_size = self._held, [], 0
-        for chunk in early:
-            self.bytes_in += len(chunk)
-            stream_side.transport.write(chunk)
-        # Backpressure both ways: a full side pauses reading on the other.
-        self.transport.registerProducer(stream_side.transport, True)
-        stream_side.transport.registerProducer(self.transport, True)
-        self.transport.resumeProducing()
+        early, self._held, self._held_size = b"".join(self._held), [], 0
+        # The client's end joins the relay (which resumes reading), then what the client
+        # sent after its upgrade request goes first.
+        client_end = self._relay.a
+        client_end.makeConnection(self.transport)
+        if early:
+            client_end.dataReceived(early)
         self._access.sessions.add(self)
         self._access.audit.emit("tcp.session.start", actor=self.user, target=self.app,
                                 user=self.user, app=self.app, port=self.port,
@@ -426,6 +460,10 @@ class TcpSession(Protocol):
         self._log.info("tcp access refused {client} {user} {app}: {status} {message}",
                        client=self.client, user=self.user or "-", app=self.app or "-",
                        status=status, message=message)
+        self._answer(status, message)
+
+    def _answer(self, status: int, message: str) -> None:
+        """One plain-text answer, then close (a refusal, or a dry run's verdict)."""
         self._state = "closed"
         self._cancel_expiry()
         self._held = []
@@ -434,26 +472,10 @@ class TcpSession(Protocol):
 
     # -- relaying ----------------------------------------------------------------------
 
-    def stream_data(self, data: bytes) -> None:
-        if self._state == "relaying":
-            self.bytes_out += len(data)
-            self.transport.write(data)
-
-    def stream_finished(self) -> None:
-        """The app sent FIN: close the client once its queued bytes are out (TLS waits
-        for the producer to be unregistered before it closes)."""
-        if self._state == "relaying":
-            self.transport.unregisterProducer()
-            self.transport.loseConnection()
-
-    def stream_lost(self, reason: Failure) -> None:
-        self._stream = None
-        if self._state == "relaying":
-            self.transport.unregisterProducer()
-            if reason.check(error.ConnectionDone):
-                self.transport.loseConnection()
-            else:
-                self.transport.abortConnection()
+    def _relay_to_app(self) -> RelayEnd:
+        """The stream's end of a new relay; the client's end joins it after the 101."""
+        self._relay = Relay(EARLY_LIMIT)
+        return self._relay.b
 
     def end(self, why: str) -> None:
         """Cut a live session (lock, certificate expiry)."""
@@ -481,45 +503,12 @@ class TcpSession(Protocol):
 
 
 class _StreamFactory(Factory):
+    """Gives the tunnel stream the relay's stream end."""
+
     noisy = False
 
-    def __init__(self, session: TcpSession) -> None:
-        self._session = session
+    def __init__(self, end: RelayEnd) -> None:
+        self._end = end
 
-    def buildProtocol(self, addr) -> _StreamSide:
-        return _StreamSide(self._session)
-
-
-@implementer(IHalfCloseableProtocol)
-class _StreamSide(Protocol):
-    """The tunnel stream's end of the relay; passes everything to its session."""
-
-    def __init__(self, session: TcpSession) -> None:
-        self._session: TcpSession | None = session
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._session is not None:
-            self._session.stream_data(data)
-
-    def readConnectionLost(self) -> None:
-        if self._session is not None:
-            self._session.stream_finished()
-
-    def writeConnectionLost(self) -> None:
-        """Our FIN went out; the stream closes once the agent's arrives."""
-
-    def client_lost(self, reason: Failure) -> None:
-        """The client went away: end the stream cleanly, or reset it on an error."""
-        self._session = None
-        if self.transport is None:
-            return
-        self.transport.unregisterProducer()
-        if reason.check(error.ConnectionDone):
-            self.transport.loseConnection()
-        else:
-            self.transport.abortConnection()
-
-    def connectionLost(self, reason: Failure) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            session.stream_lost(reason)
+    def buildProtocol(self, addr) -> RelayEnd:
+        return self._end

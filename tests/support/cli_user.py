@@ -65,3 +65,10 @@ def start(home: Path, name: str, spec: str, wait: bool = True) -> ProxyApp:
             del os.environ["APPTUNNEL_HOME"]
         else:
             os.environ["APPTUNNEL_HOME"] = old
+
+
+def online_apps(home: Path) -> set[str]:
+    """The apps the user of `home` sees online, by the installed `apptunnel apps ls`."""
+    out = subprocess.run([str(BIN / "apptunnel"), "apps", "ls", "--format", "json"],
+                         capture_output=True, text=True, timeout=30, env=user_env(home)).stdout
+    return {a["name"] for a in json.loads(out)["apps"] if a["online"]} if out.strip() else set()

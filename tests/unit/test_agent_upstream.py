@@ -12,7 +12,8 @@ from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 from twisted.internet import reactor as wall_clock
 
-from apptunnel.agent.upstream import StreamSide, UpstreamDialer
+from apptunnel.agent.upstream import UpstreamDialer
+from apptunnel.tunnel.relay import RelayEnd
 from apptunnel.config import AppConfig
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
@@ -140,10 +141,10 @@ async def test_relay_both_ways_with_producers(listen):
     dialer = UpstreamDialer(reactor, (app("web", f"http://localhost:{port}"),))
     d = dialer.stream_requested(None, {"app": "web", "user": "alice"})
     side = await d.addTimeout(WAIT, reactor)
-    assert isinstance(side, StreamSide)
+    assert isinstance(side, RelayEnd)
     stream = FakeStream()
     side.makeConnection(stream)
-    upstream = side._upstream
+    upstream = side.peer
     assert stream.producer is upstream.transport and stream.streaming
     assert upstream.transport.producer is stream
     side.dataReceived(b"hello ")
@@ -177,7 +178,7 @@ async def test_stream_reset_aborts_upstream(listen):
     side = await dialer.stream_requested(None, {"app": "web"}).addTimeout(WAIT, reactor)
     stream = FakeStream()
     side.makeConnection(stream)
-    upstream = side._upstream
+    upstream = side.peer
     side.connectionLost(Failure(ConnectionLost("reset")))
     await until(lambda: not upstream.transport.connected, "abort")
 
@@ -196,7 +197,7 @@ async def test_upstream_close_finishes_stream(listen):
     side = await dialer.stream_requested(None, {"app": "web"}).addTimeout(WAIT, reactor)
     stream = FakeStream()
     side.makeConnection(stream)
-    upstream = side._upstream
+    upstream = side.peer
     await until(lambda: stream.write_closed, "stream half close")
     assert stream.value() == b"hi"
     assert not stream.aborted and not stream.disconnecting
@@ -240,3 +241,40 @@ async def test_https_app_insecure_skip_verify_relays(tls_listen):
     side.dataReceived(b"over tls")
     await until(lambda: stream.value() == b"over tls", "the TLS echo")
     side.connectionLost(Failure(protocol.connectionDone.value))
+
+
+@implementer(IHalfCloseableProtocol)
+class RecordEnd(protocol.Protocol):
+    """An app that records how the agent's side ended: a FIN, or a reset."""
+
+    endings: list = []
+
+    def readConnectionLost(self):
+        RecordEnd.endings.append("fin")
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+    def connectionLost(self, reason):
+        if not RecordEnd.endings or RecordEnd.endings[-1] != "fin":
+            RecordEnd.endings.append(type(reason.value).__name__)
+
+
+@pytest.mark.parametrize("reason, ending", [
+    (Failure(protocol.connectionDone.value), "fin"),
+    (Failure(ConnectionLost("stream reset by peer (CANCEL)")), "ConnectionLost"),
+])
+@pytest_twisted.ensureDeferred
+async def test_a_clean_stream_end_is_a_fin_to_the_app_and_a_reset_is_a_reset(listen, reason, ending):
+    """The app's real socket sees a FIN when the stream ended cleanly, a reset only on a reset."""
+    RecordEnd.endings = []
+    port = listen(RecordEnd)
+    dialer = UpstreamDialer(reactor, (app("web", f"http://127.0.0.1:{port}"),))
+    side = await dialer.stream_requested(None, {"app": "web"}).addTimeout(WAIT, reactor)
+    stream = FakeStream()
+    side.makeConnection(stream)
+    side.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+    side.connectionLost(reason)
+    await until(lambda: RecordEnd.endings, "the app to see the end")
+    assert RecordEnd.endings == [ending]  # ConnectionLost: ECONNRESET, no FIN before it

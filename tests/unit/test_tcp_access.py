@@ -415,3 +415,104 @@ async def test_role_taken_away_ends_the_session_that_role_allowed(env):
     assert await env.exchange(port, b"x") == b""
     await until(lambda: said, "the printed reason")
     assert said == ["proxy refused: 403 Forbidden: you are not allowed to use prod-db"]
+
+
+def dry_run(app: str, port: int | None = None) -> bytes:
+    target = f"/v1/tcp/{app}" + (f"?port={port}" if port is not None else "")
+    return (f"GET {target} HTTP/1.1\r\nHost: apptunnel.localhost\r\nConnection: Upgrade\r\n"
+            "Upgrade: apptunnel-tcp\r\nApptunnel-Dry-Run: 1\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("app, port, status, line", [
+    ("db", None, 200, b"tcp"),
+    ("multi", "echo2", 200, b"tcp"),
+    ("multi", 22, 403, b"port 22 is not served by multi"),
+    ("prod-db", None, 403, b"you are not allowed to use prod-db"),
+    ("nope", None, 404, b"no app named 'nope'"),
+    ("web", None, 400, b"web is an HTTP app"),
+])
+@pytest_twisted.ensureDeferred
+async def test_dry_run_gives_the_same_decision_and_opens_nothing(env, app, port, status, line):
+    """A dry run answers 200 + the app's kind or the real upgrade's refusal; no stream opens."""
+    profile = env.profile("alice")
+    port = env.echo2_port if port == "echo2" else port
+    answer = await raw(env, dry_run(app, port), profile.cert_pem + profile.key_pem)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), answer
+    assert body.startswith(line), answer
+    assert not env.access.sessions
+    assert await env.events("tcp.session.start") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_dry_run_of_an_http_app_with_a_forwarder_says_http(env, tmp_path):
+    """With a forwarder an HTTP app is accepted: the dry run says http and hands nothing over."""
+    env.access.forwarder = object()   # never used by a dry run
+    profile = env.profile("alice")
+    answer = await raw(env, dry_run("web"), profile.cert_pem + profile.key_pem)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\nhttp\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_dry_run_denial_is_audited(env):
+    """A denied dry run is a denied attempt: audited like the real one."""
+    profile = env.profile("alice")
+    await raw(env, dry_run("prod-db"), profile.cert_pem + profile.key_pem)
+    denied = await env.events("access.denied")
+    assert [(e.actor, e.target) for e in denied] == [("alice", "prod-db")]
+
+
+@pytest.mark.parametrize("app, expected", [
+    ("prod-db", b"HTTP/1.1 403 Forbidden\r\n"),
+    ("nope", b"HTTP/1.1 404 Not Found\r\n"),
+    ("down", b"HTTP/1.1 502 Bad Gateway\r\n"),
+])
+@pytest_twisted.ensureDeferred
+async def test_http_kind_local_proxy_answers_refusals_over_http(env, app, expected):
+    """For an HTTP app the local client gets the proxy's refusal as an HTTP answer."""
+    said: list[str] = []
+    profile = env.profile("alice")
+    factory = LocalProxy(reactor, lambda: profile, app, None, said.append, kind="http")
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    env.listening.append(port)
+    got = await env.exchange(port.getHost().port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert got.startswith(expected), got
+    assert got.count(b"\n") >= 5 and len(said) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_kind_local_proxy_answers_an_expired_certificate_with_401(env):
+    """An expired login is a local 401 with the login hint for an HTTP client."""
+    profile = env.profile("alice", ttl=60)
+    factory = LocalProxy(reactor, lambda: profile, "web", None, [].append,
+                         now=lambda: profile.expires + 1, kind="http")
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    env.listening.append(port)
+    got = await env.exchange(port.getHost().port, b"GET / HTTP/1.1\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 401 Unauthorized\r\n")
+    assert got.endswith(b"\r\n\r\ncertificate expired: run apptunnel login\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_before_listening(env):
+    """proxy app's check: the app's kind when allowed, the proxy's one line when not."""
+    from apptunnel.cli.context import CliError
+    from apptunnel.cli.proxy_app import check
+
+    profile = env.profile("alice")
+
+    def local(app, port=None):
+        return LocalProxy(reactor, lambda: profile, app, port, [].append)
+
+    assert await check(local("db")) == "tcp"
+    with pytest.raises(CliError) as info:
+        await check(local("multi", 22))
+    assert info.value.message == "proxy refused: 403 Forbidden: port 22 is not served by multi"
+    assert not env.access.sessions
+
+
+@pytest_twisted.ensureDeferred
+async def test_dry_run_without_a_certificate_is_401(env):
+    """A dry run asks the same question: no certificate, no answer but 401."""
+    answer = await raw(env, dry_run("db"))
+    assert answer.startswith(b"HTTP/1.1 401 ") and b"run apptunnel login" in answer

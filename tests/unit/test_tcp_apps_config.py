@@ -147,8 +147,8 @@ async def test_dialer_dials_the_requested_declared_port():
         dialer = UpstreamDialer(reactor, (multi(ports=((port, port),)),))
         d = dialer.stream_requested(None, {"app": "multi", "port": port})
         side = await d.addTimeout(5, reactor)
-        assert side._upstream.transport.getPeer().port == port
-        side._upstream.transport.abortConnection()
+        assert side.peer.transport.getPeer().port == port
+        side.peer.transport.abortConnection()
     finally:
         await defer.maybeDeferred(server.stopListening)
 
