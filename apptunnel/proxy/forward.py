@@ -20,13 +20,9 @@ import re
 import secrets
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 from urllib.parse import parse_qs, quote, quote_from_bytes, urlsplit
 
 import attrs
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from OpenSSL import crypto
 from twisted.internet import defer
 from twisted.internet.interfaces import IAddress, IProtocolFactory, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -34,10 +30,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from apptunnel.auth.ca import user_identity
-from apptunnel.auth.directory import REMOVED_MESSAGE, effective_identity
+from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts, LiveRecheck
+from apptunnel.auth.callers import Caller, certificate_caller
 from apptunnel.auth.errors import AuthError
-from apptunnel.auth.locks import lock_matches, lock_message
 from apptunnel.auth.origins import own_origins, same_origin
 from apptunnel.auth.sessions import PROXY_COOKIE_PREFIX
 from apptunnel.config import UNREWRITABLE_HEADERS
@@ -72,7 +67,6 @@ STATE_COOKIE = PROXY_COOKIE_PREFIX + "state"
 AUTH_PATH = b"/.apptunnel/auth"
 LOGOUT_PATH = b"/.apptunnel/logout"
 STATE_MAX_AGE = 300
-LOCK_AUDIT_INTERVAL = 10.0  # one lock.enforced per (user, app) per this many seconds
 
 # Bytes held per connection while a request is being authorized, and bytes of a request
 # body thrown away after answering it here, before the connection is closed instead.
@@ -120,45 +114,6 @@ def tunnel_connector(registry: AgentRegistry) -> ConnectApp:
     return connect_app
 
 
-@attrs.frozen
-class CertCaller:
-    """A caller named by a verified user certificate: no session, valid until ``expires``.
-
-    ``fingerprint`` (SHA-256 hex of the certificate) keys the RBAC and JWT caches, so a
-    renewed certificate (new roles, new traits) never reuses the old one's entries.
-    """
-
-    user: str
-    roles: tuple[str, ...]
-    traits: dict
-    expires: float
-    fingerprint: str
-
-
-def peer_certificate(transport) -> x509.Certificate | None:
-    """The client certificate on a TLS transport; None without TLS or without one."""
-    get_peer = getattr(transport, "getPeerCertificate", None)
-    if get_peer is None:
-        return None
-    try:
-        peer = get_peer()
-    except Exception:  # noqa: BLE001 - no TLS state: no certificate
-        return None
-    if isinstance(peer, crypto.X509):
-        peer = peer.to_cryptography()
-    return peer if isinstance(peer, x509.Certificate) else None
-
-
-def cert_caller(ca, cert: x509.Certificate, now: float) -> CertCaller:
-    """The identity of a user certificate of this cluster; AuthError(401) otherwise."""
-    role, name = ca.verify_peer(cert, now)
-    if role != "user":
-        raise AuthError(401, "not a user certificate")
-    roles, traits = user_identity(cert)
-    return CertCaller(name, roles, traits, cert.not_valid_after_utc.timestamp(),
-                      cert.fingerprint(hashes.SHA256()).hex())
-
-
 def _local_host_ok(host_raw: bytes | None, public_addr: str) -> bool:
     """Whether a request through a local port names a host no web page can rebind.
 
@@ -198,7 +153,19 @@ class Forward:
     head: RequestHead
     user: str
     upgrade: bool
-    credential: Any = None   # the AppSession or CertCaller that was authorized
+    caller: Caller | None = None   # who was allowed, acting with the roles held now
+
+
+def _is_upgrade(head: RequestHead) -> bool:
+    """A WebSocket upgrade request (the only upgrade we forward)."""
+    return (b"websocket" in head.headers.tokens(b"upgrade")
+            and b"upgrade" in head.headers.tokens(b"connection"))
+
+
+def _public_origin_ok(head: RequestHead, app: AppInfo) -> bool:
+    """A WebSocket on an app host must be a GET from the app's own https origin."""
+    origin = (head.headers.get(b"origin") or b"").decode("latin-1").lower()
+    return head.method == b"GET" and origin == f"https://{app.public_addr}".lower()
 
 
 def _cookies(headers: Headers) -> dict[str, str]:
@@ -286,15 +253,6 @@ def _expand(template: str, traits: dict) -> str | None:
     return None if missing else value
 
 
-@attrs.define
-class _Cached:
-    until: float
-    web: Any                 # who acts: session or certificate, capped to roles held now
-    allowed: bool
-    reason: str
-    revision: int = 0        # of the user's directory entry the decision was made with
-
-
 class AppForwarder(Factory):
     """Shared state of the app edge; builds one ``AppConnection`` per client connection."""
 
@@ -320,6 +278,7 @@ class AppForwarder(Factory):
         ca=None,
         locks=None,
         users=None,
+        access: AccessPolicy | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -335,9 +294,12 @@ class AppForwarder(Factory):
         self.head_timeout = head_timeout
         self.upgraded_idle_timeout = upgraded_idle_timeout
         self.connect_timeout = connect_timeout
-        self._decision_ttl = decision_ttl
         self._max_cached = max_cached_decisions
-        self._decisions: dict[tuple[str, str], _Cached] = {}
+        # Every "may this caller open this app" goes to the one policy (shared with the
+        # TCP access and the web UI when the proxy service hands it in).
+        self.access = access or AccessPolicy(roles=roles, audit=audit, clock=clock, locks=locks,
+                                             users=users, ttl=decision_ttl,
+                                             max_cached=max_cached_decisions)
         self._jwt_header = config.jwt_header.encode("ascii")
         self._public_host = host_only(config.public_addr)
         # With the cluster CA, app hosts also accept a user certificate (apps config);
@@ -345,91 +307,23 @@ class AppForwarder(Factory):
         self.ca = ca
         self.locks = locks
         self.connections: set[AppConnection] = set()
-        self._lock_audited: dict[tuple[str, str], float] = {}
         self._cookies_dropped: set[tuple[str, bytes]] = set()  # (app, cookie name) logged once
-        if locks is not None:
-            locks.add_listener(self._lock_added)
-        # With the user directory, a removed user or a role change re-checks live ones.
+        # A new lock, a removed user or a role change re-asks the policy for live ones.
         self.users = users
-        if users is not None:
-            users.add_listener(self._user_changed)
+        LiveRecheck(self.access, clock, lambda: self.connections, registry.app,
+                    locks=locks, users=users)
         registry.add_drain_listener(self._tunnel_draining)
 
     def buildProtocol(self, addr: IAddress) -> "AppConnection":
         return AppConnection(self)
 
-    def fixed_connection(self, app_name: str, caller: CertCaller) -> "AppConnection":
+    def fixed_connection(self, app_name: str, caller: Caller) -> "AppConnection":
         """A connection bound to one app and one certificate (``apptunnel proxy app``)."""
         return AppConnection(self, fixed_app=app_name, caller=caller)
 
-    def certificate_caller(self, transport) -> CertCaller | None:
-        """The verified user certificate on ``transport``, or None (no CA, none, invalid)."""
-        if self.ca is None:
-            return None
-        cert = peer_certificate(transport)
-        if cert is None:
-            return None
-        try:
-            return cert_caller(self.ca, cert, self.clock.seconds())
-        except AuthError:
-            return None
-
-    def _lock_added(self, lock) -> None:
-        """Cut live connections (keep-alive or upgraded) whose user/app the lock covers."""
-        for conn in list(self.connections):
-            if conn.user and lock_matches(lock, conn.user, conn.app_name):
-                self._log.info("lock {id} cuts {user} on {app}", id=lock.id, user=conn.user,
-                               app=conn.app_name)
-                self.audit.emit("lock.enforced", actor=conn.user, target=conn.app_name or "",
-                                outcome="failure", lock=lock.id, where="live connection")
-                conn.cut()
-
-    def _user_changed(self, name: str, entry) -> None:
-        """A removed user's live connections are cut now; a changed user's are re-checked
-        and cut when their current credential no longer reaches the app."""
-        for conn in list(self.connections):
-            if conn.user != name:
-                continue
-            if entry is None:
-                self._log.info("user {user} removed: cutting their connection to {app}",
-                               user=name, app=conn.app_name)
-                self.audit.emit("access.denied", actor=name, target=conn.app_name or "",
-                                outcome="failure", reason="user removed",
-                                where="live connection")
-                conn.cut()
-            else:
-                d = defer.Deferred.fromCoroutine(self._recheck(conn))
-                d.addErrback(lambda f: self._log.failure("re-checking a connection failed", f))
-
-    async def _recheck(self, conn: "AppConnection") -> None:
-        credential, app_name = conn.credential, conn.app_name
-        app = self.registry.app(app_name) if app_name else None
-        if credential is None or app is None:
-            return
-        if isinstance(credential, CertCaller):
-            cached = await self._decide_cert(credential, app)
-        else:
-            cached = await self._decide(credential, app)
-        if (cached.web is None or not cached.allowed) and conn.credential is credential:
-            self._log.info("{user} may no longer open {app}: cutting their connection",
-                           user=conn.user, app=app.name)
-            self.audit.emit("access.denied", actor=conn.user, target=app.name,
-                            outcome="failure", reason=cached.reason, where="live connection")
-            conn.cut()
-
     def forget_decisions(self) -> None:
         """Decide every request afresh (roles were edited: ``apptunnel create -f``)."""
-        self._decisions.clear()
-
-    def _revision(self, user: str) -> int:
-        """The directory revision of ``user`` now (-1 when unknown), for cache checks."""
-        entry = self.users.current(user) if self.users is not None else None
-        return entry.revision if entry is not None else -1
-
-    def _still_valid(self, cached: _Cached | None, now: float) -> bool:
-        """A cached decision holds until its time is up or its user changes."""
-        return (cached is not None and now < cached.until
-                and (self.users is None or self._revision(cached.web.user) == cached.revision))
+        self.access.forget()
 
     def _tunnel_draining(self, tunnel) -> None:
         """An agent is going away: connections idle between requests let go of their
@@ -440,7 +334,7 @@ class AppForwarder(Factory):
     # Deciding what a request gets
 
     async def route(self, head: RequestHead, client_ip: str,
-                    caller: CertCaller | None = None) -> Answer | Forward:
+                    caller: Caller | None = None) -> Answer | Forward:
         """Answer here (hand-off, logout, sign-in redirect, refusal) or allow through.
 
         ``caller`` is the connection's verified user certificate, used only when the
@@ -475,41 +369,37 @@ class AppForwarder(Factory):
         if path == LOGOUT_PATH:
             return await self._logout(app, head, cookies, close, head_only)
 
+        upgrade = _is_upgrade(head)
+        facts = Facts(client_ip=client_ip, method=head.method.decode("latin-1"),
+                      path=path.decode("latin-1"), upgrade=upgrade,
+                      origin_ok=not upgrade or _public_origin_ok(head, app))
         app_session = await self.sessions.app_session(cookies.get(APP_COOKIE), app.name)
-        cached = await self._decide(app_session, app) if app_session is not None else None
-        if cached is None or cached.web is None:
+        decision = None
+        if app_session is not None:
+            now = self.clock.seconds()
+            # A cached decision needs no look at the session behind the cookie.
+            decision = self.access.recall(app_session.id_hash, app_session.user, app, facts, now)
+            if decision is None:
+                session_caller = await self.sessions.caller(app_session)
+                if session_caller is not None:
+                    decision = await self.access.decide(session_caller, app, facts, now)
+        if decision is None or (isinstance(decision, Deny) and decision.code == "user_removed"):
+            # No session (or one whose user is gone): a certificate, else sign in.
             if caller is not None and self.clock.seconds() < caller.expires:
                 return await self._by_certificate(head, app, caller, client_ip, False)
             if head.method not in (b"GET", b"HEAD"):
                 return page(401)
             return self._launch(app, head.target, close, head_only)
-        web = cached.web
-        if not cached.allowed:
-            self.audit.emit(
-                "access.denied", actor=web.user, target=app.name, outcome="failure",
-                reason=cached.reason, client_ip=client_ip, method=head.method.decode("latin-1"),
-                path=path.decode("latin-1"),
-            )
+        if not isinstance(decision, Allow):
+            if isinstance(decision, Deny) and decision.code == "origin":
+                self._log.info("refused WebSocket upgrade to {app} from origin {origin}", app=app.name,
+                               origin=(head.headers.get(b"origin") or b"").decode("latin-1").lower())
             return page(403)
-
-        upgrade = b"websocket" in head.headers.tokens(b"upgrade") and b"upgrade" in head.headers.tokens(b"connection")
-        if upgrade:
-            origin = (head.headers.get(b"origin") or b"").decode("latin-1").lower()
-            if origin != f"https://{app.public_addr}".lower() or head.method != b"GET":
-                self._log.info(
-                    "refused WebSocket upgrade to {app} from origin {origin}", app=app.name, origin=origin,
-                )
-                self.audit.emit(
-                    "access.denied", actor=web.user, target=app.name, outcome="failure",
-                    reason="WebSocket origin mismatch", client_ip=client_ip,
-                    method=head.method.decode("latin-1"), path=path.decode("latin-1"),
-                )
-                return page(403)
-        return Forward(app, self._app_head(head, app, app_session.id_hash, web, client_ip, upgrade),
-                       web.user, upgrade, app_session)
+        who = decision.caller
+        return Forward(app, self._app_head(head, app, who, client_ip, upgrade), who.user, upgrade, who)
 
     async def route_fixed(self, head: RequestHead, client_ip: str, app_name: str,
-                          caller: CertCaller) -> Answer | Forward:
+                          caller: Caller) -> Answer | Forward:
         """A request of a fixed-app connection: the app and caller are the connection's,
         whatever Host says; no cookies, no hand-off."""
         head_only = head.method == b"HEAD"
@@ -539,104 +429,30 @@ class AppForwarder(Factory):
             return Answer(pages.error_response(403, close=True, head_only=head_only), 403, True)
         return await self._by_certificate(head, app, caller, client_ip, True)
 
-    async def _by_certificate(self, head: RequestHead, app: AppInfo, caller: CertCaller,
+    async def _by_certificate(self, head: RequestHead, app: AppInfo, caller: Caller,
                               client_ip: str, fixed: bool) -> Answer | Forward:
-        """Locks, RBAC and the upgrade rule for a certificate caller, as for sessions."""
+        """The policy's decision for a certificate caller, as for sessions."""
         head_only = head.method == b"HEAD"
         close = not keep_alive(head.version, head.headers)
-        path = head.target.partition(b"?")[0].decode("latin-1")
-        method = head.method.decode("latin-1")
-        lock = self.locks.locked(caller.user, app.name) if self.locks is not None else None
-        if lock is not None:
-            self._audit_lock(lock, caller.user, app.name)
-            return Answer(pages.error_response(403, lock_message(lock), close=close,
-                                               head_only=head_only), 403, close)
-        cached = await self._decide_cert(caller, app)
-        if cached.web is None:
-            self.audit.emit("access.denied", actor=caller.user, target=app.name, outcome="failure",
-                            reason=cached.reason, client_ip=client_ip, method=method, path=path)
-            return Answer(pages.error_response(403, REMOVED_MESSAGE, close=close,
-                                               head_only=head_only), 403, close)
-        if not cached.allowed:
-            self.audit.emit("access.denied", actor=caller.user, target=app.name, outcome="failure",
-                            reason=cached.reason, client_ip=client_ip, method=method, path=path)
-            return Answer(pages.error_response(403, close=close, head_only=head_only), 403, close)
-        upgrade = b"websocket" in head.headers.tokens(b"upgrade") and b"upgrade" in head.headers.tokens(b"connection")
-        if upgrade:
+        upgrade = _is_upgrade(head)
+        if not upgrade:
+            origin_ok = True
+        elif fixed:
+            # Through a local port: a browser page must come from a loopback origin.
             origin = (head.headers.get(b"origin") or b"").decode("latin-1").lower()
-            if fixed:
-                # Through a local port: a browser page must come from a loopback origin.
-                ok = not origin or LOOPBACK_ORIGIN.fullmatch(origin) is not None
-            else:
-                ok = origin == f"https://{app.public_addr}".lower()
-            if not ok or head.method != b"GET":
-                self.audit.emit("access.denied", actor=caller.user, target=app.name, outcome="failure",
-                                reason="WebSocket origin mismatch", client_ip=client_ip,
-                                method=method, path=path)
-                return Answer(pages.error_response(403, close=close, head_only=head_only), 403, close)
-        out = self._app_head(head, app, caller.fingerprint, cached.web, client_ip, upgrade)
-        return Forward(app, out, caller.user, upgrade, caller)
-
-    async def _decide_cert(self, caller: CertCaller, app: AppInfo) -> _Cached:
-        """RBAC for (certificate, app) with the roles its user holds now, cached like the
-        session decisions; ``web`` None when the user no longer exists."""
-        now = self.clock.seconds()
-        key = ("cert:" + caller.fingerprint, app.name)
-        cached = self._decisions.get(key)
-        if self._still_valid(cached, now):
-            return cached
-        revision = self._revision(caller.user)  # before any await: a change meanwhile re-decides
-        who = caller
-        if self.users is not None:
-            found = effective_identity(caller.roles, caller.traits,
-                                       await self.users.lookup(caller.user))
-            if found is None:
-                self._decisions.pop(key, None)
-                return _Cached(0.0, None, False, "user removed")
-            if found != (caller.roles, caller.traits):
-                who = attrs.evolve(caller, roles=found[0], traits=found[1])
-        decision = (await self.roles.role_set(who.roles)).check_app(app.labels, who.traits)
-        cached = _Cached(min(now + self._decision_ttl, caller.expires), who,
-                         decision.allowed, decision.reason, revision)
-        self._remember(key, cached, now)
-        return cached
-
-    def _remember(self, key: tuple[str, str], cached: _Cached, now: float) -> None:
-        if len(self._decisions) >= self._max_cached:
-            self._decisions = {k: v for k, v in self._decisions.items() if v.until > now}
-            if len(self._decisions) >= self._max_cached:
-                self._decisions.clear()
-        self._decisions[key] = cached
-
-    def _audit_lock(self, lock, user: str, app: str) -> None:
-        """``lock.enforced`` at most once per (user, app) per LOCK_AUDIT_INTERVAL."""
-        now = self.clock.seconds()
-        last = self._lock_audited.get((user, app))
-        if last is not None and now - last < LOCK_AUDIT_INTERVAL:
-            return
-        if len(self._lock_audited) >= self._max_cached:
-            self._lock_audited.clear()
-        self._lock_audited[(user, app)] = now
-        self.audit.emit("lock.enforced", actor=user, target=app, outcome="failure",
-                        lock=lock.id, where="app request")
-
-    async def _decide(self, app_session, app: AppInfo) -> _Cached:
-        """RBAC for (app session, app), cached for a few seconds so requests skip storage."""
-        now = self.clock.seconds()
-        key = (app_session.id_hash, app.name)
-        cached = self._decisions.get(key)
-        if self._still_valid(cached, now):
-            return cached
-        revision = self._revision(app_session.user)  # before any await, as in _decide_cert
-        web = await self.sessions.identity(app_session)
-        if web is None:
-            self._decisions.pop(key, None)
-            return _Cached(0.0, None, False, "session ended")
-        decision = (await self.roles.role_set(web.roles)).check_app(app.labels, web.traits)
-        until = min(now + self._decision_ttl, web.expires, app_session.expires)
-        cached = _Cached(until, web, decision.allowed, decision.reason, revision)
-        self._remember(key, cached, now)
-        return cached
+            origin_ok = head.method == b"GET" and (not origin or LOOPBACK_ORIGIN.fullmatch(origin) is not None)
+        else:
+            origin_ok = _public_origin_ok(head, app)
+        facts = Facts(client_ip=client_ip, method=head.method.decode("latin-1"),
+                      path=head.target.partition(b"?")[0].decode("latin-1"),
+                      upgrade=upgrade, origin_ok=origin_ok)
+        decision = await self.access.decide(caller, app, facts, self.clock.seconds())
+        if not isinstance(decision, Allow):
+            message = decision.message if isinstance(decision, Deny) and decision.message else None
+            return Answer(pages.error_response(403, message, close=close, head_only=head_only),
+                          403, close)
+        who = decision.caller
+        return Forward(app, self._app_head(head, app, who, client_ip, upgrade), who.user, upgrade, who)
 
     async def _redeem(self, app: AppInfo, query: bytes, cookies: dict, close: bool, head_only: bool) -> Answer:
         codes = parse_qs(query.decode("latin-1")).get("code") or [""]
@@ -687,7 +503,7 @@ class AppForwarder(Factory):
             app_session = await self.sessions.app_session(secret, app.name)
             await self.sessions.end_app_session(secret)
             if app_session is not None:
-                self._decisions.pop((app_session.id_hash, app.name), None)
+                self.access.forget(app_session.id_hash, app.name)
                 self.signer.forget(app_session.id_hash)
                 self.audit.emit("session.app.end", actor=app_session.user, target=app.name)
         data = pages.redirect_response(
@@ -708,12 +524,12 @@ class AppForwarder(Factory):
         )
         return Answer(data, 302, close)
 
-    def _app_head(self, head: RequestHead, app: AppInfo, cache_key: str, web, client_ip: str,
+    def _app_head(self, head: RequestHead, app: AppInfo, web: Caller, client_ip: str,
                   upgrade: bool) -> RequestHead:
         """The head the app sees: no hop-by-hop or spoofable headers, ours added.
 
-        ``web`` is whoever calls (session or certificate: user, roles, traits);
-        ``cache_key`` keys the signer's token cache for that caller.
+        ``web`` is who acts (user, roles and traits held now); its credential keys the
+        signer's token cache.
         """
         identity = _identity_names(self.config.jwt_header, app.rewrite_headers)
         out = client_headers(head.headers, identity)
@@ -727,7 +543,7 @@ class AppForwarder(Factory):
         # The app's public address, never the client's Host: the app builds URLs from it.
         out.add(b"X-Forwarded-Host", app.public_addr.encode("ascii", "replace"))
         token = self.signer.token(
-            cache_key, web.user, web.roles, web.traits,
+            web.credential, web.user, web.roles, web.traits,
             audience=f"https://{app.public_addr}", claims=app.jwt_claims,
         )
         out.add(self._jwt_header, token.encode("ascii"))
@@ -853,13 +669,13 @@ class AppConnection(Protocol):
     _log = Logger()
 
     def __init__(self, forwarder: AppForwarder, fixed_app: str | None = None,
-                 caller: CertCaller | None = None) -> None:
+                 caller: Caller | None = None) -> None:
         self._fw = forwarder
         self._fixed_app = fixed_app
-        self._caller = caller if fixed_app is not None else _UNKNOWN
+        self._cert = caller if fixed_app is not None else _UNKNOWN
         self.user = caller.user if fixed_app is not None and caller is not None else ""
         self.app_name = fixed_app
-        self.credential = caller if fixed_app is not None else None
+        self.caller = caller if fixed_app is not None else None  # who the policy last allowed
         self._expiry = None
         self._clock = forwarder.clock
         self._reader = RequestReader()
@@ -890,7 +706,7 @@ class AppConnection(Protocol):
         self.transport.registerProducer(_Valve(self._client_blocked, self._client_unblocked), True)
         self._fw.connections.add(self)
         if self._fixed_app is not None:
-            delay = max(0.0, self._caller.expires - self._clock.seconds())
+            delay = max(0.0, self._cert.expires - self._clock.seconds())
             self._expiry = self._clock.callLater(delay, self.cut)
         self._touch()
 
@@ -900,6 +716,12 @@ class AppConnection(Protocol):
             return
         self._close()
         self.transport.abortConnection()
+
+    def refused(self, deny) -> None:
+        """The policy no longer allows this connection's caller (lock, removed user, roles)."""
+        self._log.info("{user} may no longer open {app} ({why}): cutting their connection",
+                       user=self.user, app=self.app_name, why=deny.reason)
+        self.cut()
 
     def is_idle(self) -> bool:
         """Between requests (no exchange, not upgraded): the connection limits may shed it."""
@@ -1001,12 +823,12 @@ class AppConnection(Protocol):
         )
         self._routing = True
         if self._fixed_app is not None:
-            routing = self._fw.route_fixed(head, self._client_ip, self._fixed_app, self._caller)
+            routing = self._fw.route_fixed(head, self._client_ip, self._fixed_app, self._cert)
         else:
-            if self._caller is _UNKNOWN:
+            if self._cert is _UNKNOWN:
                 # A TLS connection's certificate cannot change: verify it once.
-                self._caller = self._fw.certificate_caller(self.transport)
-            routing = self._fw.route(head, self._client_ip, self._caller)
+                self._cert = certificate_caller(self._fw.ca, self.transport, self._clock.seconds())
+            routing = self._fw.route(head, self._client_ip, self._cert)
         d = defer.Deferred.fromCoroutine(routing)
         d.addCallback(self._routed, self._ex)
         d.addErrback(self._route_failed, self._ex)
@@ -1019,7 +841,7 @@ class AppConnection(Protocol):
             return
         ex.app, ex.user, ex.upgrade = outcome.app, outcome.user, outcome.upgrade
         self.user, self.app_name = outcome.user, outcome.app.name
-        self.credential = outcome.credential
+        self.caller = outcome.caller
         if (self._upstream is not None and self._upstream_app == outcome.app.name
                 and not _draining(self._upstream)):
             self._send_head(outcome)
