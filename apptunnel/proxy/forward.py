@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, quote, quote_from_bytes, urlsplit
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IAddress, IProtocolFactory, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -58,8 +58,9 @@ from apptunnel.proxy.headers import (
     local_port_cross_site,
     valid_host,
 )
+from apptunnel.proxy.pool import AppEndpoint, ConnectApp, NoAgent, TunnelPool
 from apptunnel.proxy.registry import AgentRegistry, AppInfo, host_only
-from apptunnel.tunnel.errors import StreamRefused, TunnelLost
+from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 
 APP_COOKIE = PROXY_COOKIE_PREFIX + "app"
@@ -77,42 +78,6 @@ _TEMPLATE = re.compile(r"\{\{\s*(internal|external)\.([A-Za-z0-9_.\-]+)\s*\}\}")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _LOCATION_SAFE = "!#$%&'()*+,/:;=?@[]~"
-
-# (app, stream target, factory) -> Deferred firing with the protocol built for the stream.
-ConnectApp = Callable[[AppInfo, dict, IProtocolFactory], defer.Deferred]
-
-
-class NoAgent(Exception):
-    """No live tunnel serves the app right now."""
-
-
-def tunnel_connector(registry: AgentRegistry) -> ConnectApp:
-    """Production ``connect_app``: a stream to the app over one of its agents' tunnels."""
-
-    def connect_app(app: AppInfo, target: dict, factory: IProtocolFactory,
-                    tried: frozenset = frozenset()) -> defer.Deferred:
-        tunnel = registry.pick(app.name, app)  # the checked registration, not going away
-        if tunnel is None or tunnel in tried:
-            return defer.fail(NoAgent(app.name))
-
-        def connected(proto):
-            if isinstance(proto, _AppSide):
-                proto.tunnel = tunnel  # so its connection can tell when the tunnel drains
-            return proto
-
-        def elsewhere(failure: Failure):
-            # An open that crossed the agent's GOAWAY on the wire, or a tunnel that died
-            # under it, says nothing about the app: another tunnel may serve it.
-            err = failure.value
-            if isinstance(err, TunnelLost) or (
-                    isinstance(err, StreamRefused) and err.code == ErrorCode.GOING_AWAY):
-                return connect_app(app, target, factory, tried | {tunnel})
-            return failure
-
-        return tunnel.connect_stream(target, factory).addCallbacks(connected, elsewhere)
-
-    return connect_app
-
 
 def _local_host_ok(host_raw: bytes | None, public_addr: str) -> bool:
     """Whether a request through a local port names a host no web page can rebind.
@@ -324,6 +289,16 @@ class AppForwarder(Factory):
     def forget_decisions(self) -> None:
         """Decide every request afresh (roles were edited: ``apptunnel create -f``)."""
         self.access.forget()
+
+    def tunnel_of(self, proto) -> object | None:
+        """The tunnel under a stream to an app (None when the connector does not say)."""
+        pool = self.connect_app
+        return pool.tunnel_of(proto) if isinstance(pool, TunnelPool) else None
+
+    def draining(self, proto) -> bool:
+        """Whether the tunnel under a stream to an app is going away."""
+        pool = self.connect_app
+        return pool.draining(proto) if isinstance(pool, TunnelPool) else False
 
     def _tunnel_draining(self, tunnel) -> None:
         """An agent is going away: connections idle between requests let go of their
@@ -633,18 +608,12 @@ class _AppSide(Protocol):
 
     def __init__(self, conn: "AppConnection") -> None:
         self._conn = conn
-        self.tunnel = None  # set by tunnel_connector: the tunnel the stream rides on
 
     def dataReceived(self, data: bytes) -> None:
         self._conn.app_data(self, data)
 
     def connectionLost(self, reason: Failure) -> None:
         self._conn.app_lost(self, reason)
-
-
-def _draining(proto: _AppSide) -> bool:
-    """Whether the tunnel under this stream to the app is going away."""
-    return proto.tunnel is not None and proto.tunnel.going_away
 
 
 class _AppSideFactory(Factory):
@@ -737,7 +706,7 @@ class AppConnection(Protocol):
             return
         if self._ex is not None and self._ex.forwarding:
             return
-        if self._upstream.tunnel is tunnel:
+        if self._fw.tunnel_of(self._upstream) is tunnel:
             self._drop_upstream(abort=False)
 
     def dataReceived(self, data: bytes) -> None:
@@ -843,12 +812,12 @@ class AppConnection(Protocol):
         self.user, self.app_name = outcome.user, outcome.app.name
         self.caller = outcome.caller
         if (self._upstream is not None and self._upstream_app == outcome.app.name
-                and not _draining(self._upstream)):
+                and not self._fw.draining(self._upstream)):
             self._send_head(outcome)
             return
         self._drop_upstream(abort=False)
         target = {"app": outcome.app.name, "user": outcome.user, "client": self._client_address()}
-        d = defer.maybeDeferred(self._fw.connect_app, outcome.app, target, _AppSideFactory(self))
+        d = AppEndpoint(self._fw.connect_app, outcome.app, target).connect(_AppSideFactory(self))
         d.addTimeout(self._fw.connect_timeout, self._clock)
         self._connecting = d
         d.addCallbacks(self._app_connected, self._connect_failed,
@@ -946,7 +915,7 @@ class AppConnection(Protocol):
         if not ex.keep_alive:
             self._close()
             return
-        if self._upstream is not None and _draining(self._upstream):
+        if self._upstream is not None and self._fw.draining(self._upstream):
             self._drop_upstream(abort=False)  # the next request opens a stream elsewhere
         self._resume_client("waiting")
         try:

@@ -32,8 +32,9 @@ from apptunnel.backend import open_backend
 from apptunnel.config import ConfigError, ProxyConfig
 from apptunnel.proxy.control import ControlFactory, control_endpoint
 from apptunnel.proxy.edge import EdgeFactory
-from apptunnel.proxy.forward import AppForwarder, tunnel_connector
+from apptunnel.proxy.forward import AppForwarder
 from apptunnel.proxy.limits import ConnectionTracker, LimitedFactory, raise_fd_limit
+from apptunnel.proxy.pool import TunnelPool
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.tcp_access import TcpAccess
 from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_options
@@ -140,6 +141,7 @@ class ProxyService(MultiService):
         )
         site = WebSite(self.web.resource())  # a deadline on every request head
         site.displayTracebacks = False
+        self.pool = TunnelPool(self.registry)  # one pool: HTTP and TCP streams alike
         self.forwarder = AppForwarder(
             config=config,
             registry=self.registry,
@@ -148,7 +150,7 @@ class ProxyService(MultiService):
             signer=self.signer,
             audit=self.audit,
             clock=reactor,
-            connect_app=tunnel_connector(self.registry),
+            connect_app=self.pool,
             ca=self.ca,
             locks=self.locks,
             users=self.users,
@@ -156,7 +158,7 @@ class ProxyService(MultiService):
         )
         self.tcp_access = TcpAccess(
             ca=self.ca, registry=self.registry, roles=self.roles, audit=self.audit,
-            clock=reactor, connect_app=tunnel_connector(self.registry), locks=self.locks,
+            clock=reactor, connect_app=self.pool, locks=self.locks,
             forwarder=self.forwarder, users=self.users, access=self.access,
         )
         edge = EdgeFactory(config.public_host, site, self.forwarder, tcp_access=self.tcp_access)

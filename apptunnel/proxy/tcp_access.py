@@ -27,6 +27,7 @@ stream the same way.
 
 from __future__ import annotations
 
+from typing import Protocol as Interface
 from urllib.parse import parse_qs, unquote
 
 from twisted.internet import defer, error
@@ -42,7 +43,7 @@ from apptunnel.auth.callers import Caller, caller_from_certificate, peer_certifi
 from apptunnel.auth.directory import REMOVED_MESSAGE
 from apptunnel.auth.errors import AuthError
 from apptunnel.proxy import pages
-from apptunnel.proxy.forward import AppForwarder, ConnectApp, NoAgent
+from apptunnel.proxy.pool import AppEndpoint, ConnectApp, NoAgent
 from apptunnel.proxy.http1 import MAX_HEAD, HttpError, RequestHead, parse_request_head
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.tunnel.errors import StreamRefused
@@ -65,6 +66,13 @@ def is_tcp_request(head: RequestHead) -> bool:
         and UPGRADE_TOKEN in head.headers.tokens(b"upgrade")
         and b"upgrade" in head.headers.tokens(b"connection")
     )
+
+
+class HttpHandOff(Interface):
+    """Serves an HTTP app's requests on a connection after the upgrade (the app
+    forwarder): every request is authorized, signed and audited as ``caller``."""
+
+    def fixed_connection(self, app_name: str, caller: Caller) -> Protocol: ...
 
 
 class Refusal(Exception):
@@ -129,7 +137,7 @@ class TcpAccess(Factory):
     def __init__(self, *, ca: ClusterCA, registry: AgentRegistry, roles, audit,
                  clock: IReactorTime, connect_app: ConnectApp, locks=None,
                  connect_timeout: float = CONNECT_TIMEOUT,
-                 forwarder: AppForwarder | None = None, users=None,
+                 forwarder: HttpHandOff | None = None, users=None,
                  access: AccessPolicy | None = None) -> None:
         self.ca = ca
         self.registry = registry
@@ -298,7 +306,7 @@ class TcpSession(Protocol):
         target = {"app": name, "user": user, "client": self.client}
         if port is not None:
             target["port"] = port
-        d = access.connect_app(app, target, _StreamFactory(self))
+        d = AppEndpoint(access.connect_app, app, target).connect(_StreamFactory(self))
         d.addTimeout(access.connect_timeout, access.clock)
         try:
             return await d

@@ -27,7 +27,8 @@ from apptunnel.cli.proxy_app import LocalProxy, parse_port_spec
 from apptunnel.cli.context import UsageError
 from apptunnel.config import AppConfig, ProxyConfig
 from apptunnel.proxy.edge import EdgeFactory
-from apptunnel.proxy.forward import AppForwarder, tunnel_connector
+from apptunnel.proxy.forward import AppForwarder
+from apptunnel.proxy.pool import tunnel_connector
 from apptunnel.proxy.registry import AgentRegistry, AppInfo
 from apptunnel.proxy.service import _web_tls_options
 from apptunnel.proxy.tcp_access import TcpAccess
