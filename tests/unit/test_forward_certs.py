@@ -33,7 +33,8 @@ from apptunnel.cli.proxy_app import LocalProxy
 from apptunnel.config import ProxyConfig
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.auth.callers import Caller
-from apptunnel.proxy.forward import Answer, AppForwarder
+from apptunnel.proxy.forward import AppForwarder
+from apptunnel.proxy.router import Answer
 from apptunnel.proxy.http1 import Headers, RequestHead
 from apptunnel.proxy.registry import AgentRegistry, AppInfo
 from apptunnel.proxy.service import _web_tls_options
@@ -288,6 +289,6 @@ async def test_fixed_route_refuses_expired_certificate(cenv):
     """A fixed-app request after the certificate expired is answered 401 and closed."""
     caller = Caller("alice", ("dev",), {}, "certificate", "ab" * 32, reactor.seconds() - 1)
     head = RequestHead(b"GET", b"/echo", b"HTTP/1.1", Headers([(b"Host", b"x")]))
-    answer = await cenv.forwarder.route_fixed(head, "127.0.0.1", "grafana", caller)
+    answer = await cenv.forwarder.router.route_fixed(head, "127.0.0.1", "grafana", caller)
     assert isinstance(answer, Answer) and (answer.status, answer.close) == (401, True)
     assert b"certificate expired: run apptunnel login" in answer.data
