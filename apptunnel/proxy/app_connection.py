@@ -65,7 +65,6 @@ class _Exchange:
     version: bytes
     app: AppInfo | None = None
     user: str = ""
-    forwarding: bool = False
     upgrade: bool = False
     status: int = 0
     head_sent: bool = False
@@ -111,6 +110,14 @@ class _AppSideFactory(Factory):
 
 _UNKNOWN = object()  # the connection's certificate has not been looked at yet
 
+# The connection's states. Each request goes reading_head -> routing (the router decides,
+# a stream to the app opens) -> forwarding (relaying its response) or answered (we gave
+# the response; the rest of its body is thrown away) -> reading_head again; a 101 makes
+# it upgraded (a byte relay) for good. closing: we are closing it; closed: it is gone.
+READING_HEAD, ROUTING, FORWARDING, ANSWERED = "reading_head", "routing", "forwarding", "answered"
+UPGRADED, CLOSING, CLOSED = "upgraded", "closing", "closed"
+_ENDED = (CLOSING, CLOSED)
+
 
 class AppConnection(Protocol):
     """One client connection to app hosts: requests in order, each authorized and relayed.
@@ -136,7 +143,7 @@ class AppConnection(Protocol):
         self._pending: deque = deque()
         self._pending_bytes = 0
         self._pumping = False
-        self._routing = False
+        self.state = READING_HEAD
         self._ex: _Exchange | None = None
         self._upstream: _AppSide | None = None
         self._upstream_app: str | None = None
@@ -144,9 +151,6 @@ class AppConnection(Protocol):
         self._connecting: defer.Deferred | None = None
         self._client_pauses: set[str] = set()
         self._client_full = False
-        self._raw = False
-        self._closing = False
-        self._closed = False
         self._client_ip = ""
         self._last_active = 0.0
         self._timer = None
@@ -166,7 +170,7 @@ class AppConnection(Protocol):
 
     def cut(self) -> None:
         """End the connection now (a lock, an expired certificate), whatever is in flight."""
-        if self._closed:
+        if self.state == CLOSED:
             return
         self._close()
         self.transport.abortConnection()
@@ -179,7 +183,7 @@ class AppConnection(Protocol):
 
     def is_idle(self) -> bool:
         """Between requests (no exchange, not upgraded): the connection limits may shed it."""
-        return self._ex is None and not self._raw
+        return self.state == READING_HEAD
 
     def tunnel_draining(self, tunnel) -> None:
         """Close our idle upstream stream if it rides on ``tunnel`` (which is going away).
@@ -187,18 +191,16 @@ class AppConnection(Protocol):
         Only between requests: an exchange in progress keeps its stream until the response
         ends (``_finish`` then lets it go), and an upgraded connection keeps relaying.
         """
-        if self._raw or self._closing or self._upstream is None:
-            return
-        if self._ex is not None and self._ex.forwarding:
+        if self.state in (FORWARDING, UPGRADED, CLOSING, CLOSED) or self._upstream is None:
             return
         if self._fw.tunnel_of(self._upstream) is tunnel:
             self._drop_upstream(abort=False)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing:
+        if self.state in _ENDED:
             return
         self._last_active = self._clock.seconds()
-        if self._raw:
+        if self.state == UPGRADED:
             if self._upstream is not None:
                 self._upstream.transport.write(data)
             return
@@ -212,14 +214,14 @@ class AppConnection(Protocol):
         # Pause only when the client actually sends more while we are busy with a request:
         # what arrived is held (one read at most), and the common case (one request, then
         # wait for its response) costs no syscalls.
-        if self._routing and not self._closing:
+        if self.state == ROUTING:
             self._pause_client("routing")
         if (self._ex is not None and self._reader.state == "done" and self._reader.held
-                and not self._closing):
+                and self.state not in _ENDED):
             self._pause_client("waiting")
 
     def connectionLost(self, reason: Failure) -> None:
-        self._closed = self._closing = True
+        self.state = CLOSED
         self._fw.connections.discard(self)
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
@@ -252,7 +254,7 @@ class AppConnection(Protocol):
             return
         self._pumping = True
         try:
-            while self._pending and not self._routing and not self._closing:
+            while self._pending and self.state not in (ROUTING, CLOSING, CLOSED):
                 event = self._pending.popleft()
                 if isinstance(event, RequestHead):
                     self._begin(event)
@@ -275,7 +277,7 @@ class AppConnection(Protocol):
             method=head.method, path=path, started=self._clock.seconds(),
             keep_alive=keep_alive(head.version, head.headers), version=head.version,
         )
-        self._routing = True
+        self.state = ROUTING
         if self._fixed_app is not None:
             routing = self._fw.router.route_fixed(head, self._client_ip, self._fixed_app, self._cert)
         else:
@@ -288,7 +290,7 @@ class AppConnection(Protocol):
         d.addErrback(self._route_failed, self._ex)
 
     def _routed(self, outcome: Answer | Forward, ex: _Exchange) -> None:
-        if self._closing or ex is not self._ex:
+        if self.state in _ENDED or ex is not self._ex:
             return
         if isinstance(outcome, Answer):
             self._answer(outcome)
@@ -310,12 +312,12 @@ class AppConnection(Protocol):
 
     def _route_failed(self, failure: Failure, ex: _Exchange) -> None:
         self._log.failure("routing a request failed", failure)
-        if not self._closing and ex is self._ex:
+        if self.state not in _ENDED and ex is self._ex:
             self._answer(Answer(pages.error_response(500, close=True), 500, True))
 
     def _app_connected(self, proto: _AppSide, outcome: Forward, ex: _Exchange) -> None:
         self._connecting = None
-        if self._closing or ex is not self._ex:
+        if self.state in _ENDED or ex is not self._ex:
             proto.transport.loseConnection()
             return
         self._upstream = proto
@@ -330,7 +332,7 @@ class AppConnection(Protocol):
 
     def _connect_failed(self, failure: Failure, outcome: Forward, ex: _Exchange) -> None:
         self._connecting = None
-        if self._closing or ex is not self._ex:
+        if self.state in _ENDED or ex is not self._ex:
             return
         err = failure.value
         if isinstance(err, NoAgent) or (isinstance(err, StreamRefused) and err.code == ErrorCode.UNKNOWN_TARGET):
@@ -349,8 +351,7 @@ class AppConnection(Protocol):
 
     def _send_head(self, outcome: Forward) -> None:
         ex = self._ex
-        ex.forwarding = True
-        self._routing = False
+        self.state = FORWARDING
         held = self._resp.start(ex.method)
         self._upstream.transport.write(outcome.head.to_bytes())
         self._resume_client("routing")
@@ -361,7 +362,7 @@ class AppConnection(Protocol):
     def _answer(self, answer: Answer) -> None:
         """Give a locally made response; the rest of the request body is thrown away."""
         ex = self._ex
-        self._routing = False
+        self.state = ANSWERED
         ex.status = answer.status
         ex.response_done = True
         self.transport.write(answer.data)
@@ -379,7 +380,7 @@ class AppConnection(Protocol):
     def _request_body(self, data) -> None:
         ex = self._ex
         ex.bytes_in += len(data)
-        if ex.forwarding and self._upstream is not None and not ex.response_done:
+        if self.state == FORWARDING and self._upstream is not None and not ex.response_done:
             self._upstream.transport.write(data)
         else:
             ex.discarded += len(data)
@@ -400,6 +401,7 @@ class AppConnection(Protocol):
         if not ex.keep_alive:
             self._close()
             return
+        self.state = READING_HEAD
         if self._upstream is not None and self._fw.draining(self._upstream):
             self._drop_upstream(abort=False)  # the next request opens a stream elsewhere
         self._resume_client("waiting")
@@ -424,10 +426,10 @@ class AppConnection(Protocol):
     # App side
 
     def app_data(self, proto: _AppSide, data: bytes) -> None:
-        if proto is not self._upstream or self._closing:
+        if proto is not self._upstream or self.state in _ENDED:
             return
         self._last_active = self._clock.seconds()
-        if self._raw:
+        if self.state == UPGRADED:
             self.transport.write(data)
             return
         try:
@@ -442,13 +444,13 @@ class AppConnection(Protocol):
             return
         self._upstream = None
         self._resume_client("app-full")
-        if self._closing:
+        if self.state in _ENDED:
             return
-        if self._raw:
+        if self.state == UPGRADED:
             self._close()
             return
         ex = self._ex
-        if ex is None or not ex.forwarding or ex.response_done:
+        if self.state != FORWARDING or ex.response_done:
             return
         try:
             events = self._resp.connection_closed()
@@ -466,7 +468,7 @@ class AppConnection(Protocol):
                 if ex is not None:
                     ex.bytes_out += len(event.data)
             elif isinstance(event, ResponseHead):
-                if ex is None or not ex.forwarding:
+                if self.state != FORWARDING:
                     self._app_broken(HttpError(502, "response without a request"))
                     return
                 if event.status == 101 and not ex.upgrade:
@@ -487,12 +489,12 @@ class AppConnection(Protocol):
             elif isinstance(event, EndOfMessage):
                 self._flush(out)
                 self._response_end()
-                if self._closing:
+                if self.state in _ENDED:
                     return
         self._flush(out)
 
     def _flush(self, out: list) -> None:
-        if out and not self._closing:
+        if out and self.state not in _ENDED:
             self.transport.writeSequence(out)
         out.clear()
 
@@ -513,7 +515,7 @@ class AppConnection(Protocol):
     def _go_raw(self) -> None:
         """After a 101: the connection is a plain byte relay both ways from now on."""
         ex = self._ex
-        self._raw = True
+        self.state = UPGRADED
         self._ex = None
         self._audit(ex)
         rest = self._reader.switch_to_raw()
@@ -529,11 +531,12 @@ class AppConnection(Protocol):
         self._log.warn(
             "bad response from app {app}: {why}", app=ex.app.name if ex and ex.app else "?", why=err.reason,
         )
+        forwarding = ex is not None and self.state == FORWARDING
         self._drop_upstream(abort=True)
-        if ex is not None and ex.forwarding and not ex.head_sent:
+        if forwarding and not ex.head_sent:
             ex.status = 502
             self.transport.write(pages.error_response(502, close=True))
-        if ex is not None and ex.forwarding:
+        if forwarding:
             self._audit(ex, incomplete=not ex.head_sent)
             self._ex = None
         self._close()
@@ -541,14 +544,14 @@ class AppConnection(Protocol):
     # Flow control and lifetime
 
     def _pause_client(self, why: str) -> None:
-        if not self._client_pauses and not self._closing:
+        if not self._client_pauses and self.state not in _ENDED:
             self.transport.pauseProducing()
         self._client_pauses.add(why)
 
     def _resume_client(self, why: str) -> None:
         if why in self._client_pauses:
             self._client_pauses.discard(why)
-            if not self._client_pauses and not self._closing:
+            if not self._client_pauses and self.state not in _ENDED:
                 self.transport.resumeProducing()
 
     def _app_full(self, proto: _AppSide, full: bool) -> None:
@@ -582,9 +585,10 @@ class AppConnection(Protocol):
             proto.transport.loseConnection()
 
     def _close(self) -> None:
-        if self._closing:
+        if self.state in _ENDED:
             return
-        self._closing = True
+        upgraded = self.state == UPGRADED
+        self.state = CLOSING
         self._cancel_timer()
         self._cancel_head_timer()
         ex, self._ex = self._ex, None
@@ -592,13 +596,13 @@ class AppConnection(Protocol):
         if in_flight:
             self._audit(ex, incomplete=True)
         # A finished exchange lets the app side close gracefully; anything else is cut.
-        self._drop_upstream(abort=in_flight or self._raw)
+        self._drop_upstream(abort=in_flight or upgraded)
         self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def _watch_head(self) -> None:
         """Start the head deadline at a head's first byte; stop it once the head is read."""
-        waiting = self._reader.state == "head" and self._reader.held > 0 and not self._closing
+        waiting = self._reader.state == "head" and self._reader.held > 0 and self.state not in _ENDED
         if waiting and self._head_timer is None:
             self._head_timer = self._clock.callLater(self._fw.head_timeout, self._head_late)
         elif not waiting:
@@ -606,7 +610,7 @@ class AppConnection(Protocol):
 
     def _head_late(self) -> None:
         self._head_timer = None
-        if self._closing or self._reader.state != "head":
+        if self.state in _ENDED or self._reader.state != "head":
             return
         self._log.info("request head from {ip} not complete in time; closing", ip=self._client_ip)
         self.transport.write(pages.error_response(408, close=True))
@@ -624,16 +628,16 @@ class AppConnection(Protocol):
     def _idle_check(self) -> None:
         """Close after a quiet spell; the timer re-arms instead of resetting per packet."""
         self._timer = None
-        if self._closing:
+        if self.state in _ENDED:
             return
-        limit = self._fw.upgraded_idle_timeout if self._raw else self._fw.idle_timeout
+        limit = self._fw.upgraded_idle_timeout if self.state == UPGRADED else self._fw.idle_timeout
         quiet = self._clock.seconds() - self._last_active
         if quiet < limit:
             self._timer = self._clock.callLater(limit - quiet, self._idle_check)
             return
         ex = self._ex
         self._log.info("closing idle connection from {ip}", ip=self._client_ip)
-        if ex is not None and not ex.head_sent and ex.forwarding:
+        if ex is not None and not ex.head_sent and self.state == FORWARDING:
             ex.status = 504
             self.transport.write(pages.error_response(504, close=True))
         self._close()
