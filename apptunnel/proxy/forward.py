@@ -54,9 +54,6 @@ class AppForwarder(Factory):
     ) -> None:
         self.config = config
         self.registry = registry
-        self.sessions = sessions
-        self.roles = roles
-        self.signer = signer
         self.audit = audit
         self.clock = clock
         self.connect_app = connect_app
@@ -74,14 +71,11 @@ class AppForwarder(Factory):
                                              max_cached=max_cached_decisions)
         self.router = AppRouter(config=config, registry=registry, sessions=sessions,
                                 access=self.access, signer=signer, audit=audit, clock=clock)
-        # With the cluster CA, app hosts also accept a user certificate (apps config);
-        # with a lock watcher, a new lock cuts the live connections it covers.
+        # With the cluster CA, app hosts also accept a user certificate (apps config).
         self.ca = ca
-        self.locks = locks
         self.connections: set[AppConnection] = set()
         self._cookies_dropped: set[tuple[str, bytes]] = set()  # (app, cookie name) logged once
         # A new lock, a removed user or a role change re-asks the policy for live ones.
-        self.users = users
         LiveRecheck(self.access, clock, lambda: self.connections, registry.app,
                     locks=locks, users=users)
         registry.add_drain_listener(self._tunnel_draining)

@@ -1,8 +1,8 @@
 """The proxy host's own web UI and JSON API (Klein).
 
 Users sign in here, see the apps their roles allow, and launch them; the app host then
-receives a one-time code bound to its own state cookie (see proxy/forward.py), never a
-session secret. Every decision (passwords, sessions, RBAC) is made by the objects handed
+receives a one-time code bound to its own state cookie (see proxy/router.py), never a
+session secret. Every decision (passwords, sessions, access) is made by the objects handed
 in; this module only speaks HTTP: cookies, redirects, CSRF origin checks, security
 headers, and one uniform error page so no traceback ever reaches a browser.
 """
@@ -144,8 +144,8 @@ class WebApp:
         self._jwt_keys = jwt_keys
         self._ca = ca
         self._clock = clock
-        self._locks = locks        # a certificate caller is checked against both on every
-        self._users = users        # request (sessions are checked by the SessionManager)
+        # Every "may this caller ..." is the access policy's (shared with the app edge in
+        # the proxy service; built from roles, locks and users when not handed in).
         self._access = access or AccessPolicy(roles=roles, audit=audit, clock=clock,
                                               locks=locks, users=users)
         self._origins = own_origins(config.public_host, config.public_port)
