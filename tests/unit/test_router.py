@@ -8,6 +8,7 @@ from twisted.internet.task import Clock
 
 from apptunnel.auth.access import AccessPolicy
 from apptunnel.auth.callers import Caller
+from apptunnel.backend.records import AppSession
 from apptunnel.config import ProxyConfig
 from apptunnel.proxy.http1 import Headers, RequestHead
 from apptunnel.proxy.registry import AgentRegistry, AppInfo
@@ -29,7 +30,7 @@ class Signer:
         return f"jwt-for-{user}-{'+'.join(roles)}"
 
 
-def router():
+def router(roles=None):
     clock = Clock()
     clock.advance(NOW)
     config = ProxyConfig(
@@ -43,7 +44,7 @@ def router():
         AppInfo("db", "tcp://10.0.0.6:5432", {"env": "dev"}, "db.apptunnel.localhost:3080"),
     ])
     audit = Audit()
-    access = AccessPolicy(roles=Roles(), audit=audit, clock=clock, users=Users(alice=("dev",)))
+    access = AccessPolicy(roles=roles or Roles(), audit=audit, clock=clock, users=Users(alice=("dev",)))
     return AppRouter(config=config, registry=registry, sessions=NoSessions(), access=access,
                      signer=Signer(), audit=audit, clock=clock), audit
 
@@ -127,3 +128,33 @@ def test_a_removed_user_certificate_gets_the_removed_message():
     ghost = Caller("ghost", ("dev",), {}, "certificate", "fp-g", NOW + 3600)
     answer = route(r, head(), ghost)
     assert answer.status == 403 and b"your user account no longer exists" in answer.data
+
+
+class OneSession:
+    """An app session for every cookie; counts how often the session behind it is read."""
+
+    def __init__(self):
+        self.record = AppSession("app-hash", "web-hash", "alice", "grafana", NOW, NOW + 600)
+        self.resolved = 0
+
+    async def app_session(self, secret, app):
+        return self.record if secret else None
+
+    async def caller(self, app_session):
+        self.resolved += 1
+        return Caller("alice", ("dev",), {}, "session", app_session.id_hash, app_session.expires)
+
+
+def test_a_cached_session_decision_reads_neither_the_session_nor_the_roles():
+    """The hot path: the second request of a session within the TTL is decided from the
+    cache; the web session behind the cookie and the roles are not read again."""
+    roles = Roles()
+    r, _ = router(roles)
+    sessions = r.sessions = OneSession()
+    cookie = [(b"Cookie", b"__Host-apptunnel_app=secret")]
+    assert isinstance(route(r, head(extra=cookie)), Forward)
+    reads = (sessions.resolved, roles.calls)
+    for _ in range(3):
+        out = route(r, head(extra=cookie))
+        assert isinstance(out, Forward) and out.caller.credential == "app-hash"
+    assert (sessions.resolved, roles.calls) == reads == (1, 1)
