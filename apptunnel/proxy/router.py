@@ -171,13 +171,13 @@ class AppRouter:
         if path == LOGOUT_PATH:
             return await self._logout(app, head, cookies, close, head_only)
 
-        upgrade = _is_upgrade(head)
-        facts = Facts(client_ip=client_ip, method=head.method.decode("latin-1"),
-                      path=path.decode("latin-1"), upgrade=upgrade,
-                      origin_ok=not upgrade or _public_origin_ok(head, app))
         app_session = await self.sessions.app_session(cookies.get(APP_COOKIE), app.name)
         decision = None
         if app_session is not None:
+            upgrade = _is_upgrade(head)
+            facts = Facts(client_ip=client_ip, method=head.method.decode("latin-1"),
+                          path=path.decode("latin-1"), upgrade=upgrade,
+                          origin_ok=not upgrade or _public_origin_ok(head, app))
             now = self.clock.seconds()
             # A cached decision needs no look at the session behind the cookie.
             decision = self.access.recall(app_session.id_hash, app_session.user, app, facts, now)
