@@ -9,6 +9,7 @@ its listeners once, so the proxy can cut live connections. Because SessionManage
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, DeferredLock
@@ -146,3 +147,39 @@ class LockWatcher:
         self._ended.add(lock.id)
         if ended:
             self._log.info("lock {id} ended {count} app sessions", id=lock.id, count=len(ended))
+
+
+LOCK_AUDIT_INTERVAL = 10.0   # one lock.enforced per (user, app) per this many seconds
+MAX_LOCK_AUDIT_KEYS = 10_000
+
+
+class LockAudit:
+    """``lock.enforced`` for refused requests, at most once per (user, app) per interval.
+
+    A locked user's client retrying in a loop must not flood the audit log. One instance
+    is shared by every place that refuses a locked user (sessions, the access policy), so
+    the throttle is one whichever path refused them.
+    """
+
+    def __init__(self, audit, clock: IReactorTime, interval: float = LOCK_AUDIT_INTERVAL,
+                 limit: int = MAX_LOCK_AUDIT_KEYS) -> None:
+        self._audit = audit
+        self._clock = clock
+        self._interval = interval
+        self._limit = limit
+        self._last: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def enforced(self, lock: Lock, user: str, app: str | None, where: str) -> None:
+        if self._audit is None:
+            return
+        now = self._clock.seconds()
+        key = (user, app or "")
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            return
+        self._last[key] = now
+        self._last.move_to_end(key)
+        while len(self._last) > self._limit:
+            self._last.popitem(last=False)
+        self._audit.emit("lock.enforced", actor=user, target=app or "", outcome="failure",
+                         lock=lock.id, where=where)

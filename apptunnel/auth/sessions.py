@@ -26,7 +26,8 @@ from twisted.logger import Logger
 
 from apptunnel.auth.directory import UserDirectory, effective_identity
 from apptunnel.auth.errors import AuthError
-from apptunnel.auth.locks import LockWatcher, lock_message
+from apptunnel.auth.callers import Caller, caller_from_session
+from apptunnel.auth.locks import LOCK_AUDIT_INTERVAL, LockAudit, LockWatcher, lock_message  # noqa: F401
 from apptunnel.auth.passwords import HashQueue
 from apptunnel.auth.throttle import LoginThrottle, Throttled
 from apptunnel.auth.tokens import constant_time_equal, new_secret, secret_hash
@@ -41,7 +42,6 @@ AUTH_CODE_TTL = 60.0
 MAX_SECRET_LENGTH = 256
 MAX_USERNAME_LENGTH = 256
 MAX_CACHE_ENTRIES = 10_000
-LOCK_AUDIT_INTERVAL = 10.0      # one lock.enforced event per (user, app) per this many seconds
 
 LOGIN_FAILED = "invalid username or password"
 CODE_INVALID = "invalid or expired sign-in link; open the app again"
@@ -91,6 +91,7 @@ class SessionManager:
         users: UserDirectory | None = None,
         throttle: LoginThrottle | None = None,
         hashes: HashQueue | None = None,
+        lock_audit: LockAudit | None = None,
     ) -> None:
         self._backend = backend
         self._clock = clock
@@ -102,7 +103,8 @@ class SessionManager:
         self._locks = locks
         self._audit = audit
         self._users = users
-        self._lock_audited: OrderedDict[tuple[str, str], float] = OrderedDict()
+        # Shared with the access policy in the proxy: one throttle for lock.enforced.
+        self._lock_audit = lock_audit or LockAudit(audit, clock)
         self._throttle = throttle or LoginThrottle()
         self._hashes = hashes or HashQueue()
 
@@ -256,12 +258,25 @@ class SessionManager:
 
     async def identity(self, app_session: AppSession) -> WebSession | None:
         """The live parent web session (user, roles, traits) of an app session, or None."""
+        web = await self._parent(app_session)
+        return None if web is None else await self._as_now(web)
+
+    async def caller(self, app_session: AppSession) -> Caller | None:
+        """The caller behind an app session: its live web session's user, roles and traits
+        as claimed at sign-in (the access policy caps them by what the user holds now),
+        keyed by the app session; None when the web session ended or the user is locked."""
+        web = await self._parent(app_session)
+        if web is None:
+            return None
+        return caller_from_session(web, app_session.id_hash, app_session.expires)
+
+    async def _parent(self, app_session: AppSession) -> WebSession | None:
         web = await self._live_web_session(app_session.web_session)
         if web is None or web.user != app_session.user:
             return None
         if self._lock_for(web.user, app_session.app, "app session") is not None:
             return None
-        return await self._as_now(web)
+        return web
 
     async def _as_now(self, web: WebSession) -> WebSession | None:
         """The session with what its user holds now; None when the user is gone."""
@@ -283,28 +298,13 @@ class SessionManager:
             return None
         lock = self._locks.locked(user, app)
         if lock is not None:
-            self._audit_enforced(lock, user, app, where)
+            self._lock_audit.enforced(lock, user, app, where)
         return lock
 
     def _refuse_if_locked(self, user: str, app: str | None, where: str) -> None:
         lock = self._lock_for(user, app, where)
         if lock is not None:
             raise AuthError(403, lock_message(lock))
-
-    def _audit_enforced(self, lock: Lock, user: str, app: str | None, where: str) -> None:
-        if self._audit is None:
-            return
-        now = self._clock.seconds()
-        key = (user, app or "")
-        last = self._lock_audited.get(key)
-        if last is not None and now - last < LOCK_AUDIT_INTERVAL:
-            return
-        self._lock_audited[key] = now
-        self._lock_audited.move_to_end(key)
-        while len(self._lock_audited) > MAX_CACHE_ENTRIES:
-            self._lock_audited.popitem(last=False)
-        self._audit.emit("lock.enforced", actor=user, target=app or "", outcome="failure",
-                         lock=lock.id, where=where)
 
     # -- helpers ----------------------------------------------------------------
 

@@ -21,11 +21,12 @@ from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.logger import Logger
 
 from apptunnel.audit import AuditLog
+from apptunnel.auth.access import AccessPolicy
 from apptunnel.auth.ca import ClusterCA, load_server_tls
 from apptunnel.auth.directory import UserDirectory
 from apptunnel.auth.enrolment import AgentEnrolment
 from apptunnel.auth.jwt import JwtKeys, JwtSigner
-from apptunnel.auth.locks import LockWatcher
+from apptunnel.auth.locks import LockAudit, LockWatcher
 from apptunnel.auth.passwords import HashQueue
 from apptunnel.auth.policy import RoleCache
 from apptunnel.auth.sessions import SessionManager
@@ -35,8 +36,9 @@ from apptunnel.config import ConfigError, ProxyConfig
 from apptunnel.net import is_ip
 from apptunnel.proxy.control import ControlFactory, control_endpoint, control_path
 from apptunnel.proxy.edge import EdgeFactory
-from apptunnel.proxy.forward import AppForwarder, tunnel_connector
+from apptunnel.proxy.forward import AppForwarder
 from apptunnel.proxy.limits import ConnectionTracker, LimitedFactory, raise_fd_limit
+from apptunnel.proxy.pool import TunnelPool
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.tcp_access import TcpAccess
 from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_options
@@ -121,14 +123,17 @@ class ProxyService(MultiService):
         self.locks = LockWatcher(self.backend, reactor)
         self.users = UserDirectory(self.backend, reactor)
         throttle = config.throttle
+        lock_audit = LockAudit(self.audit, reactor)  # one lock.enforced throttle for all paths
         self.sessions = SessionManager(
             self.backend, reactor, config.session_ttl, locks=self.locks, audit=self.audit,
-            users=self.users,
+            users=self.users, lock_audit=lock_audit,
             throttle=LoginThrottle(throttle.max_failures_per_user, throttle.max_failures_per_address,
                                    throttle.window, throttle.max_tracked),
             hashes=HashQueue(throttle.concurrent_hashes, throttle.queued_hashes),
         )
         self.roles = RoleCache(self.backend, reactor)
+        self.access = AccessPolicy(roles=self.roles, audit=self.audit, clock=reactor,
+                                   locks=self.locks, users=self.users, lock_audit=lock_audit)
         self.jwt_keys = JwtKeys.load_or_create(config.data_dir, config.jwt_algorithm)
         self.signer = JwtSigner(self.jwt_keys, config.cluster_name, reactor, config.jwt_ttl)
         self.registry = AgentRegistry(reactor, grace=config.app_grace_period)
@@ -138,9 +143,11 @@ class ProxyService(MultiService):
         self.web = WebApp(
             config, self.sessions, self.roles, self.registry, self.audit,
             self.jwt_keys, self.ca, reactor, locks=self.locks, users=self.users,
+            access=self.access,
         )
         site = WebSite(self.web.resource())  # a deadline on every request head
         site.displayTracebacks = False
+        self.pool = TunnelPool(self.registry)  # one pool: HTTP and TCP streams alike
         self.forwarder = AppForwarder(
             config=config,
             registry=self.registry,
@@ -149,15 +156,16 @@ class ProxyService(MultiService):
             signer=self.signer,
             audit=self.audit,
             clock=reactor,
-            connect_app=tunnel_connector(self.registry),
+            connect_app=self.pool,
             ca=self.ca,
             locks=self.locks,
             users=self.users,
+            access=self.access,
         )
         self.tcp_access = TcpAccess(
             ca=self.ca, registry=self.registry, roles=self.roles, audit=self.audit,
-            clock=reactor, connect_app=tunnel_connector(self.registry), locks=self.locks,
-            forwarder=self.forwarder, users=self.users,
+            clock=reactor, connect_app=self.pool, locks=self.locks,
+            forwarder=self.forwarder, users=self.users, access=self.access,
         )
         edge = EdgeFactory(config.public_host, site, self.forwarder, tcp_access=self.tcp_access)
         web_endpoint = SSL4ServerEndpoint(
@@ -244,7 +252,7 @@ class ProxyService(MultiService):
     def refresh_now(self) -> defer.Deferred:
         """Re-read locks, users and roles now (the control socket's ``refresh``)."""
         self.roles.invalidate()
-        self.forwarder.forget_decisions()
+        self.access.forget()
         return defer.gatherResults([defer.ensureDeferred(self.locks.refresh()),
                                     defer.ensureDeferred(self.users.refresh())],
                                    consumeErrors=True)

@@ -30,6 +30,7 @@ queued bytes are out; the client's clean close is a FIN on the stream, an error 
 
 from __future__ import annotations
 
+from typing import Protocol as Interface
 from urllib.parse import parse_qs, unquote
 
 import attrs
@@ -40,13 +41,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts, LiveRecheck
 from apptunnel.auth.ca import ClusterCA
-from apptunnel.auth.directory import REMOVED_MESSAGE, effective_identity
+from apptunnel.auth.callers import Caller, caller_from_certificate, peer_certificate
+from apptunnel.auth.directory import REMOVED_MESSAGE
 from apptunnel.auth.errors import AuthError
-from apptunnel.auth.locks import lock_matches, lock_message
-from apptunnel.auth.rbac import Decision
 from apptunnel.proxy import pages
-from apptunnel.proxy.forward import AppForwarder, CertCaller, ConnectApp, NoAgent, cert_caller, peer_certificate
+from apptunnel.proxy.pool import AppEndpoint, ConnectApp, NoAgent
 from apptunnel.proxy.http1 import MAX_HEAD, HttpError, RequestHead, parse_request_head
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.tunnel.errors import StreamRefused
@@ -81,6 +82,13 @@ class _WouldAccept:
     """A dry run's verdict: a real upgrade would be accepted for an app of this kind."""
 
     kind: str
+
+
+class HttpHandOff(Interface):
+    """Serves an HTTP app's requests on a connection after the upgrade (the app
+    forwarder): every request is authorized, signed and audited as ``caller``."""
+
+    def fixed_connection(self, app_name: str, caller: Caller) -> Protocol: ...
 
 
 class Refusal(Exception):
@@ -145,7 +153,8 @@ class TcpAccess(Factory):
     def __init__(self, *, ca: ClusterCA, registry: AgentRegistry, roles, audit,
                  clock: IReactorTime, connect_app: ConnectApp, locks=None,
                  connect_timeout: float = CONNECT_TIMEOUT,
-                 forwarder: AppForwarder | None = None, users=None) -> None:
+                 forwarder: HttpHandOff | None = None, users=None,
+                 access: AccessPolicy | None = None) -> None:
         self.ca = ca
         self.registry = registry
         self.roles = roles
@@ -156,54 +165,15 @@ class TcpAccess(Factory):
         self.connect_timeout = connect_timeout
         self.forwarder = forwarder  # serves HTTP apps after the upgrade; None refuses them
         self.sessions: set[TcpSession] = set()
-        if locks is not None:
-            locks.add_listener(self._lock_added)
         self.users = users
-        if users is not None:
-            users.add_listener(self._user_changed)
+        self.access = access or AccessPolicy(roles=roles, audit=audit, clock=clock, locks=locks,
+                                             users=users)
+        # A new lock, a removed user or a role change re-asks the policy for live sessions.
+        LiveRecheck(self.access, clock, lambda: self.sessions, registry.app,
+                    locks=locks, users=users)
 
     def buildProtocol(self, addr: IAddress) -> TcpSession:
         return TcpSession(self, addr)
-
-    def _lock_added(self, lock) -> None:
-        """A new lock ends the live sessions it covers, not only the next connection."""
-        for session in list(self.sessions):
-            if session.user and lock_matches(lock, session.user, session.app):
-                session.end(f"locked: {lock_message(lock)}")
-
-    async def decide(self, caller: CertCaller, labels: dict) -> Decision | None:
-        """RBAC for a certificate with the roles its user holds now; None when the user
-        no longer exists."""
-        roles, traits = caller.roles, caller.traits
-        if self.users is not None:
-            found = effective_identity(roles, traits, await self.users.lookup(caller.user))
-            if found is None:
-                return None
-            roles, traits = found
-        return (await self.roles.role_set(roles)).check_app(labels, traits)
-
-    def _user_changed(self, name: str, entry) -> None:
-        """A removed user's live sessions end now; a changed user's are re-checked."""
-        for session in list(self.sessions):
-            if session.user != name:
-                continue
-            if entry is None:
-                session.end("user removed")
-            else:
-                d = defer.Deferred.fromCoroutine(self._recheck(session))
-                d.addErrback(lambda f: self._log.failure("re-checking a tcp session failed", f))
-
-    async def _recheck(self, session: TcpSession) -> None:
-        app = self.registry.app(session.app)
-        if app is None or session.caller is None:
-            return
-        decision = await self.decide(session.caller, app.labels)
-        if decision is None or not decision.allowed:
-            reason = "user removed" if decision is None else decision.reason
-            self.audit.emit("access.denied", actor=session.user, target=session.app,
-                            outcome="failure", reason=reason, where="live connection")
-            session.end(f"no longer allowed: {reason}")
-
 
 @implementer(IHalfCloseableProtocol)
 class TcpSession(Protocol):
@@ -229,7 +199,7 @@ class TcpSession(Protocol):
         self._dry_run = False
         self.user = ""
         self.app = ""
-        self.caller: CertCaller | None = None
+        self.caller: Caller | None = None
         self.port: int | None = None
         self._started = 0.0
 
@@ -242,6 +212,16 @@ class TcpSession(Protocol):
     def bytes_out(self) -> int:
         """Bytes the app sent to the client."""
         return self._relay.b.received if self._relay is not None else 0
+
+    @property
+    def app_name(self) -> str:
+        return self.app
+
+    def refused(self, deny) -> None:
+        """The access policy no longer allows this live session (lock, removed user, roles)."""
+        why = {"locked": f"locked: {deny.message}", "user_removed": "user removed"}.get(
+            deny.code, f"no longer allowed: {getattr(deny, 'reason', '')}")
+        self.end(why)
 
     @property
     def client(self) -> str:
@@ -332,19 +312,12 @@ class TcpSession(Protocol):
         app = access.registry.app(name)
         if app is None:
             raise Refusal(404, f"no app named {name!r}")
-        if access.locks is not None:
-            lock = access.locks.locked(user, name)
-            if lock is not None:
-                raise Refusal(403, lock_message(lock))
-        decision = await access.decide(caller, app.labels)
-        if decision is None:
-            access.audit.emit("access.denied", actor=user, target=name, outcome="failure",
-                              reason="user removed", client_ip=self.client, port=port)
-            raise Refusal(403, REMOVED_MESSAGE)
-        if not decision.allowed:
-            access.audit.emit("access.denied", actor=user, target=name, outcome="failure",
-                              reason=decision.reason, client_ip=self.client, port=port)
+        facts = Facts(client_ip=self.client, port=port, where="tcp session")
+        decision = await access.access.decide(caller, app, facts, access.clock.seconds())
+        if isinstance(decision, Deny) and decision.code == "rbac":
             raise Refusal(403, f"you are not allowed to use {name}")
+        if not isinstance(decision, Allow):
+            raise Refusal(403, getattr(decision, "message", "") or f"you are not allowed to use {name}")
         if app.kind != "tcp":
             if access.forwarder is None:
                 raise Refusal(400, f"{name} is an HTTP app: open https://{app.public_addr}")
@@ -365,7 +338,7 @@ class TcpSession(Protocol):
         target = {"app": name, "user": user, "client": self.client}
         if port is not None:
             target["port"] = port
-        d = access.connect_app(app, target, _StreamFactory(self._relay_to_app()))
+        d = AppEndpoint(access.connect_app, app, target).connect(_StreamFactory(self._relay_to_app()))
         d.addTimeout(access.connect_timeout, access.clock)
         try:
             return await d
@@ -380,17 +353,17 @@ class TcpSession(Protocol):
         except defer.TimeoutError:
             raise Refusal(504, f"{name} did not answer in time") from None
 
-    def _identity(self) -> CertCaller:
+    def _identity(self) -> Caller:
         """The caller named by the TLS client certificate; Refusal(401)."""
         cert = peer_certificate(self.transport)
         if cert is None:
             raise Refusal(401, "a user certificate is required: run apptunnel login")
         try:
-            return cert_caller(self._access.ca, cert, self._access.clock.seconds())
+            return caller_from_certificate(self._access.ca, cert, self._access.clock.seconds())
         except AuthError as err:
             raise Refusal(401, f"certificate refused ({err.message}): run apptunnel login") from None
 
-    def _to_forwarder(self, caller: CertCaller) -> None:
+    def _to_forwarder(self, caller: Caller) -> None:
         """101, then the connection belongs to a fixed-app ``AppConnection``."""
         self._state = "handed"
         conn = self._handed = self._access.forwarder.fixed_connection(self.app, caller)

@@ -1,8 +1,8 @@
 """The proxy host's own web UI and JSON API (Klein).
 
 Users sign in here, see the apps their roles allow, and launch them; the app host then
-receives a one-time code bound to its own state cookie (see proxy/forward.py), never a
-session secret. Every decision (passwords, sessions, RBAC) is made by the objects handed
+receives a one-time code bound to its own state cookie (see proxy/router.py), never a
+session secret. Every decision (passwords, sessions, access) is made by the objects handed
 in; this module only speaks HTTP: cookies, redirects, CSRF origin checks, security
 headers, and one uniform error page so no traceback ever reaches a browser.
 """
@@ -15,7 +15,6 @@ from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from jinja2 import Environment, PackageLoader, StrictUndefined
@@ -28,10 +27,9 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.static import Data
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from apptunnel.auth.ca import user_identity
-from apptunnel.auth.directory import REMOVED_MESSAGE, effective_identity
+from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts
+from apptunnel.auth.callers import Caller, caller_from_session, certificate_caller
 from apptunnel.auth.errors import AuthError
-from apptunnel.auth.locks import lock_message
 from apptunnel.auth.origins import own_origins, same_origin
 from apptunnel.auth.redirects import safe_path
 from apptunnel.auth.throttle import Throttled
@@ -102,15 +100,6 @@ class WebError(ApptunnelError):
         super().__init__(self.message)
 
 
-@attrs.frozen
-class Caller:
-    """Who is asking, from a web session or a user certificate: what authorization needs."""
-
-    user: str
-    roles: tuple[str, ...]
-    traits: dict
-
-
 class _SecurityHeaders(Resource):
     """Root resource: stamps the security headers on every response, then lets Klein route.
 
@@ -146,7 +135,8 @@ class WebApp:
     def __init__(self, config: ProxyConfig, sessions: SessionManager, roles: RoleCache,
                  registry: AppCatalog, audit: AuditLog, jwt_keys: JwtKeys, ca: ClusterCA,
                  clock: IReactorTime, *, locks: LockWatcher | None = None,
-                 users: UserDirectory | None = None) -> None:
+                 users: UserDirectory | None = None,
+                 access: AccessPolicy | None = None) -> None:
         self._config = config
         self._sessions = sessions
         self._roles = roles
@@ -155,8 +145,10 @@ class WebApp:
         self._jwt_keys = jwt_keys
         self._ca = ca
         self._clock = clock
-        self._locks = locks        # a certificate caller is checked against both on every
-        self._users = users        # request (sessions are checked by the SessionManager)
+        # Every "may this caller ..." is the access policy's (shared with the app edge in
+        # the proxy service; built from roles, locks and users when not handed in).
+        self._access = access or AccessPolicy(roles=roles, audit=audit, clock=clock,
+                                              locks=locks, users=users)
         self._origins = own_origins(config.public_host, config.public_port)
         self._templates = Environment(
             loader=PackageLoader("apptunnel.web", "templates"),
@@ -183,7 +175,7 @@ class WebApp:
         secret, web = await self._web_session(request)
         if web is None:
             return _redirect(request, 302, "/web/login")
-        apps = await self._allowed_apps(web)
+        apps = await self._allowed_apps(caller_from_session(web))
         return self._page(request, 200, "apps.html", {
             "user": web.user,
             "roles": list(web.roles),
@@ -239,13 +231,12 @@ class WebApp:
         state = _arg(request, "state")
         if not state or len(state) > MAX_STATE:
             raise WebError(400, "The launch link is missing its state; open the app again.")
-        role_set = await self._roles.role_set(web.roles)
-        decision = role_set.check_app(app.labels, web.traits)
-        if not decision.allowed:
-            self._audit.emit("access.denied", actor=web.user, target=app.name,
-                             outcome="failure", reason=decision.reason,
-                             client=_client(request))
-            raise WebError(403, "Your roles do not allow you to open this application.")
+        decision = await self._access.decide(caller_from_session(web), app,
+                                             Facts(client_ip=_client(request), where="launch"),
+                                             self._clock.seconds())
+        if not isinstance(decision, Allow):
+            message = decision.message if isinstance(decision, Deny) and decision.message else None
+            raise WebError(403, message or "Your roles do not allow you to open this application.")
         path = safe_path(_arg(request, "path"))
         code = await self._sessions.create_auth_code(web, app.name, path, state)
         url = f"https://{self._app_addr(app)}/.apptunnel/auth?code={quote(code, safe='')}"
@@ -301,14 +292,16 @@ class WebApp:
             if not isinstance(username, str) or not isinstance(password, str):
                 raise WebError(400, "username and password must be strings")
             user = await self._check_password(request, username, password)
-            caller = Caller(user.name, tuple(user.roles), dict(user.traits))
+            caller = Caller(user.name, tuple(user.roles), dict(user.traits), "password", "",
+                            now + self._config.session_ttl)
             limit = self._config.session_ttl
         else:
             _, web = await self._web_session(request)
             if web is None:
                 raise AuthError(401, LOGIN_FAILED)
-            caller = Caller(web.user, tuple(web.roles), dict(web.traits))
+            caller = caller_from_session(web)
             limit = web.expires - now  # a certificate never outlives the session behind it
+        caller = await self._acting(caller, "certificate")
         role_set = await self._roles.role_set(caller.roles)
         ttl = min(limit, role_set.max_session_ttl(self._config.session_ttl))
         if wanted is not None:
@@ -392,53 +385,26 @@ class WebApp:
         return (secret, web) if web is not None else (None, None)
 
     async def _caller(self, request) -> Caller | None:
-        """The session cookie's user, else the user certificate of the TLS connection.
-
-        A certificate of a locked user is refused with the lock's message, one of a removed
-        user with 403, and it acts with the roles its user holds now (AuthError 403).
+        """The session cookie's user, else the user certificate of the TLS connection,
+        as the access policy lets them act now (AuthError 403 for a locked or removed user).
         """
         _, web = await self._web_session(request)
         if web is not None:
-            return Caller(web.user, tuple(web.roles), dict(web.traits))
-        caller = self._certificate_caller(request)
-        if caller is None:
-            return None
-        lock = self._locks.locked(caller.user) if self._locks is not None else None
-        if lock is not None:
-            raise AuthError(403, lock_message(lock))
-        if self._users is None:
-            return caller
-        found = effective_identity(caller.roles, caller.traits,
-                                   await self._users.lookup(caller.user))
-        if found is None:
-            raise AuthError(403, REMOVED_MESSAGE)
-        return Caller(caller.user, found[0], found[1])
-
-    def _certificate_caller(self, request) -> Caller | None:
-        """The caller named by a valid, unexpired user certificate of this cluster, or None.
-
-        The TLS layer only checked that an offered certificate chains to our CA; the role
-        (OU ``user``), cluster and validity period are checked here, on every request.
-        """
+            return caller_from_session(web)
         transport = getattr(request.channel, "transport", None) or request.transport
-        get_peer = getattr(transport, "getPeerCertificate", None)
-        if get_peer is None:
-            return None
-        try:
-            peer = get_peer()
-        except Exception:  # noqa: BLE001 - a transport without TLS state has no certificate
-            return None
-        if peer is None:
-            return None
-        cert = peer.to_cryptography()
-        try:
-            role, name = self._ca.verify_peer(cert, now=self._clock.seconds())
-            if role != "user":
-                return None
-            roles, traits = user_identity(cert)
-        except AuthError:
-            return None
-        return Caller(name, roles, traits)
+        caller = certificate_caller(self._ca, transport, self._clock.seconds())
+        return None if caller is None else await self._acting(caller, "api")
+
+    async def _acting(self, caller: Caller, where: str) -> Caller:
+        """The policy's answer to "may this user act at all" (exists, not locked):
+        the caller with the roles held now; AuthError with the policy's status otherwise."""
+        decision = await self._access.decide(caller, None, Facts(where=where),
+                                             self._clock.seconds())
+        if isinstance(decision, Deny):
+            raise AuthError(decision.status, decision.message or "access denied")
+        if not isinstance(decision, Allow):
+            raise AuthError(403, "access denied")
+        return decision.caller
 
     async def _check_password(self, request, username: str, password: str) -> User:
         """The user if the password is right, with the attempt audited; AuthError(401) if not."""
@@ -484,13 +450,9 @@ class WebApp:
             self._audit.emit("session.web.end", actor=web.user, client=_client(request))
         _set_session_cookie(request, "", 0)
 
-    async def _allowed_apps(self, web: WebSession | Caller) -> list[AppInfo]:
-        role_set = await self._roles.role_set(web.roles)
-        allowed = [
-            app for app in self._registry.apps(include_offline=True)
-            if role_set.check_app(app.labels, web.traits).allowed
-        ]
-        return sorted(allowed, key=lambda app: app.name)
+    async def _allowed_apps(self, caller: Caller) -> list[AppInfo]:
+        apps = sorted(self._registry.apps(include_offline=True), key=lambda app: app.name)
+        return await self._access.allowed_apps(caller, apps, self._clock.seconds())
 
     def _app_addr(self, app: AppInfo) -> str:
         """host[:port] users reach the app at: all app hosts share the proxy's public port."""

@@ -13,7 +13,7 @@ from twisted.internet import reactor
 
 from apptunnel.agent.service import DRAIN_TIMEOUT, AgentService
 from apptunnel.config import AppConfig
-from apptunnel.proxy.forward import tunnel_connector
+from apptunnel.proxy.pool import tunnel_connector
 from apptunnel.catalog import AppInfo
 from apptunnel.proxy.registry import AgentRegistry
 from tests.support.tunnel_env import Proxy, agent_config

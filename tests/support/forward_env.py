@@ -28,7 +28,8 @@ from apptunnel.backend.records import Resource, User
 from apptunnel.backend.sqlite import SqliteBackend
 from apptunnel.config import ProxyConfig
 from apptunnel.proxy.edge import EdgeFactory
-from apptunnel.proxy.forward import AppForwarder, tunnel_connector
+from apptunnel.proxy.forward import AppForwarder
+from apptunnel.proxy.pool import tunnel_connector
 from apptunnel.proxy.http1 import BodyBytes, EndOfMessage, ResponseHead, ResponseReader, Trailers, Upgraded
 from apptunnel.catalog import AppInfo
 from apptunnel.proxy.registry import AgentRegistry

@@ -10,7 +10,7 @@ from twisted.internet.defer import succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 
-from apptunnel.proxy.forward import NoAgent, tunnel_connector
+from apptunnel.proxy.pool import NoAgent, tunnel_connector
 from apptunnel.catalog import AppInfo
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.tunnel.protocol import TunnelProtocol

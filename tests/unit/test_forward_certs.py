@@ -33,7 +33,9 @@ from apptunnel.cli.profile import Profile
 from apptunnel.cli.proxy_app import LocalProxy
 from apptunnel.config import ProxyConfig
 from apptunnel.proxy.edge import EdgeFactory
-from apptunnel.proxy.forward import Answer, AppForwarder, CertCaller
+from apptunnel.auth.callers import Caller
+from apptunnel.proxy.forward import AppForwarder
+from apptunnel.proxy.router import Answer
 from apptunnel.proxy.http1 import Headers, RequestHead
 from apptunnel.catalog import AppInfo
 from apptunnel.proxy.registry import AgentRegistry
@@ -287,8 +289,8 @@ async def test_lock_cuts_live_http_connections(cenv):
 @pytest_twisted.ensureDeferred
 async def test_fixed_route_refuses_expired_certificate(cenv):
     """A fixed-app request after the certificate expired is answered 401 and closed."""
-    caller = CertCaller("alice", ("dev",), {}, reactor.seconds() - 1, "ab" * 32)
+    caller = Caller("alice", ("dev",), {}, "certificate", "ab" * 32, reactor.seconds() - 1)
     head = RequestHead(b"GET", b"/echo", b"HTTP/1.1", Headers([(b"Host", b"x")]))
-    answer = await cenv.forwarder.route_fixed(head, "127.0.0.1", "grafana", caller)
+    answer = await cenv.forwarder.router.route_fixed(head, "127.0.0.1", "grafana", caller)
     assert isinstance(answer, Answer) and (answer.status, answer.close) == (401, True)
     assert b"certificate expired: run apptunnel login" in answer.data

@@ -28,7 +28,8 @@ from apptunnel.cli.proxy_app import LocalProxy, parse_port_spec
 from apptunnel.cli.context import UsageError
 from apptunnel.config import AppConfig, ProxyConfig
 from apptunnel.proxy.edge import EdgeFactory
-from apptunnel.proxy.forward import AppForwarder, tunnel_connector
+from apptunnel.proxy.forward import AppForwarder
+from apptunnel.proxy.pool import tunnel_connector
 from apptunnel.catalog import AppInfo
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.service import _web_tls_options
@@ -399,7 +400,11 @@ async def test_removed_user_is_refused_and_their_live_session_ends(env):
     await until(lambda: said, "the printed reason")
     assert said == ["proxy refused: 403 Forbidden: your user account no longer exists"]
     denied = await env.events("access.denied")
-    assert [(e.actor, e.fields["reason"]) for e in denied] == [("alice", "user removed")]
+    # The cut of the live session is audited too (issue 9: one policy, as on app hosts).
+    assert [(e.actor, e.fields["reason"]) for e in denied
+            if e.fields.get("where") != "live connection"] == [("alice", "user removed")]
+    assert [(e.actor, e.fields["reason"]) for e in denied
+            if e.fields.get("where") == "live connection"] == [("alice", "user removed")]
 
 
 @pytest_twisted.ensureDeferred

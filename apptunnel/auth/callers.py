@@ -1,0 +1,100 @@
+"""Who is calling: one record for every way a user reaches the proxy.
+
+A browser arrives with a session, ``apptunnel proxy app`` and the CLI with a user
+certificate. Both become a `Caller` here, in one place each, so the access decision
+(``auth/access.py``) never cares how the caller got in. The record holds what the
+credential *claims* (roles and traits at issue time); the decision caps them by what the
+user holds now.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from OpenSSL import crypto
+
+from apptunnel.auth.ca import user_identity
+from apptunnel.auth.errors import AuthError
+
+Method = Literal["session", "certificate", "password"]
+
+
+@attrs.frozen
+class Caller:
+    """One authenticated caller.
+
+    ``credential`` names the credential, not the user: the web or app session's
+    ``id_hash``, or the SHA-256 hex fingerprint of the certificate. It keys the decision
+    and JWT caches, so a renewed certificate (new roles) or a new session never reuses
+    an old one's entries. Room is left for more ``method`` values (bots, assumed roles).
+    """
+
+    user: str
+    roles: tuple[str, ...]
+    traits: dict
+    method: Method
+    credential: str
+    expires: float
+
+    def acting_as(self, roles: tuple[str, ...], traits: dict) -> Caller:
+        """The same caller with capped roles and traits (same credential, same expiry)."""
+        if roles == self.roles and traits == self.traits:
+            return self
+        return attrs.evolve(self, roles=roles, traits=traits)
+
+
+def caller_from_certificate(ca, cert: x509.Certificate, now: float) -> Caller:
+    """The caller a user certificate of this cluster names; AuthError(401) otherwise.
+
+    ``ca.verify_peer`` checks issuer, validity at ``now`` and role; agents' certificates
+    (role ``host``) are refused here: they are never users.
+    """
+    role, name = ca.verify_peer(cert, now)
+    if role != "user":
+        raise AuthError(401, "not a user certificate")
+    roles, traits = user_identity(cert)
+    return Caller(name, roles, traits, "certificate", cert.fingerprint(hashes.SHA256()).hex(),
+                  cert.not_valid_after_utc.timestamp())
+
+
+def caller_from_session(session, credential: str | None = None,
+                        expires: float | None = None) -> Caller:
+    """The caller a web session (user, roles, traits, expiry) names.
+
+    ``credential``/``expires`` default to the web session's own; an app host passes its
+    app session's, which is what the browser presents there and what ends first.
+    """
+    until = session.expires if expires is None else min(expires, session.expires)
+    return Caller(session.user, tuple(session.roles), dict(session.traits), "session",
+                  credential or session.id_hash, until)
+
+
+def peer_certificate(transport) -> x509.Certificate | None:
+    """The client certificate on a TLS transport; None without TLS or without one."""
+    get_peer = getattr(transport, "getPeerCertificate", None)
+    if get_peer is None:
+        return None
+    try:
+        peer = get_peer()
+    except Exception:  # noqa: BLE001 - no TLS state: no certificate
+        return None
+    if isinstance(peer, crypto.X509):
+        peer = peer.to_cryptography()
+    return peer if isinstance(peer, x509.Certificate) else None
+
+
+def certificate_caller(ca, transport, now: float) -> Caller | None:
+    """The verified user certificate on ``transport`` as a caller, or None (no CA, no
+    certificate, or one that is not a valid user certificate of this cluster)."""
+    if ca is None:
+        return None
+    cert = peer_certificate(transport)
+    if cert is None:
+        return None
+    try:
+        return caller_from_certificate(ca, cert, now)
+    except AuthError:
+        return None

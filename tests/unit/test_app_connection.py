@@ -1,0 +1,107 @@
+"""AppConnection's named states, walked on memory transports (StringTransport + Clock)."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from apptunnel.auth.access import AccessPolicy
+from apptunnel.auth.callers import Caller
+from apptunnel.proxy.app_connection import (
+    ANSWERED, CLOSED, CLOSING, FORWARDING, READING_HEAD, ROUTING, UPGRADED,
+)
+from apptunnel.proxy.forward import AppForwarder
+from tests.unit.test_auth_access import Audit, Roles, Users
+from tests.unit.test_router import NOW, Signer, router
+
+
+class Apps:
+    """connect_app that opens each stream on a memory transport the test reads."""
+
+    def __init__(self):
+        self.streams = []
+        self.hold = None   # a Deferred to return instead (the stream is "opening")
+
+    def __call__(self, app, target, factory):
+        if self.hold is not None:
+            return self.hold
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        self.streams.append((proto, transport))
+        return succeed(proto)
+
+
+def connection(apps=None, app="grafana"):
+    clock = Clock()
+    clock.advance(NOW)
+    r, _ = router()
+    audit = Audit()
+    access = AccessPolicy(roles=Roles(), audit=audit, clock=clock, users=Users(alice=("dev",)))
+    apps = apps or Apps()
+    fw = AppForwarder(config=r.config, registry=r.registry, sessions=None, roles=None,
+                      signer=Signer(), audit=audit, clock=clock, connect_app=apps, access=access)
+    alice = Caller("alice", ("dev",), {}, "certificate", "fp", NOW + 3600)
+    conn = fw.fixed_connection(app, alice)
+    client = StringTransport()
+    conn.makeConnection(client)
+    return conn, client, apps
+
+
+def test_a_request_walks_reading_routing_forwarding_and_back():
+    """One exchange: reading_head -> forwarding (routed at once) -> reading_head, idle."""
+    conn, client, apps = connection()
+    assert conn.state == READING_HEAD and conn.is_idle()
+    conn.dataReceived(b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert conn.state == FORWARDING and not conn.is_idle()
+    proto, upstream = apps.streams[0]
+    assert upstream.value().startswith(b"GET /x HTTP/1.1\r\n")
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert client.value().endswith(b"\r\n\r\nok")
+    assert conn.state == READING_HEAD and conn.is_idle()
+
+
+def test_routing_holds_while_the_stream_opens():
+    """While the app's stream is opening the connection is routing, not idle."""
+    apps = Apps()
+    apps.hold = Deferred()
+    conn, client, _ = connection(apps)
+    conn.dataReceived(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert conn.state == ROUTING and not conn.is_idle()
+
+
+def test_a_local_answer_is_answered_until_the_body_ends_then_reading_again():
+    """A response made here (503: no such app now): answered while the rest of the body
+    is thrown away, then reading_head for the next request on the same connection."""
+    conn, client, _ = connection(app="gone")
+    conn.dataReceived(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n\r\nab")
+    assert client.value().startswith(b"HTTP/1.1 503 ")
+    assert conn.state == ANSWERED
+    conn.dataReceived(b"cd")
+    assert conn.state == READING_HEAD and not client.disconnecting
+
+
+def test_a_101_makes_the_connection_upgraded_then_cut_closes_it():
+    """After the app's 101 the connection relays bytes both ways; cut() closes it."""
+    conn, client, apps = connection()
+    conn.dataReceived(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
+                      b"Upgrade: websocket\r\n\r\n")
+    proto, upstream = apps.streams[0]
+    proto.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                       b"Upgrade: websocket\r\n\r\nframe")
+    assert conn.state == UPGRADED and client.value().endswith(b"frame")
+    conn.dataReceived(b"raw")
+    assert upstream.value().endswith(b"raw")
+    conn.cut()
+    assert conn.state == CLOSING
+    conn.connectionLost(Failure(ConnectionDone()))
+    assert conn.state == CLOSED
+
+
+def test_states_are_the_documented_names():
+    """The state names the module documents (logs and tests read them)."""
+    assert (READING_HEAD, ROUTING, FORWARDING, ANSWERED, UPGRADED, CLOSING, CLOSED) == (
+        "reading_head", "routing", "forwarding", "answered", "upgraded", "closing", "closed")
