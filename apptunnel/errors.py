@@ -16,11 +16,17 @@ operator file the same way; ``config.py`` re-exports it.
 
 from __future__ import annotations
 
-__all__ = ["ApptunnelError", "ConfigError"]
+__all__ = ["ApptunnelError", "ConfigError", "os_error_text"]
 
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def os_error_text(err: OSError) -> str:
+    """``path: reason`` for an OSError (no ``[Errno 2]``, no repr), as people read it."""
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{err.strerror or err.__class__.__name__}"
 
 
 class ApptunnelError(Exception):

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-__all__ = ["CannotStart", "Listeners", "fatal", "os_error_text", "startup_error"]
+__all__ = ["CannotStart", "Listeners", "fatal", "startup_error"]
 
 log = Logger()
 
@@ -29,12 +29,6 @@ EXIT_FAILURE = 1
 
 class CannotStart(Exception):
     """The process cannot do its job; the message is the one line an operator reads."""
-
-
-def os_error_text(err: OSError) -> str:
-    """``path: reason`` for an OSError (no ``[Errno 2]``, no repr)."""
-    where = f"{err.filename}: " if err.filename else ""
-    return f"{where}{err.strerror or err.__class__.__name__}"
 
 
 def _listen_reason(err: Exception) -> str:

@@ -45,7 +45,8 @@ from apptunnel.agent.upstream import UpstreamDialer
 from apptunnel.auth.pins import spki_pin
 from apptunnel.config import AgentConfig, ConfigError
 from apptunnel.net import loopback_host, split_host_port
-from apptunnel.startup import fatal, os_error_text
+from apptunnel.errors import os_error_text
+from apptunnel.startup import fatal
 from apptunnel.tunnel.protocol import TunnelProtocol
 
 __all__ = ["AgentService"]

@@ -3,7 +3,8 @@
 from twisted.python import usage
 
 from apptunnel.config import ConfigError, load_agent_config
-from apptunnel.startup import os_error_text, startup_error
+from apptunnel.errors import ApptunnelError, os_error_text
+from apptunnel.startup import startup_error
 
 PROG = "apptunnel-agent"
 
@@ -31,12 +32,11 @@ def makeService(options: Options):
     """Build the agent from its config and saved identity; problems are one line."""
     from twisted.internet import reactor
 
-    from apptunnel.agent.join import JoinError
     from apptunnel.agent.service import AgentService
 
     try:
         return AgentService(options.agent_config, reactor)
     except OSError as err:
         startup_error(PROG, os_error_text(err))
-    except (ConfigError, JoinError) as err:
+    except ApptunnelError as err:
         startup_error(PROG, str(err))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import re
 import time
 from typing import Callable
 
@@ -23,7 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from apptunnel.auth.pins import cert_pin, check_chain
+from apptunnel.auth.pins import cert_pin, check_chain, parse_pin
 from apptunnel.auth.passwords import MAX_PASSWORD_LENGTH
 from apptunnel.cli.context import CliError, Io, UsageError
 from apptunnel.cli.http import ProxyClient, fetch_chain, tls_context
@@ -40,7 +39,6 @@ from apptunnel.config import parse_duration
 
 __all__ = ["add_parsers", "login", "logout", "status"]
 
-_PIN = re.compile(r"sha256:[0-9a-f]{64}\Z")
 
 INSECURE_WARNING = (
     "--insecure: NOT verifying the proxy's TLS certificate (no CA pin check, no trust "
@@ -260,10 +258,10 @@ def _ttl(text: str | None) -> float | None:
 def _pin(text: str | None) -> str | None:
     if text is None:
         return None
-    pin = text.strip().lower()
-    if not _PIN.match(pin):
-        raise UsageError("--ca-pin: expected sha256: followed by 64 hex digits")
-    return pin
+    try:
+        return parse_pin(text)
+    except ValueError as err:
+        raise UsageError(f"--ca-pin: {err}") from None
 
 
 def _trust_text(profile: Profile) -> str:

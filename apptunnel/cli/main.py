@@ -38,7 +38,7 @@ from apptunnel.cli import (
 from apptunnel.cli.context import Admin, Io, UsageError
 from apptunnel.cli.output import clean
 from apptunnel.config import ProxyConfig, load_proxy_config
-from apptunnel.errors import ApptunnelError
+from apptunnel.errors import ApptunnelError, os_error_text
 
 DEFAULT_CONFIG = "/etc/apptunnel/proxy.yaml"
 
@@ -117,8 +117,7 @@ def report(io: Io, err: BaseException) -> int:
         io.error(err.one_line())
         return err.exit_code
     if isinstance(err, OSError):
-        where = f"{err.filename}: " if err.filename else ""
-        io.error(f"{where}{err.strerror or err}")
+        io.error(os_error_text(err))
         return 1
     io.error(f"internal error: {type(err).__name__}: {err}")
     return 1

@@ -3,7 +3,8 @@
 from twisted.python import usage
 
 from apptunnel.config import ConfigError, load_proxy_config
-from apptunnel.startup import os_error_text, startup_error
+from apptunnel.errors import ApptunnelError, os_error_text
+from apptunnel.startup import startup_error
 
 PROG = "apptunnel"
 
@@ -31,12 +32,11 @@ def makeService(options: Options):
     """Build the proxy; files it cannot use (keys, certificates) end twistd with one line."""
     from twisted.internet import reactor
 
-    from apptunnel.backend import BackendError
     from apptunnel.proxy.service import ProxyService
 
     try:
         return ProxyService(options.proxy_config, reactor)
     except OSError as err:
         startup_error(PROG, os_error_text(err))
-    except (ConfigError, BackendError, ValueError) as err:
+    except (ApptunnelError, ValueError) as err:
         startup_error(PROG, str(err))
