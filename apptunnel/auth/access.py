@@ -173,6 +173,16 @@ class AccessPolicy:
                        _Cached(min(now + self._ttl, caller.expires), revision, decision), now)
         return self._with_facts(decision, caller.user, name, facts)
 
+    def revoked(self, user: str, app: str | None) -> Deny | None:
+        """Without I/O: a lock or a removal that refuses ``user`` now. For an entry point
+        that decided, then waited (a stream opening) while a live re-check could not see it."""
+        lock = self._locks.locked(user, app) if self._locks is not None else None
+        if lock is not None:
+            return Deny(403, "locked", lock_message(lock), lock_message(lock))
+        if self._users is not None and self._users.current(user) is None:
+            return Deny(403, "user_removed", "user removed", REMOVED_MESSAGE)
+        return None
+
     async def allowed_apps(self, caller: Caller, apps, now: float) -> list:
         """The apps ``caller`` may open, in the order given (the catalogue); no audit."""
         quiet = Facts(audit=False)

@@ -44,7 +44,6 @@ from zope.interface import implementer
 from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts, LiveRecheck
 from apptunnel.auth.ca import ClusterCA
 from apptunnel.auth.callers import Caller, caller_from_certificate, peer_certificate
-from apptunnel.auth.directory import REMOVED_MESSAGE
 from apptunnel.auth.errors import AuthError
 from apptunnel.proxy import pages
 from apptunnel.proxy.pool import AppEndpoint, ConnectApp, NoAgent
@@ -157,11 +156,9 @@ class TcpAccess(Factory):
                  access: AccessPolicy | None = None) -> None:
         self.ca = ca
         self.registry = registry
-        self.roles = roles
         self.audit = audit
         self.clock = clock
         self.connect_app = connect_app
-        self.locks = locks
         self.connect_timeout = connect_timeout
         self.forwarder = forwarder  # serves HTTP apps after the upgrade; None refuses them
         self.sessions: set[TcpSession] = set()
@@ -395,11 +392,12 @@ class TcpSession(Protocol):
         if self._state != "deciding":
             stream_side.transport.abortConnection()
             return
-        users = self._access.users
-        if users is not None and users.current(self.user) is None:
-            # Removed while the stream was opening: the listener could not see us yet.
+        revoked = self._access.access.revoked(self.user, self.app)
+        if revoked is not None:
+            # Locked or removed while the stream was opening: the live re-check could not
+            # see this session yet.
             stream_side.transport.abortConnection()
-            self._refuse(403, REMOVED_MESSAGE)
+            self._refuse(revoked.status, revoked.message)
             return
         self._state = "relaying"
         self._started = self._access.clock.seconds()

@@ -16,7 +16,7 @@ from apptunnel.auth.directory import REMOVED_MESSAGE, Entry
 from apptunnel.auth.locks import LOCK_AUDIT_INTERVAL, LockAudit, lock_matches
 from apptunnel.auth.rbac import RoleSet, parse_role
 from apptunnel.backend.records import Lock
-from apptunnel.proxy.registry import AppInfo
+from apptunnel.catalog import AppInfo
 
 NOW = 1_000_000.0
 GRAFANA = AppInfo("grafana", "http://127.0.0.1:3000", {"env": "dev"}, "grafana.example.com")
@@ -307,3 +307,15 @@ def test_live_recheck_cuts_what_the_policy_now_refuses(w):
     w.users.listener("bob", w.users.entries["bob"])
     assert conns[2].refusals[0].code == "rbac"
     assert w.audit.of("access.denied")[-1]["where"] == LIVE
+
+
+def test_revoked_answers_from_memory_for_a_session_that_was_still_opening(w):
+    """A lock or a removal seen between the decision and the stream opening refuses it."""
+    assert w.policy.revoked("alice", "grafana") is None
+    w.locks.all.append(Lock("l1", "alice", "grafana", "incident", NOW, None, "admin"))
+    assert w.policy.revoked("alice", "grafana").message == "your access is locked: incident"
+    assert w.policy.revoked("alice", "prod") is None
+    del w.users.entries["bob"]
+    assert w.policy.revoked("bob", "grafana") == Deny(403, "user_removed", "user removed",
+                                                      REMOVED_MESSAGE)
+    assert w.audit.events == []   # a question, not a refusal: the caller audits what it does

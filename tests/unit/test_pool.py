@@ -11,7 +11,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 
 from apptunnel.proxy.pool import AppEndpoint, NoAgent, TunnelPool
-from apptunnel.proxy.registry import AgentRegistry, AppInfo
+from apptunnel.catalog import AppInfo
+from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from tests.unit.test_connect_retry import APP, outcome, tunnel_pair

@@ -11,7 +11,8 @@ from apptunnel.auth.callers import Caller
 from apptunnel.backend.records import AppSession
 from apptunnel.config import ProxyConfig
 from apptunnel.proxy.http1 import Headers, RequestHead
-from apptunnel.proxy.registry import AgentRegistry, AppInfo
+from apptunnel.catalog import AppInfo
+from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.router import Answer, AppRouter, Forward
 from tests.unit.test_auth_access import Audit, Roles, Users
 
