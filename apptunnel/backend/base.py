@@ -21,6 +21,9 @@ from apptunnel.backend.records import (
     WebSession,
 )
 
+# The most events one search_audit call returns, whatever limit it asks for.
+MAX_SEARCH_LIMIT = 100_000
+
 
 class BackendError(Exception):
     """Storage failed; the message says what, never with secrets in it."""

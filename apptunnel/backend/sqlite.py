@@ -24,7 +24,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from apptunnel.backend.base import AlreadyExists, BackendError, NotFound
+from apptunnel.backend.base import MAX_SEARCH_LIMIT, AlreadyExists, BackendError, NotFound
 from apptunnel.backend.records import (
     AppSession,
     AuditEvent,
@@ -44,7 +44,6 @@ _AUDIT_ROWS_PER_INSERT = 120
 _T = TypeVar("_T")
 
 BUSY_TIMEOUT_MS = 5000
-MAX_SEARCH_LIMIT = 100_000
 
 # Each entry upgrades the schema by one version (PRAGMA user_version). Append only:
 # never edit a migration that has shipped.
