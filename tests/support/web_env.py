@@ -1,6 +1,7 @@
-"""The web app environment: the proxy's WebApp over real SQLite, sessions, roles, audit,
-JWT keys and cluster CA, driven in memory through treq's StubTreq on a Clock set to the
-real epoch.
+"""The web app environment: the proxy's WebApp over the in-memory backend, sessions,
+roles, audit, JWT keys and cluster CA, driven in memory through treq's StubTreq on a Clock
+set to the real epoch. No thread and no wall clock: storage answers at once and argon2
+runs inline, so a request is answered once StubTreq has been flushed.
 
 `running_web_env` yields an Env with the users alice (role dev, password alice-pw) and bob
 (no roles, password bob-pw) and the apps grafana, wiki and billing registered.
@@ -16,8 +17,7 @@ from collections.abc import AsyncIterator
 import attrs
 import treq
 from treq.testing import StubTreq
-from twisted.internet import reactor
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 
 from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA
@@ -28,14 +28,15 @@ from apptunnel.auth.passwords import hash_password
 from apptunnel.auth.policy import RoleCache
 from apptunnel.auth.sessions import SessionManager
 from apptunnel.backend.records import Resource, User
-from apptunnel.backend.sqlite import SqliteBackend
+from apptunnel.backend.memory import MemoryBackend
 from apptunnel.config import ProxyConfig
 from apptunnel.proxy.registry import AgentRegistry, AppInfo
 from apptunnel.web.routes import SESSION_COOKIE, WebApp
+from tests.support.memory import inline_hashes
 
 BASE = "https://apptunnel.localhost:3080"
 COOKIE = SESSION_COOKIE
-WAIT = 10.0
+ROUNDS = 1000   # flushes of the stub and the clock before a request counts as stuck
 
 ROLES = [
     {
@@ -54,7 +55,7 @@ ROLES = [
 class Env:
     config: ProxyConfig
     clock: Clock
-    backend: SqliteBackend
+    backend: MemoryBackend
     sessions: SessionManager
     audit: AuditLog
     jwt_keys: JwtKeys
@@ -74,8 +75,8 @@ class Env:
         if origin is not None and method != "GET":
             sent["Origin"] = origin
         d = stub.request(method, BASE + path, headers=sent, allow_redirects=False, **kwargs)
-        response = await settle(stub, d)
-        body = await settle(stub, treq.content(response))
+        response = await settle(stub, d, self.clock)
+        body = await settle(stub, treq.content(response), self.clock)
         return response, body
 
     async def login(self, username: str = "alice", password: str = "alice-pw") -> str:
@@ -92,9 +93,9 @@ class Env:
         return await self.backend.search_audit(type=type)
 
 
-async def settle(stub: StubTreq, d, timeout: float = WAIT):
-    """Pump the in-memory connection while real threads (sqlite, argon2) do their work."""
-    deadline = reactor.seconds() + timeout
+async def settle(stub: StubTreq, d, clock: Clock, rounds: int = ROUNDS):
+    """Flush the in-memory connection (and calls due now on the clock) until ``d`` fires;
+    a request still unanswered after ``rounds`` flushes waits on something nobody drives."""
     done: list[bool] = []
 
     def finished(result):
@@ -102,13 +103,13 @@ async def settle(stub: StubTreq, d, timeout: float = WAIT):
         return result
 
     d.addBoth(finished)  # not d.called: a called Deferred may still wait on a chained one
-    while not done:
-        if reactor.seconds() > deadline:
-            d.cancel()
-            raise AssertionError(f"no response within {timeout}s")
+    for _ in range(rounds):
+        if done:
+            return await d
         stub.flush()
-        await deferLater(reactor, 0.002, lambda: None)
-    return await d
+        clock.advance(0)
+    d.cancel()
+    raise AssertionError(f"no response after {rounds} flushes")
 
 
 def session_cookie(response) -> tuple[str, list[str]]:
@@ -152,7 +153,7 @@ async def running_web_env(tmp_path) -> AsyncIterator[Env]:
         backend_type="sqlite", backend_path=str(tmp_path / "apptunnel.db"),
         tls_cert_file=None, tls_key_file=None, session_ttl=43200.0,
     )
-    backend = SqliteBackend(config.backend_path, reactor)
+    backend = MemoryBackend()
     for doc in ROLES:
         await backend.put_resource(Resource("role", doc["metadata"]["name"], doc))
     now = clock.seconds()
@@ -167,7 +168,8 @@ async def running_web_env(tmp_path) -> AsyncIterator[Env]:
     audit = AuditLog(backend, clock)
     audit.start()
     locks, users = LockWatcher(backend, clock), UserDirectory(backend, clock)
-    sessions = SessionManager(backend, clock, config.session_ttl, locks=locks, users=users)
+    sessions = SessionManager(backend, clock, config.session_ttl, locks=locks, users=users,
+                              hashes=inline_hashes())
     jwt_keys = JwtKeys.load_or_create(str(tmp_path), "RS256")
     ca = ClusterCA.load_or_create(str(tmp_path), config.cluster_name)
     web = WebApp(config, sessions, RoleCache(backend, clock), registry, audit, jwt_keys, ca,

@@ -8,21 +8,20 @@ import stat
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 
 from apptunnel.audit import AuditLog, code_for
 from apptunnel.backend.base import BackendError
-from apptunnel.backend.sqlite import SqliteBackend
+from tests.support.memory import MemoryBackend
 from tests.support.waiting import wait
 
 
-class RecordingBackend(SqliteBackend):
-    """The real SQLite backend, noting batch sizes and failing the first `fail` writes."""
+class RecordingBackend(MemoryBackend):
+    """The in-memory backend, noting batch sizes and failing the first `fail` writes."""
 
-    def __init__(self, path, reactor, fail=0):
-        super().__init__(path, reactor)
+    def __init__(self, fail=0):
+        super().__init__()
         self.batches: list[int] = []
         self.fail = fail
 
@@ -36,7 +35,7 @@ class RecordingBackend(SqliteBackend):
 
 @pytest_twisted.async_yield_fixture
 async def backend(tmp_path):
-    b = RecordingBackend(str(tmp_path / "apptunnel.db"), reactor)
+    b = RecordingBackend()
     yield b
     await wait(b.close())
 
