@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 from collections.abc import AsyncIterator
 
+import argon2
 import attrs
 import treq
 from treq.testing import StubTreq
@@ -22,9 +24,9 @@ from twisted.internet.task import Clock
 from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA
 from apptunnel.auth.directory import UserDirectory
+from apptunnel.auth.jwt import KEY_FILE as JWT_KEY_FILE
 from apptunnel.auth.jwt import JwtKeys
 from apptunnel.auth.locks import LockWatcher
-from apptunnel.auth.passwords import hash_password
 from apptunnel.auth.policy import RoleCache
 from apptunnel.auth.sessions import SessionManager
 from apptunnel.backend.records import Resource, User
@@ -128,10 +130,16 @@ def header(response, name: str) -> str | None:
     return values[0] if values else None
 
 
+# argon2id as the proxy stores it, at a test's cost: sign-in verifies with the parameters
+# in the stored hash, so the web env's logins take milliseconds instead of a 64 MiB check.
+_CHEAP_HASHER = argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1,
+                                      type=argon2.Type.ID)
+
+
 @functools.cache
 def password_hash(password: str) -> str:
-    """argon2 is slow on purpose; hash each test password once per run."""
-    return hash_password(password)
+    """An argon2id hash of ``password``, made once per run at a low cost."""
+    return _CHEAP_HASHER.hash(password)
 
 
 def app_info(name: str, labels: dict[str, str]) -> AppInfo:
@@ -140,6 +148,26 @@ def app_info(name: str, labels: dict[str, str]) -> AppInfo:
         public_addr=f"{name}.apptunnel.localhost:3080", rewrite_headers=(),
         jwt_claims=None, agent_id="agent-1",
     )
+
+
+# Key files of the first env of the run (JWT key and cluster CA), copied into the data
+# dir of every later one: an RSA key and a CA per test cost more than the test itself.
+_KEY_FILES = (JWT_KEY_FILE, "ca.key", "ca.crt")
+_seed: dict[str, bytes] = {}
+
+
+def _seed_keys(data_dir: str) -> None:
+    for name, data in _seed.items():
+        path = os.path.join(data_dir, name)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(data)
+
+
+def _keep_keys(data_dir: str) -> None:
+    if not _seed:
+        for name in _KEY_FILES:
+            with open(os.path.join(data_dir, name), "rb") as f:
+                _seed[name] = f.read()
 
 
 @contextlib.asynccontextmanager
@@ -170,8 +198,10 @@ async def running_web_env(tmp_path) -> AsyncIterator[Env]:
     locks, users = LockWatcher(backend, clock), UserDirectory(backend, clock)
     sessions = SessionManager(backend, clock, config.session_ttl, locks=locks, users=users,
                               hashes=inline_hashes())
+    _seed_keys(str(tmp_path))
     jwt_keys = JwtKeys.load_or_create(str(tmp_path), "RS256")
     ca = ClusterCA.load_or_create(str(tmp_path), config.cluster_name)
+    _keep_keys(str(tmp_path))
     web = WebApp(config, sessions, RoleCache(backend, clock), registry, audit, jwt_keys, ca,
                  clock, locks=locks, users=users)
     yield Env(config, clock, backend, sessions, audit, jwt_keys, ca, web, registry, locks, users)
