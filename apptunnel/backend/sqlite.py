@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -44,6 +45,7 @@ _AUDIT_ROWS_PER_INSERT = 120
 _T = TypeVar("_T")
 
 BUSY_TIMEOUT_MS = 5000
+_WAL_RETRY_MS = 10
 
 # Each entry upgrades the schema by one version (PRAGMA user_version). Append only:
 # never edit a migration that has shipped.
@@ -170,13 +172,29 @@ def _open_connection(path: str) -> sqlite3.Connection:
     )
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        _use_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
         _migrate(conn)
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL (a no-op once it is). Two connections switching one new file
+    at the same moment (the CLI and a starting proxy) get "database is locked" at once:
+    SQLite skips its busy handler there. So retry, on this worker thread, for about the
+    busy timeout."""
+    for _ in range(BUSY_TIMEOUT_MS // _WAL_RETRY_MS):
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err):
+                raise
+        time.sleep(_WAL_RETRY_MS / 1000)
+    conn.execute("PRAGMA journal_mode = WAL")
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
