@@ -10,12 +10,10 @@ runs inline, so a request is answered once StubTreq has been flushed.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import time
 from collections.abc import AsyncIterator
 
-import argon2
 import attrs
 import treq
 from treq.testing import StubTreq
@@ -34,7 +32,7 @@ from apptunnel.backend.memory import MemoryBackend
 from apptunnel.config import ProxyConfig
 from apptunnel.proxy.registry import AgentRegistry, AppInfo
 from apptunnel.web.routes import SESSION_COOKIE, WebApp
-from tests.support.memory import inline_hashes
+from tests.support.memory import cheap_hash, inline_hashes
 
 BASE = "https://apptunnel.localhost:3080"
 COOKIE = SESSION_COOKIE
@@ -130,16 +128,9 @@ def header(response, name: str) -> str | None:
     return values[0] if values else None
 
 
-# argon2id as the proxy stores it, at a test's cost: sign-in verifies with the parameters
-# in the stored hash, so the web env's logins take milliseconds instead of a 64 MiB check.
-_CHEAP_HASHER = argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1,
-                                      type=argon2.Type.ID)
-
-
-@functools.cache
 def password_hash(password: str) -> str:
-    """An argon2id hash of ``password``, made once per run at a low cost."""
-    return _CHEAP_HASHER.hash(password)
+    """An argon2id hash of ``password`` at a test's cost (tests/support/memory.py)."""
+    return cheap_hash(password)
 
 
 def app_info(name: str, labels: dict[str, str]) -> AppInfo:

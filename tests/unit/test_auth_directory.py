@@ -8,14 +8,13 @@ import pytest_twisted
 from twisted.internet.task import Clock
 
 from apptunnel.auth.directory import Entry, UserDirectory, effective_identity
-from apptunnel.auth.passwords import hash_password
 from apptunnel.auth.sessions import SessionManager
 from apptunnel.backend.records import User
-from tests.support.memory import MemoryBackend, inline_hashes
+from tests.support.memory import MemoryBackend, cheap_hash, inline_hashes
 from tests.support.waiting import wait
 
 PASSWORD = "correct horse battery staple"
-HASH = hash_password(PASSWORD)
+HASH = cheap_hash(PASSWORD)
 NOW = 1_000_000.0
 
 

@@ -9,14 +9,13 @@ from twisted.internet.task import Clock
 from apptunnel.audit import AuditLog, code_for
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.locks import LockWatcher
-from apptunnel.auth.passwords import hash_password
 from apptunnel.auth.sessions import LOCK_AUDIT_INTERVAL, SessionManager
 from apptunnel.backend.records import Lock, User
-from tests.support.memory import MemoryBackend, inline_hashes
+from tests.support.memory import MemoryBackend, cheap_hash, inline_hashes
 from tests.support.waiting import wait
 
 PASSWORD = "correct horse battery staple"
-HASH = hash_password(PASSWORD)
+HASH = cheap_hash(PASSWORD)
 
 
 @pytest.fixture
