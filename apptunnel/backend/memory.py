@@ -65,6 +65,10 @@ def _user(u: User) -> User:
                 _real(u.created))
 
 
+def _resource(r: Resource) -> Resource:
+    return Resource(r.kind, r.name, _json(r.doc))
+
+
 def _web_session(s: WebSession) -> WebSession:
     return WebSession(s.id_hash, s.user, tuple(_json(list(s.roles))), _traits(s.traits),
                       _real(s.created), _real(s.expires))
@@ -96,8 +100,9 @@ def _event(e: AuditEvent) -> AuditEvent:
 
 
 class MemoryBackend:
-    """The Backend protocol on dicts. Stored records are frozen and normalised on the way
-    in, so handing the same object to every reader is as safe as a fresh SQL row."""
+    """The Backend protocol on dicts. Records are normalised on the way in, and those with
+    a dict inside (users, resources, web sessions, audit events) are copied on the way out,
+    so a caller who changes what it got changes nothing stored, as with a fresh SQL row."""
 
     def __init__(self) -> None:
         self._users: dict[str, User] = {}
@@ -138,11 +143,12 @@ class MemoryBackend:
 
     async def get_user(self, name: str) -> User | None:
         self._check_open()
-        return self._users.get(name)
+        found = self._users.get(name)
+        return _user(found) if found else None
 
     async def list_users(self) -> list[User]:
         self._check_open()
-        return [self._users[name] for name in sorted(self._users)]
+        return [_user(self._users[name]) for name in sorted(self._users)]
 
     async def delete_user(self, name: str) -> bool:
         """Remove the user and every session and pending hand-off that belongs to them."""
@@ -154,15 +160,16 @@ class MemoryBackend:
 
     async def put_resource(self, res: Resource) -> None:
         self._check_open()
-        self._resources[(res.kind, res.name)] = Resource(res.kind, res.name, _json(res.doc))
+        self._resources[(res.kind, res.name)] = _resource(res)
 
     async def get_resource(self, kind: str, name: str) -> Resource | None:
         self._check_open()
-        return self._resources.get((kind, name))
+        found = self._resources.get((kind, name))
+        return _resource(found) if found else None
 
     async def list_resources(self, kind: str) -> list[Resource]:
         self._check_open()
-        return [r for (k, _), r in sorted(self._resources.items()) if k == kind]
+        return [_resource(r) for (k, _), r in sorted(self._resources.items()) if k == kind]
 
     async def delete_resource(self, kind: str, name: str) -> bool:
         self._check_open()
@@ -242,7 +249,8 @@ class MemoryBackend:
 
     async def get_web_session(self, id_hash: str) -> WebSession | None:
         self._check_open()
-        return self._web_sessions.get(id_hash)
+        found = self._web_sessions.get(id_hash)
+        return _web_session(found) if found else None
 
     async def delete_web_session(self, id_hash: str) -> list[str]:
         """End the web session with its app sessions and hand-offs; return the app hashes."""
@@ -354,7 +362,7 @@ class MemoryBackend:
             and (type is None or e.type == type)
         ]
         found.sort(key=lambda e: e.time)   # stable: ties stay in insertion order
-        return found[:limit]
+        return [_event(e) for e in found[:limit]]
 
     # -- housekeeping -----------------------------------------------------------
 

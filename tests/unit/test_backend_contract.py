@@ -125,6 +125,25 @@ async def test_records_come_back_as_storage_gives_them(backend):
 
 
 @pytest_twisted.ensureDeferred
+async def test_changing_a_record_read_back_changes_nothing_stored(backend):
+    """Records are frozen, but their dicts are not: what a reader does to them stays its own."""
+    await wait(backend.create_user(user()))
+    await wait(backend.put_web_session(web("w1")))
+    await wait(backend.put_resource(Resource("role", "r", {"spec": {"allow": {}}})))
+    await wait(backend.append_audit([event(1, 1.0)]))
+    (await wait(backend.get_user("alice"))).traits["logins"] = ("root",)
+    (await wait(backend.list_users()))[0].traits.clear()
+    (await wait(backend.get_web_session("w1"))).traits["team"] = ("evil",)
+    (await wait(backend.get_resource("role", "r"))).doc["spec"]["allow"]["*"] = "*"
+    (await wait(backend.list_resources("role")))[0].doc.clear()
+    (await wait(backend.search_audit()))[0].fields["n"] = 99
+    assert await wait(backend.get_user("alice")) == user()
+    assert await wait(backend.get_web_session("w1")) == web("w1")
+    assert (await wait(backend.get_resource("role", "r"))).doc == {"spec": {"allow": {}}}
+    assert await wait(backend.search_audit()) == [event(1, 1.0)]
+
+
+@pytest_twisted.ensureDeferred
 async def test_create_user_twice_is_already_exists(backend):
     """Creating a user whose name exists raises AlreadyExists."""
     await wait(backend.create_user(user()))
