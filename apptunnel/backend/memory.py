@@ -351,15 +351,23 @@ class MemoryBackend:
         until: float | None = None,
         type: str | None = None,
         limit: int = 1000,
+        *,
+        actor: str | None = None,
+        target: str | None = None,
+        outcome: str | None = None,
     ) -> list[AuditEvent]:
-        """Events with since <= time < until, oldest first (ties in insertion order)."""
+        """Events with since <= time < until, oldest first (ties in insertion order); type,
+        actor, target and outcome, when given, match exactly (the limit counts matches)."""
         self._check_open()
         limit = max(0, min(int(limit), MAX_SEARCH_LIMIT))
+        exact = [(name, value) for name, value in
+                 (("type", type), ("actor", actor), ("target", target), ("outcome", outcome))
+                 if value is not None]
         found = [
             e for e in self._audit
             if (since is None or e.time >= float(since))
             and (until is None or e.time < float(until))
-            and (type is None or e.type == type)
+            and all(getattr(e, name) == value for name, value in exact)
         ]
         found.sort(key=lambda e: e.time)   # stable: ties stay in insertion order
         return [_event(e) for e in found[:limit]]

@@ -499,6 +499,26 @@ async def test_audit_append_and_search(backend):
 
 
 @pytest_twisted.ensureDeferred
+async def test_memory_audit_search_by_actor_target_and_outcome():
+    """The filters `apptunnel audit search --user/--app/--outcome` needs (issue 9), matched
+    exactly, with the limit counting matches. Memory only until SqliteBackend.search_audit
+    takes them too; then this belongs to the parametrised suite above."""
+    b = MemoryBackend()
+    await b.append_audit([
+        AuditEvent("1", 1.0, "app.request", "c", "alice", "grafana", "success", {}),
+        AuditEvent("2", 2.0, "app.request", "c", "bob", "grafana", "failure", {}),
+        AuditEvent("3", 3.0, "access.denied", "c", "alice", "wiki", "failure", {}),
+        AuditEvent("4", 4.0, "app.request", "c", "alice", "grafana", "success", {}),
+    ])
+    ids = lambda found: [e.id for e in found]   # noqa: E731
+    assert ids(await b.search_audit(actor="alice")) == ["1", "3", "4"]
+    assert ids(await b.search_audit(target="grafana", outcome="success")) == ["1", "4"]
+    assert ids(await b.search_audit(actor="alice", outcome="failure", type="access.denied")) == ["3"]
+    assert ids(await b.search_audit(actor="alice", target="grafana", limit=1)) == ["1"]
+    assert await b.search_audit(actor="Alice") == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_audit_out_of_order_appends_search_in_time_order(backend):
     """Events appended late with earlier times come back in time order, ties by insertion."""
     await wait(backend.append_audit([event(1, 5.0), event(2, 3.0)]))
