@@ -25,13 +25,13 @@ from apptunnel.audit import AuditLog
 from apptunnel.auth.jwt import JwtKeys, JwtSigner
 from apptunnel.auth.policy import RoleCache
 from apptunnel.auth.sessions import SessionManager
+from apptunnel.backend.memory import MemoryBackend
 from apptunnel.backend.records import Resource, User
 from apptunnel.config import ProxyConfig
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder, tunnel_connector
 from apptunnel.proxy.http1 import BodyBytes, EndOfMessage, ResponseHead, ResponseReader, Trailers, Upgraded
 from apptunnel.proxy.registry import AgentRegistry, AppInfo
-from tests.support.memory import MemoryBackend
 from tests.support.waiting import TIMEOUT, wait
 
 PUBLIC = "apptunnel.localhost:3080"
