@@ -20,7 +20,13 @@ from typing import Any
 
 import attrs
 
-from apptunnel.backend.base import MAX_SEARCH_LIMIT, AlreadyExists, BackendError, NotFound
+from apptunnel.backend.base import (
+    AGENT_STATE,
+    MAX_SEARCH_LIMIT,
+    AlreadyExists,
+    BackendError,
+    NotFound,
+)
 from apptunnel.backend.records import (
     Agent,
     AppSession,
@@ -33,10 +39,6 @@ from apptunnel.backend.records import (
     User,
     WebSession,
 )
-
-_AGENT_STATE = frozenset(("cert_expires", "key_pin", "last_seen", "connected_since", "peer",
-                          "proxy_id", "apps"))
-
 
 def _json(value: Any) -> Any:
     """What SQLite's JSON columns give back: a fresh, key-sorted copy, or BackendError."""
@@ -232,8 +234,8 @@ class MemoryBackend:
         """Set some of the agent's state fields; False if unknown. ``only_proxy``: change
         nothing unless the record still names that proxy."""
         only_proxy = state.pop("only_proxy", None)
-        if not state or not set(state) <= _AGENT_STATE:
-            raise BackendError(f"update_agent: unknown fields {sorted(set(state) - _AGENT_STATE)}")
+        if not state or not set(state) <= AGENT_STATE:
+            raise BackendError(f"update_agent: unknown fields {sorted(set(state) - AGENT_STATE)}")
         self._check_open()
         known = self._agents.get(host_id)
         if known is None or (only_proxy is not None and known.proxy_id != only_proxy):

@@ -25,7 +25,13 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from apptunnel.backend.base import MAX_SEARCH_LIMIT, AlreadyExists, BackendError, NotFound
+from apptunnel.backend.base import (
+    AGENT_STATE,
+    MAX_SEARCH_LIMIT,
+    AlreadyExists,
+    BackendError,
+    NotFound,
+)
 from apptunnel.backend.records import (
     AppSession,
     AuditEvent,
@@ -246,8 +252,6 @@ def _app_session(row: tuple) -> AppSession:
 _TOKEN_COLUMNS = "token_hash, kind, expires, created, uses_left, scope"
 _AGENT_COLUMNS = ("host_id, scope, joined, cert_expires, key_pin, last_seen, connected_since,"
                   " peer, proxy_id, apps")
-_AGENT_STATE = ("cert_expires", "key_pin", "last_seen", "connected_since", "peer", "proxy_id",
-                "apps")
 _LOCK_COLUMNS = "id, user_name, app, message, created, expires, created_by, agent"
 
 
@@ -537,13 +541,13 @@ class SqliteBackend:
         return await self._run(run)
 
     async def update_agent(self, host_id: str, **state: Any) -> bool:
-        """Set some of the agent's state columns (``_AGENT_STATE``); False if unknown.
+        """Set some of the agent's state columns (``AGENT_STATE``); False if unknown.
 
         ``only_proxy``: change nothing unless the row still names that proxy (a tunnel
         that ends must not mark an agent offline that has reconnected elsewhere)."""
         only_proxy = state.pop("only_proxy", None)
-        if not state or not set(state) <= set(_AGENT_STATE):
-            raise BackendError(f"update_agent: unknown fields {sorted(set(state) - set(_AGENT_STATE))}")
+        if not state or not set(state) <= AGENT_STATE:
+            raise BackendError(f"update_agent: unknown fields {sorted(set(state) - AGENT_STATE)}")
         names = sorted(state)
         values = [_dump(list(state[n])) if n == "apps" else state[n] for n in names]
         where, params = "host_id = ?", [host_id]
