@@ -7,6 +7,7 @@ test_backend_sqlite.py.
 
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,13 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from apptunnel.backend import open_backend
-from apptunnel.backend.base import MAX_SEARCH_LIMIT, AlreadyExists, BackendError, NotFound
+from apptunnel.backend.base import (
+    MAX_SEARCH_LIMIT,
+    AlreadyExists,
+    Backend,
+    BackendError,
+    NotFound,
+)
 from apptunnel.backend.memory import MemoryBackend
 from apptunnel.backend.records import (
     Agent,
@@ -626,3 +633,23 @@ def test_memory_is_not_a_proxy_yaml_backend(tmp_path):
         load_proxy_config(str(path))
     with pytest.raises(BackendError, match="memory"):
         open_backend(SimpleNamespace(backend_type="memory", backend_path=""), reactor)
+
+
+@pytest.mark.parametrize("implementation", [SqliteBackend, MemoryBackend])
+def test_every_protocol_method_is_a_coroutine_taking_the_same_arguments(implementation):
+    """Each Backend method exists as a coroutine accepting the protocol's parameters (same
+    names, kinds and defaults; an implementation may only add keyword-only ones)."""
+    methods = [n for n, f in vars(Backend).items()
+               if inspect.iscoroutinefunction(f) and not n.startswith("_")]
+    assert len(methods) >= 35
+    for name in methods:
+        mine = getattr(implementation, name)
+        assert inspect.iscoroutinefunction(mine), name
+        wanted = inspect.signature(getattr(Backend, name)).parameters
+        have = inspect.signature(mine).parameters
+        for param in wanted.values():
+            assert param.name in have, (name, param.name)
+            got = have[param.name]
+            assert (got.kind, got.default) == (param.kind, param.default), (name, param.name)
+        extra = [p for p in have.values() if p.name not in wanted]
+        assert all(p.kind == p.KEYWORD_ONLY and p.default is not p.empty for p in extra), name
