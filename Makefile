@@ -36,7 +36,7 @@ bench: install
 	$(BIN)/python bench/run.py
 
 # Coverage-guided fuzzing of the parsers (atheris), FUZZ_TIME seconds per harness. Not
-# part of `make test` (CI runs each harness briefly in tests/unit/test_fuzz_smoke.py).
+# part of `make test` (CI runs each harness briefly in tests/integration/test_fuzz_smoke.py).
 # Crashes land in fuzz/artifacts/; what the fuzzer learns in $(FUZZ_WORK).
 FUZZ_TIME ?= 60
 FUZZ_WORK ?= /tmp/apptunnel-fuzz

@@ -22,6 +22,13 @@ from apptunnel.backend.records import (
 )
 from apptunnel.errors import ApptunnelError
 
+# The most events one search_audit call returns, whatever limit it asks for.
+MAX_SEARCH_LIMIT = 100_000
+
+# The Agent fields update_agent may set (its connection state); anything else is an error.
+AGENT_STATE = frozenset({"cert_expires", "key_pin", "last_seen", "connected_since", "peer",
+                         "proxy_id", "apps"})
+
 
 class BackendError(ApptunnelError):
     """Storage failed; the message says what, never with secrets in it."""

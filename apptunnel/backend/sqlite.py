@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -24,7 +25,13 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from apptunnel.backend.base import AlreadyExists, BackendError, NotFound
+from apptunnel.backend.base import (
+    AGENT_STATE,
+    MAX_SEARCH_LIMIT,
+    AlreadyExists,
+    BackendError,
+    NotFound,
+)
 from apptunnel.backend.records import (
     AppSession,
     AuditEvent,
@@ -44,7 +51,7 @@ _AUDIT_ROWS_PER_INSERT = 120
 _T = TypeVar("_T")
 
 BUSY_TIMEOUT_MS = 5000
-MAX_SEARCH_LIMIT = 100_000
+_WAL_RETRY_MS = 10
 
 # Each entry upgrades the schema by one version (PRAGMA user_version). Append only:
 # never edit a migration that has shipped.
@@ -171,13 +178,29 @@ def _open_connection(path: str) -> sqlite3.Connection:
     )
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        _use_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
         _migrate(conn)
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL (a no-op once it is). Two connections switching one new file
+    at the same moment (the CLI and a starting proxy) get "database is locked" at once:
+    SQLite skips its busy handler there. So retry, on this worker thread, for about the
+    busy timeout."""
+    for _ in range(BUSY_TIMEOUT_MS // _WAL_RETRY_MS):
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err):
+                raise
+        time.sleep(_WAL_RETRY_MS / 1000)
+    conn.execute("PRAGMA journal_mode = WAL")
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -229,8 +252,6 @@ def _app_session(row: tuple) -> AppSession:
 _TOKEN_COLUMNS = "token_hash, kind, expires, created, uses_left, scope"
 _AGENT_COLUMNS = ("host_id, scope, joined, cert_expires, key_pin, last_seen, connected_since,"
                   " peer, proxy_id, apps")
-_AGENT_STATE = ("cert_expires", "key_pin", "last_seen", "connected_since", "peer", "proxy_id",
-                "apps")
 _LOCK_COLUMNS = "id, user_name, app, message, created, expires, created_by, agent"
 
 
@@ -520,13 +541,13 @@ class SqliteBackend:
         return await self._run(run)
 
     async def update_agent(self, host_id: str, **state: Any) -> bool:
-        """Set some of the agent's state columns (``_AGENT_STATE``); False if unknown.
+        """Set some of the agent's state columns (``AGENT_STATE``); False if unknown.
 
         ``only_proxy``: change nothing unless the row still names that proxy (a tunnel
         that ends must not mark an agent offline that has reconnected elsewhere)."""
         only_proxy = state.pop("only_proxy", None)
-        if not state or not set(state) <= set(_AGENT_STATE):
-            raise BackendError(f"update_agent: unknown fields {sorted(set(state) - set(_AGENT_STATE))}")
+        if not state or not set(state) <= AGENT_STATE:
+            raise BackendError(f"update_agent: unknown fields {sorted(set(state) - AGENT_STATE)}")
         names = sorted(state)
         values = [_dump(list(state[n])) if n == "apps" else state[n] for n in names]
         where, params = "host_id = ?", [host_id]

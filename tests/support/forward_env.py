@@ -1,6 +1,7 @@
-"""The forwarder environment: a real EdgeFactory + AppForwarder over SQLite, a real upstream
-twisted.web app (echo, redirect, chunked, SSE, big, WebSocket echo, garbage) on loopback,
-and a small HTTP client that reads responses with our own ResponseReader.
+"""The forwarder environment: a real EdgeFactory + AppForwarder over the in-memory backend,
+a real upstream twisted.web app (echo, redirect, chunked, SSE, big, WebSocket echo,
+garbage) on loopback, and a small HTTP client that reads responses with our own
+ResponseReader.
 
 `running_forward_env` yields an Env whose proxy port serves the apps grafana, prod, ws,
 down, ghost and broken to the signed-in users alice (role dev) and bob (role ops).
@@ -24,8 +25,8 @@ from apptunnel.audit import AuditLog
 from apptunnel.auth.jwt import JwtKeys, JwtSigner
 from apptunnel.auth.policy import RoleCache
 from apptunnel.auth.sessions import SessionManager
+from apptunnel.backend.memory import MemoryBackend
 from apptunnel.backend.records import Resource, User
-from apptunnel.backend.sqlite import SqliteBackend
 from apptunnel.config import ProxyConfig
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder
@@ -276,7 +277,7 @@ class Env:
 @contextlib.asynccontextmanager
 async def running_forward_env(tmp_path) -> AsyncIterator[Env]:
     e = Env()
-    e.backend = backend = SqliteBackend(str(tmp_path / "apptunnel.db"), reactor)
+    e.backend = backend = MemoryBackend()
     await wait(backend.put_resource(Resource("role", "dev", role_doc("dev", {"env": "dev"}))))
     await wait(backend.put_resource(Resource("role", "ops", role_doc("ops", {"env": "prod"}))))
     alice = User("alice", None, ("dev",), {"team": ("sre", "web")}, 0.0)

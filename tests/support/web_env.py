@@ -1,6 +1,7 @@
-"""The web app environment: the proxy's WebApp over real SQLite, sessions, roles, audit,
-JWT keys and cluster CA, driven in memory through treq's StubTreq on a Clock set to the
-real epoch.
+"""The web app environment: the proxy's WebApp over the in-memory backend, sessions,
+roles, audit, JWT keys and cluster CA, driven in memory through treq's StubTreq on a Clock
+set to the real epoch. No thread and no wall clock: storage answers at once and argon2
+runs inline, so a request is answered once StubTreq has been flushed.
 
 `running_web_env` yields an Env with the users alice (role dev, password alice-pw) and bob
 (no roles, password bob-pw) and the apps grafana, wiki and billing registered.
@@ -9,35 +10,35 @@ real epoch.
 from __future__ import annotations
 
 import contextlib
-import functools
+import os
 import time
 from collections.abc import AsyncIterator
 
 import attrs
 import treq
 from treq.testing import StubTreq
-from twisted.internet import reactor
-from twisted.internet.task import Clock, deferLater
 from twisted.internet import reactor as wall_clock
+from twisted.internet.task import Clock
 
 from apptunnel.audit import AuditLog
 from apptunnel.auth.ca import ClusterCA
 from apptunnel.auth.directory import UserDirectory
+from apptunnel.auth.jwt import KEY_FILE as JWT_KEY_FILE
 from apptunnel.auth.jwt import JwtKeys
 from apptunnel.auth.locks import LockWatcher
-from apptunnel.auth.passwords import hash_password
 from apptunnel.auth.policy import RoleCache
 from apptunnel.auth.sessions import SessionManager
 from apptunnel.backend.records import Resource, User
-from apptunnel.backend.sqlite import SqliteBackend
+from apptunnel.backend.memory import MemoryBackend
 from apptunnel.config import ProxyConfig
 from apptunnel.catalog import AppInfo
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.web.routes import SESSION_COOKIE, WebApp
+from tests.support.memory import cheap_hash, inline_hashes
 
 BASE = "https://apptunnel.localhost:3080"
 COOKIE = SESSION_COOKIE
-WAIT = 10.0
+ROUNDS = 1000   # flushes of the stub and the clock before a request counts as stuck
 
 ROLES = [
     {
@@ -56,7 +57,7 @@ ROLES = [
 class Env:
     config: ProxyConfig
     clock: Clock
-    backend: SqliteBackend
+    backend: MemoryBackend
     sessions: SessionManager
     audit: AuditLog
     jwt_keys: JwtKeys
@@ -76,8 +77,8 @@ class Env:
         if origin is not None and method != "GET":
             sent["Origin"] = origin
         d = stub.request(method, BASE + path, headers=sent, allow_redirects=False, **kwargs)
-        response = await settle(stub, d)
-        body = await settle(stub, treq.content(response))
+        response = await settle(stub, d, self.clock)
+        body = await settle(stub, treq.content(response), self.clock)
         return response, body
 
     async def login(self, username: str = "alice", password: str = "alice-pw") -> str:
@@ -94,9 +95,9 @@ class Env:
         return await self.backend.search_audit(type=type)
 
 
-async def settle(stub: StubTreq, d, timeout: float = WAIT):
-    """Pump the in-memory connection while real threads (sqlite, argon2) do their work."""
-    deadline = reactor.seconds() + timeout
+async def settle(stub: StubTreq, d, clock: Clock, rounds: int = ROUNDS):
+    """Flush the in-memory connection (and calls due now on the clock) until ``d`` fires;
+    a request still unanswered after ``rounds`` flushes waits on something nobody drives."""
     done: list[bool] = []
 
     def finished(result):
@@ -104,13 +105,13 @@ async def settle(stub: StubTreq, d, timeout: float = WAIT):
         return result
 
     d.addBoth(finished)  # not d.called: a called Deferred may still wait on a chained one
-    while not done:
-        if reactor.seconds() > deadline:
-            d.cancel()
-            raise AssertionError(f"no response within {timeout}s")
+    for _ in range(rounds):
+        if done:
+            return await d
         stub.flush()
-        await deferLater(reactor, 0.002, lambda: None)
-    return await d
+        clock.advance(0)
+    d.cancel()
+    raise AssertionError(f"no response after {rounds} flushes")
 
 
 def session_cookie(response) -> tuple[str, list[str]]:
@@ -129,10 +130,9 @@ def header(response, name: str) -> str | None:
     return values[0] if values else None
 
 
-@functools.cache
 def password_hash(password: str) -> str:
-    """argon2 is slow on purpose; hash each test password once per run."""
-    return hash_password(password)
+    """An argon2id hash of ``password`` at a test's cost (tests/support/memory.py)."""
+    return cheap_hash(password)
 
 
 def app_info(name: str, labels: dict[str, str]) -> AppInfo:
@@ -141,6 +141,26 @@ def app_info(name: str, labels: dict[str, str]) -> AppInfo:
         public_addr=f"{name}.apptunnel.localhost:3080", rewrite_headers=(),
         jwt_claims=None, agent_id="agent-1",
     )
+
+
+# Key files of the first env of the run (JWT key and cluster CA), copied into the data
+# dir of every later one: an RSA key and a CA per test cost more than the test itself.
+_KEY_FILES = (JWT_KEY_FILE, "ca.key", "ca.crt")
+_seed: dict[str, bytes] = {}
+
+
+def _seed_keys(data_dir: str) -> None:
+    for name, data in _seed.items():
+        path = os.path.join(data_dir, name)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(data)
+
+
+def _keep_keys(data_dir: str) -> None:
+    if not _seed:
+        for name in _KEY_FILES:
+            with open(os.path.join(data_dir, name), "rb") as f:
+                _seed[name] = f.read()
 
 
 @contextlib.asynccontextmanager
@@ -154,7 +174,7 @@ async def running_web_env(tmp_path) -> AsyncIterator[Env]:
         backend_type="sqlite", backend_path=str(tmp_path / "apptunnel.db"),
         tls_cert_file=None, tls_key_file=None, session_ttl=43200.0,
     )
-    backend = SqliteBackend(config.backend_path, reactor)
+    backend = MemoryBackend()
     for doc in ROLES:
         await backend.put_resource(Resource("role", doc["metadata"]["name"], doc))
     now = clock.seconds()
@@ -169,9 +189,12 @@ async def running_web_env(tmp_path) -> AsyncIterator[Env]:
     audit = AuditLog(backend, clock)
     audit.start()
     locks, users = LockWatcher(backend, clock), UserDirectory(backend, clock)
-    sessions = SessionManager(backend, clock, config.session_ttl, locks=locks, users=users)
+    sessions = SessionManager(backend, clock, config.session_ttl, locks=locks, users=users,
+                              hashes=inline_hashes())
+    _seed_keys(str(tmp_path))
     jwt_keys = JwtKeys.load_or_create(str(tmp_path), "RS256")
     ca = ClusterCA.load_or_create(str(tmp_path), config.cluster_name, wall_clock)
+    _keep_keys(str(tmp_path))
     web = WebApp(config, sessions, RoleCache(backend, clock), registry, audit, jwt_keys, ca,
                  clock, locks=locks, users=users)
     yield Env(config, clock, backend, sessions, audit, jwt_keys, ca, web, registry, locks, users)

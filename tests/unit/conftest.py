@@ -1,30 +1,39 @@
-"""Fixtures shared by the unit test modules; the environments themselves live in
-tests/support so that a module names the one it runs against (`env` is bound per module)."""
+"""tests/unit runs on memory transports, a Clock and the in-memory backend: a unit test that
+listens, connects, starts a thread pool or a process fails at once, naming where it belongs.
+
+The modules about SQLite itself and the admin CLI's verbs on their real storage path may
+start threads (SQLite's worker, argon2 in the CLI); nothing here may open a socket or run
+a process.
+"""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
-import pytest_twisted
+from twisted.internet import reactor
+from twisted.python.threadpool import ThreadPool
 
-from tests.support.forward_env import running_forward_env
-from tests.support.web_env import running_web_env
-
-
-@pytest_twisted.async_yield_fixture
-async def forward_env(tmp_path):
-    """The real edge and forwarder in front of a real upstream app on loopback."""
-    async with running_forward_env(tmp_path) as env:
-        yield env
+THREADS_ALLOWED = frozenset({
+    "test_backend_sqlite", "test_backend_contract", "test_cli", "test_cli_agents",
+    "test_cli_locks",
+})
+_SOCKETS = ("listenTCP", "connectTCP", "listenSSL", "connectSSL", "listenUNIX",
+            "connectUNIX", "listenUDP", "spawnProcess")
 
 
-@pytest_twisted.async_yield_fixture
-async def web_env(tmp_path):
-    """The proxy's web app over real storage, sessions and CA, driven in memory."""
-    async with running_web_env(tmp_path) as env:
-        yield env
+def _refuse(what: str):
+    def refused(*args, **kwargs):
+        raise AssertionError(f"{what} in tests/unit: unit tests run on memory transports and "
+                             "a Clock; a test that needs it belongs in tests/integration")
+    return refused
 
 
-@pytest.fixture
-def home(tmp_path):
-    """An APPTUNNEL_HOME that does not exist yet, as on a user's first login."""
-    return tmp_path / "home" / ".apptunnel"
+@pytest.fixture(autouse=True)
+def _memory_only(request, monkeypatch):
+    for name in _SOCKETS:
+        monkeypatch.setattr(reactor, name, _refuse(f"reactor.{name}"))
+    monkeypatch.setattr(subprocess, "Popen", _refuse("a subprocess"))
+    if request.module.__name__.rsplit(".", 1)[-1] not in THREADS_ALLOWED:
+        monkeypatch.setattr(reactor, "getThreadPool", _refuse("a thread (deferToThread)"))
+        monkeypatch.setattr(ThreadPool, "start", _refuse("a thread pool"))

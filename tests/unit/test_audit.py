@@ -1,28 +1,24 @@
-"""AuditLog: queued emit, batched writes on the clock, JSON mirror, search."""
+"""AuditLog: queued emit, batched writes on the clock, search (the JSON mirror, written on
+a thread: tests/integration/test_audit.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import stat
-
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 
 from apptunnel.audit import AuditLog, code_for
 from apptunnel.backend.base import BackendError
-from apptunnel.backend.sqlite import SqliteBackend
+from tests.support.memory import MemoryBackend
 from tests.support.waiting import wait
 
 
-class RecordingBackend(SqliteBackend):
-    """The real SQLite backend, noting batch sizes and failing the first `fail` writes."""
+class RecordingBackend(MemoryBackend):
+    """The in-memory backend, noting batch sizes and failing the first `fail` writes."""
 
-    def __init__(self, path, reactor, fail=0):
-        super().__init__(path, reactor)
+    def __init__(self, fail=0):
+        super().__init__()
         self.batches: list[int] = []
         self.fail = fail
 
@@ -36,7 +32,7 @@ class RecordingBackend(SqliteBackend):
 
 @pytest_twisted.async_yield_fixture
 async def backend(tmp_path):
-    b = RecordingBackend(str(tmp_path / "apptunnel.db"), reactor)
+    b = RecordingBackend()
     yield b
     await wait(b.close())
 
@@ -108,27 +104,6 @@ async def test_stop_flushes(backend, clock):
 
 
 @pytest_twisted.ensureDeferred
-async def test_json_mirror(backend, clock, tmp_path):
-    """The JSON-lines mirror gets one object per event, in order, in a 0600 file."""
-    path = str(tmp_path / "audit.jsonl")
-    audit = AuditLog(backend, clock, json_file=path, batch_size=2)
-    audit.emit("user.login", actor="alice", outcome="failure", reason="bad password")
-    clock.advance(1)
-    audit.emit("session.web.start", actor="alice")
-    audit.emit("access.denied", actor="alice", target="prod-db", outcome="failure")
-    await wait(audit.flush())
-    with open(path) as f:
-        lines = [json.loads(line) for line in f]
-    assert [(d["type"], d["code"], d["time"]) for d in lines] == [
-        ("user.login", "T1000W", 5000.0),
-        ("session.web.start", "T2000I", 5001.0),
-        ("access.denied", "T2200W", 5001.0),
-    ]
-    assert lines[0]["fields"] == {"reason": "bad password"}
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-
-
-@pytest_twisted.ensureDeferred
 async def test_search_by_type_and_since(backend, clock):
     """search() flushes first and filters by type and time."""
     audit = AuditLog(backend, clock)
@@ -156,25 +131,6 @@ async def test_overflow_drops_oldest_and_counts(backend, clock):
     assert [e.fields["n"] for e in stored] == list(range(5, 15))
     warnings = [e for e in logged if "dropped" in e["log_format"]]
     assert len(warnings) == 1 and warnings[0]["count"] == 5
-
-
-@pytest_twisted.ensureDeferred
-async def test_backend_failure_is_retried_without_duplicates(backend, clock, tmp_path):
-    """A failed batch is retried on the next tick, stored once and mirrored once."""
-    backend.fail = 1
-    path = str(tmp_path / "audit.jsonl")
-    audit = AuditLog(backend, clock, json_file=path)
-    logged = capture(audit)
-    audit.start()
-    audit.emit("user.create", actor="admin", target="carol")
-    clock.advance(1)
-    await wait(audit.flush())
-    assert backend.batches == [1, 1]
-    assert [e.target for e in await wait(backend.search_audit())] == ["carol"]
-    with open(path) as f:
-        assert len(f.readlines()) == 1
-    assert any("will retry" in e["log_format"] for e in logged)
-    await wait(audit.stop())
 
 
 @pytest_twisted.ensureDeferred

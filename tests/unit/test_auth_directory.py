@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.task import Clock
 
 from apptunnel.auth.directory import Entry, UserDirectory, effective_identity
-from apptunnel.auth.passwords import hash_password
 from apptunnel.auth.sessions import SessionManager
 from apptunnel.backend.records import User
-from apptunnel.backend.sqlite import SqliteBackend
+from tests.support.memory import MemoryBackend, cheap_hash, inline_hashes
 from tests.support.waiting import wait
 
 PASSWORD = "correct horse battery staple"
-HASH = hash_password(PASSWORD)
+HASH = cheap_hash(PASSWORD)
 NOW = 1_000_000.0
 
 
@@ -49,7 +47,7 @@ def clock():
 
 @pytest_twisted.async_yield_fixture
 async def backend(tmp_path):
-    b = SqliteBackend(str(tmp_path / "apptunnel.db"), reactor)
+    b = MemoryBackend()
     await wait(b.create_user(User("alice", HASH, ("dev",), {}, 0.0)))
     await wait(b.create_user(User("bob", HASH, ("dev", "ops"), {"team": ("sre",)}, 0.0)))
     yield b
@@ -121,7 +119,7 @@ async def test_backend_failure_keeps_the_known_users(backend, users):
 @pytest_twisted.ensureDeferred
 async def test_sessions_of_a_removed_user_end_at_the_next_poll(backend, users, clock):
     """Cached web session and identity are None once the directory knows the user is gone."""
-    sessions = SessionManager(backend, clock, 3600.0, users=users)
+    sessions = SessionManager(backend, clock, 3600.0, users=users, hashes=inline_hashes())
     await wait(users.refresh())
     user = await wait(sessions.login("alice", PASSWORD))
     secret, web = await wait(sessions.create_web_session(user))
@@ -137,7 +135,7 @@ async def test_sessions_of_a_removed_user_end_at_the_next_poll(backend, users, c
 @pytest_twisted.ensureDeferred
 async def test_sessions_act_with_the_roles_the_user_holds_now(backend, users, clock):
     """A session started with [dev, ops] acts as [dev] once ops is taken away."""
-    sessions = SessionManager(backend, clock, 3600.0, users=users)
+    sessions = SessionManager(backend, clock, 3600.0, users=users, hashes=inline_hashes())
     await wait(users.refresh())
     secret, web = await wait(sessions.create_web_session(await wait(sessions.login("bob", PASSWORD))))
     assert web.roles == ("dev", "ops")

@@ -1,16 +1,16 @@
-"""LockWatcher over a real SqliteBackend, with polling driven by a Clock."""
+"""LockWatcher over the in-memory backend, with polling driven by a Clock."""
 
 from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from apptunnel.auth.locks import LockWatcher, lock_matches, lock_message
 from apptunnel.backend.records import AppSession, Lock, WebSession
-from apptunnel.backend.sqlite import SqliteBackend
-from tests.support.waiting import until, wait
+from tests.support.memory import MemoryBackend
+from tests.support.waiting import wait
 
 NOW = 1_000_000.0
 
@@ -28,7 +28,7 @@ def clock():
 
 @pytest_twisted.async_yield_fixture
 async def backend(tmp_path):
-    b = SqliteBackend(str(tmp_path / "apptunnel.db"), reactor)
+    b = MemoryBackend()
     yield b
     await wait(b.close())
 
@@ -154,18 +154,16 @@ async def test_start_polls_now_and_on_every_tick_until_stop(backend, watcher, cl
     await wait(backend.put_lock(lock("first")))
     watcher.start()
     watcher.start()   # idempotent
-    await until(lambda: seen == ["first"], "the first poll")
+    assert seen == ["first"]     # the first poll
     await wait(backend.put_lock(lock("second", user="bob")))
     clock.advance(1.9)
-    await task.deferLater(reactor, 0.05)
     assert seen == ["first"]
     clock.advance(0.1)
-    await until(lambda: seen == ["first", "second"], "the tick's poll")
+    assert seen == ["first", "second"]     # the tick's poll
     await wait(watcher.refresh())   # let any poll in flight finish before stopping
     watcher.stop()
     await wait(backend.put_lock(lock("third", user="carol")))
     clock.advance(10)
-    await task.deferLater(reactor, 0.05)
     assert seen == ["first", "second"] and watcher.locked("carol") is None
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 
 from apptunnel.auth.policy import RoleCache
 from apptunnel.backend.records import Resource
-from apptunnel.backend.sqlite import SqliteBackend
+from tests.support.memory import MemoryBackend
 from tests.support.waiting import wait
 
 
@@ -24,7 +23,7 @@ def role_doc(name, allow=None, deny=None):
 
 @pytest_twisted.async_yield_fixture
 async def backend(tmp_path):
-    b = SqliteBackend(str(tmp_path / "apptunnel.db"), reactor)
+    b = MemoryBackend()
     await wait(b.put_resource(Resource("role", "dev", role_doc("dev", allow={"env": "dev"}))))
     await wait(b.put_resource(Resource("role", "all", role_doc("all", allow={"*": "*"}))))
     yield b

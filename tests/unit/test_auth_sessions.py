@@ -5,7 +5,6 @@ from __future__ import annotations
 import attrs
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.task import Clock
 
 from apptunnel.auth.errors import AuthError
@@ -13,7 +12,7 @@ from apptunnel.auth.passwords import hash_password, verify_password
 from apptunnel.auth.sessions import AUTH_CODE_TTL, SessionManager
 from apptunnel.auth.tokens import constant_time_equal, new_secret, secret_hash
 from apptunnel.backend.records import AuthCode, User
-from apptunnel.backend.sqlite import SqliteBackend
+from tests.support.memory import MemoryBackend, inline_hashes
 from tests.support.waiting import wait
 
 TTL = 3600.0
@@ -23,7 +22,7 @@ HASH = hash_password(PASSWORD)
 
 @pytest_twisted.async_yield_fixture
 async def backend(tmp_path):
-    b = SqliteBackend(str(tmp_path / "apptunnel.db"), reactor)
+    b = MemoryBackend()
     await wait(b.create_user(User("alice", HASH, ("dev",), {"team": ("sre",)}, 0.0)))
     await wait(b.create_user(User("sso-bob", None, ("dev",), {}, 0.0)))
     yield b
@@ -39,7 +38,7 @@ def clock():
 
 @pytest.fixture
 def sessions(backend, clock):
-    return SessionManager(backend, clock, TTL)
+    return SessionManager(backend, clock, TTL, hashes=inline_hashes())
 
 
 async def alice_session(sessions):
@@ -147,7 +146,7 @@ async def test_cache_expires_for_changes_made_elsewhere(sessions, clock, backend
 @pytest_twisted.ensureDeferred
 async def test_negative_cache_is_brief(sessions, clock, backend):
     """A miss is remembered for seconds only, then a session created elsewhere is seen."""
-    other = SessionManager(backend, clock, TTL)
+    other = SessionManager(backend, clock, TTL, hashes=inline_hashes())
     secret = new_secret()
     assert await wait(sessions.web_session(secret)) is None
     user = await wait(backend.get_user("alice"))

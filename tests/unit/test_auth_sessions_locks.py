@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.task import Clock
 
 from apptunnel.audit import AuditLog, code_for
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.locks import LockWatcher
-from apptunnel.auth.passwords import hash_password
 from apptunnel.auth.sessions import LOCK_AUDIT_INTERVAL, SessionManager
 from apptunnel.backend.records import Lock, User
-from apptunnel.backend.sqlite import SqliteBackend
+from tests.support.memory import MemoryBackend, cheap_hash, inline_hashes
 from tests.support.waiting import wait
 
 PASSWORD = "correct horse battery staple"
-HASH = hash_password(PASSWORD)
+HASH = cheap_hash(PASSWORD)
 
 
 @pytest.fixture
@@ -29,7 +27,7 @@ def clock():
 
 @pytest_twisted.async_yield_fixture
 async def backend(tmp_path):
-    b = SqliteBackend(str(tmp_path / "apptunnel.db"), reactor)
+    b = MemoryBackend()
     await wait(b.create_user(User("alice", HASH, ("dev",), {}, 0.0)))
     await wait(b.create_user(User("bob", HASH, ("dev",), {}, 0.0)))
     yield b
@@ -48,7 +46,7 @@ def audit(backend, clock):
 
 @pytest.fixture
 def sessions(backend, clock, locks, audit):
-    return SessionManager(backend, clock, 3600.0, locks=locks, audit=audit)
+    return SessionManager(backend, clock, 3600.0, locks=locks, audit=audit, hashes=inline_hashes())
 
 
 async def add_lock(backend, locks, clock, id="l1", user="alice", app=None, message="incident 42"):
@@ -106,7 +104,7 @@ async def test_app_lock_refuses_that_app_only(sessions, backend, locks, clock):
     _, web = await wait(sessions.create_web_session(await wait(sessions.login("alice", PASSWORD))))
     await add_lock(backend, locks, clock, user=None, app="grafana", message="maintenance")
     # A proxy that has not polled the lock yet can still mint a code; redeeming it here fails.
-    unaware = SessionManager(backend, clock, 3600.0)
+    unaware = SessionManager(backend, clock, 3600.0, hashes=inline_hashes())
     code = await wait(unaware.create_auth_code(web, "grafana", "/", "s2"))
     assert await wait(sessions.app_session(app_secret, "grafana")) is None
     assert await wait(sessions.identity(app_session)) is None
@@ -179,6 +177,6 @@ def test_lock_audit_codes():
 @pytest_twisted.ensureDeferred
 async def test_without_a_watcher_nothing_is_locked(backend, clock):
     """SessionManager without locks behaves as before (locks are optional)."""
-    sessions = SessionManager(backend, clock, 3600.0)
+    sessions = SessionManager(backend, clock, 3600.0, hashes=inline_hashes())
     await wait(backend.put_lock(Lock("l1", "alice", None, "", clock.seconds(), None, "admin")))
     assert (await wait(sessions.login("alice", PASSWORD))).name == "alice"

@@ -1,14 +1,9 @@
-"""The edge: first-head routing by Host, hand-over of the transport, limits, TLS."""
+"""The edge: first-head routing by Host, hand-over of the transport, limits (memory
+transports; behind real TLS: tests/integration/test_edge.py)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import pytest_twisted
-from twisted.internet import reactor, ssl
-from twisted.internet.endpoints import SSL4ClientEndpoint, SSL4ServerEndpoint
-from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web import resource, server
@@ -19,14 +14,7 @@ from apptunnel.proxy.forward import AppForwarder, AppConnection
 from apptunnel.proxy.http1 import MAX_HEAD
 from apptunnel.catalog import AppInfo
 from apptunnel.proxy.registry import AgentRegistry
-from tests.support.forward_env import APP_HOST, PUBLIC, Client, request_bytes
-from tests.support.waiting import wait
-
-
-@pytest.fixture
-def env(forward_env):
-    """The tests here run against the shared forwarder environment."""
-    return forward_env
+from tests.support.forward_env import APP_HOST, PUBLIC, request_bytes
 
 
 class Hello(resource.Resource):
@@ -218,32 +206,3 @@ def test_malformed_host_on_a_later_head_is_400():
     transport.protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: nothing." + PUBLIC.encode() + b":@evil.com\r\n\r\n")
     assert transport.value().count(b"HTTP/1.1 400 ") == 1
     assert transport.disconnecting
-
-
-@pytest_twisted.ensureDeferred
-async def test_edge_over_tls_serves_web_and_apps_on_one_port(env, tmp_path):
-    """Behind TLS the edge hands over the TLS transport: web UI and app requests both work."""
-    cert = ssl.KeyPair.generate().selfSignedCert(1, CN="apptunnel.localhost")
-    listener = await wait(SSL4ServerEndpoint(reactor, 0, cert.options(), interface="127.0.0.1").listen(
-        EdgeFactory("apptunnel.localhost", server.Site(Hello()), env.forwarder)))
-    port = listener.getHost().port
-    try:
-        async def fetch(raw):
-            client = Client()
-            await wait(SSL4ClientEndpoint(reactor, "127.0.0.1", port, ssl.CertificateOptions()).connect(
-                Factory.forProtocol(lambda: client)))
-            results = []
-            for one in raw:
-                results.append(await client.request(one))
-            client.transport.loseConnection()
-            await wait(client.closed)
-            return results
-
-        [(head, body)] = await fetch([request_bytes(host=PUBLIC)])
-        assert head.status == 200 and body == f"web:{PUBLIC}".encode()
-        secret = await env.app_cookie()
-        cookie = [("Cookie", f"__Host-apptunnel_app={secret}")]
-        results = await fetch([request_bytes(path=f"/echo?n={i}", headers=cookie) for i in range(3)])
-        assert [json.loads(body)["uri"] for _, body in results] == ["/echo?n=0", "/echo?n=1", "/echo?n=2"]
-    finally:
-        await listener.stopListening()

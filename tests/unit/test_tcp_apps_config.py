@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import reactor
 
 from apptunnel.agent.upstream import UpstreamDialer, target_port
 from apptunnel.config import AppConfig, ConfigError, load_agent_config, parse_port_range
@@ -135,22 +135,6 @@ async def test_dialer_refuses_undeclared_port_without_dialing():
         await dialer.stream_requested(None, {"app": "multi", "port": 22})
     assert caught.value.code == ErrorCode.UNKNOWN_TARGET
     assert "22" in caught.value.reason
-
-
-@pytest_twisted.ensureDeferred
-async def test_dialer_dials_the_requested_declared_port():
-    """A declared port is dialed on the app's host."""
-    server = reactor.listenTCP(0, protocol.Factory.forProtocol(protocol.Protocol),
-                               interface="127.0.0.1")
-    try:
-        port = server.getHost().port
-        dialer = UpstreamDialer(reactor, (multi(ports=((port, port),)),))
-        d = dialer.stream_requested(None, {"app": "multi", "port": port})
-        side = await d.addTimeout(5, reactor)
-        assert side.peer.transport.getPeer().port == port
-        side.peer.transport.abortConnection()
-    finally:
-        await defer.maybeDeferred(server.stopListening)
 
 
 def test_registry_app_kind():

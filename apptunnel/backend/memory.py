@@ -1,0 +1,387 @@
+"""In-memory backend: the Backend protocol on plain dicts, for tests and embedding.
+
+It behaves as ``SqliteBackend`` does, call for call (tests/unit/test_backend_contract.py
+runs one suite against both), but with no thread and no file: every coroutine finishes
+before it returns, so a test on a ``Clock`` never waits on the wall clock.
+
+Records go in and come out through the same JSON encoding SQLite stores, so callers see
+what they would see from SQLite: fresh dicts with sorted keys, tuples for roles, trait
+values and agent apps, lists inside documents, floats for times, and one BackendError for
+a record that cannot be encoded.
+
+Not a ``proxy.yaml`` option: state (users, tokens, audit) would vanish on restart and the
+CLI could not reach it, so it would only ever be a trap for an operator.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+from apptunnel.backend.base import (
+    AGENT_STATE,
+    MAX_SEARCH_LIMIT,
+    AlreadyExists,
+    BackendError,
+    NotFound,
+)
+from apptunnel.backend.records import (
+    Agent,
+    AppSession,
+    AuditEvent,
+    AuthCode,
+    JoinToken,
+    Lock,
+    Resource,
+    Scope,
+    User,
+    WebSession,
+)
+
+def _json(value: Any) -> Any:
+    """What SQLite's JSON columns give back: a fresh, key-sorted copy, or BackendError."""
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as err:
+        raise BackendError(f"memory backend: cannot encode record: {err}") from None
+    return json.loads(text)
+
+
+def _real(value: float | None) -> float | None:
+    """A REAL column: numbers come back as floats, NULL as None."""
+    return None if value is None else float(value)
+
+
+def _traits(traits: dict) -> dict[str, tuple[str, ...]]:
+    return {k: tuple(v) for k, v in _json(traits).items()}
+
+
+def _scope(scope: Scope) -> Scope:
+    return Scope.from_json(_json(scope.to_json()))
+
+
+def _user(u: User) -> User:
+    return User(u.name, u.password_hash, tuple(_json(list(u.roles))), _traits(u.traits),
+                _real(u.created))
+
+
+def _resource(r: Resource) -> Resource:
+    return Resource(r.kind, r.name, _json(r.doc))
+
+
+def _web_session(s: WebSession) -> WebSession:
+    return WebSession(s.id_hash, s.user, tuple(_json(list(s.roles))), _traits(s.traits),
+                      _real(s.created), _real(s.expires))
+
+
+def _app_session(s: AppSession) -> AppSession:
+    return attrs.evolve(s, created=_real(s.created), expires=_real(s.expires))
+
+
+def _token(t: JoinToken) -> JoinToken:
+    uses = None if t.uses_left is None else int(t.uses_left)
+    return JoinToken(t.token_hash, t.kind, _real(t.expires), _real(t.created), uses,
+                     _scope(t.scope))
+
+
+def _agent(a: Agent) -> Agent:
+    return attrs.evolve(a, scope=_scope(a.scope), joined=_real(a.joined),
+                        cert_expires=_real(a.cert_expires), last_seen=_real(a.last_seen),
+                        connected_since=_real(a.connected_since),
+                        apps=tuple(_json(list(a.apps))))
+
+
+def _lock(lock: Lock) -> Lock:
+    return attrs.evolve(lock, created=_real(lock.created), expires=_real(lock.expires))
+
+
+def _event(e: AuditEvent) -> AuditEvent:
+    return attrs.evolve(e, time=_real(e.time), fields=_json(e.fields))
+
+
+class MemoryBackend:
+    """The Backend protocol on dicts. Records are normalised on the way in, and those with
+    a dict inside (users, resources, web sessions, audit events) are copied on the way out,
+    so a caller who changes what it got changes nothing stored, as with a fresh SQL row."""
+
+    def __init__(self) -> None:
+        self._users: dict[str, User] = {}
+        self._resources: dict[tuple[str, str], Resource] = {}
+        self._tokens: dict[str, JoinToken] = {}
+        self._agents: dict[str, Agent] = {}
+        self._web_sessions: dict[str, WebSession] = {}
+        self._app_sessions: dict[str, AppSession] = {}
+        self._auth_codes: dict[str, AuthCode] = {}
+        self._locks: dict[str, Lock] = {}
+        self._audit: list[AuditEvent] = []      # insertion order: ties in time keep it
+        self._audit_ids: set[str] = set()
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendError("memory backend is closed")
+
+    async def close(self) -> None:
+        self._closed = True
+
+    # -- users ------------------------------------------------------------------
+
+    async def create_user(self, user: User) -> None:
+        self._check_open()
+        stored = _user(user)
+        if user.name in self._users:
+            raise AlreadyExists(f"user {user.name!r} already exists")
+        self._users[user.name] = stored
+
+    async def update_user(self, user: User) -> None:
+        self._check_open()
+        stored = _user(user)
+        old = self._users.get(user.name)
+        if old is None:
+            raise NotFound(f"user {user.name!r} does not exist")
+        self._users[user.name] = attrs.evolve(stored, created=old.created)
+
+    async def get_user(self, name: str) -> User | None:
+        self._check_open()
+        found = self._users.get(name)
+        return _user(found) if found else None
+
+    async def list_users(self) -> list[User]:
+        self._check_open()
+        return [_user(self._users[name]) for name in sorted(self._users)]
+
+    async def delete_user(self, name: str) -> bool:
+        """Remove the user and every session and pending hand-off that belongs to them."""
+        self._check_open()
+        self._end_user_sessions(name)
+        return self._users.pop(name, None) is not None
+
+    # -- resources --------------------------------------------------------------
+
+    async def put_resource(self, res: Resource) -> None:
+        self._check_open()
+        self._resources[(res.kind, res.name)] = _resource(res)
+
+    async def get_resource(self, kind: str, name: str) -> Resource | None:
+        self._check_open()
+        found = self._resources.get((kind, name))
+        return _resource(found) if found else None
+
+    async def list_resources(self, kind: str) -> list[Resource]:
+        self._check_open()
+        return [_resource(r) for (k, _), r in sorted(self._resources.items()) if k == kind]
+
+    async def delete_resource(self, kind: str, name: str) -> bool:
+        self._check_open()
+        return self._resources.pop((kind, name), None) is not None
+
+    # -- join tokens ------------------------------------------------------------
+
+    async def add_token(self, token: JoinToken) -> None:
+        self._check_open()
+        stored = _token(token)
+        if token.token_hash in self._tokens:
+            raise AlreadyExists("join token already exists")
+        self._tokens[token.token_hash] = stored
+
+    async def get_token(self, token_hash: str) -> JoinToken | None:
+        self._check_open()
+        return self._tokens.get(token_hash)
+
+    async def list_tokens(self) -> list[JoinToken]:
+        self._check_open()
+        return sorted(self._tokens.values(), key=lambda t: (t.created, t.token_hash))
+
+    async def delete_token(self, token_hash: str) -> bool:
+        self._check_open()
+        return self._tokens.pop(token_hash, None) is not None
+
+    async def redeem_token(self, token_hash: str, now: float, agent: Agent) -> Agent | None:
+        """Take one use of a live token and store ``agent`` with the token's scope. None
+        when the token is unknown, expired or used up; AlreadyExists (and no use taken)
+        when the host id is recorded with another key. Atomic: nothing awaits in between."""
+        self._check_open()
+        known = self._agents.get(agent.host_id)
+        if known is not None and known.key_pin != agent.key_pin:
+            raise AlreadyExists(f"agent {agent.host_id} is recorded with another key")
+        token = self._tokens.get(token_hash)
+        if token is None or not token.expires > now or (
+                token.uses_left is not None and token.uses_left <= 0):
+            return None
+        stored = _agent(attrs.evolve(agent, scope=token.scope))
+        if token.uses_left is not None:
+            self._tokens[token_hash] = attrs.evolve(token, uses_left=token.uses_left - 1)
+        self._agents[agent.host_id] = stored
+        return stored
+
+    # -- agents -----------------------------------------------------------------
+
+    async def put_agent(self, agent: Agent) -> None:
+        self._check_open()
+        self._agents[agent.host_id] = _agent(agent)
+
+    async def get_agent(self, host_id: str) -> Agent | None:
+        self._check_open()
+        return self._agents.get(host_id)
+
+    async def list_agents(self) -> list[Agent]:
+        self._check_open()
+        return [self._agents[h] for h in sorted(self._agents)]
+
+    async def update_agent(self, host_id: str, **state: Any) -> bool:
+        """Set some of the agent's state fields; False if unknown. ``only_proxy``: change
+        nothing unless the record still names that proxy."""
+        only_proxy = state.pop("only_proxy", None)
+        if not state or not set(state) <= AGENT_STATE:
+            raise BackendError(f"update_agent: unknown fields {sorted(set(state) - AGENT_STATE)}")
+        self._check_open()
+        known = self._agents.get(host_id)
+        if known is None or (only_proxy is not None and known.proxy_id != only_proxy):
+            return False
+        self._agents[host_id] = _agent(attrs.evolve(known, **state))
+        return True
+
+    # -- sessions ---------------------------------------------------------------
+
+    async def put_web_session(self, s: WebSession) -> None:
+        self._check_open()
+        self._web_sessions[s.id_hash] = _web_session(s)
+
+    async def get_web_session(self, id_hash: str) -> WebSession | None:
+        self._check_open()
+        found = self._web_sessions.get(id_hash)
+        return _web_session(found) if found else None
+
+    async def delete_web_session(self, id_hash: str) -> list[str]:
+        """End the web session with its app sessions and hand-offs; return the app hashes."""
+        self._check_open()
+        ended = self._drop(self._app_sessions, lambda s: s.web_session == id_hash)
+        self._drop(self._auth_codes, lambda c: c.web_session == id_hash)
+        self._web_sessions.pop(id_hash, None)
+        return ended
+
+    async def put_app_session(self, s: AppSession) -> None:
+        self._check_open()
+        self._app_sessions[s.id_hash] = _app_session(s)
+
+    async def get_app_session(self, id_hash: str) -> AppSession | None:
+        self._check_open()
+        return self._app_sessions.get(id_hash)
+
+    async def delete_app_session(self, id_hash: str) -> bool:
+        self._check_open()
+        return self._app_sessions.pop(id_hash, None) is not None
+
+    async def delete_user_sessions(self, user: str) -> list[str]:
+        """End every web session of ``user`` with its app sessions and hand-offs (a lock)."""
+        self._check_open()
+        return self._end_user_sessions(user)
+
+    async def delete_app_sessions(self, app: str, user: str | None = None) -> list[str]:
+        """End the app sessions (and pending hand-offs) on ``app``, of one user or everyone."""
+        self._check_open()
+        webs = {h for h, s in self._web_sessions.items() if user is None or s.user == user}
+        self._drop(self._auth_codes, lambda c: c.app == app and (user is None
+                                                                 or c.web_session in webs))
+        return self._drop(self._app_sessions,
+                          lambda s: s.app == app and (user is None or s.user == user))
+
+    def _end_user_sessions(self, user: str) -> list[str]:
+        webs = {h for h, s in self._web_sessions.items() if s.user == user}
+        self._drop(self._auth_codes, lambda c: c.web_session in webs)
+        ended = self._drop(self._app_sessions, lambda s: s.user == user)
+        self._drop(self._web_sessions, lambda s: s.user == user)
+        return ended
+
+    @staticmethod
+    def _drop(table: dict, doomed) -> list[str]:
+        """Delete the records ``doomed`` picks; return their keys."""
+        keys = [key for key, record in table.items() if doomed(record)]
+        for key in keys:
+            del table[key]
+        return keys
+
+    # -- auth codes -------------------------------------------------------------
+
+    async def put_auth_code(self, c: AuthCode) -> None:
+        self._check_open()
+        if c.code_hash in self._auth_codes:
+            raise AlreadyExists("auth code already exists")
+        self._auth_codes[c.code_hash] = attrs.evolve(c, expires=_real(c.expires))
+
+    async def take_auth_code(self, code_hash: str) -> AuthCode | None:
+        """Read and delete at once, so a code can be redeemed at most once."""
+        self._check_open()
+        return self._auth_codes.pop(code_hash, None)
+
+    # -- locks ------------------------------------------------------------------
+
+    async def put_lock(self, lock: Lock) -> None:
+        """Store a lock (replacing one with the same id)."""
+        if lock.user is None and lock.app is None and lock.agent is None:
+            raise BackendError("a lock needs a user, an app, or both (or an agent)")
+        self._check_open()
+        self._locks[lock.id] = _lock(lock)
+
+    async def list_locks(self, now: float) -> list[Lock]:
+        """Locks still in force at ``now``, oldest first."""
+        self._check_open()
+        live = [x for x in self._locks.values() if x.expires is None or x.expires > now]
+        return sorted(live, key=lambda x: (x.created, x.id))
+
+    async def delete_lock(self, id: str) -> bool:
+        self._check_open()
+        return self._locks.pop(id, None) is not None
+
+    # -- audit ------------------------------------------------------------------
+
+    async def append_audit(self, events: list[AuditEvent]) -> None:
+        """All or nothing: a duplicate id stores none of the batch, as a rolled-back INSERT."""
+        self._check_open()
+        stored = [_event(e) for e in events]
+        ids = [e.id for e in stored]
+        if len(set(ids)) != len(ids) or not self._audit_ids.isdisjoint(ids):
+            raise AlreadyExists("audit event id already exists")
+        self._audit.extend(stored)
+        self._audit_ids.update(ids)
+
+    async def search_audit(
+        self,
+        since: float | None = None,
+        until: float | None = None,
+        type: str | None = None,
+        limit: int = 1000,
+        *,
+        actor: str | None = None,
+        target: str | None = None,
+        outcome: str | None = None,
+    ) -> list[AuditEvent]:
+        """Events with since <= time < until, oldest first (ties in insertion order); type,
+        actor, target and outcome, when given, match exactly (the limit counts matches)."""
+        self._check_open()
+        limit = max(0, min(int(limit), MAX_SEARCH_LIMIT))
+        exact = [(name, value) for name, value in
+                 (("type", type), ("actor", actor), ("target", target), ("outcome", outcome))
+                 if value is not None]
+        found = [
+            e for e in self._audit
+            if (since is None or e.time >= float(since))
+            and (until is None or e.time < float(until))
+            and all(getattr(e, name) == value for name, value in exact)
+        ]
+        found.sort(key=lambda e: e.time)   # stable: ties stay in insertion order
+        return [_event(e) for e in found[:limit]]
+
+    # -- housekeeping -----------------------------------------------------------
+
+    async def delete_expired(self, now: float) -> int:
+        """Drop expired sessions, hand-offs, join tokens and locks; return how many went."""
+        self._check_open()
+        removed = 0
+        for table in (self._auth_codes, self._app_sessions, self._web_sessions, self._tokens):
+            removed += len(self._drop(table, lambda r: r.expires <= now))
+        removed += len(self._drop(self._locks,
+                                  lambda x: x.expires is not None and x.expires <= now))
+        return removed

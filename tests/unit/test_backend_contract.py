@@ -1,0 +1,653 @@
+"""The storage contract: one suite, run against every Backend (SQLite on a file in tmp_path,
+and the in-memory backend the unit tests use), so the two cannot drift apart.
+
+SQLite-only behaviour (schema migrations, file modes, two backends on one file) is in
+test_backend_sqlite.py.
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+
+from apptunnel.backend import open_backend
+from apptunnel.backend.base import (
+    MAX_SEARCH_LIMIT,
+    AlreadyExists,
+    Backend,
+    BackendError,
+    NotFound,
+)
+from apptunnel.backend.memory import MemoryBackend
+from apptunnel.backend.records import (
+    Agent,
+    AppSession,
+    AuditEvent,
+    AuthCode,
+    JoinToken,
+    Lock,
+    Resource,
+    Scope,
+    User,
+    WebSession,
+)
+from apptunnel.backend.sqlite import SqliteBackend
+from apptunnel.config import ConfigError, load_proxy_config
+from tests.support.waiting import wait
+
+SCOPE = Scope(apps=("a", "b"), labels=(("team", "x"),))
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def kind(request):
+    return request.param
+
+
+@pytest_twisted.async_yield_fixture
+async def backend(kind, tmp_path):
+    b = (SqliteBackend(str(tmp_path / "data" / "apptunnel.db"), reactor) if kind == "sqlite"
+         else MemoryBackend())
+    yield b
+    await wait(b.close())
+
+
+def user(name="alice", roles=("dev",), traits=None, created=100.0):
+    if traits is None:
+        traits = {"logins": ("alice", "root")}
+    return User(name, "argon-hash", tuple(roles), traits, created)
+
+
+def web(id_hash="w1", user_name="alice", expires=1000.0):
+    return WebSession(id_hash, user_name, ("dev",), {"team": ("sre",)}, 10.0, expires)
+
+
+def app_session(id_hash="a1", web_session="w1", user_name="alice", app="grafana",
+                expires=1000.0):
+    return AppSession(id_hash, web_session, user_name, app, 10.0, expires)
+
+
+def code(code_hash="c1", web_session="w1", expires=1000.0, app="grafana"):
+    return AuthCode(code_hash, web_session, app, "/d/1", "statehash", expires)
+
+
+def event(i, time, type="user.login"):
+    return AuditEvent(f"id{i:03d}", time, type, "T1000I", "alice", "proxy", "success",
+                      {"n": i, "method": "password"})
+
+
+def lock(id="l1", user="alice", app=None, expires=None, created=10.0, agent=None):
+    return Lock(id, user, app, "incident 42", created, expires, "admin", agent)
+
+
+def agent(host_id="h1", **kw) -> Agent:
+    fields = {"scope": Scope(), "joined": 10.0, "cert_expires": 100.0, "key_pin": "sha256:k"}
+    return Agent(host_id=host_id, **{**fields, **kw})
+
+
+async def sessions_of(b, specs):
+    """Store web sessions, a code each and their app sessions:
+    {web_hash: (user, [(app_hash, app)])}."""
+    for web_hash, (user_name, apps) in specs.items():
+        await wait(b.put_web_session(WebSession(web_hash, user_name, (), {}, 1.0, 1000.0)))
+        await wait(b.put_auth_code(AuthCode("c-" + web_hash, web_hash, "grafana", "/", "s", 1000.0)))
+        for app_hash, app in apps:
+            await wait(b.put_app_session(AppSession(app_hash, web_hash, user_name, app, 1.0, 1000.0)))
+
+
+# -- users ------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_user_round_trip(backend):
+    """A created user reads back equal, with tuples for roles and trait values."""
+    await wait(backend.create_user(user()))
+    got = await wait(backend.get_user("alice"))
+    assert got == user()
+    assert isinstance(got.traits["logins"], tuple)
+    assert await wait(backend.get_user("bob")) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_records_come_back_as_storage_gives_them(backend):
+    """Lists in traits become tuples, tuples in documents lists, integer times floats, keys
+    sorted; what a caller keeps of its own record cannot change what is stored."""
+    traits = {"b": ["2"], "a": ["1"]}
+    await wait(backend.create_user(User("u", None, ["r"], traits, 5)))
+    traits["a"].append("planted")
+    got = await wait(backend.get_user("u"))
+    assert got == User("u", None, ("r",), {"a": ("1",), "b": ("2",)}, 5.0)
+    assert list(got.traits) == ["a", "b"] and isinstance(got.created, float)
+    doc = {"z": (1, 2), "a": {"y": 1, "x": 2}}
+    await wait(backend.put_resource(Resource("role", "r", doc)))
+    stored = await wait(backend.get_resource("role", "r"))
+    assert stored.doc == {"a": {"x": 2, "y": 1}, "z": [1, 2]}
+    assert list(stored.doc) == ["a", "z"] and list(stored.doc["a"]) == ["x", "y"]
+    await wait(backend.append_audit([AuditEvent("e", 3, "t", "c", "a", "t", "ok", {"l": (1,)})]))
+    [e] = await wait(backend.search_audit())
+    assert e.fields == {"l": [1]} and isinstance(e.time, float)
+
+
+@pytest_twisted.ensureDeferred
+async def test_changing_a_record_read_back_changes_nothing_stored(backend):
+    """Records are frozen, but their dicts are not: what a reader does to them stays its own."""
+    await wait(backend.create_user(user()))
+    await wait(backend.put_web_session(web("w1")))
+    await wait(backend.put_resource(Resource("role", "r", {"spec": {"allow": {}}})))
+    await wait(backend.append_audit([event(1, 1.0)]))
+    (await wait(backend.get_user("alice"))).traits["logins"] = ("root",)
+    (await wait(backend.list_users()))[0].traits.clear()
+    (await wait(backend.get_web_session("w1"))).traits["team"] = ("evil",)
+    (await wait(backend.get_resource("role", "r"))).doc["spec"]["allow"]["*"] = "*"
+    (await wait(backend.list_resources("role")))[0].doc.clear()
+    (await wait(backend.search_audit()))[0].fields["n"] = 99
+    assert await wait(backend.get_user("alice")) == user()
+    assert await wait(backend.get_web_session("w1")) == web("w1")
+    assert (await wait(backend.get_resource("role", "r"))).doc == {"spec": {"allow": {}}}
+    assert await wait(backend.search_audit()) == [event(1, 1.0)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_user_twice_is_already_exists(backend):
+    """Creating a user whose name exists raises AlreadyExists."""
+    await wait(backend.create_user(user()))
+    with pytest.raises(AlreadyExists):
+        await wait(backend.create_user(user(roles=("admin",))))
+    assert (await wait(backend.get_user("alice"))).roles == ("dev",)
+
+
+@pytest_twisted.ensureDeferred
+async def test_update_and_list_users(backend):
+    """update_user replaces fields but not the creation time; list_users is sorted by name;
+    unknown user is NotFound."""
+    await wait(backend.create_user(user("carol")))
+    await wait(backend.create_user(user("alice")))
+    await wait(backend.update_user(user("alice", roles=("admin", "dev"), traits={},
+                                        created=999.0)))
+    users = await wait(backend.list_users())
+    assert [u.name for u in users] == ["alice", "carol"]
+    assert users[0].roles == ("admin", "dev") and users[0].traits == {}
+    assert users[0].created == 100.0
+    with pytest.raises(NotFound):
+        await wait(backend.update_user(user("nobody")))
+    assert await wait(backend.get_user("nobody")) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_user_removes_sessions(backend):
+    """delete_user drops the user's web sessions, app sessions and auth codes only."""
+    await wait(backend.create_user(user("alice")))
+    await wait(backend.create_user(user("bob")))
+    await wait(backend.put_web_session(web("w1", "alice")))
+    await wait(backend.put_web_session(web("w2", "bob")))
+    await wait(backend.put_app_session(app_session("a1", "w1", "alice")))
+    await wait(backend.put_app_session(app_session("a2", "w2", "bob")))
+    await wait(backend.put_auth_code(code("c1", "w1")))
+    await wait(backend.put_auth_code(code("c2", "w2")))
+
+    assert await wait(backend.delete_user("alice")) is True
+    assert await wait(backend.delete_user("alice")) is False
+    assert await wait(backend.get_user("alice")) is None
+    assert await wait(backend.get_web_session("w1")) is None
+    assert await wait(backend.get_app_session("a1")) is None
+    assert await wait(backend.take_auth_code("c1")) is None
+    assert await wait(backend.get_web_session("w2")) is not None
+    assert await wait(backend.get_app_session("a2")) is not None
+    assert await wait(backend.take_auth_code("c2")) is not None
+
+
+# -- resources --------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_resources_upsert_list_delete(backend):
+    """put_resource upserts; list is per kind and sorted; delete reports whether it existed."""
+    doc = {"kind": "role", "metadata": {"name": "dev"}, "spec": {"allow": {}}}
+    await wait(backend.put_resource(Resource("role", "dev", doc)))
+    await wait(backend.put_resource(Resource("role", "admin", {"v": 1})))
+    await wait(backend.put_resource(Resource("connector", "dev", {"v": 2})))
+    await wait(backend.put_resource(Resource("role", "admin", {"v": 3})))
+
+    assert await wait(backend.get_resource("role", "dev")) == Resource("role", "dev", doc)
+    roles = await wait(backend.list_resources("role"))
+    assert roles == [Resource("role", "admin", {"v": 3}), Resource("role", "dev", doc)]
+    assert await wait(backend.list_resources("app")) == []
+    assert await wait(backend.delete_resource("role", "dev")) is True
+    assert await wait(backend.delete_resource("role", "dev")) is False
+    assert await wait(backend.get_resource("role", "dev")) is None
+    assert await wait(backend.get_resource("connector", "dev")) is not None
+
+
+# -- join tokens and agents -------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens(backend):
+    """Join tokens add, read, list by creation time, refuse duplicates and delete."""
+    t1 = JoinToken("h1", "app", 500.0, 20.0)
+    t2 = JoinToken("h2", "app", 600.0, 10.0, uses_left=3, scope=SCOPE)
+    await wait(backend.add_token(t1))
+    await wait(backend.add_token(t2))
+    with pytest.raises(AlreadyExists):
+        await wait(backend.add_token(t1))
+    assert await wait(backend.get_token("h1")) == t1
+    assert await wait(backend.get_token("h2")) == t2
+    assert await wait(backend.list_tokens()) == [t2, t1]
+    assert await wait(backend.delete_token("h1")) is True
+    assert await wait(backend.delete_token("h1")) is False
+    assert await wait(backend.get_token("h1")) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_single_use_token_has_one_winner_among_concurrent_joins(backend):
+    """Two joins racing for a single-use token: exactly one gets it, with the token's scope."""
+    await wait(backend.add_token(JoinToken("t", "app", 1000.0, 1.0, uses_left=1, scope=SCOPE)))
+    results = await wait(defer.gatherResults([
+        defer.ensureDeferred(backend.redeem_token("t", 5.0, agent("h1"))),
+        defer.ensureDeferred(backend.redeem_token("t", 5.0, agent("h2"))),
+    ]))
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1 and winners[0].scope == SCOPE
+    assert (await wait(backend.get_token("t"))).uses_left == 0
+    assert await wait(backend.list_agents()) == [winners[0]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_uses_count_down(backend):
+    """Each redemption takes one use; the last use leaves 0 and nothing redeems after it."""
+    await wait(backend.add_token(JoinToken("t", "app", 1000.0, 1.0, uses_left=2)))
+    assert await wait(backend.redeem_token("t", 5.0, agent("h1"))) is not None
+    assert (await wait(backend.get_token("t"))).uses_left == 1
+    assert await wait(backend.redeem_token("t", 5.0, agent("h2"))) is not None
+    assert await wait(backend.redeem_token("t", 5.0, agent("h3"))) is None
+    assert [a.host_id for a in await wait(backend.list_agents())] == ["h1", "h2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_expired_unknown_and_unlimited_tokens(backend):
+    """Expired or unknown tokens redeem nothing; a token without a limit keeps working."""
+    await wait(backend.add_token(JoinToken("old", "app", 10.0, 1.0)))
+    await wait(backend.add_token(JoinToken("open", "app", 1000.0, 1.0)))
+    assert await wait(backend.redeem_token("old", 10.0, agent())) is None
+    assert await wait(backend.redeem_token("nope", 5.0, agent())) is None
+    for host in ("h1", "h2", "h3"):
+        assert (await wait(backend.redeem_token("open", 5.0, agent(host)))).scope == Scope()
+    assert (await wait(backend.get_token("open"))).uses_left is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_redeem_for_a_host_recorded_with_another_key_takes_no_use(backend):
+    """A host id known with another key is AlreadyExists; the token keeps its use and the
+    record its key. The same key joins again (a re-join replaces the record)."""
+    await wait(backend.add_token(JoinToken("t", "app", 1000.0, 1.0, uses_left=1, scope=SCOPE)))
+    await wait(backend.put_agent(agent("h1", peer="first")))
+    with pytest.raises(AlreadyExists):
+        await wait(backend.redeem_token("t", 5.0, agent("h1", key_pin="other")))
+    assert (await wait(backend.get_token("t"))).uses_left == 1
+    assert (await wait(backend.get_agent("h1"))).key_pin == "sha256:k"
+    again = await wait(backend.redeem_token("t", 5.0, agent("h1", peer="second")))
+    assert again.scope == SCOPE and again.peer == "second"
+    assert await wait(backend.get_agent("h1")) == again
+
+
+@pytest_twisted.ensureDeferred
+async def test_agents_put_get_list(backend):
+    """put_agent upserts by host id; list_agents is sorted by host id; unknown is None."""
+    await wait(backend.put_agent(agent("h2")))
+    await wait(backend.put_agent(agent("h1", apps=("x", "y"), scope=SCOPE)))
+    await wait(backend.put_agent(agent("h2", peer="10.0.0.2:5", last_seen=3.0)))
+    assert await wait(backend.list_agents()) == [
+        agent("h1", apps=("x", "y"), scope=SCOPE), agent("h2", peer="10.0.0.2:5", last_seen=3.0)]
+    assert await wait(backend.get_agent("h1")) == agent("h1", apps=("x", "y"), scope=SCOPE)
+    assert await wait(backend.get_agent("ghost")) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_state_updates_and_only_proxy(backend):
+    """Connection state is written per field; only_proxy leaves a row another proxy owns."""
+    await wait(backend.put_agent(agent(proxy_id="p1")))
+    assert await wait(backend.update_agent("h1", connected_since=20.0, apps=("a",), peer="x:1"))
+    assert not await wait(backend.update_agent("h1", connected_since=None, only_proxy="p2"))
+    stored = await wait(backend.get_agent("h1"))
+    assert (stored.connected_since, stored.apps, stored.peer) == (20.0, ("a",), "x:1")
+    assert await wait(backend.update_agent("h1", connected_since=None, only_proxy="p1"))
+    assert (await wait(backend.get_agent("h1"))).connected_since is None
+    assert not await wait(backend.update_agent("ghost", last_seen=1.0))
+
+
+@pytest_twisted.ensureDeferred
+async def test_update_agent_refuses_other_fields(backend):
+    """Only connection state can change: the scope or key of an agent never does, and an
+    update naming nothing is an error too."""
+    await wait(backend.put_agent(agent()))
+    for bad in ({"scope": SCOPE}, {"key_pin_typo": "x"}, {}, {"only_proxy": "p1"}):
+        with pytest.raises(BackendError, match="unknown fields"):
+            await wait(backend.update_agent("h1", **bad))
+    assert await wait(backend.get_agent("h1")) == agent()
+
+
+# -- sessions and auth codes ------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_web_session_delete_ends_app_sessions(backend):
+    """delete_web_session removes its app sessions and codes and returns the app hashes."""
+    await wait(backend.put_web_session(web("w1")))
+    await wait(backend.put_web_session(web("w2")))
+    assert await wait(backend.get_web_session("w1")) == web("w1")
+    await wait(backend.put_app_session(app_session("a1", "w1")))
+    await wait(backend.put_app_session(app_session("a2", "w1", app="kibana")))
+    await wait(backend.put_app_session(app_session("a3", "w2")))
+    await wait(backend.put_auth_code(code("c1", "w1")))
+
+    ended = await wait(backend.delete_web_session("w1"))
+    assert sorted(ended) == ["a1", "a2"]
+    assert await wait(backend.get_web_session("w1")) is None
+    assert await wait(backend.get_app_session("a1")) is None
+    assert await wait(backend.take_auth_code("c1")) is None
+    assert await wait(backend.get_app_session("a3")) == app_session("a3", "w2")
+    assert await wait(backend.delete_web_session("w1")) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_web_session_put_upserts(backend):
+    """Putting a web session with a known hash replaces it."""
+    await wait(backend.put_web_session(web("w1")))
+    await wait(backend.put_web_session(web("w1", expires=2000.0)))
+    assert await wait(backend.get_web_session("w1")) == web("w1", expires=2000.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_app_session_put_get_delete(backend):
+    """App sessions round-trip, upsert on the same hash, and delete once."""
+    await wait(backend.put_app_session(app_session("a1")))
+    await wait(backend.put_app_session(app_session("a1", expires=2000.0)))
+    assert await wait(backend.get_app_session("a1")) == app_session("a1", expires=2000.0)
+    assert await wait(backend.delete_app_session("a1")) is True
+    assert await wait(backend.delete_app_session("a1")) is False
+    assert await wait(backend.get_app_session("a1")) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_take_auth_code_is_one_time(backend):
+    """take_auth_code returns the code once, and of many racing takes exactly one wins."""
+    await wait(backend.put_auth_code(code("c1")))
+    with pytest.raises(AlreadyExists):
+        await wait(backend.put_auth_code(code("c1")))
+    assert await wait(backend.take_auth_code("c1")) == code("c1")
+    assert await wait(backend.take_auth_code("c1")) is None
+
+    await wait(backend.put_auth_code(code("c2")))
+    results = await defer.gatherResults([wait(backend.take_auth_code("c2")) for _ in range(5)])
+    assert [r for r in results if r is not None] == [code("c2")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_user_sessions_ends_only_that_users_sessions(backend):
+    """All of alice's web sessions, app sessions and codes go; bob's stay."""
+    await sessions_of(backend, {
+        "w1": ("alice", [("a1", "grafana"), ("a2", "wiki")]),
+        "w2": ("alice", [("a3", "grafana")]),
+        "w3": ("bob", [("b1", "grafana")]),
+    })
+    ended = await wait(backend.delete_user_sessions("alice"))
+    assert sorted(ended) == ["a1", "a2", "a3"]
+    for gone in ("w1", "w2"):
+        assert await wait(backend.get_web_session(gone)) is None
+        assert await wait(backend.take_auth_code("c-" + gone)) is None
+    assert await wait(backend.get_web_session("w3")) is not None
+    assert await wait(backend.get_app_session("b1")) is not None
+    assert await wait(backend.take_auth_code("c-w3")) is not None
+    assert await wait(backend.delete_user_sessions("alice")) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_app_sessions_for_everyone_or_one_user(backend):
+    """App sessions on one app end (for one user when given); web sessions survive."""
+    await sessions_of(backend, {
+        "w1": ("alice", [("a1", "grafana"), ("a2", "wiki")]),
+        "w2": ("bob", [("b1", "grafana"), ("b2", "wiki")]),
+    })
+    assert await wait(backend.delete_app_sessions("wiki", "alice")) == ["a2"]
+    assert await wait(backend.get_app_session("b2")) is not None
+    assert await wait(backend.take_auth_code("c-w1")) is not None   # a grafana code: kept
+    assert sorted(await wait(backend.delete_app_sessions("grafana"))) == ["a1", "b1"]
+    assert await wait(backend.take_auth_code("c-w2")) is None        # grafana codes: gone
+    assert await wait(backend.get_web_session("w1")) is not None
+    assert await wait(backend.get_web_session("w2")) is not None
+    assert await wait(backend.get_app_session("b2")) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_app_sessions_of_one_user_keeps_other_users_codes(backend):
+    """A per-user end takes that user's pending hand-offs to the app, not another user's."""
+    await sessions_of(backend, {"w1": ("alice", []), "w2": ("bob", [])})
+    assert await wait(backend.delete_app_sessions("grafana", "alice")) == []
+    assert await wait(backend.take_auth_code("c-w1")) is None
+    assert await wait(backend.take_auth_code("c-w2")) is not None
+
+
+# -- locks ------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_lock_round_trip_and_delete(backend):
+    """A stored lock lists back equal (None fields kept); delete says whether it existed."""
+    await wait(backend.put_lock(lock("l1", user="alice")))
+    await wait(backend.put_lock(lock("l2", user=None, app="grafana", expires=50.0, created=11.0)))
+    await wait(backend.put_lock(lock("l3", user="bob", app="grafana", created=12.0)))
+    got = await wait(backend.list_locks(20.0))
+    assert got == [lock("l1", user="alice"), lock("l2", user=None, app="grafana", expires=50.0,
+                                                  created=11.0),
+                   lock("l3", user="bob", app="grafana", created=12.0)]
+    assert await wait(backend.delete_lock("l1")) is True
+    assert await wait(backend.delete_lock("l1")) is False
+    assert [x.id for x in await wait(backend.list_locks(20.0))] == ["l2", "l3"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_lock_round_trip_and_replace(backend):
+    """A lock on an agent alone is stored; a lock with the same id replaces it; ties in
+    creation time list by id."""
+    await wait(backend.put_lock(lock("lb", user=None, agent="h1")))
+    await wait(backend.put_lock(lock("la", user=None, agent="h2")))
+    assert [x.agent for x in await wait(backend.list_locks(0.0))] == ["h2", "h1"]
+    await wait(backend.put_lock(lock("lb", user=None, agent="h3", expires=30.0)))
+    assert await wait(backend.list_locks(0.0)) == [
+        lock("la", user=None, agent="h2"), lock("lb", user=None, agent="h3", expires=30.0)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_locks_hides_expired_and_delete_expired_removes_them(backend):
+    """Expired locks are not listed; delete_expired drops them but keeps permanent ones."""
+    await wait(backend.put_lock(lock("old", expires=50.0)))
+    await wait(backend.put_lock(lock("forever")))
+    assert [x.id for x in await wait(backend.list_locks(49.0))] == ["forever", "old"]
+    assert [x.id for x in await wait(backend.list_locks(50.0))] == ["forever"]
+    assert await wait(backend.delete_expired(60.0)) == 1
+    assert [x.id for x in await wait(backend.list_locks(0.0))] == ["forever"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_put_lock_refuses_a_lock_on_nothing(backend):
+    """A lock with neither user nor app would match nobody: refused with BackendError."""
+    with pytest.raises(BackendError, match="needs a user, an app"):
+        await wait(backend.put_lock(lock(user=None, app=None)))
+    assert await wait(backend.list_locks(0.0)) == []
+
+
+# -- audit ------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_audit_append_and_search(backend):
+    """search_audit filters by since/until/type, orders by time and honours limit."""
+    await wait(backend.append_audit([event(i, 100.0 + i) for i in range(10)]))
+    await wait(backend.append_audit([event(99, 104.5, type="app.request")]))
+    await wait(backend.append_audit([]))
+
+    everything = await wait(backend.search_audit())
+    assert len(everything) == 11
+    assert [e.time for e in everything] == sorted(e.time for e in everything)
+    assert everything[0] == event(0, 100.0)
+
+    window = await wait(backend.search_audit(since=103.0, until=106.0))
+    assert [e.time for e in window] == [103.0, 104.0, 104.5, 105.0]
+    logins = await wait(backend.search_audit(since=103.0, type="user.login", limit=2))
+    assert [e.id for e in logins] == ["id003", "id004"]
+    requests = await wait(backend.search_audit(type="app.request"))
+    assert requests == [event(99, 104.5, type="app.request")]
+    assert await wait(backend.search_audit(limit=0)) == []
+    assert await wait(backend.search_audit(limit=-5)) == []
+    assert len(await wait(backend.search_audit(limit=MAX_SEARCH_LIMIT * 10))) == 11
+
+
+@pytest_twisted.ensureDeferred
+async def test_audit_search_filters_by_actor_target_and_outcome_in_storage(backend):
+    """actor/target/outcome match exactly and the limit counts matching events only, so
+    a few of bob's events behind many of alice's are found (not lost in a first page)."""
+    noise = [AuditEvent(f"a{i:04d}", 10.0 + i, "app.request", "T2100I", "alice", "grafana",
+                        "success", {}) for i in range(50)]
+    bobs = [AuditEvent(f"b{i}", 100.0 + i, "app.request", "T2100W", "bob", "wiki",
+                       "failure" if i % 2 else "success", {}) for i in range(4)]
+    await wait(backend.append_audit(noise + bobs))
+    found = await wait(backend.search_audit(actor="bob", limit=3))
+    assert [e.id for e in found] == ["b0", "b1", "b2"]
+    assert [e.id for e in await wait(backend.search_audit(target="wiki", outcome="failure"))] \
+        == ["b1", "b3"]
+    assert len(await wait(backend.search_audit(target="grafana", limit=5000))) == 50
+    assert await wait(backend.search_audit(actor="bob", target="grafana")) == []
+    assert await wait(backend.search_audit(actor="b%")) == []   # no LIKE, no wildcards
+
+
+@pytest_twisted.ensureDeferred
+async def test_audit_out_of_order_appends_search_in_time_order(backend):
+    """Events appended late with earlier times come back in time order, ties by insertion."""
+    await wait(backend.append_audit([event(1, 5.0), event(2, 3.0)]))
+    await wait(backend.append_audit([event(3, 3.0), event(4, 1.0)]))
+    assert [e.id for e in await wait(backend.search_audit())] == [
+        "id004", "id002", "id003", "id001"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_audit_batch_larger_than_one_insert_keeps_every_event_in_order(backend):
+    """A batch spanning several multi-row INSERTs stores every event, ties in batch order."""
+    batch = [event(i, 7.0) for i in range(1001)]
+    await wait(backend.append_audit(batch))
+    stored = await wait(backend.search_audit(limit=5000))
+    assert stored == batch
+
+
+@pytest_twisted.ensureDeferred
+async def test_audit_duplicate_id_rolls_back_batch(backend):
+    """A batch with a duplicate id (stored or within itself) fails as a whole and stores
+    nothing of itself."""
+    await wait(backend.append_audit([event(1, 1.0)]))
+    with pytest.raises(AlreadyExists):
+        await wait(backend.append_audit([event(2, 2.0), event(1, 1.0)]))
+    with pytest.raises(AlreadyExists):
+        await wait(backend.append_audit([event(3, 3.0), event(3, 3.0)]))
+    assert [e.id for e in await wait(backend.search_audit())] == ["id001"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unencodable_fields_are_backend_error(backend):
+    """A record that cannot be JSON-encoded is one BackendError, not a stray TypeError, and
+    stores nothing."""
+    bad = AuditEvent("x", 1.0, "t", "c", "a", "t", "success", {"obj": object()})
+    with pytest.raises(BackendError, match="cannot encode"):
+        await wait(backend.append_audit([event(1, 1.0), bad]))
+    with pytest.raises(BackendError, match="cannot encode"):
+        await wait(backend.put_resource(Resource("role", "r", {"obj": object()})))
+    assert await wait(backend.search_audit()) == []
+    assert await wait(backend.get_resource("role", "r")) is None
+
+
+# -- housekeeping -----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_expired(backend):
+    """delete_expired removes everything with expires <= now and counts it; users,
+    resources, agents and audit never expire."""
+    await wait(backend.create_user(user()))
+    await wait(backend.put_agent(agent(cert_expires=1.0)))
+    await wait(backend.append_audit([event(1, 1.0)]))
+    await wait(backend.put_web_session(web("w-old", expires=50.0)))
+    await wait(backend.put_web_session(web("w-new", expires=500.0)))
+    await wait(backend.put_app_session(app_session("a-old", "w-old", expires=50.0)))
+    await wait(backend.put_auth_code(code("c-old", expires=99.0)))
+    await wait(backend.put_auth_code(code("c-new", expires=101.0)))
+    await wait(backend.add_token(JoinToken("t-old", "app", 100.0, 0.0)))
+    await wait(backend.add_token(JoinToken("t-new", "app", 1000.0, 0.0)))
+
+    assert await wait(backend.delete_expired(100.0)) == 4
+    assert await wait(backend.get_web_session("w-new")) is not None
+    assert await wait(backend.get_web_session("w-old")) is None
+    assert await wait(backend.get_app_session("a-old")) is None
+    assert await wait(backend.take_auth_code("c-new")) is not None
+    assert await wait(backend.get_token("t-new")) is not None
+    assert await wait(backend.get_token("t-old")) is None
+    assert await wait(backend.delete_expired(100.0)) == 0
+    assert await wait(backend.get_user("alice")) is not None
+    assert await wait(backend.get_agent("h1")) is not None
+    assert len(await wait(backend.search_audit())) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_closed_backend_raises(kind, tmp_path):
+    """Calls after close() raise BackendError; close() twice is harmless."""
+    b = SqliteBackend(str(tmp_path / "x.db"), reactor) if kind == "sqlite" else MemoryBackend()
+    await wait(b.create_user(user()))
+    await wait(b.close())
+    await wait(b.close())
+    for call in (b.get_user("alice"), b.list_locks(0.0), b.append_audit([event(1, 1.0)]),
+                 b.search_audit(), b.delete_expired(0.0)):
+        with pytest.raises(BackendError, match="closed"):
+            await wait(call)
+
+
+def test_memory_backend_calls_finish_at_once():
+    """The memory backend's coroutines complete without the reactor running: a Deferred
+    made from one has its result when it is made (what Clock-driven tests rely on)."""
+    b = MemoryBackend()
+    d = defer.ensureDeferred(b.create_user(user()))
+    assert d.called
+    got = defer.ensureDeferred(b.get_user("alice"))
+    assert got.result == user()
+
+
+def test_memory_is_not_a_proxy_yaml_backend(tmp_path):
+    """The memory backend loses users, tokens and audit on restart and the CLI cannot reach
+    it, so proxy.yaml refuses it (an option we parse is an option we enforce)."""
+    path = tmp_path / "proxy.yaml"
+    path.write_text("cluster_name: t\ndata_dir: data\npublic_addr: apptunnel.localhost:3080\n"
+                    "web_listen_addr: 127.0.0.1:3080\ntunnel_listen_addr: 127.0.0.1:3024\n"
+                    "backend: {type: memory}\n")
+    with pytest.raises(ConfigError, match="backend.type.*expected one of sqlite"):
+        load_proxy_config(str(path))
+    with pytest.raises(BackendError, match="memory"):
+        open_backend(SimpleNamespace(backend_type="memory", backend_path=""), reactor)
+
+
+@pytest.mark.parametrize("implementation", [SqliteBackend, MemoryBackend])
+def test_every_protocol_method_is_a_coroutine_taking_the_same_arguments(implementation):
+    """Each Backend method exists as a coroutine accepting the protocol's parameters (same
+    names, kinds and defaults; an implementation may only add keyword-only ones)."""
+    methods = [n for n, f in vars(Backend).items()
+               if inspect.iscoroutinefunction(f) and not n.startswith("_")]
+    assert len(methods) >= 35
+    for name in methods:
+        mine = getattr(implementation, name)
+        assert inspect.iscoroutinefunction(mine), name
+        wanted = inspect.signature(getattr(Backend, name)).parameters
+        have = inspect.signature(mine).parameters
+        for param in wanted.values():
+            assert param.name in have, (name, param.name)
+            got = have[param.name]
+            assert (got.kind, got.default) == (param.kind, param.default), (name, param.name)
+        extra = [p for p in have.values() if p.name not in wanted]
+        assert all(p.kind == p.KEYWORD_ONLY and p.default is not p.empty for p in extra), name
