@@ -7,14 +7,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import reactor, task
+from twisted.internet import task
 
 from apptunnel.auth.ca import ClusterCA
 from apptunnel.auth.enrolment import AgentEnrolment, EnrolmentRefused
 from apptunnel.auth.pins import cert_pin
 from apptunnel.auth.tokens import secret_hash
 from apptunnel.backend.records import JoinToken, Scope
-from apptunnel.backend.sqlite import SqliteBackend
+from apptunnel.backend.memory import MemoryBackend
 
 NOW = 1_800_000_000.0
 
@@ -30,7 +30,7 @@ def csr(key) -> str:
 async def world(tmp_path):
     clock = task.Clock()
     clock.advance(NOW)
-    backend = SqliteBackend(str(tmp_path / "apptunnel.db"), reactor)
+    backend = MemoryBackend()
     ca = ClusterCA.load_or_create(str(tmp_path / "ca"), "unit", clock)
     enrolment = AgentEnrolment(ca=ca, backend=backend, clock=clock, proxy_id="p-1")
     await backend.add_token(JoinToken(secret_hash("once"), "app", NOW + 3600, NOW, uses_left=1,
