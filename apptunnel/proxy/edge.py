@@ -17,6 +17,7 @@ from twisted.web.server import Site
 
 from apptunnel.proxy import pages
 from apptunnel.proxy.headers import valid_host
+from apptunnel.proxy.handover import hand_over
 from apptunnel.proxy.http1 import HttpError, RequestHeadPeek
 from apptunnel.net import host_only
 from apptunnel.proxy.tcp_access import is_tcp_request
@@ -87,17 +88,8 @@ class EdgeProtocol(Protocol):
         data = self._held.data
         self._held = None
         self._inner = inner
-        transport = self.transport
-        # Point the transport at the owner: a TCP transport dispatches through `.protocol`,
-        # a TLS (or other ProtocolWrapper) layer through `.wrappedProtocol`. If neither
-        # applies, dataReceived/connectionLost above keep forwarding.
-        if getattr(transport, "protocol", None) is self:
-            transport.protocol = inner
-        if getattr(transport, "wrappedProtocol", None) is self:
-            transport.wrappedProtocol = inner
-        inner.makeConnection(transport)
-        if data:
-            inner.dataReceived(data)
+        # Where the transport cannot be re-pointed, dataReceived/connectionLost above forward.
+        hand_over(self.transport, self, inner, data)
 
     def _refuse(self, status: int, why: str) -> None:
         self._cancel_timer()

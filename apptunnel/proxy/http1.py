@@ -550,10 +550,16 @@ class RequestHeadPeek:
     def __init__(self) -> None:
         self._buf = bytearray()
         self._scanner = HeadScanner(400)
+        self._end: int | None = None   # where the head's blank line ends, once found
 
     @property
     def data(self) -> bytes:
         return bytes(self._buf)
+
+    @property
+    def after_head(self) -> bytes:
+        """What arrived after the head (b"" until the head is complete)."""
+        return bytes(self._buf[self._end:]) if self._end is not None else b""
 
     def receive(self, data: bytes) -> RequestHead | None:
         """The head once it is complete (HttpError if it is bad), else None."""
@@ -562,6 +568,7 @@ class RequestHeadPeek:
         if found is None:
             return None
         start, end = found
+        self._end = end + 4
         return parse_request_head(bytes(self._buf[start:end]))
 
 

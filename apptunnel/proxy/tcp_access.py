@@ -47,7 +47,8 @@ from apptunnel.auth.callers import Caller, caller_from_certificate, peer_certifi
 from apptunnel.auth.errors import AuthError
 from apptunnel.proxy import pages
 from apptunnel.proxy.pool import AppEndpoint, ConnectApp, NoAgent
-from apptunnel.proxy.http1 import MAX_HEAD, HttpError, RequestHead, parse_request_head
+from apptunnel.proxy.handover import hand_over
+from apptunnel.proxy.http1 import HttpError, RequestHead, RequestHeadPeek
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
@@ -110,17 +111,6 @@ def _plain(status: int, message: str) -> bytes:
         b"Connection: close\r\n\r\n",
         body,
     ])
-
-
-def _split_head(data: bytes) -> tuple[bytes, bytes] | None:
-    """(head without the blank line, bytes after it), None while incomplete."""
-    skip = 0
-    while data[skip:skip + 2] == b"\r\n":
-        skip += 2
-    end = data.find(b"\r\n\r\n", skip)
-    if end < 0:
-        return None
-    return data[skip:end], data[end + 4:]
 
 
 def _parse_target(target: bytes) -> tuple[str, int | None]:
@@ -187,7 +177,8 @@ class TcpSession(Protocol):
         self._access = access
         self._addr = addr
         self._state = "reading"
-        self._held: list[bytes] = []
+        self._head: RequestHeadPeek | None = RequestHeadPeek()   # until the upgrade is read
+        self._held: list[bytes] = []   # bytes after it, until the stream is there
         self._held_size = 0
         self._relay: Relay | None = None   # a: the client, b: the stream (once relaying)
         self._pending: defer.Deferred | None = None
@@ -236,29 +227,23 @@ class TcpSession(Protocol):
             return
         if self._state == "closed":
             return
-        self._held.append(data)
-        self._held_size += len(data)
         if self._state == "deciding":
+            self._held.append(data)
+            self._held_size += len(data)
             if self._held_size > EARLY_LIMIT:
                 self._refuse(400, "too much data before the upgrade")
             return
-        buffered = b"".join(self._held)
-        self._held = [buffered]
-        parts = _split_head(buffered)
-        if parts is None:
-            if self._held_size > MAX_HEAD:
-                self._refuse(431, "request head too large")
-            return
-        head_bytes, rest = parts
-        if len(head_bytes) + 4 > MAX_HEAD:
-            self._refuse(431, "request head too large")
-            return
-        self._held, self._held_size = ([rest] if rest else []), len(rest)
         try:
-            head = parse_request_head(head_bytes)
+            # The same resumable head search as the edge (431 past MAX_HEAD).
+            head = self._head.receive(data)
         except HttpError as err:
             self._refuse(err.status, str(err))
             return
+        if head is None:
+            return
+        rest = self._head.after_head
+        self._head = None
+        self._held, self._held_size = ([rest] if rest else []), len(rest)
         if not is_tcp_request(head):
             self._refuse(400, "expected an apptunnel-tcp upgrade")
             return
@@ -368,16 +353,10 @@ class TcpSession(Protocol):
         transport.write(b"HTTP/1.1 101 Switching Protocols\r\n"
                         b"Connection: Upgrade\r\nUpgrade: apptunnel-tcp\r\n\r\n")
         early, self._held, self._held_size = b"".join(self._held), [], 0
-        # Re-point the transport as the edge does: TCP dispatches through `.protocol`, TLS
-        # through `.wrappedProtocol`.
-        if getattr(transport, "protocol", None) is self:
-            transport.protocol = conn
-        if getattr(transport, "wrappedProtocol", None) is self:
-            transport.wrappedProtocol = conn
         self._log.info("http session {user} -> {app} from {client}", user=self.user,
                        app=self.app, client=self.client)
-        conn.makeConnection(transport)
-        transport.resumeProducing()
+        hand_over(transport, self, conn)
+        transport.resumeProducing()   # before the early bytes: the connection may pause it
         if early:
             conn.dataReceived(early)
 
