@@ -259,6 +259,13 @@ def test_banner_and_readme_lines_work_then_sigterm_to_makes_group_stops_all(tmp_
         assert any("hello-tcp" in out for out in readme.values()), readme
         assert sum(1 for line, out in readme.items() if "api/whoami" in line and
                    whoami(out).get("username") == "demo") >= 2, readme
+    except AssertionError as failure:
+        alive = {pid: cmdline(pid).replace(b"\0", b" ")[:80] for pid in demo.children}
+        logs = "\n".join(f"--- {log.name} (end)\n" + "\n".join(
+            log.read_text(errors="replace").splitlines()[-15:])
+            for log in sorted((tmp_path / "demo-data").glob("*.log")))
+        demo.kill()
+        raise AssertionError(f"{failure}\nchildren still there: {alive}\n{logs}") from None
     except BaseException:
         demo.kill()
         raise
