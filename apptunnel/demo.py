@@ -432,7 +432,7 @@ def run(args: argparse.Namespace) -> int:
     app: Child | None = None
     try:
         cluster.write_proxy_config()
-        print(f"starting the proxy (log: {root / 'proxy.log'}) ...", flush=True)
+        _say(f"starting the proxy (log: {root / 'proxy.log'}) ...")
         cluster.start_proxy()
         password = secrets.token_urlsafe(12)
         cluster.put_role("demo-apps", {"env": "demo"})
@@ -445,7 +445,7 @@ def run(args: argparse.Namespace) -> int:
         ])
         _write_secret(root / "demo-password", password)
         _write_secret(root / "ca-pin", cluster.ca_pin or "")
-        print("starting the sample app and the agent ...", flush=True)
+        _say("starting the sample app and the agent ...")
         app = Child("sample app", [sys.executable, "-m", "apptunnel.sample_app",
                                    "--listen", upstream,
                                    "--jwks-url", cluster.url(path="/.well-known/jwks.json"),
@@ -455,9 +455,8 @@ def run(args: argparse.Namespace) -> int:
         wait_until(lambda: port_in_use(args.app_port), 15, "the sample app to listen", app)
         cluster.start_agent()
         cluster.wait_app_online(cluster.api_session("demo", password), "hello")
-        print(_self_check(cluster, password), flush=True)
-        print(_banner(cluster, password, {"http": args.proxy_app_port, "tcp": args.tcp_app_port}),
-              flush=True)
+        _say(_self_check(cluster, password))
+        _say(_banner(cluster, password, {"http": args.proxy_app_port, "tcp": args.tcp_app_port}))
         while True:
             for child in (cluster.proxy, cluster.agent, app):
                 if not child.alive():
@@ -482,11 +481,22 @@ def _write_secret(path: Path, text: str) -> None:
 
 
 def _say(text: str) -> None:
-    """Print, unless our terminal or pipe is gone (make was killed): stopping goes on."""
+    """Print, unless our terminal or pipe is gone (make was killed, a reader stopped
+    reading after the banner): the demo goes on, and so does stopping it.
+
+    A gone pipe is replaced by /dev/null, so later prints and the interpreter's last
+    flush do not fail again.
+    """
     try:
-        print(text, flush=True)
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
     except (OSError, ValueError):
-        pass
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
 
 
 def _terminate(signum, frame) -> None:
