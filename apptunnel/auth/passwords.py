@@ -19,6 +19,7 @@ from twisted.internet.threads import deferToThread
 from apptunnel.auth.throttle import Throttled
 
 MAX_PASSWORD_LENGTH = 1024
+MIN_PASSWORD_LENGTH = 8          # for passwords people choose (CLI, invite and reset links)
 
 _hasher = PasswordHasher(type=Type.ID)
 _dummy_hash: str | None = None
