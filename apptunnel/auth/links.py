@@ -12,16 +12,13 @@ address (`auth/throttle.py`), and every redemption is audited.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.threads import deferToThread
 
 from apptunnel.auth.errors import AuthError
-from apptunnel.auth.passwords import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, hash_password
+from apptunnel.auth.passwords import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, HashQueue
 from apptunnel.auth.throttle import LoginThrottle
 from apptunnel.auth.tokens import new_secret, secret_hash
 from apptunnel.backend.base import Backend, NotFound
@@ -82,13 +79,12 @@ class LinkRedeemer:
     """The proxy's side: look at a link, and set a password through it (once)."""
 
     def __init__(self, backend: Backend, clock: IReactorTime, throttle: LoginThrottle,
-                 audit: AuditLog | None = None,
-                 run_in_thread: Callable[..., Deferred] = deferToThread) -> None:
+                 hashes: HashQueue, audit: AuditLog | None = None) -> None:
         self._backend = backend
         self._clock = clock
         self._throttle = throttle
+        self._hashes = hashes
         self._audit = audit
-        self._run = run_in_thread
 
     async def look(self, kind: str, token: str, address: str) -> UserLink:
         """The live link, or AuthError(410/404) saying why not (throttled per address)."""
@@ -105,7 +101,7 @@ class LinkRedeemer:
     async def redeem(self, kind: str, token: str, password: str, address: str) -> User:
         """Burn the link and give its user ``password``; AuthError if the link is not good."""
         link = await self.look(kind, token, address)
-        hashed = await self._run(hash_password, password)
+        hashed = await self._hashes.hash(address, password)
         used = await self._backend.use_user_link(link.token_hash, self._clock.seconds())
         if used is None:   # another request took it meanwhile
             self._emit(kind, link, address, "failure", reason="used")

@@ -206,7 +206,7 @@ class SecondFactors:
         step = totp.matching_step(secret, code, self._clock.seconds()) \
             if isinstance(code, str) else None
         if step is None:
-            self._emit("user.mfa.add", user, "failure", device=name, type="totp",
+            self._emit("user.mfa.add", user, "failure", device=name, kind="totp",
                        reason="wrong code")
             raise AuthError(400, "the code does not match: check the time on your device "
                                  "and enter the code it shows now")
@@ -220,7 +220,7 @@ class SecondFactors:
         if not devices and await self._backend.count_recovery_codes(user) == 0:
             codes = new_recovery_codes()
             await self._backend.set_recovery_codes(user, [recovery_hash(c) for c in codes])
-        self._emit("user.mfa.add", user, "success", device=name, type="totp",
+        self._emit("user.mfa.add", user, "success", device=name, kind="totp",
                    recovery_codes=len(codes))
         return codes
 

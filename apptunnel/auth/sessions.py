@@ -142,6 +142,11 @@ class SessionManager:
         return await self._backend.get_user(name)
 
     @property
+    def hashes(self) -> HashQueue:
+        """The argon2 queue, shared with passwords set through links (auth/links.py)."""
+        return self._hashes
+
+    @property
     def throttle(self) -> LoginThrottle:
         """The sign-in throttle, shared with every other way in (links, second factors)."""
         return self._throttle

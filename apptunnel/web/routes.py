@@ -167,7 +167,8 @@ class WebApp:
         # Links and second factors (auth/links.py, auth/mfa.py); off without a backend.
         self._links = self._factors = None
         if backend is not None:
-            self._links = LinkRedeemer(backend, clock, sessions.throttle, audit)
+            self._links = LinkRedeemer(backend, clock, sessions.throttle, sessions.hashes,
+                                       audit)
             self._factors = SecondFactors(backend, clock, config.second_factor,
                                           sessions.throttle, audit,
                                           issuer=config.cluster_name)
