@@ -447,7 +447,7 @@ class ProxyConfig:
     audit_file: str | None = None
     limits: LimitsConfig = LimitsConfig()
     throttle: ThrottleConfig = ThrottleConfig()
-    # auth.second_factor: off | otp | on | optional (auth/mfa.py)
+    # auth.second_factor: off | otp | webauthn | on | optional (auth/mfa.py)
     second_factor: str = "off"
     # Agents: certificate lifetime (renewed over the tunnel), how long a departed agent's
     # apps stay listed, and public addresses allowed outside *.PUBLIC_HOST (host or
@@ -583,7 +583,7 @@ def _limits(top: _Section) -> LimitsConfig:
 
 
 AUTH_KEYS = ("throttle", "second_factor")
-SECOND_FACTORS = ("off", "otp", "on", "optional")
+SECOND_FACTORS = ("off", "otp", "webauthn", "on", "optional")
 
 
 def _second_factor(top: _Section) -> str:
@@ -594,9 +594,6 @@ def _second_factor(top: _Section) -> str:
     value = auth.raw("second_factor")
     if isinstance(value, bool):
         return "on" if value else "off"
-    if value == "webauthn":
-        auth.fail("second_factor", "webauthn is not available in this version; use otp, "
-                                   "on or optional")
     return auth.choice("second_factor", SECOND_FACTORS, "off")
 
 

@@ -30,6 +30,7 @@ from apptunnel.auth import totp
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.throttle import LoginThrottle
 from apptunnel.auth.tokens import new_secret, secret_hash
+from apptunnel.auth.webauthn_devices import WebAuthnKeys
 from apptunnel.backend.base import AlreadyExists, Backend
 from apptunnel.backend.records import MfaDevice
 
@@ -57,9 +58,11 @@ ENROLL_FIRST = ("this sign-in requires a second factor and you have none yet: ad
 class SecondFactorRequired(AuthError):
     """401 naming the factors this user can present (``mfa_required`` in the JSON)."""
 
-    def __init__(self, factors: tuple[str, ...], message: str = FACTOR_REQUIRED) -> None:
+    def __init__(self, factors: tuple[str, ...], message: str = FACTOR_REQUIRED,
+                 webauthn: dict | None = None) -> None:
         super().__init__(401, message)
         self.mfa_required = list(factors)
+        self.webauthn = webauthn          # fresh sign-in options when a key may answer
 
 
 @attrs.frozen
@@ -76,10 +79,11 @@ class Given:
 
     otp: str | None = None
     recovery_code: str | None = None
+    webauthn: dict | str | None = None       # an assertion (cred.toJSON()), dict or JSON
 
     @property
     def empty(self) -> bool:
-        return not self.otp and not self.recovery_code
+        return not self.otp and not self.recovery_code and not self.webauthn
 
 
 def factors_needed(setting: str, kinds: set[str], recovery_left: bool) -> Need:
@@ -101,7 +105,10 @@ def given_factors(fields: dict[str, Any]) -> Given:
         if not isinstance(value, str) or not value or len(value) > MAX_FACTOR_LENGTH:
             return None
         return value
-    return Given(otp=text(OTP), recovery_code=text(RECOVERY))
+    assertion = fields.get(WEBAUTHN)
+    if not isinstance(assertion, (dict, str)) or not assertion:
+        assertion = None
+    return Given(otp=text(OTP), recovery_code=text(RECOVERY), webauthn=assertion)
 
 
 def new_recovery_codes(n: int = RECOVERY_CODES) -> list[str]:
@@ -123,13 +130,14 @@ class SecondFactors:
 
     def __init__(self, backend: Backend, clock: IReactorTime, setting: str,
                  throttle: LoginThrottle, audit: AuditLog | None = None,
-                 issuer: str = "apptunnel") -> None:
+                 issuer: str = "apptunnel", webauthn: WebAuthnKeys | None = None) -> None:
         self._backend = backend
         self._clock = clock
         self._setting = setting
         self._throttle = throttle
         self._audit = audit
         self._issuer = issuer
+        self._webauthn = webauthn
 
     @property
     def setting(self) -> str:
@@ -150,17 +158,21 @@ class SecondFactors:
         if not need.factors:
             return need
         if given.empty:
-            raise SecondFactorRequired(need.factors)
+            raise SecondFactorRequired(need.factors, webauthn=await self.sign_in_options(user))
         key = _throttle_key(user)
         try:
             self._throttle.attempt(key, address, self._clock.seconds())
         except AuthError as err:
             self._emit_login(user, _method(given), address, "failure", reason="throttled")
             raise err
-        method, reason = await self._verify(user, given, need)
+        try:
+            method, reason = await self._verify(user, given, need)
+        except AuthError as err:    # a malformed or stale security-key answer
+            method, reason = WEBAUTHN, err.message
         if reason is not None:
             self._emit_login(user, method, address, "failure", reason=reason)
-            raise SecondFactorRequired(need.factors, FACTOR_INVALID)
+            raise SecondFactorRequired(need.factors, FACTOR_INVALID,
+                                       webauthn=await self.sign_in_options(user))
         self._throttle.succeeded(key, address)
         self._emit_login(user, method, address, "success")
         return need
@@ -179,13 +191,73 @@ class SecondFactors:
                     return OTP, None
                 return OTP, "replayed code"
             return OTP, "wrong code"
+        if given.webauthn and WEBAUTHN in need.factors and self._webauthn is not None:
+            devices = await self._backend.list_mfa_devices(user)
+            found = self._webauthn.verify_assertion(user, given.webauthn, devices)
+            if found is None:
+                return WEBAUTHN, "wrong security key answer"
+            device, count = found
+            if count == 0 and device.counter == 0:
+                return WEBAUTHN, None           # an authenticator without a counter
+            if await self._backend.advance_mfa_counter(user, device.name, count):
+                return WEBAUTHN, None
+            return WEBAUTHN, "sign count did not grow (cloned key?)"
         if given.recovery_code and RECOVERY in need.factors:
             if await self._backend.use_recovery_code(user, recovery_hash(given.recovery_code)):
                 return RECOVERY, None
             return RECOVERY, "wrong recovery code"
         return _method(given), "factor not usable"
 
+    async def sign_in_options(self, user: str) -> dict | None:
+        """Fresh WebAuthn options for a sign-in of ``user``; None without a key."""
+        if self._webauthn is None:
+            return None
+        return self._webauthn.authentication_options(
+            user, await self._backend.list_mfa_devices(user))
+
     # -- devices ----------------------------------------------------------------
+
+    @property
+    def webauthn_enabled(self) -> bool:
+        return self._webauthn is not None
+
+    async def registration_options(self, user: str) -> dict | None:
+        if self._webauthn is None:
+            return None
+        return self._webauthn.registration_options(
+            user, await self._backend.list_mfa_devices(user))
+
+    async def add_webauthn(self, user: str, name: Any, credential: Any) -> list[str]:
+        """Store a security key the browser registered; the recovery codes to show."""
+        if self._webauthn is None:
+            raise AuthError(404, "security keys are not enabled")
+        _check_name(name)
+        devices = await self._backend.list_mfa_devices(user)
+        if len(devices) >= MAX_DEVICES:
+            raise AuthError(409, f"at most {MAX_DEVICES} devices per user")
+        try:
+            secret, count = self._webauthn.verify_registration(user, credential)
+        except AuthError:
+            self._emit("user.mfa.add", user, "failure", device=name, kind="webauthn",
+                       reason="registration refused")
+            raise
+        try:
+            await self._backend.add_mfa_device(MfaDevice(user, name, "webauthn", secret, count,
+                                                         self._clock.seconds()))
+        except AlreadyExists:
+            raise AuthError(409, f"you already have a device named {name!r}") from None
+        codes = await self._first_codes(user, devices)
+        self._emit("user.mfa.add", user, "success", device=name, kind="webauthn",
+                   recovery_codes=len(codes))
+        return codes
+
+    async def _first_codes(self, user: str, devices_before: list[MfaDevice]) -> list[str]:
+        """Ten recovery codes at the first enrollment (stored hashed), else none."""
+        if devices_before or await self._backend.count_recovery_codes(user):
+            return []
+        codes = new_recovery_codes()
+        await self._backend.set_recovery_codes(user, [recovery_hash(c) for c in codes])
+        return codes
 
     def new_totp(self, user: str) -> tuple[str, str]:
         """A fresh secret and its otpauth:// URI (nothing stored until confirmed)."""
@@ -195,9 +267,7 @@ class SecondFactors:
     async def add_totp(self, user: str, name: str, secret: Any, code: Any) -> list[str]:
         """Store the device once ``code`` proves the user's app has ``secret``. Returns the
         recovery codes to show (made at the first enrollment only, else [])."""
-        if not isinstance(name, str) or not DEVICE_NAME.match(name):
-            raise AuthError(400, "invalid device name (letters, digits and . _ @ + -, up "
-                                 "to 64)")
+        _check_name(name)
         if not totp.valid_secret(secret):
             raise AuthError(400, "invalid TOTP secret")
         devices = await self._backend.list_mfa_devices(user)
@@ -216,10 +286,7 @@ class SecondFactors:
                                                          self._clock.seconds()))
         except AlreadyExists:
             raise AuthError(409, f"you already have a device named {name!r}") from None
-        codes: list[str] = []
-        if not devices and await self._backend.count_recovery_codes(user) == 0:
-            codes = new_recovery_codes()
-            await self._backend.set_recovery_codes(user, [recovery_hash(c) for c in codes])
+        codes = await self._first_codes(user, devices)
         self._emit("user.mfa.add", user, "success", device=name, kind="totp",
                    recovery_codes=len(codes))
         return codes
@@ -254,8 +321,13 @@ class SecondFactors:
             self._audit.emit(type, actor=user, target=user, outcome=outcome, **fields)
 
 
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not DEVICE_NAME.match(name):
+        raise AuthError(400, "invalid device name (letters, digits and . _ @ + -, up to 64)")
+
+
 def _method(given: Given) -> str:
-    return OTP if given.otp else RECOVERY
+    return OTP if given.otp else WEBAUTHN if given.webauthn else RECOVERY
 
 
 def _throttle_key(user: str) -> str:

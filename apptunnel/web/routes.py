@@ -41,6 +41,7 @@ from apptunnel.auth.mfa import (
     given_factors,
 )
 from apptunnel.auth.passwords import MIN_PASSWORD_LENGTH
+from apptunnel.auth.webauthn_devices import WebAuthnKeys
 from apptunnel.auth.origins import own_origins, same_origin
 from apptunnel.auth.redirects import safe_path
 from apptunnel.auth.throttle import Throttled
@@ -169,9 +170,12 @@ class WebApp:
         if backend is not None:
             self._links = LinkRedeemer(backend, clock, sessions.throttle, sessions.hashes,
                                        audit)
+            port = "" if config.public_port == 443 else f":{config.public_port}"
+            keys = WebAuthnKeys(config.public_host, f"https://{config.public_host}{port}",
+                                config.cluster_name, clock)
             self._factors = SecondFactors(backend, clock, config.second_factor,
                                           sessions.throttle, audit,
-                                          issuer=config.cluster_name)
+                                          issuer=config.cluster_name, webauthn=keys)
         self._pending = PendingSignIns(clock)
         self._templates = Environment(
             loader=PackageLoader("apptunnel.web", "templates"),
@@ -437,7 +441,8 @@ class WebApp:
         if username is None:
             return self._login_page(request, 401, target,
                                     error="Your sign-in took too long; sign in again.")
-        given = given_factors({k: _arg(request, k) for k in ("otp", "recovery_code")})
+        given = given_factors({k: _arg(request, k) for k in ("otp", "recovery_code",
+                                                               "webauthn")})
         try:
             enroll_only = await self._second_factor(request, username, given)
         except SecondFactorRequired as err:
@@ -472,6 +477,25 @@ class WebApp:
             return await self._account_page(request, err.status, web, err.message)
         if web.enroll_only:
             # Password + the new device: the session becomes a full one.
+            await self._sessions.end_web_session(secret)
+            user = await self._user(web.user)
+            secret, web, ttl = await self._open_web_session(request, user)
+            _set_session_cookie(request, secret, ttl)
+        return await self._account_page(request, 200, web, None, codes)
+
+    @app.route("/web/account/webauthn", methods=["POST"])
+    async def account_add_webauthn(self, request):
+        """A security key registered by the account page's script (static/webauthn.js)."""
+        self._require_same_origin(request)
+        secret, web = await self._web_session(request)
+        if web is None or self._factors is None:
+            return _redirect(request, 303, "/web/login?next=%2Fweb%2Faccount")
+        try:
+            codes = await self._factors.add_webauthn(web.user, _arg(request, "name"),
+                                                     _arg(request, "webauthn"))
+        except AuthError as err:
+            return await self._account_page(request, err.status, web, err.message)
+        if web.enroll_only:
             await self._sessions.end_web_session(secret)
             user = await self._user(web.user)
             secret, web, ttl = await self._open_web_session(request, user)
@@ -566,8 +590,11 @@ class WebApp:
     async def _mfa_page(self, request, status: int, user: str, target: str,
                         error: str | None) -> bytes:
         need = await self._factors.needed(user)
+        options = await self._factors.sign_in_options(user) if "webauthn" in need.factors \
+            else None
         return self._page(request, status, "login_mfa.html", {
-            "next": target, "error": error, "factors": list(need.factors)})
+            "next": target, "error": error, "factors": list(need.factors),
+            "webauthn_options": _script_json(options) if options else None})
 
     async def _account_page(self, request, status: int, web: WebSession, error: str | None,
                             recovery_codes: list[str] | None = None) -> bytes:
@@ -583,6 +610,8 @@ class WebApp:
             "recovery_left": await self._factors.recovery_codes_left(web.user),
             "recovery_codes": recovery_codes or [],
             "totp_secret": secret, "totp_uri": uri, "qr_svg": _qr_svg(uri),
+            "webauthn_options": _script_json(
+                await self._factors.registration_options(web.user)),
             "next": "/",
         })
 
@@ -600,6 +629,8 @@ class WebApp:
         extra = {}
         if isinstance(err, SecondFactorRequired):
             extra["mfa_required"] = err.mfa_required
+            if err.webauthn is not None:
+                extra["webauthn"] = err.webauthn
         if isinstance(err, (WebError, AuthError)):
             status, message = err.status, err.message
         elif isinstance(err, HTTPException):
@@ -826,6 +857,13 @@ def _redirect(request, status: int, location: str) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Location", location.encode("utf-8"))
     return b""
+
+
+def _script_json(value: Any) -> str:
+    """JSON for a <script type="application/json"> block: its text is not entity-decoded,
+    so it goes unescaped, with <, > and & as \\u escapes so it can never close the tag."""
+    return (json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e")
+            .replace("&", "\\u0026"))
 
 
 def _qr_svg(text: str) -> str:
