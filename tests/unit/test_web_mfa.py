@@ -260,3 +260,41 @@ async def test_account_page_shows_a_qr_code_and_enrolls(env):
     assert response.code == 200 and body.count(b"<li><code>") == 10
     response, body = await env.call("GET", "/web/account", cookie=cookie)
     assert b"phone" in body and b"<li><code>" not in body and secret.encode() not in body
+
+
+# -- WebAuthn challenges ----------------------------------------------------------------------
+
+
+def _answer(challenge: str) -> dict:
+    import base64
+    client_data = json.dumps({"type": "webauthn.create", "challenge": challenge,
+                              "origin": "https://apptunnel.localhost:3080"}).encode()
+    return {"id": "x", "rawId": "x", "type": "public-key", "response": {
+        "clientDataJSON": base64.urlsafe_b64encode(client_data).rstrip(b"=").decode(),
+        "attestationObject": "AA"}}
+
+
+def test_webauthn_challenges_are_single_use_short_lived_and_per_user():
+    """A challenge answers once, for its user only, within CHALLENGE_TTL (Clock)."""
+    from twisted.internet.task import Clock
+
+    from apptunnel.auth.errors import AuthError
+    from apptunnel.auth.webauthn_devices import CHALLENGE_TTL, WebAuthnKeys
+
+    clock = Clock()
+    keys = WebAuthnKeys("apptunnel.localhost", "https://apptunnel.localhost:3080", "t", clock)
+    challenge = keys.registration_options("alice", [])["challenge"]
+    with pytest.raises(AuthError) as bad:            # a bad attestation burns the challenge
+        keys.verify_registration("alice", _answer(challenge))
+    assert bad.value.status == 400
+    with pytest.raises(AuthError, match="unknown, used or expired"):
+        keys.verify_registration("alice", _answer(challenge))
+    other = keys.registration_options("alice", [])["challenge"]
+    with pytest.raises(AuthError, match="unknown, used or expired"):
+        keys.verify_registration("bob", _answer(other))
+    late = keys.registration_options("alice", [])["challenge"]
+    clock.advance(CHALLENGE_TTL)
+    with pytest.raises(AuthError, match="unknown, used or expired"):
+        keys.verify_registration("alice", _answer(late))
+    with pytest.raises(AuthError):
+        keys.verify_registration("alice", "x" * 10_000)
