@@ -186,3 +186,27 @@ def test_reset_link_ends_sessions_and_the_old_password(cluster):
     status, _ = api(Browser(cluster), "POST", "/v1/sessions",
                     {"username": "dave", "password": "dave's new password"})
     assert status == 200
+
+
+def test_otp_guesses_are_throttled_by_the_proxy(cluster):
+    """Five wrong codes with the right password, then even the right code gets 429 with
+    Retry-After, and each refusal is audited with its method."""
+    cluster.add_user("gina", ["access"], PASSWORD)
+    browser = Browser(cluster)
+    api(browser, "POST", "/v1/sessions", {"username": "gina", "password": PASSWORD})
+    secret = api(browser, "POST", "/v1/mfa/totp")[1]["secret"]
+    totp = pyotp.TOTP(secret)
+    status, _ = api(browser, "POST", "/v1/mfa/devices",
+                    {"type": "totp", "name": "phone", "secret": secret, "otp": totp.now()})
+    assert status == 200
+    for _ in range(5):
+        status, answer = api(Browser(cluster), "POST", "/v1/sessions",
+                             {"username": "gina", "password": PASSWORD, "otp": "000000"})
+        assert status == 401 and answer["error"] == "invalid second factor"
+    response = Browser(cluster).post(
+        cluster.url(path="/v1/sessions"), headers=origin(cluster),
+        json={"username": "gina", "password": PASSWORD, "otp": totp.at(time.time() + 30)})
+    assert response.status_code == 429 and int(response.headers["Retry-After"]) >= 1
+    wait_until(lambda: sum(1 for e in audit(cluster, "user.login")
+                           if e["actor"] == "gina" and e["fields"].get("method") == "otp"
+                           and e["outcome"] == "failure") >= 6, 10, "the audit of the guesses")
