@@ -298,3 +298,34 @@ def test_webauthn_challenges_are_single_use_short_lived_and_per_user():
         keys.verify_registration("alice", _answer(late))
     with pytest.raises(AuthError):
         keys.verify_registration("alice", "x" * 10_000)
+
+
+@pytest_twisted.ensureDeferred
+async def test_enroll_only_session_gets_no_certificate_no_launch_and_no_apps(env):
+    """Hostile use of an enroll-only session: no certificate (cookie or password), no
+    launch hand-off, no app list; the password path without a device is refused too."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    require(env, "on")
+    response, answer = await api_login(env)
+    cookie = session_cookie(response)[0]
+    key = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    response, raw = await env.call("POST", "/v1/certs", cookie=cookie,
+                                   headers={"Content-Type": "application/json"},
+                                   data=json.dumps({"public_key": key}))
+    assert response.code == 403 and b"second factor" in raw
+    response, raw = await env.call("POST", "/v1/certs",
+                                   headers={"Content-Type": "application/json"},
+                                   data=json.dumps({"public_key": key, "username": "alice",
+                                                    "password": "alice-pw"}))
+    assert response.code == 403 and b"second factor" in raw
+    response, _ = await env.call("GET", "/web/launch/grafana?state=s", cookie=cookie)
+    assert response.code == 302
+    assert response.headers.getRawHeaders(b"location") == [b"/web/account"]
+    response, _ = await env.call("GET", "/v1/apps", cookie=cookie)
+    assert response.code == 403
+    # Spoofed factors of the wrong shape are no factor at all.
+    response, answer = await api_login(env, otp=123456, recovery_code=["x"], webauthn=7)
+    assert response.code == 200 and answer["enroll_only"] is True
