@@ -3,9 +3,9 @@
 Passwords are hashed with argon2id in a thread (never on the reactor) and never echoed.
 A new user without ``--password-stdin`` gets an invite link to choose their password
 (`auth/links.py`); `users reset` takes the password away, ends the sessions and prints a
-reset link; `set-password` without stdin prints a generated password exactly once. Every role named must exist (as in
-`tctl users add`): a typo would otherwise create a user who can open nothing, with only a
-warning to notice. Removing a user or changing their roles or traits reaches their
+reset link; `set-password` without stdin prints a generated password exactly once.
+Every role named must exist (as in `tctl users add`): a typo would otherwise create a
+user who can open nothing, with only a warning to notice. Removing a user or changing their roles or traits reaches their
 existing sessions and certificates too (`auth/directory.py`): the proxy of this config
 is asked to apply it before the command returns.
 """
