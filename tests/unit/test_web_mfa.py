@@ -329,3 +329,27 @@ async def test_enroll_only_session_gets_no_certificate_no_launch_and_no_apps(env
     # Spoofed factors of the wrong shape are no factor at all.
     response, answer = await api_login(env, otp=123456, recovery_code=["x"], webauthn=7)
     assert response.code == 200 and answer["enroll_only"] is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_cross_origin_posts_and_garbage_are_refused(env):
+    """Account and second-step forms refuse other origins; garbage tokens, device names
+    and secrets are plain 4xx answers."""
+    cookie = await env.login()
+    for path in ("/web/account/totp", "/web/account/webauthn", "/web/account/devices/remove",
+                 "/web/login/mfa"):
+        response, _ = await env.call("POST", path, cookie=cookie, origin="https://evil.example",
+                                     data={"name": "x"})
+        assert response.code == 403, path
+    response, _ = await env.call("GET", "/web/invite/" + "A" * 5000)
+    assert response.code == 404
+    response, answer = await post_json(env, "/v1/mfa/devices", {
+        "type": "totp", "name": "../../etc", "secret": "AAAA", "otp": "1"}, cookie)
+    assert response.code == 400 and "device name" in answer["error"]
+    response, answer = await post_json(env, "/v1/mfa/devices", {
+        "type": "totp", "name": "ok", "secret": "not base32", "otp": "1"}, cookie)
+    assert response.code == 400 and "secret" in answer["error"]
+    response, answer = await post_json(env, "/v1/mfa/devices", {"type": "sms"}, cookie)
+    assert response.code == 400
+    response, _ = await env.call("GET", "/v1/mfa/devices")
+    assert response.code == 401
