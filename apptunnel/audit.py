@@ -27,6 +27,10 @@ from apptunnel.backend.records import AuditEvent
 # type -> (code on success, code on any other outcome)
 CODES: dict[str, tuple[str, str]] = {
     "user.login": ("T1000I", "T1000W"),
+    "user.link": ("T1010I", "T1010W"),          # an invite or reset link looked at / used
+    "user.link.issue": ("T1011I", "T1011W"),
+    "user.mfa.add": ("T1020I", "T1020W"),
+    "user.mfa.delete": ("T1021I", "T1021W"),
     "session.web.start": ("T2000I", "T2000W"),
     "session.web.end": ("T2001I", "T2001W"),
     "session.app.start": ("T2010I", "T2010W"),

@@ -447,6 +447,8 @@ class ProxyConfig:
     audit_file: str | None = None
     limits: LimitsConfig = LimitsConfig()
     throttle: ThrottleConfig = ThrottleConfig()
+    # auth.second_factor: off | otp | webauthn | on | optional (auth/mfa.py)
+    second_factor: str = "off"
     # Agents: certificate lifetime (renewed over the tunnel), how long a departed agent's
     # apps stay listed, and public addresses allowed outside *.PUBLIC_HOST (host or
     # host:port, or *.domain).
@@ -580,8 +582,23 @@ def _limits(top: _Section) -> LimitsConfig:
     )
 
 
+AUTH_KEYS = ("throttle", "second_factor")
+SECOND_FACTORS = ("off", "otp", "webauthn", "on", "optional")
+
+
+def _second_factor(top: _Section) -> str:
+    """``auth.second_factor``; YAML 1.1 reads a bare off/on as false/true, so take those too."""
+    auth = top.section("auth", AUTH_KEYS)
+    if auth is None or not auth.has("second_factor"):
+        return "off"
+    value = auth.raw("second_factor")
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return auth.choice("second_factor", SECOND_FACTORS, "off")
+
+
 def _throttle(top: _Section) -> ThrottleConfig:
-    auth = top.section("auth", ("throttle",))
+    auth = top.section("auth", AUTH_KEYS)
     throttle = auth.section("throttle", tuple(attrs.fields_dict(ThrottleConfig))) if auth else None
     if throttle is None:
         return ThrottleConfig()
@@ -669,6 +686,7 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
         audit_file=audit_file,
         limits=_limits(top),
         throttle=_throttle(top),
+        second_factor=_second_factor(top),
         agent_cert_ttl=agent_cert_ttl,
         app_grace_period=top.duration("app_grace_period", 120.0),
         allowed_public_addrs=allowed,

@@ -19,6 +19,7 @@ from twisted.internet.threads import deferToThread
 from apptunnel.auth.throttle import Throttled
 
 MAX_PASSWORD_LENGTH = 1024
+MIN_PASSWORD_LENGTH = 8          # for passwords people choose (CLI, invite and reset links)
 
 _hasher = PasswordHasher(type=Type.ID)
 _dummy_hash: str | None = None
@@ -80,12 +81,20 @@ class HashQueue:
 
     def verify(self, key: str, stored: str | None, pw: str) -> Deferred:
         """A Deferred firing with verify_password(stored, pw), or failing with Throttled."""
+        return self._submit(key, (verify_password, stored, pw))
+
+    def hash(self, key: str, pw: str) -> Deferred:
+        """A Deferred firing with hash_password(pw) (a password set through a link), in
+        the same queue, so setting passwords cannot take more memory than checking them."""
+        return self._submit(key, (hash_password, pw))
+
+    def _submit(self, key: str, job: tuple) -> Deferred:
         if self._running < self._concurrent:
-            return self._start(key, (stored, pw))
+            return self._start(key, job)
         if self._waiting_count >= self._queued and not self._make_room(key):
             return fail(_busy())
         d: Deferred = Deferred()
-        self._waiting.setdefault(key, deque()).append((d, (stored, pw)))
+        self._waiting.setdefault(key, deque()).append((d, job))
         self._keys.setdefault(key, [0, 0])
         self._waiting_count += 1
         return d
@@ -107,7 +116,7 @@ class HashQueue:
         counts = self._keys.setdefault(key, [0, 0])
         counts[0] += 1
         counts[1] += 1
-        d = self._run(verify_password, *args)
+        d = self._run(*args)
         d.addBoth(self._done, key)
         return d
 

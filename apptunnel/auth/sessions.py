@@ -136,10 +136,31 @@ class SessionManager:
 
     # -- web sessions -----------------------------------------------------------
 
+    async def user(self, name: str) -> User | None:
+        """The stored user: a sign-in finished in two steps (password, then a second
+        factor) reads them again for the second."""
+        return await self._backend.get_user(name)
+
+    @property
+    def hashes(self) -> HashQueue:
+        """The argon2 queue, shared with passwords set through links (auth/links.py)."""
+        return self._hashes
+
+    @property
+    def throttle(self) -> LoginThrottle:
+        """The sign-in throttle, shared with every other way in (links, second factors)."""
+        return self._throttle
+
+    def forget_cached(self) -> None:
+        """Storage changed under us (an admin ended sessions): read it again from now on."""
+        self._web = _Cache()
+        self._app = _Cache()
+
     async def create_web_session(
-        self, user: User, ttl: float | None = None
+        self, user: User, ttl: float | None = None, *, enroll_only: bool = False
     ) -> tuple[str, WebSession]:
-        """Start a web session for user; returns (secret for the cookie, record)."""
+        """Start a web session for user; returns (secret for the cookie, record).
+        ``enroll_only``: it may enroll a second factor and nothing else (auth/mfa.py)."""
         self._refuse_if_locked(user.name, None, "web session")
         now = self._clock.seconds()
         secret = new_secret()
@@ -150,6 +171,7 @@ class SessionManager:
             traits=dict(user.traits),
             created=now,
             expires=now + (ttl if ttl is not None else self._ttl),
+            enroll_only=enroll_only,
         )
         await self._backend.put_web_session(record)
         self._web.put(record.id_hash, record, self._cache_until(record.expires, now))

@@ -16,8 +16,10 @@ from apptunnel.backend.records import (
     AuthCode,
     JoinToken,
     Lock,
+    MfaDevice,
     Resource,
     User,
+    UserLink,
     WebSession,
 )
 from apptunnel.errors import ApptunnelError
@@ -28,6 +30,10 @@ MAX_SEARCH_LIMIT = 100_000
 # The Agent fields update_agent may set (its connection state); anything else is an error.
 AGENT_STATE = frozenset({"cert_expires", "key_pin", "last_seen", "connected_since", "peer",
                          "proxy_id", "apps"})
+
+
+# How long a link stays stored after it expires, so a late visit still hears "expired".
+LINK_KEEP = 7 * 86400.0
 
 
 class BackendError(ApptunnelError):
@@ -76,6 +82,18 @@ class Backend(typing.Protocol):
 
     async def put_auth_code(self, c: AuthCode) -> None: ...
     async def take_auth_code(self, code_hash: str) -> AuthCode | None: ...
+
+    # Invite/reset links, second factors and recovery codes (auth/links.py, auth/mfa.py).
+    async def put_user_link(self, link: UserLink) -> None: ...   # replaces the user's others
+    async def get_user_link(self, token_hash: str) -> UserLink | None: ...
+    async def use_user_link(self, token_hash: str, now: float) -> UserLink | None: ...
+    async def add_mfa_device(self, device: MfaDevice) -> None: ...   # AlreadyExists
+    async def list_mfa_devices(self, user: str) -> list[MfaDevice]: ...
+    async def delete_mfa_device(self, user: str, name: str) -> bool: ...
+    async def advance_mfa_counter(self, user: str, name: str, counter: int) -> bool: ...
+    async def set_recovery_codes(self, user: str, code_hashes: list[str]) -> None: ...
+    async def use_recovery_code(self, user: str, code_hash: str) -> bool: ...
+    async def count_recovery_codes(self, user: str) -> int: ...
 
     async def put_lock(self, lock: Lock) -> None: ...
     async def list_locks(self, now: float) -> list[Lock]: ...

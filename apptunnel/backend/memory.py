@@ -22,6 +22,7 @@ import attrs
 
 from apptunnel.backend.base import (
     AGENT_STATE,
+    LINK_KEEP,
     MAX_SEARCH_LIMIT,
     AlreadyExists,
     BackendError,
@@ -34,9 +35,11 @@ from apptunnel.backend.records import (
     AuthCode,
     JoinToken,
     Lock,
+    MfaDevice,
     Resource,
     Scope,
     User,
+    UserLink,
     WebSession,
 )
 
@@ -73,7 +76,7 @@ def _resource(r: Resource) -> Resource:
 
 def _web_session(s: WebSession) -> WebSession:
     return WebSession(s.id_hash, s.user, tuple(_json(list(s.roles))), _traits(s.traits),
-                      _real(s.created), _real(s.expires))
+                      _real(s.created), _real(s.expires), bool(s.enroll_only))
 
 
 def _app_session(s: AppSession) -> AppSession:
@@ -115,6 +118,9 @@ class MemoryBackend:
         self._app_sessions: dict[str, AppSession] = {}
         self._auth_codes: dict[str, AuthCode] = {}
         self._locks: dict[str, Lock] = {}
+        self._links: dict[str, UserLink] = {}
+        self._devices: dict[tuple[str, str], MfaDevice] = {}
+        self._recovery: dict[str, set[str]] = {}
         self._audit: list[AuditEvent] = []      # insertion order: ties in time keep it
         self._audit_ids: set[str] = set()
         self._closed = False
@@ -156,6 +162,9 @@ class MemoryBackend:
         """Remove the user and every session and pending hand-off that belongs to them."""
         self._check_open()
         self._end_user_sessions(name)
+        self._drop(self._links, lambda link: link.user == name)
+        self._drop(self._devices, lambda d: d.user == name)
+        self._recovery.pop(name, None)
         return self._users.pop(name, None) is not None
 
     # -- resources --------------------------------------------------------------
@@ -316,6 +325,73 @@ class MemoryBackend:
         self._check_open()
         return self._auth_codes.pop(code_hash, None)
 
+    # -- invite/reset links, second factors, recovery codes ----------------------
+
+    async def put_user_link(self, link: UserLink) -> None:
+        """Store a link; every other link of the same user stops working."""
+        self._check_open()
+        self._drop(self._links, lambda old: old.user == link.user)
+        self._links[link.token_hash] = attrs.evolve(
+            link, created=_real(link.created), expires=_real(link.expires),
+            used=_real(link.used))
+
+    async def get_user_link(self, token_hash: str) -> UserLink | None:
+        self._check_open()
+        return self._links.get(token_hash)
+
+    async def use_user_link(self, token_hash: str, now: float) -> UserLink | None:
+        """Mark a live, unused link used and return it; None when it is not (atomic)."""
+        self._check_open()
+        link = self._links.get(token_hash)
+        if link is None or link.used is not None or not link.expires > now:
+            return None
+        self._links[token_hash] = used = attrs.evolve(link, used=_real(now))
+        return used
+
+    async def add_mfa_device(self, device: MfaDevice) -> None:
+        self._check_open()
+        key = (device.user, device.name)
+        if key in self._devices:
+            raise AlreadyExists(f"device {device.name!r} already exists")
+        self._devices[key] = attrs.evolve(device, counter=int(device.counter),
+                                          created=_real(device.created))
+
+    async def list_mfa_devices(self, user: str) -> list[MfaDevice]:
+        self._check_open()
+        return [d for (u, _), d in sorted(self._devices.items()) if u == user]
+
+    async def delete_mfa_device(self, user: str, name: str) -> bool:
+        self._check_open()
+        return self._devices.pop((user, name), None) is not None
+
+    async def advance_mfa_counter(self, user: str, name: str, counter: int) -> bool:
+        """Raise the device's counter to ``counter`` if it is lower; False otherwise
+        (a replayed code or a cloned authenticator). Atomic."""
+        self._check_open()
+        device = self._devices.get((user, name))
+        if device is None or not counter > device.counter:
+            return False
+        self._devices[(user, name)] = attrs.evolve(device, counter=int(counter))
+        return True
+
+    async def set_recovery_codes(self, user: str, code_hashes: list[str]) -> None:
+        """Replace the user's recovery codes."""
+        self._check_open()
+        self._recovery[user] = set(code_hashes)
+
+    async def use_recovery_code(self, user: str, code_hash: str) -> bool:
+        """Delete the code and say whether it was there: each works once."""
+        self._check_open()
+        codes = self._recovery.get(user, set())
+        if code_hash not in codes:
+            return False
+        codes.discard(code_hash)
+        return True
+
+    async def count_recovery_codes(self, user: str) -> int:
+        self._check_open()
+        return len(self._recovery.get(user, ()))
+
     # -- locks ------------------------------------------------------------------
 
     async def put_lock(self, lock: Lock) -> None:
@@ -384,4 +460,5 @@ class MemoryBackend:
             removed += len(self._drop(table, lambda r: r.expires <= now))
         removed += len(self._drop(self._locks,
                                   lambda x: x.expires is not None and x.expires <= now))
+        removed += len(self._drop(self._links, lambda x: x.expires + LINK_KEEP <= now))
         return removed

@@ -84,6 +84,9 @@ class WebSession:
     traits: dict
     created: float
     expires: float
+    # Signed in with the password only while a second factor is required and the user
+    # has none yet: the session may enroll a device and nothing else (auth/mfa.py).
+    enroll_only: bool = False
 
 
 @attrs.frozen
@@ -136,3 +139,32 @@ class AuditEvent:
     target: str
     outcome: str
     fields: dict
+
+
+@attrs.frozen
+class UserLink:
+    """A one-time invite or reset link (auth/links.py); only the token's hash is stored.
+
+    ``used`` is when it was redeemed (None while it is still good), kept so a second
+    visit can say "already used" rather than "unknown"."""
+
+    token_hash: str
+    user: str
+    kind: str                           # "invite" | "reset"
+    created: float
+    expires: float
+    used: float | None = None
+
+
+@attrs.frozen
+class MfaDevice:
+    """A user's second factor (auth/mfa.py). ``secret`` is the TOTP key (base32) or the
+    WebAuthn credential (JSON); it never leaves the proxy after enrollment. ``counter`` only
+    grows: the last TOTP time step used, or the authenticator's sign count."""
+
+    user: str
+    name: str
+    kind: str                           # "totp" | "webauthn"
+    secret: str
+    counter: int
+    created: float

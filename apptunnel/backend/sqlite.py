@@ -27,6 +27,7 @@ from twisted.python.threadpool import ThreadPool
 
 from apptunnel.backend.base import (
     AGENT_STATE,
+    LINK_KEEP,
     MAX_SEARCH_LIMIT,
     AlreadyExists,
     BackendError,
@@ -39,9 +40,11 @@ from apptunnel.backend.records import (
     AuthCode,
     JoinToken,
     Lock,
+    MfaDevice,
     Resource,
     Scope,
     User,
+    UserLink,
     WebSession,
 )
 
@@ -138,6 +141,30 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             proxy_id TEXT NOT NULL,
             apps TEXT NOT NULL)""",
         "ALTER TABLE locks ADD COLUMN agent TEXT",
+    ),
+    (
+        # Invite/reset links, second factors and recovery codes (auth/links.py, auth/mfa.py).
+        "ALTER TABLE web_sessions ADD COLUMN enroll_only INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE user_links (
+            token_hash TEXT PRIMARY KEY,
+            user_name TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            created REAL NOT NULL,
+            expires REAL NOT NULL,
+            used REAL)""",
+        "CREATE INDEX user_links_user ON user_links (user_name)",
+        """CREATE TABLE mfa_devices (
+            user_name TEXT NOT NULL,
+            name TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            counter INTEGER NOT NULL,
+            created REAL NOT NULL,
+            PRIMARY KEY (user_name, name))""",
+        """CREATE TABLE recovery_codes (
+            user_name TEXT NOT NULL,
+            code_hash TEXT NOT NULL,
+            PRIMARY KEY (user_name, code_hash))""",
     ),
 )
 
@@ -242,6 +269,7 @@ def _web_session(row: tuple) -> WebSession:
         traits=_traits(row[3]),
         created=row[4],
         expires=row[5],
+        enroll_only=bool(row[6]),
     )
 
 
@@ -253,6 +281,9 @@ _TOKEN_COLUMNS = "token_hash, kind, expires, created, uses_left, scope"
 _AGENT_COLUMNS = ("host_id, scope, joined, cert_expires, key_pin, last_seen, connected_since,"
                   " peer, proxy_id, apps")
 _LOCK_COLUMNS = "id, user_name, app, message, created, expires, created_by, agent"
+_WEB_COLUMNS = "id_hash, user_name, roles, traits, created, expires, enroll_only"
+_LINK_COLUMNS = "token_hash, user_name, kind, created, expires, used"
+_DEVICE_COLUMNS = "user_name, name, kind, secret, counter, created"
 
 
 def _token(row: tuple) -> JoinToken:
@@ -393,6 +424,8 @@ class SqliteBackend:
                 )
                 conn.execute("DELETE FROM app_sessions WHERE user_name = ?", (name,))
                 conn.execute("DELETE FROM web_sessions WHERE user_name = ?", (name,))
+                for table in ("user_links", "mfa_devices", "recovery_codes"):
+                    conn.execute(f"DELETE FROM {table} WHERE user_name = ?", (name,))
                 cur = conn.execute("DELETE FROM users WHERE name = ?", (name,))
                 return cur.rowcount > 0
 
@@ -569,13 +602,13 @@ class SqliteBackend:
     async def put_web_session(self, s: WebSession) -> None:
         def run(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT INTO web_sessions (id_hash, user_name, roles, traits, created, expires)"
-                " VALUES (?, ?, ?, ?, ?, ?)"
+                f"INSERT INTO web_sessions ({_WEB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (id_hash) DO UPDATE SET user_name = excluded.user_name,"
                 " roles = excluded.roles, traits = excluded.traits,"
-                " created = excluded.created, expires = excluded.expires",
+                " created = excluded.created, expires = excluded.expires,"
+                " enroll_only = excluded.enroll_only",
                 (s.id_hash, s.user, _dump(list(s.roles)), _dump(s.traits), s.created,
-                 s.expires),
+                 s.expires, int(bool(s.enroll_only))),
             )
 
         await self._run(run)
@@ -583,8 +616,7 @@ class SqliteBackend:
     async def get_web_session(self, id_hash: str) -> WebSession | None:
         def run(conn: sqlite3.Connection) -> WebSession | None:
             row = conn.execute(
-                "SELECT id_hash, user_name, roles, traits, created, expires"
-                " FROM web_sessions WHERE id_hash = ?",
+                f"SELECT {_WEB_COLUMNS} FROM web_sessions WHERE id_hash = ?",
                 (id_hash,),
             ).fetchone()
             return _web_session(row) if row else None
@@ -681,6 +713,112 @@ class SqliteBackend:
                 conn.execute(f"DELETE FROM auth_codes WHERE {codes_where}", params)
                 conn.execute(f"DELETE FROM app_sessions WHERE {sessions_where}", params)
                 return ended
+
+        return await self._run(run)
+
+    # -- invite/reset links, second factors, recovery codes ----------------------
+
+    async def put_user_link(self, link: UserLink) -> None:
+        """Store a link; every other link of the same user stops working."""
+        def run(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute("DELETE FROM user_links WHERE user_name = ?", (link.user,))
+                conn.execute(
+                    f"INSERT INTO user_links ({_LINK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                    (link.token_hash, link.user, link.kind, link.created, link.expires,
+                     link.used),
+                )
+
+        await self._run(run)
+
+    async def get_user_link(self, token_hash: str) -> UserLink | None:
+        def run(conn: sqlite3.Connection) -> UserLink | None:
+            row = conn.execute(f"SELECT {_LINK_COLUMNS} FROM user_links WHERE token_hash = ?",
+                               (token_hash,)).fetchone()
+            return UserLink(*row) if row else None
+
+        return await self._run(run)
+
+    async def use_user_link(self, token_hash: str, now: float) -> UserLink | None:
+        """Mark a live, unused link used and return it; None when it is not (atomic)."""
+        def run(conn: sqlite3.Connection) -> UserLink | None:
+            with _transaction(conn):
+                cur = conn.execute(
+                    "UPDATE user_links SET used = ?"
+                    " WHERE token_hash = ? AND used IS NULL AND expires > ?",
+                    (now, token_hash, now))
+                if cur.rowcount == 0:
+                    return None
+                row = conn.execute(
+                    f"SELECT {_LINK_COLUMNS} FROM user_links WHERE token_hash = ?",
+                    (token_hash,)).fetchone()
+                return UserLink(*row)
+
+        return await self._run(run)
+
+    async def add_mfa_device(self, device: MfaDevice) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    f"INSERT INTO mfa_devices ({_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                    (device.user, device.name, device.kind, device.secret,
+                     int(device.counter), device.created))
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"device {device.name!r} already exists") from None
+
+        await self._run(run)
+
+    async def list_mfa_devices(self, user: str) -> list[MfaDevice]:
+        def run(conn: sqlite3.Connection) -> list[MfaDevice]:
+            rows = conn.execute(
+                f"SELECT {_DEVICE_COLUMNS} FROM mfa_devices WHERE user_name = ? ORDER BY name",
+                (user,)).fetchall()
+            return [MfaDevice(*row) for row in rows]
+
+        return await self._run(run)
+
+    async def delete_mfa_device(self, user: str, name: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            return conn.execute("DELETE FROM mfa_devices WHERE user_name = ? AND name = ?",
+                                (user, name)).rowcount > 0
+
+        return await self._run(run)
+
+    async def advance_mfa_counter(self, user: str, name: str, counter: int) -> bool:
+        """Raise the device's counter to ``counter`` if it is lower; False otherwise
+        (a replayed code or a cloned authenticator). One UPDATE: atomic."""
+        def run(conn: sqlite3.Connection) -> bool:
+            return conn.execute(
+                "UPDATE mfa_devices SET counter = ?"
+                " WHERE user_name = ? AND name = ? AND counter < ?",
+                (int(counter), user, name, int(counter))).rowcount > 0
+
+        return await self._run(run)
+
+    async def set_recovery_codes(self, user: str, code_hashes: list[str]) -> None:
+        """Replace the user's recovery codes."""
+        def run(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute("DELETE FROM recovery_codes WHERE user_name = ?", (user,))
+                conn.executemany(
+                    "INSERT OR IGNORE INTO recovery_codes (user_name, code_hash) VALUES (?, ?)",
+                    [(user, h) for h in code_hashes])
+
+        await self._run(run)
+
+    async def use_recovery_code(self, user: str, code_hash: str) -> bool:
+        """Delete the code and say whether it was there: each works once."""
+        def run(conn: sqlite3.Connection) -> bool:
+            return conn.execute(
+                "DELETE FROM recovery_codes WHERE user_name = ? AND code_hash = ?",
+                (user, code_hash)).rowcount > 0
+
+        return await self._run(run)
+
+    async def count_recovery_codes(self, user: str) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT COUNT(*) FROM recovery_codes WHERE user_name = ?",
+                                    (user,)).fetchone()[0])
 
         return await self._run(run)
 
@@ -832,6 +970,9 @@ class SqliteBackend:
                 cur = conn.execute(
                     "DELETE FROM locks WHERE expires IS NOT NULL AND expires <= ?", (now,)
                 )
+                removed += cur.rowcount
+                cur = conn.execute("DELETE FROM user_links WHERE expires <= ?",
+                                   (now - LINK_KEEP,))
                 removed += cur.rowcount
             return removed
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import re
 import time
 from typing import Callable
 
@@ -65,6 +66,9 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
     login_p.add_argument("--user", required=True, metavar="NAME")
     login_p.add_argument("--password-stdin", action="store_true",
                          help="read the password from stdin (else it is asked for)")
+    login_p.add_argument("--otp", metavar="CODE",
+                         help="the code of your authenticator app, when the proxy asks for "
+                              "one (else it is asked for on the terminal)")
     login_p.add_argument("--ttl", metavar="DURATION",
                          help="ask for a shorter certificate lifetime, e.g. 1h")
     login_p.add_argument("--ca-pin", metavar="sha256:HEX",
@@ -105,10 +109,18 @@ def login(args: argparse.Namespace, io: Io, now: Callable[[], float] = time.time
             "public_key": public_pem.decode("ascii")}
     if ttl is not None:
         body["ttl"] = ttl
+    if args.otp:
+        body[_factor_field(args.otp)] = args.otp
     try:
         code, answer = client.call("POST", "/v1/certs", body)
+        if _second_factor_asked(code, answer) and not args.otp:
+            code_text = _ask_code(args, answer)    # the proxy wants a second factor
+            body[_factor_field(code_text)] = code_text
+            code, answer = client.call("POST", "/v1/certs", body)
     finally:
         client.close()
+    if _second_factor_asked(code, answer):
+        raise CliError(f"login to {args.proxy} failed: {_error_text(answer)}")
     if code == 401:
         raise CliError(f"login to {args.proxy} failed: invalid username or password")
     if code in (429, 503):   # throttled or busy: the proxy's message says how long to wait
@@ -232,6 +244,30 @@ def _password(args: argparse.Namespace, io: Io) -> str:
     if not text:
         raise UsageError("--password-stdin: no password on stdin")
     return text
+
+
+def _factor_field(text: str) -> str:
+    """Six digits are an authenticator code; anything else is taken for a recovery code."""
+    return "otp" if re.fullmatch(r"[0-9 ]{6,8}", text.strip()) else "recovery_code"
+
+
+def _second_factor_asked(code: int, answer) -> bool:
+    return code == 401 and isinstance(answer, dict) and isinstance(answer.get("mfa_required"),
+                                                                   list)
+
+
+def _ask_code(args: argparse.Namespace, answer: dict) -> str:
+    """The code for a second factor, asked on the terminal (``--otp`` for scripts)."""
+    kinds = [str(k) for k in answer["mfa_required"]]
+    if "otp" not in kinds and "recovery_code" not in kinds:
+        raise CliError(f"login to {args.proxy} needs a second factor this CLI cannot give "
+                       f"({', '.join(kinds) or 'none enrolled'})")
+    if not _have_terminal():
+        raise UsageError("the proxy asks for a second factor: give the code with --otp CODE")
+    try:
+        return getpass.getpass(f"Code from your authenticator app for {args.user}: ").strip()
+    except (EOFError, KeyboardInterrupt):
+        raise CliError("no code entered") from None
 
 
 def _have_terminal() -> bool:

@@ -1,9 +1,11 @@
-"""`apptunnel users add|ls|rm|set-password|update`: local users and their roles.
+"""`apptunnel users add|ls|rm|set-password|reset|update`: local users and their roles.
 
-Passwords are hashed with argon2id in a thread (never on the reactor) and never echoed;
-a generated password is printed exactly once. Every role named must exist (as in
-`tctl users add`): a typo would otherwise create a user who can open nothing, with only a
-warning to notice. Removing a user or changing their roles or traits reaches their
+Passwords are hashed with argon2id in a thread (never on the reactor) and never echoed.
+A new user without ``--password-stdin`` gets an invite link to choose their password
+(`auth/links.py`); `users reset` takes the password away, ends the sessions and prints a
+reset link; `set-password` without stdin prints a generated password exactly once.
+Every role named must exist (as in `tctl users add`): a typo would otherwise create a
+user who can open nothing, with only a warning to notice. Removing a user or changing their roles or traits reaches their
 existing sessions and certificates too (`auth/directory.py`): the proxy of this config
 is asked to apply it before the command returns.
 """
@@ -16,13 +18,14 @@ import secrets
 
 from twisted.internet.threads import deferToThread
 
-from apptunnel.auth.passwords import MAX_PASSWORD_LENGTH, hash_password
+from apptunnel.auth.passwords import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, hash_password
 from apptunnel.backend import AlreadyExists
 from apptunnel.backend.records import User
 from apptunnel.cli.context import Admin, CliError, Io, UsageError
-from apptunnel.cli.output import clean, iso, json_text, table
+from apptunnel.auth.links import issue_link, link_url
+from apptunnel.cli.output import clean, human_duration, iso, json_text, table
+from apptunnel.config import parse_duration
 
-MIN_PASSWORD_LENGTH = 8
 USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}\Z")
 ROLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 TRAIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}\Z")
@@ -38,7 +41,9 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
     add.add_argument("--traits", action="append", default=[], metavar="KEY=V1,V2",
                      help="a trait and its values (repeat for more traits)")
     add.add_argument("--password-stdin", action="store_true",
-                     help="read the password from stdin (else one is generated and shown once)")
+                     help="read the password from stdin (else an invite link is printed)")
+    add.add_argument("--ttl", default="24h", metavar="DURATION",
+                     help="how long the invite link works (default 24h)")
     add.set_defaults(handler=add_user, read_inputs=read_password)
 
     ls = sub.add_parser("ls", parents=[common], help="list users")
@@ -54,6 +59,13 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
     pw.add_argument("--password-stdin", action="store_true",
                     help="read the password from stdin (else one is generated and shown once)")
     pw.set_defaults(handler=set_password, read_inputs=read_password)
+
+    reset = sub.add_parser("reset", parents=[common],
+                           help="end a user's password and sessions; print a reset link")
+    reset.add_argument("name", metavar="NAME")
+    reset.add_argument("--ttl", default="24h", metavar="DURATION",
+                       help="how long the reset link works (default 24h)")
+    reset.set_defaults(handler=reset_user)
 
     update = sub.add_parser("update", parents=[common], help="change a user's roles or traits")
     update.add_argument("name", metavar="NAME")
@@ -142,8 +154,10 @@ async def add_user(admin: Admin, args: argparse.Namespace) -> int:
     name = check_user_name(args.name)
     roles = parse_roles(args.roles)
     traits = parse_traits(args.traits)
+    ttl = link_ttl(args.ttl) if args.password is None else None
     await require_roles(admin, roles)
-    password_hash, generated = await _hash(args.password)
+    # Without --password-stdin the user chooses their own password through an invite link.
+    password_hash = None if args.password is None else (await _hash(args.password))[0]
     user = User(name=name, password_hash=password_hash, roles=roles, traits=traits,
                 created=admin.now())
     try:
@@ -153,8 +167,46 @@ async def add_user(admin: Admin, args: argparse.Namespace) -> int:
                        "`apptunnel users set-password`)") from None
     admin.emit("user.create", name, roles=list(roles), traits=sorted(traits))
     admin.io.out(f"Created user {clean(name)} with roles {clean(', '.join(roles))}.\n")
-    if generated is not None:
-        admin.io.out(f"Password (shown only once): {generated}\n")
+    if ttl is not None:
+        await _print_link(admin, name, "invite", ttl)
+    return 0
+
+
+def link_ttl(text: str) -> float:
+    """``--ttl`` of a link: a positive duration, down to seconds (tests use tiny ones)."""
+    try:
+        value = parse_duration(text)
+    except ValueError as err:
+        raise UsageError(f"--ttl: {err}") from None
+    if not value > 0:
+        raise UsageError("--ttl: must be positive")
+    return value
+
+
+async def _print_link(admin: Admin, name: str, kind: str, ttl: float) -> None:
+    token = await issue_link(admin.backend, name, kind, ttl, admin.now())
+    admin.emit("user.link.issue", name, method=kind, ttl=ttl)
+    what = "set their password" if kind == "invite" else "choose a new password"
+    admin.io.out(f"Send this link to {clean(name)} to {what} (works once, for "
+                 f"{human_duration(ttl)}):\n"
+                 f"{link_url(admin.config.public_addr, kind, token)}\n")
+
+
+async def reset_user(admin: Admin, args: argparse.Namespace) -> int:
+    """Take the password away and end every session now; print a reset link."""
+    ttl = link_ttl(args.ttl)
+    user = await _existing(admin, args.name)
+    await admin.backend.update_user(User(
+        name=user.name, password_hash=None, roles=user.roles, traits=user.traits,
+        created=user.created,
+    ))
+    ended = await admin.backend.delete_user_sessions(user.name)
+    admin.emit("user.update", user.name, changed=["password"], reset=True,
+               app_sessions_ended=len(ended))
+    await admin.refresh_proxy()   # the proxy forgets cached sessions now
+    admin.io.out(f"Reset {clean(user.name)}: the old password no longer works and their "
+                 "sessions have ended.\n")
+    await _print_link(admin, user.name, "reset", ttl)
     return 0
 
 

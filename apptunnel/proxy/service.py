@@ -143,7 +143,7 @@ class ProxyService(MultiService):
         self.web = WebApp(
             config, self.sessions, self.roles, self.registry, self.audit,
             self.jwt_keys, self.ca, reactor, locks=self.locks, users=self.users,
-            access=self.access,
+            access=self.access, backend=self.backend,
         )
         site = WebSite(self.web.resource())  # a deadline on every request head
         site.displayTracebacks = False
@@ -253,6 +253,7 @@ class ProxyService(MultiService):
         """Re-read locks, users and roles now (the control socket's ``refresh``)."""
         self.roles.invalidate()
         self.access.forget()
+        self.sessions.forget_cached()   # `users reset` ended sessions in storage
         return defer.gatherResults([defer.ensureDeferred(self.locks.refresh()),
                                     defer.ensureDeferred(self.users.refresh())],
                                    consumeErrors=True)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import mimetypes
+import time
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+import segno
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from jinja2 import Environment, PackageLoader, StrictUndefined
@@ -30,6 +32,16 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts
 from apptunnel.auth.callers import Caller, caller_from_session, certificate_caller
 from apptunnel.auth.errors import AuthError
+from apptunnel.auth.links import LinkRedeemer, password_problem
+from apptunnel.auth.mfa import (
+    ENROLL_FIRST,
+    PendingSignIns,
+    SecondFactorRequired,
+    SecondFactors,
+    given_factors,
+)
+from apptunnel.auth.passwords import MIN_PASSWORD_LENGTH
+from apptunnel.auth.webauthn_devices import WebAuthnKeys
 from apptunnel.auth.origins import own_origins, same_origin
 from apptunnel.auth.redirects import safe_path
 from apptunnel.auth.throttle import Throttled
@@ -44,11 +56,13 @@ if TYPE_CHECKING:
     from apptunnel.auth.jwt import JwtKeys
     from apptunnel.auth.policy import RoleCache
     from apptunnel.auth.sessions import SessionManager
+    from apptunnel.backend.base import Backend
     from apptunnel.backend.records import User, WebSession
     from apptunnel.catalog import AppCatalog, AppInfo
     from apptunnel.config import ProxyConfig
 
 SESSION_COOKIE = "__Host-apptunnel_session"
+MFA_COOKIE = "__Host-apptunnel_mfa"      # the browser's pending second sign-in step
 LOGIN_FAILED = "invalid username or password"
 
 # Bounds checked before any work is done (argon2 on a megabyte password is a DoS).
@@ -136,7 +150,8 @@ class WebApp:
                  registry: AppCatalog, audit: AuditLog, jwt_keys: JwtKeys, ca: ClusterCA,
                  clock: IReactorTime, *, locks: LockWatcher | None = None,
                  users: UserDirectory | None = None,
-                 access: AccessPolicy | None = None) -> None:
+                 access: AccessPolicy | None = None,
+                 backend: Backend | None = None) -> None:
         self._config = config
         self._sessions = sessions
         self._roles = roles
@@ -150,6 +165,18 @@ class WebApp:
         self._access = access or AccessPolicy(roles=roles, audit=audit, clock=clock,
                                               locks=locks, users=users)
         self._origins = own_origins(config.public_host, config.public_port)
+        # Links and second factors (auth/links.py, auth/mfa.py); off without a backend.
+        self._links = self._factors = None
+        if backend is not None:
+            self._links = LinkRedeemer(backend, clock, sessions.throttle, sessions.hashes,
+                                       audit)
+            port = "" if config.public_port == 443 else f":{config.public_port}"
+            keys = WebAuthnKeys(config.public_host, f"https://{config.public_host}{port}",
+                                config.cluster_name, clock)
+            self._factors = SecondFactors(backend, clock, config.second_factor,
+                                          sessions.throttle, audit,
+                                          issuer=config.cluster_name, webauthn=keys)
+        self._pending = PendingSignIns(clock)
         self._templates = Environment(
             loader=PackageLoader("apptunnel.web", "templates"),
             autoescape=True,
@@ -159,7 +186,8 @@ class WebApp:
             lstrip_blocks=True,
         )
         # Load every template now, so rendering on the reactor never touches the disk.
-        for name in ("base.html", "apps.html", "login.html", "error.html"):
+        for name in ("base.html", "apps.html", "login.html", "error.html", "link.html",
+                     "login_mfa.html", "account.html"):
             self._templates.get_template(name)
         self._static = _load_static()
 
@@ -175,6 +203,8 @@ class WebApp:
         secret, web = await self._web_session(request)
         if web is None:
             return _redirect(request, 302, "/web/login")
+        if web.enroll_only:
+            return _redirect(request, 302, "/web/account")
         apps = await self._allowed_apps(caller_from_session(web))
         return self._page(request, 200, "apps.html", {
             "user": web.user,
@@ -208,10 +238,15 @@ class WebApp:
         password = _arg(request, "password") or ""
         try:
             secret, web, ttl = await self._password_login(request, username, password)
+        except SecondFactorRequired:
+            # The password was right: the second step asks for the factor (web/mfa page).
+            ticket = self._pending.start(username)
+            _set_cookie(request, MFA_COOKIE, ticket, self._pending.ttl)
+            return await self._mfa_page(request, 200, username, target, error=None)
         except AuthError as err:
             return self._login_page(request, err.status, target, error=err.message)
         _set_session_cookie(request, secret, ttl)
-        return _redirect(request, 303, target)
+        return _redirect(request, 303, "/web/account" if web.enroll_only else target)
 
     @app.route("/web/logout", methods=["POST"])
     async def logout(self, request):
@@ -225,6 +260,8 @@ class WebApp:
         if web is None:
             here = request.uri.decode("latin-1")
             return _redirect(request, 302, "/web/login?next=" + quote(here, safe=""))
+        if web.enroll_only:
+            return _redirect(request, 302, "/web/account")
         app = self._registry.app(name)
         if app is None:
             raise WebError(404, "No application of that name is online.")
@@ -260,11 +297,13 @@ class WebApp:
         username, password = body.get("username"), body.get("password")
         if not isinstance(username, str) or not isinstance(password, str):
             raise WebError(400, "username and password (strings) are required")
-        secret, web, ttl = await self._password_login(request, username, password)
+        secret, web, ttl = await self._password_login(request, username, password,
+                                                      given_factors(body))
         _set_session_cookie(request, secret, ttl)
-        return _json(request, 200, {
-            "user": web.user, "roles": list(web.roles), "expires": web.expires,
-        })
+        answer = {"user": web.user, "roles": list(web.roles), "expires": web.expires}
+        if web.enroll_only:
+            answer.update(enroll_only=True, message=ENROLL_FIRST)
+        return _json(request, 200, answer)
 
     @app.route("/v1/sessions", methods=["DELETE"])
     async def api_logout(self, request):
@@ -292,6 +331,7 @@ class WebApp:
             if not isinstance(username, str) or not isinstance(password, str):
                 raise WebError(400, "username and password must be strings")
             user = await self._check_password(request, username, password)
+            await self._full_sign_in(request, user.name, given_factors(body))
             caller = Caller(user.name, tuple(user.roles), dict(user.traits), "password", "",
                             now + self._config.session_ttl)
             limit = self._config.session_ttl
@@ -299,6 +339,8 @@ class WebApp:
             _, web = await self._web_session(request)
             if web is None:
                 raise AuthError(401, LOGIN_FAILED)
+            if web.enroll_only:
+                raise AuthError(403, ENROLL_FIRST)
             caller = caller_from_session(web)
             limit = web.expires - now  # a certificate never outlives the session behind it
         caller = await self._acting(caller, "certificate")
@@ -347,12 +389,248 @@ class WebApp:
     def healthz(self, request):
         return _json(request, 200, {"status": "ok"})
 
+    # -- invite/reset links and second factors (decisions: auth/links.py, auth/mfa.py) -
+
+    @app.route("/web/invite/<string:token>", methods=["GET", "POST"])
+    async def invite_link(self, request, token: str):
+        return await self._link(request, "invite", token)
+
+    @app.route("/web/reset/<string:token>", methods=["GET", "POST"])
+    async def reset_link(self, request, token: str):
+        return await self._link(request, "reset", token)
+
+    async def _link(self, request, kind: str, token: str) -> bytes:
+        """GET: the set-password form (or why the link is no good); POST: set it, once."""
+        if self._links is None:
+            raise WebError(404)
+        heading = "Welcome: choose your password" if kind == "invite" else "Reset your password"
+        context = {"heading": heading, "action": f"/web/{kind}/{quote(token, safe='')}",
+                   "min_password": MIN_PASSWORD_LENGTH, "max_password": MAX_PASSWORD,
+                   "error": None, "user": None, "done": False}
+        address = _client_host(request)
+        posting = request.method == b"POST"
+        if posting:
+            self._require_same_origin(request)
+        try:
+            link = await self._links.look(kind, token, address)
+        except AuthError as err:
+            self._retry_after(request, err)
+            return self._page(request, err.status, "link.html", {**context, "error": err.message})
+        context["user"] = link.user
+        if not posting:
+            return self._page(request, 200, "link.html", context)
+        password, confirm = _arg(request, "password"), _arg(request, "confirm")
+        problem = password_problem(password, confirm)
+        if problem is not None:
+            return self._page(request, 400, "link.html", {**context, "error": problem})
+        try:
+            await self._links.redeem(kind, token, password, address)
+        except AuthError as err:
+            self._retry_after(request, err)
+            return self._page(request, err.status, "link.html",
+                              {**context, "user": None, "error": err.message})
+        return self._page(request, 200, "link.html", {**context, "done": True})
+
+    @app.route("/web/login/mfa", methods=["POST"])
+    async def login_mfa(self, request):
+        """The browser's second step: the pending ticket's user presents a factor."""
+        self._require_same_origin(request)
+        target = safe_path(_arg(request, "next"))
+        ticket = _cookie(request, MFA_COOKIE)
+        username = self._pending.user(ticket)
+        if username is None:
+            return self._login_page(request, 401, target,
+                                    error="Your sign-in took too long; sign in again.")
+        given = given_factors({k: _arg(request, k) for k in ("otp", "recovery_code",
+                                                               "webauthn")})
+        try:
+            enroll_only = await self._second_factor(request, username, given)
+        except SecondFactorRequired as err:
+            return await self._mfa_page(request, 401, username, target, error=err.message)
+        except AuthError as err:
+            return await self._mfa_page(request, err.status, username, target,
+                                        error=err.message)
+        self._pending.finish(ticket)
+        _set_cookie(request, MFA_COOKIE, "", 0)
+        user = await self._user(username)
+        secret, web, ttl = await self._open_web_session(request, user, enroll_only)
+        _set_session_cookie(request, secret, ttl)
+        return _redirect(request, 303, target)
+
+    @app.route("/web/account", methods=["GET"])
+    async def account_page(self, request):
+        _, web = await self._web_session(request)
+        if web is None:
+            return _redirect(request, 302, "/web/login?next=%2Fweb%2Faccount")
+        return await self._account_page(request, 200, web, None)
+
+    @app.route("/web/account/totp", methods=["POST"])
+    async def account_add_totp(self, request):
+        self._require_same_origin(request)
+        secret, web = await self._web_session(request)
+        if web is None or self._factors is None:
+            return _redirect(request, 303, "/web/login?next=%2Fweb%2Faccount")
+        try:
+            codes = await self._factors.add_totp(web.user, _arg(request, "name"),
+                                                 _arg(request, "secret"), _arg(request, "otp"))
+        except AuthError as err:
+            return await self._account_page(request, err.status, web, err.message)
+        if web.enroll_only:
+            # Password + the new device: the session becomes a full one.
+            await self._sessions.end_web_session(secret)
+            user = await self._user(web.user)
+            secret, web, ttl = await self._open_web_session(request, user)
+            _set_session_cookie(request, secret, ttl)
+        return await self._account_page(request, 200, web, None, codes)
+
+    @app.route("/web/account/webauthn", methods=["POST"])
+    async def account_add_webauthn(self, request):
+        """A security key registered by the account page's script (static/webauthn.js)."""
+        self._require_same_origin(request)
+        secret, web = await self._web_session(request)
+        if web is None or self._factors is None:
+            return _redirect(request, 303, "/web/login?next=%2Fweb%2Faccount")
+        try:
+            codes = await self._factors.add_webauthn(web.user, _arg(request, "name"),
+                                                     _arg(request, "webauthn"))
+        except AuthError as err:
+            return await self._account_page(request, err.status, web, err.message)
+        if web.enroll_only:
+            await self._sessions.end_web_session(secret)
+            user = await self._user(web.user)
+            secret, web, ttl = await self._open_web_session(request, user)
+            _set_session_cookie(request, secret, ttl)
+        return await self._account_page(request, 200, web, None, codes)
+
+    @app.route("/web/account/devices/remove", methods=["POST"])
+    async def account_remove_device(self, request):
+        self._require_same_origin(request)
+        _, web = await self._web_session(request)
+        if web is None or self._factors is None:
+            return _redirect(request, 303, "/web/login?next=%2Fweb%2Faccount")
+        try:
+            await self._factors.remove(web.user, _arg(request, "name") or "")
+        except AuthError as err:
+            return await self._account_page(request, err.status, web, err.message)
+        return _redirect(request, 303, "/web/account")
+
+    @app.route("/v1/mfa/devices", methods=["GET"])
+    async def api_mfa_devices(self, request):
+        user = await self._account_user(request)
+        devices = await self._factors.devices(user)
+        return _json(request, 200, {
+            "devices": [{"name": d.name, "type": d.kind, "created": d.created}
+                        for d in devices],
+            "recovery_codes_left": await self._factors.recovery_codes_left(user),
+        })
+
+    @app.route("/v1/mfa/totp", methods=["POST"])
+    async def api_mfa_new_totp(self, request):
+        """A fresh TOTP secret to enroll (nothing stored until a code confirms it)."""
+        user = await self._account_user(request)
+        secret, uri = self._factors.new_totp(user)
+        return _json(request, 200, {"secret": secret, "uri": uri})
+
+    @app.route("/v1/mfa/devices", methods=["POST"])
+    async def api_mfa_add(self, request):
+        user = await self._account_user(request)
+        body = _json_body(request)
+        if body.get("type") != "totp":
+            raise WebError(400, "type must be totp")
+        codes = await self._factors.add_totp(user, body.get("name"), body.get("secret"),
+                                             body.get("otp"))
+        return _json(request, 200, {"name": body.get("name"), "type": "totp",
+                                    "recovery_codes": codes})
+
+    @app.route("/v1/mfa/devices/<string:name>", methods=["DELETE"])
+    async def api_mfa_remove(self, request, name: str):
+        user = await self._account_user(request)
+        await self._factors.remove(user, name)
+        request.setResponseCode(204)
+        return b""
+
+    async def _account_user(self, request) -> str:
+        """Who manages their devices: a web session (enroll-only included) or a user
+        certificate; never a cross-origin request."""
+        if self._same_origin(request) is False:
+            raise WebError(403, "cross-origin request refused")
+        if self._factors is None:
+            raise WebError(404)
+        _, web = await self._web_session(request)
+        if web is not None:
+            return web.user
+        caller = await self._caller(request)
+        if caller is None:
+            raise WebError(401, "sign in required")
+        return caller.user
+
+    async def _second_factor(self, request, user: str, given) -> bool:
+        """Pass the second-factor check of ``user``'s sign-in; True for enroll-only."""
+        if self._factors is None:
+            return False
+        try:
+            need = await self._factors.check(user, given or given_factors({}),
+                                             _client_host(request))
+        except AuthError as err:
+            self._retry_after(request, err)
+            raise
+        return need.enroll_only
+
+    async def _full_sign_in(self, request, user: str, given) -> None:
+        """A certificate needs the whole sign-in: no enroll-only certificates exist."""
+        if await self._second_factor(request, user, given):
+            raise AuthError(403, ENROLL_FIRST)
+
+    async def _user(self, name: str) -> User:
+        user = await self._sessions.user(name)
+        if user is None:
+            raise AuthError(401, LOGIN_FAILED)
+        return user
+
+    async def _mfa_page(self, request, status: int, user: str, target: str,
+                        error: str | None) -> bytes:
+        need = await self._factors.needed(user)
+        options = await self._factors.sign_in_options(user) if "webauthn" in need.factors \
+            else None
+        return self._page(request, status, "login_mfa.html", {
+            "next": target, "error": error, "factors": list(need.factors),
+            "webauthn_options": _script_json(options) if options else None})
+
+    async def _account_page(self, request, status: int, web: WebSession, error: str | None,
+                            recovery_codes: list[str] | None = None) -> bytes:
+        if self._factors is None:
+            raise WebError(404)
+        secret, uri = self._factors.new_totp(web.user)
+        devices = await self._factors.devices(web.user)
+        return self._page(request, status, "account.html", {
+            "user": web.user, "enroll_only": web.enroll_only, "error": error,
+            "devices": [{"name": d.name, "type": d.kind,
+                         "created": time.strftime("%Y-%m-%d", time.gmtime(d.created))}
+                        for d in devices],
+            "recovery_left": await self._factors.recovery_codes_left(web.user),
+            "recovery_codes": recovery_codes or [],
+            "totp_secret": secret, "totp_uri": uri, "qr_svg": _qr_svg(uri),
+            "webauthn_options": _script_json(
+                await self._factors.registration_options(web.user)),
+            "next": "/",
+        })
+
+    @staticmethod
+    def _retry_after(request, err: AuthError) -> None:
+        if isinstance(err, Throttled):
+            request.setHeader(b"Retry-After", str(err.retry_after).encode("ascii"))
+
     # -- errors ------------------------------------------------------------------------
 
     @app.handle_errors
     def on_error(self, request, failure: Failure):
         """Every failure becomes one uniform page (or JSON error); never a traceback."""
         err = failure.value
+        extra = {}
+        if isinstance(err, SecondFactorRequired):
+            extra["mfa_required"] = err.mfa_required
+            if err.webauthn is not None:
+                extra["webauthn"] = err.webauthn
         if isinstance(err, (WebError, AuthError)):
             status, message = err.status, err.message
         elif isinstance(err, HTTPException):
@@ -367,7 +645,7 @@ class WebApp:
             )
             status, message = 500, _HEADINGS[500][1]
         if request.path.startswith(_JSON_PREFIXES):
-            return _json(request, status, {"error": message})
+            return _json(request, status, {"error": message, **extra})
         return self._error_page(request, status, message)
 
     # -- helpers -----------------------------------------------------------------------
@@ -390,6 +668,8 @@ class WebApp:
         """
         _, web = await self._web_session(request)
         if web is not None:
+            if web.enroll_only:
+                raise AuthError(403, ENROLL_FIRST)
             return caller_from_session(web)
         transport = getattr(request.channel, "transport", None) or request.transport
         caller = certificate_caller(self._ca, transport, self._clock.seconds())
@@ -429,15 +709,22 @@ class WebApp:
         self._audit.emit("user.login", actor=user.name, method="password", client=client)
         return user
 
-    async def _password_login(self, request, username: str, password: str
-                              ) -> tuple[str, WebSession, float]:
-        """Check the password, open a web session and audit both; AuthError(401) on failure."""
-        client = _client(request)
+    async def _password_login(self, request, username: str, password: str,
+                              given=None) -> tuple[str, WebSession, float]:
+        """Check the password (and the second factor, auth/mfa.py), open a web session and
+        audit both; AuthError(401) on failure, SecondFactorRequired when one is missing."""
         user = await self._check_password(request, username, password)
+        enroll_only = await self._second_factor(request, user.name, given)
+        return await self._open_web_session(request, user, enroll_only)
+
+    async def _open_web_session(self, request, user: User, enroll_only: bool = False
+                                ) -> tuple[str, WebSession, float]:
+        client = _client(request)
         role_set = await self._roles.role_set(user.roles)
         default = self._config.session_ttl
         ttl = min(default, role_set.max_session_ttl(default))
-        secret, web = await self._sessions.create_web_session(user, ttl=ttl)
+        secret, web = await self._sessions.create_web_session(user, ttl=ttl,
+                                                              enroll_only=enroll_only)
         self._audit.emit("session.web.start", actor=user.name, client=client,
                          expires=web.expires)
         return secret, web, ttl
@@ -570,6 +857,36 @@ def _redirect(request, status: int, location: str) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Location", location.encode("utf-8"))
     return b""
+
+
+def _script_json(value: Any) -> str:
+    """JSON for a <script type="application/json"> block: its text is not entity-decoded,
+    so it goes unescaped, with <, > and & as \\u escapes so it can never close the tag."""
+    return (json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e")
+            .replace("&", "\\u0026"))
+
+
+def _qr_svg(text: str) -> str:
+    """The QR code of ``text`` as inline SVG (made here: no third party sees the secret)."""
+    return segno.make(text, error="m").svg_inline(scale=4)
+
+
+def _cookie(request, name: str) -> str | None:
+    raw = request.getCookie(name.encode("ascii"))
+    if not raw or len(raw) > MAX_COOKIE:
+        return None
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+def _set_cookie(request, name: str, value: str, max_age: float) -> None:
+    request.responseHeaders.addRawHeader(
+        b"Set-Cookie",
+        f"{name}={value}; Path=/; Secure; HttpOnly; SameSite=Lax; "
+        f"Max-Age={int(max_age)}".encode("ascii"),
+    )
 
 
 def _set_session_cookie(request, secret: str, max_age: float) -> None:

@@ -196,7 +196,7 @@ async def running_web_env(tmp_path) -> AsyncIterator[Env]:
     ca = ClusterCA.load_or_create(str(tmp_path), config.cluster_name, wall_clock)
     _keep_keys(str(tmp_path))
     web = WebApp(config, sessions, RoleCache(backend, clock), registry, audit, jwt_keys, ca,
-                 clock, locks=locks, users=users)
+                 clock, locks=locks, users=users, backend=backend)
     yield Env(config, clock, backend, sessions, audit, jwt_keys, ca, web, registry, locks, users)
     await audit.stop()
     await backend.close()

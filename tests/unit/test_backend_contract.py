@@ -30,9 +30,11 @@ from apptunnel.backend.records import (
     AuthCode,
     JoinToken,
     Lock,
+    MfaDevice,
     Resource,
     Scope,
     User,
+    UserLink,
     WebSession,
 )
 from apptunnel.backend.sqlite import SqliteBackend
@@ -96,6 +98,98 @@ async def sessions_of(b, specs):
         await wait(b.put_auth_code(AuthCode("c-" + web_hash, web_hash, "grafana", "/", "s", 1000.0)))
         for app_hash, app in apps:
             await wait(b.put_app_session(AppSession(app_hash, web_hash, user_name, app, 1.0, 1000.0)))
+
+
+# -- invite/reset links, second factors, recovery codes ---------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_user_link_is_used_once_and_remembered_as_used(backend):
+    """A link is redeemed at most once, not after expiry, and reads back as used."""
+    await wait(backend.put_user_link(UserLink("t1", "alice", "invite", 10.0, 100.0)))
+    assert await wait(backend.use_user_link("t1", 100.0)) is None          # expired
+    used = await wait(backend.use_user_link("t1", 50.0))
+    assert used == UserLink("t1", "alice", "invite", 10.0, 100.0, 50.0)
+    assert await wait(backend.use_user_link("t1", 51.0)) is None           # used
+    assert (await wait(backend.get_user_link("t1"))).used == 50.0
+    assert await wait(backend.use_user_link("nope", 1.0)) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_user_link_replaces_the_users_old_ones(backend):
+    """A fresh reset link kills the user's earlier links, not other users' links."""
+    await wait(backend.put_user_link(UserLink("a1", "alice", "invite", 1.0, 100.0)))
+    await wait(backend.put_user_link(UserLink("b1", "bob", "invite", 1.0, 100.0)))
+    await wait(backend.put_user_link(UserLink("a2", "alice", "reset", 2.0, 100.0)))
+    assert await wait(backend.get_user_link("a1")) is None
+    assert await wait(backend.get_user_link("b1")) is not None
+    assert (await wait(backend.get_user_link("a2"))).kind == "reset"
+
+
+@pytest_twisted.ensureDeferred
+async def test_expired_links_are_kept_a_while_then_deleted(backend):
+    """delete_expired keeps an expired link for LINK_KEEP so a visit still says "expired"."""
+    from apptunnel.backend.base import LINK_KEEP
+    await wait(backend.put_user_link(UserLink("t", "alice", "reset", 1.0, 100.0)))
+    await wait(backend.delete_expired(101.0))
+    assert await wait(backend.get_user_link("t")) is not None
+    await wait(backend.delete_expired(100.0 + LINK_KEEP))
+    assert await wait(backend.get_user_link("t")) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_mfa_devices_add_list_delete_and_counter_only_grows(backend):
+    """Devices are per user and name; the counter moves only forward (replay refused)."""
+    dev = MfaDevice("alice", "phone", "totp", "SECRET", 0, 5.0)
+    await wait(backend.add_mfa_device(dev))
+    with pytest.raises(AlreadyExists):
+        await wait(backend.add_mfa_device(dev))
+    await wait(backend.add_mfa_device(MfaDevice("bob", "phone", "totp", "B", 0, 5.0)))
+    assert await wait(backend.list_mfa_devices("alice")) == [dev]
+    assert await wait(backend.advance_mfa_counter("alice", "phone", 7))
+    assert not await wait(backend.advance_mfa_counter("alice", "phone", 7))
+    assert not await wait(backend.advance_mfa_counter("alice", "phone", 6))
+    assert not await wait(backend.advance_mfa_counter("alice", "nope", 9))
+    assert (await wait(backend.list_mfa_devices("alice")))[0].counter == 7
+    assert await wait(backend.delete_mfa_device("alice", "phone"))
+    assert not await wait(backend.delete_mfa_device("alice", "phone"))
+    assert await wait(backend.list_mfa_devices("alice")) == []
+    assert len(await wait(backend.list_mfa_devices("bob"))) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_recovery_codes_work_once_and_are_replaced_as_a_set(backend):
+    """Each recovery code hash is taken once; a new set replaces the old one."""
+    await wait(backend.set_recovery_codes("alice", ["h1", "h2"]))
+    assert await wait(backend.count_recovery_codes("alice")) == 2
+    assert await wait(backend.use_recovery_code("alice", "h1"))
+    assert not await wait(backend.use_recovery_code("alice", "h1"))
+    assert not await wait(backend.use_recovery_code("bob", "h2"))
+    await wait(backend.set_recovery_codes("alice", ["h3"]))
+    assert not await wait(backend.use_recovery_code("alice", "h2"))
+    assert await wait(backend.count_recovery_codes("alice")) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_user_removes_links_devices_and_codes(backend):
+    """A removed user's links, devices and recovery codes go with them."""
+    await wait(backend.create_user(user()))
+    await wait(backend.put_user_link(UserLink("t", "alice", "invite", 1.0, 100.0)))
+    await wait(backend.add_mfa_device(MfaDevice("alice", "p", "totp", "S", 0, 1.0)))
+    await wait(backend.set_recovery_codes("alice", ["h"]))
+    await wait(backend.delete_user("alice"))
+    assert await wait(backend.get_user_link("t")) is None
+    assert await wait(backend.list_mfa_devices("alice")) == []
+    assert await wait(backend.count_recovery_codes("alice")) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_enroll_only_web_session_round_trips(backend):
+    """A web session marked enroll-only reads back so; the default is a full session."""
+    await wait(backend.put_web_session(WebSession("e", "alice", (), {}, 1.0, 9.0, True)))
+    assert (await wait(backend.get_web_session("e"))).enroll_only is True
+    await wait(backend.put_web_session(web()))
+    assert (await wait(backend.get_web_session("w1"))).enroll_only is False
 
 
 # -- users ------------------------------------------------------------------------------

@@ -159,14 +159,43 @@ async def test_users_add_with_password_stdin_stores_a_verifying_hash(config_path
 
 
 @pytest_twisted.ensureDeferred
-async def test_users_add_generates_a_password_shown_once(config_path):
-    """Without --password-stdin a generated password is printed once and verifies."""
+async def test_users_add_without_password_prints_an_invite_link(config_path):
+    """Issue 10: without --password-stdin the user gets no password but a one-time invite
+    link (24 h by default) whose token is stored only as a hash."""
     await make_roles(config_path, "viewer")
     result = await cli(config_path, "users", "add", "bob", "--roles", "viewer")
     assert result.code == 0, result
-    password = result.out.split("Password (shown only once): ", 1)[1].split()[0]
+    match = re.search(r"https://([^/]+)/web/invite/(\S+)", result.out)
+    assert match, result.out
+    assert "works once, for 1d" in result.out
+    token = match.group(2)
     user = await stored(config_path, lambda b: b.get_user("bob"))
-    assert verify_password(user.password_hash, password)
+    assert user.password_hash is None
+    link = await stored(config_path, lambda b: b.get_user_link(secret_hash(token)))
+    assert link.user == "bob" and link.kind == "invite" and link.used is None
+    assert 86390 < link.expires - link.created <= 86400
+
+
+@pytest_twisted.ensureDeferred
+async def test_users_reset_ends_password_and_sessions_and_prints_a_link(config_path):
+    """users reset: the old password stops working and every session ends at once; the
+    printed reset link (--ttl in seconds) replaces any earlier link."""
+    await make_roles(config_path, "viewer")
+    await cli(config_path, "users", "add", "dana", "--roles", "viewer", "--password-stdin",
+              stdin="dana password")
+    from apptunnel.backend.records import WebSession
+    await stored(config_path, lambda b: b.put_web_session(
+        WebSession("w", "dana", (), {}, 1.0, 9e12)))
+    result = await cli(config_path, "users", "reset", "dana", "--ttl", "5s")
+    assert result.code == 0, result
+    token = re.search(r"/web/reset/(\S+)", result.out).group(1)
+    user = await stored(config_path, lambda b: b.get_user("dana"))
+    assert user.password_hash is None
+    assert await stored(config_path, lambda b: b.get_web_session("w")) is None
+    link = await stored(config_path, lambda b: b.get_user_link(secret_hash(token)))
+    assert link.kind == "reset" and link.expires - link.created == 5.0
+    bad = await cli(config_path, "users", "reset", "dana", "--ttl", "0s")
+    assert bad.code == 2 and "--ttl" in bad.err
 
 
 @pytest_twisted.ensureDeferred
@@ -443,9 +472,9 @@ async def test_audit_search_shows_admin_events(config_path, tmp_path):
     assert result.code == 0, result
     lines = result.out.splitlines()
     assert [line.split()[1] for line in lines] == [
-        "token.create", "token.delete", "resource.create", "user.create", "resource.delete",
-        "user.delete",
-    ]  # issue 9: the role exists before a user may name it
+        "token.create", "token.delete", "resource.create", "user.create", "user.link.issue",
+        "resource.delete", "user.delete",
+    ]  # issue 9: the role exists before a user may name it; issue 10: an invite link
     assert lines[0].split()[2] == "T3000I" and lines[0].split()[3] == ACCOUNT  # not $USER (tester)
     assert "role/sre-apps" in lines[2] and "success" in lines[2]
     assert token not in result.out

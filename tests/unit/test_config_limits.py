@@ -59,3 +59,22 @@ def test_mistakes_are_one_line(tmp_path, extra, message):
     with pytest.raises(ConfigError) as err:
         load(tmp_path, extra)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value, setting", [
+    ("", "off"), ("auth: {second_factor: off}\n", "off"), ("auth: {second_factor: on}\n", "on"),
+    ("auth: {second_factor: 'off'}\n", "off"), ("auth: {second_factor: otp}\n", "otp"),
+    ("auth: {second_factor: webauthn}\n", "webauthn"),
+    ("auth: {second_factor: optional}\n", "optional"),
+])
+def test_second_factor_setting(tmp_path, value, setting):
+    """auth.second_factor defaults to off; YAML's bare off/on (false/true) are understood."""
+    assert load(tmp_path, value).second_factor == setting
+
+
+def test_second_factor_mistake_is_one_line(tmp_path):
+    """An unknown setting is one line naming the choices."""
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, "auth: {second_factor: sms}\n")
+    assert "auth.second_factor: expected one of off, otp, webauthn, on, optional, got 'sms'" \
+        in str(err.value)
