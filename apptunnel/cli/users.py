@@ -11,11 +11,11 @@ is asked to apply it before the command returns.
 from __future__ import annotations
 
 import argparse
-import re
 import secrets
 
 from twisted.internet.threads import deferToThread
 
+from apptunnel.auth.names import ROLE_NAME, TRAIT_NAME, USER_NAME  # noqa: F401 (re-exported)
 from apptunnel.auth.passwords import MAX_PASSWORD_LENGTH, hash_password
 from apptunnel.backend import AlreadyExists
 from apptunnel.backend.records import User
@@ -23,9 +23,6 @@ from apptunnel.cli.context import Admin, CliError, Io, UsageError
 from apptunnel.cli.output import clean, iso, json_text, table
 
 MIN_PASSWORD_LENGTH = 8
-USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}\Z")
-ROLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
-TRAIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}\Z")
 
 
 def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
