@@ -65,6 +65,9 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
     login_p.add_argument("--user", required=True, metavar="NAME")
     login_p.add_argument("--password-stdin", action="store_true",
                          help="read the password from stdin (else it is asked for)")
+    login_p.add_argument("--auth", metavar="CONNECTOR",
+                         help="sign in through this LDAP connector (its password is asked "
+                              "for like a local one)")
     login_p.add_argument("--ttl", metavar="DURATION",
                          help="ask for a shorter certificate lifetime, e.g. 1h")
     login_p.add_argument("--ca-pin", metavar="sha256:HEX",
@@ -105,6 +108,8 @@ def login(args: argparse.Namespace, io: Io, now: Callable[[], float] = time.time
             "public_key": public_pem.decode("ascii")}
     if ttl is not None:
         body["ttl"] = ttl
+    if args.auth:
+        body["connector"] = args.auth
     try:
         code, answer = client.call("POST", "/v1/certs", body)
     finally:

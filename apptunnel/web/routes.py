@@ -39,6 +39,7 @@ from apptunnel.net import host_only
 if TYPE_CHECKING:
     from apptunnel.audit import AuditLog
     from apptunnel.auth.ca import ClusterCA
+    from apptunnel.auth.connectors.ldap import LdapSignIn
     from apptunnel.auth.directory import UserDirectory
     from apptunnel.auth.locks import LockWatcher
     from apptunnel.auth.jwt import JwtKeys
@@ -136,7 +137,8 @@ class WebApp:
                  registry: AppCatalog, audit: AuditLog, jwt_keys: JwtKeys, ca: ClusterCA,
                  clock: IReactorTime, *, locks: LockWatcher | None = None,
                  users: UserDirectory | None = None,
-                 access: AccessPolicy | None = None) -> None:
+                 access: AccessPolicy | None = None,
+                 ldap: LdapSignIn | None = None) -> None:
         self._config = config
         self._sessions = sessions
         self._roles = roles
@@ -145,6 +147,7 @@ class WebApp:
         self._jwt_keys = jwt_keys
         self._ca = ca
         self._clock = clock
+        self._ldap = ldap   # sign-in through LDAP connectors (auth/connectors/ldap.py)
         # Every "may this caller ..." is the access policy's (shared with the app edge in
         # the proxy service; built from roles, locks and users when not handed in).
         self._access = access or AccessPolicy(roles=roles, audit=audit, clock=clock,
@@ -198,7 +201,8 @@ class WebApp:
         _, web = await self._web_session(request)
         if web is not None:
             return _redirect(request, 302, target)
-        return self._login_page(request, 200, target, error=None)
+        return self._login_page(request, 200, target, error=None,
+                                connectors=await self._connector_names())
 
     @app.route("/web/login", methods=["POST"])
     async def login_submit(self, request):
@@ -206,10 +210,14 @@ class WebApp:
         target = safe_path(_arg(request, "next"))
         username = _arg(request, "username") or ""
         password = _arg(request, "password") or ""
+        connector = _arg(request, "connector") or None   # "": the local account
         try:
-            secret, web, ttl = await self._password_login(request, username, password)
+            secret, web, ttl = await self._password_login(request, username, password,
+                                                          connector)
         except AuthError as err:
-            return self._login_page(request, err.status, target, error=err.message)
+            return self._login_page(request, err.status, target, error=err.message,
+                                    connectors=await self._connector_names(),
+                                    chosen=connector or "")
         _set_session_cookie(request, secret, ttl)
         return _redirect(request, 303, target)
 
@@ -260,7 +268,8 @@ class WebApp:
         username, password = body.get("username"), body.get("password")
         if not isinstance(username, str) or not isinstance(password, str):
             raise WebError(400, "username and password (strings) are required")
-        secret, web, ttl = await self._password_login(request, username, password)
+        secret, web, ttl = await self._password_login(request, username, password,
+                                                      _connector(body))
         _set_session_cookie(request, secret, ttl)
         return _json(request, 200, {
             "user": web.user, "roles": list(web.roles), "expires": web.expires,
@@ -291,7 +300,11 @@ class WebApp:
         if username is not None or password is not None:
             if not isinstance(username, str) or not isinstance(password, str):
                 raise WebError(400, "username and password must be strings")
-            user = await self._check_password(request, username, password)
+            connector = _connector(body)
+            if connector is not None:
+                user = await self._check_connector(request, connector, username, password)
+            else:
+                user = await self._check_password(request, username, password)
             caller = Caller(user.name, tuple(user.roles), dict(user.traits), "password", "",
                             now + self._config.session_ttl)
             limit = self._config.session_ttl
@@ -429,11 +442,30 @@ class WebApp:
         self._audit.emit("user.login", actor=user.name, method="password", client=client)
         return user
 
-    async def _password_login(self, request, username: str, password: str
-                              ) -> tuple[str, WebSession, float]:
-        """Check the password, open a web session and audit both; AuthError(401) on failure."""
+    async def _check_connector(self, request, connector: str, username: str,
+                               password: str) -> User:
+        """The user an LDAP connector signs in (it audits every attempt itself)."""
+        if self._ldap is None:
+            raise WebError(400, "sign-in through connectors is not available here")
+        try:
+            return await self._ldap.login(connector, username, password,
+                                          _client_host(request), _client(request))
+        except Throttled as err:
+            request.setHeader(b"Retry-After", str(err.retry_after).encode("ascii"))
+            raise
+
+    async def _connector_names(self) -> list[str]:
+        return [] if self._ldap is None else await self._ldap.connector_names()
+
+    async def _password_login(self, request, username: str, password: str,
+                              connector: str | None = None) -> tuple[str, WebSession, float]:
+        """Check the password (locally, or with ``connector``), open a web session and
+        audit both; AuthError(401) on failure."""
         client = _client(request)
-        user = await self._check_password(request, username, password)
+        if connector is not None:
+            user = await self._check_connector(request, connector, username, password)
+        else:
+            user = await self._check_password(request, username, password)
         role_set = await self._roles.role_set(user.roles)
         default = self._config.session_ttl
         ttl = min(default, role_set.max_session_ttl(default))
@@ -472,10 +504,12 @@ class WebApp:
         if self._same_origin(request) is not True:
             raise WebError(403, "This form was not submitted from this site.")
 
-    def _login_page(self, request, status: int, target: str, error: str | None) -> bytes:
+    def _login_page(self, request, status: int, target: str, error: str | None,
+                    connectors: list[str] = (), chosen: str = "") -> bytes:
         return self._page(request, status, "login.html", {
             "next": target, "error": error,
             "max_username": MAX_USERNAME, "max_password": MAX_PASSWORD,
+            "connectors": list(connectors), "chosen": chosen,
         })
 
     def _error_page(self, request, status: int, message: str) -> bytes:
@@ -531,6 +565,16 @@ def _json_body(request) -> dict:
     if not isinstance(body, dict):
         raise WebError(400, "the body must be a JSON object")
     return body
+
+
+def _connector(body: dict) -> str | None:
+    """The optional ``connector`` of a sign-in body (an LDAP connector's name)."""
+    value = body.get("connector")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > 64:
+        raise WebError(400, "connector must be a connector's name")
+    return value
 
 
 def _public_key(value: Any) -> bytes:

@@ -185,6 +185,10 @@ class LdapSignIn:
         self._clock = clock
         self._queue = queue or HashQueue(CONCURRENT_CHECKS, QUEUED_CHECKS, run_in_thread)
 
+    async def connector_names(self) -> list[str]:
+        """The LDAP connectors users may choose on the sign-in form."""
+        return await self._connectors.ldap_names()
+
     async def login(self, connector: str, username: str, password: str, address: str = "",
                     client: str = "") -> User:
         """The signed-in user; AuthError 401 (wrong), 403 (no role, locked out name),
