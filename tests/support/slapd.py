@@ -7,8 +7,8 @@ loaded by slapadd count. ``pause()``/``resume()`` SIGSTOP/SIGCONT it (a hung dir
 
 Directory (base ``dc=example,dc=org``): the service account ``cn=svc-apptunnel`` (password
 in ``bind-password``, with a trailing newline as editors write it); people ``alice``
-(groups devs, admins; mail), ``bob`` (group staff: maps to no role), ``carol`` (devs);
-each one's password is NAME + ``-pw``.
+(groups devs, admins), ``bob`` (group staff: maps to no role), ``carol`` and ``dave``
+(devs); each has ``mail`` NAME@example.org and the password NAME + ``-pw``.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from tests.support.system import require_program
 BASE = "dc=example,dc=org"
 SERVICE_DN = f"cn=svc-apptunnel,{BASE}"
 SERVICE_PASSWORD = "svc-secret"
-GROUPS = {"devs": ("alice", "carol"), "admins": ("alice",), "staff": ("bob",)}
-PEOPLE = {"alice": "alice@example.org", "bob": "bob@example.org", "carol": "carol@example.org"}
+GROUPS = {"devs": ("alice", "carol", "dave"), "admins": ("alice",), "staff": ("bob",)}
+PEOPLE = {name: f"{name}@example.org" for name in ("alice", "bob", "carol", "dave")}
 
 
 def group_dn(name: str) -> str:
