@@ -243,7 +243,8 @@ async def _put_user(admin: Admin, item: Planned, current: User | None) -> None:
         return
     await admin.backend.update_user(User(name=item.name, password_hash=current.password_hash,
                                          roles=item.roles, traits=item.traits,
-                                         created=current.created))
+                                         created=current.created,
+                                         connector=current.connector))
     admin.emit("user.update", item.name, changed=["roles", "traits"], roles=list(item.roles))
 
 

@@ -220,7 +220,7 @@ async def update_user(admin: Admin, args: argparse.Namespace) -> int:
         name=user.name, password_hash=user.password_hash,
         roles=roles if roles is not None else user.roles,
         traits=traits if traits is not None else user.traits,
-        created=user.created,
+        created=user.created, connector=user.connector,
     ))
     admin.emit("user.update", user.name, changed=changed,
                roles=list(roles if roles is not None else user.roles))
