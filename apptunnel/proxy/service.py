@@ -144,7 +144,8 @@ class ProxyService(MultiService):
         self.ldap_threads = ThreadPool(0, CONCURRENT_CHECKS, "apptunnel-ldap")
         self.ldap = LdapSignIn(
             connectors=self.connectors,
-            signin=ExternalSignIn(self.backend, self.audit, reactor, users=self.users),
+            signin=ExternalSignIn(self.backend, self.audit, reactor, users=self.users,
+                                  locks=self.locks),
             throttle=login_throttle, audit=self.audit, clock=reactor,
             run_in_thread=lambda f, *args: deferToThreadPool(reactor, self.ldap_threads, f, *args),
         )

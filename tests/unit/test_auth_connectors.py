@@ -328,3 +328,35 @@ async def test_a_hung_directory_holds_a_bounded_number_of_checks(ldap_env, clock
     assert len(statuses) == 40 and set(statuses.values()) == {503}
     assert len(directory.calls) == 4   # the queued ones never ran after their deadline
     assert failures(audit).count("busy") == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_spellings_the_directory_treats_as_one_name_share_one_budget(ldap_env):
+    """``alice``, `` ALICE`` and ``alice  `` find one entry (caseIgnoreMatch), so they are
+    one name to the throttle: spaces buy no extra guesses."""
+    sign_in, directory, audit = ldap_env
+    for spelling in ("alice", " ALICE", "alice  "):
+        with pytest.raises(AuthError):
+            await wait(sign_in.login("corp-ldap", spelling, "wrong", "10.0.0.1"))
+    with pytest.raises(Throttled):
+        await wait(sign_in.login("corp-ldap", "Alice\t", "wrong", "10.0.0.2"))
+    assert len(directory.calls) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_locked_user_is_refused_after_the_password_matched(backend, clock):
+    """Locks name users: an LDAP alice under a lock gets its message, audited "locked",
+    and her stored record is not touched."""
+    from apptunnel.auth.locks import LockWatcher
+    from apptunnel.backend.records import Lock
+
+    await wait(backend.put_lock(Lock("l1", "alice", None, "incident 7", NOW, None, "admin")))
+    locks = LockWatcher(backend, clock)
+    await wait(locks.refresh())
+    audit = Audit()
+    signin = ExternalSignIn(backend, audit, clock, locks=locks)
+    with pytest.raises(AuthError) as err:
+        await wait(signin.sign_in(identity(), parse_connector(ldap_doc()).groups_to_roles))
+    assert err.value.status == 403 and "incident 7" in err.value.message
+    assert [e[3]["reason"] for e in audit.events] == ["locked"]
+    assert await wait(backend.get_user("alice")) is None

@@ -81,6 +81,13 @@ def read_bind_password(path: str) -> str:
     return text
 
 
+def throttle_name(username: str) -> str:
+    """The name a guess is counted against. A directory matches ``uid`` ignoring case and
+    the spaces around and inside it (caseIgnoreMatch), so ``alice``, `` Alice`` and
+    ``alice  `` are one entry and must share one budget of guesses."""
+    return " ".join(username.split()).casefold()
+
+
 def search_filter(spec: LdapSpec, username: str) -> str:
     """``user_search_filter`` with the user name escaped (RFC 4515): data, never syntax."""
     return spec.user_search_filter.replace(USERNAME_PLACEHOLDER, escape_filter_chars(username))
@@ -205,8 +212,9 @@ class LdapSignIn:
             audit_login(self._audit, name, "ldap", spec.name, client,
                         "empty password" if password == "" else "invalid credentials")
             raise AuthError(401, LOGIN_FAILED)
+        key = throttle_name(username)
         try:
-            self._throttle.attempt(username, address, self._clock.seconds())
+            self._throttle.attempt(key, address, self._clock.seconds())
         except Throttled as err:
             audit_login(self._audit, name, "ldap", spec.name, client, err.reason)
             raise
@@ -214,7 +222,7 @@ class LdapSignIn:
         if identity is None:
             audit_login(self._audit, name, "ldap", spec.name, client, "invalid credentials")
             raise AuthError(401, LOGIN_FAILED)
-        self._throttle.succeeded(username, address)
+        self._throttle.succeeded(key, address)
         return await self._signin.sign_in(identity, spec.groups_to_roles, client)
 
     async def _check(self, spec: LdapSpec, username: str, password: str, address: str,
@@ -225,7 +233,7 @@ class LdapSignIn:
         try:
             return await d
         except Throttled as err:
-            self._throttle.abandoned(username, address)
+            self._throttle.abandoned(throttle_name(username), address)
             audit_login(self._audit, username, "ldap", spec.name, client, err.reason)
             raise
         except (CancelledError, DeadlinePassed):
@@ -234,7 +242,7 @@ class LdapSignIn:
             problem = str(err)
         except LDAPException as err:
             problem = _reason(err)
-        self._throttle.abandoned(username, address)   # the password was never checked
+        self._throttle.abandoned(throttle_name(username), address)   # never checked
         self._log.warn("LDAP connector {name} ({url}): {problem}", name=spec.name,
                        url=spec.url, problem=problem)
         audit_login(self._audit, username, "ldap", spec.name, client, "directory unavailable")

@@ -33,12 +33,14 @@ from twisted.logger import Logger
 
 from apptunnel.auth.connectors.mapping import RoleRule, claims_to_traits, roles_for
 from apptunnel.auth.errors import AuthError
+from apptunnel.auth.locks import lock_message
 from apptunnel.backend.base import AlreadyExists, Backend
 from apptunnel.backend.records import User
 
 if TYPE_CHECKING:
     from apptunnel.audit import AuditLog
     from apptunnel.auth.directory import UserDirectory
+    from apptunnel.auth.locks import LockWatcher
 
 NAME_TAKEN = "the user name {user!r} belongs to another account here; ask an administrator"
 NO_ROLE = ("you signed in as {user!r} through {connector}, but none of your groups or claims "
@@ -71,16 +73,20 @@ class ExternalSignIn:
     _log = Logger()
 
     def __init__(self, backend: Backend, audit: AuditLog, clock: IReactorTime,
-                 users: UserDirectory | None = None) -> None:
+                 users: UserDirectory | None = None, locks: LockWatcher | None = None) -> None:
         self._backend = backend
         self._audit = audit
         self._clock = clock
         self._users = users
+        self._locks = locks
 
     async def sign_in(self, identity: ExternalIdentity, rules: Iterable[RoleRule],
                       client: str = "") -> User:
-        """The user record to open a session for; AuthError(403) for no role or a name
-        that belongs to another account (both audited)."""
+        """The user record to open a session for; AuthError(403) for a locked user, no
+        role or a name that belongs to another account (each audited)."""
+        lock = self._locks.locked(identity.username) if self._locks is not None else None
+        if lock is not None:   # as for local users: said only once the password matched
+            self._refuse(identity, client, "locked", lock_message(lock))
         roles = roles_for(rules, identity.claims)
         if not roles:
             self._refuse(identity, client, "no role",
