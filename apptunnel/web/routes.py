@@ -505,11 +505,11 @@ class WebApp:
             raise WebError(403, "This form was not submitted from this site.")
 
     def _login_page(self, request, status: int, target: str, error: str | None,
-                    connectors: list[str] = (), chosen: str = "") -> bytes:
+                    connectors: list[str] | None = None, chosen: str = "") -> bytes:
         return self._page(request, status, "login.html", {
             "next": target, "error": error,
             "max_username": MAX_USERNAME, "max_password": MAX_PASSWORD,
-            "connectors": list(connectors), "chosen": chosen,
+            "connectors": connectors or [], "chosen": chosen,
         })
 
     def _error_page(self, request, status: int, message: str) -> bytes:

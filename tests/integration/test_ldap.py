@@ -169,7 +169,8 @@ def test_a_hung_directory_is_503_within_the_timeout_while_the_proxy_keeps_servin
     status, _, body = answer["result"]
     assert status == 503 and "the directory corp-ldap is not answering" in body["error"], body
     assert answer["seconds"] < TIMEOUT + 1.5, answer
-    assert len(health) >= 5 and all(code == 200 and took < 0.5 for code, took in health), health
+    # A blocked reactor would hold /healthz for the whole timeout (2 s).
+    assert len(health) >= 3 and all(code == 200 and took < 1.0 for code, took in health), health
 
 
 def test_ldap_guesses_are_throttled(cluster):
