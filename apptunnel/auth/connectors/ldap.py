@@ -165,7 +165,8 @@ def _values(attributes: dict, name: str) -> tuple[str, ...]:
     for key, value in attributes.items():
         if key.lower() == name.lower():
             values = value if isinstance(value, list) else [value]
-            return tuple(str(v) for v in values if isinstance(v, (str, bytes, int)))
+            # Text only: a binary attribute (jpegPhoto) is no trait and no name.
+            return tuple(str(v) for v in values if isinstance(v, (str, int)))
     return ()
 
 
