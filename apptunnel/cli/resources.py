@@ -338,6 +338,11 @@ async def remove_resource(admin: Admin, args: argparse.Namespace) -> int:
         if not await admin.backend.delete_resource(CONNECTOR, name):
             raise CliError(f"no connector named {name!r}")
         admin.emit("resource.delete", f"connector/{name}", kind=CONNECTOR, name=name)
+        made = sorted(u.name for u in await admin.backend.list_users() if u.connector == name)
+        if made:
+            admin.io.warn(f"users who signed in through {name!r} keep their sessions and "
+                          f"certificates until they expire (end them with `apptunnel users "
+                          f"rm NAME` or a lock): {', '.join(made)}")
     elif kind == "role":
         if not await admin.backend.delete_resource("role", name):
             raise CliError(f"no role named {name!r}")

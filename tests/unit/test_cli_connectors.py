@@ -10,6 +10,7 @@ import pytest
 import pytest_twisted
 import yaml
 
+from apptunnel.backend.records import Resource, User
 from tests.support.cli_admin import cli, one_error, stored
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,7 +60,10 @@ async def test_create_get_and_rm_an_ldap_connector(config_path, tmp_path):
     assert list(yaml.safe_load_all((await cli(config_path, "get", "connectors")).out)) == [doc]
     again = await cli(config_path, "create", "-f", write(tmp_path, doc))
     assert "already exists (use --force" in one_error(again, 1)
-    assert (await cli(config_path, "rm", "connector/corp-ldap")).code == 0
+    await stored(config_path, lambda b: b.create_user(
+        User("dora", None, ("dev",), {}, 1.0, connector="corp-ldap")))
+    removed = await cli(config_path, "rm", "connector/corp-ldap")
+    assert removed.code == 0 and "keep their sessions" in removed.err and "dora" in removed.err
     assert await stored(config_path, lambda b: b.get_resource("connector", "corp-ldap")) is None
     assert "no connector named" in one_error(await cli(config_path, "rm", "connector", "corp-ldap"), 1)
     assert "No connectors." in (await cli(config_path, "get", "connectors", "--format", "text")).out
@@ -87,8 +91,6 @@ async def test_a_connector_naming_an_unknown_role_is_refused(config_path, tmp_pa
 @pytest_twisted.ensureDeferred
 async def test_get_connectors_never_prints_a_secret(config_path, tmp_path):
     """A stored document holding a secret (written by hand or a later version) shows ****."""
-    from apptunnel.backend.records import Resource
-
     doc = {"kind": "oidc", "metadata": {"name": "corp"},
            "spec": {"issuer_url": "https://idp.example.com", "client_secret": "hunter2"}}
     await stored(config_path, lambda b: b.put_resource(Resource("connector", "corp", doc)))
