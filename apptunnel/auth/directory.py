@@ -143,6 +143,35 @@ class UserDirectory:
         self._looked_up[name] = self._reads
         return entry
 
+    async def reread(self, name: str) -> Entry | None:
+        """Read one user from storage now and tell listeners if they changed.
+
+        A connector's sign-in has just written the user (their roles from the directory
+        or provider as of this sign-in): the new session must act with those at once, not
+        after the next poll, and live connections of a user who lost a role are re-checked.
+        """
+        async with self._mutex:
+            try:
+                user = await self._backend.get_user(name)
+            except Exception as err:
+                self._log.warn("cannot read user {name!r}: {error}", name=name, error=str(err))
+                return self._entries.get(name)
+            before = self._entries.get(name)
+            self._misses.pop(name, None)
+            if user is None:
+                if before is not None:
+                    del self._entries[name]
+                    self._notify(name, None)
+                return None
+            if before is not None and before.roles == tuple(user.roles) \
+                    and before.traits == dict(user.traits):
+                return before
+            entry = self._entries[name] = self._entry(user)
+            self._looked_up[name] = self._reads
+            if before is not None:
+                self._notify(name, entry)
+            return entry
+
     def add_listener(self, fn: UserListener) -> None:
         """Call ``fn(name, entry_or_None)`` for each change seen from now on."""
         self._listeners.append(fn)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from argon2 import PasswordHasher, Type
 from twisted.internet.defer import Deferred, fail
+from twisted.python.failure import Failure
 from twisted.internet.threads import deferToThread
 
 from apptunnel.auth.throttle import Throttled
@@ -81,23 +82,46 @@ class HashQueue:
 
     def verify(self, key: str, stored: str | None, pw: str) -> Deferred:
         """A Deferred firing with verify_password(stored, pw), or failing with Throttled."""
-        return self._submit(key, (verify_password, stored, pw))
+        return self.run(key, verify_password, stored, pw)
 
     def hash(self, key: str, pw: str) -> Deferred:
         """A Deferred firing with hash_password(pw) (a password set through a link), in
         the same queue, so setting passwords cannot take more memory than checking them."""
-        return self._submit(key, (hash_password, pw))
+        return self.run(key, hash_password, pw)
 
-    def _submit(self, key: str, job: tuple) -> Deferred:
+    def run(self, key: str, fn: Callable, *args) -> Deferred:
+        """``fn(*args)`` in a thread under the same bounds (an LDAP bind is a check too).
+
+        Each caller gets a fresh Deferred it may cancel (a deadline): a call still waiting
+        is dropped from the queue and never runs; a running one finishes in its thread and
+        keeps its place in ``concurrent`` until it does, so a hung peer cannot make more
+        threads pile up than the bound allows.
+        """
         if self._running < self._concurrent:
-            return self._start(key, job)
+            return self._start(key, (fn, args))
         if self._waiting_count >= self._queued and not self._make_room(key):
             return fail(_busy())
-        d: Deferred = Deferred()
-        self._waiting.setdefault(key, deque()).append((d, job))
+        d: Deferred = Deferred(lambda cancelled: self._forget(key, cancelled))
+        self._waiting.setdefault(key, deque()).append((d, (fn, args)))
         self._keys.setdefault(key, [0, 0])
         self._waiting_count += 1
         return d
+
+    def _forget(self, key: str, waiter: Deferred) -> None:
+        """A waiting caller gave up: take its place out of the queue."""
+        queue = self._waiting.get(key)
+        if not queue:
+            return
+        for entry in queue:
+            if entry[0] is waiter:
+                queue.remove(entry)
+                self._waiting_count -= 1
+                break
+        if not queue:
+            del self._waiting[key]
+            counts = self._keys.get(key)
+            if counts is not None and not counts[0]:
+                del self._keys[key]
 
     def _make_room(self, key: str) -> bool:
         """Full: turn away the newest waiter of the address with the most waiting, if it
@@ -111,14 +135,25 @@ class HashQueue:
         waiter.errback(_busy())
         return True
 
-    def _start(self, key: str, args: tuple) -> Deferred:
+    def _start(self, key: str, work: tuple) -> Deferred:
         self._running += 1
         counts = self._keys.setdefault(key, [0, 0])
         counts[0] += 1
         counts[1] += 1
-        d = self._run(*args)
-        d.addBoth(self._done, key)
-        return d
+        fn, args = work
+        running = self._run(fn, *args)
+        running.addBoth(self._done, key)
+        result: Deferred = Deferred()   # the caller's: cancelling it leaves `running` be
+
+        def answer(outcome) -> None:
+            if result.called:        # cancelled: nobody waits for this outcome any more
+                return
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+        running.addBoth(answer)
+        return result
 
     def _done(self, result, key: str):
         self._running -= 1
@@ -130,13 +165,13 @@ class HashQueue:
             # The address that has started the fewest checks lately goes next.
             nxt = min(self._waiting, key=lambda k: self._keys[k][1])
             queue = self._waiting[nxt]
-            waiter, args = queue.popleft()
+            waiter, work = queue.popleft()
             self._waiting_count -= 1
             if queue:
                 self._waiting.move_to_end(nxt)   # round-robin among equals
             else:
                 del self._waiting[nxt]
-            self._start(nxt, args).chainDeferred(waiter)
+            self._start(nxt, work).chainDeferred(waiter)
         return result
 
 

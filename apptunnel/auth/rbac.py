@@ -165,7 +165,7 @@ def _mapping(path: str, value: Any) -> Mapping:
     return value
 
 
-def _parse_duration(path: str, value: Any) -> float:
+def parse_duration(path: str, value: Any) -> float:
     if isinstance(value, bool):
         raise RoleError(f"{path}: expected a duration like 8h or 30m")
     if isinstance(value, (int, float)):
@@ -302,7 +302,7 @@ def parse_role(doc: dict) -> Role:
     options = _mapping("spec.options", spec.get("options"))
     _check_keys("spec.options", options, {"max_session_ttl", "require_session_mfa"})
     ttl = options.get("max_session_ttl")
-    max_ttl = None if ttl is None else _parse_duration("spec.options.max_session_ttl", ttl)
+    max_ttl = None if ttl is None else parse_duration("spec.options.max_session_ttl", ttl)
     mfa = options.get("require_session_mfa", False)
     if not isinstance(mfa, bool):
         raise RoleError("spec.options.require_session_mfa: expected true or false")

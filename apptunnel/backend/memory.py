@@ -67,7 +67,7 @@ def _scope(scope: Scope) -> Scope:
 
 def _user(u: User) -> User:
     return User(u.name, u.password_hash, tuple(_json(list(u.roles))), _traits(u.traits),
-                _real(u.created))
+                _real(u.created), str(u.connector))
 
 
 def _resource(r: Resource) -> Resource:

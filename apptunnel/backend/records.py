@@ -17,6 +17,9 @@ class User:
     roles: tuple[str, ...]
     traits: dict[str, tuple[str, ...]]
     created: float
+    # "" for local users; else the connector (kind: ldap ...) whose sign-in made the
+    # record, which only that connector's sign-ins update (auth/connectors/signin.py).
+    connector: str = ""
 
 
 @attrs.frozen

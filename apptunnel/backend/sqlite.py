@@ -166,6 +166,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             code_hash TEXT NOT NULL,
             PRIMARY KEY (user_name, code_hash))""",
     ),
+    (
+        # Users made by a connector's sign-in (LDAP, later OIDC/SAML) name it; '' = local.
+        "ALTER TABLE users ADD COLUMN connector TEXT NOT NULL DEFAULT ''",
+    ),
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -258,6 +262,7 @@ def _user(row: tuple) -> User:
         roles=tuple(json.loads(row[2])),
         traits=_traits(row[3]),
         created=row[4],
+        connector=row[5],
     )
 
 
@@ -373,10 +378,10 @@ class SqliteBackend:
         def run(conn: sqlite3.Connection) -> None:
             try:
                 conn.execute(
-                    "INSERT INTO users (name, password_hash, roles, traits, created)"
-                    " VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO users (name, password_hash, roles, traits, created, connector)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
                     (user.name, user.password_hash, _dump(list(user.roles)),
-                     _dump(user.traits), user.created),
+                     _dump(user.traits), user.created, user.connector),
                 )
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"user {user.name!r} already exists") from None
@@ -386,8 +391,10 @@ class SqliteBackend:
     async def update_user(self, user: User) -> None:
         def run(conn: sqlite3.Connection) -> None:
             cur = conn.execute(
-                "UPDATE users SET password_hash = ?, roles = ?, traits = ? WHERE name = ?",
-                (user.password_hash, _dump(list(user.roles)), _dump(user.traits), user.name),
+                "UPDATE users SET password_hash = ?, roles = ?, traits = ?, connector = ?"
+                " WHERE name = ?",
+                (user.password_hash, _dump(list(user.roles)), _dump(user.traits),
+                 user.connector, user.name),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"user {user.name!r} does not exist")
@@ -397,7 +404,8 @@ class SqliteBackend:
     async def get_user(self, name: str) -> User | None:
         def run(conn: sqlite3.Connection) -> User | None:
             row = conn.execute(
-                "SELECT name, password_hash, roles, traits, created FROM users WHERE name = ?",
+                "SELECT name, password_hash, roles, traits, created, connector FROM users"
+                " WHERE name = ?",
                 (name,),
             ).fetchone()
             return _user(row) if row else None
@@ -407,7 +415,8 @@ class SqliteBackend:
     async def list_users(self) -> list[User]:
         def run(conn: sqlite3.Connection) -> list[User]:
             rows = conn.execute(
-                "SELECT name, password_hash, roles, traits, created FROM users ORDER BY name"
+                "SELECT name, password_hash, roles, traits, created, connector FROM users"
+                " ORDER BY name"
             ).fetchall()
             return [_user(row) for row in rows]
 

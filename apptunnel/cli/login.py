@@ -69,6 +69,9 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
     login_p.add_argument("--otp", metavar="CODE",
                          help="the code of your authenticator app, when the proxy asks for "
                               "one (else it is asked for on the terminal)")
+    login_p.add_argument("--auth", metavar="CONNECTOR",
+                         help="sign in through this LDAP connector (its password is asked "
+                              "for like a local one)")
     login_p.add_argument("--ttl", metavar="DURATION",
                          help="ask for a shorter certificate lifetime, e.g. 1h")
     login_p.add_argument("--ca-pin", metavar="sha256:HEX",
@@ -111,6 +114,8 @@ def login(args: argparse.Namespace, io: Io, now: Callable[[], float] = time.time
         body["ttl"] = ttl
     if args.otp:
         body[_factor_field(args.otp)] = args.otp
+    if args.auth:
+        body["connector"] = args.auth
     try:
         code, answer = client.call("POST", "/v1/certs", body)
         if _second_factor_asked(code, answer) and not args.otp:

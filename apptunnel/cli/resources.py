@@ -1,19 +1,27 @@
-"""`apptunnel create -f`, `get`, `rm`: roles and users as YAML documents.
+"""`apptunnel create -f`, `get`, `rm`: roles, users and connectors as YAML documents.
 
 A file is validated completely before anything is written, and nothing is replaced
 without ``--force``, so a half-applied file or a silently overwritten role cannot happen.
 `get` prints documents that `create -f` reads back unchanged. `get` and `rm` name what
 they act on as ``KIND/NAME`` or ``KIND NAME``, the kind singular or plural (``role``,
-``roles``, ``user``, ``users``), as kubectl and tctl accept.
+``roles``, ``user``, ``users``, ``connector``, ``connectors``), as kubectl and tctl accept.
+
+Connectors (``kind: ldap``; ``oidc`` and ``saml`` are refused until their sign-in flows
+exist) are checked in full by ``auth/connectors/specs.py``; the roles their rules grant
+must exist like a user's. `get connectors` prints no secret (``public_doc``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 import attrs
 
+from apptunnel.auth.connectors.specs import KINDS as CONNECTOR_KINDS
+from apptunnel.auth.connectors.specs import ConnectorError, parse_connector, public_doc
+from apptunnel.auth.connectors.store import RESOURCE_KIND as CONNECTOR
 from apptunnel.auth.rbac import RoleError, parse_role
 from apptunnel.backend.records import Resource, User
 from apptunnel.cli.context import Admin, CliError, Io, UsageError
@@ -21,24 +29,27 @@ from apptunnel.cli.output import clean, iso, json_text, table, yaml_docs
 from apptunnel.cli.users import ROLE_NAME, TRAIT_NAME, USER_NAME, require_roles
 from apptunnel.config import load_yaml_documents
 
-KINDS = {"role": "role", "roles": "role", "user": "user", "users": "user"}
+KINDS = {"role": "role", "roles": "role", "user": "user", "users": "user",
+         "connector": CONNECTOR, "connectors": CONNECTOR}
 
 
 def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     create = verbs.add_parser("create", parents=[common],
-                              help="create roles and users from a (multi-document) YAML file")
+                              help="create roles, users and connectors from a (multi-document) YAML file")
     create.add_argument("-f", "--file", required=True, metavar="FILE")
     create.add_argument("--force", action="store_true", help="replace resources that exist")
     create.set_defaults(handler=create_resources, read_inputs=read_documents)
 
-    get = verbs.add_parser("get", parents=[common], help="show roles or users")
-    get.add_argument("kind", metavar="KIND[/NAME]", type=_kind_word, help="roles, users, role/NAME or user/NAME")
+    get = verbs.add_parser("get", parents=[common], help="show roles, users or connectors")
+    get.add_argument("kind", metavar="KIND[/NAME]", type=_kind_word,
+                     help="roles, users, connectors, or KIND/NAME")
     get.add_argument("name", nargs="?", metavar="NAME")
     get.add_argument("--format", choices=("yaml", "json", "text"), default="yaml")
     get.set_defaults(handler=get_resources)
 
-    rm = verbs.add_parser("rm", parents=[common], help="remove a role or a user")
-    rm.add_argument("kind", metavar="KIND[/NAME]", type=_kind_word, help="role/NAME, role NAME, user/NAME or user NAME")
+    rm = verbs.add_parser("rm", parents=[common], help="remove a role, a user or a connector")
+    rm.add_argument("kind", metavar="KIND[/NAME]", type=_kind_word,
+                    help="role/NAME, user/NAME, connector/NAME or KIND NAME")
     rm.add_argument("name", nargs="?", metavar="NAME")
     rm.set_defaults(handler=remove_resource)
 
@@ -47,7 +58,8 @@ def _kind_word(text: str) -> str:
     """argparse type: the kind part must be known, so `get apps` fails before any config."""
     if text.partition("/")[0].lower() not in KINDS:
         raise argparse.ArgumentTypeError(
-            f"invalid choice: {text.partition('/')[0]!r} (expected role/NAME, user/NAME or "
+            f"invalid choice: {text.partition('/')[0]!r} (expected role/NAME, user/NAME, "
+            f"connector/NAME or "
             f"KIND NAME with KIND one of {', '.join(sorted(KINDS))})")
     return text
 
@@ -62,8 +74,8 @@ def parse_ref(verb: str, first: str, second: str | None, name_required: bool
         name = second
     kind = KINDS.get(kind_text.lower())
     if kind is None or (sep and not name) or (name_required and not name):
-        shape = "role/NAME, user/NAME or KIND NAME" if name_required else \
-            "roles, users, role/NAME, user/NAME or KIND NAME"
+        shape = "role/NAME, user/NAME, connector/NAME or KIND NAME" if name_required else \
+            "roles, users, connectors, KIND/NAME or KIND NAME"
         got = first if second is None else f"{first} {second}"
         raise UsageError(f"{verb}: expected {shape}, got {got!r}")
     return kind, name or None
@@ -97,7 +109,7 @@ def read_documents(args: argparse.Namespace, io: Io) -> None:
         seen.add((item.kind, item.name))
         plan.append(item)
     if not plan:
-        raise UsageError(f"{args.file}: no documents (expected kind: role or kind: user)")
+        raise UsageError(f"{args.file}: no documents (expected kind: role, user or ldap)")
     args.plan = plan
 
 
@@ -113,7 +125,15 @@ def _validate(where: str, doc: Any) -> Planned:
         return Planned("role", role.name, doc)
     if kind == "user":
         return _validate_user(where, doc)
-    raise UsageError(f"{where}: kind: expected role or user, got {kind!r}")
+    if kind in CONNECTOR_KINDS:
+        try:
+            spec = parse_connector(doc)
+        except ConnectorError as err:
+            raise UsageError(f"{where}: {err.message}") from None
+        roles = tuple(dict.fromkeys(r for rule in spec.groups_to_roles for r in rule.roles))
+        return Planned(CONNECTOR, spec.name, doc, roles=roles)
+    raise UsageError(f"{where}: kind: expected role, user or {', '.join(CONNECTOR_KINDS)}, "
+                     f"got {kind!r}")
 
 
 def _check_keys(where: str, path: str, mapping: dict, allowed: tuple[str, ...]) -> None:
@@ -161,8 +181,8 @@ def _validate_user(where: str, doc: dict) -> Planned:
 
 
 async def _exists(admin: Admin, item: Planned) -> Any:
-    if item.kind == "role":
-        return await admin.backend.get_resource("role", item.name)
+    if item.kind in ("role", CONNECTOR):
+        return await admin.backend.get_resource(item.kind, item.name)
     return await admin.backend.get_user(item.name)
 
 
@@ -172,6 +192,11 @@ async def create_resources(admin: Admin, args: argparse.Namespace) -> int:
         if item.kind == "user":
             await require_roles(admin, item.roles, f"{args.file}: user {item.name!r}: spec.roles",
                                 planned_roles)
+        elif item.kind == CONNECTOR:
+            await require_roles(admin, item.roles,
+                                f"{args.file}: connector {item.name!r}: spec.groups_to_roles",
+                                planned_roles)
+            _warn_unreadable(admin, item)
     existing = {}
     for item in args.plan:
         existing[(item.kind, item.name)] = current = await _exists(admin, item)
@@ -185,11 +210,26 @@ async def create_resources(admin: Admin, args: argparse.Namespace) -> int:
             await admin.backend.put_resource(Resource(kind="role", name=item.name, doc=item.doc))
             admin.emit("resource.create", f"role/{item.name}", kind="role", name=item.name,
                        replaced=current is not None)
+        elif item.kind == CONNECTOR:
+            await admin.backend.put_resource(Resource(kind=CONNECTOR, name=item.name,
+                                                      doc=item.doc))
+            admin.emit("resource.create", f"connector/{item.name}", kind=item.doc["kind"],
+                       name=item.name, replaced=current is not None)
         else:
             await _put_user(admin, item, current)
         admin.io.out(f"{item.kind} {clean(item.name)!r} {verb}\n")
     await admin.refresh_proxy()
     return 0
+
+
+def _warn_unreadable(admin: Admin, item: Planned) -> None:
+    """The proxy reads these files at sign-in; say now if this account cannot (the proxy's
+    may still be able to, so it is a warning)."""
+    for key in ("bind_password_file", "ca_file"):
+        path = item.doc["spec"].get(key)
+        if path is not None and not os.access(path, os.R_OK):
+            admin.io.warn(f"connector {item.name!r}: spec.{key}: {path} is not readable "
+                          "here; the proxy must be able to read it")
 
 
 async def _put_user(admin: Admin, item: Planned, current: User | None) -> None:
@@ -203,7 +243,8 @@ async def _put_user(admin: Admin, item: Planned, current: User | None) -> None:
         return
     await admin.backend.update_user(User(name=item.name, password_hash=current.password_hash,
                                          roles=item.roles, traits=item.traits,
-                                         created=current.created))
+                                         created=current.created,
+                                         connector=current.connector))
     admin.emit("user.update", item.name, changed=["roles", "traits"], roles=list(item.roles))
 
 
@@ -227,9 +268,28 @@ def _selector_text(rules: Any) -> str:
     return " ".join(parts)
 
 
+def _connector_row(doc: dict) -> tuple[str, str, str, str]:
+    spec = doc.get("spec") or {}
+    rules = spec.get("groups_to_roles") or spec.get("claims_to_roles") \
+        or spec.get("attributes_to_roles") or []
+    roles = sorted({r for rule in rules for r in rule.get("roles", [])})
+    where = spec.get("url") or spec.get("issuer_url") or spec.get("entity_descriptor_url") or "-"
+    return doc["metadata"]["name"], doc.get("kind", "-"), str(where), ",".join(roles) or "-"
+
+
 async def get_resources(admin: Admin, args: argparse.Namespace) -> int:
     kind, name = parse_ref("get", args.kind, args.name, name_required=False)
-    if kind == "role":
+    if kind == CONNECTOR:
+        if name is not None:
+            found = await admin.backend.get_resource(CONNECTOR, name)
+            if found is None:
+                raise CliError(f"no connector named {name!r}")
+            docs = [found.doc]
+        else:
+            docs = [r.doc for r in sorted(await admin.backend.list_resources(CONNECTOR),
+                                          key=lambda r: r.name)]
+        docs = [public_doc(d) for d in docs]   # never a secret on a terminal
+    elif kind == "role":
         if name is not None:
             found = await admin.backend.get_resource("role", name)
             if found is None:
@@ -254,6 +314,8 @@ async def get_resources(admin: Admin, args: argparse.Namespace) -> int:
         admin.io.out(json_text(docs[0] if name is not None else docs))
     elif not docs:
         admin.io.out(f"No {kind}s.\n")
+    elif kind == CONNECTOR:
+        admin.io.out(table(("NAME", "KIND", "ADDRESS", "ROLES"), [_connector_row(d) for d in docs]))
     elif kind == "role":
         admin.io.out(table(("NAME", "ALLOW", "DENY"), [
             (d["metadata"]["name"], _selector_text(d.get("spec", {}).get("allow")),
@@ -272,7 +334,16 @@ async def get_resources(admin: Admin, args: argparse.Namespace) -> int:
 
 async def remove_resource(admin: Admin, args: argparse.Namespace) -> int:
     kind, name = parse_ref("rm", args.kind, args.name, name_required=True)
-    if kind == "role":
+    if kind == CONNECTOR:
+        if not await admin.backend.delete_resource(CONNECTOR, name):
+            raise CliError(f"no connector named {name!r}")
+        admin.emit("resource.delete", f"connector/{name}", kind=CONNECTOR, name=name)
+        made = sorted(u.name for u in await admin.backend.list_users() if u.connector == name)
+        if made:
+            admin.io.warn(f"users who signed in through {name!r} keep their sessions and "
+                          f"certificates until they expire (end them with `apptunnel users "
+                          f"rm NAME` or a lock): {', '.join(made)}")
+    elif kind == "role":
         if not await admin.backend.delete_resource("role", name):
             raise CliError(f"no role named {name!r}")
         admin.emit("resource.delete", f"role/{name}", kind="role", name=name)

@@ -13,11 +13,11 @@ is asked to apply it before the command returns.
 from __future__ import annotations
 
 import argparse
-import re
 import secrets
 
 from twisted.internet.threads import deferToThread
 
+from apptunnel.auth.names import ROLE_NAME, TRAIT_NAME, USER_NAME  # noqa: F401 (re-exported)
 from apptunnel.auth.passwords import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, hash_password
 from apptunnel.backend import AlreadyExists
 from apptunnel.backend.records import User
@@ -26,9 +26,6 @@ from apptunnel.auth.links import issue_link, link_url
 from apptunnel.cli.output import clean, human_duration, iso, json_text, table
 from apptunnel.config import parse_duration
 
-USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}\Z")
-ROLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
-TRAIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}\Z")
 
 
 def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -275,7 +272,7 @@ async def update_user(admin: Admin, args: argparse.Namespace) -> int:
         name=user.name, password_hash=user.password_hash,
         roles=roles if roles is not None else user.roles,
         traits=traits if traits is not None else user.traits,
-        created=user.created,
+        created=user.created, connector=user.connector,
     ))
     admin.emit("user.update", user.name, changed=changed,
                roles=list(roles if roles is not None else user.roles))

@@ -18,11 +18,16 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import defer, ssl
 from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from apptunnel.audit import AuditLog
 from apptunnel.auth.access import AccessPolicy
 from apptunnel.auth.ca import ClusterCA, load_server_tls
+from apptunnel.auth.connectors.ldap import CONCURRENT_CHECKS, LdapSignIn
+from apptunnel.auth.connectors.signin import ExternalSignIn
+from apptunnel.auth.connectors.store import ConnectorStore
 from apptunnel.auth.directory import UserDirectory
 from apptunnel.auth.enrolment import AgentEnrolment
 from apptunnel.auth.jwt import JwtKeys, JwtSigner
@@ -124,12 +129,25 @@ class ProxyService(MultiService):
         self.users = UserDirectory(self.backend, reactor)
         throttle = config.throttle
         lock_audit = LockAudit(self.audit, reactor)  # one lock.enforced throttle for all paths
+        # One sign-in throttle for every way in (local passwords, LDAP connectors).
+        login_throttle = LoginThrottle(throttle.max_failures_per_user,
+                                       throttle.max_failures_per_address, throttle.window,
+                                       throttle.max_tracked)
         self.sessions = SessionManager(
             self.backend, reactor, config.session_ttl, locks=self.locks, audit=self.audit,
-            users=self.users, lock_audit=lock_audit,
-            throttle=LoginThrottle(throttle.max_failures_per_user, throttle.max_failures_per_address,
-                                   throttle.window, throttle.max_tracked),
+            users=self.users, lock_audit=lock_audit, throttle=login_throttle,
             hashes=HashQueue(throttle.concurrent_hashes, throttle.queued_hashes),
+        )
+        # LDAP binds block: their own small pool, so a hung directory holds a few threads
+        # of its own and never the reactor's pool (SQLite, argon2) nor the reactor.
+        self.connectors = ConnectorStore(self.backend, reactor)
+        self.ldap_threads = ThreadPool(0, CONCURRENT_CHECKS, "apptunnel-ldap")
+        self.ldap = LdapSignIn(
+            connectors=self.connectors,
+            signin=ExternalSignIn(self.backend, self.audit, reactor, users=self.users,
+                                  locks=self.locks),
+            throttle=login_throttle, audit=self.audit, clock=reactor,
+            run_in_thread=lambda f, *args: deferToThreadPool(reactor, self.ldap_threads, f, *args),
         )
         self.roles = RoleCache(self.backend, reactor)
         self.access = AccessPolicy(roles=self.roles, audit=self.audit, clock=reactor,
@@ -143,7 +161,7 @@ class ProxyService(MultiService):
         self.web = WebApp(
             config, self.sessions, self.roles, self.registry, self.audit,
             self.jwt_keys, self.ca, reactor, locks=self.locks, users=self.users,
-            access=self.access, backend=self.backend,
+            access=self.access, backend=self.backend, ldap=self.ldap,
         )
         site = WebSite(self.web.resource())  # a deadline on every request head
         site.displayTracebacks = False
@@ -212,6 +230,7 @@ class ProxyService(MultiService):
 
     def startService(self) -> None:
         self.audit.start()
+        self.ldap_threads.start()
         self.locks.start()
         self.users.start()
         super().startService()
@@ -246,12 +265,14 @@ class ProxyService(MultiService):
         yield super().stopService()
         self.locks.stop()
         self.users.stop()
+        self.ldap_threads.stop()   # waits for binds in flight: each ends within its timeout
         yield defer.ensureDeferred(self.audit.stop())
         yield defer.ensureDeferred(self.backend.close())
 
     def refresh_now(self) -> defer.Deferred:
         """Re-read locks, users and roles now (the control socket's ``refresh``)."""
         self.roles.invalidate()
+        self.connectors.invalidate()
         self.access.forget()
         self.sessions.forget_cached()   # `users reset` ended sessions in storage
         return defer.gatherResults([defer.ensureDeferred(self.locks.refresh()),

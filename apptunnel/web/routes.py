@@ -51,6 +51,7 @@ from apptunnel.net import host_only
 if TYPE_CHECKING:
     from apptunnel.audit import AuditLog
     from apptunnel.auth.ca import ClusterCA
+    from apptunnel.auth.connectors.ldap import LdapSignIn
     from apptunnel.auth.directory import UserDirectory
     from apptunnel.auth.locks import LockWatcher
     from apptunnel.auth.jwt import JwtKeys
@@ -151,7 +152,8 @@ class WebApp:
                  clock: IReactorTime, *, locks: LockWatcher | None = None,
                  users: UserDirectory | None = None,
                  access: AccessPolicy | None = None,
-                 backend: Backend | None = None) -> None:
+                 backend: Backend | None = None,
+                 ldap: LdapSignIn | None = None) -> None:
         self._config = config
         self._sessions = sessions
         self._roles = roles
@@ -160,6 +162,7 @@ class WebApp:
         self._jwt_keys = jwt_keys
         self._ca = ca
         self._clock = clock
+        self._ldap = ldap   # sign-in through LDAP connectors (auth/connectors/ldap.py)
         # Every "may this caller ..." is the access policy's (shared with the app edge in
         # the proxy service; built from roles, locks and users when not handed in).
         self._access = access or AccessPolicy(roles=roles, audit=audit, clock=clock,
@@ -228,7 +231,8 @@ class WebApp:
         _, web = await self._web_session(request)
         if web is not None:
             return _redirect(request, 302, target)
-        return self._login_page(request, 200, target, error=None)
+        return self._login_page(request, 200, target, error=None,
+                                connectors=await self._connector_names())
 
     @app.route("/web/login", methods=["POST"])
     async def login_submit(self, request):
@@ -236,15 +240,19 @@ class WebApp:
         target = safe_path(_arg(request, "next"))
         username = _arg(request, "username") or ""
         password = _arg(request, "password") or ""
+        connector = _arg(request, "connector") or None   # "": the local account
         try:
-            secret, web, ttl = await self._password_login(request, username, password)
+            secret, web, ttl = await self._password_login(request, username, password,
+                                                          connector=connector)
         except SecondFactorRequired:
             # The password was right: the second step asks for the factor (web/mfa page).
             ticket = self._pending.start(username)
             _set_cookie(request, MFA_COOKIE, ticket, self._pending.ttl)
             return await self._mfa_page(request, 200, username, target, error=None)
         except AuthError as err:
-            return self._login_page(request, err.status, target, error=err.message)
+            return self._login_page(request, err.status, target, error=err.message,
+                                    connectors=await self._connector_names(),
+                                    chosen=connector or "")
         _set_session_cookie(request, secret, ttl)
         return _redirect(request, 303, "/web/account" if web.enroll_only else target)
 
@@ -298,7 +306,7 @@ class WebApp:
         if not isinstance(username, str) or not isinstance(password, str):
             raise WebError(400, "username and password (strings) are required")
         secret, web, ttl = await self._password_login(request, username, password,
-                                                      given_factors(body))
+                                                      given_factors(body), _connector(body))
         _set_session_cookie(request, secret, ttl)
         answer = {"user": web.user, "roles": list(web.roles), "expires": web.expires}
         if web.enroll_only:
@@ -330,8 +338,14 @@ class WebApp:
         if username is not None or password is not None:
             if not isinstance(username, str) or not isinstance(password, str):
                 raise WebError(400, "username and password must be strings")
-            user = await self._check_password(request, username, password)
-            await self._full_sign_in(request, user.name, given_factors(body))
+            connector = _connector(body)
+            if connector is not None:
+                # A connector's users prove themselves to their directory; second factors
+                # are for local accounts (their devices live here).
+                user = await self._check_connector(request, connector, username, password)
+            else:
+                user = await self._check_password(request, username, password)
+                await self._full_sign_in(request, user.name, given_factors(body))
             caller = Caller(user.name, tuple(user.roles), dict(user.traits), "password", "",
                             now + self._config.session_ttl)
             limit = self._config.session_ttl
@@ -709,10 +723,29 @@ class WebApp:
         self._audit.emit("user.login", actor=user.name, method="password", client=client)
         return user
 
-    async def _password_login(self, request, username: str, password: str,
-                              given=None) -> tuple[str, WebSession, float]:
-        """Check the password (and the second factor, auth/mfa.py), open a web session and
-        audit both; AuthError(401) on failure, SecondFactorRequired when one is missing."""
+    async def _check_connector(self, request, connector: str, username: str,
+                               password: str) -> User:
+        """The user an LDAP connector signs in (it audits every attempt itself)."""
+        if self._ldap is None:
+            raise WebError(400, "sign-in through connectors is not available here")
+        try:
+            return await self._ldap.login(connector, username, password,
+                                          _client_host(request), _client(request))
+        except Throttled as err:
+            request.setHeader(b"Retry-After", str(err.retry_after).encode("ascii"))
+            raise
+
+    async def _connector_names(self) -> list[str]:
+        return [] if self._ldap is None else await self._ldap.connector_names()
+
+    async def _password_login(self, request, username: str, password: str, given=None,
+                              connector: str | None = None) -> tuple[str, WebSession, float]:
+        """Check the password (locally with the second factor, auth/mfa.py, or with
+        ``connector``), open a web session and audit both; AuthError(401) on failure,
+        SecondFactorRequired when a local user's factor is missing."""
+        if connector is not None:
+            user = await self._check_connector(request, connector, username, password)
+            return await self._open_web_session(request, user)
         user = await self._check_password(request, username, password)
         enroll_only = await self._second_factor(request, user.name, given)
         return await self._open_web_session(request, user, enroll_only)
@@ -759,10 +792,12 @@ class WebApp:
         if self._same_origin(request) is not True:
             raise WebError(403, "This form was not submitted from this site.")
 
-    def _login_page(self, request, status: int, target: str, error: str | None) -> bytes:
+    def _login_page(self, request, status: int, target: str, error: str | None,
+                    connectors: list[str] | None = None, chosen: str = "") -> bytes:
         return self._page(request, status, "login.html", {
             "next": target, "error": error,
             "max_username": MAX_USERNAME, "max_password": MAX_PASSWORD,
+            "connectors": connectors or [], "chosen": chosen,
         })
 
     def _error_page(self, request, status: int, message: str) -> bytes:
@@ -818,6 +853,16 @@ def _json_body(request) -> dict:
     if not isinstance(body, dict):
         raise WebError(400, "the body must be a JSON object")
     return body
+
+
+def _connector(body: dict) -> str | None:
+    """The optional ``connector`` of a sign-in body (an LDAP connector's name)."""
+    value = body.get("connector")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > 64:
+        raise WebError(400, "connector must be a connector's name")
+    return value
 
 
 def _public_key(value: Any) -> bytes:

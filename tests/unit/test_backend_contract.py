@@ -245,6 +245,19 @@ async def test_changing_a_record_read_back_changes_nothing_stored(backend):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_connector_user_keeps_its_connector(backend):
+    """A user made by a connector's sign-in names it after create, update and list; local
+    users name none."""
+    await wait(backend.create_user(User("lu", None, ("dev",), {}, 1.0, connector="corp-ldap")))
+    assert (await wait(backend.get_user("lu"))).connector == "corp-ldap"
+    await wait(backend.update_user(User("lu", None, ("ops",), {}, 1.0, connector="corp-ldap")))
+    [got] = await wait(backend.list_users())
+    assert got.connector == "corp-ldap" and got.roles == ("ops",)
+    await wait(backend.create_user(user()))
+    assert (await wait(backend.get_user("alice"))).connector == ""
+
+
+@pytest_twisted.ensureDeferred
 async def test_create_user_twice_is_already_exists(backend):
     """Creating a user whose name exists raises AlreadyExists."""
     await wait(backend.create_user(user()))

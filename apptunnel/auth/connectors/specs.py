@@ -1,0 +1,273 @@
+"""Connector documents (``kind: ldap | oidc | saml``): parsed and checked in full.
+
+Teleport's shapes, so an operator who knows them recognises them. Parsing is strict: an
+unknown key, a wrong type or a value that cannot work is a `ConnectorError` naming the
+key (``spec.url: ...``), at ``apptunnel create -f`` time, never at a user's sign-in.
+
+Only LDAP signs anyone in today. OIDC and SAML documents are refused ("not supported
+yet"): an option we parse is an option we enforce, and a stored connector whose flow does
+not exist would be a button that cannot work.
+
+Secrets never sit in a document: ``bind_password_file`` names a file the proxy reads at
+sign-in; `public_doc` is what ``apptunnel get connectors`` may print.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+from ldap3.core.exceptions import LDAPException
+from ldap3.operation.search import parse_filter
+
+from apptunnel.auth.connectors.mapping import RoleRule, value_matcher
+from apptunnel.auth.errors import AuthError
+from apptunnel.auth.names import ROLE_NAME, TRAIT_NAME
+from apptunnel.auth.rbac import RoleError, parse_duration
+from apptunnel.net import is_ip
+
+KINDS = ("ldap", "oidc", "saml")
+CONNECTOR_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")
+USERNAME_PLACEHOLDER = "{username}"
+DEFAULT_TIMEOUT = 5.0
+MAX_TIMEOUT = 60.0
+GROUPS_TRAIT = "groups"
+_ATTRIBUTE = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,63}\Z")
+_SECRET_KEYS = ("client_secret", "bind_password", "password", "secret")
+
+LDAP_KEYS = ("url", "start_tls", "ca_file", "bind_dn", "bind_password_file",
+             "user_search_base", "user_search_filter", "username_attribute",
+             "groups_to_roles", "attributes_to_traits", "timeout")
+
+
+class ConnectorError(AuthError):
+    """A connector document is invalid; the message starts with the key of the problem."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(400, message)
+
+
+@attrs.frozen
+class LdapSpec:
+    """An LDAP directory users sign in to with their password (search, then bind)."""
+
+    name: str
+    url: str
+    host: str
+    port: int
+    use_ssl: bool                 # ldaps://
+    start_tls: bool
+    ca_file: str | None           # None: the system trust store
+    bind_dn: str
+    bind_password_file: str
+    user_search_base: str
+    user_search_filter: str       # with {username}, replaced by the escaped name
+    username_attribute: str       # the entry's name for apptunnel (uid)
+    groups_to_roles: tuple[RoleRule, ...]
+    attributes_to_traits: tuple[tuple[str, str], ...]   # (LDAP attribute, trait)
+    timeout: float
+
+    kind = "ldap"
+
+    @property
+    def whole_seconds(self) -> int:
+        """ldap3's socket timeouts must be whole seconds (a float breaks its struct.pack)."""
+        return max(1, math.ceil(self.timeout))
+
+
+def connector_name(doc: Any) -> str:
+    """``metadata.name`` of a connector document; ConnectorError if it is not valid."""
+    metadata = doc.get("metadata") if isinstance(doc, dict) else None
+    if not isinstance(metadata, dict):
+        raise ConnectorError("metadata: expected a mapping with a name")
+    _keys("metadata.", metadata, ("name", "description"))
+    name = metadata.get("name")
+    if not isinstance(name, str) or not CONNECTOR_NAME.match(name):
+        raise ConnectorError(f"metadata.name: invalid connector name {name!r} (lower-case "
+                             "letters, digits and -, at most 63)")
+    return name
+
+
+def parse_connector(doc: Any) -> LdapSpec:
+    """The connector a document describes; ConnectorError naming the key otherwise."""
+    if not isinstance(doc, dict):
+        raise ConnectorError("expected a mapping with kind, metadata and spec")
+    kind = doc.get("kind")
+    if kind not in KINDS:
+        raise ConnectorError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    _keys("", doc, ("kind", "version", "metadata", "spec"))
+    name = connector_name(doc)
+    if kind != "ldap":
+        raise ConnectorError(f"kind: {kind} connectors are not supported yet "
+                             "(only ldap signs users in today)")
+    spec = doc.get("spec")
+    if not isinstance(spec, dict):
+        raise ConnectorError("spec: expected a mapping")
+    return _ldap(name, spec)
+
+
+def public_doc(doc: dict) -> dict:
+    """The document with every secret value replaced by ``****`` (paths to files stay)."""
+    def scrub(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: scrub(v, str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        if key in _SECRET_KEYS and value is not None:
+            return "****"
+        return value
+    return scrub(doc)
+
+
+# -- ldap --------------------------------------------------------------------------------
+
+
+def _ldap(name: str, spec: dict) -> LdapSpec:
+    _keys("spec.", spec, LDAP_KEYS)
+    url = _string(spec, "url")
+    parts = urlsplit(url)
+    if parts.scheme not in ("ldap", "ldaps") or not parts.hostname:
+        raise ConnectorError(f"spec.url: expected ldaps://HOST[:PORT] or ldap://HOST[:PORT], "
+                             f"got {url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ConnectorError("spec.url: only scheme, host and port (the search base is "
+                             "spec.user_search_base)")
+    try:
+        port = parts.port or (636 if parts.scheme == "ldaps" else 389)
+    except ValueError:
+        raise ConnectorError(f"spec.url: invalid port in {url!r}") from None
+    start_tls = spec.get("start_tls", False)
+    if not isinstance(start_tls, bool):
+        raise ConnectorError("spec.start_tls: expected true or false")
+    use_ssl = parts.scheme == "ldaps"
+    if use_ssl and start_tls:
+        raise ConnectorError("spec.start_tls: not with ldaps:// (it is TLS already)")
+    if not use_ssl and not start_tls and not _loopback(parts.hostname):
+        raise ConnectorError("spec.url: ldap:// sends passwords in clear text: use ldaps:// "
+                             "or start_tls: true (plain ldap:// only for a loopback host)")
+    ca_file = spec.get("ca_file")
+    if ca_file is not None:
+        ca_file = _absolute_path(spec, "ca_file")
+    bind_dn = _string(spec, "bind_dn")
+    password_file = _absolute_path(spec, "bind_password_file")
+    base = _string(spec, "user_search_base")
+    search = spec.get("user_search_filter", "(uid={username})")
+    if not isinstance(search, str) or search.count(USERNAME_PLACEHOLDER) != 1:
+        raise ConnectorError("spec.user_search_filter: expected an LDAP filter with "
+                             "{username} once, e.g. \"(uid={username})\"")
+    if not (search.startswith("(") and search.endswith(")")):
+        raise ConnectorError("spec.user_search_filter: must be in parentheses")
+    try:
+        parse_filter(search.replace(USERNAME_PLACEHOLDER, "x"), None, True, True, None, False)
+    except (LDAPException, TypeError, ValueError, IndexError):
+        raise ConnectorError(f"spec.user_search_filter: not a valid LDAP filter: "
+                             f"{search!r}") from None
+    username_attribute = spec.get("username_attribute", "uid")
+    if not isinstance(username_attribute, str) or not _ATTRIBUTE.match(username_attribute):
+        raise ConnectorError("spec.username_attribute: expected an LDAP attribute name")
+    return LdapSpec(
+        name=name, url=url, host=parts.hostname, port=port, use_ssl=use_ssl,
+        start_tls=start_tls, ca_file=ca_file, bind_dn=bind_dn,
+        bind_password_file=password_file, user_search_base=base,
+        user_search_filter=search, username_attribute=username_attribute,
+        groups_to_roles=_role_rules(spec.get("groups_to_roles"), "spec.groups_to_roles",
+                                    "group", GROUPS_TRAIT, dn=True),
+        attributes_to_traits=_attribute_traits(spec.get("attributes_to_traits")),
+        timeout=_timeout(spec.get("timeout", DEFAULT_TIMEOUT)),
+    )
+
+
+def _role_rules(value: Any, path: str, key: str, claim: str, dn: bool = False
+                ) -> tuple[RoleRule, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConnectorError(f"{path}: expected a list of {{{key}: ..., roles: [...]}} rules "
+                             "(without one, nobody would get a role)")
+    rules = []
+    for index, rule in enumerate(value):
+        where = f"{path}[{index}]"
+        if not isinstance(rule, dict):
+            raise ConnectorError(f"{where}: expected a mapping with {key} and roles")
+        _keys(f"{where}.", rule, (key, "roles"))
+        raw = rule.get(key)
+        if not isinstance(raw, str) or not raw:
+            raise ConnectorError(f"{where}.{key}: expected a non-empty string")
+        try:
+            matcher = value_matcher(raw, dn=dn)
+        except ValueError as err:
+            raise ConnectorError(f"{where}.{key}: {err}") from None
+        roles = rule.get("roles")
+        if not isinstance(roles, list) or not roles:
+            raise ConnectorError(f"{where}.roles: expected a non-empty list of role names")
+        for number, role in enumerate(roles):
+            if not isinstance(role, str) or not ROLE_NAME.match(role):
+                raise ConnectorError(f"{where}.roles[{number}]: invalid role name {role!r}")
+        rules.append(RoleRule(claim, matcher, tuple(dict.fromkeys(roles))))
+    return tuple(rules)
+
+
+def _attribute_traits(value: Any) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ConnectorError("spec.attributes_to_traits: expected a mapping of LDAP "
+                             "attribute to trait name, e.g. {mail: email}")
+    pairs = []
+    for attribute, trait in value.items():
+        if not isinstance(attribute, str) or not _ATTRIBUTE.match(attribute):
+            raise ConnectorError(f"spec.attributes_to_traits: invalid LDAP attribute "
+                                 f"{attribute!r}")
+        if not isinstance(trait, str) or not TRAIT_NAME.match(trait):
+            raise ConnectorError(f"spec.attributes_to_traits.{attribute}: invalid trait "
+                                 f"name {trait!r}")
+        if trait == GROUPS_TRAIT:
+            raise ConnectorError(f"spec.attributes_to_traits.{attribute}: the trait "
+                                 f"{GROUPS_TRAIT!r} is the user's groups already")
+        pairs.append((attribute, trait))
+    return tuple(pairs)
+
+
+def _timeout(value: Any) -> float:
+    try:
+        seconds = parse_duration("spec.timeout", value)
+    except RoleError as err:
+        raise ConnectorError(err.message) from None
+    if not 1.0 <= seconds <= MAX_TIMEOUT:
+        raise ConnectorError(f"spec.timeout: must be between 1s and {int(MAX_TIMEOUT)}s")
+    return seconds
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def _keys(prefix: str, mapping: dict, allowed: tuple[str, ...]) -> None:
+    for key in mapping:
+        if key not in allowed:
+            raise ConnectorError(f"{prefix}{key}: unknown key (expected one of "
+                                 f"{', '.join(allowed)})")
+
+
+def _string(spec: dict, key: str) -> str:
+    value = spec.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ConnectorError(f"spec.{key}: required (a non-empty string)")
+    return value
+
+
+def _absolute_path(spec: dict, key: str) -> str:
+    value = _string(spec, key)
+    if not os.path.isabs(value):
+        raise ConnectorError(f"spec.{key}: expected an absolute path, got {value!r}")
+    return value
+
+
+def _loopback(host: str) -> bool:
+    host = host.lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    return is_ip(host) and (host.startswith("127.") or host == "::1")
