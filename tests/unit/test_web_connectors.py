@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import attrs
+
 import pytest
 import pytest_twisted
 from cryptography import x509
@@ -44,16 +46,17 @@ def env(web_env):
     return web_env
 
 
-async def with_ldap(env, throttle: LoginThrottle | None = None):
+async def with_ldap(env, throttle: LoginThrottle | None = None, second_factor: str = "off"):
     """The env's web app again, with the connector stored and an LdapSignIn handed in."""
     await env.backend.put_resource(Resource("connector", "corp-ldap", DOC))
     ldap = LdapSignIn(connectors=ConnectorStore(env.backend, env.clock),
                       signin=ExternalSignIn(env.backend, env.audit, env.clock, users=env.users),
                       throttle=throttle or LoginThrottle(), audit=env.audit, clock=env.clock,
                       run_in_thread=Directory())
-    env.web = WebApp(env.config, env.sessions, RoleCache(env.backend, env.clock), env.registry,
+    config = attrs.evolve(env.config, second_factor=second_factor)
+    env.web = WebApp(config, env.sessions, RoleCache(env.backend, env.clock), env.registry,
                      env.audit, env.jwt_keys, env.ca, env.clock, locks=env.locks,
-                     users=env.users, ldap=ldap)
+                     users=env.users, ldap=ldap, backend=env.backend)
     return env
 
 
@@ -136,3 +139,18 @@ async def test_a_connector_without_ldap_sign_in_is_400_and_throttling_says_when(
     response, body = await env.call("POST", "/v1/sessions", json={
         "username": "erin", "password": "erin-pw", "connector": "corp-ldap"})
     assert response.code == 429 and int(header(response, "retry-after")) >= 1, body
+
+
+@pytest_twisted.ensureDeferred
+async def test_second_factors_are_for_local_accounts_not_connector_users(env):
+    """Under second_factor: on, a local user without a device gets an enroll-only session,
+    while a directory user signs in with the directory's password alone (their directory's
+    policy applies; the proxy keeps no devices for them)."""
+    await with_ldap(env, second_factor="on")
+    response, body = await env.call("POST", "/v1/sessions", json={
+        "username": "dave", "password": "dave-pw", "connector": "corp-ldap"})
+    answer = json.loads(body)
+    assert response.code == 200 and "enroll_only" not in answer, answer
+    response, body = await env.call("POST", "/v1/sessions", json={
+        "username": "alice", "password": "alice-pw"})
+    assert response.code == 200 and json.loads(body).get("enroll_only") is True
