@@ -480,36 +480,27 @@ class WebApp:
 
     @app.route("/web/account/totp", methods=["POST"])
     async def account_add_totp(self, request):
-        self._require_same_origin(request)
-        secret, web = await self._web_session(request)
-        if web is None or self._factors is None:
-            return _redirect(request, 303, "/web/login?next=%2Fweb%2Faccount")
-        try:
-            codes = await self._factors.add_totp(web.user, _arg(request, "name"),
-                                                 _arg(request, "secret"), _arg(request, "otp"))
-        except AuthError as err:
-            return await self._account_page(request, err.status, web, err.message)
-        if web.enroll_only:
-            # Password + the new device: the session becomes a full one.
-            await self._sessions.end_web_session(secret)
-            user = await self._user(web.user)
-            secret, web, ttl = await self._open_web_session(request, user)
-            _set_session_cookie(request, secret, ttl)
-        return await self._account_page(request, 200, web, None, codes)
+        return await self._add_device(request, lambda user: self._factors.add_totp(
+            user, _arg(request, "name"), _arg(request, "secret"), _arg(request, "otp")))
 
     @app.route("/web/account/webauthn", methods=["POST"])
     async def account_add_webauthn(self, request):
         """A security key registered by the account page's script (static/webauthn.js)."""
+        return await self._add_device(request, lambda user: self._factors.add_webauthn(
+            user, _arg(request, "name"), _arg(request, "webauthn")))
+
+    async def _add_device(self, request, add) -> bytes:
+        """Enroll a device with ``add(user)``; an enroll-only session becomes a full one."""
         self._require_same_origin(request)
         secret, web = await self._web_session(request)
         if web is None or self._factors is None:
             return _redirect(request, 303, "/web/login?next=%2Fweb%2Faccount")
         try:
-            codes = await self._factors.add_webauthn(web.user, _arg(request, "name"),
-                                                     _arg(request, "webauthn"))
+            codes = await add(web.user)
         except AuthError as err:
             return await self._account_page(request, err.status, web, err.message)
         if web.enroll_only:
+            # Password + the new device: the session becomes a full one.
             await self._sessions.end_web_session(secret)
             user = await self._user(web.user)
             secret, web, ttl = await self._open_web_session(request, user)
