@@ -94,7 +94,7 @@ class NeedsMore:
 
 
 SESSION_MFA_REASON = "a role requires a second factor for each session of this app"
-SESSION_MFA_MESSAGE = "needs a second factor"
+SESSION_MFA_MESSAGE = "needs a second factor for each session"
 
 
 Decision = Allow | Deny | NeedsMore

@@ -29,12 +29,13 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.static import Data
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts
+from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts, NeedsMore
 from apptunnel.auth.callers import Caller, caller_from_session, certificate_caller
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.links import LinkRedeemer, password_problem
 from apptunnel.auth.mfa import (
     ENROLL_FIRST,
+    NO_SESSION_FACTOR,
     PendingSignIns,
     SecondFactorRequired,
     SecondFactors,
@@ -262,14 +263,21 @@ class WebApp:
         await self._end_session(request)
         return _redirect(request, 303, "/web/login")
 
-    @app.route("/web/launch/<string:name>", methods=["GET"])
+    @app.route("/web/launch/<string:name>", methods=["GET", "POST"])
     async def launch(self, request, name: str):
+        """The hand-off to an app host; first the per-session MFA prompt when a role asks
+        for it (GET shows it, a same-origin POST with the factor passes it)."""
+        posting = request.method == b"POST"
+        if posting:
+            self._require_same_origin(request)
         _, web = await self._web_session(request)
         if web is None:
+            if posting:
+                return _redirect(request, 303, "/web/login")
             here = request.uri.decode("latin-1")
             return _redirect(request, 302, "/web/login?next=" + quote(here, safe=""))
         if web.enroll_only:
-            return _redirect(request, 302, "/web/account")
+            return _redirect(request, 302 if not posting else 303, "/web/account")
         app = self._registry.app(name)
         if app is None:
             raise WebError(404, "No application of that name is online.")
@@ -279,13 +287,19 @@ class WebApp:
         decision = await self._access.decide(caller_from_session(web), app,
                                              Facts(client_ip=_client(request), where="launch"),
                                              self._clock.seconds())
-        if not isinstance(decision, Allow):
+        path = safe_path(_arg(request, "path"))
+        verified = False
+        if isinstance(decision, NeedsMore) and decision.kind == "mfa":
+            answer = await self._session_mfa(request, web, app.name, path, state, posting)
+            if answer is not None:
+                return answer
+            verified = True
+        elif not isinstance(decision, Allow):
             message = decision.message if isinstance(decision, Deny) and decision.message else None
             raise WebError(403, message or "Your roles do not allow you to open this application.")
-        path = safe_path(_arg(request, "path"))
-        code = await self._sessions.create_auth_code(web, app.name, path, state)
+        code = await self._sessions.create_auth_code(web, app.name, path, state, verified)
         url = f"https://{self._app_addr(app)}/.apptunnel/auth?code={quote(code, safe='')}"
-        return _redirect(request, 302, url)
+        return _redirect(request, 303 if posting else 302, url)
 
     @app.route("/static/<string:name>", methods=["GET"])
     def static(self, request, name: str):
@@ -607,7 +621,44 @@ class WebApp:
         options = await self._factors.sign_in_options(user) if "webauthn" in need.factors \
             else None
         return self._page(request, status, "login_mfa.html", {
-            "next": target, "error": error, "factors": list(need.factors),
+            "heading": "Second factor", "action": "/web/login/mfa",
+            "hidden": [("next", target)], "error": error, "factors": list(need.factors),
+            "webauthn_options": _script_json(options) if options else None})
+
+    # -- per-session MFA (a role's require_session_mfa; decision: auth/access.py) -------
+
+    async def _session_mfa(self, request, web: WebSession, app: str, path: str, state: str,
+                           posting: bool) -> bytes | None:
+        """None once a fresh factor passed (the launch goes on, MFA-verified); else the
+        prompt page (GET, or a wrong / replayed / missing factor) or a refusal."""
+        if self._factors is None:
+            raise WebError(403, NO_SESSION_FACTOR)
+        try:
+            need = await self._factors.session_needed(web.user)
+        except AuthError as err:
+            raise WebError(err.status, err.message) from None
+        if not posting:
+            return await self._session_mfa_page(request, 200, web.user, app, path, state,
+                                                need, None)
+        given = given_factors({k: _arg(request, k) for k in ("otp", "recovery_code",
+                                                               "webauthn")})
+        try:
+            await self._factors.check_session(web.user, app, given, _client_host(request))
+        except AuthError as err:
+            self._retry_after(request, err)
+            return await self._session_mfa_page(request, err.status, web.user, app, path,
+                                                state, need, err.message)
+        return None
+
+    async def _session_mfa_page(self, request, status: int, user: str, app: str, path: str,
+                                state: str, need, error: str | None) -> bytes:
+        options = await self._factors.sign_in_options(user) if "webauthn" in need.factors \
+            else None
+        return self._page(request, status, "login_mfa.html", {
+            "heading": f"{app} asks for a second factor",
+            "action": f"/web/launch/{quote(app, safe='')}",
+            "hidden": [("path", path), ("state", state)],
+            "error": error, "factors": list(need.factors),
             "webauthn_options": _script_json(options) if options else None})
 
     async def _account_page(self, request, status: int, web: WebSession, error: str | None,
