@@ -76,6 +76,7 @@ MAX_JSON_BODY = 16 * 1024
 MAX_PUBLIC_KEY = 4 * 1024
 # The shortest user certificate we issue: shorter ones would expire before the CLI used them.
 MIN_CERT_TTL = 1.0
+SESSION_MFA_CERT_TTL = 60.0   # a one-app MFA certificate starts sessions for a minute
 
 # Set on every response. Referrer-Policy is `same-origin`, not `no-referrer`: under
 # `no-referrer` browsers send `Origin: null` on our own form POSTs (Fetch spec, "append a
@@ -390,6 +391,53 @@ class WebApp:
             "user": caller.user,
             "roles": list(caller.roles),
         })
+
+    @app.route("/v1/certs/app", methods=["POST"])
+    async def api_app_cert(self, request):
+        """Per-session MFA for ``apptunnel proxy app``: after a fresh factor, a certificate
+        for the caller's own key bound to one app, valid a minute to START sessions
+        (sessions it starts may run until the caller's credential ends).
+
+        Authenticated by a web session or the user certificate of the connection (a
+        one-app certificate cannot ask: it opens its app and nothing else).
+        """
+        if self._same_origin(request) is False:
+            raise WebError(403, "cross-origin request refused")
+        if self._factors is None:
+            raise WebError(404)
+        body = _json_body(request)
+        public_key = _public_key(body.get("public_key"))
+        name = body.get("app")
+        if not isinstance(name, str) or not name:
+            raise WebError(400, "app (a string) is required")
+        caller = await self._caller(request)
+        if caller is None:
+            raise WebError(401, "sign in required")
+        caller = await self._acting(caller, "mfa certificate")   # roles held now
+        app = self._registry.app(name)
+        if app is None:
+            raise WebError(404, f"no app named {name!r}")
+        now = self._clock.seconds()
+        decision = await self._access.decide(caller, app, Facts(client_ip=_client(request),
+                                                                where="mfa certificate"), now)
+        if isinstance(decision, Allow):
+            raise WebError(400, f"{name} does not ask for a second factor")
+        if not isinstance(decision, NeedsMore) or decision.kind != "mfa":
+            message = decision.message if isinstance(decision, Deny) else ""
+            raise WebError(403, message or f"you are not allowed to use {name}")
+        await self._factors.check_session(caller.user, app.name, given_factors(body),
+                                          _client_host(request))
+        ttl = min(SESSION_MFA_CERT_TTL, caller.expires - now)
+        if ttl < MIN_CERT_TTL:
+            raise AuthError(401, LOGIN_FAILED)
+        cert_pem = self._ca.issue_user_cert(public_key, caller.user, caller.roles,
+                                            caller.traits, ttl, mfa_app=app.name,
+                                            sessions_until=caller.expires)
+        self._audit.emit("cert.issue", actor=caller.user, target=caller.user, user=caller.user,
+                         ttl=round(ttl, 3), app=app.name, mfa=True, client=_client(request))
+        expires = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc.timestamp()
+        return _json(request, 200, {"cert": cert_pem.decode("ascii"), "expires": expires,
+                                    "app": app.name, "user": caller.user})
 
     @app.route("/v1/apps", methods=["GET"])
     async def api_apps(self, request):
