@@ -201,10 +201,11 @@ class AccessPolicy:
         return None
 
     async def allowed_apps(self, caller: Caller, apps, now: float) -> list:
-        """The apps ``caller`` may open, in the order given (the catalogue); no audit."""
+        """The apps ``caller`` may open, in the order given (the catalogue); no audit.
+        An app that asks for a second factor per session is listed: opening it prompts."""
         quiet = Facts(audit=False)
         return [app for app in apps
-                if isinstance(await self.decide(caller, app, quiet, now), Allow)]
+                if isinstance(await self.decide(caller, app, quiet, now), (Allow, NeedsMore))]
 
     def forget(self, credential: str | None = None, app: str | None = None) -> None:
         """Decide afresh: everything (roles edited), or one credential on one app (logout)."""

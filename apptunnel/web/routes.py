@@ -407,6 +407,7 @@ class WebApp:
             raise WebError(404)
         body = _json_body(request)
         public_key = _public_key(body.get("public_key"))
+        _requested_ttl(body.get("ttl"))               # a bad one fails before the factor
         name = body.get("app")
         if not isinstance(name, str) or not name:
             raise WebError(400, "app (a string) is required")
@@ -428,6 +429,9 @@ class WebApp:
         await self._factors.check_session(caller.user, app.name, given_factors(body),
                                           _client_host(request))
         ttl = min(SESSION_MFA_CERT_TTL, caller.expires - now)
+        wanted = _requested_ttl(body.get("ttl"))      # may only shorten the minute
+        if wanted is not None:
+            ttl = min(ttl, wanted)
         if ttl < MIN_CERT_TTL:
             raise AuthError(401, LOGIN_FAILED)
         cert_pem = self._ca.issue_user_cert(public_key, caller.user, caller.roles,

@@ -406,3 +406,10 @@ def test_live_recheck_does_not_cut_a_started_session_for_needs_more(w):
     w.users.set("alice", ("dev",))
     w.users.listener("alice", w.users.current("alice"))
     assert len(cut) == 1 and isinstance(cut[0], Deny)
+
+
+def test_the_catalogue_lists_apps_that_ask_for_a_second_factor(w):
+    """Allowed but needing a factor is still the user's app: listed, opening it prompts."""
+    mfa_world(w)
+    listed = run(w.policy.allowed_apps(cert(roles=("dev", "prod-mfa")), [GRAFANA, PROD], NOW))
+    assert listed == [GRAFANA, PROD]
