@@ -12,7 +12,10 @@ from __future__ import annotations
 import html
 import json
 import re
+import socket
+import socketserver
 import subprocess
+import threading
 import time
 
 import pyotp
@@ -27,15 +30,34 @@ from tests.support.localhost import localhost_resolution
 from tests.support.upstream import HttpUpstream
 
 PASSWORD = "correct horse battery staple"
-DEVICES = ("browser", "cli", "cert")
+DEVICES = ("browser", "cli", "cert", "tcp")
+
+
+class TcpEcho(socketserver.ThreadingTCPServer):
+    """A raw TCP app on loopback: echoes what it reads (daemon threads, bounded reads)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self):
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                self.request.settimeout(20)
+                while data := self.request.recv(4096):
+                    self.request.sendall(data)
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    upstream = HttpUpstream()
+    upstream, echo = HttpUpstream(), TcpEcho()
     c = Cluster([
         {"name": "hello", "uri": upstream.uri, "labels": {"env": "dev"}},
         {"name": "prodweb", "uri": upstream.uri, "labels": {"env": "prod"}},
+        {"name": "proddb", "uri": f"tcp://127.0.0.1:{echo.server_address[1]}",
+         "labels": {"env": "prod"}},
     ])
     try:
         c.start_proxy()
@@ -50,6 +72,8 @@ def cluster():
     finally:
         c.stop()
         upstream.stop()
+        echo.shutdown()
+        echo.server_close()
 
 
 def origin(cluster) -> dict:
@@ -166,6 +190,30 @@ def test_proxy_app_asks_for_a_code_and_uses_a_one_app_certificate(cluster, totps
         running.stop()
     assert r.returncode == 0, r.stderr + running.log()
     assert json.loads(r.stdout)["path"] == "/echo"
+
+
+def test_proxy_app_for_a_tcp_app_needs_the_code_too(cluster, totps, tmp_path):
+    """A raw TCP app under an MFA role: without --otp one line and no listener; with
+    the code, bytes go through to the app and back."""
+    home = tmp_path / ".apptunnel"
+    log_in(cluster, "alice", home, PASSWORD, ca_pin(cluster))
+    port = free_port()
+    missing = proxy_app(home, "proddb", "--port", str(port))
+    lines = missing.stderr.strip().splitlines()
+    assert missing.returncode != 0 and len(lines) == 1 and "--otp" in lines[0], lines
+    running = _start_with_otp(home, "proddb", str(port), next_code(totps["tcp"]))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+            conn.sendall(b"ping through mfa\n")
+            got = b""
+            while len(got) < 17:
+                chunk = conn.recv(100)
+                if not chunk:
+                    break
+                got += chunk
+    finally:
+        running.stop()
+    assert got == b"ping through mfa\n", running.log()
 
 
 def _start_with_otp(home, name: str, port: str, code: str):
