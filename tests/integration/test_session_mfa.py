@@ -155,9 +155,12 @@ def test_browser_launch_is_blocked_until_the_totp_code(cluster, totps):
     # An app no MFA role covers launches as before.
     plain = other.get(cluster.url("hello", "/echo"))
     assert plain.status_code == 200 and plain.json()["path"] == "/echo"
-    reasons = {e["fields"].get("reason") for e in audit(cluster, "session.mfa")
-               if e["outcome"] == "failure"}
-    assert {"wrong code", "replayed code"} <= reasons
+
+    def refused_reasons():
+        return {e["fields"].get("reason") for e in audit(cluster, "session.mfa")
+                if e["outcome"] == "failure"} >= {"wrong code", "replayed code"}
+
+    wait_until(refused_reasons, 10, "the audit of the wrong and replayed codes", interval=0.5)
 
 
 def proxy_app(home, *args: str) -> subprocess.CompletedProcess:
@@ -273,3 +276,52 @@ def _get(cluster, app: str, cert) -> requests.Response:
     with localhost_resolution():
         return requests.get(cluster.url(app, "/echo"), verify=cluster.ca_file, cert=cert,
                             timeout=30, allow_redirects=False)
+
+
+def test_security_key_answers_the_prompt_in_chromium(cluster, totps, chromium_page):
+    """Real Chromium with the DevTools virtual authenticator: alice adds a security key on
+    her account page, then opening prodweb stops at the prompt and the key (through
+    /static/webauthn.js) hands off to the app."""
+    page = chromium_page
+    page.goto(cluster.url(path="/web/login?next=%2Fweb%2Faccount"), timeout=15_000)
+    page.fill("input[name=username]", "alice")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(cluster.url(path="/web/account"), timeout=15_000)
+    page.click("button[data-webauthn-start]:has-text('Add security key')")
+    page.wait_for_selector("td.name:has-text('key')", timeout=15_000)
+    page.goto(cluster.url("prodweb", "/echo?via=key"), timeout=15_000)
+    page.wait_for_selector("text=Use your security key", timeout=15_000)
+    assert "prodweb asks for a second factor" in page.content()
+    page.click("button[data-webauthn-start]")
+    page.wait_for_url(cluster.url("prodweb", "/echo?via=key"), timeout=15_000)
+    assert "/echo?via=key" in page.content()
+
+    def key_checks():
+        return [e for e in audit(cluster, "session.mfa")
+                if e["outcome"] == "success" and e["fields"].get("method") == "webauthn"]
+
+    wait_until(key_checks, 10, "the audit of the security-key check", interval=0.5)
+
+
+@pytest.fixture(scope="module")
+def chromium_page():
+    from playwright.sync_api import sync_playwright
+
+    from tests.integration.test_webauthn_browser import ARGS, CHROMIUM
+    from tests.support.system import require_program
+
+    require_program(CHROMIUM, "chromium")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        context = browser.new_context(ignore_https_errors=True)
+        page = context.new_page()
+        cdp = context.new_cdp_session(page)
+        cdp.send("WebAuthn.enable", {"enableUI": False})
+        cdp.send("WebAuthn.addVirtualAuthenticator", {"options": {
+            "protocol": "ctap2", "transport": "internal", "hasResidentKey": True,
+            "hasUserVerification": True, "isUserVerified": True,
+            "automaticPresenceSimulation": True}})
+        yield page
+        context.close()
+        browser.close()
