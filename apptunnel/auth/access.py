@@ -7,11 +7,14 @@ listeners that re-check live connections when a lock appears or a user changes.
 
 A decision is a plain value: `Allow` (the caller as it may act now, roles capped by what
 its user holds), `Deny` (what the user sees, the audit reason, the HTTP status), or
-`NeedsMore` (a second factor, an access request: not produced yet; the next features add
-outcomes here, not entry points). The order is fixed: locks (in memory, every time), the
-decision cache (a few seconds, keyed by credential + app + the user's directory revision,
-so a cached request touches no storage), the user directory (a removed user is nobody),
-RBAC, then the per-request facts (the WebSocket origin result).
+`NeedsMore` (``mfa``: a role that allows the app sets ``require_session_mfa`` and the
+credential carries no fresh second factor for this app; the entry point prompts for one
+and starts an MFA-verified app session or issues a one-app certificate). The order is
+fixed: locks (in memory, every time), the decision cache (a few seconds, keyed by
+credential + app + the user's directory revision, so a cached request touches no
+storage), the user directory (a removed user is nobody), the one-app binding of a
+per-session MFA certificate, RBAC, per-session MFA, then the per-request facts (the
+WebSocket origin result).
 
 The WebSocket origin *rule* stays with the HTTP router (which origin is right depends on
 the listener the request came through: the app's public host or a local port); the
@@ -73,7 +76,7 @@ class Allow:
 class Deny:
     """Refused. ``message`` is what the user may see ("" for the default page of
     ``status``), ``reason`` goes to the audit log, ``code`` says which rule refused:
-    ``locked``, ``user_removed``, ``rbac``, ``origin``."""
+    ``locked``, ``user_removed``, ``rbac``, ``origin``, ``mfa_binding``."""
 
     status: int
     code: str
@@ -87,6 +90,11 @@ class NeedsMore:
 
     kind: Literal["mfa", "access_request"]
     reason: str = ""
+    message: str = ""
+
+
+SESSION_MFA_REASON = "a role requires a second factor for each session of this app"
+SESSION_MFA_MESSAGE = "needs a second factor for each session"
 
 
 Decision = Allow | Deny | NeedsMore
@@ -96,7 +104,7 @@ Decision = Allow | Deny | NeedsMore
 class _Cached:
     until: float
     revision: int           # of the user's directory entry the decision was made with
-    decision: Allow | Deny
+    decision: Allow | Deny | NeedsMore
 
 
 class AccessPolicy:
@@ -164,11 +172,20 @@ class AccessPolicy:
                     self._audit_deny(caller.user, name, denied, facts)
                 return denied
             who = caller.acting_as(*capped)
+        bound = _binding_refusal(caller, name)
+        if bound is not None:
+            if facts.audit and name is not None:
+                self._audit_deny(caller.user, name, bound, facts)
+            return bound
         if app is None:
             return Allow(who, "user exists and is not locked")
-        checked = (await self._roles.role_set(who.roles)).check_app(app.labels, who.traits)
-        decision: Allow | Deny = (Allow(who, checked.reason) if checked.allowed
-                                  else Deny(403, "rbac", checked.reason))
+        role_set = await self._roles.role_set(who.roles)
+        checked = role_set.check_app(app.labels, who.traits)
+        decision: Allow | Deny | NeedsMore = (Allow(who, checked.reason) if checked.allowed
+                                              else Deny(403, "rbac", checked.reason))
+        if (checked.allowed and caller.mfa_app != name
+                and role_set.session_mfa(app.labels, who.traits)):
+            decision = NeedsMore("mfa", SESSION_MFA_REASON, f"{name} {SESSION_MFA_MESSAGE}")
         self._remember((caller.credential, name),
                        _Cached(min(now + self._ttl, caller.expires), revision, decision), now)
         return self._with_facts(decision, caller.user, name, facts)
@@ -184,10 +201,11 @@ class AccessPolicy:
         return None
 
     async def allowed_apps(self, caller: Caller, apps, now: float) -> list:
-        """The apps ``caller`` may open, in the order given (the catalogue); no audit."""
+        """The apps ``caller`` may open, in the order given (the catalogue); no audit.
+        An app that asks for a second factor per session is listed: opening it prompts."""
         quiet = Facts(audit=False)
         return [app for app in apps
-                if isinstance(await self.decide(caller, app, quiet, now), Allow)]
+                if isinstance(await self.decide(caller, app, quiet, now), (Allow, NeedsMore))]
 
     def forget(self, credential: str | None = None, app: str | None = None) -> None:
         """Decide afresh: everything (roles edited), or one credential on one app (logout)."""
@@ -198,7 +216,7 @@ class AccessPolicy:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _with_facts(self, decision: Allow | Deny, user: str, app: str, facts: Facts) -> Decision:
+    def _with_facts(self, decision: Decision, user: str, app: str, facts: Facts) -> Decision:
         """Apply this request's own facts to a (possibly cached) decision, and audit a refusal."""
         if isinstance(decision, Allow) and facts.upgrade and not facts.origin_ok:
             decision = Deny(403, "origin", "WebSocket origin mismatch")
@@ -229,6 +247,14 @@ class AccessPolicy:
             if len(self._cache) >= self._max_cached:
                 self._cache.clear()
         self._cache[key] = entry
+
+
+def _binding_refusal(caller: Caller, app: str | None) -> Deny | None:
+    """A one-app MFA certificate opens its app and nothing else (no other app, no API)."""
+    if caller.method != "certificate" or caller.mfa_app is None or caller.mfa_app == app:
+        return None
+    return Deny(403, "mfa_binding", f"certificate is bound to app {caller.mfa_app!r}",
+                f"this certificate only opens {caller.mfa_app}")
 
 
 class LiveRecheck:
@@ -274,5 +300,7 @@ class LiveRecheck:
             return
         decision = await self._policy.decide(caller, app, Facts(where=LIVE),
                                              self._clock.seconds())
-        if not isinstance(decision, Allow) and conn.caller is caller:
+        # NeedsMore is not a cut: a session already started keeps running when a role
+        # starts asking for a second factor (as in Teleport); only a refusal ends it.
+        if isinstance(decision, Deny) and conn.caller is caller:
             conn.refused(decision)

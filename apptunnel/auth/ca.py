@@ -39,8 +39,10 @@ from apptunnel.files import write_file
 
 __all__ = [
     "IDENTITY_OID",
+    "SESSION_MFA_OID",
     "ClusterCA",
     "load_server_tls",
+    "session_mfa_app",
     "user_identity",
 ]
 
@@ -55,6 +57,12 @@ _BACKDATE = 3600.0
 # A private OID minted under the UUID arc (ITU-T X.667: 2.25.<uuid as integer>), so it
 # cannot collide with anyone's registered OID and needs no registration.
 IDENTITY_OID = x509.ObjectIdentifier("2.25.229081768957101467911925960359637934571")
+# Per-session MFA: a certificate with this extension (a DER UTF8String of
+# {"app": NAME, "mfa": true, "until": T}) was issued after a fresh second factor, for that
+# one app only (auth/access.py refuses it for any other app and for everything else). It
+# is valid (notAfter) for a minute, to START sessions; a session started with it may run
+# until T, the end of the credential that asked for it.
+SESSION_MFA_OID = x509.ObjectIdentifier("2.25.229081768957101467911925960359637934572")
 
 ROLE_AGENT = "agent"
 ROLE_USER = "user"
@@ -103,6 +111,24 @@ def _parse_der_utf8(data: bytes) -> str:
     if start + n != len(data):
         raise ValueError("length mismatch")
     return data[start:].decode("utf-8")
+
+
+def session_mfa_app(cert: x509.Certificate) -> tuple[str, float] | None:
+    """(app, sessions end) of a per-session MFA certificate; None for an ordinary one.
+    AuthError(401) for a malformed binding: never read as "no binding"."""
+    try:
+        ext = cert.extensions.get_extension_for_oid(SESSION_MFA_OID)
+    except x509.ExtensionNotFound:
+        return None
+    try:
+        doc = json.loads(_parse_der_utf8(ext.value.value))
+        app, mfa, until = doc["app"], doc["mfa"], doc["until"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise AuthError(401, "certificate carries an invalid app binding") from None
+    if (not isinstance(app, str) or not app or mfa is not True
+            or not isinstance(until, (int, float)) or isinstance(until, bool)):
+        raise AuthError(401, "certificate carries an invalid app binding")
+    return app, float(until)
 
 
 def user_identity(cert: x509.Certificate) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
@@ -280,8 +306,11 @@ class ClusterCA:
         return self._sign(builder)
 
     def issue_user_cert(self, public_key_pem: bytes | str, username: str, roles: Iterable[str],
-                        traits: dict, ttl: float) -> bytes:
-        """A short-lived clientAuth certificate naming the user, their roles and traits."""
+                        traits: dict, ttl: float, mfa_app: str | None = None,
+                        sessions_until: float = 0.0) -> bytes:
+        """A short-lived clientAuth certificate naming the user, their roles and traits;
+        with ``mfa_app``, bound to that app after a fresh second factor (per-session MFA:
+        sessions it starts may run until ``sessions_until``)."""
         if isinstance(public_key_pem, str):
             public_key_pem = public_key_pem.encode("utf-8", "replace")
         try:
@@ -301,6 +330,12 @@ class ClusterCA:
         builder = builder.add_extension(
             x509.UnrecognizedExtension(IDENTITY_OID, _der_utf8(identity)), critical=False
         )
+        if mfa_app is not None:
+            binding = json.dumps({"app": mfa_app, "mfa": True, "until": sessions_until},
+                                 sort_keys=True)
+            builder = builder.add_extension(
+                x509.UnrecognizedExtension(SESSION_MFA_OID, _der_utf8(binding)), critical=False
+            )
         return self._sign(builder)
 
     # -- checking --------------------------------------------------------------------

@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from OpenSSL import crypto
 
-from apptunnel.auth.ca import user_identity
+from apptunnel.auth.ca import session_mfa_app, user_identity
 from apptunnel.auth.errors import AuthError
 
 Method = Literal["session", "certificate", "password"]
@@ -30,6 +30,10 @@ class Caller:
     ``id_hash``, or the SHA-256 hex fingerprint of the certificate. It keys the decision
     and JWT caches, so a renewed certificate (new roles) or a new session never reuses
     an old one's entries. Room is left for more ``method`` values (bots, assumed roles).
+
+    ``mfa_app`` names the one app this credential carries a fresh second factor for (an
+    app session started after the per-session MFA prompt, or a one-app certificate);
+    a certificate with it opens that app only (auth/access.py).
     """
 
     user: str
@@ -38,6 +42,7 @@ class Caller:
     method: Method
     credential: str
     expires: float
+    mfa_app: str | None = None
 
     def acting_as(self, roles: tuple[str, ...], traits: dict) -> Caller:
         """The same caller with capped roles and traits (same credential, same expiry)."""
@@ -56,20 +61,27 @@ def caller_from_certificate(ca, cert: x509.Certificate, now: float) -> Caller:
     if role != "user":
         raise AuthError(401, "not a user certificate")
     roles, traits = user_identity(cert)
+    expires, binding = cert.not_valid_after_utc.timestamp(), session_mfa_app(cert)
+    if binding is not None:
+        # A one-app MFA certificate starts sessions while valid (checked above); the
+        # sessions it started run until the end of the credential that asked for it.
+        return Caller(name, roles, traits, "certificate",
+                      cert.fingerprint(hashes.SHA256()).hex(), binding[1], binding[0])
     return Caller(name, roles, traits, "certificate", cert.fingerprint(hashes.SHA256()).hex(),
-                  cert.not_valid_after_utc.timestamp())
+                  expires)
 
 
 def caller_from_session(session, credential: str | None = None,
-                        expires: float | None = None) -> Caller:
+                        expires: float | None = None, mfa_app: str | None = None) -> Caller:
     """The caller a web session (user, roles, traits, expiry) names.
 
     ``credential``/``expires`` default to the web session's own; an app host passes its
-    app session's, which is what the browser presents there and what ends first.
+    app session's, which is what the browser presents there and what ends first, and
+    ``mfa_app`` when that app session was started after a fresh second factor.
     """
     until = session.expires if expires is None else min(expires, session.expires)
     return Caller(session.user, tuple(session.roles), dict(session.traits), "session",
-                  credential or session.id_hash, until)
+                  credential or session.id_hash, until, mfa_app)
 
 
 def peer_certificate(transport) -> x509.Certificate | None:

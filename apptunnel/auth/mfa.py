@@ -11,6 +11,12 @@ no usable device gets an *enroll-only* session (it may add a device and nothing 
 Recovery codes (ten, shown once at the first enrollment, stored hashed) stand in for
 any factor, once each.
 
+Per-session MFA (a role's ``require_session_mfa``, decided in auth/access.py) asks
+`SecondFactors.check_session` for a fresh factor before each app session, whatever the
+sign-in setting: any TOTP device, security key or recovery code of the user. Users of a
+connector (LDAP, ...) hold no devices here and are refused with `NO_SESSION_FACTOR`,
+never let through; a local user without a device is told to add one.
+
 Checks are throttled like passwords (`auth/throttle.py`) under a key of their own per
 user, so a right password does not clear the count of wrong codes. Each TOTP time step
 works once per device (`Backend.advance_mfa_counter`), so a code seen over a shoulder or
@@ -53,6 +59,11 @@ FACTOR_REQUIRED = "a second factor is required"
 FACTOR_INVALID = "invalid second factor"
 ENROLL_FIRST = ("this sign-in requires a second factor and you have none yet: add one on "
                 "your account page (/web/account) first")
+
+
+NO_SESSION_FACTOR = "this app requires a second factor your account cannot provide here"
+SESSION_ENROLL_FIRST = ("this app requires a second factor for each session and you have "
+                        "none yet: add one on your account page (/web/account) first")
 
 
 class SecondFactorRequired(AuthError):
@@ -157,25 +168,54 @@ class SecondFactors:
         need = await self.needed(user)
         if not need.factors:
             return need
+        await self._present(user, need, given, address, "user.login", {})
+        return need
+
+    async def session_needed(self, user: str) -> Need:
+        """What a per-session MFA check of ``user`` takes: any factor the user holds.
+        AuthError(403) for a connector's user or a user without any device."""
+        account = await self._backend.get_user(user)
+        if account is None or account.connector:
+            raise AuthError(403, NO_SESSION_FACTOR)
+        devices = await self._backend.list_mfa_devices(user)
+        kinds = {d.kind for d in devices}
+        if self._webauthn is None:
+            kinds.discard("webauthn")
+        left = await self._backend.count_recovery_codes(user) > 0
+        need = factors_needed("on", kinds, left)
+        if not need.factors:
+            raise AuthError(403, SESSION_ENROLL_FIRST)
+        return need
+
+    async def check_session(self, user: str, app: str, given: Given, address: str) -> None:
+        """A fresh factor of ``user`` before an app session of ``app`` (per-session MFA);
+        SecondFactorRequired (401), AuthError(403) or Throttled (429) otherwise."""
+        need = await self.session_needed(user)
+        await self._present(user, need, given, address, "session.mfa", {"app": app})
+
+    async def _present(self, user: str, need: Need, given: Given, address: str,
+                       event: str, fields: dict) -> None:
+        """Verify ``given`` against ``need``: throttled, audited as ``event``."""
         if given.empty:
             raise SecondFactorRequired(need.factors, webauthn=await self.sign_in_options(user))
         key = _throttle_key(user)
         try:
             self._throttle.attempt(key, address, self._clock.seconds())
         except AuthError as err:
-            self._emit_login(user, _method(given), address, "failure", reason="throttled")
+            self._emit(event, user, "failure", method=_method(given), client=address,
+                       reason="throttled", **fields)
             raise err
         try:
             method, reason = await self._verify(user, given, need)
         except AuthError as err:    # a malformed or stale security-key answer
             method, reason = WEBAUTHN, err.message
         if reason is not None:
-            self._emit_login(user, method, address, "failure", reason=reason)
+            self._emit(event, user, "failure", method=method, client=address, reason=reason,
+                       **fields)
             raise SecondFactorRequired(need.factors, FACTOR_INVALID,
                                        webauthn=await self.sign_in_options(user))
         self._throttle.succeeded(key, address)
-        self._emit_login(user, method, address, "success")
-        return need
+        self._emit(event, user, "success", method=method, client=address, **fields)
 
     async def _verify(self, user: str, given: Given, need: Need) -> tuple[str, str | None]:
         """(method, None) when ``given`` is right, else (method, why not)."""
@@ -311,10 +351,6 @@ class SecondFactors:
         return await self._backend.count_recovery_codes(user)
 
     # -- audit ------------------------------------------------------------------
-
-    def _emit_login(self, user: str, method: str, address: str, outcome: str,
-                    **fields: Any) -> None:
-        self._emit("user.login", user, outcome, method=method, client=address, **fields)
 
     def _emit(self, type: str, user: str, outcome: str, **fields: Any) -> None:
         if self._audit is not None:

@@ -11,10 +11,12 @@ every app. ``{{internal.NAME}}`` / ``{{external.NAME}}`` expand to each of the u
 values for trait NAME; trait values are always taken literally (escaped inside a regex),
 so a trait of ``*`` or ``.*`` from an identity provider never widens access.
 
-An option is parsed only when something enforces it. ``require_session_mfa: true`` and
-``request`` / ``review_requests`` (access requests) name features apptunnel does not
-have yet: a role that asks for them is refused (`UNSUPPORTED`), never loaded and
-silently ignored, because an operator who wrote them expects them to hold.
+An option is parsed only when something enforces it. ``require_session_mfa: true`` asks
+for a fresh second factor before each app session of an app the role allows (the access
+policy answers ``NeedsMore("mfa")``, auth/access.py). ``request`` / ``review_requests``
+(access requests) name a feature apptunnel does not have yet: a role that asks for them
+is refused (`UNSUPPORTED`), never loaded and silently ignored, because an operator who
+wrote them expects them to hold.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class Role:
     allow_labels: Selector
     deny_labels: Selector
     max_session_ttl: float | None
+    require_session_mfa: bool = False
 
 
 @attrs.frozen
@@ -137,6 +140,14 @@ class RoleSet:
         if not self.roles:
             return Decision(False, "user has no roles")
         return Decision(False, "no role allows access to this app")
+
+    def session_mfa(self, labels: Mapping[str, str], traits: Mapping[str, Any]) -> bool:
+        """Whether a role that allows this app asks for a second factor per session
+        (as Teleport: any matching role with ``require_session_mfa`` is enough)."""
+        user_traits = _normalize_traits(traits)
+        return any(role.require_session_mfa
+                   and _selector_matches(role.allow_labels, labels, user_traits)
+                   for role in self.roles)
 
     def max_session_ttl(self, default: float) -> float:
         """The shortest limit over the roles; a role without one contributes the default."""
@@ -250,7 +261,6 @@ def _parse_selector(path: str, value: Any) -> Selector:
 # Role options of features not built yet: setting one to anything but its default is an
 # error naming the option, so no role loads with a promise nothing keeps.
 UNSUPPORTED = {
-    "require_session_mfa": "per-session MFA is not supported yet",
     "request": "access requests are not supported yet",
     "review_requests": "access requests are not supported yet",
 }
@@ -306,11 +316,10 @@ def parse_role(doc: dict) -> Role:
     mfa = options.get("require_session_mfa", False)
     if not isinstance(mfa, bool):
         raise RoleError("spec.options.require_session_mfa: expected true or false")
-    if mfa:
-        raise _unsupported("spec.options.require_session_mfa", "require_session_mfa")
     return Role(
         name=name,
         allow_labels=_parse_rules("spec.allow", spec.get("allow")),
         deny_labels=_parse_rules("spec.deny", spec.get("deny")),
         max_session_ttl=max_ttl,
+        require_session_mfa=mfa,
     )

@@ -199,8 +199,10 @@ class SessionManager:
 
     # -- hand-off ---------------------------------------------------------------
 
-    async def create_auth_code(self, web: WebSession, app: str, path: str, state: str) -> str:
-        """A one-time code (60 s) for ``app`` that only the holder of ``state`` can redeem."""
+    async def create_auth_code(self, web: WebSession, app: str, path: str, state: str,
+                               mfa_verified: bool = False) -> str:
+        """A one-time code (60 s) for ``app`` that only the holder of ``state`` can redeem;
+        ``mfa_verified`` when the launch passed the per-session MFA prompt."""
         if not state:
             raise AuthError(400, "missing state")
         self._refuse_if_locked(web.user, app, "launch")
@@ -213,6 +215,7 @@ class SessionManager:
                 path=path,
                 state_hash=secret_hash(state),
                 expires=self._clock.seconds() + AUTH_CODE_TTL,
+                mfa_verified=mfa_verified,
             )
         )
         return code
@@ -249,6 +252,7 @@ class SessionManager:
             app=app,
             created=now,
             expires=min(now + self._ttl, web.expires),   # never outlives its web session
+            mfa_verified=taken.mfa_verified,
         )
         await self._backend.put_app_session(record)
         self._app.put(record.id_hash, record, self._cache_until(record.expires, now))
@@ -290,7 +294,8 @@ class SessionManager:
         web = await self._parent(app_session)
         if web is None:
             return None
-        return caller_from_session(web, app_session.id_hash, app_session.expires)
+        return caller_from_session(web, app_session.id_hash, app_session.expires,
+                                   app_session.app if app_session.mfa_verified else None)
 
     async def _parent(self, app_session: AppSession) -> WebSession | None:
         web = await self._live_web_session(app_session.web_session)

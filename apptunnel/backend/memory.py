@@ -80,7 +80,8 @@ def _web_session(s: WebSession) -> WebSession:
 
 
 def _app_session(s: AppSession) -> AppSession:
-    return attrs.evolve(s, created=_real(s.created), expires=_real(s.expires))
+    return attrs.evolve(s, created=_real(s.created), expires=_real(s.expires),
+                        mfa_verified=bool(s.mfa_verified))
 
 
 def _token(t: JoinToken) -> JoinToken:
@@ -318,7 +319,8 @@ class MemoryBackend:
         self._check_open()
         if c.code_hash in self._auth_codes:
             raise AlreadyExists("auth code already exists")
-        self._auth_codes[c.code_hash] = attrs.evolve(c, expires=_real(c.expires))
+        self._auth_codes[c.code_hash] = attrs.evolve(c, expires=_real(c.expires),
+                                                     mfa_verified=bool(c.mfa_verified))
 
     async def take_auth_code(self, code_hash: str) -> AuthCode | None:
         """Read and delete at once, so a code can be redeemed at most once."""

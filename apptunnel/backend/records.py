@@ -100,6 +100,8 @@ class AppSession:
     app: str
     created: float
     expires: float
+    # Started after a fresh second factor for this app (per-session MFA, auth/access.py).
+    mfa_verified: bool = False
 
 
 @attrs.frozen
@@ -112,6 +114,7 @@ class AuthCode:
     path: str
     state_hash: str
     expires: float
+    mfa_verified: bool = False          # the launch passed the per-session MFA prompt
 
 
 @attrs.frozen

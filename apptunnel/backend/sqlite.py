@@ -170,6 +170,12 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Users made by a connector's sign-in (LDAP, later OIDC/SAML) name it; '' = local.
         "ALTER TABLE users ADD COLUMN connector TEXT NOT NULL DEFAULT ''",
     ),
+    (
+        # Per-session MFA: a hand-off and the app session it starts after a fresh second
+        # factor say so (auth/access.py); rows from before were started without one.
+        "ALTER TABLE auth_codes ADD COLUMN mfa_verified INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE app_sessions ADD COLUMN mfa_verified INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -279,7 +285,7 @@ def _web_session(row: tuple) -> WebSession:
 
 
 def _app_session(row: tuple) -> AppSession:
-    return AppSession(*row)
+    return AppSession(*row[:6], mfa_verified=bool(row[6]))
 
 
 _TOKEN_COLUMNS = "token_hash, kind, expires, created, uses_left, scope"
@@ -653,12 +659,14 @@ class SqliteBackend:
         def run(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO app_sessions"
-                " (id_hash, web_session, user_name, app, created, expires)"
-                " VALUES (?, ?, ?, ?, ?, ?)"
+                " (id_hash, web_session, user_name, app, created, expires, mfa_verified)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (id_hash) DO UPDATE SET web_session = excluded.web_session,"
                 " user_name = excluded.user_name, app = excluded.app,"
-                " created = excluded.created, expires = excluded.expires",
-                (s.id_hash, s.web_session, s.user, s.app, s.created, s.expires),
+                " created = excluded.created, expires = excluded.expires,"
+                " mfa_verified = excluded.mfa_verified",
+                (s.id_hash, s.web_session, s.user, s.app, s.created, s.expires,
+                 int(bool(s.mfa_verified))),
             )
 
         await self._run(run)
@@ -666,7 +674,7 @@ class SqliteBackend:
     async def get_app_session(self, id_hash: str) -> AppSession | None:
         def run(conn: sqlite3.Connection) -> AppSession | None:
             row = conn.execute(
-                "SELECT id_hash, web_session, user_name, app, created, expires"
+                "SELECT id_hash, web_session, user_name, app, created, expires, mfa_verified"
                 " FROM app_sessions WHERE id_hash = ?",
                 (id_hash,),
             ).fetchone()
@@ -876,9 +884,10 @@ class SqliteBackend:
             try:
                 conn.execute(
                     "INSERT INTO auth_codes"
-                    " (code_hash, web_session, app, path, state_hash, expires)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (c.code_hash, c.web_session, c.app, c.path, c.state_hash, c.expires),
+                    " (code_hash, web_session, app, path, state_hash, expires, mfa_verified)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (c.code_hash, c.web_session, c.app, c.path, c.state_hash, c.expires,
+                     int(bool(c.mfa_verified))),
                 )
             except sqlite3.IntegrityError:
                 raise AlreadyExists("auth code already exists") from None
@@ -890,14 +899,14 @@ class SqliteBackend:
         def run(conn: sqlite3.Connection) -> AuthCode | None:
             with _transaction(conn):
                 row = conn.execute(
-                    "SELECT code_hash, web_session, app, path, state_hash, expires"
-                    " FROM auth_codes WHERE code_hash = ?",
+                    "SELECT code_hash, web_session, app, path, state_hash, expires,"
+                    " mfa_verified FROM auth_codes WHERE code_hash = ?",
                     (code_hash,),
                 ).fetchone()
                 if row is None:
                     return None
                 conn.execute("DELETE FROM auth_codes WHERE code_hash = ?", (code_hash,))
-                return AuthCode(*row)
+                return AuthCode(*row[:6], mfa_verified=bool(row[6]))
 
         return await self._run(run)
 

@@ -16,6 +16,13 @@ running. The certificate is checked per connection: once it has expired, connect
 refused locally (after a re-read of the profile, so a fresh ``apptunnel login`` in
 another terminal is picked up without a restart).
 
+An app whose role asks for a second factor per session (``require_session_mfa``) makes
+the dry run answer 401 "needs a second factor": the code is asked once per run (``--otp
+CODE`` for scripts), traded at ``POST /v1/certs/app`` for a certificate bound to that one
+app, valid for a minute to start sessions (as Teleport's per-session MFA certificates),
+and every connection of the run presents it. Sessions started keep running; a connection
+after that minute is refused with a line saying to run the command again.
+
 For an HTTP app the relay is the same: the proxy, not this process, reads the HTTP
 requests after the upgrade and authorizes, signs and audits each one, so plain
 ``curl localhost:P`` reaches the app as the logged-in user.
@@ -26,6 +33,7 @@ This verb runs a reactor, unlike the other user verbs.
 from __future__ import annotations
 
 import argparse
+import getpass
 import time
 from typing import NamedTuple
 from collections.abc import Callable
@@ -33,8 +41,10 @@ from urllib.parse import quote
 
 from http.client import responses
 
+import attrs
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
-from twisted.internet import defer, error, ssl
+from twisted.internet import defer, error, ssl, threads
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -42,6 +52,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from apptunnel.cli.context import CliError, Io, UsageError
+from apptunnel.cli.login import _factor_field, _have_terminal
 from apptunnel.cli.output import clean
 from apptunnel.cli.profile import NOT_LOGGED_IN, TRUST_INSECURE, TRUST_PINNED, Profile, home_dir
 from apptunnel.net import loopback_host, split_host_port
@@ -54,6 +65,7 @@ MAX_RESPONSE = 16 * 1024
 EARLY_LIMIT = 64 * 1024
 EXPIRED = "certificate expired: run apptunnel login"
 LINGER = 2.0  # seconds a refused HTTP client may take to close after our answer
+NEEDS_FACTOR = "needs a second factor"   # the proxy's per-session MFA refusal (401)
 
 Say = Callable[[str], None]
 
@@ -81,6 +93,9 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
     app.add_argument("name", metavar="NAME", help="the app")
     app.add_argument("--port", default="0", metavar="LOCAL[:REMOTE]",
                      help="local port (0 = any free one); REMOTE picks a port of a multi-port app")
+    app.add_argument("--otp", metavar="CODE",
+                     help="second-factor code (or recovery code) for an app that asks for "
+                          "one per session; asked on the terminal otherwise")
     app.set_defaults(user_handler=proxy_app)
 
 
@@ -100,7 +115,16 @@ def proxy_app(args: argparse.Namespace, io: Io) -> int:
     failed: list[CliError] = []
 
     async def begin() -> None:
-        proxy.kind = await check(proxy)
+        try:
+            proxy.kind = await check(proxy)
+        except SecondFactorNeeded:
+            code = args.otp or await threads.deferToThread(_ask_code, args.name)
+            profile = proxy.profile()
+            if profile is None:
+                raise CliError(EXPIRED) from None
+            bound = await threads.deferToThread(app_certificate, profile, args.name, code)
+            proxy.bind(bound)
+            proxy.kind = await check(proxy)
         try:
             port = reactor.listenTCP(local_port, proxy, interface="127.0.0.1")
         except error.CannotListenError:
@@ -140,10 +164,39 @@ async def check(proxy: LocalProxy) -> str:
     except Exception as err:  # any connect failure: one line, as for each connection
         raise CliError(f"cannot reach the proxy: {err}") from None
     answer = await asked.answered.addTimeout(proxy.connect_timeout, proxy.reactor)
+    if answer.status == 401 and NEEDS_FACTOR in answer.text():
+        raise SecondFactorNeeded(answer.line())
     if answer.status != 200:
         raise CliError(answer.line())
     kind = answer.text()
     return kind if kind in ("tcp", "http") else "tcp"
+
+
+class SecondFactorNeeded(CliError):
+    """The dry run's answer for an app asking for a second factor per session."""
+
+
+def _ask_code(app: str) -> str:
+    """The code, asked on the terminal (run in a thread: getpass blocks)."""
+    if not _have_terminal():
+        raise UsageError(f"{app} asks for a second factor: give the code with --otp CODE")
+    try:
+        return getpass.getpass(f"Code from your authenticator app for {app}: ").strip()
+    except (EOFError, KeyboardInterrupt):
+        raise CliError("no code entered") from None
+
+
+def app_certificate(profile: Profile, app: str, code: str) -> Profile:
+    """The profile with a one-app MFA certificate for the same key (blocking: a thread)."""
+    key = serialization.load_pem_private_key(profile.key_pem, password=None)
+    public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    body = {"public_key": public.decode("ascii"), "app": app, _factor_field(code): code.strip()}
+    status, answer = profile.client().call("POST", "/v1/certs/app", body)
+    if status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("cert"), str):
+        why = answer.get("error") if isinstance(answer, dict) else None
+        raise CliError(f"second factor for {app} refused: {why or f'HTTP {status}'}")
+    return attrs.evolve(profile, cert_pem=answer["cert"].encode("ascii"))
 
 
 class Answer(NamedTuple):
@@ -212,6 +265,15 @@ class LocalProxy(Factory):
         self.now = now
         self.connect_timeout = connect_timeout
         self.kind = kind   # "http": refusals reach the local client as HTTP answers
+        self.expired = EXPIRED
+
+    def bind(self, profile: Profile) -> None:
+        """Present this one-app MFA certificate from now on, never re-reading the saved
+        login: once it has expired, new connections are refused (sessions run on)."""
+        self._profile = profile
+        self._load_profile = lambda: profile
+        self.expired = (f"the second-factor certificate for {self.app} starts sessions for a "
+                        f"minute only: run apptunnel proxy app {self.app} again")
 
     def buildProtocol(self, addr) -> LocalConnection:
         return LocalConnection(self)
@@ -278,7 +340,7 @@ class LocalConnection(Protocol):
         f = self._factory
         profile = f.profile()
         if profile is None:
-            self._fail(401, EXPIRED)
+            self._fail(401, f.expired)
             return
         try:
             endpoint = f.endpoint(profile)

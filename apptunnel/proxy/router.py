@@ -21,7 +21,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts
+from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts, NeedsMore
 from apptunnel.auth.callers import Caller
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.origins import own_origins, same_origin
@@ -187,7 +187,14 @@ class AppRouter:
                 session_caller = await self.sessions.caller(app_session)
                 if session_caller is not None:
                     decision = await self.access.decide(session_caller, app, facts, now)
-        if decision is None or (isinstance(decision, Deny) and decision.code == "user_removed"):
+        if isinstance(decision, NeedsMore) and caller is None:
+            # An app session started without the second factor a role now asks for
+            # (per-session MFA): GETs go through the launch and its prompt again.
+            if head.method not in (b"GET", b"HEAD"):
+                return page(401)
+            return self._launch(app, head.target, close, head_only)
+        if decision is None or isinstance(decision, NeedsMore) or (
+                isinstance(decision, Deny) and decision.code == "user_removed"):
             # No session (or one whose user is gone): a certificate, else sign in.
             if caller is not None and self.clock.seconds() < caller.expires:
                 return await self._by_certificate(head, app, caller, client_ip, False)
@@ -252,7 +259,9 @@ class AppRouter:
                       upgrade=upgrade, origin_ok=origin_ok)
         decision = await self.access.decide(caller, app, facts, self.clock.seconds())
         if not isinstance(decision, Allow):
-            message = decision.message if isinstance(decision, Deny) and decision.message else None
+            # A Deny's message, or NeedsMore's "needs a second factor" (per-session MFA:
+            # a certificate gets one only from apptunnel proxy app, bound to the app).
+            message = decision.message or None
             return Answer(pages.error_response(403, message, close=close, head_only=head_only),
                           403, close)
         who = decision.caller

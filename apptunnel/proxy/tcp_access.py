@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts, LiveRecheck
+from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts, LiveRecheck, NeedsMore
 from apptunnel.auth.ca import ClusterCA
 from apptunnel.auth.callers import Caller, caller_from_certificate, peer_certificate
 from apptunnel.auth.errors import AuthError
@@ -298,6 +298,10 @@ class TcpSession(Protocol):
         decision = await access.access.decide(caller, app, facts, access.clock.seconds())
         if isinstance(decision, Deny) and decision.code == "rbac":
             raise Refusal(403, f"you are not allowed to use {name}")
+        if isinstance(decision, NeedsMore):
+            # Per-session MFA: apptunnel proxy app asks for a factor and comes back with
+            # a certificate bound to this app (POST /v1/certs with "app").
+            raise Refusal(401, decision.message)
         if not isinstance(decision, Allow):
             raise Refusal(403, getattr(decision, "message", "") or f"you are not allowed to use {name}")
         if app.kind != "tcp":

@@ -29,12 +29,13 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.static import Data
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts
+from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts, NeedsMore
 from apptunnel.auth.callers import Caller, caller_from_session, certificate_caller
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.links import LinkRedeemer, password_problem
 from apptunnel.auth.mfa import (
     ENROLL_FIRST,
+    NO_SESSION_FACTOR,
     PendingSignIns,
     SecondFactorRequired,
     SecondFactors,
@@ -75,6 +76,7 @@ MAX_JSON_BODY = 16 * 1024
 MAX_PUBLIC_KEY = 4 * 1024
 # The shortest user certificate we issue: shorter ones would expire before the CLI used them.
 MIN_CERT_TTL = 1.0
+SESSION_MFA_CERT_TTL = 60.0   # a one-app MFA certificate starts sessions for a minute
 
 # Set on every response. Referrer-Policy is `same-origin`, not `no-referrer`: under
 # `no-referrer` browsers send `Origin: null` on our own form POSTs (Fetch spec, "append a
@@ -262,14 +264,21 @@ class WebApp:
         await self._end_session(request)
         return _redirect(request, 303, "/web/login")
 
-    @app.route("/web/launch/<string:name>", methods=["GET"])
+    @app.route("/web/launch/<string:name>", methods=["GET", "POST"])
     async def launch(self, request, name: str):
+        """The hand-off to an app host; first the per-session MFA prompt when a role asks
+        for it (GET shows it, a same-origin POST with the factor passes it)."""
+        posting = request.method == b"POST"
+        if posting:
+            self._require_same_origin(request)
         _, web = await self._web_session(request)
         if web is None:
+            if posting:
+                return _redirect(request, 303, "/web/login")
             here = request.uri.decode("latin-1")
             return _redirect(request, 302, "/web/login?next=" + quote(here, safe=""))
         if web.enroll_only:
-            return _redirect(request, 302, "/web/account")
+            return _redirect(request, 302 if not posting else 303, "/web/account")
         app = self._registry.app(name)
         if app is None:
             raise WebError(404, "No application of that name is online.")
@@ -279,13 +288,19 @@ class WebApp:
         decision = await self._access.decide(caller_from_session(web), app,
                                              Facts(client_ip=_client(request), where="launch"),
                                              self._clock.seconds())
-        if not isinstance(decision, Allow):
+        path = safe_path(_arg(request, "path"))
+        verified = False
+        if isinstance(decision, NeedsMore) and decision.kind == "mfa":
+            answer = await self._session_mfa(request, web, app.name, path, state, posting)
+            if answer is not None:
+                return answer
+            verified = True
+        elif not isinstance(decision, Allow):
             message = decision.message if isinstance(decision, Deny) and decision.message else None
             raise WebError(403, message or "Your roles do not allow you to open this application.")
-        path = safe_path(_arg(request, "path"))
-        code = await self._sessions.create_auth_code(web, app.name, path, state)
+        code = await self._sessions.create_auth_code(web, app.name, path, state, verified)
         url = f"https://{self._app_addr(app)}/.apptunnel/auth?code={quote(code, safe='')}"
-        return _redirect(request, 302, url)
+        return _redirect(request, 303 if posting else 302, url)
 
     @app.route("/static/<string:name>", methods=["GET"])
     def static(self, request, name: str):
@@ -376,6 +391,57 @@ class WebApp:
             "user": caller.user,
             "roles": list(caller.roles),
         })
+
+    @app.route("/v1/certs/app", methods=["POST"])
+    async def api_app_cert(self, request):
+        """Per-session MFA for ``apptunnel proxy app``: after a fresh factor, a certificate
+        for the caller's own key bound to one app, valid a minute to START sessions
+        (sessions it starts may run until the caller's credential ends).
+
+        Authenticated by a web session or the user certificate of the connection (a
+        one-app certificate cannot ask: it opens its app and nothing else).
+        """
+        if self._same_origin(request) is False:
+            raise WebError(403, "cross-origin request refused")
+        if self._factors is None:
+            raise WebError(404)
+        body = _json_body(request)
+        public_key = _public_key(body.get("public_key"))
+        _requested_ttl(body.get("ttl"))               # a bad one fails before the factor
+        name = body.get("app")
+        if not isinstance(name, str) or not name:
+            raise WebError(400, "app (a string) is required")
+        caller = await self._caller(request)
+        if caller is None:
+            raise WebError(401, "sign in required")
+        caller = await self._acting(caller, "mfa certificate")   # roles held now
+        app = self._registry.app(name)
+        if app is None:
+            raise WebError(404, f"no app named {name!r}")
+        now = self._clock.seconds()
+        decision = await self._access.decide(caller, app, Facts(client_ip=_client(request),
+                                                                where="mfa certificate"), now)
+        if isinstance(decision, Allow):
+            raise WebError(400, f"{name} does not ask for a second factor")
+        if not isinstance(decision, NeedsMore) or decision.kind != "mfa":
+            message = decision.message if isinstance(decision, Deny) else ""
+            raise WebError(403, message or f"you are not allowed to use {name}")
+        await self._factors.check_session(caller.user, app.name, given_factors(body),
+                                          _client_host(request))
+        ttl = min(SESSION_MFA_CERT_TTL, caller.expires - now)
+        wanted = _requested_ttl(body.get("ttl"))      # may only shorten the minute
+        if wanted is not None:
+            ttl = min(ttl, wanted)
+        if ttl < MIN_CERT_TTL:
+            raise AuthError(401, LOGIN_FAILED)
+        cert_pem = self._ca.issue_user_cert(public_key, caller.user, caller.roles,
+                                            caller.traits, ttl, mfa_app=app.name,
+                                            sessions_until=caller.expires)
+        self._audit.emit("cert.issue", actor=caller.user, target=caller.user, user=caller.user,
+                         ttl=round(ttl, 3), app=app.name, mfa=True, client=_client(request))
+        expires = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc.timestamp()
+        return _json(request, 200, {"cert": cert_pem.decode("ascii"), "expires": expires,
+                                    "app": app.name, "user": caller.user})
 
     @app.route("/v1/apps", methods=["GET"])
     async def api_apps(self, request):
@@ -598,7 +664,44 @@ class WebApp:
         options = await self._factors.sign_in_options(user) if "webauthn" in need.factors \
             else None
         return self._page(request, status, "login_mfa.html", {
-            "next": target, "error": error, "factors": list(need.factors),
+            "heading": "Second factor", "action": "/web/login/mfa",
+            "hidden": [("next", target)], "error": error, "factors": list(need.factors),
+            "webauthn_options": _script_json(options) if options else None})
+
+    # -- per-session MFA (a role's require_session_mfa; decision: auth/access.py) -------
+
+    async def _session_mfa(self, request, web: WebSession, app: str, path: str, state: str,
+                           posting: bool) -> bytes | None:
+        """None once a fresh factor passed (the launch goes on, MFA-verified); else the
+        prompt page (GET, or a wrong / replayed / missing factor) or a refusal."""
+        if self._factors is None:
+            raise WebError(403, NO_SESSION_FACTOR)
+        try:
+            need = await self._factors.session_needed(web.user)
+        except AuthError as err:
+            raise WebError(err.status, err.message) from None
+        if not posting:
+            return await self._session_mfa_page(request, 200, web.user, app, path, state,
+                                                need, None)
+        given = given_factors({k: _arg(request, k) for k in ("otp", "recovery_code",
+                                                               "webauthn")})
+        try:
+            await self._factors.check_session(web.user, app, given, _client_host(request))
+        except AuthError as err:
+            self._retry_after(request, err)
+            return await self._session_mfa_page(request, err.status, web.user, app, path,
+                                                state, need, err.message)
+        return None
+
+    async def _session_mfa_page(self, request, status: int, user: str, app: str, path: str,
+                                state: str, need, error: str | None) -> bytes:
+        options = await self._factors.sign_in_options(user) if "webauthn" in need.factors \
+            else None
+        return self._page(request, status, "login_mfa.html", {
+            "heading": f"{app} asks for a second factor",
+            "action": f"/web/launch/{quote(app, safe='')}",
+            "hidden": [("path", path), ("state", state)],
+            "error": error, "factors": list(need.factors),
             "webauthn_options": _script_json(options) if options else None})
 
     async def _account_page(self, request, status: int, web: WebSession, error: str | None,

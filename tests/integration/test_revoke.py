@@ -203,16 +203,20 @@ def test_lock_holds_before_the_command_returns(cluster, homes):
 
 
 def test_create_refuses_a_role_option_nothing_enforces(cluster, tmp_path):
-    """create -f of a role with require_session_mfa: true exits 2 naming the option; the
-    shipped example roles load."""
-    role = tmp_path / "mfa.yaml"
-    role.write_text("kind: role\nmetadata: {name: mfa}\nspec:\n  options: {require_session_mfa: true}\n"
-                    "  allow: {app_labels: {env: prod}}\n")
+    """create -f of a role asking for access requests exits 2 naming the option (issue
+    10: require_session_mfa is enforced now and accepted); the shipped example roles load."""
+    role = tmp_path / "req.yaml"
+    role.write_text("kind: role\nmetadata: {name: req}\nspec:\n"
+                    "  allow: {app_labels: {env: prod}, request: {roles: [admin]}}\n")
     result = cluster.cli("create", "-f", str(role), check=False)
     assert result.returncode == 2
     assert result.stderr.startswith("apptunnel: error: ")
-    assert "spec.options.require_session_mfa" in result.stderr
-    assert "no role named 'mfa'" in cluster.cli("get", "roles", "mfa", check=False).stderr
+    assert "spec.allow.request" in result.stderr
+    assert "no role named 'req'" in cluster.cli("get", "roles", "req", check=False).stderr
+    mfa = tmp_path / "mfa.yaml"
+    mfa.write_text("kind: role\nmetadata: {name: mfa}\nspec:\n  options: {require_session_mfa: true}\n"
+                   "  allow: {app_labels: {env: prod}}\n")
+    cluster.cli("create", "-f", str(mfa))
     examples = Path(__file__).parents[2] / "etc" / "roles"
     for path in sorted(examples.glob("*.yaml")):
         cluster.cli("create", "-f", str(path))

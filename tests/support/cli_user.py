@@ -35,10 +35,11 @@ def log_in(cluster: Cluster, name: str, home: Path, password: str, pin: str, *ex
 class ProxyApp:
     """`apptunnel proxy app NAME --port SPEC` as a subprocess, ready once it prints its port."""
 
-    def __init__(self, home: Path, name: str, spec: str, wait: bool = True):
+    def __init__(self, home: Path, name: str, spec: str, wait: bool = True,
+                 extra: tuple[str, ...] = ()):
         self.log_path = home.parent / f"proxy-app-{name}-{spec.replace(':', '-')}.log"
         self.child = Child("proxy app", [str(BIN / "apptunnel"), "proxy", "app", name,
-                                         "--port", spec], home.parent, self.log_path)
+                                         "--port", spec, *extra], home.parent, self.log_path)
         if wait:
             wait_until(self._ready, 20, f"proxy app {name} to listen")
 
@@ -54,12 +55,13 @@ class ProxyApp:
         self.child.stop()
 
 
-def start(home: Path, name: str, spec: str, wait: bool = True) -> ProxyApp:
+def start(home: Path, name: str, spec: str, wait: bool = True,
+          extra: tuple[str, ...] = ()) -> ProxyApp:
     """A ProxyApp for the user whose profile is in `home`."""
     old = os.environ.get("APPTUNNEL_HOME")
     os.environ["APPTUNNEL_HOME"] = str(home)  # Child passes our environment on
     try:
-        return ProxyApp(home, name, spec, wait)
+        return ProxyApp(home, name, spec, wait, extra)
     finally:
         if old is None:
             del os.environ["APPTUNNEL_HOME"]

@@ -319,3 +319,97 @@ def test_revoked_answers_from_memory_for_a_session_that_was_still_opening(w):
     assert w.policy.revoked("bob", "grafana") == Deny(403, "user_removed", "user removed",
                                                       REMOVED_MESSAGE)
     assert w.audit.events == []   # a question, not a refusal: the caller audits what it does
+
+
+# -- per-session MFA (issue 10) ------------------------------------------------------------
+
+
+def mfa_world(w):
+    """alice holds "prod-mfa" (prod apps, require_session_mfa) and "dev" (no MFA)."""
+    w.roles.roles["prod-mfa"] = parse_role({
+        "kind": "role", "metadata": {"name": "prod-mfa"},
+        "spec": {"options": {"require_session_mfa": True},
+                 "allow": {"app_labels": {"env": "prod"}}}})
+    w.users.set("alice", ("dev", "prod-mfa"))
+    return w
+
+
+def test_session_mfa_role_needs_more_until_the_credential_carries_it(w):
+    """A role that allows the app and asks for MFA: NeedsMore("mfa") without a fresh
+    factor for THIS app; a credential verified for another app does not count; one for
+    this app is allowed; apps the role does not cover need nothing (as Teleport)."""
+    mfa_world(w)
+    plain = cert(roles=("dev", "prod-mfa"))
+    decision = w.decide(plain, PROD)
+    assert isinstance(decision, NeedsMore) and decision.kind == "mfa"
+    assert "needs a second factor" in decision.message
+    assert isinstance(w.decide(plain, GRAFANA), Allow)
+    other = Caller("alice", ("dev", "prod-mfa"), {}, "session", "app-2", NOW + 60, "grafana")
+    assert isinstance(w.decide(other, PROD), NeedsMore)
+    verified = Caller("alice", ("dev", "prod-mfa"), {}, "session", "app-1", NOW + 60, "prod")
+    assert isinstance(w.decide(verified, PROD), Allow)
+    assert w.audit.of("access.denied") == []
+
+
+def test_session_mfa_needs_more_is_cached_per_credential_and_follows_the_user(w):
+    """The cached NeedsMore stays NeedsMore; removing the MFA role from the user
+    (a directory revision) re-decides at once: no MFA role, no prompt, no access."""
+    mfa_world(w)
+    plain = cert(roles=("dev", "prod-mfa"))
+    assert isinstance(w.decide(plain, PROD), NeedsMore)
+    assert isinstance(w.decide(plain, PROD), NeedsMore)
+    w.users.set("alice", ("dev", "ops"))
+    assert isinstance(w.decide(plain, PROD), Deny)
+
+
+def test_one_app_mfa_certificate_opens_only_its_app(w):
+    """A certificate bound to prod (mfa_app) is allowed on prod, refused on every other
+    app (even one that asks no MFA) and for "may act at all" (no API, no renewal)."""
+    mfa_world(w)
+    bound = Caller("alice", ("dev", "prod-mfa"), {}, "certificate", "fp-b", NOW + 3600, "prod")
+    assert isinstance(w.decide(bound, PROD), Allow)
+    refused = w.decide(bound, GRAFANA)
+    assert isinstance(refused, Deny) and refused.code == "mfa_binding"
+    assert refused.message == "this certificate only opens prod"
+    assert [e["target"] for e in w.audit.of("access.denied")] == ["grafana"]
+    assert isinstance(w.decide(bound, None), Deny)
+
+
+def test_session_mfa_never_allows_what_rbac_denies(w):
+    """The MFA question comes after RBAC: a deny role wins, verified or not."""
+    mfa_world(w)
+    w.users.set("alice", ("prod-mfa", "no-prod"))
+    verified = Caller("alice", ("prod-mfa", "no-prod"), {}, "session", "a", NOW + 60, "prod")
+    assert isinstance(w.decide(verified, PROD), Deny)
+    assert isinstance(w.decide(cert(roles=("prod-mfa", "no-prod")), PROD), Deny)
+
+
+def test_live_recheck_does_not_cut_a_started_session_for_needs_more(w):
+    """A role starting to ask for MFA does not end sessions already running (Teleport);
+    a refusal still does."""
+    mfa_world(w)
+    cut = []
+
+    @attrs.define
+    class Conn:
+        caller: Caller
+        app_name: str
+
+        def refused(self, deny):
+            cut.append(deny)
+
+    conns = [Conn(cert(roles=("dev", "prod-mfa")), "prod")]
+    LiveRecheck(w.policy, w.clock, lambda: conns, {"prod": PROD}.get, users=w.users)
+    w.users.set("alice", ("dev", "prod-mfa"))
+    w.users.listener("alice", w.users.current("alice"))
+    assert cut == []
+    w.users.set("alice", ("dev",))
+    w.users.listener("alice", w.users.current("alice"))
+    assert len(cut) == 1 and isinstance(cut[0], Deny)
+
+
+def test_the_catalogue_lists_apps_that_ask_for_a_second_factor(w):
+    """Allowed but needing a factor is still the user's app: listed, opening it prompts."""
+    mfa_world(w)
+    listed = run(w.policy.allowed_apps(cert(roles=("dev", "prod-mfa")), [GRAFANA, PROD], NOW))
+    assert listed == [GRAFANA, PROD]

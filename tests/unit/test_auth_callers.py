@@ -9,7 +9,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import crypto
 from twisted.internet.task import Clock
 
-from apptunnel.auth.ca import ClusterCA
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from apptunnel.auth.ca import IDENTITY_OID, ROLE_USER, SESSION_MFA_OID, ClusterCA, _der_utf8
 from apptunnel.auth.callers import (
     Caller, caller_from_certificate, caller_from_session, certificate_caller, peer_certificate,
 )
@@ -100,3 +102,37 @@ def test_certificate_caller_never_raises(ca, tmp_path):
     assert certificate_caller(None, _Transport(cert), NOW) is None
     assert certificate_caller(ca, _Transport(None), NOW) is None
     assert certificate_caller(ca, _Transport(cert), NOW + 10 * 86400) is None
+
+
+def bound_cert(ca, app="prod", until=NOW + 3600, ttl=60.0) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    return x509.load_pem_x509_certificate(ca.issue_user_cert(
+        pem, "alice", ("dev",), {}, ttl, mfa_app=app, sessions_until=until))
+
+
+def test_a_one_app_mfa_certificate_names_its_app_and_starts_sessions_for_a_minute(ca):
+    """Per-session MFA: the caller carries the bound app; its sessions may run until the
+    asking credential ends; after its minute the certificate starts nothing."""
+    cert = bound_cert(ca)
+    caller = caller_from_certificate(ca, cert, NOW + 30)
+    assert caller.mfa_app == "prod" and caller.expires == NOW + 3600
+    assert caller_from_certificate(ca, user_cert(ca), NOW).mfa_app is None
+    with pytest.raises(AuthError):
+        caller_from_certificate(ca, cert, NOW + 61)
+
+
+def test_a_malformed_app_binding_is_refused_not_ignored(ca):
+    """A binding that does not parse never reads as "no binding" (an all-apps cert)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = ca._leaf(key.public_key(), ROLE_USER, "alice", 60.0,
+                       ExtendedKeyUsageOID.CLIENT_AUTH)
+    for bad in ('{"app": "prod"}', '{"app": "", "mfa": true, "until": 1}', "garbage"):
+        b = builder.add_extension(x509.UnrecognizedExtension(
+            SESSION_MFA_OID, _der_utf8(bad)), critical=False)
+        b = b.add_extension(x509.UnrecognizedExtension(
+            IDENTITY_OID, _der_utf8('{"roles":[],"traits":{}}')), critical=False)
+        cert = x509.load_pem_x509_certificate(ca._sign(b))
+        with pytest.raises(AuthError, match="app binding"):
+            caller_from_certificate(ca, cert, NOW)

@@ -145,8 +145,6 @@ def test_supported_options_parse():
 
 
 UNSUPPORTED = [
-    ({"options": {"require_session_mfa": True}},
-     "spec.options.require_session_mfa: per-session MFA is not supported yet"),
     ({"allow": {"request": {"roles": ["prod-apps"]}}},
      "spec.allow.request: access requests are not supported yet"),
     ({"allow": {"review_requests": {"roles": ["prod-apps"]}}},
@@ -163,6 +161,21 @@ def test_options_nothing_enforces_are_refused_naming_the_option(spec, message):
         parse_role({"kind": "role", "metadata": {"name": "r"}, "spec": spec})
     assert str(info.value).startswith(message), str(info.value)
     assert "remove this option" in str(info.value)
+
+
+def test_require_session_mfa_is_accepted_and_asked_only_by_roles_that_allow_the_app():
+    """Issue 10: the option is enforced now (auth/access.py), so it parses; the RoleSet
+    asks for a second factor only for apps a role with the option allows (as Teleport)."""
+    mfa = parse_role({"kind": "role", "metadata": {"name": "prod"},
+                      "spec": {"options": {"require_session_mfa": True},
+                               "allow": {"app_labels": {"env": "prod"}}}})
+    plain = parse_role({"kind": "role", "metadata": {"name": "all"},
+                        "spec": {"allow": {"app_labels": {"*": "*"}}}})
+    assert mfa.require_session_mfa and not plain.require_session_mfa
+    roles = RoleSet([plain, mfa])
+    assert roles.session_mfa({"env": "prod"}, {})
+    assert not roles.session_mfa({"env": "dev"}, {})
+    assert not RoleSet([plain]).session_mfa({"env": "prod"}, {})
 
 
 def doc_with(spec=None, **top):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from types import SimpleNamespace
 
+import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
@@ -476,6 +477,24 @@ async def test_app_session_put_get_delete(backend):
     assert await wait(backend.delete_app_session("a1")) is True
     assert await wait(backend.delete_app_session("a1")) is False
     assert await wait(backend.get_app_session("a1")) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_mfa_verified_round_trips_on_codes_and_app_sessions(backend):
+    """Per-session MFA (issue 10): the hand-off and the app session it starts keep the
+    mark that a fresh second factor was given; records without it read as not verified."""
+    verified = attrs.evolve(app_session("a1"), mfa_verified=True)
+    await wait(backend.put_app_session(verified))
+    await wait(backend.put_app_session(app_session("a2")))
+    assert await wait(backend.get_app_session("a1")) == verified
+    assert (await wait(backend.get_app_session("a2"))).mfa_verified is False
+    await wait(backend.put_app_session(app_session("a1")))   # an upsert may clear it
+    assert (await wait(backend.get_app_session("a1"))).mfa_verified is False
+    marked = attrs.evolve(code("c1"), mfa_verified=True)
+    await wait(backend.put_auth_code(marked))
+    await wait(backend.put_auth_code(code("c2")))
+    assert await wait(backend.take_auth_code("c1")) == marked
+    assert (await wait(backend.take_auth_code("c2"))).mfa_verified is False
 
 
 @pytest_twisted.ensureDeferred

@@ -196,7 +196,7 @@ async def test_version_1_database_is_migrated_keeping_its_data(tmp_path):
         await wait(b.close())
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
     finally:
         conn.close()
 
@@ -217,5 +217,27 @@ async def test_version_2_database_keeps_its_tokens_unlimited(tmp_path):
     try:
         assert await wait(b.get_token("t")) == JoinToken("t", "app", 1000.0, 1.0, None, Scope())
         assert await wait(b.list_agents()) == []
+    finally:
+        await wait(b.close())
+
+
+@pytest_twisted.ensureDeferred
+async def test_version_5_database_gains_mfa_verified_as_not_verified(tmp_path):
+    """Migration 6 (per-session MFA): app sessions and hand-offs stored before it read as
+    started without a second factor, so a role asking for one prompts again."""
+    path = str(tmp_path / "v5.db")
+    conn = sqlite3.connect(path)
+    for migration in _MIGRATIONS[:5]:
+        for statement in migration:
+            conn.execute(statement)
+    conn.execute("INSERT INTO app_sessions VALUES ('a1', 'w1', 'alice', 'grafana', 1.0, 9e9)")
+    conn.execute("INSERT INTO auth_codes VALUES ('c1', 'w1', 'grafana', '/', 's', 9e9)")
+    conn.execute("PRAGMA user_version = 5")
+    conn.commit()
+    conn.close()
+    b = SqliteBackend(path, reactor)
+    try:
+        assert (await wait(b.get_app_session("a1"))).mfa_verified is False
+        assert (await wait(b.take_auth_code("c1"))).mfa_verified is False
     finally:
         await wait(b.close())

@@ -159,3 +159,52 @@ def test_a_cached_session_decision_reads_neither_the_session_nor_the_roles():
         out = route(r, head(extra=cookie))
         assert isinstance(out, Forward) and out.caller.credential == "app-hash"
     assert (sessions.resolved, roles.calls) == reads == (1, 1)
+
+
+def mfa_roles():
+    """dev allows grafana and asks for a second factor per session (issue 10)."""
+    from apptunnel.auth.rbac import parse_role
+    roles = Roles()
+    roles.roles["dev"] = parse_role({"kind": "role", "metadata": {"name": "dev"},
+                                     "spec": {"options": {"require_session_mfa": True},
+                                              "allow": {"app_labels": {"env": "dev"}}}})
+    return roles
+
+
+class MfaSession(OneSession):
+    def __init__(self, verified: bool):
+        super().__init__()
+        self.verified = verified
+
+    async def caller(self, app_session):
+        return Caller("alice", ("dev",), {}, "session", app_session.id_hash,
+                      app_session.expires, "grafana" if self.verified else None)
+
+
+def test_an_app_session_without_the_second_factor_goes_back_through_the_launch():
+    """Per-session MFA: an app session started without a fresh factor (before the role
+    asked for one) is sent to the launch and its prompt; a POST gets 401; an MFA-verified
+    app session is forwarded."""
+    r, _ = router(mfa_roles())
+    r.sessions = MfaSession(verified=False)
+    cookie = [(b"Cookie", b"__Host-apptunnel_app=secret")]
+    answer = route(r, head(target=b"/d", extra=cookie))
+    assert answer.status == 302 and b"/web/launch/grafana?path=%2Fd&state=" in answer.data
+    assert route(r, head(b"POST", extra=cookie)).status == 401
+    r2, _ = router(mfa_roles())
+    r2.sessions = MfaSession(verified=True)
+    assert isinstance(route(r2, head(extra=cookie)), Forward)
+
+
+def test_a_certificate_without_the_factor_is_told_so_and_a_bound_one_passes():
+    """A plain certificate on an app asking for MFA: 403 saying it needs a second factor;
+    a one-app certificate for it is forwarded; one for another app is refused."""
+    r, _ = router(mfa_roles())
+    plain = Caller("alice", ("dev",), {}, "certificate", "fp-1", NOW + 3600)
+    answer = route(r, head(), plain)
+    assert answer.status == 403 and b"needs a second factor" in answer.data
+    bound = Caller("alice", ("dev",), {}, "certificate", "fp-2", NOW + 3600, "grafana")
+    assert isinstance(route(r, head(), bound), Forward)
+    other = Caller("alice", ("dev",), {}, "certificate", "fp-3", NOW + 3600, "wiki")
+    answer = route(r, head(), other)
+    assert answer.status == 403 and b"this certificate only opens wiki" in answer.data
