@@ -156,3 +156,12 @@ async def test_saml_connectors_are_created_and_their_roles_must_exist(config_pat
     assert stored_doc.doc["kind"] == "saml"
     listed = await cli(config_path, "get", "connectors", "--format", "text")
     assert "okta" in listed.out and "https://idp.example.com/metadata" in listed.out
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_example_saml_connector_is_accepted(config_path, tmp_path):
+    """etc/connectors/saml.yaml passes create -f once its role exists."""
+    role = {**ROLE, "metadata": {"name": "sre-apps"}}
+    await cli(config_path, "create", "-f", write(tmp_path, role))
+    made = await cli(config_path, "create", "-f", str(EXAMPLE.parent / "saml.yaml"))
+    assert made.code == 0, made
