@@ -157,3 +157,22 @@ async def test_metadata_and_start_of_an_unknown_connector_are_404():
         with pytest.raises(AuthError) as err:
             await wait(call)
         assert err.value.status == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_starts_are_limited_per_address_and_an_unreachable_idp_is_503():
+    """Each start writes a row before anyone signed in: 30 a minute per address, then 429;
+    an IdP whose metadata cannot be fetched is a 503 naming the connector."""
+    backend, audit, clock = MemoryBackend(), Audit(), Clock()
+    clock.advance(NOW)
+    await wait(backend.put_resource(Resource("connector", "okta", saml_doc())))
+    saml = make(backend, LoginThrottle(), audit, clock)
+    for _ in range(30):
+        with pytest.raises(AuthError) as err:
+            await wait(saml.start("okta", "/", "10.0.0.1"))
+        assert err.value.status == 503 and "okta" in err.value.message
+    with pytest.raises(Throttled):
+        await wait(saml.start("okta", "/", "10.0.0.1"))
+    with pytest.raises(AuthError) as err:
+        await wait(saml.start("okta", "/", "10.0.0.2"))
+    assert err.value.status == 503

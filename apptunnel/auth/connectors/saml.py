@@ -76,6 +76,10 @@ MAX_RESPONSE = 256 * 1024    # base64 SAMLResponse, checked before decoding
 CONCURRENT_CHECKS = 4
 QUEUED_CHECKS = 32
 CHECK_TIMEOUT = 20.0
+# Each start writes a backend row before anyone signed in: at most this many per client
+# address per minute (the sign-in throttle's machinery, counting starts, not failures).
+STARTS_PER_ADDRESS = 30
+STARTS_WINDOW = 60.0
 FAILED = "the identity provider's answer could not be accepted; sign in again"
 
 _DSIG = "http://www.w3.org/2000/09/xmldsig#"
@@ -267,15 +271,22 @@ class SamlSignIn:
         self._queue = queue or HashQueue(CONCURRENT_CHECKS, QUEUED_CHECKS, run_in_thread)
         # connector -> (spec, metadata text, pysaml2 config, when the metadata expires)
         self._configs: dict[str, tuple[SamlSpec, str, Any, float]] = {}
+        self._own_metadata: dict[str, tuple[SamlSpec, str]] = {}
+        self._starts = LoginThrottle(STARTS_PER_ADDRESS, STARTS_PER_ADDRESS, STARTS_WINDOW)
 
     async def metadata(self, name: str, address: str) -> str:
         """Our SP metadata for connector ``name``; AuthError 404 if there is none."""
         spec = await self._spec(name)
-        return await self._run(address, sp_metadata, spec, self._keys)
+        cached = self._own_metadata.get(name)
+        if cached is None or cached[0] != spec:
+            cached = (spec, await self._run(address, sp_metadata, spec, self._keys))
+            self._own_metadata[name] = cached
+        return cached[1]
 
     async def start(self, name: str, target: str, address: str) -> tuple[str, str]:
         """(request id, IdP URL) of a new AuthnRequest, stored to be answered once."""
         spec = await self._spec(name)
+        self._starts.attempt(address, address, self._clock.seconds())   # Throttled: 429
         conf = await self._config(spec, address)
         try:
             request_id, location = await self._run(address, authn_request, conf)
@@ -306,6 +317,9 @@ class SamlSignIn:
                            connector=connector, client=client, why=str(err))
             audit_login(self._audit, "", "saml", connector, client, str(err)[:200])
             raise AuthError(401, FAILED) from None
+        except AuthError as err:   # the IdP's metadata or the pool was not available
+            audit_login(self._audit, "", "saml", connector, client, err.message[:200])
+            raise
         self._throttle.succeeded(key, address)
         user = await self._signin.sign_in(identity, spec.attributes_to_roles, client)
         return user, target
