@@ -160,6 +160,11 @@ def test_forged_responses_are_refused_and_audited(cluster, idp, attack):
     assert events[-1]["outcome"] == "failure" and events[-1]["connector"] == "okta"
     if attack == "sha1":
         assert "rsa-sha1" in events[-1]["reason"], events[-1]
+    # One line of ours per refusal; pysaml2's own logging stays out of the proxy's log.
+    log = (cluster.root / "proxy.log").read_text()
+    assert "Traceback" not in log
+    assert all("apptunnel.auth.connectors.saml" in line for line in log.splitlines()
+               if "Signature" in line or "saml2" in line), log[-3000:]
 
 
 def test_a_replayed_response_is_refused_also_after_a_restart(cluster, idp):

@@ -161,6 +161,8 @@ class SamlIdp:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> SamlIdp:
+        from tests.support.system import require_program
+        require_program("/usr/bin/xmlsec1", "xmlsec1")
         for name in ("idp", "rogue"):
             _self_signed(self.wd, name)
         users = {"alice": {"password": "alice-pw", "attrs": {

@@ -32,6 +32,7 @@ import binascii
 import datetime
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +68,7 @@ _saml2_log.propagate = False
 
 SP_KEY = "saml-sp.key"
 SP_CERT = "saml-sp.crt"
-XMLSEC = "/usr/bin/xmlsec1"
+XMLSEC = shutil.which("xmlsec1") or "/usr/bin/xmlsec1"   # Debian package xmlsec1
 REQUEST_TTL = 600.0          # how long an IdP may take to answer (the user types there)
 METADATA_TTL = 600.0         # IdP metadata fetched from entity_descriptor_url is kept this long
 METADATA_TIMEOUT = 10.0
