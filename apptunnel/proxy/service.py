@@ -159,7 +159,7 @@ class ProxyService(MultiService):
             signin=ExternalSignIn(self.backend, self.audit, reactor, users=self.users,
                                   locks=self.locks),
             backend=self.backend, throttle=login_throttle, audit=self.audit, clock=reactor,
-            keys=SpKeys.load_or_create(config.data_dir, config.cluster_name, reactor.seconds()),
+            keys=SpKeys(config.data_dir, config.cluster_name, reactor.seconds()),
             fetch=fetch_metadata,
             run_in_thread=lambda f, *args: deferToThreadPool(reactor, self.saml_threads, f, *args),
         )

@@ -104,10 +104,12 @@ def test_garbage_and_entity_bombs_are_not_well_formed():
 
 
 def test_the_sp_key_is_made_once_per_cluster_and_private(tmp_path):
-    keys = SpKeys.load_or_create(str(tmp_path), "c", NOW)
+    keys = SpKeys(str(tmp_path), "c", NOW)
+    assert not os.path.exists(keys.key_file)        # nothing until SAML needs it
+    keys.ensure()
     assert stat.S_IMODE(os.stat(keys.key_file).st_mode) == 0o600
     before = open(keys.cert_file).read()
-    assert SpKeys.load_or_create(str(tmp_path), "c", NOW) == keys
+    SpKeys(str(tmp_path), "c", NOW).ensure()
     assert open(keys.cert_file).read() == before
 
 
@@ -115,7 +117,7 @@ def make(backend, throttle, audit, clock) -> SamlSignIn:
     return SamlSignIn(connectors=ConnectorStore(backend, clock),
                       signin=ExternalSignIn(backend, audit, clock), backend=backend,
                       throttle=throttle, audit=audit, clock=clock,
-                      keys=SpKeys("/nonexistent/k", "/nonexistent/c"),
+                      keys=SpKeys("/nonexistent", "c", NOW),
                       fetch=lambda url: None,
                       run_in_thread=lambda f, *args: maybeDeferred(f, *args))
 

@@ -33,10 +33,10 @@ import datetime
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -101,38 +101,46 @@ class SamlRefused(Exception):
     """A response that signs nobody in; the message is for the log and the audit."""
 
 
-@attrs.frozen
 class SpKeys:
-    """The cluster's SAML service-provider key and certificate (files in the data dir)."""
+    """The cluster's SAML service-provider key and certificate (files in the data dir).
 
-    key_file: str
-    cert_file: str
+    One pair per cluster, made the first time a SAML connector needs it (in the SAML pool:
+    generating a key blocks, and proxies without SAML connectors never pay for it), the
+    key 0600. Every SAML connector's metadata publishes this certificate.
+    """
 
-    @classmethod
-    def load_or_create(cls, data_dir: str, cluster_name: str, now: float) -> SpKeys:
-        """One pair per cluster, made on first use, the key 0600: every SAML connector's
-        metadata publishes this certificate (it signs nothing we rely on today)."""
-        key_file, cert_file = os.path.join(data_dir, SP_KEY), os.path.join(data_dir, SP_CERT)
-        if os.path.exists(key_file) and os.path.exists(cert_file):
-            return cls(key_file, cert_file)
+    def __init__(self, data_dir: str, cluster_name: str, now: float) -> None:
+        self.key_file = os.path.join(data_dir, SP_KEY)
+        self.cert_file = os.path.join(data_dir, SP_CERT)
+        self._cluster_name = cluster_name
+        self._now = now
+        self._lock = threading.Lock()
+
+    def ensure(self) -> SpKeys:
+        """Blocking: make the pair if it is missing (once, whatever the threads); self."""
+        with self._lock:
+            if not (os.path.exists(self.key_file) and os.path.exists(self.cert_file)):
+                self._create()
+        return self
+
+    def _create(self) -> None:
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
-                                             f"{cluster_name} SAML SP"[:64])])
-        start = datetime.datetime.fromtimestamp(now - 3600, datetime.timezone.utc)
+                                             f"{self._cluster_name} SAML SP"[:64])])
+        start = datetime.datetime.fromtimestamp(self._now - 3600, datetime.timezone.utc)
         cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
                 .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=3650))
                 .sign(key, hashes.SHA256()))
-        fd = os.open(key_file + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(self.key_file + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(key.private_bytes(serialization.Encoding.PEM,
                                       serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption()))
-        with open(cert_file + ".tmp", "wb") as f:
+        with open(self.cert_file + ".tmp", "wb") as f:
             f.write(cert.public_bytes(serialization.Encoding.PEM))
-        os.replace(cert_file + ".tmp", cert_file)
-        os.replace(key_file + ".tmp", key_file)
-        return cls(key_file, cert_file)
+        os.replace(self.cert_file + ".tmp", self.cert_file)
+        os.replace(self.key_file + ".tmp", self.key_file)
 
 
 # -- the blocking part (runs in a thread) -------------------------------------------------
@@ -143,6 +151,7 @@ def sp_config(spec: SamlSpec, keys: SpKeys, idp_metadata: str | None):
     from saml2 import BINDING_HTTP_POST
     from saml2.config import SPConfig
 
+    keys.ensure()
     conf = SPConfig()
     conf.load({
         "entityid": spec.service_provider_issuer,
