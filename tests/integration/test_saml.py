@@ -14,6 +14,7 @@ import re
 
 import jwt as pyjwt
 import pytest
+import pytest_twisted
 import requests
 import yaml
 
@@ -21,6 +22,7 @@ from tests.support.cluster import Browser, Cluster, audit, wait_until
 from tests.support.localhost import localhost_resolution
 from tests.support.saml_idp import SamlIdp
 from tests.support.upstream import HttpUpstream
+from tests.support.waiting import wait
 
 REFUSED = "the identity provider's answer could not be accepted"
 
@@ -190,3 +192,39 @@ def test_a_replayed_response_is_refused_also_after_a_restart(cluster, idp):
     assert again.status_code == 401 and REFUSED in html.unescape(again.text)
     wait_until(lambda: sum("already answered" in e.get("reason", "")
                            for e in saml_logins(cluster)) >= 2, 10, "both audited replays")
+
+
+@pytest_twisted.ensureDeferred
+async def test_idp_metadata_is_fetched_bounded():
+    """fetch_metadata reads an IdP's metadata with treq; more than 1 MiB is refused, with
+    or without a Content-Length, and a non-200 answer is an error."""
+    from twisted.internet import reactor
+    from twisted.web.resource import Resource as WebResource
+    from twisted.web.server import NOT_DONE_YET, Site
+    from twisted.web.static import Data
+
+    from apptunnel.auth.connectors.saml import MAX_METADATA, fetch_metadata
+
+    class Chunked(WebResource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            for _ in range(MAX_METADATA // 65536 + 2):
+                request.write(b"x" * 65536)
+            request.finish()
+            return NOT_DONE_YET
+
+    root = WebResource()
+    root.putChild(b"small", Data(b"<EntityDescriptor/>", "application/xml"))
+    root.putChild(b"big", Data(b"x" * (MAX_METADATA + 1), "application/xml"))
+    root.putChild(b"chunked", Chunked())
+    port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+    base = f"http://127.0.0.1:{port.getHost().port}"
+    try:
+        assert await wait(fetch_metadata(base + "/small")) == b"<EntityDescriptor/>"
+        for path, problem in (("/big", "larger than 1 MiB"), ("/chunked", "larger than 1 MiB"),
+                              ("/missing", "HTTP 404")):
+            with pytest.raises(ValueError, match=problem):
+                await wait(fetch_metadata(base + path))
+    finally:
+        await port.stopListening()

@@ -178,3 +178,4 @@ async def test_starts_are_limited_per_address_and_an_unreachable_idp_is_503():
     with pytest.raises(AuthError) as err:
         await wait(saml.start("okta", "/", "10.0.0.2"))
     assert err.value.status == 503
+

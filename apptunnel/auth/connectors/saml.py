@@ -191,9 +191,15 @@ def authn_request(conf) -> tuple[str, str]:
     from saml2.client import Saml2Client
 
     client = Saml2Client(config=conf)
-    request_id, info = client.prepare_for_authenticate(
-        entityid=idp_entity_id(conf), relay_state="", binding=BINDING_HTTP_REDIRECT)
-    return request_id, dict(info["headers"])["Location"]
+    try:
+        request_id, info = client.prepare_for_authenticate(
+            entityid=idp_entity_id(conf), relay_state="", binding=BINDING_HTTP_REDIRECT)
+        return request_id, dict(info["headers"])["Location"]
+    except SamlRefused:
+        raise
+    except Exception as err:  # noqa: BLE001 - e.g. no HTTP-Redirect SSO endpoint
+        raise SamlRefused(f"cannot make a request for this IdP: "
+                          f"{type(err).__name__}: {err}"[:300]) from None
 
 
 def weak_algorithm(xml: bytes) -> str | None:
@@ -250,13 +256,25 @@ def verify_response(conf, connector: str, saml_response: str, request_id: str
 async def fetch_metadata(url: str) -> bytes:
     """GET the IdP's metadata with treq (the system's CAs), bounded in size."""
     import treq
+    from twisted.web.iweb import UNKNOWN_LENGTH
     response = await treq.get(url, timeout=METADATA_TIMEOUT)
     if response.code != 200:
         raise ValueError(f"HTTP {response.code}")
-    body = await treq.content(response)
-    if len(body) > MAX_METADATA:
+    if response.length is not None and response.length != UNKNOWN_LENGTH \
+            and response.length > MAX_METADATA:
         raise ValueError("metadata larger than 1 MiB")
-    return body
+    chunks: list[bytes] = []
+    size = 0
+
+    def collect(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > MAX_METADATA:
+            raise ValueError("metadata larger than 1 MiB")   # stops the download
+        chunks.append(data)
+
+    await treq.collect(response, collect)
+    return b"".join(chunks)
 
 
 class SamlSignIn:
