@@ -18,6 +18,7 @@ from apptunnel.backend.records import (
     Lock,
     MfaDevice,
     Resource,
+    SamlRequest,
     User,
     UserLink,
     WebSession,
@@ -94,6 +95,11 @@ class Backend(typing.Protocol):
     async def set_recovery_codes(self, user: str, code_hashes: list[str]) -> None: ...
     async def use_recovery_code(self, user: str, code_hash: str) -> bool: ...
     async def count_recovery_codes(self, user: str) -> int: ...
+
+    # Outstanding SAML requests (auth/connectors/saml.py): each id is taken at most once.
+    async def put_saml_request(self, r: SamlRequest) -> None: ...   # AlreadyExists
+    async def take_saml_request(self, request_id: str, connector: str,
+                                now: float) -> SamlRequest | None: ...
 
     async def put_lock(self, lock: Lock) -> None: ...
     async def list_locks(self, now: float) -> list[Lock]: ...

@@ -37,6 +37,7 @@ from apptunnel.backend.records import (
     Lock,
     MfaDevice,
     Resource,
+    SamlRequest,
     Scope,
     User,
     UserLink,
@@ -118,6 +119,7 @@ class MemoryBackend:
         self._web_sessions: dict[str, WebSession] = {}
         self._app_sessions: dict[str, AppSession] = {}
         self._auth_codes: dict[str, AuthCode] = {}
+        self._saml_requests: dict[str, SamlRequest] = {}
         self._locks: dict[str, Lock] = {}
         self._links: dict[str, UserLink] = {}
         self._devices: dict[tuple[str, str], MfaDevice] = {}
@@ -327,6 +329,23 @@ class MemoryBackend:
         self._check_open()
         return self._auth_codes.pop(code_hash, None)
 
+    # -- outstanding SAML requests ------------------------------------------------
+
+    async def put_saml_request(self, r: SamlRequest) -> None:
+        self._check_open()
+        if r.request_id in self._saml_requests:
+            raise AlreadyExists("SAML request already exists")
+        self._saml_requests[r.request_id] = attrs.evolve(r, expires=_real(r.expires))
+
+    async def take_saml_request(self, request_id: str, connector: str,
+                                now: float) -> SamlRequest | None:
+        """Delete and return it if it is the connector's and not expired: at most once."""
+        self._check_open()
+        found = self._saml_requests.pop(request_id, None)
+        if found is None or found.connector != connector or found.expires <= now:
+            return None
+        return found
+
     # -- invite/reset links, second factors, recovery codes ----------------------
 
     async def put_user_link(self, link: UserLink) -> None:
@@ -458,7 +477,8 @@ class MemoryBackend:
         """Drop expired sessions, hand-offs, join tokens and locks; return how many went."""
         self._check_open()
         removed = 0
-        for table in (self._auth_codes, self._app_sessions, self._web_sessions, self._tokens):
+        for table in (self._auth_codes, self._app_sessions, self._web_sessions, self._tokens,
+                      self._saml_requests):
             removed += len(self._drop(table, lambda r: r.expires <= now))
         removed += len(self._drop(self._locks,
                                   lambda x: x.expires is not None and x.expires <= now))

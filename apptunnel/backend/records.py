@@ -174,3 +174,14 @@ class MfaDevice:
     secret: str
     counter: int
     created: float
+
+
+@attrs.frozen
+class SamlRequest:
+    """An outstanding SAML AuthnRequest: its id is accepted once, by its connector, until
+    ``expires`` (auth/connectors/saml.py). ``target`` is where the user lands after."""
+
+    request_id: str
+    connector: str
+    target: str
+    expires: float

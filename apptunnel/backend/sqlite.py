@@ -42,6 +42,7 @@ from apptunnel.backend.records import (
     Lock,
     MfaDevice,
     Resource,
+    SamlRequest,
     Scope,
     User,
     UserLink,
@@ -175,6 +176,14 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # factor say so (auth/access.py); rows from before were started without one.
         "ALTER TABLE auth_codes ADD COLUMN mfa_verified INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE app_sessions ADD COLUMN mfa_verified INTEGER NOT NULL DEFAULT 0",
+    ),
+    (
+        # Outstanding SAML AuthnRequest ids, each accepted once (auth/connectors/saml.py).
+        """CREATE TABLE saml_requests (
+            request_id TEXT PRIMARY KEY,
+            connector TEXT NOT NULL,
+            target TEXT NOT NULL,
+            expires REAL NOT NULL)""",
     ),
 )
 
@@ -910,6 +919,36 @@ class SqliteBackend:
 
         return await self._run(run)
 
+    # -- outstanding SAML requests ------------------------------------------------
+
+    async def put_saml_request(self, r: SamlRequest) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute("INSERT INTO saml_requests (request_id, connector, target, expires)"
+                             " VALUES (?, ?, ?, ?)",
+                             (r.request_id, r.connector, r.target, r.expires))
+            except sqlite3.IntegrityError:
+                raise AlreadyExists("SAML request already exists") from None
+
+        await self._run(run)
+
+    async def take_saml_request(self, request_id: str, connector: str,
+                                now: float) -> SamlRequest | None:
+        """Delete and return it if it is the connector's and not expired, in one
+        transaction: of two racing takes (or two proxies) only one gets it."""
+        def run(conn: sqlite3.Connection) -> SamlRequest | None:
+            with _transaction(conn):
+                row = conn.execute("SELECT request_id, connector, target, expires"
+                                   " FROM saml_requests WHERE request_id = ?",
+                                   (request_id,)).fetchone()
+                if row is None:
+                    return None
+                conn.execute("DELETE FROM saml_requests WHERE request_id = ?", (request_id,))
+            found = SamlRequest(*row)
+            return found if found.connector == connector and found.expires > now else None
+
+        return await self._run(run)
+
     # -- audit ------------------------------------------------------------------
 
     async def append_audit(self, events: list[AuditEvent]) -> None:
@@ -982,7 +1021,8 @@ class SqliteBackend:
         def run(conn: sqlite3.Connection) -> int:
             removed = 0
             with _transaction(conn):
-                for table in ("auth_codes", "app_sessions", "web_sessions", "join_tokens"):
+                for table in ("auth_codes", "app_sessions", "web_sessions", "join_tokens",
+                              "saml_requests"):
                     cur = conn.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,))
                     removed += cur.rowcount
                 cur = conn.execute(

@@ -20,7 +20,12 @@ from typing import Any
 import attrs
 
 from apptunnel.auth.connectors.specs import KINDS as CONNECTOR_KINDS
-from apptunnel.auth.connectors.specs import ConnectorError, parse_connector, public_doc
+from apptunnel.auth.connectors.specs import (
+    ROLE_RULES_KEY,
+    ConnectorError,
+    parse_connector,
+    public_doc,
+)
 from apptunnel.auth.connectors.store import RESOURCE_KIND as CONNECTOR
 from apptunnel.auth.rbac import RoleError, parse_role
 from apptunnel.backend.records import Resource, User
@@ -130,7 +135,7 @@ def _validate(where: str, doc: Any) -> Planned:
             spec = parse_connector(doc)
         except ConnectorError as err:
             raise UsageError(f"{where}: {err.message}") from None
-        roles = tuple(dict.fromkeys(r for rule in spec.groups_to_roles for r in rule.roles))
+        roles = tuple(dict.fromkeys(r for rule in spec.role_rules for r in rule.roles))
         return Planned(CONNECTOR, spec.name, doc, roles=roles)
     raise UsageError(f"{where}: kind: expected role, user or {', '.join(CONNECTOR_KINDS)}, "
                      f"got {kind!r}")
@@ -194,7 +199,8 @@ async def create_resources(admin: Admin, args: argparse.Namespace) -> int:
                                 planned_roles)
         elif item.kind == CONNECTOR:
             await require_roles(admin, item.roles,
-                                f"{args.file}: connector {item.name!r}: spec.groups_to_roles",
+                                f"{args.file}: connector {item.name!r}: "
+                                f"spec.{ROLE_RULES_KEY.get(item.doc['kind'], 'roles')}",
                                 planned_roles)
             _warn_unreadable(admin, item)
     existing = {}

@@ -26,6 +26,8 @@ from apptunnel.audit import AuditLog
 from apptunnel.auth.access import AccessPolicy
 from apptunnel.auth.ca import ClusterCA, load_server_tls
 from apptunnel.auth.connectors.ldap import CONCURRENT_CHECKS, LdapSignIn
+from apptunnel.auth.connectors.saml import CONCURRENT_CHECKS as SAML_CHECKS
+from apptunnel.auth.connectors.saml import SamlSignIn, SpKeys, fetch_metadata
 from apptunnel.auth.connectors.signin import ExternalSignIn
 from apptunnel.auth.connectors.store import ConnectorStore
 from apptunnel.auth.directory import UserDirectory
@@ -50,6 +52,7 @@ from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_option
 from apptunnel.proxy.web_channel import WebSite
 from apptunnel.startup import CannotStart, Listeners, fatal
 from apptunnel.web.routes import WebApp
+from apptunnel.web.saml import SamlWeb
 
 log = Logger()
 
@@ -149,6 +152,17 @@ class ProxyService(MultiService):
             throttle=login_throttle, audit=self.audit, clock=reactor,
             run_in_thread=lambda f, *args: deferToThreadPool(reactor, self.ldap_threads, f, *args),
         )
+        # SAML: pysaml2 and xmlsec1 block too, so they get a small pool of their own.
+        self.saml_threads = ThreadPool(0, SAML_CHECKS, "apptunnel-saml")
+        self.saml = SamlSignIn(
+            connectors=self.connectors,
+            signin=ExternalSignIn(self.backend, self.audit, reactor, users=self.users,
+                                  locks=self.locks),
+            backend=self.backend, throttle=login_throttle, audit=self.audit, clock=reactor,
+            keys=SpKeys(config.data_dir, config.cluster_name, reactor.seconds()),
+            fetch=fetch_metadata,
+            run_in_thread=lambda f, *args: deferToThreadPool(reactor, self.saml_threads, f, *args),
+        )
         self.roles = RoleCache(self.backend, reactor)
         self.access = AccessPolicy(roles=self.roles, audit=self.audit, clock=reactor,
                                    locks=self.locks, users=self.users, lock_audit=lock_audit)
@@ -162,6 +176,7 @@ class ProxyService(MultiService):
             config, self.sessions, self.roles, self.registry, self.audit,
             self.jwt_keys, self.ca, reactor, locks=self.locks, users=self.users,
             access=self.access, backend=self.backend, ldap=self.ldap,
+            connectors=self.connectors, saml=SamlWeb(self.saml),
         )
         site = WebSite(self.web.resource())  # a deadline on every request head
         site.displayTracebacks = False
@@ -231,6 +246,7 @@ class ProxyService(MultiService):
     def startService(self) -> None:
         self.audit.start()
         self.ldap_threads.start()
+        self.saml_threads.start()
         self.locks.start()
         self.users.start()
         super().startService()
@@ -266,6 +282,7 @@ class ProxyService(MultiService):
         self.locks.stop()
         self.users.stop()
         self.ldap_threads.stop()   # waits for binds in flight: each ends within its timeout
+        self.saml_threads.stop()
         yield defer.ensureDeferred(self.audit.stop())
         yield defer.ensureDeferred(self.backend.close())
 

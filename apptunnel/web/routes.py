@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from apptunnel.audit import AuditLog
     from apptunnel.auth.ca import ClusterCA
     from apptunnel.auth.connectors.ldap import LdapSignIn
+    from apptunnel.auth.connectors.store import ConnectorStore
+    from apptunnel.web.saml import SamlWeb
     from apptunnel.auth.directory import UserDirectory
     from apptunnel.auth.locks import LockWatcher
     from apptunnel.auth.jwt import JwtKeys
@@ -155,7 +157,9 @@ class WebApp:
                  users: UserDirectory | None = None,
                  access: AccessPolicy | None = None,
                  backend: Backend | None = None,
-                 ldap: LdapSignIn | None = None) -> None:
+                 ldap: LdapSignIn | None = None,
+                 connectors: ConnectorStore | None = None,
+                 saml: SamlWeb | None = None) -> None:
         self._config = config
         self._sessions = sessions
         self._roles = roles
@@ -165,6 +169,12 @@ class WebApp:
         self._ca = ca
         self._clock = clock
         self._ldap = ldap   # sign-in through LDAP connectors (auth/connectors/ldap.py)
+        self._connectors = connectors   # the sign-in page's single sign-on buttons
+        self._sso_starts = {}           # connector kind -> start(request, name, target)
+        self._saml = saml               # SAML connectors (web/saml.py)
+        if saml is not None:
+            self._sso_starts["saml"] = lambda request, name, target: saml.start(
+                request, name, target, _client_host(request))
         # Every "may this caller ..." is the access policy's (shared with the app edge in
         # the proxy service; built from roles, locks and users when not handed in).
         self._access = access or AccessPolicy(roles=roles, audit=audit, clock=clock,
@@ -234,7 +244,7 @@ class WebApp:
         if web is not None:
             return _redirect(request, 302, target)
         return self._login_page(request, 200, target, error=None,
-                                connectors=await self._connector_names())
+                                **await self._login_choices())
 
     @app.route("/web/login", methods=["POST"])
     async def login_submit(self, request):
@@ -253,7 +263,7 @@ class WebApp:
             return await self._mfa_page(request, 200, username, target, error=None)
         except AuthError as err:
             return self._login_page(request, err.status, target, error=err.message,
-                                    connectors=await self._connector_names(),
+                                    **await self._login_choices(),
                                     chosen=connector or "")
         _set_session_cookie(request, secret, ttl)
         return _redirect(request, 303, "/web/account" if web.enroll_only else target)
@@ -309,6 +319,40 @@ class WebApp:
             raise WebError(404)
         request.setHeader(b"Cache-Control", b"public, max-age=300")
         return asset
+
+    # -- single sign-on ----------------------------------------------------------------
+
+    @app.route("/web/sso/<string:name>", methods=["GET"])
+    async def sso_start(self, request, name: str):
+        """Start connector ``name``'s browser flow (the sign-in page's buttons link here)."""
+        target = safe_path(_arg(request, "next"))
+        spec = None if self._connectors is None else await self._connectors.get(name)
+        start = None if spec is None else self._sso_starts.get(spec.kind)
+        if start is None:
+            raise WebError(404, "There is no single sign-on connector of that name.")
+        return await start(request, name, target)
+
+    @app.route("/v1/webapi/saml/metadata/<string:name>", methods=["GET"])
+    async def saml_metadata(self, request, name: str):
+        if self._saml is None:
+            raise WebError(404)
+        return await self._saml.metadata(request, name, _client_host(request))
+
+    @app.route("/v1/webapi/saml/acs/<string:name>", methods=["POST"])
+    async def saml_acs(self, request, name: str):
+        """The IdP's HTTP-POST: a web session and the user's target, or the login page."""
+        if self._saml is None:
+            raise WebError(404)
+        try:
+            user, target = await self._saml.acs(request, name, _client_host(request),
+                                                _client(request))
+        except AuthError as err:
+            self._retry_after(request, err)
+            return self._login_page(request, err.status, "/", error=err.message,
+                                    **await self._login_choices())
+        secret, _, ttl = await self._open_web_session(request, user)
+        _set_session_cookie(request, secret, ttl)
+        return _redirect(request, 303, target)
 
     # -- JSON API ----------------------------------------------------------------------
 
@@ -832,6 +876,12 @@ class WebApp:
     async def _connector_names(self) -> list[str]:
         return [] if self._ldap is None else await self._ldap.connector_names()
 
+    async def _login_choices(self) -> dict[str, list]:
+        """The sign-in page's LDAP choice and its single sign-on buttons (label, kind, url)."""
+        buttons = [] if self._connectors is None else await self._connectors.buttons()
+        return {"connectors": await self._connector_names(),
+                "sso": [b for b in buttons if b[1] in self._sso_starts]}
+
     async def _password_login(self, request, username: str, password: str, given=None,
                               connector: str | None = None) -> tuple[str, WebSession, float]:
         """Check the password (locally with the second factor, auth/mfa.py, or with
@@ -887,11 +937,13 @@ class WebApp:
             raise WebError(403, "This form was not submitted from this site.")
 
     def _login_page(self, request, status: int, target: str, error: str | None,
-                    connectors: list[str] | None = None, chosen: str = "") -> bytes:
+                    connectors: list[str] | None = None, chosen: str = "",
+                    sso: list | None = None) -> bytes:
         return self._page(request, status, "login.html", {
             "next": target, "error": error,
             "max_username": MAX_USERNAME, "max_password": MAX_PASSWORD,
             "connectors": connectors or [], "chosen": chosen,
+            "sso": sso or [],
         })
 
     def _error_page(self, request, status: int, message: str) -> bytes:

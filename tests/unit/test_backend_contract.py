@@ -777,3 +777,28 @@ def test_every_protocol_method_is_a_coroutine_taking_the_same_arguments(implemen
             assert (got.kind, got.default) == (param.kind, param.default), (name, param.name)
         extra = [p for p in have.values() if p.name not in wanted]
         assert all(p.kind == p.KEYWORD_ONLY and p.default is not p.empty for p in extra), name
+
+
+@pytest_twisted.ensureDeferred
+async def test_take_saml_request_is_one_time_per_connector_and_unexpired(backend):
+    """A SAML request id is taken once, only by its connector, only before it expires;
+    of many racing takes exactly one wins, and delete_expired drops stale ones."""
+    from apptunnel.backend.records import SamlRequest
+    req = SamlRequest("id-1", "okta", "/app", 1000.0)
+    await wait(backend.put_saml_request(req))
+    with pytest.raises(AlreadyExists):
+        await wait(backend.put_saml_request(req))
+    assert await wait(backend.take_saml_request("id-1", "okta", 999.0)) == req
+    assert await wait(backend.take_saml_request("id-1", "okta", 999.0)) is None
+    await wait(backend.put_saml_request(SamlRequest("id-2", "okta", "/", 1000.0)))
+    assert await wait(backend.take_saml_request("id-2", "other", 999.0)) is None
+    assert await wait(backend.take_saml_request("id-2", "okta", 999.0)) is None   # spent
+    await wait(backend.put_saml_request(SamlRequest("id-3", "okta", "/", 1000.0)))
+    assert await wait(backend.take_saml_request("id-3", "okta", 1000.0)) is None  # expired
+    await wait(backend.put_saml_request(SamlRequest("id-4", "okta", "/", 1000.0)))
+    results = await defer.gatherResults(
+        [wait(backend.take_saml_request("id-4", "okta", 1.0)) for _ in range(5)])
+    assert len([r for r in results if r is not None]) == 1
+    await wait(backend.put_saml_request(SamlRequest("id-5", "okta", "/", 10.0)))
+    assert await wait(backend.delete_expired(20.0)) >= 1
+    assert await wait(backend.take_saml_request("id-5", "okta", 1.0)) is None

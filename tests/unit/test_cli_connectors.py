@@ -132,11 +132,36 @@ async def test_bad_ldap_specs_are_one_line_naming_the_key(config_path, tmp_path,
     assert await stored(config_path, lambda b: b.list_resources("role")) == []
 
 
-@pytest.mark.parametrize("kind", ["oidc", "saml"])
+@pytest.mark.parametrize("kind", ["oidc"])
 @pytest_twisted.ensureDeferred
-async def test_oidc_and_saml_connectors_are_refused_until_they_work(config_path, tmp_path, kind):
+async def test_oidc_connectors_are_refused_until_they_work(config_path, tmp_path, kind):
     """An option we parse is an option we enforce: no sign-in flow, no stored connector."""
     doc = {"kind": kind, "metadata": {"name": "corp"}, "spec": {}}
     line = one_error(await cli(config_path, "create", "-f", write(tmp_path, doc)), 2)
     assert f"kind: {kind} connectors are not supported yet" in line
     assert await stored(config_path, lambda b: b.list_resources("connector")) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_saml_connectors_are_created_and_their_roles_must_exist(config_path, tmp_path):
+    """A SAML document is stored (with its role); a rule naming a missing role is refused
+    naming spec.attributes_to_roles."""
+    from tests.unit.test_auth_saml import saml_doc
+    line = one_error(await cli(config_path, "create", "-f", write(tmp_path, saml_doc())), 2)
+    assert "connector 'okta': spec.attributes_to_roles: role 'dev' does not exist" in line
+    roles = [{"kind": "role", "metadata": {"name": n}, "spec": {}} for n in ("dev", "admin")]
+    made = await cli(config_path, "create", "-f", write(tmp_path, *roles, saml_doc()))
+    assert made.code == 0, made
+    [stored_doc] = await stored(config_path, lambda b: b.list_resources("connector"))
+    assert stored_doc.doc["kind"] == "saml"
+    listed = await cli(config_path, "get", "connectors", "--format", "text")
+    assert "okta" in listed.out and "https://idp.example.com/metadata" in listed.out
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_example_saml_connector_is_accepted(config_path, tmp_path):
+    """etc/connectors/saml.yaml passes create -f once its role exists."""
+    role = {**ROLE, "metadata": {"name": "sre-apps"}}
+    await cli(config_path, "create", "-f", write(tmp_path, role))
+    made = await cli(config_path, "create", "-f", str(EXAMPLE.parent / "saml.yaml"))
+    assert made.code == 0, made

@@ -4,9 +4,9 @@ Teleport's shapes, so an operator who knows them recognises them. Parsing is str
 unknown key, a wrong type or a value that cannot work is a `ConnectorError` naming the
 key (``spec.url: ...``), at ``apptunnel create -f`` time, never at a user's sign-in.
 
-Only LDAP signs anyone in today. OIDC and SAML documents are refused ("not supported
-yet"): an option we parse is an option we enforce, and a stored connector whose flow does
-not exist would be a button that cannot work.
+LDAP and SAML sign users in. OIDC documents are refused ("not supported yet") until its
+flow exists: an option we parse is an option we enforce, and a stored connector whose
+flow does not exist would be a button that cannot work.
 
 Secrets never sit in a document: ``bind_password_file`` names a file the proxy reads at
 sign-in; `public_doc` is what ``apptunnel get connectors`` may print.
@@ -38,6 +38,12 @@ MAX_TIMEOUT = 60.0
 GROUPS_TRAIT = "groups"
 _ATTRIBUTE = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,63}\Z")
 _SECRET_KEYS = ("client_secret", "bind_password", "password", "secret")
+
+SAML_KEYS = ("acs", "entity_descriptor_url", "entity_descriptor", "service_provider_issuer",
+             "attributes_to_roles", "display")
+MAX_ENTITY_DESCRIPTOR = 256 * 1024
+ROLE_RULES_KEY = {"ldap": "groups_to_roles", "saml": "attributes_to_roles",
+                  "oidc": "claims_to_roles"}
 
 LDAP_KEYS = ("url", "start_tls", "ca_file", "bind_dn", "bind_password_file",
              "user_search_base", "user_search_filter", "username_attribute",
@@ -76,9 +82,39 @@ class LdapSpec:
     kind = "ldap"
 
     @property
+    def role_rules(self) -> tuple[RoleRule, ...]:
+        return self.groups_to_roles
+
+    @property
     def whole_seconds(self) -> int:
         """ldap3's socket timeouts must be whole seconds (a float breaks its struct.pack)."""
         return max(1, math.ceil(self.timeout))
+
+
+@attrs.frozen
+class SamlSpec:
+    """A SAML 2.0 identity provider users sign in at (SP-initiated, auth/connectors/saml.py).
+
+    Exactly one of ``entity_descriptor_url`` (fetched by the proxy) and
+    ``entity_descriptor`` (the IdP's metadata XML inline) is set.
+    """
+
+    name: str
+    acs: str                       # https://PUBLIC_ADDR/v1/webapi/saml/acs/NAME
+    entity_descriptor_url: str | None
+    entity_descriptor: str | None
+    service_provider_issuer: str   # our entity id; the audience the IdP must name
+    attributes_to_roles: tuple[RoleRule, ...]
+    display: str
+
+    kind = "saml"
+
+    @property
+    def role_rules(self) -> tuple[RoleRule, ...]:
+        return self.attributes_to_roles
+
+
+Connector = LdapSpec | SamlSpec
 
 
 def connector_name(doc: Any) -> str:
@@ -94,7 +130,7 @@ def connector_name(doc: Any) -> str:
     return name
 
 
-def parse_connector(doc: Any) -> LdapSpec:
+def parse_connector(doc: Any) -> Connector:
     """The connector a document describes; ConnectorError naming the key otherwise."""
     if not isinstance(doc, dict):
         raise ConnectorError("expected a mapping with kind, metadata and spec")
@@ -103,13 +139,13 @@ def parse_connector(doc: Any) -> LdapSpec:
         raise ConnectorError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
     _keys("", doc, ("kind", "version", "metadata", "spec"))
     name = connector_name(doc)
-    if kind != "ldap":
+    if kind not in ("ldap", "saml"):
         raise ConnectorError(f"kind: {kind} connectors are not supported yet "
-                             "(only ldap signs users in today)")
+                             "(ldap and saml sign users in today)")
     spec = doc.get("spec")
     if not isinstance(spec, dict):
         raise ConnectorError("spec: expected a mapping")
-    return _ldap(name, spec)
+    return _saml(name, spec) if kind == "saml" else _ldap(name, spec)
 
 
 def public_doc(doc: dict) -> dict:
@@ -123,6 +159,61 @@ def public_doc(doc: dict) -> dict:
             return "****"
         return value
     return scrub(doc)
+
+
+# -- saml --------------------------------------------------------------------------------
+
+
+def _saml(name: str, spec: dict) -> SamlSpec:
+    _keys("spec.", spec, SAML_KEYS)
+    acs = _https_url(spec, "acs")
+    if not urlsplit(acs).path.rstrip("/").endswith(f"/v1/webapi/saml/acs/{name}"):
+        raise ConnectorError(f"spec.acs: must be https://PUBLIC_ADDR/v1/webapi/saml/acs/{name} "
+                             "(where the proxy receives this connector's responses)")
+    url = spec.get("entity_descriptor_url")
+    xml = spec.get("entity_descriptor")
+    if (url is None) == (xml is None):
+        raise ConnectorError("spec.entity_descriptor_url: give exactly one of "
+                             "entity_descriptor_url and entity_descriptor (the IdP's metadata)")
+    if url is not None:
+        url = _https_url(spec, "entity_descriptor_url")
+    else:
+        if not isinstance(xml, str) or "EntityDescriptor" not in xml:
+            raise ConnectorError("spec.entity_descriptor: expected the IdP's metadata XML "
+                                 "(an EntityDescriptor)")
+        if len(xml) > MAX_ENTITY_DESCRIPTOR:
+            raise ConnectorError(f"spec.entity_descriptor: larger than "
+                                 f"{MAX_ENTITY_DESCRIPTOR // 1024} KiB")
+    issuer = spec.get("service_provider_issuer", acs)
+    if not isinstance(issuer, str) or not issuer.strip() or len(issuer) > 1024:
+        raise ConnectorError("spec.service_provider_issuer: expected a non-empty string "
+                             "(our entity id; default: the acs)")
+    display = spec.get("display", name)
+    if not isinstance(display, str) or not display.strip() or len(display) > 64:
+        raise ConnectorError("spec.display: expected a short label for the sign-in button")
+    return SamlSpec(
+        name=name, acs=acs, entity_descriptor_url=url, entity_descriptor=xml,
+        service_provider_issuer=issuer,
+        attributes_to_roles=_role_rules(spec.get("attributes_to_roles"),
+                                        "spec.attributes_to_roles", "value", "", name_key="name"),
+        display=display,
+    )
+
+
+def _https_url(spec: dict, key: str) -> str:
+    """An https:// URL (http:// only for a loopback host, as in tests and demos)."""
+    value = _string(spec, key)
+    parts = urlsplit(value)
+    try:
+        parts.port
+    except ValueError:
+        raise ConnectorError(f"spec.{key}: invalid port in {value!r}") from None
+    if not parts.hostname or parts.scheme not in ("https", "http") or parts.username \
+            or parts.fragment:
+        raise ConnectorError(f"spec.{key}: expected an https:// URL, got {value!r}")
+    if parts.scheme == "http" and not _loopback(parts.hostname):
+        raise ConnectorError(f"spec.{key}: must be https:// (http:// only for a loopback host)")
+    return value
 
 
 # -- ldap --------------------------------------------------------------------------------
@@ -183,17 +274,24 @@ def _ldap(name: str, spec: dict) -> LdapSpec:
     )
 
 
-def _role_rules(value: Any, path: str, key: str, claim: str, dn: bool = False
-                ) -> tuple[RoleRule, ...]:
+def _role_rules(value: Any, path: str, key: str, claim: str, dn: bool = False,
+                name_key: str | None = None) -> tuple[RoleRule, ...]:
+    """Rules ``{key: VALUE, roles: [...]}`` on the claim ``claim``, or (``name_key``) on
+    the claim each rule names (``{name: ATTRIBUTE, value: VALUE, roles: [...]}``)."""
+    shape = f"{name_key}: ..., " if name_key else ""
     if not isinstance(value, list) or not value:
-        raise ConnectorError(f"{path}: expected a list of {{{key}: ..., roles: [...]}} rules "
-                             "(without one, nobody would get a role)")
+        raise ConnectorError(f"{path}: expected a list of {{{shape}{key}: ..., roles: [...]}} "
+                             "rules (without one, nobody would get a role)")
     rules = []
     for index, rule in enumerate(value):
         where = f"{path}[{index}]"
         if not isinstance(rule, dict):
             raise ConnectorError(f"{where}: expected a mapping with {key} and roles")
-        _keys(f"{where}.", rule, (key, "roles"))
+        _keys(f"{where}.", rule, (name_key, key, "roles") if name_key else (key, "roles"))
+        if name_key:
+            claim = rule.get(name_key)
+            if not isinstance(claim, str) or not claim or len(claim) > 256:
+                raise ConnectorError(f"{where}.{name_key}: expected an attribute name")
         raw = rule.get(key)
         if not isinstance(raw, str) or not raw:
             raise ConnectorError(f"{where}.{key}: expected a non-empty string")

@@ -12,7 +12,8 @@ from __future__ import annotations
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from apptunnel.auth.connectors.specs import ConnectorError, LdapSpec, parse_connector
+from apptunnel.auth.connectors.specs import Connector, ConnectorError, LdapSpec, SamlSpec, \
+    parse_connector
 from apptunnel.backend.base import Backend
 
 RESOURCE_KIND = "connector"
@@ -28,7 +29,7 @@ class ConnectorStore:
         self._clock = clock
         self._ttl = ttl
         self._until = float("-inf")
-        self._specs: dict[str, LdapSpec] = {}
+        self._specs: dict[str, Connector] = {}
         self._reported: set[tuple[str, str]] = set()
 
     async def ldap(self, name: str) -> LdapSpec | None:
@@ -40,10 +41,25 @@ class ConnectorStore:
         """Names of the LDAP connectors, sorted: the sign-in form's choice."""
         return sorted(n for n, s in (await self._all()).items() if isinstance(s, LdapSpec))
 
+    async def saml(self, name: str) -> SamlSpec | None:
+        """The SAML connector of that name, or None."""
+        spec = (await self._all()).get(name)
+        return spec if isinstance(spec, SamlSpec) else None
+
+    async def get(self, name: str) -> Connector | None:
+        """The connector of that name, whatever its kind, or None."""
+        return (await self._all()).get(name)
+
+    async def buttons(self) -> list[tuple[str, str, str]]:
+        """(label, kind, url) of each connector the sign-in page shows as a button
+        (single sign-on: everything but LDAP, which is a choice on the password form)."""
+        return [(getattr(s, "display", n), s.kind, f"/web/sso/{n}")
+                for n, s in sorted((await self._all()).items()) if s.kind != "ldap"]
+
     def invalidate(self) -> None:
         self._until = float("-inf")
 
-    async def _all(self) -> dict[str, LdapSpec]:
+    async def _all(self) -> dict[str, Connector]:
         now = self._clock.seconds()
         if now < self._until:
             return self._specs
