@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo-data
 # Debian packages the tests and the benchmarks start for real (installed when missing, as root).
-TEST_PACKAGES := curl chromium postgresql redis-server slapd ldap-utils
+TEST_PACKAGES := curl chromium postgresql redis-server slapd ldap-utils nodejs npm
 BENCH_PACKAGES := wrk nginx openssh-server openssh-client iperf3
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -23,6 +23,7 @@ install: $(BIN)/python
 
 test-deps: install
 	$(BIN)/pip install -q ".[test]"
+	cd tests/support/oidc && npm ci --no-audit --no-fund --silent
 
 demo: install
 	$(BIN)/python -m apptunnel.demo --dir $(DEMO_DIR)

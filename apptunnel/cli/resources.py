@@ -130,7 +130,7 @@ def _validate(where: str, doc: Any) -> Planned:
             spec = parse_connector(doc)
         except ConnectorError as err:
             raise UsageError(f"{where}: {err.message}") from None
-        roles = tuple(dict.fromkeys(r for rule in spec.groups_to_roles for r in rule.roles))
+        roles = tuple(dict.fromkeys(r for rule in spec.role_rules for r in rule.roles))
         return Planned(CONNECTOR, spec.name, doc, roles=roles)
     raise UsageError(f"{where}: kind: expected role, user or {', '.join(CONNECTOR_KINDS)}, "
                      f"got {kind!r}")
@@ -194,7 +194,8 @@ async def create_resources(admin: Admin, args: argparse.Namespace) -> int:
                                 planned_roles)
         elif item.kind == CONNECTOR:
             await require_roles(admin, item.roles,
-                                f"{args.file}: connector {item.name!r}: spec.groups_to_roles",
+                                f"{args.file}: connector {item.name!r}: spec."
+                                f"{parse_connector(item.doc).rules_key}",
                                 planned_roles)
             _warn_unreadable(admin, item)
     existing = {}
@@ -225,7 +226,7 @@ async def create_resources(admin: Admin, args: argparse.Namespace) -> int:
 def _warn_unreadable(admin: Admin, item: Planned) -> None:
     """The proxy reads these files at sign-in; say now if this account cannot (the proxy's
     may still be able to, so it is a warning)."""
-    for key in ("bind_password_file", "ca_file"):
+    for key in ("bind_password_file", "client_secret_file", "ca_file"):
         path = item.doc["spec"].get(key)
         if path is not None and not os.access(path, os.R_OK):
             admin.io.warn(f"connector {item.name!r}: spec.{key}: {path} is not readable "

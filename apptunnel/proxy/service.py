@@ -26,6 +26,7 @@ from apptunnel.audit import AuditLog
 from apptunnel.auth.access import AccessPolicy
 from apptunnel.auth.ca import ClusterCA, load_server_tls
 from apptunnel.auth.connectors.ldap import CONCURRENT_CHECKS, LdapSignIn
+from apptunnel.auth.connectors.oidc import OidcSignIn, http_clients
 from apptunnel.auth.connectors.signin import ExternalSignIn
 from apptunnel.auth.connectors.store import ConnectorStore
 from apptunnel.auth.directory import UserDirectory
@@ -149,6 +150,13 @@ class ProxyService(MultiService):
             throttle=login_throttle, audit=self.audit, clock=reactor,
             run_in_thread=lambda f, *args: deferToThreadPool(reactor, self.ldap_threads, f, *args),
         )
+        self.oidc = OidcSignIn(
+            connectors=self.connectors,
+            signin=ExternalSignIn(self.backend, self.audit, reactor, users=self.users,
+                                  locks=self.locks),
+            throttle=login_throttle, audit=self.audit, clock=reactor,
+            http_for=http_clients(reactor),
+        )
         self.roles = RoleCache(self.backend, reactor)
         self.access = AccessPolicy(roles=self.roles, audit=self.audit, clock=reactor,
                                    locks=self.locks, users=self.users, lock_audit=lock_audit)
@@ -162,6 +170,7 @@ class ProxyService(MultiService):
             config, self.sessions, self.roles, self.registry, self.audit,
             self.jwt_keys, self.ca, reactor, locks=self.locks, users=self.users,
             access=self.access, backend=self.backend, ldap=self.ldap,
+            oidc=self.oidc, connectors=self.connectors,
         )
         site = WebSite(self.web.resource())  # a deadline on every request head
         site.displayTracebacks = False

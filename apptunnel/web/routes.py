@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import mimetypes
+import re
 import time
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts
 from apptunnel.auth.callers import Caller, caller_from_session, certificate_caller
+from apptunnel.auth.connectors.oidc import CliReturn
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.links import LinkRedeemer, password_problem
 from apptunnel.auth.mfa import (
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
     from apptunnel.audit import AuditLog
     from apptunnel.auth.ca import ClusterCA
     from apptunnel.auth.connectors.ldap import LdapSignIn
+    from apptunnel.auth.connectors.oidc import OidcSignIn
+    from apptunnel.auth.connectors.store import ConnectorStore
     from apptunnel.auth.directory import UserDirectory
     from apptunnel.auth.locks import LockWatcher
     from apptunnel.auth.jwt import JwtKeys
@@ -64,6 +68,7 @@ if TYPE_CHECKING:
 
 SESSION_COOKIE = "__Host-apptunnel_session"
 MFA_COOKIE = "__Host-apptunnel_mfa"      # the browser's pending second sign-in step
+SSO_COOKIE = "__Host-apptunnel_sso"      # binds an OIDC flow to the browser that began it
 LOGIN_FAILED = "invalid username or password"
 
 # Bounds checked before any work is done (argon2 on a megabyte password is a DoS).
@@ -153,7 +158,9 @@ class WebApp:
                  users: UserDirectory | None = None,
                  access: AccessPolicy | None = None,
                  backend: Backend | None = None,
-                 ldap: LdapSignIn | None = None) -> None:
+                 ldap: LdapSignIn | None = None,
+                 oidc: OidcSignIn | None = None,
+                 connectors: ConnectorStore | None = None) -> None:
         self._config = config
         self._sessions = sessions
         self._roles = roles
@@ -163,6 +170,8 @@ class WebApp:
         self._ca = ca
         self._clock = clock
         self._ldap = ldap   # sign-in through LDAP connectors (auth/connectors/ldap.py)
+        self._oidc = oidc   # OIDC connectors (auth/connectors/oidc.py)
+        self._connectors = connectors   # the sign-in page's buttons (OIDC, SAML)
         # Every "may this caller ..." is the access policy's (shared with the app edge in
         # the proxy service; built from roles, locks and users when not handed in).
         self._access = access or AccessPolicy(roles=roles, audit=audit, clock=clock,
@@ -232,7 +241,8 @@ class WebApp:
         if web is not None:
             return _redirect(request, 302, target)
         return self._login_page(request, 200, target, error=None,
-                                connectors=await self._connector_names())
+                                connectors=await self._connector_names(),
+                                buttons=await self._sso_buttons())
 
     @app.route("/web/login", methods=["POST"])
     async def login_submit(self, request):
@@ -252,7 +262,7 @@ class WebApp:
         except AuthError as err:
             return self._login_page(request, err.status, target, error=err.message,
                                     connectors=await self._connector_names(),
-                                    chosen=connector or "")
+                                    chosen=connector or "", buttons=await self._sso_buttons())
         _set_session_cookie(request, secret, ttl)
         return _redirect(request, 303, "/web/account" if web.enroll_only else target)
 
@@ -335,7 +345,12 @@ class WebApp:
         wanted = _requested_ttl(body.get("ttl"))
         username, password = body.get("username"), body.get("password")
         now = self._clock.seconds()
-        if username is not None or password is not None:
+        if body.get("sso_code") is not None:
+            user = await self._redeem_sso_code(request, body)
+            caller = Caller(user.name, tuple(user.roles), dict(user.traits), "oidc", "",
+                            now + self._config.session_ttl)
+            limit = self._config.session_ttl
+        elif username is not None or password is not None:
             if not isinstance(username, str) or not isinstance(password, str):
                 raise WebError(400, "username and password must be strings")
             connector = _connector(body)
@@ -402,6 +417,67 @@ class WebApp:
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request):
         return _json(request, 200, {"status": "ok"})
+
+    # -- OIDC sign-in (decisions: auth/connectors/oidc.py) -------------------------------
+
+    @app.route("/web/sso/<string:name>", methods=["GET"])
+    async def sso_start(self, request, name: str):
+        """The connector button: begin its flow and send the browser to the provider."""
+        target = safe_path(_arg(request, "next"))
+        started = None
+        if self._oidc is not None:
+            started = await self._oidc.start(name, target, _cli_return(request))
+        if started is None:
+            raise WebError(404, "There is no single sign-on connector of that name.")
+        url, binding = started
+        _set_cookie(request, SSO_COOKIE, binding, 600)
+        return _redirect(request, 302, url)
+
+    @app.route("/v1/webapi/oidc/callback", methods=["GET"])
+    async def oidc_callback(self, request):
+        """The provider's redirect back: a web session (or the CLI's one-time code), or a
+        page saying why not. Every attempt is audited and throttled per address."""
+        if self._oidc is None:
+            return self._error_page(request, 404, _HEADINGS[404][1])
+        try:
+            done = await self._oidc.finish(
+                _arg(request, "state"), _arg(request, "code"), _arg(request, "error"),
+                _cookie(request, SSO_COOKIE), _client_host(request), _client(request))
+        except AuthError as err:
+            if isinstance(err, Throttled):
+                request.setHeader(b"Retry-After", str(err.retry_after).encode("ascii"))
+            return self._error_page(request, err.status, err.message)
+        _set_cookie(request, SSO_COOKIE, "", 0)
+        cli = done.flow.cli
+        if cli is not None:
+            code = self._oidc.cli_codes.issue(done.user.name, cli.challenge)
+            query = f"code={quote(code, safe='')}&state={quote(cli.state, safe='')}"
+            return _redirect(request, 302, f"http://127.0.0.1:{cli.port}/callback?{query}")
+        secret, _, ttl = await self._open_web_session(request, done.user)
+        _set_session_cookie(request, secret, ttl)
+        return _redirect(request, 303, done.flow.next)
+
+    async def _redeem_sso_code(self, request, body: dict) -> User:
+        """The user a CLI's one-time code was issued to, if its verifier is right;
+        throttled per address and audited like a sign-in."""
+        code, verifier = body.get("sso_code"), body.get("code_verifier")
+        if self._oidc is None or not isinstance(code, str) or not isinstance(verifier, str) \
+                or len(code) > 128 or len(verifier) > 128:
+            raise WebError(400, "sso_code and code_verifier (strings) are required")
+        address, key = _client_host(request), "sso-code"
+        try:
+            self._sessions.throttle.attempt(key, address, self._clock.seconds())
+        except Throttled as err:
+            request.setHeader(b"Retry-After", str(err.retry_after).encode("ascii"))
+            raise
+        name = self._oidc.cli_codes.redeem(code, verifier)
+        user = None if name is None else await self._sessions.user(name)
+        if user is None:
+            self._audit.emit("user.login", actor="", outcome="failure", method="sso-code",
+                             client=_client(request), reason="unknown or used code")
+            raise AuthError(401, "this sign-in code is unknown, used or expired")
+        self._sessions.throttle.succeeded(key, address)
+        return user
 
     # -- invite/reset links and second factors (decisions: auth/links.py, auth/mfa.py) -
 
@@ -793,12 +869,19 @@ class WebApp:
             raise WebError(403, "This form was not submitted from this site.")
 
     def _login_page(self, request, status: int, target: str, error: str | None,
-                    connectors: list[str] | None = None, chosen: str = "") -> bytes:
+                    connectors: list[str] | None = None, chosen: str = "",
+                    buttons: list[tuple[str, str, str]] | None = None) -> bytes:
         return self._page(request, status, "login.html", {
             "next": target, "error": error,
             "max_username": MAX_USERNAME, "max_password": MAX_PASSWORD,
             "connectors": connectors or [], "chosen": chosen,
+            "buttons": [{"name": n, "kind": k, "url": f"{u}?next={quote(target, safe='')}"}
+                        for n, k, u in buttons or ()],
         })
+
+    async def _sso_buttons(self) -> list[tuple[str, str, str]]:
+        """(name, kind, url) per browser connector (OIDC, SAML): one button each."""
+        return [] if self._connectors is None else await self._connectors.sso_buttons()
 
     def _error_page(self, request, status: int, message: str) -> bytes:
         heading = _HEADINGS.get(status, ("Error", ""))[0]
@@ -863,6 +946,20 @@ def _connector(body: dict) -> str | None:
     if not isinstance(value, str) or not value or len(value) > 64:
         raise WebError(400, "connector must be a connector's name")
     return value
+
+
+def _cli_return(request) -> CliReturn | None:
+    """Where ``apptunnel login --auth`` waits (cli_port, cli_state, cli_challenge), if
+    it started this flow; 400 for a partial or malformed set."""
+    port, state, challenge = (_arg(request, n) for n in ("cli_port", "cli_state",
+                                                          "cli_challenge"))
+    if port is None and state is None and challenge is None:
+        return None
+    token = re.compile(r"[A-Za-z0-9_-]{16,128}\Z")
+    if not (port and port.isdigit() and 1024 <= int(port) <= 65535 and state
+            and token.match(state) and challenge and token.match(challenge)):
+        raise WebError(400, "cli_port, cli_state and cli_challenge are malformed")
+    return CliReturn(int(port), state, challenge)
 
 
 def _public_key(value: Any) -> bytes:

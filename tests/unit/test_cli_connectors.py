@@ -132,9 +132,9 @@ async def test_bad_ldap_specs_are_one_line_naming_the_key(config_path, tmp_path,
     assert await stored(config_path, lambda b: b.list_resources("role")) == []
 
 
-@pytest.mark.parametrize("kind", ["oidc", "saml"])
+@pytest.mark.parametrize("kind", ["saml"])
 @pytest_twisted.ensureDeferred
-async def test_oidc_and_saml_connectors_are_refused_until_they_work(config_path, tmp_path, kind):
+async def test_saml_connectors_are_refused_until_they_work(config_path, tmp_path, kind):
     """An option we parse is an option we enforce: no sign-in flow, no stored connector."""
     doc = {"kind": kind, "metadata": {"name": "corp"}, "spec": {}}
     line = one_error(await cli(config_path, "create", "-f", write(tmp_path, doc)), 2)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from apptunnel.auth.connectors.specs import ConnectorError, LdapSpec, parse_connector
+from apptunnel.auth.connectors.specs import ConnectorError, LdapSpec, OidcSpec, parse_connector
 from apptunnel.backend.base import Backend
 
 RESOURCE_KIND = "connector"
@@ -28,7 +28,7 @@ class ConnectorStore:
         self._clock = clock
         self._ttl = ttl
         self._until = float("-inf")
-        self._specs: dict[str, LdapSpec] = {}
+        self._specs: dict[str, LdapSpec | OidcSpec] = {}
         self._reported: set[tuple[str, str]] = set()
 
     async def ldap(self, name: str) -> LdapSpec | None:
@@ -40,10 +40,22 @@ class ConnectorStore:
         """Names of the LDAP connectors, sorted: the sign-in form's choice."""
         return sorted(n for n, s in (await self._all()).items() if isinstance(s, LdapSpec))
 
+    async def oidc(self, name: str) -> OidcSpec | None:
+        """The OIDC connector of that name, or None."""
+        spec = (await self._all()).get(name)
+        return spec if isinstance(spec, OidcSpec) else None
+
+    async def sso_buttons(self) -> list[tuple[str, str, str]]:
+        """(name, kind, url) of each connector signed in at through the browser (OIDC,
+        SAML), sorted by name: one button each on the sign-in page."""
+        return [(name, spec.kind, f"/web/sso/{name}")
+                for name, spec in sorted((await self._all()).items())
+                if spec.kind in ("oidc", "saml")]
+
     def invalidate(self) -> None:
         self._until = float("-inf")
 
-    async def _all(self) -> dict[str, LdapSpec]:
+    async def _all(self) -> dict[str, LdapSpec | OidcSpec]:
         now = self._clock.seconds()
         if now < self._until:
             return self._specs
