@@ -32,7 +32,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts
 from apptunnel.auth.callers import Caller, caller_from_session, certificate_caller
-from apptunnel.auth.connectors.oidc import CliReturn
+from apptunnel.auth.connectors.oidc import CliReturn, digest
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.links import LinkRedeemer, password_problem
 from apptunnel.auth.mfa import (
@@ -457,6 +457,14 @@ class WebApp:
         _set_session_cookie(request, secret, ttl)
         return _redirect(request, 303, done.flow.next)
 
+    @app.route("/v1/connectors", methods=["GET"])
+    async def api_connectors(self, request):
+        """The connectors the sign-in page offers, by name and kind (what the CLI needs to
+        choose between a password and a browser flow); no other detail."""
+        listed = [{"name": n, "kind": "ldap"} for n in await self._connector_names()]
+        listed += [{"name": n, "kind": k} for n, k, _ in await self._sso_buttons()]
+        return _json(request, 200, {"connectors": sorted(listed, key=lambda c: c["name"])})
+
     async def _redeem_sso_code(self, request, body: dict) -> User:
         """The user a CLI's one-time code was issued to, if its verifier is right;
         throttled per address and audited like a sign-in."""
@@ -464,7 +472,7 @@ class WebApp:
         if self._oidc is None or not isinstance(code, str) or not isinstance(verifier, str) \
                 or len(code) > 128 or len(verifier) > 128:
             raise WebError(400, "sso_code and code_verifier (strings) are required")
-        address, key = _client_host(request), "sso-code"
+        address, key = _client_host(request), f"sso-code:{digest(code)}"
         try:
             self._sessions.throttle.attempt(key, address, self._clock.seconds())
         except Throttled as err:

@@ -264,3 +264,83 @@ def test_a_token_for_another_audience_is_refused(cluster):
                                form))
     assert refused.status_code == 401 and "could not be completed" in refused.text
     wait_until(lambda: _refusals(cluster, "Audience doesn't match"), 10, "the audit event")
+
+
+def test_cli_login_with_auth_no_browser_completed_by_driving_the_printed_url(cluster, tmp_path):
+    """`apptunnel login --auth corp --no-browser` prints the URL; the test signs in there
+    as a browser would; the one-shot listener on 127.0.0.1 refuses a callback with another
+    state, takes the real one, and the CLI exchanges its code for the certificate. The
+    code cannot be used a second time, nor without the CLI's verifier."""
+    home = tmp_path / "home"
+    cmd = [str(BIN / "apptunnel"), "login", "--proxy", cluster.public_addr, "--auth", "corp",
+           "--no-browser", "--ca-pin", ca_pin(cluster)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=user_env(home), cwd=str(tmp_path))
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]
+        url = lines[1].strip()
+        query = parse_qs(urlsplit(url).query)
+        port = int(query["cli_port"][0])
+        assert url.startswith(cluster.url(path="/web/sso/corp?")), lines
+        session = requests.Session()
+        session.trust_env = False
+        wrong = session.get(f"http://127.0.0.1:{port}/callback?code=x&state=wrong", timeout=5)
+        assert wrong.status_code == 400
+        browser = Browser(cluster)
+        first = browser.get(url, allow_redirects=False)
+        back = step(browser, first, f"http://127.0.0.1:{port}/callback",
+                    {"username": "carol", "password": "carol-pw"})
+        assert "cert" not in back and "session" not in back
+        code = parse_qs(urlsplit(back).query)["code"][0]
+        done = session.get(back, timeout=5)
+        assert done.status_code == 200 and "Signed in" in done.text
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert proc.returncode == 0, err
+    assert "as carol@example.org (roles: dev-apps)" in out, out
+    status = json.loads(subprocess.run([str(BIN / "apptunnel"), "status", "--format", "json"],
+                                       capture_output=True, text=True, timeout=30,
+                                       env=user_env(home)).stdout)
+    assert status["user"] == "carol@example.org" and status["traits"]["groups"] == ["devs"]
+    with localhost_resolution():
+        again = requests.post(cluster.url(path="/v1/certs"), verify=cluster.ca_file, timeout=10,
+                              json={"sso_code": code, "code_verifier": "x" * 43,
+                                    "public_key": _public_pem()})
+    assert again.status_code == 401, again.text
+
+
+def test_cli_code_needs_the_cli_verifier(cluster):
+    """A code taken from the callback URL by someone else (a browser's history, another
+    local process) is worthless without the verifier the CLI kept."""
+    browser = Browser(cluster)
+    verifier = "w" * 43
+    challenge = base64.urlsafe_b64encode(
+        __import__("hashlib").sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    start = browser.get(cluster.url(path=f"/web/sso/corp?cli_port=9&cli_state={'s' * 20}"
+                                          f"&cli_challenge={challenge}"), allow_redirects=False)
+    assert start.status_code == 400      # port below 1024: refused
+    start = browser.get(cluster.url(path=f"/web/sso/corp?cli_port=40000&cli_state={'s' * 20}"
+                                          f"&cli_challenge={challenge}"), allow_redirects=False)
+    back = step(browser, start, "http://127.0.0.1:40000/callback",
+                {"username": "carol", "password": "carol-pw"})
+    code = parse_qs(urlsplit(back).query)["code"][0]
+    with localhost_resolution():
+        stolen = requests.post(cluster.url(path="/v1/certs"), verify=cluster.ca_file, timeout=10,
+                               json={"sso_code": code, "code_verifier": "y" * 43,
+                                     "public_key": _public_pem()})
+        assert stolen.status_code == 401, stolen.text
+        # and spent: the right verifier no longer helps either
+        late = requests.post(cluster.url(path="/v1/certs"), verify=cluster.ca_file, timeout=10,
+                             json={"sso_code": code, "code_verifier": verifier,
+                                   "public_key": _public_pem()})
+        assert late.status_code == 401, late.text
+
+
+def _public_pem() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    return ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
