@@ -32,7 +32,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts
 from apptunnel.auth.callers import Caller, caller_from_session, certificate_caller
-from apptunnel.auth.connectors.oidc import CliReturn, digest
+from apptunnel.auth.connectors.oidc import FLOW_TTL, CliReturn, digest
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.links import LinkRedeemer, password_problem
 from apptunnel.auth.mfa import (
@@ -430,7 +430,7 @@ class WebApp:
         if started is None:
             raise WebError(404, "There is no single sign-on connector of that name.")
         url, binding = started
-        _set_cookie(request, SSO_COOKIE, binding, 600)
+        _set_cookie(request, SSO_COOKIE, binding, FLOW_TTL)
         return _redirect(request, 302, url)
 
     @app.route("/v1/webapi/oidc/callback", methods=["GET"])
