@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo-data
 # Debian packages the tests and the benchmarks start for real (installed when missing, as root).
-TEST_PACKAGES := curl chromium postgresql redis-server slapd ldap-utils xmlsec1
+TEST_PACKAGES := curl chromium postgresql redis-server slapd ldap-utils xmlsec1 nodejs
 BENCH_PACKAGES := wrk nginx openssh-server openssh-client iperf3
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -23,6 +23,9 @@ install: $(BIN)/python
 
 test-deps: install
 	$(BIN)/pip install -q ".[test]"
+	@# The OIDC tests' provider (npm oidc-provider, pinned by the lock file) in a folder of ours.
+	@if command -v npm >/dev/null; then cd tests/support/oidc && npm ci --no-audit --no-fund --silent; \
+	else echo "npm is missing: tests/integration/test_oidc.py needs it (Node.js >= 20 with npm)" >&2; fi
 
 demo: install
 	$(BIN)/python -m apptunnel.demo --dir $(DEMO_DIR)

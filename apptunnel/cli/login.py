@@ -16,6 +16,7 @@ import argparse
 import getpass
 import re
 import time
+import webbrowser
 from typing import Callable
 
 from cryptography import x509
@@ -28,6 +29,7 @@ from apptunnel.auth.passwords import MAX_PASSWORD_LENGTH
 from apptunnel.cli.context import CliError, Io, UsageError
 from apptunnel.cli.http import ProxyClient, fetch_chain, tls_context
 from apptunnel.cli.output import clean, human_duration, iso, json_text
+from apptunnel.cli.sso import OneShotListener
 from apptunnel.cli.profile import (
     NOT_LOGGED_IN,
     TRUST_INSECURE,
@@ -63,15 +65,19 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
                                help="sign in at a proxy and get a short-lived user certificate")
     login_p.add_argument("--proxy", required=True, metavar="HOST:PORT",
                          help="the proxy's public address, e.g. apptunnel.localhost:3080")
-    login_p.add_argument("--user", required=True, metavar="NAME")
+    login_p.add_argument("--user", metavar="NAME",
+                         help="your user name (not for a browser connector: OIDC)")
     login_p.add_argument("--password-stdin", action="store_true",
                          help="read the password from stdin (else it is asked for)")
     login_p.add_argument("--otp", metavar="CODE",
                          help="the code of your authenticator app, when the proxy asks for "
                               "one (else it is asked for on the terminal)")
     login_p.add_argument("--auth", metavar="CONNECTOR",
-                         help="sign in through this LDAP connector (its password is asked "
-                              "for like a local one)")
+                         help="sign in through this connector: LDAP asks for the password "
+                              "like a local one; OIDC opens the browser")
+    login_p.add_argument("--no-browser", action="store_true",
+                         help="with a browser connector: print the sign-in URL instead of "
+                              "opening a browser")
     login_p.add_argument("--ttl", metavar="DURATION",
                          help="ask for a shorter certificate lifetime, e.g. 1h")
     login_p.add_argument("--ca-pin", metavar="sha256:HEX",
@@ -104,10 +110,19 @@ def login(args: argparse.Namespace, io: Io, now: Callable[[], float] = time.time
         ca_pem, trust, context = None, TRUST_SYSTEM, tls_context(None)
     client = ProxyClient(args.proxy, context, insecure=trust == TRUST_INSECURE,
                          tls_hint=NO_PIN_HINT if trust == TRUST_SYSTEM else "")
-    password = _password(args, io)
     key = ec.generate_private_key(ec.SECP256R1())
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if args.auth and _browser_connector(client, args.auth):
+        try:
+            code, answer = _browser_login(args, io, client, public_pem, ttl)
+        finally:
+            client.close()
+        return _finish(args, io, code, answer, key, pin, trust, ca_pem)
+    if not args.user:
+        client.close()
+        raise UsageError("--user is required (except with --auth for a browser connector)")
+    password = _password(args, io)
     body = {"username": args.user, "password": password,
             "public_key": public_pem.decode("ascii")}
     if ttl is not None:
@@ -124,10 +139,17 @@ def login(args: argparse.Namespace, io: Io, now: Callable[[], float] = time.time
             code, answer = client.call("POST", "/v1/certs", body)
     finally:
         client.close()
+    return _finish(args, io, code, answer, key, pin, trust, ca_pem)
+
+
+def _finish(args: argparse.Namespace, io: Io, code: int, answer, key, pin: str | None,
+            trust: str, ca_pem: bytes | None) -> int:
+    """The proxy's answer to a certificate request: saved as the profile, or CliError."""
     if _second_factor_asked(code, answer):
         raise CliError(f"login to {args.proxy} failed: {_error_text(answer)}")
     if code == 401:
-        raise CliError(f"login to {args.proxy} failed: invalid username or password")
+        why = "invalid username or password" if args.user else _error_text(answer)
+        raise CliError(f"login to {args.proxy} failed: {why}")
     if code in (429, 503):   # throttled or busy: the proxy's message says how long to wait
         raise CliError(f"login to {args.proxy} failed: {_error_text(answer)}")
     if code != 200 or not isinstance(answer, dict):
@@ -202,6 +224,35 @@ def logout(args: argparse.Namespace, io: Io) -> int:
 
 
 # -- helpers ----------------------------------------------------------------------------
+
+
+def _browser_connector(client: ProxyClient, name: str) -> bool:
+    """Whether the proxy lists ``name`` as a connector signed in at through the browser."""
+    code, answer = client.call("GET", "/v1/connectors")
+    if code != 200 or not isinstance(answer, dict):
+        return False     # an older proxy: only LDAP connectors, asked for a password
+    return any(isinstance(c, dict) and c.get("name") == name and c.get("kind") in ("oidc",)
+               for c in answer.get("connectors") or ())
+
+
+def _browser_login(args: argparse.Namespace, io: Io, client: ProxyClient, public_pem: bytes,
+                   ttl: float | None) -> tuple[int, object]:
+    """Sign in in the browser, wait for the one-shot callback, exchange its code."""
+    listener = OneShotListener()
+    url = listener.start_url(args.proxy, args.auth)
+    io.out(f"Sign in at {args.auth} in your browser:\n  {url}\n")
+    io.stdout.flush()
+    if not args.no_browser:
+        try:
+            webbrowser.open(url)
+        except webbrowser.Error:
+            pass
+    sso_code = listener.wait()
+    body = {"sso_code": sso_code, "code_verifier": listener.verifier,
+            "public_key": public_pem.decode("ascii")}
+    if ttl is not None:
+        body["ttl"] = ttl
+    return client.call("POST", "/v1/certs", body)
 
 
 def _pinned_ca(proxy: str, pin: str, now: float) -> bytes:

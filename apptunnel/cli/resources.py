@@ -21,7 +21,6 @@ import attrs
 
 from apptunnel.auth.connectors.specs import KINDS as CONNECTOR_KINDS
 from apptunnel.auth.connectors.specs import (
-    ROLE_RULES_KEY,
     ConnectorError,
     parse_connector,
     public_doc,
@@ -199,8 +198,8 @@ async def create_resources(admin: Admin, args: argparse.Namespace) -> int:
                                 planned_roles)
         elif item.kind == CONNECTOR:
             await require_roles(admin, item.roles,
-                                f"{args.file}: connector {item.name!r}: "
-                                f"spec.{ROLE_RULES_KEY.get(item.doc['kind'], 'roles')}",
+                                f"{args.file}: connector {item.name!r}: spec."
+                                f"{parse_connector(item.doc).rules_key}",
                                 planned_roles)
             _warn_unreadable(admin, item)
     existing = {}
@@ -231,7 +230,7 @@ async def create_resources(admin: Admin, args: argparse.Namespace) -> int:
 def _warn_unreadable(admin: Admin, item: Planned) -> None:
     """The proxy reads these files at sign-in; say now if this account cannot (the proxy's
     may still be able to, so it is a warning)."""
-    for key in ("bind_password_file", "ca_file"):
+    for key in ("bind_password_file", "client_secret_file", "ca_file"):
         path = item.doc["spec"].get(key)
         if path is not None and not os.access(path, os.R_OK):
             admin.io.warn(f"connector {item.name!r}: spec.{key}: {path} is not readable "

@@ -28,6 +28,7 @@ from apptunnel.auth.ca import ClusterCA, load_server_tls
 from apptunnel.auth.connectors.ldap import CONCURRENT_CHECKS, LdapSignIn
 from apptunnel.auth.connectors.saml import CONCURRENT_CHECKS as SAML_CHECKS
 from apptunnel.auth.connectors.saml import SamlSignIn, SpKeys, fetch_metadata
+from apptunnel.auth.connectors.oidc import OidcSignIn, http_clients
 from apptunnel.auth.connectors.signin import ExternalSignIn
 from apptunnel.auth.connectors.store import ConnectorStore
 from apptunnel.auth.directory import UserDirectory
@@ -163,6 +164,13 @@ class ProxyService(MultiService):
             fetch=fetch_metadata,
             run_in_thread=lambda f, *args: deferToThreadPool(reactor, self.saml_threads, f, *args),
         )
+        self.oidc = OidcSignIn(
+            connectors=self.connectors,
+            signin=ExternalSignIn(self.backend, self.audit, reactor, users=self.users,
+                                  locks=self.locks),
+            throttle=login_throttle, audit=self.audit, clock=reactor,
+            http_for=http_clients(reactor),
+        )
         self.roles = RoleCache(self.backend, reactor)
         self.access = AccessPolicy(roles=self.roles, audit=self.audit, clock=reactor,
                                    locks=self.locks, users=self.users, lock_audit=lock_audit)
@@ -176,7 +184,7 @@ class ProxyService(MultiService):
             config, self.sessions, self.roles, self.registry, self.audit,
             self.jwt_keys, self.ca, reactor, locks=self.locks, users=self.users,
             access=self.access, backend=self.backend, ldap=self.ldap,
-            connectors=self.connectors, saml=SamlWeb(self.saml),
+            connectors=self.connectors, saml=SamlWeb(self.saml), oidc=self.oidc,
         )
         site = WebSite(self.web.resource())  # a deadline on every request head
         site.displayTracebacks = False

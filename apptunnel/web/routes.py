@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import mimetypes
+import re
 import time
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts, NeedsMore
 from apptunnel.auth.callers import Caller, caller_from_session, certificate_caller
+from apptunnel.auth.connectors.oidc import FLOW_TTL, CliReturn, digest
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.links import LinkRedeemer, password_problem
 from apptunnel.auth.mfa import (
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from apptunnel.audit import AuditLog
     from apptunnel.auth.ca import ClusterCA
     from apptunnel.auth.connectors.ldap import LdapSignIn
+    from apptunnel.auth.connectors.oidc import OidcSignIn
     from apptunnel.auth.connectors.store import ConnectorStore
     from apptunnel.web.saml import SamlWeb
     from apptunnel.auth.directory import UserDirectory
@@ -67,6 +70,7 @@ if TYPE_CHECKING:
 
 SESSION_COOKIE = "__Host-apptunnel_session"
 MFA_COOKIE = "__Host-apptunnel_mfa"      # the browser's pending second sign-in step
+SSO_COOKIE = "__Host-apptunnel_sso"      # binds an OIDC flow to the browser that began it
 LOGIN_FAILED = "invalid username or password"
 
 # Bounds checked before any work is done (argon2 on a megabyte password is a DoS).
@@ -159,7 +163,8 @@ class WebApp:
                  backend: Backend | None = None,
                  ldap: LdapSignIn | None = None,
                  connectors: ConnectorStore | None = None,
-                 saml: SamlWeb | None = None) -> None:
+                 saml: SamlWeb | None = None,
+                 oidc: OidcSignIn | None = None) -> None:
         self._config = config
         self._sessions = sessions
         self._roles = roles
@@ -175,6 +180,9 @@ class WebApp:
         if saml is not None:
             self._sso_starts["saml"] = lambda request, name, target: saml.start(
                 request, name, target, _client_host(request))
+        self._oidc = oidc               # OIDC connectors (auth/connectors/oidc.py)
+        if oidc is not None:
+            self._sso_starts["oidc"] = self._oidc_start
         # Every "may this caller ..." is the access policy's (shared with the app edge in
         # the proxy service; built from roles, locks and users when not handed in).
         self._access = access or AccessPolicy(roles=roles, audit=audit, clock=clock,
@@ -394,7 +402,12 @@ class WebApp:
         wanted = _requested_ttl(body.get("ttl"))
         username, password = body.get("username"), body.get("password")
         now = self._clock.seconds()
-        if username is not None or password is not None:
+        if body.get("sso_code") is not None:
+            user = await self._redeem_sso_code(request, body)
+            caller = Caller(user.name, tuple(user.roles), dict(user.traits), "oidc", "",
+                            now + self._config.session_ttl)
+            limit = self._config.session_ttl
+        elif username is not None or password is not None:
             if not isinstance(username, str) or not isinstance(password, str):
                 raise WebError(400, "username and password must be strings")
             connector = _connector(body)
@@ -512,6 +525,75 @@ class WebApp:
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request):
         return _json(request, 200, {"status": "ok"})
+
+    # -- OIDC sign-in (decisions: auth/connectors/oidc.py) -------------------------------
+
+    async def _oidc_start(self, request, name: str, target: str):
+        """An OIDC connector's button (through ``sso_start``): begin its flow and send the
+        browser to the provider."""
+        started = await self._oidc.start(name, target, _cli_return(request))
+        if started is None:
+            raise WebError(404, "There is no single sign-on connector of that name.")
+        url, binding = started
+        _set_cookie(request, SSO_COOKIE, binding, FLOW_TTL)
+        return _redirect(request, 302, url)
+
+    @app.route("/v1/webapi/oidc/callback", methods=["GET"])
+    async def oidc_callback(self, request):
+        """The provider's redirect back: a web session (or the CLI's one-time code), or a
+        page saying why not. Every attempt is audited and throttled per address."""
+        if self._oidc is None:
+            return self._error_page(request, 404, _HEADINGS[404][1])
+        try:
+            done = await self._oidc.finish(
+                _arg(request, "state"), _arg(request, "code"), _arg(request, "error"),
+                _cookie(request, SSO_COOKIE), _client_host(request), _client(request))
+        except AuthError as err:
+            if isinstance(err, Throttled):
+                request.setHeader(b"Retry-After", str(err.retry_after).encode("ascii"))
+            return self._error_page(request, err.status, err.message)
+        _set_cookie(request, SSO_COOKIE, "", 0)
+        cli = done.flow.cli
+        if cli is not None:
+            code = self._oidc.cli_codes.issue(done.user.name, cli.challenge)
+            query = f"code={quote(code, safe='')}&state={quote(cli.state, safe='')}"
+            return _redirect(request, 302, f"http://127.0.0.1:{cli.port}/callback?{query}")
+        secret, _, ttl = await self._open_web_session(request, done.user)
+        _set_session_cookie(request, secret, ttl)
+        return _redirect(request, 303, done.flow.next)
+
+    @app.route("/v1/connectors", methods=["GET"])
+    async def api_connectors(self, request):
+        """The connectors the sign-in page offers, by name and kind (what the CLI needs to
+        choose between a password and a browser flow); no other detail."""
+        listed = [{"name": n, "kind": "ldap"} for n in await self._connector_names()]
+        if self._connectors is not None:
+            listed += [{"name": spec.name, "kind": spec.kind}
+                       for spec in await self._connectors.browser()
+                       if spec.kind in self._sso_starts]
+        return _json(request, 200, {"connectors": sorted(listed, key=lambda c: c["name"])})
+
+    async def _redeem_sso_code(self, request, body: dict) -> User:
+        """The user a CLI's one-time code was issued to, if its verifier is right;
+        throttled per address and audited like a sign-in."""
+        code, verifier = body.get("sso_code"), body.get("code_verifier")
+        if self._oidc is None or not isinstance(code, str) or not isinstance(verifier, str) \
+                or len(code) > 128 or len(verifier) > 128:
+            raise WebError(400, "sso_code and code_verifier (strings) are required")
+        address, key = _client_host(request), f"sso-code:{digest(code)}"
+        try:
+            self._sessions.throttle.attempt(key, address, self._clock.seconds())
+        except Throttled as err:
+            request.setHeader(b"Retry-After", str(err.retry_after).encode("ascii"))
+            raise
+        name = self._oidc.cli_codes.redeem(code, verifier)
+        user = None if name is None else await self._sessions.user(name)
+        if user is None:
+            self._audit.emit("user.login", actor="", outcome="failure", method="sso-code",
+                             client=_client(request), reason="unknown or used code")
+            raise AuthError(401, "this sign-in code is unknown, used or expired")
+        self._sessions.throttle.succeeded(key, address)
+        return user
 
     # -- invite/reset links and second factors (decisions: auth/links.py, auth/mfa.py) -
 
@@ -878,9 +960,10 @@ class WebApp:
 
     async def _login_choices(self) -> dict[str, list]:
         """The sign-in page's LDAP choice and its single sign-on buttons (label, kind, url)."""
-        buttons = [] if self._connectors is None else await self._connectors.buttons()
+        browser = [] if self._connectors is None else await self._connectors.browser()
         return {"connectors": await self._connector_names(),
-                "sso": [b for b in buttons if b[1] in self._sso_starts]}
+                "sso": [(getattr(spec, "display", spec.name), spec.kind, f"/web/sso/{spec.name}")
+                        for spec in browser if spec.kind in self._sso_starts]}
 
     async def _password_login(self, request, username: str, password: str, given=None,
                               connector: str | None = None) -> tuple[str, WebSession, float]:
@@ -1009,6 +1092,20 @@ def _connector(body: dict) -> str | None:
     if not isinstance(value, str) or not value or len(value) > 64:
         raise WebError(400, "connector must be a connector's name")
     return value
+
+
+def _cli_return(request) -> CliReturn | None:
+    """Where ``apptunnel login --auth`` waits (cli_port, cli_state, cli_challenge), if
+    it started this flow; 400 for a partial or malformed set."""
+    port, state, challenge = (_arg(request, n) for n in ("cli_port", "cli_state",
+                                                          "cli_challenge"))
+    if port is None and state is None and challenge is None:
+        return None
+    token = re.compile(r"[A-Za-z0-9_-]{16,128}\Z")
+    if not (port and port.isdigit() and 1024 <= int(port) <= 65535 and state
+            and token.match(state) and challenge and token.match(challenge)):
+        raise WebError(400, "cli_port, cli_state and cli_challenge are malformed")
+    return CliReturn(int(port), state, challenge)
 
 
 def _public_key(value: Any) -> bytes:

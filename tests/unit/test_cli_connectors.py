@@ -132,16 +132,6 @@ async def test_bad_ldap_specs_are_one_line_naming_the_key(config_path, tmp_path,
     assert await stored(config_path, lambda b: b.list_resources("role")) == []
 
 
-@pytest.mark.parametrize("kind", ["oidc"])
-@pytest_twisted.ensureDeferred
-async def test_oidc_connectors_are_refused_until_they_work(config_path, tmp_path, kind):
-    """An option we parse is an option we enforce: no sign-in flow, no stored connector."""
-    doc = {"kind": kind, "metadata": {"name": "corp"}, "spec": {}}
-    line = one_error(await cli(config_path, "create", "-f", write(tmp_path, doc)), 2)
-    assert f"kind: {kind} connectors are not supported yet" in line
-    assert await stored(config_path, lambda b: b.list_resources("connector")) == []
-
-
 @pytest_twisted.ensureDeferred
 async def test_saml_connectors_are_created_and_their_roles_must_exist(config_path, tmp_path):
     """A SAML document is stored (with its role); a rule naming a missing role is refused

@@ -4,12 +4,12 @@ Teleport's shapes, so an operator who knows them recognises them. Parsing is str
 unknown key, a wrong type or a value that cannot work is a `ConnectorError` naming the
 key (``spec.url: ...``), at ``apptunnel create -f`` time, never at a user's sign-in.
 
-LDAP and SAML sign users in. OIDC documents are refused ("not supported yet") until its
-flow exists: an option we parse is an option we enforce, and a stored connector whose
-flow does not exist would be a button that cannot work.
+LDAP, OIDC and SAML sign users in: every kind this module parses has a working flow (an
+option we parse is an option we enforce).
 
-Secrets never sit in a document: ``bind_password_file`` names a file the proxy reads at
-sign-in; `public_doc` is what ``apptunnel get connectors`` may print.
+Secrets: ``bind_password_file`` and ``client_secret_file`` name files the proxy reads at
+sign-in; an inline ``client_secret`` is stored but `public_doc` (what ``apptunnel get
+connectors`` prints) shows it as ``****``.
 """
 
 from __future__ import annotations
@@ -39,11 +39,17 @@ GROUPS_TRAIT = "groups"
 _ATTRIBUTE = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,63}\Z")
 _SECRET_KEYS = ("client_secret", "bind_password", "password", "secret")
 
+OIDC_KEYS = ("issuer_url", "client_id", "client_secret", "client_secret_file", "redirect_url",
+             "scope", "username_claim", "ca_file", "claims_to_roles")
+OIDC_CALLBACK_PATH = "/v1/webapi/oidc/callback"
+_CLAIM = re.compile(r"[A-Za-z0-9_:.-]{1,64}\Z")
+_SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,64}\Z")   # RFC 6749 scope-token
+
 SAML_KEYS = ("acs", "entity_descriptor_url", "entity_descriptor", "service_provider_issuer",
              "attributes_to_roles", "display")
 MAX_ENTITY_DESCRIPTOR = 256 * 1024
-ROLE_RULES_KEY = {"ldap": "groups_to_roles", "saml": "attributes_to_roles",
-                  "oidc": "claims_to_roles"}
+# A SAML attribute name may be a URI (urn:oid:..., http://schemas.../claims/...).
+_SAML_ATTRIBUTE = re.compile(r"[^\x00-\x20\x7f]{1,256}\Z")
 
 LDAP_KEYS = ("url", "start_tls", "ca_file", "bind_dn", "bind_password_file",
              "user_search_base", "user_search_filter", "username_attribute",
@@ -80,6 +86,7 @@ class LdapSpec:
     timeout: float
 
     kind = "ldap"
+    rules_key = "groups_to_roles"
 
     @property
     def role_rules(self) -> tuple[RoleRule, ...]:
@@ -89,6 +96,29 @@ class LdapSpec:
     def whole_seconds(self) -> int:
         """ldap3's socket timeouts must be whole seconds (a float breaks its struct.pack)."""
         return max(1, math.ceil(self.timeout))
+
+
+@attrs.frozen
+class OidcSpec:
+    """An OpenID Connect provider users sign in at (authorization code flow with PKCE)."""
+
+    name: str
+    issuer_url: str               # exactly as the provider's discovery and tokens say it
+    client_id: str
+    client_secret: str | None     # inline, or else read from client_secret_file
+    client_secret_file: str | None
+    redirect_url: str
+    scope: tuple[str, ...]        # always starts with openid
+    username_claim: str | None    # None: email, else sub
+    ca_file: str | None
+    claims_to_roles: tuple[RoleRule, ...]
+
+    kind = "oidc"
+    rules_key = "claims_to_roles"
+
+    @property
+    def role_rules(self) -> tuple[RoleRule, ...]:
+        return self.claims_to_roles
 
 
 @attrs.frozen
@@ -108,13 +138,14 @@ class SamlSpec:
     display: str
 
     kind = "saml"
+    rules_key = "attributes_to_roles"
 
     @property
     def role_rules(self) -> tuple[RoleRule, ...]:
         return self.attributes_to_roles
 
 
-Connector = LdapSpec | SamlSpec
+Connector = LdapSpec | OidcSpec | SamlSpec
 
 
 def connector_name(doc: Any) -> str:
@@ -139,13 +170,10 @@ def parse_connector(doc: Any) -> Connector:
         raise ConnectorError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
     _keys("", doc, ("kind", "version", "metadata", "spec"))
     name = connector_name(doc)
-    if kind not in ("ldap", "saml"):
-        raise ConnectorError(f"kind: {kind} connectors are not supported yet "
-                             "(ldap and saml sign users in today)")
     spec = doc.get("spec")
     if not isinstance(spec, dict):
         raise ConnectorError("spec: expected a mapping")
-    return _saml(name, spec) if kind == "saml" else _ldap(name, spec)
+    return {"ldap": _ldap, "oidc": _oidc, "saml": _saml}[kind](name, spec)
 
 
 def public_doc(doc: dict) -> dict:
@@ -159,6 +187,71 @@ def public_doc(doc: dict) -> dict:
             return "****"
         return value
     return scrub(doc)
+
+
+# -- oidc --------------------------------------------------------------------------------
+
+
+def _oidc(name: str, spec: dict) -> OidcSpec:
+    _keys("spec.", spec, OIDC_KEYS)
+    issuer = _string(spec, "issuer_url")
+    parts = urlsplit(issuer)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.query \
+            or parts.fragment or parts.username:
+        raise ConnectorError(f"spec.issuer_url: expected https://HOST[/PATH], got {issuer!r}")
+    if parts.scheme == "http" and not _loopback(parts.hostname):
+        raise ConnectorError("spec.issuer_url: http:// only for a loopback issuer (tokens "
+                             "and the client secret would travel in clear text): use https://")
+    client_id = _string(spec, "client_id")
+    secret, secret_file = spec.get("client_secret"), spec.get("client_secret_file")
+    if (secret is None) == (secret_file is None):
+        raise ConnectorError("spec.client_secret: give client_secret or client_secret_file "
+                             "(one of them)")
+    if secret is not None:
+        secret = _string(spec, "client_secret")
+    else:
+        secret_file = _absolute_path(spec, "client_secret_file")
+    redirect = _string(spec, "redirect_url")
+    target = urlsplit(redirect)
+    if target.scheme != "https" or not target.hostname or target.path != OIDC_CALLBACK_PATH \
+            or target.query or target.fragment:
+        raise ConnectorError(f"spec.redirect_url: expected https://PUBLIC_ADDR"
+                             f"{OIDC_CALLBACK_PATH}, got {redirect!r}")
+    scope = spec.get("scope", [])
+    if not isinstance(scope, list) or not all(isinstance(s, str) and _SCOPE.match(s)
+                                              for s in scope):
+        raise ConnectorError("spec.scope: expected a list of scope names, e.g. [email, groups]")
+    username_claim = spec.get("username_claim")
+    if username_claim is not None and (not isinstance(username_claim, str)
+                                       or not _CLAIM.match(username_claim)):
+        raise ConnectorError("spec.username_claim: expected a claim name, e.g. email")
+    ca_file = spec.get("ca_file")
+    if ca_file is not None:
+        ca_file = _absolute_path(spec, "ca_file")
+    return OidcSpec(
+        name=name, issuer_url=issuer, client_id=client_id, client_secret=secret,
+        client_secret_file=secret_file, redirect_url=redirect,
+        scope=tuple(dict.fromkeys(["openid", *scope])), username_claim=username_claim,
+        ca_file=ca_file,
+        claims_to_roles=_claim_rules(spec.get("claims_to_roles"), "spec.claims_to_roles",
+                                     "claim"),
+    )
+
+
+def _claim_rules(value: Any, path: str, name_key: str, pattern: re.Pattern = _CLAIM,
+                 what: str = "a claim name") -> tuple[RoleRule, ...]:
+    """``[{<name_key>: CLAIM, value: V, roles: [...]}]``: each rule names its own claim."""
+    if not isinstance(value, list) or not value:
+        raise ConnectorError(f"{path}: expected a list of {{{name_key}: ..., value: ..., "
+                             "roles: [...]}} rules (without one, nobody would get a role)")
+    rules = []
+    for index, rule in enumerate(value):
+        where = f"{path}[{index}]"
+        claim = rule.get(name_key) if isinstance(rule, dict) else None
+        if isinstance(rule, dict) and (not isinstance(claim, str) or not pattern.match(claim)):
+            raise ConnectorError(f"{where}.{name_key}: expected {what}")
+        rules.append(_rule(rule, where, "value", claim or "", extra=(name_key,)))
+    return tuple(rules)
 
 
 # -- saml --------------------------------------------------------------------------------
@@ -194,8 +287,9 @@ def _saml(name: str, spec: dict) -> SamlSpec:
     return SamlSpec(
         name=name, acs=acs, entity_descriptor_url=url, entity_descriptor=xml,
         service_provider_issuer=issuer,
-        attributes_to_roles=_role_rules(spec.get("attributes_to_roles"),
-                                        "spec.attributes_to_roles", "value", "", name_key="name"),
+        attributes_to_roles=_claim_rules(spec.get("attributes_to_roles"),
+                                         "spec.attributes_to_roles", "name", _SAML_ATTRIBUTE,
+                                         "an attribute name"),
         display=display,
     )
 
@@ -274,39 +368,36 @@ def _ldap(name: str, spec: dict) -> LdapSpec:
     )
 
 
-def _role_rules(value: Any, path: str, key: str, claim: str, dn: bool = False,
-                name_key: str | None = None) -> tuple[RoleRule, ...]:
-    """Rules ``{key: VALUE, roles: [...]}`` on the claim ``claim``, or (``name_key``) on
-    the claim each rule names (``{name: ATTRIBUTE, value: VALUE, roles: [...]}``)."""
-    shape = f"{name_key}: ..., " if name_key else ""
+def _role_rules(value: Any, path: str, key: str, claim: str, dn: bool = False
+                ) -> tuple[RoleRule, ...]:
     if not isinstance(value, list) or not value:
-        raise ConnectorError(f"{path}: expected a list of {{{shape}{key}: ..., roles: [...]}} "
-                             "rules (without one, nobody would get a role)")
-    rules = []
-    for index, rule in enumerate(value):
-        where = f"{path}[{index}]"
-        if not isinstance(rule, dict):
-            raise ConnectorError(f"{where}: expected a mapping with {key} and roles")
-        _keys(f"{where}.", rule, (name_key, key, "roles") if name_key else (key, "roles"))
-        if name_key:
-            claim = rule.get(name_key)
-            if not isinstance(claim, str) or not claim or len(claim) > 256:
-                raise ConnectorError(f"{where}.{name_key}: expected an attribute name")
-        raw = rule.get(key)
-        if not isinstance(raw, str) or not raw:
-            raise ConnectorError(f"{where}.{key}: expected a non-empty string")
-        try:
-            matcher = value_matcher(raw, dn=dn)
-        except ValueError as err:
-            raise ConnectorError(f"{where}.{key}: {err}") from None
-        roles = rule.get("roles")
-        if not isinstance(roles, list) or not roles:
-            raise ConnectorError(f"{where}.roles: expected a non-empty list of role names")
-        for number, role in enumerate(roles):
-            if not isinstance(role, str) or not ROLE_NAME.match(role):
-                raise ConnectorError(f"{where}.roles[{number}]: invalid role name {role!r}")
-        rules.append(RoleRule(claim, matcher, tuple(dict.fromkeys(roles))))
-    return tuple(rules)
+        raise ConnectorError(f"{path}: expected a list of {{{key}: ..., roles: [...]}} rules "
+                             "(without one, nobody would get a role)")
+    return tuple(_rule(rule, f"{path}[{index}]", key, claim, dn)
+                 for index, rule in enumerate(value))
+
+
+def _rule(rule: Any, where: str, key: str, claim: str, dn: bool = False,
+          extra: tuple[str, ...] = ()) -> RoleRule:
+    """One ``{key: VALUE, roles: [...]}`` rule granting roles when ``claim`` has VALUE."""
+    if not isinstance(rule, dict):
+        raise ConnectorError(f"{where}: expected a mapping with {', '.join(extra)}"
+                             f"{', ' if extra else ''}{key} and roles")
+    _keys(f"{where}.", rule, (*extra, key, "roles"))
+    raw = rule.get(key)
+    if not isinstance(raw, str) or not raw:
+        raise ConnectorError(f"{where}.{key}: expected a non-empty string")
+    try:
+        matcher = value_matcher(raw, dn=dn)
+    except ValueError as err:
+        raise ConnectorError(f"{where}.{key}: {err}") from None
+    roles = rule.get("roles")
+    if not isinstance(roles, list) or not roles:
+        raise ConnectorError(f"{where}.roles: expected a non-empty list of role names")
+    for number, role in enumerate(roles):
+        if not isinstance(role, str) or not ROLE_NAME.match(role):
+            raise ConnectorError(f"{where}.roles[{number}]: invalid role name {role!r}")
+    return RoleRule(claim, matcher, tuple(dict.fromkeys(roles)))
 
 
 def _attribute_traits(value: Any) -> tuple[tuple[str, str], ...]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from apptunnel.auth.connectors.specs import Connector, ConnectorError, LdapSpec, SamlSpec, \
-    parse_connector
+from apptunnel.auth.connectors.specs import Connector, ConnectorError, LdapSpec, OidcSpec, \
+    SamlSpec, parse_connector
 from apptunnel.backend.base import Backend
 
 RESOURCE_KIND = "connector"
@@ -46,15 +46,19 @@ class ConnectorStore:
         spec = (await self._all()).get(name)
         return spec if isinstance(spec, SamlSpec) else None
 
+    async def oidc(self, name: str) -> OidcSpec | None:
+        """The OIDC connector of that name, or None."""
+        spec = (await self._all()).get(name)
+        return spec if isinstance(spec, OidcSpec) else None
+
     async def get(self, name: str) -> Connector | None:
         """The connector of that name, whatever its kind, or None."""
         return (await self._all()).get(name)
 
-    async def buttons(self) -> list[tuple[str, str, str]]:
-        """(label, kind, url) of each connector the sign-in page shows as a button
-        (single sign-on: everything but LDAP, which is a choice on the password form)."""
-        return [(getattr(s, "display", n), s.kind, f"/web/sso/{n}")
-                for n, s in sorted((await self._all()).items()) if s.kind != "ldap"]
+    async def browser(self) -> list[Connector]:
+        """The connectors signed in at through the browser (all but LDAP, which is a choice
+        on the password form), sorted by name: one button each on the sign-in page."""
+        return [spec for _, spec in sorted((await self._all()).items()) if spec.kind != "ldap"]
 
     def invalidate(self) -> None:
         self._until = float("-inf")
