@@ -129,7 +129,7 @@ def test_sign_in_page_button_then_the_app_with_external_traits(cluster):
     browser = Browser(cluster)
     page = browser.get(cluster.url("hello", "/echo?x=1"))
     assert page.url.startswith(cluster.url(path="/web/login")), page.url
-    button = re.search(r'<a class="button sso" href="([^"]+)"', page.text)
+    button = re.search(r'<a class="button" data-kind="oidc" href="([^"]+)"', page.text)
     assert button and "Sign in with corp" in page.text, page.text
     start = browser.get(cluster.url(path=html.unescape(button.group(1))), allow_redirects=False)
     location = start.headers["Location"]
