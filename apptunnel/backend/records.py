@@ -179,9 +179,12 @@ class MfaDevice:
 @attrs.frozen
 class SamlRequest:
     """An outstanding SAML AuthnRequest: its id is accepted once, by its connector, until
-    ``expires`` (auth/connectors/saml.py). ``target`` is where the user lands after."""
+    ``expires`` (auth/connectors/saml.py). ``target`` is where the user lands after;
+    ``cli`` is where ``apptunnel login --auth`` waits when it started the sign-in
+    ("PORT STATE CHALLENGE", '' for a browser's sign-in)."""
 
     request_id: str
     connector: str
     target: str
     expires: float
+    cli: str = ""

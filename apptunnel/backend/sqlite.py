@@ -185,6 +185,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             target TEXT NOT NULL,
             expires REAL NOT NULL)""",
     ),
+    (
+        # Where `apptunnel login --auth` waits for a SAML sign-in it started ('' = none).
+        "ALTER TABLE saml_requests ADD COLUMN cli TEXT NOT NULL DEFAULT ''",
+    ),
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -924,9 +928,9 @@ class SqliteBackend:
     async def put_saml_request(self, r: SamlRequest) -> None:
         def run(conn: sqlite3.Connection) -> None:
             try:
-                conn.execute("INSERT INTO saml_requests (request_id, connector, target, expires)"
-                             " VALUES (?, ?, ?, ?)",
-                             (r.request_id, r.connector, r.target, r.expires))
+                conn.execute("INSERT INTO saml_requests (request_id, connector, target, expires,"
+                             " cli) VALUES (?, ?, ?, ?, ?)",
+                             (r.request_id, r.connector, r.target, r.expires, r.cli))
             except sqlite3.IntegrityError:
                 raise AlreadyExists("SAML request already exists") from None
 
@@ -938,7 +942,7 @@ class SqliteBackend:
         transaction: of two racing takes (or two proxies) only one gets it."""
         def run(conn: sqlite3.Connection) -> SamlRequest | None:
             with _transaction(conn):
-                row = conn.execute("SELECT request_id, connector, target, expires"
+                row = conn.execute("SELECT request_id, connector, target, expires, cli"
                                    " FROM saml_requests WHERE request_id = ?",
                                    (request_id,)).fetchone()
                 if row is None:

@@ -66,7 +66,7 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
     login_p.add_argument("--proxy", required=True, metavar="HOST:PORT",
                          help="the proxy's public address, e.g. apptunnel.localhost:3080")
     login_p.add_argument("--user", metavar="NAME",
-                         help="your user name (not for a browser connector: OIDC)")
+                         help="your user name (not for a browser connector: OIDC, SAML)")
     login_p.add_argument("--password-stdin", action="store_true",
                          help="read the password from stdin (else it is asked for)")
     login_p.add_argument("--otp", metavar="CODE",
@@ -74,7 +74,7 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
                               "one (else it is asked for on the terminal)")
     login_p.add_argument("--auth", metavar="CONNECTOR",
                          help="sign in through this connector: LDAP asks for the password "
-                              "like a local one; OIDC opens the browser")
+                              "like a local one; OIDC and SAML open the browser")
     login_p.add_argument("--no-browser", action="store_true",
                          help="with a browser connector: print the sign-in URL instead of "
                               "opening a browser")
@@ -231,7 +231,8 @@ def _browser_connector(client: ProxyClient, name: str) -> bool:
     code, answer = client.call("GET", "/v1/connectors")
     if code != 200 or not isinstance(answer, dict):
         return False     # an older proxy: only LDAP connectors, asked for a password
-    return any(isinstance(c, dict) and c.get("name") == name and c.get("kind") in ("oidc",)
+    return any(isinstance(c, dict) and c.get("name") == name
+               and c.get("kind") in ("oidc", "saml")
                for c in answer.get("connectors") or ())
 
 

@@ -1,4 +1,4 @@
-"""`apptunnel login --auth NAME` for a browser connector (OIDC): the one-shot listener.
+"""`apptunnel login --auth NAME` for a browser connector (OIDC, SAML): the one-shot listener.
 
 The CLI listens on 127.0.0.1 only, on a random port, for exactly one valid callback: the
 proxy sends the browser there at the end of the sign-in with a one-time code and the

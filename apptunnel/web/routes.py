@@ -32,7 +32,8 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts, NeedsMore
 from apptunnel.auth.callers import Caller, caller_from_session, certificate_caller
-from apptunnel.auth.connectors.oidc import FLOW_TTL, CliReturn, digest
+from apptunnel.auth.connectors.cli_codes import CliCodes, CliReturn, digest
+from apptunnel.auth.connectors.oidc import FLOW_TTL
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.links import LinkRedeemer, password_problem
 from apptunnel.auth.mfa import (
@@ -179,8 +180,10 @@ class WebApp:
         self._saml = saml               # SAML connectors (web/saml.py)
         if saml is not None:
             self._sso_starts["saml"] = lambda request, name, target: saml.start(
-                request, name, target, _client_host(request))
+                request, name, target, _client_host(request), _cli_return(request))
         self._oidc = oidc               # OIDC connectors (auth/connectors/oidc.py)
+        # `apptunnel login --auth`'s one-time codes, one store for every browser connector.
+        self._cli_codes = CliCodes(clock)
         if oidc is not None:
             self._sso_starts["oidc"] = self._oidc_start
         # Every "may this caller ..." is the access policy's (shared with the app edge in
@@ -352,12 +355,14 @@ class WebApp:
         if self._saml is None:
             raise WebError(404)
         try:
-            user, target = await self._saml.acs(request, name, _client_host(request),
-                                                _client(request))
+            user, target, cli = await self._saml.acs(request, name, _client_host(request),
+                                                     _client(request))
         except AuthError as err:
             self._retry_after(request, err)
             return self._login_page(request, err.status, "/", error=err.message,
                                     **await self._login_choices())
+        if cli is not None:
+            return self._cli_redirect(request, user, cli)
         secret, _, ttl = await self._open_web_session(request, user)
         _set_session_cookie(request, secret, ttl)
         return _redirect(request, 303, target)
@@ -553,14 +558,19 @@ class WebApp:
                 request.setHeader(b"Retry-After", str(err.retry_after).encode("ascii"))
             return self._error_page(request, err.status, err.message)
         _set_cookie(request, SSO_COOKIE, "", 0)
-        cli = done.flow.cli
-        if cli is not None:
-            code = self._oidc.cli_codes.issue(done.user.name, cli.challenge)
-            query = f"code={quote(code, safe='')}&state={quote(cli.state, safe='')}"
-            return _redirect(request, 302, f"http://127.0.0.1:{cli.port}/callback?{query}")
+        if done.flow.cli is not None:
+            return self._cli_redirect(request, done.user, done.flow.cli)
         secret, _, ttl = await self._open_web_session(request, done.user)
         _set_session_cookie(request, secret, ttl)
         return _redirect(request, 303, done.flow.next)
+
+    def _cli_redirect(self, request, user: User, cli: CliReturn) -> bytes:
+        """The end of a browser sign-in `apptunnel login --auth` started (OIDC or SAML):
+        no web session, the browser goes to the CLI's loopback listener with a one-time
+        code the CLI exchanges at POST /v1/certs with its verifier."""
+        code = self._cli_codes.issue(user.name, cli.challenge)
+        query = f"code={quote(code, safe='')}&state={quote(cli.state, safe='')}"
+        return _redirect(request, 302, f"http://127.0.0.1:{cli.port}/callback?{query}")
 
     @app.route("/v1/connectors", methods=["GET"])
     async def api_connectors(self, request):
@@ -577,7 +587,7 @@ class WebApp:
         """The user a CLI's one-time code was issued to, if its verifier is right;
         throttled per address and audited like a sign-in."""
         code, verifier = body.get("sso_code"), body.get("code_verifier")
-        if self._oidc is None or not isinstance(code, str) or not isinstance(verifier, str) \
+        if not isinstance(code, str) or not isinstance(verifier, str) \
                 or len(code) > 128 or len(verifier) > 128:
             raise WebError(400, "sso_code and code_verifier (strings) are required")
         address, key = _client_host(request), f"sso-code:{digest(code)}"
@@ -586,7 +596,7 @@ class WebApp:
         except Throttled as err:
             request.setHeader(b"Retry-After", str(err.retry_after).encode("ascii"))
             raise
-        name = self._oidc.cli_codes.redeem(code, verifier)
+        name = self._cli_codes.redeem(code, verifier)
         user = None if name is None else await self._sessions.user(name)
         if user is None:
             self._audit.emit("user.login", actor="", outcome="failure", method="sso-code",

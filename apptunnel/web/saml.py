@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from apptunnel.auth.connectors.cli_codes import CliReturn
     from apptunnel.auth.connectors.saml import SamlSignIn
     from apptunnel.backend.records import User
 
@@ -31,16 +32,20 @@ class SamlWeb:
         request.setHeader(b"Content-Type", b"application/samlmetadata+xml")
         return xml.encode("utf-8")
 
-    async def start(self, request, name: str, target: str, address: str) -> bytes:
-        """Redirect (HTTP-Redirect binding) to the IdP with a new request; remember it."""
-        request_id, location = await self._saml.start(name, target, address)
+    async def start(self, request, name: str, target: str, address: str,
+                    cli: CliReturn | None = None) -> bytes:
+        """Redirect (HTTP-Redirect binding) to the IdP with a new request; remember it
+        (and where the CLI waits, when ``apptunnel login --auth`` started it)."""
+        request_id, location = await self._saml.start(name, target, address, cli)
         _set_request_cookie(request, request_id, 600)
         request.setResponseCode(302)
         request.setHeader(b"Location", location.encode("utf-8"))
         return b""
 
-    async def acs(self, request, name: str, address: str, client: str) -> tuple[User, str]:
-        """The signed-in user and their target; the request cookie is spent either way."""
+    async def acs(self, request, name: str, address: str, client: str
+                  ) -> tuple[User, str, CliReturn | None]:
+        """The signed-in user, their target and where the CLI waits (if it started the
+        sign-in); the request cookie is spent either way."""
         response = _field(request, "SAMLResponse")
         raw = request.getCookie(REQUEST_COOKIE.encode("ascii"))
         request_id = raw.decode("ascii", "replace") if raw and len(raw) <= 128 else None

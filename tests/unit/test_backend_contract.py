@@ -790,6 +790,9 @@ async def test_take_saml_request_is_one_time_per_connector_and_unexpired(backend
         await wait(backend.put_saml_request(req))
     assert await wait(backend.take_saml_request("id-1", "okta", 999.0)) == req
     assert await wait(backend.take_saml_request("id-1", "okta", 999.0)) is None
+    cli = SamlRequest("id-c", "okta", "/", 1000.0, "40000 state challenge")
+    await wait(backend.put_saml_request(cli))
+    assert await wait(backend.take_saml_request("id-c", "okta", 999.0)) == cli
     await wait(backend.put_saml_request(SamlRequest("id-2", "okta", "/", 1000.0)))
     assert await wait(backend.take_saml_request("id-2", "other", 999.0)) is None
     assert await wait(backend.take_saml_request("id-2", "okta", 999.0)) is None   # spent

@@ -17,18 +17,15 @@ cached for ``DISCOVERY_TTL``), over treq with ``ca_file`` as the only trust root
 
 The CLI (``apptunnel login --auth NAME``) starts the same flow with a loopback port, its
 own state and a PKCE-like challenge; at the end the browser is sent to
-``http://127.0.0.1:PORT/callback`` with a one-time code (`CliCodes`) the CLI exchanges,
-with the verifier only it knows, for its certificate: no certificate or session secret
-ever travels in a URL.
+``http://127.0.0.1:PORT/callback`` with a one-time code
+the CLI exchanges, with the verifier only it knows, for its certificate (the one store
+of those codes, shared with SAML, is `auth/connectors/cli_codes.py`).
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
 import json
-import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -40,6 +37,8 @@ from treq import collect
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from apptunnel.auth.connectors.cli_codes import (  # noqa: F401 - CliCodes re-exported
+    CliCodes, CliReturn, digest, random_token, same_secret)
 from apptunnel.auth.connectors.signin import ExternalIdentity, ExternalSignIn, audit_login
 from apptunnel.auth.connectors.specs import OidcSpec
 from apptunnel.auth.errors import AuthError
@@ -53,7 +52,6 @@ if TYPE_CHECKING:
     from apptunnel.backend.records import User
 
 FLOW_TTL = 600.0            # from the button to the callback
-CLI_CODE_TTL = 60.0         # from the callback to the CLI's exchange
 MAX_FLOWS = 10_000
 DISCOVERY_TTL = 300.0
 HTTP_TIMEOUT = 10.0
@@ -73,29 +71,6 @@ class OidcError(Exception):
 
 
 # -- pure parts ---------------------------------------------------------------------------
-
-
-def random_token() -> str:
-    return secrets.token_urlsafe(32)
-
-
-def digest(value: str) -> str:
-    """base64url(SHA-256(value)) without padding: PKCE's S256, and how secrets are kept."""
-    raw = hashlib.sha256(value.encode("ascii", "replace")).digest()
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def same_secret(value: str | None, kept_digest: str) -> bool:
-    return isinstance(value, str) and hmac.compare_digest(digest(value), kept_digest)
-
-
-@attrs.frozen
-class CliReturn:
-    """Where the CLI waits: its loopback port, its state, the digest of its verifier."""
-
-    port: int
-    state: str
-    challenge: str
 
 
 @attrs.frozen
@@ -128,31 +103,6 @@ class Flows:
         if flow is None or flow.expires <= self._clock.seconds():
             return None
         return flow
-
-
-class CliCodes:
-    """One-time codes the CLI exchanges for a certificate: user, challenge, expiry."""
-
-    def __init__(self, clock: IReactorTime, max_codes: int = MAX_FLOWS) -> None:
-        self._clock = clock
-        self._max = max_codes
-        self._codes: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
-
-    def issue(self, user: str, challenge: str) -> str:
-        code = random_token()
-        while len(self._codes) >= self._max:
-            self._codes.popitem(last=False)
-        self._codes[digest(code)] = (user, challenge, self._clock.seconds() + CLI_CODE_TTL)
-        return code
-
-    def redeem(self, code: str, verifier: str) -> str | None:
-        """The user name if ``code`` is live and ``verifier`` is the one it was made for;
-        the code is spent either way."""
-        entry = self._codes.pop(digest(code), None)
-        if entry is None or entry[2] <= self._clock.seconds():
-            return None
-        user, challenge, _ = entry
-        return user if same_secret(verifier, challenge) else None
 
 
 def authorization_url(endpoint: str, spec: OidcSpec, state: str, nonce: str,
@@ -327,7 +277,6 @@ class OidcSignIn:
         self._clock = clock
         self._http_for = http_for       # ca_file (or None) -> a treq HTTPClient
         self._flows = Flows(clock)
-        self.cli_codes = CliCodes(clock)
         self._providers: dict[tuple[str, str, str | None], Provider] = {}
 
     async def start(self, name: str, target: str, cli: CliReturn | None

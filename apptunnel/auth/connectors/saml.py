@@ -17,6 +17,10 @@ What a response must be before anyone is signed in, and why:
   every ``SignatureMethod``/``DigestMethod`` in the document is checked here first;
 * for our entity id (``service_provider_issuer``: audience) and now (NotBefore /
   NotOnOrAfter, pysaml2's own clock with its default slack);
+* for ``apptunnel login --auth``: the CLI's return (loopback port, state, the digest of
+  its verifier; `cli_codes.CliReturn`) is kept in the backend row of the request, never
+  in RelayState, and handed back by `acs` so the web layer sends a one-time code to the
+  CLI instead of opening a web session;
 * naming a user: the NameID is the user name; every attribute is a claim (unknown
   attribute names are kept, ``allow_unknown_attributes``), then `ExternalSignIn`.
 
@@ -47,6 +51,7 @@ from twisted.internet.defer import TimeoutError as DeadlinePassed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from apptunnel.auth.connectors.cli_codes import CliReturn
 from apptunnel.auth.connectors.signin import ExternalIdentity, ExternalSignIn, audit_login
 from apptunnel.auth.connectors.specs import SamlSpec
 from apptunnel.auth.errors import AuthError
@@ -311,8 +316,10 @@ class SamlSignIn:
             self._own_metadata[name] = cached
         return cached[1]
 
-    async def start(self, name: str, target: str, address: str) -> tuple[str, str]:
-        """(request id, IdP URL) of a new AuthnRequest, stored to be answered once."""
+    async def start(self, name: str, target: str, address: str,
+                    cli: CliReturn | None = None) -> tuple[str, str]:
+        """(request id, IdP URL) of a new AuthnRequest, stored (with where the CLI waits,
+        if the CLI started it) to be answered once."""
         spec = await self._spec(name)
         self._starts.attempt(address, address, self._clock.seconds())   # Throttled: 429
         conf = await self._config(spec, address)
@@ -322,13 +329,15 @@ class SamlSignIn:
             self._log.warn("SAML connector {name}: {problem}", name=name, problem=str(err))
             raise AuthError(503, f"the identity provider {name} is not usable: {err}") from None
         expires = self._clock.seconds() + REQUEST_TTL
-        await self._backend.put_saml_request(SamlRequest(request_id, name, target, expires))
+        await self._backend.put_saml_request(
+            SamlRequest(request_id, name, target, expires, cli.text() if cli else ""))
         return request_id, location
 
     async def acs(self, name: str, saml_response: str | None, request_id: str | None,
-                  address: str, client: str) -> tuple[User, str]:
-        """(the signed-in user, where they go next); AuthError 401/403/429 otherwise, each
-        attempt audited and each failure counted against ``address``."""
+                  address: str, client: str) -> tuple[User, str, CliReturn | None]:
+        """(the signed-in user, where they go next, where the CLI waits if it started the
+        sign-in); AuthError 401/403/429 otherwise, each attempt audited and each failure
+        counted against ``address``."""
         spec = await self._connectors.saml(name)
         connector = spec.name if spec is not None else name[:64]
         key = f"saml:{request_id or ''}"[:256]
@@ -338,8 +347,8 @@ class SamlSignIn:
             audit_login(self._audit, "", "saml", connector, client, err.reason)
             raise
         try:
-            identity, target = await self._verified(spec, name, saml_response, request_id,
-                                                    address)
+            identity, outstanding = await self._verified(spec, name, saml_response,
+                                                         request_id, address)
         except SamlRefused as err:
             self._log.info("SAML sign-in through {connector} from {client} refused: {why}",
                            connector=connector, client=client, why=str(err))
@@ -350,10 +359,11 @@ class SamlSignIn:
             raise
         self._throttle.succeeded(key, address)
         user = await self._signin.sign_in(identity, spec.attributes_to_roles, client)
-        return user, target
+        return user, outstanding.target, CliReturn.from_text(outstanding.cli)
 
     async def _verified(self, spec: SamlSpec | None, name: str, saml_response: str | None,
-                        request_id: str | None, address: str) -> tuple[ExternalIdentity, str]:
+                        request_id: str | None, address: str
+                        ) -> tuple[ExternalIdentity, SamlRequest]:
         if spec is None:
             raise SamlRefused("no SAML connector of that name")
         if not saml_response or len(saml_response) > MAX_RESPONSE:
@@ -373,7 +383,7 @@ class SamlSignIn:
             identity = await d
         except (CancelledError, DeadlinePassed):
             raise SamlRefused("verification took too long") from None
-        return identity, outstanding.target
+        return identity, outstanding
 
     async def _spec(self, name: str) -> SamlSpec:
         spec = await self._connectors.saml(name)
