@@ -179,3 +179,44 @@ async def test_starts_are_limited_per_address_and_an_unreachable_idp_is_503():
         await wait(saml.start("okta", "/", "10.0.0.2"))
     assert err.value.status == 503
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_clis_return_is_kept_with_the_request_and_handed_back_once(monkeypatch):
+    """`apptunnel login --auth okta`: the CLI's port, state and challenge are stored with
+    the outstanding request id (backend row, not the IdP's URL or RelayState) and come
+    back from the ACS with the user, once; a browser's own sign-in carries none."""
+    from apptunnel.auth.connectors import saml as saml_module
+    from apptunnel.auth.connectors.cli_codes import CliReturn
+    from apptunnel.auth.connectors.signin import ExternalIdentity
+
+    backend, audit, clock = MemoryBackend(), Audit(), Clock()
+    clock.advance(NOW)
+    await wait(backend.put_resource(Resource("connector", "okta", saml_doc(
+        entity_descriptor_url=None, entity_descriptor=IDP_XML))))
+    ids = iter(["id-cli", "id-web"])
+    monkeypatch.setattr(saml_module, "sp_config", lambda spec, keys, xml: object())
+    monkeypatch.setattr(saml_module, "authn_request",
+                        lambda conf: (rid := next(ids), f"https://idp.example.com/sso?r={rid}"))
+    monkeypatch.setattr(saml_module, "verify_response", lambda conf, connector, response, rid:
+                        ExternalIdentity(connector, "saml", "alice", {"groups": ("devs",)}))
+    saml = make(backend, LoginThrottle(), audit, clock)
+    cli = CliReturn(40000, "s" * 24, "c" * 43)
+    request_id, location = await wait(saml.start("okta", "/", "10.0.0.1", cli))
+    assert request_id == "id-cli" and cli.state not in location and cli.challenge not in location
+    user, target, back = await wait(saml.acs("okta", "PHg+", "id-cli", "10.0.0.1", "c:1"))
+    assert (user.name, target, back) == ("alice", "/", cli)
+    with pytest.raises(AuthError) as err:      # the request, and with it the return, is spent
+        await wait(saml.acs("okta", "PHg+", "id-cli", "10.0.0.1", "c:1"))
+    assert err.value.status == 401
+    await wait(saml.start("okta", "/app", "10.0.0.1"))
+    assert (await wait(saml.acs("okta", "PHg+", "id-web", "10.0.0.1", "c:1")))[1:] == ("/app",
+                                                                                       None)
+
+
+def test_a_kept_cli_return_reads_back_and_garbage_is_none():
+    from apptunnel.auth.connectors.cli_codes import CliReturn
+    cli = CliReturn(40000, "state-" * 4, "challenge")
+    assert CliReturn.from_text(cli.text()) == cli
+    assert CliReturn.from_text("") is None and CliReturn.from_text("x y z") is None
+    assert CliReturn.from_text("1 2") is None
