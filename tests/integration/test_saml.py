@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import html
 import re
+import subprocess
+from urllib.parse import parse_qs, urlsplit
 
 import jwt as pyjwt
 import pytest
@@ -18,7 +20,8 @@ import pytest_twisted
 import requests
 import yaml
 
-from tests.support.cluster import Browser, Cluster, audit, wait_until
+from tests.support.cli_user import ca_pin, user_env
+from tests.support.cluster import BIN, Browser, Cluster, audit, wait_until
 from tests.support.localhost import localhost_resolution
 from tests.support.saml_idp import SamlIdp
 from tests.support.upstream import HttpUpstream
@@ -228,3 +231,68 @@ async def test_idp_metadata_is_fetched_bounded():
                 await wait(fetch_metadata(base + path))
     finally:
         await port.stopListening()
+
+
+def test_cli_login_with_auth_no_browser_through_the_idp_gets_a_working_certificate(
+        cluster, idp, tmp_path):
+    """`apptunnel login --auth okta --no-browser` prints the URL; the test signs in at the
+    IdP as a browser would; the ACS, seeing a sign-in the CLI started, opens no web
+    session but sends the browser to the CLI's listener with a one-time code, which the
+    CLI exchanges (with its verifier) for a certificate that lists alice's app. The code
+    is spent: a second exchange, even with a verifier, is refused."""
+    home = tmp_path / "home"
+    cmd = [str(BIN / "apptunnel"), "login", "--proxy", cluster.public_addr, "--auth", "okta",
+           "--no-browser", "--ca-pin", ca_pin(cluster)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=user_env(home), cwd=str(tmp_path))
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]
+        url = lines[1].strip()
+        port = int(parse_qs(urlsplit(url).query)["cli_port"][0])
+        assert url.startswith(cluster.url(path="/web/sso/okta?")), lines
+        browser = Browser(cluster)
+        at_idp = browser.get(url)
+        assert at_idp.url.startswith(idp.base + "/sso/redirect?SAMLRequest="), at_idp.url
+        assert "cli_state" not in at_idp.url and "cli_challenge" not in at_idp.url
+        key = re.search(r'name="key" value="([^"]*)"', at_idp.text).group(1)
+        answer = browser.post(idp.base + "/login", data={
+            "key": key, "username": "alice", "password": "alice-pw", "mode": "normal"})
+        assert answer.status_code == 200, answer.text
+        action = html.unescape(re.search(r'action="([^"]*)"', answer.text).group(1))
+        form = {name: html.unescape(value) for name, value in
+                re.findall(r'name="(SAMLResponse|RelayState)" value="([^"]*)"', answer.text)}
+        assert "cli_" not in form.get("RelayState", "")
+        back = browser.post(action, data=form, allow_redirects=False)
+        location = back.headers.get("Location", "")
+        assert back.status_code == 302 and \
+            location.startswith(f"http://127.0.0.1:{port}/callback?"), (back.status_code,
+                                                                        back.text)
+        assert not any("session" in c.name for c in browser.session.cookies)
+        code = parse_qs(urlsplit(location).query)["code"][0]
+        plain = requests.Session()
+        plain.trust_env = False
+        done = plain.get(location, timeout=5)
+        assert done.status_code == 200 and "Signed in" in done.text
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert proc.returncode == 0, err
+    assert "as alice (roles: dev-apps)" in out, out
+    apps = subprocess.run([str(BIN / "apptunnel"), "apps", "ls"], capture_output=True,
+                          text=True, timeout=30, env=user_env(home))
+    assert apps.returncode == 0 and "hello" in apps.stdout, (apps.stdout, apps.stderr)
+    with localhost_resolution():
+        again = requests.post(cluster.url(path="/v1/certs"), verify=cluster.ca_file, timeout=10,
+                              json={"sso_code": code, "code_verifier": "x" * 43,
+                                    "public_key": _public_pem()})
+    assert again.status_code == 401, again.text
+
+
+def _public_pem() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
