@@ -23,12 +23,13 @@ class StandIn:
 
     def __init__(self) -> None:
         self.acs_calls = []
+        self.cli = None
 
     async def metadata(self, name, address):
         return "<md:EntityDescriptor/>"
 
-    async def start(self, name, target, address):
-        self.target = target
+    async def start(self, name, target, address, cli=None):
+        self.target, self.cli = target, cli
         return "id-1", "https://idp.example.com/sso?SAMLRequest=abc"
 
     async def acs(self, name, response, request_id, address, client):
@@ -36,7 +37,7 @@ class StandIn:
         if request_id != "id-1" or response != "good":
             raise AuthError(401, "the identity provider's answer could not be accepted")
         return User("alice", None, ("dev",), {"groups": ("devs",)}, 1.0, connector="okta"), \
-            "/web/launch/grafana?state=s"
+            "/web/launch/grafana?state=s", self.cli
 
 
 async def with_saml(env) -> StandIn:
@@ -109,3 +110,56 @@ async def test_the_acs_opens_a_session_and_goes_to_the_target_or_shows_the_refus
     response, body = await web_env.call("GET", "/v1/webapi/saml/metadata/okta")
     assert response.code == 200 and body == b"<md:EntityDescriptor/>"
     assert header(response, "content-type") == "application/samlmetadata+xml"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cli_started_sign_in_carries_its_return_and_ends_at_the_clis_listener(web_env):
+    """`apptunnel login --auth okta`: /web/sso hands the CLI's port, state and challenge to
+    the SAML start (malformed: 400, nothing started); the ACS then opens no web session
+    but sends the browser to 127.0.0.1:PORT with a one-time code, which /v1/certs takes
+    once and only with the verifier whose digest the CLI gave."""
+    import json
+    from urllib.parse import parse_qs, urlsplit
+
+    from apptunnel.auth.connectors.cli_codes import CliReturn, digest
+    from tests.unit.test_web_connectors import new_key
+
+    stand_in = await with_saml(web_env)
+    verifier = "v" * 43
+    state, challenge = "s" * 24, digest(verifier)
+    response, _ = await web_env.call(
+        "GET", f"/web/sso/okta?cli_port=80&cli_state={state}&cli_challenge={challenge}")
+    assert response.code == 400 and stand_in.cli is None
+    response, _ = await web_env.call(
+        "GET", f"/web/sso/okta?next=/x&cli_port=40000&cli_state={state}"
+               f"&cli_challenge={challenge}")
+    assert response.code == 302 and stand_in.cli == CliReturn(40000, state, challenge)
+    assert state not in header(response, "location")
+    response, _ = await web_env.call("POST", "/v1/webapi/saml/acs/okta", origin=None,
+                                     headers={"Cookie": f"{REQUEST_COOKIE}=id-1"},
+                                     data={"SAMLResponse": "good"})
+    location = header(response, "location")
+    assert response.code == 302 and location.startswith("http://127.0.0.1:40000/callback?")
+    assert not [h for h in response.headers.getRawHeaders(b"set-cookie", [])
+                if h.startswith(b"__Host-apptunnel_session=")]
+    query = parse_qs(urlsplit(location).query)
+    assert query["state"] == [state]
+    code = query["code"][0]
+    _, public = new_key()
+    for wrong in ("w" * 43, verifier):     # a wrong verifier spends the code: no retry
+        response, _ = await web_env.call("POST", "/v1/certs", json={
+            "sso_code": code, "code_verifier": wrong, "public_key": public})
+        assert response.code == 401
+    response, _ = await web_env.call(
+        "GET", f"/web/sso/okta?cli_port=40000&cli_state={state}&cli_challenge={challenge}")
+    response, _ = await web_env.call("POST", "/v1/webapi/saml/acs/okta", origin=None,
+                                     headers={"Cookie": f"{REQUEST_COOKIE}=id-1"},
+                                     data={"SAMLResponse": "good"})
+    code = parse_qs(urlsplit(header(response, "location")).query)["code"][0]
+    response, body = await web_env.call("POST", "/v1/certs", json={
+        "sso_code": code, "code_verifier": verifier, "public_key": public})
+    assert response.code == 200, body
+    assert "cert" in json.loads(body)
+    response, _ = await web_env.call("POST", "/v1/certs", json={
+        "sso_code": code, "code_verifier": verifier, "public_key": public})
+    assert response.code == 401                                     # replay
