@@ -19,7 +19,7 @@ from OpenSSL import crypto
 from apptunnel.auth.ca import session_mfa_app, user_identity
 from apptunnel.auth.errors import AuthError
 
-Method = Literal["session", "certificate", "password"]
+Method = Literal["session", "certificate", "password", "sso"]   # sso: an OIDC or SAML sign-in
 
 
 @attrs.frozen

@@ -409,7 +409,7 @@ class WebApp:
         now = self._clock.seconds()
         if body.get("sso_code") is not None:
             user = await self._redeem_sso_code(request, body)
-            caller = Caller(user.name, tuple(user.roles), dict(user.traits), "oidc", "",
+            caller = Caller(user.name, tuple(user.roles), dict(user.traits), "sso", "",
                             now + self._config.session_ttl)
             limit = self._config.session_ttl
         elif username is not None or password is not None:
