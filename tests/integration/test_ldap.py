@@ -16,14 +16,13 @@ import subprocess
 import threading
 import time
 
-import jwt as pyjwt
 import pytest
 import requests
 import yaml
 
 from tests.integration.test_login_throttle import post
 from tests.support.cli_user import ca_pin, user_env
-from tests.support.cluster import BIN, Browser, Cluster, audit, free_port, wait_until
+from tests.support.cluster import BIN, Browser, Cluster, app_jwt_claims, audit, free_port, wait_until
 from tests.support.localhost import localhost_resolution
 from tests.support.slapd import SERVICE_DN, Slapd, group_dn, password
 from tests.support.upstream import HttpUpstream
@@ -223,13 +222,7 @@ def test_browser_form_with_the_connector_choice_opens_the_app_with_external_trai
     assert landed.status_code == 200, landed.text
     echo = landed.json()
     assert echo["path"] == "/echo?x=1"
-    [token] = [v for k, v in echo["headers"] if k.lower() == "apptunnel-jwt-assertion"]
-    with localhost_resolution():
-        jwks = requests.get(cluster.url(path="/.well-known/jwks.json"), verify=cluster.ca_file,
-                            timeout=5).json()
-    key = pyjwt.PyJWKSet.from_dict(jwks)[pyjwt.get_unverified_header(token)["kid"]]
-    claims = pyjwt.decode(token, key.key, algorithms=["RS256"], issuer="e2e",
-                          audience=f"https://hello.apptunnel.localhost:{cluster.web_port}")
+    claims = app_jwt_claims(cluster, echo)
     assert claims["username"] == "alice" and claims["roles"] == ["dev-apps"]
     assert claims["traits"]["email"] == ["alice@example.org"]
     assert set(claims["traits"]["groups"]) == {group_dn("devs"), group_dn("admins")}

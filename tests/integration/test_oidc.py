@@ -24,7 +24,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.support.cli_user import ca_pin, user_env
-from tests.support.cluster import BIN, Browser, Cluster, audit, wait_until
+from tests.support.cluster import BIN, Browser, Cluster, app_jwt_claims, audit, wait_until
 from tests.support.localhost import localhost_resolution
 from tests.support.oidc_provider import OidcProvider
 from tests.support.upstream import HttpUpstream
@@ -141,13 +141,7 @@ def test_sign_in_page_button_then_the_app_with_external_traits(cluster):
     assert landed.status_code == 200, landed.text
     echo = landed.json()
     assert echo["path"] == "/echo?x=1"
-    [token] = [v for k, v in echo["headers"] if k.lower() == "apptunnel-jwt-assertion"]
-    with localhost_resolution():
-        jwks = requests.get(cluster.url(path="/.well-known/jwks.json"), verify=cluster.ca_file,
-                            timeout=5).json()
-    key = pyjwt.PyJWKSet.from_dict(jwks)[pyjwt.get_unverified_header(token)["kid"]]
-    claims = pyjwt.decode(token, key.key, algorithms=["RS256"], issuer="e2e",
-                          audience=f"https://hello.apptunnel.localhost:{cluster.web_port}")
+    claims = app_jwt_claims(cluster, echo)
     assert claims["username"] == "alice@example.org" and claims["roles"] == ["dev-apps"]
     assert claims["traits"]["groups"] == ["devs"] and claims["traits"]["sub"] == ["alice"]
     events = wait_until(lambda: [e for e in login_events(cluster)

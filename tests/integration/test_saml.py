@@ -14,14 +14,13 @@ import re
 import subprocess
 from urllib.parse import parse_qs, urlsplit
 
-import jwt as pyjwt
 import pytest
 import pytest_twisted
 import requests
 import yaml
 
 from tests.support.cli_user import ca_pin, user_env
-from tests.support.cluster import BIN, Browser, Cluster, audit, wait_until
+from tests.support.cluster import BIN, Browser, Cluster, app_jwt_claims, audit, wait_until
 from tests.support.localhost import localhost_resolution
 from tests.support.saml_idp import SamlIdp
 from tests.support.upstream import HttpUpstream
@@ -118,13 +117,7 @@ def test_sign_in_maps_attributes_and_opens_the_app_with_external_traits(cluster,
     assert landed.status_code == 200, landed.text
     echo = landed.json()
     assert echo["path"] == "/echo?x=1"
-    [token] = [v for k, v in echo["headers"] if k.lower() == "apptunnel-jwt-assertion"]
-    with localhost_resolution():
-        jwks = requests.get(cluster.url(path="/.well-known/jwks.json"), verify=cluster.ca_file,
-                            timeout=5).json()
-    key = pyjwt.PyJWKSet.from_dict(jwks)[pyjwt.get_unverified_header(token)["kid"]]
-    claims = pyjwt.decode(token, key.key, algorithms=["RS256"], issuer="e2e",
-                          audience=f"https://hello.apptunnel.localhost:{cluster.web_port}")
+    claims = app_jwt_claims(cluster, echo)
     assert claims["username"] == "alice" and claims["roles"] == ["dev-apps"]
     assert claims["traits"]["mail"] == ["alice@example.org"]
     assert set(claims["traits"]["groups"]) == {"devs", "admins"}

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import jwt as pyjwt
 import requests
 import yaml
 
@@ -80,6 +81,18 @@ class Child:
                 self.proc.kill()
                 self.proc.wait(5)
         self._log.close()
+
+
+def app_jwt_claims(cluster: "Cluster", echo: dict, app: str = "hello") -> dict:
+    """The claims of the JWT the proxy sent an echo app (its JSON answer), verified against
+    the proxy's JWKS with the cluster as issuer and the app's public origin as audience."""
+    [token] = [v for k, v in echo["headers"] if k.lower() == "apptunnel-jwt-assertion"]
+    with localhost_resolution():
+        jwks = requests.get(cluster.url(path="/.well-known/jwks.json"), verify=cluster.ca_file,
+                            timeout=5).json()
+    key = pyjwt.PyJWKSet.from_dict(jwks)[pyjwt.get_unverified_header(token)["kid"]]
+    return pyjwt.decode(token, key.key, algorithms=["RS256"], issuer="e2e",
+                        audience=f"https://{app}.{PUBLIC_HOST}:{cluster.web_port}")
 
 
 class Cluster:
