@@ -13,14 +13,12 @@ import json
 
 import pytest
 
+from tests.support.chromium import ARGS, CHROMIUM
 from tests.support.cluster import Cluster, wait_until
 from tests.support.system import require_program
 from tests.support.upstream import HttpUpstream
 
 PASSWORD = "browser test password"
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.support.cli_user import ca_pin, log_in, start, user_env
+from tests.support.chromium import page_with_authenticator
 from tests.support.cluster import BIN, Browser, Cluster, audit, free_port, wait_until
 from tests.support.localhost import localhost_resolution
 from tests.support.upstream import HttpUpstream
@@ -306,22 +307,5 @@ def test_security_key_answers_the_prompt_in_chromium(cluster, totps, chromium_pa
 
 @pytest.fixture(scope="module")
 def chromium_page():
-    from playwright.sync_api import sync_playwright
-
-    from tests.integration.test_webauthn_browser import ARGS, CHROMIUM
-    from tests.support.system import require_program
-
-    require_program(CHROMIUM, "chromium")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        context = browser.new_context(ignore_https_errors=True)
-        page = context.new_page()
-        cdp = context.new_cdp_session(page)
-        cdp.send("WebAuthn.enable", {"enableUI": False})
-        cdp.send("WebAuthn.addVirtualAuthenticator", {"options": {
-            "protocol": "ctap2", "transport": "internal", "hasResidentKey": True,
-            "hasUserVerification": True, "isUserVerified": True,
-            "automaticPresenceSimulation": True}})
+    with page_with_authenticator() as page:
         yield page
-        context.close()
-        browser.close()

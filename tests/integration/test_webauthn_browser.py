@@ -7,13 +7,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from tests.support.chromium import page_with_authenticator
 from tests.support.cluster import Browser, Cluster, audit, wait_until
-from tests.support.system import require_program
 
 PASSWORD = "webauthn test password"
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -33,22 +30,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def page():
-    from playwright.sync_api import sync_playwright
-
-    require_program(CHROMIUM, "chromium")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        context = browser.new_context(ignore_https_errors=True)
-        page = context.new_page()
-        cdp = context.new_cdp_session(page)
-        cdp.send("WebAuthn.enable", {"enableUI": False})
-        cdp.send("WebAuthn.addVirtualAuthenticator", {"options": {
-            "protocol": "ctap2", "transport": "internal", "hasResidentKey": True,
-            "hasUserVerification": True, "isUserVerified": True,
-            "automaticPresenceSimulation": True}})
+    with page_with_authenticator() as page:
         yield page
-        context.close()
-        browser.close()
 
 
 def sign_in(page, cluster, next_path: str) -> None:
