@@ -12,8 +12,7 @@ from twisted.logger import globalLogPublisher
 
 from apptunnel.agent.service import AgentService
 from apptunnel.config import AppConfig
-from tests.integration.test_join_and_tunnel import echo_port, proxy  # noqa: F401
-from tests.support.tunnel_env import agent_config
+from tests.support.tunnel_env import agent_config, echo_port, proxy  # noqa: F401 - fixtures
 from tests.support.waiting import until, wait
 
 

@@ -12,7 +12,7 @@ from twisted.internet import defer
 from apptunnel.backend.records import User
 from tests.support.forward_env import header_map, request_bytes
 from tests.support.waiting import until, wait
-from tests.integration.test_forward_certs import APP_PUBLIC, cert_env
+from tests.support.cert_env import APP_PUBLIC, cert_env
 
 USERS = (User("alice", None, ("dev",), {"team": ("sre",)}, 0.0),
          User("bob", None, ("dev", "ops"), {"team": ("sre",)}, 0.0))

@@ -29,3 +29,4 @@ def test_the_ca_does_not_load_the_config_module():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout.strip()
     assert out == "False"
+

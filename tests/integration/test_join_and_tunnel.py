@@ -26,13 +26,8 @@ from apptunnel.config import AppConfig
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol
-from tests.support.tunnel_env import Proxy, agent_config
+from tests.support.tunnel_env import Echo, agent_config, echo_port, proxy  # noqa: F401 - fixtures
 from tests.support.waiting import until, wait
-
-
-class Echo(protocol.Protocol):
-    def dataReceived(self, data):
-        self.transport.write(data)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -57,25 +52,6 @@ class Collect(protocol.Protocol):
     def connectionLost(self, reason):
         if not self.done.called:
             self.done.callback(reason.value)
-
-
-@pytest_twisted.async_yield_fixture
-async def proxy(tmp_path):
-    p = Proxy(tmp_path)
-    p.audit.start()
-    await p.listen()
-    yield p
-    if p.port is not None:
-        await p.port.stopListening()
-    await wait(p.audit.stop())
-    await wait(p.backend.close())
-
-
-@pytest.fixture
-def echo_port():
-    port = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
-    yield port.getHost().port
-    port.stopListening()
 
 
 def mode(path) -> int:

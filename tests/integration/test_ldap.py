@@ -20,7 +20,7 @@ import pytest
 import requests
 import yaml
 
-from tests.integration.test_login_throttle import post
+from tests.support.cluster import post_from as post
 from tests.support.cli_user import ca_pin, user_env
 from tests.support.cluster import BIN, Browser, Cluster, app_jwt_claims, audit, free_port, wait_until
 from tests.support.localhost import localhost_resolution

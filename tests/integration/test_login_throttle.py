@@ -6,10 +6,7 @@ whole /8: requests bound to 127.0.0.x come from different client addresses.
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -18,7 +15,7 @@ import pytest
 import yaml
 
 from tests.support.cli_user import ca_pin, user_env
-from tests.support.cluster import BIN, PUBLIC_HOST, Cluster, audit, wait_until
+from tests.support.cluster import BIN, Cluster, audit, post_from as post, wait_until
 
 PASSWORD = "the right password"
 WINDOW = 12.0   # long enough that five refused logins fit in it on a loaded machine
@@ -42,26 +39,6 @@ def cluster():
         yield c
     finally:
         c.stop()
-
-
-def post(cluster: Cluster, path: str, body: dict | str, source: str = "127.0.0.1",
-         timeout: float = 30) -> tuple[int, dict, str]:
-    """One POST from `source` over a fresh TLS connection: (status, headers, body text)."""
-    context = ssl.create_default_context(cafile=cluster.ca_file)
-    sock = socket.create_connection(("127.0.0.1", cluster.web_port), timeout, (source, 0))
-    conn = http.client.HTTPConnection(PUBLIC_HOST, cluster.web_port, timeout=timeout)
-    conn.sock = context.wrap_socket(sock, server_hostname=PUBLIC_HOST)
-    try:
-        if isinstance(body, dict):
-            payload, kind = json.dumps(body), "application/json"
-        else:
-            payload, kind = body, "application/x-www-form-urlencoded"
-        conn.request("POST", path, body=payload, headers={
-            "Content-Type": kind, "Origin": cluster.url().rstrip("/")})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read().decode()
-    finally:
-        conn.close()
 
 
 def api_login(cluster, user, password, source="127.0.0.1"):

@@ -26,7 +26,7 @@ from apptunnel.proxy.http1 import EndOfMessage, RequestReader
 from apptunnel.catalog import AppInfo
 from tests.support.forward_env import APP_HOST, PUBLIC, header_map, request_bytes
 from tests.support.waiting import TIMEOUT, until, wait
-from tests.integration.test_forward_certs import cenv  # noqa: F401 - the certificate environment
+from tests.support.cert_env import cenv  # noqa: F401 - the certificate environment
 
 SMUGGLED = (b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Team: admin\r\n"
             b"Apptunnel-Jwt-Assertion: forged\r\n\r\n")

@@ -8,10 +8,12 @@ stopped by the PID we hold.
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -227,3 +229,24 @@ class Browser:
                 "next": html.unescape(next_value.group(1)) if next_value else "/"}
         return self.post(self.cluster.url(path="/web/login"), data=form,
                          headers={"Origin": self.cluster.url().rstrip("/")})
+
+
+def post_from(cluster: Cluster, path: str, body: dict | str, source: str = "127.0.0.1",
+         timeout: float = 30) -> tuple[int, dict, str]:
+    """One POST from `source` (any 127.0.0.x: loopback is a whole /8) over a fresh TLS
+    connection, with the proxy's Origin: (status, headers, body text)."""
+    context = ssl.create_default_context(cafile=cluster.ca_file)
+    sock = socket.create_connection(("127.0.0.1", cluster.web_port), timeout, (source, 0))
+    conn = http.client.HTTPConnection(PUBLIC_HOST, cluster.web_port, timeout=timeout)
+    conn.sock = context.wrap_socket(sock, server_hostname=PUBLIC_HOST)
+    try:
+        if isinstance(body, dict):
+            payload, kind = json.dumps(body), "application/json"
+        else:
+            payload, kind = body, "application/x-www-form-urlencoded"
+        conn.request("POST", path, body=payload, headers={
+            "Content-Type": kind, "Origin": cluster.url().rstrip("/")})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read().decode()
+    finally:
+        conn.close()

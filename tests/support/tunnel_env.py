@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet import reactor
+import pytest
+import pytest_twisted
+
+from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet import reactor as wall_clock
 
@@ -21,6 +24,7 @@ from apptunnel.backend.sqlite import SqliteBackend
 from apptunnel.config import AgentConfig
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_options
+from tests.support.waiting import wait
 
 
 class Proxy:
@@ -71,3 +75,30 @@ def agent_config(tmp_path, proxy, *, token=None, pin=None, apps=(), name="agent"
         proxy_addr=proxy.addr, join_token=token, ca_pin=pin, apps=tuple(apps),
         keepalive_interval=0.5, keepalive_timeout=2.0,
     )
+
+
+class Echo(protocol.Protocol):
+    def dataReceived(self, data):
+        self.transport.write(data)
+
+
+# Fixtures for tests that run a real agent against this proxy side (import them by name).
+
+
+@pytest_twisted.async_yield_fixture
+async def proxy(tmp_path):
+    p = Proxy(tmp_path)
+    p.audit.start()
+    await p.listen()
+    yield p
+    if p.port is not None:
+        await p.port.stopListening()
+    await wait(p.audit.stop())
+    await wait(p.backend.close())
+
+
+@pytest.fixture
+def echo_port():
+    port = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
+    yield port.getHost().port
+    port.stopListening()
