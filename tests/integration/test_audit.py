@@ -11,7 +11,7 @@ import pytest_twisted
 
 from apptunnel.audit import AuditLog
 from tests.support.waiting import wait
-from tests.unit.test_audit import backend, capture, clock  # noqa: F401 - fixtures
+from tests.support.audit_log import backend, capture, clock  # noqa: F401 - fixtures
 
 
 @pytest_twisted.ensureDeferred

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from apptunnel.auth.tokens import secret_hash
-from tests.support.cli_admin import TIMEOUT, Result, one_error
-from tests.unit.test_cli import REPO, config_path  # noqa: F401 - the proxy.yaml fixture
+from tests.support.cli_admin import (  # noqa: F401 - config_path is the proxy.yaml fixture
+    REPO, TIMEOUT, Result, config_path, one_error,
+)
 
 
 def subprocess_cli(config: str, *argv: str, stdin: str = "") -> Result:

@@ -7,7 +7,7 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 
 from apptunnel.agent.upstream import UpstreamDialer
-from tests.unit.test_tcp_apps_config import multi
+from tests.support.tcp_apps import multi
 
 
 @pytest_twisted.ensureDeferred

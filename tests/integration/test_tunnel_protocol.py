@@ -12,7 +12,7 @@ from zope.interface import implementer
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol
-from tests.unit.test_tunnel_protocol import Echo, Handler, Recorder, connect, make_pair
+from tests.support.tunnel_pairs import Echo, Handler, Recorder, connect, make_pair
 
 
 @implementer(IHalfCloseableProtocol)

@@ -1,13 +1,20 @@
 """The admin `apptunnel` CLI run in-process on the test reactor against a proxy config,
-plus a direct look at the backend it wrote to."""
+plus a direct look at the backend it wrote to.
+
+`config_path` is that proxy config (SQLite and an audit file under the test's tmp_path),
+shared by the in-process tests and the real-process ones in tests/integration/test_cli.py;
+import it by name.
+"""
 
 from __future__ import annotations
 
 import io
 import os
 import pwd
+from pathlib import Path
 
 import attrs
+import pytest
 from twisted.internet import defer, reactor
 
 from apptunnel.backend import open_backend
@@ -55,3 +62,21 @@ def one_error(result: Result, code: int) -> str:
     lines = result.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("apptunnel: error: "), result.err
     return lines[0]
+
+
+REPO = Path(__file__).resolve().parents[2]   # the checkout: etc/ examples, cwd of a real run
+
+
+@pytest.fixture
+def config_path(tmp_path) -> str:
+    """proxy.yaml for the admin verbs: data (SQLite) and audit.jsonl under tmp_path."""
+    path = tmp_path / "proxy.yaml"
+    path.write_text(
+        "cluster_name: test-cluster\n"
+        "data_dir: data\n"
+        "public_addr: apptunnel.localhost:3080\n"
+        "web_listen_addr: 127.0.0.1:0\n"
+        "tunnel_listen_addr: 127.0.0.1:3024\n"
+        "audit: {file: audit.jsonl}\n"
+    )
+    return str(path)

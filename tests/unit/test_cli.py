@@ -18,24 +18,11 @@ from apptunnel.auth.tokens import secret_hash
 from apptunnel.cli.main import main
 from apptunnel.cli.output import clean
 from apptunnel.config import load_agent_config
-from tests.support.cli_admin import ACCOUNT, Result, cli, one_error, stored
+from tests.support.cli_admin import (  # noqa: F401 - config_path is the proxy.yaml fixture
+    ACCOUNT, REPO, Result, cli, config_path, one_error, stored,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 ROLE_FILE = REPO / "etc" / "roles" / "sre-apps.yaml"
-
-
-@pytest.fixture
-def config_path(tmp_path) -> str:
-    path = tmp_path / "proxy.yaml"
-    path.write_text(
-        "cluster_name: test-cluster\n"
-        "data_dir: data\n"
-        "public_addr: apptunnel.localhost:3080\n"
-        "web_listen_addr: 127.0.0.1:0\n"
-        "tunnel_listen_addr: 127.0.0.1:3024\n"
-        "audit: {file: audit.jsonl}\n"
-    )
-    return str(path)
 
 
 # -- tokens ------------------------------------------------------------------------------
@@ -454,8 +441,6 @@ async def test_audit_search_filters_and_prints_iso_times(config_path):
     as_text = (await cli(config_path, "audit", "search", "--user", "bob")).out
     assert not epoch.search(as_text), as_text
     assert "expires=20" in as_text
-
-
 
 
 @pytest_twisted.ensureDeferred

@@ -6,50 +6,12 @@ decides what crosses the wire when, so an OPEN can be made to cross the agent's 
 
 from __future__ import annotations
 
-from twisted.internet.defer import succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 
 from apptunnel.proxy.pool import NoAgent, tunnel_connector
-from apptunnel.catalog import AppInfo
 from apptunnel.proxy.registry import AgentRegistry
-from apptunnel.tunnel.protocol import TunnelProtocol
-from tests.support.pump import Pump
-
-APP = AppInfo(name="echo", uri="http://127.0.0.1:9", public_addr="echo.apptunnel.localhost")
-
-
-class Side:
-    """A tunnel handler that accepts every stream and remembers its target."""
-
-    def __init__(self):
-        self.opened = []
-
-    def tunnel_ready(self, tunnel):
-        pass
-
-    def control_received(self, tunnel, message):
-        pass
-
-    def stream_requested(self, tunnel, target):
-        self.opened.append(target)
-        return succeed(Protocol())
-
-    def tunnel_lost(self, tunnel, reason):
-        pass
-
-
-def tunnel_pair(clock):
-    agent_handler = Side()
-    agent = TunnelProtocol(agent_handler, clock, initiator=True)
-    proxy = TunnelProtocol(Side(), clock, initiator=False)
-    return proxy, agent, agent_handler, Pump(agent, proxy)
-
-
-def outcome(d):
-    box = []
-    d.addBoth(box.append)
-    return box
+from tests.support.tunnel_pairs import APP, outcome, tunnel_pair
 
 
 def test_open_crossing_goaway_is_retried_on_another_tunnel():

@@ -15,7 +15,7 @@ from apptunnel.catalog import AppInfo
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
-from tests.unit.test_connect_retry import APP, outcome, tunnel_pair
+from tests.support.tunnel_pairs import APP, outcome, tunnel_pair
 
 
 def two_tunnels():

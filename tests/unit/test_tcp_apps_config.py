@@ -16,6 +16,7 @@ from apptunnel.config import AppConfig, ConfigError, load_agent_config, parse_po
 from apptunnel.catalog import AppInfo
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
+from tests.support.tcp_apps import multi
 
 HEAD = "data_dir: agent-data\nproxy_addr: 127.0.0.1:3024\napps:\n"
 
@@ -89,10 +90,6 @@ def test_parse_port_range_only_raises_value_error(entry):
     except ValueError:
         return
     assert 1 <= low <= high <= 65535
-
-
-def multi(uri="tcp://127.0.0.1", ports=((5432, 5432), (8000, 8010))) -> AppConfig:
-    return AppConfig(name="multi", uri=uri, labels={}, public_addr=None, tcp_ports=ports)
 
 
 def test_port_policy_allows_uri_port_and_declared_ranges():

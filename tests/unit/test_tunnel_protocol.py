@@ -8,7 +8,7 @@ import pytest
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
@@ -20,33 +20,7 @@ from apptunnel.tunnel.errors import StreamRefused, TunnelLost
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol
 from apptunnel.tunnel.stream import SEND_BUFFER_LIMIT, StreamAddress
-from tests.support.pump import Pump
-
-
-class Echo(Protocol):
-    def dataReceived(self, data):
-        self.transport.write(data)
-
-
-class Recorder(Protocol):
-    """Keeps what arrives; optionally starts paused."""
-
-    def __init__(self, paused=False):
-        self.chunks, self.lost, self.paused = [], None, paused
-
-    def connectionMade(self):
-        if self.paused:
-            self.transport.pauseProducing()
-
-    def dataReceived(self, data):
-        self.chunks.append(data)
-
-    def connectionLost(self, reason):
-        self.lost = reason
-
-    @property
-    def data(self):
-        return b"".join(self.chunks)
+from tests.support.tunnel_pairs import Handler, Recorder, connect, make_pair, result_of
 
 
 @implementer(IHalfCloseableProtocol)
@@ -64,33 +38,6 @@ class HalfCloser(Recorder):
         pass
 
 
-class Handler:
-    """A TunnelHandler that records everything and answers opens via ``respond``."""
-
-    def __init__(self, respond=None):
-        self.ready, self.controls, self.requests, self.lost = [], [], [], []
-        self.protocols = []
-        self.respond = respond or self._default
-
-    def _default(self, target):
-        proto = Echo() if target.get("app") == "echo" else Recorder()
-        self.protocols.append(proto)
-        return succeed(proto)
-
-    def tunnel_ready(self, tunnel):
-        self.ready.append(tunnel)
-
-    def control_received(self, tunnel, message):
-        self.controls.append(message)
-
-    def stream_requested(self, tunnel, target):
-        self.requests.append(target)
-        return self.respond(target)
-
-    def tunnel_lost(self, tunnel, reason):
-        self.lost.append(reason)
-
-
 @implementer(IPushProducer)
 class RecordingProducer:
     def __init__(self):
@@ -105,27 +52,6 @@ class RecordingProducer:
 
     def stopProducing(self):
         self.stopped = True
-
-
-def make_pair(clock=None, server_handler=None, **kw):
-    clock = clock or Clock()
-    ch, sh = Handler(), server_handler or Handler()
-    client = TunnelProtocol(ch, clock, initiator=True, **kw)
-    server = TunnelProtocol(sh, clock, initiator=False, **kw)
-    return client, server, ch, sh, Pump(client, server), clock
-
-
-def result_of(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    return out[0]
-
-
-def connect(pump, client, target, proto=None):
-    d = client.connect_stream(target, Factory.forProtocol(lambda: proto or Recorder()))
-    pump.flush()
-    return result_of(d)
 
 
 def test_tunnel_ready_and_stream_echo_through_endpoint():
