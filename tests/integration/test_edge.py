@@ -15,7 +15,7 @@ from twisted.web import server
 from apptunnel.proxy.edge import EdgeFactory
 from tests.support.forward_env import PUBLIC, Client, request_bytes
 from tests.support.waiting import wait
-from tests.unit.test_edge import Hello
+from tests.support.edge_site import Hello
 
 
 @pytest.fixture

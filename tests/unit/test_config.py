@@ -1,7 +1,6 @@
 """apptunnel.config: YAML files -> config objects, one clear error line for every mistake."""
 
 import os
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,16 +16,9 @@ from apptunnel.config import (
     load_yaml_documents,
     parse_duration,
 )
+from tests.support.config_files import PROXY_OK, write
 
 ETC = Path(__file__).resolve().parents[2] / "etc"
-
-PROXY_OK = """\
-cluster_name: test
-data_dir: data
-public_addr: apptunnel.localhost:3080
-web_listen_addr: 127.0.0.1:3080
-tunnel_listen_addr: 127.0.0.1:3024
-"""
 
 AGENT_OK = """\
 data_dir: agent-data
@@ -37,12 +29,6 @@ apps:
 """
 
 PIN = "sha256:" + "ab" * 32
-
-
-def write(tmp_path: Path, text: str, name: str = "config.yaml") -> str:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return str(path)
 
 
 def test_example_proxy_yaml_parses():

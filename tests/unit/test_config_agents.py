@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from apptunnel.config import ConfigError, load_proxy_config
-from tests.unit.test_config import PROXY_OK, write
+from tests.support.config_files import PROXY_OK, write
 
 
 def test_defaults(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.web import resource, server
+from twisted.web import server
 
 from apptunnel.config import ProxyConfig
 from apptunnel.proxy.edge import EdgeFactory
@@ -15,13 +15,7 @@ from apptunnel.proxy.http1 import MAX_HEAD
 from apptunnel.catalog import AppInfo
 from apptunnel.proxy.registry import AgentRegistry
 from tests.support.forward_env import APP_HOST, PUBLIC, request_bytes
-
-
-class Hello(resource.Resource):
-    isLeaf = True
-
-    def render_GET(self, request):
-        return b"web:" + request.getHeader(b"host")
+from tests.support.edge_site import Hello
 
 
 class _TransportWithProtocol(StringTransport):

@@ -22,7 +22,7 @@ from apptunnel.auth.locks import LockWatcher
 from apptunnel.auth.tokens import secret_hash
 from apptunnel.backend.records import Agent, JoinToken, Lock, Scope
 from apptunnel.proxy.tunnel_server import public_addr_refusal
-from tests.unit.test_tunnel_server import (  # noqa: F401
+from tests.support.tunnel_server_world import (  # noqa: F401 - world is a fixture
     AgentSide,
     agent_cert,
     csr_pem,
