@@ -17,17 +17,13 @@ from apptunnel.tunnel.relay import RelayEnd
 from apptunnel.config import AppConfig
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
+from tests.support.tunnel_pairs import Echo
 
 WAIT = 5.0
 
 
 def app(name: str, uri: str) -> AppConfig:
     return AppConfig(name=name, uri=uri, labels={}, public_addr=None)
-
-
-class Echo(protocol.Protocol):
-    def dataReceived(self, data):
-        self.transport.write(data)
 
 
 @implementer(IHalfCloseableProtocol)

@@ -10,8 +10,8 @@ import stat
 import pytest_twisted
 
 from apptunnel.audit import AuditLog
-from tests.support.waiting import wait
 from tests.support.audit_log import backend, capture, clock  # noqa: F401 - fixtures
+from tests.support.waiting import wait
 
 
 @pytest_twisted.ensureDeferred

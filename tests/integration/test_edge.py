@@ -13,9 +13,9 @@ from twisted.internet.protocol import Factory
 from twisted.web import server
 
 from apptunnel.proxy.edge import EdgeFactory
+from tests.support.edge_site import Hello
 from tests.support.forward_env import PUBLIC, Client, request_bytes
 from tests.support.waiting import wait
-from tests.support.edge_site import Hello
 
 
 @pytest.fixture

@@ -26,7 +26,8 @@ from apptunnel.config import AppConfig
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol
-from tests.support.tunnel_env import Echo, agent_config, echo_port, proxy  # noqa: F401 - fixtures
+from tests.support.tunnel_env import agent_config, echo_port, proxy  # noqa: F401 - fixtures
+from tests.support.tunnel_pairs import Echo
 from tests.support.waiting import until, wait
 
 

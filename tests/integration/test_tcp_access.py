@@ -37,14 +37,10 @@ from apptunnel.proxy.tcp_access import TcpAccess
 from apptunnel.messages import MessageError, _tcp_ports
 from apptunnel.tunnel.protocol import TunnelProtocol
 from tests.support.keys import key_pair
+from tests.support.tunnel_pairs import Echo
 from tests.support.waiting import until, wait
 
 PUBLIC_HOST = "apptunnel.localhost"
-
-
-class Echo(protocol.Protocol):
-    def dataReceived(self, data):
-        self.transport.write(data)
 
 
 class Banner(protocol.Protocol):

@@ -24,6 +24,7 @@ from apptunnel.backend.sqlite import SqliteBackend
 from apptunnel.config import AgentConfig
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_options
+from tests.support.tunnel_pairs import Echo
 from tests.support.waiting import wait
 
 
@@ -75,11 +76,6 @@ def agent_config(tmp_path, proxy, *, token=None, pin=None, apps=(), name="agent"
         proxy_addr=proxy.addr, join_token=token, ca_pin=pin, apps=tuple(apps),
         keepalive_interval=0.5, keepalive_timeout=2.0,
     )
-
-
-class Echo(protocol.Protocol):
-    def dataReceived(self, data):
-        self.transport.write(data)
 
 
 # Fixtures for tests that run a real agent against this proxy side (import them by name).

@@ -14,8 +14,9 @@ from apptunnel.proxy.app_connection import (
     ANSWERED, CLOSED, CLOSING, FORWARDING, READING_HEAD, ROUTING, UPGRADED,
 )
 from apptunnel.proxy.forward import AppForwarder
-from tests.unit.test_auth_access import Audit, Roles, Users
-from tests.unit.test_router import NOW, Signer, router
+from tests.support.access_fakes import Roles, Users
+from tests.support.app_router import NOW, Signer, router
+from tests.support.audit_fake import Audit
 
 
 class Apps:

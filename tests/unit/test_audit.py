@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest_twisted
 
 from apptunnel.audit import AuditLog, code_for
-from tests.support.waiting import wait
 from tests.support.audit_log import backend, capture, clock  # noqa: F401 - fixtures
+from tests.support.waiting import wait
 
 
 def test_codes_table():

@@ -12,35 +12,17 @@ from apptunnel.auth.access import (
     LIVE, AccessPolicy, Allow, Deny, Facts, LiveRecheck, NeedsMore,
 )
 from apptunnel.auth.callers import Caller
-from apptunnel.auth.directory import REMOVED_MESSAGE, Entry
+from apptunnel.auth.directory import REMOVED_MESSAGE
 from apptunnel.auth.locks import LOCK_AUDIT_INTERVAL, LockAudit, lock_matches
-from apptunnel.auth.rbac import RoleSet, parse_role
+from apptunnel.auth.rbac import parse_role
 from apptunnel.backend.records import Lock
 from apptunnel.catalog import AppInfo
+from tests.support.access_fakes import Roles, Users
+from tests.support.audit_fake import Audit
 
 NOW = 1_000_000.0
 GRAFANA = AppInfo("grafana", "http://127.0.0.1:3000", {"env": "dev"}, "grafana.example.com")
 PROD = AppInfo("prod", "http://127.0.0.1:3001", {"env": "prod"}, "prod.example.com")
-
-
-def role(name, allow=None, deny=None):
-    spec = {}
-    if allow:
-        spec["allow"] = {"app_labels": allow}
-    if deny:
-        spec["deny"] = {"app_labels": deny}
-    return parse_role({"kind": "role", "metadata": {"name": name}, "spec": spec})
-
-
-class Roles:
-    def __init__(self):
-        self.roles = {"dev": role("dev", {"env": "dev"}), "ops": role("ops", {"env": "*"}),
-                      "no-prod": role("no-prod", deny={"env": "prod"})}
-        self.calls = 0
-
-    async def role_set(self, names):
-        self.calls += 1
-        return RoleSet([self.roles[n] for n in names if n in self.roles])
 
 
 class Locks:
@@ -52,40 +34,6 @@ class Locks:
 
     def add_listener(self, fn):
         self.listener = fn
-
-
-class Users:
-    def __init__(self, **entries):
-        self.revision = 0
-        self.entries = {}
-        self.lookups = 0
-        for name, roles in entries.items():
-            self.set(name, roles)
-
-    def set(self, name, roles, traits=None):
-        self.revision += 1
-        self.entries[name] = Entry(name, tuple(roles), traits or {}, self.revision)
-
-    def current(self, name):
-        return self.entries.get(name)
-
-    async def lookup(self, name):
-        self.lookups += 1
-        return self.entries.get(name)
-
-    def add_listener(self, fn):
-        self.listener = fn
-
-
-class Audit:
-    def __init__(self):
-        self.events = []
-
-    def emit(self, type, **fields):
-        self.events.append((type, fields))
-
-    def of(self, type):
-        return [f for t, f in self.events if t == type]
 
 
 def run(coro):

@@ -28,21 +28,12 @@ from apptunnel.auth.directory import UserDirectory
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.throttle import LoginThrottle, Throttled
 from apptunnel.backend.records import Resource, User
+from tests.support.audit_fake import Audit
 from tests.support.memory import MemoryBackend
 from tests.support.waiting import wait
 
 NOW = 1_000_000.0
 DEVS = "cn=devs,ou=groups,dc=example,dc=org"
-
-
-class Audit:
-    """Records emitted events as (type, actor, outcome, fields)."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str, str, dict]] = []
-
-    def emit(self, type, *, actor="", target="", outcome="success", **fields):
-        self.events.append((type, actor, outcome, fields))
 
 
 def ldap_doc(**spec) -> dict:

@@ -19,22 +19,13 @@ from apptunnel.auth.connectors.store import ConnectorStore
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.throttle import LoginThrottle, Throttled
 from apptunnel.backend.records import Resource, SamlRequest
+from tests.support.audit_fake import Audit
+from tests.support.connector_docs import ACS, saml_doc
 from tests.support.memory import MemoryBackend
 from tests.support.waiting import wait
-from tests.unit.test_auth_connectors import Audit
 
 NOW = 1_000_000.0
-ACS = "https://apptunnel.example.com/v1/webapi/saml/acs/okta"
 IDP_XML = '<md:EntityDescriptor xmlns:md="urn:oasis:names:tc:SAML:2.0:metadata"/>'
-
-
-def saml_doc(**spec) -> dict:
-    base = {"acs": ACS, "entity_descriptor_url": "https://idp.example.com/metadata",
-            "attributes_to_roles": [{"name": "groups", "value": "devs", "roles": ["dev"]},
-                                    {"name": "groups", "value": "^.*-admins$",
-                                     "roles": ["admin"]}]}
-    base.update(spec)
-    return {"kind": "saml", "metadata": {"name": "okta"}, "spec": base}
 
 
 def test_a_saml_document_parses_with_teleports_shape_and_defaults():
@@ -178,7 +169,6 @@ async def test_starts_are_limited_per_address_and_an_unreachable_idp_is_503():
     with pytest.raises(AuthError) as err:
         await wait(saml.start("okta", "/", "10.0.0.2"))
     assert err.value.status == 503
-
 
 
 @pytest_twisted.ensureDeferred

@@ -136,7 +136,7 @@ async def test_bad_ldap_specs_are_one_line_naming_the_key(config_path, tmp_path,
 async def test_saml_connectors_are_created_and_their_roles_must_exist(config_path, tmp_path):
     """A SAML document is stored (with its role); a rule naming a missing role is refused
     naming spec.attributes_to_roles."""
-    from tests.unit.test_auth_saml import saml_doc
+    from tests.support.connector_docs import saml_doc
     line = one_error(await cli(config_path, "create", "-f", write(tmp_path, saml_doc())), 2)
     assert "connector 'okta': spec.attributes_to_roles: role 'dev' does not exist" in line
     roles = [{"kind": "role", "metadata": {"name": n}, "spec": {}} for n in ("dev", "admin")]

@@ -14,8 +14,8 @@ from apptunnel.proxy.forward import AppForwarder, AppConnection
 from apptunnel.proxy.http1 import MAX_HEAD
 from apptunnel.catalog import AppInfo
 from apptunnel.proxy.registry import AgentRegistry
-from tests.support.forward_env import APP_HOST, PUBLIC, request_bytes
 from tests.support.edge_site import Hello
+from tests.support.forward_env import APP_HOST, PUBLIC, request_bytes
 
 
 class _TransportWithProtocol(StringTransport):

@@ -32,6 +32,7 @@ from apptunnel.auth.errors import AuthError
 from apptunnel.auth.throttle import LoginThrottle, Throttled
 from apptunnel.cli.context import CliError
 from apptunnel.cli.sso import OneShotListener, challenge_of
+from tests.support.audit_fake import Audit
 
 NOW = 1_000_000.0
 ISSUER = "https://idp.example.com"
@@ -206,14 +207,6 @@ def test_cli_codes_need_the_verifier_and_are_spent_either_way():
     code = codes.issue("alice", digest("verifier"))
     clock.advance(61)
     assert codes.redeem(code, "verifier") is None
-
-
-class Audit:
-    def __init__(self):
-        self.events = []
-
-    def emit(self, type, actor="", outcome="success", **fields):
-        self.events.append((type, actor, outcome, fields))
 
 
 @pytest_twisted.ensureDeferred

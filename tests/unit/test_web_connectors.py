@@ -20,15 +20,9 @@ from apptunnel.auth.policy import RoleCache
 from apptunnel.auth.throttle import LoginThrottle
 from apptunnel.backend.records import Resource
 from apptunnel.web.routes import WebApp
+from tests.support.connector_docs import DEVS, LDAP_DOC
 from tests.support.keys import new_key
 from tests.support.web_env import header, session_cookie
-
-DEVS = "cn=devs,ou=groups,dc=example,dc=org"
-DOC = {"kind": "ldap", "metadata": {"name": "corp-ldap"},
-       "spec": {"url": "ldaps://ldap.example.org", "bind_dn": "cn=svc,dc=example,dc=org",
-                "bind_password_file": "/nonexistent", "user_search_base": "dc=example,dc=org",
-                "groups_to_roles": [{"group": DEVS, "roles": ["dev"]}],
-                "attributes_to_traits": {"mail": "email"}}}
 
 
 class Directory:
@@ -48,7 +42,7 @@ def env(web_env):
 
 async def with_ldap(env, throttle: LoginThrottle | None = None, second_factor: str = "off"):
     """The env's web app again, with the connector stored and an LdapSignIn handed in."""
-    await env.backend.put_resource(Resource("connector", "corp-ldap", DOC))
+    await env.backend.put_resource(Resource("connector", "corp-ldap", LDAP_DOC))
     ldap = LdapSignIn(connectors=ConnectorStore(env.backend, env.clock),
                       signin=ExternalSignIn(env.backend, env.audit, env.clock, users=env.users),
                       throttle=throttle or LoginThrottle(), audit=env.audit, clock=env.clock,

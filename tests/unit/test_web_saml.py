@@ -13,9 +13,8 @@ from apptunnel.auth.policy import RoleCache
 from apptunnel.backend.records import Resource, User
 from apptunnel.web.routes import WebApp
 from apptunnel.web.saml import REQUEST_COOKIE, SamlWeb
+from tests.support.connector_docs import LDAP_DOC, saml_doc
 from tests.support.web_env import header, session_cookie
-from tests.unit.test_auth_saml import saml_doc
-from tests.unit.test_web_connectors import DOC as LDAP_DOC
 
 
 class StandIn:
@@ -122,7 +121,7 @@ async def test_a_cli_started_sign_in_carries_its_return_and_ends_at_the_clis_lis
     from urllib.parse import parse_qs, urlsplit
 
     from apptunnel.auth.connectors.cli_codes import CliReturn, digest
-    from tests.unit.test_web_connectors import new_key
+    from tests.support.keys import new_key
 
     stand_in = await with_saml(web_env)
     verifier = "v" * 43
