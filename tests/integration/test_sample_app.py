@@ -33,7 +33,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from websockets.sync.client import connect as ws_connect
 
-from apptunnel import sample_app
+from apptunnel import jwks, sample_app
 
 NOW = 1_700_000_000.0
 AUDIENCE = "https://hello.apptunnel.localhost:3080"
@@ -292,7 +292,7 @@ async def test_keys_are_cached_and_refetched_on_rotation(servers):
     too_soon = await _whoami(servers, rotated)
     assert too_soon["identity"]["verified"] is False
     assert servers.jwks.fetches == 1
-    servers.clock.advance(sample_app.MIN_REFETCH_INTERVAL)
+    servers.clock.advance(jwks.MIN_REFETCH_INTERVAL)
     later = await _whoami(servers, _token(new_key, kid="k2", alg="ES256",
                                           exp=int(servers.clock.seconds()) + 300))
     assert later["identity"]["verified"] is True, later["identity"]["reason"]
@@ -304,7 +304,7 @@ async def test_retired_key_stops_verifying_after_max_age(servers):
     """Once the cache is older than max-age it is refetched, and a retired key is dropped."""
     assert (await _whoami(servers, _token()))["identity"]["verified"] is True
     servers.jwks.keys = [k for k in servers.jwks.keys if k["kid"] != "k1"]
-    servers.clock.advance(sample_app.JWKS_MAX_AGE)
+    servers.clock.advance(jwks.JWKS_MAX_AGE)
     body = await _whoami(servers, _token(exp=int(servers.clock.seconds()) + 300))
     assert body["identity"]["verified"] is False
     assert "k1" in body["identity"]["reason"]

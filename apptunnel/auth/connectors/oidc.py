@@ -44,7 +44,7 @@ from apptunnel.auth.connectors.specs import OidcSpec
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.names import USER_NAME
 from apptunnel.auth.throttle import LoginThrottle, Throttled
-from apptunnel.sample_app import JwksCache, JwksError
+from apptunnel.jwks import JwksCache, JwksError
 
 if TYPE_CHECKING:
     from apptunnel.audit import AuditLog
