@@ -22,7 +22,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from twisted.internet._producer_helpers import _PullToPush
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IAddress, IConsumer, IHalfCloseableProtocol, IProtocol, IPushProducer, ITransport)
@@ -31,6 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from apptunnel.tunnel.frames import ErrorCode
+from apptunnel.tunnel.pull import PullAsPush
 
 if TYPE_CHECKING:
     from apptunnel.tunnel.protocol import TunnelProtocol
@@ -152,8 +152,7 @@ class Stream:
             producer.stopProducing()
             return
         if not streaming:
-            producer = _PullToPush(producer, self)
-            producer.startStreaming()
+            producer = PullAsPush(producer, self)
         self._producer = producer
         self._producer_paused = False
         self._tunnel._producing.add(self)
@@ -162,8 +161,8 @@ class Stream:
     def unregisterProducer(self) -> None:
         producer, self._producer = self._producer, None
         self._tunnel._producing.discard(self)
-        if isinstance(producer, _PullToPush):
-            producer.stopStreaming()
+        if isinstance(producer, PullAsPush):
+            producer.stop_streaming()
 
     # -- IPushProducer (inbound) ------------------------------------------------------
 
