@@ -163,6 +163,11 @@ class AgentEnrolment:
         self._record(self.backend.update_agent(host_id, connected_since=now, last_seen=now,
                                                peer=peer, proxy_id=self.proxy_id, apps=apps))
 
+    def serving(self, host_id: str, apps: tuple[str, ...]) -> None:
+        """Record what the agent serves now (a later announcement on a live tunnel)."""
+        self._record(self.backend.update_agent(host_id, last_seen=self.clock.seconds(),
+                                               apps=apps))
+
     def disconnected(self, host_id: str) -> None:
         """Record that the agent's last tunnel here went away."""
         self._record(self.backend.update_agent(
