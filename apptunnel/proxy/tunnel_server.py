@@ -276,6 +276,7 @@ class TunnelSession:
         so the tunnel can finish closing (registry listeners do that). Apps stay known."""
         if self._state == "registered":
             self._factory.registry.drain(tunnel)
+            self._enrolment.draining(self._host_id)
             log.info("agent {host_id} ({peer}) is going away", host_id=self._host_id,
                      peer=self._peer)
 
