@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -213,3 +214,48 @@ def test_expired_certificate_without_token_is_one_line(tmp_path, ca):
         AgentService(config(tmp_path), reactor)
     assert "expired" in str(info.value) and "new token" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+# -- app resources (issue 11) --------------------------------------------------------------
+
+def test_app_resources_are_served_and_announced_and_a_removed_one_is_not(tmp_path, ca):
+    """The hello carries the selectors and only static apps; app_resources makes the agent
+    dial those apps too and announce the whole set; a later push without one removes it
+    (new streams get "no such app"); a resource named like a static app is ignored."""
+    from apptunnel.tunnel.errors import StreamRefused
+
+    saved_identity(tmp_path, ca)
+    cfg = attrs.evolve(config(tmp_path), resources=({"env": ["dev"]},))
+    service = AgentService(cfg, MemoryReactorClock())
+    handler, tunnel = connected(service)
+    assert tunnel.sent[0]["resources"] == [{"env": ["dev"]}]
+    assert [a["name"] for a in tunnel.sent[0]["apps"]] == ["grafana", "wiki"]
+    handler.control_received(tunnel, {"type": "hello_ok", "proxy_id": "p"})
+    doc = {"kind": "app", "metadata": {"name": "res", "labels": {"env": "dev"}},
+           "spec": {"uri": "http://127.0.0.1:9"}}
+    clash = {"kind": "app", "metadata": {"name": "grafana"}, "spec": {"uri": "http://10.0.0.1"}}
+    handler.control_received(tunnel, {"type": "app_resources", "resources": [doc, clash]})
+    announce = tunnel.sent[-1]
+    assert announce["type"] == "announce"
+    assert [a["name"] for a in announce["apps"]] == ["grafana", "wiki", "res"]
+    assert announce["apps"][0]["uri"] == "http://127.0.0.1:3000"      # the static one
+    sent = len(tunnel.sent)
+    handler.control_received(tunnel, {"type": "app_resources", "resources": [doc, clash]})
+    assert len(tunnel.sent) == sent                                  # nothing new to say
+    handler.control_received(tunnel, {"type": "app_resources", "resources": []})
+    assert [a["name"] for a in tunnel.sent[-1]["apps"]] == ["grafana", "wiki"]
+    failures = []
+    service.dialer.stream_requested(tunnel, {"app": "res"}).addErrback(failures.append)
+    assert failures[0].check(StreamRefused) and "no such app" in failures[0].value.reason
+
+
+def test_apps_with_dynamic_labels_wait_for_their_first_value(tmp_path, ca):
+    """An app is announced only once each dynamic label has a value (no spawn happens on
+    a MemoryReactorClock, so here it never has one)."""
+    from apptunnel.config import DynamicLabel
+
+    saved_identity(tmp_path, ca)
+    dynamic = attrs.evolve(APPS[0], dynamic_labels=(DynamicLabel("commit", ("git",), 60, 10),))
+    cfg = attrs.evolve(config(tmp_path), apps=(dynamic, APPS[1]))
+    service = AgentService(cfg, MemoryReactorClock())
+    assert [a["name"] for a in service.hello_message()["apps"]] == ["wiki"]
