@@ -60,6 +60,8 @@ DRAIN_TIMEOUT = 10.0
 REFUSED_RETRY = 30.0
 RENEW_RETRY_MIN = 6.0
 MAX_REFUSALS_LOGGED = 20
+ANNOUNCE_RETRY = 5.0
+ANNOUNCE_RETRY_MAX = 300.0
 
 
 def _version() -> str:
@@ -95,6 +97,8 @@ class _AgentTunnel:
         self.up = False
         self._timer = None
         self.announced: list | None = None   # the apps this tunnel's proxy last heard
+        self._retry = None                   # sends a refused announcement again
+        self._retries = 0
 
     def tunnel_ready(self, tunnel: TunnelProtocol) -> None:
         # Sent before the handshake finishes, TLS holds it until the proxy is verified
@@ -140,6 +144,7 @@ class _AgentTunnel:
             for app, reason in answer.refused[:MAX_REFUSALS_LOGGED]:
                 log.error("the proxy refused app {app}: {reason}", app=app[:64],
                           reason=_line(reason))
+            self._announce_again(bool(answer.refused))
         else:
             log.warn("tunnel to {peer}: ignoring unexpected message {kind}",
                      peer=tunnel.peer, kind=messages.kind_of(message))
@@ -147,8 +152,31 @@ class _AgentTunnel:
     def stream_requested(self, tunnel: TunnelProtocol, target: dict) -> defer.Deferred:
         return self._service.dialer.stream_requested(tunnel, target)
 
+    def _announce_again(self, refused: bool) -> None:
+        """A refused announcement is sent again later (5 s, doubling up to 5 min): an app
+        shared with other agents whose dynamic label changed first is refused until the
+        others' values agree, and would otherwise wait for its own next change."""
+        self._cancel_retry()
+        if not refused:
+            self._retries = 0
+            return
+        delay = min(ANNOUNCE_RETRY_MAX, ANNOUNCE_RETRY * 2 ** self._retries)
+        self._retries = min(self._retries + 1, 16)
+        self._retry = self._service.reactor.callLater(delay, self._resend)
+
+    def _resend(self) -> None:
+        self._retry = None
+        self.announced = None
+        self._service.apps_changed()
+
+    def _cancel_retry(self) -> None:
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+
     def tunnel_lost(self, tunnel: TunnelProtocol, reason: Failure) -> None:
         self._cancel_timer()
+        self._cancel_retry()
         self._service.handlers.discard(self)
         if self.up:
             log.info("tunnel to {peer} lost: {reason}", peer=tunnel.peer,

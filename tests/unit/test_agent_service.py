@@ -259,3 +259,28 @@ def test_apps_with_dynamic_labels_wait_for_their_first_value(tmp_path, ca):
     cfg = attrs.evolve(config(tmp_path), apps=(dynamic, APPS[1]))
     service = AgentService(cfg, MemoryReactorClock())
     assert [a["name"] for a in service.hello_message()["apps"]] == ["wiki"]
+
+
+def test_a_refused_announcement_is_sent_again_with_backoff(tmp_path, ca):
+    """announce_ok with refusals: the same apps are announced again after 5 s, then 10 s;
+    a clean answer stops it."""
+    saved_identity(tmp_path, ca)
+    reactor = MemoryReactorClock()
+    service = AgentService(config(tmp_path), reactor)
+    handler, tunnel = connected(service)
+    handler.control_received(tunnel, {"type": "hello_ok", "proxy_id": "p"})
+    refused = {"type": "announce_ok", "refused": [{"app": "wiki", "reason": "defined differently"}]}
+    sent = len(tunnel.sent)
+    handler.control_received(tunnel, refused)
+    reactor.advance(4.9)
+    assert len(tunnel.sent) == sent
+    reactor.advance(0.2)
+    assert tunnel.sent[-1]["type"] == "announce" and len(tunnel.sent) == sent + 1
+    handler.control_received(tunnel, refused)
+    reactor.advance(9.9)
+    assert len(tunnel.sent) == sent + 1
+    reactor.advance(0.2)
+    assert len(tunnel.sent) == sent + 2
+    handler.control_received(tunnel, {"type": "announce_ok", "refused": []})
+    reactor.advance(600)
+    assert len(tunnel.sent) == sent + 2 or all(m["type"] == "renew" for m in tunnel.sent[sent + 2:])
