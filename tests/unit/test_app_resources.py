@@ -355,3 +355,33 @@ def test_an_apps_new_labels_recheck_its_live_connections():
                                        "web.example.com", agent_id="a"), other])
     assert [len(c.refusals) for c in conns] == [1, 0]
     assert conns[0].refusals[0].code == "rbac"
+
+
+# -- the examples in etc/ ----------------------------------------------------------------------
+
+
+def test_the_etc_examples_parse(tmp_path):
+    """etc/app-resource.yaml is a valid app resource, and etc/agent.yaml's commented
+    resources and dynamic_labels examples are valid once uncommented."""
+    from pathlib import Path
+
+    from apptunnel.config import load_yaml_documents
+
+    etc = Path(__file__).resolve().parents[2] / "etc"
+    [doc] = load_yaml_documents(str(etc / "app-resource.yaml"))
+    assert app_from_resource("etc/app-resource.yaml", doc).dynamic_labels[0].key == "commit"
+    uncomment = {"# resources:": "resources:", "#   - labels:": "  - labels:",
+                 "    # dynamic_labels:": "    dynamic_labels:",
+                 "    #   commit:": "      commit:"}
+    lines = []
+    for line in (etc / "agent.yaml").read_text().splitlines():
+        for commented, plain in uncomment.items():
+            if line.startswith(commented):
+                line = plain + line[len(commented):]
+        lines.append(line)
+    text = "\n".join(lines) + "\n"
+    path = tmp_path / "agent.yaml"
+    path.write_text(text.replace("data_dir: /var/lib/apptunnel/agent", f"data_dir: {tmp_path}"))
+    config = load_agent_config(str(path))
+    assert config.resources and config.resources[0] == {"env": ["dev"]}
+    assert [a.name for a in config.apps if a.dynamic_labels] == ["dev-wiki"]
