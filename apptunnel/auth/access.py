@@ -152,7 +152,7 @@ class AccessPolicy:
             return None
         cached = self._cache.get((credential, name))
         if (cached is None or now >= cached.until or cached.revision != self._revision(user)
-                or cached.labels != app.labels):
+                or (cached.labels is not app.labels and cached.labels != app.labels)):
             return None
         return self._with_facts(cached.decision, user, name, facts)
 
