@@ -140,3 +140,22 @@ async def test_a_bad_selector_in_a_hello_is_refused(world):
     await settle(pump, lambda: agent.lost is not None, "close")
     [refused] = of_type(agent, "hello_error")
     assert "resources[0].labels.env" in refused["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_draining_agent_is_recorded_as_such(world):
+    """The agent's GOAWAY marks it draining in the backend (apps ls --admin)."""
+    agent, pump = await registered(world, resources=())
+    await announce(world, agent, pump, [app()])
+    states, update = [], world.backend.update_agent
+
+    async def recorded(host_id, **state):
+        states.append(state.get("draining"))
+        return await update(host_id, **state)
+
+    world.backend.update_agent = recorded
+    pump.client.go_away("shutting down").addErrback(lambda _: None)
+    await settle(pump, lambda: agent.lost is not None, "the tunnel closed")
+    # draining while its streams finish (none here), then gone: not draining any more
+    assert states == [True, False]
+    assert not world.registry.is_online("wiki")
