@@ -124,24 +124,25 @@ class AppResources:
                 log.failure("app resource listener failed")
 
 
-def resource_refusal(resource: AppConfig, announced, public_addr: str) -> str | None:
+def resource_refusal(resource: AppConfig, app, public_addr: str) -> str | None:
     """Why an announcement of ``resource``'s name is not that resource, or None.
 
-    ``announced`` is an ``AppAnnouncement``; ``public_addr`` the address the resource
-    gets (its own, or the proxy's default for the name). Dynamic labels are the one
+    ``app`` is the registration the announcement asks for (a ``catalog.AppInfo``, its
+    address already defaulted); ``public_addr`` the address the resource gets (its own
+    ``public_addr``, or the proxy's default for the name). Dynamic labels are the one
     thing an agent adds: keys the resource declares, nothing else."""
     static = resource.labels
     dynamic = {label.key for label in resource.dynamic_labels}
-    if (announced.uri != resource.uri
-            or (announced.public_addr or public_addr).lower() != public_addr.lower()
-            or tuple(announced.rewrite_headers) != tuple(resource.rewrite_headers)
-            or announced.jwt_claims != resource.jwt_claims
-            or tuple(announced.tcp_ports) != tuple(resource.tcp_ports)):
+    if (app.uri != resource.uri
+            or app.public_addr.lower() != public_addr.lower()
+            or tuple(app.rewrite_headers) != tuple(resource.rewrite_headers)
+            or app.jwt_claims != resource.jwt_claims
+            or tuple(app.tcp_ports) != tuple(resource.tcp_ports)):
         return f"app {resource.name} is defined by an app resource, differently"
     for key, value in static.items():
-        if announced.labels.get(key) != value:
+        if app.labels.get(key) != value:
             return f"app {resource.name} is defined by an app resource: label {key} differs"
-    extra = set(announced.labels) - set(static) - dynamic
+    extra = set(app.labels) - set(static) - dynamic
     if extra:
         return (f"app {resource.name} is defined by an app resource without label "
                 f"{sorted(extra)[0]}")

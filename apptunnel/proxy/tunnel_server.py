@@ -365,7 +365,7 @@ class TunnelSession:
             return  # the tunnel went away meanwhile
         self._scope, self._selectors = scope, selectors
         self._host_id = host_id
-        serving, refused = self._register(tunnel, list(zip(hello.apps, apps)), [])
+        serving, refused = self._register(tunnel, apps, [])
         self._state = "registered"
         f.sessions.setdefault(host_id, set()).add(self)
         self._watch_expiry(cert.not_valid_after_utc.timestamp())
@@ -377,19 +377,20 @@ class TunnelSession:
             f.resources.add_listener(self._resources_changed)
             self._resources_changed()
 
-    def _register(self, tunnel: TunnelProtocol, apps: list[tuple[AppAnnouncement, AppInfo]],
+    def _register(self, tunnel: TunnelProtocol, apps: list[AppInfo],
                   refused: list[tuple[str, str]]) -> tuple[list[str], list[tuple[str, str]]]:
         """Check each announced app (token scope, public address, app resources) and put
         what passes in the registry for this tunnel, replacing what it served before.
         Returns (serving names, refusals); refusals are logged and audited (bounded)."""
         f, host_id = self._factory, self._host_id
         accepted = []
-        for announced, app in apps:
+        for app in apps:
             resource = f.resources.app(app.name) if f.resources is not None else None
             reason = (scope_refusal(self._scope, app.name, app.labels)
                       or public_addr_refusal(app.public_addr, f.public_host,
                                              f.allowed_public_addrs)
-                      or (resource_refusal(resource, announced, f.default_public_addr(app.name))
+                      or (resource_refusal(resource, app, resource.public_addr
+                                           or f.default_public_addr(app.name))
                           if resource is not None else None))
             if reason is None:
                 accepted.append(app)
@@ -447,7 +448,7 @@ class TunnelSession:
         apps, refused = [], []
         for index, announced in enumerate(announce.apps):
             try:
-                apps.append((announced, f.app_info(announced, self._host_id, f"apps[{index}]")))
+                apps.append(f.app_info(announced, self._host_id, f"apps[{index}]"))
             except HelloError as err:
                 refused.append((announced.name, str(err)))
         serving, refused = self._register(tunnel, apps, refused)

@@ -227,9 +227,11 @@ def test_garbage_in_the_new_messages_never_crashes(kind, message):
 
 
 def announcement(**change):
-    fields = dict(name="wiki", uri="http://127.0.0.1:8080", labels={"env": "dev", "commit": "abc"})
+    """The registration an announcement asks for (address defaulted, as app_info does)."""
+    fields = dict(name="wiki", uri="http://127.0.0.1:8080", labels={"env": "dev", "commit": "abc"},
+                  public_addr="wiki.apptunnel.localhost")
     fields.update(change)
-    return AppAnnouncement(**fields)
+    return AppInfo(**fields)
 
 
 RESOURCE = app_from_resource("r", wiki(dynamic_labels={"commit": {"command": ["git", "log"]}}))
@@ -237,7 +239,7 @@ RESOURCE = app_from_resource("r", wiki(dynamic_labels={"commit": {"command": ["g
 
 @pytest.mark.parametrize("announced, refused", [
     (announcement(), None),
-    (announcement(public_addr="wiki.apptunnel.localhost"), None),
+    (announcement(public_addr="WIKI.apptunnel.localhost"), None),
     (announcement(uri="http://10.0.0.1:22"), "differently"),
     (announcement(public_addr="evil.apptunnel.localhost"), "differently"),
     (announcement(rewrite_headers=(("X-User", "admin"),)), "differently"),

@@ -159,3 +159,15 @@ async def test_a_draining_agent_is_recorded_as_such(world):
     # draining while its streams finish (none here), then gone: not draining any more
     assert states == [True, False]
     assert not world.registry.is_online("wiki")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resource_with_its_own_public_address_is_accepted_at_it(world):
+    """The agent announces the resource's public_addr as written: that is the resource."""
+    world.factory.allowed_public_addrs = ("wiki.example.com",)
+    await put(world, {**WIKI, "spec": {**WIKI["spec"], "public_addr": "wiki.example.com"}})
+    agent, pump = await registered(world, resources=())
+    ok = await announce(world, agent, pump, [{**app(), "public_addr": "wiki.example.com"}])
+    assert ok["refused"] == [] and world.registry.app("wiki").public_addr == "wiki.example.com"
+    ok = await announce(world, agent, pump, [app()], count=2)      # the default address
+    assert "defined by an app resource" in ok["refused"][0]["reason"]
