@@ -42,6 +42,7 @@ from zope.interface import implementer
 from apptunnel.agent.join import AgentIdentity, JoinError, join, make_csr
 from apptunnel import messages
 from apptunnel.agent.labels import DynamicLabels
+from apptunnel.auth.rbac import parse_label_selector, selector_matches
 from apptunnel.agent.upstream import UpstreamDialer
 from apptunnel.auth.pins import spki_pin
 from apptunnel.config import AgentConfig, AppConfig, ConfigError, app_from_resource
@@ -251,6 +252,7 @@ class AgentService(MultiService):
         self.dynamic = DynamicLabels(reactor, self.apps_changed)
         self.dynamic.configure(list(config.apps))
         self.resource_apps: list[AppConfig] = []   # app resources the proxy sent us
+        self._selectors = tuple(parse_label_selector("resources", raw) for raw in config.resources)
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)  # OSError: one line in tap.py
         self.identity = AgentIdentity.load(config.data_dir)
         if self.identity is None and not config.join_token:
@@ -387,7 +389,8 @@ class AgentService(MultiService):
 
     def resources_received(self, answer: messages.AppResources) -> None:
         """The app resources our selectors match now: serve exactly those (with the
-        static apps), each read by our own config parser; a static app keeps its name."""
+        static apps), each read by our own config parser and checked against our own
+        selectors (none: nothing is served); a static app keeps its name."""
         static = {app.name for app in self.config.apps}
         apps = []
         for doc in answer.resources:
@@ -400,6 +403,11 @@ class AgentService(MultiService):
             if app.name in static:
                 log.error("ignoring app resource {app}: a configured app has that name",
                           app=app.name)
+                continue
+            if not any(selector_matches(sel, app.labels) for sel in self._selectors):
+                # Deny by default: only what our own selectors ask for, whatever we are sent.
+                log.error("ignoring app resource {app}: our resources selectors do not "
+                          "match its labels", app=app.name)
                 continue
             apps.append(app)
         if apps != self.resource_apps:

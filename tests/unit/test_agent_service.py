@@ -284,3 +284,19 @@ def test_a_refused_announcement_is_sent_again_with_backoff(tmp_path, ca):
     handler.control_received(tunnel, {"type": "announce_ok", "refused": []})
     reactor.advance(600)
     assert len(tunnel.sent) == sent + 2 or all(m["type"] == "renew" for m in tunnel.sent[sent + 2:])
+
+
+def test_pushed_resources_outside_our_selectors_are_not_served(tmp_path, ca):
+    """Deny by default: an agent serves only what its own selectors match, whatever the
+    proxy sends (an agent without selectors serves no resource at all)."""
+    saved_identity(tmp_path, ca)
+    doc = {"kind": "app", "metadata": {"name": "prod", "labels": {"env": "prod"}},
+           "spec": {"uri": "http://10.0.0.1:22"}}
+    for resources in ((), ({"env": ["dev"]},)):
+        service = AgentService(attrs.evolve(config(tmp_path), resources=resources),
+                               MemoryReactorClock())
+        handler, tunnel = connected(service)
+        handler.control_received(tunnel, {"type": "hello_ok", "proxy_id": "p"})
+        handler.control_received(tunnel, {"type": "app_resources", "resources": [doc]})
+        assert service.resource_apps == []
+        assert all(m["type"] != "announce" for m in tunnel.sent)
