@@ -425,12 +425,12 @@ class AgentService(MultiService):
 
     def apps_changed(self) -> None:
         """Tell every proxy what we serve now, where that differs from what it heard."""
-        apps = [a.to_dict() for a in
-                self._announcements(list(self.config.apps) + self.resource_apps)]
+        message = messages.Announce(
+            apps=self._announcements(list(self.config.apps) + self.resource_apps)).to_dict()
         for handler in list(self.handlers):
-            if handler.up and handler.announced != apps and handler.tunnel is not None:
-                handler.announced = apps
-                handler.tunnel.send_control({"type": messages.Announce.TYPE, "apps": apps})
+            if handler.up and handler.announced != message["apps"] and handler.tunnel is not None:
+                handler.announced = message["apps"]
+                handler.tunnel.send_control(message)
 
     def _start_tunnel(self) -> None:
         endpoint = wrapClientTLS(
