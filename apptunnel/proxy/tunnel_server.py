@@ -223,6 +223,8 @@ class TunnelSession:
         self._scope = None           # the agent's token scope, checked on every announcement
         self._selectors: tuple = ()  # its ``resources`` selectors (parsed)
         self._pushed: list | None = None     # the app resources last sent to it
+        self._announced: list[AppInfo] = []  # what it last announced (before the checks)
+        self._serving: list[str] = []        # ... and what of it is registered
         self._last_announce = float("-inf")
         self._pending_announce: dict | None = None
         self._announce_call = None
@@ -373,9 +375,9 @@ class TunnelSession:
         log.info("agent {host_id} connected from {peer} with apps {apps}", host_id=host_id,
                  peer=self._peer, apps=", ".join(serving) or "(none)")
         self._enrolment.connected(host_id, self._peer, tuple(serving))
-        if selectors and f.resources is not None:
+        if f.resources is not None:
             f.resources.add_listener(self._resources_changed)
-            self._resources_changed()
+            self._push_resources()
 
     def _register(self, tunnel: TunnelProtocol, apps: list[AppInfo],
                   refused: list[tuple[str, str]]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -383,6 +385,7 @@ class TunnelSession:
         what passes in the registry for this tunnel, replacing what it served before.
         Returns (serving names, refusals); refusals are logged and audited (bounded)."""
         f, host_id = self._factory, self._host_id
+        self._announced = list(apps)
         accepted = []
         for app in apps:
             resource = f.resources.app(app.name) if f.resources is not None else None
@@ -398,7 +401,7 @@ class TunnelSession:
                 refused.append((app.name, reason))
         refused += f.registry.add(tunnel, host_id, accepted)
         refused_names = {name for name, _ in refused}
-        serving = [a.name for a in accepted if a.name not in refused_names]
+        serving = self._serving = [a.name for a in accepted if a.name not in refused_names]
         for name, reason in refused[:MAX_REFUSALS_LOGGED]:
             log.warn("agent {host_id} ({peer}): app {app} refused: {reason}", host_id=host_id,
                      peer=self._peer, app=name, reason=reason)
@@ -412,8 +415,21 @@ class TunnelSession:
     # -- app resources and announcements ----------------------------------------------
 
     def _resources_changed(self) -> None:
-        """Send the agent the app resources its selectors match, when that set changed."""
+        """The app resources changed: an app this agent serves that a resource now defines
+        otherwise is taken away (the resource's definition is THE definition), and an
+        agent with selectors is sent those it matches, when that set changed."""
         if self._state != "registered" or self._tunnel is None:
+            return
+        if any(self._factory.resources.app(app.name) is not None for app in self._announced):
+            before = self._serving
+            serving, _ = self._register(self._tunnel, self._announced, [])
+            if serving != before:
+                self._enrolment.serving(self._host_id, tuple(serving))
+        self._push_resources()
+
+    def _push_resources(self) -> None:
+        """Send an agent with selectors the resources they match, when that set changed."""
+        if not self._selectors or self._state != "registered" or self._tunnel is None:
             return
         docs = self._factory.resources.matching(self._selectors)
         if docs == self._pushed:

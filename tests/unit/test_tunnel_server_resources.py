@@ -171,3 +171,16 @@ async def test_a_resource_with_its_own_public_address_is_accepted_at_it(world):
     assert ok["refused"] == [] and world.registry.app("wiki").public_addr == "wiki.example.com"
     ok = await announce(world, agent, pump, [app()], count=2)      # the default address
     assert "defined by an app resource" in ok["refused"][0]["reason"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resource_created_later_takes_its_name_from_a_static_app(world):
+    """An agent already serving `wiki` from its own config loses it when a resource named
+    wiki is created with another definition; its other apps stay."""
+    agent, pump = await registered(world, resources=())
+    await announce(world, agent, pump, [app(uri="http://10.0.0.9:80"), app("other")])
+    assert world.registry.is_online("wiki")
+    await put(world, WIKI)
+    pump.flush()
+    assert not world.registry.is_online("wiki") and world.registry.is_online("other")
+    assert (await world.backend.get_agent("host-1")).apps == ("other",)
