@@ -141,7 +141,8 @@ def test_agent_whose_token_scope_excludes_a_resource_cannot_serve_it(cluster, up
 def test_dynamic_label_flips_an_app_in_and_out_of_a_role(cluster, upstream):
     """A dynamic label (a command reading a file the test rewrites, every second) moves
     an app in and out of carol's role: 200, then 403, then 200, each within a bounded
-    wait; the live app session is the same throughout."""
+    wait; the app session is the same throughout, and a download running on another
+    connection is cut when the label takes the app out of her role."""
     mode = cluster.root / "mode"
     mode.write_text("on\n")
     app = {"name": "flip", "uri": upstream.uri,
@@ -155,6 +156,12 @@ def test_dynamic_label_flips_an_app_in_and_out_of_a_role(cluster, upstream):
         # Each flip is seen within FLIP s: one period, the run and the announcement. A
         # request right before it leaves a fresh decision in the proxy's cache (5 s), so
         # a cache that kept decisions made on old labels would be too slow.
+        live = Browser(cluster)            # a second connection, busy with a download
+        live.session.cookies.update(carol.session.cookies)
+        endless = live.get(cluster.url("flip", "/endless"), stream=True)
+        assert endless.status_code == 200
+        chunks = endless.iter_content(64 * 1024)
+        next(chunks)
         for value, expected in (("off", 403), ("on", 200), (None, 403)):
             assert status(carol, cluster.url("flip", "/echo")) == (403 if expected == 200 else 200)
             if value is None:
@@ -163,6 +170,13 @@ def test_dynamic_label_flips_an_app_in_and_out_of_a_role(cluster, upstream):
                 mode.write_text(value + "\n")
             wait_until(lambda: status(carol, cluster.url("flip", "/echo")) == expected, FLIP,
                        f"carol's answer {expected} after mode={value}")
+            if value == "off":             # the live download was cut as well
+                flipped = time.monotonic()
+                try:
+                    for _ in chunks:
+                        assert time.monotonic() - flipped < FLIP, "the download outlived access"
+                except requests.RequestException:
+                    pass
     finally:
         agent.stop()
 
