@@ -21,6 +21,7 @@ import yaml
 
 from apptunnel.auth.jwt import JWT_CLAIMS
 from apptunnel.auth.pins import is_pin
+from apptunnel.auth.rbac import RoleError, parse_label_selector
 from apptunnel.errors import ConfigError
 from apptunnel.net import is_ip
 
@@ -28,9 +29,11 @@ __all__ = [
     "AgentConfig",
     "AppConfig",
     "ConfigError",
+    "DynamicLabel",
     "ProxyConfig",
     "load_agent_config",
     "load_proxy_config",
+    "app_from_resource",
     "load_yaml_documents",
     "parse_duration",
 ]
@@ -385,6 +388,17 @@ def _split_addr(addr: str, default_port: int | None, allow_port_zero: bool) -> t
 
 
 @attrs.frozen
+class DynamicLabel:
+    """A label whose value is a command's output, run every ``period`` (agent/labels.py);
+    the command is an argument vector (no shell) killed after ``timeout``."""
+
+    key: str
+    command: tuple[str, ...]
+    period: float
+    timeout: float
+
+
+@attrs.frozen
 class AppConfig:
     """One app an agent serves; the agent dials only these URIs."""
 
@@ -396,6 +410,7 @@ class AppConfig:
     rewrite_headers: tuple[tuple[str, str], ...] = ()
     jwt_claims: tuple[str, ...] | None = None
     tcp_ports: tuple[tuple[int, int], ...] = ()   # (low, high) ranges; tcp:// apps only
+    dynamic_labels: tuple[DynamicLabel, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -493,6 +508,8 @@ class AgentConfig:
     apps: tuple[AppConfig, ...]
     keepalive_interval: float = 5.0
     keepalive_timeout: float = 15.0
+    # ``resources:`` label selectors ({key: [values]}): app resources to serve as well.
+    resources: tuple[dict, ...] = ()
 
     @property
     def proxy_host(self) -> str:
@@ -511,11 +528,18 @@ _PROXY_KEYS = (
     "limits", "auth",
     "agent_cert_ttl", "app_grace_period", "allowed_public_addrs",
 )
-_AGENT_KEYS = ("data_dir", "proxy_addr", "join", "keepalive", "apps")
+_AGENT_KEYS = ("data_dir", "proxy_addr", "join", "keepalive", "apps", "resources")
 _APP_KEYS = (
     "name", "uri", "labels", "public_addr", "insecure_skip_verify", "rewrite", "jwt_claims",
-    "tcp_ports",
+    "tcp_ports", "dynamic_labels",
 )
+# Dynamic labels: a period below the floor would make an agent a fork loop; the command
+# gets at most DYNAMIC_TIMEOUT (or its period, if shorter) before it is killed.
+DYNAMIC_PERIOD_FLOOR = 1.0
+DYNAMIC_TIMEOUT = 10.0
+MAX_DYNAMIC_LABELS = 16
+MAX_COMMAND_ARGS = 64
+MAX_SELECTORS = 64
 
 
 def _guard(path: str, build: Callable[[str, _Map], Any]) -> Any:
@@ -756,7 +780,35 @@ def _build_agent(path: str, data: _Map) -> AgentConfig:
         apps=tuple(apps),
         keepalive_interval=interval,
         keepalive_timeout=timeout,
+        resources=_resource_selectors(top),
     )
+
+
+def _resource_selectors(top: _Section) -> tuple[dict, ...]:
+    """``resources: [{labels: {env: dev}}]``: which app resources this agent serves.
+
+    Each selector follows a role's ``app_labels`` rules (exact, ``*``, ``^regex$``, lists;
+    no trait templates); kept as plain ``{key: [values]}`` because the hello carries them
+    and the proxy parses them again with the same rules."""
+    items = top.sequence("resources")
+    if len(items) > MAX_SELECTORS:
+        top.fail("resources", f"at most {MAX_SELECTORS} selectors")
+    out = []
+    for index, item in enumerate(items):
+        line = items.item_lines[index] if index < len(items.item_lines) else items.line
+        if not isinstance(item, _Map):
+            raise ConfigError(top.file, f"expected a mapping with labels, got {_type_name(item)}",
+                              key=f"resources[{index}]", line=line)
+        entry = _Section(top.file, item, f"resources[{index}].", ("labels",), line)
+        labels = entry.raw("labels", required=True)
+        try:
+            parse_label_selector(entry.path("labels"), labels)
+        except RoleError as err:
+            raise ConfigError(top.file, err.message, line=entry.line("labels")) from None
+        if not labels:
+            entry.fail("labels", "an empty selector matches nothing (use {\"*\": \"*\"} for all)")
+        out.append({k: list(v) if isinstance(v, list) else [v] for k, v in labels.items()})
+    return tuple(out)
 
 
 def _build_app(app: _Section) -> AppConfig:
@@ -776,20 +828,8 @@ def _build_app(app: _Section) -> AppConfig:
         app.fail("uri", f"URL has no host: {_show(uri)}")
     tcp_ports = _tcp_ports(app, parts)
 
-    labels: dict[str, str] = {}
-    raw_labels = app.raw("labels")
-    if raw_labels is not None:
-        if not isinstance(raw_labels, _Map):
-            app.fail("labels", f"expected a mapping of strings, got {_type_name(raw_labels)}")
-        for key, value in raw_labels.items():
-            where = dict(file=app.file, line=raw_labels.key_lines.get(key, raw_labels.line))
-            if not isinstance(key, str) or not key.strip():
-                raise ConfigError(problem=f"label names must be non-empty strings, got {_show(key)}",
-                                  key=app.path("labels"), **where)
-            if not isinstance(value, str):
-                raise ConfigError(problem=f"expected a string, got {_type_name(value)} {_show(value)} "
-                                  "(quote it)", key=f"{app.path('labels')}.{key}", **where)
-            labels[key] = value
+    labels = _labels(app)
+    dynamic = _dynamic_labels(app, labels)
 
     public_addr = app.address("public_addr", default_port=443)
     rewrite_headers: list[tuple[str, str]] = []
@@ -821,7 +861,115 @@ def _build_app(app: _Section) -> AppConfig:
         rewrite_headers=tuple(rewrite_headers),
         jwt_claims=jwt_claims,
         tcp_ports=tcp_ports,
+        dynamic_labels=dynamic,
     )
+
+
+def _labels(app: _Section) -> dict[str, str]:
+    """``labels:``: a mapping of non-empty names to strings."""
+    labels: dict[str, str] = {}
+    raw_labels = app.raw("labels")
+    if raw_labels is None:
+        return labels
+    if not isinstance(raw_labels, _Map):
+        app.fail("labels", f"expected a mapping of strings, got {_type_name(raw_labels)}")
+    for key, value in raw_labels.items():
+        where = dict(file=app.file, line=raw_labels.key_lines.get(key, raw_labels.line))
+        if not isinstance(key, str) or not key.strip():
+            raise ConfigError(problem=f"label names must be non-empty strings, got {_show(key)}",
+                              key=app.path("labels"), **where)
+        if not isinstance(value, str):
+            raise ConfigError(problem=f"expected a string, got {_type_name(value)} {_show(value)} "
+                              "(quote it)", key=f"{app.path('labels')}.{key}", **where)
+        labels[key] = value
+    return labels
+
+
+def _dynamic_labels(app: _Section, static: dict[str, str]) -> tuple[DynamicLabel, ...]:
+    """``dynamic_labels: {commit: {command: [git, rev-parse, HEAD], period: 1m}}``."""
+    raw = app.raw("dynamic_labels")
+    if raw is None:
+        return ()
+    if not isinstance(raw, _Map):
+        app.fail("dynamic_labels", f"expected a mapping of label names, got {_type_name(raw)}")
+    if len(raw) > MAX_DYNAMIC_LABELS:
+        app.fail("dynamic_labels", f"at most {MAX_DYNAMIC_LABELS} dynamic labels")
+    out = []
+    for key, spec in raw.items():
+        where = f"{app.path('dynamic_labels')}."
+        line = raw.key_lines.get(key, raw.line)
+        if not isinstance(key, str) or not key.strip():
+            raise ConfigError(app.file, f"label names must be non-empty strings, got {_show(key)}",
+                              key=app.path("dynamic_labels"), line=line)
+        if key in static:
+            raise ConfigError(app.file, f"{key!r} is also a static label (a label is one or the "
+                              "other)", key=f"{where}{key}", line=line)
+        if not isinstance(spec, _Map):
+            raise ConfigError(app.file, f"expected a mapping with command and period, got "
+                              f"{_type_name(spec)}", key=f"{where}{key}", line=line)
+        entry = _Section(app.file, spec, f"{where}{key}.", ("command", "period"), line)
+        command = entry.raw("command", required=True)
+        if (not isinstance(command, _Seq) or not command or len(command) > MAX_COMMAND_ARGS
+                or not all(isinstance(arg, str) and arg and "\0" not in arg for arg in command)):
+            entry.fail("command", f"expected a list of 1-{MAX_COMMAND_ARGS} non-empty strings "
+                                  "(an argument vector; no shell runs it)")
+        period = entry.duration("period", 60.0)
+        if period < DYNAMIC_PERIOD_FLOOR:
+            entry.fail("period", f"must be at least {DYNAMIC_PERIOD_FLOOR:g}s")
+        out.append(DynamicLabel(key=key, command=tuple(command), period=period,
+                                timeout=min(period, DYNAMIC_TIMEOUT)))
+    return tuple(out)
+
+
+# -- app resources (`kind: app`) --------------------------------------------------------
+
+_RESOURCE_KEYS = ("kind", "version", "metadata", "spec")
+_METADATA_KEYS = ("name", "labels", "description")
+
+
+def _wrap(value: Any) -> Any:
+    """Plain dicts and lists (no line numbers) as the loader's mappings and sequences."""
+    if isinstance(value, dict):
+        data = _Map((k, _wrap(v)) for k, v in value.items())
+        data.line, data.key_lines = None, {}
+        return data
+    if isinstance(value, list):
+        data = _Seq(_wrap(v) for v in value)
+        data.line, data.item_lines = None, [None] * len(value)
+        return data
+    return value
+
+
+def app_from_resource(where: str, doc: Any) -> AppConfig:
+    """A ``kind: app`` document -> the AppConfig an agent's ``apps:`` entry would give.
+
+    ``metadata: {name, labels}`` and ``spec: {uri, public_addr, rewrite, ...}`` (exactly an
+    ``apps:`` entry's other keys), checked by the same parser as the agent config, so an
+    app resource and a static app cannot mean different things. ConfigError naming
+    ``where`` (a file, ``file: doc N``, or ``app resource NAME``) and the key."""
+    if not isinstance(doc, dict):
+        raise ConfigError(where, "expected a mapping with kind, metadata and spec")
+    top = _Section(where, _wrap(doc), "", _RESOURCE_KEYS)
+    if doc.get("kind") != "app":
+        top.fail("kind", f"expected app, got {_show(doc.get('kind'))}")
+    metadata = top.section("metadata", _METADATA_KEYS)
+    if metadata is None:
+        top.fail("metadata", "required key is missing")
+    spec = top.section("spec", tuple(k for k in _APP_KEYS if k not in ("name", "labels")))
+    if spec is None:
+        top.fail("spec", "required key is missing")
+    merged = _Map(spec.data)
+    merged.line, merged.key_lines = None, {}
+    merged["name"] = metadata.raw("name", required=True)
+    if metadata.has("labels"):
+        merged["labels"] = metadata.data["labels"]
+    # Name and labels are checked first where they are written: under metadata.
+    name = metadata.string("name", required=True)
+    if not _DNS_LABEL.match(name):
+        metadata.fail("name", f"expected a DNS label (a-z, 0-9, '-', at most 63), got "
+                              f"{_show(name)}")
+    _labels(metadata)
+    return _build_app(_Section(where, merged, "spec.", _APP_KEYS))
 
 
 def _tcp_ports(app: _Section, parts) -> tuple[tuple[int, int], ...]:

@@ -26,7 +26,10 @@ from apptunnel.auth.jwt import JWT_CLAIMS
 from apptunnel.errors import ApptunnelError
 
 __all__ = [
+    "Announce",
+    "AnnounceOk",
     "AppAnnouncement",
+    "AppResources",
     "Hello",
     "HelloOk",
     "HelloRefused",
@@ -45,6 +48,8 @@ MAX_PEM = 64 * 1024       # a control message is at most 64 KiB; the CA bounds C
 MAX_TEXT = 1024          # host ids, versions, proxy ids, public messages, reasons
 MAX_APPS = 1024
 MAX_TCP_RANGES = 1024
+MAX_SELECTORS = 64
+MAX_SELECTOR_VALUES = 64
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
@@ -228,10 +233,14 @@ class Hello:
     host_id: str
     version: str
     apps: tuple[AppAnnouncement, ...] = ()
+    resources: tuple[dict, ...] = ()     # label selectors: the app resources to be sent
 
     def to_dict(self) -> dict:
-        return {"type": self.TYPE, "host_id": self.host_id, "version": self.version,
-                "apps": [app.to_dict() for app in self.apps]}
+        message = {"type": self.TYPE, "host_id": self.host_id, "version": self.version,
+                   "apps": [app.to_dict() for app in self.apps]}
+        if self.resources:   # agents without selectors send the hello they always did
+            message["resources"] = [dict(s) for s in self.resources]
+        return message
 
     @classmethod
     def parse(cls, message: dict) -> Hello:
@@ -241,17 +250,43 @@ class Hello:
         version = message.get("version", "")
         if not isinstance(version, str) or len(version) > MAX_TEXT:
             raise MessageError(f"hello.version must be a string, got {_show(version)}")
-        raw = message.get("apps")
-        if not isinstance(raw, list) or len(raw) > MAX_APPS:
-            raise MessageError(f"apps must be a list of at most {MAX_APPS}")
-        apps, seen = [], set()
-        for index, item in enumerate(raw):
-            app = AppAnnouncement.parse(item, f"apps[{index}]")
-            if app.name in seen:
-                raise MessageError(f"apps[{index}]: duplicate app {app.name!r}")
-            seen.add(app.name)
-            apps.append(app)
-        return cls(host_id=host_id, version=version, apps=tuple(apps))
+        return cls(host_id=host_id, version=version, apps=_apps(message.get("apps")),
+                   resources=_selectors(message.get("resources")))
+
+
+def _apps(raw: Any) -> tuple[AppAnnouncement, ...]:
+    """The ``apps`` list of a hello or an announce: unique names, bounded."""
+    if not isinstance(raw, list) or len(raw) > MAX_APPS:
+        raise MessageError(f"apps must be a list of at most {MAX_APPS}")
+    apps, seen = [], set()
+    for index, item in enumerate(raw):
+        app = AppAnnouncement.parse(item, f"apps[{index}]")
+        if app.name in seen:
+            raise MessageError(f"apps[{index}]: duplicate app {app.name!r}")
+        seen.add(app.name)
+        apps.append(app)
+    return tuple(apps)
+
+
+def _selectors(raw: Any) -> tuple[dict, ...]:
+    """A hello's ``resources``: [{key: [value, ...]}, ...] (absent: none). The shape only;
+    the proxy reads each with a role's label rules (``auth.rbac.parse_label_selector``)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) > MAX_SELECTORS:
+        raise MessageError(f"hello.resources must be a list of at most {MAX_SELECTORS}")
+    out = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict) or len(item) > MAX_SELECTOR_VALUES or not all(
+            isinstance(k, str) and 0 < len(k) <= MAX_TEXT and isinstance(v, list)
+            and 0 < len(v) <= MAX_SELECTOR_VALUES
+            and all(isinstance(x, str) and len(x) <= MAX_TEXT for x in v)
+            for k, v in item.items()
+        ):
+            raise MessageError(f"hello.resources[{index}] must map label names to lists of "
+                               "strings")
+        out.append({k: list(v) for k, v in item.items()})
+    return tuple(out)
 
 
 @attrs.frozen
@@ -271,14 +306,17 @@ class HelloOk:
     @classmethod
     def parse(cls, message: dict) -> HelloOk:
         proxy_id = _optional_text(message, cls.TYPE, "proxy_id")
-        raw = message.get("refused") or []
-        if not isinstance(raw, list) or len(raw) > MAX_APPS or not all(
-            isinstance(item, dict) and isinstance(item.get("app"), str)
-            and isinstance(item.get("reason"), str) for item in raw
-        ):
-            raise MessageError("hello_ok.refused must be a list of {app, reason} strings")
-        return cls(proxy_id=proxy_id,
-                   refused=tuple((item["app"], item["reason"]) for item in raw))
+        return cls(proxy_id=proxy_id, refused=_refused(message, cls.TYPE))
+
+
+def _refused(message: dict, kind: str) -> tuple[tuple[str, str], ...]:
+    raw = message.get("refused") or []
+    if not isinstance(raw, list) or len(raw) > MAX_APPS or not all(
+        isinstance(item, dict) and isinstance(item.get("app"), str)
+        and isinstance(item.get("reason"), str) for item in raw
+    ):
+        raise MessageError(f"{kind}.refused must be a list of {{app, reason}} strings")
+    return tuple((item["app"], item["reason"]) for item in raw)
 
 
 @attrs.frozen
@@ -347,11 +385,78 @@ class RenewRefused:
         return cls(message=_optional_text(message, cls.TYPE, "message"))
 
 
+@attrs.frozen
+class AppResources:
+    """proxy -> agent, after hello_ok and whenever they change: every app resource the
+    agent's ``resources`` selectors match (the whole set; what is absent is no longer
+    served). Each is a ``kind: app`` document the agent reads with the parser of its own
+    config (``config.app_from_resource``); here only its shape is checked."""
+
+    TYPE: ClassVar[str] = "app_resources"
+    resources: tuple[dict, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"type": self.TYPE, "resources": [dict(doc) for doc in self.resources]}
+
+    @classmethod
+    def parse(cls, message: dict) -> AppResources:
+        raw = message.get("resources")
+        if not isinstance(raw, list) or len(raw) > MAX_APPS:
+            raise MessageError(f"app_resources.resources must be a list of at most {MAX_APPS}")
+        seen = set()
+        for index, doc in enumerate(raw):
+            metadata = doc.get("metadata") if isinstance(doc, dict) else None
+            name = metadata.get("name") if isinstance(metadata, dict) else None
+            if (not isinstance(doc, dict) or doc.get("kind") != "app"
+                    or not isinstance(doc.get("spec"), dict)
+                    or not isinstance(name, str) or not _DNS_LABEL.match(name)):
+                raise MessageError(f"app_resources.resources[{index}] must be a kind: app "
+                                   "document with metadata.name and spec")
+            if name in seen:
+                raise MessageError(f"app_resources.resources[{index}]: duplicate app {name!r}")
+            seen.add(name)
+        return cls(resources=tuple(raw))
+
+
+@attrs.frozen
+class Announce:
+    """agent -> proxy, after hello_ok: the whole set of apps this tunnel serves now (its
+    static apps, the app resources it was sent, current dynamic label values). Checked
+    exactly like a hello's apps; it replaces what the tunnel served."""
+
+    TYPE: ClassVar[str] = "announce"
+    apps: tuple[AppAnnouncement, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"type": self.TYPE, "apps": [app.to_dict() for app in self.apps]}
+
+    @classmethod
+    def parse(cls, message: dict) -> Announce:
+        return cls(apps=_apps(message.get("apps")))
+
+
+@attrs.frozen
+class AnnounceOk:
+    """proxy -> agent: the announcement is registered; ``refused`` as in hello_ok."""
+
+    TYPE: ClassVar[str] = "announce_ok"
+    refused: tuple[tuple[str, str], ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"type": self.TYPE,
+                "refused": [{"app": app, "reason": reason} for app, reason in self.refused]}
+
+    @classmethod
+    def parse(cls, message: dict) -> AnnounceOk:
+        return cls(refused=_refused(message, cls.TYPE))
+
+
 Message = (Join | JoinOk | JoinRefused | Hello | HelloOk | HelloRefused
-           | Renew | RenewOk | RenewRefused)
+           | Renew | RenewOk | RenewRefused | AppResources | Announce | AnnounceOk)
 
 _TYPES: dict[str, Any] = {cls.TYPE: cls for cls in (
-    Join, JoinOk, JoinRefused, Hello, HelloOk, HelloRefused, Renew, RenewOk, RenewRefused)}
+    Join, JoinOk, JoinRefused, Hello, HelloOk, HelloRefused, Renew, RenewOk, RenewRefused,
+    AppResources, Announce, AnnounceOk)}
 
 
 def parse(message: Any) -> Message:

@@ -41,9 +41,11 @@ from zope.interface import implementer
 
 from apptunnel.agent.join import AgentIdentity, JoinError, join, make_csr
 from apptunnel import messages
+from apptunnel.agent.labels import DynamicLabels
+from apptunnel.auth.rbac import parse_label_selector, selector_matches
 from apptunnel.agent.upstream import UpstreamDialer
 from apptunnel.auth.pins import spki_pin
-from apptunnel.config import AgentConfig, ConfigError
+from apptunnel.config import AgentConfig, AppConfig, ConfigError, app_from_resource
 from apptunnel.net import loopback_host, split_host_port
 from apptunnel.errors import os_error_text
 from apptunnel.startup import fatal
@@ -58,6 +60,9 @@ HELLO_TIMEOUT = 15.0
 DRAIN_TIMEOUT = 10.0
 REFUSED_RETRY = 30.0
 RENEW_RETRY_MIN = 6.0
+MAX_REFUSALS_LOGGED = 20
+ANNOUNCE_RETRY = 5.0
+ANNOUNCE_RETRY_MAX = 300.0
 
 
 def _version() -> str:
@@ -92,13 +97,18 @@ class _AgentTunnel:
         self.tunnel: TunnelProtocol | None = None
         self.up = False
         self._timer = None
+        self.announced: list | None = None   # the apps this tunnel's proxy last heard
+        self._retry = None                   # sends a refused announcement again
+        self._retries = 0
 
     def tunnel_ready(self, tunnel: TunnelProtocol) -> None:
         # Sent before the handshake finishes, TLS holds it until the proxy is verified
         # against our CA (and the proxy has verified our certificate).
         self.tunnel = tunnel
         self._service.handlers.add(self)
-        tunnel.send_control(self._service.hello_message())
+        hello = self._service.hello_message()
+        self.announced = hello["apps"]
+        tunnel.send_control(hello)
         self._timer = self._service.reactor.callLater(HELLO_TIMEOUT, self._unanswered)
 
     def control_received(self, tunnel: TunnelProtocol, message: dict) -> None:
@@ -115,7 +125,7 @@ class _AgentTunnel:
                 log.error("the proxy refused app {app}: {reason}", app=app[:64],
                           reason=_line(reason))
             names = {app for app, _ in answer.refused}
-            serving = [a.name for a in self._service.config.apps if a.name not in names]
+            serving = [a["name"] for a in self.announced or () if a["name"] not in names]
             log.info("tunnel to {peer} up (proxy {proxy_id}), serving {apps}",
                      peer=tunnel.peer, proxy_id=answer.proxy_id[:64] or "?",
                      apps=", ".join(serving) or "no apps")
@@ -129,6 +139,13 @@ class _AgentTunnel:
             tunnel.close()
         elif isinstance(answer, (messages.RenewOk, messages.RenewRefused)) and self.up:
             self._service.renewal_answered(answer)
+        elif isinstance(answer, messages.AppResources) and self.up:
+            self._service.resources_received(answer)
+        elif isinstance(answer, messages.AnnounceOk) and self.up:
+            for app, reason in answer.refused[:MAX_REFUSALS_LOGGED]:
+                log.error("the proxy refused app {app}: {reason}", app=app[:64],
+                          reason=_line(reason))
+            self._announce_again(bool(answer.refused))
         else:
             log.warn("tunnel to {peer}: ignoring unexpected message {kind}",
                      peer=tunnel.peer, kind=messages.kind_of(message))
@@ -136,8 +153,31 @@ class _AgentTunnel:
     def stream_requested(self, tunnel: TunnelProtocol, target: dict) -> defer.Deferred:
         return self._service.dialer.stream_requested(tunnel, target)
 
+    def _announce_again(self, refused: bool) -> None:
+        """A refused announcement is sent again later (5 s, doubling up to 5 min): an app
+        shared with other agents whose dynamic label changed first is refused until the
+        others' values agree, and would otherwise wait for its own next change."""
+        self._cancel_retry()
+        if not refused:
+            self._retries = 0
+            return
+        delay = min(ANNOUNCE_RETRY_MAX, ANNOUNCE_RETRY * 2 ** self._retries)
+        self._retries = min(self._retries + 1, 16)
+        self._retry = self._service.reactor.callLater(delay, self._resend)
+
+    def _resend(self) -> None:
+        self._retry = None
+        self.announced = None
+        self._service.apps_changed()
+
+    def _cancel_retry(self) -> None:
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+
     def tunnel_lost(self, tunnel: TunnelProtocol, reason: Failure) -> None:
         self._cancel_timer()
+        self._cancel_retry()
         self._service.handlers.discard(self)
         if self.up:
             log.info("tunnel to {peer} lost: {reason}", peer=tunnel.peer,
@@ -209,6 +249,10 @@ class AgentService(MultiService):
         self.config = config
         self.reactor = reactor
         self.dialer = UpstreamDialer(reactor, config.apps)
+        self.dynamic = DynamicLabels(reactor, self.apps_changed)
+        self.dynamic.configure(list(config.apps))
+        self.resource_apps: list[AppConfig] = []   # app resources the proxy sent us
+        self._selectors = tuple(parse_label_selector("resources", raw) for raw in config.resources)
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)  # OSError: one line in tap.py
         self.identity = AgentIdentity.load(config.data_dir)
         if self.identity is None and not config.join_token:
@@ -237,6 +281,7 @@ class AgentService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        self.dynamic.start()
         if self._identity_usable():
             self._start_tunnel()
         else:
@@ -257,6 +302,7 @@ class AgentService(MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         self.stopping = True  # no new tunnel while the old one drains
+        self.dynamic.stop()
         if self._joining is not None:
             self._joining.cancel()
             self._joining = None
@@ -312,23 +358,79 @@ class AgentService(MultiService):
     # -- tunnel ------------------------------------------------------------------------
 
     def hello_message(self) -> dict:
-        """Our hello: the host id and every configured app, as the wire carries them."""
+        """Our hello: the host id, the configured apps (those whose dynamic labels all
+        have a value) and our ``resources`` selectors. App resources are announced only
+        after this proxy sent them (``announce``), never from an earlier tunnel's list."""
         return messages.Hello(
             host_id=self.identity.host_id,
             version=VERSION,
-            apps=tuple(
-                messages.AppAnnouncement(
-                    name=app.name,
-                    uri=app.uri,
-                    labels=dict(app.labels),
-                    public_addr=app.public_addr,
-                    rewrite_headers=tuple(app.rewrite_headers),
-                    jwt_claims=app.jwt_claims,
-                    tcp_ports=app.tcp_ports,
-                )
-                for app in self.config.apps
-            ),
+            apps=self._announcements(self.config.apps),
+            resources=self.config.resources,
         ).to_dict()
+
+    def _announcements(self, apps) -> tuple[messages.AppAnnouncement, ...]:
+        out = []
+        for app in apps:
+            labels = self.dynamic.labels(app)
+            if labels is None:
+                continue   # a dynamic label has no value yet: announced once it has
+            out.append(messages.AppAnnouncement(
+                name=app.name,
+                uri=app.uri,
+                labels=labels,
+                public_addr=app.public_addr,
+                rewrite_headers=tuple(app.rewrite_headers),
+                jwt_claims=app.jwt_claims,
+                tcp_ports=app.tcp_ports,
+            ))
+        return tuple(out)
+
+    # -- app resources and dynamic labels ----------------------------------------------
+
+    def resources_received(self, answer: messages.AppResources) -> None:
+        """The app resources our selectors match now: serve exactly those (with the
+        static apps), each read by our own config parser and checked against our own
+        selectors (none: nothing is served); a static app keeps its name."""
+        static = {app.name for app in self.config.apps}
+        apps = []
+        for doc in answer.resources:
+            name = doc["metadata"]["name"]
+            try:
+                app = app_from_resource(f"app resource {name}", doc)
+            except ConfigError as err:
+                log.error("ignoring {error}", error=_line(err.one_line()))
+                continue
+            if app.name in static:
+                log.error("ignoring app resource {app}: a configured app has that name",
+                          app=app.name)
+                continue
+            if not any(selector_matches(sel, app.labels) for sel in self._selectors):
+                # Deny by default: only what our own selectors ask for, whatever we are sent.
+                log.error("ignoring app resource {app}: our resources selectors do not "
+                          "match its labels", app=app.name)
+                continue
+            apps.append(app)
+        if apps != self.resource_apps:
+            added = sorted({a.name for a in apps} - {a.name for a in self.resource_apps})
+            gone = sorted({a.name for a in self.resource_apps} - {a.name for a in apps})
+            log.info("app resources: serving {apps}{added}{gone}",
+                     apps=", ".join(a.name for a in apps) or "none",
+                     added=f"; new {', '.join(added)}" if added else "",
+                     gone=f"; removed {', '.join(gone)}" if gone else "")
+        self.resource_apps = apps
+        every = list(self.config.apps) + apps
+        self.dialer.set_apps(every)
+        self.dynamic.configure(every)
+        self.apps_changed()
+
+    def apps_changed(self) -> None:
+        """Tell every proxy what we serve now, where that differs from what it heard."""
+        message = messages.Announce(
+            apps=self._announcements(list(self.config.apps) + self.resource_apps)).to_dict()
+        for handler in list(self.handlers):
+            if handler.up and handler.announced != message["apps"] and handler.tunnel is not None:
+                handler.announced = message["apps"]
+                handler.tunnel.send_control(message)
 
     def _start_tunnel(self) -> None:
         endpoint = wrapClientTLS(

@@ -86,6 +86,16 @@ class UpstreamDialer:
         self._reactor = reactor
         self._apps = {app.name: app for app in apps}
         self._timeout = connect_timeout
+        self._live: dict[str, set[UpstreamProtocol]] = {}   # app -> its open upstreams
+
+    def set_apps(self, apps: list[AppConfig]) -> None:
+        """Serve exactly ``apps`` from now on; the open streams of an app no longer in
+        the list end (new ones get "no such app"), those of the others go on."""
+        self._apps = {app.name: app for app in apps}
+        for name in [n for n in self._live if n not in self._apps]:
+            for upstream in list(self._live.pop(name)):
+                if upstream.transport is not None:
+                    upstream.transport.abortConnection()
 
     def endpoint(self, app: AppConfig, port: int | None = None) -> IStreamClientEndpoint:
         """The endpoint that reaches `app.uri` (TCP for http and tcp, TLS for https);
@@ -140,9 +150,15 @@ class UpstreamDialer:
         def connected(upstream: UpstreamProtocol) -> None:
             if timer.active():
                 timer.cancel()
-            if accepted.called:
-                upstream.transport.abortConnection()
+            if accepted.called or self._apps.get(app.name) != app:
+                upstream.transport.abortConnection()   # given up, or the app was removed
+                if not accepted.called:
+                    accepted.errback(StreamRefused(ErrorCode.UNKNOWN_TARGET,
+                                                   "no such app on this agent"))
                 return
+            live = self._live.setdefault(app.name, set())
+            live.add(upstream)
+            upstream.on_lost = lambda: live.discard(upstream)
             accepted.callback(upstream.relay.b)
 
         def failed(failure: Failure) -> None:
@@ -182,6 +198,7 @@ class UpstreamProtocol(Protocol):
         self.ready: defer.Deferred = defer.Deferred(self._give_up)
         self.relay = Relay(EARLY_LIMIT)
         self._end = None
+        self.on_lost = lambda: None      # the dialer's bookkeeping of open upstreams
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
@@ -218,6 +235,7 @@ class UpstreamProtocol(Protocol):
             self._end.writeConnectionLost()
 
     def connectionLost(self, reason: Failure) -> None:
+        self.on_lost()
         if not self.ready.called:
             self.ready.errback(reason)
         elif self._end is not None:

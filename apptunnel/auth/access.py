@@ -11,7 +11,8 @@ its user holds), `Deny` (what the user sees, the audit reason, the HTTP status),
 credential carries no fresh second factor for this app; the entry point prompts for one
 and starts an MFA-verified app session or issues a one-app certificate). The order is
 fixed: locks (in memory, every time), the decision cache (a few seconds, keyed by
-credential + app + the user's directory revision, so a cached request touches no
+credential + app + the user's directory revision + the app's labels as registered now,
+so a dynamic label that changes is decided on at once, and a cached request touches no
 storage), the user directory (a removed user is nobody), the one-app binding of a
 per-session MFA certificate, RBAC, per-session MFA, then the per-request facts (the
 WebSocket origin result).
@@ -105,6 +106,7 @@ class _Cached:
     until: float
     revision: int           # of the user's directory entry the decision was made with
     decision: Allow | Deny | NeedsMore
+    labels: dict | None = None   # of the app: a dynamic label or resource edit re-decides
 
 
 class AccessPolicy:
@@ -149,7 +151,8 @@ class AccessPolicy:
         if name is None:
             return None
         cached = self._cache.get((credential, name))
-        if cached is None or now >= cached.until or cached.revision != self._revision(user):
+        if (cached is None or now >= cached.until or cached.revision != self._revision(user)
+                or (cached.labels is not app.labels and cached.labels != app.labels)):
             return None
         return self._with_facts(cached.decision, user, name, facts)
 
@@ -187,7 +190,8 @@ class AccessPolicy:
                 and role_set.session_mfa(app.labels, who.traits)):
             decision = NeedsMore("mfa", SESSION_MFA_REASON, f"{name} {SESSION_MFA_MESSAGE}")
         self._remember((caller.credential, name),
-                       _Cached(min(now + self._ttl, caller.expires), revision, decision), now)
+                       _Cached(min(now + self._ttl, caller.expires), revision, decision,
+                               app.labels), now)
         return self._with_facts(decision, caller.user, name, facts)
 
     def revoked(self, user: str, app: str | None) -> Deny | None:
@@ -258,7 +262,8 @@ def _binding_refusal(caller: Caller, app: str | None) -> Deny | None:
 
 
 class LiveRecheck:
-    """Live connections asked about again when a lock appears or a user changes.
+    """Live connections asked about again when a lock appears, a user changes or an
+    app's definition changes (its labels: a dynamic label, an edited app resource).
 
     A lock or a removed user must end connections already open (keep-alive, upgraded,
     TCP), not only the next request. Each entry point hands in ``connections()`` (what is
@@ -270,7 +275,7 @@ class LiveRecheck:
     _log = Logger()
 
     def __init__(self, policy: AccessPolicy, clock, connections, find_app, *,
-                 locks=None, users=None) -> None:
+                 locks=None, users=None, apps=None) -> None:
         self._policy = policy
         self._clock = clock
         self._connections = connections
@@ -279,6 +284,13 @@ class LiveRecheck:
             locks.add_listener(self._lock_added)
         if users is not None:
             users.add_listener(self._user_changed)
+        if apps is not None:   # the registry: an app's labels changed
+            apps.add_change_listener(self._app_changed)
+
+    def _app_changed(self, name: str) -> None:
+        for conn in list(self._connections()):
+            if conn.caller is not None and conn.app_name == name:
+                self._recheck(conn)
 
     def _lock_added(self, lock) -> None:
         for conn in list(self._connections()):

@@ -161,12 +161,22 @@ class AgentEnrolment:
         """Record that the agent's tunnel here is up, serving ``apps``."""
         now = self.clock.seconds()
         self._record(self.backend.update_agent(host_id, connected_since=now, last_seen=now,
-                                               peer=peer, proxy_id=self.proxy_id, apps=apps))
+                                               peer=peer, proxy_id=self.proxy_id, apps=apps,
+                                               draining=False))
+
+    def serving(self, host_id: str, apps: tuple[str, ...]) -> None:
+        """Record what the agent serves now (a later announcement on a live tunnel)."""
+        self._record(self.backend.update_agent(host_id, last_seen=self.clock.seconds(),
+                                               apps=apps))
+
+    def draining(self, host_id: str) -> None:
+        """Record that the agent's tunnel here is going away (it finishes open streams)."""
+        self._record(self.backend.update_agent(host_id, draining=True, only_proxy=self.proxy_id))
 
     def disconnected(self, host_id: str) -> None:
         """Record that the agent's last tunnel here went away."""
         self._record(self.backend.update_agent(
-            host_id, connected_since=None, last_seen=self.clock.seconds(),
+            host_id, connected_since=None, last_seen=self.clock.seconds(), draining=False,
             only_proxy=self.proxy_id))
 
     @staticmethod

@@ -323,3 +323,22 @@ def parse_role(doc: dict) -> Role:
         max_session_ttl=max_ttl,
         require_session_mfa=mfa,
     )
+
+
+# -- label selectors outside roles (an agent's ``resources:``) ------------------------
+
+
+def parse_label_selector(path: str, value: Any) -> Selector:
+    """``{env: dev, team: [a, "^b-.*$"]}`` -> a Selector, with a role's value rules (exact,
+    ``*``, ``^regex$``) but no trait templates: an agent has no user whose traits expand
+    them. RoleError naming ``path`` on a bad selector."""
+    selector = _parse_selector(path, value)
+    for key, values in selector.items():
+        if any(v.kind == "template" for v in values):
+            raise RoleError(f"{path}.{key}: trait templates are for roles, not here")
+    return selector
+
+
+def selector_matches(selector: Selector, labels: Mapping[str, str]) -> bool:
+    """Whether ``labels`` fit ``selector`` by a role's rules (every key; empty: nothing)."""
+    return _selector_matches(selector, labels, {})

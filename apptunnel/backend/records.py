@@ -77,6 +77,7 @@ class Agent:
     peer: str = ""
     proxy_id: str = ""
     apps: tuple[str, ...] = ()
+    draining: bool = False              # its tunnel is going away (the agent shuts down)
 
 
 @attrs.frozen

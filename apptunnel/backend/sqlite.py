@@ -189,6 +189,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Where `apptunnel login --auth` waits for a SAML sign-in it started ('' = none).
         "ALTER TABLE saml_requests ADD COLUMN cli TEXT NOT NULL DEFAULT ''",
     ),
+    (
+        # An agent whose tunnel is going away (shutdown): `apptunnel apps ls --admin`.
+        "ALTER TABLE agents ADD COLUMN draining INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -303,7 +307,7 @@ def _app_session(row: tuple) -> AppSession:
 
 _TOKEN_COLUMNS = "token_hash, kind, expires, created, uses_left, scope"
 _AGENT_COLUMNS = ("host_id, scope, joined, cert_expires, key_pin, last_seen, connected_since,"
-                  " peer, proxy_id, apps")
+                  " peer, proxy_id, apps, draining")
 _LOCK_COLUMNS = "id, user_name, app, message, created, expires, created_by, agent"
 _WEB_COLUMNS = "id_hash, user_name, roles, traits, created, expires, enroll_only"
 _LINK_COLUMNS = "token_hash, user_name, kind, created, expires, used"
@@ -316,7 +320,7 @@ def _token(row: tuple) -> JoinToken:
 
 def _agent(row: tuple) -> Agent:
     return Agent(row[0], Scope.from_json(json.loads(row[1])), *row[2:9],
-                 apps=tuple(json.loads(row[9])))
+                 apps=tuple(json.loads(row[9])), draining=bool(row[10]))
 
 
 def _audit_event(row: tuple) -> AuditEvent:
@@ -573,14 +577,15 @@ class SqliteBackend:
     @staticmethod
     def _put_agent(conn: sqlite3.Connection, a: Agent) -> None:
         conn.execute(
-            f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (host_id) DO UPDATE SET scope = excluded.scope,"
             " joined = excluded.joined, cert_expires = excluded.cert_expires,"
             " key_pin = excluded.key_pin, last_seen = excluded.last_seen,"
             " connected_since = excluded.connected_since, peer = excluded.peer,"
-            " proxy_id = excluded.proxy_id, apps = excluded.apps",
+            " proxy_id = excluded.proxy_id, apps = excluded.apps, draining = excluded.draining",
             (a.host_id, _dump(a.scope.to_json()), a.joined, a.cert_expires, a.key_pin,
-             a.last_seen, a.connected_since, a.peer, a.proxy_id, _dump(list(a.apps))),
+             a.last_seen, a.connected_since, a.peer, a.proxy_id, _dump(list(a.apps)),
+             int(a.draining)),
         )
 
     async def put_agent(self, agent: Agent) -> None:
@@ -610,7 +615,8 @@ class SqliteBackend:
         if not state or not set(state) <= AGENT_STATE:
             raise BackendError(f"update_agent: unknown fields {sorted(set(state) - AGENT_STATE)}")
         names = sorted(state)
-        values = [_dump(list(state[n])) if n == "apps" else state[n] for n in names]
+        values = [_dump(list(state[n])) if n == "apps" else
+                  int(state[n]) if n == "draining" else state[n] for n in names]
         where, params = "host_id = ?", [host_id]
         if only_proxy is not None:
             where += " AND proxy_id = ?"

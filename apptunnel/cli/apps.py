@@ -1,5 +1,10 @@
 """`apptunnel apps ls|config`: the apps the logged-in user may open, asked with their
-certificate, and how to call one directly with that certificate (curl and friends)."""
+certificate, and how to call one directly with that certificate (curl and friends).
+
+`apps ls --admin` is the operator's view, read from the backend like every admin verb
+(``--config``): every app an agent announced or an app resource defines, with the agents
+serving it and their state (connected, draining, gone).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import shlex
 import time
 from typing import Callable
 
-from apptunnel.cli.context import CliError, Io
+from apptunnel.cli.context import Admin, CliError, Io
 from apptunnel.cli.output import iso, json_text, table
 from apptunnel.cli.profile import TRUST_INSECURE, TRUST_PINNED, Profile, home_dir, require_profile
 
@@ -23,12 +28,61 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
     sub = apps.add_subparsers(dest="action", metavar="ACTION", required=True)
     ls = sub.add_parser("ls", parents=[common], help="list the apps your roles allow")
     ls.add_argument("--format", choices=("text", "json"), default="text")
+    ls.add_argument("--admin", action=_AdminView, nargs=0,
+                    help="operator view from the backend (--config): every app, the agents "
+                         "serving it and their state")
     ls.set_defaults(user_handler=list_apps)
     config = sub.add_parser("config", parents=[common],
                             help="how to call an HTTP app directly with your certificate")
     config.add_argument("name", metavar="NAME", help="the app")
     config.add_argument("--format", choices=("curl", "text", "json"), default="curl")
     config.set_defaults(user_handler=app_config)
+
+
+class _AdminView(argparse.Action):
+    """``--admin`` turns `apps ls` into an admin verb (backend, not the user's login)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        namespace.user_handler = None
+        namespace.handler = list_apps_admin
+
+
+def _agent_state(agent) -> str:
+    if agent.connected_since is None:
+        return "gone"
+    return "draining" if agent.draining else "connected"
+
+
+async def list_apps_admin(admin: Admin, args: argparse.Namespace) -> int:
+    """Every app (announced by an agent, or an app resource) and who serves it."""
+    agents = await admin.backend.list_agents()
+    resources = {r.name: r.doc for r in await admin.backend.list_resources("app")}
+    names = sorted(set(resources) | {name for a in agents for name in a.apps})
+    rows = []
+    for name in names:
+        doc = resources.get(name) or {}
+        labels = (doc.get("metadata") or {}).get("labels") or {}
+        rows.append({
+            "name": name,
+            "resource": name in resources,
+            "labels": {str(k): str(v) for k, v in labels.items()},
+            "agents": [{"id": a.host_id, "state": _agent_state(a), "host": a.peer,
+                        "last_seen": iso(a.last_seen) if a.last_seen is not None else None}
+                       for a in agents if name in a.apps],
+        })
+    if args.format == "json":
+        admin.io.out(json_text({"apps": rows}))
+        return 0
+    if not rows:
+        admin.io.out("No apps.\n")
+        return 0
+    admin.io.out(table(("NAME", "SOURCE", "LABELS", "AGENTS"), [
+        (row["name"], "resource" if row["resource"] else "agent",
+         ",".join(f"{k}={v}" for k, v in sorted(row["labels"].items())) or "-",
+         " ".join(f"{a['id']}({a['state']})" for a in row["agents"]) or "-")
+        for row in rows
+    ]))
+    return 0
 
 
 def list_apps(args: argparse.Namespace, io: Io, now: Callable[[], float] = time.time) -> int:

@@ -1,4 +1,4 @@
-"""`apptunnel create -f`, `get`, `rm`: roles, users and connectors as YAML documents.
+"""`apptunnel create -f`, `get`, `rm`: roles, users, connectors and apps as YAML documents.
 
 A file is validated completely before anything is written, and nothing is replaced
 without ``--force``, so a half-applied file or a silently overwritten role cannot happen.
@@ -9,6 +9,11 @@ they act on as ``KIND/NAME`` or ``KIND NAME``, the kind singular or plural (``ro
 Connectors (``kind: ldap``; ``oidc`` and ``saml`` are refused until their sign-in flows
 exist) are checked in full by ``auth/connectors/specs.py``; the roles their rules grant
 must exist like a user's. `get connectors` prints no secret (``public_doc``).
+
+Apps (``kind: app``: ``metadata: {name, labels}``, ``spec`` = the other keys of an agent's
+``apps:`` entry) are read by the agent config's own parser (``config.app_from_resource``)
+and stored as resources of kind ``app``; agents whose ``resources`` selectors match serve
+them (``proxy/app_resources.py``).
 """
 
 from __future__ import annotations
@@ -31,29 +36,32 @@ from apptunnel.backend.records import Resource, User
 from apptunnel.cli.context import Admin, CliError, Io, UsageError
 from apptunnel.cli.output import clean, iso, json_text, table, yaml_docs
 from apptunnel.cli.users import ROLE_NAME, TRAIT_NAME, USER_NAME, require_roles
-from apptunnel.config import load_yaml_documents
+from apptunnel.config import ConfigError, app_from_resource, load_yaml_documents
 
+APP = "app"
 KINDS = {"role": "role", "roles": "role", "user": "user", "users": "user",
-         "connector": CONNECTOR, "connectors": CONNECTOR}
+         "connector": CONNECTOR, "connectors": CONNECTOR, "app": APP, "apps": APP}
+STORED = ("role", CONNECTOR, APP)   # kinds kept as resource documents
 
 
 def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     create = verbs.add_parser("create", parents=[common],
-                              help="create roles, users and connectors from a (multi-document) YAML file")
+                              help="create roles, users, connectors and apps from a (multi-document) YAML file")
     create.add_argument("-f", "--file", required=True, metavar="FILE")
     create.add_argument("--force", action="store_true", help="replace resources that exist")
     create.set_defaults(handler=create_resources, read_inputs=read_documents)
 
-    get = verbs.add_parser("get", parents=[common], help="show roles, users or connectors")
+    get = verbs.add_parser("get", parents=[common], help="show roles, users, connectors or apps")
     get.add_argument("kind", metavar="KIND[/NAME]", type=_kind_word,
-                     help="roles, users, connectors, or KIND/NAME")
+                     help="roles, users, connectors, apps, or KIND/NAME")
     get.add_argument("name", nargs="?", metavar="NAME")
     get.add_argument("--format", choices=("yaml", "json", "text"), default="yaml")
     get.set_defaults(handler=get_resources)
 
-    rm = verbs.add_parser("rm", parents=[common], help="remove a role, a user or a connector")
+    rm = verbs.add_parser("rm", parents=[common],
+                          help="remove a role, a user, a connector or an app")
     rm.add_argument("kind", metavar="KIND[/NAME]", type=_kind_word,
-                    help="role/NAME, user/NAME, connector/NAME or KIND NAME")
+                    help="role/NAME, user/NAME, connector/NAME, app/NAME or KIND NAME")
     rm.add_argument("name", nargs="?", metavar="NAME")
     rm.set_defaults(handler=remove_resource)
 
@@ -63,7 +71,7 @@ def _kind_word(text: str) -> str:
     if text.partition("/")[0].lower() not in KINDS:
         raise argparse.ArgumentTypeError(
             f"invalid choice: {text.partition('/')[0]!r} (expected role/NAME, user/NAME, "
-            f"connector/NAME or "
+            f"connector/NAME, app/NAME or "
             f"KIND NAME with KIND one of {', '.join(sorted(KINDS))})")
     return text
 
@@ -78,8 +86,8 @@ def parse_ref(verb: str, first: str, second: str | None, name_required: bool
         name = second
     kind = KINDS.get(kind_text.lower())
     if kind is None or (sep and not name) or (name_required and not name):
-        shape = "role/NAME, user/NAME, connector/NAME or KIND NAME" if name_required else \
-            "roles, users, connectors, KIND/NAME or KIND NAME"
+        shape = "role/NAME, user/NAME, connector/NAME, app/NAME or KIND NAME" \
+            if name_required else "roles, users, connectors, apps, KIND/NAME or KIND NAME"
         got = first if second is None else f"{first} {second}"
         raise UsageError(f"{verb}: expected {shape}, got {got!r}")
     return kind, name or None
@@ -113,7 +121,7 @@ def read_documents(args: argparse.Namespace, io: Io) -> None:
         seen.add((item.kind, item.name))
         plan.append(item)
     if not plan:
-        raise UsageError(f"{args.file}: no documents (expected kind: role, user or ldap)")
+        raise UsageError(f"{args.file}: no documents (expected kind: role, user, app or ldap)")
     args.plan = plan
 
 
@@ -136,7 +144,13 @@ def _validate(where: str, doc: Any) -> Planned:
             raise UsageError(f"{where}: {err.message}") from None
         roles = tuple(dict.fromkeys(r for rule in spec.role_rules for r in rule.roles))
         return Planned(CONNECTOR, spec.name, doc, roles=roles)
-    raise UsageError(f"{where}: kind: expected role, user or {', '.join(CONNECTOR_KINDS)}, "
+    if kind == APP:
+        try:
+            app = app_from_resource(where, doc)
+        except ConfigError as err:
+            raise UsageError(err.one_line()) from None
+        return Planned(APP, app.name, doc)
+    raise UsageError(f"{where}: kind: expected role, user, app or {', '.join(CONNECTOR_KINDS)}, "
                      f"got {kind!r}")
 
 
@@ -185,7 +199,7 @@ def _validate_user(where: str, doc: dict) -> Planned:
 
 
 async def _exists(admin: Admin, item: Planned) -> Any:
-    if item.kind in ("role", CONNECTOR):
+    if item.kind in STORED:
         return await admin.backend.get_resource(item.kind, item.name)
     return await admin.backend.get_user(item.name)
 
@@ -214,6 +228,10 @@ async def create_resources(admin: Admin, args: argparse.Namespace) -> int:
         if item.kind == "role":
             await admin.backend.put_resource(Resource(kind="role", name=item.name, doc=item.doc))
             admin.emit("resource.create", f"role/{item.name}", kind="role", name=item.name,
+                       replaced=current is not None)
+        elif item.kind == APP:
+            await admin.backend.put_resource(Resource(kind=APP, name=item.name, doc=item.doc))
+            admin.emit("resource.create", f"app/{item.name}", kind=APP, name=item.name,
                        replaced=current is not None)
         elif item.kind == CONNECTOR:
             await admin.backend.put_resource(Resource(kind=CONNECTOR, name=item.name,
@@ -273,6 +291,14 @@ def _selector_text(rules: Any) -> str:
     return " ".join(parts)
 
 
+def _app_row(doc: dict) -> tuple[str, str, str, str]:
+    metadata, spec = doc.get("metadata") or {}, doc.get("spec") or {}
+    labels = metadata.get("labels") or {}
+    return (str(metadata.get("name")), str(spec.get("uri", "-")),
+            ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-",
+            ",".join(sorted(spec.get("dynamic_labels") or {})) or "-")
+
+
 def _connector_row(doc: dict) -> tuple[str, str, str, str]:
     spec = doc.get("spec") or {}
     rules = spec.get("groups_to_roles") or spec.get("claims_to_roles") \
@@ -294,14 +320,14 @@ async def get_resources(admin: Admin, args: argparse.Namespace) -> int:
             docs = [r.doc for r in sorted(await admin.backend.list_resources(CONNECTOR),
                                           key=lambda r: r.name)]
         docs = [public_doc(d) for d in docs]   # never a secret on a terminal
-    elif kind == "role":
+    elif kind in ("role", APP):
         if name is not None:
-            found = await admin.backend.get_resource("role", name)
+            found = await admin.backend.get_resource(kind, name)
             if found is None:
-                raise CliError(f"no role named {name!r}")
+                raise CliError(f"no {kind} named {name!r}")
             docs = [found.doc]
         else:
-            docs = [r.doc for r in sorted(await admin.backend.list_resources("role"),
+            docs = [r.doc for r in sorted(await admin.backend.list_resources(kind),
                                           key=lambda r: r.name)]
     else:
         if name is not None:
@@ -321,6 +347,8 @@ async def get_resources(admin: Admin, args: argparse.Namespace) -> int:
         admin.io.out(f"No {kind}s.\n")
     elif kind == CONNECTOR:
         admin.io.out(table(("NAME", "KIND", "ADDRESS", "ROLES"), [_connector_row(d) for d in docs]))
+    elif kind == APP:
+        admin.io.out(table(("NAME", "URI", "LABELS", "DYNAMIC LABELS"), [_app_row(d) for d in docs]))
     elif kind == "role":
         admin.io.out(table(("NAME", "ALLOW", "DENY"), [
             (d["metadata"]["name"], _selector_text(d.get("spec", {}).get("allow")),
@@ -348,6 +376,10 @@ async def remove_resource(admin: Admin, args: argparse.Namespace) -> int:
             admin.io.warn(f"users who signed in through {name!r} keep their sessions and "
                           f"certificates until they expire (end them with `apptunnel users "
                           f"rm NAME` or a lock): {', '.join(made)}")
+    elif kind == APP:
+        if not await admin.backend.delete_resource(APP, name):
+            raise CliError(f"no app named {name!r}")
+        admin.emit("resource.delete", f"app/{name}", kind=APP, name=name)
     elif kind == "role":
         if not await admin.backend.delete_resource("role", name):
             raise CliError(f"no role named {name!r}")

@@ -78,7 +78,7 @@ class AppForwarder(Factory):
         self._cookies_dropped: set[tuple[str, bytes]] = set()  # (app, cookie name) logged once
         # A new lock, a removed user or a role change re-asks the policy for live ones.
         LiveRecheck(self.access, clock, lambda: self.connections, registry.app,
-                    locks=locks, users=users)
+                    locks=locks, users=users, apps=registry)
         registry.add_drain_listener(self._tunnel_draining)
 
     def buildProtocol(self, addr: IAddress) -> "AppConnection":

@@ -2,8 +2,9 @@
 
 `TunnelPool` picks a tunnel for the registration a decision was made on (never another
 definition of the app), opens a stream on it, and retries on another tunnel when the
-open crossed the agent's GOAWAY or the tunnel died under it (that says nothing about the
-app). It remembers which tunnel each stream's protocol rides on, so a connection keeping
+open crossed the agent's GOAWAY, the tunnel died under it, or the agent refused the open
+because it could not dial the app (failover: the agent accepts a stream only once the
+app's socket is connected, so no byte of the request or response has moved yet). It remembers which tunnel each stream's protocol rides on, so a connection keeping
 a stream between requests can let go of it when that tunnel starts draining.
 
 `AppEndpoint` is the per-app ``IStreamClientEndpoint`` over any `ConnectApp` (the pool in
@@ -29,6 +30,9 @@ from apptunnel.tunnel.frames import ErrorCode
 
 # (app, stream target, factory) -> Deferred firing with the protocol built for the stream.
 ConnectApp = Callable[[AppInfo, dict, IProtocolFactory], defer.Deferred]
+
+
+_TRY_ELSEWHERE = (ErrorCode.GOING_AWAY, ErrorCode.CONNECT_FAILED)
 
 
 class NoAgent(Exception):
@@ -63,8 +67,9 @@ class TunnelPool:
 
     def _connect(self, app: AppInfo, target: dict, factory: IProtocolFactory,
                  tried: frozenset) -> defer.Deferred:
-        tunnel = self._registry.pick(app.name, app)  # the checked registration, not going away
-        if tunnel is None or tunnel in tried:
+        # The checked registration, on a tunnel not going away and not tried yet.
+        tunnel = self._registry.pick(app.name, app, exclude=tried)
+        if tunnel is None:
             return defer.fail(NoAgent(app.name))
 
         def connected(proto):
@@ -75,12 +80,19 @@ class TunnelPool:
             return proto
 
         def elsewhere(failure: Failure):
-            # An open that crossed the agent's GOAWAY on the wire, or a tunnel that died
-            # under it, says nothing about the app: another tunnel may serve it.
+            # Nothing of the request has gone out yet (an agent accepts a stream only once
+            # it has dialed the app), so another tunnel may be tried: when the open crossed
+            # the agent's GOAWAY, the tunnel died under it, or that agent could not reach
+            # the app (failover). UNKNOWN_TARGET (a port the app does not declare) would be
+            # refused by every agent of that definition alike.
             err = failure.value
             if isinstance(err, TunnelLost) or (
-                    isinstance(err, StreamRefused) and err.code == ErrorCode.GOING_AWAY):
-                return self._connect(app, target, factory, tried | {tunnel})
+                    isinstance(err, StreamRefused) and err.code in _TRY_ELSEWHERE):
+                again = self._connect(app, target, factory, tried | {tunnel})
+                if isinstance(err, StreamRefused) and err.code == ErrorCode.CONNECT_FAILED:
+                    # The app is down behind every agent: a 502 with the reason, not a 503.
+                    again.addErrback(lambda f: failure if f.check(NoAgent) else f)
+                return again
             return failure
 
         try:

@@ -61,6 +61,7 @@ class AgentRegistry:
         self._turn: dict[str, int] = {}
         self._offline: set[str] = set()        # names with no tunnel, within the grace period
         self._drain_listeners: list[Callable[[Any], None]] = []
+        self._change_listeners: list[Callable[[str], None]] = []
 
     def add(self, tunnel: Any, agent_id: str, apps: list[AppInfo]) -> list[tuple[str, str]]:
         """Register (or re-register) what one tunnel serves; returns (name, reason) for
@@ -68,7 +69,7 @@ class AgentRegistry:
         self._forget_expired()
         if tunnel in self._tunnels:
             self.remove(tunnel)
-        accepted, refused = [], []
+        accepted, refused, changed = [], [], []
         for app in apps:
             reason = self._conflict(app, agent_id)
             if reason is not None:
@@ -77,6 +78,8 @@ class AgentRegistry:
             accepted.append(app)
             reg = self._names.get(app.name)
             if reg is None or reg.offline_since is not None and definition(reg.app) != definition(app):
+                if reg is not None:
+                    changed.append(app.name)
                 self._define(app)
                 reg = self._names[app.name]
             reg.agents.add(agent_id)
@@ -84,6 +87,8 @@ class AgentRegistry:
             self._offline.discard(app.name)
         self._tunnels[tunnel] = (agent_id, accepted)
         self._rebuild()
+        for name in changed:
+            self._tell(self._change_listeners, name)
         return refused
 
     def _conflict(self, app: AppInfo, agent_id: str) -> str | None:
@@ -124,15 +129,25 @@ class AgentRegistry:
         """Call ``listener(tunnel)`` whenever a tunnel starts going away (see ``drain``)."""
         self._drain_listeners.append(listener)
 
+    def add_change_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(name)`` when the definition of a known app changes (new labels
+        from a dynamic label or an edited app resource), so live connections are checked
+        again against it."""
+        self._change_listeners.append(listener)
+
     def drain(self, tunnel: Any) -> None:
         """The tunnel is going away: pick it no more, and tell listeners so the streams
         they keep open on it between requests can be let go (the tunnel then closes)."""
         self.remove(tunnel)
-        for listener in list(self._drain_listeners):
+        self._tell(self._drain_listeners, tunnel)
+
+    @staticmethod
+    def _tell(listeners: list[Callable[[Any], None]], what: Any) -> None:
+        for listener in list(listeners):
             try:
-                listener(tunnel)
+                listener(what)
             except Exception:
-                log.failure("drain listener failed")
+                log.failure("registry listener failed")
 
     def apps(self, include_offline: bool = False) -> list[AppInfo]:
         """Online apps (and known offline ones if asked), one per name, sorted by name."""
@@ -160,8 +175,10 @@ class AgentRegistry:
         self._forget_expired()
         return self._hosts.get(host_only(host))
 
-    def pick(self, name: str, checked: AppInfo | None = None) -> Any | None:
-        """A tunnel serving ``name``'s registration, taking turns over those not going away.
+    def pick(self, name: str, checked: AppInfo | None = None,
+             exclude: frozenset = frozenset()) -> Any | None:
+        """A tunnel serving ``name``'s registration, taking turns over those not going away
+        (and not in ``exclude``: those a failed open was already tried on).
 
         With ``checked`` (the AppInfo a decision was made on), None unless that is still
         the registration: a request is never routed to a definition it was not checked on.
@@ -169,7 +186,8 @@ class AgentRegistry:
         reg = self._names.get(name)
         if checked is not None and (reg is None or definition(reg.app) != definition(checked)):
             return None
-        tunnels = [t for t in self._serving.get(name, ()) if not getattr(t, "going_away", False)]
+        tunnels = [t for t in self._serving.get(name, ())
+                   if not getattr(t, "going_away", False) and t not in exclude]
         if not tunnels:
             return None
         turn = self._turn.get(name, 0) % len(tunnels)

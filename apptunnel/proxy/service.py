@@ -42,6 +42,7 @@ from apptunnel.auth.throttle import LoginThrottle
 from apptunnel.backend import BackendError, open_backend
 from apptunnel.config import ConfigError, ProxyConfig
 from apptunnel.net import is_ip
+from apptunnel.proxy.app_resources import AppResources
 from apptunnel.proxy.control import ControlFactory, control_endpoint, control_path
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder
@@ -177,6 +178,7 @@ class ProxyService(MultiService):
         self.jwt_keys = JwtKeys.load_or_create(config.data_dir, config.jwt_algorithm)
         self.signer = JwtSigner(self.jwt_keys, config.cluster_name, reactor, config.jwt_ttl)
         self.registry = AgentRegistry(reactor, grace=config.app_grace_period)
+        self.app_resources = AppResources(self.backend, reactor)   # `kind: app`, for agents
         self.connections = _connection_tracker(config, reactor)
         self.listeners = Listeners()
 
@@ -232,6 +234,7 @@ class ProxyService(MultiService):
             keepalive_timeout=config.keepalive_timeout,
             locks=self.locks,
             allowed_public_addrs=config.allowed_public_addrs,
+            resources=self.app_resources,
         )
         tunnel_endpoint = SSL4ServerEndpoint(
             reactor, config.tunnel_listen_port,
@@ -257,6 +260,7 @@ class ProxyService(MultiService):
         self.saml_threads.start()
         self.locks.start()
         self.users.start()
+        self.app_resources.start()
         super().startService()
         # Bound here, not by StreamServerEndpointService: a busy port or a store it cannot
         # open must end the process (one line, exit 1) instead of an "Unhandled Error" and
@@ -289,19 +293,21 @@ class ProxyService(MultiService):
         yield super().stopService()
         self.locks.stop()
         self.users.stop()
+        self.app_resources.stop()
         self.ldap_threads.stop()   # waits for binds in flight: each ends within its timeout
         self.saml_threads.stop()
         yield defer.ensureDeferred(self.audit.stop())
         yield defer.ensureDeferred(self.backend.close())
 
     def refresh_now(self) -> defer.Deferred:
-        """Re-read locks, users and roles now (the control socket's ``refresh``)."""
+        """Re-read locks, users, roles and app resources now (the control socket's ``refresh``)."""
         self.roles.invalidate()
         self.connectors.invalidate()
         self.access.forget()
         self.sessions.forget_cached()   # `users reset` ended sessions in storage
         return defer.gatherResults([defer.ensureDeferred(self.locks.refresh()),
-                                    defer.ensureDeferred(self.users.refresh())],
+                                    defer.ensureDeferred(self.users.refresh()),
+                                    defer.ensureDeferred(self.app_resources.refresh())],
                                    consumeErrors=True)
 
     def _sweep(self):

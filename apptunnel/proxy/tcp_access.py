@@ -157,7 +157,7 @@ class TcpAccess(Factory):
                                              users=users)
         # A new lock, a removed user or a role change re-asks the policy for live sessions.
         LiveRecheck(self.access, clock, lambda: self.sessions, registry.app,
-                    locks=locks, users=users)
+                    locks=locks, users=users, apps=registry)
 
     def buildProtocol(self, addr: IAddress) -> TcpSession:
         return TcpSession(self, addr)

@@ -40,11 +40,15 @@ from twisted.python.failure import Failure
 
 from apptunnel.auth.enrolment import AgentEnrolment, EnrolmentRefused
 from apptunnel.auth.errors import AuthError
+from apptunnel.auth.rbac import RoleError, parse_label_selector
 from apptunnel.auth.tokens import scope_refusal
 from apptunnel.catalog import AppInfo
 from apptunnel.config import UNREWRITABLE_HEADERS
 from apptunnel.messages import (
+    Announce,
+    AnnounceOk,
     AppAnnouncement,
+    AppResources,
     Hello,
     HelloOk,
     HelloRefused,
@@ -58,6 +62,7 @@ from apptunnel.messages import (
     kind_of,
 )
 from apptunnel.net import host_only
+from apptunnel.proxy.app_resources import resource_refusal
 from apptunnel.proxy.errors import ProxyError
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
@@ -68,6 +73,7 @@ __all__ = ["TunnelServerFactory", "public_addr_refusal", "tunnel_tls_options"]
 log = Logger()
 
 RENEW_MIN_INTERVAL = 5.0
+ANNOUNCE_MIN_INTERVAL = 0.5   # announcements closer than this are coalesced (latest wins)
 MAX_REFUSALS_LOGGED = 20    # per hello: an agent cannot flood the log and the audit
 FIRST_MESSAGE_TIMEOUT = 30.0
 
@@ -101,8 +107,10 @@ class TunnelServerFactory(ServerFactory):
     def __init__(self, enrolment: AgentEnrolment, registry, audit, clock: IReactorTime,
                  proxy_id: str, public_host: str, public_port: int,
                  keepalive_interval: float = 5.0, keepalive_timeout: float = 15.0,
-                 locks=None, allowed_public_addrs: tuple[str, ...] = ()) -> None:
+                 locks=None, allowed_public_addrs: tuple[str, ...] = (),
+                 resources=None) -> None:
         self.enrolment = enrolment
+        self.resources = resources   # proxy.app_resources.AppResources, or None
         self.registry = registry
         self.audit = audit
         self.clock = clock
@@ -212,6 +220,14 @@ class TunnelSession:
         self._expiry = None          # closes the tunnel when the agent certificate expires
         self._renewing = False
         self._last_renew = float("-inf")
+        self._scope = None           # the agent's token scope, checked on every announcement
+        self._selectors: tuple = ()  # its ``resources`` selectors (parsed)
+        self._pushed: list | None = None     # the app resources last sent to it
+        self._announced: list[AppInfo] = []  # what it last announced (before the checks)
+        self._serving: list[str] = []        # ... and what of it is registered
+        self._last_announce = float("-inf")
+        self._pending_announce: dict | None = None
+        self._announce_call = None
 
     # -- TunnelHandler -----------------------------------------------------------------
 
@@ -249,6 +265,9 @@ class TunnelSession:
         if self._state == "registered" and kind == Renew.TYPE:
             self._start_renew(tunnel, message)
             return
+        if self._state == "registered" and kind == Announce.TYPE:
+            self._announce_received(tunnel, message)
+            return
         self._close(tunnel, f"unexpected message {kind_of(message)} in state {self._state}")
 
     def stream_requested(self, tunnel: TunnelProtocol, target: dict) -> defer.Deferred:
@@ -259,6 +278,7 @@ class TunnelSession:
         so the tunnel can finish closing (registry listeners do that). Apps stay known."""
         if self._state == "registered":
             self._factory.registry.drain(tunnel)
+            self._enrolment.draining(self._host_id)
             log.info("agent {host_id} ({peer}) is going away", host_id=self._host_id,
                      peer=self._peer)
 
@@ -328,6 +348,11 @@ class TunnelSession:
                                  f"({host_id})")
             apps = [f.app_info(app, host_id, f"apps[{index}]")
                     for index, app in enumerate(hello.apps)]
+            selectors = tuple(parse_label_selector(f"resources[{index}].labels", raw)
+                              for index, raw in enumerate(hello.resources))
+        except RoleError as err:
+            self._refuse_hello(tunnel, host_id, f"bad hello: {err.message}")
+            return
         except (MessageError, HelloError) as err:
             self._refuse_hello(tunnel, host_id, f"bad hello: {err}")
             return
@@ -340,22 +365,43 @@ class TunnelSession:
             return
         if self._state != "hello":
             return  # the tunnel went away meanwhile
-        accepted, refused = [], []
+        self._scope, self._selectors = scope, selectors
+        self._host_id = host_id
+        serving, refused = self._register(tunnel, apps, [])
+        self._state = "registered"
+        f.sessions.setdefault(host_id, set()).add(self)
+        self._watch_expiry(cert.not_valid_after_utc.timestamp())
+        self._send(tunnel, HelloOk(proxy_id=f.proxy_id, refused=tuple(refused)))
+        log.info("agent {host_id} connected from {peer} with apps {apps}", host_id=host_id,
+                 peer=self._peer, apps=", ".join(serving) or "(none)")
+        self._enrolment.connected(host_id, self._peer, tuple(serving))
+        if f.resources is not None:
+            f.resources.add_listener(self._resources_changed)
+            self._push_resources()
+
+    def _register(self, tunnel: TunnelProtocol, apps: list[AppInfo],
+                  refused: list[tuple[str, str]]) -> tuple[list[str], list[tuple[str, str]]]:
+        """Check each announced app (token scope, public address, app resources) and put
+        what passes in the registry for this tunnel, replacing what it served before.
+        Returns (serving names, refusals); refusals are logged and audited (bounded)."""
+        f, host_id = self._factory, self._host_id
+        self._announced = list(apps)
+        accepted = []
         for app in apps:
-            reason = (scope_refusal(scope, app.name, app.labels)
+            resource = f.resources.app(app.name) if f.resources is not None else None
+            reason = (scope_refusal(self._scope, app.name, app.labels)
                       or public_addr_refusal(app.public_addr, f.public_host,
-                                             f.allowed_public_addrs))
+                                             f.allowed_public_addrs)
+                      or (resource_refusal(resource, app, resource.public_addr
+                                           or f.default_public_addr(app.name))
+                          if resource is not None else None))
             if reason is None:
                 accepted.append(app)
             else:
                 refused.append((app.name, reason))
         refused += f.registry.add(tunnel, host_id, accepted)
         refused_names = {name for name, _ in refused}
-        serving = [a.name for a in accepted if a.name not in refused_names]
-        self._state = "registered"
-        self._host_id = host_id
-        f.sessions.setdefault(host_id, set()).add(self)
-        self._watch_expiry(cert.not_valid_after_utc.timestamp())
+        serving = self._serving = [a.name for a in accepted if a.name not in refused_names]
         for name, reason in refused[:MAX_REFUSALS_LOGGED]:
             log.warn("agent {host_id} ({peer}): app {app} refused: {reason}", host_id=host_id,
                      peer=self._peer, app=name, reason=reason)
@@ -364,10 +410,68 @@ class TunnelSession:
         if len(refused) > MAX_REFUSALS_LOGGED:
             log.warn("agent {host_id} ({peer}): {count} more apps refused", host_id=host_id,
                      peer=self._peer, count=len(refused) - MAX_REFUSALS_LOGGED)
-        self._send(tunnel, HelloOk(proxy_id=f.proxy_id, refused=tuple(refused)))
-        log.info("agent {host_id} connected from {peer} with apps {apps}", host_id=host_id,
+        return serving, refused
+
+    # -- app resources and announcements ----------------------------------------------
+
+    def _resources_changed(self) -> None:
+        """The app resources changed: an app this agent serves that a resource now defines
+        otherwise is taken away (the resource's definition is THE definition), and an
+        agent with selectors is sent those it matches, when that set changed."""
+        if self._state != "registered" or self._tunnel is None:
+            return
+        if any(self._factory.resources.app(app.name) is not None for app in self._announced):
+            before = self._serving
+            serving, _ = self._register(self._tunnel, self._announced, [])
+            if serving != before:
+                self._enrolment.serving(self._host_id, tuple(serving))
+        self._push_resources()
+
+    def _push_resources(self) -> None:
+        """Send an agent with selectors the resources they match, when that set changed."""
+        if not self._selectors or self._state != "registered" or self._tunnel is None:
+            return
+        docs = self._factory.resources.matching(self._selectors)
+        if docs == self._pushed:
+            return
+        self._pushed = docs
+        self._send(self._tunnel, AppResources(resources=tuple(docs)))
+
+    def _announce_received(self, tunnel: TunnelProtocol, message: dict) -> None:
+        """At most one announcement per ANNOUNCE_MIN_INTERVAL; a burst keeps the latest."""
+        now = self._factory.clock.seconds()
+        self._pending_announce = message
+        if self._announce_call is not None:
+            return
+        wait = self._last_announce + ANNOUNCE_MIN_INTERVAL - now
+        if wait > 0:
+            self._announce_call = self._factory.clock.callLater(wait, self._announce_now, tunnel)
+        else:
+            self._announce_now(tunnel)
+
+    def _announce_now(self, tunnel: TunnelProtocol) -> None:
+        self._announce_call = None
+        message, self._pending_announce = self._pending_announce, None
+        if message is None or self._state != "registered":
+            return
+        self._last_announce = self._factory.clock.seconds()
+        f = self._factory
+        try:
+            announce = Announce.parse(message)
+        except MessageError as err:
+            self._close(tunnel, f"bad announce: {err}")
+            return
+        apps, refused = [], []
+        for index, announced in enumerate(announce.apps):
+            try:
+                apps.append(f.app_info(announced, self._host_id, f"apps[{index}]"))
+            except HelloError as err:
+                refused.append((announced.name, str(err)))
+        serving, refused = self._register(tunnel, apps, refused)
+        self._send(tunnel, AnnounceOk(refused=tuple(refused)))
+        log.info("agent {host_id} ({peer}) now serves {apps}", host_id=self._host_id,
                  peer=self._peer, apps=", ".join(serving) or "(none)")
-        self._enrolment.connected(host_id, self._peer, tuple(serving))
+        self._enrolment.serving(self._host_id, tuple(serving))
 
     def _refuse_hello(self, tunnel: TunnelProtocol, host_id: str, reason: str,
                       rejoin: bool = False) -> None:
@@ -392,6 +496,11 @@ class TunnelSession:
         f = self._factory
         f.registry.remove(tunnel)
         self._cancel_expiry()
+        if f.resources is not None:
+            f.resources.remove_listener(self._resources_changed)
+        if self._announce_call is not None and self._announce_call.active():
+            self._announce_call.cancel()
+        self._announce_call = None
         mine = f.sessions.get(self._host_id, set())
         mine.discard(self)
         if not mine:

@@ -55,12 +55,14 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
 class Child:
     """One subprocess with its output in a log file we can show when it misbehaves."""
 
-    def __init__(self, name: str, argv: list[str], cwd: Path, log_path: Path):
+    def __init__(self, name: str, argv: list[str], cwd: Path, log_path: Path,
+                 env: dict | None = None):
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
-            argv, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            argv, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env,
         )
 
     def log_tail(self, lines: int = 40) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -213,3 +214,89 @@ def test_expired_certificate_without_token_is_one_line(tmp_path, ca):
         AgentService(config(tmp_path), reactor)
     assert "expired" in str(info.value) and "new token" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+# -- app resources (issue 11) --------------------------------------------------------------
+
+def test_app_resources_are_served_and_announced_and_a_removed_one_is_not(tmp_path, ca):
+    """The hello carries the selectors and only static apps; app_resources makes the agent
+    dial those apps too and announce the whole set; a later push without one removes it
+    (new streams get "no such app"); a resource named like a static app is ignored."""
+    from apptunnel.tunnel.errors import StreamRefused
+
+    saved_identity(tmp_path, ca)
+    cfg = attrs.evolve(config(tmp_path), resources=({"env": ["dev"]},))
+    service = AgentService(cfg, MemoryReactorClock())
+    handler, tunnel = connected(service)
+    assert tunnel.sent[0]["resources"] == [{"env": ["dev"]}]
+    assert [a["name"] for a in tunnel.sent[0]["apps"]] == ["grafana", "wiki"]
+    handler.control_received(tunnel, {"type": "hello_ok", "proxy_id": "p"})
+    doc = {"kind": "app", "metadata": {"name": "res", "labels": {"env": "dev"}},
+           "spec": {"uri": "http://127.0.0.1:9"}}
+    clash = {"kind": "app", "metadata": {"name": "grafana"}, "spec": {"uri": "http://10.0.0.1"}}
+    handler.control_received(tunnel, {"type": "app_resources", "resources": [doc, clash]})
+    announce = tunnel.sent[-1]
+    assert announce["type"] == "announce"
+    assert [a["name"] for a in announce["apps"]] == ["grafana", "wiki", "res"]
+    assert announce["apps"][0]["uri"] == "http://127.0.0.1:3000"      # the static one
+    sent = len(tunnel.sent)
+    handler.control_received(tunnel, {"type": "app_resources", "resources": [doc, clash]})
+    assert len(tunnel.sent) == sent                                  # nothing new to say
+    handler.control_received(tunnel, {"type": "app_resources", "resources": []})
+    assert [a["name"] for a in tunnel.sent[-1]["apps"]] == ["grafana", "wiki"]
+    failures = []
+    service.dialer.stream_requested(tunnel, {"app": "res"}).addErrback(failures.append)
+    assert failures[0].check(StreamRefused) and "no such app" in failures[0].value.reason
+
+
+def test_apps_with_dynamic_labels_wait_for_their_first_value(tmp_path, ca):
+    """An app is announced only once each dynamic label has a value (no spawn happens on
+    a MemoryReactorClock, so here it never has one)."""
+    from apptunnel.config import DynamicLabel
+
+    saved_identity(tmp_path, ca)
+    dynamic = attrs.evolve(APPS[0], dynamic_labels=(DynamicLabel("commit", ("git",), 60, 10),))
+    cfg = attrs.evolve(config(tmp_path), apps=(dynamic, APPS[1]))
+    service = AgentService(cfg, MemoryReactorClock())
+    assert [a["name"] for a in service.hello_message()["apps"]] == ["wiki"]
+
+
+def test_a_refused_announcement_is_sent_again_with_backoff(tmp_path, ca):
+    """announce_ok with refusals: the same apps are announced again after 5 s, then 10 s;
+    a clean answer stops it."""
+    saved_identity(tmp_path, ca)
+    reactor = MemoryReactorClock()
+    service = AgentService(config(tmp_path), reactor)
+    handler, tunnel = connected(service)
+    handler.control_received(tunnel, {"type": "hello_ok", "proxy_id": "p"})
+    refused = {"type": "announce_ok", "refused": [{"app": "wiki", "reason": "defined differently"}]}
+    sent = len(tunnel.sent)
+    handler.control_received(tunnel, refused)
+    reactor.advance(4.9)
+    assert len(tunnel.sent) == sent
+    reactor.advance(0.2)
+    assert tunnel.sent[-1]["type"] == "announce" and len(tunnel.sent) == sent + 1
+    handler.control_received(tunnel, refused)
+    reactor.advance(9.9)
+    assert len(tunnel.sent) == sent + 1
+    reactor.advance(0.2)
+    assert len(tunnel.sent) == sent + 2
+    handler.control_received(tunnel, {"type": "announce_ok", "refused": []})
+    reactor.advance(600)
+    assert len(tunnel.sent) == sent + 2 or all(m["type"] == "renew" for m in tunnel.sent[sent + 2:])
+
+
+def test_pushed_resources_outside_our_selectors_are_not_served(tmp_path, ca):
+    """Deny by default: an agent serves only what its own selectors match, whatever the
+    proxy sends (an agent without selectors serves no resource at all)."""
+    saved_identity(tmp_path, ca)
+    doc = {"kind": "app", "metadata": {"name": "prod", "labels": {"env": "prod"}},
+           "spec": {"uri": "http://10.0.0.1:22"}}
+    for resources in ((), ({"env": ["dev"]},)):
+        service = AgentService(attrs.evolve(config(tmp_path), resources=resources),
+                               MemoryReactorClock())
+        handler, tunnel = connected(service)
+        handler.control_received(tunnel, {"type": "hello_ok", "proxy_id": "p"})
+        handler.control_received(tunnel, {"type": "app_resources", "resources": [doc]})
+        assert service.resource_apps == []
+        assert all(m["type"] != "announce" for m in tunnel.sent)

@@ -427,6 +427,17 @@ async def test_agent_state_updates_and_only_proxy(backend):
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_agents_draining_state_is_kept(backend):
+    """draining (its tunnel is going away) is stored by put and update, false by default."""
+    await wait(backend.put_agent(agent(proxy_id="p1")))
+    assert (await wait(backend.get_agent("h1"))).draining is False
+    assert await wait(backend.update_agent("h1", draining=True, only_proxy="p1"))
+    assert (await wait(backend.get_agent("h1"))).draining is True
+    await wait(backend.put_agent(agent(proxy_id="p1", draining=False)))
+    assert [a.draining for a in await wait(backend.list_agents())] == [False]
+
+
+@pytest_twisted.ensureDeferred
 async def test_update_agent_refuses_other_fields(backend):
     """Only connection state can change: the scope or key of an agent never does, and an
     update naming nothing is an error too."""

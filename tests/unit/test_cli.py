@@ -311,7 +311,7 @@ async def test_bad_role_is_one_line_with_key_path_and_nothing_written(config_pat
 
 @pytest.mark.parametrize("text,fragment", [
     ("kind: role\nmetadata: {name: r}\nspec: {alow: {}}\n", "doc 1: spec.alow: unknown key"),
-    ("kind: rolle\nmetadata: {name: r}\n", "doc 1: kind: expected role, user or ldap, oidc, saml, got 'rolle'"),
+    ("kind: rolle\nmetadata: {name: r}\n", "doc 1: kind: expected role, user, app or ldap, oidc, saml, got 'rolle'"),
     ("- just\n- a list\n", "doc 1: expected a mapping"),
     ("kind: role\nmetadata: {name: r}\nspec:\n  deny: {}\n  deny: {}\n", ":5: invalid YAML: duplicate key"),
     ("kind: role\nmetadata: {name: [r\n", "invalid YAML"),
@@ -517,7 +517,7 @@ def test_bare_apptunnel_prints_the_help(capsys, monkeypatch):
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["tokens"], "required: ACTION"),
     (["tokens", "add", "--bogus"], "unrecognized arguments: --bogus"),
-    (["get", "apps"], "invalid choice: 'apps'"),
+    (["get", "widgets"], "invalid choice: 'widgets'"),
     (["--config"], "expected one argument"),
 ])
 def test_main_usage_errors_are_one_line_exit_2(argv, fragment, capsys, monkeypatch):

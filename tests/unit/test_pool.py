@@ -91,3 +91,41 @@ def test_an_app_endpoint_never_raises():
     assert outcome(endpoint.connect(Factory()))[0].check(RuntimeError)
     ok = AppEndpoint(lambda app, target, factory: succeed((app.name, target)), APP, {"p": 1})
     assert outcome(ok.connect(Factory())) == [("echo", {"p": 1})]
+
+
+def _refusing_tunnels(codes):
+    calls = []
+
+    class Tunnel:
+        going_away = False
+
+        def __init__(self, code):
+            self.code = code
+
+        def connect_stream(self, target, factory):
+            calls.append(self)
+            if self.code is None:
+                return succeed(Protocol())
+            return fail(StreamRefused(self.code, "connection refused"))
+
+    registry = AgentRegistry()
+    tunnels = [Tunnel(code) for code in codes]
+    for index, tunnel in enumerate(tunnels):
+        registry.add(tunnel, f"agent-{index}", [APP])
+    return registry, tunnels, calls
+
+
+def test_an_agent_that_cannot_dial_the_app_fails_over_to_another():
+    """CONNECT_FAILED (the agent's dial failed, nothing was sent) is tried on the next tunnel."""
+    registry, tunnels, calls = _refusing_tunnels([ErrorCode.CONNECT_FAILED, None])
+    result = outcome(TunnelPool(registry)(APP, {"app": "echo"}, Factory.forProtocol(Protocol)))
+    assert isinstance(result[0], Protocol) and calls == tunnels
+
+
+def test_failover_tries_each_tunnel_once_and_reports_the_last_refusal():
+    """Three agents that all cannot dial: three opens, and the caller sees CONNECT_FAILED
+    (a 502 with the reason), not NoAgent."""
+    registry, tunnels, calls = _refusing_tunnels([ErrorCode.CONNECT_FAILED] * 3)
+    result = outcome(TunnelPool(registry)(APP, {"app": "echo"}, Factory.forProtocol(Protocol)))
+    assert result[0].check(StreamRefused) and result[0].value.code == ErrorCode.CONNECT_FAILED
+    assert sorted(map(id, calls)) == sorted(map(id, tunnels))
