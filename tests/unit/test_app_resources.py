@@ -25,7 +25,8 @@ from apptunnel.proxy.app_resources import AppResources as Watcher
 from apptunnel.proxy.app_resources import resource_refusal
 from apptunnel.proxy.registry import AgentRegistry
 from tests.support.memory import MemoryBackend
-from tests.unit.test_auth_access import NOW, Audit, Locks, Roles, Users, cert, run
+from tests.support.access_fakes import NOW, Locks, Roles, Users, cert, run
+from tests.support.audit_fake import Audit
 
 AGENT = """\
 data_dir: data

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import attrs
 import pytest
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from apptunnel.auth.access import (
@@ -13,37 +12,15 @@ from apptunnel.auth.access import (
 )
 from apptunnel.auth.callers import Caller
 from apptunnel.auth.directory import REMOVED_MESSAGE
-from apptunnel.auth.locks import LOCK_AUDIT_INTERVAL, LockAudit, lock_matches
+from apptunnel.auth.locks import LOCK_AUDIT_INTERVAL, LockAudit
 from apptunnel.auth.rbac import parse_role
 from apptunnel.backend.records import Lock
 from apptunnel.catalog import AppInfo
-from tests.support.access_fakes import Roles, Users
+from tests.support.access_fakes import NOW, Locks, Roles, Users, cert, run
 from tests.support.audit_fake import Audit
 
-NOW = 1_000_000.0
 GRAFANA = AppInfo("grafana", "http://127.0.0.1:3000", {"env": "dev"}, "grafana.example.com")
 PROD = AppInfo("prod", "http://127.0.0.1:3001", {"env": "prod"}, "prod.example.com")
-
-
-class Locks:
-    def __init__(self):
-        self.all: list[Lock] = []
-
-    def locked(self, user, app=None):
-        return next((lock for lock in self.all if lock_matches(lock, user, app)), None)
-
-    def add_listener(self, fn):
-        self.listener = fn
-
-
-def run(coro):
-    """Drive a coroutine that never really waits (the fakes answer at once)."""
-    out = []
-    Deferred.fromCoroutine(coro).addBoth(out.append)
-    assert out, "the decision waited on something"
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 @attrs.define
@@ -66,10 +43,6 @@ def w():
     roles, locks, users, audit = Roles(), Locks(), Users(alice=("dev",), bob=("dev", "ops")), Audit()
     policy = AccessPolicy(roles=roles, audit=audit, clock=clock, locks=locks, users=users)
     return World(clock, roles, locks, users, audit, policy)
-
-
-def cert(user="alice", roles=("dev",), credential="fp-1", expires=NOW + 3600):
-    return Caller(user, roles, {}, "certificate", credential, expires)
 
 
 def test_allow_carries_the_roles_that_allowed_it(w):

@@ -8,7 +8,7 @@ import pytest_twisted
 from apptunnel.backend.records import Resource, Scope
 from apptunnel.proxy.app_resources import AppResources
 from apptunnel.proxy.tunnel_server import ANNOUNCE_MIN_INTERVAL
-from tests.unit.test_tunnel_server import AgentSide, World, enrolled, hello, settle
+from tests.support.tunnel_server_world import AgentSide, World, enrolled, hello, settle
 
 WIKI = {"kind": "app", "metadata": {"name": "wiki", "labels": {"env": "dev"}},
         "spec": {"uri": "http://127.0.0.1:8080"}}
