@@ -111,7 +111,7 @@ def _outputs(top: Section, base: str) -> tuple:
         kind = item.get("type")
         allowed = {"identity": ("type", "path"), "app-proxy": ("type", "app", "listen")}
         if kind not in allowed:
-            raise ConfigError(top.file, f"type: expected one of {', '.join(OUTPUT_TYPES)}, "
+            raise ConfigError(top.file, f"expected one of {', '.join(OUTPUT_TYPES)}, "
                                         f"got {kind!r}", key=f"{key}.type", line=line)
         out = Section(top.file, item, f"{key}.", allowed[kind], line)
         if kind == "identity":
