@@ -65,8 +65,9 @@ class JoinToken:
 @attrs.frozen
 class Bot:
     """A machine identity (``apptunnel bots add``): its roles, and which certificate may
-    renew. ``generation`` counts certificates issued (0: not joined yet); only the holder
-    of the newest one may renew, so a copied older certificate is useless for renewal."""
+    renew. ``generation`` advances with each certificate issued (it starts at random);
+    only the holder of the newest one may renew, so a copied older certificate is useless
+    for renewal. ``cert_expires`` is None until the bot joined."""
 
     name: str
     roles: tuple[str, ...]

@@ -14,6 +14,7 @@ keeping the bot (remove the lock to let it renew again, while its certificate is
 from __future__ import annotations
 
 import argparse
+import secrets
 
 from twisted.internet.threads import deferToThread
 
@@ -72,8 +73,7 @@ def _ttl(text: str) -> float:
 
 def _bot_json(bot: Bot, now: float) -> dict:
     return {"name": bot.name, "principal": BOT_PREFIX + bot.name, "roles": list(bot.roles),
-            "created": iso(bot.created), "joined": bot.generation > 0,
-            "generation": bot.generation,
+            "created": iso(bot.created), "joined": bot.cert_expires is not None,
             "cert_expires": iso(bot.cert_expires) if bot.cert_expires is not None else None,
             "cert_valid": bot.cert_expires is not None and bot.cert_expires > now}
 
@@ -90,7 +90,9 @@ async def add_bot(admin: Admin, args: argparse.Namespace) -> int:
     token = JoinToken(token_hash=secret_hash(secret), kind="bot", expires=now + ttl,
                       created=now, uses_left=1, bot=name)
     try:
-        await admin.backend.create_bot(Bot(name, roles, now), token)
+        # The generation starts at random: a certificate of an earlier bot of the same
+        # name (removed, then added again) can never match the new one's for a renewal.
+        await admin.backend.create_bot(Bot(name, roles, now, secrets.randbelow(2**31)), token)
     except AlreadyExists:
         raise CliError(f"bot {name!r} already exists (to join it again, `apptunnel bots rm "
                        f"{name}` and add it anew)") from None

@@ -223,3 +223,15 @@ def test_identity_output_is_replaced_whole_and_private(tmp_path):
     reader.close()
     assert seen and all(len(data) == 5000 and len(set(data)) == 1 for data in seen)
     assert sorted(os.listdir(out)) == ["ca.crt", "tls.crt", "tls.key"]
+
+
+def test_the_examples_in_etc_are_valid():
+    """etc/bot.yaml loads (its join block commented out, as for a joined bot), and the
+    systemd unit runs the bot plugin with the hardening of the others."""
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "etc")
+    config = load_bot_config(os.path.join(root, "bot.yaml"))
+    assert config.certificate_ttl == 1200.0 and len(config.outputs) == 2
+    unit = open(os.path.join(root, "apptunnel-bot.service")).read()
+    for line in ("apptunnel-bot --config", "LimitNOFILE=", "NoNewPrivileges=yes",
+                 "ProtectSystem=strict", "UMask=0077"):
+        assert line in unit
