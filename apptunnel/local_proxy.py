@@ -169,6 +169,11 @@ class LocalProxy(Factory):
         self.expired = (f"the second-factor certificate for {self.app} starts sessions for a "
                         f"minute only: run apptunnel proxy app {self.app} again")
 
+    def credentials_renewed(self) -> None:
+        """Read the credentials again for the next connection (a bot renewed them);
+        connections already open keep theirs."""
+        self._profile = None
+
     def buildProtocol(self, addr) -> LocalConnection:
         return LocalConnection(self)
 

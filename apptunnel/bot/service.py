@@ -10,9 +10,10 @@ renewed; the bot says so once and waits to be joined again (a new token from
 ``apptunnel bots add``).
 
 Each renewal rewrites the identity output atomically and hands the new certificate to
-the app-proxy outputs without closing their listeners (they read the current identity
-for each new connection; connections already open keep running until the proxy's own
-checks end them).
+the app-proxy outputs without closing their listeners: each new connection presents the
+current certificate. A connection already open keeps the certificate it started with,
+and the proxy ends it when that certificate ends (as for ``apptunnel proxy app``), so a
+client of a long-lived TCP connection reconnects at most every ``certificate_ttl``.
 
 The HTTP calls block (apptunnel/bot/client.py) and run in a thread; everything else is
 on the reactor, with time from it.
@@ -185,6 +186,8 @@ class BotService(MultiService):
             if isinstance(output, IdentityOutput):
                 write_identity(output.path, identity.cert_pem, identity.key_pem,
                                identity.ca_pem)
+        for proxy in self.app_proxies:
+            proxy.credentials_renewed()
 
     def _add_app_proxy(self, output: AppProxyOutput) -> None:
         def say(line: str) -> None:

@@ -14,9 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 from twisted.logger import Logger
 
 from apptunnel.auth.bots import BotEnrolment, BotIssued, bot_principal
+from apptunnel.auth.ca import ROLE_BOT
 from apptunnel.auth.callers import peer_certificate
 from apptunnel.auth.enrolment import EnrolmentRefused
 from apptunnel.auth.errors import AuthError
@@ -55,8 +57,7 @@ class BotRoutes:
         try:
             issued = await self._enrolment.renew(cert, key, ttl)
         except EnrolmentRefused as err:
-            name = cert.subject.rfc4514_string() if cert is not None else ""
-            self._refused("bot.renew", name, err, client)
+            self._refused("bot.renew", _claimed_bot(cert), err, client)
             raise
         self._audit.emit("bot.renew", actor=bot_principal(issued.bot), target=issued.bot,
                          client=client, generation=issued.generation,
@@ -67,6 +68,17 @@ class BotRoutes:
         self._log.info("{event} refused for {client}: {reason}", event=event, client=client,
                        reason=err.reason)
         self._audit.emit(event, actor=who, outcome="failure", reason=err.reason, client=client)
+
+
+def _claimed_bot(cert) -> str:
+    """``bot:NAME`` the refused certificate names (for the audit), '' if it names no bot."""
+    if cert is None:
+        return ""
+    role = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    name = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(role) == 1 and role[0].value == ROLE_BOT and len(name) == 1:
+        return bot_principal(str(name[0].value))
+    return ""
 
 
 def _answer(issued: BotIssued) -> dict:

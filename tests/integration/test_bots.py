@@ -114,7 +114,8 @@ def test_bot_renews_across_lifetimes_while_curl_keeps_working(cluster, tmp_path)
         joins = [e for e in audit(cluster, "bot.join") if e["actor"] == "bot:ci"]
         renews = [e for e in audit(cluster, "bot.renew") if e["actor"] == "bot:ci"]
         assert len(joins) == 1 and len(renews) >= 3
-        sessions = audit(cluster, "app.request") + audit(cluster, "session.tcp.start")
+        assert joins[0]["code"] == "T3200I" and renews[0]["code"] == "T3201I"
+        sessions = audit(cluster, "app.request") + audit(cluster, "tcp.session.start")
         assert any(e["actor"] == "bot:ci" for e in sessions), sessions[-3:]
         assert "Not joined" not in cluster.cli("bots", "ls").stdout
         listed = json.loads(cluster.cli("bots", "ls", "--format", "json").stdout)
