@@ -174,3 +174,45 @@ def test_jwt_says_bot_whatever_claims_are_selected(tmp_path):
     assert claims["bot"] is True and claims["username"] == "bot:ci"
     person = signer.token("c", "bot:ci", ("r",), {}, "https://a", claims=("username",))
     assert "bot" not in pyjwt.decode(person, options={"verify_signature": False})
+
+
+class Audit:
+    def __init__(self):
+        self.events = []
+
+    def emit(self, type, **fields):
+        self.events.append((type, fields))
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"token": 7, "public_key": "x"}, {"token": "t" * 300, "public_key": "x"},
+    {"token": "tok", "public_key": "garbage"}, {"token": "tok", "public_key": None},
+])
+@pytest_twisted.ensureDeferred
+async def test_bot_routes_refuse_malformed_joins_before_any_token_use(world, body):
+    """Garbage in the join body is a 400; the token keeps its one use."""
+    from apptunnel.web.bots import BotRoutes
+
+    clock, backend, ca, bots, _ = world
+    with pytest.raises(AuthError) as info:
+        await BotRoutes(bots, Audit()).join(body, "127.0.0.1:1")
+    assert info.value.status == 400
+    assert (await backend.get_token(secret_hash("tok"))).uses_left == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_bot_routes_audit_joins_and_refused_renewals(world):
+    """A join is bot.join by bot:ci; a renewal without a certificate is refused and
+    audited, and the token in its body is not even read."""
+    from apptunnel.web.bots import BotRoutes
+
+    clock, backend, ca, bots, _ = world
+    audit = Audit()
+    routes = BotRoutes(bots, audit)
+    answer = await routes.join({"token": "tok", "public_key": public_key(), "ttl": 60}, "c")
+    assert answer["bot"] == "ci" and "BEGIN CERTIFICATE" in answer["cert"]
+    with pytest.raises(EnrolmentRefused):
+        await routes.renew({"token": "tok", "public_key": public_key()}, object(), "c")
+    assert [(t, f["outcome"] if "outcome" in f else "success", f.get("actor"))
+            for t, f in audit.events] == [("bot.join", "success", "bot:ci"),
+                                          ("bot.renew", "failure", "")]
