@@ -138,12 +138,19 @@ def test_a_restarted_bot_uses_its_stored_identity_not_the_token(cluster, tmp_pat
     assert len([e for e in audit(cluster, "bot.join") if e["actor"] == "bot:restarts"]) == 1
 
 
+def renew_with_stored(cluster: Cluster, bot: BotProcess):
+    """The bot's own stored certificate and key presented to /v1/bots/renew."""
+    data = bot.root / "data"
+    return call(cluster, "/v1/bots/renew", {"public_key": BotKey(bot.root / "k").public},
+                data / "bot.crt", data / "bot.key")
+
+
 def test_lock_on_the_bot_cuts_its_live_connection_and_renewal(cluster, tmp_path):
-    """`apptunnel lock --bot` ends the bot's open connection within the poll interval,
-    refuses new ones and its renewals."""
+    """`apptunnel lock --bot` ends the bot's open connection within the poll interval
+    (its certificate has most of a minute left), refuses new ones and its renewal."""
     joined = add_bot(cluster, "locked", "ci-apps")
     port = free_port()
-    bot = BotProcess(cluster, "locked", joined, ttl="3s", outputs=[
+    bot = BotProcess(cluster, "locked", joined, ttl="1m", outputs=[
         {"type": "app-proxy", "app": "hello", "listen": f"127.0.0.1:{port}"}])
     try:
         wait_until(lambda: ok_through(port), 20, "the app through the bot's port")
@@ -152,19 +159,24 @@ def test_lock_on_the_bot_cuts_its_live_connection_and_renewal(cluster, tmp_path)
         assert closed_within(live, LOCK_WAIT), "the live connection outlived the lock"
         refused = curl(f"http://127.0.0.1:{port}/echo")
         assert not refused.stdout.endswith("\n200")
-        wait_until(lambda: "renewal failed" in bot.log() and "locked" in bot.log(),
-                   LOCK_WAIT, "the bot's renewal to be refused")
-        denied = [e for e in audit(cluster, "bot.renew") if e["outcome"] == "failure"]
-        assert any("locked" in e["fields"].get("reason", "") for e in denied)
+        renewal = renew_with_stored(cluster, bot)
+        assert renewal.status_code == 403 and "locked" in renewal.json()["error"]
+        wait_until(lambda: any("locked" in e["fields"].get("reason", "")
+                               for e in audit(cluster, "bot.renew")
+                               if e["outcome"] == "failure" and e["actor"] == "bot:locked"),
+                   5, "the refused renewal in the audit")
+        locks = cluster.cli("locks", "ls").stdout
+        assert "bot:locked" in locks
     finally:
         bot.stop()
 
 
 def test_bots_rm_cuts_the_bot_off(cluster, tmp_path):
-    """`apptunnel bots rm` ends the bot's live connection and refuses it from then on."""
+    """`apptunnel bots rm` ends the bot's live connection within the poll interval and
+    refuses it (requests and renewal) from then on."""
     joined = add_bot(cluster, "removed", "ci-apps")
     port = free_port()
-    bot = BotProcess(cluster, "removed", joined, ttl="3s", outputs=[
+    bot = BotProcess(cluster, "removed", joined, ttl="1m", outputs=[
         {"type": "app-proxy", "app": "hello", "listen": f"127.0.0.1:{port}"}])
     try:
         wait_until(lambda: ok_through(port), 20, "the app through the bot's port")
@@ -172,8 +184,8 @@ def test_bots_rm_cuts_the_bot_off(cluster, tmp_path):
         cluster.cli("bots", "rm", "removed")
         assert closed_within(live, LOCK_WAIT), "the live connection outlived bots rm"
         assert not curl(f"http://127.0.0.1:{port}/echo").stdout.endswith("\n200")
-        wait_until(lambda: "no longer exists" in bot.log(), LOCK_WAIT,
-                   "the bot's renewal to be refused")
+        renewal = renew_with_stored(cluster, bot)
+        assert renewal.status_code == 403 and "no longer exists" in renewal.json()["error"]
     finally:
         bot.stop()
 
