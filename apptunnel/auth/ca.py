@@ -33,6 +33,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from apptunnel.auth.errors import AuthError
+from apptunnel.auth.names import USER_NAME
 from apptunnel.auth.pins import cert_pin
 from apptunnel.errors import ConfigError
 from apptunnel.files import write_file
@@ -329,7 +330,10 @@ class ClusterCA:
                         sessions_until: float = 0.0) -> bytes:
         """A short-lived clientAuth certificate naming the user, their roles and traits;
         with ``mfa_app``, bound to that app after a fresh second factor (per-session MFA:
-        sessions it starts may run until ``sessions_until``)."""
+        sessions it starts may run until ``sessions_until``). Never for a bot (``bot:NAME``
+        is no user name): a bot's certificate cannot be traded for a user's."""
+        if not isinstance(username, str) or not USER_NAME.match(username):
+            raise AuthError(403, "user certificates are issued to users only")
         public_key = client_public_key(public_key_pem)
         identity = json.dumps({
             "roles": list(roles),

@@ -216,3 +216,11 @@ async def test_bot_routes_audit_joins_and_refused_renewals(world):
     assert [(t, f["outcome"] if "outcome" in f else "success", f.get("actor"))
             for t, f in audit.events] == [("bot.join", "success", "bot:ci"),
                                           ("bot.renew", "failure", "")]
+
+
+def test_a_bot_is_never_issued_a_user_certificate(world):
+    """bot:NAME is no user name: the CA refuses a user certificate for it."""
+    clock, backend, ca, bots, _ = world
+    with pytest.raises(AuthError) as info:
+        ca.issue_user_cert(public_key(), "bot:ci", ("ci-apps",), {}, 60)
+    assert info.value.status == 403
