@@ -90,9 +90,9 @@ class BotService(MultiService):
 
     async def _start(self) -> None:
         cfg = self.config
-        self._key_pem = load_key(cfg.data_dir)
+        self._key_pem = await self._run(load_key, cfg.data_dir)
         now = self.reactor.seconds()
-        identity = load_identity(cfg.data_dir, cfg.proxy_addr)
+        identity = await self._run(load_identity, cfg.data_dir, cfg.proxy_addr)
         if identity is not None and identity.expired(now):
             if cfg.join_token is None:
                 raise CannotStart(f"the stored bot certificate has expired; {REJOIN}")
@@ -103,7 +103,7 @@ class BotService(MultiService):
         else:
             log.info("using the stored identity of bot {bot} (the join token is not used "
                      "again)", bot=_bot_name(identity))
-        self._take(identity)
+        await self._take(identity)
         for output in cfg.outputs:
             if isinstance(output, AppProxyOutput):
                 self._add_app_proxy(output)
@@ -143,7 +143,12 @@ class BotService(MultiService):
 
     def _renew_now(self) -> None:
         d = defer.ensureDeferred(self.renew())
-        d.addErrback(lambda f: log.failure("bot renewal crashed", f))
+        d.addErrback(self._renewal_crashed)
+
+    def _renewal_crashed(self, failure) -> None:
+        """A bug, not the proxy's answer: logged once, and renewal goes on with backoff."""
+        log.failure("bot renewal crashed", failure)
+        self._renewal_failed(BotCallFailed(failure.getErrorMessage()))
 
     async def renew(self) -> None:
         """Renew with the current certificate; on failure retry later (until it expired)."""
@@ -156,7 +161,10 @@ class BotService(MultiService):
             self._renewal_failed(err)
             return
         self._failures = 0
-        self._take(identity.renewed(cert_pem, ca_pem))
+        try:
+            await self._take(identity.renewed(cert_pem, ca_pem))
+        except OSError as err:   # in use in memory; the files are written next time
+            log.warn("cannot write the renewed identity: {error}", error=str(err))
         log.info("renewed the certificate of bot {bot}: valid until {until}",
                  bot=_bot_name(self.identity), until=_iso(self.identity.not_after))
         self._schedule_renewal()
@@ -177,17 +185,21 @@ class BotService(MultiService):
 
     # -- outputs ------------------------------------------------------------------------
 
-    def _take(self, identity: Identity) -> None:
-        """Make ``identity`` current: stored, written to every identity output; the
-        app-proxy outputs read it for their next connection."""
+    async def _take(self, identity: Identity) -> None:
+        """Make ``identity`` current: the app-proxy outputs present it from their next
+        connection; it is stored and written to every identity output (files: in a
+        thread, off the reactor)."""
         self.identity = identity
+        for proxy in self.app_proxies:
+            proxy.credentials_renewed()
+        await self._run(self._write_files, identity)
+
+    def _write_files(self, identity: Identity) -> None:
         save_identity(self.config.data_dir, identity)
         for output in self.config.outputs:
             if isinstance(output, IdentityOutput):
                 write_identity(output.path, identity.cert_pem, identity.key_pem,
                                identity.ca_pem)
-        for proxy in self.app_proxies:
-            proxy.credentials_renewed()
 
     def _add_app_proxy(self, output: AppProxyOutput) -> None:
         def say(line: str) -> None:
