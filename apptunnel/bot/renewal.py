@@ -17,10 +17,15 @@ def renew_delay(not_after: float, lifetime: float, now: float) -> float:
     return max(0.0, not_after - lifetime / 3.0 - now)
 
 
+def backoff(failures: int) -> float:
+    """Seconds before attempt ``failures + 1``: 1, 2, 4, ... up to a minute."""
+    return min(MAX_RETRY, FIRST_RETRY * 2 ** max(0, min(failures, 16) - 1))
+
+
 def retry_delay(failures: int, not_after: float, now: float) -> float:
-    """Seconds before attempt ``failures + 1`` after ``failures`` failed ones (>= 1)."""
-    backoff = min(MAX_RETRY, FIRST_RETRY * 2 ** max(0, failures - 1))
+    """`backoff`, but never past a quarter of the certificate's remaining life."""
+    backoff_ = backoff(failures)
     left = not_after - now
     if left <= 0:
-        return backoff
-    return max(0.2, min(backoff, left / 4.0))
+        return backoff_
+    return max(0.2, min(backoff_, left / 4.0))

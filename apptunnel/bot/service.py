@@ -29,6 +29,7 @@ from cryptography.x509.oid import NameOID
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
@@ -37,7 +38,7 @@ from apptunnel.bot.client import BotCallFailed
 from apptunnel.bot.config import AppProxyOutput, BotConfig, IdentityOutput
 from apptunnel.bot.identity import Identity, load_identity, load_key, public_pem, save_identity
 from apptunnel.bot.outputs import write_identity
-from apptunnel.bot.renewal import renew_delay, retry_delay
+from apptunnel.bot.renewal import backoff, renew_delay, retry_delay
 from apptunnel.errors import ApptunnelError
 from apptunnel.local_proxy import LocalProxy, LocalProxyError, check
 from apptunnel.startup import CannotStart, Listeners, fatal
@@ -116,16 +117,27 @@ class BotService(MultiService):
         self._schedule_renewal()
 
     async def _join(self) -> Identity:
+        """One use of join.token; retried with backoff while the proxy cannot be reached,
+        fatal when it refuses (a wrong pin, a used or unknown token: no retry helps)."""
         cfg = self.config
         if cfg.join_token is None or cfg.ca_pin is None:
             raise CannotStart("no stored identity in data_dir and no join.token: add the bot "
                               "with `apptunnel bots add` and put its token and CA pin in join")
-        try:
-            cert_pem, ca_pem = await self._run(
-                self._calls.join, cfg.proxy_addr, cfg.ca_pin, cfg.join_token,
-                public_pem(self._key_pem), cfg.certificate_ttl, self.reactor.seconds())
-        except BotCallFailed as err:
-            raise CannotStart(f"join failed: {err.message}") from None
+        failures = 0
+        while True:
+            try:
+                cert_pem, ca_pem = await self._run(
+                    self._calls.join, cfg.proxy_addr, cfg.ca_pin, cfg.join_token,
+                    public_pem(self._key_pem), cfg.certificate_ttl, self.reactor.seconds())
+                break
+            except BotCallFailed as err:
+                if err.final:
+                    raise CannotStart(f"join failed: {err.message}") from None
+                failures += 1
+                delay = backoff(failures)
+                log.warn("join failed (attempt {n}; retrying in {delay:.0f}s): {reason}",
+                         n=failures, delay=delay, reason=err.message)
+                await deferLater(self.reactor, delay)
         identity = Identity(cfg.proxy_addr, self._key_pem, cert_pem, ca_pem)
         log.info("joined as bot {bot}", bot=_bot_name(identity))
         return identity

@@ -235,3 +235,39 @@ def test_the_examples_in_etc_are_valid():
     for line in ("apptunnel-bot --config", "LimitNOFILE=", "NoNewPrivileges=yes",
                  "ProtectSystem=strict", "UMask=0077"):
         assert line in unit
+
+
+def test_a_join_is_retried_while_the_proxy_is_away_and_fatal_when_refused(bot):
+    """Unreachable: retried with backoff (1 s, 2 s); refused (final): the bot stops."""
+    clock, proxy, make, _ = bot
+    attempts = []
+    real_join = proxy.join
+
+    def flaky(*args):
+        attempts.append(clock.seconds())
+        if len(attempts) < 3:
+            raise BotCallFailed("cannot reach the proxy")
+        return real_join(*args)
+
+    proxy.join = flaky
+    service = make()
+    assert service.identity is None
+    clock.advance(1)
+    clock.advance(2)
+    assert service.identity is not None
+    assert [round(t - attempts[0]) for t in attempts] == [0, 1, 3]
+    service.stopService()
+
+
+def test_a_refused_join_stops_the_bot(bot, monkeypatch):
+    clock, proxy, make, _ = bot
+    stopped = []
+    monkeypatch.setattr("apptunnel.bot.service.fatal", lambda reactor, line: stopped.append(line))
+
+    def refused(*args):
+        raise BotCallFailed("the proxy refused: invalid or expired join token", final=True)
+
+    proxy.join = refused
+    make()
+    assert stopped == ["apptunnel-bot: join failed: the proxy refused: invalid or expired "
+                       "join token"]

@@ -85,3 +85,12 @@ async def test_ls_rm_and_lock(config_path):
     assert removed.code == 0 and json.loads(removed.out) == {"name": "ci", "removed": True}
     assert await stored(config_path, lambda b: b.get_token(secret_hash(data["token"]))) is None
     assert "No bots." in (await cli(config_path, "bots", "ls")).out
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_user_can_be_named_like_a_bot(config_path):
+    """bot:NAME is a bot's principal only: `users add bot:ci` is refused."""
+    await with_role(config_path)
+    result = await cli(config_path, "users", "add", "bot:ci", "--roles", "ci-apps",
+                       "--password-stdin", stdin="correct horse battery staple\n")
+    assert result.code == 2, result
