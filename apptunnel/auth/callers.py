@@ -1,7 +1,8 @@
 """Who is calling: one record for every way a user reaches the proxy.
 
 A browser arrives with a session, ``apptunnel proxy app`` and the CLI with a user
-certificate, a bot (``apptunnel-bot``) with a bot certificate. Each becomes a `Caller` here, in one place each, so the access decision
+certificate, a bot (``apptunnel-bot``) with a bot certificate. Each becomes a `Caller`
+here, in one place each, so the access decision
 (``auth/access.py``) never cares how the caller got in. The record holds what the
 credential *claims* (roles and traits at issue time); the decision caps them by what the
 user holds now.

@@ -94,8 +94,9 @@ def _build(path: str, data) -> BotConfig:
             join.fail("token", "required in join (printed by `apptunnel bots add`)")
     ttl = top.duration("certificate_ttl", DEFAULT_CERT_TTL)
     if not MIN_ASKED_TTL <= ttl <= MAX_CERT_TTL:
-        top.fail("certificate_ttl", f"must be from 1m to 1h (or down to the cluster's "
-                                    f"bots.min_certificate_ttl), got {top.raw('certificate_ttl')!r}")
+        top.fail("certificate_ttl", "must be from 1m to 1h (or down to the cluster's "
+                                    "bots.min_certificate_ttl), got "
+                                    f"{top.raw('certificate_ttl')!r}")
     return BotConfig(os.path.abspath(path), data_dir, proxy_addr, token, pin, ttl,
                      _outputs(top, base))
 

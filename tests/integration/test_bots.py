@@ -15,7 +15,9 @@ import pytest
 import yaml
 
 from tests.support.bots import BotKey, BotProcess, add_bot, call, curl, not_after
-from tests.support.cluster import PUBLIC_HOST, Child, Cluster, BIN, app_jwt_claims, audit, wait_until
+from tests.support.cluster import (
+    BIN, PUBLIC_HOST, Child, Cluster, app_jwt_claims, audit, wait_until,
+)
 from tests.support.upstream import HttpUpstream
 
 LOCK_WAIT = 8
