@@ -2,10 +2,9 @@
 
 A browser arrives with a session, ``apptunnel proxy app`` and the CLI with a user
 certificate, a bot (``apptunnel-bot``) with a bot certificate. Each becomes a `Caller`
-here, in one place each, so the access decision
-(``auth/access.py``) never cares how the caller got in. The record holds what the
-credential *claims* (roles and traits at issue time); the decision caps them by what the
-user holds now.
+here, in one place each, so the access decision (``auth/access.py``) never cares how the
+caller got in. The record holds what the credential *claims* (roles and traits at issue
+time); the decision caps them by what the user (or bot) holds now.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ class Caller:
     ``credential`` names the credential, not the user: the web or app session's
     ``id_hash``, or the SHA-256 hex fingerprint of the certificate. It keys the decision
     and JWT caches, so a renewed certificate (new roles) or a new session never reuses
-    an old one's entries. Room is left for more ``method`` values (bots, assumed roles).
+    an old one's entries. A bot's ``method`` is ``bot`` and its ``user`` ``bot:NAME``.
 
     ``mfa_app`` names the one app this credential carries a fresh second factor for (an
     app session started after the per-session MFA prompt, or a one-app certificate);
