@@ -470,6 +470,8 @@ class ProxyConfig:
     agent_cert_ttl: float = 3 * 86400.0
     app_grace_period: float = 120.0
     allowed_public_addrs: tuple[str, ...] = ()
+    # bots.min_certificate_ttl: the shortest bot certificate issued (auth/bots.py).
+    bot_min_certificate_ttl: float = 60.0
 
     @property
     def public_host(self) -> str:
@@ -526,7 +528,7 @@ _PROXY_KEYS = (
     "cluster_name", "data_dir", "public_addr", "web_listen_addr", "tunnel_listen_addr",
     "backend", "tls", "jwt", "session_ttl", "keepalive", "audit",
     "limits", "auth",
-    "agent_cert_ttl", "app_grace_period", "allowed_public_addrs",
+    "agent_cert_ttl", "app_grace_period", "allowed_public_addrs", "bots",
 )
 _AGENT_KEYS = ("data_dir", "proxy_addr", "join", "keepalive", "apps", "resources")
 _APP_KEYS = (
@@ -714,7 +716,22 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
         agent_cert_ttl=agent_cert_ttl,
         app_grace_period=top.duration("app_grace_period", 120.0),
         allowed_public_addrs=allowed,
+        bot_min_certificate_ttl=_bot_min_ttl(top),
     )
+
+
+def _bot_min_ttl(top: _Section) -> float:
+    """``bots: {min_certificate_ttl: 1m}``: the floor of a bot's certificate_ttl (1s..1h).
+    Lower it only to watch renewals quickly (tests, demos): a bot asking for less than
+    the floor is refused at join and renewal."""
+    bots = top.section("bots", ("min_certificate_ttl",))
+    if bots is None:
+        return 60.0
+    floor = bots.duration("min_certificate_ttl", 60.0)
+    if not 1.0 <= floor <= 3600.0:
+        bots.fail("min_certificate_ttl",
+                  f"must be from 1s to 1h, got {_show(bots.raw('min_certificate_ttl'))}")
+    return floor
 
 
 def _allowed_public_addrs(top: _Section) -> tuple[str, ...]:
@@ -1043,3 +1060,9 @@ def _parse_header(file: str, key: str, line: int, entry: Any) -> tuple[str, str]
         raise ConfigError(file, "header value must not contain control characters", key=key,
                           line=line)
     return name, value
+
+
+# The same reader and checks for other rooms' config files (apptunnel/bot/config.py).
+Section = _Section
+load_config = _guard
+base_dir = _base_dir

@@ -33,6 +33,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from apptunnel.auth.errors import AuthError
+from apptunnel.auth.names import USER_NAME
 from apptunnel.auth.pins import cert_pin
 from apptunnel.errors import ConfigError
 from apptunnel.files import write_file
@@ -41,6 +42,8 @@ __all__ = [
     "IDENTITY_OID",
     "SESSION_MFA_OID",
     "ClusterCA",
+    "bot_identity",
+    "client_public_key",
     "load_server_tls",
     "session_mfa_app",
     "user_identity",
@@ -67,6 +70,7 @@ SESSION_MFA_OID = x509.ObjectIdentifier("2.25.2290817689571014679119259603596379
 ROLE_AGENT = "agent"
 ROLE_USER = "user"
 ROLE_PROXY = "proxy"
+ROLE_BOT = "bot"
 
 _HOST_ID = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?\Z")
 _MAX_CSR_BYTES = 16 * 1024
@@ -144,6 +148,22 @@ def user_identity(cert: x509.Certificate) -> tuple[tuple[str, ...], dict[str, tu
     except (x509.ExtensionNotFound, ValueError, KeyError, TypeError, AttributeError):
         raise AuthError(401, "certificate carries no valid identity") from None
     return roles, traits
+
+
+def bot_identity(cert: x509.Certificate) -> tuple[tuple[str, ...], int]:
+    """(roles, generation) written into a bot certificate by :meth:`ClusterCA.issue_bot_cert`.
+
+    Call only on a certificate that :meth:`ClusterCA.verify_peer` accepted as a bot.
+    """
+    roles, _ = user_identity(cert)
+    try:
+        ext = cert.extensions.get_extension_for_oid(IDENTITY_OID)
+        generation = json.loads(_parse_der_utf8(ext.value.value))["generation"]
+    except (x509.ExtensionNotFound, ValueError, KeyError, TypeError):
+        raise AuthError(401, "certificate carries no valid bot identity") from None
+    if not isinstance(generation, int) or isinstance(generation, bool) or generation < 1:
+        raise AuthError(401, "certificate carries no valid bot identity")
+    return roles, generation
 
 
 class ClusterCA:
@@ -310,14 +330,11 @@ class ClusterCA:
                         sessions_until: float = 0.0) -> bytes:
         """A short-lived clientAuth certificate naming the user, their roles and traits;
         with ``mfa_app``, bound to that app after a fresh second factor (per-session MFA:
-        sessions it starts may run until ``sessions_until``)."""
-        if isinstance(public_key_pem, str):
-            public_key_pem = public_key_pem.encode("utf-8", "replace")
-        try:
-            public_key = serialization.load_pem_public_key(public_key_pem)
-        except (ValueError, TypeError):
-            raise AuthError(400, "invalid public key") from None
-        _check_key_strength(public_key)
+        sessions it starts may run until ``sessions_until``). Never for a bot (``bot:NAME``
+        is no user name): a bot's certificate cannot be traded for a user's."""
+        if not isinstance(username, str) or not USER_NAME.match(username):
+            raise AuthError(403, "user certificates are issued to users only")
+        public_key = client_public_key(public_key_pem)
         identity = json.dumps({
             "roles": list(roles),
             "traits": {str(k): [str(v) for v in (vs if isinstance(vs, (list, tuple)) else [vs])]
@@ -336,6 +353,20 @@ class ClusterCA:
             builder = builder.add_extension(
                 x509.UnrecognizedExtension(SESSION_MFA_OID, _der_utf8(binding)), critical=False
             )
+        return self._sign(builder)
+
+    def issue_bot_cert(self, public_key_pem: bytes | str, bot: str, roles: Iterable[str],
+                       generation: int, ttl: float) -> bytes:
+        """A short-lived clientAuth certificate for bot ``bot`` (``OU=bot``): its roles and
+        the generation that lets only the newest certificate renew (auth/bots.py)."""
+        public_key = client_public_key(public_key_pem)
+        identity = json.dumps({"roles": list(roles), "traits": {}, "generation": generation},
+                              sort_keys=True, separators=(",", ":"))
+        if len(identity) > _MAX_IDENTITY_BYTES:
+            raise AuthError(400, "roles too large for a certificate")
+        builder = self._leaf(public_key, ROLE_BOT, bot, ttl, ExtendedKeyUsageOID.CLIENT_AUTH)
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(IDENTITY_OID, _der_utf8(identity)), critical=False)
         return self._sign(builder)
 
     # -- checking --------------------------------------------------------------------
@@ -365,10 +396,23 @@ class ClusterCA:
         names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
         if (len(roles) != 1 or len(names) != 1 or len(orgs) != 1
-                or roles[0].value not in (ROLE_AGENT, ROLE_USER)
+                or roles[0].value not in (ROLE_AGENT, ROLE_USER, ROLE_BOT)
                 or orgs[0].value != self.cluster_name):
-            raise AuthError(401, "certificate does not name an agent or user of this cluster")
+            raise AuthError(401, "certificate does not name an agent, user or bot of this "
+                                 "cluster")
         return str(roles[0].value), str(names[0].value)
+
+
+def client_public_key(public_key_pem: bytes | str):
+    """The public key a client asks a certificate for; AuthError(400) if bad or weak."""
+    if isinstance(public_key_pem, str):
+        public_key_pem = public_key_pem.encode("utf-8", "replace")
+    try:
+        public_key = serialization.load_pem_public_key(public_key_pem)
+    except (ValueError, TypeError):
+        raise AuthError(400, "invalid public key") from None
+    _check_key_strength(public_key)
+    return public_key
 
 
 def _check_key_strength(public_key) -> None:

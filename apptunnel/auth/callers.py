@@ -1,10 +1,10 @@
 """Who is calling: one record for every way a user reaches the proxy.
 
 A browser arrives with a session, ``apptunnel proxy app`` and the CLI with a user
-certificate. Both become a `Caller` here, in one place each, so the access decision
-(``auth/access.py``) never cares how the caller got in. The record holds what the
-credential *claims* (roles and traits at issue time); the decision caps them by what the
-user holds now.
+certificate, a bot (``apptunnel-bot``) with a bot certificate. Each becomes a `Caller`
+here, in one place each, so the access decision (``auth/access.py``) never cares how the
+caller got in. The record holds what the credential *claims* (roles and traits at issue
+time); the decision caps them by what the user (or bot) holds now.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from OpenSSL import crypto
 
-from apptunnel.auth.ca import session_mfa_app, user_identity
+from apptunnel.auth.bots import bot_principal
+from apptunnel.auth.ca import ROLE_BOT, bot_identity, session_mfa_app, user_identity
 from apptunnel.auth.errors import AuthError
 
-Method = Literal["session", "certificate", "password", "sso"]   # sso: an OIDC or SAML sign-in
+# sso: an OIDC or SAML sign-in; bot: a bot certificate (auth/bots.py)
+Method = Literal["session", "certificate", "password", "sso", "bot"]
 
 
 @attrs.frozen
@@ -29,7 +31,7 @@ class Caller:
     ``credential`` names the credential, not the user: the web or app session's
     ``id_hash``, or the SHA-256 hex fingerprint of the certificate. It keys the decision
     and JWT caches, so a renewed certificate (new roles) or a new session never reuses
-    an old one's entries. Room is left for more ``method`` values (bots, assumed roles).
+    an old one's entries. A bot's ``method`` is ``bot`` and its ``user`` ``bot:NAME``.
 
     ``mfa_app`` names the one app this credential carries a fresh second factor for (an
     app session started after the per-session MFA prompt, or a one-app certificate);
@@ -44,6 +46,11 @@ class Caller:
     expires: float
     mfa_app: str | None = None
 
+    @property
+    def is_bot(self) -> bool:
+        """A bot's certificate: ``user`` is ``bot:NAME`` (what the audit and JWT say)."""
+        return self.method == "bot"
+
     def acting_as(self, roles: tuple[str, ...], traits: dict) -> Caller:
         """The same caller with capped roles and traits (same credential, same expiry)."""
         if roles == self.roles and traits == self.traits:
@@ -52,12 +59,17 @@ class Caller:
 
 
 def caller_from_certificate(ca, cert: x509.Certificate, now: float) -> Caller:
-    """The caller a user certificate of this cluster names; AuthError(401) otherwise.
+    """The caller a user or bot certificate of this cluster names; AuthError(401) otherwise.
 
     ``ca.verify_peer`` checks issuer, validity at ``now`` and role; agents' certificates
-    (role ``host``) are refused here: they are never users.
+    are refused here: they are never callers. A bot acts as ``bot:NAME`` (auth/bots.py).
     """
     role, name = ca.verify_peer(cert, now)
+    if role == ROLE_BOT:
+        roles, _ = bot_identity(cert)
+        return Caller(bot_principal(name), roles, {}, "bot",
+                      cert.fingerprint(hashes.SHA256()).hex(),
+                      cert.not_valid_after_utc.timestamp())
     if role != "user":
         raise AuthError(401, "not a user certificate")
     roles, traits = user_identity(cert)

@@ -6,7 +6,9 @@ any role change. Every proxy keeps the current users here (polled like locks, an
 refreshed at once by the admin CLI through the control socket) so that each request can
 cap what its credential claims by what the user holds now, without touching storage.
 
-`effective_identity` is that rule, and the only place it is written.
+`effective_identity` is that rule, and the only place it is written. Bots are principals
+here too (``bot:NAME``, auth/bots.py, with their stored roles and no traits), so a bot's
+certificate is capped, and a removed bot cut off, by the same rule and the same listeners.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from apptunnel.auth.bots import bot_of, bot_principal
 from apptunnel.backend.base import Backend
-from apptunnel.backend.records import User
+from apptunnel.backend.records import Bot, User
 
 MAX_MISSES = 10_000
 MISS_TTL = 1.0            # a name storage did not know is asked again after this long
@@ -127,7 +130,7 @@ class UserDirectory:
             return None
         polls = self._polls
         try:
-            user = await self._backend.get_user(name)
+            user = await self._read(name)
         except Exception as err:
             self._log.warn("cannot read user {name!r}: {error}", name=name, error=str(err))
             return None
@@ -152,7 +155,7 @@ class UserDirectory:
         """
         async with self._mutex:
             try:
-                user = await self._backend.get_user(name)
+                user = await self._read(name)
             except Exception as err:
                 self._log.warn("cannot read user {name!r}: {error}", name=name, error=str(err))
                 return self._entries.get(name)
@@ -189,6 +192,7 @@ class UserDirectory:
             started = self._reads
             try:
                 users = await self._backend.list_users()
+                users += [_as_user(bot) for bot in await self._backend.list_bots()]
             except Exception as err:
                 self._log.warn("cannot read users (will retry): {error}", error=str(err))
                 return
@@ -220,6 +224,14 @@ class UserDirectory:
                                what="removed" if entry is None else "changed")
                 self._notify(name, entry)
 
+    async def _read(self, name: str) -> User | None:
+        """One principal from storage: a user, or a bot (``bot:NAME``) as a user record."""
+        bot = bot_of(name)
+        if bot is None:
+            return await self._backend.get_user(name)
+        found = await self._backend.get_bot(bot)
+        return None if found is None else _as_user(found)
+
     def _entry(self, user: User) -> Entry:
         self._revision += 1
         return Entry(user.name, tuple(user.roles), dict(user.traits), self._revision)
@@ -230,3 +242,9 @@ class UserDirectory:
                 fn(name, entry)
             except Exception:
                 self._log.failure("user listener {fn!r} failed for {name}", fn=fn, name=name)
+
+
+def _as_user(bot: Bot) -> User:
+    """A bot as the directory holds principals: ``bot:NAME``, its roles, no traits and no
+    password (it never signs in; it only presents certificates)."""
+    return User(bot_principal(bot.name), None, tuple(bot.roles), {}, bot.created)

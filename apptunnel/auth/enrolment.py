@@ -26,13 +26,15 @@ from apptunnel.auth.tokens import constant_time_equal, secret_hash
 from apptunnel.backend.base import AlreadyExists
 from apptunnel.backend.records import Agent, Scope
 
-__all__ = ["AGENT_CERT_TTL", "AgentEnrolment", "EnrolmentRefused", "Issued", "Joined"]
+__all__ = ["AGENT_CERT_TTL", "AgentEnrolment", "EnrolmentRefused", "Issued", "Joined",
+           "live_token"]
 
 log = Logger()
 
 AGENT_CERT_TTL = 3 * 86400.0
-JOIN_TOKEN_KINDS = ("app",)
 _BAD_TOKEN = "invalid or expired join token"
+_WRONG_KIND = {"app": "this token cannot be used to join an agent",
+               "bot": "this token cannot be used to join a bot"}
 
 
 class EnrolmentRefused(AuthError):
@@ -42,6 +44,22 @@ class EnrolmentRefused(AuthError):
         super().__init__(403, message if message is not None else reason)
         self.reason = reason
         self.rejoin = rejoin
+
+
+async def live_token(backend, token: str, kind: str, now: float):
+    """The stored join token ``token`` if it is live and of ``kind`` (``app``: an agent's,
+    ``bot``: a bot's); EnrolmentRefused otherwise. Agents and bots both start here, so
+    neither can join with the other's token. The use itself is taken later, atomically."""
+    token_hash = secret_hash(token)
+    record = await backend.get_token(token_hash)
+    if record is None or not constant_time_equal(record.token_hash, token_hash):
+        raise EnrolmentRefused("unknown token", _BAD_TOKEN)
+    if record.expires <= now:
+        raise EnrolmentRefused("expired token", _BAD_TOKEN)
+    if record.kind != kind:
+        raise EnrolmentRefused(f"token kind {record.kind!r} cannot join {kind!r}",
+                               _WRONG_KIND.get(kind, _BAD_TOKEN))
+    return record
 
 
 @attrs.frozen
@@ -90,16 +108,9 @@ class AgentEnrolment:
         """One use of ``token`` for a certificate of the key in ``csr``, recorded with the
         token's scope in one transaction; a host id already recorded joins again only with
         the same key, a locked agent not at all."""
-        token_hash = secret_hash(token)
-        record = await self.backend.get_token(token_hash)
         now = self.clock.seconds()
-        if record is None or not constant_time_equal(record.token_hash, token_hash):
-            raise EnrolmentRefused("unknown token", _BAD_TOKEN)
-        if record.expires <= now:
-            raise EnrolmentRefused("expired token", _BAD_TOKEN)
-        if record.kind not in JOIN_TOKEN_KINDS:
-            raise EnrolmentRefused(f"token kind {record.kind!r} cannot join agents",
-                                   "this token cannot be used to join an agent")
+        record = await live_token(self.backend, token, "app", now)
+        token_hash = record.token_hash
         try:
             cert_pem = self.ca.sign_agent_csr(csr, host_id, self.agent_cert_ttl)
         except AuthError as err:

@@ -198,12 +198,15 @@ class JwtSigner:
         traits: Mapping[str, Iterable[str]],
         audience: str,
         claims: tuple[str, ...] | None = None,
+        bot: bool = False,
     ) -> str:
-        """A signed token for this caller and app; ``claims`` selects the optional ones."""
+        """A signed token for this caller and app; ``claims`` selects the optional ones.
+        A bot's token says ``"bot": true`` whatever ``claims`` selects (an app must be
+        able to tell a machine from a person)."""
         now = self._clock.seconds()
         slot = (audience, claims)
         roles = tuple(roles)
-        who = (username, roles, traits)
+        who = (username, roles, traits, bot)
         per_session = self._cache.get(cache_key)
         if per_session is not None:
             self._cache.move_to_end(cache_key)
@@ -227,6 +230,8 @@ class JwtSigner:
         }
         if claims is not None:
             payload = {k: v for k, v in payload.items() if k in REQUIRED_CLAIMS or k in claims}
+        if bot:
+            payload["bot"] = True
         token = self._keys.sign(payload)
         if per_session is None:
             per_session = self._cache[cache_key] = {}

@@ -11,3 +11,6 @@ import re
 USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}\Z")
 ROLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 TRAIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}\Z")
+# A bot's name: it becomes the principal ``bot:NAME`` (auth/bots.py), which no user name
+# can be (``:`` is not allowed in USER_NAME), so a bot can never be taken for a user.
+BOT_NAME = re.compile(r"[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?\Z")

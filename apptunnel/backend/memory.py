@@ -33,6 +33,7 @@ from apptunnel.backend.records import (
     AppSession,
     AuditEvent,
     AuthCode,
+    Bot,
     JoinToken,
     Lock,
     MfaDevice,
@@ -88,7 +89,12 @@ def _app_session(s: AppSession) -> AppSession:
 def _token(t: JoinToken) -> JoinToken:
     uses = None if t.uses_left is None else int(t.uses_left)
     return JoinToken(t.token_hash, t.kind, _real(t.expires), _real(t.created), uses,
-                     _scope(t.scope))
+                     _scope(t.scope), str(t.bot))
+
+
+def _bot(b: Bot) -> Bot:
+    return Bot(b.name, tuple(_json(list(b.roles))), _real(b.created), int(b.generation),
+               _real(b.cert_expires))
 
 
 def _agent(a: Agent) -> Agent:
@@ -116,6 +122,7 @@ class MemoryBackend:
         self._resources: dict[tuple[str, str], Resource] = {}
         self._tokens: dict[str, JoinToken] = {}
         self._agents: dict[str, Agent] = {}
+        self._bots: dict[str, Bot] = {}
         self._web_sessions: dict[str, WebSession] = {}
         self._app_sessions: dict[str, AppSession] = {}
         self._auth_codes: dict[str, AuthCode] = {}
@@ -227,6 +234,60 @@ class MemoryBackend:
             self._tokens[token_hash] = attrs.evolve(token, uses_left=token.uses_left - 1)
         self._agents[agent.host_id] = stored
         return stored
+
+    # -- bots -------------------------------------------------------------------
+
+    async def create_bot(self, bot: Bot, token: JoinToken) -> None:
+        self._check_open()
+        stored, stored_token = _bot(bot), _token(token)
+        if bot.name in self._bots:
+            raise AlreadyExists(f"bot {bot.name} already exists")
+        if token.token_hash in self._tokens:
+            raise AlreadyExists("join token already exists")
+        self._bots[bot.name] = stored
+        self._tokens[token.token_hash] = stored_token
+
+    async def get_bot(self, name: str) -> Bot | None:
+        self._check_open()
+        return self._bots.get(name)
+
+    async def list_bots(self) -> list[Bot]:
+        self._check_open()
+        return [self._bots[n] for n in sorted(self._bots)]
+
+    async def delete_bot(self, name: str) -> bool:
+        self._check_open()
+        self._drop(self._tokens, lambda t: t.kind == "bot" and t.bot == name)
+        return self._bots.pop(name, None) is not None
+
+    async def redeem_bot_token(self, token_hash: str, now: float,
+                               cert_expires: float) -> Bot | None:
+        """Take one use of a live bot token and advance its bot's generation. None when
+        the token is unknown, expired, used up, not a bot's, or its bot is gone."""
+        self._check_open()
+        token = self._tokens.get(token_hash)
+        if token is None or token.kind != "bot" or not token.expires > now or (
+                token.uses_left is not None and token.uses_left <= 0):
+            return None
+        bot = self._bots.get(token.bot)
+        if bot is None:
+            return None
+        if token.uses_left is not None:
+            self._tokens[token_hash] = attrs.evolve(token, uses_left=token.uses_left - 1)
+        bot = self._bots[bot.name] = _bot(attrs.evolve(
+            bot, generation=bot.generation + 1, cert_expires=cert_expires))
+        return bot
+
+    async def advance_bot(self, name: str, generation: int,
+                          cert_expires: float) -> Bot | None:
+        """Generation + 1 if it is ``generation`` now (compare and set); None otherwise."""
+        self._check_open()
+        bot = self._bots.get(name)
+        if bot is None or bot.generation != generation:
+            return None
+        bot = self._bots[name] = _bot(attrs.evolve(
+            bot, generation=generation + 1, cert_expires=cert_expires))
+        return bot
 
     # -- agents -----------------------------------------------------------------
 

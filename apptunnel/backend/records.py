@@ -59,6 +59,21 @@ class JoinToken:
     created: float
     uses_left: int | None = None        # None: unlimited (tokens made before uses existed)
     scope: Scope = Scope()
+    bot: str = ""                       # kind "bot": the bot it joins ('' for agent tokens)
+
+
+@attrs.frozen
+class Bot:
+    """A machine identity (``apptunnel bots add``): its roles, and which certificate may
+    renew. ``generation`` advances with each certificate issued (it starts at random);
+    only the holder of the newest one may renew, so a copied older certificate is useless
+    for renewal. ``cert_expires`` is None until the bot joined."""
+
+    name: str
+    roles: tuple[str, ...]
+    created: float
+    generation: int = 0
+    cert_expires: float | None = None
 
 
 @attrs.frozen

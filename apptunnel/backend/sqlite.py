@@ -38,6 +38,7 @@ from apptunnel.backend.records import (
     AuditEvent,
     Agent,
     AuthCode,
+    Bot,
     JoinToken,
     Lock,
     MfaDevice,
@@ -193,6 +194,16 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # An agent whose tunnel is going away (shutdown): `apptunnel apps ls --admin`.
         "ALTER TABLE agents ADD COLUMN draining INTEGER NOT NULL DEFAULT 0",
     ),
+    (
+        # Bots (auth/bots.py): a join token names its bot ('' for agent tokens).
+        "ALTER TABLE join_tokens ADD COLUMN bot TEXT NOT NULL DEFAULT ''",
+        """CREATE TABLE bots (
+            name TEXT PRIMARY KEY,
+            roles TEXT NOT NULL,
+            created REAL NOT NULL,
+            generation INTEGER NOT NULL,
+            cert_expires REAL)""",
+    ),
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -305,7 +316,8 @@ def _app_session(row: tuple) -> AppSession:
     return AppSession(*row[:6], mfa_verified=bool(row[6]))
 
 
-_TOKEN_COLUMNS = "token_hash, kind, expires, created, uses_left, scope"
+_TOKEN_COLUMNS = "token_hash, kind, expires, created, uses_left, scope, bot"
+_BOT_COLUMNS = "name, roles, created, generation, cert_expires"
 _AGENT_COLUMNS = ("host_id, scope, joined, cert_expires, key_pin, last_seen, connected_since,"
                   " peer, proxy_id, apps, draining")
 _LOCK_COLUMNS = "id, user_name, app, message, created, expires, created_by, agent"
@@ -315,7 +327,11 @@ _DEVICE_COLUMNS = "user_name, name, kind, secret, counter, created"
 
 
 def _token(row: tuple) -> JoinToken:
-    return JoinToken(*row[:5], scope=Scope.from_json(json.loads(row[5])))
+    return JoinToken(*row[:5], scope=Scope.from_json(json.loads(row[5])), bot=row[6])
+
+
+def _bot(row: tuple) -> Bot:
+    return Bot(row[0], tuple(json.loads(row[1])), *row[2:5])
 
 
 def _agent(row: tuple) -> Agent:
@@ -505,18 +521,19 @@ class SqliteBackend:
 
     # -- join tokens ------------------------------------------------------------
 
-    async def add_token(self, token: JoinToken) -> None:
-        def run(conn: sqlite3.Connection) -> None:
-            try:
-                conn.execute(
-                    f"INSERT INTO join_tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-                    (token.token_hash, token.kind, token.expires, token.created,
-                     token.uses_left, _dump(token.scope.to_json())),
-                )
-            except sqlite3.IntegrityError:
-                raise AlreadyExists("join token already exists") from None
+    @staticmethod
+    def _add_token(conn: sqlite3.Connection, token: JoinToken) -> None:
+        try:
+            conn.execute(
+                f"INSERT INTO join_tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (token.token_hash, token.kind, token.expires, token.created,
+                 token.uses_left, _dump(token.scope.to_json()), token.bot),
+            )
+        except sqlite3.IntegrityError:
+            raise AlreadyExists("join token already exists") from None
 
-        await self._run(run)
+    async def add_token(self, token: JoinToken) -> None:
+        await self._run(lambda conn: self._add_token(conn, token))
 
     async def get_token(self, token_hash: str) -> JoinToken | None:
         def run(conn: sqlite3.Connection) -> JoinToken | None:
@@ -569,6 +586,87 @@ class SqliteBackend:
                 stored = attrs.evolve(agent, scope=token.scope)
                 self._put_agent(conn, stored)
                 return stored
+
+        return await self._run(run)
+
+    # -- bots -------------------------------------------------------------------
+
+    async def create_bot(self, bot: Bot, token: JoinToken) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                try:
+                    conn.execute(
+                        f"INSERT INTO bots ({_BOT_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                        (bot.name, _dump(list(bot.roles)), bot.created, bot.generation,
+                         bot.cert_expires))
+                except sqlite3.IntegrityError:
+                    raise AlreadyExists(f"bot {bot.name} already exists") from None
+                self._add_token(conn, token)
+
+        await self._run(run)
+
+    async def get_bot(self, name: str) -> Bot | None:
+        def run(conn: sqlite3.Connection) -> Bot | None:
+            row = conn.execute(f"SELECT {_BOT_COLUMNS} FROM bots WHERE name = ?",
+                               (name,)).fetchone()
+            return _bot(row) if row else None
+
+        return await self._run(run)
+
+    async def list_bots(self) -> list[Bot]:
+        def run(conn: sqlite3.Connection) -> list[Bot]:
+            rows = conn.execute(f"SELECT {_BOT_COLUMNS} FROM bots ORDER BY name").fetchall()
+            return [_bot(row) for row in rows]
+
+        return await self._run(run)
+
+    async def delete_bot(self, name: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                conn.execute("DELETE FROM join_tokens WHERE kind = 'bot' AND bot = ?", (name,))
+                return conn.execute("DELETE FROM bots WHERE name = ?", (name,)).rowcount > 0
+
+        return await self._run(run)
+
+    async def redeem_bot_token(self, token_hash: str, now: float,
+                               cert_expires: float) -> Bot | None:
+        """Take one use of a live bot token and advance its bot's generation, in one
+        transaction. None when the token is unknown, expired, used up, not a bot's, or
+        its bot is gone."""
+        def run(conn: sqlite3.Connection) -> Bot | None:
+            with _transaction(conn):
+                row = conn.execute(
+                    f"SELECT {_TOKEN_COLUMNS} FROM join_tokens WHERE token_hash = ?"
+                    " AND kind = 'bot' AND expires > ? AND (uses_left IS NULL OR uses_left > 0)",
+                    (token_hash, now),
+                ).fetchone()
+                if row is None:
+                    return None
+                token = _token(row)
+                cur = conn.execute("UPDATE bots SET generation = generation + 1,"
+                                   " cert_expires = ? WHERE name = ?", (cert_expires, token.bot))
+                if cur.rowcount == 0:
+                    return None
+                if token.uses_left is not None:
+                    conn.execute("UPDATE join_tokens SET uses_left = uses_left - 1"
+                                 " WHERE token_hash = ?", (token_hash,))
+                return _bot(conn.execute(f"SELECT {_BOT_COLUMNS} FROM bots WHERE name = ?",
+                                         (token.bot,)).fetchone())
+
+        return await self._run(run)
+
+    async def advance_bot(self, name: str, generation: int,
+                          cert_expires: float) -> Bot | None:
+        """Generation + 1 if it is ``generation`` now (compare and set); None otherwise."""
+        def run(conn: sqlite3.Connection) -> Bot | None:
+            with _transaction(conn):
+                cur = conn.execute("UPDATE bots SET generation = generation + 1,"
+                                   " cert_expires = ? WHERE name = ? AND generation = ?",
+                                   (cert_expires, name, generation))
+                if cur.rowcount == 0:
+                    return None
+                return _bot(conn.execute(f"SELECT {_BOT_COLUMNS} FROM bots WHERE name = ?",
+                                         (name,)).fetchone())
 
         return await self._run(run)
 

@@ -12,7 +12,9 @@ import argparse
 import re
 import uuid
 
+from apptunnel.auth.bots import bot_of, bot_principal
 from apptunnel.backend.records import Lock
+from apptunnel.cli.bots import check_bot_name
 from apptunnel.cli.context import Admin, CliError, UsageError
 from apptunnel.cli.output import clean, human_duration, iso, json_text, table
 from apptunnel.cli.users import USER_NAME
@@ -34,6 +36,8 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
     lock.add_argument("--app", metavar="NAME", help="the app to lock (for everyone, or for --user)")
     lock.add_argument("--agent", metavar="ID",
                       help="the agent to lock out: its tunnels are cut, hello and renewal refused")
+    lock.add_argument("--bot", metavar="NAME",
+                      help="the bot to lock out: its connections are cut, renewal refused")
     lock.add_argument("--ttl", help="remove the lock by itself after this long (default: never)")
     lock.add_argument("--message", default="", help="shown to the locked-out user")
     lock.add_argument("--format", choices=("text", "json"), default="text")
@@ -51,6 +55,11 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 def _target(args: argparse.Namespace) -> tuple[str | None, str | None]:
     user, app = args.user, args.app
+    if args.bot is not None:
+        # A bot acts as the principal bot:NAME (auth/bots.py): its lock is on that name.
+        if user is not None or args.agent is not None:
+            raise UsageError("lock: --bot goes alone or with --app (not with --user or --agent)")
+        return bot_principal(check_bot_name(args.bot)), app
     if args.agent is not None:
         if user is not None or app is not None:
             raise UsageError("lock: --agent goes alone (without --user or --app)")
@@ -91,9 +100,10 @@ def _message(text: str) -> str:
 def _describe(lock: Lock) -> str:
     if lock.agent:
         return f"agent {lock.agent}"
+    who = f"bot {bot_of(lock.user)}" if lock.user and bot_of(lock.user) else f"user {lock.user}"
     if lock.user and lock.app:
-        return f"user {lock.user} on app {lock.app}"
-    return f"user {lock.user}" if lock.user else f"app {lock.app}"
+        return f"{who} on app {lock.app}"
+    return who if lock.user else f"app {lock.app}"
 
 
 def _as_json(lock: Lock) -> dict:
@@ -109,7 +119,9 @@ async def add_lock(admin: Admin, args: argparse.Namespace) -> int:
     user, app = _target(args)
     ttl = _ttl(args.ttl)
     message = _message(args.message)
-    if user is not None and await admin.backend.get_user(user) is None:
+    if args.bot is not None and await admin.backend.get_bot(args.bot) is None:
+        admin.io.warn(f"no bot {args.bot!r}; the lock applies if one is added")
+    elif user is not None and args.bot is None and await admin.backend.get_user(user) is None:
         admin.io.warn(f"no local user {user!r}; the lock still applies if they sign in through SSO")
     if args.agent is not None and await admin.backend.get_agent(args.agent) is None:
         admin.io.warn(f"no agent {args.agent!r} has joined; the lock applies if one does")

@@ -33,7 +33,7 @@ from twisted.logger import (
 )
 
 from apptunnel.cli import (
-    agents, apps, audit_search, locks, login, mfa, proxy_app, resources, tokens, users,
+    agents, apps, audit_search, bots, locks, login, mfa, proxy_app, resources, tokens, users,
 )
 from apptunnel.cli.context import Admin, Io, UsageError
 from apptunnel.cli.output import clean
@@ -90,6 +90,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     # Not required: a bare `apptunnel` prints this help (see `prepare`), not an error.
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     tokens.add_parsers(verbs, common)
+    bots.add_parsers(verbs, common)
     agents.add_parsers(verbs, common)
     users.add_parsers(verbs, common)
     resources.add_parsers(verbs, common)

@@ -22,15 +22,14 @@ from apptunnel.files import write_file
 from apptunnel.auth.errors import AuthError
 from apptunnel.cli.context import CliError
 from apptunnel.cli.http import ProxyClient, tls_context
+from apptunnel.local_proxy import TRUST_INSECURE, TRUST_PINNED, TRUST_SYSTEM  # noqa: F401
 
 __all__ = ["NOT_LOGGED_IN", "Profile", "home_dir", "require_profile"]
 
 NOT_LOGGED_IN = "not logged in: run apptunnel login"
 
-# Trust modes for the proxy's web certificate.
-TRUST_PINNED = "pinned"      # only the cluster CA in ca.crt (its pin checked at login)
-TRUST_SYSTEM = "system"      # the system trust store (a publicly trusted proxy certificate)
-TRUST_INSECURE = "insecure"  # no verification at all (--insecure)
+# Trust modes for the proxy's web certificate: TRUST_PINNED, TRUST_SYSTEM, TRUST_INSECURE
+# (defined once, in apptunnel/local_proxy.py, which the bot shares).
 
 _FILES = ("profile.json", "user.crt", "user.key", "ca.crt")
 

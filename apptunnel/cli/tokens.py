@@ -23,7 +23,7 @@ from apptunnel.cli.context import Admin, CliError, UsageError
 from apptunnel.cli.output import human_duration, iso, json_text, table
 from apptunnel.config import parse_duration
 
-TOKEN_TYPES = ("app",)
+TOKEN_TYPES = ("app", "bot")   # "bot" only to say where bot tokens come from
 MAX_TTL = 30 * 86400.0
 MAX_USES = 10_000
 _APP_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
@@ -38,7 +38,8 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
 
     add = sub.add_parser("add", parents=[common], help="create a join token (printed once)")
     add.add_argument("--type", choices=TOKEN_TYPES, default="app",
-                     help="what may join with it (default: app, an agent)")
+                     help="what may join with it (default: app, an agent; bots get theirs "
+                          "from `apptunnel bots add`)")
     add.add_argument("--ttl", default="1h", help="how long it stays valid (default: 1h)")
     add.add_argument("--uses", type=_uses, default=1, metavar="N",
                      help="how many agents may join with it (default: 1)")
@@ -100,7 +101,8 @@ def _scope(args: argparse.Namespace) -> Scope:
 def _token_json(t: JoinToken, now: float) -> dict:
     return {"hash": t.token_hash, "type": t.kind, "created": iso(t.created),
             "expires": iso(t.expires), "expired": t.expires <= now,
-            "uses_left": t.uses_left, "scope": t.scope.to_json()}
+            "uses_left": t.uses_left, "scope": t.scope.to_json(),
+            **({"bot": t.bot} if t.kind == "bot" else {})}
 
 
 def _join_snippet(secret: str, pin: str, proxy_addr: str) -> str:
@@ -115,6 +117,9 @@ def _join_snippet(secret: str, pin: str, proxy_addr: str) -> str:
 
 
 async def add_token(admin: Admin, args: argparse.Namespace) -> int:
+    if args.type == "bot":
+        raise UsageError("--type bot: a bot's token is made with its bot: "
+                         "`apptunnel bots add NAME --roles ...` prints it")
     ttl = _ttl(args.ttl)
     config = admin.config
     ca = await deferToThread(ClusterCA.load_or_create, config.data_dir, config.cluster_name,
@@ -157,7 +162,8 @@ async def list_tokens(admin: Admin, args: argparse.Namespace) -> int:
         ("HASH", "TYPE", "EXPIRES", "STATUS", "USES LEFT", "SCOPE"),
         [(t.token_hash[:_SHOWN_HASH], t.kind, iso(t.expires),
           "expired" if t.expires <= now else f"valid {human_duration(t.expires - now)}",
-          "unlimited" if t.uses_left is None else t.uses_left, describe_scope(t.scope))
+          "unlimited" if t.uses_left is None else t.uses_left,
+          f"bot {t.bot}" if t.kind == "bot" else describe_scope(t.scope))
          for t in tokens],
     ))
     return 0

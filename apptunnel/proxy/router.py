@@ -342,6 +342,6 @@ class AppRouter:
         """The head the app sees, with the identity token signed for ``web`` (who acts)."""
         token = self.signer.token(
             web.credential, web.user, web.roles, web.traits,
-            audience=f"https://{app.public_addr}", claims=app.jwt_claims,
+            audience=f"https://{app.public_addr}", claims=app.jwt_claims, bot=web.is_bot,
         )
         return app_request_head(head, app, web, client_ip, upgrade, self.config.jwt_header, token)

@@ -24,6 +24,7 @@ from twisted.python.threadpool import ThreadPool
 
 from apptunnel.audit import AuditLog
 from apptunnel.auth.access import AccessPolicy
+from apptunnel.auth.bots import BotEnrolment
 from apptunnel.auth.ca import ClusterCA, load_server_tls
 from apptunnel.auth.connectors.ldap import CONCURRENT_CHECKS, LdapSignIn
 from apptunnel.auth.connectors.saml import CONCURRENT_CHECKS as SAML_CHECKS
@@ -53,6 +54,7 @@ from apptunnel.proxy.tcp_access import TcpAccess
 from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_options
 from apptunnel.proxy.web_channel import WebSite
 from apptunnel.startup import CannotStart, Listeners, fatal
+from apptunnel.web.bots import BotRoutes
 from apptunnel.web.routes import WebApp
 from apptunnel.web.saml import SamlWeb
 
@@ -187,6 +189,9 @@ class ProxyService(MultiService):
             self.jwt_keys, self.ca, reactor, locks=self.locks, users=self.users,
             access=self.access, backend=self.backend, ldap=self.ldap,
             connectors=self.connectors, saml=SamlWeb(self.saml), oidc=self.oidc,
+            bots=BotRoutes(BotEnrolment(ca=self.ca, backend=self.backend, clock=reactor,
+                                        locks=self.locks,
+                                        min_ttl=config.bot_min_certificate_ttl), self.audit),
         )
         site = WebSite(self.web.resource())  # a deadline on every request head
         site.displayTracebacks = False

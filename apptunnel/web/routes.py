@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from apptunnel.auth.connectors.oidc import OidcSignIn
     from apptunnel.auth.connectors.store import ConnectorStore
     from apptunnel.web.saml import SamlWeb
+    from apptunnel.web.bots import BotRoutes
     from apptunnel.auth.directory import UserDirectory
     from apptunnel.auth.locks import LockWatcher
     from apptunnel.auth.jwt import JwtKeys
@@ -165,8 +166,10 @@ class WebApp:
                  ldap: LdapSignIn | None = None,
                  connectors: ConnectorStore | None = None,
                  saml: SamlWeb | None = None,
-                 oidc: OidcSignIn | None = None) -> None:
+                 oidc: OidcSignIn | None = None,
+                 bots: BotRoutes | None = None) -> None:
         self._config = config
+        self._bots = bots               # bots' join and renewal (web/bots.py)
         self._sessions = sessions
         self._roles = roles
         self._registry = registry
@@ -504,6 +507,20 @@ class WebApp:
         expires = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc.timestamp()
         return _json(request, 200, {"cert": cert_pem.decode("ascii"), "expires": expires,
                                     "app": app.name, "user": caller.user})
+
+    @app.route("/v1/bots/join", methods=["POST"])
+    async def bot_join(self, request):
+        if self._bots is None:
+            raise WebError(404)
+        return _json(request, 200, await self._bots.join(_json_body(request), _client(request)))
+
+    @app.route("/v1/bots/renew", methods=["POST"])
+    async def bot_renew(self, request):
+        if self._bots is None:
+            raise WebError(404)
+        transport = getattr(request.channel, "transport", None) or request.transport
+        return _json(request, 200, await self._bots.renew(_json_body(request), transport,
+                                                          _client(request)))
 
     @app.route("/v1/apps", methods=["GET"])
     async def api_apps(self, request):

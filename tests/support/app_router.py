@@ -26,8 +26,8 @@ class NoSessions:
 
 
 class Signer:
-    def token(self, key, user, roles, traits, audience, claims):
-        return f"jwt-for-{user}-{'+'.join(roles)}"
+    def token(self, key, user, roles, traits, audience, claims, bot=False):
+        return f"jwt-for-{user}-{'+'.join(roles)}" + ("-bot" if bot else "")
 
 
 def router(roles=None):

@@ -29,6 +29,7 @@ from apptunnel.backend.records import (
     AppSession,
     AuditEvent,
     AuthCode,
+    Bot,
     JoinToken,
     Lock,
     MfaDevice,
@@ -816,3 +817,61 @@ async def test_take_saml_request_is_one_time_per_connector_and_unexpired(backend
     await wait(backend.put_saml_request(SamlRequest("id-5", "okta", "/", 10.0)))
     assert await wait(backend.delete_expired(20.0)) >= 1
     assert await wait(backend.take_saml_request("id-5", "okta", 1.0)) is None
+
+
+# -- bots ---------------------------------------------------------------------------------
+
+
+def bot_token(hash_: str, bot: str, uses: int = 1, expires: float = 1000.0) -> JoinToken:
+    return JoinToken(hash_, "bot", expires, 1.0, uses_left=uses, bot=bot)
+
+
+@pytest_twisted.ensureDeferred
+async def test_bots_are_created_with_their_token_listed_and_removed_with_it(backend):
+    """A bot and its join token are stored together; removing the bot removes its tokens."""
+    ci = Bot("ci", ("ci-apps",), 1.0)
+    await wait(backend.create_bot(ci, bot_token("t1", "ci")))
+    with pytest.raises(AlreadyExists):
+        await wait(backend.create_bot(ci, bot_token("t2", "ci")))
+    assert await wait(backend.get_token("t2")) is None          # nothing of the refused one
+    assert await wait(backend.get_bot("ci")) == ci
+    assert (await wait(backend.get_token("t1"))).bot == "ci"
+    await wait(backend.add_token(JoinToken("agent", "app", 1000.0, 1.0, uses_left=1)))
+    assert await wait(backend.list_bots()) == [ci]
+    assert await wait(backend.delete_bot("ci")) is True
+    assert await wait(backend.delete_bot("ci")) is False
+    assert await wait(backend.get_token("t1")) is None
+    assert await wait(backend.get_token("agent")) is not None   # agents' tokens stay
+    assert await wait(backend.list_bots()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bot_token_redeems_once_and_advances_the_generation(backend):
+    """One use of a live bot token: generation 1; a second use, an agent token, an expired
+    or unknown token redeem nothing."""
+    await wait(backend.create_bot(Bot("ci", ("r",), 1.0), bot_token("t", "ci")))
+    await wait(backend.create_bot(Bot("old", ("r",), 1.0), bot_token("o", "old", expires=4.0)))
+    await wait(backend.add_token(JoinToken("agent", "app", 1000.0, 1.0, uses_left=5)))
+    joined = await wait(backend.redeem_bot_token("t", 5.0, 65.0))
+    assert joined == Bot("ci", ("r",), 1.0, generation=1, cert_expires=65.0)
+    assert await wait(backend.redeem_bot_token("t", 5.0, 65.0)) is None
+    assert await wait(backend.redeem_bot_token("agent", 5.0, 65.0)) is None
+    assert (await wait(backend.get_token("agent"))).uses_left == 5
+    assert await wait(backend.redeem_bot_token("o", 5.0, 65.0)) is None
+    assert await wait(backend.redeem_bot_token("nope", 5.0, 65.0)) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_advance_bot_is_a_compare_and_set_on_the_generation(backend):
+    """Of two renewals from the same certificate generation exactly one wins."""
+    await wait(backend.create_bot(Bot("ci", ("r",), 1.0), bot_token("t", "ci")))
+    await wait(backend.redeem_bot_token("t", 5.0, 65.0))
+    results = await wait(defer.gatherResults([
+        defer.ensureDeferred(backend.advance_bot("ci", 1, 70.0)),
+        defer.ensureDeferred(backend.advance_bot("ci", 1, 71.0)),
+    ]))
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1 and winners[0].generation == 2
+    assert await wait(backend.advance_bot("ci", 1, 80.0)) is None
+    assert await wait(backend.advance_bot("nobody", 0, 80.0)) is None
+    assert (await wait(backend.get_bot("ci"))).generation == 2

@@ -1,0 +1,85 @@
+"""The bot's two calls to the proxy: join (token) and renew (certificate). Blocking:
+the service runs them in a thread.
+
+The join trusts nothing until the proxy is proven: the chain the proxy presents is read
+on a connection that sends nothing and checked against the CA pin from ``bots add``;
+only then does the token go out, on a new connection that trusts that CA alone, and the
+CA in the answer must have the pin too. A renewal presents the current certificate on a
+connection that trusts the stored CA alone. The HTTPS client and its trust rules are the
+CLI's (apptunnel/cli/http.py: ``*.localhost`` on loopback, one SSLContext, bounded
+answers), so the bot and ``apptunnel login`` reach a proxy the same way.
+"""
+
+from __future__ import annotations
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from apptunnel.auth.pins import cert_pin, check_chain
+from apptunnel.cli.http import ProxyClient, fetch_chain, tls_context
+from apptunnel.errors import ApptunnelError
+
+
+class BotCallFailed(ApptunnelError):
+    """A join or renewal did not give a certificate. ``final``: retrying cannot help
+    (the proxy refused: a bad or used token, an expired, locked or removed bot)."""
+
+    def __init__(self, message: str, final: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.final = final
+
+
+def join(proxy: str, pin: str, token: str, public_key: str, ttl: float,
+         now: float) -> tuple[bytes, bytes]:
+    """(cert_pem, ca_pem) for one use of ``token``."""
+    try:
+        chain = fetch_chain(proxy)
+    except ApptunnelError as err:
+        raise BotCallFailed(str(err)) from None
+    problem = check_chain(chain, pin, now)
+    if problem is not None:
+        raise BotCallFailed(f"the proxy at {proxy} is not the cluster of join.ca_pin: "
+                            f"{problem} (the token was not sent)", final=True)
+    ca_pem = next(c for c in chain if cert_pin(c) == pin).public_bytes(Encoding.PEM)
+    answer = _call(ProxyClient(proxy, tls_context(ca_pem)), "/v1/bots/join",
+                   {"token": token, "public_key": public_key, "ttl": ttl})
+    return _certificate(answer, pin)
+
+
+def renew(proxy: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, public_key: str,
+          ttl: float) -> tuple[bytes, bytes]:
+    """(cert_pem, ca_pem) for the holder of ``cert_pem`` (never a token)."""
+    client = ProxyClient(proxy, tls_context(ca_pem, client=(cert_pem, key_pem)))
+    answer = _call(client, "/v1/bots/renew", {"public_key": public_key, "ttl": ttl})
+    return _certificate(answer, cert_pin(x509.load_pem_x509_certificate(ca_pem)))
+
+
+def _call(client: ProxyClient, path: str, body: dict) -> dict:
+    try:
+        status, answer = client.call("POST", path, body)
+    except ApptunnelError as err:
+        raise BotCallFailed(str(err)) from None
+    finally:
+        client.close()
+    if status != 200 or not isinstance(answer, dict):
+        why = answer.get("error") if isinstance(answer, dict) else None
+        raise BotCallFailed(f"the proxy refused: {why or f'HTTP {status}'}",
+                            final=status in (400, 401, 403, 404))
+    return answer
+
+
+def _certificate(answer: dict, pin: str) -> tuple[bytes, bytes]:
+    cert, ca = answer.get("cert"), answer.get("ca")
+    if not isinstance(cert, str) or not isinstance(ca, str):
+        raise BotCallFailed("the proxy's answer has no certificate")
+    try:
+        ca_cert = x509.load_pem_x509_certificate(ca.encode("ascii"))
+        leaf = x509.load_pem_x509_certificate(cert.encode("ascii"))
+        leaf.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, UnicodeEncodeError, InvalidSignature) as err:
+        raise BotCallFailed(f"the proxy's certificate is unusable: {err}") from None
+    if cert_pin(ca_cert) != pin:
+        raise BotCallFailed("the proxy answered with a CA that does not have the pin")
+    return cert.encode("ascii"), ca.encode("ascii")

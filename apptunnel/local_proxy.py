@@ -1,0 +1,372 @@
+"""A local port that leads to one app through the proxy: `apptunnel proxy app`'s machinery.
+
+The CLI's ``apptunnel proxy app`` and the bot's ``app-proxy`` output (apptunnel/bot/)
+both serve a loopback port with this: before listening, one ``apptunnel-tcp`` upgrade as
+a dry run (``Apptunnel-Dry-Run: 1``, see ``apptunnel/proxy/tcp_access.py``) asks the
+proxy the question each connection will ask (`check`); then each local connection
+becomes its own TLS connection to the proxy, presenting the caller's certificate, and
+one real upgrade, joined after ``101`` to the local socket by the one relay
+(``apptunnel/tunnel/relay.py``). A refusal reaches an HTTP client as an HTTP answer (the
+proxy's status and line, or 502/401 when the proxy cannot be reached or the certificate
+has expired), a TCP client as a close. The listener keeps running.
+
+Credentials come from ``load_profile()``, called again once the cached ones expired, so
+a renewed certificate (a fresh ``apptunnel login``, a bot's renewal) is picked up without
+dropping the listener. What it returns needs ``proxy`` (host:port), ``trust`` (one of the
+TRUST_* values), ``cert_pem``, ``key_pem``, ``ca_pem`` (for pinned trust) and
+``expired(now)``; ``apptunnel.cli.profile.Profile`` is one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from http.client import responses
+from typing import NamedTuple
+from urllib.parse import quote
+
+from OpenSSL import SSL
+from twisted.internet import defer, ssl
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from apptunnel.errors import ApptunnelError
+from apptunnel.net import loopback_host, split_host_port
+from apptunnel.tunnel.relay import Relay
+
+__all__ = ["Answer", "LocalProxy", "LocalProxyError", "SecondFactorNeeded", "check",
+           "http_answer"]
+
+# Trust modes for the proxy's web certificate.
+TRUST_PINNED = "pinned"      # only the cluster CA in ca_pem (its pin checked at login/join)
+TRUST_SYSTEM = "system"      # the system trust store (a publicly trusted proxy certificate)
+TRUST_INSECURE = "insecure"  # no verification at all (--insecure)
+
+CONNECT_TIMEOUT = 15.0
+MAX_RESPONSE = 16 * 1024
+EARLY_LIMIT = 64 * 1024
+EXPIRED = "certificate expired: run apptunnel login"
+LINGER = 2.0  # seconds a refused HTTP client may take to close after our answer
+NEEDS_FACTOR = "needs a second factor"   # the proxy's per-session MFA refusal (401)
+
+Say = Callable[[str], None]
+
+
+class LocalProxyError(ApptunnelError):
+    """The proxy refused, or could not be asked: ``message`` is one line to print."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+async def check(proxy: LocalProxy) -> str:
+    """Ask the proxy whether it would accept our upgrade (a dry run of the same decision):
+    the app's kind (``tcp`` or ``http``), else LocalProxyError with the proxy's one line."""
+    profile = proxy.profile()
+    if profile is None:
+        raise LocalProxyError(proxy.expired)
+    try:
+        endpoint = proxy.endpoint(profile)
+    except (ValueError, SSL.Error) as err:
+        raise LocalProxyError(f"cannot use the saved login: {err}") from None
+    asked = _Question()
+    connecting = endpoint.connect(_RemoteFactory(asked, proxy.request(dry_run=True)))
+    connecting.addTimeout(proxy.connect_timeout, proxy.reactor)
+    try:
+        await connecting
+    except Exception as err:  # any connect failure: one line, as for each connection
+        raise LocalProxyError(f"cannot reach the proxy: {err}") from None
+    answer = await asked.answered.addTimeout(proxy.connect_timeout, proxy.reactor)
+    if answer.status == 401 and NEEDS_FACTOR in answer.text():
+        raise SecondFactorNeeded(answer.line())
+    if answer.status != 200:
+        raise LocalProxyError(answer.line())
+    kind = answer.text()
+    return kind if kind in ("tcp", "http") else "tcp"
+
+
+class SecondFactorNeeded(LocalProxyError):
+    """The dry run's answer for an app asking for a second factor per session."""
+
+
+class Answer(NamedTuple):
+    """The proxy's answer to an upgrade that did not switch protocols."""
+
+    status: int          # 0 when there was no status line
+    raw: bytes           # the whole answer as received (at most MAX_RESPONSE bytes)
+
+    def text(self) -> str:
+        """The first line of the body (the proxy's one-line reason)."""
+        _, _, body = self.raw.partition(b"\r\n\r\n")
+        lines = body.decode("utf-8", "replace").strip().splitlines()
+        return lines[0].strip() if lines and not lines[0].lstrip().startswith("<") else ""
+
+    def line(self) -> str:
+        """One line to print: the proxy's status and reason."""
+        if not self.raw:
+            return "the proxy closed the connection without answering"
+        status_line = self.raw.split(b"\r\n", 1)[0].decode("latin-1")
+        text = self.text()
+        return f"proxy refused: {status_line.partition(' ')[2]}" + (f": {text}" if text else "")
+
+    def complete(self) -> bool:
+        """A whole HTTP answer we may pass on to an HTTP client as it is."""
+        return self.status >= 200 and b"\r\n\r\n" in self.raw
+
+
+def http_answer(status: int, message: str) -> bytes:
+    """A one-line HTTP answer of our own (the proxy could not be asked)."""
+    body = (" ".join(message.split())[:300] + "\n").encode("utf-8")
+    return (f"HTTP/1.1 {status} {responses.get(status, 'Error')}\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("ascii") + body
+
+
+class _Question:
+    """The owner of a dry-run connection: fires `answered` with the proxy's Answer."""
+
+    def __init__(self) -> None:
+        self.answered: defer.Deferred = defer.Deferred()
+
+    def upgraded(self, remote: RemoteSide, rest: bytes) -> None:
+        # A proxy that ignored the dry run: it said yes; open nothing.
+        remote.transport.abortConnection()
+        self.answered.callback(Answer(200, b""))
+
+    def refused(self, answer: Answer) -> None:
+        if not self.answered.called:
+            self.answered.callback(answer)
+
+
+class LocalProxy(Factory):
+    """Accepts local connections and gives each its own upgraded connection to the proxy."""
+
+    noisy = False
+
+    def __init__(self, reactor, load_profile: Callable[[], object | None], app: str,
+                 remote_port: int | None, say: Say, now: Callable[[], float] | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT, kind: str = "tcp",
+                 expired: str = EXPIRED) -> None:
+        self.reactor = reactor
+        self._load_profile = load_profile
+        self._profile = None
+        self.app = app
+        self.remote_port = remote_port
+        self.say = say
+        self.now = now or reactor.seconds
+        self.connect_timeout = connect_timeout
+        self.kind = kind   # "http": refusals reach the local client as HTTP answers
+        self.expired = expired
+
+    def bind(self, profile) -> None:
+        """Present this one-app MFA certificate from now on, never re-reading the saved
+        login: once it has expired, new connections are refused (sessions run on)."""
+        self._profile = profile
+        self._load_profile = lambda: profile
+        self.expired = (f"the second-factor certificate for {self.app} starts sessions for a "
+                        f"minute only: run apptunnel proxy app {self.app} again")
+
+    def credentials_renewed(self) -> None:
+        """Read the credentials again for the next connection (a bot renewed them);
+        connections already open keep theirs."""
+        self._profile = None
+
+    def buildProtocol(self, addr) -> LocalConnection:
+        return LocalConnection(self)
+
+    def profile(self):
+        """A profile whose certificate is valid now, re-read once the cached one expired."""
+        now = self.now()
+        if self._profile is None or self._profile.expired(now):
+            try:
+                self._profile = self._load_profile()
+            except ApptunnelError as err:
+                self.say(getattr(err, "message", None) or str(err))
+                self._profile = None
+        if self._profile is None or self._profile.expired(now):
+            return None
+        return self._profile
+
+    def request(self, dry_run: bool = False) -> bytes:
+        target = "/v1/tcp/" + quote(self.app, safe="")
+        if self.remote_port is not None:
+            target += f"?port={self.remote_port}"
+        host, _ = split_host_port(self._profile.proxy, 443)
+        extra = "Apptunnel-Dry-Run: 1\r\n" if dry_run else ""
+        return (f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\n"
+                f"Upgrade: apptunnel-tcp\r\n{extra}User-Agent: apptunnel-proxy-app\r\n\r\n"
+                ).encode("ascii")
+
+    def endpoint(self, profile):
+        host, port = split_host_port(profile.proxy, 443)
+        client_cert = ssl.PrivateCertificate.loadPEM(profile.cert_pem + b"\n" + profile.key_pem)
+        if profile.trust == TRUST_INSECURE:
+            creator = ssl.CertificateOptions(
+                privateKey=client_cert.privateKey.original,
+                certificate=client_cert.original, verify=False,
+                raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+            )
+        else:
+            trust = ssl.Certificate.loadPEM(profile.ca_pem) if profile.trust == TRUST_PINNED else None
+            creator = ssl.optionsForClientTLS(host, trustRoot=trust, clientCertificate=client_cert)
+        tcp = HostnameEndpoint(self.reactor, loopback_host(host), port,
+                               timeout=self.connect_timeout)
+        return wrapClientTLS(creator, tcp)
+
+
+@implementer(IHalfCloseableProtocol)
+class LocalConnection(Protocol):
+    """One local client: one end of a relay (held, not read, until the proxy said 101).
+
+    TLS to the proxy has no half close, so the client's FIN closes that connection
+    (close_notify) and ends the session, what psql, redis-cli and most TCP clients expect.
+    """
+
+    def __init__(self, factory: LocalProxy) -> None:
+        self._factory = factory
+        self._relay = Relay(EARLY_LIMIT)   # a: this client, b: the proxy after the 101
+        self._connecting: defer.Deferred | None = None
+        self._closed = False
+        self._discarding = False   # answered and half closed: the client's bytes are dropped
+        self._linger = None
+
+    def connectionMade(self) -> None:
+        # The relay reads nothing more from the client until the other end is joined.
+        self._relay.a.makeConnection(self.transport)
+        f = self._factory
+        profile = f.profile()
+        if profile is None:
+            self._fail(401, f.expired)
+            return
+        try:
+            endpoint = f.endpoint(profile)
+        except (ValueError, SSL.Error) as err:
+            self._fail(502, f"cannot use the saved login: {err}")
+            return
+        self._connecting = endpoint.connect(_RemoteFactory(self, f.request()))
+        self._connecting.addErrback(self._connect_failed)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if not self._closed:
+            self._fail(502, f"cannot reach the proxy: {failure.getErrorMessage()}")
+
+    def _fail(self, status: int, message: str) -> None:
+        """Print why; an HTTP client also gets it as an HTTP answer."""
+        self._factory.say(message)
+        self._answer(Answer(0, b""), status, message)
+
+    def _answer(self, answer: Answer, status: int, message: str) -> None:
+        if self._closed:
+            return
+        if self._factory.kind != "http":
+            self.transport.loseConnection()
+            return
+        self.transport.write(answer.raw if answer.complete() else http_answer(status, message))
+        # Lingering close: closing with the request still unread would be a RST that can
+        # destroy the answer in the client's buffer; so FIN, read and drop until the client
+        # closes, for LINGER seconds at most.
+        self._discarding = True
+        self.transport.loseWriteConnection()
+        self.transport.resumeProducing()
+        self._linger = self._factory.reactor.callLater(LINGER, self.transport.loseConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._discarding:
+            self._relay.a.dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        if self._discarding:
+            self.transport.loseConnection()
+            return
+        self._relay.a.readConnectionLost()
+
+    def writeConnectionLost(self) -> None:
+        self._relay.a.writeConnectionLost()
+
+    def upgraded(self, remote: RemoteSide, rest: bytes) -> None:
+        """101: the proxy's connection joins the relay; what followed the 101 comes first."""
+        self._connecting = None
+        remote.relay_through(self._relay.b)
+        if rest:
+            self._relay.b.dataReceived(rest)
+
+    def refused(self, answer: Answer) -> None:
+        """The proxy ended without a 101: print its line, answer an HTTP client."""
+        self._connecting = None
+        line = answer.line()
+        self._factory.say(line)
+        self._answer(answer, 502, line)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._closed = True
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        if self._connecting is not None:
+            d, self._connecting = self._connecting, None
+            d.cancel()
+        self._relay.a.connectionLost(reason)
+
+
+class _RemoteFactory(Factory):
+    noisy = False
+
+    def __init__(self, owner, request: bytes) -> None:
+        self._owner = owner
+        self._request = request
+
+    def buildProtocol(self, addr) -> RemoteSide:
+        return RemoteSide(self._owner, self._request)
+
+
+class RemoteSide(Protocol):
+    """The TLS connection to the proxy: send the upgrade, read the answer; after a 101 it
+    feeds the relay's other end. The owner hears ``upgraded(self, rest)`` or
+    ``refused(Answer)``."""
+
+    def __init__(self, owner, request: bytes) -> None:
+        self._owner = owner
+        self._request = request
+        self._buf = bytearray()
+        self._end = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._request)
+
+    def relay_through(self, end) -> None:
+        self._end = end
+        end.makeConnection(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._end is not None:
+            self._end.dataReceived(data)
+            return
+        self._buf += data
+        if len(self._buf) > MAX_RESPONSE:
+            del self._buf[MAX_RESPONSE:]
+            self.transport.abortConnection()
+            return
+        end = self._buf.find(b"\r\n\r\n")
+        if end >= 0 and _status(bytes(self._buf)) == 101:
+            rest = bytes(self._buf[end + 4:])
+            self._buf = bytearray()
+            self._owner.upgraded(self, rest)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._end is not None:
+            self._end.connectionLost(reason)
+            return
+        raw = bytes(self._buf)
+        self._owner.refused(Answer(_status(raw), raw))
+
+
+def _status(raw: bytes) -> int:
+    """The status code of an answer's first line, 0 if there is none."""
+    parts = raw.split(b"\r\n", 1)[0].split(b" ", 2)
+    try:
+        return int(parts[1]) if parts[0].startswith(b"HTTP/") else 0
+    except (IndexError, ValueError):
+        return 0
