@@ -425,6 +425,14 @@ class ThrottleConfig:
 
 
 @attrs.frozen
+class AccessRequestsConfig:
+    """``access_requests:``: the webhook told of every state change (auth/request_webhook.py)."""
+
+    webhook_url: str
+    ca_file: str | None = None
+
+
+@attrs.frozen
 class ProxyConfig:
     """Everything the proxy process needs; paths are absolute."""
 
@@ -455,6 +463,8 @@ class ProxyConfig:
     agent_cert_ttl: float = 3 * 86400.0
     app_grace_period: float = 120.0
     allowed_public_addrs: tuple[str, ...] = ()
+    # access_requests: where each state change of an access request is POSTed.
+    access_requests: AccessRequestsConfig | None = None
 
     @property
     def public_host(self) -> str:
@@ -510,6 +520,7 @@ _PROXY_KEYS = (
     "backend", "tls", "jwt", "session_ttl", "keepalive", "audit",
     "limits", "auth",
     "agent_cert_ttl", "app_grace_period", "allowed_public_addrs",
+    "access_requests",
 )
 _AGENT_KEYS = ("data_dir", "proxy_addr", "join", "keepalive", "apps")
 _APP_KEYS = (
@@ -690,7 +701,27 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
         agent_cert_ttl=agent_cert_ttl,
         app_grace_period=top.duration("app_grace_period", 120.0),
         allowed_public_addrs=allowed,
+        access_requests=_access_requests(top, base),
     )
+
+
+def _access_requests(top: _Section, base: str) -> AccessRequestsConfig | None:
+    """``access_requests: {webhook_url: https://..., ca_file: ...}``; https only, and no
+    credentials in the URL (it is logged; put a secret in the path of a private host)."""
+    section = top.section("access_requests", ("webhook_url", "ca_file"))
+    if section is None:
+        return None
+    url = section.string("webhook_url", required=True)
+    parsed = urlsplit(url)
+    if parsed.scheme != "https" or not parsed.hostname:
+        section.fail("webhook_url", f"expected an https:// URL, got {_show(url)}")
+    if parsed.username is not None or parsed.password is not None:
+        section.fail("webhook_url", "must not hold a user name or password")
+    try:
+        parsed.port
+    except ValueError:
+        section.fail("webhook_url", f"invalid port in {_show(url)}")
+    return AccessRequestsConfig(url, section.file_path("ca_file", base))
 
 
 def _allowed_public_addrs(top: _Section) -> tuple[str, ...]:

@@ -12,7 +12,8 @@ credential carries no fresh second factor for this app; the entry point prompts 
 and starts an MFA-verified app session or issues a one-app certificate). The order is
 fixed: locks (in memory, every time), the decision cache (a few seconds, keyed by
 credential + app + the user's directory revision, so a cached request touches no
-storage), the user directory (a removed user is nobody), the one-app binding of a
+storage), the user directory (a removed user is nobody; an elevated credential gains the
+roles of its approved, unexpired access requests, auth/request_watch.py), the one-app binding of a
 per-session MFA certificate, RBAC, per-session MFA, then the per-request facts (the
 WebSocket origin result).
 
@@ -103,7 +104,7 @@ Decision = Allow | Deny | NeedsMore
 @attrs.frozen
 class _Cached:
     until: float
-    revision: int           # of the user's directory entry the decision was made with
+    revision: tuple[int, int]   # the user's directory entry's and the grants' revisions
     decision: Allow | Deny | NeedsMore
 
 
@@ -111,15 +112,17 @@ class AccessPolicy:
     """Locks, the user directory cap, RBAC and the decision cache, with one audit trail.
 
     ``roles`` is a RoleCache (``role_set(names)``), ``locks`` a LockWatcher, ``users`` a
-    UserDirectory (each optional: without one, that check passes). Time is passed in.
+    UserDirectory (each optional: without one, that check passes), ``requests`` a
+    RequestWatcher (without one, no credential is elevated). Time is passed in.
     """
 
     _log = Logger()
 
     def __init__(self, *, roles, audit, clock, locks=None, users=None,
                  lock_audit: LockAudit | None = None, ttl: float = DECISION_TTL,
-                 max_cached: int = MAX_CACHED) -> None:
+                 max_cached: int = MAX_CACHED, requests=None) -> None:
         self._roles = roles
+        self._requests = requests
         self._audit = audit
         self._locks = locks
         self._users = users
@@ -127,6 +130,11 @@ class AccessPolicy:
         self._ttl = ttl
         self._max_cached = max_cached
         self._cache: dict[tuple[str, str], _Cached] = {}
+
+    @property
+    def access_requests(self):
+        """The RequestWatcher whose grants elevate credentials (None: none do)."""
+        return self._requests
 
     # -- the decision -------------------------------------------------------------------
 
@@ -160,10 +168,14 @@ class AccessPolicy:
         if found is not None:
             return found
         revision = self._revision(caller.user)  # before any await: a change meanwhile re-decides
+        granted, grant_ends = ((), None) if self._requests is None or not caller.requests \
+            else self._requests.granted(caller.user, caller.requests, name, now)
         who = caller
-        if self._users is not None:
+        if self._users is None:
+            who = caller.acting_as(tuple(dict.fromkeys(caller.roles + granted)), caller.traits)
+        else:
             capped = effective_identity(caller.roles, caller.traits,
-                                        await self._users.lookup(caller.user))
+                                        await self._users.lookup(caller.user), granted)
             if capped is None:
                 if name is not None:
                     self._cache.pop((caller.credential, name), None)
@@ -186,8 +198,10 @@ class AccessPolicy:
         if (checked.allowed and caller.mfa_app != name
                 and role_set.session_mfa(app.labels, who.traits)):
             decision = NeedsMore("mfa", SESSION_MFA_REASON, f"{name} {SESSION_MFA_MESSAGE}")
-        self._remember((caller.credential, name),
-                       _Cached(min(now + self._ttl, caller.expires), revision, decision), now)
+        until = min(now + self._ttl, caller.expires)
+        if grant_ends is not None:
+            until = min(until, grant_ends)      # an elevation's end is decided afresh
+        self._remember((caller.credential, name), _Cached(until, revision, decision), now)
         return self._with_facts(decision, caller.user, name, facts)
 
     def revoked(self, user: str, app: str | None) -> Deny | None:
@@ -233,12 +247,14 @@ class AccessPolicy:
         self._audit.emit("access.denied", actor=user, target=app or "", outcome="failure",
                          **fields)
 
-    def _revision(self, user: str) -> int:
-        """The directory revision of ``user`` now (-1 when unknown or no directory)."""
+    def _revision(self, user: str) -> tuple[int, int]:
+        """The directory revision of ``user`` now (-1 when unknown or no directory), and
+        the access requests' (a grant given or ended re-decides)."""
+        grants = self._requests.revision if self._requests is not None else -1
         if self._users is None:
-            return -1
+            return -1, grants
         entry = self._users.current(user)
-        return entry.revision if entry is not None else -1
+        return (entry.revision if entry is not None else -1), grants
 
     def _remember(self, key: tuple[str, str], entry: _Cached, now: float) -> None:
         """Bounded: expired entries go first, then everything (a flood of new credentials)."""
@@ -258,7 +274,8 @@ def _binding_refusal(caller: Caller, app: str | None) -> Deny | None:
 
 
 class LiveRecheck:
-    """Live connections asked about again when a lock appears or a user changes.
+    """Live connections asked about again when a lock appears, a user changes or an
+    access request's grant changes (an elevation ends).
 
     A lock or a removed user must end connections already open (keep-alive, upgraded,
     TCP), not only the next request. Each entry point hands in ``connections()`` (what is
@@ -279,6 +296,8 @@ class LiveRecheck:
             locks.add_listener(self._lock_added)
         if users is not None:
             users.add_listener(self._user_changed)
+        if policy.access_requests is not None:
+            policy.access_requests.add_listener(lambda name: self._user_changed(name, None))
 
     def _lock_added(self, lock) -> None:
         for conn in list(self._connections()):
