@@ -98,12 +98,14 @@ class AccessRequestApi:
 
     async def certificate(self, caller: Caller, request_id: str, public_key: bytes,
                           wanted: float | None, client: str) -> dict:
-        """A certificate for the caller's own key with the request's roles, valid while
-        both the caller's credential and the elevation are (so a certificate can never
-        renew itself past its own end)."""
+        """A certificate for the caller's own key naming the request, valid as long as the
+        caller's credential (so a certificate never renews itself past its own end). The
+        request's roles count only while it is approved and unexpired (auth/access.py):
+        when the elevation ends the certificate keeps the user's own roles, so the user
+        is not logged out."""
         request = await self._service.assumable(caller, request_id)
         now = self._clock.seconds()
-        ttl = min(caller.expires - now, request.expires - now)
+        ttl = caller.expires - now
         if wanted is not None:
             ttl = min(ttl, wanted)
         if ttl < MIN_CERT_TTL:
