@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 import attrs
 
 from apptunnel.auth.errors import AuthError
-from apptunnel.auth.rbac import Role, RoleSet
+from apptunnel.auth.rbac import Role, RoleSet, Threshold
 from apptunnel.backend.records import AccessRequest, Review
 
 PENDING, APPROVED, DENIED, EXPIRED = "pending", "approved", "denied", "expired"
@@ -83,7 +83,7 @@ def plan_request(held: RoleSet, roles: Iterable[str], apps: Iterable[str], reaso
     The elevation lasts ``ttl`` (default: as long as allowed), never longer than the
     smallest ``max_duration`` of the roles allowing the request (``default_ttl`` for a
     role without one). It needs the most approvals and the fewest denials any of those
-    roles' thresholds name (one and one by default).
+    roles' thresholds name (a role without thresholds counts as one and one).
     """
     wanted = tuple(dict.fromkeys(roles))
     if not wanted:
@@ -106,7 +106,7 @@ def plan_request(held: RoleSet, roles: Iterable[str], apps: Iterable[str], reaso
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
             raise RequestError(400, "ttl must be a positive number of seconds")
         cap = min(cap, float(ttl))
-    thresholds = [t for r in granting for t in r.allow_requests.thresholds]
+    thresholds = [t for r in granting for t in (r.allow_requests.thresholds or (Threshold(),))]
     return Plan(
         roles=wanted,
         apps=tuple(dict.fromkeys(apps)),
