@@ -30,8 +30,6 @@ MIN_CERT_TTL = 1.0
 def _roles_field(value: Any) -> list[str]:
     if value is None:
         return []
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise RequestError(400, "roles must be a list of role names")
     return value
