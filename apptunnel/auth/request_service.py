@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from apptunnel.auth.access_requests import (
     APPROVED,
+    PENDING,
     RequestError,
     apply_review,
     clean_reason,
@@ -33,6 +34,8 @@ from apptunnel.auth.rbac import RoleSet
 from apptunnel.backend.records import AccessRequest, Review
 
 NOT_FOUND = "no such access request"
+MAX_PENDING_PER_USER = 20     # storage a user can fill with requests nobody reviews
+MAX_LISTED = 500              # the newest requests a listing shows
 
 
 class RequestNotices:
@@ -90,6 +93,11 @@ class AccessRequestService:
                 raise RequestError(403, f"no role you may request opens {app}")
             apps = (info.name,)
         plan = plan_request(held, roles, apps, reason, ttl, self._default_ttl)
+        waiting = await self._backend.list_access_requests(user=caller.user,
+                                                           states=(PENDING,))
+        if len(waiting) >= MAX_PENDING_PER_USER:
+            raise RequestError(429, f"you have {len(waiting)} pending requests; wait for "
+                                    "their review or their expiry")
         request = new_request(new_request_id(), caller.user, plan, self._clock.seconds())
         await self._backend.put_access_request(request)
         self._notices.announce("access_request.create", request, actor=caller.user)
@@ -127,13 +135,14 @@ class AccessRequestService:
         raise RequestError(404, NOT_FOUND)
 
     async def list(self, caller: Caller) -> list[AccessRequest]:
-        """The caller's own requests and those they may review, oldest first."""
+        """The caller's own requests and those they may review, oldest first (the newest
+        MAX_LISTED of them)."""
         held, _ = await self._held(caller)
         reviewable = held.reviewable()
         if not reviewable:
-            return await self._backend.list_access_requests(user=caller.user)
+            return (await self._backend.list_access_requests(user=caller.user))[-MAX_LISTED:]
         return [r for r in await self._backend.list_access_requests()
-                if may_see(r, caller.user, reviewable)]
+                if may_see(r, caller.user, reviewable)][-MAX_LISTED:]
 
     async def assumable(self, caller: Caller, request_id: str) -> AccessRequest:
         """The caller's own approved, unexpired request; 404 for anyone else's."""

@@ -113,7 +113,7 @@ def treq_post(reactor, ca_file: str | None = None) -> Post:
     """A `Post` over treq: the system's CAs, or only ``ca_file``'s; the answer discarded."""
     import treq
     from twisted.internet.ssl import Certificate
-    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
     if ca_file is not None:
         with open(ca_file, "rb") as f:
@@ -121,7 +121,9 @@ def treq_post(reactor, ca_file: str | None = None) -> Post:
         policy = BrowserLikePolicyForHTTPS(trustRoot=trust)
     else:
         policy = BrowserLikePolicyForHTTPS()
-    client = treq.client.HTTPClient(Agent(reactor, contextFactory=policy))
+    pool = HTTPConnectionPool(reactor, persistent=True)   # one connection, reused
+    pool.maxPersistentPerHost = 2
+    client = treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
 
     async def post(url: str, body: bytes) -> int:
         response = await client.post(url, data=body,

@@ -411,3 +411,53 @@ def test_webhook_succeeds_after_a_failure_and_bounds_what_is_in_flight():
     hook.send({"id": "b"})       # dropped: one already in flight
     clock.advance(1)
     assert answers == [] and hook.in_flight == 0
+
+
+def test_pending_requests_per_user_are_bounded(w):
+    """A user cannot fill storage with requests nobody reviews."""
+    from apptunnel.auth.request_service import MAX_PENDING_PER_USER
+
+    for _ in range(MAX_PENDING_PER_USER):
+        run(w.service.create(caller(), ["prod"], None, "x", None))
+    with pytest.raises(RequestError, match="pending requests") as info:
+        run(w.service.create(caller(), ["prod"], None, "x", None))
+    assert info.value.status == 429
+
+
+# -- configuration ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body,problem", [
+    ("access_requests: {webhook_url: 'http://h/x'}", "access_requests.webhook_url: expected an https:// URL"),
+    ("access_requests: {webhook_url: 'https://u:p@h/x'}", "must not hold a user name or password"),
+    ("access_requests: {webhook_url: 'https://h:99999/x'}", "invalid port"),
+    ("access_requests: {}", "access_requests.webhook_url: required key is missing"),
+    ("access_requests: {webhook_url: 'https://h/x', retries: 3}", "access_requests.retries: unknown key"),
+])
+def test_config_refuses_what_is_not_enforced(tmp_path, body, problem):
+    """One line `file:line: key: problem` for each bad access_requests setting."""
+    from apptunnel.config import ConfigError, load_proxy_config
+
+    path = tmp_path / "proxy.yaml"
+    path.write_text(f"data_dir: {tmp_path}\npublic_addr: a.localhost:3080\n{body}\n")
+    with pytest.raises(ConfigError) as info:
+        load_proxy_config(str(path))
+    text = str(info.value)
+    assert text.startswith(f"{path}:") and problem in text and "\n" not in text
+
+
+def test_config_reads_the_webhook_and_a_bad_ca_file_is_one_line(tmp_path):
+    from apptunnel.config import ConfigError, load_proxy_config
+    from apptunnel.proxy.service import _request_webhook
+
+    path = tmp_path / "proxy.yaml"
+    path.write_text(f"data_dir: {tmp_path}\npublic_addr: a.localhost:3080\naccess_requests:\n"
+                    "  webhook_url: https://hooks.example/x\n  ca_file: missing.pem\n")
+    config = load_proxy_config(str(path))
+    assert config.access_requests.webhook_url == "https://hooks.example/x"
+    assert config.access_requests.ca_file == str(tmp_path / "missing.pem")
+    with pytest.raises(ConfigError, match="access_requests: ca_file: cannot load"):
+        _request_webhook(config, Clock())
+    (tmp_path / "missing.pem").write_text("not a certificate")
+    with pytest.raises(ConfigError, match="access_requests: ca_file: cannot load"):
+        _request_webhook(config, Clock())
