@@ -13,9 +13,9 @@ and starts an MFA-verified app session or issues a one-app certificate). The ord
 fixed: locks (in memory, every time), the decision cache (a few seconds, keyed by
 credential + app + the user's directory revision, so a cached request touches no
 storage), the user directory (a removed user is nobody; an elevated credential gains the
-roles of its approved, unexpired access requests, auth/request_watch.py), the one-app binding of a
-per-session MFA certificate, RBAC, per-session MFA, then the per-request facts (the
-WebSocket origin result).
+roles of its approved, unexpired access requests, auth/request_watch.py), the one-app
+binding of a per-session MFA certificate, RBAC, per-session MFA, then the per-request
+facts (the WebSocket origin result).
 
 The WebSocket origin *rule* stays with the HTTP router (which origin is right depends on
 the listener the request came through: the app's public host or a local port); the

@@ -428,11 +428,13 @@ def test_pending_requests_per_user_are_bounded(w):
 
 
 @pytest.mark.parametrize("body,problem", [
-    ("access_requests: {webhook_url: 'http://h/x'}", "access_requests.webhook_url: expected an https:// URL"),
+    ("access_requests: {webhook_url: 'http://h/x'}",
+     "access_requests.webhook_url: expected an https:// URL"),
     ("access_requests: {webhook_url: 'https://u:p@h/x'}", "must not hold a user name or password"),
     ("access_requests: {webhook_url: 'https://h:99999/x'}", "invalid port"),
     ("access_requests: {}", "access_requests.webhook_url: required key is missing"),
-    ("access_requests: {webhook_url: 'https://h/x', retries: 3}", "access_requests.retries: unknown key"),
+    ("access_requests: {webhook_url: 'https://h/x', retries: 3}",
+     "access_requests.retries: unknown key"),
 ])
 def test_config_refuses_what_is_not_enforced(tmp_path, body, problem):
     """One line `file:line: key: problem` for each bad access_requests setting."""
