@@ -46,6 +46,8 @@ class RequestWatcher:
         self._revision = 0
         self._listeners: list[RequestListener] = []
         self._mutex = DeferredLock()
+        self._reads = 0                     # polls started so far
+        self._noted: dict[str, int] = {}    # id -> self._reads when note() saw it
         self._loop: LoopingCall | None = None
         self._wake: IDelayedCall | None = None
 
@@ -94,12 +96,15 @@ class RequestWatcher:
             self._approved[request.id] = request
         else:
             self._approved.pop(request.id, None)
+        self._noted[request.id] = self._reads
         self._changed({request.user})
         self._schedule()
 
     async def refresh(self) -> None:
         """Poll storage now; never raises. Lapsed requests are marked expired."""
         async with self._mutex:
+            self._reads += 1
+            started = self._reads
             try:
                 found = await self._backend.list_access_requests(states=(PENDING, APPROVED))
             except Exception as err:
@@ -109,6 +114,12 @@ class RequestWatcher:
             now = self._clock.seconds()
             approved = {r.id: r for r in found if current_state(r, now) == APPROVED}
             old = self._approved
+            for request_id, request in old.items():
+                # Noted while this poll was reading: newer than what it read.
+                if (request_id not in approved and self._noted.get(request_id, 0) >= started
+                        and current_state(request, now) == APPROVED):
+                    approved[request_id] = request
+            self._noted = {i: n for i, n in self._noted.items() if n >= started}
             users = {r.user for i, r in approved.items() if old.get(i) != r}
             users |= {r.user for i, r in old.items() if i not in approved}
             self._approved = approved

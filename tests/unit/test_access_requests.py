@@ -463,3 +463,27 @@ def test_config_reads_the_webhook_and_a_bad_ca_file_is_one_line(tmp_path):
     (tmp_path / "missing.pem").write_text("not a certificate")
     with pytest.raises(ConfigError, match="access_requests: ca_file: cannot load"):
         _request_webhook(config, Clock())
+
+
+def test_an_approval_noted_during_a_poll_is_not_undone_by_it(w):
+    """A poll that read storage before an approval on this proxy must not drop the grant
+    (and cut the connections it just opened) until the next poll."""
+    r = run(w.service.create(caller(), ["prod"], None, "x", None))
+    slow = Deferred()
+    real = w.backend.list_access_requests
+
+    async def stale(**kw):
+        found = await real(**kw)
+        await slow
+        return found
+
+    w.backend.list_access_requests = stale
+    polling = Deferred.fromCoroutine(w.watcher.refresh())
+    w.backend.list_access_requests = real
+    approved_now = run(w.service.review(caller("bob", roles=("reviewer",)), r.id, True, ""))
+    heard = []
+    w.watcher.add_listener(heard.append)
+    slow.callback(None)
+    assert polling.called
+    assert w.watcher.granted("alice", [r.id], "prod", NOW)[0] == ("prod",)
+    assert heard == [] and approved_now.state == APPROVED
