@@ -20,7 +20,7 @@ import yaml
 
 from tests.support.cli_user import ca_pin, log_in, online_apps, start, user_env
 from tests.support.cluster import BIN, Browser, Cluster, audit, free_port, wait_until
-from tests.support.upstream import HttpUpstream
+from tests.support.upstream import HttpUpstream, WebSocketEcho
 from tests.support.webhook import WebhookReceiver
 
 PASSWORD = "correct horse battery staple"
@@ -75,12 +75,13 @@ USERS = {"alice": ["dev"], "bob": ["dev", "two-keys"], "rev1": ["dev", "approver
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("requests")
-    http, echo = HttpUpstream(), _Echo()
+    http, echo, ws = HttpUpstream(), _Echo(), WebSocketEcho()
     hook = WebhookReceiver(root, fail_first=1)      # the first POST is retried
     c = Cluster([
         {"name": "hello", "uri": http.uri, "labels": {"env": "dev"}},
         {"name": "prod", "uri": http.uri, "labels": {"env": "prod"}},
         {"name": "prodpipe", "uri": f"tcp://127.0.0.1:{echo.port}", "labels": {"env": "prod"}},
+        {"name": "prodws", "uri": ws.uri, "labels": {"env": "prod"}},
     ])
     config = yaml.safe_load(c.proxy_config.read_text())
     config["access_requests"] = {"webhook_url": hook.url, "ca_file": str(hook.ca_file)}
@@ -104,6 +105,7 @@ def world(tmp_path_factory):
         c.stop()
         http.stop()
         echo.stop()
+        ws.stop()
         hook.stop()
 
 
@@ -131,6 +133,21 @@ def show(home: Path, request_id: str) -> dict:
     return json.loads(user(home, "request", "show", request_id, "--format", "json").stdout)
 
 
+def websocket(cluster: Cluster, home: Path):
+    """A live WebSocket to prodws, authenticated by the user's certificate."""
+    import ssl
+
+    from websockets.sync.client import connect
+
+    from tests.support.localhost import localhost_resolution
+
+    context = ssl.create_default_context(cafile=str(home / "ca.crt"))
+    context.load_cert_chain(str(home / "user.crt"), str(home / "user.key"))
+    url = f"prodws.apptunnel.localhost:{cluster.web_port}"
+    with localhost_resolution():
+        return connect(f"wss://{url}/", ssl=context, origin=f"https://{url}", open_timeout=10)
+
+
 def closed_within(sock: socket.socket, seconds: float) -> bool:
     sock.settimeout(max(0.1, seconds))
     try:
@@ -154,9 +171,12 @@ def origin(cluster: Cluster) -> dict:
 
 def test_approved_request_opens_the_app_then_ends_by_itself(world):
     """alice waits in `request create`, rev1 approves: her new certificate opens the TCP
-    app through `proxy app`, her web session assumes the request and opens the prod app;
-    when the role's max_duration passes, the app session and the live TCP stream are cut
-    with nobody acting, the request shows `expired`, and the webhook heard every state."""
+    app through `proxy app` and a WebSocket app, her web session assumes the request and
+    opens the prod app; when the role's max_duration passes, the app session, the live
+    TCP stream and the WebSocket are cut with nobody acting, the request shows
+    `expired`, and the webhook heard every state."""
+    from websockets.exceptions import ConnectionClosed
+
     cluster, homes, hook = world
     alice, rev1 = homes["alice"], homes["rev1"]
     browser = browser_for(cluster, "alice")
@@ -193,19 +213,25 @@ def test_approved_request_opens_the_app_then_ends_by_itself(world):
     port = free_port()
     local = start(alice, "prodpipe", str(port))
     stream = socket.create_connection(("127.0.0.1", port), timeout=10)
+    live = websocket(cluster, alice)
     try:
         stream.sendall(b"ping")
         assert stream.recv(4) == b"ping"
+        live.send("hi")
+        assert live.recv(timeout=10) == "hi"
         left = ends - time.time()
         assert left > 1, "the test was too slow to see the elevation live"
         assert closed_within(stream, left + CUT_SLACK)
         assert time.time() >= ends            # cut by the elevation's end, not before
+        with pytest.raises(ConnectionClosed):
+            live.recv(timeout=CUT_SLACK)
         wait_until(lambda: browser.get(cluster.url("prod", "/echo")).status_code == 403,
                    max(0.0, ends - time.time()) + CUT_SLACK, "the app session to lose prod")
         assert time.time() >= ends
         assert browser.get(cluster.url("hello", "/echo")).status_code == 200
     finally:
         stream.close()
+        live.close()
         local.stop()
     wait_until(lambda: show(alice, request["id"])["state"] == "expired", 10, "state expired")
     # The certificate outlives the elevation with alice's own roles: no new login needed.
