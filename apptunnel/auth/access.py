@@ -201,7 +201,11 @@ class AccessPolicy:
         until = min(now + self._ttl, caller.expires)
         if grant_ends is not None:
             until = min(until, grant_ends)      # an elevation's end is decided afresh
-        self._remember((caller.credential, name), _Cached(until, revision, decision), now)
+        if facts.where != LIVE:
+            # A live re-check decides for the caller its connection started with; the
+            # credential may name more now (a web session that assumed a request), so
+            # only a request's own decision is kept for the requests that follow.
+            self._remember((caller.credential, name), _Cached(until, revision, decision), now)
         return self._with_facts(decision, caller.user, name, facts)
 
     def revoked(self, user: str, app: str | None) -> Deny | None:

@@ -19,7 +19,9 @@ import pytest
 import yaml
 
 from tests.support.cli_user import ca_pin, log_in, online_apps, start, user_env
-from tests.support.cluster import BIN, Browser, Cluster, audit, free_port, wait_until
+from tests.support.cluster import (
+    BIN, Browser, Cluster, app_jwt_claims, audit, free_port, wait_until,
+)
 from tests.support.upstream import HttpUpstream, WebSocketEcho
 from tests.support.webhook import WebhookReceiver
 
@@ -181,6 +183,8 @@ def test_approved_request_opens_the_app_then_ends_by_itself(world):
     alice, rev1 = homes["alice"], homes["rev1"]
     browser = browser_for(cluster, "alice")
     assert browser.get(cluster.url("prod", "/echo")).status_code == 403
+    hello = browser.get(cluster.url("hello", "/echo"))       # an app session open before
+    assert app_jwt_claims(cluster, hello.json())["roles"] == ["dev"]
     refused = user(alice, "request", "create", "--roles", "prod-access", "--nowait",
                    check=False)
     assert refused.returncode == 1 and "require a reason" in refused.stderr
@@ -209,6 +213,9 @@ def test_approved_request_opens_the_app_then_ends_by_itself(world):
     r = browser.post(cluster.url(path="/v1/sessions/assume"), headers=origin(cluster),
                      json={"request_id": request["id"]})
     assert r.status_code == 200, r.text
+    again = browser.get(cluster.url("hello", "/echo"))       # the same app session
+    assert again.history == [] and app_jwt_claims(cluster, again.json())["roles"] == \
+        ["dev", "prod-access"]
     assert browser.get(cluster.url("prod", "/echo")).status_code == 200
     port = free_port()
     local = start(alice, "prodpipe", str(port))

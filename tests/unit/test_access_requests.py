@@ -487,3 +487,24 @@ def test_an_approval_noted_during_a_poll_is_not_undone_by_it(w):
     assert polling.called
     assert w.watcher.granted("alice", [r.id], "prod", NOW)[0] == ("prod",)
     assert heard == [] and approved_now.state == APPROVED
+
+
+def test_a_live_recheck_of_an_older_caller_does_not_hide_a_newly_assumed_request(w):
+    """A web session assumes a request: its app session's live connection is re-checked
+    with the caller it started with, and that answer must not be what the app session's
+    next request (the same credential, now naming the request) gets from the cache."""
+    r = run(w.service.create(caller(), ["prod"], None, "x", None))
+
+    class Conn:
+        caller = Caller("alice", ("dev",), {}, "session", "app-session-1", NOW + 3600)
+        app_name = "dev"
+
+        def refused(self, deny):
+            raise AssertionError(deny)
+
+    LiveRecheck(w.policy, w.clock, lambda: [Conn()], {"dev": DEV, "prod": PROD}.get)
+    assert run(w.policy.decide(Conn.caller, DEV, Facts(), NOW)).roles == ("dev",)
+    run(w.service.review(caller("bob", roles=("reviewer",)), r.id, True, ""))
+    w.service.assumed(caller(), run(w.service.assumable(caller(), r.id)), "web session")
+    now_naming = attrs.evolve(Conn.caller, requests=(r.id,))
+    assert run(w.policy.decide(now_naming, DEV, Facts(), NOW)).roles == ("dev", "prod")
