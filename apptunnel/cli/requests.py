@@ -14,9 +14,11 @@ import re
 import time
 from typing import Callable
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from apptunnel.auth.pins import cert_pin
 from apptunnel.cli.context import CliError, Io, UsageError
 from apptunnel.cli.login import check_certificate_answer
 from apptunnel.cli.output import clean, human_duration, iso, json_text, table
@@ -168,13 +170,8 @@ def _elevate(profile: Profile, request_id: str, io: Io) -> dict:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     answer = _call(profile, "POST", f"/v1/access-requests/{request_id}/certs",
                    {"public_key": public_pem.decode("ascii")})
-    pin = None
-    if profile.ca_pem is not None:
-        from cryptography import x509
-
-        from apptunnel.auth.pins import cert_pin
-
-        pin = cert_pin(x509.load_pem_x509_certificate(profile.ca_pem))
+    pin = (None if profile.ca_pem is None
+           else cert_pin(x509.load_pem_x509_certificate(profile.ca_pem)))
     cert_pem = check_certificate_answer(profile.proxy, answer, key, pin)
     Profile(proxy=profile.proxy, trust=profile.trust, cert_pem=cert_pem,
             key_pem=key.private_bytes(serialization.Encoding.PEM,
