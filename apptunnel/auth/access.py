@@ -31,6 +31,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from apptunnel.auth.access_requests import roles_for_app
 from apptunnel.auth.callers import Caller
 from apptunnel.auth.directory import REMOVED_MESSAGE, effective_identity
 from apptunnel.auth.locks import LockAudit, lock_matches, lock_message
@@ -194,7 +195,8 @@ class AccessPolicy:
         role_set = await self._roles.role_set(who.roles)
         checked = role_set.check_app(app.labels, who.traits)
         decision: Allow | Deny | NeedsMore = (Allow(who, checked.reason) if checked.allowed
-                                              else Deny(403, "rbac", checked.reason))
+                                              else Deny(403, "rbac", checked.reason,
+                                                        await self._hint(role_set, app, who)))
         if (checked.allowed and caller.mfa_app != name
                 and role_set.session_mfa(app.labels, who.traits)):
             decision = NeedsMore("mfa", SESSION_MFA_REASON, f"{name} {SESSION_MFA_MESSAGE}")
@@ -233,6 +235,17 @@ class AccessPolicy:
             self._cache.pop((credential, app or ""), None)
 
     # -- helpers ------------------------------------------------------------------------
+
+    async def _hint(self, role_set, app, who: Caller) -> str:
+        """What a refused user may do about it: ask for a role that opens the app."""
+        requestable = role_set.requestable()
+        if not requestable:
+            return ""
+        candidates = (await self._roles.role_set(requestable)).roles
+        if not roles_for_app(candidates, app.labels, who.traits):
+            return ""
+        return (f"your roles do not allow {app.name}; ask for access with: apptunnel request "
+                f"create --app {app.name} --reason ...")
 
     def _with_facts(self, decision: Decision, user: str, app: str, facts: Facts) -> Decision:
         """Apply this request's own facts to a (possibly cached) decision, and audit a refusal."""

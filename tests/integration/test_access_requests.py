@@ -182,7 +182,9 @@ def test_approved_request_opens_the_app_then_ends_by_itself(world):
     cluster, homes, hook = world
     alice, rev1 = homes["alice"], homes["rev1"]
     browser = browser_for(cluster, "alice")
-    assert browser.get(cluster.url("prod", "/echo")).status_code == 403
+    denied = browser.get(cluster.url("prod", "/echo"))
+    assert denied.status_code == 403
+    assert "apptunnel request create --app prod" in denied.text     # how to ask
     hello = browser.get(cluster.url("hello", "/echo"))       # an app session open before
     assert app_jwt_claims(cluster, hello.json())["roles"] == ["dev"]
     refused = user(alice, "request", "create", "--roles", "prod-access", "--nowait",

@@ -508,3 +508,12 @@ def test_a_live_recheck_of_an_older_caller_does_not_hide_a_newly_assumed_request
     w.service.assumed(caller(), run(w.service.assumable(caller(), r.id)), "web session")
     now_naming = attrs.evolve(Conn.caller, requests=(r.id,))
     assert run(w.policy.decide(now_naming, DEV, Facts(), NOW)).roles == ("dev", "prod")
+
+
+def test_a_refusal_says_how_to_ask_when_a_requestable_role_opens_the_app(w):
+    """Denied by RBAC, but a role the user may request opens the app: the message says
+    how to ask; for an app no requestable role opens, the default refusal stays."""
+    denied = run(w.policy.decide(caller(), PROD, Facts(), NOW))
+    assert isinstance(denied, Deny) and "apptunnel request create --app prod" in denied.message
+    other = AppInfo("other", "http://127.0.0.1:3", {"env": "other"})
+    assert run(w.policy.decide(caller(), other, Facts(), NOW)).message == ""
