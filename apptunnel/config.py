@@ -440,6 +440,14 @@ class ThrottleConfig:
 
 
 @attrs.frozen
+class AccessRequestsConfig:
+    """``access_requests:``: the webhook told of every state change (auth/request_webhook.py)."""
+
+    webhook_url: str
+    ca_file: str | None = None
+
+
+@attrs.frozen
 class ProxyConfig:
     """Everything the proxy process needs; paths are absolute."""
 
@@ -472,6 +480,8 @@ class ProxyConfig:
     allowed_public_addrs: tuple[str, ...] = ()
     # bots.min_certificate_ttl: the shortest bot certificate issued (auth/bots.py).
     bot_min_certificate_ttl: float = 60.0
+    # access_requests: where each state change of an access request is POSTed.
+    access_requests: AccessRequestsConfig | None = None
 
     @property
     def public_host(self) -> str:
@@ -529,6 +539,7 @@ _PROXY_KEYS = (
     "backend", "tls", "jwt", "session_ttl", "keepalive", "audit",
     "limits", "auth",
     "agent_cert_ttl", "app_grace_period", "allowed_public_addrs", "bots",
+    "access_requests",
 )
 _AGENT_KEYS = ("data_dir", "proxy_addr", "join", "keepalive", "apps", "resources")
 _APP_KEYS = (
@@ -717,6 +728,7 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
         app_grace_period=top.duration("app_grace_period", 120.0),
         allowed_public_addrs=allowed,
         bot_min_certificate_ttl=_bot_min_ttl(top),
+        access_requests=_access_requests(top, base),
     )
 
 
@@ -732,6 +744,25 @@ def _bot_min_ttl(top: _Section) -> float:
         bots.fail("min_certificate_ttl",
                   f"must be from 1s to 1h, got {_show(bots.raw('min_certificate_ttl'))}")
     return floor
+
+
+def _access_requests(top: _Section, base: str) -> AccessRequestsConfig | None:
+    """``access_requests: {webhook_url: https://..., ca_file: ...}``; https only, and no
+    credentials in the URL (it is logged; put a secret in the path of a private host)."""
+    section = top.section("access_requests", ("webhook_url", "ca_file"))
+    if section is None:
+        return None
+    url = section.string("webhook_url", required=True)
+    parsed = urlsplit(url)
+    if parsed.scheme != "https" or not parsed.hostname:
+        section.fail("webhook_url", f"expected an https:// URL, got {_show(url)}")
+    if parsed.username is not None or parsed.password is not None:
+        section.fail("webhook_url", "must not hold a user name or password")
+    try:
+        parsed.port
+    except ValueError:
+        section.fail("webhook_url", f"invalid port in {_show(url)}")
+    return AccessRequestsConfig(url, section.file_path("ca_file", base))
 
 
 def _allowed_public_addrs(top: _Section) -> tuple[str, ...]:

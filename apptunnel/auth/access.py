@@ -11,11 +11,12 @@ its user holds), `Deny` (what the user sees, the audit reason, the HTTP status),
 credential carries no fresh second factor for this app; the entry point prompts for one
 and starts an MFA-verified app session or issues a one-app certificate). The order is
 fixed: locks (in memory, every time), the decision cache (a few seconds, keyed by
-credential + app + the user's directory revision + the app's labels as registered now,
-so a dynamic label that changes is decided on at once, and a cached request touches no
-storage), the user directory (a removed user is nobody), the one-app binding of a
-per-session MFA certificate, RBAC, per-session MFA, then the per-request facts (the
-WebSocket origin result).
+credential + app + the user's directory revision + the grants' revision + the app's labels
+as registered now, so a dynamic label that changes is decided on at once, and a cached
+request touches no storage), the user directory (a removed user is nobody; an elevated
+credential gains the roles of its approved, unexpired access requests,
+auth/request_watch.py), the one-app binding of a per-session MFA certificate, RBAC,
+per-session MFA, then the per-request facts (the WebSocket origin result).
 
 The WebSocket origin *rule* stays with the HTTP router (which origin is right depends on
 the listener the request came through: the app's public host or a local port); the
@@ -31,6 +32,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from apptunnel.auth.access_requests import roles_for_app
 from apptunnel.auth.callers import Caller
 from apptunnel.auth.directory import REMOVED_MESSAGE, effective_identity
 from apptunnel.auth.locks import LockAudit, lock_matches, lock_message
@@ -104,7 +106,7 @@ Decision = Allow | Deny | NeedsMore
 @attrs.frozen
 class _Cached:
     until: float
-    revision: int           # of the user's directory entry the decision was made with
+    revision: tuple[int, int]   # the user's directory entry's and the grants' revisions
     decision: Allow | Deny | NeedsMore
     labels: dict | None = None   # of the app: a dynamic label or resource edit re-decides
 
@@ -113,15 +115,17 @@ class AccessPolicy:
     """Locks, the user directory cap, RBAC and the decision cache, with one audit trail.
 
     ``roles`` is a RoleCache (``role_set(names)``), ``locks`` a LockWatcher, ``users`` a
-    UserDirectory (each optional: without one, that check passes). Time is passed in.
+    UserDirectory (each optional: without one, that check passes), ``requests`` a
+    RequestWatcher (without one, no credential is elevated). Time is passed in.
     """
 
     _log = Logger()
 
     def __init__(self, *, roles, audit, clock, locks=None, users=None,
                  lock_audit: LockAudit | None = None, ttl: float = DECISION_TTL,
-                 max_cached: int = MAX_CACHED) -> None:
+                 max_cached: int = MAX_CACHED, requests=None) -> None:
         self._roles = roles
+        self._requests = requests
         self._audit = audit
         self._locks = locks
         self._users = users
@@ -129,6 +133,11 @@ class AccessPolicy:
         self._ttl = ttl
         self._max_cached = max_cached
         self._cache: dict[tuple[str, str], _Cached] = {}
+
+    @property
+    def access_requests(self):
+        """The RequestWatcher whose grants elevate credentials (None: none do)."""
+        return self._requests
 
     # -- the decision -------------------------------------------------------------------
 
@@ -163,10 +172,14 @@ class AccessPolicy:
         if found is not None:
             return found
         revision = self._revision(caller.user)  # before any await: a change meanwhile re-decides
+        granted, grant_ends = ((), None) if self._requests is None or not caller.requests \
+            else self._requests.granted(caller.user, caller.requests, name, now)
         who = caller
-        if self._users is not None:
+        if self._users is None:
+            who = caller.acting_as(tuple(dict.fromkeys(caller.roles + granted)), caller.traits)
+        else:
             capped = effective_identity(caller.roles, caller.traits,
-                                        await self._users.lookup(caller.user))
+                                        await self._users.lookup(caller.user), granted)
             if capped is None:
                 if name is not None:
                     self._cache.pop((caller.credential, name), None)
@@ -185,13 +198,20 @@ class AccessPolicy:
         role_set = await self._roles.role_set(who.roles)
         checked = role_set.check_app(app.labels, who.traits)
         decision: Allow | Deny | NeedsMore = (Allow(who, checked.reason) if checked.allowed
-                                              else Deny(403, "rbac", checked.reason))
+                                              else Deny(403, "rbac", checked.reason,
+                                                        await self._hint(role_set, app, who)))
         if (checked.allowed and caller.mfa_app != name
                 and role_set.session_mfa(app.labels, who.traits)):
             decision = NeedsMore("mfa", SESSION_MFA_REASON, f"{name} {SESSION_MFA_MESSAGE}")
-        self._remember((caller.credential, name),
-                       _Cached(min(now + self._ttl, caller.expires), revision, decision,
-                               app.labels), now)
+        until = min(now + self._ttl, caller.expires)
+        if grant_ends is not None:
+            until = min(until, grant_ends)      # an elevation's end is decided afresh
+        if facts.where != LIVE:
+            # A live re-check decides for the caller its connection started with; the
+            # credential may name more now (a web session that assumed a request), so
+            # only a request's own decision is kept for the requests that follow.
+            self._remember((caller.credential, name),
+                           _Cached(until, revision, decision, app.labels), now)
         return self._with_facts(decision, caller.user, name, facts)
 
     def revoked(self, user: str, app: str | None) -> Deny | None:
@@ -220,6 +240,17 @@ class AccessPolicy:
 
     # -- helpers ------------------------------------------------------------------------
 
+    async def _hint(self, role_set, app, who: Caller) -> str:
+        """What a refused user may do about it: ask for a role that opens the app."""
+        requestable = role_set.requestable()
+        if not requestable:
+            return ""
+        candidates = (await self._roles.role_set(requestable)).roles
+        if not roles_for_app(candidates, app.labels, who.traits):
+            return ""
+        return (f"your roles do not allow {app.name}; ask for access with: apptunnel request "
+                f"create --app {app.name} --reason ...")
+
     def _with_facts(self, decision: Decision, user: str, app: str, facts: Facts) -> Decision:
         """Apply this request's own facts to a (possibly cached) decision, and audit a refusal."""
         if isinstance(decision, Allow) and facts.upgrade and not facts.origin_ok:
@@ -237,12 +268,14 @@ class AccessPolicy:
         self._audit.emit("access.denied", actor=user, target=app or "", outcome="failure",
                          **fields)
 
-    def _revision(self, user: str) -> int:
-        """The directory revision of ``user`` now (-1 when unknown or no directory)."""
+    def _revision(self, user: str) -> tuple[int, int]:
+        """The directory revision of ``user`` now (-1 when unknown or no directory), and
+        the access requests' (a grant given or ended re-decides)."""
+        grants = self._requests.revision if self._requests is not None else -1
         if self._users is None:
-            return -1
+            return -1, grants
         entry = self._users.current(user)
-        return entry.revision if entry is not None else -1
+        return (entry.revision if entry is not None else -1), grants
 
     def _remember(self, key: tuple[str, str], entry: _Cached, now: float) -> None:
         """Bounded: expired entries go first, then everything (a flood of new credentials)."""
@@ -263,7 +296,8 @@ def _binding_refusal(caller: Caller, app: str | None) -> Deny | None:
 
 class LiveRecheck:
     """Live connections asked about again when a lock appears, a user changes or an
-    app's definition changes (its labels: a dynamic label, an edited app resource).
+    app's definition changes (its labels: a dynamic label, an edited app resource) or an
+    access request's grant changes (an elevation ends).
 
     A lock or a removed user must end connections already open (keep-alive, upgraded,
     TCP), not only the next request. Each entry point hands in ``connections()`` (what is
@@ -286,6 +320,8 @@ class LiveRecheck:
             users.add_listener(self._user_changed)
         if apps is not None:   # the registry: an app's labels changed
             apps.add_change_listener(self._app_changed)
+        if policy.access_requests is not None:
+            policy.access_requests.add_listener(lambda name: self._user_changed(name, None))
 
     def _app_changed(self, name: str) -> None:
         for conn in list(self._connections()):

@@ -166,6 +166,16 @@ def bot_identity(cert: x509.Certificate) -> tuple[tuple[str, ...], int]:
     return roles, generation
 
 
+def assumed_requests(cert: x509.Certificate) -> tuple[str, ...]:
+    """The access request ids a user certificate assumed (none for most)."""
+    try:
+        ext = cert.extensions.get_extension_for_oid(IDENTITY_OID)
+        found = json.loads(_parse_der_utf8(ext.value.value)).get("requests") or []
+        return tuple(str(r) for r in found)
+    except (x509.ExtensionNotFound, ValueError, TypeError, AttributeError):
+        return ()
+
+
 class ClusterCA:
     """Issues and checks the cluster's certificates. Holds the CA key in memory only."""
 
@@ -327,19 +337,24 @@ class ClusterCA:
 
     def issue_user_cert(self, public_key_pem: bytes | str, username: str, roles: Iterable[str],
                         traits: dict, ttl: float, mfa_app: str | None = None,
-                        sessions_until: float = 0.0) -> bytes:
+                        sessions_until: float = 0.0, requests: Iterable[str] = ()) -> bytes:
         """A short-lived clientAuth certificate naming the user, their roles and traits;
         with ``mfa_app``, bound to that app after a fresh second factor (per-session MFA:
-        sessions it starts may run until ``sessions_until``). Never for a bot (``bot:NAME``
-        is no user name): a bot's certificate cannot be traded for a user's."""
+        sessions it starts may run until ``sessions_until``); with ``requests``, the
+        access requests it assumed (their roles count only while each is approved). Never
+        for a bot (``bot:NAME`` is no user name): a bot's certificate cannot be traded for
+        a user's."""
         if not isinstance(username, str) or not USER_NAME.match(username):
             raise AuthError(403, "user certificates are issued to users only")
         public_key = client_public_key(public_key_pem)
-        identity = json.dumps({
+        doc = {
             "roles": list(roles),
             "traits": {str(k): [str(v) for v in (vs if isinstance(vs, (list, tuple)) else [vs])]
                        for k, vs in (traits or {}).items()},
-        }, sort_keys=True, separators=(",", ":"))
+        }
+        if requests:
+            doc["requests"] = [str(r) for r in requests]
+        identity = json.dumps(doc, sort_keys=True, separators=(",", ":"))
         if len(identity) > _MAX_IDENTITY_BYTES:
             raise AuthError(400, "roles and traits too large for a certificate")
         builder = self._leaf(public_key, ROLE_USER, username, ttl,

@@ -17,7 +17,9 @@ from cryptography.hazmat.primitives import hashes
 from OpenSSL import crypto
 
 from apptunnel.auth.bots import bot_principal
-from apptunnel.auth.ca import ROLE_BOT, bot_identity, session_mfa_app, user_identity
+from apptunnel.auth.ca import (
+    ROLE_BOT, assumed_requests, bot_identity, session_mfa_app, user_identity,
+)
 from apptunnel.auth.errors import AuthError
 
 # sso: an OIDC or SAML sign-in; bot: a bot certificate (auth/bots.py)
@@ -36,6 +38,9 @@ class Caller:
     ``mfa_app`` names the one app this credential carries a fresh second factor for (an
     app session started after the per-session MFA prompt, or a one-app certificate);
     a certificate with it opens that app only (auth/access.py).
+
+    ``requests`` are the access requests the credential assumed: their roles are added
+    by the access policy only while each request is approved and unexpired.
     """
 
     user: str
@@ -45,6 +50,7 @@ class Caller:
     credential: str
     expires: float
     mfa_app: str | None = None
+    requests: tuple[str, ...] = ()
 
     @property
     def is_bot(self) -> bool:
@@ -78,9 +84,10 @@ def caller_from_certificate(ca, cert: x509.Certificate, now: float) -> Caller:
         # A one-app MFA certificate starts sessions while valid (checked above); the
         # sessions it started run until the end of the credential that asked for it.
         return Caller(name, roles, traits, "certificate",
-                      cert.fingerprint(hashes.SHA256()).hex(), binding[1], binding[0])
+                      cert.fingerprint(hashes.SHA256()).hex(), binding[1], binding[0],
+                      assumed_requests(cert))
     return Caller(name, roles, traits, "certificate", cert.fingerprint(hashes.SHA256()).hex(),
-                  expires)
+                  expires, requests=assumed_requests(cert))
 
 
 def caller_from_session(session, credential: str | None = None,
@@ -93,7 +100,8 @@ def caller_from_session(session, credential: str | None = None,
     """
     until = session.expires if expires is None else min(expires, session.expires)
     return Caller(session.user, tuple(session.roles), dict(session.traits), "session",
-                  credential or session.id_hash, until, mfa_app)
+                  credential or session.id_hash, until, mfa_app,
+                  tuple(getattr(session, "requests", ())))
 
 
 def peer_certificate(transport) -> x509.Certificate | None:

@@ -41,18 +41,23 @@ class Entry:
 
 
 def effective_identity(
-    roles: Iterable[str], traits: Mapping[str, Iterable[str]], current: Entry | None
+    roles: Iterable[str], traits: Mapping[str, Iterable[str]], current: Entry | None,
+    granted: Iterable[str] = (),
 ) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]] | None:
     """What a credential issued with ``roles``/``traits`` may act as now.
 
     A credential never grants more than its user holds now: its roles are those it names
     that the user still has, its trait values those the user still has. A removed user
-    (``current`` None) acts as nobody: None.
+    (``current`` None) acts as nobody: None. ``granted`` are the roles of the access
+    requests the credential assumed that are approved and unexpired now
+    (auth/access_requests.py ``granted_roles``): an elevated credential holds them
+    besides, and loses them the moment its request ends.
     """
     if current is None:
         return None
     held = set(current.roles)
-    capped_roles = tuple(r for r in dict.fromkeys(roles) if r in held)
+    capped_roles = tuple(dict.fromkeys(
+        [r for r in dict.fromkeys(roles) if r in held] + list(granted)))
     capped_traits: dict[str, tuple[str, ...]] = {}
     for name, values in traits.items():
         if isinstance(values, str):

@@ -13,10 +13,14 @@ so a trait of ``*`` or ``.*`` from an identity provider never widens access.
 
 An option is parsed only when something enforces it. ``require_session_mfa: true`` asks
 for a fresh second factor before each app session of an app the role allows (the access
-policy answers ``NeedsMore("mfa")``, auth/access.py). ``request`` / ``review_requests``
-(access requests) name a feature apptunnel does not have yet: a role that asks for them
-is refused (`UNSUPPORTED`), never loaded and silently ignored, because an operator who
-wrote them expects them to hold.
+policy answers ``NeedsMore("mfa")``, auth/access.py). Access requests
+(auth/access_requests.py) use ``allow.request`` (roles one may ask for, the longest
+elevation, the approvals and denials that decide), ``allow.review_requests`` (roles whose
+requests one may review), their ``deny`` twins (deny wins) and ``options.request_access``
+(``optional``, or ``reason``: a request must say why). The parts of Teleport's model not
+built here (``request_access: always``, ``search_as_roles``, ``claims_to_roles``, role
+name patterns, ...) are refused (`UNSUPPORTED`), never loaded and silently ignored,
+because an operator who wrote them expects them to hold.
 """
 
 from __future__ import annotations
@@ -79,12 +83,33 @@ Selector = dict[str, tuple[LabelValue, ...]]
 
 
 @attrs.frozen
+class Threshold:
+    """How many approvals grant a request, and how many denials refuse it."""
+
+    approve: int = 1
+    deny: int = 1
+
+
+@attrs.frozen
+class RequestRules:
+    """``request`` / ``review_requests`` of one side (allow or deny) of a role."""
+
+    request_roles: tuple[str, ...] = ()
+    max_duration: float | None = None           # allow only
+    thresholds: tuple[Threshold, ...] = ()      # allow only; () = one approval, one denial
+    review_roles: tuple[str, ...] = ()
+
+
+@attrs.frozen
 class Role:
     name: str
     allow_labels: Selector
     deny_labels: Selector
     max_session_ttl: float | None
     require_session_mfa: bool = False
+    allow_requests: RequestRules = RequestRules()
+    deny_requests: RequestRules = RequestRules()
+    request_access: str = "optional"            # "optional" | "reason"
 
 
 @attrs.frozen
@@ -148,6 +173,29 @@ class RoleSet:
         return any(role.require_session_mfa
                    and _selector_matches(role.allow_labels, labels, user_traits)
                    for role in self.roles)
+
+    def requestable(self) -> tuple[str, ...]:
+        """Role names these roles may ask for: allowed by one, denied by none."""
+        denied = {n for role in self.roles for n in role.deny_requests.request_roles}
+        return tuple(dict.fromkeys(n for role in self.roles
+                                   for n in role.allow_requests.request_roles
+                                   if n not in denied))
+
+    def reviewable(self) -> frozenset[str]:
+        """Role names whose requests these roles may review (deny wins)."""
+        denied = {n for role in self.roles for n in role.deny_requests.review_roles}
+        return frozenset(n for role in self.roles for n in role.allow_requests.review_roles
+                         if n not in denied)
+
+    def granting(self, requested: Iterable[str]) -> tuple[Role, ...]:
+        """The roles that allow asking for any of ``requested`` (their limits apply)."""
+        wanted = set(requested)
+        return tuple(role for role in self.roles
+                     if wanted & set(role.allow_requests.request_roles))
+
+    def reason_required(self) -> bool:
+        """Whether a role says ``request_access: reason``."""
+        return any(role.request_access == "reason" for role in self.roles)
 
     def max_session_ttl(self, default: float) -> float:
         """The shortest limit over the roles; a role without one contributes the default."""
@@ -258,39 +306,94 @@ def _parse_selector(path: str, value: Any) -> Selector:
     return selector
 
 
-# Role options of features not built yet: setting one to anything but its default is an
-# error naming the option, so no role loads with a promise nothing keeps.
+# Parts of Teleport's access-request model not built here: refused by name, so no role
+# loads with a promise nothing keeps.
 UNSUPPORTED = {
-    "request": "access requests are not supported yet",
-    "review_requests": "access requests are not supported yet",
+    "search_as_roles": "resource-based access requests (search_as_roles) are not supported",
+    "claims_to_roles": "claims_to_roles in access requests is not supported",
+    "suggested_reviewers": "suggested_reviewers is not supported",
+    "annotations": "request annotations are not supported",
+    "where": "conditions (where) on access requests are not supported",
+    "kubernetes_resources": "kubernetes resources are not supported",
+    "max_duration": "max_duration only exists under allow.request",
+    "thresholds": "thresholds only exist under allow.request",
+    "request_access": "request_access {value!r} is not supported (use optional or reason)",
 }
+_REQUEST_KEYS = {"roles", "max_duration", "thresholds"}
+_REVIEW_KEYS = {"roles"}
 
 
-def _unsupported(path: str, key: str) -> RoleError:
-    return RoleError(f"{path}: {UNSUPPORTED[key]}; remove this option (apptunnel does not "
-                     "enforce it)")
+def _unsupported(path: str, key: str, value: Any = None) -> RoleError:
+    return RoleError(f"{path}: {UNSUPPORTED[key].format(value=value)}; remove this option "
+                     "(apptunnel does not enforce it)")
 
 
-def _parse_role_names(path: str, value: Any) -> tuple[str, ...]:
-    spec = _mapping(path, value)
-    _check_keys(path, spec, {"roles"})
-    names = spec.get("roles") or []
+def _role_names(path: str, names: Any) -> tuple[str, ...]:
+    names = names if names is not None else []
     if not isinstance(names, list):
-        raise RoleError(f"{path}.roles: expected a list of role names")
+        raise RoleError(f"{path}: expected a list of role names")
     for i, name in enumerate(names):
+        if isinstance(name, str) and ("*" in name or name.startswith("^")):
+            raise RoleError(f"{path}[{i}]: role name patterns are not supported; "
+                            "list the role names")
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-            raise RoleError(f"{path}.roles[{i}]: invalid role name {name!r}")
-    return tuple(names)
+            raise RoleError(f"{path}[{i}]: invalid role name {name!r}")
+    return tuple(dict.fromkeys(names))
 
 
-def _parse_rules(path: str, value: Any) -> Selector:
+def _count(path: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+        raise RoleError(f"{path}: expected a whole number from 1 to 100")
+    return value
+
+
+def _parse_thresholds(path: str, value: Any) -> tuple[Threshold, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        raise RoleError(f"{path}: expected a list like [{{approve: 2, deny: 1}}]")
+    found = []
+    for i, item in enumerate(value):
+        item_path = f"{path}[{i}]"
+        item = _mapping(item_path, item)
+        for key in item:
+            if key in ("name", "filter"):
+                raise RoleError(f"{item_path}.{key}: named or filtered thresholds are not "
+                                "supported; remove this option (apptunnel does not enforce it)")
+        _check_keys(item_path, item, {"approve", "deny"})
+        found.append(Threshold(_count(f"{item_path}.approve", item.get("approve", 1)),
+                               _count(f"{item_path}.deny", item.get("deny", 1))))
+    return tuple(found)
+
+
+def _check_request_keys(path: str, spec: Mapping, allowed: set[str]) -> None:
+    for key in spec:
+        if key in UNSUPPORTED and key not in allowed:
+            raise _unsupported(f"{path}.{key}", key)
+    _check_keys(path, spec, allowed)
+
+
+def _parse_requests(path: str, rules: Mapping, allow: bool) -> RequestRules:
+    request = _mapping(f"{path}.request", rules.get("request"))
+    _check_request_keys(f"{path}.request", request,
+                        _REQUEST_KEYS if allow else {"roles"})
+    review = _mapping(f"{path}.review_requests", rules.get("review_requests"))
+    _check_request_keys(f"{path}.review_requests", review, _REVIEW_KEYS)
+    duration = request.get("max_duration")
+    return RequestRules(
+        request_roles=_role_names(f"{path}.request.roles", request.get("roles")),
+        max_duration=(None if duration is None
+                      else parse_duration(f"{path}.request.max_duration", duration)),
+        thresholds=_parse_thresholds(f"{path}.request.thresholds", request.get("thresholds")),
+        review_roles=_role_names(f"{path}.review_requests.roles", review.get("roles")),
+    )
+
+
+def _parse_rules(path: str, value: Any) -> tuple[Selector, RequestRules]:
     rules = _mapping(path, value)
     _check_keys(path, rules, {"app_labels", "request", "review_requests"})
-    for key in ("request", "review_requests"):
-        # Validated for a precise message, then refused unless it grants nothing.
-        if _parse_role_names(f"{path}.{key}", rules.get(key)):
-            raise _unsupported(f"{path}.{key}", key)
-    return _parse_selector(f"{path}.app_labels", rules.get("app_labels"))
+    return (_parse_selector(f"{path}.app_labels", rules.get("app_labels")),
+            _parse_requests(path, rules, allow=path.endswith("allow")))
 
 
 def parse_role(doc: dict) -> Role:
@@ -310,18 +413,27 @@ def parse_role(doc: dict) -> Role:
     spec = _mapping("spec", doc.get("spec"))
     _check_keys("spec", spec, {"options", "allow", "deny"})
     options = _mapping("spec.options", spec.get("options"))
-    _check_keys("spec.options", options, {"max_session_ttl", "require_session_mfa"})
+    _check_keys("spec.options", options, {"max_session_ttl", "require_session_mfa",
+                                           "request_access"})
+    request_access = options.get("request_access", "optional")
+    if request_access not in ("optional", "reason"):
+        raise _unsupported("spec.options.request_access", "request_access", request_access)
     ttl = options.get("max_session_ttl")
     max_ttl = None if ttl is None else parse_duration("spec.options.max_session_ttl", ttl)
     mfa = options.get("require_session_mfa", False)
     if not isinstance(mfa, bool):
         raise RoleError("spec.options.require_session_mfa: expected true or false")
+    allow_labels, allow_requests = _parse_rules("spec.allow", spec.get("allow"))
+    deny_labels, deny_requests = _parse_rules("spec.deny", spec.get("deny"))
     return Role(
         name=name,
-        allow_labels=_parse_rules("spec.allow", spec.get("allow")),
-        deny_labels=_parse_rules("spec.deny", spec.get("deny")),
+        allow_labels=allow_labels,
+        deny_labels=deny_labels,
         max_session_ttl=max_ttl,
         require_session_mfa=mfa,
+        allow_requests=allow_requests,
+        deny_requests=deny_requests,
+        request_access=request_access,
     )
 
 

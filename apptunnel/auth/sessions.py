@@ -42,6 +42,7 @@ AUTH_CODE_TTL = 60.0
 MAX_SECRET_LENGTH = 256
 MAX_USERNAME_LENGTH = 256
 MAX_CACHE_ENTRIES = 10_000
+MAX_ASSUMED = 16          # access requests one web session keeps (the newest)
 
 LOGIN_FAILED = "invalid username or password"
 CODE_INVALID = "invalid or expired sign-in link; open the app again"
@@ -196,6 +197,20 @@ class SessionManager:
         self._web.drop(key)
         for app_key in ended:
             self._app.drop(app_key)
+
+    async def assume(self, secret: str, request_id: str) -> WebSession | None:
+        """Add an approved access request to the web session (the access policy grants its
+        roles while it lasts); app sessions started from it see them on their next request.
+        None when the session has ended."""
+        key = self._key(secret)
+        web = None if key is None else await self._live_web_session(key)
+        if web is None:
+            return None
+        if request_id not in web.requests:
+            web = attrs.evolve(web, requests=(*web.requests, request_id)[-MAX_ASSUMED:])
+            await self._backend.put_web_session(web)
+            self._web.put(key, web, self._cache_until(web.expires, self._clock.seconds()))
+        return web
 
     # -- hand-off ---------------------------------------------------------------
 

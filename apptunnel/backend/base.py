@@ -10,6 +10,7 @@ from __future__ import annotations
 import typing
 
 from apptunnel.backend.records import (
+    AccessRequest,
     Agent,
     AppSession,
     Bot,
@@ -116,6 +117,16 @@ class Backend(typing.Protocol):
     async def put_lock(self, lock: Lock) -> None: ...
     async def list_locks(self, now: float) -> list[Lock]: ...
     async def delete_lock(self, id: str) -> bool: ...
+
+    # Access requests (auth/access_requests.py). An update is a compare-and-set on the
+    # stored state and review count, so of two racing reviews (or proxies) one wins.
+    async def put_access_request(self, r: AccessRequest) -> None: ...   # AlreadyExists
+    async def get_access_request(self, id: str) -> AccessRequest | None: ...
+    async def list_access_requests(self, user: str | None = None,
+                                   states: tuple[str, ...] | None = None
+                                   ) -> list[AccessRequest]: ...   # oldest first
+    async def update_access_request(self, r: AccessRequest, state: str,
+                                    reviews: int) -> bool: ...
 
     async def append_audit(self, events: list[AuditEvent]) -> None: ...
     async def search_audit(

@@ -29,6 +29,7 @@ from apptunnel.backend.base import (
     NotFound,
 )
 from apptunnel.backend.records import (
+    AccessRequest,
     Agent,
     AppSession,
     AuditEvent,
@@ -38,6 +39,7 @@ from apptunnel.backend.records import (
     Lock,
     MfaDevice,
     Resource,
+    Review,
     SamlRequest,
     Scope,
     User,
@@ -78,7 +80,15 @@ def _resource(r: Resource) -> Resource:
 
 def _web_session(s: WebSession) -> WebSession:
     return WebSession(s.id_hash, s.user, tuple(_json(list(s.roles))), _traits(s.traits),
-                      _real(s.created), _real(s.expires), bool(s.enroll_only))
+                      _real(s.created), _real(s.expires), bool(s.enroll_only),
+                      tuple(_json(list(s.requests))))
+
+
+def _access_request(r: AccessRequest) -> AccessRequest:
+    return attrs.evolve(r, roles=tuple(_json(list(r.roles))), apps=tuple(_json(list(r.apps))),
+                        created=_real(r.created), ttl=_real(r.ttl), expires=_real(r.expires),
+                        reviews=tuple(Review(str(v.author), bool(v.approve), str(v.reason),
+                                             _real(v.created)) for v in r.reviews))
 
 
 def _app_session(s: AppSession) -> AppSession:
@@ -128,6 +138,7 @@ class MemoryBackend:
         self._auth_codes: dict[str, AuthCode] = {}
         self._saml_requests: dict[str, SamlRequest] = {}
         self._locks: dict[str, Lock] = {}
+        self._requests: dict[str, AccessRequest] = {}
         self._links: dict[str, UserLink] = {}
         self._devices: dict[tuple[str, str], MfaDevice] = {}
         self._recovery: dict[str, set[str]] = {}
@@ -493,6 +504,34 @@ class MemoryBackend:
         self._check_open()
         return self._locks.pop(id, None) is not None
 
+    # -- access requests ------------------------------------------------------------
+
+    async def put_access_request(self, r: AccessRequest) -> None:
+        self._check_open()
+        if r.id in self._requests:
+            raise AlreadyExists("access request already exists")
+        self._requests[r.id] = _access_request(r)
+
+    async def get_access_request(self, id: str) -> AccessRequest | None:
+        self._check_open()
+        return self._requests.get(id)
+
+    async def list_access_requests(self, user: str | None = None,
+                                   states: tuple[str, ...] | None = None
+                                   ) -> list[AccessRequest]:
+        self._check_open()
+        found = [r for r in self._requests.values()
+                 if (user is None or r.user == user) and (states is None or r.state in states)]
+        return sorted(found, key=lambda r: (r.created, r.id))
+
+    async def update_access_request(self, r: AccessRequest, state: str, reviews: int) -> bool:
+        self._check_open()
+        stored = self._requests.get(r.id)
+        if stored is None or stored.state != state or len(stored.reviews) != reviews:
+            return False
+        self._requests[r.id] = _access_request(r)
+        return True
+
     # -- audit ------------------------------------------------------------------
 
     async def append_audit(self, events: list[AuditEvent]) -> None:
@@ -544,4 +583,6 @@ class MemoryBackend:
         removed += len(self._drop(self._locks,
                                   lambda x: x.expires is not None and x.expires <= now))
         removed += len(self._drop(self._links, lambda x: x.expires + LINK_KEEP <= now))
+        removed += len(self._drop(self._requests, lambda r: r.state in ("denied", "expired")
+                                  and r.expires + LINK_KEEP <= now))
         return removed

@@ -106,6 +106,9 @@ class WebSession:
     # Signed in with the password only while a second factor is required and the user
     # has none yet: the session may enroll a device and nothing else (auth/mfa.py).
     enroll_only: bool = False
+    # Access requests this session assumed (auth/access_requests.py): their roles count
+    # only while each is approved and unexpired (auth/access.py).
+    requests: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -204,3 +207,38 @@ class SamlRequest:
     target: str
     expires: float
     cli: str = ""
+
+
+@attrs.frozen
+class Review:
+    """One reviewer's verdict on an access request (auth/access_requests.py)."""
+
+    author: str
+    approve: bool
+    reason: str
+    created: float
+
+
+@attrs.frozen
+class AccessRequest:
+    """A user's request for more roles (auth/access_requests.py decides every step).
+
+    ``id`` is random (128 bits, never sequential). ``apps`` is non-empty when the
+    request was made for those apps (``--app``): the roles then open those apps only.
+    ``ttl`` is how long the elevation lasts once approved; ``expires`` is when a pending
+    request lapses, or, once approved, when the elevation ends. ``approve``/``deny`` are
+    the counts of reviews that decide it (the requester's roles' thresholds).
+    """
+
+    id: str
+    user: str
+    roles: tuple[str, ...]
+    apps: tuple[str, ...]
+    reason: str
+    state: str                          # pending | approved | denied | expired
+    created: float
+    ttl: float
+    expires: float
+    approve: int = 1
+    deny: int = 1
+    reviews: tuple[Review, ...] = ()

@@ -34,6 +34,7 @@ from apptunnel.backend.base import (
     NotFound,
 )
 from apptunnel.backend.records import (
+    AccessRequest,
     AppSession,
     AuditEvent,
     Agent,
@@ -43,6 +44,7 @@ from apptunnel.backend.records import (
     Lock,
     MfaDevice,
     Resource,
+    Review,
     SamlRequest,
     Scope,
     User,
@@ -204,6 +206,25 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             generation INTEGER NOT NULL,
             cert_expires REAL)""",
     ),
+    (
+        # Access requests (auth/access_requests.py), and the ones a web session assumed.
+        """CREATE TABLE access_requests (
+            id TEXT PRIMARY KEY,
+            user_name TEXT NOT NULL,
+            roles TEXT NOT NULL,
+            apps TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            state TEXT NOT NULL,
+            created REAL NOT NULL,
+            ttl REAL NOT NULL,
+            expires REAL NOT NULL,
+            approve INTEGER NOT NULL,
+            deny INTEGER NOT NULL,
+            reviews TEXT NOT NULL)""",
+        "CREATE INDEX access_requests_user ON access_requests (user_name)",
+        "CREATE INDEX access_requests_state ON access_requests (state)",
+        "ALTER TABLE web_sessions ADD COLUMN requests TEXT NOT NULL DEFAULT '[]'",
+    ),
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -309,7 +330,25 @@ def _web_session(row: tuple) -> WebSession:
         created=row[4],
         expires=row[5],
         enroll_only=bool(row[6]),
+        requests=tuple(json.loads(row[7])),
     )
+
+
+def _access_request(row: tuple) -> AccessRequest:
+    return AccessRequest(
+        id=row[0], user=row[1], roles=tuple(json.loads(row[2])),
+        apps=tuple(json.loads(row[3])), reason=row[4], state=row[5], created=row[6],
+        ttl=row[7], expires=row[8], approve=row[9], deny=row[10],
+        reviews=tuple(Review(v["author"], bool(v["approve"]), v["reason"], v["created"])
+                      for v in json.loads(row[11])),
+    )
+
+
+def _request_row(r: AccessRequest) -> tuple:
+    reviews = [{"author": v.author, "approve": v.approve, "reason": v.reason,
+                "created": v.created} for v in r.reviews]
+    return (r.id, r.user, _dump(list(r.roles)), _dump(list(r.apps)), r.reason, r.state,
+            r.created, r.ttl, r.expires, r.approve, r.deny, _dump(reviews))
 
 
 def _app_session(row: tuple) -> AppSession:
@@ -321,7 +360,9 @@ _BOT_COLUMNS = "name, roles, created, generation, cert_expires"
 _AGENT_COLUMNS = ("host_id, scope, joined, cert_expires, key_pin, last_seen, connected_since,"
                   " peer, proxy_id, apps, draining")
 _LOCK_COLUMNS = "id, user_name, app, message, created, expires, created_by, agent"
-_WEB_COLUMNS = "id_hash, user_name, roles, traits, created, expires, enroll_only"
+_WEB_COLUMNS = "id_hash, user_name, roles, traits, created, expires, enroll_only, requests"
+_REQUEST_COLUMNS = ("id, user_name, roles, apps, reason, state, created, ttl, expires, approve,"
+                    " deny, reviews")
 _LINK_COLUMNS = "token_hash, user_name, kind, created, expires, used"
 _DEVICE_COLUMNS = "user_name, name, kind, secret, counter, created"
 
@@ -734,13 +775,13 @@ class SqliteBackend:
     async def put_web_session(self, s: WebSession) -> None:
         def run(conn: sqlite3.Connection) -> None:
             conn.execute(
-                f"INSERT INTO web_sessions ({_WEB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                f"INSERT INTO web_sessions ({_WEB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (id_hash) DO UPDATE SET user_name = excluded.user_name,"
                 " roles = excluded.roles, traits = excluded.traits,"
                 " created = excluded.created, expires = excluded.expires,"
-                " enroll_only = excluded.enroll_only",
+                " enroll_only = excluded.enroll_only, requests = excluded.requests",
                 (s.id_hash, s.user, _dump(list(s.roles)), _dump(s.traits), s.created,
-                 s.expires, int(bool(s.enroll_only))),
+                 s.expires, int(bool(s.enroll_only)), _dump(list(s.requests))),
             )
 
         await self._run(run)
@@ -1057,6 +1098,60 @@ class SqliteBackend:
 
         return await self._run(run)
 
+    # -- access requests ------------------------------------------------------------
+
+    async def put_access_request(self, r: AccessRequest) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(f"INSERT INTO access_requests ({_REQUEST_COLUMNS})"
+                             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _request_row(r))
+            except sqlite3.IntegrityError:
+                raise AlreadyExists("access request already exists") from None
+
+        await self._run(run)
+
+    async def get_access_request(self, id: str) -> AccessRequest | None:
+        def run(conn: sqlite3.Connection) -> AccessRequest | None:
+            row = conn.execute(f"SELECT {_REQUEST_COLUMNS} FROM access_requests WHERE id = ?",
+                               (id,)).fetchone()
+            return _access_request(row) if row else None
+
+        return await self._run(run)
+
+    async def list_access_requests(self, user: str | None = None,
+                                   states: tuple[str, ...] | None = None
+                                   ) -> list[AccessRequest]:
+        where, params = [], []
+        if user is not None:
+            where.append("user_name = ?")
+            params.append(user)
+        if states is not None:
+            where.append(f"state IN ({', '.join('?' * len(states))})" if states else "0")
+            params.extend(states)
+        sql = (f"SELECT {_REQUEST_COLUMNS} FROM access_requests"
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY created, id")
+
+        def run(conn: sqlite3.Connection) -> list[AccessRequest]:
+            return [_access_request(row) for row in conn.execute(sql, params).fetchall()]
+
+        return await self._run(run)
+
+    async def update_access_request(self, r: AccessRequest, state: str, reviews: int) -> bool:
+        """Replace the request only if it is still in ``state`` with ``reviews`` reviews."""
+        def run(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                row = conn.execute("SELECT state, reviews FROM access_requests WHERE id = ?",
+                                   (r.id,)).fetchone()
+                if row is None or row[0] != state or len(json.loads(row[1])) != reviews:
+                    return False
+                row = _request_row(r)
+                conn.execute("UPDATE access_requests SET roles = ?, apps = ?, reason = ?,"
+                             " state = ?, created = ?, ttl = ?, expires = ?, approve = ?,"
+                             " deny = ?, reviews = ? WHERE id = ?", (*row[2:], r.id))
+                return True
+
+        return await self._run(run)
+
     # -- audit ------------------------------------------------------------------
 
     async def append_audit(self, events: list[AuditEvent]) -> None:
@@ -1138,6 +1233,10 @@ class SqliteBackend:
                 )
                 removed += cur.rowcount
                 cur = conn.execute("DELETE FROM user_links WHERE expires <= ?",
+                                   (now - LINK_KEEP,))
+                removed += cur.rowcount
+                cur = conn.execute("DELETE FROM access_requests WHERE state IN"
+                                   " ('denied', 'expired') AND expires <= ?",
                                    (now - LINK_KEEP,))
                 removed += cur.rowcount
             return removed

@@ -63,8 +63,11 @@ NO_TERMINAL = ("no terminal to ask for the password: give it on stdin with --pas
 def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     login_p = verbs.add_parser("login", parents=[common],
                                help="sign in at a proxy and get a short-lived user certificate")
-    login_p.add_argument("--proxy", required=True, metavar="HOST:PORT",
+    login_p.add_argument("--proxy", metavar="HOST:PORT",
                          help="the proxy's public address, e.g. apptunnel.localhost:3080")
+    login_p.add_argument("--request-id", metavar="ID",
+                         help="with the current login: a certificate with the roles of this "
+                              "approved access request (no password while it is valid)")
     login_p.add_argument("--user", metavar="NAME",
                          help="your user name (not for a browser connector: OIDC, SAML)")
     login_p.add_argument("--password-stdin", action="store_true",
@@ -96,6 +99,12 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 def login(args: argparse.Namespace, io: Io, now: Callable[[], float] = time.time) -> int:
     """Check the proxy, send the password with a fresh public key, save the certificate."""
+    if args.request_id:
+        from apptunnel.cli.requests import login_with_request
+
+        return login_with_request(args, io, now)
+    if not args.proxy:
+        raise UsageError("the following arguments are required: --proxy")
     if args.insecure and args.ca_pin:
         raise UsageError("--insecure and --ca-pin exclude each other")
     ttl = _ttl(args.ttl)
@@ -287,6 +296,9 @@ def _check_answer(proxy: str, answer: dict, key: ec.EllipticCurvePrivateKey,
         raise CliError(f"the proxy at {proxy} answered with a bad certificate: "
                        f"{err or 'signature check failed'}") from None
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+check_certificate_answer = _check_answer   # also for `login --request-id` (cli/requests.py)
 
 
 def _password(args: argparse.Namespace, io: Io) -> str:

@@ -38,6 +38,9 @@ from apptunnel.auth.jwt import JwtKeys, JwtSigner
 from apptunnel.auth.locks import LockAudit, LockWatcher
 from apptunnel.auth.passwords import HashQueue
 from apptunnel.auth.policy import RoleCache
+from apptunnel.auth.request_service import AccessRequestService, RequestNotices
+from apptunnel.auth.request_watch import RequestWatcher
+from apptunnel.auth.request_webhook import RequestWebhook, treq_post
 from apptunnel.auth.sessions import SessionManager
 from apptunnel.auth.throttle import LoginThrottle
 from apptunnel.backend import BackendError, open_backend
@@ -55,6 +58,7 @@ from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_option
 from apptunnel.proxy.web_channel import WebSite
 from apptunnel.startup import CannotStart, Listeners, fatal
 from apptunnel.web.bots import BotRoutes
+from apptunnel.web.access_requests import AccessRequestApi
 from apptunnel.web.routes import WebApp
 from apptunnel.web.saml import SamlWeb
 
@@ -175,14 +179,24 @@ class ProxyService(MultiService):
             http_for=http_clients(reactor),
         )
         self.roles = RoleCache(self.backend, reactor)
+        # Access requests: notices (audit, webhook), the grants every decision asks.
+        notices = RequestNotices(self.audit, reactor, _request_webhook(config, reactor))
+        self.requests = RequestWatcher(self.backend, reactor, on_expired=notices.expired)
         self.access = AccessPolicy(roles=self.roles, audit=self.audit, clock=reactor,
-                                   locks=self.locks, users=self.users, lock_audit=lock_audit)
+                                   locks=self.locks, users=self.users, lock_audit=lock_audit,
+                                   requests=self.requests)
         self.jwt_keys = JwtKeys.load_or_create(config.data_dir, config.jwt_algorithm)
         self.signer = JwtSigner(self.jwt_keys, config.cluster_name, reactor, config.jwt_ttl)
         self.registry = AgentRegistry(reactor, grace=config.app_grace_period)
         self.app_resources = AppResources(self.backend, reactor)   # `kind: app`, for agents
         self.connections = _connection_tracker(config, reactor)
         self.listeners = Listeners()
+        request_api = AccessRequestApi(
+            AccessRequestService(backend=self.backend, roles=self.roles, notices=notices,
+                                 watcher=self.requests, clock=reactor,
+                                 find_app=self.registry.app, default_ttl=config.session_ttl,
+                                 users=self.users),
+            self.sessions, self.ca, self.audit, reactor)
 
         self.web = WebApp(
             config, self.sessions, self.roles, self.registry, self.audit,
@@ -192,6 +206,7 @@ class ProxyService(MultiService):
             bots=BotRoutes(BotEnrolment(ca=self.ca, backend=self.backend, clock=reactor,
                                         locks=self.locks,
                                         min_ttl=config.bot_min_certificate_ttl), self.audit),
+            access_requests=request_api,
         )
         site = WebSite(self.web.resource())  # a deadline on every request head
         site.displayTracebacks = False
@@ -266,6 +281,7 @@ class ProxyService(MultiService):
         self.locks.start()
         self.users.start()
         self.app_resources.start()
+        self.requests.start()
         super().startService()
         # Bound here, not by StreamServerEndpointService: a busy port or a store it cannot
         # open must end the process (one line, exit 1) instead of an "Unhandled Error" and
@@ -299,6 +315,7 @@ class ProxyService(MultiService):
         self.locks.stop()
         self.users.stop()
         self.app_resources.stop()
+        self.requests.stop()
         self.ldap_threads.stop()   # waits for binds in flight: each ends within its timeout
         self.saml_threads.stop()
         yield defer.ensureDeferred(self.audit.stop())
@@ -312,7 +329,8 @@ class ProxyService(MultiService):
         self.sessions.forget_cached()   # `users reset` ended sessions in storage
         return defer.gatherResults([defer.ensureDeferred(self.locks.refresh()),
                                     defer.ensureDeferred(self.users.refresh()),
-                                    defer.ensureDeferred(self.app_resources.refresh())],
+                                    defer.ensureDeferred(self.app_resources.refresh()),
+                                    defer.ensureDeferred(self.requests.refresh())],
                                    consumeErrors=True)
 
     def _sweep(self):
@@ -321,6 +339,19 @@ class ProxyService(MultiService):
         d.addErrback(lambda f: log.warn("expiry sweep failed (will retry): {error}",
                                         error=f.getErrorMessage()))
         return d
+
+
+def _request_webhook(config: ProxyConfig, reactor) -> RequestWebhook | None:
+    """The access-request webhook of ``access_requests:``, if configured."""
+    wanted = config.access_requests
+    if wanted is None:
+        return None
+    try:
+        post = treq_post(reactor, wanted.ca_file)
+    except Exception as err:  # noqa: BLE001 - unreadable or not a PEM certificate
+        raise ConfigError(f"{config.path}: access_requests: ca_file: cannot load "
+                          f"{wanted.ca_file}: {getattr(err, 'strerror', None) or err}") from None
+    return RequestWebhook(wanted.webhook_url, reactor, post)
 
 
 def _connection_tracker(config: ProxyConfig, reactor) -> ConnectionTracker:

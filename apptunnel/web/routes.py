@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from apptunnel.auth.connectors.ldap import LdapSignIn
     from apptunnel.auth.connectors.oidc import OidcSignIn
     from apptunnel.auth.connectors.store import ConnectorStore
+    from apptunnel.web.access_requests import AccessRequestApi
     from apptunnel.web.saml import SamlWeb
     from apptunnel.web.bots import BotRoutes
     from apptunnel.auth.directory import UserDirectory
@@ -167,7 +168,8 @@ class WebApp:
                  connectors: ConnectorStore | None = None,
                  saml: SamlWeb | None = None,
                  oidc: OidcSignIn | None = None,
-                 bots: BotRoutes | None = None) -> None:
+                 bots: BotRoutes | None = None,
+                 access_requests: AccessRequestApi | None = None) -> None:
         self._config = config
         self._bots = bots               # bots' join and renewal (web/bots.py)
         self._sessions = sessions
@@ -178,6 +180,7 @@ class WebApp:
         self._ca = ca
         self._clock = clock
         self._ldap = ldap   # sign-in through LDAP connectors (auth/connectors/ldap.py)
+        self._requests = access_requests   # the access-request API (web/access_requests.py)
         self._connectors = connectors   # the sign-in page's single sign-on buttons
         self._sso_starts = {}           # connector kind -> start(request, name, target)
         self._saml = saml               # SAML connectors (web/saml.py)
@@ -524,7 +527,7 @@ class WebApp:
 
     @app.route("/v1/apps", methods=["GET"])
     async def api_apps(self, request):
-        caller = await self._caller(request)
+        caller = await self._caller(request, bots=True)
         if caller is None:
             raise WebError(401, "sign in required")
         apps = await self._allowed_apps(caller)
@@ -538,6 +541,51 @@ class WebApp:
             }
             for app in apps
         ]})
+
+    # -- access requests: web/access_requests.py answers, these routes only authenticate
+
+    @app.route("/v1/access-requests", methods=["GET", "POST"])
+    async def api_access_requests(self, request):
+        caller = await self._request_caller(request)
+        if request.method == b"POST":
+            return _json(request, 200, await self._requests.create(caller, _json_body(request)))
+        return _json(request, 200, await self._requests.list(caller))
+
+    @app.route("/v1/access-requests/<string:rid>", methods=["GET"])
+    async def api_access_request(self, request, rid: str):
+        caller = await self._request_caller(request)
+        return _json(request, 200, await self._requests.show(caller, rid))
+
+    @app.route("/v1/access-requests/<string:rid>/review", methods=["POST"])
+    async def api_access_request_review(self, request, rid: str):
+        caller = await self._request_caller(request)
+        return _json(request, 200, await self._requests.review(caller, rid, _json_body(request)))
+
+    @app.route("/v1/access-requests/<string:rid>/certs", methods=["POST"])
+    async def api_access_request_cert(self, request, rid: str):
+        caller = await self._request_caller(request)
+        body = _json_body(request)
+        return _json(request, 200, await self._requests.certificate(
+            caller, rid, _public_key(body.get("public_key")), _requested_ttl(body.get("ttl")),
+            _client(request)))
+
+    @app.route("/v1/sessions/assume", methods=["POST"])
+    async def api_assume(self, request):
+        caller = await self._request_caller(request)
+        secret, _ = await self._web_session(request)
+        return _json(request, 200, await self._requests.assume(caller, secret,
+                                                               _json_body(request)))
+
+    async def _request_caller(self, request) -> Caller:
+        """The caller of an access-request route, as they may act now (401 without one)."""
+        if self._requests is None:
+            raise WebError(404)
+        if self._same_origin(request) is False:
+            raise WebError(403, "cross-origin request refused")
+        caller = await self._caller(request)
+        if caller is None:
+            raise WebError(401, "sign in required")
+        return await self._acting(caller, "access request")
 
     @app.route("/.well-known/jwks.json", methods=["GET"])
     def jwks(self, request):
@@ -923,9 +971,13 @@ class WebApp:
         web = await self._sessions.web_session(secret)
         return (secret, web) if web is not None else (None, None)
 
-    async def _caller(self, request) -> Caller | None:
+    async def _caller(self, request, bots: bool = False) -> Caller | None:
         """The session cookie's user, else the user certificate of the TLS connection,
         as the access policy lets them act now (AuthError 403 for a locked or removed user).
+
+        A bot's certificate is a caller only where ``bots`` says so (the app list): a bot
+        has no second factors and asks nobody for access, so every other route refuses
+        it (403) rather than acting for ``bot:NAME`` as if it were a person.
         """
         _, web = await self._web_session(request)
         if web is not None:
@@ -934,6 +986,8 @@ class WebApp:
             return caller_from_session(web)
         transport = getattr(request.channel, "transport", None) or request.transport
         caller = certificate_caller(self._ca, transport, self._clock.seconds())
+        if caller is not None and caller.is_bot and not bots:
+            raise AuthError(403, "a bot cannot do this")
         return None if caller is None else await self._acting(caller, "api")
 
     async def _acting(self, caller: Caller, where: str) -> Caller:

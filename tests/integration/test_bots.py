@@ -13,6 +13,8 @@ import time
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tests.support.bots import BotKey, BotProcess, add_bot, call, curl, not_after
 from tests.support.cluster import (
@@ -276,5 +278,19 @@ def test_a_bot_certificate_opens_only_its_roles_apps(cluster, tmp_path):
         refusals = wait_until(lambda: [e for e in audit(cluster, "access.denied")
                                        if e["actor"] == "bot:narrow"], 5, "the audited refusal")
         assert all(e["target"] == "secret" for e in refusals)
+        # The JSON API: the bot may list its apps, and nothing a person does.
+        api = f"https://{PUBLIC_HOST}:{cluster.web_port}"
+        public_key = x509.load_pem_x509_certificate((identity / "tls.crt").read_bytes()).public_key(
+        ).public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        listed = curl(*with_identity(identity, cluster), f"{api}/v1/apps")
+        assert listed.stdout.endswith("\n200"), listed.stdout[-200:]
+        assert [a["name"] for a in json.loads(listed.stdout.rsplit("\n", 1)[0])["apps"]] == ["hello"]
+        for method, path, body in [("POST", "/v1/access-requests", '{"roles": ["ci-apps"]}'),
+                                   ("POST", "/v1/certs/app", json.dumps(
+                                       {"app": "hello", "public_key": public_key.decode()})),
+                                   ("DELETE", "/v1/mfa/devices/key", "")]:
+            answer = curl(*with_identity(identity, cluster), "-X", method, "-H",
+                          "Content-Type: application/json", "--data", body, f"{api}{path}")
+            assert answer.stdout.endswith("\n403"), (path, answer.stdout[-200:])
     finally:
         bot.stop()

@@ -124,21 +124,23 @@ ROLE_WITH_REQUEST = """\
 kind: role
 metadata: {name: prod-apps}
 spec:
+  options: {request_access: always}
   allow: {app_labels: {env: prod}, request: {roles: [admin]}}
 """
 
 
 @pytest_twisted.ensureDeferred
 async def test_create_refuses_a_role_with_an_option_nothing_enforces(tmp_path):
-    """create -f of a role asking for access requests exits 2 naming the option
-    (issue 10: require_session_mfa is enforced now, see the test below)."""
+    """create -f of a role asking for what is not enforced (``request_access: always``)
+    exits 2 naming the option (issue 10: require_session_mfa is enforced now, see the
+    test below; issue 11: access requests themselves are, so the pin moved here)."""
     config = tmp_path / "proxy.yaml"
     config.write_text(f"cluster_name: t\ndata_dir: {tmp_path / 'data'}\n"
                       "public_addr: apptunnel.localhost:3080\n")
     role = tmp_path / "role.yaml"
     role.write_text(ROLE_WITH_REQUEST)
     line = one_error(await cli(str(config), "create", "-f", str(role)), 2)
-    assert "spec.allow.request: access requests are not supported yet" in line
+    assert "spec.options.request_access: request_access 'always' is not supported" in line
 
 
 @pytest_twisted.ensureDeferred

@@ -203,15 +203,16 @@ def test_lock_holds_before_the_command_returns(cluster, homes):
 
 
 def test_create_refuses_a_role_option_nothing_enforces(cluster, tmp_path):
-    """create -f of a role asking for access requests exits 2 naming the option (issue
-    10: require_session_mfa is enforced now and accepted); the shipped example roles load."""
+    """create -f of a role asking for what is not built (resource-based access requests)
+    exits 2 naming the option (issue 11: plain access requests are enforced now and
+    accepted); the shipped example roles load."""
     role = tmp_path / "req.yaml"
     role.write_text("kind: role\nmetadata: {name: req}\nspec:\n"
-                    "  allow: {app_labels: {env: prod}, request: {roles: [admin]}}\n")
+                    "  allow: {app_labels: {env: prod}, request: {search_as_roles: [admin]}}\n")
     result = cluster.cli("create", "-f", str(role), check=False)
     assert result.returncode == 2
     assert result.stderr.startswith("apptunnel: error: ")
-    assert "spec.allow.request" in result.stderr
+    assert "spec.allow.request.search_as_roles" in result.stderr
     assert "no role named 'req'" in cluster.cli("get", "roles", "req", check=False).stderr
     mfa = tmp_path / "mfa.yaml"
     mfa.write_text("kind: role\nmetadata: {name: mfa}\nspec:\n  options: {require_session_mfa: true}\n"

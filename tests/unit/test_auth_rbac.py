@@ -145,12 +145,18 @@ def test_supported_options_parse():
 
 
 UNSUPPORTED = [
-    ({"allow": {"request": {"roles": ["prod-apps"]}}},
-     "spec.allow.request: access requests are not supported yet"),
-    ({"allow": {"review_requests": {"roles": ["prod-apps"]}}},
-     "spec.allow.review_requests: access requests are not supported yet"),
-    ({"deny": {"request": {"roles": ["prod-apps"]}}},
-     "spec.deny.request: access requests are not supported yet"),
+    ({"options": {"request_access": "always"}},
+     "spec.options.request_access: request_access 'always' is not supported"),
+    ({"allow": {"request": {"roles": ["prod-apps"], "search_as_roles": ["x"]}}},
+     "spec.allow.request.search_as_roles: resource-based access requests"),
+    ({"allow": {"request": {"claims_to_roles": []}}},
+     "spec.allow.request.claims_to_roles: claims_to_roles in access requests"),
+    ({"allow": {"review_requests": {"roles": ["a"], "where": "x"}}},
+     "spec.allow.review_requests.where: conditions (where)"),
+    ({"deny": {"request": {"roles": ["a"], "max_duration": "1h"}}},
+     "spec.deny.request.max_duration: max_duration only exists under allow.request"),
+    ({"allow": {"request": {"roles": ["a"], "thresholds": [{"approve": 1, "filter": "x"}]}}},
+     "spec.allow.request.thresholds[0].filter: named or filtered thresholds"),
 ]
 
 
@@ -161,6 +167,26 @@ def test_options_nothing_enforces_are_refused_naming_the_option(spec, message):
         parse_role({"kind": "role", "metadata": {"name": "r"}, "spec": spec})
     assert str(info.value).startswith(message), str(info.value)
     assert "remove this option" in str(info.value)
+
+
+def test_access_request_rules_parse_and_combine():
+    """Issue 11: request/review_requests/request_access parse into what the core enforces;
+    a deny names roles nobody holding the role may request or review."""
+    dev = parse_role({"kind": "role", "metadata": {"name": "dev"}, "spec": {
+        "options": {"request_access": "reason"},
+        "allow": {"request": {"roles": ["prod", "db"], "max_duration": "2h",
+                              "thresholds": [{"approve": 2, "deny": 1}]},
+                  "review_requests": {"roles": ["prod"]}}}})
+    no_db = parse_role({"kind": "role", "metadata": {"name": "no-db"}, "spec": {
+        "deny": {"request": {"roles": ["db"]}, "review_requests": {"roles": ["prod"]}}}})
+    assert dev.allow_requests.max_duration == 7200.0
+    assert dev.allow_requests.thresholds[0].approve == 2
+    assert RoleSet([dev]).requestable() == ("prod", "db")
+    assert RoleSet([dev, no_db]).requestable() == ("prod",)
+    assert RoleSet([dev]).reviewable() == {"prod"}
+    assert RoleSet([dev, no_db]).reviewable() == frozenset()
+    assert RoleSet([dev]).reason_required() and not RoleSet([no_db]).reason_required()
+    assert RoleSet([dev, no_db]).granting(["db"]) == (dev,)
 
 
 def test_require_session_mfa_is_accepted_and_asked_only_by_roles_that_allow_the_app():
@@ -216,6 +242,14 @@ PARSE_ERRORS = [
     (doc_with({"allow": {"apps": {}}}), "spec.allow.apps: unknown key"),
     (doc_with({"allow": {"request": {"roles": "prod"}}}),
      "spec.allow.request.roles: expected a list"),
+    (doc_with({"allow": {"request": {"roles": ["prod-*"]}}}),
+     "spec.allow.request.roles[0]: role name patterns are not supported"),
+    (doc_with({"allow": {"request": {"roles": ["a"], "thresholds": [{"approve": 0}]}}}),
+     "spec.allow.request.thresholds[0].approve: expected a whole number"),
+    (doc_with({"allow": {"request": {"roles": ["a"], "max_duration": "soon"}}}),
+     "spec.allow.request.max_duration: invalid duration"),
+    (doc_with({"allow": {"request": {"roles": ["a"], "ttl": 1}}}),
+     "spec.allow.request.ttl: unknown key"),
     (doc_with({"options": {"max_session_ttl": "8 hours"}}),
      "spec.options.max_session_ttl: invalid duration"),
     (doc_with({"options": {"max_session_ttl": "0s"}}),

@@ -25,6 +25,7 @@ from apptunnel.backend.base import (
 )
 from apptunnel.backend.memory import MemoryBackend
 from apptunnel.backend.records import (
+    AccessRequest,
     Agent,
     AppSession,
     AuditEvent,
@@ -34,6 +35,7 @@ from apptunnel.backend.records import (
     Lock,
     MfaDevice,
     Resource,
+    Review,
     Scope,
     User,
     UserLink,
@@ -192,6 +194,78 @@ async def test_enroll_only_web_session_round_trips(backend):
     assert (await wait(backend.get_web_session("e"))).enroll_only is True
     await wait(backend.put_web_session(web()))
     assert (await wait(backend.get_web_session("w1"))).enroll_only is False
+
+
+# -- access requests ----------------------------------------------------------------------
+
+
+def access_request(id="a" * 32, user="alice", state="pending", created=1.0, **kw):
+    return AccessRequest(id=id, user=user, roles=kw.pop("roles", ("prod",)),
+                         apps=kw.pop("apps", ()), reason=kw.pop("reason", "incident 42"),
+                         state=state, created=created, ttl=kw.pop("ttl", 60.0),
+                         expires=kw.pop("expires", 100.0), **kw)
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_request_round_trips_and_ids_are_unique(backend):
+    """A request reads back equal (reviews, apps, counts); a second one with the same id
+    is AlreadyExists; unknown ids are None."""
+    r = access_request(apps=("grafana",), approve=2, deny=1,
+                       reviews=(Review("bob", True, "ok", 2.0),))
+    await wait(backend.put_access_request(r))
+    assert await wait(backend.get_access_request(r.id)) == r
+    with pytest.raises(AlreadyExists):
+        await wait(backend.put_access_request(r))
+    assert await wait(backend.get_access_request("b" * 32)) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_requests_list_by_user_and_state_oldest_first(backend):
+    """Listing filters by user and by states, oldest first."""
+    await wait(backend.put_access_request(access_request("c" * 32, created=3.0)))
+    await wait(backend.put_access_request(access_request("a" * 32, created=1.0)))
+    await wait(backend.put_access_request(access_request("b" * 32, user="bob",
+                                                         state="approved", created=2.0)))
+    assert [r.id for r in await wait(backend.list_access_requests())] == \
+        ["a" * 32, "b" * 32, "c" * 32]
+    assert [r.id for r in await wait(backend.list_access_requests(user="alice"))] == \
+        ["a" * 32, "c" * 32]
+    assert [r.id for r in await wait(backend.list_access_requests(states=("approved",)))] == \
+        ["b" * 32]
+    assert await wait(backend.list_access_requests(states=())) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_request_update_is_compare_and_set(backend):
+    """An update names the state and review count it read: a racing second update
+    (another reviewer, another proxy) fails instead of losing the first one's review."""
+    r = access_request()
+    await wait(backend.put_access_request(r))
+    one = attrs.evolve(r, reviews=(Review("bob", True, "", 2.0),), state="approved")
+    two = attrs.evolve(r, reviews=(Review("carol", False, "", 2.0),), state="denied")
+    assert await wait(backend.update_access_request(one, "pending", 0)) is True
+    assert await wait(backend.update_access_request(two, "pending", 0)) is False
+    assert await wait(backend.get_access_request(r.id)) == one
+    assert await wait(backend.update_access_request(access_request("d" * 32), "pending", 0)) \
+        is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_web_session_keeps_the_requests_it_assumed(backend):
+    """A web session's assumed request ids read back; the default is none."""
+    await wait(backend.put_web_session(web()))
+    assert (await wait(backend.get_web_session("w1"))).requests == ()
+    await wait(backend.put_web_session(attrs.evolve(web(), requests=("a" * 32,))))
+    assert (await wait(backend.get_web_session("w1"))).requests == ("a" * 32,)
+
+
+@pytest_twisted.ensureDeferred
+async def test_finished_access_requests_are_swept_a_week_after(backend):
+    """Denied and expired requests go a while after they ended; pending ones stay."""
+    await wait(backend.put_access_request(access_request("a" * 32, state="denied")))
+    await wait(backend.put_access_request(access_request("b" * 32)))
+    await wait(backend.delete_expired(100.0 + 8 * 86400))
+    assert [r.id for r in await wait(backend.list_access_requests())] == ["b" * 32]
 
 
 # -- users ------------------------------------------------------------------------------

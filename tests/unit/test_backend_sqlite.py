@@ -196,7 +196,7 @@ async def test_version_1_database_is_migrated_keeping_its_data(tmp_path):
         await wait(b.close())
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 10
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 11
     finally:
         conn.close()
 
@@ -239,5 +239,27 @@ async def test_version_5_database_gains_mfa_verified_as_not_verified(tmp_path):
     try:
         assert (await wait(b.get_app_session("a1"))).mfa_verified is False
         assert (await wait(b.take_auth_code("c1"))).mfa_verified is False
+    finally:
+        await wait(b.close())
+
+
+@pytest_twisted.ensureDeferred
+async def test_version_8_database_gains_access_requests_and_sessions_assume_none(tmp_path):
+    """Migration 11 (access requests): web sessions stored before it assumed no request,
+    and the access_requests table starts empty."""
+    path = str(tmp_path / "v8.db")
+    conn = sqlite3.connect(path)
+    for migration in _MIGRATIONS[:8]:
+        for statement in migration:
+            conn.execute(statement)
+    conn.execute("INSERT INTO web_sessions (id_hash, user_name, roles, traits, created,"
+                 " expires) VALUES ('w1', 'alice', '[\"dev\"]', '{}', 1.0, 9e9)")
+    conn.execute("PRAGMA user_version = 8")
+    conn.commit()
+    conn.close()
+    b = SqliteBackend(path, reactor)
+    try:
+        assert (await wait(b.get_web_session("w1"))).requests == ()
+        assert await wait(b.list_access_requests()) == []
     finally:
         await wait(b.close())
