@@ -16,14 +16,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import DeferredLock
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from apptunnel.auth.bots import bot_of, bot_principal
 from apptunnel.backend.base import Backend
 from apptunnel.backend.records import Bot, User
+from apptunnel.polling import Poll
 
 MAX_MISSES = 10_000
 MISS_TTL = 1.0            # a name storage did not know is asked again after this long
@@ -89,7 +89,6 @@ class UserDirectory:
     def __init__(self, backend: Backend, clock: IReactorTime, interval: float = 2.0) -> None:
         self._backend = backend
         self._clock = clock
-        self._interval = interval
         self._entries: dict[str, Entry] = {}
         self._misses: dict[str, float] = {}
         self._revision = 0
@@ -98,24 +97,16 @@ class UserDirectory:
         self._looked_up: dict[str, int] = {}  # name -> self._reads when lookup() stored it
         self._listeners: list[UserListener] = []
         self._mutex = DeferredLock()        # one poll at a time, so a change is told once
-        self._loop: LoopingCall | None = None
+        self._poll = Poll(self.refresh, clock, interval, "user directory")
 
     # -- lifecycle --------------------------------------------------------------
 
     def start(self) -> None:
         """Poll now and then every ``interval`` seconds until `stop`."""
-        if self._loop is not None:
-            return
-        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self.refresh()))
-        self._loop.clock = self._clock
-        self._loop.start(self._interval, now=True).addErrback(
-            lambda f: self._log.failure("user directory loop stopped", f)
-        )
+        self._poll.start()
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+        self._poll.stop()
 
     # -- queries ----------------------------------------------------------------
 

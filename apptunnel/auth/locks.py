@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import DeferredLock
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from apptunnel.backend.base import Backend
 from apptunnel.backend.records import Lock
+from apptunnel.polling import Poll
 
 LockListener = Callable[[Lock], object]
 
@@ -46,34 +46,21 @@ class LockWatcher:
     def __init__(self, backend: Backend, clock: IReactorTime, interval: float = 2.0) -> None:
         self._backend = backend
         self._clock = clock
-        self._interval = interval
         self._locks: dict[str, Lock] = {}
         self._announced: set[str] = set()   # ids whose listeners have run
         self._ended: set[str] = set()       # ids whose stored sessions are gone
         self._listeners: list[LockListener] = []
         self._mutex = DeferredLock()        # one poll at a time, so a lock is new only once
-        self._loop: LoopingCall | None = None
+        self._poll = Poll(self.refresh, clock, interval, "lock watcher")
 
     # -- lifecycle --------------------------------------------------------------
 
     def start(self) -> None:
         """Poll now and then every ``interval`` seconds until `stop`."""
-        if self._loop is not None:
-            return
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = self._clock
-        self._loop.start(self._interval, now=True).addErrback(
-            lambda f: self._log.failure("lock watcher loop stopped", f)
-        )
+        self._poll.start()
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-
-    def _tick(self) -> Deferred:
-        # Errors never stop the loop: refresh() logs them and the next tick retries.
-        return Deferred.fromCoroutine(self.refresh())
+        self._poll.stop()
 
     # -- queries ----------------------------------------------------------------
 

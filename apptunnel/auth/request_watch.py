@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable
 
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from apptunnel.auth.access_requests import (
@@ -26,6 +25,7 @@ from apptunnel.auth.access_requests import (
 )
 from apptunnel.backend.base import Backend
 from apptunnel.backend.records import AccessRequest
+from apptunnel.polling import Poll
 
 RequestListener = Callable[[str], object]     # called with the user whose grants changed
 
@@ -40,7 +40,6 @@ class RequestWatcher:
                  on_expired: Callable[[AccessRequest], object] | None = None) -> None:
         self._backend = backend
         self._clock = clock
-        self._interval = interval
         self._on_expired = on_expired
         self._approved: dict[str, AccessRequest] = {}
         self._revision = 0
@@ -48,23 +47,17 @@ class RequestWatcher:
         self._mutex = DeferredLock()
         self._reads = 0                     # polls started so far
         self._noted: dict[str, int] = {}    # id -> self._reads when note() saw it
-        self._loop: LoopingCall | None = None
+        self._poll = Poll(self.refresh, clock, interval, "access request watcher")
         self._wake: IDelayedCall | None = None
 
     # -- lifecycle --------------------------------------------------------------
 
     def start(self) -> None:
-        if self._loop is not None:
-            return
-        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self.refresh()))
-        self._loop.clock = self._clock
-        self._loop.start(self._interval, now=True).addErrback(
-            lambda f: self._log.failure("access request loop stopped", f))
+        """Poll now and then every ``interval`` seconds until `stop`."""
+        self._poll.start()
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+        self._poll.stop()
         if self._wake is not None and self._wake.active():
             self._wake.cancel()
         self._wake = None

@@ -20,14 +20,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import DeferredLock
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from apptunnel.auth.rbac import Selector, selector_matches
 from apptunnel.config import AppConfig, ConfigError, app_from_resource
 from apptunnel.messages import MAX_APPS
+from apptunnel.polling import Poll
 
 __all__ = ["AppResources", "RESOURCE_KIND", "resource_refusal"]
 
@@ -43,26 +43,19 @@ class AppResources:
     def __init__(self, backend, clock: IReactorTime, interval: float = 2.0) -> None:
         self._backend = backend
         self._clock = clock
-        self._interval = interval
         self._docs: dict[str, dict] = {}
         self._apps: dict[str, AppConfig] = {}
         self._bad: set[str] = set()          # (name + doc) already logged as unusable
         self._listeners: list[Callable[[], None]] = []
         self._mutex = DeferredLock()
-        self._loop: LoopingCall | None = None
+        self._poll = Poll(self.refresh, clock, interval, "app resource watcher")
 
     def start(self) -> None:
-        if self._loop is not None:
-            return
-        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self.refresh()))
-        self._loop.clock = self._clock
-        self._loop.start(self._interval, now=True).addErrback(
-            lambda f: log.failure("app resource watcher stopped", f))
+        """Poll now and then every ``interval`` seconds until `stop`."""
+        self._poll.start()
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+        self._poll.stop()
 
     def add_listener(self, fn: Callable[[], None]) -> None:
         self._listeners.append(fn)
