@@ -785,23 +785,31 @@ def _allowed_public_addrs(top: _Section) -> tuple[str, ...]:
     return tuple(out)
 
 
+def join_section(top: _Section, who: str, printed_by: str) -> tuple[str | None, str | None]:
+    """``join: {token, ca_pin}`` of an agent's or a bot's config: (token, pin), each None
+    when absent. A token needs the pin, so the joiner verifies the proxy before sending it."""
+    join = top.section("join", ("token", "ca_pin"))
+    if join is None:
+        return None, None
+    token, pin = join.string("token"), join.string("ca_pin")
+    if pin is not None and not is_pin(pin):
+        join.fail("ca_pin", "expected 'sha256:' and 64 lowercase hex digits "
+                            f"(printed by `{printed_by}`)")
+    if token is not None and pin is None:
+        join.fail("ca_pin", f"required with join.token, so the {who} can verify the proxy "
+                            f"(printed by `{printed_by}`)")
+    if token is None and who == "bot":
+        join.fail("token", f"required in join (printed by `{printed_by}`)")
+    return token, pin
+
+
 def _build_agent(path: str, data: _Map) -> AgentConfig:
     base = _base_dir(path)
     top = _Section(path, data, "", _AGENT_KEYS)
     data_dir = top.file_path("data_dir", base, required=True)
     proxy_addr = top.address("proxy_addr", required=True)
 
-    token = pin = None
-    join = top.section("join", ("token", "ca_pin"))
-    if join is not None:
-        token = join.string("token")
-        pin = join.string("ca_pin")
-        if pin is not None and not is_pin(pin):
-            join.fail("ca_pin", "expected 'sha256:' and 64 lowercase hex digits "
-                                "(printed by `apptunnel tokens add`)")
-        if token is not None and pin is None:
-            join.fail("ca_pin", "required with join.token, so the agent can verify the proxy "
-                                "(printed by `apptunnel tokens add`)")
+    token, pin = join_section(top, "agent", "apptunnel tokens add")
 
     items = top.sequence("apps")
     apps: list[AppConfig] = []

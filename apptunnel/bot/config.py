@@ -22,8 +22,7 @@ import re
 import attrs
 
 from apptunnel.auth.bots import DEFAULT_CERT_TTL, MAX_CERT_TTL
-from apptunnel.auth.pins import is_pin
-from apptunnel.config import ConfigError, Section, base_dir, load_config
+from apptunnel.config import ConfigError, Section, base_dir, join_section, load_config
 from apptunnel.net import split_host_port
 
 __all__ = ["AppProxyOutput", "BotConfig", "IdentityOutput", "load_bot_config"]
@@ -79,19 +78,7 @@ def _build(path: str, data) -> BotConfig:
     except ValueError as err:
         top.fail("proxy_addr", f"{err} (the proxy's public web address, as "
                                "`apptunnel login --proxy` takes it)")
-    token = pin = None
-    join = top.section("join", ("token", "ca_pin"))
-    if join is not None:
-        token = join.string("token")
-        pin = join.string("ca_pin")
-        if pin is not None and not is_pin(pin):
-            join.fail("ca_pin", "expected 'sha256:' and 64 lowercase hex digits "
-                                "(printed by `apptunnel bots add`)")
-        if token is not None and pin is None:
-            join.fail("ca_pin", "required with join.token, so the bot can verify the proxy "
-                                "(printed by `apptunnel bots add`)")
-        if token is None:
-            join.fail("token", "required in join (printed by `apptunnel bots add`)")
+    token, pin = join_section(top, "bot", "apptunnel bots add")
     ttl = top.duration("certificate_ttl", DEFAULT_CERT_TTL)
     if not MIN_ASKED_TTL <= ttl <= MAX_CERT_TTL:
         top.fail("certificate_ttl", "must be from 1m to 1h (or down to the cluster's "
