@@ -24,11 +24,10 @@ from apptunnel.auth.names import BOT_NAME
 from apptunnel.auth.tokens import new_secret, secret_hash
 from apptunnel.backend.base import AlreadyExists
 from apptunnel.backend.records import Bot, JoinToken
-from apptunnel.cli.context import Admin, CliError, UsageError
+from apptunnel.cli.context import Admin, CliError, UsageError, duration_arg
 from apptunnel.cli.output import clean, human_duration, iso, json_text, table
 from apptunnel.cli.tokens import MAX_TTL
 from apptunnel.cli.users import parse_roles, require_roles
-from apptunnel.config import parse_duration
 
 
 def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -60,17 +59,6 @@ def check_bot_name(name: str) -> str:
                          f"{clean(name)!r}")
     return name
 
-
-def _ttl(text: str) -> float:
-    try:
-        ttl = parse_duration(text)
-    except ValueError as err:
-        raise UsageError(f"--ttl: {err}") from None
-    if ttl <= 0 or ttl > MAX_TTL:
-        raise UsageError(f"--ttl: must be more than 0 and at most 30d, got {text!r}")
-    return ttl
-
-
 def _bot_json(bot: Bot, now: float) -> dict:
     return {"name": bot.name, "principal": BOT_PREFIX + bot.name, "roles": list(bot.roles),
             "created": iso(bot.created), "joined": bot.cert_expires is not None,
@@ -81,7 +69,7 @@ def _bot_json(bot: Bot, now: float) -> dict:
 async def add_bot(admin: Admin, args: argparse.Namespace) -> int:
     name = check_bot_name(args.name)
     roles = parse_roles(args.roles)
-    ttl = _ttl(args.ttl)
+    ttl = duration_arg("--ttl", args.ttl, MAX_TTL, "30d")
     await require_roles(admin, roles)
     config = admin.config
     ca = await deferToThread(ClusterCA.load_or_create, config.data_dir, config.cluster_name,

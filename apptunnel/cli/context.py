@@ -17,7 +17,7 @@ from apptunnel.audit import AuditLog
 from apptunnel.backend import Backend, open_backend
 from apptunnel.cli.control import refresh_proxy
 from apptunnel.cli.output import clean
-from apptunnel.config import ProxyConfig
+from apptunnel.config import ProxyConfig, parse_duration
 from apptunnel.errors import ApptunnelError
 
 
@@ -39,6 +39,22 @@ class UsageError(CliError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, code=2)
+
+
+def duration_arg(flag: str, text: str | None, most: float | None = None,
+                 most_text: str = "") -> float | None:
+    """A duration option (``--ttl 2h``) in seconds; None when not given. More than 0 and,
+    with ``most``, at most that (``most_text`` says it the way a user writes it)."""
+    if text is None:
+        return None
+    try:
+        value = parse_duration(text)
+    except ValueError as err:
+        raise UsageError(f"{flag}: {err}") from None
+    if value <= 0 or (most is not None and value > most):
+        limit = f" and at most {most_text}" if most is not None else ""
+        raise UsageError(f"{flag}: must be more than 0{limit}, got {text!r}")
+    return value
 
 
 @attrs.define

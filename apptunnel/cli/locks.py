@@ -15,10 +15,9 @@ import uuid
 from apptunnel.auth.bots import bot_of, bot_principal
 from apptunnel.backend.records import Lock
 from apptunnel.cli.bots import check_bot_name
-from apptunnel.cli.context import Admin, CliError, UsageError
+from apptunnel.cli.context import Admin, CliError, UsageError, duration_arg
 from apptunnel.cli.output import clean, human_duration, iso, json_text, table
 from apptunnel.cli.users import USER_NAME
-from apptunnel.config import parse_duration
 
 MAX_MESSAGE = 500
 MAX_TTL = 3650 * 86400.0
@@ -75,19 +74,6 @@ def _target(args: argparse.Namespace) -> tuple[str | None, str | None]:
         raise UsageError(f"--app: not a valid app name: {clean(app)!r}")
     return user, app
 
-
-def _ttl(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        ttl = parse_duration(text)
-    except ValueError as err:
-        raise UsageError(f"--ttl: {err}") from None
-    if ttl <= 0 or ttl > MAX_TTL:
-        raise UsageError(f"--ttl: must be more than 0 and at most 3650d, got {text!r}")
-    return ttl
-
-
 def _message(text: str) -> str:
     text = text.strip()
     if len(text) > MAX_MESSAGE:
@@ -117,7 +103,7 @@ def _as_json(lock: Lock) -> dict:
 
 async def add_lock(admin: Admin, args: argparse.Namespace) -> int:
     user, app = _target(args)
-    ttl = _ttl(args.ttl)
+    ttl = duration_arg("--ttl", args.ttl, MAX_TTL, "3650d")
     message = _message(args.message)
     if args.bot is not None and await admin.backend.get_bot(args.bot) is None:
         admin.io.warn(f"no bot {args.bot!r}; the lock applies if one is added")

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from apptunnel.auth.pins import cert_pin, check_chain, parse_pin
 from apptunnel.auth.passwords import MAX_PASSWORD_LENGTH
-from apptunnel.cli.context import CliError, Io, UsageError
+from apptunnel.cli.context import CliError, Io, UsageError, duration_arg
 from apptunnel.cli.http import ProxyClient, fetch_chain, tls_context
 from apptunnel.cli.output import clean, human_duration, iso, json_text
 from apptunnel.cli.sso import OneShotListener
@@ -38,7 +38,6 @@ from apptunnel.cli.profile import (
     Profile,
     home_dir,
 )
-from apptunnel.config import parse_duration
 
 __all__ = ["add_parsers", "login", "logout", "status"]
 
@@ -107,7 +106,7 @@ def login(args: argparse.Namespace, io: Io, now: Callable[[], float] = time.time
         raise UsageError("the following arguments are required: --proxy")
     if args.insecure and args.ca_pin:
         raise UsageError("--insecure and --ca-pin exclude each other")
-    ttl = _ttl(args.ttl)
+    ttl = duration_arg("--ttl", args.ttl)
     pin = _pin(args.ca_pin)
     if pin is not None:
         ca_pem = _pinned_ca(args.proxy, pin, now())
@@ -346,19 +345,6 @@ def _have_terminal() -> bool:
             return True
     except OSError:
         return False
-
-
-def _ttl(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        value = parse_duration(text)
-    except ValueError as err:
-        raise UsageError(f"--ttl: {err}") from None
-    if value <= 0:
-        raise UsageError("--ttl: must be positive")
-    return value
-
 
 def _pin(text: str | None) -> str | None:
     if text is None:

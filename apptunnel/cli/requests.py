@@ -19,11 +19,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from apptunnel.auth.pins import cert_pin
-from apptunnel.cli.context import CliError, Io, UsageError
+from apptunnel.cli.context import CliError, Io, UsageError, duration_arg
 from apptunnel.cli.login import check_certificate_answer
 from apptunnel.cli.output import clean, human_duration, iso, json_text, table
 from apptunnel.cli.profile import Profile, home_dir, require_profile
-from apptunnel.config import parse_duration
 
 POLL_INTERVAL = 2.0
 DEFAULT_WAIT = 600.0
@@ -85,10 +84,10 @@ def create_request(args: argparse.Namespace, io: Io, now: Callable[[], float] = 
         body["roles"] = roles
     else:
         body["app"] = args.app
-    ttl = _duration("--ttl", args.ttl)
+    ttl = duration_arg("--ttl", args.ttl)
     if ttl is not None:
         body["ttl"] = ttl
-    timeout = _duration("--timeout", args.timeout) or DEFAULT_WAIT
+    timeout = duration_arg("--timeout", args.timeout) or DEFAULT_WAIT
     request = _call(profile, "POST", "/v1/access-requests", body)
     if args.nowait:
         _print(io, args.format, request)
@@ -218,14 +217,3 @@ def _id(text: str) -> str:
         raise UsageError(f"not an access request id: {clean(text)[:80]!r}")
     return text
 
-
-def _duration(flag: str, text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        value = parse_duration(text)
-    except ValueError as err:
-        raise UsageError(f"{flag}: {err}") from None
-    if value <= 0:
-        raise UsageError(f"{flag}: must be positive")
-    return value

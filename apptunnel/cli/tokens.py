@@ -19,9 +19,8 @@ from twisted.internet.threads import deferToThread
 from apptunnel.auth.ca import ClusterCA
 from apptunnel.auth.tokens import describe_scope, new_secret, secret_hash
 from apptunnel.backend.records import JoinToken, Scope
-from apptunnel.cli.context import Admin, CliError, UsageError
+from apptunnel.cli.context import Admin, CliError, UsageError, duration_arg
 from apptunnel.cli.output import human_duration, iso, json_text, table
-from apptunnel.config import parse_duration
 
 TOKEN_TYPES = ("app", "bot")   # "bot" only to say where bot tokens come from
 MAX_TTL = 30 * 86400.0
@@ -58,17 +57,6 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
     rm.add_argument("token", metavar="TOKEN_OR_HASH_PREFIX",
                     help="the token itself, or a prefix of its hash as `tokens ls` shows it")
     rm.set_defaults(handler=remove_token)
-
-
-def _ttl(text: str) -> float:
-    try:
-        ttl = parse_duration(text)
-    except ValueError as err:
-        raise UsageError(f"--ttl: {err}") from None
-    if ttl <= 0 or ttl > MAX_TTL:
-        raise UsageError(f"--ttl: must be more than 0 and at most 30d, got {text!r}")
-    return ttl
-
 
 def _uses(text: str) -> int:
     if not (text.isdigit() and text.isascii() and 1 <= int(text) <= MAX_USES):
@@ -120,7 +108,7 @@ async def add_token(admin: Admin, args: argparse.Namespace) -> int:
     if args.type == "bot":
         raise UsageError("--type bot: a bot's token is made with its bot: "
                          "`apptunnel bots add NAME --roles ...` prints it")
-    ttl = _ttl(args.ttl)
+    ttl = duration_arg("--ttl", args.ttl, MAX_TTL, "30d")
     config = admin.config
     ca = await deferToThread(ClusterCA.load_or_create, config.data_dir, config.cluster_name,
                             admin.clock)

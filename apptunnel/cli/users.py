@@ -21,10 +21,9 @@ from apptunnel.auth.names import ROLE_NAME, TRAIT_NAME, USER_NAME  # noqa: F401 
 from apptunnel.auth.passwords import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, hash_password
 from apptunnel.backend import AlreadyExists
 from apptunnel.backend.records import User
-from apptunnel.cli.context import Admin, CliError, Io, UsageError
+from apptunnel.cli.context import Admin, CliError, Io, UsageError, duration_arg
 from apptunnel.auth.links import issue_link, link_url
 from apptunnel.cli.output import clean, human_duration, iso, json_text, table
-from apptunnel.config import parse_duration
 
 
 
@@ -151,7 +150,7 @@ async def add_user(admin: Admin, args: argparse.Namespace) -> int:
     name = check_user_name(args.name)
     roles = parse_roles(args.roles)
     traits = parse_traits(args.traits)
-    ttl = link_ttl(args.ttl) if args.password is None else None
+    ttl = duration_arg("--ttl", args.ttl) if args.password is None else None
     await require_roles(admin, roles)
     # Without --password-stdin the user chooses their own password through an invite link.
     password_hash = None if args.password is None else (await _hash(args.password))[0]
@@ -169,17 +168,6 @@ async def add_user(admin: Admin, args: argparse.Namespace) -> int:
     return 0
 
 
-def link_ttl(text: str) -> float:
-    """``--ttl`` of a link: a positive duration, down to seconds (tests use tiny ones)."""
-    try:
-        value = parse_duration(text)
-    except ValueError as err:
-        raise UsageError(f"--ttl: {err}") from None
-    if not value > 0:
-        raise UsageError("--ttl: must be positive")
-    return value
-
-
 async def _print_link(admin: Admin, name: str, kind: str, ttl: float) -> None:
     token = await issue_link(admin.backend, name, kind, ttl, admin.now())
     admin.emit("user.link.issue", name, method=kind, ttl=ttl)
@@ -191,7 +179,7 @@ async def _print_link(admin: Admin, name: str, kind: str, ttl: float) -> None:
 
 async def reset_user(admin: Admin, args: argparse.Namespace) -> int:
     """Take the password away and end every session now; print a reset link."""
-    ttl = link_ttl(args.ttl)
+    ttl = duration_arg("--ttl", args.ttl)
     user = await _existing(admin, args.name)
     await admin.backend.update_user(User(
         name=user.name, password_hash=None, roles=user.roles, traits=user.traits,
