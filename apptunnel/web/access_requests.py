@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from apptunnel.auth.access_requests import RequestError, request_json
 from apptunnel.auth.callers import Caller
 from apptunnel.auth.request_service import AccessRequestService
+from apptunnel.web.fields import ttl_field
 
 MIN_CERT_TTL = 1.0
 
@@ -33,14 +34,6 @@ def _roles_field(value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise RequestError(400, "roles must be a list of role names")
     return value
-
-
-def _ttl_field(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise RequestError(400, "ttl must be a positive number of seconds")
-    return float(value)
 
 
 class AccessRequestApi:
@@ -62,7 +55,7 @@ class AccessRequestApi:
         if app is not None and (not isinstance(app, str) or not app or len(app) > 128):
             raise RequestError(400, "app must be an app's name")
         created = await self._service.create(caller, _roles_field(body.get("roles")), app,
-                                             body.get("reason"), _ttl_field(body.get("ttl")))
+                                             body.get("reason"), ttl_field(body.get("ttl")))
         return self._json(created)
 
     async def list(self, caller: Caller) -> dict:

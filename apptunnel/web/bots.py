@@ -11,9 +11,7 @@ answer ``{"cert", "ca", "expires", "bot", "roles"}``. Every outcome is audited a
 
 from __future__ import annotations
 
-from typing import Any
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from twisted.logger import Logger
 
@@ -22,9 +20,9 @@ from apptunnel.auth.ca import ROLE_BOT
 from apptunnel.auth.callers import peer_certificate
 from apptunnel.auth.enrolment import EnrolmentRefused
 from apptunnel.auth.errors import AuthError
+from apptunnel.web.fields import public_key_field, ttl_field
 
 MAX_TOKEN = 256
-MAX_PUBLIC_KEY = 4 * 1024
 
 
 class BotRoutes:
@@ -40,7 +38,7 @@ class BotRoutes:
         token = body.get("token")
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN:
             raise AuthError(400, "token (a string) is required")
-        key, ttl = _public_key(body.get("public_key")), _ttl(body.get("ttl"))
+        key, ttl = public_key_field(body.get("public_key")), ttl_field(body.get("ttl"))
         try:
             issued = await self._enrolment.join(token, key, ttl)
         except EnrolmentRefused as err:
@@ -53,7 +51,7 @@ class BotRoutes:
 
     async def renew(self, body: dict, transport, client: str) -> dict:
         cert = peer_certificate(transport)
-        key, ttl = _public_key(body.get("public_key")), _ttl(body.get("ttl"))
+        key, ttl = public_key_field(body.get("public_key")), ttl_field(body.get("ttl"))
         try:
             issued = await self._enrolment.renew(cert, key, ttl)
         except EnrolmentRefused as err:
@@ -86,20 +84,3 @@ def _answer(issued: BotIssued) -> dict:
             "expires": issued.not_after, "bot": issued.bot, "roles": list(issued.roles)}
 
 
-def _public_key(value: Any) -> bytes:
-    if not isinstance(value, str) or not value or len(value) > MAX_PUBLIC_KEY:
-        raise AuthError(400, "public_key (a PEM public key) is required")
-    pem = value.encode("utf-8", "replace")
-    try:
-        serialization.load_pem_public_key(pem)
-    except (ValueError, TypeError):
-        raise AuthError(400, "public_key is not a valid PEM public key") from None
-    return pem
-
-
-def _ttl(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise AuthError(400, "ttl must be a positive number of seconds")
-    return float(value)

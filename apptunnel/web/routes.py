@@ -19,7 +19,6 @@ from urllib.parse import quote
 
 import segno
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
@@ -51,6 +50,7 @@ from apptunnel.auth.redirects import safe_path
 from apptunnel.auth.throttle import Throttled
 from apptunnel.errors import ApptunnelError
 from apptunnel.net import host_only
+from apptunnel.web.fields import public_key_field, ttl_field
 
 if TYPE_CHECKING:
     from apptunnel.audit import AuditLog
@@ -82,7 +82,6 @@ MAX_PASSWORD = 1024
 MAX_STATE = 512
 MAX_COOKIE = 256
 MAX_JSON_BODY = 16 * 1024
-MAX_PUBLIC_KEY = 4 * 1024
 # The shortest user certificate we issue: shorter ones would expire before the CLI used them.
 MIN_CERT_TTL = 1.0
 SESSION_MFA_CERT_TTL = 60.0   # a one-app MFA certificate starts sessions for a minute
@@ -409,8 +408,8 @@ class WebApp:
         if self._same_origin(request) is False:
             raise WebError(403, "cross-origin request refused")
         body = _json_body(request)
-        public_key = _public_key(body.get("public_key"))
-        wanted = _requested_ttl(body.get("ttl"))
+        public_key = public_key_field(body.get("public_key"))
+        wanted = ttl_field(body.get("ttl"))
         username, password = body.get("username"), body.get("password")
         now = self._clock.seconds()
         if body.get("sso_code") is not None:
@@ -474,8 +473,8 @@ class WebApp:
         if self._factors is None:
             raise WebError(404)
         body = _json_body(request)
-        public_key = _public_key(body.get("public_key"))
-        _requested_ttl(body.get("ttl"))               # a bad one fails before the factor
+        public_key = public_key_field(body.get("public_key"))
+        ttl_field(body.get("ttl"))               # a bad one fails before the factor
         name = body.get("app")
         if not isinstance(name, str) or not name:
             raise WebError(400, "app (a string) is required")
@@ -497,7 +496,7 @@ class WebApp:
         await self._factors.check_session(caller.user, app.name, given_factors(body),
                                           _client_host(request))
         ttl = min(SESSION_MFA_CERT_TTL, caller.expires - now)
-        wanted = _requested_ttl(body.get("ttl"))      # may only shorten the minute
+        wanted = ttl_field(body.get("ttl"))      # may only shorten the minute
         if wanted is not None:
             ttl = min(ttl, wanted)
         if ttl < MIN_CERT_TTL:
@@ -566,7 +565,7 @@ class WebApp:
         caller = await self._request_caller(request)
         body = _json_body(request)
         return _json(request, 200, await self._requests.certificate(
-            caller, rid, _public_key(body.get("public_key")), _requested_ttl(body.get("ttl")),
+            caller, rid, public_key_field(body.get("public_key")), ttl_field(body.get("ttl")),
             _client(request)))
 
     @app.route("/v1/sessions/assume", methods=["POST"])
@@ -1187,27 +1186,6 @@ def _cli_return(request) -> CliReturn | None:
             and token.match(state) and challenge and token.match(challenge)):
         raise WebError(400, "cli_port, cli_state and cli_challenge are malformed")
     return CliReturn(int(port), state, challenge)
-
-
-def _public_key(value: Any) -> bytes:
-    """The PEM public key of a certificate request, parsed here so garbage is a 400."""
-    if not isinstance(value, str) or not value or len(value) > MAX_PUBLIC_KEY:
-        raise WebError(400, "public_key (a PEM public key) is required")
-    pem = value.encode("utf-8", "replace")
-    try:
-        serialization.load_pem_public_key(pem)
-    except (ValueError, TypeError):
-        raise WebError(400, "public_key is not a valid PEM public key") from None
-    return pem
-
-
-def _requested_ttl(value: Any) -> float | None:
-    """The optional `ttl` (seconds) a client asks for; it can only shorten, never extend."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise WebError(400, "ttl must be a positive number of seconds")
-    return float(value)
 
 
 def _app_type(uri: str) -> str:
