@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 # Every template, loaded at start so rendering on the reactor never touches the disk.
 # A route module adding templates lists them here (or calls WebContext.load).
 TEMPLATES = ("base.html", "apps.html", "login.html", "error.html", "link.html",
-             "login_mfa.html", "account.html")
+             "login_mfa.html", "account.html", "requests.html")
 
 
 class WebContext:

@@ -124,8 +124,9 @@ class WebApp:
             "/web/reset": login, "/web/sso": login, "/v1/webapi": login,
             "/v1/sessions": login, "/v1/connectors": login,
             "/web/account": account, "/v1/mfa": account,
+            "/v1/account": account, "/v1/sessions/all": account,
             "/v1/certs": certs, "/v1/bots": certs,
-            "/v1/access-requests": requests, "/v1/sessions/assume": requests,
+            "/v1/access-requests": requests, "/v1/sessions/assume": requests, "/web/requests": requests,
             "/static": site, "/favicon.ico": site, "/.well-known": site, "/healthz": site,
         }
 
