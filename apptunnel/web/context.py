@@ -8,6 +8,7 @@ this only reads them from a request.
 
 from __future__ import annotations
 
+import secrets
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
@@ -181,10 +182,12 @@ class WebContext:
         template = self._templates.get_template(name)
         return template.render(cluster_name=self.config.cluster_name, **context).encode("utf-8")
 
-    def error_page(self, request, status: int, message: str) -> bytes:
+    def error_page(self, request, status: int, message: str, request_id: str = "") -> bytes:
+        """The uniform error page, with a request id the log line of a failure names."""
         heading = HEADINGS.get(status, ("Error", ""))[0]
         return self.page(request, status, "error.html", {
             "status": status, "heading": heading, "message": message,
+            "request_id": request_id or secrets.token_hex(8),
         })
 
     def on_error(self, request, failure: Failure) -> bytes:
@@ -203,11 +206,15 @@ class WebContext:
             if isinstance(err, MethodNotAllowed) and err.valid_methods:
                 request.setHeader(b"Allow", ", ".join(err.valid_methods).encode("ascii"))
         else:
+            request_id = secrets.token_hex(8)
             self._log.failure(
-                "web request {method} {path} failed", failure,
+                "web request {method} {path} failed (request id {request_id})", failure,
                 method=request.method.decode("latin-1"), path=request.path.decode("latin-1"),
+                request_id=request_id,
             )
             status, message = 500, HEADINGS[500][1]
+            if not request.path.startswith(JSON_PREFIXES):
+                return self.error_page(request, status, message, request_id)
         if request.path.startswith(JSON_PREFIXES):
             return json_response(request, status, {"error": message, **extra})
         return self.error_page(request, status, message)
