@@ -4,7 +4,9 @@ JSON API.
     GET /web/account
     POST /web/account/totp, /web/account/webauthn, /web/account/devices/remove
     POST /web/account/sessions/end          sign out everywhere
-    GET/POST /v1/mfa/devices, DELETE /v1/mfa/devices/NAME, POST /v1/mfa/totp
+    POST /web/account/recovery-codes        new recovery codes (after a fresh factor)
+    GET/POST /v1/mfa/devices, DELETE /v1/mfa/devices/NAME, POST /v1/mfa/totp,
+    POST /v1/mfa/recovery-codes
     GET /v1/account                         who I am, my roles, traits and web sessions
     DELETE /v1/sessions/all                 sign out everywhere
 """
@@ -18,15 +20,18 @@ import segno
 from klein import Klein
 
 from apptunnel.auth.errors import AuthError
+from apptunnel.auth.mfa import given_factors
 from apptunnel.web.context import Routes
 from apptunnel.web.http import (
     WebError,
     arg,
     client,
+    client_host,
     json_body,
     json_response,
     no_content,
     redirect,
+    retry_after,
     script_json,
     set_session_cookie,
 )
@@ -142,6 +147,22 @@ class AccountRoutes(Routes):
             "next": "/",
         })
 
+    @app.route("/web/account/recovery-codes", methods=["POST"])
+    async def renew_recovery_codes(self, request):
+        """Ten new recovery codes (the old ones stop working), shown once."""
+        self.ctx.require_same_origin(request)
+        _, web = await self.ctx.web_session(request)
+        if web is None or self._factors is None or web.enroll_only:
+            return redirect(request, 303, ACCOUNT_LOGIN)
+        given = given_factors({k: arg(request, k) for k in ("otp", "recovery_code")})
+        try:
+            codes = await self._factors.renew_recovery_codes(web.user, given,
+                                                             client_host(request))
+        except AuthError as err:
+            retry_after(request, err)
+            return await self._account_page(request, err.status, web, err.message)
+        return await self._account_page(request, 200, web, None, codes)
+
     @app.route("/web/account/sessions/end", methods=["POST"])
     async def sign_out_everywhere(self, request):
         """End every web session of the user (this one too) and their app sessions."""
@@ -211,6 +232,14 @@ class AccountRoutes(Routes):
                                              body.get("otp"))
         return json_response(request, 200, {"name": body.get("name"), "type": "totp",
                                             "recovery_codes": codes})
+
+    @app.route("/v1/mfa/recovery-codes", methods=["POST"])
+    async def api_renew_recovery_codes(self, request):
+        """``{"otp" | "recovery_code"}`` -> ``{"recovery_codes": [...]}`` (the old ones end)."""
+        user = await self._account_user(request)
+        codes = await self._factors.renew_recovery_codes(
+            user, given_factors(json_body(request)), client_host(request))
+        return json_response(request, 200, {"recovery_codes": codes})
 
     @app.route("/v1/mfa/devices/<string:name>", methods=["DELETE"])
     async def api_mfa_remove(self, request, name: str):

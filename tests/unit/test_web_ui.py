@@ -152,7 +152,7 @@ async def test_cross_site_forms_and_fetches_are_refused(env):  # noqa: F811
     forms = ["/web/requests", "/web/requests/x/review", "/web/requests/x/assume",
              "/web/logout", "/web/login", "/web/account/totp", "/web/account/webauthn",
              "/web/account/devices/remove", "/web/launch/grafana", "/web/login/mfa",
-             "/web/account/sessions/end"]
+             "/web/account/sessions/end", "/web/account/recovery-codes"]
     for path in forms:
         for origin in (EVIL, None):
             response, body = await e.call("POST", path, cookie=alice, origin=origin,
@@ -163,7 +163,7 @@ async def test_cross_site_forms_and_fetches_are_refused(env):  # noqa: F811
            ("POST", "/v1/sessions/assume"), ("DELETE", "/v1/sessions"),
            ("POST", "/v1/sessions"), ("POST", "/v1/mfa/totp"), ("POST", "/v1/mfa/devices"),
            ("DELETE", "/v1/mfa/devices/x"), ("POST", "/v1/certs"),
-           ("DELETE", "/v1/sessions/all")]
+           ("DELETE", "/v1/sessions/all"), ("POST", "/v1/mfa/recovery-codes")]
     for method, path in api:
         response, _ = await e.call(method, path, cookie=alice, origin=EVIL,
                                    headers={"Content-Type": "application/json"},
@@ -214,3 +214,33 @@ async def test_account_shows_me_and_signs_out_everywhere(env):  # noqa: F811
     assert response.code == 200                  # nobody else's session ended
     events = await e.events("session.web.end")
     assert any(ev.fields.get("everywhere") for ev in events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_recovery_codes_need_a_fresh_factor(env):  # noqa: F811
+    """New recovery codes only with a right, unspent TOTP code; the old codes then fail."""
+    import json
+
+    import pyotp
+    e = await env()
+    alice = await e.login("alice", "alice-pw")
+    headers = {"Content-Type": "application/json"}
+    _, raw = await e.call("POST", "/v1/mfa/totp", cookie=alice, headers=headers, data=b"{}")
+    secret = json.loads(raw)["secret"]
+    code = pyotp.TOTP(secret).at(e.clock.seconds())
+    _, raw = await e.call("POST", "/v1/mfa/devices", cookie=alice, headers=headers,
+                          data=json.dumps({"type": "totp", "name": "phone", "secret": secret,
+                                           "otp": code}).encode())
+    old = json.loads(raw)["recovery_codes"]
+    assert len(old) == 10
+    response, body = await e.call("POST", "/web/account/recovery-codes", cookie=alice,
+                                  data={"otp": code})            # spent by the enrollment
+    assert response.code == 401 and b"<ul class=\"codes\">" not in body
+    e.clock.advance(30)
+    response, body = await e.call("POST", "/web/account/recovery-codes", cookie=alice,
+                                  data={"otp": pyotp.TOTP(secret).at(e.clock.seconds())})
+    assert response.code == 200
+    new = re.findall(rb"<li><code>([^<]+)</code></li>", body)
+    assert len(new) == 10 and not {c.decode() for c in new} & set(old)
+    assert [ev.outcome for ev in await e.events("user.mfa.recovery_codes")] == \
+        ["failure", "success"]
