@@ -13,7 +13,7 @@ from apptunnel.catalog import AppInfo
 from apptunnel.web.catalogue import Filters, connect_commands, suggested_port
 from apptunnel.web.request_routes import remaining, request_rows
 from tests.support.web_env import header
-from tests.unit.test_web_access_requests import env  # noqa: F401  (the fixture)
+from tests.support.requests_env import env  # noqa: F401  (the fixture)
 
 EVIL = "https://evil.example"
 
