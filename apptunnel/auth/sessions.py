@@ -158,10 +158,12 @@ class SessionManager:
         self._app = _Cache()
 
     async def create_web_session(
-        self, user: User, ttl: float | None = None, *, enroll_only: bool = False
+        self, user: User, ttl: float | None = None, *, enroll_only: bool = False,
+        method: str = "",
     ) -> tuple[str, WebSession]:
         """Start a web session for user; returns (secret for the cookie, record).
-        ``enroll_only``: it may enroll a second factor and nothing else (auth/mfa.py)."""
+        ``enroll_only``: it may enroll a second factor and nothing else (auth/mfa.py);
+        ``method``: how the user signed in (shown on the account page)."""
         self._refuse_if_locked(user.name, None, "web session")
         now = self._clock.seconds()
         secret = new_secret()
@@ -173,6 +175,7 @@ class SessionManager:
             created=now,
             expires=now + (ttl if ttl is not None else self._ttl),
             enroll_only=enroll_only,
+            method=method,
         )
         await self._backend.put_web_session(record)
         self._web.put(record.id_hash, record, self._cache_until(record.expires, now))

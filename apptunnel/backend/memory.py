@@ -81,7 +81,7 @@ def _resource(r: Resource) -> Resource:
 def _web_session(s: WebSession) -> WebSession:
     return WebSession(s.id_hash, s.user, tuple(_json(list(s.roles))), _traits(s.traits),
                       _real(s.created), _real(s.expires), bool(s.enroll_only),
-                      tuple(_json(list(s.requests))))
+                      tuple(_json(list(s.requests))), str(s.method))
 
 
 def _access_request(r: AccessRequest) -> AccessRequest:

@@ -104,7 +104,8 @@ class AccountRoutes(Routes):
             # Password + the new device: the session becomes a full one.
             await self.ctx.sessions.end_web_session(secret)
             user = await self._sign_in.user(web.user)
-            secret, web, ttl = await self._sign_in.open_web_session(request, user)
+            secret, web, ttl = await self._sign_in.open_web_session(
+                request, user, method="password + a new second factor")
             set_session_cookie(request, secret, ttl)
         return await self._account_page(request, 200, web, None, codes)
 
@@ -135,6 +136,7 @@ class AccountRoutes(Routes):
             "nav": "account", "extra_nav": await self.ctx.extra_nav(web),
             "roles": list(web.roles), "traits": sorted(web.traits.items()),
             "signed_in": when(web.created), "expires": when(web.expires),
+            "method": web.method or "unknown (an older session)",
             "sessions": sessions,
             "devices": [{"name": d.name, "type": d.kind,
                          "created": time.strftime("%Y-%m-%d", time.gmtime(d.created))}
@@ -195,6 +197,7 @@ class AccountRoutes(Routes):
         return json_response(request, 200, {
             "user": caller.user, "roles": list(caller.roles), "traits": caller.traits,
             "method": caller.method, "expires": caller.expires,
+            "signed_in_with": web.method if web is not None else "certificate",
             "sessions": session_rows(await self.ctx.sessions.user_web_sessions(caller.user),
                                      current),
         })

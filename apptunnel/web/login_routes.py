@@ -42,7 +42,12 @@ from apptunnel.web.http import (
     set_cookie,
     set_session_cookie,
 )
-from apptunnel.web.sign_in import MAX_PASSWORD, MAX_USERNAME, connector_field
+from apptunnel.web.sign_in import (
+    MAX_PASSWORD,
+    MAX_USERNAME,
+    connector_field,
+    password_method,
+)
 
 if TYPE_CHECKING:
     from apptunnel.auth.connectors.oidc import OidcSignIn
@@ -135,7 +140,8 @@ class LoginRoutes(Routes):
         self._pending.finish(ticket)
         set_cookie(request, MFA_COOKIE, "", 0)
         user = await self._sign_in.user(username)
-        secret, web, ttl = await self._sign_in.open_web_session(request, user, enroll_only)
+        secret, web, ttl = await self._sign_in.open_web_session(
+            request, user, enroll_only, method=password_method(given))
         set_session_cookie(request, secret, ttl)
         return redirect(request, 303, target)
 
@@ -235,7 +241,8 @@ class LoginRoutes(Routes):
                                    **await self._sign_in.login_choices())
         if cli is not None:
             return self._sign_in.cli_redirect(request, user, cli)
-        secret, _, ttl = await self._sign_in.open_web_session(request, user)
+        secret, _, ttl = await self._sign_in.open_web_session(request, user,
+                                                              method=f"saml:{name}")
         set_session_cookie(request, secret, ttl)
         return redirect(request, 303, target)
 
@@ -265,7 +272,8 @@ class LoginRoutes(Routes):
         set_cookie(request, SSO_COOKIE, "", 0)
         if done.flow.cli is not None:
             return self._sign_in.cli_redirect(request, done.user, done.flow.cli)
-        secret, _, ttl = await self._sign_in.open_web_session(request, done.user)
+        secret, _, ttl = await self._sign_in.open_web_session(
+            request, done.user, method=f"oidc:{done.flow.connector}")
         set_session_cookie(request, secret, ttl)
         return redirect(request, 303, done.flow.next)
 

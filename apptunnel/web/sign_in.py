@@ -112,19 +112,21 @@ class SignIn:
         SecondFactorRequired when a local user's factor is missing."""
         if connector is not None:
             user = await self.check_connector(request, connector, username, password)
-            return await self.open_web_session(request, user)
+            return await self.open_web_session(request, user, method=f"ldap:{connector}")
         user = await self.check_password(request, username, password)
         enroll_only = await self.second_factor(request, user.name, given)
-        return await self.open_web_session(request, user, enroll_only)
+        return await self.open_web_session(request, user, enroll_only,
+                                           method=password_method(given))
 
-    async def open_web_session(self, request, user: User, enroll_only: bool = False
-                               ) -> tuple[str, WebSession, float]:
+    async def open_web_session(self, request, user: User, enroll_only: bool = False,
+                               method: str = "") -> tuple[str, WebSession, float]:
         ctx = self._ctx
         role_set = await ctx.roles.role_set(user.roles)
         default = ctx.config.session_ttl
         ttl = min(default, role_set.max_session_ttl(default))
         secret, web = await ctx.sessions.create_web_session(user, ttl=ttl,
-                                                            enroll_only=enroll_only)
+                                                            enroll_only=enroll_only,
+                                                            method=method)
         ctx.audit.emit("session.web.start", actor=user.name, client=client(request),
                        expires=web.expires)
         return secret, web, ttl
@@ -192,6 +194,17 @@ class SignIn:
             raise AuthError(401, "this sign-in code is unknown, used or expired")
         ctx.sessions.throttle.succeeded(key, address)
         return user
+
+
+def password_method(given) -> str:
+    """How a local sign-in went, for the account page: the password and the factor used."""
+    if given is None or given.empty:
+        return "password"
+    if given.otp:
+        return "password + authenticator code"
+    if given.recovery_code:
+        return "password + recovery code"
+    return "password + security key"
 
 
 def connector_field(body: dict) -> str | None:

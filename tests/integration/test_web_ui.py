@@ -193,7 +193,8 @@ def run_journey(browser, cluster, shots):
 
     # -- enroll TOTP on the account page
     page.goto(cluster.url(path="/web/account"))
-    assert "demo-apps" in page.inner_text("section[aria-labelledby=me-title]")
+    me = page.inner_text("section[aria-labelledby=me-title]")
+    assert "demo-apps" in me and "with password" in me
     secret = page.input_value("input[name=secret]")
     page.fill("#otp", pyotp.TOTP(secret).now())
     page.click("form[action='/web/account/totp'] button[type=submit]")

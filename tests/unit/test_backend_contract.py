@@ -268,6 +268,8 @@ async def test_list_user_web_sessions_names_only_that_users(backend):
     assert sorted(s.id_hash for s in mine) == ["w1", "w2"]
     assert mine[0] == web(mine[0].id_hash)
     assert await wait(backend.list_user_web_sessions("nobody")) == []
+    await wait(backend.put_web_session(attrs.evolve(web("w4"), method="oidc:corp")))
+    assert (await wait(backend.get_web_session("w4"))).method == "oidc:corp"
 
 
 @pytest_twisted.ensureDeferred

@@ -201,10 +201,12 @@ async def test_account_shows_me_and_signs_out_everywhere(env):  # noqa: F811
     _, body = await e.call("GET", "/web/account", cookie=one)
     page = body.decode()
     assert "dev" in page and page.count("<code>") >= 2 and "this browser" in page
+    assert "with password</dd>" in page            # how this session signed in
     _, raw = await e.call("GET", "/v1/account", cookie=two)
     me = json.loads(raw)
     assert me["user"] == "alice" and me["roles"] == ["dev"] and len(me["sessions"]) == 2
     assert sum(s["current"] for s in me["sessions"]) == 1
+    assert me["signed_in_with"] == "password"
     response, _ = await e.call("POST", "/web/account/sessions/end", cookie=one)
     assert response.code == 303 and header(response, "location") == "/web/login"
     for cookie in (one, two):
