@@ -31,6 +31,7 @@ CODES: dict[str, tuple[str, str]] = {
     "user.link.issue": ("T1011I", "T1011W"),
     "user.mfa.add": ("T1020I", "T1020W"),
     "user.mfa.delete": ("T1021I", "T1021W"),
+    "user.mfa.recovery_codes": ("T1022I", "T1022W"),   # new recovery codes (account page)
     "session.mfa": ("T1030I", "T1030W"),        # a per-session MFA check (auth/mfa.py)
     "session.web.start": ("T2000I", "T2000W"),
     "session.web.end": ("T2001I", "T2001W"),

@@ -347,6 +347,15 @@ class SecondFactors:
         await self._backend.delete_mfa_device(user, name)
         self._emit("user.mfa.delete", user, "success", device=name)
 
+    async def renew_recovery_codes(self, user: str, given: Given, address: str) -> list[str]:
+        """Ten new recovery codes, replacing the old ones, after a fresh factor (a stolen
+        session alone cannot mint codes that outlive it)."""
+        need = await self.session_needed(user)
+        await self._present(user, need, given, address, "user.mfa.recovery_codes", {})
+        codes = new_recovery_codes()
+        await self._backend.set_recovery_codes(user, [recovery_hash(c) for c in codes])
+        return codes
+
     async def recovery_codes_left(self, user: str) -> int:
         return await self._backend.count_recovery_codes(user)
 

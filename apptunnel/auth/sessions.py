@@ -158,10 +158,12 @@ class SessionManager:
         self._app = _Cache()
 
     async def create_web_session(
-        self, user: User, ttl: float | None = None, *, enroll_only: bool = False
+        self, user: User, ttl: float | None = None, *, enroll_only: bool = False,
+        method: str = "",
     ) -> tuple[str, WebSession]:
         """Start a web session for user; returns (secret for the cookie, record).
-        ``enroll_only``: it may enroll a second factor and nothing else (auth/mfa.py)."""
+        ``enroll_only``: it may enroll a second factor and nothing else (auth/mfa.py);
+        ``method``: how the user signed in (shown on the account page)."""
         self._refuse_if_locked(user.name, None, "web session")
         now = self._clock.seconds()
         secret = new_secret()
@@ -173,6 +175,7 @@ class SessionManager:
             created=now,
             expires=now + (ttl if ttl is not None else self._ttl),
             enroll_only=enroll_only,
+            method=method,
         )
         await self._backend.put_web_session(record)
         self._web.put(record.id_hash, record, self._cache_until(record.expires, now))
@@ -197,6 +200,22 @@ class SessionManager:
         self._web.drop(key)
         for app_key in ended:
             self._app.drop(app_key)
+
+    async def user_web_sessions(self, user: str) -> list[WebSession]:
+        """``user``'s live web sessions (stored, unexpired), oldest first."""
+        now = self._clock.seconds()
+        return [s for s in await self._backend.list_user_web_sessions(user) if s.expires > now]
+
+    async def end_user_sessions(self, user: str) -> int:
+        """Sign ``user`` out everywhere: every web session with its app sessions; how many
+        web sessions ended. Other proxies drop theirs when their cache entry lapses."""
+        webs = await self._backend.list_user_web_sessions(user)
+        ended = await self._backend.delete_user_sessions(user)
+        for web in webs:
+            self._web.drop(web.id_hash)
+        for app_key in ended:
+            self._app.drop(app_key)
+        return len(webs)
 
     async def assume(self, secret: str, request_id: str) -> WebSession | None:
         """Add an approved access request to the web session (the access policy grants its

@@ -81,7 +81,7 @@ def _resource(r: Resource) -> Resource:
 def _web_session(s: WebSession) -> WebSession:
     return WebSession(s.id_hash, s.user, tuple(_json(list(s.roles))), _traits(s.traits),
                       _real(s.created), _real(s.expires), bool(s.enroll_only),
-                      tuple(_json(list(s.requests))))
+                      tuple(_json(list(s.requests))), str(s.method))
 
 
 def _access_request(r: AccessRequest) -> AccessRequest:
@@ -337,6 +337,11 @@ class MemoryBackend:
         self._check_open()
         found = self._web_sessions.get(id_hash)
         return _web_session(found) if found else None
+
+    async def list_user_web_sessions(self, user: str) -> list[WebSession]:
+        self._check_open()
+        found = [_web_session(s) for s in self._web_sessions.values() if s.user == user]
+        return sorted(found, key=lambda s: s.created)[:1000]
 
     async def delete_web_session(self, id_hash: str) -> list[str]:
         """End the web session with its app sessions and hand-offs; return the app hashes."""

@@ -109,6 +109,9 @@ class WebSession:
     # Access requests this session assumed (auth/access_requests.py): their roles count
     # only while each is approved and unexpired (auth/access.py).
     requests: tuple[str, ...] = ()
+    # How the user signed in (the account page): "password", "password+otp",
+    # "ldap:NAME", "oidc:NAME", "saml:NAME"; "" for sessions from before it was kept.
+    method: str = ""
 
 
 @attrs.frozen

@@ -225,6 +225,9 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX access_requests_state ON access_requests (state)",
         "ALTER TABLE web_sessions ADD COLUMN requests TEXT NOT NULL DEFAULT '[]'",
     ),
+    (
+        "ALTER TABLE web_sessions ADD COLUMN method TEXT NOT NULL DEFAULT ''",
+    ),
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -331,6 +334,7 @@ def _web_session(row: tuple) -> WebSession:
         expires=row[5],
         enroll_only=bool(row[6]),
         requests=tuple(json.loads(row[7])),
+        method=row[8],
     )
 
 
@@ -360,7 +364,8 @@ _BOT_COLUMNS = "name, roles, created, generation, cert_expires"
 _AGENT_COLUMNS = ("host_id, scope, joined, cert_expires, key_pin, last_seen, connected_since,"
                   " peer, proxy_id, apps, draining")
 _LOCK_COLUMNS = "id, user_name, app, message, created, expires, created_by, agent"
-_WEB_COLUMNS = "id_hash, user_name, roles, traits, created, expires, enroll_only, requests"
+_WEB_COLUMNS = ("id_hash, user_name, roles, traits, created, expires, enroll_only, requests,"
+                " method")
 _REQUEST_COLUMNS = ("id, user_name, roles, apps, reason, state, created, ttl, expires, approve,"
                     " deny, reviews")
 _LINK_COLUMNS = "token_hash, user_name, kind, created, expires, used"
@@ -775,13 +780,14 @@ class SqliteBackend:
     async def put_web_session(self, s: WebSession) -> None:
         def run(conn: sqlite3.Connection) -> None:
             conn.execute(
-                f"INSERT INTO web_sessions ({_WEB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                f"INSERT INTO web_sessions ({_WEB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (id_hash) DO UPDATE SET user_name = excluded.user_name,"
                 " roles = excluded.roles, traits = excluded.traits,"
                 " created = excluded.created, expires = excluded.expires,"
-                " enroll_only = excluded.enroll_only, requests = excluded.requests",
+                " enroll_only = excluded.enroll_only, requests = excluded.requests,"
+                " method = excluded.method",
                 (s.id_hash, s.user, _dump(list(s.roles)), _dump(s.traits), s.created,
-                 s.expires, int(bool(s.enroll_only)), _dump(list(s.requests))),
+                 s.expires, int(bool(s.enroll_only)), _dump(list(s.requests)), str(s.method)),
             )
 
         await self._run(run)
@@ -793,6 +799,17 @@ class SqliteBackend:
                 (id_hash,),
             ).fetchone()
             return _web_session(row) if row else None
+
+        return await self._run(run)
+
+    async def list_user_web_sessions(self, user: str) -> list[WebSession]:
+        """The user's stored web sessions (the account page's "my sessions"), oldest first."""
+        def run(conn: sqlite3.Connection) -> list[WebSession]:
+            rows = conn.execute(
+                f"SELECT {_WEB_COLUMNS} FROM web_sessions WHERE user_name = ?"
+                " ORDER BY created LIMIT 1000", (user,),
+            ).fetchall()
+            return [_web_session(row) for row in rows]
 
         return await self._run(run)
 

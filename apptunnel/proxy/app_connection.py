@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+import secrets
 from typing import TYPE_CHECKING
 
 import attrs
@@ -54,6 +55,11 @@ MAX_PENDING = 1024 * 1024
 MAX_DISCARD = 1024 * 1024
 
 
+def new_request_id() -> str:
+    """A short random id naming one request on its error page and in the audit."""
+    return secrets.token_hex(8)
+
+
 @attrs.define
 class _Exchange:
     """One request/response on a client connection, for relaying and the audit record."""
@@ -73,6 +79,7 @@ class _Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     discarded: int = 0
+    request_id: str = ""      # on its error page and its app.request audit event
 
 
 @implementer(IPushProducer)
@@ -278,9 +285,11 @@ class AppConnection(Protocol):
 
     def _begin(self, head: RequestHead) -> None:
         path = head.target.partition(b"?")[0]
+        head.request_id = new_request_id()
         self._ex = _Exchange(
             method=head.method, path=path, started=self._clock.seconds(),
             keep_alive=keep_alive(head.version, head.headers), version=head.version,
+            request_id=head.request_id,
         )
         self.state = ROUTING
         if self._fixed_app is not None:
@@ -318,7 +327,8 @@ class AppConnection(Protocol):
     def _route_failed(self, failure: Failure, ex: _Exchange) -> None:
         self._log.failure("routing a request failed", failure)
         if self.state not in _ENDED and ex is self._ex:
-            self._answer(Answer(pages.error_response(500, close=True), 500, True))
+            self._answer(Answer(pages.error_response(500, close=True, **self._page_ids(ex)),
+                                500, True))
 
     def _app_connected(self, proto: _AppSide, outcome: Forward, ex: _Exchange) -> None:
         self._connecting = None
@@ -352,7 +362,9 @@ class AppConnection(Protocol):
         )
         ex.status = status
         self._answer(Answer(pages.error_response(status, close=not ex.keep_alive,
-                                                 head_only=ex.method == b"HEAD"), status, not ex.keep_alive))
+                                                 head_only=ex.method == b"HEAD",
+                                                 **self._page_ids(ex)),
+                            status, not ex.keep_alive))
 
     def _send_head(self, outcome: Forward) -> None:
         ex = self._ex
@@ -540,7 +552,8 @@ class AppConnection(Protocol):
         self._drop_upstream(abort=True)
         if forwarding and not ex.head_sent:
             ex.status = 502
-            self.transport.write(pages.error_response(502, close=True))
+            self.transport.write(pages.error_response(502, close=True,
+                                                      **self._page_ids(ex)))
         if forwarding:
             self._audit(ex, incomplete=not ex.head_sent)
             self._ex = None
@@ -644,7 +657,8 @@ class AppConnection(Protocol):
         self._log.info("closing idle connection from {ip}", ip=self._client_ip)
         if ex is not None and not ex.head_sent and self.state == FORWARDING:
             ex.status = 504
-            self.transport.write(pages.error_response(504, close=True))
+            self.transport.write(pages.error_response(504, close=True,
+                                                      **self._page_ids(ex)))
         self._close()
 
     def _cancel_timer(self) -> None:
@@ -655,6 +669,12 @@ class AppConnection(Protocol):
     def _client_address(self) -> str:
         peer = self.transport.getPeer()
         return f"{getattr(peer, 'host', '')}:{getattr(peer, 'port', '')}"
+
+    def _page_ids(self, ex: _Exchange | None) -> dict:
+        """An error page's link home and request id (pages.error_response keywords)."""
+        config = self._fw.config
+        return {"home": pages.home_origin(config.public_host, config.public_port),
+                "request_id": ex.request_id if ex is not None else ""}
 
     def _audit(self, ex: _Exchange, incomplete: bool = False) -> None:
         if ex.app is None:
@@ -669,6 +689,7 @@ class AppConnection(Protocol):
             user=ex.user,
             app=ex.app.name,
             client_ip=self._client_ip,
+            request_id=ex.request_id,
         )
         if incomplete:
             fields["incomplete"] = True

@@ -172,6 +172,9 @@ class RequestHead:
     target: bytes
     version: bytes  # b"HTTP/1.1"
     headers: Headers
+    # The proxy's id for this request: on its error page and in its app.request audit
+    # event, so a user's screenshot leads to the event (set by the app connection).
+    request_id: str = ""
 
     def to_bytes(self) -> bytes:
         return b"".join(

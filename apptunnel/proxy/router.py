@@ -136,6 +136,7 @@ class AppRouter:
         self.audit = audit
         self.clock = clock
         self._public_host = host_only(config.public_addr)
+        self._home = pages.home_origin(config.public_host, config.public_port)
 
     async def route(self, head: RequestHead, client_ip: str,
                     caller: Caller | None = None) -> Answer | Forward:
@@ -149,7 +150,7 @@ class AppRouter:
 
         def page(status: int, headers=(), close_now: bool = False) -> Answer:
             c = close or close_now
-            return Answer(pages.error_response(status, headers=headers, close=c, head_only=head_only), status, c)
+            return Answer(pages.error_response(status, headers=headers, close=c, head_only=head_only, home=self._home, request_id=head.request_id), status, c)
 
         host_raw = head.headers.get(b"host")
         if not valid_host(host_raw):
@@ -160,7 +161,7 @@ class AppRouter:
             return page(421 if host_only(host) == self._public_host else 404)
         if app.kind == "tcp":
             message = f"TCP app: use apptunnel proxy app {app.name}"
-            return Answer(pages.error_response(400, message, close=True, head_only=head_only), 400, True)
+            return Answer(pages.error_response(400, message, close=True, head_only=head_only, home=self._home, request_id=head.request_id), 400, True)
         if head.method == b"CONNECT" or not head.target.startswith(b"/"):
             # A 2xx to CONNECT would make the connection a raw pipe to the app, past
             # header stripping, the JWT and the audit: never forward one.
@@ -216,20 +217,20 @@ class AppRouter:
         head_only = head.method == b"HEAD"
         if self.clock.seconds() >= caller.expires:
             message = "certificate expired: run apptunnel login"
-            return Answer(pages.error_response(401, message, close=True, head_only=head_only), 401, True)
+            return Answer(pages.error_response(401, message, close=True, head_only=head_only, home=self._home, request_id=head.request_id), 401, True)
         app = self.registry.app(app_name)
         if app is None:
             close = not keep_alive(head.version, head.headers)
-            return Answer(pages.error_response(503, close=close, head_only=head_only), 503, close)
+            return Answer(pages.error_response(503, close=close, head_only=head_only, home=self._home, request_id=head.request_id), 503, close)
         if head.method == b"CONNECT":
-            return Answer(pages.error_response(405, close=True, head_only=head_only), 405, True)
+            return Answer(pages.error_response(405, close=True, head_only=head_only, home=self._home, request_id=head.request_id), 405, True)
         host_raw = head.headers.get(b"host")
         if not head.target.startswith(b"/") or (host_raw is not None and not valid_host(host_raw)):
-            return Answer(pages.error_response(400, close=True, head_only=head_only), 400, True)
+            return Answer(pages.error_response(400, close=True, head_only=head_only, home=self._home, request_id=head.request_id), 400, True)
         if not _local_host_ok(head.headers.get(b"host"), app.public_addr):
             self._log.info("refused {app} through a local port for Host {host!r}", app=app.name,
                            host=(head.headers.get(b"host") or b"").decode("latin-1")[:100])
-            return Answer(pages.error_response(421, close=True, head_only=head_only), 421, True)
+            return Answer(pages.error_response(421, close=True, head_only=head_only, home=self._home, request_id=head.request_id), 421, True)
         why = local_port_cross_site(head.headers, f"https://{app.public_addr}")
         if why is not None:
             self._log.info("refused {app} through a local port for {user}: {why}", app=app.name,
@@ -237,7 +238,7 @@ class AppRouter:
             self.audit.emit("access.denied", actor=caller.user, target=app.name, outcome="failure",
                             reason=why, client_ip=client_ip, method=head.method.decode("latin-1"),
                             path=head.target.partition(b"?")[0].decode("latin-1"))
-            return Answer(pages.error_response(403, close=True, head_only=head_only), 403, True)
+            return Answer(pages.error_response(403, close=True, head_only=head_only, home=self._home, request_id=head.request_id), 403, True)
         return await self._by_certificate(head, app, caller, client_ip, True)
 
     async def _by_certificate(self, head: RequestHead, app: AppInfo, caller: Caller,
@@ -262,7 +263,7 @@ class AppRouter:
             # A Deny's message, or NeedsMore's "needs a second factor" (per-session MFA:
             # a certificate gets one only from apptunnel proxy app, bound to the app).
             message = decision.message or None
-            return Answer(pages.error_response(403, message, close=close, head_only=head_only),
+            return Answer(pages.error_response(403, message, close=close, head_only=head_only, home=self._home, request_id=head.request_id),
                           403, close)
         who = decision.caller
         return Forward(app, self._app_head(head, app, who, client_ip, upgrade), who.user, upgrade, who)
@@ -279,7 +280,7 @@ class AppRouter:
             self.audit.emit("session.app.start", target=app.name, outcome="failure", reason=err.message)
             return Answer(
                 pages.error_response(400, "This sign-in link is not valid. Open the app again.",
-                                     [clear_state], close=close, head_only=head_only), 400, close,
+                                     [clear_state], close=close, head_only=head_only, home=self._home), 400, close,
             )
         max_age = max(0, int(app_session.expires - self.clock.seconds()))
         self.audit.emit("session.app.start", actor=app_session.user, target=app.name)
@@ -302,7 +303,7 @@ class AppRouter:
             return Answer(pages.logout_response(app.name, LOGOUT_PATH.decode("ascii"), close=close,
                                                 head_only=head_only), 200, close)
         if head.method != b"POST":
-            return Answer(pages.error_response(405, headers=[(b"Allow", b"GET, POST")], close=close), 405, close)
+            return Answer(pages.error_response(405, headers=[(b"Allow", b"GET, POST")], close=close, home=self._home, request_id=head.request_id), 405, close)
         origin, referer = head.headers.get(b"origin"), head.headers.get(b"referer")
         proof = same_origin(None if origin is None else origin.decode("latin-1"),
                             None if referer is None else referer.decode("latin-1"),
@@ -310,7 +311,7 @@ class AppRouter:
         if proof is not True:
             self._log.info("refused a cross-site logout on {app}", app=app.name)
             return Answer(pages.error_response(403, "This sign-out was not sent from this app.",
-                                               close=close), 403, close)
+                                               close=close, home=self._home, request_id=head.request_id), 403, close)
         secret = cookies.get(APP_COOKIE)
         if secret:
             app_session = await self.sessions.app_session(secret, app.name)

@@ -260,6 +260,19 @@ async def test_web_session_keeps_the_requests_it_assumed(backend):
 
 
 @pytest_twisted.ensureDeferred
+async def test_list_user_web_sessions_names_only_that_users(backend):
+    """A user's web sessions read back (the account page); nobody else's."""
+    for record in (web("w1"), web("w2"), web("w3", user_name="bob")):
+        await wait(backend.put_web_session(record))
+    mine = await wait(backend.list_user_web_sessions("alice"))
+    assert sorted(s.id_hash for s in mine) == ["w1", "w2"]
+    assert mine[0] == web(mine[0].id_hash)
+    assert await wait(backend.list_user_web_sessions("nobody")) == []
+    await wait(backend.put_web_session(attrs.evolve(web("w4"), method="oidc:corp")))
+    assert (await wait(backend.get_web_session("w4"))).method == "oidc:corp"
+
+
+@pytest_twisted.ensureDeferred
 async def test_finished_access_requests_are_swept_a_week_after(backend):
     """Denied and expired requests go a while after they ended; pending ones stay."""
     await wait(backend.put_access_request(access_request("a" * 32, state="denied")))

@@ -196,7 +196,7 @@ async def test_version_1_database_is_migrated_keeping_its_data(tmp_path):
         await wait(b.close())
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 11
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 12
     finally:
         conn.close()
 
@@ -260,6 +260,7 @@ async def test_version_8_database_gains_access_requests_and_sessions_assume_none
     b = SqliteBackend(path, reactor)
     try:
         assert (await wait(b.get_web_session("w1"))).requests == ()
+        assert (await wait(b.get_web_session("w1"))).method == ""   # migration 12
         assert await wait(b.list_access_requests()) == []
     finally:
         await wait(b.close())

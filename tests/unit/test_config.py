@@ -153,6 +153,19 @@ apps:
         {}, None, None, ())
 
 
+def test_app_description_is_one_line_for_the_catalogue(tmp_path):
+    """An app may carry a description; it reaches the hello and back (absent: empty)."""
+    from apptunnel.messages import AppAnnouncement, MessageError
+    config = load_agent_config(write(tmp_path, AGENT_OK + "    description: Team handbook\n"))
+    assert config.apps[0].description == "Team handbook"
+    sent = AppAnnouncement("wiki", "http://x", description="Team handbook")
+    assert AppAnnouncement.parse(sent.to_dict(), "apps[0]") == sent
+    assert "description" not in AppAnnouncement("wiki", "http://x").to_dict()
+    for bad in ("a\nb", "x" * 201, 5):
+        with pytest.raises(MessageError):
+            AppAnnouncement.parse({"name": "wiki", "uri": "http://x", "description": bad}, "a")
+
+
 def test_agent_join_is_optional(tmp_path):
     """An agent that already joined needs no join section."""
     config = load_agent_config(write(tmp_path, AGENT_OK))
@@ -239,6 +252,10 @@ BAD = [
     ("agent", AGENT_OK + "join:\n  token: abc\n  ca_pin: sha256:1234\n", 8, "join.ca_pin",
      "64 lowercase hex"),
     ("agent", AGENT_OK + "apps2: []\n", 6, "apps2", "did you mean 'apps'"),
+    ("agent", AGENT_OK + "    description: " + "x" * 201 + "\n", 6, "apps[0].description",
+     "at most 200 characters"),
+    ("agent", AGENT_OK + "    description: [a]\n", 6, "apps[0].description",
+     "expected a string"),
 ]
 
 

@@ -39,3 +39,23 @@ def test_head_only_response_has_no_body():
     assert raw.endswith(b"\r\n\r\n")
     head, body = parse(raw, b"HEAD")
     assert head.status == 404 and body == b""
+
+
+def test_app_host_error_page_is_styled_and_names_its_request():
+    """With the proxy's origin an error page takes its CSS from there, allows no script,
+    says what to do, links back to the catalogue and shows its (escaped) request id."""
+    home = "https://apptunnel.localhost:3080"
+    head, body = parse(error_response(503, request_id="ab<12", home=home))
+    policy = head.headers.get(b"content-security-policy")
+    assert policy == (b"default-src 'none'; style-src https://apptunnel.localhost:3080; "
+                      b"img-src https://apptunnel.localhost:3080; frame-ancestors 'none'; "
+                      b"base-uri 'none'; form-action 'self'")
+    assert head.headers.get(b"strict-transport-security") == b"max-age=31536000"
+    page = body.decode()
+    assert f'<link rel="stylesheet" href="{home}/static/app.css">' in page
+    assert "<script" not in page and "<style" not in page and "style=" not in page
+    assert "Try again later" in page and f'href="{home}/web/apps"' in page
+    assert "ab&lt;12" in page and "ab<12" not in page
+    assert f"{home}/web/audit?request_id=ab&lt;12" in page
+    _, denied = parse(error_response(403, home=home))
+    assert b"/web/requests" in denied and b"Request ID" not in denied
