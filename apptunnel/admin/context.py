@@ -10,8 +10,9 @@ import attrs
 from apptunnel.errors import ApptunnelError
 
 # How an admin error becomes an answer: CLI exit status, HTTP status.
-USAGE, NOT_FOUND, CONFLICT, FAILED = "usage", "not_found", "conflict", "failed"
-_STATUS = {USAGE: 400, NOT_FOUND: 404, CONFLICT: 409, FAILED: 400}
+USAGE, NOT_FOUND, CONFLICT, FAILED, FORBIDDEN = (
+    "usage", "not_found", "conflict", "failed", "forbidden")
+_STATUS = {USAGE: 400, NOT_FOUND: 404, CONFLICT: 409, FAILED: 400, FORBIDDEN: 403}
 
 
 class AdminError(ApptunnelError):

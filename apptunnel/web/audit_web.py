@@ -1,0 +1,129 @@
+"""The audit viewer: ``/v1/audit/events`` (JSON) and ``/web/audit`` (pages), mounted by
+web/routes.py.
+
+Reading needs the caller's rules to allow ``list`` (the search) or ``read`` (one event)
+on ``event`` (auth/rbac.py). Filters come from the query string, so a filtered view is
+a link one can share (an error page's request id links here); the backend filters and
+pages (newest first), so a page costs one query whatever the size of the trail.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from urllib.parse import urlencode
+
+from klein import Klein
+from twisted.logger import Logger
+
+from apptunnel.admin.audit import OUTCOMES, AuditQuery, AuditSearch
+from apptunnel.admin.context import AdminError
+from apptunnel.backend.records import AuditEvent
+from apptunnel.web.admin_gate import AdminGate, error_answer, json_answer
+
+FIELDS = ("since", "until", "type", "user", "app", "outcome", "request_id", "offset", "limit")
+
+
+def iso(seconds: float) -> str:
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def event_view(event: AuditEvent) -> dict:
+    return {"id": event.id, "time": event.time, "when": iso(event.time), "type": event.type,
+            "code": event.code, "user": event.actor, "target": event.target,
+            "outcome": event.outcome, "fields": event.fields,
+            "request_id": event.fields.get("request_id")}
+
+
+def query_fields(request) -> dict[str, str]:
+    """The viewer's query-string fields (first value each; bad UTF-8 is ignored)."""
+    found = {}
+    for name in FIELDS:
+        values = request.args.get(name.encode("ascii"))
+        if values:
+            found[name] = values[0].decode("utf-8", "replace")
+    return found
+
+
+class _AuditBase:
+    _log = Logger()
+
+    def __init__(self, gate: AdminGate, search: AuditSearch, clock) -> None:
+        self._gate = gate
+        self._search = search
+        self._clock = clock
+
+
+class AuditApi(_AuditBase):
+    """``/v1/audit/events?since=1h&user=alice&offset=50`` and ``/v1/audit/events/ID``."""
+
+    app = Klein()
+
+    @app.route("/events", methods=["GET"])
+    async def events(self, request):
+        await self._gate.require(request, "event", "list")
+        query = AuditQuery.from_fields(query_fields(request), self._clock.seconds())
+        events, more = await self._search.search(query)
+        return json_answer(request, 200, {"events": [event_view(e) for e in events],
+                                    "offset": query.offset, "limit": query.limit,
+                                    "next_offset": query.offset + len(events) if more else None})
+
+    @app.route("/events/<string:event_id>", methods=["GET"])
+    async def event(self, request, event_id: str):
+        await self._gate.require(request, "event", "read")
+        return json_answer(request, 200, event_view(await self._search.event(event_id)))
+
+    @app.handle_errors
+    def on_error(self, request, failure):
+        answer = error_answer(failure)
+        if answer is None:
+            self._log.failure("audit API failed", failure)
+            answer = 500, "The proxy could not complete the request; it has been logged."
+        return json_answer(request, answer[0], {"error": answer[1]})
+
+
+class AuditPages(_AuditBase):
+    """``/web/audit``: the table with filters and paging; ``/web/audit/ID``: one event."""
+
+    app = Klein()
+
+    @app.route("/", methods=["GET"], strict_slashes=False)
+    async def table(self, request):
+        caller = await self._gate.require(request, "event", "list")
+        given = query_fields(request)
+        error, events, more, query = None, [], False, AuditQuery()
+        try:
+            query = AuditQuery.from_fields(given, self._clock.seconds())
+            events, more = await self._search.search(query)
+        except AdminError as err:     # a bad filter: said above the (empty) table
+            error = err.text()
+        keep = {k: v for k, v in given.items() if k not in ("offset",) and v}
+        page = {
+            "user": caller.user, "error": error, "filters": given, "outcomes": OUTCOMES,
+            "events": [event_view(e) for e in events],
+            "newer": (None if query.offset == 0 else "?" + urlencode(
+                {**keep, "offset": max(0, query.offset - query.limit)})),
+            "older": ("?" + urlencode({**keep, "offset": query.offset + len(events)})
+                      if more else None),
+            "first": query.offset + 1 if events else 0, "last": query.offset + len(events),
+        }
+        return self._gate.hooks.page(request, 400 if error else 200, "audit.html", page)
+
+    @app.route("/<string:event_id>", methods=["GET"])
+    async def detail(self, request, event_id: str):
+        caller = await self._gate.require(request, "event", "read")
+        event = event_view(await self._search.event(event_id))
+        return self._gate.hooks.page(request, 200, "audit_event.html", {
+            "user": caller.user, "event": event,
+            "fields": sorted((k, v if isinstance(v, str) else json.dumps(v, sort_keys=True))
+                             for k, v in event["fields"].items()),
+        })
+
+    @app.handle_errors
+    def on_error(self, request, failure):
+        answer = error_answer(failure)
+        if answer is None:
+            self._log.failure("audit page failed", failure)
+            answer = 500, "The proxy could not complete the request; it has been logged."
+        return self._gate.hooks.error_page(request, answer[0], answer[1])
