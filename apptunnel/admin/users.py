@@ -65,9 +65,11 @@ def check_traits(traits: Mapping[object, object]) -> dict[str, tuple[str, ...]]:
 class UserAdmin:
     """The changes to local users, each audited once."""
 
-    def __init__(self, ctx: AdminContext, hash_password) -> None:
+    def __init__(self, ctx: AdminContext, hash_password=None) -> None:
         self._ctx = ctx
-        self._hash = hash_password      # async (password) -> argon2 hash, off the reactor
+        # async (password) -> argon2 hash, off the reactor; None where passwords are only
+        # ever chosen by their user through a link (the admin API and pages).
+        self._hash = hash_password
 
     async def require_roles(self, roles: tuple[str, ...], field: str = "roles") -> None:
         missing = await self._ctx.missing_role(roles)
@@ -93,6 +95,8 @@ class UserAdmin:
         roles = check_roles(roles)
         traits = check_traits(traits)
         await self.require_roles(roles)
+        if password is not None and self._hash is None:
+            raise AdminError("passwords are chosen by their user through an invite link")
         password_hash = None if password is None else await self._hash(password)
         user = User(name=name, password_hash=password_hash, roles=roles, traits=traits,
                     created=self._ctx.now())
@@ -123,6 +127,8 @@ class UserAdmin:
         return user, await self.link(actor, user.name, "reset", ttl)
 
     async def set_password(self, actor: Actor, name: str, password: str) -> User:
+        if self._hash is None:
+            raise AdminError("passwords are chosen by their user through a reset link")
         user = await self.existing(name)
         await self._ctx.backend.update_user(attrs.evolve(
             user, password_hash=await self._hash(password)))

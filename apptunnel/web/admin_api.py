@@ -13,7 +13,6 @@ from typing import Any
 
 import yaml
 from klein import Klein
-from twisted.logger import Logger
 
 from apptunnel.admin.context import AdminContext, AdminError
 from apptunnel.admin.locks import LockAdmin, describe
@@ -21,9 +20,9 @@ from apptunnel.admin.resources import ResourceAdmin
 from apptunnel.admin.users import UserAdmin
 from apptunnel.backend.records import Agent, Lock, Resource, User
 from apptunnel.web.admin_gate import (
-    AdminGate, actor, duration_field, error_answer, json_answer, optional_string,
-    string_list,
+    AdminGate, AdminRoutes, actor, duration_field, optional_string, string_list,
 )
+from apptunnel.web.http import json_body, json_response
 
 DEFAULT_LINK_TTL = 24 * 3600.0
 MAX_LINK_TTL = 30 * 86400.0
@@ -71,117 +70,117 @@ def resource_view(resource: Resource) -> dict:
                                    allow_unicode=True)}
 
 
-class AdminApi:
+class AdminApi(AdminRoutes):
     """``/v1/admin/{users,roles,connectors,locks,apps,agents}``."""
 
     app = Klein()
-    _log = Logger()
+    app.handle_errors(AdminRoutes.on_error)
 
-    def __init__(self, gate: AdminGate, ctx: AdminContext, registry, users: UserAdmin) -> None:
-        self._gate = gate
-        self._ctx = ctx
-        self._registry = registry
+    def __init__(self, gate: AdminGate, admin: AdminContext, users: UserAdmin) -> None:
+        super().__init__(gate)
+        self._ctx = admin
+        self._registry = gate.ctx.registry
         self._users = users
-        self._locks = LockAdmin(ctx)
-        self._resources = ResourceAdmin(ctx)
+        self._locks = LockAdmin(admin)
+        self._resources = ResourceAdmin(admin)
 
     # -- users --------------------------------------------------------------------------
 
-    @app.route("/users", methods=["GET"])
+    @app.route("/v1/admin/users", methods=["GET"])
     async def list_users(self, request):
-        await self._gate.require(request, "user", "list")
-        return json_answer(request, 200, {"users": [user_view(u) for u in await self._users.list()]})
+        await self.gate.require(request, "user", "list")
+        return json_response(request, 200, {"users": [user_view(u) for u in await self._users.list()]})
 
-    @app.route("/users", methods=["POST"])
+    @app.route("/v1/admin/users", methods=["POST"])
     async def create_user(self, request):
         """An invite: the new user chooses a password at the link (shown once, here)."""
-        caller = await self._gate.require(request, "user", "create")
-        body = self._gate.hooks.json_body(request)
+        caller = await self.gate.require(request, "user", "create")
+        body = json_body(request)
         ttl = _link_ttl(body.get("invite_ttl"))
         user, link = await self._users.create(
             actor(caller), body.get("name"), tuple(string_list("roles", body.get("roles", []))),
             _traits(body.get("traits")), None, ttl)
-        return json_answer(request, 201, {"user": user_view(user),
+        return json_response(request, 201, {"user": user_view(user),
                                     "invite_url": link.url if link else None})
 
-    @app.route("/users/<string:name>", methods=["GET"])
+    @app.route("/v1/admin/users/<string:name>", methods=["GET"])
     async def read_user(self, request, name: str):
-        await self._gate.require(request, "user", "read")
-        return json_answer(request, 200, user_view(await self._users.existing(name)))
+        await self.gate.require(request, "user", "read")
+        return json_response(request, 200, user_view(await self._users.existing(name)))
 
-    @app.route("/users/<string:name>", methods=["PATCH"])
+    @app.route("/v1/admin/users/<string:name>", methods=["PATCH"])
     async def update_user(self, request, name: str):
-        caller = await self._gate.require(request, "user", "update")
-        body = self._gate.hooks.json_body(request)
+        caller = await self.gate.require(request, "user", "update")
+        body = json_body(request)
         roles = body.get("roles")
         user, changed = await self._users.update(
             actor(caller), name,
             None if roles is None else tuple(string_list("roles", roles)),
             None if body.get("traits") is None else _traits(body.get("traits")))
-        return json_answer(request, 200, {"user": user_view(user), "changed": changed})
+        return json_response(request, 200, {"user": user_view(user), "changed": changed})
 
-    @app.route("/users/<string:name>/reset", methods=["POST"])
+    @app.route("/v1/admin/users/<string:name>/reset", methods=["POST"])
     async def reset_user(self, request, name: str):
-        caller = await self._gate.require(request, "user", "update")
-        body = self._gate.hooks.json_body(request)
+        caller = await self.gate.require(request, "user", "update")
+        body = json_body(request)
         user, link = await self._users.reset(actor(caller), name, _link_ttl(body.get("ttl")))
-        return json_answer(request, 200, {"user": user_view(user), "reset_url": link.url})
+        return json_response(request, 200, {"user": user_view(user), "reset_url": link.url})
 
-    @app.route("/users/<string:name>", methods=["DELETE"])
+    @app.route("/v1/admin/users/<string:name>", methods=["DELETE"])
     async def delete_user(self, request, name: str):
-        caller = await self._gate.require(request, "user", "delete")
+        caller = await self.gate.require(request, "user", "delete")
         await self._users.delete(actor(caller), name)
-        return json_answer(request, 200, {"deleted": name})
+        return json_response(request, 200, {"deleted": name})
 
     # -- roles and connectors (YAML in, key paths back) ---------------------------------
 
-    @app.route("/<any(roles, connectors):kinds>", methods=["GET"])
+    @app.route("/v1/admin/<any(roles, connectors):kinds>", methods=["GET"])
     async def list_resources(self, request, kinds: str):
         kind = kinds[:-1]
-        await self._gate.require(request, kind, "list")
-        return json_answer(request, 200, {kinds: [resource_view(r)
+        await self.gate.require(request, kind, "list")
+        return json_response(request, 200, {kinds: [resource_view(r)
                                             for r in await self._resources.list(kind)]})
 
-    @app.route("/<any(roles, connectors):kinds>/<string:name>", methods=["GET"])
+    @app.route("/v1/admin/<any(roles, connectors):kinds>/<string:name>", methods=["GET"])
     async def read_resource(self, request, kinds: str, name: str):
         kind = kinds[:-1]
-        await self._gate.require(request, kind, "read")
-        return json_answer(request, 200, resource_view(await self._resources.get(kind, name)))
+        await self.gate.require(request, kind, "read")
+        return json_response(request, 200, resource_view(await self._resources.get(kind, name)))
 
-    @app.route("/<any(roles, connectors):kinds>", methods=["POST"])
+    @app.route("/v1/admin/<any(roles, connectors):kinds>", methods=["POST"])
     async def create_resource(self, request, kinds: str):
         kind = kinds[:-1]
-        caller = await self._gate.require(request, kind, "create")
-        text = optional_string("yaml", self._gate.hooks.json_body(request).get("yaml")) or ""
+        caller = await self.gate.require(request, kind, "create")
+        text = optional_string("yaml", json_body(request).get("yaml")) or ""
         found = await self._resources.put_text(actor(caller), kind, text)
-        return json_answer(request, 201, resource_view(found))
+        return json_response(request, 201, resource_view(found))
 
-    @app.route("/<any(roles, connectors):kinds>/<string:name>", methods=["PUT"])
+    @app.route("/v1/admin/<any(roles, connectors):kinds>/<string:name>", methods=["PUT"])
     async def replace_resource(self, request, kinds: str, name: str):
         kind = kinds[:-1]
-        caller = await self._gate.require(request, kind, "update")
-        text = optional_string("yaml", self._gate.hooks.json_body(request).get("yaml")) or ""
+        caller = await self.gate.require(request, kind, "update")
+        text = optional_string("yaml", json_body(request).get("yaml")) or ""
         found = await self._resources.put_text(actor(caller), kind, text, name, replace=True)
-        return json_answer(request, 200, resource_view(found))
+        return json_response(request, 200, resource_view(found))
 
-    @app.route("/<any(roles, connectors):kinds>/<string:name>", methods=["DELETE"])
+    @app.route("/v1/admin/<any(roles, connectors):kinds>/<string:name>", methods=["DELETE"])
     async def delete_resource(self, request, kinds: str, name: str):
         kind = kinds[:-1]
-        caller = await self._gate.require(request, kind, "delete")
+        caller = await self.gate.require(request, kind, "delete")
         await self._resources.delete(actor(caller), kind, name)
-        return json_answer(request, 200, {"deleted": name})
+        return json_response(request, 200, {"deleted": name})
 
     # -- locks --------------------------------------------------------------------------
 
-    @app.route("/locks", methods=["GET"])
+    @app.route("/v1/admin/locks", methods=["GET"])
     async def list_locks(self, request):
-        await self._gate.require(request, "lock", "list")
-        return json_answer(request, 200, {"locks": [lock_view(x) for x in await self._locks.list()]})
+        await self.gate.require(request, "lock", "list")
+        return json_response(request, 200, {"locks": [lock_view(x) for x in await self._locks.list()]})
 
-    @app.route("/locks", methods=["POST"])
+    @app.route("/v1/admin/locks", methods=["POST"])
     async def create_lock(self, request):
-        caller = await self._gate.require(request, "lock", "create")
-        body = self._gate.hooks.json_body(request)
+        caller = await self.gate.require(request, "lock", "create")
+        body = json_body(request)
         lock, warnings = await self._locks.create(
             actor(caller), user=optional_string("user", body.get("user")),
             app=optional_string("app", body.get("app")),
@@ -189,36 +188,27 @@ class AdminApi:
             bot=optional_string("bot", body.get("bot")),
             ttl=duration_field("ttl", body.get("ttl")),
             message=optional_string("message", body.get("message")) or "")
-        return json_answer(request, 201, {"lock": lock_view(lock), "warnings": warnings})
+        return json_response(request, 201, {"lock": lock_view(lock), "warnings": warnings})
 
-    @app.route("/locks/<string:lock_id>", methods=["DELETE"])
+    @app.route("/v1/admin/locks/<string:lock_id>", methods=["DELETE"])
     async def delete_lock(self, request, lock_id: str):
-        caller = await self._gate.require(request, "lock", "delete")
+        caller = await self.gate.require(request, "lock", "delete")
         lock = await self._locks.remove(actor(caller), lock_id)
-        return json_answer(request, 200, {"deleted": lock.id})
+        return json_response(request, 200, {"deleted": lock.id})
 
     # -- apps and agents (read only here) -----------------------------------------------
 
-    @app.route("/apps", methods=["GET"])
+    @app.route("/v1/admin/apps", methods=["GET"])
     async def list_apps(self, request):
-        await self._gate.require(request, "app", "list")
-        return json_answer(request, 200, {"apps": await app_views(self._registry, self._ctx.backend)})
+        await self.gate.require(request, "app", "list")
+        return json_response(request, 200, {"apps": await app_views(self._registry, self._ctx.backend)})
 
-    @app.route("/agents", methods=["GET"])
+    @app.route("/v1/admin/agents", methods=["GET"])
     async def list_agents(self, request):
-        await self._gate.require(request, "agent", "list")
+        await self.gate.require(request, "agent", "list")
         now = self._ctx.now()
         agents = sorted(await self._ctx.backend.list_agents(), key=lambda a: a.host_id)
-        return json_answer(request, 200, {"agents": [agent_view(a, now) for a in agents]})
-
-    @app.handle_errors
-    def on_error(self, request, failure):
-        answer = error_answer(failure)
-        if answer is None:
-            self._log.failure("admin API {path} failed", failure,
-                              path=request.path.decode("latin-1"))
-            answer = 500, "The proxy could not complete the request; it has been logged."
-        return json_answer(request, answer[0], {"error": answer[1]})
+        return json_response(request, 200, {"agents": [agent_view(a, now) for a in agents]})
 
 
 def _link_ttl(value: Any) -> float:

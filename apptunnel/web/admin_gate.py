@@ -11,56 +11,45 @@ name this site outright.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import attrs
-from twisted.logger import Logger
-from werkzeug.exceptions import HTTPException
+from twisted.python.failure import Failure
 
 from apptunnel.admin.context import Actor, AdminError
 from apptunnel.auth.callers import Caller
 from apptunnel.auth.errors import AuthError
 from apptunnel.config import parse_duration
+from apptunnel.web.context import Routes
+from apptunnel.web.http import WebError
+
+if TYPE_CHECKING:
+    from apptunnel.web.context import WebContext
 
 CROSS_SITE = "cross-origin request refused"
 FORM_CROSS_SITE = "This form was not submitted from this site."
 
 
-@attrs.frozen
-class WebHooks:
-    """What the web app lends the admin routes (it owns cookies, pages and bodies)."""
-
-    caller: Callable[[Any], Awaitable[Caller | None]]   # acting now; AuthError 403 for bots
-    same_origin: Callable[[Any], bool | None]
-    json_body: Callable[[Any], dict]
-    page: Callable[[Any, int, str, dict], bytes]
-    error_page: Callable[[Any, int, str], bytes]
-
-
 class AdminGate:
     """The one check in front of every admin and audit route."""
 
-    _log = Logger()
-
-    def __init__(self, hooks: WebHooks, roles, audit) -> None:
-        self.hooks = hooks
-        self._roles = roles
-        self._audit = audit
+    def __init__(self, ctx: WebContext) -> None:
+        self.ctx = ctx
+        self._roles = ctx.roles
+        self._audit = ctx.audit
 
     async def caller(self, request) -> Caller:
-        caller = await self.hooks.caller(request)
+        """The session's or certificate's person with the roles they hold now."""
+        caller = await self.ctx.caller(request)
         if caller is None:
             raise AuthError(401, "sign in required")
-        return caller
+        return await self.ctx.acting(caller, "admin")
 
     async def require(self, request, kind: str, verb: str, *, form: bool = False) -> Caller:
         """The caller, if their rules allow ``verb`` on ``kind``; 401/403 otherwise.
         A change (anything but list/read) must come from this site."""
         changing = verb not in ("list", "read")
         if changing:
-            origin = self.hooks.same_origin(request)
+            origin = self.ctx.same_origin(request)
             if (origin is not True) if form else (origin is False):
                 raise AuthError(403, FORM_CROSS_SITE if form else CROSS_SITE)
         caller = await self.caller(request)
@@ -84,22 +73,18 @@ def actor(caller: Caller) -> Actor:
     return Actor(caller.user, "api")
 
 
-def error_answer(failure) -> tuple[int, str] | None:
-    """(status, message) of an expected failure; None for a bug (logged by the caller)."""
-    err = failure.value
-    if isinstance(err, AdminError):
-        return err.status, err.text()
-    if isinstance(err, AuthError):
-        return err.status, err.message
-    if isinstance(err, HTTPException):
-        return (err.code or 404), (err.description or "request failed").split("\n")[0]
-    return None
+class AdminRoutes(Routes):
+    """Base of the admin and audit route modules: an admin service's refusal becomes the
+    uniform error answer (JSON under /v1/, the error page elsewhere) with its status."""
 
+    def __init__(self, gate: AdminGate) -> None:
+        super().__init__(gate.ctx)
+        self.gate = gate
 
-def json_answer(request, status: int, body: Any) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"application/json")
-    return json.dumps(body).encode("utf-8")
+    def on_error(self, request, failure: Failure) -> bytes:
+        if isinstance(failure.value, AdminError):
+            failure = Failure(WebError(failure.value.status, failure.value.text()))
+        return self.ctx.on_error(request, failure)
 
 
 def duration_field(name: str, value: Any, default: float | None = None) -> float | None:

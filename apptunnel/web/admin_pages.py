@@ -13,7 +13,6 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from klein import Klein
-from twisted.logger import Logger
 
 from apptunnel.admin.context import AdminContext, AdminError
 from apptunnel.admin.locks import LockAdmin
@@ -23,7 +22,8 @@ from apptunnel.auth.rbac import RESOURCE_KINDS
 from apptunnel.web.admin_api import (
     DEFAULT_LINK_TTL, agent_view, app_views, lock_view, resource_view, user_view,
 )
-from apptunnel.web.admin_gate import AdminGate, actor, duration_field, error_answer, string_list
+from apptunnel.web.admin_gate import AdminGate, AdminRoutes, actor, duration_field, string_list
+from apptunnel.web.http import redirect
 from apptunnel.web.audit_web import iso
 
 MAX_FIELD = 64 * 1024
@@ -63,49 +63,49 @@ def form(request, name: str) -> str:
         raise AdminError("not valid UTF-8", field=name) from None
 
 
-class AdminPages:
+class AdminPages(AdminRoutes):
     """``/web/admin``, ``/web/admin/<section>`` and their forms."""
 
     app = Klein()
-    _log = Logger()
+    app.handle_errors(AdminRoutes.on_error)
 
-    def __init__(self, gate: AdminGate, ctx: AdminContext, registry, users: UserAdmin) -> None:
-        self._gate = gate
-        self._ctx = ctx
-        self._registry = registry
+    def __init__(self, gate: AdminGate, admin: AdminContext, users: UserAdmin) -> None:
+        super().__init__(gate)
+        self._ctx = admin
+        self._registry = gate.ctx.registry
         self._users = users
-        self._locks = LockAdmin(ctx)
-        self._resources = ResourceAdmin(ctx)
+        self._locks = LockAdmin(admin)
+        self._resources = ResourceAdmin(admin)
 
     async def _render(self, request, caller, section: str, template: str, context: dict,
                       status: int = 200) -> bytes:
-        kinds = await self._gate.allowed_kinds(caller, RESOURCE_KINDS)
+        kinds = await self.gate.allowed_kinds(caller, RESOURCE_KINDS)
         nav = [(path, title, path == section) for path, title, kind in SECTIONS
                if kind in kinds]
-        return self._gate.hooks.page(request, status, template, {
+        return self.ctx.page(request, status, template, {
             "user": caller.user, "nav": nav, "audit": "event" in kinds, "section": section,
             "iso": iso, "notice": None, "error": None, **context})
 
-    @app.route("/", methods=["GET"], strict_slashes=False)
+    @app.route("/web/admin", methods=["GET"])
     async def index(self, request):
-        caller = await self._gate.caller(request)
-        kinds = await self._gate.allowed_kinds(caller, [k for _, _, k in SECTIONS])
+        caller = await self.gate.caller(request)
+        kinds = await self.gate.allowed_kinds(caller, [k for _, _, k in SECTIONS])
         if not kinds:
             raise AdminError("your roles do not allow any admin page", "forbidden")
         first = next(path for path, _, kind in SECTIONS if kind in kinds)
-        return _redirect(request, 302, f"/web/admin/{first}")
+        return redirect(request, 302, f"/web/admin/{first}")
 
     # -- apps and agents ----------------------------------------------------------------
 
-    @app.route("/apps", methods=["GET"])
+    @app.route("/web/admin/apps", methods=["GET"])
     async def apps(self, request):
-        caller = await self._gate.require(request, "app", "list")
+        caller = await self.gate.require(request, "app", "list")
         return await self._render(request, caller, "apps", "admin_apps.html", {
             "apps": await app_views(self._registry, self._ctx.backend)})
 
-    @app.route("/agents", methods=["GET"])
+    @app.route("/web/admin/agents", methods=["GET"])
     async def agents(self, request):
-        caller = await self._gate.require(request, "agent", "list")
+        caller = await self.gate.require(request, "agent", "list")
         now = self._ctx.now()
         agents = sorted(await self._ctx.backend.list_agents(), key=lambda a: a.host_id)
         return await self._render(request, caller, "agents", "admin_agents.html", {
@@ -114,20 +114,20 @@ class AdminPages:
     # -- users --------------------------------------------------------------------------
 
     async def _users_page(self, request, caller, status: int = 200, **extra) -> bytes:
-        can = {verb: await self._gate.allows(caller, "user", verb)
+        can = {verb: await self.gate.allows(caller, "user", verb)
                for verb in ("create", "update", "delete")}
         return await self._render(request, caller, "users", "admin_users.html", {
             "users": [user_view(u) for u in await self._users.list()], "can": can,
             "link": None, **extra}, status)
 
-    @app.route("/users", methods=["GET"])
+    @app.route("/web/admin/users", methods=["GET"])
     async def users(self, request):
-        caller = await self._gate.require(request, "user", "list")
+        caller = await self.gate.require(request, "user", "list")
         return await self._users_page(request, caller)
 
-    @app.route("/users", methods=["POST"])
+    @app.route("/web/admin/users", methods=["POST"])
     async def invite(self, request):
-        caller = await self._gate.require(request, "user", "create", form=True)
+        caller = await self.gate.require(request, "user", "create", form=True)
         try:
             ttl = duration_field("ttl", form(request, "ttl"), DEFAULT_LINK_TTL)
             user, link = await self._users.create(
@@ -139,9 +139,9 @@ class AdminPages:
             request, caller, notice=f"Invited {user.name}. Send them this link (it works "
             "once and is not shown again):", link=link.url)
 
-    @app.route("/users/<string:name>/roles", methods=["POST"])
+    @app.route("/web/admin/users/<string:name>/roles", methods=["POST"])
     async def edit_roles(self, request, name: str):
-        caller = await self._gate.require(request, "user", "update", form=True)
+        caller = await self.gate.require(request, "user", "update", form=True)
         try:
             user, _ = await self._users.update(
                 actor(caller), name, tuple(string_list("roles", form(request, "roles"))), None)
@@ -150,9 +150,9 @@ class AdminPages:
         return await self._users_page(request, caller,
                                       notice=f"Roles of {user.name}: {', '.join(user.roles)}.")
 
-    @app.route("/users/<string:name>/reset", methods=["POST"])
+    @app.route("/web/admin/users/<string:name>/reset", methods=["POST"])
     async def reset(self, request, name: str):
-        caller = await self._gate.require(request, "user", "update", form=True)
+        caller = await self.gate.require(request, "user", "update", form=True)
         try:
             user, link = await self._users.reset(actor(caller), name, DEFAULT_LINK_TTL)
         except AdminError as err:
@@ -161,9 +161,9 @@ class AdminPages:
             request, caller, notice=f"Reset {user.name}: their password and sessions are "
             "gone. Send them this link (works once, not shown again):", link=link.url)
 
-    @app.route("/users/<string:name>/delete", methods=["POST"])
+    @app.route("/web/admin/users/<string:name>/delete", methods=["POST"])
     async def delete_user(self, request, name: str):
-        caller = await self._gate.require(request, "user", "delete", form=True)
+        caller = await self.gate.require(request, "user", "delete", form=True)
         try:
             await self._users.delete(actor(caller), name)
         except AdminError as err:
@@ -172,10 +172,10 @@ class AdminPages:
 
     # -- roles and connectors -----------------------------------------------------------
 
-    @app.route("/<any(roles, connectors):kinds>", methods=["GET"])
+    @app.route("/web/admin/<any(roles, connectors):kinds>", methods=["GET"])
     async def resources(self, request, kinds: str):
         kind = kinds[:-1]
-        caller = await self._gate.require(request, kind, "list")
+        caller = await self.gate.require(request, kind, "list")
         return await self._resources_page(request, caller, kinds)
 
     async def _resources_page(self, request, caller, kinds: str, status: int = 200,
@@ -184,19 +184,19 @@ class AdminPages:
         return await self._render(request, caller, kinds, "admin_resources.html", {
             "kind": kind, "kinds": kinds,
             "items": [resource_view(r) for r in await self._resources.list(kind)],
-            "can_create": await self._gate.allows(caller, kind, "create"), **extra}, status)
+            "can_create": await self.gate.allows(caller, kind, "create"), **extra}, status)
 
-    @app.route("/<any(roles, connectors):kinds>/new", methods=["GET"])
+    @app.route("/web/admin/<any(roles, connectors):kinds>/new", methods=["GET"])
     async def new_resource(self, request, kinds: str):
         kind = kinds[:-1]
-        caller = await self._gate.require(request, kind, "create")
+        caller = await self.gate.require(request, kind, "create")
         return await self._editor(request, caller, kinds, None,
                                   NEW_ROLE if kind == "role" else NEW_CONNECTOR)
 
-    @app.route("/<any(roles, connectors):kinds>/<string:name>", methods=["GET"])
+    @app.route("/web/admin/<any(roles, connectors):kinds>/<string:name>", methods=["GET"])
     async def edit_resource(self, request, kinds: str, name: str):
         kind = kinds[:-1]
-        caller = await self._gate.require(request, kind, "read")
+        caller = await self.gate.require(request, kind, "read")
         found = resource_view(await self._resources.get(kind, name))
         return await self._editor(request, caller, kinds, name, found["yaml"])
 
@@ -207,21 +207,21 @@ class AdminPages:
         return await self._render(request, caller, kinds, "admin_resource.html", {
             "kind": kind, "kinds": kinds, "name": name, "yaml": text,
             "action": f"/web/admin/{kinds}" + ("" if name is None else f"/{quote(name)}"),
-            "can_save": await self._gate.allows(caller, kind, verb),
-            "can_delete": name is not None and await self._gate.allows(caller, kind, "delete"),
+            "can_save": await self.gate.allows(caller, kind, verb),
+            "can_delete": name is not None and await self.gate.allows(caller, kind, "delete"),
             **extra}, status)
 
-    @app.route("/<any(roles, connectors):kinds>", methods=["POST"])
+    @app.route("/web/admin/<any(roles, connectors):kinds>", methods=["POST"])
     async def create_resource(self, request, kinds: str):
         return await self._save(request, kinds, None)
 
-    @app.route("/<any(roles, connectors):kinds>/<string:name>", methods=["POST"])
+    @app.route("/web/admin/<any(roles, connectors):kinds>/<string:name>", methods=["POST"])
     async def save_resource(self, request, kinds: str, name: str):
         return await self._save(request, kinds, name)
 
     async def _save(self, request, kinds: str, name: str | None) -> bytes:
         kind = kinds[:-1]
-        caller = await self._gate.require(request, kind, "create" if name is None else "update",
+        caller = await self.gate.require(request, kind, "create" if name is None else "update",
                                           form=True)
         text = form(request, "yaml")
         try:
@@ -234,10 +234,10 @@ class AdminPages:
                                   resource_view(saved)["yaml"],
                                   notice=f"Saved {kind} {saved.name}.")
 
-    @app.route("/<any(roles, connectors):kinds>/<string:name>/delete", methods=["POST"])
+    @app.route("/web/admin/<any(roles, connectors):kinds>/<string:name>/delete", methods=["POST"])
     async def delete_resource(self, request, kinds: str, name: str):
         kind = kinds[:-1]
-        caller = await self._gate.require(request, kind, "delete", form=True)
+        caller = await self.gate.require(request, kind, "delete", form=True)
         try:
             await self._resources.delete(actor(caller), kind, name)
         except AdminError as err:
@@ -251,17 +251,17 @@ class AdminPages:
     async def _locks_page(self, request, caller, status: int = 200, **extra) -> bytes:
         return await self._render(request, caller, "locks", "admin_locks.html", {
             "locks": [lock_view(x) for x in await self._locks.list()],
-            "can_create": await self._gate.allows(caller, "lock", "create"),
-            "can_delete": await self._gate.allows(caller, "lock", "delete"), **extra}, status)
+            "can_create": await self.gate.allows(caller, "lock", "create"),
+            "can_delete": await self.gate.allows(caller, "lock", "delete"), **extra}, status)
 
-    @app.route("/locks", methods=["GET"])
+    @app.route("/web/admin/locks", methods=["GET"])
     async def locks(self, request):
-        caller = await self._gate.require(request, "lock", "list")
+        caller = await self.gate.require(request, "lock", "list")
         return await self._locks_page(request, caller)
 
-    @app.route("/locks", methods=["POST"])
+    @app.route("/web/admin/locks", methods=["POST"])
     async def create_lock(self, request):
-        caller = await self._gate.require(request, "lock", "create", form=True)
+        caller = await self.gate.require(request, "lock", "create", form=True)
         try:
             lock, warnings = await self._locks.create(
                 actor(caller), user=form(request, "user").strip() or None,
@@ -274,9 +274,9 @@ class AdminPages:
                                       notice=" ".join([f"Locked {lock_view(lock)['target']}.",
                                                        *warnings]))
 
-    @app.route("/locks/<string:lock_id>/delete", methods=["POST"])
+    @app.route("/web/admin/locks/<string:lock_id>/delete", methods=["POST"])
     async def delete_lock(self, request, lock_id: str):
-        caller = await self._gate.require(request, "lock", "delete", form=True)
+        caller = await self.gate.require(request, "lock", "delete", form=True)
         try:
             lock = await self._locks.remove(actor(caller), lock_id)
         except AdminError as err:
@@ -284,16 +284,3 @@ class AdminPages:
         return await self._locks_page(request, caller,
                                       notice=f"Removed the lock on {lock_view(lock)['target']}.")
 
-    @app.handle_errors
-    def on_error(self, request, failure):
-        answer = error_answer(failure)
-        if answer is None:
-            self._log.failure("admin page failed", failure)
-            answer = 500, "The proxy could not complete the request; it has been logged."
-        return self._gate.hooks.error_page(request, answer[0], answer[1])
-
-
-def _redirect(request, status: int, location: str) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"Location", location.encode("utf-8"))
-    return b""

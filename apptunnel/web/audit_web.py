@@ -14,12 +14,12 @@ import json
 from urllib.parse import urlencode
 
 from klein import Klein
-from twisted.logger import Logger
 
 from apptunnel.admin.audit import OUTCOMES, AuditQuery, AuditSearch
 from apptunnel.admin.context import AdminError
 from apptunnel.backend.records import AuditEvent
-from apptunnel.web.admin_gate import AdminGate, error_answer, json_answer
+from apptunnel.web.admin_gate import AdminGate, AdminRoutes
+from apptunnel.web.http import json_response
 
 FIELDS = ("since", "until", "type", "user", "app", "outcome", "request_id", "offset", "limit")
 
@@ -46,51 +46,43 @@ def query_fields(request) -> dict[str, str]:
     return found
 
 
-class _AuditBase:
-    _log = Logger()
-
-    def __init__(self, gate: AdminGate, search: AuditSearch, clock) -> None:
-        self._gate = gate
+class _AuditBase(AdminRoutes):
+    def __init__(self, gate: AdminGate, search: AuditSearch) -> None:
+        super().__init__(gate)
         self._search = search
-        self._clock = clock
+        self._clock = gate.ctx.clock
 
 
 class AuditApi(_AuditBase):
     """``/v1/audit/events?since=1h&user=alice&offset=50`` and ``/v1/audit/events/ID``."""
 
     app = Klein()
+    app.handle_errors(AdminRoutes.on_error)
 
-    @app.route("/events", methods=["GET"])
+    @app.route("/v1/audit/events", methods=["GET"])
     async def events(self, request):
-        await self._gate.require(request, "event", "list")
+        await self.gate.require(request, "event", "list")
         query = AuditQuery.from_fields(query_fields(request), self._clock.seconds())
         events, more = await self._search.search(query)
-        return json_answer(request, 200, {"events": [event_view(e) for e in events],
+        return json_response(request, 200, {"events": [event_view(e) for e in events],
                                     "offset": query.offset, "limit": query.limit,
                                     "next_offset": query.offset + len(events) if more else None})
 
-    @app.route("/events/<string:event_id>", methods=["GET"])
+    @app.route("/v1/audit/events/<string:event_id>", methods=["GET"])
     async def event(self, request, event_id: str):
-        await self._gate.require(request, "event", "read")
-        return json_answer(request, 200, event_view(await self._search.event(event_id)))
-
-    @app.handle_errors
-    def on_error(self, request, failure):
-        answer = error_answer(failure)
-        if answer is None:
-            self._log.failure("audit API failed", failure)
-            answer = 500, "The proxy could not complete the request; it has been logged."
-        return json_answer(request, answer[0], {"error": answer[1]})
+        await self.gate.require(request, "event", "read")
+        return json_response(request, 200, event_view(await self._search.event(event_id)))
 
 
 class AuditPages(_AuditBase):
     """``/web/audit``: the table with filters and paging; ``/web/audit/ID``: one event."""
 
     app = Klein()
+    app.handle_errors(AdminRoutes.on_error)
 
-    @app.route("/", methods=["GET"], strict_slashes=False)
+    @app.route("/web/audit", methods=["GET"])
     async def table(self, request):
-        caller = await self._gate.require(request, "event", "list")
+        caller = await self.gate.require(request, "event", "list")
         given = query_fields(request)
         error, events, more, query = None, [], False, AuditQuery()
         try:
@@ -108,22 +100,15 @@ class AuditPages(_AuditBase):
                       if more else None),
             "first": query.offset + 1 if events else 0, "last": query.offset + len(events),
         }
-        return self._gate.hooks.page(request, 400 if error else 200, "audit.html", page)
+        return self.ctx.page(request, 400 if error else 200, "audit.html", page)
 
-    @app.route("/<string:event_id>", methods=["GET"])
+    @app.route("/web/audit/<string:event_id>", methods=["GET"])
     async def detail(self, request, event_id: str):
-        caller = await self._gate.require(request, "event", "read")
+        caller = await self.gate.require(request, "event", "read")
         event = event_view(await self._search.event(event_id))
-        return self._gate.hooks.page(request, 200, "audit_event.html", {
+        return self.ctx.page(request, 200, "audit_event.html", {
             "user": caller.user, "event": event,
             "fields": sorted((k, v if isinstance(v, str) else json.dumps(v, sort_keys=True))
                              for k, v in event["fields"].items()),
         })
 
-    @app.handle_errors
-    def on_error(self, request, failure):
-        answer = error_answer(failure)
-        if answer is None:
-            self._log.failure("audit page failed", failure)
-            answer = 500, "The proxy could not complete the request; it has been logged."
-        return self._gate.hooks.error_page(request, answer[0], answer[1])
