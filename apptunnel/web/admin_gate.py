@@ -11,6 +11,7 @@ name this site outright.
 
 from __future__ import annotations
 
+import datetime
 from typing import TYPE_CHECKING, Any
 
 from twisted.python.failure import Failure
@@ -18,6 +19,7 @@ from twisted.python.failure import Failure
 from apptunnel.admin.context import Actor, AdminError
 from apptunnel.auth.callers import Caller
 from apptunnel.auth.errors import AuthError
+from apptunnel.auth.rbac import RESOURCE_KINDS
 from apptunnel.config import parse_duration
 from apptunnel.web.context import Routes
 from apptunnel.web.http import WebError
@@ -25,6 +27,10 @@ from apptunnel.web.http import WebError
 if TYPE_CHECKING:
     from apptunnel.web.context import WebContext
 
+# The sections of the admin pages, in the nav's order: (path, title, kind).
+SECTIONS = (("apps", "Apps", "app"), ("agents", "Agents", "agent"),
+            ("users", "Users", "user"), ("roles", "Roles", "role"),
+            ("connectors", "Connectors", "connector"), ("locks", "Locks", "lock"))
 CROSS_SITE = "cross-origin request refused"
 FORM_CROSS_SITE = "This form was not submitted from this site."
 
@@ -81,10 +87,27 @@ class AdminRoutes(Routes):
         super().__init__(gate.ctx)
         self.gate = gate
 
+    async def render(self, request, caller: Caller, section: str, template: str,
+                     context: dict, status: int = 200) -> bytes:
+        """A page of the admin layout: the nav shows only the sections the caller's rules
+        let them list (and the audit log if they may read it)."""
+        kinds = await self.gate.allowed_kinds(caller, RESOURCE_KINDS)
+        nav = [(path, title, path == section) for path, title, kind in SECTIONS
+               if kind in kinds]
+        return self.ctx.page(request, status, template, {
+            "user": caller.user, "nav": nav, "audit": "event" in kinds, "section": section,
+            "iso": iso, "notice": None, "error": None, **context})
+
     def on_error(self, request, failure: Failure) -> bytes:
         if isinstance(failure.value, AdminError):
             failure = Failure(WebError(failure.value.status, failure.value.text()))
         return self.ctx.on_error(request, failure)
+
+
+def iso(seconds: float) -> str:
+    """UTC time as ``2024-05-01T12:00:00Z``, as the CLI prints it."""
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def duration_field(name: str, value: Any, default: float | None = None) -> float | None:

@@ -18,19 +18,15 @@ from apptunnel.admin.context import AdminContext, AdminError
 from apptunnel.admin.locks import LockAdmin
 from apptunnel.admin.resources import ResourceAdmin
 from apptunnel.admin.users import UserAdmin
-from apptunnel.auth.rbac import RESOURCE_KINDS
 from apptunnel.web.admin_api import (
     DEFAULT_LINK_TTL, agent_view, app_views, lock_view, resource_view, user_view,
 )
-from apptunnel.web.admin_gate import AdminGate, AdminRoutes, actor, duration_field, string_list
+from apptunnel.web.admin_gate import (
+    SECTIONS, AdminGate, AdminRoutes, actor, duration_field, string_list,
+)
 from apptunnel.web.http import redirect
-from apptunnel.web.audit_web import iso
 
 MAX_FIELD = 64 * 1024
-# The sections of the admin pages, in the nav's order: (path, title, kind).
-SECTIONS = (("apps", "Apps", "app"), ("agents", "Agents", "agent"),
-            ("users", "Users", "user"), ("roles", "Roles", "role"),
-            ("connectors", "Connectors", "connector"), ("locks", "Locks", "lock"))
 NEW_ROLE = """kind: role
 metadata:
   name: NAME
@@ -77,15 +73,6 @@ class AdminPages(AdminRoutes):
         self._locks = LockAdmin(admin)
         self._resources = ResourceAdmin(admin)
 
-    async def _render(self, request, caller, section: str, template: str, context: dict,
-                      status: int = 200) -> bytes:
-        kinds = await self.gate.allowed_kinds(caller, RESOURCE_KINDS)
-        nav = [(path, title, path == section) for path, title, kind in SECTIONS
-               if kind in kinds]
-        return self.ctx.page(request, status, template, {
-            "user": caller.user, "nav": nav, "audit": "event" in kinds, "section": section,
-            "iso": iso, "notice": None, "error": None, **context})
-
     @app.route("/web/admin", methods=["GET"])
     async def index(self, request):
         caller = await self.gate.caller(request)
@@ -100,7 +87,7 @@ class AdminPages(AdminRoutes):
     @app.route("/web/admin/apps", methods=["GET"])
     async def apps(self, request):
         caller = await self.gate.require(request, "app", "list")
-        return await self._render(request, caller, "apps", "admin_apps.html", {
+        return await self.render(request, caller, "apps", "admin_apps.html", {
             "apps": await app_views(self._registry, self._ctx.backend)})
 
     @app.route("/web/admin/agents", methods=["GET"])
@@ -108,7 +95,7 @@ class AdminPages(AdminRoutes):
         caller = await self.gate.require(request, "agent", "list")
         now = self._ctx.now()
         agents = sorted(await self._ctx.backend.list_agents(), key=lambda a: a.host_id)
-        return await self._render(request, caller, "agents", "admin_agents.html", {
+        return await self.render(request, caller, "agents", "admin_agents.html", {
             "agents": [agent_view(a, now) for a in agents]})
 
     # -- users --------------------------------------------------------------------------
@@ -116,7 +103,7 @@ class AdminPages(AdminRoutes):
     async def _users_page(self, request, caller, status: int = 200, **extra) -> bytes:
         can = {verb: await self.gate.allows(caller, "user", verb)
                for verb in ("create", "update", "delete")}
-        return await self._render(request, caller, "users", "admin_users.html", {
+        return await self.render(request, caller, "users", "admin_users.html", {
             "users": [user_view(u) for u in await self._users.list()], "can": can,
             "link": None, **extra}, status)
 
@@ -181,7 +168,7 @@ class AdminPages(AdminRoutes):
     async def _resources_page(self, request, caller, kinds: str, status: int = 200,
                               **extra) -> bytes:
         kind = kinds[:-1]
-        return await self._render(request, caller, kinds, "admin_resources.html", {
+        return await self.render(request, caller, kinds, "admin_resources.html", {
             "kind": kind, "kinds": kinds,
             "items": [resource_view(r) for r in await self._resources.list(kind)],
             "can_create": await self.gate.allows(caller, kind, "create"), **extra}, status)
@@ -204,7 +191,7 @@ class AdminPages(AdminRoutes):
                       status: int = 200, **extra) -> bytes:
         kind = kinds[:-1]
         verb = "create" if name is None else "update"
-        return await self._render(request, caller, kinds, "admin_resource.html", {
+        return await self.render(request, caller, kinds, "admin_resource.html", {
             "kind": kind, "kinds": kinds, "name": name, "yaml": text,
             "action": f"/web/admin/{kinds}" + ("" if name is None else f"/{quote(name)}"),
             "can_save": await self.gate.allows(caller, kind, verb),
@@ -249,7 +236,7 @@ class AdminPages(AdminRoutes):
     # -- locks --------------------------------------------------------------------------
 
     async def _locks_page(self, request, caller, status: int = 200, **extra) -> bytes:
-        return await self._render(request, caller, "locks", "admin_locks.html", {
+        return await self.render(request, caller, "locks", "admin_locks.html", {
             "locks": [lock_view(x) for x in await self._locks.list()],
             "can_create": await self.gate.allows(caller, "lock", "create"),
             "can_delete": await self.gate.allows(caller, "lock", "delete"), **extra}, status)

@@ -9,7 +9,6 @@ pages (newest first), so a page costs one query whatever the size of the trail.
 
 from __future__ import annotations
 
-import datetime
 import json
 from urllib.parse import urlencode
 
@@ -18,15 +17,10 @@ from klein import Klein
 from apptunnel.admin.audit import OUTCOMES, AuditQuery, AuditSearch
 from apptunnel.admin.context import AdminError
 from apptunnel.backend.records import AuditEvent
-from apptunnel.web.admin_gate import AdminGate, AdminRoutes
+from apptunnel.web.admin_gate import AdminGate, AdminRoutes, iso
 from apptunnel.web.http import json_response
 
 FIELDS = ("since", "until", "type", "user", "app", "outcome", "request_id", "offset", "limit")
-
-
-def iso(seconds: float) -> str:
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def event_view(event: AuditEvent) -> dict:
@@ -92,7 +86,8 @@ class AuditPages(_AuditBase):
             error = err.text()
         keep = {k: v for k, v in given.items() if k not in ("offset",) and v}
         page = {
-            "user": caller.user, "error": error, "filters": given, "outcomes": OUTCOMES,
+            "error": error, "filters": {name: given.get(name, "") for name in FIELDS},
+            "outcomes": OUTCOMES,
             "events": [event_view(e) for e in events],
             "newer": (None if query.offset == 0 else "?" + urlencode(
                 {**keep, "offset": max(0, query.offset - query.limit)})),
@@ -100,14 +95,15 @@ class AuditPages(_AuditBase):
                       if more else None),
             "first": query.offset + 1 if events else 0, "last": query.offset + len(events),
         }
-        return self.ctx.page(request, 400 if error else 200, "audit.html", page)
+        return await self.render(request, caller, "audit", "audit.html", page,
+                                 400 if error else 200)
 
     @app.route("/web/audit/<string:event_id>", methods=["GET"])
     async def detail(self, request, event_id: str):
         caller = await self.gate.require(request, "event", "read")
         event = event_view(await self._search.event(event_id))
-        return self.ctx.page(request, 200, "audit_event.html", {
-            "user": caller.user, "event": event,
+        return await self.render(request, caller, "audit", "audit_event.html", {
+            "event": event,
             "fields": sorted((k, v if isinstance(v, str) else json.dumps(v, sort_keys=True))
                              for k, v in event["fields"].items()),
         })
