@@ -41,6 +41,7 @@ spec:
   issuer_url: https://idp.example.com
   client_id: apptunnel
   client_secret_file: /etc/apptunnel/oidc-secret
+  redirect_url: https://PROXY/v1/webapi/oidc/callback
   claims_to_roles:
     - {claim: groups, value: admins, roles: [admin]}
 """
