@@ -1,5 +1,5 @@
-"""Roles and connectors as YAML documents: validated by the same parsers the proxy
-loads them with (auth/rbac.py, auth/connectors/specs.py), so a document stored here is
+"""Roles, connectors and app resources as YAML documents: validated by the same parsers the proxy
+loads them with (auth/rbac.py, auth/connectors/specs.py, config.app_from_resource), so a document stored here is
 one the proxy will use, and a mistake comes back with its key path.
 
 A connector's secrets are never shown (``****``, ``public_doc``); a document edited from
@@ -16,12 +16,13 @@ from apptunnel.auth.connectors.specs import ConnectorError, parse_connector, pub
 from apptunnel.auth.connectors.store import RESOURCE_KIND as CONNECTOR
 from apptunnel.auth.rbac import RoleError, parse_role
 from apptunnel.backend.records import Resource
-from apptunnel.config import load_yaml_text
+from apptunnel.config import app_from_resource, load_yaml_text
 from apptunnel.errors import ConfigError
 
 HIDDEN = "****"
 MAX_YAML = 64 * 1024
-EDITABLE = ("role", CONNECTOR)
+APP = "app"
+EDITABLE = ("role", CONNECTOR, APP)
 
 
 def check(kind: str, doc: Any) -> tuple[str, tuple[str, ...]]:
@@ -29,12 +30,16 @@ def check(kind: str, doc: Any) -> tuple[str, tuple[str, ...]]:
     try:
         if kind == "role":
             return parse_role(doc).name, ()
+        if kind == APP:
+            return app_from_resource("app", doc).name, ()
         if not isinstance(doc, dict) or doc.get("kind") not in CONNECTOR_KINDS:
             raise ConnectorError(f"kind: expected one of {', '.join(CONNECTOR_KINDS)}")
         spec = parse_connector(doc)
         return spec.name, tuple(dict.fromkeys(r for rule in spec.role_rules for r in rule.roles))
     except (RoleError, ConnectorError) as err:
         raise AdminError(err.message) from None
+    except ConfigError as err:
+        raise AdminError(str(err)) from None
 
 
 def _keep_secrets(doc: Any, stored: Any) -> Any:
@@ -46,7 +51,8 @@ def _keep_secrets(doc: Any, stored: Any) -> Any:
 
 
 class ResourceAdmin:
-    """Create, replace, read and remove roles and connectors; each change audited once."""
+    """Create, replace, read and remove roles, connectors and app resources; each change
+    audited once."""
 
     def __init__(self, ctx: AdminContext) -> None:
         self._ctx = ctx

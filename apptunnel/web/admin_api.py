@@ -15,16 +15,21 @@ import yaml
 from klein import Klein
 
 from apptunnel.admin.context import AdminContext, AdminError
+from apptunnel.admin.bots import BotAdmin
 from apptunnel.admin.locks import LockAdmin, describe
+from apptunnel.admin.tokens import TokenAdmin
 from apptunnel.admin.resources import ResourceAdmin
 from apptunnel.admin.users import UserAdmin
-from apptunnel.backend.records import Agent, Lock, Resource, User
+from apptunnel.auth.bots import BOT_PREFIX
+from apptunnel.backend.records import Agent, Bot, JoinToken, Lock, Resource, User
 from apptunnel.web.admin_gate import (
     AdminGate, AdminRoutes, actor, duration_field, optional_string, string_list,
 )
 from apptunnel.web.http import json_body, json_response
 
 DEFAULT_LINK_TTL = 24 * 3600.0
+# The YAML document kinds under /v1/admin/<plural> and the rule kind of each.
+KIND_OF = {"roles": "role", "connectors": "connector", "app_resources": "app"}
 MAX_LINK_TTL = 30 * 86400.0
 
 
@@ -39,6 +44,19 @@ def lock_view(lock: Lock) -> dict:
     return {"id": lock.id, "user": lock.user, "app": lock.app, "agent": lock.agent,
             "message": lock.message, "created": lock.created, "created_by": lock.created_by,
             "expires": lock.expires, "target": describe(lock)}
+
+
+def token_view(token: JoinToken, now: float) -> dict:
+    return {"hash": token.token_hash[:12], "type": token.kind, "created": token.created,
+            "expires": token.expires, "expired": token.expires <= now,
+            "uses_left": token.uses_left, "scope": token.scope.to_json(), "bot": token.bot}
+
+
+def bot_view(bot: Bot, now: float) -> dict:
+    return {"name": bot.name, "principal": BOT_PREFIX + bot.name, "roles": list(bot.roles),
+            "created": bot.created, "joined": bot.cert_expires is not None,
+            "cert_expires": bot.cert_expires,
+            "cert_valid": bot.cert_expires is not None and bot.cert_expires > now}
 
 
 def agent_view(agent: Agent, now: float) -> dict:
@@ -82,6 +100,8 @@ class AdminApi(AdminRoutes):
         self._registry = gate.ctx.registry
         self._users = users
         self._locks = LockAdmin(admin)
+        self._tokens = TokenAdmin(admin)
+        self._bots = BotAdmin(admin)
         self._resources = ResourceAdmin(admin)
 
     # -- users --------------------------------------------------------------------------
@@ -134,38 +154,38 @@ class AdminApi(AdminRoutes):
 
     # -- roles and connectors (YAML in, key paths back) ---------------------------------
 
-    @app.route("/v1/admin/<any(roles, connectors):kinds>", methods=["GET"])
+    @app.route("/v1/admin/<any(roles, connectors, app_resources):kinds>", methods=["GET"])
     async def list_resources(self, request, kinds: str):
-        kind = kinds[:-1]
+        kind = KIND_OF[kinds]
         await self.gate.require(request, kind, "list")
         return json_response(request, 200, {kinds: [resource_view(r)
                                             for r in await self._resources.list(kind)]})
 
-    @app.route("/v1/admin/<any(roles, connectors):kinds>/<string:name>", methods=["GET"])
+    @app.route("/v1/admin/<any(roles, connectors, app_resources):kinds>/<string:name>", methods=["GET"])
     async def read_resource(self, request, kinds: str, name: str):
-        kind = kinds[:-1]
+        kind = KIND_OF[kinds]
         await self.gate.require(request, kind, "read")
         return json_response(request, 200, resource_view(await self._resources.get(kind, name)))
 
-    @app.route("/v1/admin/<any(roles, connectors):kinds>", methods=["POST"])
+    @app.route("/v1/admin/<any(roles, connectors, app_resources):kinds>", methods=["POST"])
     async def create_resource(self, request, kinds: str):
-        kind = kinds[:-1]
+        kind = KIND_OF[kinds]
         caller = await self.gate.require(request, kind, "create")
         text = optional_string("yaml", json_body(request).get("yaml")) or ""
         found = await self._resources.put_text(actor(caller), kind, text)
         return json_response(request, 201, resource_view(found))
 
-    @app.route("/v1/admin/<any(roles, connectors):kinds>/<string:name>", methods=["PUT"])
+    @app.route("/v1/admin/<any(roles, connectors, app_resources):kinds>/<string:name>", methods=["PUT"])
     async def replace_resource(self, request, kinds: str, name: str):
-        kind = kinds[:-1]
+        kind = KIND_OF[kinds]
         caller = await self.gate.require(request, kind, "update")
         text = optional_string("yaml", json_body(request).get("yaml")) or ""
         found = await self._resources.put_text(actor(caller), kind, text, name, replace=True)
         return json_response(request, 200, resource_view(found))
 
-    @app.route("/v1/admin/<any(roles, connectors):kinds>/<string:name>", methods=["DELETE"])
+    @app.route("/v1/admin/<any(roles, connectors, app_resources):kinds>/<string:name>", methods=["DELETE"])
     async def delete_resource(self, request, kinds: str, name: str):
-        kind = kinds[:-1]
+        kind = KIND_OF[kinds]
         caller = await self.gate.require(request, kind, "delete")
         await self._resources.delete(actor(caller), kind, name)
         return json_response(request, 200, {"deleted": name})
@@ -203,6 +223,68 @@ class AdminApi(AdminRoutes):
         await self.gate.require(request, "app", "list")
         return json_response(request, 200, {"apps": await app_views(self._registry, self._ctx.backend)})
 
+    # -- join tokens and bots -----------------------------------------------------------
+
+    @app.route("/v1/admin/tokens", methods=["GET"])
+    async def list_tokens(self, request):
+        await self.gate.require(request, "token", "list")
+        now = self._ctx.now()
+        return json_response(request, 200, {"tokens": [token_view(t, now)
+                                                       for t in await self._tokens.list()]})
+
+    @app.route("/v1/admin/tokens", methods=["POST"])
+    async def create_token(self, request):
+        """An agent's join token: the secret is in this answer only."""
+        caller = await self.gate.require(request, "token", "create")
+        body = json_body(request)
+        uses = body.get("uses", 1)
+        secret, token = await self._tokens.create(
+            actor(caller), duration_field("ttl", body.get("ttl"), 3600.0), uses,
+            string_list("apps", body.get("apps") or []), _labels(body.get("labels")))
+        return json_response(request, 201, {"token": secret, "ca_pin": self.ctx.ca.pin,
+                                            **token_view(token, self._ctx.now())})
+
+    @app.route("/v1/admin/tokens/<string:given>", methods=["DELETE"])
+    async def delete_token(self, request, given: str):
+        caller = await self.gate.require(request, "token", "delete")
+        token = await self._tokens.remove(actor(caller), given)
+        return json_response(request, 200, {"deleted": token.token_hash[:12]})
+
+    @app.route("/v1/admin/bots", methods=["GET"])
+    async def list_bots(self, request):
+        await self.gate.require(request, "bot", "list")
+        now = self._ctx.now()
+        return json_response(request, 200, {"bots": [bot_view(b, now)
+                                                     for b in await self._bots.list()]})
+
+    @app.route("/v1/admin/bots", methods=["POST"])
+    async def add_bot(self, request):
+        caller = await self.gate.require(request, "bot", "create")
+        body = json_body(request)
+        secret, token = await self._bots.add(
+            actor(caller), body.get("name"), string_list("roles", body.get("roles", [])),
+            duration_field("ttl", body.get("ttl"), 3600.0))
+        return json_response(request, 201, {"name": token.bot, "token": secret,
+                                            "ca_pin": self.ctx.ca.pin,
+                                            "expires": token.expires})
+
+    @app.route("/v1/admin/bots/<string:name>", methods=["DELETE"])
+    async def remove_bot(self, request, name: str):
+        caller = await self.gate.require(request, "bot", "delete")
+        await self._bots.remove(actor(caller), name)
+        return json_response(request, 200, {"deleted": name})
+
+    # -- access requests (every user's: for auditors and admins) ------------------------
+
+    @app.route("/v1/admin/access_requests", methods=["GET"])
+    async def list_access_requests(self, request):
+        await self.gate.require(request, "access_request", "list")
+        found = await self._ctx.backend.list_access_requests()
+        return json_response(request, 200, {"access_requests": [
+            {"id": r.id, "user": r.user, "roles": list(r.roles), "apps": list(r.apps),
+             "reason": r.reason, "state": r.state, "created": r.created,
+             "expires": r.expires} for r in found]})
+
     @app.route("/v1/admin/agents", methods=["GET"])
     async def list_agents(self, request):
         await self.gate.require(request, "agent", "list")
@@ -216,6 +298,14 @@ def _link_ttl(value: Any) -> float:
     if ttl > MAX_LINK_TTL:
         raise AdminError("at most 30d", field="ttl")
     return ttl
+
+
+def _labels(value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise AdminError("expected a mapping of label names to values", field="labels")
+    return value
 
 
 def _traits(value: Any) -> dict:

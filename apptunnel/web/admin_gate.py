@@ -28,9 +28,12 @@ if TYPE_CHECKING:
     from apptunnel.web.context import WebContext
 
 # The sections of the admin pages, in the nav's order: (path, title, kind).
-SECTIONS = (("apps", "Apps", "app"), ("agents", "Agents", "agent"),
+SECTIONS = (("apps", "Apps", "app"), ("app_resources", "App resources", "app"),
+            ("agents", "Agents", "agent"), ("tokens", "Join tokens", "token"),
             ("users", "Users", "user"), ("roles", "Roles", "role"),
-            ("connectors", "Connectors", "connector"), ("locks", "Locks", "lock"))
+            ("connectors", "Connectors", "connector"), ("locks", "Locks", "lock"),
+            ("bots", "Bots", "bot"))
+TITLES = {path: title for path, title, _ in SECTIONS}
 CROSS_SITE = "cross-origin request refused"
 FORM_CROSS_SITE = "This form was not submitted from this site."
 

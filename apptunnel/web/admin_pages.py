@@ -15,18 +15,28 @@ from urllib.parse import quote
 from klein import Klein
 
 from apptunnel.admin.context import AdminContext, AdminError
+from apptunnel.admin.bots import BotAdmin
 from apptunnel.admin.locks import LockAdmin
+from apptunnel.admin.tokens import TokenAdmin
 from apptunnel.admin.resources import ResourceAdmin
 from apptunnel.admin.users import UserAdmin
 from apptunnel.web.admin_api import (
-    DEFAULT_LINK_TTL, agent_view, app_views, lock_view, resource_view, user_view,
+    DEFAULT_LINK_TTL, KIND_OF, agent_view, app_views, bot_view, lock_view, resource_view,
+    token_view, user_view,
 )
 from apptunnel.web.admin_gate import (
-    SECTIONS, AdminGate, AdminRoutes, actor, duration_field, string_list,
+    SECTIONS, TITLES, AdminGate, AdminRoutes, actor, duration_field, string_list,
 )
 from apptunnel.web.http import redirect
 
 MAX_FIELD = 64 * 1024
+NEW_APP = """kind: app
+metadata:
+  name: NAME
+  labels: {env: dev}
+spec:
+  uri: http://127.0.0.1:8080
+"""
 NEW_ROLE = """kind: role
 metadata:
   name: NAME
@@ -45,6 +55,9 @@ spec:
   claims_to_roles:
     - {claim: groups, value: admins, roles: [admin]}
 """
+
+
+NEW_DOCUMENT = {"role": NEW_ROLE, "connector": NEW_CONNECTOR, "app": NEW_APP}
 
 
 def form(request, name: str) -> str:
@@ -72,6 +85,8 @@ class AdminPages(AdminRoutes):
         self._registry = gate.ctx.registry
         self._users = users
         self._locks = LockAdmin(admin)
+        self._tokens = TokenAdmin(admin)
+        self._bots = BotAdmin(admin)
         self._resources = ResourceAdmin(admin)
 
     @app.route("/web/admin", methods=["GET"])
@@ -160,55 +175,54 @@ class AdminPages(AdminRoutes):
 
     # -- roles and connectors -----------------------------------------------------------
 
-    @app.route("/web/admin/<any(roles, connectors):kinds>", methods=["GET"])
+    @app.route("/web/admin/<any(roles, connectors, app_resources):kinds>", methods=["GET"])
     async def resources(self, request, kinds: str):
-        kind = kinds[:-1]
+        kind = KIND_OF[kinds]
         caller = await self.gate.require(request, kind, "list")
         return await self._resources_page(request, caller, kinds)
 
     async def _resources_page(self, request, caller, kinds: str, status: int = 200,
                               **extra) -> bytes:
-        kind = kinds[:-1]
+        kind = KIND_OF[kinds]
         return await self.render(request, caller, kinds, "admin_resources.html", {
-            "kind": kind, "kinds": kinds,
+            "kind": kind, "kinds": kinds, "title": TITLES[kinds],
             "items": [resource_view(r) for r in await self._resources.list(kind)],
             "can_create": await self.gate.allows(caller, kind, "create"), **extra}, status)
 
-    @app.route("/web/admin/<any(roles, connectors):kinds>/new", methods=["GET"])
+    @app.route("/web/admin/<any(roles, connectors, app_resources):kinds>/new", methods=["GET"])
     async def new_resource(self, request, kinds: str):
-        kind = kinds[:-1]
+        kind = KIND_OF[kinds]
         caller = await self.gate.require(request, kind, "create")
-        return await self._editor(request, caller, kinds, None,
-                                  NEW_ROLE if kind == "role" else NEW_CONNECTOR)
+        return await self._editor(request, caller, kinds, None, NEW_DOCUMENT[kind])
 
-    @app.route("/web/admin/<any(roles, connectors):kinds>/<string:name>", methods=["GET"])
+    @app.route("/web/admin/<any(roles, connectors, app_resources):kinds>/<string:name>", methods=["GET"])
     async def edit_resource(self, request, kinds: str, name: str):
-        kind = kinds[:-1]
+        kind = KIND_OF[kinds]
         caller = await self.gate.require(request, kind, "read")
         found = resource_view(await self._resources.get(kind, name))
         return await self._editor(request, caller, kinds, name, found["yaml"])
 
     async def _editor(self, request, caller, kinds: str, name: str | None, text: str,
                       status: int = 200, **extra) -> bytes:
-        kind = kinds[:-1]
+        kind = KIND_OF[kinds]
         verb = "create" if name is None else "update"
         return await self.render(request, caller, kinds, "admin_resource.html", {
-            "kind": kind, "kinds": kinds, "name": name, "yaml": text,
+            "kind": kind, "kinds": kinds, "title": TITLES[kinds], "name": name, "yaml": text,
             "action": f"/web/admin/{kinds}" + ("" if name is None else f"/{quote(name)}"),
             "can_save": await self.gate.allows(caller, kind, verb),
             "can_delete": name is not None and await self.gate.allows(caller, kind, "delete"),
             **extra}, status)
 
-    @app.route("/web/admin/<any(roles, connectors):kinds>", methods=["POST"])
+    @app.route("/web/admin/<any(roles, connectors, app_resources):kinds>", methods=["POST"])
     async def create_resource(self, request, kinds: str):
         return await self._save(request, kinds, None)
 
-    @app.route("/web/admin/<any(roles, connectors):kinds>/<string:name>", methods=["POST"])
+    @app.route("/web/admin/<any(roles, connectors, app_resources):kinds>/<string:name>", methods=["POST"])
     async def save_resource(self, request, kinds: str, name: str):
         return await self._save(request, kinds, name)
 
     async def _save(self, request, kinds: str, name: str | None) -> bytes:
-        kind = kinds[:-1]
+        kind = KIND_OF[kinds]
         caller = await self.gate.require(request, kind, "create" if name is None else "update",
                                           form=True)
         text = form(request, "yaml")
@@ -222,9 +236,9 @@ class AdminPages(AdminRoutes):
                                   resource_view(saved)["yaml"],
                                   notice=f"Saved {kind} {saved.name}.")
 
-    @app.route("/web/admin/<any(roles, connectors):kinds>/<string:name>/delete", methods=["POST"])
+    @app.route("/web/admin/<any(roles, connectors, app_resources):kinds>/<string:name>/delete", methods=["POST"])
     async def delete_resource(self, request, kinds: str, name: str):
-        kind = kinds[:-1]
+        kind = KIND_OF[kinds]
         caller = await self.gate.require(request, kind, "delete", form=True)
         try:
             await self._resources.delete(actor(caller), kind, name)
@@ -233,6 +247,85 @@ class AdminPages(AdminRoutes):
                                               error=err.text())
         return await self._resources_page(request, caller, kinds,
                                           notice=f"Removed {kind} {name}.")
+
+    # -- join tokens and bots -----------------------------------------------------------
+
+    async def _tokens_page(self, request, caller, status: int = 200, **extra) -> bytes:
+        now = self._ctx.now()
+        return await self.render(request, caller, "tokens", "admin_tokens.html", {
+            "tokens": [token_view(t, now) for t in await self._tokens.list()],
+            "can_create": await self.gate.allows(caller, "token", "create"),
+            "can_delete": await self.gate.allows(caller, "token", "delete"),
+            "secret": None, "ca_pin": self.ctx.ca.pin, **extra}, status)
+
+    @app.route("/web/admin/tokens", methods=["GET"])
+    async def tokens(self, request):
+        caller = await self.gate.require(request, "token", "list")
+        return await self._tokens_page(request, caller)
+
+    @app.route("/web/admin/tokens", methods=["POST"])
+    async def create_token(self, request):
+        caller = await self.gate.require(request, "token", "create", form=True)
+        try:
+            uses = form(request, "uses").strip() or "1"
+            if not (uses.isascii() and uses.isdigit()):
+                raise AdminError("expected a number", field="uses")
+            secret, _ = await self._tokens.create(
+                actor(caller), duration_field("ttl", form(request, "ttl"), 3600.0),
+                int(uses), string_list("apps", form(request, "apps")),
+                _label_pairs(form(request, "labels")))
+        except AdminError as err:
+            return await self._tokens_page(request, caller, err.status, error=err.text())
+        return await self._tokens_page(
+            request, caller, secret=secret,
+            notice="Join token created. Put it and the CA pin in the agent's join: section "
+                   "(it is shown only now):")
+
+    @app.route("/web/admin/tokens/<string:given>/delete", methods=["POST"])
+    async def delete_token(self, request, given: str):
+        caller = await self.gate.require(request, "token", "delete", form=True)
+        try:
+            token = await self._tokens.remove(actor(caller), given)
+        except AdminError as err:
+            return await self._tokens_page(request, caller, err.status, error=err.text())
+        return await self._tokens_page(request, caller,
+                                       notice=f"Removed join token {token.token_hash[:12]}.")
+
+    async def _bots_page(self, request, caller, status: int = 200, **extra) -> bytes:
+        now = self._ctx.now()
+        return await self.render(request, caller, "bots", "admin_bots.html", {
+            "bots": [bot_view(b, now) for b in await self._bots.list()],
+            "can_create": await self.gate.allows(caller, "bot", "create"),
+            "can_delete": await self.gate.allows(caller, "bot", "delete"),
+            "secret": None, "ca_pin": self.ctx.ca.pin, **extra}, status)
+
+    @app.route("/web/admin/bots", methods=["GET"])
+    async def bots(self, request):
+        caller = await self.gate.require(request, "bot", "list")
+        return await self._bots_page(request, caller)
+
+    @app.route("/web/admin/bots", methods=["POST"])
+    async def add_bot(self, request):
+        caller = await self.gate.require(request, "bot", "create", form=True)
+        try:
+            secret, token = await self._bots.add(
+                actor(caller), form(request, "name").strip(),
+                string_list("roles", form(request, "roles")),
+                duration_field("ttl", form(request, "ttl"), 3600.0))
+        except AdminError as err:
+            return await self._bots_page(request, caller, err.status, error=err.text())
+        return await self._bots_page(
+            request, caller, secret=secret,
+            notice=f"Bot {token.bot} added. Its one-time join token (shown only now):")
+
+    @app.route("/web/admin/bots/<string:name>/delete", methods=["POST"])
+    async def remove_bot(self, request, name: str):
+        caller = await self.gate.require(request, "bot", "delete", form=True)
+        try:
+            await self._bots.remove(actor(caller), name)
+        except AdminError as err:
+            return await self._bots_page(request, caller, err.status, error=err.text())
+        return await self._bots_page(request, caller, notice=f"Removed bot {name}.")
 
     # -- locks --------------------------------------------------------------------------
 
@@ -272,3 +365,16 @@ class AdminPages(AdminRoutes):
         return await self._locks_page(request, caller,
                                       notice=f"Removed the lock on {lock_view(lock)['target']}.")
 
+
+def _label_pairs(text: str) -> dict[str, str]:
+    """``env=dev, team=sre`` (a form field) -> {"env": "dev", "team": "sre"}."""
+    pairs: dict[str, str] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() in pairs:
+            raise AdminError(f"expected KEY=VALUE (each key once), got {item!r}",
+                             field="labels")
+        pairs[key.strip()] = value.strip()
+    return pairs

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 TEMPLATES = ("admin_apps.html", "admin_agents.html", "admin_users.html",
              "admin_resources.html", "admin_resource.html", "admin_locks.html",
-             "audit.html", "audit_event.html")
+             "admin_tokens.html", "admin_bots.html", "audit.html", "audit_event.html")
 
 
 def mount_admin(web: WebApp, admin: AdminContext) -> None:

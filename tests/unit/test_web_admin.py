@@ -229,3 +229,79 @@ async def test_a_role_taken_away_counts_at_once(admin_env):
     await env.users.refresh()
     env.web.context.access.forget()
     assert (await api(env, "GET", "/v1/admin/users", root))[0] == 403
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_bots_app_resources_and_access_requests(admin_env):
+    """Join tokens (secret once, revoked by hash prefix), bots, app resources as YAML and
+    every user's access requests, each under its own rule."""
+    env = admin_env
+    root = await env.login("root", "root-pw")
+    code, made = await api(env, "POST", "/v1/admin/tokens", root,
+                           {"ttl": "2h", "uses": 2, "apps": ["grafana"],
+                            "labels": {"env": "dev"}})
+    assert code == 201 and made["token"] and made["ca_pin"] == env.ca.pin
+    assert made["scope"] == {"apps": ["grafana"], "labels": {"env": "dev"}}
+    code, listed = await api(env, "GET", "/v1/admin/tokens", root)
+    assert [t["hash"] for t in listed["tokens"]] == [made["hash"]]
+    assert made["token"] not in json.dumps(listed)
+    for bad in ({"ttl": "31d"}, {"uses": 0}, {"apps": ["Bad_Name"]}, {"labels": ["x"]}):
+        assert (await api(env, "POST", "/v1/admin/tokens", root, bad))[0] == 400, bad
+    assert (await api(env, "DELETE", f"/v1/admin/tokens/{made['hash'][:8]}", root))[0] == 200
+    code, bot = await api(env, "POST", "/v1/admin/bots", root, {"name": "ci", "roles": ["dev"]})
+    assert code == 201 and bot["token"]
+    assert (await api(env, "POST", "/v1/admin/bots", root, {"name": "ci",
+                                                            "roles": ["dev"]}))[0] == 409
+    code, bots = await api(env, "GET", "/v1/admin/bots", root)
+    assert [b["principal"] for b in bots["bots"]] == ["bot:ci"]
+    assert (await api(env, "DELETE", "/v1/admin/bots/ci", root))[0] == 200
+    app_doc = ("kind: app\nmetadata: {name: docs, labels: {env: dev}}\n"
+               "spec: {uri: 'http://127.0.0.1:8080'}\n")
+    code, created = await api(env, "POST", "/v1/admin/app_resources", root, {"yaml": app_doc})
+    assert code == 201 and created["name"] == "docs"
+    code, answer = await api(env, "POST", "/v1/admin/app_resources", root,
+                             {"yaml": app_doc.replace("docs", "other").replace("uri", "url")})
+    assert code == 400 and "spec" in answer["error"]
+    assert (await api(env, "DELETE", "/v1/admin/app_resources/docs", root))[0] == 200
+    code, requests = await api(env, "GET", "/v1/admin/access_requests", root)
+    assert code == 200 and requests == {"access_requests": []}
+    await env.audit.flush()
+    types = [e.type for e in await env.backend.search_audit()
+             if e.fields.get("via") == "api"]
+    assert types == ["token.create", "token.delete", "bot.create", "token.create",
+                     "bot.delete", "resource.create", "resource.delete"]
+    aud = await env.login("aud", "aud-pw")
+    for path in ("/v1/admin/tokens", "/v1/admin/bots", "/v1/admin/app_resources",
+                 "/v1/admin/access_requests"):
+        assert (await api(env, "GET", path, aud))[0] == 403, path
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_and_bot_pages_show_the_secret_once(admin_env):
+    env = admin_env
+    root = await env.login("root", "root-pw")
+    response, body = await env.call("POST", "/web/admin/tokens", cookie=root,
+                                    data={"ttl": "2h", "uses": "3", "apps": "grafana",
+                                          "labels": "env=dev"})
+    assert response.code == 200 and b'id="one-time-secret"' in body
+    [token] = await env.backend.list_tokens()
+    assert (token.uses_left, token.scope.apps, token.scope.labels) == (
+        3, ("grafana",), (("env", "dev"),))
+    response, body = await env.call("GET", "/web/admin/tokens", cookie=root)
+    assert b"one-time-secret" not in body and token.token_hash[:12].encode() in body
+    response, body = await env.call("POST", "/web/admin/tokens", cookie=root,
+                                    data={"labels": "env"})
+    assert response.code == 400 and b"labels: expected KEY=VALUE" in body
+    response, _ = await env.call("POST", f"/web/admin/tokens/{token.token_hash[:12]}/delete",
+                                 cookie=root)
+    assert response.code == 200 and await env.backend.list_tokens() == []
+    response, body = await env.call("POST", "/web/admin/bots", cookie=root,
+                                    data={"name": "ci", "roles": "dev"})
+    assert response.code == 200 and b'id="one-time-secret"' in body
+    response, body = await env.call("POST", "/web/admin/bots/ci/delete", cookie=root)
+    assert response.code == 200 and await env.backend.list_bots() == []
+    for section in ("tokens", "bots", "app_resources"):
+        response, _ = await env.call("GET", f"/web/admin/{section}", cookie=root)
+        assert response.code == 200, section
+    response, body = await env.call("GET", "/web/admin/app_resources/new", cookie=root)
+    assert response.code == 200 and b"kind: app" in body
