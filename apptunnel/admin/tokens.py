@@ -61,12 +61,13 @@ class TokenAdmin:
     async def list(self) -> list[JoinToken]:
         return sorted(await self._ctx.backend.list_tokens(), key=lambda t: t.expires)
 
-    async def remove(self, actor: Actor, given: str) -> JoinToken:
-        """Remove by the secret itself or by an unambiguous prefix of its hash."""
+    async def remove(self, actor: Actor, given: str, by_secret: bool = True) -> JoinToken:
+        """Remove by the secret itself or by an unambiguous prefix of its hash. The web
+        passes ``by_secret`` False: a secret in a URL would reach logs and history."""
         given = given.strip()
         tokens = await self._ctx.backend.list_tokens()
         full = secret_hash(given)
-        matches = [t for t in tokens if t.token_hash == full]
+        matches = [t for t in tokens if t.token_hash == full] if by_secret else []
         if not matches and _HASH_PREFIX.match(given.lower()):
             matches = [t for t in tokens if t.token_hash.startswith(given.lower())]
         if not matches:

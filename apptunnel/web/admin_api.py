@@ -247,7 +247,7 @@ class AdminApi(AdminRoutes):
     @app.route("/v1/admin/tokens/<string:given>", methods=["DELETE"])
     async def delete_token(self, request, given: str):
         caller = await self.gate.require(request, "token", "delete")
-        token = await self._tokens.remove(actor(caller), given)
+        token = await self._tokens.remove(actor(caller), given, by_secret=False)
         return json_response(request, 200, {"deleted": token.token_hash[:12]})
 
     @app.route("/v1/admin/bots", methods=["GET"])

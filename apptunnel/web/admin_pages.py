@@ -285,7 +285,7 @@ class AdminPages(AdminRoutes):
     async def delete_token(self, request, given: str):
         caller = await self.gate.require(request, "token", "delete", form=True)
         try:
-            token = await self._tokens.remove(actor(caller), given)
+            token = await self._tokens.remove(actor(caller), given, by_secret=False)
         except AdminError as err:
             return await self._tokens_page(request, caller, err.status, error=err.text())
         return await self._tokens_page(request, caller,

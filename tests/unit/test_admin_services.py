@@ -180,3 +180,17 @@ async def test_audit_query_from_fields(ctx):
     assert [e.id for e in events] == ["e2", "e1"] and more
     with pytest.raises(AdminError):
         await AuditSearch(ctx.backend).event("")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_web_revokes_tokens_by_hash_only(ctx):
+    """A token's secret never has to travel in a URL: the web removes by hash prefix."""
+    from apptunnel.admin.tokens import TokenAdmin
+
+    tokens = TokenAdmin(ctx)
+    secret, token = await tokens.create(ROOT, 3600, 1, ["wiki"], {"env": "dev"})
+    with pytest.raises(AdminError):
+        await tokens.remove(ROOT, secret, by_secret=False)
+    assert (await tokens.remove(CLI, secret)).token_hash == token.token_hash
+    with pytest.raises(AdminError, match="uses"):
+        await tokens.create(ROOT, 3600, 0)
