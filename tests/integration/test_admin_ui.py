@@ -215,7 +215,7 @@ def test_admin_invites_edits_a_role_locks_and_reads_the_audit_log(cluster, brows
         # Keyboard: the first Tab stops reach the admin nav's links.
         page.goto(cluster.url(path="/web/admin/users"))
         focused = []
-        for _ in range(10):
+        for _ in range(20):
             page.keyboard.press("Tab")
             focused.append(page.evaluate("document.activeElement.getAttribute('href')"))
         assert "/web/admin/users" in focused and "/web/audit" in focused
