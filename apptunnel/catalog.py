@@ -27,6 +27,7 @@ class AppInfo:
     jwt_claims: tuple[str, ...] | None = None
     agent_id: str = ""
     tcp_ports: tuple[tuple[int, int], ...] = ()   # (low, high) ranges of a multi-port TCP app
+    description: str = ""     # one line for the catalogue (the app entry's `description`)
 
     @property
     def kind(self) -> str:

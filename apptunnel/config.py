@@ -416,6 +416,7 @@ class AppConfig:
     jwt_claims: tuple[str, ...] | None = None
     tcp_ports: tuple[tuple[int, int], ...] = ()   # (low, high) ranges; tcp:// apps only
     dynamic_labels: tuple[DynamicLabel, ...] = ()
+    description: str = ""     # one line the catalogue shows under the name
 
     @property
     def kind(self) -> str:
@@ -549,8 +550,9 @@ _PROXY_KEYS = (
 _AGENT_KEYS = ("data_dir", "proxy_addr", "join", "keepalive", "apps", "resources")
 _APP_KEYS = (
     "name", "uri", "labels", "public_addr", "insecure_skip_verify", "rewrite", "jwt_claims",
-    "tcp_ports", "dynamic_labels",
+    "tcp_ports", "dynamic_labels", "description",
 )
+MAX_DESCRIPTION = 200   # one line on the catalogue card
 # Dynamic labels: a period below the floor would make an agent a fork loop; the command
 # gets at most DYNAMIC_TIMEOUT (or its period, if shorter) before it is killed.
 DYNAMIC_PERIOD_FLOOR = 1.0
@@ -923,7 +925,16 @@ def _build_app(app: _Section) -> AppConfig:
         jwt_claims=jwt_claims,
         tcp_ports=tcp_ports,
         dynamic_labels=dynamic,
+        description=_description(app),
     )
+
+
+def _description(app: _Section) -> str:
+    """``description:``: one line of text for the catalogue (at most MAX_DESCRIPTION)."""
+    text = app.string("description") or ""
+    if len(text) > MAX_DESCRIPTION:
+        app.fail("description", f"at most {MAX_DESCRIPTION} characters, got {len(text)}")
+    return text
 
 
 def _labels(app: _Section) -> dict[str, str]:

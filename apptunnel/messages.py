@@ -46,6 +46,7 @@ __all__ = [
 MAX_TOKEN = 512
 MAX_PEM = 64 * 1024       # a control message is at most 64 KiB; the CA bounds CSRs itself
 MAX_TEXT = 1024          # host ids, versions, proxy ids, public messages, reasons
+MAX_DESCRIPTION = 200     # an app's one-line description (config.MAX_DESCRIPTION)
 MAX_APPS = 1024
 MAX_TCP_RANGES = 1024
 MAX_SELECTORS = 64
@@ -91,6 +92,7 @@ class AppAnnouncement:
     rewrite_headers: tuple[tuple[str, str], ...] = ()
     jwt_claims: tuple[str, ...] | None = None
     tcp_ports: tuple[tuple[int, int], ...] = ()
+    description: str = ""
 
     def to_dict(self) -> dict:
         entry: dict[str, Any] = {
@@ -103,6 +105,8 @@ class AppAnnouncement:
         }
         if self.tcp_ports:   # multi-port TCP apps only, so HTTP apps' entries stay as they were
             entry["tcp_ports"] = [list(r) for r in self.tcp_ports]
+        if self.description:   # only when set, so older proxies see the entry unchanged
+            entry["description"] = self.description
         return entry
 
     @classmethod
@@ -141,6 +145,11 @@ class AppAnnouncement:
         if claims is not None and (not isinstance(claims, list)
                                    or not all(c in JWT_CLAIMS for c in claims)):
             raise MessageError(f"{where}.jwt_claims must be a list of known claims")
+        description = item.get("description") or ""
+        if not isinstance(description, str) or len(description) > MAX_DESCRIPTION \
+                or any(ord(c) < 32 or ord(c) == 127 for c in description):
+            raise MessageError(f"{where}.description must be one line of at most "
+                               f"{MAX_DESCRIPTION} characters")
         return cls(
             name=name,
             uri=uri,
@@ -149,6 +158,7 @@ class AppAnnouncement:
             rewrite_headers=tuple((n, v) for n, v in rewrite),
             jwt_claims=tuple(claims) if claims is not None else None,
             tcp_ports=_tcp_ports(item.get("tcp_ports"), parts.scheme, where),
+            description=description,
         )
 
 

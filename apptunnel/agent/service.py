@@ -382,6 +382,7 @@ class AgentService(MultiService):
                 rewrite_headers=tuple(app.rewrite_headers),
                 jwt_claims=app.jwt_claims,
                 tcp_ports=app.tcp_ports,
+                description=app.description,
             ))
         return tuple(out)
 

@@ -198,6 +198,22 @@ class SessionManager:
         for app_key in ended:
             self._app.drop(app_key)
 
+    async def user_web_sessions(self, user: str) -> list[WebSession]:
+        """``user``'s live web sessions (stored, unexpired), oldest first."""
+        now = self._clock.seconds()
+        return [s for s in await self._backend.list_user_web_sessions(user) if s.expires > now]
+
+    async def end_user_sessions(self, user: str) -> int:
+        """Sign ``user`` out everywhere: every web session with its app sessions; how many
+        web sessions ended. Other proxies drop theirs when their cache entry lapses."""
+        webs = await self._backend.list_user_web_sessions(user)
+        ended = await self._backend.delete_user_sessions(user)
+        for web in webs:
+            self._web.drop(web.id_hash)
+        for app_key in ended:
+            self._app.drop(app_key)
+        return len(webs)
+
     async def assume(self, secret: str, request_id: str) -> WebSession | None:
         """Add an approved access request to the web session (the access policy grants its
         roles while it lasts); app sessions started from it see them on their next request.

@@ -338,6 +338,11 @@ class MemoryBackend:
         found = self._web_sessions.get(id_hash)
         return _web_session(found) if found else None
 
+    async def list_user_web_sessions(self, user: str) -> list[WebSession]:
+        self._check_open()
+        found = [_web_session(s) for s in self._web_sessions.values() if s.user == user]
+        return sorted(found, key=lambda s: s.created)[:1000]
+
     async def delete_web_session(self, id_hash: str) -> list[str]:
         """End the web session with its app sessions and hand-offs; return the app hashes."""
         self._check_open()

@@ -796,6 +796,17 @@ class SqliteBackend:
 
         return await self._run(run)
 
+    async def list_user_web_sessions(self, user: str) -> list[WebSession]:
+        """The user's stored web sessions (the account page's "my sessions"), oldest first."""
+        def run(conn: sqlite3.Connection) -> list[WebSession]:
+            rows = conn.execute(
+                f"SELECT {_WEB_COLUMNS} FROM web_sessions WHERE user_name = ?"
+                " ORDER BY created LIMIT 1000", (user,),
+            ).fetchall()
+            return [_web_session(row) for row in rows]
+
+        return await self._run(run)
+
     async def delete_web_session(self, id_hash: str) -> list[str]:
         """End the web session with its app sessions and hand-offs; return the app hashes."""
         def run(conn: sqlite3.Connection) -> list[str]:

@@ -130,7 +130,8 @@ def resource_refusal(resource: AppConfig, app, public_addr: str) -> str | None:
             or app.public_addr.lower() != public_addr.lower()
             or tuple(app.rewrite_headers) != tuple(resource.rewrite_headers)
             or app.jwt_claims != resource.jwt_claims
-            or tuple(app.tcp_ports) != tuple(resource.tcp_ports)):
+            or tuple(app.tcp_ports) != tuple(resource.tcp_ports)
+            or app.description != resource.description):
         return f"app {resource.name} is defined by an app resource, differently"
     for key, value in static.items():
         if app.labels.get(key) != value:

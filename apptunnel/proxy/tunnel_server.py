@@ -164,6 +164,7 @@ class TunnelServerFactory(ServerFactory):
             jwt_claims=app.jwt_claims,
             agent_id=host_id,
             tcp_ports=app.tcp_ports,
+            description=app.description,
         )
 
     def _valid_public_addr(self, addr: str) -> bool:

@@ -3,7 +3,10 @@ JSON API.
 
     GET /web/account
     POST /web/account/totp, /web/account/webauthn, /web/account/devices/remove
+    POST /web/account/sessions/end          sign out everywhere
     GET/POST /v1/mfa/devices, DELETE /v1/mfa/devices/NAME, POST /v1/mfa/totp
+    GET /v1/account                         who I am, my roles, traits and web sessions
+    DELETE /v1/sessions/all                 sign out everywhere
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from apptunnel.web.context import Routes
 from apptunnel.web.http import (
     WebError,
     arg,
+    client,
     json_body,
     json_response,
     no_content,
@@ -34,6 +38,18 @@ if TYPE_CHECKING:
     from apptunnel.web.sign_in import SignIn
 
 ACCOUNT_LOGIN = "/web/login?next=%2Fweb%2Faccount"
+
+
+def when(epoch: float) -> str:
+    """A UTC time as the account page shows it."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
+
+
+def session_rows(sessions, current: str | None) -> list[dict]:
+    """The account page's "my sessions": a short id (of the hash, never the secret),
+    times, and which one is this browser."""
+    return [{"id": s.id_hash[:12], "created": s.created, "expires": s.expires,
+             "current": s.id_hash == current} for s in sessions]
 
 
 def qr_svg(text: str) -> str:
@@ -105,8 +121,16 @@ class AccountRoutes(Routes):
             raise WebError(404)
         secret, uri = self._factors.new_totp(web.user)
         devices = await self._factors.devices(web.user)
+        sessions = session_rows(await self.ctx.sessions.user_web_sessions(web.user),
+                                web.id_hash)
+        for row in sessions:
+            row["created_text"], row["expires_text"] = when(row["created"]), when(row["expires"])
         return self.ctx.page(request, status, "account.html", {
             "user": web.user, "enroll_only": web.enroll_only, "error": error,
+            "nav": "account", "extra_nav": await self.ctx.extra_nav(web),
+            "roles": list(web.roles), "traits": sorted(web.traits.items()),
+            "signed_in": when(web.created), "expires": when(web.expires),
+            "sessions": sessions,
             "devices": [{"name": d.name, "type": d.kind,
                          "created": time.strftime("%Y-%m-%d", time.gmtime(d.created))}
                         for d in devices],
@@ -118,7 +142,47 @@ class AccountRoutes(Routes):
             "next": "/",
         })
 
+    @app.route("/web/account/sessions/end", methods=["POST"])
+    async def sign_out_everywhere(self, request):
+        """End every web session of the user (this one too) and their app sessions."""
+        self.ctx.require_same_origin(request)
+        _, web = await self.ctx.web_session(request)
+        if web is None:
+            return redirect(request, 303, "/web/login")
+        await self._end_all(request, web.user)
+        return redirect(request, 303, "/web/login")
+
+    async def _end_all(self, request, user: str) -> int:
+        count = await self.ctx.sessions.end_user_sessions(user)
+        self.ctx.audit.emit("session.web.end", actor=user, client=client(request),
+                            everywhere=True, sessions=count)
+        set_session_cookie(request, "", 0)
+        return count
+
     # -- JSON API ------------------------------------------------------------------------
+
+    @app.route("/v1/account", methods=["GET"])
+    async def api_account(self, request):
+        """Who the caller is: user, roles, traits, how long the credential lasts, and the
+        user's web sessions."""
+        self.ctx.refuse_cross_origin(request)
+        secret, web = await self.ctx.web_session(request)
+        caller = await self.ctx.caller(request)
+        if caller is None:
+            raise WebError(401, "sign in required")
+        current = web.id_hash if web is not None else None
+        return json_response(request, 200, {
+            "user": caller.user, "roles": list(caller.roles), "traits": caller.traits,
+            "method": caller.method, "expires": caller.expires,
+            "sessions": session_rows(await self.ctx.sessions.user_web_sessions(caller.user),
+                                     current),
+        })
+
+    @app.route("/v1/sessions/all", methods=["DELETE"])
+    async def api_sign_out_everywhere(self, request):
+        caller = await self.ctx.signed_in(request, "sign out everywhere")
+        count = await self._end_all(request, caller.user)
+        return json_response(request, 200, {"ended": count})
 
     @app.route("/v1/mfa/devices", methods=["GET"])
     async def api_mfa_devices(self, request):

@@ -3,7 +3,9 @@
     GET /                          the catalogue (the proxy's home page)
     GET/POST /web/launch/NAME      the hand-off: a one-time code for the app host, after
                                    the per-session MFA prompt when a role asks for it
-    GET /v1/apps                   the apps the caller may open (session or certificate)
+    GET /web/apps                  the same, the catalogue's own address
+    GET /v1/apps                   the apps the caller may open (session or certificate);
+                                   ?all=1 adds those a role they may request would open
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from urllib.parse import quote
 from klein import Klein
 
 from apptunnel.auth.access import Allow, Deny, Facts, NeedsMore
+from apptunnel.auth.access_requests import roles_for_app
 from apptunnel.auth.callers import caller_from_session
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.mfa import NO_SESSION_FACTOR, given_factors
 from apptunnel.auth.redirects import safe_path
+from apptunnel.web.catalogue import Filters, connect_commands, request_url
 from apptunnel.web.context import Routes
 from apptunnel.web.http import (
     WebError,
@@ -53,29 +57,72 @@ class AppsRoutes(Routes):
         self._factors = factors
 
     @app.route("/", methods=["GET"])
+    @app.route("/web/apps", methods=["GET"])
     async def apps_page(self, request):
+        """The catalogue: the caller's apps (and those a role they may request opens),
+        filtered by the query string (web/catalogue.py)."""
         ctx = self.ctx
         secret, web = await ctx.web_session(request)
         if web is None:
-            return redirect(request, 302, "/web/login")
+            here = request.uri.decode("latin-1")
+            target = "" if here == "/" else "?next=" + quote(here, safe="")
+            return redirect(request, 302, "/web/login" + target)
         if web.enroll_only:
             return redirect(request, 302, "/web/account")
-        apps = await ctx.allowed_apps(caller_from_session(web))
+        caller = caller_from_session(web)
+        filters = Filters.from_args(request.args)
+        cards = [card for card in await self.cards(caller)
+                 if filters.keeps(card["name"], card["description"], dict(card["labels"]))]
+        for card in cards:
+            card["chips"] = [(k, v, filters.toggle(k, v), (k, v) in filters.labels)
+                             for k, v in card["labels"]]
         return ctx.page(request, 200, "apps.html", {
             "user": web.user,
             "roles": list(web.roles),
-            "apps": [
-                {
-                    "name": app.name,
-                    "labels": sorted(app.labels.items()),
-                    "public_addr": ctx.app_addr(app),
-                    "launch_url": f"https://{ctx.app_addr(app)}/",
-                    "online": ctx.registry.is_online(app.name),
-                }
-                for app in apps
-            ],
+            "apps": cards,
+            "filters": filters,
+            "active_labels": [(k, v, filters.toggle(k, v)) for k, v in filters.labels],
+            "clear_url": "/web/apps",
             "ca_pin": ctx.ca.pin,
+            "nav": "apps",
         })
+
+    async def cards(self, caller) -> list[dict]:
+        """The catalogue's entries: allowed apps, then those the caller may request."""
+        ctx = self.ctx
+        allowed = await ctx.allowed_apps(caller)
+        names = {app.name for app in allowed}
+        others = [app for app in sorted(ctx.registry.apps(include_offline=True),
+                                        key=lambda a: a.name) if app.name not in names]
+        requestable = await self.requestable(caller, others)
+        proxy_addr = f"{ctx.config.public_host}:{ctx.config.public_port}"
+        out = []
+        for app, may_open in [*((a, True) for a in allowed), *((a, False) for a in requestable)]:
+            kind = app_type(app.uri)
+            out.append({
+                "name": app.name,
+                "description": app.description,
+                "labels": sorted(app.labels.items()),
+                "type": kind,
+                "public_addr": ctx.app_addr(app),
+                "launch_url": f"https://{ctx.app_addr(app)}/",
+                "online": ctx.registry.is_online(app.name),
+                "allowed": may_open,
+                "requestable": not may_open,
+                "request_url": request_url(app.name),
+                "connect": connect_commands(proxy_addr, caller.user, app.name, ctx.ca.pin)
+                if kind == "tcp" else [],
+            })
+        return sorted(out, key=lambda card: card["name"])
+
+    async def requestable(self, caller, apps) -> list:
+        """Those of ``apps`` a role the caller may request would open (the Request button)."""
+        held = await self.ctx.roles.role_set(caller.roles)
+        names = held.requestable()
+        if not names or not apps:
+            return []
+        candidates = (await self.ctx.roles.role_set(names)).roles
+        return [app for app in apps if roles_for_app(candidates, app.labels, caller.traits)]
 
     @app.route("/web/launch/<string:name>", methods=["GET", "POST"])
     async def launch(self, request, name: str):
@@ -122,17 +169,21 @@ class AppsRoutes(Routes):
         caller = await ctx.caller(request, bots=True)
         if caller is None:
             raise WebError(401, "sign in required")
-        apps = await ctx.allowed_apps(caller)
-        return json_response(request, 200, {"apps": [
-            {
-                "name": app.name,
-                "type": app_type(app.uri),
-                "labels": dict(app.labels),
-                "public_addr": ctx.app_addr(app),
-                "online": ctx.registry.is_online(app.name),
-            }
-            for app in apps
-        ]})
+        if caller.is_bot:   # a bot asks nobody for access: only what it may open
+            apps = await ctx.allowed_apps(caller)
+            cards = [{"name": a.name, "type": app_type(a.uri), "description": a.description,
+                      "labels": dict(a.labels), "public_addr": ctx.app_addr(a),
+                      "online": ctx.registry.is_online(a.name), "requestable": False}
+                     for a in apps]
+        else:
+            cards = [{"name": c["name"], "type": c["type"], "description": c["description"],
+                      "labels": dict(c["labels"]), "public_addr": c["public_addr"],
+                      "online": c["online"], "requestable": c["requestable"]}
+                     for c in await self.cards(caller)]
+        if arg(request, "all") is None:
+            # The CLI's `apps ls` lists what it may open; ?all=1 adds the requestable ones.
+            cards = [c for c in cards if not c["requestable"]]
+        return json_response(request, 200, {"apps": cards})
 
     # -- per-session MFA (a role's require_session_mfa; decision: auth/access.py) -------
 

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 # Every template, loaded at start so rendering on the reactor never touches the disk.
 # A route module adding templates lists them here (or calls WebContext.load).
 TEMPLATES = ("base.html", "apps.html", "login.html", "error.html", "link.html",
-             "login_mfa.html", "account.html")
+             "login_mfa.html", "account.html", "requests.html")
 
 
 class WebContext:
@@ -72,6 +72,9 @@ class WebContext:
             lstrip_blocks=True,
         )
         self.load(*TEMPLATES)
+        # Header links other modules add (admin, audit): async (WebSession) -> list of
+        # (label, href, nav key) shown to that user; see extra_nav().
+        self.nav_hooks: list = []
 
     def load(self, *names: str) -> None:
         """Load (and cache) templates now, at start, not on the reactor's first request."""
@@ -161,9 +164,20 @@ class WebContext:
 
     # -- pages and errors ---------------------------------------------------------------
 
+    async def extra_nav(self, web: WebSession | None) -> list[tuple[str, str, str]]:
+        """The header links ``nav_hooks`` offer this user (pass as ``extra_nav``)."""
+        if web is None:
+            return []
+        links = []
+        for hook in self.nav_hooks:
+            links.extend(await hook(web))
+        return links
+
     def page(self, request, status: int, name: str, context: dict[str, Any]) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        context.setdefault("nav", None)
+        context.setdefault("extra_nav", [])
         template = self._templates.get_template(name)
         return template.render(cluster_name=self.config.cluster_name, **context).encode("utf-8")
 

@@ -26,11 +26,13 @@ MAX_JSON_BODY = 16 * 1024
 # nobody could sign in. With `same-origin` no Referer ever leaves for another origin.
 SECURITY_HEADERS = (
     (b"Content-Security-Policy",
-     b"default-src 'self'; frame-ancestors 'none'; form-action 'self' https:"),
+     b"default-src 'self'; frame-ancestors 'none'; form-action 'self' https:; "
+     b"base-uri 'none'; object-src 'none'"),
     (b"X-Frame-Options", b"DENY"),
     (b"X-Content-Type-Options", b"nosniff"),
     (b"Referrer-Policy", b"same-origin"),
     (b"Cache-Control", b"no-store"),
+    (b"Strict-Transport-Security", b"max-age=31536000"),
 )
 
 HEADINGS = {

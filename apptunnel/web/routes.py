@@ -119,14 +119,15 @@ class WebApp:
         requests = RequestRoutes(ctx, access_requests)
         site = SiteRoutes(ctx, jwt_keys)
         self._mounts: dict[str, Routes] = {
-            "/": apps, "/web/launch": apps, "/v1/apps": apps,
+            "/": apps, "/web/apps": apps, "/web/launch": apps, "/v1/apps": apps,
             "/web/login": login, "/web/logout": login, "/web/invite": login,
             "/web/reset": login, "/web/sso": login, "/v1/webapi": login,
             "/v1/sessions": login, "/v1/connectors": login,
             "/web/account": account, "/v1/mfa": account,
+            "/v1/account": account, "/v1/sessions/all": account,
             "/v1/certs": certs, "/v1/bots": certs,
-            "/v1/access-requests": requests, "/v1/sessions/assume": requests,
-            "/static": site, "/.well-known": site, "/healthz": site,
+            "/v1/access-requests": requests, "/v1/sessions/assume": requests, "/web/requests": requests,
+            "/static": site, "/favicon.ico": site, "/.well-known": site, "/healthz": site,
         }
 
     def mount(self, prefixes: tuple[str, ...], routes: Routes) -> None:

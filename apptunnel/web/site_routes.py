@@ -1,10 +1,15 @@
 """What the proxy host serves to anyone: static assets, the JWT keys, the health check.
 
-    GET /static/NAME, GET /.well-known/jwks.json, GET /healthz
+    GET /static/NAME, GET /favicon.ico, GET /.well-known/jwks.json, GET /healthz
+
+Static files are revalidated, not re-fetched: each carries an ETag (a hash of its bytes)
+with ``Cache-Control: no-cache``, and a matching ``If-None-Match`` is a 304 without a body,
+so an upgraded proxy never serves a stale stylesheet or script.
 """
 
 from __future__ import annotations
 
+import hashlib
 import mimetypes
 from importlib.resources import files
 from typing import TYPE_CHECKING
@@ -20,8 +25,9 @@ if TYPE_CHECKING:
     from apptunnel.web.context import WebContext
 
 
-def load_static() -> dict[str, Data]:
-    """The package's static files, read once: serving them never touches the disk."""
+def load_static() -> dict[str, tuple[Data, bytes]]:
+    """The package's static files and their ETags, read once: serving them never touches
+    the disk."""
     assets = {}
     for entry in (files("apptunnel.web") / "static").iterdir():
         if not entry.is_file():
@@ -29,7 +35,9 @@ def load_static() -> dict[str, Data]:
         content_type = mimetypes.guess_type(entry.name)[0] or "application/octet-stream"
         if content_type.startswith("text/"):
             content_type += "; charset=utf-8"
-        assets[entry.name] = Data(entry.read_bytes(), content_type)
+        content = entry.read_bytes()
+        etag = b'"' + hashlib.sha256(content).hexdigest()[:32].encode("ascii") + b'"'
+        assets[entry.name] = (Data(content, content_type), etag)
     return assets
 
 
@@ -44,11 +52,21 @@ class SiteRoutes(Routes):
 
     @app.route("/static/<string:name>", methods=["GET"])
     def static(self, request, name: str):
-        asset = self._static.get(name)
-        if asset is None:
+        found = self._static.get(name)
+        if found is None:
             raise WebError(404)
-        request.setHeader(b"Cache-Control", b"public, max-age=300")
+        asset, etag = found
+        request.setHeader(b"Cache-Control", b"public, no-cache")
+        request.setHeader(b"ETag", etag)
+        if etag in (request.getHeader(b"if-none-match") or b"").replace(b" ", b"").split(b","):
+            request.setResponseCode(304)
+            return b""
         return asset
+
+    @app.route("/favicon.ico", methods=["GET"])
+    def favicon(self, request):
+        """Browsers ask for it whatever the page says; an answer keeps 404s out of logs."""
+        return self.static(request, "favicon.svg")
 
     @app.route("/.well-known/jwks.json", methods=["GET"])
     def jwks(self, request):

@@ -127,7 +127,7 @@ async def test_apps_ls_with_certificate(env, home):
     assert len(lines) == 2  # billing (prod) and wiki (denied) are not shown
     assert json.loads(data.out) == {"apps": [{
         "name": "grafana", "type": "http", "labels": {"env": "staging"},
-        "public_addr": "grafana.apptunnel.localhost:3080", "online": True,
+        "public_addr": "grafana.apptunnel.localhost:3080", "online": True, "description": "", "requestable": False,
     }]}
 
 

@@ -130,7 +130,7 @@ def test_apps_ls_with_the_certificate(cluster, home):
     apps = wait_until(listed, 30, "the agent to register hello")
     assert apps == [{
         "name": "hello", "type": "http", "labels": {"team": "sre", "env": "staging"},
-        "public_addr": f"hello.{cluster.public_addr}", "online": True,
+        "public_addr": f"hello.{cluster.public_addr}", "online": True, "description": "", "requestable": False,
     }]
     text = user(home, "apps", "ls")
     assert text.returncode == 0

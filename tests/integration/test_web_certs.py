@@ -154,7 +154,7 @@ async def test_api_accepts_user_certificate_over_tls(env):
         assert code == 200
         assert data == {"apps": [{
             "name": "grafana", "type": "http", "labels": {"env": "staging"},
-            "public_addr": "grafana.apptunnel.localhost:3080", "online": True,
+            "public_addr": "grafana.apptunnel.localhost:3080", "online": True, "description": "", "requestable": False,
         }]}
         code, _ = await in_thread(
             lambda: api_client(env, port.getHost().port).call("GET", "/v1/apps"))
