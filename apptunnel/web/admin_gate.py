@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.python.failure import Failure
 
 from apptunnel.admin.context import Actor, AdminError
-from apptunnel.auth.callers import Caller
+from apptunnel.auth.callers import Caller, caller_from_session
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.rbac import RESOURCE_KINDS
 from apptunnel.config import parse_duration
@@ -76,6 +76,21 @@ class AdminGate:
         role_set = await self._roles.role_set(caller.roles)
         return [kind for kind in kinds if role_set.allows(kind, verb)]
 
+    async def nav_links(self, web) -> list[tuple[str, str, str]]:
+        """The header's Admin and Audit links, for a user whose rules allow them (the web
+        context's nav hook; a locked or removed user gets none)."""
+        try:
+            caller = await self.ctx.acting(caller_from_session(web), "nav")
+        except AuthError:
+            return []
+        kinds = await self.allowed_kinds(caller, RESOURCE_KINDS)
+        links = []
+        if any(kind in kinds for _, _, kind in SECTIONS):
+            links.append(("Admin", "/web/admin", "admin"))
+        if "event" in kinds:
+            links.append(("Audit", "/web/audit", "audit"))
+        return links
+
 
 def actor(caller: Caller) -> Actor:
     """The signed-in person an API or page change is recorded for."""
@@ -95,11 +110,14 @@ class AdminRoutes(Routes):
         """A page of the admin layout: the nav shows only the sections the caller's rules
         let them list (and the audit log if they may read it)."""
         kinds = await self.gate.allowed_kinds(caller, RESOURCE_KINDS)
-        nav = [(path, title, path == section) for path, title, kind in SECTIONS
-               if kind in kinds]
+        sections = [(path, title, path == section) for path, title, kind in SECTIONS
+                    if kind in kinds]
+        _, web = await self.ctx.web_session(request)
         return self.ctx.page(request, status, template, {
-            "user": caller.user, "nav": nav, "audit": "event" in kinds, "section": section,
-            "iso": iso, "notice": None, "error": None, **context})
+            "user": caller.user, "admin_nav": sections, "audit": "event" in kinds,
+            "section": section, "iso": iso, "notice": None, "error": None,
+            "nav": "audit" if section == "audit" else "admin",
+            "extra_nav": await self.ctx.extra_nav(web), **context})
 
     def on_error(self, request, failure: Failure) -> bytes:
         if isinstance(failure.value, AdminError):

@@ -34,6 +34,7 @@ def mount_admin(web: WebApp, admin: AdminContext) -> None:
     gate = AdminGate(web.context)
     users = UserAdmin(admin)
     web.context.load(*TEMPLATES)
+    web.context.nav_hooks.append(gate.nav_links)   # "Admin" / "Audit" in the header
     web.mount(("/v1/admin",), AdminApi(gate, admin, users))
     web.mount(("/web/admin",), AdminPages(gate, admin, users))
     search = AuditSearch(admin.backend)

@@ -305,3 +305,16 @@ async def test_token_and_bot_pages_show_the_secret_once(admin_env):
         assert response.code == 200, section
     response, body = await env.call("GET", "/web/admin/app_resources/new", cookie=root)
     assert response.code == 200 and b"kind: app" in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_header_links_only_for_users_whose_rules_allow_them(admin_env):
+    """The header (web context nav hook) offers Admin and Audit by the user's rules."""
+    env = admin_env
+    seen = {}
+    for user in ("root", "aud", "bob"):
+        secret = await env.login(user, f"{user}-pw")
+        response, body = await env.call("GET", "/web/account", cookie=secret)
+        assert response.code == 200
+        seen[user] = (b'href="/web/admin"' in body, b'href="/web/audit"' in body)
+    assert seen == {"root": (True, True), "aud": (False, True), "bob": (False, False)}
