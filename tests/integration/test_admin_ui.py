@@ -102,7 +102,7 @@ def sign_in(page, cluster, user, password):
     page.goto(cluster.url(path="/web/login"), timeout=15_000)
     page.fill("input[name=username]", user)
     page.fill("input[name=password]", password)
-    page.click("button[type=submit]")
+    page.click("form[action='/web/login'] button[type=submit]")
     page.wait_for_load_state()
     assert "/web/login" not in page.url, page.content()[:500]
 
@@ -142,7 +142,7 @@ def test_admin_invites_edits_a_role_locks_and_reads_the_audit_log(cluster, brows
         invited.goto(link)
         invited.fill("#password", DAVE_PW)
         invited.fill("#confirm", DAVE_PW)
-        invited.click("button[type=submit]")
+        invited.click("button:has-text('Set password')")
         invited.wait_for_selector("text=Your password is set")
         sign_in(invited, cluster, "dave", DAVE_PW)
         [created] = [e for e in audit(cluster, "user.create") if e["target"] == "dave"]
