@@ -155,6 +155,23 @@ class UserAdmin:
         await self._ctx.nudge()   # live connections are re-checked now
         return updated, changed
 
+    async def sessions(self, name: str) -> list:
+        """``name``'s live web sessions, oldest first."""
+        user = await self.existing(name)
+        now = self._ctx.now()
+        found = await self._ctx.backend.list_user_web_sessions(user.name)
+        return sorted((s for s in found if s.expires > now), key=lambda s: s.created)
+
+    async def end_sessions(self, actor: Actor, name: str) -> int:
+        """Sign ``name`` out everywhere (web and app sessions) now; how many ended."""
+        user = await self.existing(name)
+        webs = await self._ctx.backend.list_user_web_sessions(user.name)
+        ended = await self._ctx.backend.delete_user_sessions(user.name)
+        self._ctx.emit(actor, "session.web.end", user.name, user=user.name, everywhere=True,
+                       web_sessions_ended=len(webs), app_sessions_ended=len(ended))
+        await self._ctx.nudge()   # the proxy forgets its cached sessions now
+        return len(webs)
+
     async def delete(self, actor: Actor, name: str) -> None:
         name = check_user_name(name)
         if not await self._ctx.backend.delete_user(name):

@@ -152,6 +152,19 @@ class AdminApi(AdminRoutes):
         await self._users.delete(actor(caller), name)
         return json_response(request, 200, {"deleted": name})
 
+    @app.route("/v1/admin/users/<string:name>/sessions", methods=["GET"])
+    async def list_sessions(self, request, name: str):
+        await self.gate.require(request, "session", "list")
+        return json_response(request, 200, {"sessions": [
+            {"created": s.created, "expires": s.expires, "enroll_only": s.enroll_only,
+             "requests": list(s.requests)} for s in await self._users.sessions(name)]})
+
+    @app.route("/v1/admin/users/<string:name>/sessions", methods=["DELETE"])
+    async def end_sessions(self, request, name: str):
+        caller = await self.gate.require(request, "session", "delete")
+        return json_response(request, 200,
+                             {"ended": await self._users.end_sessions(actor(caller), name)})
+
     # -- roles and connectors (YAML in, key paths back) ---------------------------------
 
     @app.route("/v1/admin/<any(roles, connectors, app_resources):kinds>", methods=["GET"])

@@ -38,7 +38,9 @@ async def admin_env(env):
     nudged = []
 
     async def nudge():
+        """What the proxy's refresh_now does for sessions: forget the cached ones."""
         nudged.append(True)
+        env.sessions.forget_cached()
 
     mount_admin(env.web, AdminContext(env.backend, env.audit, env.clock,
                                       env.config.public_addr, nudge))
@@ -318,3 +320,22 @@ async def test_header_links_only_for_users_whose_rules_allow_them(admin_env):
         assert response.code == 200
         seen[user] = (b'href="/web/admin"' in body, b'href="/web/audit"' in body)
     assert seen == {"root": (True, True), "aud": (False, True), "bob": (False, False)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_lists_and_ends_a_users_sessions(admin_env):
+    """session rules: list a user's web sessions and sign them out everywhere, at once."""
+    env = admin_env
+    root = await env.login("root", "root-pw")
+    alice = await env.login()
+    code, answer = await api(env, "GET", "/v1/admin/users/alice/sessions", root)
+    assert code == 200 and len(answer["sessions"]) == 1
+    assert alice not in json.dumps(answer)
+    code, answer = await api(env, "DELETE", "/v1/admin/users/alice/sessions", root)
+    assert code == 200 and answer == {"ended": 1}
+    response, _ = await env.call("GET", "/web/account", cookie=alice)
+    assert response.code in (302, 303, 401)
+    [ended] = [e for e in await env.events("session.web.end") if e.fields.get("everywhere")]
+    assert (ended.actor, ended.target, ended.fields["via"]) == ("root", "alice", "api")
+    aud = await env.login("aud", "aud-pw")
+    assert (await api(env, "DELETE", "/v1/admin/users/alice/sessions", aud))[0] == 403
