@@ -119,6 +119,7 @@ class AdminPages(AdminRoutes):
     async def _users_page(self, request, caller, status: int = 200, **extra) -> bytes:
         can = {verb: await self.gate.allows(caller, "user", verb)
                for verb in ("create", "update", "delete")}
+        can["sign_out"] = await self.gate.allows(caller, "session", "delete")
         return await self.render(request, caller, "users", "admin_users.html", {
             "users": [user_view(u) for u in await self._users.list()], "can": can,
             "link": None, **extra}, status)
@@ -163,6 +164,16 @@ class AdminPages(AdminRoutes):
         return await self._users_page(
             request, caller, notice=f"Reset {user.name}: their password and sessions are "
             "gone. Send them this link (works once, not shown again):", link=link.url)
+
+    @app.route("/web/admin/users/<string:name>/sessions/delete", methods=["POST"])
+    async def end_sessions(self, request, name: str):
+        caller = await self.gate.require(request, "session", "delete", form=True)
+        try:
+            count = await self._users.end_sessions(actor(caller), name)
+        except AdminError as err:
+            return await self._users_page(request, caller, err.status, error=err.text())
+        return await self._users_page(
+            request, caller, notice=f"Signed {name} out everywhere ({count} web sessions).")
 
     @app.route("/web/admin/users/<string:name>/delete", methods=["POST"])
     async def delete_user(self, request, name: str):

@@ -339,3 +339,7 @@ async def test_admin_lists_and_ends_a_users_sessions(admin_env):
     assert (ended.actor, ended.target, ended.fields["via"]) == ("root", "alice", "api")
     aud = await env.login("aud", "aud-pw")
     assert (await api(env, "DELETE", "/v1/admin/users/alice/sessions", aud))[0] == 403
+    alice = await env.login()
+    response, body = await env.call("POST", "/web/admin/users/alice/sessions/delete",
+                                    cookie=root)
+    assert response.code == 200 and b"Signed alice out everywhere (1 web sessions)." in body
