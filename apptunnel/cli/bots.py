@@ -25,7 +25,7 @@ from apptunnel.auth.bots import BOT_PREFIX
 from apptunnel.auth.ca import ClusterCA
 from apptunnel.backend.records import Bot
 from apptunnel.cli.context import Admin, cli_error, duration_arg
-from apptunnel.cli.output import clean, human_duration, iso, json_text, table
+from apptunnel.cli.output import human_duration, iso, json_text, table
 from apptunnel.cli.tokens import MAX_TTL
 from apptunnel.cli.users import parse_roles, require_roles
 

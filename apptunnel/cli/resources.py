@@ -32,7 +32,7 @@ from apptunnel.auth.connectors.specs import (
 )
 from apptunnel.auth.connectors.store import RESOURCE_KIND as CONNECTOR
 from apptunnel.auth.rbac import RoleError, parse_role
-from apptunnel.backend.records import Resource, User
+from apptunnel.backend.records import User
 from apptunnel.admin.context import AdminError
 from apptunnel.admin.resources import ResourceAdmin
 from apptunnel.cli.context import Admin, CliError, Io, UsageError, cli_error
