@@ -15,6 +15,7 @@ import yaml
 from klein import Klein
 
 from apptunnel.admin.context import AdminContext, AdminError
+from apptunnel.admin import inventory
 from apptunnel.admin.bots import BotAdmin
 from apptunnel.admin.locks import LockAdmin, describe
 from apptunnel.admin.tokens import TokenAdmin
@@ -59,26 +60,30 @@ def bot_view(bot: Bot, now: float) -> dict:
             "cert_valid": bot.cert_expires is not None and bot.cert_expires > now}
 
 
-def agent_view(agent: Agent, now: float) -> dict:
+def agent_view(agent: Agent, now: float, locked: bool = False) -> dict:
     connected = agent.connected_since
-    return {"host_id": agent.host_id, "peer": agent.peer, "proxy": agent.proxy_id,
+    return {"host_id": agent.host_id, "locked": locked, "state": inventory.agent_state(agent), "peer": agent.peer, "proxy": agent.proxy_id,
             "apps": list(agent.apps), "joined": agent.joined, "last_seen": agent.last_seen,
             "connected_since": connected, "online": connected is not None,
             "tunnel_uptime": None if connected is None else max(0.0, now - connected),
             "cert_expires": agent.cert_expires, "draining": agent.draining}
 
 
-async def app_views(registry, backend) -> list[dict]:
-    """Every app the registry knows, with the agents that serve it and its state."""
-    agents = await backend.list_agents()
-    served: dict[str, list[str]] = {}
-    for agent in agents:
-        if agent.connected_since is not None:
-            for name in agent.apps:
-                served.setdefault(name, []).append(agent.host_id)
-    return [{"name": app.name, "labels": dict(app.labels), "type": app.kind,
-             "online": registry.is_online(app.name), "agents": sorted(served.get(app.name, []))}
-            for app in sorted(registry.apps(include_offline=True), key=lambda a: a.name)]
+async def app_views(registry, ctx: AdminContext) -> list[dict]:
+    """Every app this proxy's registry knows or storage records (``apps ls --admin``),
+    with the connected agents serving it and whether it is online here."""
+    stored = {row["name"]: row for row in await inventory.apps(ctx)}
+    known = {app.name: app for app in registry.apps(include_offline=True)}
+    views = []
+    for name in sorted(set(stored) | set(known)):
+        app, row = known.get(name), stored.get(name, {})
+        views.append({
+            "name": name, "type": app.kind if app is not None else "",
+            "labels": dict(app.labels) if app is not None else row.get("labels", {}),
+            "resource": row.get("resource", False), "online": registry.is_online(name),
+            "agents": sorted(a.host_id for a in row.get("agents", ())
+                             if a.connected_since is not None)})
+    return views
 
 
 def resource_view(resource: Resource) -> dict:
@@ -234,7 +239,7 @@ class AdminApi(AdminRoutes):
     @app.route("/v1/admin/apps", methods=["GET"])
     async def list_apps(self, request):
         await self.gate.require(request, "app", "list")
-        return json_response(request, 200, {"apps": await app_views(self._registry, self._ctx.backend)})
+        return json_response(request, 200, {"apps": await app_views(self._registry, self._ctx)})
 
     # -- join tokens and bots -----------------------------------------------------------
 
@@ -302,8 +307,9 @@ class AdminApi(AdminRoutes):
     async def list_agents(self, request):
         await self.gate.require(request, "agent", "list")
         now = self._ctx.now()
-        agents = sorted(await self._ctx.backend.list_agents(), key=lambda a: a.host_id)
-        return json_response(request, 200, {"agents": [agent_view(a, now) for a in agents]})
+        listed = sorted(await inventory.agents(self._ctx), key=lambda pair: pair[0].host_id)
+        return json_response(request, 200, {"agents": [agent_view(a, now, locked)
+                                                       for a, locked in listed]})
 
 
 def _link_ttl(value: Any) -> float:

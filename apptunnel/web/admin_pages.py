@@ -15,6 +15,7 @@ from urllib.parse import quote
 from klein import Klein
 
 from apptunnel.admin.context import AdminContext, AdminError
+from apptunnel.admin import inventory
 from apptunnel.admin.bots import BotAdmin
 from apptunnel.admin.locks import LockAdmin
 from apptunnel.admin.tokens import TokenAdmin
@@ -104,15 +105,15 @@ class AdminPages(AdminRoutes):
     async def apps(self, request):
         caller = await self.gate.require(request, "app", "list")
         return await self.render(request, caller, "apps", "admin_apps.html", {
-            "apps": await app_views(self._registry, self._ctx.backend)})
+            "apps": await app_views(self._registry, self._ctx)})
 
     @app.route("/web/admin/agents", methods=["GET"])
     async def agents(self, request):
         caller = await self.gate.require(request, "agent", "list")
         now = self._ctx.now()
-        agents = sorted(await self._ctx.backend.list_agents(), key=lambda a: a.host_id)
+        listed = sorted(await inventory.agents(self._ctx), key=lambda pair: pair[0].host_id)
         return await self.render(request, caller, "agents", "admin_agents.html", {
-            "agents": [agent_view(a, now) for a in agents]})
+            "agents": [agent_view(a, now, locked) for a, locked in listed]})
 
     # -- users --------------------------------------------------------------------------
 

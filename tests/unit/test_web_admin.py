@@ -343,3 +343,27 @@ async def test_admin_lists_and_ends_a_users_sessions(admin_env):
     response, body = await env.call("POST", "/web/admin/users/alice/sessions/delete",
                                     cookie=root)
     assert response.code == 200 and b"Signed alice out everywhere (1 web sessions)." in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_apps_and_agents_show_who_serves_what_and_locks(admin_env):
+    """/v1/admin/apps: the registry's apps with their serving agents and online state;
+    /v1/admin/agents: the stored agents, a locked one marked (as `agents ls` does)."""
+    from apptunnel.backend.records import Agent, Lock, Scope
+
+    env = admin_env
+    now = env.clock.seconds()
+    await env.backend.put_agent(Agent("agent-1", Scope(), now, now + 3600, last_seen=now,
+                                      connected_since=now - 120, peer="10.0.0.5:4000",
+                                      apps=("grafana", "wiki")))
+    await env.backend.put_lock(Lock("l1", None, None, "", now, None, "root", "agent-1"))
+    root = await env.login("root", "root-pw")
+    code, answer = await api(env, "GET", "/v1/admin/apps", root)
+    apps = {a["name"]: a for a in answer["apps"]}
+    assert apps["grafana"]["agents"] == ["agent-1"] and apps["grafana"]["online"] is True
+    assert apps["billing"]["agents"] == []
+    code, answer = await api(env, "GET", "/v1/admin/agents", root)
+    [agent] = answer["agents"]
+    assert (agent["locked"], agent["state"], agent["tunnel_uptime"]) == (True, "connected", 120)
+    response, body = await env.call("GET", "/web/admin/agents", cookie=root)
+    assert b"10.0.0.5:4000" in body and b"locked" in body
