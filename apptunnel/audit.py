@@ -56,6 +56,7 @@ CODES: dict[str, tuple[str, str]] = {
     "resource.delete": ("T4101I", "T4101W"),
     "bot.create": ("T4200I", "T4200W"),
     "bot.delete": ("T4201I", "T4201W"),
+    "admin.denied": ("T4300W", "T4300W"),       # a change the caller's rules refuse
     "lock.create": ("T6000I", "T6000W"),
     "lock.delete": ("T6001I", "T6001W"),
     "lock.enforced": ("T6002W", "T6002W"),

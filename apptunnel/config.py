@@ -215,12 +215,17 @@ def load_yaml_documents(path: str) -> list[Any]:
     repeated ``deny:`` cannot silently drop rules); values come back as plain dicts and
     lists. ConfigError (one line, with the line number) on unreadable files or bad YAML.
     """
-    text = _read_text(path)
+    return load_yaml_text(path, _read_text(path))
+
+
+def load_yaml_text(name: str, text: str) -> list[Any]:
+    """`load_yaml_documents` for text already in hand (YAML edited in the admin pages);
+    ``name`` is what the one-line error names."""
     budget = [_MAX_VALUES]
     try:
         return [_plain(doc, budget) for doc in yaml.load_all(text, Loader=_LineLoader)]  # noqa: S506
     except (yaml.YAMLError, RecursionError, ValueError) as err:
-        raise _yaml_error(path, err) from None
+        raise _yaml_error(name, err) from None
 
 
 # -- typed access to one mapping -------------------------------------------------------

@@ -21,6 +21,12 @@ requests one may review), their ``deny`` twins (deny wins) and ``options.request
 built here (``request_access: always``, ``search_as_roles``, ``claims_to_roles``, role
 name patterns, ...) are refused (`UNSUPPORTED`), never loaded and silently ignored,
 because an operator who wrote them expects them to hold.
+
+``allow.rules`` / ``deny.rules`` say what a role may do to the cluster itself through the
+admin and audit API and pages (web/admin_api.py): a list of ``{resources: [KIND, ...],
+verbs: [VERB, ...]}`` with the kinds in `RESOURCE_KINDS` and the verbs in `VERBS` (``*``
+for every kind or verb). `RoleSet.allows` answers it: deny wins, nothing is allowed unless
+a rule says so. Teleport's ``where`` conditions and ``actions`` are refused, not ignored.
 """
 
 from __future__ import annotations
@@ -100,6 +106,22 @@ class RequestRules:
     review_roles: tuple[str, ...] = ()
 
 
+RESOURCE_KINDS = ("user", "role", "connector", "token", "lock", "bot", "app", "agent",
+                  "session", "access_request", "event")
+VERBS = ("list", "read", "create", "update", "delete")
+
+
+@attrs.frozen
+class Rule:
+    """One ``{resources, verbs}`` entry: ``*`` already expanded to every kind or verb."""
+
+    resources: frozenset[str]
+    verbs: frozenset[str]
+
+    def covers(self, kind: str, verb: str) -> bool:
+        return kind in self.resources and verb in self.verbs
+
+
 @attrs.frozen
 class Role:
     name: str
@@ -110,6 +132,8 @@ class Role:
     allow_requests: RequestRules = RequestRules()
     deny_requests: RequestRules = RequestRules()
     request_access: str = "optional"            # "optional" | "reason"
+    allow_rules: tuple[Rule, ...] = ()
+    deny_rules: tuple[Rule, ...] = ()
 
 
 @attrs.frozen
@@ -165,6 +189,13 @@ class RoleSet:
         if not self.roles:
             return Decision(False, "user has no roles")
         return Decision(False, "no role allows access to this app")
+
+    def allows(self, kind: str, verb: str) -> bool:
+        """May these roles do ``verb`` on resources of ``kind`` (admin and audit)? Deny wins;
+        no rule, no access."""
+        if any(rule.covers(kind, verb) for role in self.roles for rule in role.deny_rules):
+            return False
+        return any(rule.covers(kind, verb) for role in self.roles for rule in role.allow_rules)
 
     def session_mfa(self, labels: Mapping[str, str], traits: Mapping[str, Any]) -> bool:
         """Whether a role that allows this app asks for a second factor per session
@@ -389,11 +420,48 @@ def _parse_requests(path: str, rules: Mapping, allow: bool) -> RequestRules:
     )
 
 
-def _parse_rules(path: str, value: Any) -> tuple[Selector, RequestRules]:
+def _names(path: str, value: Any, known: tuple[str, ...], what: str) -> frozenset[str]:
+    """A non-empty list of ``known`` names or ``*`` (all of them)."""
+    if not isinstance(value, list) or not value:
+        raise RoleError(f"{path}: expected a non-empty list of {what} "
+                        f"({', '.join(known)} or \"*\")")
+    for i, item in enumerate(value):
+        if item != "*" and item not in known:
+            raise RoleError(f"{path}[{i}]: unknown {what[:-1]} {item!r} "
+                            f"(expected one of {', '.join(known)} or \"*\")")
+    return frozenset(known) if "*" in value else frozenset(value)
+
+
+def _parse_admin_rules(path: str, value: Any) -> tuple[Rule, ...]:
+    """``rules: [{resources: [event], verbs: [list, read]}]`` -> Rules (strict)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise RoleError(f"{path}: expected a list like [{{resources: [event], verbs: [list]}}]")
+    found = []
+    for i, item in enumerate(value):
+        item_path = f"{path}[{i}]"
+        item = _mapping(item_path, item)
+        for key in ("where", "actions"):
+            if key in item:
+                raise RoleError(f"{item_path}.{key}: rule conditions are not supported; "
+                                "remove this option (apptunnel does not enforce it)")
+        _check_keys(item_path, item, {"resources", "verbs"})
+        for key in ("resources", "verbs"):
+            if key not in item:
+                raise RoleError(f"{item_path}.{key}: required")
+        found.append(Rule(_names(f"{item_path}.resources", item["resources"], RESOURCE_KINDS,
+                                 "resources"),
+                          _names(f"{item_path}.verbs", item["verbs"], VERBS, "verbs")))
+    return tuple(found)
+
+
+def _parse_rules(path: str, value: Any) -> tuple[Selector, RequestRules, tuple[Rule, ...]]:
     rules = _mapping(path, value)
-    _check_keys(path, rules, {"app_labels", "request", "review_requests"})
+    _check_keys(path, rules, {"app_labels", "request", "review_requests", "rules"})
     return (_parse_selector(f"{path}.app_labels", rules.get("app_labels")),
-            _parse_requests(path, rules, allow=path.endswith("allow")))
+            _parse_requests(path, rules, allow=path.endswith("allow")),
+            _parse_admin_rules(f"{path}.rules", rules.get("rules")))
 
 
 def parse_role(doc: dict) -> Role:
@@ -423,8 +491,8 @@ def parse_role(doc: dict) -> Role:
     mfa = options.get("require_session_mfa", False)
     if not isinstance(mfa, bool):
         raise RoleError("spec.options.require_session_mfa: expected true or false")
-    allow_labels, allow_requests = _parse_rules("spec.allow", spec.get("allow"))
-    deny_labels, deny_requests = _parse_rules("spec.deny", spec.get("deny"))
+    allow_labels, allow_requests, allow_rules = _parse_rules("spec.allow", spec.get("allow"))
+    deny_labels, deny_requests, deny_rules = _parse_rules("spec.deny", spec.get("deny"))
     return Role(
         name=name,
         allow_labels=allow_labels,
@@ -434,6 +502,8 @@ def parse_role(doc: dict) -> Role:
         allow_requests=allow_requests,
         deny_requests=deny_requests,
         request_access=request_access,
+        allow_rules=allow_rules,
+        deny_rules=deny_rules,
     )
 
 

@@ -140,11 +140,17 @@ class Backend(typing.Protocol):
         actor: str | None = None,
         target: str | None = None,
         outcome: str | None = None,
+        request_id: str | None = None,
+        offset: int = 0,
+        newest_first: bool = False,
     ) -> list[AuditEvent]:
-        """Events with since <= time < until, oldest first (ties in insertion order), at
-        most `limit`; each other argument given must equal the event's field exactly.
-        Filtering happens in storage, so the limit counts matching events only."""
+        """Events with since <= time < until, oldest first (ties in insertion order; the
+        reverse with `newest_first`), skipping `offset`, at most `limit`; each other
+        argument given must equal the event's field exactly (`request_id` is the field of
+        that name). Filtering happens in storage, so the limit counts matching events only."""
         ...
+
+    async def get_audit_event(self, id: str) -> AuditEvent | None: ...
 
     async def delete_expired(self, now: float) -> int: ...
     async def close(self) -> None: ...

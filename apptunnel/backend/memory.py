@@ -559,11 +559,16 @@ class MemoryBackend:
         actor: str | None = None,
         target: str | None = None,
         outcome: str | None = None,
+        request_id: str | None = None,
+        offset: int = 0,
+        newest_first: bool = False,
     ) -> list[AuditEvent]:
-        """Events with since <= time < until, oldest first (ties in insertion order); type,
-        actor, target and outcome, when given, match exactly (the limit counts matches)."""
+        """Events with since <= time < until, oldest first (ties in insertion order; the
+        reverse with ``newest_first``); type, actor, target, outcome and the request_id
+        field, when given, match exactly (the limit counts matches, after ``offset``)."""
         self._check_open()
         limit = max(0, min(int(limit), MAX_SEARCH_LIMIT))
+        offset = max(0, int(offset))
         exact = [(name, value) for name, value in
                  (("type", type), ("actor", actor), ("target", target), ("outcome", outcome))
                  if value is not None]
@@ -572,9 +577,19 @@ class MemoryBackend:
             if (since is None or e.time >= float(since))
             and (until is None or e.time < float(until))
             and all(getattr(e, name) == value for name, value in exact)
+            and (request_id is None or e.fields.get("request_id") == request_id)
         ]
         found.sort(key=lambda e: e.time)   # stable: ties stay in insertion order
-        return [_event(e) for e in found[:limit]]
+        if newest_first:
+            found.reverse()
+        return [_event(e) for e in found[offset:offset + limit]]
+
+    async def get_audit_event(self, id: str) -> AuditEvent | None:
+        self._check_open()
+        for e in self._audit:
+            if e.id == id:
+                return _event(e)
+        return None
 
     # -- housekeeping -----------------------------------------------------------
 

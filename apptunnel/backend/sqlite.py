@@ -1206,9 +1206,13 @@ class SqliteBackend:
         actor: str | None = None,
         target: str | None = None,
         outcome: str | None = None,
+        request_id: str | None = None,
+        offset: int = 0,
+        newest_first: bool = False,
     ) -> list[AuditEvent]:
-        """Events with since <= time < until, oldest first (ties in insertion order);
-        type, actor, target and outcome, when given, match exactly."""
+        """Events with since <= time < until, oldest first (ties in insertion order; the
+        reverse with ``newest_first``); type, actor, target, outcome and the request_id
+        field, when given, match exactly (the limit counts matches, after ``offset``)."""
         where: list[str] = []
         params: list[Any] = []
         if since is not None:
@@ -1218,19 +1222,31 @@ class SqliteBackend:
             where.append("time < ?")
             params.append(float(until))
         for column, value in (("type", type), ("actor", actor), ("target", target),
-                              ("outcome", outcome)):
+                              ("outcome", outcome),
+                              ("json_extract(fields, '$.request_id')", request_id)):
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(value)
         params.append(max(0, min(int(limit), MAX_SEARCH_LIMIT)))
+        params.append(max(0, int(offset)))
+        order = "time DESC, rowid DESC" if newest_first else "time, rowid"
         sql = (
             "SELECT id, time, type, code, actor, target, outcome, fields FROM audit_events"
             + (" WHERE " + " AND ".join(where) if where else "")
-            + " ORDER BY time, rowid LIMIT ?"   # rowid: insertion order within a tick
+            + f" ORDER BY {order} LIMIT ? OFFSET ?"   # rowid: insertion order within a tick
         )
 
         def run(conn: sqlite3.Connection) -> list[AuditEvent]:
             return [_audit_event(row) for row in conn.execute(sql, params).fetchall()]
+
+        return await self._run(run)
+
+    async def get_audit_event(self, id: str) -> AuditEvent | None:
+        def run(conn: sqlite3.Connection) -> AuditEvent | None:
+            row = conn.execute(
+                "SELECT id, time, type, code, actor, target, outcome, fields FROM audit_events"
+                " WHERE id = ?", (id,)).fetchone()
+            return None if row is None else _audit_event(row)
 
         return await self._run(run)
 

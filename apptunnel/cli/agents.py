@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from apptunnel.admin import inventory
 from apptunnel.auth.tokens import describe_scope
 from apptunnel.backend.records import Agent
 from apptunnel.cli.context import Admin
@@ -40,8 +41,9 @@ def _as_json(agent: Agent, locked: set[str]) -> dict:
 
 
 async def list_agents(admin: Admin, args: argparse.Namespace) -> int:
-    agents = await admin.backend.list_agents()
-    locked = {lock.agent for lock in await admin.backend.list_locks(admin.now()) if lock.agent}
+    listed = await inventory.agents(admin.services)
+    agents = [agent for agent, _ in listed]
+    locked = {agent.host_id for agent, is_locked in listed if is_locked}
     rows = [_as_json(agent, locked) for agent in agents]
     if args.format == "json":
         admin.io.out(json_text(rows))

@@ -14,6 +14,7 @@ import shlex
 import time
 from typing import Callable
 
+from apptunnel.admin import inventory
 from apptunnel.cli.context import Admin, CliError, Io
 from apptunnel.cli.output import iso, json_text, table
 from apptunnel.cli.profile import TRUST_INSECURE, TRUST_PINNED, Profile, home_dir, require_profile
@@ -47,29 +48,14 @@ class _AdminView(argparse.Action):
         namespace.handler = list_apps_admin
 
 
-def _agent_state(agent) -> str:
-    if agent.connected_since is None:
-        return "gone"
-    return "draining" if agent.draining else "connected"
-
-
 async def list_apps_admin(admin: Admin, args: argparse.Namespace) -> int:
     """Every app (announced by an agent, or an app resource) and who serves it."""
-    agents = await admin.backend.list_agents()
-    resources = {r.name: r.doc for r in await admin.backend.list_resources("app")}
-    names = sorted(set(resources) | {name for a in agents for name in a.apps})
-    rows = []
-    for name in names:
-        doc = resources.get(name) or {}
-        labels = (doc.get("metadata") or {}).get("labels") or {}
-        rows.append({
-            "name": name,
-            "resource": name in resources,
-            "labels": {str(k): str(v) for k, v in labels.items()},
-            "agents": [{"id": a.host_id, "state": _agent_state(a), "host": a.peer,
-                        "last_seen": iso(a.last_seen) if a.last_seen is not None else None}
-                       for a in agents if name in a.apps],
-        })
+    rows = [
+        {**row, "agents": [{"id": a.host_id, "state": inventory.agent_state(a), "host": a.peer,
+                            "last_seen": iso(a.last_seen) if a.last_seen is not None else None}
+                           for a in row["agents"]]}
+        for row in await inventory.apps(admin.services)
+    ]
     if args.format == "json":
         admin.io.out(json_text({"apps": rows}))
         return 0

@@ -8,13 +8,13 @@ including time-valued fields that events store as epoch seconds (``expires``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 
+from apptunnel.admin import audit as admin_audit
+from apptunnel.admin.context import AdminError
 from apptunnel.backend.records import AuditEvent
 from apptunnel.cli.context import Admin, UsageError
 from apptunnel.cli.output import clean, iso, json_text
-from apptunnel.config import parse_duration
 
 MAX_LIMIT = 10_000
 OUTCOMES = ("success", "failure")
@@ -43,17 +43,9 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
 def parse_time(option: str, text: str, now: float) -> float:
     """``1h`` means an hour before now; otherwise an ISO 8601 time (naive = UTC)."""
     try:
-        return now - parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise UsageError(f"{option}: expected a duration like 1h or an ISO time like "
-                         f"2024-05-01T12:00:00Z, got {text!r}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return moment.timestamp()
+        return admin_audit.parse_time(option, text, now)
+    except AdminError as err:
+        raise UsageError(err.text()) from None
 
 
 def _field_value(key: str, value: object) -> object:

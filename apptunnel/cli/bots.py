@@ -9,23 +9,23 @@ once for a short-lived certificate and renews it with that certificate from then
 its directory at the next poll (at once on this machine's proxy), which cuts its live
 connections and refuses its renewals. ``apptunnel lock --bot NAME`` does the same while
 keeping the bot (remove the lock to let it renew again, while its certificate is valid).
+The work is the admin service's (apptunnel/admin/bots.py), shared with the admin API.
 """
 
 from __future__ import annotations
 
 import argparse
-import secrets
 
 from twisted.internet.threads import deferToThread
 
+from apptunnel.admin import bots as admin_bots
+from apptunnel.admin.bots import BotAdmin
+from apptunnel.admin.context import AdminError
 from apptunnel.auth.bots import BOT_PREFIX
 from apptunnel.auth.ca import ClusterCA
-from apptunnel.auth.names import BOT_NAME
-from apptunnel.auth.tokens import new_secret, secret_hash
-from apptunnel.backend.base import AlreadyExists
-from apptunnel.backend.records import Bot, JoinToken
-from apptunnel.cli.context import Admin, CliError, UsageError, duration_arg
-from apptunnel.cli.output import clean, human_duration, iso, json_text, table
+from apptunnel.backend.records import Bot
+from apptunnel.cli.context import Admin, cli_error, duration_arg
+from apptunnel.cli.output import human_duration, iso, json_text, table
 from apptunnel.cli.tokens import MAX_TTL
 from apptunnel.cli.users import parse_roles, require_roles
 
@@ -54,10 +54,10 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 
 def check_bot_name(name: str) -> str:
-    if not BOT_NAME.match(name):
-        raise UsageError(f"not a valid bot name (lowercase letters, digits, '.', '_', '-'): "
-                         f"{clean(name)!r}")
-    return name
+    try:
+        return admin_bots.check_bot_name(name)
+    except AdminError as err:
+        raise cli_error(err) from None
 
 def _bot_json(bot: Bot, now: float) -> dict:
     return {"name": bot.name, "principal": BOT_PREFIX + bot.name, "roles": list(bot.roles),
@@ -74,19 +74,10 @@ async def add_bot(admin: Admin, args: argparse.Namespace) -> int:
     config = admin.config
     ca = await deferToThread(ClusterCA.load_or_create, config.data_dir, config.cluster_name,
                             admin.clock)
-    secret, now = new_secret(), admin.now()
-    token = JoinToken(token_hash=secret_hash(secret), kind="bot", expires=now + ttl,
-                      created=now, uses_left=1, bot=name)
     try:
-        # The generation starts at random: a certificate of an earlier bot of the same
-        # name (removed, then added again) can never match the new one's for a renewal.
-        await admin.backend.create_bot(Bot(name, roles, now, secrets.randbelow(2**31)), token)
-    except AlreadyExists:
-        raise CliError(f"bot {name!r} already exists (to join it again, `apptunnel bots rm "
-                       f"{name}` and add it anew)") from None
-    admin.emit("bot.create", BOT_PREFIX + name, roles=list(roles), expires=iso(token.expires))
-    admin.emit("token.create", token.token_hash[:12], kind="bot", bot=name,
-               expires=iso(token.expires), uses=1)
+        secret, token = await BotAdmin(admin.services).add(admin.actor, name, roles, ttl)
+    except AdminError as err:
+        raise cli_error(err) from None
     if args.format == "json":
         admin.io.out(json_text({"name": name, "roles": list(roles), "token": secret,
                                 "ca_pin": ca.pin, "expires": iso(token.expires)}))
@@ -110,7 +101,7 @@ async def add_bot(admin: Admin, args: argparse.Namespace) -> int:
 
 async def list_bots(admin: Admin, args: argparse.Namespace) -> int:
     now = admin.now()
-    bots = await admin.backend.list_bots()
+    bots = await BotAdmin(admin.services).list()
     if args.format == "json":
         admin.io.out(json_text([_bot_json(b, now) for b in bots]))
         return 0
@@ -129,10 +120,10 @@ async def list_bots(admin: Admin, args: argparse.Namespace) -> int:
 
 async def remove_bot(admin: Admin, args: argparse.Namespace) -> int:
     name = check_bot_name(args.name)
-    if not await admin.backend.delete_bot(name):
-        raise CliError(f"no bot named {name!r}")
-    await admin.refresh_proxy()   # the local proxy cuts it off before we return
-    admin.emit("bot.delete", BOT_PREFIX + name)
+    try:
+        await BotAdmin(admin.services).remove(admin.actor, name)
+    except AdminError as err:
+        raise cli_error(err) from None
     if args.format == "json":
         admin.io.out(json_text({"name": name, "removed": True}))
         return 0

@@ -13,6 +13,7 @@ from typing import Any, Mapping, TextIO
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
+from apptunnel.admin.context import Actor, AdminContext, AdminError, USAGE
 from apptunnel.audit import AuditLog
 from apptunnel.backend import Backend, open_backend
 from apptunnel.cli.control import refresh_proxy
@@ -55,6 +56,12 @@ def duration_arg(flag: str, text: str | None, most: float | None = None,
         limit = f" and at most {most_text}" if most is not None else ""
         raise UsageError(f"{flag}: must be more than 0{limit}, got {text!r}")
     return value
+
+
+def cli_error(err: AdminError) -> CliError:
+    """An admin service's refusal as the CLI says it: ``--field: problem``."""
+    text = err.text("--")
+    return UsageError(text) if err.kind == USAGE else CliError(text)
 
 
 @attrs.define
@@ -140,6 +147,19 @@ class Admin:
 
     def now(self) -> float:
         return self.reactor.seconds()
+
+    @property
+    def actor(self) -> Actor:
+        """The OS account running the command, as the admin services record it."""
+        sudo = self.io.sudo_user
+        return Actor(self.io.actor, "cli", (("sudo_user", sudo),) if sudo is not None else ())
+
+    @property
+    def services(self) -> AdminContext:
+        """The admin services' context (apptunnel/admin/): this run's storage and audit,
+        nudging the local proxy like every other verb."""
+        return AdminContext(self.backend, self.audit, self.reactor, self.config.public_addr,
+                            self.refresh_proxy)
 
     def emit(self, type: str, target: str, **fields: Any) -> None:
         """Record one admin change; the CLI marks its events with ``via: cli``."""

@@ -32,8 +32,10 @@ from apptunnel.auth.connectors.specs import (
 )
 from apptunnel.auth.connectors.store import RESOURCE_KIND as CONNECTOR
 from apptunnel.auth.rbac import RoleError, parse_role
-from apptunnel.backend.records import Resource, User
-from apptunnel.cli.context import Admin, CliError, Io, UsageError
+from apptunnel.backend.records import User
+from apptunnel.admin.context import AdminError
+from apptunnel.admin.resources import ResourceAdmin
+from apptunnel.cli.context import Admin, CliError, Io, UsageError, cli_error
 from apptunnel.cli.output import clean, iso, json_text, table, yaml_docs
 from apptunnel.cli.users import ROLE_NAME, TRAIT_NAME, USER_NAME, require_roles
 from apptunnel.config import ConfigError, app_from_resource, load_yaml_documents
@@ -225,19 +227,10 @@ async def create_resources(admin: Admin, args: argparse.Namespace) -> int:
     for item in args.plan:
         current = existing[(item.kind, item.name)]
         verb = "replaced" if current is not None else "created"
-        if item.kind == "role":
-            await admin.backend.put_resource(Resource(kind="role", name=item.name, doc=item.doc))
-            admin.emit("resource.create", f"role/{item.name}", kind="role", name=item.name,
-                       replaced=current is not None)
-        elif item.kind == APP:
-            await admin.backend.put_resource(Resource(kind=APP, name=item.name, doc=item.doc))
-            admin.emit("resource.create", f"app/{item.name}", kind=APP, name=item.name,
-                       replaced=current is not None)
-        elif item.kind == CONNECTOR:
-            await admin.backend.put_resource(Resource(kind=CONNECTOR, name=item.name,
-                                                      doc=item.doc))
-            admin.emit("resource.create", f"connector/{item.name}", kind=item.doc["kind"],
-                       name=item.name, replaced=current is not None)
+        if item.kind in STORED:
+            await ResourceAdmin(admin.services).store(admin.actor, item.kind, item.name,
+                                                      item.doc, replaced=current is not None,
+                                                      nudge=False)
         else:
             await _put_user(admin, item, current)
         admin.io.out(f"{item.kind} {clean(item.name)!r} {verb}\n")
@@ -367,27 +360,23 @@ async def get_resources(admin: Admin, args: argparse.Namespace) -> int:
 
 async def remove_resource(admin: Admin, args: argparse.Namespace) -> int:
     kind, name = parse_ref("rm", args.kind, args.name, name_required=True)
+    resources = ResourceAdmin(admin.services)
+    if kind in STORED:
+        try:
+            await resources.delete(admin.actor, kind, name, nudge=False)
+        except AdminError as err:
+            raise cli_error(err) from None
     if kind == CONNECTOR:
-        if not await admin.backend.delete_resource(CONNECTOR, name):
-            raise CliError(f"no connector named {name!r}")
-        admin.emit("resource.delete", f"connector/{name}", kind=CONNECTOR, name=name)
         made = sorted(u.name for u in await admin.backend.list_users() if u.connector == name)
         if made:
             admin.io.warn(f"users who signed in through {name!r} keep their sessions and "
                           f"certificates until they expire (end them with `apptunnel users "
                           f"rm NAME` or a lock): {', '.join(made)}")
-    elif kind == APP:
-        if not await admin.backend.delete_resource(APP, name):
-            raise CliError(f"no app named {name!r}")
-        admin.emit("resource.delete", f"app/{name}", kind=APP, name=name)
     elif kind == "role":
-        if not await admin.backend.delete_resource("role", name):
-            raise CliError(f"no role named {name!r}")
-        admin.emit("resource.delete", f"role/{name}", kind="role", name=name)
         holders = [u.name for u in await admin.backend.list_users() if name in u.roles]
         if holders:
             admin.io.warn(f"users still listing role {name!r}: {', '.join(sorted(holders))}")
-    else:
+    elif kind == "user":
         if not await admin.backend.delete_user(name):
             raise CliError(f"no user named {name!r}")
         admin.emit("user.delete", name)

@@ -6,7 +6,8 @@ agent needs to verify the proxy on its first connection.
 A new token is single-use unless ``--uses`` says otherwise, and may be limited to what
 its agent may announce: ``--apps a,b`` (names) and/or ``--labels k=v`` (repeatable: every
 pair must be among an app's labels). The scope is copied into the agent's record at join
-and checked at every hello, also after restarts with the certificate.
+and checked at every hello, also after restarts with the certificate. The work is the admin
+service's (apptunnel/admin/tokens.py), shared with the admin API.
 """
 
 from __future__ import annotations
@@ -16,19 +17,17 @@ import re
 
 from twisted.internet.threads import deferToThread
 
+from apptunnel.admin.context import AdminError
+from apptunnel.admin.tokens import MAX_TTL, MAX_USES, SHOWN_HASH as _SHOWN_HASH, TokenAdmin
 from apptunnel.auth.ca import ClusterCA
-from apptunnel.auth.tokens import describe_scope, new_secret, secret_hash
+from apptunnel.auth.tokens import describe_scope
 from apptunnel.backend.records import JoinToken, Scope
-from apptunnel.cli.context import Admin, CliError, UsageError, duration_arg
+from apptunnel.cli.context import Admin, UsageError, cli_error, duration_arg
 from apptunnel.cli.output import human_duration, iso, json_text, table
 
 TOKEN_TYPES = ("app", "bot")   # "bot" only to say where bot tokens come from
-MAX_TTL = 30 * 86400.0
-MAX_USES = 10_000
 _APP_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _LABEL = re.compile(r"([^=\s]{1,63})=([^\x00-\x1f\x7f]{0,255})\Z")
-_HASH_PREFIX = re.compile(r"[0-9a-f]{6,64}\Z")
-_SHOWN_HASH = 12
 
 
 def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -112,13 +111,12 @@ async def add_token(admin: Admin, args: argparse.Namespace) -> int:
     config = admin.config
     ca = await deferToThread(ClusterCA.load_or_create, config.data_dir, config.cluster_name,
                             admin.clock)
-    secret = new_secret()
-    now = admin.now()
-    token = JoinToken(token_hash=secret_hash(secret), kind=args.type, expires=now + ttl,
-                      created=now, uses_left=args.uses, scope=_scope(args))
-    await admin.backend.add_token(token)
-    admin.emit("token.create", token.token_hash[:_SHOWN_HASH], kind=token.kind,
-               expires=iso(token.expires), uses=token.uses_left, scope=token.scope.to_json())
+    scope = _scope(args)
+    try:
+        secret, token = await TokenAdmin(admin.services).create(
+            admin.actor, ttl, args.uses, scope.apps, dict(scope.labels))
+    except AdminError as err:
+        raise cli_error(err) from None
     if args.format == "json":
         admin.io.out(json_text({"token": secret, "expires": iso(token.expires),
                                 "ca_pin": ca.pin, "uses_left": token.uses_left,
@@ -139,7 +137,7 @@ async def add_token(admin: Admin, args: argparse.Namespace) -> int:
 
 async def list_tokens(admin: Admin, args: argparse.Namespace) -> int:
     now = admin.now()
-    tokens = sorted(await admin.backend.list_tokens(), key=lambda t: t.expires)
+    tokens = await TokenAdmin(admin.services).list()
     if args.format == "json":
         admin.io.out(json_text([_token_json(t, now) for t in tokens]))
         return 0
@@ -159,20 +157,9 @@ async def list_tokens(admin: Admin, args: argparse.Namespace) -> int:
 
 async def remove_token(admin: Admin, args: argparse.Namespace) -> int:
     """Remove by the secret itself or by an unambiguous prefix of its hash."""
-    given = args.token.strip()
-    tokens = await admin.backend.list_tokens()
-    full = secret_hash(given)
-    matches = [t for t in tokens if t.token_hash == full]
-    if not matches and _HASH_PREFIX.match(given.lower()):
-        matches = [t for t in tokens if t.token_hash.startswith(given.lower())]
-    if not matches:
-        raise CliError("no join token matches (give the token, or 6+ hex digits of its hash "
-                       "from `apptunnel tokens ls`)")
-    if len(matches) > 1:
-        raise CliError(f"{len(matches)} tokens match that hash prefix; give more digits")
-    token = matches[0]
-    if not await admin.backend.delete_token(token.token_hash):
-        raise CliError("the token was removed by someone else meanwhile")
-    admin.emit("token.delete", token.token_hash[:_SHOWN_HASH], kind=token.kind)
+    try:
+        token = await TokenAdmin(admin.services).remove(admin.actor, args.token)
+    except AdminError as err:
+        raise cli_error(err) from None
     admin.io.out(f"Removed join token {token.token_hash[:_SHOWN_HASH]}.\n")
     return 0

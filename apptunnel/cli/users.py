@@ -7,7 +7,8 @@ reset link; `set-password` without stdin prints a generated password exactly onc
 Every role named must exist (as in `tctl users add`): a typo would otherwise create a
 user who can open nothing, with only a warning to notice. Removing a user or changing their roles or traits reaches their
 existing sessions and certificates too (`auth/directory.py`): the proxy of this config
-is asked to apply it before the command returns.
+is asked to apply it before the command returns. The work is the admin service's
+(apptunnel/admin/users.py), shared with the admin API; this module parses and prints.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import secrets
 
 from twisted.internet.threads import deferToThread
 
+from apptunnel.admin import users as service
+from apptunnel.admin.context import AdminError
+from apptunnel.admin.users import Link, UserAdmin
 from apptunnel.auth.names import ROLE_NAME, TRAIT_NAME, USER_NAME  # noqa: F401 (re-exported)
 from apptunnel.auth.passwords import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, hash_password
-from apptunnel.backend import AlreadyExists
-from apptunnel.backend.records import User
-from apptunnel.cli.context import Admin, CliError, Io, UsageError, duration_arg
-from apptunnel.auth.links import issue_link, link_url
+from apptunnel.cli.context import Admin, Io, UsageError, cli_error, duration_arg
 from apptunnel.cli.output import clean, human_duration, iso, json_text, table
 
 
@@ -75,21 +76,18 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 
 def check_user_name(name: str) -> str:
-    if not USER_NAME.match(name):
-        raise UsageError(f"invalid user name {name!r} (letters, digits and . _ @ + -, "
-                         "starting with a letter or digit)")
-    return name
+    try:
+        return service.check_user_name(name)
+    except AdminError as err:
+        raise cli_error(err) from None
 
 
 def parse_roles(text: str) -> tuple[str, ...]:
     """``"a,b"`` -> ("a", "b"), each a valid role name, duplicates dropped."""
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise UsageError("--roles: give at least one role name")
-    for name in names:
-        if not ROLE_NAME.match(name):
-            raise UsageError(f"--roles: invalid role name {name!r}")
-    return tuple(dict.fromkeys(names))
+    try:
+        return service.check_roles([part.strip() for part in text.split(",") if part.strip()])
+    except AdminError as err:
+        raise cli_error(err) from None
 
 
 def parse_traits(items: list[str]) -> dict[str, tuple[str, ...]]:
@@ -118,85 +116,66 @@ def read_password(args: argparse.Namespace, io: Io) -> None:
     args.password = text
 
 
-async def _hash(password: str | None) -> tuple[str, str | None]:
-    """(argon2 hash, generated password to show once or None)."""
-    generated = None
-    if password is None:
-        generated = password = secrets.token_urlsafe(18)
-    return await deferToThread(hash_password, password), generated
+async def hash_in_thread(password: str) -> str:
+    """argon2id off the reactor."""
+    return await deferToThread(hash_password, password)
+
+
+def user_admin(admin: Admin) -> UserAdmin:
+    return UserAdmin(admin.services, hash_in_thread)
 
 
 async def require_roles(admin: Admin, roles: tuple[str, ...], where: str = "--roles",
                         planned: frozenset[str] = frozenset()) -> None:
     """UsageError (exit 2) naming the first role that is neither stored nor `planned`."""
-    for role in roles:
-        if role not in planned and await admin.backend.get_resource("role", role) is None:
-            raise UsageError(f"{where}: role {role!r} does not exist (create it first with "
-                             "`apptunnel create -f ROLE.yaml`; `apptunnel get roles` lists "
-                             "them); nothing was changed")
-
-
-async def _existing(admin: Admin, name: str) -> User:
-    user = await admin.backend.get_user(check_user_name(name))
-    if user is None:
-        raise CliError(f"no user named {name!r}")
-    return user
+    role = await admin.services.missing_role(roles, planned)
+    if role is not None:
+        raise UsageError(f"{where}: role {role!r} does not exist (create it first with "
+                         "`apptunnel create -f ROLE.yaml`; `apptunnel get roles` lists "
+                         "them); nothing was changed")
 
 
 # -- verbs -------------------------------------------------------------------------------
 
 
+def _print_link(admin: Admin, name: str, link: Link) -> None:
+    what = "set their password" if link.kind == "invite" else "choose a new password"
+    admin.io.out(f"Send this link to {clean(name)} to {what} (works once, for "
+                 f"{human_duration(link.ttl)}):\n{link.url}\n")
+
+
 async def add_user(admin: Admin, args: argparse.Namespace) -> int:
-    name = check_user_name(args.name)
+    check_user_name(args.name)
     roles = parse_roles(args.roles)
     traits = parse_traits(args.traits)
-    ttl = duration_arg("--ttl", args.ttl) if args.password is None else None
-    await require_roles(admin, roles)
     # Without --password-stdin the user chooses their own password through an invite link.
-    password_hash = None if args.password is None else (await _hash(args.password))[0]
-    user = User(name=name, password_hash=password_hash, roles=roles, traits=traits,
-                created=admin.now())
+    ttl = duration_arg("--ttl", args.ttl) if args.password is None else None
     try:
-        await admin.backend.create_user(user)
-    except AlreadyExists:
-        raise CliError(f"user {name!r} already exists (see `apptunnel users update` and "
-                       "`apptunnel users set-password`)") from None
-    admin.emit("user.create", name, roles=list(roles), traits=sorted(traits))
-    admin.io.out(f"Created user {clean(name)} with roles {clean(', '.join(roles))}.\n")
-    if ttl is not None:
-        await _print_link(admin, name, "invite", ttl)
+        user, link = await user_admin(admin).create(admin.actor, args.name, roles, traits,
+                                                    args.password, ttl)
+    except AdminError as err:
+        raise cli_error(err) from None
+    admin.io.out(f"Created user {clean(user.name)} with roles {clean(', '.join(roles))}.\n")
+    if link is not None:
+        _print_link(admin, user.name, link)
     return 0
-
-
-async def _print_link(admin: Admin, name: str, kind: str, ttl: float) -> None:
-    token = await issue_link(admin.backend, name, kind, ttl, admin.now())
-    admin.emit("user.link.issue", name, method=kind, ttl=ttl)
-    what = "set their password" if kind == "invite" else "choose a new password"
-    admin.io.out(f"Send this link to {clean(name)} to {what} (works once, for "
-                 f"{human_duration(ttl)}):\n"
-                 f"{link_url(admin.config.public_addr, kind, token)}\n")
 
 
 async def reset_user(admin: Admin, args: argparse.Namespace) -> int:
     """Take the password away and end every session now; print a reset link."""
     ttl = duration_arg("--ttl", args.ttl)
-    user = await _existing(admin, args.name)
-    await admin.backend.update_user(User(
-        name=user.name, password_hash=None, roles=user.roles, traits=user.traits,
-        created=user.created,
-    ))
-    ended = await admin.backend.delete_user_sessions(user.name)
-    admin.emit("user.update", user.name, changed=["password"], reset=True,
-               app_sessions_ended=len(ended))
-    await admin.refresh_proxy()   # the proxy forgets cached sessions now
+    try:
+        user, link = await user_admin(admin).reset(admin.actor, args.name, ttl)
+    except AdminError as err:
+        raise cli_error(err) from None
     admin.io.out(f"Reset {clean(user.name)}: the old password no longer works and their "
                  "sessions have ended.\n")
-    await _print_link(admin, user.name, "reset", ttl)
+    _print_link(admin, user.name, link)
     return 0
 
 
 async def list_users(admin: Admin, args: argparse.Namespace) -> int:
-    users = sorted(await admin.backend.list_users(), key=lambda u: u.name)
+    users = await user_admin(admin).list()
     if args.format == "json":
         admin.io.out(json_text([
             {"name": u.name, "roles": list(u.roles),
@@ -219,24 +198,24 @@ async def list_users(admin: Admin, args: argparse.Namespace) -> int:
 
 
 async def remove_user(admin: Admin, args: argparse.Namespace) -> int:
-    name = check_user_name(args.name)
-    if not await admin.backend.delete_user(name):
-        raise CliError(f"no user named {name!r}")
-    admin.emit("user.delete", name)
-    await admin.refresh_proxy()   # their certificates and live connections end now
-    admin.io.out(f"Removed user {clean(name)}: their sessions and certificates no longer "
+    try:
+        await user_admin(admin).delete(admin.actor, args.name)
+    except AdminError as err:
+        raise cli_error(err) from None
+    admin.io.out(f"Removed user {clean(args.name)}: their sessions and certificates no longer "
                  "open anything.\n")
     return 0
 
 
 async def set_password(admin: Admin, args: argparse.Namespace) -> int:
-    user = await _existing(admin, args.name)
-    password_hash, generated = await _hash(args.password)
-    await admin.backend.update_user(User(
-        name=user.name, password_hash=password_hash, roles=user.roles, traits=user.traits,
-        created=user.created,
-    ))
-    admin.emit("user.update", user.name, changed=["password"])
+    generated = None
+    password = args.password
+    if password is None:
+        generated = password = secrets.token_urlsafe(18)
+    try:
+        user = await user_admin(admin).set_password(admin.actor, args.name, password)
+    except AdminError as err:
+        raise cli_error(err) from None
     admin.io.out(f"Password of {clean(user.name)} changed.\n")
     if generated is not None:
         admin.io.out(f"Password (shown only once): {generated}\n")
@@ -248,22 +227,9 @@ async def update_user(admin: Admin, args: argparse.Namespace) -> int:
         raise UsageError("users update: nothing to change (give --roles and/or --traits)")
     roles = parse_roles(args.roles) if args.roles is not None else None
     traits = parse_traits(args.traits) if args.traits is not None else None
-    user = await _existing(admin, args.name)
-    if roles is not None:
-        await require_roles(admin, roles)
-    changed = []
-    if roles is not None:
-        changed.append("roles")
-    if traits is not None:
-        changed.append("traits")
-    await admin.backend.update_user(User(
-        name=user.name, password_hash=user.password_hash,
-        roles=roles if roles is not None else user.roles,
-        traits=traits if traits is not None else user.traits,
-        created=user.created, connector=user.connector,
-    ))
-    admin.emit("user.update", user.name, changed=changed,
-               roles=list(roles if roles is not None else user.roles))
-    await admin.refresh_proxy()   # live connections are re-checked now
+    try:
+        user, changed = await user_admin(admin).update(admin.actor, args.name, roles, traits)
+    except AdminError as err:
+        raise cli_error(err) from None
     admin.io.out(f"Updated {' and '.join(changed)} of {clean(user.name)}.\n")
     return 0

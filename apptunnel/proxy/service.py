@@ -22,6 +22,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from apptunnel.admin.context import AdminContext
 from apptunnel.audit import AuditLog
 from apptunnel.auth.access import AccessPolicy
 from apptunnel.auth.bots import BotEnrolment
@@ -59,6 +60,7 @@ from apptunnel.proxy.web_channel import WebSite
 from apptunnel.startup import CannotStart, Listeners, fatal
 from apptunnel.web.bots import BotRoutes
 from apptunnel.web.access_requests import AccessRequestApi
+from apptunnel.web.admin_routes import mount_admin
 from apptunnel.web.routes import WebApp
 from apptunnel.web.saml import SamlWeb
 
@@ -208,6 +210,10 @@ class ProxyService(MultiService):
                                         min_ttl=config.bot_min_certificate_ttl), self.audit),
             access_requests=request_api,
         )
+        # The admin and audit API and pages (web/admin_routes.py): the CLI's services,
+        # made to hold on this proxy at once by re-reading what they changed.
+        mount_admin(self.web, AdminContext(self.backend, self.audit, reactor,
+                                           config.public_addr, self.refresh_now))
         site = WebSite(self.web.resource())  # a deadline on every request head
         site.displayTracebacks = False
         self.pool = TunnelPool(self.registry)  # one pool: HTTP and TCP streams alike

@@ -749,6 +749,26 @@ async def test_audit_search_filters_by_actor_target_and_outcome_in_storage(backe
 
 
 @pytest_twisted.ensureDeferred
+async def test_audit_search_pages_newest_first_and_by_request_id(backend):
+    """The audit viewer's questions: pages (offset) newest first, the events of one
+    request id (a field, matched exactly), and one event by its id."""
+    events = [event(i, 100.0 + i) for i in range(7)]
+    events[3] = attrs.evolve(events[3], fields={"request_id": "req-abc", "n": 3})
+    events[5] = attrs.evolve(events[5], fields={"request_id": "req-abc%", "n": 5})
+    await wait(backend.append_audit(events))
+    newest = await wait(backend.search_audit(newest_first=True, limit=3))
+    assert [e.id for e in newest] == ["id006", "id005", "id004"]
+    page2 = await wait(backend.search_audit(newest_first=True, limit=3, offset=3))
+    assert [e.id for e in page2] == ["id003", "id002", "id001"]
+    assert [e.id for e in await wait(backend.search_audit(offset=5))] == ["id005", "id006"]
+    assert await wait(backend.search_audit(offset=50)) == []
+    assert [e.id for e in await wait(backend.search_audit(request_id="req-abc"))] == ["id003"]
+    assert await wait(backend.search_audit(request_id="req-%")) == []
+    assert await wait(backend.get_audit_event("id003")) == events[3]
+    assert await wait(backend.get_audit_event("nope")) is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_audit_out_of_order_appends_search_in_time_order(backend):
     """Events appended late with earlier times come back in time order, ties by insertion."""
     await wait(backend.append_audit([event(1, 5.0), event(2, 3.0)]))
