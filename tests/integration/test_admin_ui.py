@@ -197,12 +197,12 @@ def test_admin_invites_edits_a_role_locks_and_reads_the_audit_log(cluster, brows
         detail = page.inner_text("dl.event")
         assert "carol" in detail and "hello" in detail
         request_id = re.search(r"request_id\s+(\S+)", detail)
-        page.goto(cluster.url(path="/web/audit?request_id=" +
-                              (request_id.group(1) if request_id else "no-such-request")))
-        if request_id:     # app requests carry their id once error pages name it (item 7)
-            assert "carol" in page.inner_text("table tbody")
-        else:
-            assert "No events match." in page.inner_text("table tbody")
+        assert request_id, detail       # every app request names its id (error pages show it)
+        page.goto(cluster.url(path="/web/audit?request_id=" + request_id.group(1)))
+        assert "carol" in page.inner_text("table tbody")
+        page.goto(cluster.url(path="/web/audit?request_id=no-such-request"))
+        assert "No events match." in page.inner_text("table tbody")
+        page.goto(cluster.url(path="/web/audit?request_id=" + request_id.group(1)))
         page.screenshot(path=str(shots / "audit_event.png"), full_page=True)
 
         # The same pages at 390 px: no sideways scrolling.
