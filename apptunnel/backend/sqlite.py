@@ -306,6 +306,22 @@ def _migrate(conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
+def migrate_file(path: str) -> tuple[int, int]:
+    """`apptunnel migrate`: bring the file's schema to SCHEMA_VERSION now (a proxy would do
+    it when it opens the file) and return (version before, version after). BackendError when
+    the file's schema is newer than this apptunnel knows. Blocking: for the CLI, not the
+    reactor."""
+    before = 0
+    if os.path.exists(path):
+        probe = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            before = _user_version(probe)
+        finally:
+            probe.close()
+    _open_connection(path).close()
+    return before, SCHEMA_VERSION
+
+
 def _user_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
