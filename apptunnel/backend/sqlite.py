@@ -228,6 +228,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
+MIGRATIONS = _MIGRATIONS   # public for backend/pg_schema.py, which translates them
 
 
 def _dump(value: Any) -> str:

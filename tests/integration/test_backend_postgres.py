@@ -1,15 +1,20 @@
 """PostgreSQL storage (issue 13): one throwaway server for the test session
 (tests/support/postgres.py), a fresh database per test.
 
-What is here today: the server helper itself. The storage contract
+What is here today: the server helper, and the schema (backend/pg_schema.py) applied by
+psql from empty and from an older version. The storage contract
 (tests/support/backend_contract.py) is to be imported here with a `backend` fixture on a
 PostgresBackend once apptunnel/backend/postgres.py exists (see the issue-13 report).
 """
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 
+from apptunnel.backend import pg_schema
+from apptunnel.backend.sqlite import SCHEMA_VERSION, migrate_file
 from tests.support.postgres import PostgresServer
 
 
@@ -42,3 +47,79 @@ def test_each_test_gets_its_own_empty_database_owned_by_its_role(postgres_server
         "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
         database=postgres_db["dbname"]).strip()
     assert tables == "0"
+
+
+# -- schema: SQLite's migrations translated, applied by psql ------------------------------
+
+
+def migrate_with_psql(server, db, upto=None) -> int:
+    """Run prologue(), read the version, run upgrade_statements() in one transaction, as
+    the backend will; `upto` stops at an older version (to make an old database)."""
+    def run(*sql):
+        return server.psql(*sql, database=db["dbname"])
+
+    run(*pg_schema.prologue())
+    version = int(run(pg_schema.VERSION_QUERY).strip())
+    if upto is None:
+        statements = pg_schema.upgrade_statements(version)
+    else:
+        statements = (*[s for step in pg_schema.MIGRATIONS[version:upto] for s in step],
+                      f"UPDATE {pg_schema.VERSION_TABLE} SET version = {upto}")
+    if statements:
+        run("BEGIN", *pg_schema.prologue(), *statements, "COMMIT")
+    return int(run(pg_schema.VERSION_QUERY).strip())
+
+
+def pg_columns(server, db) -> dict[str, list[str]]:
+    out = server.psql(
+        "SELECT table_name, column_name FROM information_schema.columns "
+        f"WHERE table_schema = 'public' AND table_name <> '{pg_schema.VERSION_TABLE}' "
+        "ORDER BY table_name, ordinal_position", database=db["dbname"])
+    tables: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        table, column = line.split("|")
+        tables.setdefault(table, []).append(column)
+    return tables
+
+
+def sqlite_columns(path: str) -> dict[str, list[str]]:
+    conn = sqlite3.connect(path)
+    try:
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {n: [c[1] for c in conn.execute(f"PRAGMA table_info({n})")] for n in sorted(names)}
+    finally:
+        conn.close()
+
+
+def test_migrations_from_empty_give_sqlites_tables_and_columns(postgres_server, postgres_db,
+                                                                 tmp_path):
+    """One schema version means the same tables and columns on both backends, and
+    timestamps are doubles (PostgreSQL's REAL would round them to about 7 digits)."""
+    assert migrate_with_psql(postgres_server, postgres_db) == SCHEMA_VERSION
+    migrate_file(str(tmp_path / "a.db"))
+    assert pg_columns(postgres_server, postgres_db) == sqlite_columns(str(tmp_path / "a.db"))
+    kind = postgres_server.psql(
+        "SELECT data_type FROM information_schema.columns "
+        "WHERE table_name = 'web_sessions' AND column_name = 'expires'",
+        database=postgres_db["dbname"]).strip()
+    assert kind == "double precision"
+    assert migrate_with_psql(postgres_server, postgres_db) == SCHEMA_VERSION   # idempotent
+
+
+def test_migrations_from_an_older_version_keep_the_rows(postgres_server, postgres_db):
+    old = SCHEMA_VERSION - 2
+    assert migrate_with_psql(postgres_server, postgres_db, upto=old) == old
+    postgres_server.psql("INSERT INTO users (name, password_hash, roles, traits, created) "
+                         "VALUES ('alice', NULL, '[]', '{}', 1700000000.25)",
+                         database=postgres_db["dbname"])
+    assert migrate_with_psql(postgres_server, postgres_db) == SCHEMA_VERSION
+    row = postgres_server.psql("SELECT name, connector, created FROM users",
+                               database=postgres_db["dbname"]).strip()
+    assert row == "alice||1700000000.25"
+
+
+def test_a_newer_schema_is_refused_with_sqlites_words():
+    with pytest.raises(ValueError) as err:
+        pg_schema.upgrade_statements(SCHEMA_VERSION + 1)
+    assert str(err.value) == (f"database schema version {SCHEMA_VERSION + 1} is newer than "
+                              f"this apptunnel understands ({SCHEMA_VERSION}); upgrade apptunnel")
