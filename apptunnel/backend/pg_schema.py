@@ -38,8 +38,14 @@ def _translate(statement: str) -> str:
     return statement
 
 
+# PostgreSQL-only additions, by step: audit_events.seq stands for SQLite's implicit rowid
+# (search_audit orders ties in time by insertion order).
+_EXTRA: dict[int, tuple[str, ...]] = {0: ("ALTER TABLE audit_events ADD COLUMN seq BIGSERIAL",)}
+PG_ONLY_COLUMNS = {"audit_events": ("seq",)}
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = tuple(
-    tuple(_translate(s) for s in step) for step in _SQLITE_MIGRATIONS
+    (*(_translate(s) for s in step), *_EXTRA.get(i, ()))
+    for i, step in enumerate(_SQLITE_MIGRATIONS)
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 

@@ -1143,7 +1143,7 @@ class SqliteBackend:
             where.append("user_name = ?")
             params.append(user)
         if states is not None:
-            where.append(f"state IN ({', '.join('?' * len(states))})" if states else "0")
+            where.append(f"state IN ({', '.join('?' * len(states))})" if states else "1 = 0")
             params.extend(states)
         sql = (f"SELECT {_REQUEST_COLUMNS} FROM access_requests"
                + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY created, id")
