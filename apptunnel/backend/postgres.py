@@ -24,6 +24,7 @@ migrated under an advisory lock when the first connection opens.
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -66,6 +67,30 @@ def safe_dsn(dsn: str) -> str:
         return "postgres (unparsable dsn)"
     shown = [f"{k}={parts[k]}" for k in ("host", "port", "dbname", "user") if parts.get(k)]
     return "postgres " + " ".join(shown)
+
+
+MAX_PASSWORD = 1024
+
+
+def read_password_file(path: str) -> str:
+    """backend.password_file: its text, one trailing newline ignored; refused when group or
+    others may read it (0600) or when empty. The password itself is never in a message."""
+    try:
+        if os.stat(path).st_mode & 0o077:
+            raise BackendError(f"backend.password_file {path}: readable by group or others "
+                               f"(chmod 600 it)")
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_PASSWORD + 2)
+    except (OSError, UnicodeDecodeError) as err:
+        raise BackendError(f"cannot read backend.password_file {path}: "
+                           f"{getattr(err, 'strerror', None) or err}") from None
+    if text.endswith("\r\n"):
+        text = text[:-2]
+    elif text.endswith("\n"):
+        text = text[:-1]
+    if not text or len(text) > MAX_PASSWORD:
+        raise BackendError(f"backend.password_file {path}: empty or longer than {MAX_PASSWORD}")
+    return text
 
 
 class _Dialect:

@@ -21,11 +21,18 @@ def run_migrate(args: argparse.Namespace, io: Io) -> int:
     """Blocking on purpose: nothing else runs in this process. Errors propagate to the
     CLI's one-line reporter."""
     config = load_proxy_config(args.config)
-    if config.backend_type != "sqlite":
-        raise BackendError(f"migrate: backend type {config.backend_type!r} is not supported")
-    from apptunnel.backend.sqlite import migrate_file
+    if config.backend_type == "sqlite":
+        from apptunnel.backend.sqlite import migrate_file
 
-    before, after = migrate_file(config.backend_path)
+        before, after = migrate_file(config.backend_path)
+    elif config.backend_type == "postgres":
+        from apptunnel.backend.postgres import migrate_database, read_password_file
+
+        password = (read_password_file(config.backend_password_file)
+                    if config.backend_password_file else None)
+        before, after = migrate_database(config.backend_dsn, password)
+    else:
+        raise BackendError(f"migrate: backend type {config.backend_type!r} is not supported")
     io.out(migration_text(before, after) + "\n")
     return 0
 
