@@ -8,7 +8,10 @@ version.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import threading
 
 import pytest
 import pytest_twisted
@@ -16,8 +19,11 @@ from twisted.internet import reactor
 
 from apptunnel.backend import pg_schema
 from apptunnel.backend.sqlite import SCHEMA_VERSION, migrate_file
-from apptunnel.backend.postgres import PostgresBackend
+from apptunnel.backend.base import BackendError
+from apptunnel.backend.postgres import PostgresBackend, migrate_database
 from tests.support.backend_contract import *  # noqa: F401,F403 - the contract tests
+from tests.support.backend_contract import user
+from tests.support.cluster import BIN
 from tests.support.postgres import PostgresServer
 from tests.support.waiting import wait
 
@@ -136,3 +142,111 @@ def test_a_newer_schema_is_refused_with_sqlites_words():
         pg_schema.upgrade_statements(SCHEMA_VERSION + 1)
     assert str(err.value) == (f"database schema version {SCHEMA_VERSION + 1} is newer than "
                               f"this apptunnel understands ({SCHEMA_VERSION}); upgrade apptunnel")
+
+
+# -- connection handling ------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_password_is_one_error_without_the_password(postgres_db):
+    b = PostgresBackend(postgres_db["dsn"], reactor, password="not-the-Secret-42")
+    try:
+        with pytest.raises(BackendError) as err:
+            await wait(b.get_user("alice"))
+    finally:
+        await wait(b.close())
+    text = str(err.value)
+    assert "\n" not in text and "password authentication failed" in text
+    assert "not-the-Secret-42" not in text and postgres_db["dbname"] in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lost_connection_is_reconnected_on_the_next_call(postgres_server, postgres_db,
+                                                                  backend):
+    """The server ends the backend's session (as a PostgreSQL restart would): that call
+    fails with BackendError, the next one reconnects and sees the stored data."""
+    await wait(backend.create_user(user()))
+    postgres_server.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         f"WHERE usename = '{postgres_db['user']}'")
+    failed = 0
+    for _ in range(2):
+        try:
+            assert (await wait(backend.get_user("alice"))).name == "alice"
+            break
+        except BackendError:
+            failed += 1
+    assert failed <= 1
+    assert (await wait(backend.get_user("alice"))).name == "alice"
+
+
+def test_proxies_migrating_at_once_run_each_step_once(postgres_db):
+    """Four migrations started together on an empty database: exactly one goes from 0,
+    the others wait on the advisory lock and find nothing to do."""
+    results: list = []
+    barrier = threading.Barrier(4)
+
+    def one():
+        barrier.wait(10)
+        results.append(migrate_database(postgres_db["dsn"], postgres_db["password"]))
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == [(0, SCHEMA_VERSION)] + [(SCHEMA_VERSION, SCHEMA_VERSION)] * 3
+
+
+# -- the installed command and config ------------------------------------------------------
+
+
+def proxy_yaml(tmp_path, db, mode=0o600, dsn=None) -> str:
+    pw = tmp_path / "pg-password"
+    pw.write_text(db["password"] + "\n")
+    os.chmod(pw, mode)
+    path = tmp_path / "proxy.yaml"
+    path.write_text(
+        "cluster_name: test-cluster\ndata_dir: data\npublic_addr: apptunnel.localhost:3080\n"
+        "web_listen_addr: 127.0.0.1:0\ntunnel_listen_addr: 127.0.0.1:0\n"
+        f"backend: {{type: postgres, dsn: \"{dsn or db['dsn']}\", password_file: pg-password}}\n")
+    return str(path)
+
+
+def run_cli(*argv) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(BIN / "apptunnel"), *argv], capture_output=True, text=True,
+                          timeout=60)
+    assert "Traceback" not in done.stdout + done.stderr
+    return done
+
+
+def test_apptunnel_migrate_on_postgres_says_from_and_to(tmp_path, postgres_db):
+    config = proxy_yaml(tmp_path, postgres_db)
+    first = run_cli("migrate", "--config", config)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == f"schema migrated from version 0 to {SCHEMA_VERSION}"
+    again = run_cli("migrate", "--config", config)
+    assert again.stdout.strip() == f"schema is at version {SCHEMA_VERSION}; nothing to do"
+
+
+def test_migrate_refuses_a_newer_postgres_schema_in_one_line(tmp_path, postgres_server,
+                                                              postgres_db):
+    config = proxy_yaml(tmp_path, postgres_db)
+    assert run_cli("migrate", "--config", config).returncode == 0
+    postgres_server.psql(f"UPDATE {pg_schema.VERSION_TABLE} SET version = {SCHEMA_VERSION + 1}",
+                         database=postgres_db["dbname"])
+    done = run_cli("migrate", "--config", config)
+    assert done.returncode != 0
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and f"version {SCHEMA_VERSION + 1} is newer" in lines[0], done.stderr
+
+
+def test_password_file_must_be_0600_and_the_password_is_never_printed(tmp_path, postgres_db):
+    config = proxy_yaml(tmp_path, postgres_db, mode=0o644)
+    done = run_cli("migrate", "--config", config)
+    assert done.returncode != 0
+    assert "readable by group or others" in done.stderr and len(done.stderr.splitlines()) == 1
+    os.chmod(tmp_path / "pg-password", 0o600)
+    (tmp_path / "pg-password").write_text("wrong-Pass-77\n")
+    done = run_cli("migrate", "--config", config)
+    assert done.returncode != 0 and "password authentication failed" in done.stderr
+    assert "wrong-Pass-77" not in done.stdout + done.stderr

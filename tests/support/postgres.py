@@ -28,8 +28,8 @@ ADMIN_USER = "postgres"
 
 class PostgresServer:
     """One running postmaster. `new_database()` gives each test its own database, owned by
-    a login role with a password (trust auth accepts any password: tests that check the
-    password is sent still see it in the DSN, not that the server verified it)."""
+    a login role with a password. TCP connections (the proxy's) must give the password
+    (scram-sha-256); the superuser's psql here uses the unix socket (trust)."""
 
     def __init__(self) -> None:
         require_program(f"{PGBIN}/initdb", "postgresql")
@@ -45,7 +45,7 @@ class PostgresServer:
 
     def start(self) -> "PostgresServer":
         subprocess.run(self._as_pg + [f"{PGBIN}/initdb", "-D", f"{self.dir}/data", "-U", ADMIN_USER,
-                                      "-A", "trust", "-E", "UTF8", "--no-locale", "--no-sync"],
+                                      "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-locale", "--no-sync"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -70,7 +70,7 @@ class PostgresServer:
 
     def psql(self, *sql: str, database: str = "postgres") -> str:
         """Run statements as the superuser; returns psql's unaligned, tuples-only output."""
-        args = [f"{PGBIN}/psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", ADMIN_USER,
+        args = [f"{PGBIN}/psql", "-h", self.dir, "-p", str(self.port), "-U", ADMIN_USER,
                 "-d", database, "-v", "ON_ERROR_STOP=1", "-X", "-q", "-A", "-t"]
         for statement in sql:
             args += ["-c", statement]
