@@ -12,9 +12,12 @@ import os
 import sqlite3
 import subprocess
 import threading
+import time
 
 import pytest
 import pytest_twisted
+import requests
+import yaml
 from twisted.internet import reactor
 
 from apptunnel.backend import pg_schema
@@ -23,9 +26,13 @@ from apptunnel.backend.base import BackendError
 from apptunnel.backend.postgres import PostgresBackend, migrate_database
 from tests.support.backend_contract import *  # noqa: F401,F403 - the contract tests
 from tests.support.backend_contract import user
-from tests.support.cluster import BIN
+from tests.support.cluster import BIN, Browser, Cluster, wait_until
+from tests.support.localhost import localhost_resolution
 from tests.support.postgres import PostgresServer
+from tests.support.upstream import HttpUpstream
 from tests.support.waiting import wait
+
+E2E_PASSWORD = "correct horse battery staple"
 
 
 @pytest.fixture(scope="session")
@@ -250,3 +257,58 @@ def test_password_file_must_be_0600_and_the_password_is_never_printed(tmp_path, 
     done = run_cli("migrate", "--config", config)
     assert done.returncode != 0 and "password authentication failed" in done.stderr
     assert "wrong-Pass-77" not in done.stdout + done.stderr
+
+
+# -- a real proxy on PostgreSQL -----------------------------------------------------------
+
+
+def app_online(cluster: Cluster, name: str) -> bool:
+    """Signed in through the API as alice: is the app listed online?"""
+    s = requests.Session()
+    s.trust_env = False
+    with localhost_resolution():
+        r = s.post(cluster.url(path="/v1/sessions"),
+                   json={"username": "alice", "password": E2E_PASSWORD},
+                   verify=cluster.ca_file, timeout=5)
+        r.raise_for_status()
+        apps = s.get(cluster.url(path="/v1/apps"), verify=cluster.ca_file, timeout=5).json()
+    return any(a["name"] == name and a["online"] for a in apps["apps"])
+
+
+def test_a_proxy_on_postgres_signs_in_serves_an_app_and_audits_there(tmp_path, postgres_server,
+                                                                      postgres_db):
+    """twistd apptunnel with backend postgres: roles and users made by the CLI, a sign-in and
+    an app request through a real agent; the events are rows in PostgreSQL; the password
+    is in no log."""
+    upstream = HttpUpstream()
+    cluster = Cluster([{"name": "hello", "uri": upstream.uri, "labels": {"team": "sre"}}],
+                      root=tmp_path)
+    try:
+        config = yaml.safe_load(cluster.proxy_config.read_text())
+        pw = cluster.root / "pg-password"
+        pw.write_text(postgres_db["password"] + "\n")
+        os.chmod(pw, 0o600)
+        config["backend"] = {"type": "postgres", "dsn": postgres_db["dsn"],
+                             "password_file": str(pw)}
+        cluster.proxy_config.write_text(yaml.safe_dump(config))
+        cluster.start_proxy()
+        cluster.add_role({"kind": "role", "metadata": {"name": "sre"},
+                          "spec": {"allow": {"app_labels": {"team": "sre"}}}})
+        cluster.add_user("alice", ["sre"], E2E_PASSWORD)
+        cluster.start_agent()
+        wait_until(lambda: app_online(cluster, "hello"), 30, "the agent to register hello")
+        browser = Browser(cluster)
+        landed = browser.login_through(cluster.url("hello", "/echo?pg=1"), "alice", E2E_PASSWORD)
+        assert landed.status_code == 200, landed.text
+        assert landed.json()["path"] == "/echo?pg=1"
+        def events() -> str:
+            return postgres_server.psql("SELECT type, actor, outcome FROM audit_events",
+                                        database=postgres_db["dbname"])
+
+        wait_until(lambda: "app.request|alice|success" in events(), 10,
+                   "the app.request event in PostgreSQL")
+        assert "user.login|alice|success" in events()
+        assert postgres_db["password"] not in (cluster.root / "proxy.log").read_text()
+    finally:
+        cluster.stop()
+        upstream.stop()
