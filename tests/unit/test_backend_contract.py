@@ -18,6 +18,7 @@ from twisted.internet import defer, reactor
 from apptunnel.backend import open_backend
 from apptunnel.backend.base import Backend, BackendError
 from apptunnel.backend.memory import MemoryBackend
+from apptunnel.backend.postgres import PostgresBackend
 from apptunnel.backend.sqlite import SqliteBackend
 from apptunnel.config import ConfigError, load_proxy_config
 from tests.support.backend_contract import *  # noqa: F401,F403 - the contract tests
@@ -61,7 +62,7 @@ def test_memory_is_not_a_proxy_yaml_backend(tmp_path):
         open_backend(SimpleNamespace(backend_type="memory", backend_path=""), reactor)
 
 
-@pytest.mark.parametrize("implementation", [SqliteBackend, MemoryBackend])
+@pytest.mark.parametrize("implementation", [SqliteBackend, MemoryBackend, PostgresBackend])
 def test_every_protocol_method_is_a_coroutine_taking_the_same_arguments(implementation):
     """Each Backend method exists as a coroutine accepting the protocol's parameters (same
     names, kinds and defaults; an implementation may only add keyword-only ones)."""
