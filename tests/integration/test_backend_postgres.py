@@ -9,6 +9,7 @@ version.
 from __future__ import annotations
 
 import os
+import pathlib
 import sqlite3
 import subprocess
 import threading
@@ -26,7 +27,7 @@ from apptunnel.backend.base import BackendError
 from apptunnel.backend.postgres import PostgresBackend, migrate_database
 from tests.support.backend_contract import *  # noqa: F401,F403 - the contract tests
 from tests.support.backend_contract import user
-from tests.support.cluster import BIN, Browser, Cluster, wait_until
+from tests.support.cluster import BIN, Browser, Cluster, free_port, wait_until
 from tests.support.localhost import localhost_resolution
 from tests.support.postgres import PostgresServer
 from tests.support.upstream import HttpUpstream
@@ -312,3 +313,27 @@ def test_a_proxy_on_postgres_signs_in_serves_an_app_and_audits_there(tmp_path, p
     finally:
         cluster.stop()
         upstream.stop()
+
+
+def test_a_proxy_refuses_to_start_on_a_newer_postgres_schema(tmp_path, postgres_server,
+                                                             postgres_db):
+    """twistd apptunnel on a database migrated by a newer apptunnel: exit non-zero, one
+    line with SQLite's words, no traceback, never serving."""
+    config = proxy_yaml(tmp_path, postgres_db)
+    assert run_cli("migrate", "--config", config).returncode == 0
+    postgres_server.psql(f"UPDATE {pg_schema.VERSION_TABLE} SET version = {SCHEMA_VERSION + 1}",
+                         database=postgres_db["dbname"])
+    text = pathlib.Path(config).read_text()
+    for key in ("web_listen_addr", "tunnel_listen_addr"):
+        text = text.replace(f"{key}: 127.0.0.1:0", f"{key}: 127.0.0.1:{free_port()}")
+    pathlib.Path(config).write_text(text)
+    result = subprocess.run([str(BIN / "twistd"), "-n", "--pidfile=", "apptunnel", "--config",
+                             config], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output and "serving" not in output, output
+    lines = [line for line in output.splitlines()
+             if "#critical]" in line or "#error]" in line or "error:" in line]
+    assert len(lines) == 1 and f"version {SCHEMA_VERSION + 1} is newer" in lines[0], output
+    assert postgres_db["password"] not in output
