@@ -39,8 +39,8 @@ __all__ = [
 ]
 
 JWT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
-BACKEND_TYPES = ("sqlite",)
-_NOT_YET_BACKENDS = ("postgres", "postgresql")
+BACKEND_TYPES = ("sqlite", "postgres")
+_POSTGRES_KEYS = ("type", "dsn", "password_file", "encryption_key_file")
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})\Z")
@@ -488,6 +488,10 @@ class ProxyConfig:
     bot_min_certificate_ttl: float = 60.0
     # access_requests: where each state change of an access request is POSTed.
     access_requests: AccessRequestsConfig | None = None
+    # backend: {type: postgres, dsn, password_file}: the dsn has no password in it (config
+    # refuses one); the password is read from password_file when the backend opens.
+    backend_dsn: str | None = None
+    backend_password_file: str | None = None
 
     @property
     def public_host(self) -> str:
@@ -670,14 +674,25 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
     tunnel = top.address("tunnel_listen_addr", default="0.0.0.0:3024", allow_port_zero=True)
 
     backend_type, backend_path = "sqlite", os.path.join(data_dir, "apptunnel.db")
-    backend = top.section("backend", ("type", "path"))
+    backend_dsn = backend_password_file = None
+    backend = top.section("backend", ("type", "path", *_POSTGRES_KEYS[1:]))
     if backend is not None:
         backend_type = backend.string("type", default="sqlite")
-        if backend_type in _NOT_YET_BACKENDS:
-            backend.fail("type", f"backend {backend_type!r} is not supported yet (use sqlite)")
         if backend_type not in BACKEND_TYPES:
             backend.fail("type", f"expected one of {', '.join(BACKEND_TYPES)}, got {_show(backend_type)}")
-        backend_path = backend.file_path("path", base) or backend_path
+        if backend_type == "postgres":
+            if "path" in backend.data:
+                backend.fail("path", "only for backend type sqlite")
+            backend_dsn = _postgres_dsn(backend)
+            backend_password_file = backend.file_path("password_file", base)
+            if backend.string("encryption_key_file") is not None:
+                backend.fail("encryption_key_file", "not supported yet: CA and signing keys "
+                             "are still files in data_dir")
+        else:
+            for key in _POSTGRES_KEYS[1:]:
+                if key in backend.data:
+                    backend.fail(key, "only for backend type postgres")
+            backend_path = backend.file_path("path", base) or backend_path
 
     cert_file = key_file = None
     tls = top.section("tls", ("cert_file", "key_file"))
@@ -736,7 +751,22 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
         allowed_public_addrs=allowed,
         bot_min_certificate_ttl=_bot_min_ttl(top),
         access_requests=_access_requests(top, base),
+        backend_dsn=backend_dsn,
+        backend_password_file=backend_password_file,
     )
+
+
+_DSN_PASSWORD = re.compile(r"(?:^|\s)password\s*=|^postgres(?:ql)?://[^/@]*:[^/@]*@", re.I)
+
+
+def _postgres_dsn(backend: _Section) -> str:
+    """backend.dsn: libpq key=value or a postgresql:// URI, never with a password in it
+    (the config file is not a secret; password_file is). The dsn is never echoed back."""
+    dsn = backend.string("dsn", required=True)
+    assert dsn is not None
+    if _DSN_PASSWORD.search(dsn.strip()):
+        backend.fail("dsn", "must not contain a password: put it in password_file")
+    return dsn
 
 
 def _bot_min_ttl(top: _Section) -> float:

@@ -20,6 +20,12 @@ def open_backend(config: "ProxyConfig", reactor: IReactorCore) -> Backend:
         from apptunnel.backend.sqlite import SqliteBackend
 
         return SqliteBackend(config.backend_path, reactor)
+    if config.backend_type == "postgres":
+        from apptunnel.backend.postgres import PostgresBackend, read_password_file
+
+        password = (read_password_file(config.backend_password_file)
+                    if config.backend_password_file else None)
+        return PostgresBackend(config.backend_dsn, reactor, password=password)
     raise BackendError(
-        f"unknown backend type {config.backend_type!r} (supported: sqlite)"
+        f"unknown backend type {config.backend_type!r} (supported: sqlite, postgres)"
     )

@@ -231,6 +231,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
+MIGRATIONS = _MIGRATIONS   # public for backend/pg_schema.py, which translates them
 
 
 def _dump(value: Any) -> str:
@@ -307,6 +308,22 @@ def _migrate(conn: sqlite3.Connection) -> None:
             for statement in statements:
                 conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def migrate_file(path: str) -> tuple[int, int]:
+    """`apptunnel migrate`: bring the file's schema to SCHEMA_VERSION now (a proxy would do
+    it when it opens the file) and return (version before, version after). BackendError when
+    the file's schema is newer than this apptunnel knows. Blocking: for the CLI, not the
+    reactor."""
+    before = 0
+    if os.path.exists(path):
+        probe = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            before = _user_version(probe)
+        finally:
+            probe.close()
+    _open_connection(path).close()
+    return before, SCHEMA_VERSION
 
 
 def _user_version(conn: sqlite3.Connection) -> int:
@@ -1143,7 +1160,7 @@ class SqliteBackend:
             where.append("user_name = ?")
             params.append(user)
         if states is not None:
-            where.append(f"state IN ({', '.join('?' * len(states))})" if states else "0")
+            where.append(f"state IN ({', '.join('?' * len(states))})" if states else "1 = 0")
             params.extend(states)
         sql = (f"SELECT {_REQUEST_COLUMNS} FROM access_requests"
                + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY created, id")

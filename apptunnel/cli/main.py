@@ -33,8 +33,8 @@ from twisted.logger import (
 )
 
 from apptunnel.cli import (
-    agents, apps, audit_search, bots, locks, login, mfa, proxy_app, requests, resources,
-    tokens, users,
+    agents, apps, audit_search, bots, locks, login, mfa, migrate, proxy_app, requests,
+    resources, tokens, users,
 )
 from apptunnel.cli.context import Admin, Io, UsageError
 from apptunnel.cli.output import clean
@@ -102,6 +102,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     proxy_app.add_parsers(verbs, common)
     mfa.add_parsers(verbs, common)
     requests.add_parsers(verbs, common)
+    migrate.add_parsers(verbs, common)
     verbs.add_parser("version", parents=[common], help="print the version")
     return parser
 
