@@ -168,12 +168,13 @@ class AgentEnrolment:
                                         last_seen=self.clock.seconds())
         return Issued(cert_pem, not_after)
 
-    def connected(self, host_id: str, peer: str, apps: tuple[str, ...]) -> None:
-        """Record that the agent's tunnel here is up, serving ``apps``."""
+    def connected(self, host_id: str, peer: str, apps: tuple[str, ...],
+                  version: str = "") -> None:
+        """Record that the agent's tunnel here is up, serving ``apps``, running ``version``."""
         now = self.clock.seconds()
         self._record(self.backend.update_agent(host_id, connected_since=now, last_seen=now,
                                                peer=peer, proxy_id=self.proxy_id, apps=apps,
-                                               draining=False))
+                                               draining=False, version=version))
 
     def serving(self, host_id: str, apps: tuple[str, ...]) -> None:
         """Record what the agent serves now (a later announcement on a live tunnel)."""

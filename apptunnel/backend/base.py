@@ -32,7 +32,7 @@ MAX_SEARCH_LIMIT = 100_000
 
 # The Agent fields update_agent may set (its connection state); anything else is an error.
 AGENT_STATE = frozenset({"cert_expires", "key_pin", "last_seen", "connected_since", "peer",
-                         "proxy_id", "apps", "draining"})
+                         "proxy_id", "apps", "draining", "version"})
 
 
 # How long a link stays stored after it expires, so a late visit still hears "expired".

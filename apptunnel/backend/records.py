@@ -93,6 +93,7 @@ class Agent:
     proxy_id: str = ""
     apps: tuple[str, ...] = ()
     draining: bool = False              # its tunnel is going away (the agent shuts down)
+    version: str = ""                   # what its last hello said it runs
 
 
 @attrs.frozen

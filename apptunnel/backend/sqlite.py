@@ -228,6 +228,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "ALTER TABLE web_sessions ADD COLUMN method TEXT NOT NULL DEFAULT ''",
     ),
+    (
+        # What each agent's last hello said it runs (the admin agents page).
+        "ALTER TABLE agents ADD COLUMN version TEXT NOT NULL DEFAULT ''",
+    ),
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -379,7 +383,7 @@ def _app_session(row: tuple) -> AppSession:
 _TOKEN_COLUMNS = "token_hash, kind, expires, created, uses_left, scope, bot"
 _BOT_COLUMNS = "name, roles, created, generation, cert_expires"
 _AGENT_COLUMNS = ("host_id, scope, joined, cert_expires, key_pin, last_seen, connected_since,"
-                  " peer, proxy_id, apps, draining")
+                  " peer, proxy_id, apps, draining, version")
 _LOCK_COLUMNS = "id, user_name, app, message, created, expires, created_by, agent"
 _WEB_COLUMNS = ("id_hash, user_name, roles, traits, created, expires, enroll_only, requests,"
                 " method")
@@ -399,7 +403,7 @@ def _bot(row: tuple) -> Bot:
 
 def _agent(row: tuple) -> Agent:
     return Agent(row[0], Scope.from_json(json.loads(row[1])), *row[2:9],
-                 apps=tuple(json.loads(row[9])), draining=bool(row[10]))
+                 apps=tuple(json.loads(row[9])), draining=bool(row[10]), version=row[11])
 
 
 def _audit_event(row: tuple) -> AuditEvent:
@@ -738,15 +742,16 @@ class SqliteBackend:
     @staticmethod
     def _put_agent(conn: sqlite3.Connection, a: Agent) -> None:
         conn.execute(
-            f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (host_id) DO UPDATE SET scope = excluded.scope,"
             " joined = excluded.joined, cert_expires = excluded.cert_expires,"
             " key_pin = excluded.key_pin, last_seen = excluded.last_seen,"
             " connected_since = excluded.connected_since, peer = excluded.peer,"
-            " proxy_id = excluded.proxy_id, apps = excluded.apps, draining = excluded.draining",
+            " proxy_id = excluded.proxy_id, apps = excluded.apps, draining = excluded.draining,"
+            " version = excluded.version",
             (a.host_id, _dump(a.scope.to_json()), a.joined, a.cert_expires, a.key_pin,
              a.last_seen, a.connected_since, a.peer, a.proxy_id, _dump(list(a.apps)),
-             int(a.draining)),
+             int(a.draining), a.version),
         )
 
     async def put_agent(self, agent: Agent) -> None:

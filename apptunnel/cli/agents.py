@@ -30,6 +30,7 @@ def _as_json(agent: Agent, locked: set[str]) -> dict:
     return {
         "id": agent.host_id,
         "host": agent.peer,
+        "version": agent.version,
         "apps": list(agent.apps) if agent.connected_since is not None else [],
         "connected_since": when(agent.connected_since),
         "last_seen": when(agent.last_seen),

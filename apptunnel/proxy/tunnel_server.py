@@ -375,7 +375,7 @@ class TunnelSession:
         self._send(tunnel, HelloOk(proxy_id=f.proxy_id, refused=tuple(refused)))
         log.info("agent {host_id} connected from {peer} with apps {apps}", host_id=host_id,
                  peer=self._peer, apps=", ".join(serving) or "(none)")
-        self._enrolment.connected(host_id, self._peer, tuple(serving))
+        self._enrolment.connected(host_id, self._peer, tuple(serving), hello.version)
         if f.resources is not None:
             f.resources.add_listener(self._resources_changed)
             self._push_resources()

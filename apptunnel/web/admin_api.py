@@ -62,7 +62,8 @@ def bot_view(bot: Bot, now: float) -> dict:
 
 def agent_view(agent: Agent, now: float, locked: bool = False) -> dict:
     connected = agent.connected_since
-    return {"host_id": agent.host_id, "locked": locked, "state": inventory.agent_state(agent), "peer": agent.peer, "proxy": agent.proxy_id,
+    return {"host_id": agent.host_id, "locked": locked, "state": inventory.agent_state(agent),
+            "peer": agent.peer, "proxy": agent.proxy_id, "version": agent.version,
             "apps": list(agent.apps), "joined": agent.joined, "last_seen": agent.last_seen,
             "connected_since": connected, "online": connected is not None,
             "tunnel_uptime": None if connected is None else max(0.0, now - connected),

@@ -18,6 +18,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from apptunnel.agent.service import VERSION
 from tests.support.cluster import BIN, Browser, Child, Cluster, audit, wait_until
 from tests.support.upstream import HttpUpstream
 
@@ -233,6 +234,7 @@ def test_lock_agent_cuts_its_tunnel_and_agents_ls_shows_it(cluster, upstream):
         row = agents(cluster)[agent.host_id]
         assert row["apps"] == ["lockme-app"] and row["host"].startswith("127.0.0.1:")
         assert row["connected_since"] and row["locked"] is False
+        assert row["version"] == VERSION         # what its hello said it runs
         cluster.cli("lock", "--agent", agent.host_id)
         wait_until(lambda: agents(cluster)[agent.host_id]["connected_since"] is None, 10,
                    "the locked agent's tunnel to be cut")

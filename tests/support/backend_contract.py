@@ -483,6 +483,17 @@ async def test_agent_state_updates_and_only_proxy(backend):
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_agents_version_is_kept(backend):
+    """version (what its hello said it runs) is stored by put and update, '' by default."""
+    await wait(backend.put_agent(agent(proxy_id="p1")))
+    assert (await wait(backend.get_agent("h1"))).version == ""
+    assert await wait(backend.update_agent("h1", version="0.9.1"))
+    assert (await wait(backend.get_agent("h1"))).version == "0.9.1"
+    await wait(backend.put_agent(agent("h2", version="1.0")))
+    assert (await wait(backend.get_agent("h2"))).version == "1.0"
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_agents_draining_state_is_kept(backend):
     """draining (its tunnel is going away) is stored by put and update, false by default."""
     await wait(backend.put_agent(agent(proxy_id="p1")))
