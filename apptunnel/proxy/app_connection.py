@@ -55,6 +55,9 @@ MAX_PENDING = 1024 * 1024
 MAX_DISCARD = 1024 * 1024
 
 
+MAX_AUDITED_HOST = 255    # a Host or path of an app-less request is cut to this in the audit
+
+
 def new_request_id() -> str:
     """A short random id naming one request on its error page and in the audit."""
     return secrets.token_hex(8)
@@ -80,6 +83,7 @@ class _Exchange:
     bytes_out: int = 0
     discarded: int = 0
     request_id: str = ""      # on its error page and its app.request audit event
+    host: str = ""            # as the request named it (audited when no app has it)
 
 
 @implementer(IPushProducer)
@@ -290,6 +294,7 @@ class AppConnection(Protocol):
             method=head.method, path=path, started=self._clock.seconds(),
             keep_alive=keep_alive(head.version, head.headers), version=head.version,
             request_id=head.request_id,
+            host=(head.headers.get(b"host") or b"")[:MAX_AUDITED_HOST].decode("latin-1"),
         )
         self.state = ROUTING
         if self._fixed_app is not None:
@@ -385,7 +390,7 @@ class AppConnection(Protocol):
         self.transport.write(answer.data)
         if answer.close:
             self._ex = None
-            self._audit(ex)  # only exchanges that got as far as an app are audited
+            self._audit(ex)
             self._close()
             return
         self._resume_client("routing")
@@ -678,6 +683,13 @@ class AppConnection(Protocol):
 
     def _audit(self, ex: _Exchange, incomplete: bool = False) -> None:
         if ex.app is None:
+            # No app has that host (or it was no valid host): still one event, so the
+            # request id on the error page leads somewhere.
+            self._fw.audit.emit("app.request", actor=ex.user, target="", outcome="failure",
+                                method=ex.method.decode("latin-1"),
+                                path=ex.path.decode("latin-1")[:MAX_AUDITED_HOST],
+                                status=ex.status, host=ex.host, client_ip=self._client_ip,
+                                request_id=ex.request_id)
             return
         fields = dict(
             method=ex.method.decode("latin-1"),

@@ -13,6 +13,7 @@ from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder, AppConnection
 from apptunnel.proxy.http1 import MAX_HEAD
 from apptunnel.catalog import AppInfo
+from tests.support.audit_fake import Audit
 from apptunnel.proxy.registry import AgentRegistry
 from tests.support.edge_site import Hello
 from tests.support.forward_env import APP_HOST, PUBLIC, request_bytes
@@ -32,9 +33,10 @@ def make_edge(clock):
     )
     registry = AgentRegistry()
     registry.add(object(), "a1", [AppInfo(name="grafana", uri="http://127.0.0.1:1", public_addr=APP_HOST)])
-    # Routing and hand-over never reach sessions, roles, signing or audit.
+    # Routing and hand-over never reach sessions, roles or signing; a request no app
+    # serves is audited (its error page names its request id).
     forwarder = AppForwarder(
-        config=config, registry=registry, sessions=None, roles=None, signer=None, audit=None,
+        config=config, registry=registry, sessions=None, roles=None, signer=None, audit=Audit(),
         clock=clock, connect_app=None,
     )
     site = server.Site(Hello())
@@ -200,3 +202,20 @@ def test_malformed_host_on_a_later_head_is_400():
     transport.protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: nothing." + PUBLIC.encode() + b":@evil.com\r\n\r\n")
     assert transport.value().count(b"HTTP/1.1 400 ") == 1
     assert transport.disconnecting
+
+
+def test_a_request_no_app_serves_is_audited_under_its_pages_request_id():
+    """The 404 page for a host no app has names a request id, and one app.request event
+    (failure, the host asked for) carries the same id, so the page leads to its event."""
+    import re
+
+    factory = make_edge(Clock())
+    edge, transport = connect(factory)
+    host = b"nothing." + PUBLIC.encode()
+    edge.dataReceived(b"GET /x HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+    page = transport.value()
+    assert page.startswith(b"HTTP/1.1 404 ")
+    shown = re.search(rb'id="request-id">([^<]+)<', page).group(1).decode()
+    events = factory.forwarder.audit.of("app.request")
+    assert [(e["request_id"], e["host"], e["outcome"], e["status"]) for e in events] == \
+        [(shown, host.decode(), "failure", 404)]
