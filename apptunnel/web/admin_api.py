@@ -16,15 +16,12 @@ from klein import Klein
 
 from apptunnel.admin.context import AdminContext, AdminError
 from apptunnel.admin import inventory
-from apptunnel.admin.bots import BotAdmin
-from apptunnel.admin.locks import LockAdmin, describe
-from apptunnel.admin.tokens import TokenAdmin
+from apptunnel.admin.locks import describe
 from apptunnel.admin.resources import ResourceAdmin
-from apptunnel.admin.users import UserAdmin
 from apptunnel.auth.bots import BOT_PREFIX
 from apptunnel.backend.records import Agent, Bot, JoinToken, Lock, Resource, User
 from apptunnel.web.admin_gate import (
-    AdminGate, AdminRoutes, actor, duration_field, optional_string, string_list,
+    AdminRoutes, actor, duration_field, optional_string, string_list,
 )
 from apptunnel.web.http import json_body, json_response
 
@@ -99,16 +96,6 @@ class AdminApi(AdminRoutes):
 
     app = Klein()
     app.handle_errors(AdminRoutes.on_error)
-
-    def __init__(self, gate: AdminGate, admin: AdminContext, users: UserAdmin) -> None:
-        super().__init__(gate)
-        self._ctx = admin
-        self._registry = gate.ctx.registry
-        self._users = users
-        self._locks = LockAdmin(admin)
-        self._tokens = TokenAdmin(admin)
-        self._bots = BotAdmin(admin)
-        self._resources = ResourceAdmin(admin)
 
     # -- users --------------------------------------------------------------------------
 

@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.python.failure import Failure
 
-from apptunnel.admin.context import Actor, AdminError
+from apptunnel.admin.bots import BotAdmin
+from apptunnel.admin.context import Actor, AdminContext, AdminError
+from apptunnel.admin.locks import LockAdmin
+from apptunnel.admin.resources import ResourceAdmin
+from apptunnel.admin.tokens import TokenAdmin
+from apptunnel.admin.users import UserAdmin
 from apptunnel.auth.callers import Caller, caller_from_session
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.rbac import RESOURCE_KINDS
@@ -97,13 +102,31 @@ def actor(caller: Caller) -> Actor:
     return Actor(caller.user, "api")
 
 
+class AdminServices:
+    """The admin services (apptunnel/admin/) one mount shares: the API and the pages act
+    through the same objects, as the CLI does through its own."""
+
+    def __init__(self, admin: AdminContext) -> None:
+        self.ctx = admin
+        self.users = UserAdmin(admin)
+        self.locks = LockAdmin(admin)
+        self.tokens = TokenAdmin(admin)
+        self.bots = BotAdmin(admin)
+        self.resources = ResourceAdmin(admin)
+
+
 class AdminRoutes(Routes):
     """Base of the admin and audit route modules: an admin service's refusal becomes the
     uniform error answer (JSON under /v1/, the error page elsewhere) with its status."""
 
-    def __init__(self, gate: AdminGate) -> None:
+    def __init__(self, gate: AdminGate, services: AdminServices | None = None) -> None:
         super().__init__(gate.ctx)
         self.gate = gate
+        self._registry = gate.ctx.registry
+        if services is not None:
+            self._ctx = services.ctx
+            self._users, self._locks, self._tokens = services.users, services.locks, services.tokens
+            self._bots, self._resources = services.bots, services.resources
 
     async def render(self, request, caller: Caller, section: str, template: str,
                      context: dict, status: int = 200) -> bytes:

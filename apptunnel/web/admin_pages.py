@@ -14,19 +14,14 @@ from urllib.parse import quote
 
 from klein import Klein
 
-from apptunnel.admin.context import AdminContext, AdminError
+from apptunnel.admin.context import AdminError
 from apptunnel.admin import inventory
-from apptunnel.admin.bots import BotAdmin
-from apptunnel.admin.locks import LockAdmin
-from apptunnel.admin.tokens import TokenAdmin
-from apptunnel.admin.resources import ResourceAdmin
-from apptunnel.admin.users import UserAdmin
 from apptunnel.web.admin_api import (
     DEFAULT_LINK_TTL, KIND_OF, agent_view, app_views, bot_view, lock_view, resource_view,
     token_view, user_view,
 )
 from apptunnel.web.admin_gate import (
-    SECTIONS, TITLES, AdminGate, AdminRoutes, actor, duration_field, string_list,
+    SECTIONS, TITLES, AdminRoutes, actor, duration_field, string_list,
 )
 from apptunnel.web.http import redirect
 
@@ -79,16 +74,6 @@ class AdminPages(AdminRoutes):
 
     app = Klein()
     app.handle_errors(AdminRoutes.on_error)
-
-    def __init__(self, gate: AdminGate, admin: AdminContext, users: UserAdmin) -> None:
-        super().__init__(gate)
-        self._ctx = admin
-        self._registry = gate.ctx.registry
-        self._users = users
-        self._locks = LockAdmin(admin)
-        self._tokens = TokenAdmin(admin)
-        self._bots = BotAdmin(admin)
-        self._resources = ResourceAdmin(admin)
 
     @app.route("/web/admin", methods=["GET"])
     async def index(self, request):

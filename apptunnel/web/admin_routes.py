@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING
 
 from apptunnel.admin.audit import AuditSearch
 from apptunnel.admin.context import AdminContext
-from apptunnel.admin.users import UserAdmin
 from apptunnel.web.admin_api import AdminApi
-from apptunnel.web.admin_gate import AdminGate
+from apptunnel.web.admin_gate import AdminGate, AdminServices
 from apptunnel.web.admin_pages import AdminPages
 from apptunnel.web.audit_web import AuditApi, AuditPages
 
@@ -31,12 +30,11 @@ TEMPLATES = ("admin_apps.html", "admin_agents.html", "admin_users.html",
 
 def mount_admin(web: WebApp, admin: AdminContext) -> None:
     """Answer the admin and audit paths of ``web`` (before its ``resource()``)."""
-    gate = AdminGate(web.context)
-    users = UserAdmin(admin)
+    gate, services = AdminGate(web.context), AdminServices(admin)
     web.context.load(*TEMPLATES)
     web.context.nav_hooks.append(gate.nav_links)   # "Admin" / "Audit" in the header
-    web.mount(("/v1/admin",), AdminApi(gate, admin, users))
-    web.mount(("/web/admin",), AdminPages(gate, admin, users))
+    web.mount(("/v1/admin",), AdminApi(gate, services))
+    web.mount(("/web/admin",), AdminPages(gate, services))
     search = AuditSearch(admin.backend)
     web.mount(("/v1/audit",), AuditApi(gate, search))
     web.mount(("/web/audit",), AuditPages(gate, search))
