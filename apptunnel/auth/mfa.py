@@ -281,14 +281,18 @@ class SecondFactors:
             self._emit("user.mfa.add", user, "failure", device=name, kind="webauthn",
                        reason="registration refused")
             raise
+        return await self._store(MfaDevice(user, name, "webauthn", secret, count,
+                                           self._clock.seconds()), devices)
+
+    async def _store(self, device: MfaDevice, devices_before: list[MfaDevice]) -> list[str]:
+        """Keep a proven device, audited; the recovery codes to show (first one only)."""
         try:
-            await self._backend.add_mfa_device(MfaDevice(user, name, "webauthn", secret, count,
-                                                         self._clock.seconds()))
+            await self._backend.add_mfa_device(device)
         except AlreadyExists:
-            raise AuthError(409, f"you already have a device named {name!r}") from None
-        codes = await self._first_codes(user, devices)
-        self._emit("user.mfa.add", user, "success", device=name, kind="webauthn",
-                   recovery_codes=len(codes))
+            raise AuthError(409, f"you already have a device named {device.name!r}") from None
+        codes = await self._first_codes(device.user, devices_before)
+        self._emit("user.mfa.add", device.user, "success", device=device.name,
+                   kind=device.kind, recovery_codes=len(codes))
         return codes
 
     async def _first_codes(self, user: str, devices_before: list[MfaDevice]) -> list[str]:
@@ -320,16 +324,9 @@ class SecondFactors:
                        reason="wrong code")
             raise AuthError(400, "the code does not match: check the time on your device "
                                  "and enter the code it shows now")
-        try:
-            # The confirming code's step is spent: it cannot sign in afterwards.
-            await self._backend.add_mfa_device(MfaDevice(user, name, "totp", secret, step,
-                                                         self._clock.seconds()))
-        except AlreadyExists:
-            raise AuthError(409, f"you already have a device named {name!r}") from None
-        codes = await self._first_codes(user, devices)
-        self._emit("user.mfa.add", user, "success", device=name, kind="totp",
-                   recovery_codes=len(codes))
-        return codes
+        # The confirming code's step is spent: it cannot sign in afterwards.
+        return await self._store(MfaDevice(user, name, "totp", secret, step,
+                                           self._clock.seconds()), devices)
 
     async def devices(self, user: str) -> list[MfaDevice]:
         return await self._backend.list_mfa_devices(user)
