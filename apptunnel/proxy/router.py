@@ -138,6 +138,13 @@ class AppRouter:
         self._public_host = host_only(config.public_addr)
         self._home = pages.home_origin(config.public_host, config.public_port)
 
+    def _error(self, head: RequestHead, status: int, message: str | None = None, *,
+               headers=(), close: bool, head_only: bool = False) -> Answer:
+        """An error page on an app host: styled, linking home, naming the request id."""
+        return Answer(pages.error_response(status, message, headers, close=close,
+                                           head_only=head_only, home=self._home,
+                                           request_id=head.request_id), status, close)
+
     async def route(self, head: RequestHead, client_ip: str,
                     caller: Caller | None = None) -> Answer | Forward:
         """Answer here (hand-off, logout, sign-in redirect, refusal) or allow through.
@@ -150,7 +157,7 @@ class AppRouter:
 
         def page(status: int, headers=(), close_now: bool = False) -> Answer:
             c = close or close_now
-            return Answer(pages.error_response(status, headers=headers, close=c, head_only=head_only, home=self._home, request_id=head.request_id), status, c)
+            return self._error(head, status, headers=headers, head_only=head_only, close=c)
 
         host_raw = head.headers.get(b"host")
         if not valid_host(host_raw):
@@ -161,7 +168,7 @@ class AppRouter:
             return page(421 if host_only(host) == self._public_host else 404)
         if app.kind == "tcp":
             message = f"TCP app: use apptunnel proxy app {app.name}"
-            return Answer(pages.error_response(400, message, close=True, head_only=head_only, home=self._home, request_id=head.request_id), 400, True)
+            return self._error(head, 400, message, head_only=head_only, close=True)
         if head.method == b"CONNECT" or not head.target.startswith(b"/"):
             # A 2xx to CONNECT would make the connection a raw pipe to the app, past
             # header stripping, the JWT and the audit: never forward one.
@@ -217,20 +224,20 @@ class AppRouter:
         head_only = head.method == b"HEAD"
         if self.clock.seconds() >= caller.expires:
             message = "certificate expired: run apptunnel login"
-            return Answer(pages.error_response(401, message, close=True, head_only=head_only, home=self._home, request_id=head.request_id), 401, True)
+            return self._error(head, 401, message, head_only=head_only, close=True)
         app = self.registry.app(app_name)
         if app is None:
             close = not keep_alive(head.version, head.headers)
-            return Answer(pages.error_response(503, close=close, head_only=head_only, home=self._home, request_id=head.request_id), 503, close)
+            return self._error(head, 503, head_only=head_only, close=close)
         if head.method == b"CONNECT":
-            return Answer(pages.error_response(405, close=True, head_only=head_only, home=self._home, request_id=head.request_id), 405, True)
+            return self._error(head, 405, head_only=head_only, close=True)
         host_raw = head.headers.get(b"host")
         if not head.target.startswith(b"/") or (host_raw is not None and not valid_host(host_raw)):
-            return Answer(pages.error_response(400, close=True, head_only=head_only, home=self._home, request_id=head.request_id), 400, True)
+            return self._error(head, 400, head_only=head_only, close=True)
         if not _local_host_ok(head.headers.get(b"host"), app.public_addr):
             self._log.info("refused {app} through a local port for Host {host!r}", app=app.name,
                            host=(head.headers.get(b"host") or b"").decode("latin-1")[:100])
-            return Answer(pages.error_response(421, close=True, head_only=head_only, home=self._home, request_id=head.request_id), 421, True)
+            return self._error(head, 421, head_only=head_only, close=True)
         why = local_port_cross_site(head.headers, f"https://{app.public_addr}")
         if why is not None:
             self._log.info("refused {app} through a local port for {user}: {why}", app=app.name,
@@ -238,7 +245,7 @@ class AppRouter:
             self.audit.emit("access.denied", actor=caller.user, target=app.name, outcome="failure",
                             reason=why, client_ip=client_ip, method=head.method.decode("latin-1"),
                             path=head.target.partition(b"?")[0].decode("latin-1"))
-            return Answer(pages.error_response(403, close=True, head_only=head_only, home=self._home, request_id=head.request_id), 403, True)
+            return self._error(head, 403, head_only=head_only, close=True)
         return await self._by_certificate(head, app, caller, client_ip, True)
 
     async def _by_certificate(self, head: RequestHead, app: AppInfo, caller: Caller,
@@ -263,8 +270,7 @@ class AppRouter:
             # A Deny's message, or NeedsMore's "needs a second factor" (per-session MFA:
             # a certificate gets one only from apptunnel proxy app, bound to the app).
             message = decision.message or None
-            return Answer(pages.error_response(403, message, close=close, head_only=head_only, home=self._home, request_id=head.request_id),
-                          403, close)
+            return self._error(head, 403, message, head_only=head_only, close=close)
         who = decision.caller
         return Forward(app, self._app_head(head, app, who, client_ip, upgrade), who.user, upgrade, who)
 
@@ -303,15 +309,14 @@ class AppRouter:
             return Answer(pages.logout_response(app.name, LOGOUT_PATH.decode("ascii"), close=close,
                                                 head_only=head_only), 200, close)
         if head.method != b"POST":
-            return Answer(pages.error_response(405, headers=[(b"Allow", b"GET, POST")], close=close, home=self._home, request_id=head.request_id), 405, close)
+            return self._error(head, 405, headers=[(b"Allow", b"GET, POST")], close=close)
         origin, referer = head.headers.get(b"origin"), head.headers.get(b"referer")
         proof = same_origin(None if origin is None else origin.decode("latin-1"),
                             None if referer is None else referer.decode("latin-1"),
                             _app_origins(app.public_addr))
         if proof is not True:
             self._log.info("refused a cross-site logout on {app}", app=app.name)
-            return Answer(pages.error_response(403, "This sign-out was not sent from this app.",
-                                               close=close, home=self._home, request_id=head.request_id), 403, close)
+            return self._error(head, 403, "This sign-out was not sent from this app.", close=close)
         secret = cookies.get(APP_COOKIE)
         if secret:
             app_session = await self.sessions.app_session(secret, app.name)
