@@ -683,8 +683,10 @@ class AppConnection(Protocol):
 
     def _audit(self, ex: _Exchange, incomplete: bool = False) -> None:
         if ex.app is None:
-            # No app has that host (or it was no valid host): still one event, so the
-            # request id on the error page leads somewhere.
+            if ex.status != 404:
+                return   # refused before an app was chosen: its refusal is audited as such
+            # No app has that host: still one event, so the request id on the 404 page
+            # leads somewhere (host scans are on record too).
             self._fw.audit.emit("app.request", actor=ex.user, target="", outcome="failure",
                                 method=ex.method.decode("latin-1"),
                                 path=ex.path.decode("latin-1")[:MAX_AUDITED_HOST],
