@@ -10,7 +10,6 @@ line and exit 1 (`apptunnel.startup.fatal`); "serving" is logged only after both
 from __future__ import annotations
 
 import os
-import secrets
 
 import attrs
 from OpenSSL import crypto
@@ -51,6 +50,7 @@ from apptunnel.proxy.app_resources import AppResources
 from apptunnel.proxy.control import ControlFactory, control_endpoint, control_path
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder
+from apptunnel.proxy.identity import ProxyIdError, load_or_create_proxy_id
 from apptunnel.proxy.limits import ConnectionTracker, LimitedFactory, raise_fd_limit
 from apptunnel.proxy.pool import TunnelPool
 from apptunnel.proxy.registry import AgentRegistry
@@ -125,6 +125,10 @@ class ProxyService(MultiService):
         self.config = config
         self.reactor = reactor
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+        try:
+            self.proxy_id = load_or_create_proxy_id(config.data_dir)
+        except ProxyIdError as err:
+            raise ConfigError(str(err)) from None
 
         self.ca = ClusterCA.load_or_create(config.data_dir, config.cluster_name, reactor)
         names = [config.public_host, "*." + config.public_host, "localhost"]
@@ -244,7 +248,7 @@ class ProxyService(MultiService):
         self.listeners.add(f"web_listen_addr {config.web_listen_addr}", web_endpoint,
                            LimitedFactory(edge, self.connections))
 
-        proxy_id = secrets.token_hex(8)
+        proxy_id = self.proxy_id
         enrolment = AgentEnrolment(ca=self.ca, backend=self.backend, clock=reactor,
                                    proxy_id=proxy_id, locks=self.locks,
                                    agent_cert_ttl=config.agent_cert_ttl)
