@@ -3,10 +3,13 @@
 The CLI's ``apptunnel proxy app`` and the bot's ``app-proxy`` output (apptunnel/bot/)
 both serve a loopback port with this: before listening, one ``apptunnel-tcp`` upgrade as
 a dry run (``Apptunnel-Dry-Run: 1``, see ``apptunnel/proxy/tcp_access.py``) asks the
-proxy the question each connection will ask (`check`); then each local connection
-becomes its own TLS connection to the proxy, presenting the caller's certificate, and
-one real upgrade, joined after ``101`` to the local socket by the one relay
-(``apptunnel/tunnel/relay.py``). A refusal reaches an HTTP client as an HTTP answer (the
+proxy the question each connection will ask (`check`). When the proxy offers it (its
+answer says ``Apptunnel-Mux: 1``), one TLS connection presenting the caller's
+certificate is upgraded to ``apptunnel-mux`` and speaks the tunnel protocol: each local
+connection is one stream on it, joined to the local socket by the one relay
+(``apptunnel/tunnel/relay.py``); the connection is made again when it was lost or the
+credentials changed. Otherwise (an older proxy) each local connection becomes its own
+TLS connection and one ``apptunnel-tcp`` upgrade, joined after ``101``. A refusal reaches an HTTP client as an HTTP answer (the
 proxy's status and line, or 502/401 when the proxy cannot be reached or the certificate
 has expired), a TCP client as a close. The listener keeps running.
 
@@ -34,6 +37,9 @@ from zope.interface import implementer
 
 from apptunnel.errors import ApptunnelError
 from apptunnel.net import loopback_host, split_host_port
+from apptunnel.tunnel.errors import StreamRefused, status_of
+from apptunnel.tunnel.frames import ErrorCode
+from apptunnel.tunnel.protocol import TunnelProtocol
 from apptunnel.tunnel.relay import Relay
 
 __all__ = ["Answer", "LocalProxy", "LocalProxyError", "SecondFactorNeeded", "check",
@@ -50,6 +56,9 @@ EARLY_LIMIT = 64 * 1024
 EXPIRED = "certificate expired: run apptunnel login"
 LINGER = 2.0  # seconds a refused HTTP client may take to close after our answer
 NEEDS_FACTOR = "needs a second factor"   # the proxy's per-session MFA refusal (401)
+MUX_OFFERED = b"apptunnel-mux: 1"          # in a dry run's answer (tcp_access.MUX_OFFERED_HEADER)
+KEEPALIVE_INTERVAL = 15.0                  # the multiplexed connection's pings (as the proxy's)
+KEEPALIVE_TIMEOUT = 45.0
 
 Say = Callable[[str], None]
 
@@ -84,6 +93,7 @@ async def check(proxy: LocalProxy) -> str:
         raise SecondFactorNeeded(answer.line())
     if answer.status != 200:
         raise LocalProxyError(answer.line())
+    proxy.multiplexed = answer.offers_mux()
     kind = answer.text()
     return kind if kind in ("tcp", "http") else "tcp"
 
@@ -115,6 +125,11 @@ class Answer(NamedTuple):
     def complete(self) -> bool:
         """A whole HTTP answer we may pass on to an HTTP client as it is."""
         return self.status >= 200 and b"\r\n\r\n" in self.raw
+
+    def offers_mux(self) -> bool:
+        """Whether the proxy said it takes multiplexed connections."""
+        head = self.raw.partition(b"\r\n\r\n")[0].lower()
+        return MUX_OFFERED in head.split(b"\r\n")
 
 
 def http_answer(status: int, message: str) -> bytes:
@@ -160,6 +175,8 @@ class LocalProxy(Factory):
         self.connect_timeout = connect_timeout
         self.kind = kind   # "http": refusals reach the local client as HTTP answers
         self.expired = expired
+        self.multiplexed = False      # set by `check` when the proxy offers it
+        self._link: _MuxLink | None = None
 
     def bind(self, profile) -> None:
         """Present this one-app MFA certificate from now on, never re-reading the saved
@@ -190,15 +207,33 @@ class LocalProxy(Factory):
             return None
         return self._profile
 
-    def request(self, dry_run: bool = False) -> bytes:
+    def request(self, dry_run: bool = False, mux: bool = False) -> bytes:
         target = "/v1/tcp/" + quote(self.app, safe="")
         if self.remote_port is not None:
             target += f"?port={self.remote_port}"
         host, _ = split_host_port(self._profile.proxy, 443)
         extra = "Apptunnel-Dry-Run: 1\r\n" if dry_run else ""
+        upgrade = "apptunnel-mux" if mux else "apptunnel-tcp"
         return (f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\n"
-                f"Upgrade: apptunnel-tcp\r\n{extra}User-Agent: apptunnel-proxy-app\r\n\r\n"
+                f"Upgrade: {upgrade}\r\n{extra}User-Agent: apptunnel-proxy-app\r\n\r\n"
                 ).encode("ascii")
+
+    def open_stream(self, profile, factory) -> defer.Deferred:
+        """A stream for one local connection on the run's multiplexed connection, made
+        (again) when there is none, it was lost, or the credentials changed; errbacks
+        with `_Unserved` (a status and a line for the local client)."""
+        link = self._link
+        if link is None or link.lost or link.profile is not profile:
+            if link is not None:
+                link.retire()
+            link = self._link = _MuxLink(self, profile)
+        return link.stream(factory)
+
+    def stop(self) -> None:
+        """Close the multiplexed connection (the listener is going away)."""
+        if self._link is not None:
+            self._link.retire()
+            self._link = None
 
     def endpoint(self, profile):
         host, port = split_host_port(profile.proxy, 443)
@@ -241,6 +276,10 @@ class LocalConnection(Protocol):
         if profile is None:
             self._fail(401, f.expired)
             return
+        if f.multiplexed:
+            self._connecting = f.open_stream(profile, _EndFactory(self._relay.b))
+            self._connecting.addCallbacks(self._stream_opened, self._stream_failed)
+            return
         try:
             endpoint = f.endpoint(profile)
         except (ValueError, SSL.Error) as err:
@@ -248,6 +287,20 @@ class LocalConnection(Protocol):
             return
         self._connecting = endpoint.connect(_RemoteFactory(self, f.request()))
         self._connecting.addErrback(self._connect_failed)
+
+    def _stream_opened(self, _) -> None:
+        self._connecting = None   # the stream's end joined the relay: bytes flow
+
+    def _stream_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if self._closed or failure.check(defer.CancelledError):
+            return
+        if failure.check(_Unserved):
+            unserved = failure.value
+            self._factory.say(unserved.line)
+            self._answer(unserved.answer, unserved.status, unserved.message)
+            return
+        self._fail(502, f"cannot reach the proxy: {failure.getErrorMessage()}")
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
@@ -309,6 +362,124 @@ class LocalConnection(Protocol):
             d, self._connecting = self._connecting, None
             d.cancel()
         self._relay.a.connectionLost(reason)
+
+
+class _Unserved(Exception):
+    """A local connection the proxy did not take: what to print and to answer."""
+
+    def __init__(self, status: int, line: str, answer: Answer | None = None,
+                 message: str | None = None) -> None:
+        super().__init__(line)
+        self.status = status
+        self.line = line                   # printed
+        self.message = message or line     # the body of an HTTP client's answer
+        self.answer = answer or Answer(0, b"")
+
+
+class _EndFactory(Factory):
+    """Gives a stream the relay end already made for its local connection."""
+
+    noisy = False
+
+    def __init__(self, end) -> None:
+        self._end = end
+
+    def buildProtocol(self, addr):
+        return self._end
+
+
+class _MuxLink:
+    """The one upgraded connection of a run that carries every local connection as a
+    stream (the client side of apptunnel/proxy/tcp_mux.py; a `TunnelHandler`)."""
+
+    def __init__(self, proxy: LocalProxy, profile) -> None:
+        self._proxy = proxy
+        self.profile = profile
+        self.lost = False
+        self._tunnel: TunnelProtocol | None = None
+        self._waiting: list[defer.Deferred] = []
+        try:
+            endpoint = proxy.endpoint(profile)
+        except (ValueError, SSL.Error) as err:
+            self._fail(_Unserved(502, f"cannot use the saved login: {err}"))
+            return
+        d = endpoint.connect(_RemoteFactory(self, proxy.request(mux=True)))
+        d.addTimeout(proxy.connect_timeout, proxy.reactor)
+        d.addErrback(lambda f: self._fail(
+            _Unserved(502, f"cannot reach the proxy: {f.getErrorMessage()}")))
+
+    def stream(self, factory) -> defer.Deferred:
+        if self._tunnel is not None:
+            return self._open(self._tunnel, factory)
+        if self.lost:
+            return defer.fail(_Unserved(502, "cannot reach the proxy: connection lost"))
+        waiter: defer.Deferred = defer.Deferred()
+        self._waiting.append(waiter)
+        return waiter.addCallback(self._open, factory)
+
+    def _open(self, tunnel: TunnelProtocol, factory) -> defer.Deferred:
+        d = tunnel.connect_stream({}, factory)
+        d.addErrback(self._unserved)
+        return d
+
+    @staticmethod
+    def _unserved(failure: Failure):
+        if failure.check(StreamRefused):
+            status, message = status_of(failure.value.reason, 502)
+            message = message or str(failure.value)
+            line = f"proxy refused: {status} {responses.get(status, 'Error')}: {message}"
+            raise _Unserved(status, line, message=message)
+        return failure
+
+    def retire(self) -> None:
+        """No new streams here; those open finish, then the connection closes."""
+        self.lost = True
+        if self._tunnel is not None:
+            self._tunnel.go_away("the local proxy made a new connection")
+        self._fail(_Unserved(502, "cannot reach the proxy: connection replaced"))
+
+    def _fail(self, unserved: _Unserved) -> None:
+        self.lost = True
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            if not waiter.called:
+                waiter.errback(unserved)
+
+    # -- the upgrade (RemoteSide's owner) --------------------------------------------------
+
+    def upgraded(self, remote: RemoteSide, rest: bytes) -> None:
+        proxy = self._proxy
+        tunnel = TunnelProtocol(self, proxy.reactor, initiator=True,
+                                keepalive_interval=KEEPALIVE_INTERVAL,
+                                keepalive_timeout=KEEPALIVE_TIMEOUT)
+        remote.relay_through(tunnel)
+        if rest:
+            tunnel.dataReceived(rest)
+
+    def refused(self, answer: Answer) -> None:
+        self._fail(_Unserved(502, answer.line(), answer))
+
+    # -- TunnelHandler ---------------------------------------------------------------------
+
+    def tunnel_ready(self, tunnel: TunnelProtocol) -> None:
+        if self.lost:   # retired while the upgrade was on its way
+            tunnel.go_away("the local proxy made a new connection")
+            return
+        self._tunnel = tunnel
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            if not waiter.called:
+                waiter.callback(tunnel)
+
+    def control_received(self, tunnel: TunnelProtocol, message: dict) -> None:
+        """The proxy sends none today; unknown messages are ignored (forward compatible)."""
+
+    def stream_requested(self, tunnel: TunnelProtocol, target: dict) -> defer.Deferred:
+        return defer.fail(StreamRefused(ErrorCode.REFUSED, "the local proxy accepts no streams"))
+
+    def tunnel_lost(self, tunnel: TunnelProtocol, reason: Failure) -> None:
+        self._tunnel = None
+        self._fail(_Unserved(502, f"cannot reach the proxy: {reason.getErrorMessage()}"))
 
 
 class _RemoteFactory(Factory):

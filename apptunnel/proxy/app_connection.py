@@ -141,8 +141,9 @@ class AppConnection(Protocol):
     _log = Logger()
 
     def __init__(self, forwarder: AppForwarder, fixed_app: str | None = None,
-                 caller: Caller | None = None) -> None:
+                 caller: Caller | None = None, peer=None) -> None:
         self._fw = forwarder
+        self._peer = peer   # the client's address when the transport is a tunnel stream
         self._fixed_app = fixed_app
         self._cert = caller if fixed_app is not None else _UNKNOWN
         self.user = caller.user if fixed_app is not None and caller is not None else ""
@@ -170,7 +171,7 @@ class AppConnection(Protocol):
     # Client side
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
+        peer = self._peer or self.transport.getPeer()
         self._client_ip = getattr(peer, "host", "") or ""
         self.transport.registerProducer(_Valve(self._client_blocked, self._client_unblocked), True)
         self._fw.connections.add(self)
@@ -672,7 +673,7 @@ class AppConnection(Protocol):
         self._timer = None
 
     def _client_address(self) -> str:
-        peer = self.transport.getPeer()
+        peer = self._peer or self.transport.getPeer()
         return f"{getattr(peer, 'host', '')}:{getattr(peer, 'port', '')}"
 
     def _page_ids(self, ex: _Exchange | None) -> dict:

@@ -84,9 +84,10 @@ class AppForwarder(Factory):
     def buildProtocol(self, addr: IAddress) -> "AppConnection":
         return AppConnection(self)
 
-    def fixed_connection(self, app_name: str, caller: Caller) -> "AppConnection":
-        """A connection bound to one app and one certificate (``apptunnel proxy app``)."""
-        return AppConnection(self, fixed_app=app_name, caller=caller)
+    def fixed_connection(self, app_name: str, caller: Caller, peer=None) -> "AppConnection":
+        """A connection bound to one app and one certificate (``apptunnel proxy app``);
+        ``peer`` names the client when the transport is a stream of a multiplexed one."""
+        return AppConnection(self, fixed_app=app_name, caller=caller, peer=peer)
 
     def forget_decisions(self) -> None:
         """Decide every request afresh (roles were edited: ``apptunnel create -f``)."""

@@ -45,20 +45,29 @@ from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts, LiveRecheck,
 from apptunnel.auth.ca import ClusterCA
 from apptunnel.auth.callers import Caller, caller_from_certificate, peer_certificate
 from apptunnel.auth.errors import AuthError
+from apptunnel.catalog import AppInfo
 from apptunnel.proxy import pages
+from apptunnel.proxy.errors import Refusal
 from apptunnel.proxy.pool import AppEndpoint, ConnectApp, NoAgent
 from apptunnel.proxy.handover import hand_over
 from apptunnel.proxy.http1 import HttpError, RequestHead, RequestHeadPeek
 from apptunnel.proxy.registry import AgentRegistry
+from apptunnel.proxy.tcp_mux import MuxSession
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.relay import Relay, RelayEnd
 from apptunnel.tunnel.targets import target_port
 
-__all__ = ["DRY_RUN_HEADER", "TCP_PATH", "UPGRADE_TOKEN", "TcpAccess", "is_tcp_request"]
+__all__ = ["DRY_RUN_HEADER", "MUX_TOKEN", "TCP_PATH", "UPGRADE_TOKEN", "Refusal", "TcpAccess",
+           "is_tcp_request"]
 
 TCP_PATH = b"/v1/tcp/"
 UPGRADE_TOKEN = b"apptunnel-tcp"
+# ``Upgrade: apptunnel-mux``: the same request and decision, but after the ``101`` the
+# connection carries the tunnel protocol, one stream per local connection
+# (apptunnel/proxy/tcp_mux.py). A dry run's answer says the proxy offers it.
+MUX_TOKEN = b"apptunnel-mux"
+MUX_OFFERED_HEADER = b"Apptunnel-Mux: 1"
 # ``Apptunnel-Dry-Run: 1`` on the upgrade: decide exactly as for a real one, then answer
 # ``200`` with the app's kind (``tcp`` or ``http``) instead of opening anything.
 DRY_RUN_HEADER = b"apptunnel-dry-run"
@@ -69,10 +78,11 @@ EARLY_LIMIT = 64 * 1024
 
 def is_tcp_request(head: RequestHead) -> bool:
     """A ``GET /v1/tcp/...`` asking to upgrade to ``apptunnel-tcp``."""
+    upgrade = head.headers.tokens(b"upgrade")
     return (
         head.method == b"GET"
         and head.target.startswith(TCP_PATH)
-        and UPGRADE_TOKEN in head.headers.tokens(b"upgrade")
+        and (UPGRADE_TOKEN in upgrade or MUX_TOKEN in upgrade)
         and b"upgrade" in head.headers.tokens(b"connection")
     )
 
@@ -84,23 +94,19 @@ class _WouldAccept:
     kind: str
 
 
+@attrs.frozen
+class _GoMux:
+    """The upgrade asked for a multiplexed connection and the caller may use the app."""
+
+
 class HttpHandOff(Interface):
     """Serves an HTTP app's requests on a connection after the upgrade (the app
     forwarder): every request is authorized, signed and audited as ``caller``."""
 
-    def fixed_connection(self, app_name: str, caller: Caller) -> Protocol: ...
+    def fixed_connection(self, app_name: str, caller: Caller, peer=None) -> Protocol: ...
 
 
-class Refusal(Exception):
-    """A request answered with ``status`` and a one-line ``message``, then closed."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(status, message)
-        self.status = status
-        self.message = message
-
-
-def _plain(status: int, message: str) -> bytes:
+def _plain(status: int, message: str, extra: bytes = b"") -> bytes:
     """One line of text the CLI can print as it is."""
     body = (" ".join(message.split())[:300] + "\n").encode("utf-8")
     return b"".join([
@@ -108,6 +114,7 @@ def _plain(status: int, message: str) -> bytes:
         b"Content-Type: text/plain; charset=utf-8\r\n",
         b"Content-Length: %d\r\n" % len(body),
         b"Cache-Control: no-store\r\n",
+        extra,
         b"Connection: close\r\n\r\n",
         body,
     ])
@@ -162,6 +169,87 @@ class TcpAccess(Factory):
     def buildProtocol(self, addr: IAddress) -> TcpSession:
         return TcpSession(self, addr)
 
+    async def authorize(self, caller: Caller, name: str, port: int | None, client: str) -> AppInfo:
+        """The app ``caller`` may open now (on ``port``): one answer for a whole upgrade
+        and for each stream of a multiplexed one; Refusal with the client's status else."""
+        app = self.registry.app(name)
+        if app is None:
+            raise Refusal(404, f"no app named {name!r}")
+        facts = Facts(client_ip=client, port=port, where="tcp session")
+        decision = await self.access.decide(caller, app, facts, self.clock.seconds())
+        if isinstance(decision, Deny) and decision.code == "rbac":
+            raise Refusal(403, f"you are not allowed to use {name}")
+        if isinstance(decision, NeedsMore):
+            # Per-session MFA: apptunnel proxy app asks for a factor and comes back with
+            # a certificate bound to this app (POST /v1/certs with "app").
+            raise Refusal(401, decision.message)
+        if not isinstance(decision, Allow):
+            raise Refusal(403, getattr(decision, "message", "") or f"you are not allowed to use {name}")
+        if app.kind != "tcp":
+            if self.forwarder is None:
+                raise Refusal(400, f"{name} is an HTTP app: open https://{app.public_addr}")
+            if port is not None:
+                raise Refusal(400, f"{name} is an HTTP app: it takes no port")
+            return app
+        try:
+            target_port(app, port)  # the agent's own rule, asked before opening a stream
+        except StreamRefused as refused:
+            raise Refusal(403, refused.reason) from None
+        return app
+
+    async def open_stream(self, app: AppInfo, caller: Caller, port: int | None, client: str,
+                          end: RelayEnd) -> RelayEnd:
+        """A stream to a TCP app whose protocol is ``end``; Refusal with the client's status."""
+        target = {"app": app.name, "user": caller.user, "client": client}
+        if port is not None:
+            target["port"] = port
+        d = AppEndpoint(self.connect_app, app, target).connect(_StreamFactory(end))
+        d.addTimeout(self.connect_timeout, self.clock)
+        name = app.name
+        try:
+            return await d
+        except NoAgent:
+            raise Refusal(503, f"no agent is serving {name}") from None
+        except StreamRefused as refused:
+            if refused.code == ErrorCode.UNKNOWN_TARGET:
+                raise Refusal(403, refused.reason or f"{name} does not serve that port") from None
+            if refused.code == ErrorCode.CONNECT_FAILED:
+                raise Refusal(502, f"{name} is not reachable: {refused.reason}") from None
+            raise Refusal(502, f"{name} is not reachable") from None
+        except defer.TimeoutError:
+            raise Refusal(504, f"{name} did not answer in time") from None
+
+    def session_started(self, session: TcpSessionInfo) -> None:
+        """A TCP session relays now: live re-checks see it and the audit records it."""
+        self.sessions.add(session)
+        self.audit.emit("tcp.session.start", actor=session.user, target=session.app,
+                        user=session.user, app=session.app, port=session.port,
+                        client_ip=session.client)
+        self._log.info("tcp session {user} -> {app}:{port} from {client}", user=session.user,
+                       app=session.app, port=session.port or "-", client=session.client)
+
+    def session_ended(self, session: TcpSessionInfo, started: float) -> None:
+        self.sessions.discard(session)
+        duration_ms = int((self.clock.seconds() - started) * 1000)
+        self.audit.emit("tcp.session.end", actor=session.user, target=session.app,
+                        user=session.user, app=session.app, port=session.port,
+                        client_ip=session.client, bytes_in=session.bytes_in,
+                        bytes_out=session.bytes_out, duration_ms=duration_ms)
+
+
+class TcpSessionInfo(Interface):
+    """What the audit and the live re-check read of a relaying TCP session."""
+
+    user: str
+    app: str
+    port: int | None
+    client: str
+    caller: Caller | None
+    bytes_in: int
+    bytes_out: int
+
+    def refused(self, deny) -> None: ...
+
 @implementer(IHalfCloseableProtocol)
 class TcpSession(Protocol):
     """One client connection: read the upgrade request, authorize, then relay.
@@ -185,6 +273,7 @@ class TcpSession(Protocol):
         self._expiry = None
         self._handed: Protocol | None = None
         self._dry_run = False
+        self._mux = False
         self.user = ""
         self.app = ""
         self.caller: Caller | None = None
@@ -249,6 +338,7 @@ class TcpSession(Protocol):
             return
         self._state = "deciding"
         self._dry_run = head.headers.get(DRY_RUN_HEADER) == b"1"
+        self._mux = MUX_TOKEN in head.headers.tokens(b"upgrade")
         # Read nothing more until there is a stream to give it to.
         self.transport.pauseProducing()
         self._pending = defer.ensureDeferred(self._decide(head))
@@ -283,61 +373,24 @@ class TcpSession(Protocol):
 
     # -- deciding ----------------------------------------------------------------------
 
-    async def _decide(self, head: RequestHead) -> Protocol | None:
+    async def _decide(self, head: RequestHead) -> Protocol | _WouldAccept | _GoMux | None:
         """The stream's protocol for a TCP app; None once handed to the forwarder."""
         access = self._access
         caller = self._identity()
-        user, not_after = caller.user, caller.expires
-        self.user, self.caller = user, caller
+        self.user, self.caller = caller.user, caller
         name, port = _parse_target(head.target)
         self.app, self.port = name, port
-        app = access.registry.app(name)
-        if app is None:
-            raise Refusal(404, f"no app named {name!r}")
-        facts = Facts(client_ip=self.client, port=port, where="tcp session")
-        decision = await access.access.decide(caller, app, facts, access.clock.seconds())
-        if isinstance(decision, Deny) and decision.code == "rbac":
-            raise Refusal(403, f"you are not allowed to use {name}")
-        if isinstance(decision, NeedsMore):
-            # Per-session MFA: apptunnel proxy app asks for a factor and comes back with
-            # a certificate bound to this app (POST /v1/certs with "app").
-            raise Refusal(401, decision.message)
-        if not isinstance(decision, Allow):
-            raise Refusal(403, getattr(decision, "message", "") or f"you are not allowed to use {name}")
+        app = await access.authorize(caller, name, port, self.client)
+        if self._dry_run:
+            return _WouldAccept("tcp" if app.kind == "tcp" else "http")
+        if self._mux:
+            return _GoMux()
         if app.kind != "tcp":
-            if access.forwarder is None:
-                raise Refusal(400, f"{name} is an HTTP app: open https://{app.public_addr}")
-            if port is not None:
-                raise Refusal(400, f"{name} is an HTTP app: it takes no port")
-            if self._dry_run:
-                return _WouldAccept("http")
             if self._state == "deciding":
                 self._to_forwarder(caller)
             return None
-        try:
-            target_port(app, port)  # the agent's own rule, asked before opening a stream
-        except StreamRefused as refused:
-            raise Refusal(403, refused.reason) from None
-        if self._dry_run:
-            return _WouldAccept("tcp")
-        self._schedule_expiry(not_after)
-        target = {"app": name, "user": user, "client": self.client}
-        if port is not None:
-            target["port"] = port
-        d = AppEndpoint(access.connect_app, app, target).connect(_StreamFactory(self._relay_to_app()))
-        d.addTimeout(access.connect_timeout, access.clock)
-        try:
-            return await d
-        except NoAgent:
-            raise Refusal(503, f"no agent is serving {name}") from None
-        except StreamRefused as refused:
-            if refused.code == ErrorCode.UNKNOWN_TARGET:
-                raise Refusal(403, refused.reason or f"{name} does not serve that port") from None
-            if refused.code == ErrorCode.CONNECT_FAILED:
-                raise Refusal(502, f"{name} is not reachable: {refused.reason}") from None
-            raise Refusal(502, f"{name} is not reachable") from None
-        except defer.TimeoutError:
-            raise Refusal(504, f"{name} did not answer in time") from None
+        self._schedule_expiry(caller.expires)
+        return await access.open_stream(app, caller, port, self.client, self._relay_to_app())
 
     def _identity(self) -> Caller:
         """The caller named by the TLS client certificate; Refusal(401)."""
@@ -364,13 +417,35 @@ class TcpSession(Protocol):
         if early:
             conn.dataReceived(early)
 
+    def _to_mux(self) -> None:
+        """101, then the connection carries the tunnel protocol: one stream per local
+        connection of this ``proxy app`` run (apptunnel/proxy/tcp_mux.py)."""
+        self._state = "handed"
+        session = MuxSession(self._access, self.caller, self.app, self.port, self.client,
+                             self.transport.getPeer())
+        conn = self._handed = session.protocol()
+        transport = self.transport
+        transport.write(b"HTTP/1.1 101 Switching Protocols\r\n"
+                        b"Connection: Upgrade\r\nUpgrade: apptunnel-mux\r\n\r\n")
+        early, self._held, self._held_size = b"".join(self._held), [], 0
+        self._log.info("multiplexed tcp access {user} -> {app} from {client}", user=self.user,
+                       app=self.app, client=self.client)
+        hand_over(transport, self, conn)
+        transport.resumeProducing()
+        if early:
+            conn.dataReceived(early)
+
     def _connected(self, stream_side: RelayEnd | _WouldAccept | None) -> None:
         self._pending = None
         if stream_side is None:
             return  # handed to the forwarder
         if isinstance(stream_side, _WouldAccept):
             if self._state == "deciding":
-                self._answer(200, stream_side.kind)
+                self._answer(200, stream_side.kind, MUX_OFFERED_HEADER + b"\r\n")
+            return
+        if isinstance(stream_side, _GoMux):
+            if self._state == "deciding":
+                self._to_mux()
             return
         if self._state != "deciding":
             stream_side.transport.abortConnection()
@@ -393,12 +468,7 @@ class TcpSession(Protocol):
         client_end.makeConnection(self.transport)
         if early:
             client_end.dataReceived(early)
-        self._access.sessions.add(self)
-        self._access.audit.emit("tcp.session.start", actor=self.user, target=self.app,
-                                user=self.user, app=self.app, port=self.port,
-                                client_ip=self.client)
-        self._log.info("tcp session {user} -> {app}:{port} from {client}", user=self.user,
-                       app=self.app, port=self.port or "-", client=self.client)
+        self._access.session_started(self)
 
     def _decide_failed(self, failure: Failure) -> None:
         self._pending = None
@@ -416,12 +486,12 @@ class TcpSession(Protocol):
                        status=status, message=message)
         self._answer(status, message)
 
-    def _answer(self, status: int, message: str) -> None:
+    def _answer(self, status: int, message: str, extra: bytes = b"") -> None:
         """One plain-text answer, then close (a refusal, or a dry run's verdict)."""
         self._state = "closed"
         self._cancel_expiry()
         self._held = []
-        self.transport.write(_plain(status, message))
+        self.transport.write(_plain(status, message, extra))
         self.transport.loseConnection()
 
     # -- relaying ----------------------------------------------------------------------
@@ -448,12 +518,7 @@ class TcpSession(Protocol):
         self._expiry = None
 
     def _ended(self, reason: Failure) -> None:
-        self._access.sessions.discard(self)
-        duration_ms = int((self._access.clock.seconds() - self._started) * 1000)
-        self._access.audit.emit("tcp.session.end", actor=self.user, target=self.app,
-                                user=self.user, app=self.app, port=self.port,
-                                client_ip=self.client, bytes_in=self.bytes_in,
-                                bytes_out=self.bytes_out, duration_ms=duration_ms)
+        self._access.session_ended(self, self._started)
 
 
 class _StreamFactory(Factory):

@@ -49,3 +49,17 @@ def _code_name(code: int) -> str:
         return ErrorCode(code).name
     except ValueError:
         return f"code {code}"
+
+
+def with_status(status: int, message: str) -> str:
+    """A refusal reason that carries the HTTP-like status its client should show (the
+    multiplexed ``proxy app`` connection: ``"403 you are not allowed to use db"``)."""
+    return f"{int(status):03d} {message}"
+
+
+def status_of(reason: str, default: int) -> tuple[int, str]:
+    """(status, message) of a reason made by ``with_status``; ``default`` for any other."""
+    head, _, rest = reason.partition(" ")
+    if len(head) == 3 and head.isascii() and head.isdigit() and 100 <= int(head) <= 599:
+        return int(head), rest
+    return default, reason

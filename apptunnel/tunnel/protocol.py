@@ -60,13 +60,14 @@ class TunnelProtocol(Protocol):
     def __init__(self, handler: TunnelHandler, clock: IReactorTime, *, initiator: bool,
                  keepalive_interval: float = 5.0, keepalive_timeout: float = 15.0,
                  max_frame_size: int = 256 * 1024,
-                 initial_window: int = 1024 * 1024) -> None:
+                 initial_window: int = 1024 * 1024, max_streams: int = M.MAX_STREAMS) -> None:
         self._handler = handler
         self._clock = clock
         self._mux = M.Mux(initiator=initiator, now=clock.seconds(),
                           keepalive_interval=keepalive_interval,
                           keepalive_timeout=keepalive_timeout,
-                          max_frame_size=max_frame_size, initial_window=initial_window)
+                          max_frame_size=max_frame_size, initial_window=initial_window,
+                          max_streams=max_streams)
         self._streams: dict[int, Stream] = {}
         self._opening: dict[int, tuple[Deferred, dict]] = {}
         self._accepting: dict[int, Deferred] = {}

@@ -100,10 +100,15 @@ class Env:
                        cert_pem=cert, key_pem=priv, ca_pem=self.ca.cert_pem)
 
     async def local(self, profile: Profile, app: str, remote_port=None, now=None):
-        """A LocalProxy for `profile` on a free port; returns (port, said lines)."""
+        """A LocalProxy for `profile` on a free port; returns (port, said lines).
+
+        In a multiplexed env (``indirect`` param True) its connections ride one
+        ``apptunnel-mux`` connection, as after a dry run that offered it."""
         said: list[str] = []
         kwargs = {"now": now} if now else {}
         factory = LocalProxy(reactor, lambda: profile, app, remote_port, said.append, **kwargs)
+        factory.multiplexed = self.mux
+        self.local_proxies.append(factory)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.listening.append(port)
         return port.getHost().port, said
@@ -124,9 +129,25 @@ class Env:
         return await self.backend.search_audit(type=type)
 
 
+BOTH_MODES = pytest.mark.parametrize("env", [False, True], indirect=True,
+                                     ids=["per-connection", "multiplexed"])
+
+
+class CountingEdge(EdgeFactory):
+    """The edge, counting the TLS connections it accepted (one per mux run)."""
+
+    accepted = 0
+
+    def buildProtocol(self, addr):
+        self.accepted += 1
+        return super().buildProtocol(addr)
+
+
 @pytest_twisted.async_yield_fixture
-async def env(tmp_path):
+async def env(tmp_path, request):
     e = Env()
+    e.mux = getattr(request, "param", False)
+    e.local_proxies = []
     e.listening = []
     data = str(tmp_path / "proxy")
     e.ca = ClusterCA.load_or_create(data, "utest", wall_clock)
@@ -192,13 +213,15 @@ async def env(tmp_path):
                          clock=reactor, connect_app=tunnel_connector(e.registry), locks=e.locks,
                          users=e.users)
     web = resource.Resource()
-    edge = EdgeFactory(PUBLIC_HOST, server.Site(web), forwarder, tcp_access=e.access)
+    edge = e.edge = CountingEdge(PUBLIC_HOST, server.Site(web), forwarder, tcp_access=e.access)
     listener = await wait(SSL4ServerEndpoint(
         reactor, 0, _web_tls_options(cert, key, [e.ca.cert_pem], e.ca.cert_pem),
         interface="127.0.0.1").listen(edge))
     e.listening.append(listener)
     e.edge_port = listener.getHost().port
     yield e
+    for factory in e.local_proxies:
+        factory.stop()
     for port in e.listening:
         await port.stopListening()
     agent_tunnel.transport.loseConnection()
@@ -224,6 +247,7 @@ UPGRADE = (b"GET /v1/tcp/db HTTP/1.1\r\nHost: apptunnel.localhost\r\nConnection:
            b"Upgrade: apptunnel-tcp\r\n\r\n")
 
 
+@BOTH_MODES
 @pytest_twisted.ensureDeferred
 async def test_relays_bytes_both_ways_and_audits_the_session(env):
     """An allowed user gets 101 and a byte pipe; start and end are audited with byte counts."""
@@ -240,6 +264,7 @@ async def test_relays_bytes_both_ways_and_audits_the_session(env):
     assert end[0].fields["duration_ms"] >= 0 and end[0].fields["client_ip"].startswith("127.0.0.1:")
 
 
+@BOTH_MODES
 @pytest_twisted.ensureDeferred
 async def test_many_concurrent_connections(env):
     """Several local connections at once each get their own stream."""
@@ -250,6 +275,7 @@ async def test_many_concurrent_connections(env):
     assert results == payloads
 
 
+@BOTH_MODES
 @pytest_twisted.ensureDeferred
 async def test_app_close_reaches_the_client(env):
     """When the app closes after writing, the client gets the bytes and then EOF."""
@@ -257,6 +283,7 @@ async def test_app_close_reaches_the_client(env):
     assert await env.exchange(port, b"") == b"banner"
 
 
+@BOTH_MODES
 @pytest_twisted.ensureDeferred
 async def test_multi_port_app_declared_port_works(env):
     """A declared port of a multi-port app is reachable."""
@@ -273,6 +300,7 @@ async def test_multi_port_app_declared_port_works(env):
     ("down", None, "502 Bad Gateway: down is not reachable: connection refused"),
     ("gone", None, "503 Service Unavailable: no agent is serving gone"),
 ])
+@BOTH_MODES
 @pytest_twisted.ensureDeferred
 async def test_refusals_are_one_line_and_close(env, app, remote, line):
     """Each refusal closes the local connection and prints the proxy's reason as one line."""
@@ -282,6 +310,7 @@ async def test_refusals_are_one_line_and_close(env, app, remote, line):
     assert len(said) == 1 and said[0].startswith("proxy refused: " + line), said
 
 
+@BOTH_MODES
 @pytest_twisted.ensureDeferred
 async def test_rbac_denial_is_audited(env):
     """A role denial is audited as access.denied naming the user and app."""
@@ -323,6 +352,7 @@ async def test_agent_certificate_is_not_a_user_401(env):
     assert b"not a user certificate" in answer
 
 
+@BOTH_MODES
 @pytest_twisted.ensureDeferred
 async def test_lock_refuses_and_ends_live_sessions(env):
     """A lock on the user refuses new sessions (403 with its message) and ends live ones."""
@@ -384,6 +414,7 @@ async def live_session(env, user: str, roles, app: str):
     return port, said, client
 
 
+@BOTH_MODES
 @pytest_twisted.ensureDeferred
 async def test_removed_user_is_refused_and_their_live_session_ends(env):
     """users rm: the live stream ends within the poll interval; a new one is a 403 line."""
@@ -403,6 +434,7 @@ async def test_removed_user_is_refused_and_their_live_session_ends(env):
             if e.fields.get("where") == "live connection"] == [("alice", "user removed")]
 
 
+@BOTH_MODES
 @pytest_twisted.ensureDeferred
 async def test_role_taken_away_ends_the_session_that_role_allowed(env):
     """bob loses ops: his live prod-db stream ends, his dev stream keeps flowing."""
@@ -468,6 +500,7 @@ async def test_dry_run_denial_is_audited(env):
     ("nope", b"HTTP/1.1 404 Not Found\r\n"),
     ("down", b"HTTP/1.1 502 Bad Gateway\r\n"),
 ])
+@BOTH_MODES
 @pytest_twisted.ensureDeferred
 async def test_http_kind_local_proxy_answers_refusals_over_http(env, app, expected):
     """For an HTTP app the local client gets the proxy's refusal as an HTTP answer."""
@@ -517,3 +550,152 @@ async def test_dry_run_without_a_certificate_is_401(env):
     """A dry run asks the same question: no certificate, no answer but 401."""
     answer = await raw(env, dry_run("db"))
     assert answer.startswith(b"HTTP/1.1 401 ") and b"run apptunnel login" in answer
+
+
+MUX_UPGRADE = UPGRADE.replace(b"Upgrade: apptunnel-tcp", b"Upgrade: apptunnel-mux")
+
+
+class MuxClient:
+    """A hand-driven multiplexed client: the upgrade, then a TunnelProtocol (a `TunnelHandler`)."""
+
+    def __init__(self):
+        self.ready = defer.Deferred()
+        self.answer = b""
+        self.tunnel = None
+
+    def tunnel_ready(self, tunnel):
+        self.ready.callback(tunnel)
+
+    def control_received(self, tunnel, message):
+        pass
+
+    def stream_requested(self, tunnel, target):
+        return defer.fail(AssertionError("the proxy opened a stream"))
+
+    def tunnel_lost(self, tunnel, reason):
+        pass
+
+
+class MuxUpgrade(protocol.Protocol):
+    """Sends the mux upgrade; after the 101 every byte goes to the tunnel protocol."""
+
+    def __init__(self, client: MuxClient):
+        self.client = client
+        self.tunnel = None
+        self.lost = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(MUX_UPGRADE)
+
+    def dataReceived(self, data):
+        if self.tunnel is not None:
+            self.tunnel.dataReceived(data)
+            return
+        self.client.answer += data
+        head, sep, rest = self.client.answer.partition(b"\r\n\r\n")
+        if sep and head.startswith(b"HTTP/1.1 101 "):
+            self.tunnel = TunnelProtocol(self.client, reactor, initiator=True)
+            self.tunnel.makeConnection(self.transport)
+            if rest:
+                self.tunnel.dataReceived(rest)
+
+    def connectionLost(self, reason):
+        if self.tunnel is not None:
+            self.tunnel.connectionLost(reason)
+        self.lost.callback(None)
+
+
+async def mux_client(env, user="alice") -> tuple[MuxClient, MuxUpgrade]:
+    pub, priv = key_pair()
+    cert = env.ca.issue_user_cert(pub, user, ("dev",), {}, 3600.0)
+    options = ssl.optionsForClientTLS(
+        PUBLIC_HOST, trustRoot=ssl.Certificate.loadPEM(env.ca.cert_pem),
+        clientCertificate=ssl.PrivateCertificate.loadPEM(cert + priv))
+    client = MuxClient()
+    conn = await wait(SSL4ClientEndpoint(reactor, "127.0.0.1", env.edge_port, options).connect(
+        protocol.Factory.forProtocol(lambda: MuxUpgrade(client))))
+    await wait(client.ready)
+    return client, conn
+
+
+@pytest.mark.parametrize("env", [True], indirect=True, ids=["multiplexed"])
+@pytest_twisted.ensureDeferred
+async def test_multiplexed_run_carries_every_connection_on_one_tls_connection(env):
+    """Eleven local connections, concurrent and one after another: one TLS connection to
+    the proxy, eleven audited TCP sessions."""
+    from apptunnel.cli.proxy_app import check
+
+    profile = env.profile("alice")
+    asked = LocalProxy(reactor, lambda: profile, "db", None, [].append)
+    assert await check(asked) == "tcp" and asked.multiplexed   # the dry run offered it
+    port, said = await env.local(profile, "db")
+    before = env.edge.accepted
+    payloads = [bytes([65 + i]) * 50_000 for i in range(8)]
+    assert await wait(defer.gatherResults([
+        defer.ensureDeferred(env.exchange(port, p, close_after=p)) for p in payloads])) == payloads
+    for i in range(3):
+        assert await env.exchange(port, b"again", close_after=b"again") == b"again"
+    assert env.edge.accepted - before == 1 and said == []
+    await until(lambda: not env.access.sessions, "the sessions to end")
+    starts = await env.events("tcp.session.start")
+    assert len(starts) == 11 and {(e.actor, e.target) for e in starts} == {("alice", "db")}
+
+
+@pytest.mark.parametrize("env", [True], indirect=True, ids=["multiplexed"])
+@pytest_twisted.ensureDeferred
+async def test_multiplexed_run_makes_a_new_connection_once_the_old_one_is_gone(env):
+    """A replaced or lost connection: the next local connection opens a new one."""
+    port, said = await env.local(env.profile("alice"), "db")
+    assert await env.exchange(port, b"one", close_after=b"one") == b"one"
+    env.local_proxies[0].stop()
+    assert await env.exchange(port, b"two", close_after=b"two") == b"two"
+    assert env.edge.accepted == 2 and said == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_of_a_multiplexed_connection_can_name_nothing(env):
+    """Hostile client: the upgrade decided alice -> db; a stream naming another app (one
+    she may not use) or another user is refused with 400, and an empty one reaches db."""
+    from apptunnel.tunnel.errors import StreamRefused, status_of
+
+    client, conn = await mux_client(env)
+    tunnel = conn.tunnel
+    for target in ({"app": "prod-db"}, {"user": "bob"}, {"port": 22}):
+        with pytest.raises(StreamRefused) as info:
+            await wait(tunnel.open_stream(target))
+        assert status_of(info.value.reason, 0)[0] == 400
+    stream = await wait(tunnel.connect_stream({}, protocol.Factory.forProtocol(Collect)))
+    stream.transport.write(b"hello")
+    await until(lambda: stream.data == b"hello", "the echo over the stream")
+    conn.tunnel.close()
+    await wait(conn.lost)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_multiplexed_connection_ends_with_its_certificate(env):
+    """The connection and its streams end when the certificate it was opened with does."""
+    pub, priv = key_pair()
+    cert = env.ca.issue_user_cert(pub, "alice", ("dev",), {}, 3.0)
+    options = ssl.optionsForClientTLS(
+        PUBLIC_HOST, trustRoot=ssl.Certificate.loadPEM(env.ca.cert_pem),
+        clientCertificate=ssl.PrivateCertificate.loadPEM(cert + priv))
+    client = MuxClient()
+    conn = await wait(SSL4ClientEndpoint(reactor, "127.0.0.1", env.edge_port, options).connect(
+        protocol.Factory.forProtocol(lambda: MuxUpgrade(client))))
+    await wait(client.ready)
+    stream = await wait(conn.tunnel.connect_stream({}, protocol.Factory.forProtocol(Collect)))
+    stream.transport.write(b"ping")
+    await until(lambda: stream.data == b"ping", "the echo")
+    await wait(stream.done, timeout=10)
+    await wait(conn.lost, timeout=5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_multiplexed_upgrade_is_decided_like_any_other(env):
+    """No certificate, or an app the user may not use: the plain one-line refusal, no 101."""
+    answer = await raw(env, MUX_UPGRADE)
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    pub, priv = key_pair()
+    cert = env.ca.issue_user_cert(pub, "alice", ("dev",), {}, 3600.0)
+    denied = await raw(env, MUX_UPGRADE.replace(b"/v1/tcp/db", b"/v1/tcp/prod-db"), cert + priv)
+    assert denied.startswith(b"HTTP/1.1 403 ") and b"not allowed to use prod-db" in denied
