@@ -6,9 +6,11 @@ Before it listens it asks the proxy the same question each connection will ask: 
 app, an undeclared port, a lock, an expired certificate) exits 1 with the proxy's one line
 and listens on nothing; an accept tells whether the app speaks HTTP or raw TCP.
 
-Each connection to 127.0.0.1:P then becomes its own TLS connection to the proxy,
-presenting the user's certificate from the login profile, and one real upgrade. After
-``101`` the two sockets are joined by the one relay (``apptunnel/tunnel/relay.py``). Any
+Each connection to 127.0.0.1:P then becomes one stream of a single TLS connection to
+the proxy that presents the user's certificate from the login profile (``Upgrade:
+apptunnel-mux``, when the dry run offered it; an older proxy gets one TLS connection and
+one upgrade per local connection). The stream and the local socket are joined by the one
+relay (``apptunnel/tunnel/relay.py``). Any
 other answer is printed as one line; for an HTTP app the client gets it as an HTTP
 answer (the proxy's status and line, or 502/401 when the proxy cannot be reached or the
 certificate has expired), for a TCP app the connection is closed. The listener keeps
