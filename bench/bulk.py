@@ -115,7 +115,7 @@ async def _drain_chunked(reader: asyncio.StreamReader) -> bool:
             return True
 
 
-def _body_kind(head: bytes) -> tuple[str, int]:
+def body_kind(head: bytes) -> tuple[str, int]:
     """("length", N) or ("chunked", 0) from a request head; ("none", 0) without a body."""
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
@@ -132,7 +132,7 @@ async def _serve_sink(port: int) -> None:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                kind, length = _body_kind(head)
+                kind, length = body_kind(head)
                 whole = (await _drain_chunked(reader) if kind == "chunked"
                          else await _drain_exactly(reader, length))
                 if not whole:

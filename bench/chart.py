@@ -1,6 +1,7 @@
 """bench/results/latest.png: every row's ratio to `ssh -R` on its headline metric.
 
-One horizontal bar per (test, path); the line at 1.0 is `ssh -R`. Higher is better for
+One horizontal bar per (test, path); the line at 1.0 is `ssh -R`. A row with no finite
+ratio (a failed row, or max/min with a starved stream) has no bar: the table shows it. Higher is better for
 throughput rows, lower for latency, memory, CPU and max/min (the label says which).
 Needs matplotlib (`pip install '.[bench]'`); the run writes no chart without it.
 """
@@ -15,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")   # no display: write a file
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 from bench import report  # noqa: E402
 
@@ -24,6 +26,8 @@ COLOURS = {"direct": "#9e9e9e", "ssh -R": "#1f77b4", "nginx TLS -> ssh -R": "#ff
 
 def write(rows: Sequence[report.Measurement], path: Path, when: str) -> None:
     bars = report.chart_bars(rows)
+    if not bars:
+        bars = [("no ratios in this run", "ssh -R", 1.0)]
     better = {t.key: next(m for m in t.metrics if m.key == t.primary).higher_is_better
               for t in report.TESTS.values()}
     labels = [f"{test}{' ^' if better.get(test.split(' ')[0], True) else ' v'}  {who}"
@@ -35,6 +39,8 @@ def write(rows: Sequence[report.Measurement], path: Path, when: str) -> None:
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("ratio to ssh -R (log scale; ^ higher is better, v lower is better)")
     ax.set_title(f"apptunnel bench, {when}", fontsize=10)
     for i, (_, _, q) in enumerate(bars):

@@ -192,12 +192,18 @@ def to_json(rows: Sequence[Measurement], meta: dict) -> dict:
 
 
 def chart_bars(rows: Sequence[Measurement]) -> list[tuple[str, str, float]]:
-    """(test and its primary metric, path label, ratio to ssh -R) for every row that has one."""
+    """(test and its primary metric, path label, ratio to ssh -R) for every row that has a
+    finite one, in table order; the ssh -R rows themselves (always 1.0) are left out."""
     found = ratios(rows)
+    order = {key: i for i, key in enumerate(TESTS)}
+
+    def place(r: Measurement) -> tuple[int, int]:
+        return order.get(r.test, len(order)), PATHS.index(r.path) if r.path in PATHS else len(PATHS)
+
     out = []
-    for r in rows:
+    for r in sorted(rows, key=place):
         test = TESTS.get(r.test)
-        if test is None:
+        if test is None or r.path == BASELINE:
             continue
         q = found.get((r.test, r.path), {}).get(test.primary)
         if q is not None and math.isfinite(q):
