@@ -41,13 +41,12 @@ from apptunnel.demo import (  # noqa: E402
     APP_COOKIE, PUBLIC_HOST, Child, DemoError, LocalCluster, app_cookie, free_port,
     loopback_resolution, wait_until,
 )
-from bench import bulk, fairness, idle, peers, procs, report, tcp, wrk  # noqa: E402
+from bench import bulk, fairness, idle, peers, procs, profile, report, tcp, wrk  # noqa: E402
 from bench.report import Measurement  # noqa: E402
 
 KINDS = ("http", "latency", "tcp", "bulk", "idle", "agent", "fairness")
 HTTP_PATHS = ("direct", "ssh", "nginx-tls", "apptunnel")
 RESULTS = Path(__file__).resolve().parent / "results"
-STREAMS_PER_LOCAL_PROXY = 4000   # `proxy app` holds 2 descriptors per stream (hard limit here: 20k)
 FAILURES = (DemoError, wrk.WrkError, tcp.IperfError, bulk.CurlError, requests.RequestException,
             OSError, subprocess.SubprocessError)
 _children: list[Child] = []
@@ -84,6 +83,7 @@ class Bench:
         self._local: dict[tuple[str, int], tuple[Child, int]] = {}
         self._ssh: dict[str, tuple[list[Child], int]] = {}
         self._cookie: str | None = None
+        self.profile: str | None = None      # py-spy's top frames of the proxy (--profile)
 
     def attempt(self, test: str, path: str, step: Callable[[], Measurement]) -> None:
         """Run one row; a failure becomes that row's text instead of ending the run."""
@@ -223,6 +223,9 @@ class Bench:
                          duration=a.duration, headers=headers)
         spent = procs.cpu_seconds(pids) - before
         instructions = counter.stop() if counter else None
+        if path == "apptunnel" and a.profile:
+            # After the counted run, so sampling costs the numbers above nothing.
+            self.profile_proxy(url, headers)
         values = {"req_s": result.requests_per_s, "p50_ms": result.p50_ms,
                   "p99_ms": result.p99_ms, "errors": result.errors}
         per = report.per_10k(spent, result.requests)
@@ -231,6 +234,30 @@ class Bench:
         if instructions is not None and result.requests:
             values["instructions_per_req"] = instructions / result.requests
         return Measurement("http", path, values, note=f"CPU of {cpu.what}")
+
+    def profile_proxy(self, url: str, headers: tuple[str, ...]) -> None:
+        """py-spy on the proxy during one more wrk run of the same shape; top frames kept."""
+        if not profile.have_py_spy():
+            self.profile = "no profile: py-spy is not installed (pip install '.[bench]')"
+            return
+        a, out = self.args, self.args.out / "profile-proxy.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        spy = profile.record(self.cluster().proxy.proc.pid, a.duration, out)
+        try:
+            wrk.run(url, threads=a.threads, connections=a.connections, duration=a.duration,
+                    headers=headers)
+            _, err = spy.communicate(timeout=a.duration + 60)
+        finally:
+            if spy.poll() is None:
+                spy.kill()
+                spy.wait(5)
+        if spy.returncode != 0 or not out.exists():
+            self.profile = f"no profile: py-spy exited {spy.returncode}: {err.decode()[-300:].strip()}"
+            return
+        frames, samples = profile.top_frames(out.read_text())
+        self.profile = (f"py-spy of the proxy under wrk -t{a.threads} -c{a.connections} "
+                        f"-d{a.duration}s (collapsed stacks: {out})\n"
+                        + profile.format_frames(frames, samples))
 
     def latency(self, path: str, url: str, headers: tuple[str, ...]) -> Measurement:
         result = wrk.run(url, threads=1, connections=1, duration=self.args.latency_duration,
@@ -386,11 +413,11 @@ def run(bench: Bench, bulk_dir: Path) -> None:
             bench.attempt("idle", "apptunnel", idle_apptunnel)
         if "agent" in kinds:
             bench.context["idle-agent"] = (f"{a.agent_streams} through `proxy app` processes of "
-                                           f"{STREAMS_PER_LOCAL_PROXY} each")
+                                           f"{a.streams_per_local_proxy} each")
 
             def agent_streams() -> Measurement:
                 cluster = bench.cluster()
-                count = -(-a.agent_streams // STREAMS_PER_LOCAL_PROXY)
+                count = -(-a.agent_streams // a.streams_per_local_proxy)
                 locals_ = [bench.local_port("sink", i) for i in range(count)]
                 return bench.idle_row("idle-agent", "apptunnel", [p for _, p in locals_],
                                       a.agent_streams, sink,
@@ -415,7 +442,7 @@ def write_results(bench: Bench, out: Path, started: datetime.datetime, took: flo
                         "python": platform.python_version()},
             "cpu_measure": "perf instructions + /proc CPU seconds" if bench.perf
             else "/proc utime+stime (perf stat -e instructions is not supported here)",
-            "context": bench.context}
+            "context": bench.context, "profile": bench.profile}
     data = json.dumps(report.to_json(rows, meta), indent=2) + "\n"
     (out / "latest.json").write_text(data)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
@@ -442,10 +469,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--bulk-mib", type=int, default=1024, help="size of the curl download and upload")
     add("--idle-streams", type=int, default=1000, help="idle connections per path (memory)")
     add("--agent-streams", type=int, default=10000, help="idle streams through the one agent")
+    add("--streams-per-local-proxy", type=int, default=4000,
+        help="agent row: streams per `proxy app` process (it holds 2 descriptors per stream)")
     add("--fair-streams", type=int, default=1000, help="busy streams for the fairness rows")
     add("--fair-duration", type=int, default=5, help="seconds the busy streams are counted")
     add("--only", default=",".join(KINDS), help="comma-separated subset of: " + ", ".join(KINDS))
     add("--out", type=Path, default=RESULTS, help="where latest.json and latest.png go")
+    add("--profile", action="store_true",
+        help="after the apptunnel HTTP row, sample the proxy with py-spy under the same load")
     add("--keep", action="store_true", help="keep the temp dir (every child's log) afterwards")
     args = parser.parse_args(argv)
     chosen = [t.strip() for t in args.only.split(",") if t.strip()]
@@ -454,7 +485,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--only: unknown kind(s) {', '.join(sorted(unknown))}")
     args.only = [k for k in KINDS if k in chosen]
     for name in ("duration", "latency_duration", "tcp_duration", "bulk_mib", "idle_streams",
-                 "agent_streams", "fair_streams", "fair_duration"):
+                 "agent_streams", "streams_per_local_proxy", "fair_streams", "fair_duration"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -510,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     took = time.monotonic() - clock
     rows = report.added_latency(bench.rows)
     print("\n" + report.format_table(rows, bench.context), end="")
+    if bench.profile:
+        print("\n" + bench.profile, end="")
     for line in write_results(bench, args.out, started, took):
         print(f"wrote {line}" if not line.startswith("no chart") else line)
     print(f"(took {took:.0f}s" + (f"; logs in {root})" if args.keep else ")"))

@@ -148,3 +148,19 @@ def test_upload_sink_reads_thebody_kind_from_the_head():
     assert bulk.body_kind(b"POST /upload HTTP/1.1\r\nContent-Length: 42\r\n\r\n") == ("length", 42)
     assert bulk.body_kind(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n") == ("chunked", 0)
     assert bulk.body_kind(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == ("none", 0)
+
+
+def test_profile_top_frames_from_collapsed_stacks():
+    """py-spy's collapsed stacks: self = on top, total = anywhere; line numbers merged."""
+    from bench import profile
+
+    collapsed = ("run (a/reactor.py:10);doRead (t/tcp.py:5);parse (x/http1.py:40) 6\n"
+                 "run (a/reactor.py:10);doRead (t/tcp.py:5);parse (x/http1.py:41) 2\n"
+                 "run (a/reactor.py:10);write (t/tls.py:7) 2\n"
+                 "garbage line\n")
+    frames, samples = profile.top_frames(collapsed, n=2)
+    assert samples == 10
+    assert frames[0] == profile.Frame("parse (http1.py)", 0.8, 0.8)
+    assert frames[1] == profile.Frame("write (tls.py)", 0.2, 0.2)
+    assert "80.0%" in profile.format_frames(frames, samples)
+    assert profile.top_frames("") == ([], 0)
