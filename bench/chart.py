@@ -45,6 +45,9 @@ def write(rows: Sequence[report.Measurement], path: Path, when: str) -> None:
     ax.set_title(f"apptunnel bench, {when}", fontsize=10)
     for i, (_, _, q) in enumerate(bars):
         ax.text(q, i, f" x{q:.2f}", va="center", fontsize=7)
-    fig.tight_layout()
+    missing = report.undrawn(rows)
+    if missing:
+        fig.text(0.01, 0.005, "not drawn: " + "; ".join(missing)[:400], fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.04 if missing else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -210,3 +210,22 @@ def chart_bars(rows: Sequence[Measurement]) -> list[tuple[str, str, float]]:
             label = next(m.label for m in test.metrics if m.key == test.primary)
             out.append((f"{r.test} ({label})", LABELS.get(r.path, r.path), q))
     return out
+
+
+def undrawn(rows: Sequence[Measurement]) -> list[str]:
+    """The rows the chart cannot draw (failed, or no finite ratio), each with why."""
+    drawn = {(t, who) for t, who, _ in chart_bars(rows)}
+    out = []
+    for r in rows:
+        test = TESTS.get(r.test)
+        if test is None or r.path == BASELINE:
+            continue
+        metric = next(m for m in test.metrics if m.key == test.primary)
+        label = metric.label
+        if (f"{r.test} ({label})", LABELS.get(r.path, r.path)) in drawn:
+            continue
+        why = r.error or f"{label} {_cell(metric, r.values)}"
+        if r.error is None and r.test not in {m.test for m in rows if m.path == BASELINE}:
+            why += ", no ssh -R row"
+        out.append(f"{r.test} {LABELS.get(r.path, r.path)}: {why}")
+    return out

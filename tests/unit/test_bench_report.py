@@ -164,3 +164,14 @@ def test_profile_top_frames_from_collapsed_stacks():
     assert frames[1] == profile.Frame("write (tls.py)", 0.2, 0.2)
     assert "80.0%" in profile.format_frames(frames, samples)
     assert profile.top_frames("") == ([], 0)
+
+
+def test_rows_the_chart_cannot_draw_are_named():
+    """A failed row, an infinite max/min and a row without an ssh -R row are listed."""
+    rows = [*ROWS, Measurement("fairness", "ssh", {"max_over_min": 1.0}),
+            Measurement("fairness", "apptunnel", {"max_over_min": math.inf}),
+            Measurement("curl-up", "apptunnel", error="failed: boom"),
+            Measurement("idle-agent", "apptunnel", {"agent_kib": 4.5})]
+    assert report.undrawn(rows) == [
+        "fairness apptunnel: max/min inf", "curl-up apptunnel: failed: boom",
+        "idle-agent apptunnel: agent 4.5KiB, no ssh -R row"]
