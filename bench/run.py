@@ -32,6 +32,7 @@ from pathlib import Path
 if __package__ in (None, ""):   # `python bench/run.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import attrs  # noqa: E402
 import requests  # noqa: E402
 import yaml  # noqa: E402
 from cryptography import x509  # noqa: E402
@@ -312,124 +313,184 @@ class Bench:
 
 # -- the run ----------------------------------------------------------------------------------------
 
-def run(bench: Bench, bulk_dir: Path) -> None:
-    a, root = bench.args, bench.root
-    kinds = set(a.only)
+# -- the run: the apps, the paths to them, then one function per kind of row ---------------------
+
+@attrs.define
+class Apps:
+    """The upstream apps of this run (a kind's app is None when the kind is not run)."""
+
+    upstream: Child
+    upstream_port: int
+    bulk_file: Path
+    iperf: Child | None = None
+    iperf_port: int = 0
+    sink: idle.Sink | None = None
+    source_port: int = 0
+
+
+@attrs.frozen
+class WebPath:
+    """How an HTTP row reaches the upstream: URL, headers, CA, and the processes it adds."""
+
+    url: str
+    headers: tuple[str, ...]
+    cafile: Path | None
+    cpu: procs.ProcessSet
+
+
+def start_apps(bench: Bench, bulk_dir: Path) -> Apps:
+    a, root, kinds = bench.args, bench.root, set(bench.args.only)
     upload_sink, upload_port = bulk.start_sink(root)
     _own(upload_sink)
     bulk_dir.chmod(0o755)
-    bulk.zero_file(bulk_dir / "big", a.bulk_mib * 1024 * 1024).chmod(0o644)
-    upstream, up_port = peers.start_nginx(root, bulk_dir, upload_port)
-    _own(upstream)
-    bench.add_app("hello", f"http://127.0.0.1:{up_port}")
-    iperf_server = sink = None
+    bulk_file = bulk.zero_file(bulk_dir / "big", a.bulk_mib * 1024 * 1024)
+    bulk_file.chmod(0o644)
+    upstream, port = peers.start_nginx(root, bulk_dir, upload_port)
+    apps = Apps(_own(upstream), port, bulk_file)
+    bench.add_app("hello", f"http://127.0.0.1:{port}")
     if "tcp" in kinds:
-        iperf_server, iperf_port = tcp.start_server(root)
-        _own(iperf_server)
-        bench.add_app("iperf", f"tcp://127.0.0.1:{iperf_port}")
+        apps.iperf, apps.iperf_port = tcp.start_server(root)
+        _own(apps.iperf)
+        bench.add_app("iperf", f"tcp://127.0.0.1:{apps.iperf_port}")
     if kinds & {"idle", "agent"}:
-        sink = idle.Sink(root)
-        _own(sink.child)
-        bench.add_app("sink", f"tcp://127.0.0.1:{sink.port}")
+        apps.sink = idle.Sink(root)
+        _own(apps.sink.child)
+        bench.add_app("sink", f"tcp://127.0.0.1:{apps.sink.port}")
     if "fairness" in kinds:
-        source, source_port = fairness.start_source(root)
+        source, apps.source_port = fairness.start_source(root)
         _own(source)
-        bench.add_app("source", f"tcp://127.0.0.1:{source_port}")
-    print(f"bench dir {root}; upstream nginx on 127.0.0.1:{up_port}", flush=True)
+        bench.add_app("source", f"tcp://127.0.0.1:{apps.source_port}")
+    print(f"bench dir {root}; upstream nginx on 127.0.0.1:{port}", flush=True)
+    return apps
 
-    # Each HTTP path: its URL, the headers it needs, its CA, and the processes it adds.
-    web: dict[str, tuple[str, tuple[str, ...], Path | None, procs.ProcessSet]] = {}
 
-    def http_paths() -> None:
-        web["direct"] = (f"http://127.0.0.1:{up_port}", (), None,
-                         procs.ProcessSet("the upstream nginx itself", _pids(upstream)))
-        try:
-            ssh_port, sshd, ssh = bench.ssh_sets("ssh-http", up_port)
-        except FAILURES as err:
-            bench.fail("http", "ssh", err)
-            bench.fail("http", "nginx-tls", err)
-        else:
-            web["ssh"] = (f"http://127.0.0.1:{ssh_port}", (), None,
-                          procs.ProcessSet("sshd + ssh", lambda: sshd.pids() + ssh.pids()))
-            front, front_port = peers.start_nginx_tls_front(root, ssh_port)
-            _own(front)
-            web["nginx-tls"] = (f"https://127.0.0.1:{front_port}", (), None, procs.ProcessSet(
-                "nginx + sshd + ssh", lambda: procs.tree(front.proc.pid) + sshd.pids() + ssh.pids()))
-        try:
-            cookie = bench.cookie(b"hello\n")
-        except FAILURES as err:
-            bench.fail("http", "apptunnel", err)
-            return
+def web_paths(bench: Bench, apps: Apps) -> dict[str, WebPath]:
+    """The HTTP paths that could be set up; one that could not is a failed `http` row."""
+    up = apps.upstream
+    paths = {"direct": WebPath(f"http://127.0.0.1:{apps.upstream_port}", (), None,
+                               procs.ProcessSet("the upstream nginx itself", _pids(up)))}
+    try:
+        ssh_port, sshd, ssh = bench.ssh_sets("ssh-http", apps.upstream_port)
+        paths["ssh"] = WebPath(f"http://127.0.0.1:{ssh_port}", (), None,
+                               procs.ProcessSet("sshd + ssh", lambda: sshd.pids() + ssh.pids()))
+        front, front_port = peers.start_nginx_tls_front(bench.root, ssh_port)
+        _own(front)
+        paths["nginx-tls"] = WebPath(f"https://127.0.0.1:{front_port}", (), None, procs.ProcessSet(
+            "nginx + sshd + ssh", lambda: procs.tree(front.proc.pid) + sshd.pids() + ssh.pids()))
+    except FAILURES as err:
+        for path in ("ssh", "nginx-tls"):
+            if path not in paths:
+                bench.fail("http", path, err)
+    try:
+        cookie = bench.cookie(b"hello\n")
         cluster = bench.cluster()
-        web["apptunnel"] = (
-            f"https://127.0.0.1:{cluster.web_port}",
-            (f"Cookie: {APP_COOKIE}={cookie}", f"Host: hello.{PUBLIC_HOST}:{cluster.web_port}"),
-            cluster.ca_file, procs.ProcessSet("proxy + agent", _pids(cluster.proxy, cluster.agent)))
+    except FAILURES as err:
+        bench.fail("http", "apptunnel", err)
+        return paths
+    paths["apptunnel"] = WebPath(
+        f"https://127.0.0.1:{cluster.web_port}",
+        (f"Cookie: {APP_COOKIE}={cookie}", f"Host: hello.{PUBLIC_HOST}:{cluster.web_port}"),
+        cluster.ca_file, procs.ProcessSet("proxy + agent", _pids(cluster.proxy, cluster.agent)))
+    return paths
 
+
+def http_rows(bench: Bench, web: dict[str, WebPath]) -> None:
+    a = bench.args
+    bench.context["http"] = (f"wrk -t{a.threads} -c{a.connections} -d{a.duration}s after "
+                             f"{a.warmup}s warm-up; nginx `return 200 hello`")
+    for path, w in web.items():
+        bench.attempt("http", path, lambda: bench.http(path, w.url + "/", w.headers, w.cpu))
+
+
+def latency_rows(bench: Bench, web: dict[str, WebPath]) -> None:
+    bench.context["http-1"] = f"-d{bench.args.latency_duration}s"
+    for path, w in web.items():
+        bench.attempt("http-1", path, lambda: bench.latency(path, w.url + "/", w.headers))
+
+
+def bulk_rows(bench: Bench, web: dict[str, WebPath], apps: Apps) -> None:
+    bench.context["curl-down"] = bench.context["curl-up"] = f"{bench.args.bulk_mib} MiB"
+    for path, w in web.items():
+        bench.attempt("curl-down", path, lambda: bench.curl(
+            path, w.url + "/bulk/big", w.headers, None, w.cafile))
+        bench.attempt("curl-up", path, lambda: bench.curl(
+            path, w.url + "/upload", w.headers, apps.bulk_file, w.cafile))
+
+
+def tcp_rows(bench: Bench, apps: Apps) -> None:
+    bench.context["iperf3-up"] = bench.context["iperf3-down"] = f"-t{bench.args.tcp_duration}"
+    ports = {"direct": lambda: apps.iperf_port,
+             "ssh": lambda: bench.ssh_tunnel("ssh-iperf", apps.iperf_port)[1],
+             "apptunnel": lambda: bench.local_port("iperf")[1]}
+    for reverse in (False, True):
+        for path, port in ports.items():
+            bench.attempt("iperf3-down" if reverse else "iperf3-up", path,
+                          lambda: bench.iperf(apps.iperf, path, port(), reverse))
+
+
+def idle_rows(bench: Bench, apps: Apps) -> None:
+    n, sink = bench.args.idle_streams, apps.sink
+    bench.context["idle"] = f"{n} connections"
+
+    def through_ssh() -> Measurement:
+        port, sshd, ssh = bench.ssh_sets("ssh-sink", sink.port)
+        return bench.idle_row("idle", "ssh", [port], n, sink, {"server": sshd, "agent": ssh}, None)
+
+    def through_apptunnel() -> Measurement:
+        cluster = bench.cluster()
+        local, port = bench.local_port("sink")
+        return bench.idle_row("idle", "apptunnel", [port], n, sink, {
+            "server": cluster.proxy, "agent": cluster.agent, "local": local}, local)
+
+    bench.attempt("idle", "ssh", through_ssh)
+    bench.attempt("idle", "apptunnel", through_apptunnel)
+
+
+def agent_row(bench: Bench, apps: Apps) -> None:
+    a = bench.args
+    bench.context["idle-agent"] = (f"{a.agent_streams} through `proxy app` processes of "
+                                   f"{a.streams_per_local_proxy} each")
+
+    def streams() -> Measurement:
+        cluster = bench.cluster()
+        count = -(-a.agent_streams // a.streams_per_local_proxy)
+        local = [bench.local_port("sink", i) for i in range(count)]
+        return bench.idle_row("idle-agent", "apptunnel", [port for _, port in local],
+                              a.agent_streams, apps.sink,
+                              {"server": cluster.proxy, "agent": cluster.agent}, local[0][0])
+
+    bench.attempt("idle-agent", "apptunnel", streams)
+
+
+def fairness_rows(bench: Bench, apps: Apps) -> None:
+    a = bench.args
+    bench.context["fairness"] = f"{a.fair_streams} streams, {a.fair_duration}s"
+    bench.attempt("fairness", "ssh", lambda: bench.fair_row(
+        "ssh", bench.ssh_tunnel("ssh-source", apps.source_port)[1]))
+    bench.attempt("fairness", "apptunnel", lambda: bench.fair_row(
+        "apptunnel", bench.local_port("source")[1]))
+
+
+def run(bench: Bench, bulk_dir: Path) -> None:
+    """Every chosen kind of row, in one fixed order; the apps first (the agent serves them)."""
+    kinds = set(bench.args.only)
+    apps = start_apps(bench, bulk_dir)
     with loopback_resolution():
-        if kinds & {"http", "latency", "bulk"}:
-            http_paths()
+        web = web_paths(bench, apps) if kinds & {"http", "latency", "bulk"} else {}
         if "http" in kinds:
-            bench.context["http"] = (f"wrk -t{a.threads} -c{a.connections} -d{a.duration}s after "
-                                     f"{a.warmup}s warm-up; nginx `return 200 hello`")
-            for path, (url, headers, _, cpu) in web.items():
-                bench.attempt("http", path, lambda: bench.http(path, url + "/", headers, cpu))
+            http_rows(bench, web)
         if "latency" in kinds:
-            bench.context["http-1"] = f"-d{a.latency_duration}s"
-            for path, (url, headers, _, _) in web.items():
-                bench.attempt("http-1", path, lambda: bench.latency(path, url + "/", headers))
+            latency_rows(bench, web)
         if "bulk" in kinds:
-            bench.context["curl-down"] = bench.context["curl-up"] = f"{a.bulk_mib} MiB"
-            payload = bulk_dir / "big"
-            for path, (url, headers, cafile, _) in web.items():
-                bench.attempt("curl-down", path, lambda: bench.curl(
-                    path, url + "/bulk/big", headers, None, cafile))
-                bench.attempt("curl-up", path, lambda: bench.curl(
-                    path, url + "/upload", headers, payload, cafile))
+            bulk_rows(bench, web, apps)
         if "tcp" in kinds:
-            bench.context["iperf3-up"] = bench.context["iperf3-down"] = f"-t{a.tcp_duration}"
-            ports = {"direct": lambda: iperf_port,
-                     "ssh": lambda: bench.ssh_tunnel("ssh-iperf", iperf_port)[1],
-                     "apptunnel": lambda: bench.local_port("iperf")[1]}
-            for reverse in (False, True):
-                for path, port in ports.items():
-                    bench.attempt("iperf3-down" if reverse else "iperf3-up", path,
-                                  lambda: bench.iperf(iperf_server, path, port(), reverse))
+            tcp_rows(bench, apps)
         if "idle" in kinds:
-            bench.context["idle"] = f"{a.idle_streams} connections"
-
-            def idle_ssh() -> Measurement:
-                port, sshd, ssh = bench.ssh_sets("ssh-sink", sink.port)
-                return bench.idle_row("idle", "ssh", [port], a.idle_streams, sink,
-                                      {"server": sshd, "agent": ssh}, None)
-
-            def idle_apptunnel() -> Measurement:
-                cluster = bench.cluster()
-                local, port = bench.local_port("sink")
-                return bench.idle_row("idle", "apptunnel", [port], a.idle_streams, sink, {
-                    "server": cluster.proxy, "agent": cluster.agent, "local": local}, local)
-
-            bench.attempt("idle", "ssh", idle_ssh)
-            bench.attempt("idle", "apptunnel", idle_apptunnel)
+            idle_rows(bench, apps)
         if "agent" in kinds:
-            bench.context["idle-agent"] = (f"{a.agent_streams} through `proxy app` processes of "
-                                           f"{a.streams_per_local_proxy} each")
-
-            def agent_streams() -> Measurement:
-                cluster = bench.cluster()
-                count = -(-a.agent_streams // a.streams_per_local_proxy)
-                locals_ = [bench.local_port("sink", i) for i in range(count)]
-                return bench.idle_row("idle-agent", "apptunnel", [p for _, p in locals_],
-                                      a.agent_streams, sink,
-                                      {"server": cluster.proxy, "agent": cluster.agent}, None)
-
-            bench.attempt("idle-agent", "apptunnel", agent_streams)
+            agent_row(bench, apps)
         if "fairness" in kinds:
-            bench.context["fairness"] = f"{a.fair_streams} streams, {a.fair_duration}s"
-            bench.attempt("fairness", "ssh", lambda: bench.fair_row(
-                "ssh", bench.ssh_tunnel("ssh-source", source_port)[1]))
-            bench.attempt("fairness", "apptunnel", lambda: bench.fair_row(
-                "apptunnel", bench.local_port("source")[1]))
+            fairness_rows(bench, apps)
 
 
 def write_results(bench: Bench, out: Path, started: datetime.datetime, took: float) -> list[str]:
