@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_DIR ?= demo-data
 # Debian packages the tests and the benchmarks start for real (installed when missing, as root).
 TEST_PACKAGES := curl chromium postgresql redis-server slapd ldap-utils xmlsec1 nodejs
-BENCH_PACKAGES := wrk nginx openssh-server openssh-client iperf3
+BENCH_PACKAGES := wrk nginx openssh-server openssh-client iperf3 curl
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: all demo install test test-deps bench fuzz clean
@@ -34,9 +34,13 @@ test: test-deps
 	@bash .ci/system-deps $(TEST_PACKAGES)
 	$(BIN)/python -m pytest -q tests
 
+# Side-by-side with ssh -R and nginx TLS -> ssh -R; writes bench/results/latest.{json,png}.
+# BENCH_ARGS passes options (e.g. BENCH_ARGS="--only http --duration 10"); docs/performance.rst.
+BENCH_ARGS ?=
 bench: install
 	@bash .ci/system-deps $(BENCH_PACKAGES)
-	$(BIN)/python bench/run.py
+	$(BIN)/pip install -q ".[bench]"
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 # Coverage-guided fuzzing of the parsers (atheris), FUZZ_TIME seconds per harness. Not
 # part of `make test` (CI runs each harness briefly in tests/integration/test_fuzz_smoke.py).

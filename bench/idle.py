@@ -113,25 +113,36 @@ class Sink:
                    child if child is not None else self.child)
 
 
-def open_idle(port: int, count: int, sink: Sink, child: Child | None = None
+def open_idle(ports: list[int], count: int, sink: Sink, child: Child | None = None
               ) -> tuple[list[socket.socket], float]:
-    """Open `count` connections to 127.0.0.1:`port` in batches, each batch bounded.
+    """Open `count` connections to 127.0.0.1, spread over `ports`, in bounded batches.
 
     Returns the sockets (the caller closes them) and the seconds it took until the sink held
     every one. Batches keep the accept backlog and the proxy's pending TLS handshakes small.
+    On a failure the sockets opened so far are in `IdleOpenError.sockets`.
     """
     sockets: list[socket.socket] = []
     started = time.monotonic()
     try:
         while len(sockets) < count:
             for _ in range(min(BATCH, count - len(sockets))):
-                s = socket.create_connection(("127.0.0.1", port), timeout=10)
-                sockets.append(s)
+                port = ports[len(sockets) % len(ports)]
+                sockets.append(socket.create_connection(("127.0.0.1", port), timeout=10))
             sink.wait_held(len(sockets), BATCH_TIMEOUT, child)
+    except (OSError, DemoError) as err:
+        raise IdleOpenError(str(err).splitlines()[0], sockets) from None
     except BaseException:
         close_all(sockets)
         raise
     return sockets, time.monotonic() - started
+
+
+class IdleOpenError(Exception):
+    """Opening stopped short; `sockets` are the ones that were opened."""
+
+    def __init__(self, reason: str, sockets: list[socket.socket]) -> None:
+        super().__init__(reason)
+        self.sockets = sockets
 
 
 _ABORT = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends RST, not FIN
@@ -152,32 +163,48 @@ def close_all(sockets: list[socket.socket]) -> None:
         s.close()
 
 
-def measure_streams(port: int, count: int, sink: Sink, processes: dict[str, Child],
+def measure_streams(ports: list[int], count: int, sink: Sink, processes: dict,
                     child: Child | None = None, settle: float = 1.0) -> dict:
-    """RSS (KiB) of each process before, while holding `count` streams, and after closing.
+    """RSS (KiB) of each process (anything with `rss_kib()`) before, while holding up to
+    `count` streams, and after closing them.
 
     One connection is opened and closed first so code paths and TLS state loaded on first
-    use are not counted per stream.
+    use are not counted per stream. If opening stops short, what the sink held then is
+    measured and the reason is kept in "stopped": a path that cannot hold `count` says how
+    many it held and why, instead of failing the row.
     """
-    warm, _ = open_idle(port, 1, sink, child)
+    warm, _ = open_idle(ports[:1], 1, sink, child)
     close_all(warm)
     sink.wait_held(0, 30, child)
     time.sleep(settle)
     before = {name: p.rss_kib() for name, p in processes.items()}
-    sockets, took = open_idle(port, count, sink, child)
+    stopped = None
+    try:
+        sockets, took = open_idle(ports, count, sink, child)
+    except IdleOpenError as err:
+        sockets, took, stopped = err.sockets, float("nan"), str(err)
     try:
         time.sleep(settle)
+        held_count = sink.held()
         held = {name: p.rss_kib() for name, p in processes.items()}
     finally:
         close_all(sockets)
-    sink.wait_held(0, 60, child)
+    sink.wait_held(0, 120, child)
     time.sleep(settle)
     after = {name: p.rss_kib() for name, p in processes.items()}
     if any(v is None for v in (*before.values(), *held.values())):
-        gone = [name for name, p in processes.items() if not p.alive()]
+        gone = [name for name, p in processes.items() if p.rss_kib() is None]
         raise DemoError(f"{', '.join(gone) or 'a process'} exited during the idle-stream run")
-    return {"count": count, "open_seconds": took, "before": before, "held": held,
-            "after": after}
+    return {"count": count, "held_count": held_count, "open_seconds": took, "before": before,
+            "held": held, "after": after, "stopped": stopped}
+
+
+def per_connection_kib(result: dict) -> dict[str, float]:
+    """KiB per held connection for each process: (holding - before) / held."""
+    n = result["held_count"]
+    if n <= 0:
+        return {}
+    return {name: (result["held"][name] - result["before"][name]) / n for name in result["held"]}
 
 
 if __name__ == "__main__":

@@ -1,24 +1,23 @@
-"""`make bench`: apptunnel next to the same traffic sent directly and over `ssh -R`.
+"""`make bench`: apptunnel next to the tunnels a user would build by hand, in one run.
 
-    python bench/run.py [--duration 5] [--connections 32] [--threads 2]
-                        [--tcp-duration 3] [--idle-streams 1000]
-                        [--only http,tcp,idle | direct,ssh,apptunnel,tcp,idle]
+    python -m bench.run [--duration 5] [--only http,latency,tcp,bulk,idle,agent,fairness]
 
-Everything runs on this machine's loopback. HTTP: one upstream (nginx `return 200`, or the
-sample app when nginx is missing), measured with wrk directly, through an OpenSSH reverse
-tunnel and through a proxy + agent pair signed in like a browser. TCP: `iperf3 -s` as a TCP
-app, measured with `iperf3 -c` directly, through `ssh -R` and through `apptunnel proxy app`.
-Idle: many open, silent connections through `apptunnel proxy app` and the memory they cost
-the proxy and the agent. It reports numbers and ratios and never judges them; see
-bench/README.rst for how to read them. Every child process is stopped by its PID on the
-way out, whatever happens.
+Paths: direct to the app; `ssh -R` (OpenSSH reverse tunnel); nginx terminating TLS in
+front of that `ssh -R` (one worker, P-256, keep-alive upstream); apptunnel (the whole path:
+TLS to the proxy, session, RBAC, JWT, audit, tunnel, agent). Every row gets its ratio to
+`ssh -R`. Output: one table on stdout, bench/results/latest.json (+ a timestamped copy)
+and bench/results/latest.png. docs/performance.rst says what each row means. The run
+reports and never judges; every child process is stopped by its PID on the way out.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import datetime
+import json
 import os
+import platform
 import re
 import secrets
 import shutil
@@ -27,34 +26,36 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import requests
-from cryptography import x509
+if __package__ in (None, ""):   # `python bench/run.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import idle  # noqa: E402  (bench/ is not a package)
-import peers  # noqa: E402
-import tcp  # noqa: E402
-import wrk  # noqa: E402
+import attrs  # noqa: E402
+import requests  # noqa: E402
+import yaml  # noqa: E402
+from cryptography import x509  # noqa: E402
 
 from apptunnel.auth.ca import cert_pin  # noqa: E402
 from apptunnel.demo import (  # noqa: E402
     APP_COOKIE, PUBLIC_HOST, Child, DemoError, LocalCluster, app_cookie, free_port,
     loopback_resolution, wait_until,
 )
+from bench import bulk, fairness, idle, peers, procs, profile, report, tcp, wrk  # noqa: E402
+from bench.report import Measurement  # noqa: E402
 
-HTTP_TARGETS = ("direct", "ssh", "apptunnel")
-TARGETS = (*HTTP_TARGETS, "tcp", "idle")
-GROUPS = {"http": HTTP_TARGETS}
-PATHS = ("direct", "ssh", "apptunnel")          # the rows of the TCP table
-LABELS = {"direct": "direct", "ssh": "ssh -R", "apptunnel": "apptunnel"}
+KINDS = ("http", "latency", "tcp", "bulk", "idle", "agent", "fairness")
+HTTP_PATHS = ("direct", "ssh", "nginx-tls", "apptunnel")
+RESULTS = Path(__file__).resolve().parent / "results"
+FAILURES = (DemoError, wrk.WrkError, tcp.IperfError, bulk.CurlError, requests.RequestException,
+            OSError, subprocess.SubprocessError)
 _children: list[Child] = []
 
 
-def _own(*children: Child) -> None:
+def _own(*children: Child) -> Child:
     _children.extend(children)
+    return children[-1]
 
 
 def _stop_all() -> None:
@@ -62,66 +63,56 @@ def _stop_all() -> None:
         _children.pop().stop()
 
 
-def _mib(kib: int | None) -> str:
-    return "-" if kib is None else f"{kib / 1024:.1f} MiB"
+def _pids(*children: Child | None) -> Callable[[], list[int]]:
+    return lambda: [c.proc.pid for c in children if c is not None and c.alive()]
 
 
 class Bench:
+    """Starts what the rows need (once each) and turns each measurement into a row."""
+
     def __init__(self, args: argparse.Namespace, root: Path) -> None:
         self.args = args
         self.root = root
-        self.results: dict[str, wrk.WrkResult | str] = {}
-        self.tcp_results: dict[str, tcp.IperfResult | str] = {}
-        self.idle_result: dict | str | None = None
-        self.notes: list[str] = []
-        self.apps: list[dict] = []          # the agent's apps, added as upstreams start
-        self.iperf_server: Child | None = None
+        self.rows: list[Measurement] = []
+        self.context: dict[str, str] = {}
+        self.apps: list[dict] = []
+        self.perf = procs.perf_instructions_work()
         self._cluster: LocalCluster | None = None
         self._cluster_error: str | None = None
         self._password = secrets.token_urlsafe(12)
         self._user_home: Path | None = None
-        self._local_ports: dict[str, tuple[Child, int]] = {}
+        self._local: dict[tuple[str, int], tuple[Child, int]] = {}
+        self._ssh: dict[str, tuple[list[Child], int]] = {}
+        self._cookie: str | None = None
+        self.profile: str | None = None      # py-spy's top frames of the proxy (--profile)
 
-    def measure(self, name: str, url: str, headers: tuple[str, ...] = ()) -> None:
-        a = self.args
-        if a.warmup:
-            wrk.run(url, threads=a.threads, connections=a.connections, duration=a.warmup,
-                    headers=headers)
-        self.results[name] = wrk.run(url, threads=a.threads, connections=a.connections,
-                                     duration=a.duration, headers=headers)
-        print(f"  {name}: done", flush=True)
-
-    def attempt(self, name: str, step, results: dict | None = None) -> None:
-        """Run one target; a failure is reported in its row instead of ending the run."""
+    def attempt(self, test: str, path: str, step: Callable[[], Measurement]) -> None:
+        """Run one row; a failure becomes that row's text instead of ending the run."""
         try:
-            step()
-        except (DemoError, wrk.WrkError, tcp.IperfError, requests.RequestException, OSError,
-                subprocess.SubprocessError) as err:
-            message = f"failed: {err}"
-            if name == "idle":
-                self.idle_result = message
-            else:
-                (self.results if results is None else results)[name] = message
-            label = name if results is None else f"tcp {name}"
-            print(f"  {label}: failed: {err}", flush=True)
+            row = step()
+        except FAILURES as err:
+            self.fail(test, path, err)
+            return
+        self.rows.append(row)
+        print(f"  {test} {report.LABELS.get(path, path)}: done", flush=True)
 
-    # -- the shared apptunnel cluster ---------------------------------------------------------
+    def fail(self, test: str, path: str, err: BaseException) -> None:
+        reason = "failed: " + (str(err).splitlines() or [type(err).__name__])[0][:200]
+        self.rows.append(Measurement(test, path, error=reason))
+        print(f"  {test} {report.LABELS.get(path, path)}: {reason}", flush=True)
+
+    # -- what the rows run through --------------------------------------------------------------
 
     def cluster(self) -> LocalCluster:
-        """One proxy + agent serving every app of this run, started on first use.
-
-        A failed start is remembered: the next target reports it instead of starting a
-        second proxy on the same ports.
-        """
+        """One proxy + agent for every app of the run; a failed start is remembered."""
         if self._cluster_error is not None:
             raise DemoError(f"the apptunnel cluster did not start: {self._cluster_error}")
-        if self._cluster is not None:
-            return self._cluster
-        try:
-            self._cluster = self._start_cluster()
-        except (DemoError, requests.RequestException, OSError, subprocess.SubprocessError) as err:
-            self._cluster_error = str(err).splitlines()[0]
-            raise
+        if self._cluster is None:
+            try:
+                self._cluster = self._start_cluster()
+            except FAILURES as err:
+                self._cluster_error = str(err).splitlines()[0]
+                raise
         return self._cluster
 
     def _start_cluster(self) -> LocalCluster:
@@ -129,6 +120,12 @@ class Bench:
                                tunnel_port=free_port(), cluster_name="bench")
         cluster.root.mkdir(parents=True, exist_ok=True)
         cluster.write_proxy_config()
+        # Every bench connection comes from 127.0.0.1: lift the per-address cap (256) so the
+        # idle and fairness rows measure streams, not the limit that protects a real proxy.
+        config = yaml.safe_load(cluster.proxy_config.read_text())
+        wanted = max(self.args.agent_streams, self.args.idle_streams, self.args.fair_streams)
+        config["limits"] = {"max_connections": wanted + 1000, "max_connections_per_ip": wanted + 1000}
+        cluster.proxy_config.write_text(yaml.safe_dump(config, sort_keys=False))
         try:
             cluster.start_proxy()
         finally:
@@ -147,301 +144,470 @@ class Bench:
     def add_app(self, name: str, uri: str) -> None:
         self.apps.append({"name": name, "uri": uri, "labels": {"env": "bench"}})
 
+    def cookie(self, expected_body: bytes) -> str:
+        """Signed in like a browser, once; checks the app answers with its own body."""
+        if self._cookie is None:
+            cluster = self.cluster()
+            browser = cluster.browser_login("hello", "bench", self._password)
+            cookie = app_cookie(browser)
+            if not cookie:
+                raise DemoError(f"signed in, but no {APP_COOKIE} cookie was set")
+            page = browser.get(cluster.url("hello"), timeout=10)
+            if page.status_code != 200 or page.content != expected_body:
+                raise DemoError(f"the app through apptunnel answered HTTP {page.status_code} "
+                                f"{page.content[:100]!r}, expected {expected_body!r}")
+            self._cookie = cookie
+        return self._cookie
+
     def user_home(self) -> Path:
         """An APPTUNNEL_HOME signed in as the bench user with `apptunnel login`, once."""
-        if self._user_home is not None:
-            return self._user_home
-        cluster = self.cluster()
-        home = self.root / "user-home"
-        pin = cert_pin(x509.load_pem_x509_certificate(cluster.ca_file.read_bytes()))
-        argv = [sys.executable, "-m", "apptunnel.cli.main", "login", "--proxy",
-                cluster.public_addr, "--user", "bench", "--password-stdin", "--ca-pin", pin]
-        done = subprocess.run(argv, input=self._password + "\n", capture_output=True, text=True,
-                              timeout=60, env={**os.environ, "APPTUNNEL_HOME": str(home)})
-        if done.returncode != 0:
-            raise DemoError(f"`apptunnel login` failed: {(done.stderr or done.stdout).strip()[:500]}")
-        self._user_home = home
-        return home
+        if self._user_home is None:
+            cluster = self.cluster()
+            home = self.root / "user-home"
+            pin = cert_pin(x509.load_pem_x509_certificate(cluster.ca_file.read_bytes()))
+            argv = [sys.executable, "-m", "apptunnel.cli.main", "login", "--proxy",
+                    cluster.public_addr, "--user", "bench", "--password-stdin", "--ca-pin", pin]
+            done = subprocess.run(argv, input=self._password + "\n", capture_output=True,
+                                  text=True, timeout=60,
+                                  env={**os.environ, "APPTUNNEL_HOME": str(home)})
+            if done.returncode != 0:
+                raise DemoError("`apptunnel login` failed: "
+                                + (done.stderr or done.stdout).strip()[:500])
+            self._user_home = home
+        return self._user_home
 
-    def local_port(self, app: str) -> tuple[Child, int]:
-        """`apptunnel proxy app APP --port 0` as a child; its port read from what it prints."""
-        if app in self._local_ports:
-            return self._local_ports[app]
-        home = self.user_home()
-        # `env` execs the command, so the PID we hold is the local proxy's own.
-        child = Child(f"proxy app {app}", [
-            "env", f"APPTUNNEL_HOME={home}", sys.executable, "-m", "apptunnel.cli.main",
-            "proxy", "app", app, "--port", "0"], self.root, self.root / f"proxy-app-{app}.log")
-        _own(child)
+    def local_port(self, app: str, index: int = 0) -> tuple[Child, int]:
+        """`apptunnel proxy app APP --port 0` number `index`; its port read from its output."""
+        if (app, index) not in self._local:
+            home = self.user_home()
+            # `env` execs the command, so the PID we hold is the local proxy's own.
+            child = _own(Child(f"proxy app {app}", [
+                "env", f"APPTUNNEL_HOME={home}", sys.executable, "-m", "apptunnel.cli.main",
+                "proxy", "app", app, "--port", "0"], self.root,
+                self.root / f"proxy-app-{app}-{index}.log"))
 
-        def listening() -> int | None:
-            found = re.search(r"on 127\.0\.0\.1:(\d+)", child.log_path.read_text(errors="replace"))
-            return int(found.group(1)) if found else None
+            def listening() -> int | None:
+                found = re.search(r"on 127\.0\.0\.1:(\d+)",
+                                  child.log_path.read_text(errors="replace"))
+                return int(found.group(1)) if found else None
 
-        port = wait_until(listening, 20, f"`apptunnel proxy app {app}` to listen", child)
-        self._local_ports[app] = (child, port)
-        return child, port
+            port = wait_until(listening, 20, f"`apptunnel proxy app {app}` to listen", child)
+            self._local[(app, index)] = (child, port)
+        return self._local[(app, index)]
 
-    # -- HTTP -------------------------------------------------------------------------------------
-
-    def ssh(self, upstream_port: int) -> None:
+    def ssh_tunnel(self, name: str, target_port: int) -> tuple[list[Child], int]:
+        """A throwaway sshd + `ssh -R` to `target_port`, once per name."""
         if not peers.have_ssh():
-            self.results["ssh"] = "skipped: sshd/ssh not installed (apt-get install openssh-server)"
+            raise DemoError("sshd/ssh not installed (apt-get install openssh-server openssh-client)")
+        if name not in self._ssh:
+            children, port = peers.start_ssh_reverse_tunnel(self.root, target_port, name)
+            _own(*children)
+            self._ssh[name] = (children, port)
+        return self._ssh[name]
+
+    def ssh_sets(self, name: str, target_port: int) -> tuple[int, procs.ProcessSet, procs.ProcessSet]:
+        """The tunnel's port, the sshd tree (server side) and the ssh client (agent side)."""
+        (sshd, ssh), port = self.ssh_tunnel(name, target_port)
+        return port, procs.ProcessSet("sshd", _pids(sshd)), procs.ProcessSet("ssh", _pids(ssh))
+
+    # -- HTTP -----------------------------------------------------------------------------------
+
+    def http(self, path: str, url: str, headers: tuple[str, ...], cpu: procs.ProcessSet) -> Measurement:
+        a = self.args
+        if a.warmup:
+            wrk.run(url, threads=a.threads, connections=a.connections, duration=a.warmup,
+                    headers=headers)
+        pids = cpu.pids()   # stable during a run: sshd forks per ssh login, not per forward
+        counter = procs.PerfCounter(pids, self.root / f"perf-{path}.txt") if self.perf else None
+        before = procs.cpu_seconds(pids)
+        result = wrk.run(url, threads=a.threads, connections=a.connections,
+                         duration=a.duration, headers=headers)
+        spent = procs.cpu_seconds(pids) - before
+        instructions = counter.stop() if counter else None
+        if path == "apptunnel" and a.profile:
+            # After the counted run, so sampling costs the numbers above nothing.
+            self.profile_proxy(url, headers)
+        values = {"req_s": result.requests_per_s, "p50_ms": result.p50_ms,
+                  "p99_ms": result.p99_ms, "errors": result.errors}
+        per = report.per_10k(spent, result.requests)
+        if per is not None:
+            values["cpu_s_per_10k"] = per
+        if instructions is not None and result.requests:
+            values["instructions_per_req"] = instructions / result.requests
+        return Measurement("http", path, values, note=f"CPU of {cpu.what}")
+
+    def profile_proxy(self, url: str, headers: tuple[str, ...]) -> None:
+        """py-spy on the proxy during one more wrk run of the same shape; top frames kept."""
+        if not profile.have_py_spy():
+            self.profile = "no profile: py-spy is not installed (pip install '.[bench]')"
             return
-        children, port = peers.start_ssh_reverse_tunnel(self.root, upstream_port)
-        _own(*children)
-        self.measure("ssh", f"http://127.0.0.1:{port}/")
+        a, out = self.args, self.args.out / "profile-proxy.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        spy = profile.record(self.cluster().proxy.proc.pid, a.duration, out)
+        try:
+            wrk.run(url, threads=a.threads, connections=a.connections, duration=a.duration,
+                    headers=headers)
+            _, err = spy.communicate(timeout=a.duration + 60)
+        finally:
+            if spy.poll() is None:
+                spy.kill()
+                spy.wait(5)
+        if spy.returncode != 0 or not out.exists():
+            self.profile = f"no profile: py-spy exited {spy.returncode}: {err.decode()[-300:].strip()}"
+            return
+        frames, samples = profile.top_frames(out.read_text())
+        self.profile = (f"py-spy of the proxy under wrk -t{a.threads} -c{a.connections} "
+                        f"-d{a.duration}s (collapsed stacks: {out})\n"
+                        + profile.format_frames(frames, samples))
 
-    def apptunnel(self, expected_body: bytes) -> None:
-        cluster = self.cluster()
-        browser = cluster.browser_login("hello", "bench", self._password)
-        cookie = app_cookie(browser)
-        if not cookie:
-            raise DemoError(f"signed in, but no {APP_COOKIE} cookie was set")
-        page = browser.get(cluster.url("hello"), timeout=10)
-        if page.status_code != 200 or page.content != expected_body:
-            raise DemoError(f"the app through apptunnel answered HTTP {page.status_code} "
-                            f"{page.content[:100]!r}, expected {expected_body!r}")
-        before = (cluster.proxy.rss_kib(), cluster.agent.rss_kib())
-        self.measure("apptunnel", f"https://127.0.0.1:{cluster.web_port}/", headers=(
-            f"Cookie: {APP_COOKIE}={cookie}", f"Host: hello.{PUBLIC_HOST}:{cluster.web_port}"))
-        after = (cluster.proxy.rss_kib(), cluster.agent.rss_kib())
-        self.notes.append(f"memory (RSS) before -> after the apptunnel run: "
-                          f"proxy {_mib(before[0])} -> {_mib(after[0])}, "
-                          f"agent {_mib(before[1])} -> {_mib(after[1])}")
+    def latency(self, path: str, url: str, headers: tuple[str, ...]) -> Measurement:
+        result = wrk.run(url, threads=1, connections=1, duration=self.args.latency_duration,
+                         headers=headers)
+        return Measurement("http-1", path, {"p50_ms": result.p50_ms, "p99_ms": result.p99_ms})
 
-    # -- TCP --------------------------------------------------------------------------------------
+    # -- bulk -----------------------------------------------------------------------------------
 
-    def iperf(self, path: str, port: int) -> None:
+    def iperf(self, server: Child, path: str, port: int, reverse: bool) -> Measurement:
         """One iperf3 run once the server is idle; a second try if it was turned away."""
         try:
-            tcp.wait_server_idle(self.iperf_server)
-            result = tcp.run(port, self.args.tcp_duration)
+            tcp.wait_server_idle(server)
+            result = tcp.run(port, self.args.tcp_duration, reverse)
         except tcp.IperfError as err:
-            print(f"  tcp {path}: {err}; once more", flush=True)
-            tcp.wait_server_idle(self.iperf_server)
-            result = tcp.run(port, self.args.tcp_duration)
-        self.tcp_results[path] = result
-        print(f"  tcp {path}: done", flush=True)
+            print(f"  iperf3 {path}: {err}; once more", flush=True)
+            tcp.wait_server_idle(server)
+            result = tcp.run(port, self.args.tcp_duration, reverse)
+        return Measurement("iperf3-down" if reverse else "iperf3-up", path,
+                           {"gbps": result.receiver_gbps})
 
-    def tcp_ssh(self, iperf_port: int) -> None:
-        if not peers.have_ssh():
-            self.tcp_results["ssh"] = "skipped: sshd/ssh not installed (apt-get install openssh-server)"
-            return
-        base = self.root / "tcp-ssh"   # its own keys and logs, apart from the HTTP tunnel's
-        base.mkdir(parents=True, exist_ok=True)
-        children, port = peers.start_ssh_reverse_tunnel(base, iperf_port)
-        _own(*children)
-        self.iperf("ssh", port)
+    def curl(self, path: str, url: str, headers: tuple[str, ...], upload: Path | None,
+             cafile: Path | None) -> Measurement:
+        size = self.args.bulk_mib * 1024 * 1024
+        done = bulk.run(url, size, upload=upload, headers=headers, cafile=cafile)
+        return Measurement("curl-up" if upload else "curl-down", path,
+                           {"gbps": done.gbps, "seconds": done.seconds})
 
-    def tcp_apptunnel(self) -> None:
-        _, port = self.local_port("iperf")
-        self.iperf("apptunnel", port)
+    # -- streams --------------------------------------------------------------------------------
 
-    # -- idle streams -------------------------------------------------------------------------------
+    def idle_row(self, test: str, path: str, ports: list[int], count: int, sink: idle.Sink,
+                 sets: dict, child: Child | None) -> Measurement:
+        result = idle.measure_streams(ports, count, sink, sets, child=child)
+        kib = idle.per_connection_kib(result)
+        values = {"held": result["held_count"], **{f"{k}_kib": v for k, v in kib.items()}}
+        if test == "idle":
+            values["total_kib"] = sum(kib.values())
+        else:
+            values["wanted"] = count
+        note = f"stopped at {result['held_count']}: {result['stopped']}" if result["stopped"] else ""
+        return Measurement(test, path, values, note=note)
 
-    def idle(self, sink: idle.Sink) -> None:
-        cluster = self.cluster()
-        local, port = self.local_port("sink")
-        processes = {"proxy": cluster.proxy, "agent": cluster.agent, "proxy app": local}
-        self.idle_result = idle.measure_streams(port, self.args.idle_streams, sink, processes,
-                                                child=local)
-        print("  idle: done", flush=True)
+    def fair_row(self, path: str, port: int) -> Measurement:
+        per_stream, total, flowing = fairness.measure(port, self.args.fair_streams,
+                                                      self.args.fair_duration)
+        starved = sum(1 for v in per_stream if v <= 0)
+        return Measurement("fairness", path, {
+            "streams": len(per_stream), "flowing": flowing, "gbps": total,
+            "min_mbps": min(per_stream), "max_mbps": max(per_stream),
+            "max_over_min": report.max_over_min(per_stream)},
+            note=f"{starved} streams got nothing" if starved else "")
 
-    # -- reports ------------------------------------------------------------------------------------
 
-    def report(self, upstream: str) -> str:
-        a = self.args
-        lines = ["", f"wrk -t{a.threads} -c{a.connections} -d{a.duration}s --latency "
-                     f"(after a {a.warmup}s warm-up); upstream: {upstream}", "",
-                 f"{'target':<11}{'req/s':>11}{'p50':>10}{'p99':>10}{'requests':>11}{'errors':>8}"]
-        for name in HTTP_TARGETS:
-            if name not in self.results:
-                continue
-            r = self.results[name]
-            if isinstance(r, str):
-                lines.append(f"{LABELS[name]:<11}{r}")
-            else:
-                lines.append(f"{LABELS[name]:<11}{r.requests_per_s:>11.0f}{r.p50_ms:>8.2f}ms"
-                             f"{r.p99_ms:>8.2f}ms{r.requests:>11}{r.errors:>8}")
-        ours = self.results.get("apptunnel")
-        if isinstance(ours, wrk.WrkResult):
-            lines.append("")
-            for name in ("ssh", "direct"):
-                other = self.results.get(name)
-                if isinstance(other, wrk.WrkResult) and other.requests_per_s and other.p50_ms:
-                    lines.append(
-                        f"apptunnel/{LABELS[name]:<7} req/s x{ours.requests_per_s / other.requests_per_s:.2f}"
-                        f"   p50 x{ours.p50_ms / other.p50_ms:.2f}   p99 x{ours.p99_ms / max(other.p99_ms, 1e-9):.2f}")
-        if self.notes:
-            lines.append("")
-            lines.extend(self.notes)
-        return "\n".join(lines) + "\n"
+# -- the run ----------------------------------------------------------------------------------------
 
-    def tcp_report(self) -> str:
-        lines = ["", f"iperf3 -c -t{self.args.tcp_duration} -J (one TCP stream); "
-                     "app: iperf3 -s on 127.0.0.1", "",
-                 f"{'target':<11}{'receiver':>15}{'sender':>15}{'retransmits':>13}"]
-        for name in PATHS:
-            if name not in self.tcp_results:
-                continue
-            r = self.tcp_results[name]
-            if isinstance(r, str):
-                lines.append(f"{LABELS[name]:<11}{r}")
-            else:
-                retr = "-" if r.retransmits is None else str(r.retransmits)
-                lines.append(f"{LABELS[name]:<11}{r.receiver_gbps:>9.2f} Gbit/s"
-                             f"{r.sender_gbps:>9.2f} Gbit/s{retr:>13}")
-        ours = self.tcp_results.get("apptunnel")
-        if isinstance(ours, tcp.IperfResult):
-            ratios = []
-            for name in ("ssh", "direct"):
-                other = self.tcp_results.get(name)
-                if isinstance(other, tcp.IperfResult) and other.receiver_bps:
-                    ratios.append(f"apptunnel/{LABELS[name]:<7} Gbit/s "
-                                  f"x{ours.receiver_bps / other.receiver_bps:.2f}")
-            if ratios:
-                lines.append("")
-                lines.extend(ratios)
-        return "\n".join(lines) + "\n"
+# -- the run: the apps, the paths to them, then one function per kind of row ---------------------
 
-    def idle_report(self) -> str:
-        r = self.idle_result
-        n = self.args.idle_streams
-        head = f"{n} idle TCP connections through `apptunnel proxy app` (one tunnel stream each)"
-        if isinstance(r, str):
-            return f"\n{head}\n\n{r}\n"
-        lines = ["", f"{head}; all held by the app after {r['open_seconds']:.1f}s", "",
-                 f"{'process':<11}{'before':>12}{'holding':>12}{'per stream':>14}{'closed':>12}"]
+@attrs.define
+class Apps:
+    """The upstream apps of this run (a kind's app is None when the kind is not run)."""
 
-        def row(label: str, before: int, held: int, after: int | None) -> str:
-            per = (held - before) / n
-            return (f"{label:<11}{_mib(before):>12}{_mib(held):>12}{per:>10.1f} KiB"
-                    f"{_mib(after):>12}")
+    upstream: Child
+    upstream_port: int
+    bulk_file: Path
+    iperf: Child | None = None
+    iperf_port: int = 0
+    sink: idle.Sink | None = None
+    source_port: int = 0
 
-        for name in ("proxy", "agent"):
-            lines.append(row(name, r["before"][name], r["held"][name], r["after"][name]))
-        after = r["after"]["proxy"], r["after"]["agent"]
-        lines.append(row("both", r["before"]["proxy"] + r["before"]["agent"],
-                         r["held"]["proxy"] + r["held"]["agent"],
-                         None if None in after else sum(after)))
-        lines.append(row("proxy app", r["before"]["proxy app"], r["held"]["proxy app"],
-                         r["after"]["proxy app"]) + "   (user side)")
-        return "\n".join(lines) + "\n"
 
-    def failed(self) -> list[str]:
-        rows = [*self.results.items(), *(("tcp " + k, v) for k, v in self.tcp_results.items()),
-                ("idle", self.idle_result)]
-        return [name for name, r in rows if isinstance(r, str) and r.startswith("failed")]
+@attrs.frozen
+class WebPath:
+    """How an HTTP row reaches the upstream: URL, headers, CA, and the processes it adds."""
+
+    url: str
+    headers: tuple[str, ...]
+    cafile: Path | None
+    cpu: procs.ProcessSet
+
+
+def start_apps(bench: Bench, bulk_dir: Path) -> Apps:
+    a, root, kinds = bench.args, bench.root, set(bench.args.only)
+    upload_sink, upload_port = bulk.start_sink(root)
+    _own(upload_sink)
+    bulk_dir.chmod(0o755)
+    bulk_file = bulk.zero_file(bulk_dir / "big", a.bulk_mib * 1024 * 1024)
+    bulk_file.chmod(0o644)
+    upstream, port = peers.start_nginx(root, bulk_dir, upload_port)
+    apps = Apps(_own(upstream), port, bulk_file)
+    bench.add_app("hello", f"http://127.0.0.1:{port}")
+    if "tcp" in kinds:
+        apps.iperf, apps.iperf_port = tcp.start_server(root)
+        _own(apps.iperf)
+        bench.add_app("iperf", f"tcp://127.0.0.1:{apps.iperf_port}")
+    if kinds & {"idle", "agent"}:
+        apps.sink = idle.Sink(root)
+        _own(apps.sink.child)
+        bench.add_app("sink", f"tcp://127.0.0.1:{apps.sink.port}")
+    if "fairness" in kinds:
+        source, apps.source_port = fairness.start_source(root)
+        _own(source)
+        bench.add_app("source", f"tcp://127.0.0.1:{apps.source_port}")
+    print(f"bench dir {root}; upstream nginx on 127.0.0.1:{port}", flush=True)
+    return apps
+
+
+def web_paths(bench: Bench, apps: Apps) -> dict[str, WebPath]:
+    """The HTTP paths that could be set up; one that could not is a failed `http` row."""
+    up = apps.upstream
+    paths = {"direct": WebPath(f"http://127.0.0.1:{apps.upstream_port}", (), None,
+                               procs.ProcessSet("the upstream nginx itself", _pids(up)))}
+    try:
+        ssh_port, sshd, ssh = bench.ssh_sets("ssh-http", apps.upstream_port)
+        paths["ssh"] = WebPath(f"http://127.0.0.1:{ssh_port}", (), None,
+                               procs.ProcessSet("sshd + ssh", lambda: sshd.pids() + ssh.pids()))
+        front, front_port = peers.start_nginx_tls_front(bench.root, ssh_port)
+        _own(front)
+        paths["nginx-tls"] = WebPath(f"https://127.0.0.1:{front_port}", (), None, procs.ProcessSet(
+            "nginx + sshd + ssh", lambda: procs.tree(front.proc.pid) + sshd.pids() + ssh.pids()))
+    except FAILURES as err:
+        for path in ("ssh", "nginx-tls"):
+            if path not in paths:
+                bench.fail("http", path, err)
+    try:
+        cookie = bench.cookie(b"hello\n")
+        cluster = bench.cluster()
+    except FAILURES as err:
+        bench.fail("http", "apptunnel", err)
+        return paths
+    paths["apptunnel"] = WebPath(
+        f"https://127.0.0.1:{cluster.web_port}",
+        (f"Cookie: {APP_COOKIE}={cookie}", f"Host: hello.{PUBLIC_HOST}:{cluster.web_port}"),
+        cluster.ca_file, procs.ProcessSet("proxy + agent", _pids(cluster.proxy, cluster.agent)))
+    return paths
+
+
+def http_rows(bench: Bench, web: dict[str, WebPath]) -> None:
+    a = bench.args
+    bench.context["http"] = (f"wrk -t{a.threads} -c{a.connections} -d{a.duration}s after "
+                             f"{a.warmup}s warm-up; nginx `return 200 hello`")
+    for path, w in web.items():
+        bench.attempt("http", path, lambda: bench.http(path, w.url + "/", w.headers, w.cpu))
+
+
+def latency_rows(bench: Bench, web: dict[str, WebPath]) -> None:
+    bench.context["http-1"] = f"-d{bench.args.latency_duration}s"
+    for path, w in web.items():
+        bench.attempt("http-1", path, lambda: bench.latency(path, w.url + "/", w.headers))
+
+
+def bulk_rows(bench: Bench, web: dict[str, WebPath], apps: Apps) -> None:
+    bench.context["curl-down"] = bench.context["curl-up"] = f"{bench.args.bulk_mib} MiB"
+    for path, w in web.items():
+        bench.attempt("curl-down", path, lambda: bench.curl(
+            path, w.url + "/bulk/big", w.headers, None, w.cafile))
+        bench.attempt("curl-up", path, lambda: bench.curl(
+            path, w.url + "/upload", w.headers, apps.bulk_file, w.cafile))
+
+
+def tcp_rows(bench: Bench, apps: Apps) -> None:
+    bench.context["iperf3-up"] = bench.context["iperf3-down"] = f"-t{bench.args.tcp_duration}"
+    ports = {"direct": lambda: apps.iperf_port,
+             "ssh": lambda: bench.ssh_tunnel("ssh-iperf", apps.iperf_port)[1],
+             "apptunnel": lambda: bench.local_port("iperf")[1]}
+    for reverse in (False, True):
+        for path, port in ports.items():
+            bench.attempt("iperf3-down" if reverse else "iperf3-up", path,
+                          lambda: bench.iperf(apps.iperf, path, port(), reverse))
+
+
+def idle_rows(bench: Bench, apps: Apps) -> None:
+    n, sink = bench.args.idle_streams, apps.sink
+    bench.context["idle"] = f"{n} connections"
+
+    def through_ssh() -> Measurement:
+        port, sshd, ssh = bench.ssh_sets("ssh-sink", sink.port)
+        return bench.idle_row("idle", "ssh", [port], n, sink, {"server": sshd, "agent": ssh}, None)
+
+    def through_apptunnel() -> Measurement:
+        cluster = bench.cluster()
+        local, port = bench.local_port("sink")
+        return bench.idle_row("idle", "apptunnel", [port], n, sink, {
+            "server": cluster.proxy, "agent": cluster.agent, "local": local}, local)
+
+    bench.attempt("idle", "ssh", through_ssh)
+    bench.attempt("idle", "apptunnel", through_apptunnel)
+
+
+def agent_row(bench: Bench, apps: Apps) -> None:
+    a = bench.args
+    bench.context["idle-agent"] = (f"{a.agent_streams} through `proxy app` processes of "
+                                   f"{a.streams_per_local_proxy} each")
+
+    def streams() -> Measurement:
+        cluster = bench.cluster()
+        count = -(-a.agent_streams // a.streams_per_local_proxy)
+        local = [bench.local_port("sink", i) for i in range(count)]
+        return bench.idle_row("idle-agent", "apptunnel", [port for _, port in local],
+                              a.agent_streams, apps.sink,
+                              {"server": cluster.proxy, "agent": cluster.agent}, local[0][0])
+
+    bench.attempt("idle-agent", "apptunnel", streams)
+
+
+def fairness_rows(bench: Bench, apps: Apps) -> None:
+    a = bench.args
+    bench.context["fairness"] = f"{a.fair_streams} streams, {a.fair_duration}s"
+    bench.attempt("fairness", "ssh", lambda: bench.fair_row(
+        "ssh", bench.ssh_tunnel("ssh-source", apps.source_port)[1]))
+    bench.attempt("fairness", "apptunnel", lambda: bench.fair_row(
+        "apptunnel", bench.local_port("source")[1]))
+
+
+def run(bench: Bench, bulk_dir: Path) -> None:
+    """Every chosen kind of row, in one fixed order; the apps first (the agent serves them)."""
+    kinds = set(bench.args.only)
+    apps = start_apps(bench, bulk_dir)
+    with loopback_resolution():
+        web = web_paths(bench, apps) if kinds & {"http", "latency", "bulk"} else {}
+        if "http" in kinds:
+            http_rows(bench, web)
+        if "latency" in kinds:
+            latency_rows(bench, web)
+        if "bulk" in kinds:
+            bulk_rows(bench, web, apps)
+        if "tcp" in kinds:
+            tcp_rows(bench, apps)
+        if "idle" in kinds:
+            idle_rows(bench, apps)
+        if "agent" in kinds:
+            agent_row(bench, apps)
+        if "fairness" in kinds:
+            fairness_rows(bench, apps)
+
+
+def write_results(bench: Bench, out: Path, started: datetime.datetime, took: float) -> list[str]:
+    """latest.json, a timestamped copy, and latest.png when matplotlib is installed."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = report.added_latency(bench.rows)
+    meta = {"when": started.isoformat(timespec="seconds"), "seconds": round(took, 1),
+            "args": {k: v for k, v in vars(bench.args).items() if k != "out"},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "python": platform.python_version()},
+            "cpu_measure": "perf instructions + /proc CPU seconds" if bench.perf
+            else "/proc utime+stime (perf stat -e instructions is not supported here)",
+            "context": bench.context, "profile": bench.profile}
+    data = json.dumps(report.to_json(rows, meta), indent=2) + "\n"
+    (out / "latest.json").write_text(data)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    (out / f"{stamp}.json").write_text(data)
+    written = [str(out / "latest.json"), str(out / f"{stamp}.json")]
+    try:
+        from bench import chart
+        chart.write(rows, out / "latest.png", meta["when"])
+        written.append(str(out / "latest.png"))
+    except ImportError:
+        written.append("no chart: matplotlib is not installed (pip install '.[bench]')")
+    return written
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
-    parser.add_argument("--warmup", type=int, default=1, help="seconds of discarded warm-up")
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tcp-duration", type=int, default=3, help="seconds per iperf3 run")
-    parser.add_argument("--idle-streams", type=int, default=1000,
-                        help="idle connections opened for the memory table")
-    parser.add_argument("--only", default=",".join(TARGETS),
-                        help="comma-separated subset of: " + ", ".join(TARGETS)
-                        + " (http = direct,ssh,apptunnel)")
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs) afterwards")
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--duration", type=int, default=5, help="seconds per wrk run (HTTP rows)")
+    add("--warmup", type=int, default=1, help="seconds of discarded wrk warm-up per path")
+    add("--connections", type=int, default=32)
+    add("--threads", type=int, default=2)
+    add("--latency-duration", type=int, default=3, help="seconds of wrk -t1 -c1 per path")
+    add("--tcp-duration", type=int, default=3, help="seconds per iperf3 run")
+    add("--bulk-mib", type=int, default=1024, help="size of the curl download and upload")
+    add("--idle-streams", type=int, default=1000, help="idle connections per path (memory)")
+    add("--agent-streams", type=int, default=10000, help="idle streams through the one agent")
+    add("--streams-per-local-proxy", type=int, default=4000,
+        help="agent row: streams per `proxy app` process (it holds 2 descriptors per stream)")
+    add("--fair-streams", type=int, default=1000, help="busy streams for the fairness rows")
+    add("--fair-duration", type=int, default=5, help="seconds the busy streams are counted")
+    add("--only", default=",".join(KINDS), help="comma-separated subset of: " + ", ".join(KINDS))
+    add("--out", type=Path, default=RESULTS, help="where latest.json and latest.png go")
+    add("--profile", action="store_true",
+        help="after the apptunnel HTTP row, sample the proxy with py-spy under the same load")
+    add("--keep", action="store_true", help="keep the temp dir (every child's log) afterwards")
     args = parser.parse_args(argv)
-    chosen: list[str] = []
-    for name in (t.strip() for t in args.only.split(",") if t.strip()):
-        chosen.extend(GROUPS.get(name, (name,)))
-    unknown = set(chosen) - set(TARGETS)
+    chosen = [t.strip() for t in args.only.split(",") if t.strip()]
+    unknown = set(chosen) - set(KINDS)
     if unknown:
-        parser.error(f"--only: unknown target(s) {', '.join(sorted(unknown))}")
-    args.only = [t for t in TARGETS if t in chosen]
-    if args.tcp_duration < 1 or args.idle_streams < 1:
-        parser.error("--tcp-duration and --idle-streams must be at least 1")
+        parser.error(f"--only: unknown kind(s) {', '.join(sorted(unknown))}")
+    args.only = [k for k in KINDS if k in chosen]
+    for name in ("duration", "latency_duration", "tcp_duration", "bulk_mib", "idle_streams",
+                 "agent_streams", "streams_per_local_proxy", "fair_streams", "fair_duration"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
+
+
+def _missing_tools(args: argparse.Namespace) -> list[str]:
+    kinds, missing = set(args.only), []
+    if kinds & {"http", "latency"} and shutil.which("wrk") is None:
+        missing.append("wrk is not installed (apt-get install wrk)")
+    if "tcp" in kinds and not tcp.have_iperf3():
+        missing.append("iperf3 is not installed (apt-get install iperf3)")
+    if "bulk" in kinds and not bulk.have_curl():
+        missing.append("curl is not installed (apt-get install curl)")
+    if not peers.have_nginx():
+        missing.append("nginx is not installed (apt-get install nginx)")
+    return missing
 
 
 def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _missing_tools(args: argparse.Namespace) -> list[str]:
-    missing = []
-    if set(args.only) & set(HTTP_TARGETS) and shutil.which("wrk") is None:
-        missing.append("wrk is not installed (apt-get install wrk)")
-    if "tcp" in args.only and not tcp.have_iperf3():
-        missing.append("iperf3 is not installed (apt-get install iperf3)")
-    return missing
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    for problem in _missing_tools(args):
+    missing = _missing_tools(args)
+    for problem in missing:
         print(f"bench: error: {problem}", file=sys.stderr)
-    if _missing_tools(args):
+    if missing:
         return 2
-    # Each idle stream is a socket here, two in `proxy app`, one or two in the proxy, the
+    # A stream is a socket here, up to two in `proxy app`, one or two in the proxy, the
     # agent and the sink; children inherit the limit.
-    idle.raise_nofile(4 * args.idle_streams + 1024)
+    idle.raise_nofile(2 * max(args.agent_streams, args.idle_streams, args.fair_streams) + 1024)
     root = Path(tempfile.mkdtemp(prefix="apptunnel-bench-"))
+    bulk_dir = Path(tempfile.mkdtemp(prefix="apptunnel-bench-bulk-"))
     atexit.register(_stop_all)
     signal.signal(signal.SIGTERM, _terminate)
     bench = Bench(args, root)
-    http = [t for t in args.only if t in HTTP_TARGETS]
+    started = datetime.datetime.now(datetime.timezone.utc)
+    clock = time.monotonic()
     try:
-        with loopback_resolution():
-            started = time.monotonic()
-            if http:
-                if shutil.which("nginx") or Path("/usr/sbin/nginx").exists():
-                    upstream, port = peers.start_nginx(root)
-                    description, body = 'nginx `return 200 "hello\\n"`', b"hello\n"
-                else:
-                    upstream, port = peers.start_sample_app(root)
-                    description = "the sample app's / (nginx not installed)"
-                    body = requests.get(f"http://127.0.0.1:{port}/", timeout=10).content
-                _own(upstream)
-                bench.add_app("hello", f"http://127.0.0.1:{port}")
-                print(f"bench dir {root}; HTTP upstream on 127.0.0.1:{port}", flush=True)
-            if "tcp" in args.only:
-                bench.iperf_server, iperf_port = tcp.start_server(root)
-                _own(bench.iperf_server)
-                bench.add_app("iperf", f"tcp://127.0.0.1:{iperf_port}")
-            sink = None
-            if "idle" in args.only:
-                sink = idle.Sink(root)
-                _own(sink.child)
-                bench.add_app("sink", f"tcp://127.0.0.1:{sink.port}")
-            if "direct" in args.only:
-                bench.attempt("direct", lambda: bench.measure("direct", f"http://127.0.0.1:{port}/"))
-            if "ssh" in args.only:
-                bench.attempt("ssh", lambda: bench.ssh(port))
-            if "apptunnel" in args.only:
-                bench.attempt("apptunnel", lambda: bench.apptunnel(body))
-            if "tcp" in args.only:
-                bench.attempt("direct", lambda: bench.iperf("direct", iperf_port), bench.tcp_results)
-                bench.attempt("ssh", lambda: bench.tcp_ssh(iperf_port), bench.tcp_results)
-                bench.attempt("apptunnel", bench.tcp_apptunnel, bench.tcp_results)
-            if sink is not None:
-                bench.attempt("idle", lambda: bench.idle(sink))
-            if http:
-                print(bench.report(description), end="")
-            if "tcp" in args.only:
-                print(bench.tcp_report(), end="")
-            if "idle" in args.only:
-                print(bench.idle_report(), end="")
-            print(f"(took {time.monotonic() - started:.0f}s; logs in {root})" if args.keep
-                  else f"(took {time.monotonic() - started:.0f}s)")
+        run(bench, bulk_dir)
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130
-    except DemoError as err:
+    except FAILURES as err:
         print(f"bench: error: {err}", file=sys.stderr)
         return 1
     finally:
         _stop_all()
+        shutil.rmtree(bulk_dir, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    return 1 if bench.failed() else 0
+    took = time.monotonic() - clock
+    rows = report.added_latency(bench.rows)
+    print("\n" + report.format_table(rows, bench.context), end="")
+    if bench.profile:
+        print("\n" + bench.profile, end="")
+    for line in write_results(bench, args.out, started, took):
+        print(f"wrote {line}" if not line.startswith("no chart") else line)
+    print(f"(took {took:.0f}s" + (f"; logs in {root})" if args.keep else ")"))
+    return 1 if any(r.error and r.error.startswith("failed") for r in bench.rows) else 0
 
 
 if __name__ == "__main__":

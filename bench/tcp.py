@@ -101,11 +101,12 @@ def wait_server_idle(child: Child, timeout: float = 20.0, quiet: float = 0.5) ->
     wait_until(settled, timeout, "iperf3 -s to wait for the next test", child, interval=0.05)
 
 
-def run(port: int, seconds: int) -> IperfResult:
-    """One `iperf3 -c 127.0.0.1 -p PORT -t SECONDS -J`, bounded by its duration plus a margin."""
+def run(port: int, seconds: int, reverse: bool = False) -> IperfResult:
+    """One `iperf3 -c 127.0.0.1 -p PORT -t SECONDS -J` (`-R`: the server sends), bounded by
+    its duration plus a margin."""
     limit = seconds + 30
     argv = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J",
-            "--connect-timeout", "10000"]
+            "--connect-timeout", "10000", *(["-R"] if reverse else [])]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired:

@@ -1,0 +1,121 @@
+"""Many busy streams through one tunnel: does each get its share?
+
+    python bench/fairness.py source --port PORT      (the app: sends zeros as fast as it can)
+
+The app writes to every connection as fast as the connection takes it. The bench opens
+`count` connections through a path, waits until every one has received its first bytes,
+(or a timeout passed), then counts what each reads in the next `seconds` and reports the slowest and the fastest
+stream (bench/report.py's max_over_min). One stream starved by the others shows as a
+large max/min even when the total looks fine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+from apptunnel.demo import Child, free_port, port_in_use, wait_until
+
+CHUNK = b"\0" * 65536
+OPEN_AT_ONCE = 100
+
+
+# -- the app (its own process) ------------------------------------------------------------------
+
+async def _serve(port: int) -> None:
+    async def pour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                writer.write(CHUNK)
+                await writer.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(pour, "127.0.0.1", port, backlog=4096)
+    async with server:
+        await server.serve_forever()
+
+
+def source_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench/fairness.py source")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    try:
+        asyncio.run(_serve(args.port))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def start_source(root: Path) -> tuple[Child, int]:
+    port = free_port()
+    child = Child("fairness source", [sys.executable, str(Path(__file__).resolve()), "source",
+                                      "--port", str(port)], root, root / "source.log")
+    wait_until(lambda: port_in_use(port), 15, "the fairness source to listen", child)
+    return child, port
+
+
+# -- the bench side -------------------------------------------------------------------------------
+
+async def _measure(port: int, count: int, seconds: float, first_bytes_timeout: float
+                   ) -> tuple[list[int], float, int]:
+    counts = [0] * count
+    started = [asyncio.Event() for _ in range(count)]
+    writers: list[asyncio.StreamWriter] = []
+    gate = asyncio.Semaphore(OPEN_AT_ONCE)
+
+    async def stream(i: int) -> None:
+        async with gate:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writers.append(writer)
+        while data := await reader.read(262144):
+            counts[i] += len(data)
+            started[i].set()
+
+    tasks = [asyncio.create_task(stream(i)) for i in range(count)]
+    try:
+        deadline = time.monotonic() + first_bytes_timeout
+        while not all(e.is_set() for e in started) and time.monotonic() < deadline:
+            failed = [t for t in tasks if t.done() and t.exception() is not None]
+            if failed:
+                raise OSError(f"a stream failed: {failed[0].exception()}")
+            await asyncio.sleep(0.1)
+        flowing = sum(e.is_set() for e in started)
+        before = list(counts)
+        t0 = time.monotonic()
+        await asyncio.sleep(seconds)
+        after = list(counts)
+        took = time.monotonic() - t0
+    finally:
+        for t in tasks:
+            t.cancel()
+        for w in writers:
+            w.transport.abort()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return [a - b for a, b in zip(after, before)], took, flowing
+
+
+def measure(port: int, count: int, seconds: float, first_bytes_timeout: float = 30.0
+            ) -> tuple[list[float], float, int]:
+    """Per-stream throughput in Mbit/s over `seconds`, the total in Gbit/s, and how many
+    streams had received data when counting began.
+
+    Counting starts once every stream has data, or after `first_bytes_timeout` in any case:
+    a stream still waiting then counts with what it gets, possibly 0 (a starved stream is a
+    result, not an error).
+    """
+    moved, took, flowing = asyncio.run(_measure(port, count, seconds, first_bytes_timeout))
+    per_stream = [n * 8 / took / 1e6 for n in moved]
+    return per_stream, sum(moved) * 8 / took / 1e9, flowing
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "source":
+        sys.exit(source_main(sys.argv[2:]))
+    print("usage: python bench/fairness.py source --port PORT", file=sys.stderr)
+    sys.exit(2)
