@@ -71,7 +71,9 @@ class TunnelProtocol(Protocol):
         self._streams: dict[int, Stream] = {}
         self._opening: dict[int, tuple[Deferred, dict]] = {}
         self._accepting: dict[int, Deferred] = {}
-        self._producing: set[Stream] = set()  # streams with a registered producer
+        # Streams with a registered producer, least recently written first: resuming in
+        # this order lets the streams that did not get to write go first (fairness).
+        self._producing: dict[Stream, None] = {}
         self._transport_paused = False
         self._connected = False
         self._lost = False
@@ -226,6 +228,9 @@ class TunnelProtocol(Protocol):
             stream._update_producer()
 
     def resumeProducing(self) -> None:
+        """Resume streams least recently written first. Their sockets are re-armed in this
+        order and read in it, and the first few refill the transport: in any fixed order
+        the same few streams would take the whole tunnel and the rest would starve."""
         self._transport_paused = False
         self._mux.set_output_blocked(False)
         for stream in list(self._producing):
@@ -237,6 +242,10 @@ class TunnelProtocol(Protocol):
     # -- called by Stream -------------------------------------------------------------
 
     def _stream_write(self, stream: Stream, data: bytes) -> None:
+        producing = self._producing
+        if stream in producing:   # to the back of the resume order
+            del producing[stream]
+            producing[stream] = None
         self._mux.send_data(stream.stream_id, data)
         self._run([])
         stream._update_producer()

@@ -155,12 +155,12 @@ class Stream:
             producer = PullAsPush(producer, self)
         self._producer = producer
         self._producer_paused = False
-        self._tunnel._producing.add(self)
+        self._tunnel._producing[self] = None
         self._update_producer()
 
     def unregisterProducer(self) -> None:
         producer, self._producer = self._producer, None
-        self._tunnel._producing.discard(self)
+        self._tunnel._producing.pop(self, None)
         if isinstance(producer, PullAsPush):
             producer.stop_streaming()
 
@@ -230,7 +230,7 @@ class Stream:
         self._tunnel._forget(self)
         producer, self._producer = self._producer, None
         if producer is not None:
-            self._tunnel._producing.discard(self)
+            self._tunnel._producing.pop(self, None)
             try:
                 producer.stopProducing()
             except Exception:

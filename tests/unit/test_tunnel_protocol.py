@@ -234,6 +234,36 @@ def test_full_socket_pauses_every_stream_producer():
     assert not any(p.paused for p in producers)
 
 
+def test_streams_that_did_not_write_are_resumed_first():
+    """Fairness: resuming in a fixed order let the same few streams refill the tunnel every
+    time and starve the rest (bench: 15 of 100 busy streams flowing). The streams resume
+    least recently written first."""
+    client, _, _, _, pump, _ = make_pair()
+    protos = [connect(pump, client, {"app": str(i)}) for i in range(4)]
+    order = []
+
+    class Ordered(RecordingProducer):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def resumeProducing(self):
+            super().resumeProducing()
+            order.append(self.name)
+
+    for i, proto in enumerate(protos):
+        proto.transport.registerProducer(Ordered(i), True)
+    for rounds in ([0, 1], [2], [0]):
+        for i in rounds:
+            protos[i].transport.write(b"w")
+        client.pauseProducing()
+        order.clear()
+        client.resumeProducing()
+        last_written = rounds[-1]
+        assert order[-1] == last_written and len(order) == 4
+    assert order == [3, 1, 2, 0]
+
+
 def test_failing_stream_protocol_resets_only_its_stream():
     """An exception in a stream protocol resets that stream with INTERNAL, not the tunnel."""
     class Broken(Recorder):
