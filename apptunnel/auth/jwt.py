@@ -94,13 +94,26 @@ def _thumbprint(jwk: Mapping[str, str]) -> str:
     return _b64(hashlib.sha256(canonical.encode("ascii")).digest())
 
 
-def _write_new_key(path: str, key: PrivateKey) -> None:
-    """Write 0600 to a temp name, then link into place so a racing process never sees half."""
-    pem = key.private_bytes(
+def _pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def new_key_pem(algorithm: str) -> bytes:
+    """A new private key for `algorithm`, PEM (for the key store, auth/keystore.py)."""
+    if algorithm not in ALGORITHMS:
+        raise JwtKeyError(
+            f"unsupported JWT algorithm {algorithm!r} (use one of {', '.join(ALGORITHMS)})"
+        )
+    return _pem(_generate(algorithm))
+
+
+def _write_new_key(path: str, key: PrivateKey) -> None:
+    """Write 0600 to a temp name, then link into place so a racing process never sees half."""
+    pem = _pem(key)
     tmp = f"{path}.{secrets.token_hex(8)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -128,6 +141,17 @@ class JwtKeys:
         self.public_key = private_key.public_key()
         self._public_jwk = _public_jwk(private_key)
         self.kid = _thumbprint(self._public_jwk)[:16]
+
+    @classmethod
+    def from_pem(cls, algorithm: str, pem: bytes) -> "JwtKeys":
+        """The key pair from stored material; JwtKeyError if it cannot sign `algorithm`."""
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError) as err:
+            raise JwtKeyError(f"not an unencrypted PEM private key ({err})") from None
+        if not _fits(algorithm, key):
+            raise JwtKeyError(f"a {type(key).__name__.lstrip('_')} cannot sign {algorithm}")
+        return cls(algorithm, key)
 
     @classmethod
     def load_or_create(cls, data_dir: str, algorithm: str) -> "JwtKeys":

@@ -621,7 +621,7 @@ class MemoryBackend:
             if old is None or old.state != expected:
                 return False
             keys[(key.kind, key.id)] = attrs.evolve(
-                old, state=key.state, activate_at=_real(key.activate_at),
+                old, state=key.state, material=key.material, activate_at=_real(key.activate_at),
                 retire_at=_real(key.retire_at))
             if sum(1 for k in keys.values()
                    if k.kind == key.kind and k.state == "current") > 1:

@@ -1321,9 +1321,10 @@ class SqliteBackend:
             with _transaction(conn):
                 for expected, key in changes:
                     done = conn.execute(
-                        "UPDATE keys SET state = ?, activate_at = ?, retire_at = ?"
+                        "UPDATE keys SET state = ?, material = ?, activate_at = ?, retire_at = ?"
                         " WHERE kind = ? AND id = ? AND state = ?",
-                        (key.state, key.activate_at, key.retire_at, key.kind, key.id, expected),
+                        (key.state, key.material, key.activate_at, key.retire_at, key.kind,
+                         key.id, expected),
                     ).rowcount
                     if done != 1:
                         raise _Unchanged()

@@ -961,9 +961,12 @@ async def test_set_key_states_is_all_or_nothing_compare_and_set(backend):
     await backend.add_key(key(id="k2", state="next", created=2.0))
     swap = [("current", key(state="retired", retire_at=50.0)),
             ("next", key(id="k2", created=2.0, activate_at=10.0))]
+    resealed = attrs.evolve(key(id="k2", created=2.0, activate_at=10.0), material="sealed")
     assert await backend.set_key_states(swap)
     states = {k.id: (k.state, k.activate_at, k.retire_at) for k in await backend.list_keys()}
     assert states == {"k1": ("retired", None, 50.0), "k2": ("current", 10.0, None)}
+    assert await backend.set_key_states([("current", resealed)])
+    assert (await backend.list_keys("jwt"))[1] == resealed
     # The last change expects k1 current (it is not): the first two are rolled back.
     assert not await backend.set_key_states([
         ("current", key(id="k2", state="retired", created=2.0)),
