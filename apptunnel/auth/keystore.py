@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import hashlib
 import os
 from collections.abc import Callable
@@ -34,9 +35,11 @@ from twisted.logger import Logger
 from apptunnel.auth import jwt as jwt_keys
 from apptunnel.auth.ca import ClusterCA, new_ca_pem
 from apptunnel.auth.connectors.saml import SP_CERT, SP_KEY, new_sp_pem
-from apptunnel.backend.base import Backend
+from apptunnel.backend.base import Backend, BackendError
 from apptunnel.backend.records import KeyRecord
 from apptunnel.errors import ApptunnelError
+from apptunnel.jwks import MIN_REFETCH_INTERVAL
+from apptunnel.polling import Poll
 from apptunnel.files import read_encryption_key
 
 __all__ = ["KIND_CA", "KIND_JWT", "KIND_SAML", "ClusterKeys", "KeyStore", "KeyStoreError",
@@ -48,6 +51,15 @@ KIND_CA = "ca"
 KIND_JWT = "jwt"
 KIND_SAML = "saml-sp"
 CURRENT, NEXT, RETIRED = "current", "next", "retired"
+
+# JWT rotation timing. A new key is published by every proxy within one poll (or at once,
+# through the control socket); an app whose JWKS cache predates it refetches on the unknown
+# kid only if its last fetch is MIN_REFETCH_INTERVAL old (apptunnel/jwks.py). So the new key
+# signs no earlier than a poll plus that interval plus a margin after it was stored; the
+# old one stays published for the token lifetime plus a margin for clock skew and leeway.
+KEY_POLL_INTERVAL = 2.0
+PUBLISH_DELAY = KEY_POLL_INTERVAL + MIN_REFETCH_INTERVAL + 3.0
+RETIRE_MARGIN = 15.0
 
 SEALED_PREFIX = "enc:v1:"
 _NONCE = 12
@@ -121,6 +133,31 @@ class ClusterKeys:
     saml: OpenKey
 
 
+@attrs.frozen
+class RotationPlan:
+    """What ``auth rotate`` set in motion, for the CLI to print and audit."""
+
+    kind: str
+    old_id: str
+    new_id: str
+    published_at: float      # stored now; every proxy publishes it within a poll
+    activate_at: float       # signs from then on
+    retire_at: float         # the old key leaves the JWKS then
+
+
+def ring_entries(keys: tuple[OpenKey, ...]) -> list[jwt_keys.RingKey]:
+    """The JWT key ring (auth/jwt.py) for the stored keys; each with its stored algorithm."""
+    entries = []
+    for key in keys:
+        try:
+            pair = jwt_keys.JwtKeys.from_pem(key.record.public, key.private_pem)
+        except jwt_keys.JwtKeyError as err:
+            raise KeyStoreError(f"stored key jwt/{key.id}: {err.message}") from None
+        entries.append(jwt_keys.RingKey(pair, key.record.activate_at or 0.0,
+                                        key.record.retire_at))
+    return entries
+
+
 def _fingerprint(pem: bytes) -> str:
     return hashlib.sha256(pem).hexdigest()[:16]
 
@@ -164,6 +201,52 @@ class KeyStore:
         material = self._seal(kind, fresh.id, fresh.private_pem)
         return await self._backend.add_key(KeyRecord(
             kind, fresh.id, state, material, fresh.public, self._clock.seconds(), **times))
+
+    # -- rotation ------------------------------------------------------------------
+
+    async def rotate_jwt(self, jwt_ttl: float, delay: float = PUBLISH_DELAY) -> RotationPlan:
+        """Store a `next` signing key that signs from now + `delay`, and retire the current
+        one once every token it can still sign has expired. KeyStoreError while another
+        rotation is under way (storage holds one `next` key per kind)."""
+        await self.load()
+        await self.settle()
+        now = self._clock.seconds()
+        stored = await self._backend.list_keys(KIND_JWT)
+        pending = [r for r in stored if r.state == NEXT]
+        if pending:
+            raise KeyStoreError(f"a rotation is under way: key {pending[0].id} signs from "
+                                f"{_when(pending[0].activate_at)}")
+        [current] = [r for r in stored if r.state == CURRENT]
+        fresh = new_jwt_key(self._jwt_algorithm)
+        activate_at = now + delay
+        retire_at = activate_at + jwt_ttl + RETIRE_MARGIN
+        if not await self.add(KIND_JWT, fresh, NEXT, activate_at=activate_at):
+            raise KeyStoreError("another rotation started at the same time; run `apptunnel "
+                                "auth status`")
+        if not await self._backend.set_key_states(
+                [(CURRENT, attrs.evolve(current, retire_at=retire_at))]):
+            await self._backend.delete_key(KIND_JWT, fresh.id)
+            raise KeyStoreError("the current key changed during the rotation; try again")
+        return RotationPlan(KIND_JWT, current.id, fresh.id, now, activate_at, retire_at)
+
+    async def settle(self) -> None:
+        """Write down what time already decided (any proxy or CLI may; compare-and-set):
+        a `next` key past its activate_at becomes current (the old one retired), a retired
+        key past its retire_at is deleted."""
+        now = self._clock.seconds()
+        stored = await self._backend.list_keys(KIND_JWT)
+        current = [r for r in stored if r.state == CURRENT]
+        for record in stored:
+            if record.state == NEXT and record.activate_at is not None \
+                    and record.activate_at <= now and current:
+                old = current[0]
+                await self._backend.set_key_states([
+                    (CURRENT, attrs.evolve(old, state=RETIRED,
+                                           retire_at=old.retire_at or now)),
+                    (NEXT, attrs.evolve(record, state=CURRENT)),
+                ])
+            elif record.state == RETIRED and (record.retire_at or 0.0) <= now:
+                await self._backend.delete_key(KIND_JWT, record.id)
 
     # -- loading one kind --------------------------------------------------------
 
@@ -278,3 +361,38 @@ def new_jwt_key(algorithm: str) -> _Fresh:
     """A new signing key for `algorithm`, named by its kid."""
     pem = jwt_keys.new_key_pem(algorithm)
     return _Fresh(jwt_keys.JwtKeys.from_pem(algorithm, pem).kid, pem, algorithm)
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M:%S UTC")
+
+
+class JwtKeyWatcher:
+    """Re-reads the JWT keys every poll (and on the control socket's refresh) into the
+    proxy's key ring, so a rotation started anywhere is published here within a poll."""
+
+    _log = Logger()
+
+    def __init__(self, store: KeyStore, ring: jwt_keys.JwtKeyRing, clock: IReactorTime,
+                 interval: float = KEY_POLL_INTERVAL) -> None:
+        self._store = store
+        self._ring = ring
+        self._poll = Poll(self.refresh, clock, interval, "JWT key watcher")
+
+    def start(self) -> None:
+        self._poll.start()
+
+    def stop(self) -> None:
+        self._poll.stop()
+
+    async def refresh(self) -> None:
+        """Read the keys now; never raises (one line logged, the next poll retries)."""
+        try:
+            await self._store.settle()
+            self._ring.replace(ring_entries(await self._store.keys(KIND_JWT)))
+        except (KeyStoreError, BackendError, ValueError) as err:
+            self._log.warn("cannot read the JWT keys (keeping the ones in use): {error}",
+                           error=err)

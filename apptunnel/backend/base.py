@@ -154,7 +154,7 @@ class Backend(typing.Protocol):
     async def get_audit_event(self, id: str) -> AuditEvent | None: ...
 
     # Cluster keys (auth/keystore.py). add_key inserts only when neither the (kind, id) nor,
-    # for a `current` key, another current key of that kind is stored: True if it did, so
+    # for a `current` (or `next`) key, another current (next) key of that kind is stored: True if it did, so
     # proxies racing on an empty store end up with one key. set_key_states sets state,
     # material, activate_at and retire_at of several keys of one kind in one transaction, each only
     # if it is still in the state expected (compare-and-set: False, nothing changed).

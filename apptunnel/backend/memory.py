@@ -595,15 +595,15 @@ class MemoryBackend:
 
     # -- cluster keys -----------------------------------------------------------
 
-    def _has_current(self, kind: str) -> bool:
-        return any(k.kind == kind and k.state == "current" for k in self._keys.values())
+    def _has(self, kind: str, state: str) -> bool:
+        return any(k.kind == kind and k.state == state for k in self._keys.values())
 
     async def add_key(self, key: KeyRecord) -> bool:
         self._check_open()
         stored = attrs.evolve(key, created=_real(key.created),
                               activate_at=_real(key.activate_at), retire_at=_real(key.retire_at))
         if (key.kind, key.id) in self._keys or (
-                key.state == "current" and self._has_current(key.kind)):
+                key.state in ("current", "next") and self._has(key.kind, key.state)):
             return False
         self._keys[(key.kind, key.id)] = stored
         return True
@@ -623,9 +623,9 @@ class MemoryBackend:
             keys[(key.kind, key.id)] = attrs.evolve(
                 old, state=key.state, material=key.material, activate_at=_real(key.activate_at),
                 retire_at=_real(key.retire_at))
-            if sum(1 for k in keys.values()
-                   if k.kind == key.kind and k.state == "current") > 1:
-                raise AlreadyExists("memory backend: two current keys of one kind")
+            if key.state in ("current", "next") and sum(
+                    1 for k in keys.values() if k.kind == key.kind and k.state == key.state) > 1:
+                raise AlreadyExists(f"memory backend: two {key.state} keys of one kind")
         self._keys = keys
         return True
 

@@ -235,7 +235,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     (
         # Cluster keys (auth/keystore.py): CA, JWT signing and SAML SP keys, shared by
-        # every proxy on the store; at most one `current` key per kind.
+        # every proxy on the store; at most one `current` and one `next` key per kind.
         """CREATE TABLE keys (
             kind TEXT NOT NULL,
             id TEXT NOT NULL,
@@ -247,6 +247,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             retire_at REAL,
             PRIMARY KEY (kind, id))""",
         "CREATE UNIQUE INDEX keys_one_current ON keys (kind) WHERE state = 'current'",
+        "CREATE UNIQUE INDEX keys_one_next ON keys (kind) WHERE state = 'next'",
     ),
 )
 

@@ -183,12 +183,12 @@ class Admin:
         except (KeyStoreError, ValueError) as err:
             raise CliError(f"cluster keys: {err}") from None
 
-    def emit(self, type: str, target: str, **fields: Any) -> None:
+    def emit(self, type: str, target: str, outcome: str = "success", **fields: Any) -> None:
         """Record one admin change; the CLI marks its events with ``via: cli``."""
         sudo = self.io.sudo_user
         if sudo is not None:
             fields["sudo_user"] = sudo
-        self.audit.emit(type, actor=self.io.actor, target=target, outcome="success",
+        self.audit.emit(type, actor=self.io.actor, target=target, outcome=outcome,
                         via="cli", **fields)
 
     async def refresh_proxy(self) -> None:

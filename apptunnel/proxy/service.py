@@ -34,9 +34,9 @@ from apptunnel.auth.connectors.signin import ExternalSignIn
 from apptunnel.auth.connectors.store import ConnectorStore
 from apptunnel.auth.directory import UserDirectory
 from apptunnel.auth.enrolment import AgentEnrolment
-from apptunnel.auth.jwt import JwtKeyError, JwtKeys, JwtSigner
-from apptunnel.auth.keystore import (CURRENT, ClusterKeys, KeyStore, KeyStoreError,
-                                     sealer_from_file)
+from apptunnel.auth.jwt import JwtKeyRing, JwtSigner
+from apptunnel.auth.keystore import (ClusterKeys, JwtKeyWatcher, KeyStore, KeyStoreError,
+                                     ring_entries, sealer_from_file)
 from apptunnel.auth.locks import LockAudit, LockWatcher
 from apptunnel.auth.passwords import HashQueue
 from apptunnel.auth.policy import RoleCache
@@ -140,6 +140,7 @@ class ProxyService(MultiService):
             sealer = sealer_from_file(config.backend_encryption_key_file)
         except KeyStoreError as err:
             raise ConfigError(f"{config.path}: {err}") from None
+        self.jwt_watcher: JwtKeyWatcher | None = None
         self.keystore = KeyStore(self.backend, reactor, data_dir=config.data_dir,
                                  cluster_name=config.cluster_name,
                                  jwt_algorithm=config.jwt_algorithm, sealer=sealer)
@@ -198,11 +199,11 @@ class ProxyService(MultiService):
         try:
             self.ca = ClusterCA.from_pem(config.cluster_name, keys.ca.private_pem,
                                          keys.ca.record.public.encode("ascii"), reactor)
-            current_jwt = next(k for k in keys.jwt if k.state == CURRENT)
-            self.jwt_keys = JwtKeys.from_pem(config.jwt_algorithm, current_jwt.private_pem)
-        except (ValueError, JwtKeyError) as err:
-            raise CannotStart(f"stored cluster key unusable: {err} (jwt.algorithm changed? "
-                              f"set it back)") from None
+            self.jwt_keys = JwtKeyRing(reactor, ring_entries(keys.jwt))
+        except (ValueError, KeyStoreError) as err:
+            raise CannotStart(f"stored cluster key unusable: {err}") from None
+        # A rotation (`apptunnel auth rotate`) anywhere reaches this proxy's JWKS in a poll.
+        self.jwt_watcher = JwtKeyWatcher(self.keystore, self.jwt_keys, reactor)
         publish_ca_cert(config.data_dir, self.ca.cert_pem)
         names = [config.public_host, "*." + config.public_host, "localhost"]
         ips = sorted({"127.0.0.1", *_ip_hosts(config.web_listen_host, config.tunnel_listen_host)})
@@ -338,6 +339,7 @@ class ProxyService(MultiService):
             log.warn("the cluster's CA and signing keys are stored unencrypted in PostgreSQL: "
                      "set backend.encryption_key_file (docs/operator.rst, Keys and rotation)")
         self._assemble(keys)
+        self.jwt_watcher.start()
         await self.listeners.listen()
         try:
             await self.backend.list_locks(self.reactor.seconds())  # the store opens and reads
@@ -364,6 +366,8 @@ class ProxyService(MultiService):
         self.users.stop()
         self.app_resources.stop()
         self.requests.stop()
+        if self.jwt_watcher is not None:   # built at start, once the keys were read
+            self.jwt_watcher.stop()
         self.ldap_threads.stop()   # waits for binds in flight: each ends within its timeout
         self.saml_threads.stop()
         yield defer.ensureDeferred(self.audit.stop())
@@ -375,7 +379,9 @@ class ProxyService(MultiService):
         self.connectors.invalidate()
         self.access.forget()
         self.sessions.forget_cached()   # `users reset` ended sessions in storage
-        return defer.gatherResults([defer.ensureDeferred(self.locks.refresh()),
+        keys = ([defer.ensureDeferred(self.jwt_watcher.refresh())]
+                if self.jwt_watcher is not None else [])
+        return defer.gatherResults([*keys, defer.ensureDeferred(self.locks.refresh()),
                                     defer.ensureDeferred(self.users.refresh()),
                                     defer.ensureDeferred(self.app_resources.refresh()),
                                     defer.ensureDeferred(self.requests.refresh())],

@@ -948,6 +948,7 @@ async def test_add_key_is_insert_if_absent_and_one_current_per_kind(backend):
     assert not await backend.add_key(key(id="k2"))                 # a second current
     assert await backend.add_key(key(kind="ca", id="k2"))          # another kind
     assert await backend.add_key(key(id="k3", state="next", created=2.0, activate_at=9.0))
+    assert not await backend.add_key(key(id="k4", state="next"))   # a second next
     assert [k.id for k in await backend.list_keys("jwt")] == ["k1", "k3"]
     assert [k.id for k in await backend.list_keys()] == ["k1", "k2", "k3"]
     stored = (await backend.list_keys("jwt"))[1]

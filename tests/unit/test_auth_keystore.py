@@ -6,13 +6,17 @@ import base64
 import os
 
 import attrs
+import jwt as pyjwt
 import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 
 from apptunnel.auth.ca import ClusterCA
-from apptunnel.auth.jwt import JwtKeys
-from apptunnel.auth.keystore import KIND_CA, KIND_JWT, KeyStore, KeyStoreError, Sealer
+from apptunnel.auth.jwt import JwtKeyRing, JwtKeys, JwtSigner
+from apptunnel.auth.keystore import (
+    KIND_CA, KIND_JWT, PUBLISH_DELAY, RETIRE_MARGIN, JwtKeyWatcher, KeyStore, KeyStoreError,
+    Sealer, ring_entries,
+)
 from apptunnel.backend.memory import MemoryBackend
 from apptunnel.files import read_encryption_key
 
@@ -126,3 +130,62 @@ def test_encryption_key_file_is_32_bytes_raw_or_base64_and_private(tmp_path):
             read_encryption_key(str(path))
     with pytest.raises(ValueError, match="cannot read"):
         read_encryption_key(str(tmp_path / "missing"))
+
+
+# -- JWT rotation (auth rotate --type jwt) -------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_jwt_rotation_publishes_first_signs_later_and_drops_the_old_key_last(tmp_path):
+    """The schedule on one Clock: published at once, signing after the publish delay,
+    the old key in the JWKS until its last token expired, then deleted from storage."""
+    backend = MemoryBackend()
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    keystore = KeyStore(backend, clock, data_dir=str(tmp_path), cluster_name="unit",
+                        jwt_algorithm="ES256")
+    keys = await keystore.load()
+    ring = JwtKeyRing(clock, ring_entries(keys.jwt))
+    watcher = JwtKeyWatcher(keystore, ring, clock)
+    signer = JwtSigner(ring, "unit", clock, ttl=60)
+    old = ring.kid
+
+    def kids():
+        return [k["kid"] for k in ring.jwks()["keys"]]
+
+    def token_kid():
+        return pyjwt.get_unverified_header(
+            signer.token("session", "alice", (), {}, "https://app"))["kid"]
+
+    assert token_kid() == old
+    plan = await keystore.rotate_jwt(jwt_ttl=60)
+    assert plan.old_id == old and plan.activate_at == clock.seconds() + PUBLISH_DELAY
+    assert plan.retire_at == plan.activate_at + 60 + RETIRE_MARGIN
+    with pytest.raises(KeyStoreError, match="a rotation is under way"):
+        await keystore.rotate_jwt(jwt_ttl=60)
+    await watcher.refresh()
+    assert kids() == [old, plan.new_id]                    # published, not signing
+    assert token_kid() == old
+    clock.advance(PUBLISH_DELAY)
+    assert token_kid() == plan.new_id                      # the cached token is re-signed
+    await watcher.refresh()
+    states = {k.id: k.state for k in await backend.list_keys("jwt")}
+    assert states == {old: "retired", plan.new_id: "current"}
+    assert kids() == [old, plan.new_id]                    # old tokens still verify
+    clock.advance(60 + RETIRE_MARGIN)
+    assert kids() == [plan.new_id]
+    await watcher.refresh()
+    assert [k.id for k in await backend.list_keys("jwt")] == [plan.new_id]
+    # And a second rotation is possible once the first is done.
+    assert (await keystore.rotate_jwt(jwt_ttl=60)).old_id == plan.new_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_watcher_that_cannot_read_keys_keeps_signing_with_what_it_has(tmp_path):
+    backend = MemoryBackend()
+    keys = await store(backend, tmp_path, Sealer(KEY)).load()
+    clock = Clock()
+    ring = JwtKeyRing(clock, ring_entries(keys.jwt))
+    kid = ring.kid
+    await JwtKeyWatcher(store(backend, tmp_path), ring, clock).refresh()   # no key file
+    assert ring.kid == kid and [k["kid"] for k in ring.jwks()["keys"]] == [kid]
