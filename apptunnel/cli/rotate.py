@@ -53,7 +53,7 @@ async def rotate_key(admin: Admin, args: argparse.Namespace) -> int:
     now = admin.now()
     admin.io.out(
         f"New JWT signing key {plan.new_id}:\n"
-        f"  now                        published in the JWKS of every proxy (within a poll)\n"
+        f"  {'now':<{len(iso(now))}}  published in the JWKS of every proxy (within a poll)\n"
         f"  {iso(plan.activate_at)}  signs every new token "
         f"(in {human_duration(plan.activate_at - now)})\n"
         f"  {iso(plan.retire_at)}  old key {plan.old_id} leaves the JWKS, its last token "

@@ -202,6 +202,10 @@ class ProxyService(MultiService):
             self.jwt_keys = JwtKeyRing(reactor, ring_entries(keys.jwt))
         except (ValueError, KeyStoreError) as err:
             raise CannotStart(f"stored cluster key unusable: {err}") from None
+        if self.jwt_keys.signing().algorithm != config.jwt_algorithm:
+            log.warn("jwt.algorithm is {wanted} but the signing key is {have}; "
+                     "`apptunnel auth rotate --type jwt` makes a {wanted} key",
+                     wanted=config.jwt_algorithm, have=self.jwt_keys.signing().algorithm)
         # A rotation (`apptunnel auth rotate`) anywhere reaches this proxy's JWKS in a poll.
         self.jwt_watcher = JwtKeyWatcher(self.keystore, self.jwt_keys, reactor)
         publish_ca_cert(config.data_dir, self.ca.cert_pem)
