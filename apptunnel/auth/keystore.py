@@ -194,7 +194,14 @@ class KeyStore:
 
     async def keys(self, kind: str) -> tuple[OpenKey, ...]:
         """Every stored key of `kind`, opened, oldest first."""
-        return tuple([self._open(r) for r in await self._backend.list_keys(kind)])
+        return self.open_all(await self.records(kind))
+
+    async def records(self, kind: str) -> list[KeyRecord]:
+        """Every stored key of `kind` as stored (sealed), oldest first."""
+        return await self._backend.list_keys(kind)
+
+    def open_all(self, records: list[KeyRecord]) -> tuple[OpenKey, ...]:
+        return tuple([self._open(r) for r in records])
 
     async def add(self, kind: str, fresh: _Fresh, state: str, **times: float | None) -> bool:
         """Insert-if-absent a new key (sealed when a key file is set)."""
@@ -380,6 +387,7 @@ class JwtKeyWatcher:
                  interval: float = KEY_POLL_INTERVAL) -> None:
         self._store = store
         self._ring = ring
+        self._seen: list[KeyRecord] | None = None   # parsed once per change, not per poll
         self._poll = Poll(self.refresh, clock, interval, "JWT key watcher")
 
     def start(self) -> None:
@@ -392,7 +400,10 @@ class JwtKeyWatcher:
         """Read the keys now; never raises (one line logged, the next poll retries)."""
         try:
             await self._store.settle()
-            self._ring.replace(ring_entries(await self._store.keys(KIND_JWT)))
+            records = await self._store.records(KIND_JWT)
+            if records != self._seen:
+                self._ring.replace(ring_entries(self._store.open_all(records)))
+                self._seen = records
         except (KeyStoreError, BackendError, ValueError) as err:
             self._log.warn("cannot read the JWT keys (keeping the ones in use): {error}",
                            error=err)

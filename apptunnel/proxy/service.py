@@ -1,7 +1,10 @@
 """The proxy process: wires auth, storage, the web UI, the app edge and the tunnel listener.
 
-Everything that can fail on bad files (CA, keys, certificates) is built in the constructor,
-so `twistd` reports it as one line before anything listens. Listening, the audit writer
+Everything that can fail on bad files (config, certificates) is built in the constructor,
+so `twistd` reports it as one line before anything listens. The cluster's keys are in the
+backend (auth/keystore.py), which is async: they are read in the start step, before any
+listener, and what holds them is built then (`_assemble`); keys it cannot use end the
+process with one line, like a busy port. Listening, the audit writer
 and the expiry sweep start with the service and stop with it, in reverse order. A port
 that cannot be bound or a backend that cannot be read at start ends the process with one
 line and exit 1 (`apptunnel.startup.fatal`); "serving" is logged only after both worked.
