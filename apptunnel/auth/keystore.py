@@ -15,6 +15,12 @@ Private material is sealed with AES-256-GCM when ``backend.encryption_key_file``
 another row does not open. Anything wrong (encrypted rows and no key file, a wrong key
 file, a swapped row, a key that does not fit) is a :class:`KeyStoreError`: one line, and
 the proxy does not start. ca.py and jwt.py take key material and know nothing of this.
+
+JWT rotation (``rotate_jwt``, ``apptunnel auth rotate --type jwt``) is stored times, not
+messages: a ``next`` key with ``activate_at``, the current one with ``retire_at``. Each
+proxy's :class:`JwtKeyWatcher` re-reads the rows every poll into its key ring
+(auth/jwt.py), which decides from the clock which key signs and which are published;
+``settle`` writes the outcome down afterwards (compare-and-set, whoever comes first).
 """
 
 from __future__ import annotations
@@ -38,12 +44,13 @@ from apptunnel.auth.connectors.saml import SP_CERT, SP_KEY, new_sp_pem
 from apptunnel.backend.base import Backend, BackendError
 from apptunnel.backend.records import KeyRecord
 from apptunnel.errors import ApptunnelError
+from apptunnel.files import read_encryption_key
 from apptunnel.jwks import MIN_REFETCH_INTERVAL
 from apptunnel.polling import Poll
-from apptunnel.files import read_encryption_key
 
-__all__ = ["KIND_CA", "KIND_JWT", "KIND_SAML", "ClusterKeys", "KeyStore", "KeyStoreError",
-           "Sealer", "sealer_from_file"]
+__all__ = ["KIND_CA", "KIND_JWT", "KIND_SAML", "PUBLISH_DELAY", "RETIRE_MARGIN", "ClusterKeys",
+           "JwtKeyWatcher", "KeyStore", "KeyStoreError", "RotationPlan", "Sealer", "ring_entries",
+           "sealer_from_file"]
 
 log = Logger()
 
