@@ -61,6 +61,7 @@ CODES: dict[str, tuple[str, str]] = {
     "lock.delete": ("T6001I", "T6001W"),
     "lock.enforced": ("T6002W", "T6002W"),
     "cert.issue": ("T5000I", "T5000W"),
+    "auth.rotate": ("T5200I", "T5200W"),        # a cluster key rotated (cli/rotate.py)
     "access_request.create": ("T5100I", "T5100W"),     # auth/access_requests.py
     "access_request.review": ("T5101I", "T5101W"),
     "access_request.assume": ("T5102I", "T5102W"),

@@ -23,6 +23,7 @@ from apptunnel.auth.jwt import JWT_CLAIMS
 from apptunnel.auth.pins import is_pin
 from apptunnel.auth.rbac import RoleError, parse_label_selector
 from apptunnel.errors import ConfigError
+from apptunnel.files import read_encryption_key
 from apptunnel.net import is_ip
 
 __all__ = [
@@ -40,7 +41,7 @@ __all__ = [
 
 JWT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
 BACKEND_TYPES = ("sqlite", "postgres")
-_POSTGRES_KEYS = ("type", "dsn", "password_file", "encryption_key_file")
+_POSTGRES_KEYS = ("type", "dsn", "password_file")
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})\Z")
@@ -492,6 +493,9 @@ class ProxyConfig:
     # refuses one); the password is read from password_file when the backend opens.
     backend_dsn: str | None = None
     backend_password_file: str | None = None
+    # backend.encryption_key_file (either type): seals the keys stored in the backend
+    # (auth/keystore.py); checked (0600, 32 bytes) when the config is read.
+    backend_encryption_key_file: str | None = None
 
     @property
     def public_host(self) -> str:
@@ -674,8 +678,9 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
     tunnel = top.address("tunnel_listen_addr", default="0.0.0.0:3024", allow_port_zero=True)
 
     backend_type, backend_path = "sqlite", os.path.join(data_dir, "apptunnel.db")
-    backend_dsn = backend_password_file = None
-    backend = top.section("backend", ("type", "path", *_POSTGRES_KEYS[1:]))
+    backend_dsn = backend_password_file = encryption_key_file = None
+    backend = top.section("backend", ("type", "path", *_POSTGRES_KEYS[1:],
+                                      "encryption_key_file"))
     if backend is not None:
         backend_type = backend.string("type", default="sqlite")
         if backend_type not in BACKEND_TYPES:
@@ -685,14 +690,17 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
                 backend.fail("path", "only for backend type sqlite")
             backend_dsn = _postgres_dsn(backend)
             backend_password_file = backend.file_path("password_file", base)
-            if backend.string("encryption_key_file") is not None:
-                backend.fail("encryption_key_file", "not supported yet: CA and signing keys "
-                             "are still files in data_dir")
         else:
             for key in _POSTGRES_KEYS[1:]:
                 if key in backend.data:
                     backend.fail(key, "only for backend type postgres")
             backend_path = backend.file_path("path", base) or backend_path
+        encryption_key_file = backend.file_path("encryption_key_file", base)
+        if encryption_key_file is not None:
+            try:
+                read_encryption_key(encryption_key_file)
+            except ValueError as err:
+                backend.fail("encryption_key_file", str(err))
 
     cert_file = key_file = None
     tls = top.section("tls", ("cert_file", "key_file"))
@@ -753,6 +761,7 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
         access_requests=_access_requests(top, base),
         backend_dsn=backend_dsn,
         backend_password_file=backend_password_file,
+        backend_encryption_key_file=encryption_key_file,
     )
 
 

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["write_file"]
+import base64
+import binascii
+
+__all__ = ["ENCRYPTION_KEY_BYTES", "read_encryption_key", "write_file"]
+
+ENCRYPTION_KEY_BYTES = 32
 
 
 def write_file(path: str, data: bytes, mode: int) -> None:
@@ -30,3 +35,25 @@ def write_file(path: str, data: bytes, mode: int) -> None:
             os.close(fd)
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def read_encryption_key(path: str) -> bytes:
+    """backend.encryption_key_file: 32 bytes, raw or base64 (surrounding whitespace
+    ignored), mode 0600 or stricter. ValueError says what is wrong, never the key."""
+    try:
+        if os.stat(path).st_mode & 0o077:
+            raise ValueError(f"{path} is readable by group or others (chmod 600 it)")
+        with open(path, "rb") as f:
+            data = f.read(4 * ENCRYPTION_KEY_BYTES)
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror}") from None
+    if len(data) == ENCRYPTION_KEY_BYTES:
+        return data
+    try:
+        decoded = base64.b64decode(data.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        decoded = b""
+    if len(decoded) != ENCRYPTION_KEY_BYTES:
+        raise ValueError(f"{path} must hold {ENCRYPTION_KEY_BYTES} random bytes, raw or "
+                         f"base64 (head -c 32 /dev/urandom > FILE; chmod 600 FILE)")
+    return decoded

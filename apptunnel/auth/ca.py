@@ -45,6 +45,8 @@ __all__ = [
     "bot_identity",
     "client_public_key",
     "load_server_tls",
+    "new_ca_pem",
+    "publish_ca_cert",
     "session_mfa_app",
     "user_identity",
 ]
@@ -176,6 +178,39 @@ def assumed_requests(cert: x509.Certificate) -> tuple[str, ...]:
         return ()
 
 
+def new_ca_pem(cluster_name: str, now: float) -> tuple[bytes, bytes]:
+    """A new CA as (key_pem, cert_pem), for the key store to keep."""
+    key, cert = _new_ca(cluster_name, now)
+    return _key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _new_ca(cluster_name: str, now: float) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, cluster_name),
+        x509.NameAttribute(NameOID.COMMON_NAME, f"{cluster_name} apptunnel CA"),
+    ])
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_when(now - _BACKDATE))
+        .not_valid_after(_when(now + CA_TTL))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=True,
+            crl_sign=True, encipher_only=False, decipher_only=False,
+        ), critical=True)
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
 class ClusterCA:
     """Issues and checks the cluster's certificates. Holds the CA key in memory only."""
 
@@ -187,6 +222,21 @@ class ClusterCA:
         self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         self.pin = cert_pin(cert)
         self.clock = clock
+
+    @classmethod
+    def from_pem(cls, cluster_name: str, key_pem: bytes, cert_pem: bytes,
+                 clock: IReactorTime) -> ClusterCA:
+        """The CA from stored material (auth/keystore.py); ValueError if it is unusable."""
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+            cert = x509.load_pem_x509_certificate(cert_pem)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"not a PEM key and certificate ({err})") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or (
+            key.public_key().public_numbers() != cert.public_key().public_numbers()
+        ):
+            raise ValueError("CA key does not match its certificate")
+        return cls(cluster_name, key, cert, clock)
 
     @classmethod
     def load_or_create(cls, data_dir: str, cluster_name: str, clock: IReactorTime) -> ClusterCA:
@@ -237,30 +287,7 @@ class ClusterCA:
 
     @classmethod
     def _create(cls, cluster_name: str, clock: IReactorTime) -> ClusterCA:
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = clock.seconds()
-        name = x509.Name([
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, cluster_name),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"{cluster_name} apptunnel CA"),
-        ])
-        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(_when(now - _BACKDATE))
-            .not_valid_after(_when(now + CA_TTL))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ), critical=True)
-            .add_extension(ski, critical=False)
-            .sign(key, hashes.SHA256())
-        )
+        key, cert = _new_ca(cluster_name, clock.seconds())
         return cls(cluster_name, key, cert, clock)
 
     # -- issuing ---------------------------------------------------------------------
@@ -440,6 +467,19 @@ def _check_key_strength(public_key) -> None:
     elif isinstance(public_key, ed25519.Ed25519PublicKey):
         return
     raise AuthError(400, "unsupported or weak key (use EC P-256+, RSA 2048+ or Ed25519)")
+
+
+def publish_ca_cert(data_dir: str, cert_pem: bytes) -> None:
+    """Write the CA certificate (public) to ``data_dir/ca.crt`` for ``curl --cacert`` and
+    the demo; the key stays in the backend (auth/keystore.py)."""
+    path = os.path.join(data_dir, "ca.crt")
+    try:
+        with open(path, "rb") as f:
+            if f.read() == cert_pem:
+                return
+    except OSError:
+        pass
+    write_file(path, cert_pem, 0o644)
 
 
 def load_server_tls(data_dir: str, ca: ClusterCA, names: Iterable[str],

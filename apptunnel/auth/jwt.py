@@ -94,13 +94,26 @@ def _thumbprint(jwk: Mapping[str, str]) -> str:
     return _b64(hashlib.sha256(canonical.encode("ascii")).digest())
 
 
-def _write_new_key(path: str, key: PrivateKey) -> None:
-    """Write 0600 to a temp name, then link into place so a racing process never sees half."""
-    pem = key.private_bytes(
+def _pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def new_key_pem(algorithm: str) -> bytes:
+    """A new private key for `algorithm`, PEM (for the key store, auth/keystore.py)."""
+    if algorithm not in ALGORITHMS:
+        raise JwtKeyError(
+            f"unsupported JWT algorithm {algorithm!r} (use one of {', '.join(ALGORITHMS)})"
+        )
+    return _pem(_generate(algorithm))
+
+
+def _write_new_key(path: str, key: PrivateKey) -> None:
+    """Write 0600 to a temp name, then link into place so a racing process never sees half."""
+    pem = _pem(key)
     tmp = f"{path}.{secrets.token_hex(8)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -128,6 +141,17 @@ class JwtKeys:
         self.public_key = private_key.public_key()
         self._public_jwk = _public_jwk(private_key)
         self.kid = _thumbprint(self._public_jwk)[:16]
+
+    @classmethod
+    def from_pem(cls, algorithm: str, pem: bytes) -> "JwtKeys":
+        """The key pair from stored material; JwtKeyError if it cannot sign `algorithm`."""
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError) as err:
+            raise JwtKeyError(f"not an unencrypted PEM private key ({err})") from None
+        if not _fits(algorithm, key):
+            raise JwtKeyError(f"a {type(key).__name__.lstrip('_')} cannot sign {algorithm}")
+        return cls(algorithm, key)
 
     @classmethod
     def load_or_create(cls, data_dir: str, algorithm: str) -> "JwtKeys":
@@ -171,16 +195,68 @@ class JwtKeys:
 
 
 @attrs.frozen
+class RingKey:
+    """One published key: it signs from ``activate_at``; it is published until
+    ``retire_at`` (None: for as long as it is stored)."""
+
+    keys: JwtKeys
+    activate_at: float = 0.0
+    retire_at: float | None = None
+
+
+class JwtKeyRing:
+    """Every published signing key and the one that signs now (rotation, auth/keystore.py).
+
+    The signing key is the newest whose ``activate_at`` has come, decided on each call from
+    the clock, so every proxy switches at the same moment without waiting for a poll; a
+    key is in the JWKS from the moment this proxy reads it until its ``retire_at``.
+    """
+
+    def __init__(self, clock: IReactorTime, entries: Iterable[RingKey]) -> None:
+        self._clock = clock
+        self._entries: tuple[RingKey, ...] = ()
+        self.replace(entries)
+
+    def replace(self, entries: Iterable[RingKey]) -> None:
+        """A fresh read of the store; refused (ValueError) without any key that can sign."""
+        entries = tuple(sorted(entries, key=lambda e: e.activate_at))
+        if not entries:
+            raise ValueError("no JWT signing key")
+        self._entries = entries
+
+    def _live(self, now: float) -> list[RingKey]:
+        return [e for e in self._entries if e.retire_at is None or now < e.retire_at]
+
+    def signing(self) -> JwtKeys:
+        now = self._clock.seconds()
+        ready = [e for e in self._live(now) if e.activate_at <= now] or list(self._entries[:1])
+        return ready[-1].keys
+
+    @property
+    def kid(self) -> str:
+        return self.signing().kid
+
+    def jwks(self) -> dict:
+        """The document served at /.well-known/jwks.json: every key not yet retired."""
+        return {"keys": [e.keys.jwk() for e in self._live(self._clock.seconds())]}
+
+    def sign(self, claims: Mapping[str, Any]) -> str:
+        return self.signing().sign(claims)
+
+
+@attrs.frozen
 class _Cached:
     token: str
     refresh_at: float
     who: tuple = ()      # (username, roles, traits) the token says: reused only for the same
+    kid: str = ""        # the key that signed it: a rotation re-signs at once
 
 
 class JwtSigner:
     """Signs identity tokens and reuses each until a third of its lifetime is left."""
 
-    def __init__(self, keys: JwtKeys, issuer: str, clock: IReactorTime, ttl: float) -> None:
+    def __init__(self, keys: JwtKeys | JwtKeyRing, issuer: str, clock: IReactorTime,
+                 ttl: float) -> None:
         if ttl < 1:
             raise ValueError("jwt ttl must be at least 1 second")
         self._keys = keys
@@ -207,12 +283,14 @@ class JwtSigner:
         slot = (audience, claims)
         roles = tuple(roles)
         who = (username, roles, traits, bot)
+        kid = self._keys.kid
         per_session = self._cache.get(cache_key)
         if per_session is not None:
             self._cache.move_to_end(cache_key)
             cached = per_session.get(slot)
             # A role change caps a live session's roles: never hand out the old token.
-            if cached is not None and now < cached.refresh_at and cached.who == who:
+            if (cached is not None and now < cached.refresh_at and cached.who == who
+                    and cached.kid == kid):
                 return cached.token
         issued = int(now)
         expires = issued + int(self._ttl)
@@ -239,7 +317,7 @@ class JwtSigner:
             per_session.clear()
         while len(self._cache) > MAX_CACHED_SESSIONS:
             self._cache.popitem(last=False)
-        per_session[slot] = _Cached(token, expires - self._ttl / 3, who)
+        per_session[slot] = _Cached(token, expires - self._ttl / 3, who, kid)
         return token
 
     def forget(self, cache_key: str) -> None:

@@ -17,6 +17,7 @@ from apptunnel.backend.records import (
     AuditEvent,
     AuthCode,
     JoinToken,
+    KeyRecord,
     Lock,
     MfaDevice,
     Resource,
@@ -151,6 +152,16 @@ class Backend(typing.Protocol):
         ...
 
     async def get_audit_event(self, id: str) -> AuditEvent | None: ...
+
+    # Cluster keys (auth/keystore.py). add_key inserts only when neither the (kind, id) nor,
+    # for a `current` (or `next`) key, another current (next) key of that kind is stored: True if it did, so
+    # proxies racing on an empty store end up with one key. set_key_states sets state,
+    # material, activate_at and retire_at of several keys of one kind in one transaction, each only
+    # if it is still in the state expected (compare-and-set: False, nothing changed).
+    async def add_key(self, key: KeyRecord) -> bool: ...
+    async def list_keys(self, kind: str | None = None) -> list[KeyRecord]: ...  # oldest first
+    async def set_key_states(self, changes: list[tuple[str, KeyRecord]]) -> bool: ...
+    async def delete_key(self, kind: str, id: str) -> bool: ...
 
     async def delete_expired(self, now: float) -> int: ...
     async def close(self) -> None: ...

@@ -36,6 +36,7 @@ from apptunnel.backend.records import (
     AuthCode,
     Bot,
     JoinToken,
+    KeyRecord,
     Lock,
     MfaDevice,
     Resource,
@@ -144,6 +145,7 @@ class MemoryBackend:
         self._recovery: dict[str, set[str]] = {}
         self._audit: list[AuditEvent] = []      # insertion order: ties in time keep it
         self._audit_ids: set[str] = set()
+        self._keys: dict[tuple[str, str], KeyRecord] = {}
         self._closed = False
 
     def _check_open(self) -> None:
@@ -590,6 +592,46 @@ class MemoryBackend:
             if e.id == id:
                 return _event(e)
         return None
+
+    # -- cluster keys -----------------------------------------------------------
+
+    def _has(self, kind: str, state: str) -> bool:
+        return any(k.kind == kind and k.state == state for k in self._keys.values())
+
+    async def add_key(self, key: KeyRecord) -> bool:
+        self._check_open()
+        stored = attrs.evolve(key, created=_real(key.created),
+                              activate_at=_real(key.activate_at), retire_at=_real(key.retire_at))
+        if (key.kind, key.id) in self._keys or (
+                key.state in ("current", "next") and self._has(key.kind, key.state)):
+            return False
+        self._keys[(key.kind, key.id)] = stored
+        return True
+
+    async def list_keys(self, kind: str | None = None) -> list[KeyRecord]:
+        self._check_open()
+        found = [k for k in self._keys.values() if kind is None or k.kind == kind]
+        return sorted(found, key=lambda k: (k.created, k.id))
+
+    async def set_key_states(self, changes: list[tuple[str, KeyRecord]]) -> bool:
+        self._check_open()
+        keys = dict(self._keys)
+        for expected, key in changes:
+            old = keys.get((key.kind, key.id))
+            if old is None or old.state != expected:
+                return False
+            keys[(key.kind, key.id)] = attrs.evolve(
+                old, state=key.state, material=key.material, activate_at=_real(key.activate_at),
+                retire_at=_real(key.retire_at))
+            if key.state in ("current", "next") and sum(
+                    1 for k in keys.values() if k.kind == key.kind and k.state == key.state) > 1:
+                raise AlreadyExists(f"memory backend: two {key.state} keys of one kind")
+        self._keys = keys
+        return True
+
+    async def delete_key(self, kind: str, id: str) -> bool:
+        self._check_open()
+        return self._keys.pop((kind, id), None) is not None
 
     # -- housekeeping -----------------------------------------------------------
 

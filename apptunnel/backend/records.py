@@ -246,3 +246,23 @@ class AccessRequest:
     approve: int = 1
     deny: int = 1
     reviews: tuple[Review, ...] = ()
+
+
+@attrs.frozen
+class KeyRecord:
+    """One key of the cluster (auth/keystore.py): a CA, a JWT signing key, the SAML SP key.
+
+    ``material`` is the private key, PEM or sealed (``enc:v1:...``, auth/keystore.py);
+    ``public`` is what may be shown (a certificate PEM, or the JWT algorithm). ``state``
+    is ``current`` (at most one per kind, enforced by storage), ``next`` (published, not
+    yet signing) or ``retired`` (published until ``retire_at``).
+    """
+
+    kind: str
+    id: str
+    state: str
+    material: str
+    public: str
+    created: float
+    activate_at: float | None = None
+    retire_at: float | None = None

@@ -41,6 +41,7 @@ from apptunnel.backend.records import (
     AuthCode,
     Bot,
     JoinToken,
+    KeyRecord,
     Lock,
     MfaDevice,
     Resource,
@@ -232,6 +233,22 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # What each agent's last hello said it runs (the admin agents page).
         "ALTER TABLE agents ADD COLUMN version TEXT NOT NULL DEFAULT ''",
     ),
+    (
+        # Cluster keys (auth/keystore.py): CA, JWT signing and SAML SP keys, shared by
+        # every proxy on the store; at most one `current` and one `next` key per kind.
+        """CREATE TABLE keys (
+            kind TEXT NOT NULL,
+            id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            material TEXT NOT NULL,
+            public TEXT NOT NULL,
+            created REAL NOT NULL,
+            activate_at REAL,
+            retire_at REAL,
+            PRIMARY KEY (kind, id))""",
+        "CREATE UNIQUE INDEX keys_one_current ON keys (kind) WHERE state = 'current'",
+        "CREATE UNIQUE INDEX keys_one_next ON keys (kind) WHERE state = 'next'",
+    ),
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -385,6 +402,7 @@ _BOT_COLUMNS = "name, roles, created, generation, cert_expires"
 _AGENT_COLUMNS = ("host_id, scope, joined, cert_expires, key_pin, last_seen, connected_since,"
                   " peer, proxy_id, apps, draining, version")
 _LOCK_COLUMNS = "id, user_name, app, message, created, expires, created_by, agent"
+_KEY_COLUMNS = "kind, id, state, material, public, created, activate_at, retire_at"
 _WEB_COLUMNS = ("id_hash, user_name, roles, traits, created, expires, enroll_only, requests,"
                 " method")
 _REQUEST_COLUMNS = ("id, user_name, roles, apps, reason, state, created, ttl, expires, approve,"
@@ -408,6 +426,10 @@ def _agent(row: tuple) -> Agent:
 
 def _audit_event(row: tuple) -> AuditEvent:
     return AuditEvent(*row[:7], fields=json.loads(row[7]))
+
+
+class _Unchanged(BackendError):
+    """A compare-and-set found a row not in the state expected: roll back, answer False."""
 
 
 class SqliteBackend:
@@ -1269,6 +1291,55 @@ class SqliteBackend:
                 "SELECT id, time, type, code, actor, target, outcome, fields FROM audit_events"
                 " WHERE id = ?", (id,)).fetchone()
             return None if row is None else _audit_event(row)
+
+        return await self._run(run)
+
+    # -- cluster keys -----------------------------------------------------------
+
+    async def add_key(self, key: KeyRecord) -> bool:
+        """Insert-if-absent: the unique index on the current key of a kind decides races."""
+        def run(conn: sqlite3.Connection) -> bool:
+            return conn.execute(
+                f"INSERT OR IGNORE INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                attrs.astuple(key),
+            ).rowcount > 0
+
+        return await self._run(run)
+
+    async def list_keys(self, kind: str | None = None) -> list[KeyRecord]:
+        def run(conn: sqlite3.Connection) -> list[KeyRecord]:
+            where, args = ("WHERE kind = ?", (kind,)) if kind is not None else ("", ())
+            rows = conn.execute(
+                f"SELECT {_KEY_COLUMNS} FROM keys {where} ORDER BY created, id", args
+            ).fetchall()
+            return [KeyRecord(*row) for row in rows]
+
+        return await self._run(run)
+
+    async def set_key_states(self, changes: list[tuple[str, KeyRecord]]) -> bool:
+        """All or nothing; retiring a current key is listed before its successor's promotion."""
+        def run(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                for expected, key in changes:
+                    done = conn.execute(
+                        "UPDATE keys SET state = ?, material = ?, activate_at = ?, retire_at = ?"
+                        " WHERE kind = ? AND id = ? AND state = ?",
+                        (key.state, key.material, key.activate_at, key.retire_at, key.kind,
+                         key.id, expected),
+                    ).rowcount
+                    if done != 1:
+                        raise _Unchanged()
+            return True
+
+        try:
+            return await self._run(run)
+        except _Unchanged:
+            return False
+
+    async def delete_key(self, kind: str, id: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            return conn.execute("DELETE FROM keys WHERE kind = ? AND id = ?",
+                                (kind, id)).rowcount > 0
 
         return await self._run(run)
 

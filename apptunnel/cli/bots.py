@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 
-from twisted.internet.threads import deferToThread
 
 from apptunnel.admin import bots as admin_bots
 from apptunnel.admin.bots import BotAdmin
 from apptunnel.admin.context import AdminError
 from apptunnel.auth.bots import BOT_PREFIX
-from apptunnel.auth.ca import ClusterCA
 from apptunnel.backend.records import Bot
 from apptunnel.cli.context import Admin, cli_error, duration_arg
 from apptunnel.cli.output import human_duration, iso, json_text, table
@@ -72,8 +70,7 @@ async def add_bot(admin: Admin, args: argparse.Namespace) -> int:
     ttl = duration_arg("--ttl", args.ttl, MAX_TTL, "30d")
     await require_roles(admin, roles)
     config = admin.config
-    ca = await deferToThread(ClusterCA.load_or_create, config.data_dir, config.cluster_name,
-                            admin.clock)
+    ca = await admin.cluster_ca()
     try:
         secret, token = await BotAdmin(admin.services).add(admin.actor, name, roles, ttl)
     except AdminError as err:

@@ -15,6 +15,8 @@ from twisted.internet.interfaces import IReactorTime
 
 from apptunnel.admin.context import Actor, AdminContext, AdminError, USAGE
 from apptunnel.audit import AuditLog
+from apptunnel.auth.ca import ClusterCA
+from apptunnel.auth.keystore import KeyStore, KeyStoreError, sealer_from_file
 from apptunnel.backend import Backend, open_backend
 from apptunnel.cli.control import refresh_proxy
 from apptunnel.cli.output import clean
@@ -161,12 +163,32 @@ class Admin:
         return AdminContext(self.backend, self.audit, self.reactor, self.config.public_addr,
                             self.refresh_proxy)
 
-    def emit(self, type: str, target: str, **fields: Any) -> None:
+    def keystore(self) -> KeyStore:
+        """The cluster's keys in this config's backend (auth/keystore.py), as the proxy reads
+        them: the CLI never makes a CA of its own in data_dir."""
+        try:
+            sealer = sealer_from_file(self.config.backend_encryption_key_file)
+        except KeyStoreError as err:
+            raise CliError(str(err)) from None
+        return KeyStore(self.backend, self.reactor, data_dir=self.config.data_dir,
+                        cluster_name=self.config.cluster_name,
+                        jwt_algorithm=self.config.jwt_algorithm, sealer=sealer)
+
+    async def cluster_ca(self) -> ClusterCA:
+        """The cluster CA (made or imported on first use, as a proxy start would)."""
+        try:
+            keys = await self.keystore().load()
+            return ClusterCA.from_pem(self.config.cluster_name, keys.ca.private_pem,
+                                      keys.ca.record.public.encode("ascii"), self.reactor)
+        except (KeyStoreError, ValueError) as err:
+            raise CliError(f"cluster keys: {err}") from None
+
+    def emit(self, type: str, target: str, outcome: str = "success", **fields: Any) -> None:
         """Record one admin change; the CLI marks its events with ``via: cli``."""
         sudo = self.io.sudo_user
         if sudo is not None:
             fields["sudo_user"] = sudo
-        self.audit.emit(type, actor=self.io.actor, target=target, outcome="success",
+        self.audit.emit(type, actor=self.io.actor, target=target, outcome=outcome,
                         via="cli", **fields)
 
     async def refresh_proxy(self) -> None:

@@ -34,7 +34,7 @@ from twisted.logger import (
 
 from apptunnel.cli import (
     agents, apps, audit_search, bots, locks, login, mfa, migrate, proxy_app, requests,
-    resources, tokens, users,
+    resources, rotate, tokens, users,
 )
 from apptunnel.cli.context import Admin, Io, UsageError
 from apptunnel.cli.output import clean
@@ -103,6 +103,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     mfa.add_parsers(verbs, common)
     requests.add_parsers(verbs, common)
     migrate.add_parsers(verbs, common)
+    rotate.add_parsers(verbs, common)
     verbs.add_parser("version", parents=[common], help="print the version")
     return parser
 

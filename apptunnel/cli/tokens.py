@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import re
 
-from twisted.internet.threads import deferToThread
 
 from apptunnel.admin.context import AdminError
 from apptunnel.admin.tokens import MAX_TTL, MAX_USES, SHOWN_HASH as _SHOWN_HASH, TokenAdmin
-from apptunnel.auth.ca import ClusterCA
 from apptunnel.auth.tokens import describe_scope
 from apptunnel.backend.records import JoinToken, Scope
 from apptunnel.cli.context import Admin, UsageError, cli_error, duration_arg
@@ -109,8 +107,7 @@ async def add_token(admin: Admin, args: argparse.Namespace) -> int:
                          "`apptunnel bots add NAME --roles ...` prints it")
     ttl = duration_arg("--ttl", args.ttl, MAX_TTL, "30d")
     config = admin.config
-    ca = await deferToThread(ClusterCA.load_or_create, config.data_dir, config.cluster_name,
-                            admin.clock)
+    ca = await admin.cluster_ca()
     scope = _scope(args)
     try:
         secret, token = await TokenAdmin(admin.services).create(

@@ -1,7 +1,10 @@
 """The proxy process: wires auth, storage, the web UI, the app edge and the tunnel listener.
 
-Everything that can fail on bad files (CA, keys, certificates) is built in the constructor,
-so `twistd` reports it as one line before anything listens. Listening, the audit writer
+Everything that can fail on bad files (config, certificates) is built in the constructor,
+so `twistd` reports it as one line before anything listens. The cluster's keys are in the
+backend (auth/keystore.py), which is async: they are read in the start step, before any
+listener, and what holds them is built then (`_assemble`); keys it cannot use end the
+process with one line, like a busy port. Listening, the audit writer
 and the expiry sweep start with the service and stop with it, in reverse order. A port
 that cannot be bound or a backend that cannot be read at start ends the process with one
 line and exit 1 (`apptunnel.startup.fatal`); "serving" is logged only after both worked.
@@ -25,7 +28,7 @@ from apptunnel.admin.context import AdminContext
 from apptunnel.audit import AuditLog
 from apptunnel.auth.access import AccessPolicy
 from apptunnel.auth.bots import BotEnrolment
-from apptunnel.auth.ca import ClusterCA, load_server_tls
+from apptunnel.auth.ca import ClusterCA, load_server_tls, publish_ca_cert
 from apptunnel.auth.connectors.ldap import CONCURRENT_CHECKS, LdapSignIn
 from apptunnel.auth.connectors.saml import CONCURRENT_CHECKS as SAML_CHECKS
 from apptunnel.auth.connectors.saml import SamlSignIn, SpKeys, fetch_metadata
@@ -34,7 +37,9 @@ from apptunnel.auth.connectors.signin import ExternalSignIn
 from apptunnel.auth.connectors.store import ConnectorStore
 from apptunnel.auth.directory import UserDirectory
 from apptunnel.auth.enrolment import AgentEnrolment
-from apptunnel.auth.jwt import JwtKeys, JwtSigner
+from apptunnel.auth.jwt import JwtKeyRing, JwtSigner
+from apptunnel.auth.keystore import (ClusterKeys, JwtKeyWatcher, KeyStore, KeyStoreError,
+                                     ring_entries, sealer_from_file)
 from apptunnel.auth.locks import LockAudit, LockWatcher
 from apptunnel.auth.passwords import HashQueue
 from apptunnel.auth.policy import RoleCache
@@ -130,17 +135,18 @@ class ProxyService(MultiService):
         except ProxyIdError as err:
             raise ConfigError(str(err)) from None
 
-        self.ca = ClusterCA.load_or_create(config.data_dir, config.cluster_name, reactor)
-        names = [config.public_host, "*." + config.public_host, "localhost"]
-        ips = sorted({"127.0.0.1", *_ip_hosts(config.web_listen_host, config.tunnel_listen_host)})
-        own_cert, own_key = load_server_tls(config.data_dir, self.ca, names, ips)
         if config.tls_cert_file:
-            web_cert, web_key = _read_tls_files(config)
-            web_chain: list[bytes] = []
-        else:
-            web_cert, web_key, web_chain = own_cert, own_key, [self.ca.cert_pem]
+            self._operator_tls = _read_tls_files(config)
 
         self.backend = open_backend(config, reactor)
+        try:
+            sealer = sealer_from_file(config.backend_encryption_key_file)
+        except KeyStoreError as err:
+            raise ConfigError(f"{config.path}: {err}") from None
+        self.jwt_watcher: JwtKeyWatcher | None = None
+        self.keystore = KeyStore(self.backend, reactor, data_dir=config.data_dir,
+                                 cluster_name=config.cluster_name,
+                                 jwt_algorithm=config.jwt_algorithm, sealer=sealer)
         self.audit = AuditLog(self.backend, reactor, json_file=config.audit_file)
         self.locks = LockWatcher(self.backend, reactor)
         self.users = UserDirectory(self.backend, reactor)
@@ -168,15 +174,7 @@ class ProxyService(MultiService):
         )
         # SAML: pysaml2 and xmlsec1 block too, so they get a small pool of their own.
         self.saml_threads = ThreadPool(0, SAML_CHECKS, "apptunnel-saml")
-        self.saml = SamlSignIn(
-            connectors=self.connectors,
-            signin=ExternalSignIn(self.backend, self.audit, reactor, users=self.users,
-                                  locks=self.locks),
-            backend=self.backend, throttle=login_throttle, audit=self.audit, clock=reactor,
-            keys=SpKeys(config.data_dir, config.cluster_name, reactor.seconds()),
-            fetch=fetch_metadata,
-            run_in_thread=lambda f, *args: deferToThreadPool(reactor, self.saml_threads, f, *args),
-        )
+        self._login_throttle = login_throttle
         self.oidc = OidcSignIn(
             connectors=self.connectors,
             signin=ExternalSignIn(self.backend, self.audit, reactor, users=self.users,
@@ -191,12 +189,49 @@ class ProxyService(MultiService):
         self.access = AccessPolicy(roles=self.roles, audit=self.audit, clock=reactor,
                                    locks=self.locks, users=self.users, lock_audit=lock_audit,
                                    requests=self.requests)
-        self.jwt_keys = JwtKeys.load_or_create(config.data_dir, config.jwt_algorithm)
-        self.signer = JwtSigner(self.jwt_keys, config.cluster_name, reactor, config.jwt_ttl)
         self.registry = AgentRegistry(reactor, grace=config.app_grace_period)
         self.app_resources = AppResources(self.backend, reactor)   # `kind: app`, for agents
         self.connections = _connection_tracker(config, reactor)
         self.listeners = Listeners()
+        self._notices = notices
+        TimerService(_SWEEP_INTERVAL, self._sweep).setServiceParent(self)
+
+    def _assemble(self, keys: ClusterKeys) -> None:
+        """The parts that hold the cluster's keys, built once the key store is read (start)."""
+        config, reactor, notices = self.config, self.reactor, self._notices
+        try:
+            self.ca = ClusterCA.from_pem(config.cluster_name, keys.ca.private_pem,
+                                         keys.ca.record.public.encode("ascii"), reactor)
+            self.jwt_keys = JwtKeyRing(reactor, ring_entries(keys.jwt))
+        except (ValueError, KeyStoreError) as err:
+            raise CannotStart(f"stored cluster key unusable: {err}") from None
+        if self.jwt_keys.signing().algorithm != config.jwt_algorithm:
+            log.warn("jwt.algorithm is {wanted} but the signing key is {have}; "
+                     "`apptunnel auth rotate --type jwt` makes a {wanted} key",
+                     wanted=config.jwt_algorithm, have=self.jwt_keys.signing().algorithm)
+        # A rotation (`apptunnel auth rotate`) anywhere reaches this proxy's JWKS in a poll.
+        self.jwt_watcher = JwtKeyWatcher(self.keystore, self.jwt_keys, reactor)
+        publish_ca_cert(config.data_dir, self.ca.cert_pem)
+        names = [config.public_host, "*." + config.public_host, "localhost"]
+        ips = sorted({"127.0.0.1", *_ip_hosts(config.web_listen_host, config.tunnel_listen_host)})
+        own_cert, own_key = load_server_tls(config.data_dir, self.ca, names, ips)
+        if config.tls_cert_file:
+            web_cert, web_key = self._operator_tls
+            web_chain: list[bytes] = []
+        else:
+            web_cert, web_key, web_chain = own_cert, own_key, [self.ca.cert_pem]
+        self.saml = SamlSignIn(
+            connectors=self.connectors,
+            signin=ExternalSignIn(self.backend, self.audit, reactor, users=self.users,
+                                  locks=self.locks),
+            backend=self.backend, throttle=self._login_throttle, audit=self.audit,
+            clock=reactor,
+            keys=SpKeys(config.data_dir, config.cluster_name, reactor.seconds(),
+                        material=(keys.saml.private_pem, keys.saml.record.public.encode())),
+            fetch=fetch_metadata,
+            run_in_thread=lambda f, *args: deferToThreadPool(reactor, self.saml_threads, f, *args),
+        )
+        self.signer = JwtSigner(self.jwt_keys, config.cluster_name, reactor, config.jwt_ttl)
         request_api = AccessRequestApi(
             AccessRequestService(backend=self.backend, roles=self.roles, notices=notices,
                                  watcher=self.requests, clock=reactor,
@@ -274,7 +309,6 @@ class ProxyService(MultiService):
         # The same limits as the web port: an agent's port is just as reachable.
         self.listeners.add(f"tunnel_listen_addr {config.tunnel_listen_addr}", tunnel_endpoint,
                            LimitedFactory(tunnel_factory, self.connections))
-        TimerService(_SWEEP_INTERVAL, self._sweep).setServiceParent(self)
         # The admin CLI on this machine asks here so its changes hold before it returns.
         control = control_endpoint(reactor, config.data_dir)
         if control is None:
@@ -300,6 +334,19 @@ class ProxyService(MultiService):
         starting.addCallbacks(self._serving, self._cannot_serve)
 
     async def _start_serving(self) -> None:
+        # The keys come from the backend (auth/keystore.py): read (or made) before anything
+        # listens, so a proxy without usable keys never serves.
+        try:
+            keys = await self.keystore.load()
+        except KeyStoreError as err:
+            raise CannotStart(str(err)) from None
+        except BackendError as err:
+            raise CannotStart(f"cannot use the backend: {err}") from None
+        if self.config.backend_type == "postgres" and self.config.backend_encryption_key_file is None:
+            log.warn("the cluster's CA and signing keys are stored unencrypted in PostgreSQL: "
+                     "set backend.encryption_key_file (docs/operator.rst, Keys and rotation)")
+        self._assemble(keys)
+        self.jwt_watcher.start()
         await self.listeners.listen()
         try:
             await self.backend.list_locks(self.reactor.seconds())  # the store opens and reads
@@ -326,6 +373,8 @@ class ProxyService(MultiService):
         self.users.stop()
         self.app_resources.stop()
         self.requests.stop()
+        if self.jwt_watcher is not None:   # built at start, once the keys were read
+            self.jwt_watcher.stop()
         self.ldap_threads.stop()   # waits for binds in flight: each ends within its timeout
         self.saml_threads.stop()
         yield defer.ensureDeferred(self.audit.stop())
@@ -337,7 +386,9 @@ class ProxyService(MultiService):
         self.connectors.invalidate()
         self.access.forget()
         self.sessions.forget_cached()   # `users reset` ended sessions in storage
-        return defer.gatherResults([defer.ensureDeferred(self.locks.refresh()),
+        keys = ([defer.ensureDeferred(self.jwt_watcher.refresh())]
+                if self.jwt_watcher is not None else [])
+        return defer.gatherResults([*keys, defer.ensureDeferred(self.locks.refresh()),
                                     defer.ensureDeferred(self.users.refresh()),
                                     defer.ensureDeferred(self.app_resources.refresh()),
                                     defer.ensureDeferred(self.requests.refresh())],

@@ -28,6 +28,7 @@ from apptunnel.backend.records import (
     AuthCode,
     Bot,
     JoinToken,
+    KeyRecord,
     Lock,
     MfaDevice,
     Resource,
@@ -931,3 +932,50 @@ async def test_audit_search_pages_newest_first_and_by_request_id(backend):
     assert await wait(backend.search_audit(request_id="req-%")) == []
     assert await wait(backend.get_audit_event("id003")) == events[3]
     assert await wait(backend.get_audit_event("nope")) is None
+
+
+# -- cluster keys (auth/keystore.py) ------------------------------------------------------
+
+
+def key(kind="jwt", id="k1", state="current", created=1.0, **kw):
+    return KeyRecord(kind, id, state, f"material-{id}", "ES256", created, **kw)
+
+
+@pytest_twisted.ensureDeferred
+async def test_add_key_is_insert_if_absent_and_one_current_per_kind(backend):
+    assert await backend.add_key(key())
+    assert not await backend.add_key(key(state="next"))            # same (kind, id)
+    assert not await backend.add_key(key(id="k2"))                 # a second current
+    assert await backend.add_key(key(kind="ca", id="k2"))          # another kind
+    assert await backend.add_key(key(id="k3", state="next", created=2.0, activate_at=9.0))
+    assert not await backend.add_key(key(id="k4", state="next"))   # a second next
+    assert [k.id for k in await backend.list_keys("jwt")] == ["k1", "k3"]
+    assert [k.id for k in await backend.list_keys()] == ["k1", "k2", "k3"]
+    stored = (await backend.list_keys("jwt"))[1]
+    assert stored == key(id="k3", state="next", created=2.0, activate_at=9.0)
+    assert isinstance(stored.created, float)
+
+
+@pytest_twisted.ensureDeferred
+async def test_set_key_states_is_all_or_nothing_compare_and_set(backend):
+    await backend.add_key(key())
+    await backend.add_key(key(id="k2", state="next", created=2.0))
+    swap = [("current", key(state="retired", retire_at=50.0)),
+            ("next", key(id="k2", created=2.0, activate_at=10.0))]
+    resealed = attrs.evolve(key(id="k2", created=2.0, activate_at=10.0), material="sealed")
+    assert await backend.set_key_states(swap)
+    states = {k.id: (k.state, k.activate_at, k.retire_at) for k in await backend.list_keys()}
+    assert states == {"k1": ("retired", None, 50.0), "k2": ("current", 10.0, None)}
+    assert await backend.set_key_states([("current", resealed)])
+    assert (await backend.list_keys("jwt"))[1] == resealed
+    # The last change expects k1 current (it is not): the first two are rolled back.
+    assert not await backend.set_key_states([
+        ("current", key(id="k2", state="retired", created=2.0)),
+        ("retired", key(state="retired", retire_at=99.0)),
+        ("current", key(state="next")),
+    ])
+    states = {k.id: (k.state, k.retire_at) for k in await backend.list_keys()}
+    assert states == {"k1": ("retired", 50.0), "k2": ("current", None)}
+    assert await backend.delete_key("jwt", "k1")
+    assert not await backend.delete_key("jwt", "k1")
+    assert [k.id for k in await backend.list_keys()] == ["k2"]

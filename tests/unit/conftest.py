@@ -16,7 +16,7 @@ from twisted.python.threadpool import ThreadPool
 
 THREADS_ALLOWED = frozenset({
     "test_backend_sqlite", "test_backend_contract", "test_cli", "test_cli_agents",
-    "test_cli_locks", "test_cli_connectors", "test_cli_bots",
+    "test_cli_locks", "test_cli_connectors", "test_cli_bots", "test_cli_keys",
 })
 _SOCKETS = ("listenTCP", "connectTCP", "listenSSL", "connectSSL", "listenUNIX",
             "connectUNIX", "listenUDP", "spawnProcess")

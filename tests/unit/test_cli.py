@@ -34,7 +34,11 @@ async def test_tokens_add_prints_token_pin_and_a_join_snippet_that_loads(config_
     result = await cli(config_path, "tokens", "add", "--type", "app", "--ttl", "1h")
     assert result.code == 0, result
     token = result.out.split("Token:", 1)[1].split()[0]
-    pin = ClusterCA.load_or_create(str(tmp_path / "data"), "test-cluster", wall_clock).pin
+    # The CA lives in the backend (auth/keystore.py); no CA file is made in data_dir.
+    cas = await stored(config_path, lambda b: b.list_keys("ca"))
+    pin = ClusterCA.from_pem("test-cluster", cas[0].material.encode(), cas[0].public.encode(),
+                             wall_clock).pin
+    assert not (tmp_path / "data" / "ca.key").exists()
     assert f"CA pin:  {pin}" in result.out
     assert "(in 1h)" in result.out
     snippet = result.out[result.out.index("join:"):]

@@ -200,7 +200,7 @@ BAD = [
     ("proxy", PROXY_OK + "backend:\n  type: postgres\n  dsn: host=h\n  path: x.db\n", 9,
      "backend.path", "only for backend type sqlite"),
     ("proxy", PROXY_OK + "backend:\n  type: postgres\n  dsn: host=h\n  encryption_key_file: k\n",
-     9, "backend.encryption_key_file", "not supported yet"),
+     9, "backend.encryption_key_file", "cannot read"),
     ("proxy", PROXY_OK + "backend:\n  type: mysql\n", 7, "backend.type",
      "expected one of sqlite, postgres, got 'mysql'"),
     ("proxy", PROXY_OK + "backend:\n  tpye: sqlite\n", 7, "backend.tpye", "did you mean 'type'"),

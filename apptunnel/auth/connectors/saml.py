@@ -106,44 +106,61 @@ class SamlRefused(Exception):
     """A response that signs nobody in; the message is for the log and the audit."""
 
 
-class SpKeys:
-    """The cluster's SAML service-provider key and certificate (files in the data dir).
+def new_sp_pem(cluster_name: str, now: float) -> tuple[bytes, bytes]:
+    """A new SP key and self-signed certificate (key_pem, cert_pem) for the key store."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{cluster_name} SAML SP"[:64])])
+    start = datetime.datetime.fromtimestamp(now - 3600, datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=3650))
+            .sign(key, hashes.SHA256()))
+    return (key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()),
+            cert.public_bytes(serialization.Encoding.PEM))
 
-    One pair per cluster, made the first time a SAML connector needs it (in the SAML pool:
-    generating a key blocks, and proxies without SAML connectors never pay for it), the
-    key 0600. Every SAML connector's metadata publishes this certificate.
+
+class SpKeys:
+    """The cluster's SAML service-provider key and certificate, as files pysaml2 can read.
+
+    One pair per cluster; without ``material`` it is made the first time a SAML connector
+    needs it (in the SAML pool: generating a key blocks). A proxy passes the pair stored
+    in the backend (auth/keystore.py), written here (key 0600) when the files differ, so
+    every proxy publishes the same certificate in every SAML connector's metadata.
     """
 
-    def __init__(self, data_dir: str, cluster_name: str, now: float) -> None:
+    def __init__(self, data_dir: str, cluster_name: str, now: float,
+                 material: tuple[bytes, bytes] | None = None) -> None:
         self.key_file = os.path.join(data_dir, SP_KEY)
         self.cert_file = os.path.join(data_dir, SP_CERT)
         self._cluster_name = cluster_name
         self._now = now
+        self._material = material
         self._lock = threading.Lock()
 
     def ensure(self) -> SpKeys:
-        """Blocking: make the pair if it is missing (once, whatever the threads); self."""
+        """Blocking: write the pair if it is missing or not the stored one (once); self."""
         with self._lock:
-            if not (os.path.exists(self.key_file) and os.path.exists(self.cert_file)):
-                self._create()
+            if self._material is not None:
+                if not self._files_hold(self._material):
+                    self._write(*self._material)
+            elif not (os.path.exists(self.key_file) and os.path.exists(self.cert_file)):
+                self._write(*new_sp_pem(self._cluster_name, self._now))
         return self
 
-    def _create(self) -> None:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
-                                             f"{self._cluster_name} SAML SP"[:64])])
-        start = datetime.datetime.fromtimestamp(self._now - 3600, datetime.timezone.utc)
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=3650))
-                .sign(key, hashes.SHA256()))
+    def _files_hold(self, material: tuple[bytes, bytes]) -> bool:
+        try:
+            with open(self.key_file, "rb") as k, open(self.cert_file, "rb") as c:
+                return (k.read(), c.read()) == material
+        except OSError:
+            return False
+
+    def _write(self, key_pem: bytes, cert_pem: bytes) -> None:
         fd = os.open(self.key_file + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(key.private_bytes(serialization.Encoding.PEM,
-                                      serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
+            f.write(key_pem)
         with open(self.cert_file + ".tmp", "wb") as f:
-            f.write(cert.public_bytes(serialization.Encoding.PEM))
+            f.write(cert_pem)
         os.replace(self.cert_file + ".tmp", self.cert_file)
         os.replace(self.key_file + ".tmp", self.key_file)
 

@@ -1,0 +1,43 @@
+"""`apptunnel auth rotate` and `apptunnel auth status` against a real SQLite backend."""
+
+from __future__ import annotations
+
+import json
+
+import pytest_twisted
+
+from tests.support.cli_admin import (  # noqa: F401 - config_path is the proxy.yaml fixture
+    cli, config_path, one_error, stored,
+)
+
+
+@pytest_twisted.ensureDeferred
+async def test_rotate_jwt_says_when_and_is_audited_and_shown_by_status(config_path):
+    shown = await cli(config_path, "auth", "status", "--format", "json")
+    assert shown.code == 0, shown
+    before = json.loads(shown.out)
+    assert sorted(k["kind"] for k in before) == ["ca", "jwt", "saml-sp"]
+    [old] = [k["id"] for k in before if k["kind"] == "jwt"]
+    done = await cli(config_path, "auth", "rotate", "--type", "jwt")
+    assert done.code == 0, done
+    assert "published in the JWKS of every proxy" in done.out
+    assert "signs every new token" in done.out and f"old key {old} leaves the JWKS" in done.out
+    after = json.loads((await cli(config_path, "auth", "ls", "--format", "json")).out)
+    states = sorted((k["state"], k["id"] == old) for k in after if k["kind"] == "jwt")
+    assert states == [("current", True), ("next", False)]
+    assert all(k["encrypted"] is False for k in after)
+    again = await cli(config_path, "auth", "rotate", "--type", "jwt")
+    assert "a rotation is under way" in one_error(again, 1)
+    events = await stored(config_path, lambda b: b.search_audit(type="auth.rotate"))
+    assert [(e.outcome, e.code) for e in events] == [("success", "T5200I"),
+                                                     ("failure", "T5200W")]
+    assert events[0].fields["old_key"] == old
+
+
+@pytest_twisted.ensureDeferred
+async def test_ca_rotation_is_refused_not_half_done(config_path):
+    for kind in ("user-ca", "host-ca"):
+        result = await cli(config_path, "auth", "rotate", "--type", kind)
+        assert "not supported yet" in one_error(result, 2)
+    status = json.loads((await cli(config_path, "auth", "status", "--format", "json")).out)
+    assert [k["state"] for k in status if k["kind"] == "ca"] == ["current"]
