@@ -45,6 +45,8 @@ from apptunnel.auth.sessions import SessionManager
 from apptunnel.auth.throttle import LoginThrottle
 from apptunnel.backend import BackendError, open_backend
 from apptunnel.config import ConfigError, ProxyConfig
+from apptunnel.diag import FAILING, DiagSite, Readiness, diag_endpoint, listener_check
+from apptunnel.metrics import ProxyMetrics, TimedBackend
 from apptunnel.net import is_ip
 from apptunnel.proxy.app_resources import AppResources
 from apptunnel.proxy.control import ControlFactory, control_endpoint, control_path
@@ -140,7 +142,10 @@ class ProxyService(MultiService):
         else:
             web_cert, web_key, web_chain = own_cert, own_key, [self.ca.cert_pem]
 
-        self.backend = open_backend(config, reactor)
+        # Metrics: counters moved by the request path, gauges read at scrape time.
+        self.metrics = ProxyMetrics(tunnels=self._tunnel_stats,
+                                    audit_pending=lambda: self.audit.pending)
+        self.backend = TimedBackend(open_backend(config, reactor), self.metrics, reactor)
         self.audit = AuditLog(self.backend, reactor, json_file=config.audit_file)
         self.locks = LockWatcher(self.backend, reactor)
         self.users = UserDirectory(self.backend, reactor)
@@ -197,6 +202,12 @@ class ProxyService(MultiService):
         self.app_resources = AppResources(self.backend, reactor)   # `kind: app`, for agents
         self.connections = _connection_tracker(config, reactor)
         self.listeners = Listeners()
+        # /readyz (diag listener and web port): what a balancer needs before sending users.
+        self.readiness = Readiness(reactor, {
+            "backend": self._backend_answers,
+            "listeners": listener_check(self.listeners),
+            "audit": lambda: None if self.audit.writable else FAILING,
+        })
         request_api = AccessRequestApi(
             AccessRequestService(backend=self.backend, roles=self.roles, notices=notices,
                                  watcher=self.requests, clock=reactor,
@@ -213,6 +224,7 @@ class ProxyService(MultiService):
                                         locks=self.locks,
                                         min_ttl=config.bot_min_certificate_ttl), self.audit),
             access_requests=request_api,
+            readiness=self.readiness,
         )
         # The admin and audit API and pages (web/admin_routes.py): the CLI's services,
         # made to hold on this proxy at once by re-reading what they changed.
@@ -234,6 +246,7 @@ class ProxyService(MultiService):
             locks=self.locks,
             users=self.users,
             access=self.access,
+            metrics=self.metrics,
         )
         self.tcp_access = TcpAccess(
             ca=self.ca, registry=self.registry, roles=self.roles, audit=self.audit,
@@ -274,6 +287,11 @@ class ProxyService(MultiService):
         # The same limits as the web port: an agent's port is just as reachable.
         self.listeners.add(f"tunnel_listen_addr {config.tunnel_listen_addr}", tunnel_endpoint,
                            LimitedFactory(tunnel_factory, self.connections))
+        if config.diag_addr is not None:
+            self.listeners.add(f"diag_addr {config.diag_addr}",
+                               diag_endpoint(reactor, config.diag_addr),
+                               LimitedFactory(DiagSite(self.metrics.registry, self.readiness),
+                                              self.connections))
         TimerService(_SWEEP_INTERVAL, self._sweep).setServiceParent(self)
         # The admin CLI on this machine asks here so its changes hold before it returns.
         control = control_endpoint(reactor, config.data_dir)
@@ -342,6 +360,15 @@ class ProxyService(MultiService):
                                     defer.ensureDeferred(self.app_resources.refresh()),
                                     defer.ensureDeferred(self.requests.refresh())],
                                    consumeErrors=True)
+
+    async def _backend_answers(self) -> None:
+        """Readiness: the store answers a small query (errors and timeouts are failures)."""
+        await self.backend.list_locks(self.reactor.seconds())
+
+    def _tunnel_stats(self):
+        """(agent, open streams, keepalive round trip) per live tunnel, for /metrics."""
+        return [(agent, tunnel.stream_count, getattr(tunnel, "rtt", None))
+                for agent, tunnel in self.registry.tunnels()]
 
     def _sweep(self):
         """Drop expired sessions, codes and tokens so the store does not grow forever."""
