@@ -268,3 +268,36 @@ class TimedBackend:
 
         self._timed[name] = timed
         return timed
+
+
+LOGIN_EVENT = "user.login"
+MAX_LOGIN_METHODS = 32     # distinct method labels kept; more (never expected) count as "other"
+
+
+class CountedAudit:
+    """An audit log that also counts ``user.login`` events in ``apptunnel_logins_total``.
+
+    Every way in (password, LDAP, SAML, OIDC, sign-in codes, second factors) already emits
+    exactly one ``user.login`` per attempt with its ``method`` and ``outcome``: counting
+    them here keeps the metric equal to the audit, with no hook in each sign-in path.
+    Everything else is the wrapped log's.
+    """
+
+    def __init__(self, audit: Any, metrics: NoMetrics) -> None:
+        self._audit = audit
+        self._metrics = metrics
+        self._methods: set[str] = set()
+
+    def emit(self, type: str, **kwargs: Any) -> None:
+        self._audit.emit(type, **kwargs)
+        if type == LOGIN_EVENT:
+            method = str(kwargs.get("method", "") or "unknown")
+            if method not in self._methods:
+                if len(self._methods) >= MAX_LOGIN_METHODS:
+                    method = "other"
+                else:
+                    self._methods.add(method)
+            self._metrics.login(method, str(kwargs.get("outcome", "success")))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._audit, name)

@@ -46,7 +46,7 @@ from apptunnel.auth.throttle import LoginThrottle
 from apptunnel.backend import BackendError, open_backend
 from apptunnel.config import ConfigError, ProxyConfig
 from apptunnel.diag import FAILING, DiagSite, Readiness, diag_endpoint, listener_check
-from apptunnel.metrics import ProxyMetrics, TimedBackend
+from apptunnel.metrics import CountedAudit, ProxyMetrics, TimedBackend
 from apptunnel.net import is_ip
 from apptunnel.proxy.app_resources import AppResources
 from apptunnel.proxy.control import ControlFactory, control_endpoint, control_path
@@ -147,6 +147,7 @@ class ProxyService(MultiService):
                                     audit_pending=lambda: self.audit.pending)
         self.backend = TimedBackend(open_backend(config, reactor), self.metrics, reactor)
         self.audit = AuditLog(self.backend, reactor, json_file=config.audit_file)
+        self.audit = CountedAudit(self.audit, self.metrics)   # apptunnel_logins_total
         self.locks = LockWatcher(self.backend, reactor)
         self.users = UserDirectory(self.backend, reactor)
         throttle = config.throttle
@@ -154,7 +155,7 @@ class ProxyService(MultiService):
         # One sign-in throttle for every way in (local passwords, LDAP connectors).
         login_throttle = LoginThrottle(throttle.max_failures_per_user,
                                        throttle.max_failures_per_address, throttle.window,
-                                       throttle.max_tracked)
+                                       throttle.max_tracked, metrics=self.metrics)
         self.sessions = SessionManager(
             self.backend, reactor, config.session_ttl, locks=self.locks, audit=self.audit,
             users=self.users, lock_audit=lock_audit, throttle=login_throttle,
@@ -200,7 +201,7 @@ class ProxyService(MultiService):
         self.signer = JwtSigner(self.jwt_keys, config.cluster_name, reactor, config.jwt_ttl)
         self.registry = AgentRegistry(reactor, grace=config.app_grace_period)
         self.app_resources = AppResources(self.backend, reactor)   # `kind: app`, for agents
-        self.connections = _connection_tracker(config, reactor)
+        self.connections = _connection_tracker(config, reactor, self.metrics)
         self.listeners = Listeners()
         # /readyz (diag listener and web port): what a balancer needs before sending users.
         self.readiness = Readiness(reactor, {
@@ -291,7 +292,7 @@ class ProxyService(MultiService):
             self.listeners.add(f"diag_addr {config.diag_addr}",
                                diag_endpoint(reactor, config.diag_addr),
                                LimitedFactory(DiagSite(self.metrics.registry, self.readiness),
-                                              self.connections))
+                                              self.connections, tls=False))
         TimerService(_SWEEP_INTERVAL, self._sweep).setServiceParent(self)
         # The admin CLI on this machine asks here so its changes hold before it returns.
         control = control_endpoint(reactor, config.data_dir)
@@ -391,7 +392,7 @@ def _request_webhook(config: ProxyConfig, reactor) -> RequestWebhook | None:
     return RequestWebhook(wanted.webhook_url, reactor, post)
 
 
-def _connection_tracker(config: ProxyConfig, reactor) -> ConnectionTracker:
+def _connection_tracker(config: ProxyConfig, reactor, metrics) -> ConnectionTracker:
     """One count for both listeners (they share the descriptor table), fitted into it."""
     wanted = config.limits
     budget = raise_fd_limit(wanted.max_connections)
@@ -400,7 +401,7 @@ def _connection_tracker(config: ProxyConfig, reactor) -> ConnectionTracker:
                  "(raise LimitNOFILE / ulimit -n)", wanted=wanted.max_connections, budget=budget)
     limits = attrs.evolve(wanted, max_connections=budget,
                           max_connections_per_ip=min(wanted.max_connections_per_ip, budget))
-    return ConnectionTracker(limits, reactor)
+    return ConnectionTracker(limits, reactor, metrics)
 
 
 def _ip_hosts(*hosts: str) -> list[str]:
