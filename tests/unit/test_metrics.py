@@ -290,7 +290,7 @@ def test_diag_addr_defaults_to_loopback_and_can_be_turned_off(tmp_path):
 @pytest.mark.parametrize("extra, problem", [
     ("diag_addr: 0.0.0.0:9100\n", "diag_addr: '0.0.0.0' is not a loopback address"),
     ("diag_addr: 10.0.0.5:9100\n", "set diag_addr_public: true"),
-    ("diag_addr: nonsense:\n", "diag_addr: expected host:port"),
+    ("diag_addr: nonsense\n", "diag_addr: expected host:port"),
     ("diag_addr: off\ndiag_addr_public: true\n", "diag_addr_public: diag_addr is off"),
 ])
 def test_diag_addr_beyond_loopback_needs_an_explicit_opt_in(tmp_path, extra, problem):
