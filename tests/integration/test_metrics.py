@@ -7,8 +7,11 @@ with its diagnostics listener on a free loopback port.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
+from pathlib import Path
 import time
 
 import pytest
@@ -212,6 +215,41 @@ def _read_until_closed(s: socket.socket, timeout: float) -> bytes:
     else:
         raise AssertionError("connection still open")
     return data
+
+
+def exported_names(port: int) -> set[str]:
+    """Every series name /metrics can carry, also for families with no sample yet (a
+    labelled counter before its first increment has only its HELP and TYPE lines)."""
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    names = set()
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count"),
+                "gauge": ("",), "summary": ("_sum", "_count")}
+    for family in text_string_to_metric_families(text):
+        names.update(family.name + s for s in suffixes.get(family.type, ("",)))
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+def test_every_dashboard_query_names_metrics_the_proxy_exports(cluster, alice):
+    """etc/grafana-apptunnel.json: each PromQL expression (and the job variable's query)
+    names only series a real proxy exposes, so no panel is silently empty."""
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "etc" /
+                            "grafana-apptunnel.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queries += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    assert len(queries) >= 12
+    exported = exported_names(cluster.diag_port)
+    used = set()
+    for query in queries:
+        names = set(re.findall(r"\b((?:apptunnel|process)_[a-z0-9_]+)\b", query))
+        assert names, query
+        used |= names
+        assert names <= exported, f"{query}: {sorted(names - exported)} not exported"
+    for wanted in ("apptunnel_http_requests_total", "apptunnel_streams", "apptunnel_tunnels",
+                   "apptunnel_logins_total", "apptunnel_audit_queue_depth",
+                   "apptunnel_http_request_duration_seconds_bucket",
+                   "apptunnel_backend_operation_duration_seconds_bucket"):
+        assert wanted in used, f"the dashboard has no panel for {wanted}"
 
 
 # -- readiness follows PostgreSQL ----------------------------------------------------------

@@ -69,7 +69,7 @@ def test_unit_paths_are_the_ones_the_operator_guide_gives(unit):
     """Install path, config file and state directory in the unit appear in the guide."""
     text = (ROOT / "etc" / unit).read_text()
     guide = (ROOT / "docs" / "operator.rst").read_text()
-    config = re.search(r"--config (\S+)", text).group(1)
+    config = re.search(r"^ExecStart=.* --config (\S+)", text, re.M).group(1)
     state = "/var/lib/" + re.search(r"^StateDirectory=(\S+)", text, re.M).group(1)
     for path in (INSTALL_BIN.rstrip("/").rsplit("/", 1)[0], config, state):
         assert path in guide, f"{unit}: {path} is not in docs/operator.rst"
