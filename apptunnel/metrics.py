@@ -97,11 +97,13 @@ def render(registry: CollectorRegistry) -> bytes:
 class ProxyMetrics(NoMetrics):
     """The proxy's metrics. ``tunnels`` and ``audit_pending`` are read at scrape time.
 
-    ``tunnels()`` yields ``(agent_id, stream_count, rtt_or_None)`` for every live tunnel.
+    ``tunnels()`` yields ``(agent_id, stream_count, rtt_or_None)`` for every live tunnel;
+    ``tcp_sessions()`` the app name of every relaying TCP session.
     """
 
     def __init__(self, tunnels: Callable[[], Iterable[tuple[str, int, float | None]]] = tuple,
-                 audit_pending: Callable[[], int] = lambda: 0) -> None:
+                 audit_pending: Callable[[], int] = lambda: 0,
+                 tcp_sessions: Callable[[], Iterable[str]] = tuple) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         _process_collectors(registry)
         self._requests = Counter(
@@ -127,6 +129,7 @@ class ProxyMetrics(NoMetrics):
         self._other_children: dict[tuple[str, str, str], Any] = {}
         self._tunnels = tunnels
         self._audit_pending = audit_pending
+        self._tcp_sessions = tcp_sessions
         registry.register(_Scraped(self._scrape))
 
     # -- hot path ---------------------------------------------------------------------
@@ -184,7 +187,14 @@ class ProxyMetrics(NoMetrics):
         queue = GaugeMetricFamily("apptunnel_audit_queue_depth",
                                   "Audit events accepted but not yet stored.",
                                   value=self._audit_pending())
-        return [tunnels, streams, rtt, queue]
+        tcp = GaugeMetricFamily("apptunnel_tcp_sessions", "TCP sessions relaying to apps "
+                                "(apptunnel-tcp), by app.", labels=("app",))
+        per_app: dict[str, int] = {}
+        for app in self._tcp_sessions():
+            per_app[app] = per_app.get(app, 0) + 1
+        for app, count in sorted(per_app.items()):
+            tcp.add_metric((app,), count)
+        return [tunnels, streams, rtt, queue, tcp]
 
 
 class AgentMetrics(NoMetrics):

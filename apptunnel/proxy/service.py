@@ -144,7 +144,8 @@ class ProxyService(MultiService):
 
         # Metrics: counters moved by the request path, gauges read at scrape time.
         self.metrics = ProxyMetrics(tunnels=self._tunnel_stats,
-                                    audit_pending=lambda: self.audit.pending)
+                                    audit_pending=lambda: self.audit.pending,
+                                    tcp_sessions=lambda: [s.app_name for s in self.tcp_access.sessions])
         self.backend = TimedBackend(open_backend(config, reactor), self.metrics, reactor)
         self.audit = AuditLog(self.backend, reactor, json_file=config.audit_file)
         self.audit = CountedAudit(self.audit, self.metrics)   # apptunnel_logins_total
