@@ -22,6 +22,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -67,7 +68,7 @@ class _OneAtATime:
         for waiter in waiters:
             if waiter.called:      # timed out meanwhile
                 continue
-            if isinstance(result, defer.Failure):
+            if isinstance(result, Failure):
                 waiter.callback(FAILING)
             else:
                 waiter.callback(result)
@@ -145,21 +146,21 @@ class _Readyz(Resource):
             request.finish()
 
         d = defer.ensureDeferred(self._readiness.check())
+        d.addErrback(_not_ready)
         d.addCallback(answer)
-        d.addErrback(lambda f: log.failure("readiness check failed", f))
         return NOT_DONE_YET
 
 
-class _Root(Resource):
-    def getChild(self, path: bytes, request):
-        return Resource.getChild(self, path, request)   # unknown paths: 404
+def _not_ready(failure: Failure) -> tuple[bool, dict]:
+    log.failure("readiness check failed", failure)
+    return False, {"status": "unavailable", "checks": {}}
 
 
 class DiagSite(WebSite):
     """The diagnostics HTTP site: short head deadline, short idle timeout, no access log."""
 
     def __init__(self, registry, readiness: Readiness) -> None:
-        root = _Root()
+        root = Resource()                  # any other path: 404
         root.putChild(b"metrics", _Metrics(registry))
         root.putChild(b"healthz", _Healthz())
         root.putChild(b"readyz", _Readyz(readiness))

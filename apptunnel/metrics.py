@@ -136,10 +136,12 @@ class ProxyMetrics(NoMetrics):
 
     def request(self, app: str, code: int, seconds: float) -> None:
         """One finished request (answered, or cut: code 0)."""
+        if not 100 <= code <= 599:
+            code = 0                       # as status_label: the cache stays bounded too
         key = (app, code)
         child = self._request_children.get(key)
         if child is None:
-            child = self._request_children[key] = self._requests.labels(app, str(status_label(code)))
+            child = self._request_children[key] = self._requests.labels(app, str(code))
         child.inc()
         timer = self._duration_children.get(app)
         if timer is None:

@@ -294,3 +294,27 @@ def test_readyz_is_503_while_postgresql_is_down_and_200_once_it_is_back(tmp_path
 def _ready(url: str, status: int):
     r = requests.get(url + "/readyz", timeout=10)
     return r.json() if r.status_code == status else None
+
+
+# -- a busy diag port ----------------------------------------------------------------------
+
+
+def test_a_busy_diag_port_ends_the_proxy_with_one_line(tmp_path):
+    """diag_addr taken by something else: exit 1, one line naming diag_addr, never serving."""
+    from tests.integration.test_startup import error_lines, proxy_config, twistd
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = proxy_config(tmp_path, free_port(), free_port())
+        doc = yaml.safe_load(config.read_text())
+        doc["diag_addr"] = f"127.0.0.1:{port}"
+        config.write_text(yaml.safe_dump(doc))
+        result = twistd(tmp_path, "apptunnel", "--config", str(config))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output and "serving" not in output, output
+    lines = error_lines(result)
+    assert len(lines) == 1, output
+    assert f"diag_addr 127.0.0.1:{port}" in lines[0] and "address already in use" in lines[0]
