@@ -11,6 +11,7 @@ import json
 import os
 import re
 import socket
+import subprocess
 from pathlib import Path
 import time
 
@@ -19,7 +20,7 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.cluster import Browser, Cluster, free_port, wait_until
+from tests.support.cluster import BIN, Browser, Cluster, free_port, wait_until
 from tests.support.localhost import localhost_resolution
 from tests.support.postgres import PostgresServer
 from tests.support.upstream import HttpUpstream
@@ -301,20 +302,20 @@ def _ready(url: str, status: int):
 
 def test_a_busy_diag_port_ends_the_proxy_with_one_line(tmp_path):
     """diag_addr taken by something else: exit 1, one line naming diag_addr, never serving."""
-    from tests.integration.test_startup import error_lines, proxy_config, twistd
-
+    cluster = Cluster([], root=tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        config = proxy_config(tmp_path, free_port(), free_port())
-        doc = yaml.safe_load(config.read_text())
+        doc = yaml.safe_load(cluster.proxy_config.read_text())
         doc["diag_addr"] = f"127.0.0.1:{port}"
-        config.write_text(yaml.safe_dump(doc))
-        result = twistd(tmp_path, "apptunnel", "--config", str(config))
+        cluster.proxy_config.write_text(yaml.safe_dump(doc))
+        result = subprocess.run([str(BIN / "twistd"), "-n", "--pidfile=", "apptunnel", "--config",
+                                 str(cluster.proxy_config)], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=60, stdin=subprocess.DEVNULL)
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     assert "Traceback" not in output and "serving" not in output, output
-    lines = error_lines(result)
+    lines = [line for line in output.splitlines() if "#critical]" in line or "#error]" in line]
     assert len(lines) == 1, output
     assert f"diag_addr 127.0.0.1:{port}" in lines[0] and "address already in use" in lines[0]
