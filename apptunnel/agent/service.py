@@ -48,7 +48,7 @@ from apptunnel.auth.pins import spki_pin
 from apptunnel.config import AgentConfig, AppConfig, ConfigError, app_from_resource
 from apptunnel.net import loopback_host, split_host_port
 from apptunnel.errors import os_error_text
-from apptunnel.diag import DiagSite, Readiness, diag_endpoint, listener_check
+from apptunnel.diag import FAILING, DiagSite, Readiness, diag_endpoint, listener_check
 from apptunnel.metrics import AgentMetrics
 from apptunnel.startup import Listeners, fatal
 from apptunnel.tunnel.protocol import TunnelProtocol
@@ -283,7 +283,7 @@ class AgentService(MultiService):
         self.listeners = Listeners()
         self.readiness = Readiness(reactor, {
             "listeners": listener_check(self.listeners),
-            "tunnel": lambda: None if any(h.up for h in self.handlers) else "down",
+            "tunnel": lambda: None if any(h.up for h in self.handlers) else FAILING,
         })
         if config.diag_addr is not None:
             self.listeners.add(f"diag_addr {config.diag_addr}",

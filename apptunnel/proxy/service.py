@@ -143,9 +143,9 @@ class ProxyService(MultiService):
             web_cert, web_key, web_chain = own_cert, own_key, [self.ca.cert_pem]
 
         # Metrics: counters moved by the request path, gauges read at scrape time.
-        self.metrics = ProxyMetrics(tunnels=self._tunnel_stats,
-                                    audit_pending=lambda: self.audit.pending,
-                                    tcp_sessions=lambda: [s.app_name for s in self.tcp_access.sessions])
+        self.metrics = ProxyMetrics(
+            tunnels=self._tunnel_stats, audit_pending=lambda: self.audit.pending,
+            tcp_sessions=lambda: [session.app_name for session in self.tcp_access.sessions])
         self.backend = TimedBackend(open_backend(config, reactor), self.metrics, reactor)
         self.audit = AuditLog(self.backend, reactor, json_file=config.audit_file)
         self.audit = CountedAudit(self.audit, self.metrics)   # apptunnel_logins_total
