@@ -319,3 +319,23 @@ def test_a_busy_diag_port_ends_the_proxy_with_one_line(tmp_path):
     lines = [line for line in output.splitlines() if "#critical]" in line or "#error]" in line]
     assert len(lines) == 1, output
     assert f"diag_addr 127.0.0.1:{port}" in lines[0] and "address already in use" in lines[0]
+
+
+def test_keepalive_rtt_is_exported_and_the_agent_is_unready_without_its_tunnel(cluster, alice):
+    """Keepalive pings (1 s here) give a round-trip time on both ends; with the proxy gone
+    the agent's /readyz is 503 naming the tunnel while /healthz stays 200. Runs last: it
+    stops the module's proxy."""
+    def rtt(port: int, name: str):
+        return [v for (n, _), v in scrape(port).items() if n == name]
+
+    proxy_rtt = wait_until(lambda: rtt(cluster.diag_port, "apptunnel_tunnel_rtt_seconds"), 15,
+                           "a keepalive round trip on the proxy")
+    agent_rtt = wait_until(lambda: rtt(cluster.agent_diag_port,
+                                       "apptunnel_agent_tunnel_rtt_seconds"), 15,
+                           "a keepalive round trip on the agent")
+    assert 0 <= proxy_rtt[0] < 5 and 0 <= agent_rtt[0] < 5
+    cluster.proxy.stop()
+    url = f"http://127.0.0.1:{cluster.agent_diag_port}"
+    down = wait_until(lambda: _ready(url, 503), 15, "the agent's /readyz to fail")
+    assert down["checks"] == {"listeners": "ok", "tunnel": "failing"}
+    assert requests.get(url + "/healthz", timeout=5).status_code == 200
