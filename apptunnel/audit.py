@@ -145,6 +145,11 @@ class AuditLog:
     def pending(self) -> int:
         return len(self._queue) + (len(self._failed[0]) if self._failed else 0)
 
+    @property
+    def writable(self) -> bool:
+        """The last write reached the backend (readiness: ``/readyz``)."""
+        return self._failed is None
+
     def emit(
         self,
         type: str,

@@ -11,6 +11,7 @@ so a config means the same thing whatever directory the process starts in.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from typing import Any, Callable, NoReturn
@@ -496,6 +497,9 @@ class ProxyConfig:
     # backend.encryption_key_file (either type): seals the keys stored in the backend
     # (auth/keystore.py); checked (0600, 32 bytes) when the config is read.
     backend_encryption_key_file: str | None = None
+    # diag_addr: the plain-HTTP /metrics, /healthz, /readyz listener (apptunnel/diag.py);
+    # None is off. The loader's default is DEFAULT_PROXY_DIAG_ADDR (loopback).
+    diag_addr: str | None = None
 
     @property
     def public_host(self) -> str:
@@ -536,6 +540,8 @@ class AgentConfig:
     keepalive_timeout: float = 15.0
     # ``resources:`` label selectors ({key: [values]}): app resources to serve as well.
     resources: tuple[dict, ...] = ()
+    # diag_addr: as the proxy's; the loader's default is DEFAULT_AGENT_DIAG_ADDR.
+    diag_addr: str | None = None
 
     @property
     def proxy_host(self) -> str:
@@ -553,9 +559,13 @@ _PROXY_KEYS = (
     "backend", "tls", "jwt", "session_ttl", "keepalive", "audit",
     "limits", "auth",
     "agent_cert_ttl", "app_grace_period", "allowed_public_addrs", "bots",
-    "access_requests",
+    "access_requests", "diag_addr", "diag_addr_public",
 )
-_AGENT_KEYS = ("data_dir", "proxy_addr", "join", "keepalive", "apps", "resources")
+_AGENT_KEYS = ("data_dir", "proxy_addr", "join", "keepalive", "apps", "resources",
+               "diag_addr", "diag_addr_public")
+# The diagnostics listeners (metrics, health) listen on loopback unless told otherwise.
+DEFAULT_PROXY_DIAG_ADDR = "127.0.0.1:3090"
+DEFAULT_AGENT_DIAG_ADDR = "127.0.0.1:3091"
 _APP_KEYS = (
     "name", "uri", "labels", "public_addr", "insecure_skip_verify", "rewrite", "jwt_claims",
     "tcp_ports", "dynamic_labels", "description",
@@ -762,7 +772,34 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
         backend_dsn=backend_dsn,
         backend_password_file=backend_password_file,
         backend_encryption_key_file=encryption_key_file,
+        diag_addr=_diag_addr(top, DEFAULT_PROXY_DIAG_ADDR),
     )
+
+
+def _diag_addr(top: _Section, default: str) -> str | None:
+    """``diag_addr``: host:port, or off; a host that is not loopback needs
+    ``diag_addr_public: true`` (metrics name apps and agents, and nothing guards them)."""
+    public = top.boolean("diag_addr_public", False)
+    value = top.raw("diag_addr")
+    if value is False or value == "off":   # YAML reads a bare off as false
+        if "diag_addr_public" in top.data:
+            top.fail("diag_addr_public", "diag_addr is off")
+        return None
+    addr = top.address("diag_addr", default=default, allow_port_zero=True)
+    host = _split_addr(addr, None, True)[0]
+    if not public and not _is_loopback(host):
+        top.fail("diag_addr", f"{_show(host)} is not a loopback address: set "
+                 "diag_addr_public: true to serve metrics and health beyond this machine")
+    return addr
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 _DSN_PASSWORD = re.compile(r"(?:^|\s)password\s*=|^postgres(?:ql)?://[^/@]*:[^/@]*@", re.I)
@@ -883,6 +920,7 @@ def _build_agent(path: str, data: _Map) -> AgentConfig:
         keepalive_interval=interval,
         keepalive_timeout=timeout,
         resources=_resource_selectors(top),
+        diag_addr=_diag_addr(top, DEFAULT_AGENT_DIAG_ADDR),
     )
 
 

@@ -177,6 +177,8 @@ class LocalCluster:
         self.root = root.resolve()
         self.web_port = web_port
         self.tunnel_port = tunnel_port
+        # /metrics, /healthz, /readyz of each process: free ports, so demos run side by side.
+        self.diag_port, self.agent_diag_port = free_port(), free_port()
         self.cluster_name = cluster_name
         self.keepalive = keepalive
         self.public_addr = f"{PUBLIC_HOST}:{web_port}"
@@ -209,6 +211,7 @@ class LocalCluster:
             "public_addr": self.public_addr,
             "web_listen_addr": f"127.0.0.1:{self.web_port}",
             "tunnel_listen_addr": f"127.0.0.1:{self.tunnel_port}",
+            "diag_addr": f"127.0.0.1:{self.diag_port}",
             "backend": {"type": "sqlite"},
         }
         if self.keepalive:
@@ -276,6 +279,7 @@ class LocalCluster:
         config: dict[str, Any] = {
             "data_dir": str(self.root / "agent"),
             "proxy_addr": f"127.0.0.1:{self.tunnel_port}",
+            "diag_addr": f"127.0.0.1:{self.agent_diag_port}",
             "join": self.join_token(),
         }
         if self.keepalive:

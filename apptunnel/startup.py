@@ -72,6 +72,11 @@ class Listeners:
                     from None
             self._ports.append(port)
 
+    @property
+    def up(self) -> bool:
+        """Every port added is bound (readiness: ``/readyz``)."""
+        return bool(self._wanted) and len(self._ports) == len(self._wanted)
+
     def stop(self) -> defer.Deferred:
         ports, self._ports = self._ports, []
         return defer.gatherResults(

@@ -48,7 +48,9 @@ from apptunnel.auth.pins import spki_pin
 from apptunnel.config import AgentConfig, AppConfig, ConfigError, app_from_resource
 from apptunnel.net import loopback_host, split_host_port
 from apptunnel.errors import os_error_text
-from apptunnel.startup import fatal
+from apptunnel.diag import FAILING, DiagSite, Readiness, diag_endpoint, listener_check
+from apptunnel.metrics import AgentMetrics
+from apptunnel.startup import Listeners, fatal
 from apptunnel.tunnel.protocol import TunnelProtocol
 
 __all__ = ["AgentService"]
@@ -248,7 +250,8 @@ class AgentService(MultiService):
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.dialer = UpstreamDialer(reactor, config.apps)
+        self.metrics = AgentMetrics(tunnels=self._tunnel_stats)
+        self.dialer = UpstreamDialer(reactor, config.apps, metrics=self.metrics)
         self.dynamic = DynamicLabels(reactor, self.apps_changed)
         self.dynamic.configure(list(config.apps))
         self.resource_apps: list[AppConfig] = []   # app resources the proxy sent us
@@ -276,11 +279,28 @@ class AgentService(MultiService):
                                       jitter=_jitter)
         self._renew_call = None
         self._renew_sent = False
+        # /metrics, /healthz, /readyz on diag_addr (apptunnel/diag.py); ready = a tunnel is up.
+        self.listeners = Listeners()
+        self.readiness = Readiness(reactor, {
+            "listeners": listener_check(self.listeners),
+            "tunnel": lambda: None if any(h.up for h in self.handlers) else FAILING,
+        })
+        if config.diag_addr is not None:
+            self.listeners.add(f"diag_addr {config.diag_addr}",
+                               diag_endpoint(reactor, config.diag_addr),
+                               DiagSite(self.metrics.registry, self.readiness))
+
+    def _tunnel_stats(self):
+        """(proxy address, open streams, keepalive round trip) per live tunnel, for /metrics."""
+        return [(h.tunnel.peer, h.tunnel.stream_count, h.tunnel.rtt)
+                for h in self.handlers if h.up and h.tunnel is not None]
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
+        self.listeners.listen().addErrback(
+            lambda f: fatal(self.reactor, f"apptunnel-agent: {f.getErrorMessage()}"))
         self.dynamic.start()
         if self._identity_usable():
             self._start_tunnel()
@@ -321,6 +341,7 @@ class AgentService(MultiService):
             # disconnect before it is told to stop.
             yield task.deferLater(self.reactor, 0, lambda: None)
         yield super().stopService()
+        yield self.listeners.stop()
 
     # -- join --------------------------------------------------------------------------
 
@@ -516,6 +537,7 @@ class AgentService(MultiService):
         if isinstance(answer, messages.RenewRefused):
             log.error("certificate renewal refused: {reason} (certificate valid until {when})",
                       reason=_line(answer.message), when=_iso(self.identity.not_after))
+            self.metrics.renewal("refused")
             self._schedule_renewal(max(RENEW_RETRY_MIN, remaining / 4))
             return
         try:
@@ -526,8 +548,10 @@ class AgentService(MultiService):
             renewed.save_cert(self.config.data_dir)
         except (ValueError, TypeError, UnicodeError, OSError) as err:
             log.error("cannot use the renewed certificate: {error}", error=str(err))
+            self.metrics.renewal("failed")
             self._schedule_renewal(max(RENEW_RETRY_MIN, remaining / 4))
             return
         self.identity = renewed
+        self.metrics.renewal("success")
         log.info("agent certificate renewed, valid until {when}", when=_iso(renewed.not_after))
         self._schedule_renewal((renewed.not_after - self.reactor.seconds()) * 2 / 3)

@@ -36,6 +36,7 @@ from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.relay import Relay
 from apptunnel.tunnel.targets import target_port
+from apptunnel.metrics import NO_METRICS, NoMetrics
 
 __all__ = ["CONNECT_TIMEOUT", "UpstreamDialer", "target_port"]
 
@@ -82,8 +83,9 @@ class UpstreamDialer:
     """The agent's `stream_requested`: app name -> connected relay, or a refusal."""
 
     def __init__(self, reactor, apps: tuple[AppConfig, ...],
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT, metrics: NoMetrics = NO_METRICS) -> None:
         self._reactor = reactor
+        self._metrics = metrics
         self._apps = {app.name: app for app in apps}
         self._timeout = connect_timeout
         self._live: dict[str, set[UpstreamProtocol]] = {}   # app -> its open upstreams
@@ -168,6 +170,7 @@ class UpstreamDialer:
                 return  # Deferred.cancel delivers CancelledError itself
             reason = "connection timed out" if state["timed_out"] else _short(failure)
             log.info("app {app} unreachable: {reason}", app=app.name, reason=reason)
+            self._metrics.upstream_error(app.name)
             accepted.errback(StreamRefused(ErrorCode.CONNECT_FAILED, reason))
 
         d.addCallbacks(connected, failed)

@@ -22,6 +22,7 @@ import math
 from collections import OrderedDict, deque
 
 from apptunnel.auth.errors import AuthError
+from apptunnel.metrics import NO_METRICS, NoMetrics
 from apptunnel.net import client_key
 
 MAX_FAILURES_PER_USER = 5
@@ -90,7 +91,8 @@ class LoginThrottle:
 
     def __init__(self, max_per_user: int = MAX_FAILURES_PER_USER,
                  max_per_address: int = MAX_FAILURES_PER_ADDRESS, window: float = WINDOW,
-                 max_tracked: int = MAX_TRACKED) -> None:
+                 max_tracked: int = MAX_TRACKED, metrics: NoMetrics = NO_METRICS) -> None:
+        self._metrics = metrics
         self._users = _Window(max_per_user, window, max_tracked)
         self._addresses = _Window(max_per_address, window, max_tracked)
 
@@ -99,6 +101,7 @@ class LoginThrottle:
         user_key, address_key = _user_key(user), client_key(address)
         wait = max(self._users.wait(user_key, now), self._addresses.wait(address_key, now))
         if wait > 0:
+            self._metrics.refused("login_attempts")
             raise Throttled(max(1, math.ceil(wait)))
         self._users.count(user_key, now)
         self._addresses.count(address_key, now)

@@ -683,6 +683,8 @@ class AppConnection(Protocol):
                 "request_id": ex.request_id if ex is not None else ""}
 
     def _audit(self, ex: _Exchange, incomplete: bool = False) -> None:
+        self._fw.metrics.request(ex.app.name if ex.app is not None else "",
+                                 ex.status, self._clock.seconds() - ex.started)
         if ex.app is None:
             if ex.status != 404:
                 return   # refused before an app was chosen: its refusal is audited as such

@@ -20,6 +20,7 @@ from apptunnel.proxy.app_heads import app_response_head
 from apptunnel.proxy.http1 import ResponseHead
 from apptunnel.proxy.pool import ConnectApp, TunnelPool
 from apptunnel.catalog import AppInfo
+from apptunnel.metrics import NO_METRICS, NoMetrics
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.router import AppRouter
 
@@ -52,8 +53,10 @@ class AppForwarder(Factory):
         locks=None,
         users=None,
         access: AccessPolicy | None = None,
+        metrics: NoMetrics = NO_METRICS,
     ) -> None:
         self.config = config
+        self.metrics = metrics   # each finished request is counted (apptunnel/metrics.py)
         self.registry = registry
         self.audit = audit
         self.clock = clock

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 from apptunnel.config import LimitsConfig
+from apptunnel.metrics import NO_METRICS, NoMetrics
 from apptunnel.net import client_key
 
 # Descriptors kept free for what is not a client connection: the backend, log and audit
@@ -115,9 +116,11 @@ def raise_fd_limit(wanted: int) -> int:
 class ConnectionTracker:
     """Every live connection of the process's listeners, oldest first, and the caps on them."""
 
-    def __init__(self, limits: LimitsConfig, clock: IReactorTime) -> None:
+    def __init__(self, limits: LimitsConfig, clock: IReactorTime,
+                 metrics: NoMetrics = NO_METRICS) -> None:
         self.limits = limits
         self.clock = clock
+        self.metrics = metrics   # refusals and sheddings are counted
         # Insertion order is age, in both; a client's entry goes with its last connection.
         self._live: dict[LimitedProtocol, None] = {}
         self._by_client: dict[str, dict[LimitedProtocol, None]] = {}
@@ -182,6 +185,7 @@ class LimitedProtocol(ProtocolWrapper):
         Protocol.makeConnection(self, transport)
         tracker = self.factory.tracker
         if not tracker.admit(self):
+            tracker.metrics.refused("connection_limit")
             _log.info("connection from {peer} refused: at the connection limit "
                       "and none idle to shed", peer=self._peer)
             self.transport.abortConnection()
@@ -208,6 +212,7 @@ class LimitedProtocol(ProtocolWrapper):
     def shed(self) -> None:
         """Make room for a newer connection: this one waits for nothing we owe it."""
         _log.info("connection from {peer} shed: idle at the connection limit", peer=self._peer)
+        self.factory.tracker.metrics.refused("connection_shed")
         self.transport.abortConnection()
 
     def loseConnection(self) -> None:

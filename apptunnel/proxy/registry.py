@@ -155,6 +155,10 @@ class AgentRegistry:
         return [reg.app for name, reg in sorted(self._names.items())
                 if include_offline or name in self._serving]
 
+    def tunnels(self) -> list[tuple[str, Any]]:
+        """(agent id, tunnel) for every live tunnel (metrics read them at scrape time)."""
+        return [(agent_id, tunnel) for tunnel, (agent_id, _) in self._tunnels.items()]
+
     def is_online(self, name: str) -> bool:
         """Whether some live tunnel serves ``name`` now."""
         return name in self._serving

@@ -50,6 +50,8 @@ from apptunnel.auth.sessions import SessionManager
 from apptunnel.auth.throttle import LoginThrottle
 from apptunnel.backend import BackendError, open_backend
 from apptunnel.config import ConfigError, ProxyConfig
+from apptunnel.diag import FAILING, DiagSite, Readiness, diag_endpoint, listener_check
+from apptunnel.metrics import CountedAudit, ProxyMetrics, TimedBackend
 from apptunnel.net import is_ip
 from apptunnel.proxy.app_resources import AppResources
 from apptunnel.proxy.control import ControlFactory, control_endpoint, control_path
@@ -138,7 +140,11 @@ class ProxyService(MultiService):
         if config.tls_cert_file:
             self._operator_tls = _read_tls_files(config)
 
-        self.backend = open_backend(config, reactor)
+        # Metrics: counters moved by the request path, gauges read at scrape time.
+        self.metrics = ProxyMetrics(
+            tunnels=self._tunnel_stats, audit_pending=lambda: self.audit.pending,
+            tcp_sessions=lambda: [session.app_name for session in self.tcp_access.sessions])
+        self.backend = TimedBackend(open_backend(config, reactor), self.metrics, reactor)
         try:
             sealer = sealer_from_file(config.backend_encryption_key_file)
         except KeyStoreError as err:
@@ -148,6 +154,7 @@ class ProxyService(MultiService):
                                  cluster_name=config.cluster_name,
                                  jwt_algorithm=config.jwt_algorithm, sealer=sealer)
         self.audit = AuditLog(self.backend, reactor, json_file=config.audit_file)
+        self.audit = CountedAudit(self.audit, self.metrics)   # apptunnel_logins_total
         self.locks = LockWatcher(self.backend, reactor)
         self.users = UserDirectory(self.backend, reactor)
         throttle = config.throttle
@@ -155,7 +162,7 @@ class ProxyService(MultiService):
         # One sign-in throttle for every way in (local passwords, LDAP connectors).
         login_throttle = LoginThrottle(throttle.max_failures_per_user,
                                        throttle.max_failures_per_address, throttle.window,
-                                       throttle.max_tracked)
+                                       throttle.max_tracked, metrics=self.metrics)
         self.sessions = SessionManager(
             self.backend, reactor, config.session_ttl, locks=self.locks, audit=self.audit,
             users=self.users, lock_audit=lock_audit, throttle=login_throttle,
@@ -191,8 +198,14 @@ class ProxyService(MultiService):
                                    requests=self.requests)
         self.registry = AgentRegistry(reactor, grace=config.app_grace_period)
         self.app_resources = AppResources(self.backend, reactor)   # `kind: app`, for agents
-        self.connections = _connection_tracker(config, reactor)
+        self.connections = _connection_tracker(config, reactor, self.metrics)
         self.listeners = Listeners()
+        # /readyz (diag listener and web port): what a balancer needs before sending users.
+        self.readiness = Readiness(reactor, {
+            "backend": self._backend_answers,
+            "listeners": listener_check(self.listeners),
+            "audit": lambda: None if self.audit.writable else FAILING,
+        })
         self._notices = notices
         TimerService(_SWEEP_INTERVAL, self._sweep).setServiceParent(self)
 
@@ -248,6 +261,7 @@ class ProxyService(MultiService):
                                         locks=self.locks,
                                         min_ttl=config.bot_min_certificate_ttl), self.audit),
             access_requests=request_api,
+            readiness=self.readiness,
         )
         # The admin and audit API and pages (web/admin_routes.py): the CLI's services,
         # made to hold on this proxy at once by re-reading what they changed.
@@ -269,6 +283,7 @@ class ProxyService(MultiService):
             locks=self.locks,
             users=self.users,
             access=self.access,
+            metrics=self.metrics,
         )
         self.tcp_access = TcpAccess(
             ca=self.ca, registry=self.registry, roles=self.roles, audit=self.audit,
@@ -309,6 +324,11 @@ class ProxyService(MultiService):
         # The same limits as the web port: an agent's port is just as reachable.
         self.listeners.add(f"tunnel_listen_addr {config.tunnel_listen_addr}", tunnel_endpoint,
                            LimitedFactory(tunnel_factory, self.connections))
+        if config.diag_addr is not None:
+            self.listeners.add(f"diag_addr {config.diag_addr}",
+                               diag_endpoint(reactor, config.diag_addr),
+                               LimitedFactory(DiagSite(self.metrics.registry, self.readiness),
+                                              self.connections, tls=False))
         # The admin CLI on this machine asks here so its changes hold before it returns.
         control = control_endpoint(reactor, config.data_dir)
         if control is None:
@@ -394,6 +414,15 @@ class ProxyService(MultiService):
                                     defer.ensureDeferred(self.requests.refresh())],
                                    consumeErrors=True)
 
+    async def _backend_answers(self) -> None:
+        """Readiness: the store answers a small query (errors and timeouts are failures)."""
+        await self.backend.list_locks(self.reactor.seconds())
+
+    def _tunnel_stats(self):
+        """(agent, open streams, keepalive round trip) per live tunnel, for /metrics."""
+        return [(agent, tunnel.stream_count, getattr(tunnel, "rtt", None))
+                for agent, tunnel in self.registry.tunnels()]
+
     def _sweep(self):
         """Drop expired sessions, codes and tokens so the store does not grow forever."""
         d = defer.ensureDeferred(self.backend.delete_expired(self.reactor.seconds()))
@@ -415,7 +444,7 @@ def _request_webhook(config: ProxyConfig, reactor) -> RequestWebhook | None:
     return RequestWebhook(wanted.webhook_url, reactor, post)
 
 
-def _connection_tracker(config: ProxyConfig, reactor) -> ConnectionTracker:
+def _connection_tracker(config: ProxyConfig, reactor, metrics) -> ConnectionTracker:
     """One count for both listeners (they share the descriptor table), fitted into it."""
     wanted = config.limits
     budget = raise_fd_limit(wanted.max_connections)
@@ -424,7 +453,7 @@ def _connection_tracker(config: ProxyConfig, reactor) -> ConnectionTracker:
                  "(raise LimitNOFILE / ulimit -n)", wanted=wanted.max_connections, budget=budget)
     limits = attrs.evolve(wanted, max_connections=budget,
                           max_connections_per_ip=min(wanted.max_connections_per_ip, budget))
-    return ConnectionTracker(limits, reactor)
+    return ConnectionTracker(limits, reactor, metrics)
 
 
 def _ip_hosts(*hosts: str) -> list[str]:

@@ -183,6 +183,8 @@ class Mux:
         self._last_inbound = now
         self._last_ping = float("-inf")
         self._ping_counter = 0
+        self._ping_answered = True
+        self._rtt: float | None = None
         self._closed = False
         self._local_going_away = False
         self._peer_going_away = False
@@ -201,6 +203,11 @@ class Mux:
     @property
     def stream_count(self) -> int:
         return len(self._streams)
+
+    @property
+    def rtt(self) -> float | None:
+        """Seconds between our last answered keepalive PING and its PONG (None: none yet)."""
+        return self._rtt
 
     @property
     def closed(self) -> bool:
@@ -264,6 +271,7 @@ class Mux:
             self._ping_counter += 1
             self._queue(F.Ping(_U64.pack(self._ping_counter & 0xFFFFFFFFFFFFFFFF)))
             self._last_ping = now
+            self._ping_answered = False
         return self.pop_events()
 
     def next_deadline(self) -> float:
@@ -532,6 +540,11 @@ class Mux:
             self._queue(F.Pong(f.opaque))
 
     def _on_pong(self, f: F.Pong) -> None:
+        # Only the PONG of our latest PING measures the round trip (receive() has just set
+        # _last_inbound to now); stale or unsolicited ones are passed on and not timed.
+        if not self._ping_answered and f.opaque == _U64.pack(self._ping_counter & 0xFFFFFFFFFFFFFFFF):
+            self._ping_answered = True
+            self._rtt = max(0.0, self._last_inbound - self._last_ping)
         self._events.append(PongReceived(f.opaque))
 
     def _on_goaway(self, f: F.GoAway) -> None:

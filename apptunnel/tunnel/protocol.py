@@ -104,6 +104,11 @@ class TunnelProtocol(Protocol):
         return self._mux.stream_count
 
     @property
+    def rtt(self) -> float | None:
+        """The last keepalive round trip in seconds (None until one was answered)."""
+        return self._mux.rtt
+
+    @property
     def going_away(self) -> bool:
         """True once either side sent or received GOAWAY: no new stream can open here."""
         return self._mux.going_away

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from apptunnel.backend.base import Backend
     from apptunnel.catalog import AppCatalog
     from apptunnel.config import ProxyConfig
+    from apptunnel.diag import Readiness
     from apptunnel.web.access_requests import AccessRequestApi
     from apptunnel.web.bots import BotRoutes
     from apptunnel.web.saml import SamlWeb
@@ -92,7 +93,8 @@ class WebApp:
                  saml: SamlWeb | None = None,
                  oidc: OidcSignIn | None = None,
                  bots: BotRoutes | None = None,
-                 access_requests: AccessRequestApi | None = None) -> None:
+                 access_requests: AccessRequestApi | None = None,
+                 readiness: Readiness | None = None) -> None:
         # Every "may this caller ..." is the access policy's (shared with the app edge in
         # the proxy service; built from roles, locks and users when not handed in).
         access = access or AccessPolicy(roles=roles, audit=audit, clock=clock,
@@ -117,7 +119,7 @@ class WebApp:
         account = AccountRoutes(ctx, sign_in, factors)
         certs = CertRoutes(ctx, sign_in, factors, bots)
         requests = RequestRoutes(ctx, access_requests)
-        site = SiteRoutes(ctx, jwt_keys)
+        site = SiteRoutes(ctx, jwt_keys, readiness)
         self._mounts: dict[str, Routes] = {
             "/": apps, "/web/apps": apps, "/web/launch": apps, "/v1/apps": apps,
             "/web/login": login, "/web/logout": login, "/web/invite": login,
@@ -128,6 +130,7 @@ class WebApp:
             "/v1/certs": certs, "/v1/bots": certs,
             "/v1/access-requests": requests, "/v1/sessions/assume": requests, "/web/requests": requests,
             "/static": site, "/favicon.ico": site, "/.well-known": site, "/healthz": site,
+            "/readyz": site,
         }
 
     def mount(self, prefixes: tuple[str, ...], routes: Routes) -> None:

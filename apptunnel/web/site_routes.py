@@ -1,6 +1,9 @@
 """What the proxy host serves to anyone: static assets, the JWT keys, the health check.
 
-    GET /static/NAME, GET /favicon.ico, GET /.well-known/jwks.json, GET /healthz
+    GET /static/NAME, GET /favicon.ico, GET /.well-known/jwks.json, GET /healthz, GET /readyz
+
+/healthz and /readyz answer as on the diagnostics listener (apptunnel/diag.py), same JSON,
+so a balancer can check either port.
 
 Static files are revalidated, not re-fetched: each carries an ETag (a hash of its bytes)
 with ``Cache-Control: no-cache``, and a matching ``If-None-Match`` is a 304 without a body,
@@ -17,11 +20,13 @@ from typing import TYPE_CHECKING
 from klein import Klein
 from twisted.web.static import Data
 
+from apptunnel.diag import HEALTHY_BODY, readiness_response
 from apptunnel.web.context import Routes
 from apptunnel.web.http import WebError, json_response
 
 if TYPE_CHECKING:
     from apptunnel.auth.jwt import JwtKeys
+    from apptunnel.diag import Readiness
     from apptunnel.web.context import WebContext
 
 
@@ -45,9 +50,11 @@ class SiteRoutes(Routes):
     app = Klein()
     app.handle_errors(Routes.on_error)
 
-    def __init__(self, ctx: WebContext, jwt_keys: JwtKeys) -> None:
+    def __init__(self, ctx: WebContext, jwt_keys: JwtKeys,
+                 readiness: Readiness | None = None) -> None:
         super().__init__(ctx)
         self._jwt_keys = jwt_keys
+        self._readiness = readiness
         self._static = load_static()
 
     @app.route("/static/<string:name>", methods=["GET"])
@@ -75,4 +82,14 @@ class SiteRoutes(Routes):
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request):
-        return json_response(request, 200, {"status": "ok"})
+        """Alive: the process answers (nothing else is checked; see /readyz)."""
+        request.setHeader(b"Cache-Control", b"no-store")
+        return json_response(request, 200, HEALTHY_BODY)
+
+    @app.route("/readyz", methods=["GET"])
+    async def readyz(self, request):
+        """Ready for users: the backend answers, the listeners are up, the audit writes."""
+        if self._readiness is None:
+            raise WebError(404)
+        ready, body = await self._readiness.check()
+        return readiness_response(request, ready, body)

@@ -69,6 +69,7 @@ class Agent:
         config = {
             "data_dir": str(self.data_dir),
             "proxy_addr": f"127.0.0.1:{self.cluster.tunnel_port}",
+            "diag_addr": "127.0.0.1:0",
             "keepalive": {"interval": "1s", "timeout": "3s"},
             "apps": self.apps,
         }

@@ -215,7 +215,7 @@ def proxy_yaml(tmp_path, db, mode=0o600, dsn=None) -> str:
     path = tmp_path / "proxy.yaml"
     path.write_text(
         "cluster_name: test-cluster\ndata_dir: data\npublic_addr: apptunnel.localhost:3080\n"
-        "web_listen_addr: 127.0.0.1:0\ntunnel_listen_addr: 127.0.0.1:0\n"
+        "web_listen_addr: 127.0.0.1:0\ntunnel_listen_addr: 127.0.0.1:0\ndiag_addr: 127.0.0.1:0\n"
         f"backend: {{type: postgres, dsn: \"{dsn or db['dsn']}\", password_file: pg-password}}\n")
     return str(path)
 

@@ -215,7 +215,7 @@ def test_join_tokens_are_single_use_and_kind_bound(cluster, tmp_path):
     config = tmp_path / "agent.yaml"
     config.write_text(yaml.safe_dump({
         "data_dir": str(tmp_path / "agent"), "proxy_addr": f"127.0.0.1:{cluster.tunnel_port}",
-        "join": {"token": bot_token["token"], "ca_pin": bot_token["ca_pin"]},
+        "diag_addr": "127.0.0.1:0", "join": {"token": bot_token["token"], "ca_pin": bot_token["ca_pin"]},
         "apps": [{"name": "intruder", "uri": "http://127.0.0.1:9"}]}))
     agent = Child("agent", [str(BIN / "twistd"), "-n", "--pidfile=", "apptunnel-agent",
                             "--config", str(config)], tmp_path, tmp_path / "agent.log")

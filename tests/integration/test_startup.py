@@ -32,6 +32,7 @@ def proxy_config(tmp_path: Path, web_port: int, tunnel_port: int, data_dir: str 
         "public_addr": f"apptunnel.localhost:{web_port}",
         "web_listen_addr": f"127.0.0.1:{web_port}",
         "tunnel_listen_addr": f"127.0.0.1:{tunnel_port}",
+        "diag_addr": "127.0.0.1:0",
         "backend": {"type": "sqlite"},
     }))
     return path
@@ -108,7 +109,7 @@ def test_agent_with_an_unreadable_identity_exits_with_one_line(tmp_path):
     (data / "agent.crt").write_text("not a certificate\n")
     (data / "agent.key").mkdir()
     config = tmp_path / "agent.yaml"
-    config.write_text(yaml.safe_dump({"data_dir": str(data), "proxy_addr": f"127.0.0.1:{free_port()}",
+    config.write_text(yaml.safe_dump({"data_dir": str(data), "proxy_addr": f"127.0.0.1:{free_port()}", "diag_addr": "127.0.0.1:0",
                                       "apps": [{"name": "a", "uri": "http://127.0.0.1:9"}]}))
     result = twistd(tmp_path, "apptunnel-agent", "--config", str(config))
     output = result.stdout + result.stderr
@@ -124,7 +125,7 @@ def test_agent_whose_data_dir_is_a_file_exits_with_one_line(tmp_path):
     data.write_text("a file\n")
     config = tmp_path / "agent.yaml"
     config.write_text(yaml.safe_dump({
-        "data_dir": str(data), "proxy_addr": f"127.0.0.1:{free_port()}",
+        "data_dir": str(data), "proxy_addr": f"127.0.0.1:{free_port()}", "diag_addr": "127.0.0.1:0",
         "join": {"token": "x" * 32, "ca_pin": "sha256:" + "0" * 64},
         "apps": [{"name": "a", "uri": "http://127.0.0.1:9"}]}))
     result = twistd(tmp_path, "apptunnel-agent", "--config", str(config))

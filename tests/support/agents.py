@@ -79,6 +79,7 @@ class Agent:
         config = {
             "data_dir": str(self.data_dir),
             "proxy_addr": f"127.0.0.1:{self.cluster.tunnel_port}",
+            "diag_addr": "127.0.0.1:0",     # a free port: agents and clusters run side by side
             "keepalive": {"interval": "1s", "timeout": "3s"},
             **self.extra,
         }

@@ -76,6 +76,7 @@ def config_path(tmp_path) -> str:
         "data_dir: data\n"
         "public_addr: apptunnel.localhost:3080\n"
         "web_listen_addr: 127.0.0.1:0\n"
+        "diag_addr: 127.0.0.1:0\n"
         "tunnel_listen_addr: 127.0.0.1:3024\n"
         "audit: {file: audit.jsonl}\n"
     )

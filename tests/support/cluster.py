@@ -106,6 +106,8 @@ class Cluster:
         self.root = root or Path(tempfile.mkdtemp(prefix="apptunnel-e2e-"))
         self.web_port = free_port()
         self.tunnel_port = free_port()
+        self.diag_port = free_port()         # the proxy's /metrics, /healthz, /readyz
+        self.agent_diag_port = free_port()
         self.public_addr = f"{PUBLIC_HOST}:{self.web_port}"
         self.proxy_config = self.root / "proxy.yaml"
         self.agent_config = self.root / "agent.yaml"
@@ -118,6 +120,7 @@ class Cluster:
             "public_addr": self.public_addr,
             "web_listen_addr": f"127.0.0.1:{self.web_port}",
             "tunnel_listen_addr": f"127.0.0.1:{self.tunnel_port}",
+            "diag_addr": f"127.0.0.1:{self.diag_port}",
             "backend": {"type": "sqlite"},
             "keepalive": {"interval": "1s", "timeout": "3s"},
         }))
@@ -166,6 +169,7 @@ class Cluster:
         config = {
             "data_dir": str(self.root / "agent"),
             "proxy_addr": f"127.0.0.1:{self.tunnel_port}",
+            "diag_addr": f"127.0.0.1:{self.agent_diag_port}",
             "keepalive": {"interval": "1s", "timeout": "3s"},
             "apps": self.apps,
         }

@@ -47,6 +47,10 @@ class PostgresServer:
         subprocess.run(self._as_pg + [f"{PGBIN}/initdb", "-D", f"{self.dir}/data", "-U", ADMIN_USER,
                                       "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-locale", "--no-sync"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+        return self.resume()
+
+    def resume(self) -> "PostgresServer":
+        """Run the postmaster (again, after ``halt``) on the same port and data."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self._as_pg + [f"{PGBIN}/postgres", "-D", f"{self.dir}/data", "-p", str(self.port),
@@ -67,6 +71,16 @@ class PostgresServer:
                 self.stop()
                 raise RuntimeError(f"postgres not ready in {READY_TIMEOUT}s: {self.log_tail()}")
             time.sleep(0.05)
+
+    def halt(self) -> None:
+        """Stop the postmaster (fast shutdown) but keep its data: ``resume`` starts it again."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(STOP_TIMEOUT)
 
     def psql(self, *sql: str, database: str = "postgres") -> str:
         """Run statements as the superuser; returns psql's unaligned, tuples-only output."""
@@ -98,11 +112,5 @@ class PostgresServer:
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT), SIGKILL if it overstays; then remove the directory."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(STOP_TIMEOUT)
+        self.halt()
         shutil.rmtree(self.dir, ignore_errors=True)
