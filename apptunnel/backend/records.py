@@ -246,3 +246,25 @@ class AccessRequest:
     approve: int = 1
     deny: int = 1
     reviews: tuple[Review, ...] = ()
+
+
+@attrs.frozen
+class ProxyRecord:
+    """One running proxy of the cluster (proxy/peers.py): where agents reach its tunnel
+    listener, what it runs, and when it last said it is alive (its heartbeat)."""
+
+    proxy_id: str
+    tunnel_addr: str
+    version: str
+    started: float
+    heartbeat: float
+
+
+@attrs.frozen
+class AgentTunnel:
+    """One live tunnel of an agent to one proxy (an agent keeps one to every proxy)."""
+
+    host_id: str
+    proxy_id: str
+    peer: str
+    since: float

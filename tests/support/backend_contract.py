@@ -23,6 +23,7 @@ from apptunnel.backend.base import (
 from apptunnel.backend.records import (
     AccessRequest,
     Agent,
+    AgentTunnel,
     AppSession,
     AuditEvent,
     AuthCode,
@@ -30,6 +31,7 @@ from apptunnel.backend.records import (
     JoinToken,
     Lock,
     MfaDevice,
+    ProxyRecord,
     Resource,
     Review,
     Scope,
@@ -931,3 +933,39 @@ async def test_audit_search_pages_newest_first_and_by_request_id(backend):
     assert await wait(backend.search_audit(request_id="req-%")) == []
     assert await wait(backend.get_audit_event("id003")) == events[3]
     assert await wait(backend.get_audit_event("nope")) is None
+
+
+# -- several proxies ----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxies_heartbeat_upserts_and_stale_rows_are_not_listed(backend):
+    """A proxy's row is replaced by its next heartbeat; rows older than `since` are not
+    listed; a clean stop deletes the row (once)."""
+    await wait(backend.heartbeat_proxy(ProxyRecord("p2", "10.0.0.2:3024", "1.0", 5.0, 5.0)))
+    await wait(backend.heartbeat_proxy(ProxyRecord("p1", "10.0.0.1:3024", "1.0", 1.0, 1.0)))
+    await wait(backend.heartbeat_proxy(ProxyRecord("p1", "10.0.0.1:3025", "1.1", 1.0, 9.5)))
+    assert await wait(backend.list_proxies(0.0)) == [
+        ProxyRecord("p1", "10.0.0.1:3025", "1.1", 1.0, 9.5),
+        ProxyRecord("p2", "10.0.0.2:3024", "1.0", 5.0, 5.0)]
+    assert [p.proxy_id for p in await wait(backend.list_proxies(6.0))] == ["p1"]
+    assert await wait(backend.delete_proxy("p1")) is True
+    assert await wait(backend.delete_proxy("p1")) is False
+    assert [p.proxy_id for p in await wait(backend.list_proxies(0.0))] == ["p2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_tunnels_one_row_per_agent_and_proxy(backend):
+    """An agent's tunnel to each proxy is its own row; a reconnect replaces it; removing
+    one leaves the agent's tunnels to other proxies."""
+    await wait(backend.put_agent_tunnel(AgentTunnel("h1", "p2", "10.0.0.9:1", 3.0)))
+    await wait(backend.put_agent_tunnel(AgentTunnel("h1", "p1", "10.0.0.9:2", 2.0)))
+    await wait(backend.put_agent_tunnel(AgentTunnel("h0", "p1", "10.0.0.8:1", 1.0)))
+    await wait(backend.put_agent_tunnel(AgentTunnel("h1", "p1", "10.0.0.9:3", 4.0)))
+    assert await wait(backend.list_agent_tunnels()) == [
+        AgentTunnel("h0", "p1", "10.0.0.8:1", 1.0), AgentTunnel("h1", "p1", "10.0.0.9:3", 4.0),
+        AgentTunnel("h1", "p2", "10.0.0.9:1", 3.0)]
+    assert await wait(backend.delete_agent_tunnel("h1", "p1")) is True
+    assert await wait(backend.delete_agent_tunnel("h1", "p1")) is False
+    assert [(t.host_id, t.proxy_id) for t in await wait(backend.list_agent_tunnels())] == [
+        ("h0", "p1"), ("h1", "p2")]
