@@ -24,7 +24,7 @@ from apptunnel.auth.errors import AuthError
 from apptunnel.auth.pins import cert_pin
 from apptunnel.auth.tokens import constant_time_equal, secret_hash
 from apptunnel.backend.base import AlreadyExists
-from apptunnel.backend.records import Agent, Scope
+from apptunnel.backend.records import Agent, AgentTunnel, Scope
 
 __all__ = ["AGENT_CERT_TTL", "AgentEnrolment", "EnrolmentRefused", "Issued", "Joined",
            "live_token"]
@@ -175,6 +175,7 @@ class AgentEnrolment:
         self._record(self.backend.update_agent(host_id, connected_since=now, last_seen=now,
                                                peer=peer, proxy_id=self.proxy_id, apps=apps,
                                                draining=False, version=version))
+        self._record(self.backend.put_agent_tunnel(AgentTunnel(host_id, self.proxy_id, peer, now)))
 
     def serving(self, host_id: str, apps: tuple[str, ...]) -> None:
         """Record what the agent serves now (a later announcement on a live tunnel)."""
@@ -187,6 +188,7 @@ class AgentEnrolment:
 
     def disconnected(self, host_id: str) -> None:
         """Record that the agent's last tunnel here went away."""
+        self._record(self.backend.delete_agent_tunnel(host_id, self.proxy_id))
         self._record(self.backend.update_agent(
             host_id, connected_since=None, last_seen=self.clock.seconds(), draining=False,
             only_proxy=self.proxy_id))

@@ -10,6 +10,7 @@ line and exit 1 (`apptunnel.startup.fatal`); "serving" is logged only after both
 from __future__ import annotations
 
 import os
+from importlib import metadata
 
 import attrs
 from OpenSSL import crypto
@@ -51,6 +52,7 @@ from apptunnel.proxy.control import ControlFactory, control_endpoint, control_pa
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder
 from apptunnel.proxy.identity import ProxyIdError, load_or_create_proxy_id
+from apptunnel.proxy.peers import Peers
 from apptunnel.proxy.limits import ConnectionTracker, LimitedFactory, raise_fd_limit
 from apptunnel.proxy.pool import TunnelPool
 from apptunnel.proxy.registry import AgentRegistry
@@ -249,6 +251,9 @@ class ProxyService(MultiService):
                            LimitedFactory(edge, self.connections))
 
         proxy_id = self.proxy_id
+        # Several proxies: our row in the backend and the live set agents are told of.
+        self.peers = Peers(self.backend, reactor, proxy_id, config.advertise_tunnel_addr,
+                           _version())
         enrolment = AgentEnrolment(ca=self.ca, backend=self.backend, clock=reactor,
                                    proxy_id=proxy_id, locks=self.locks,
                                    agent_cert_ttl=config.agent_cert_ttl)
@@ -265,6 +270,7 @@ class ProxyService(MultiService):
             locks=self.locks,
             allowed_public_addrs=config.allowed_public_addrs,
             resources=self.app_resources,
+            peers=self.peers,
         )
         tunnel_endpoint = SSL4ServerEndpoint(
             reactor, config.tunnel_listen_port,
@@ -307,6 +313,7 @@ class ProxyService(MultiService):
             raise CannotStart(f"cannot use the backend: {err}") from None
 
     def _serving(self, _: object) -> None:
+        self.peers.start()   # registered once we listen: agents may be sent here now
         log.info(
             "apptunnel proxy {cluster} serving https://{public} (web {web}, tunnels {tunnel}); "
             "CA pin {pin}",
@@ -328,6 +335,10 @@ class ProxyService(MultiService):
         self.requests.stop()
         self.ldap_threads.stop()   # waits for binds in flight: each ends within its timeout
         self.saml_threads.stop()
+        try:
+            yield defer.ensureDeferred(self.peers.stop())
+        except BackendError as err:
+            log.warn("cannot remove this proxy's registration: {error}", error=err)
         yield defer.ensureDeferred(self.audit.stop())
         yield defer.ensureDeferred(self.backend.close())
 
@@ -374,6 +385,13 @@ def _connection_tracker(config: ProxyConfig, reactor) -> ConnectionTracker:
     limits = attrs.evolve(wanted, max_connections=budget,
                           max_connections_per_ip=min(wanted.max_connections_per_ip, budget))
     return ConnectionTracker(limits, reactor)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("apptunnel")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def _ip_hosts(*hosts: str) -> list[str]:

@@ -56,6 +56,7 @@ from apptunnel.messages import (
     JoinOk,
     JoinRefused,
     MessageError,
+    Proxies,
     Renew,
     RenewOk,
     RenewRefused,
@@ -108,8 +109,9 @@ class TunnelServerFactory(ServerFactory):
                  proxy_id: str, public_host: str, public_port: int,
                  keepalive_interval: float = 5.0, keepalive_timeout: float = 15.0,
                  locks=None, allowed_public_addrs: tuple[str, ...] = (),
-                 resources=None) -> None:
+                 resources=None, peers=None) -> None:
         self.enrolment = enrolment
+        self.peers = peers           # proxy.peers.Peers: the live proxies agents are told of
         self.resources = resources   # proxy.app_resources.AppResources, or None
         self.registry = registry
         self.audit = audit
@@ -379,6 +381,15 @@ class TunnelSession:
         if f.resources is not None:
             f.resources.add_listener(self._resources_changed)
             self._push_resources()
+        if f.peers is not None:
+            f.peers.add_listener(self._peers_changed)
+            self._peers_changed(f.peers.live())
+
+    def _peers_changed(self, live) -> None:
+        """Tell the agent every live proxy (after hello_ok and on each change), so it keeps
+        a tunnel to each; an empty set (this proxy is not registered) is not sent."""
+        if live and self._state == "registered" and self._tunnel is not None:
+            self._send(self._tunnel, Proxies(proxies=tuple(live)))
 
     def _register(self, tunnel: TunnelProtocol, apps: list[AppInfo],
                   refused: list[tuple[str, str]]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -499,6 +510,8 @@ class TunnelSession:
         self._cancel_expiry()
         if f.resources is not None:
             f.resources.remove_listener(self._resources_changed)
+        if f.peers is not None:
+            f.peers.remove_listener(self._peers_changed)
         if self._announce_call is not None and self._announce_call.active():
             self._announce_call.cancel()
         self._announce_call = None
