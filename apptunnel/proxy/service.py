@@ -133,8 +133,13 @@ class ProxyService(MultiService):
             raise ConfigError(str(err)) from None
 
         self.ca = ClusterCA.load_or_create(config.data_dir, config.cluster_name, reactor)
+        # advertise_tunnel_addr's host too: agents sent here by other proxies verify it.
+        advertise = config.advertise_tunnel_addr.rpartition(":")[0].strip("[]").lower()
         names = [config.public_host, "*." + config.public_host, "localhost"]
-        ips = sorted({"127.0.0.1", *_ip_hosts(config.web_listen_host, config.tunnel_listen_host)})
+        if not is_ip(advertise) and advertise not in names:
+            names.append(advertise)
+        ips = sorted({"127.0.0.1", *_ip_hosts(config.web_listen_host, config.tunnel_listen_host,
+                                              advertise)})
         own_cert, own_key = load_server_tls(config.data_dir, self.ca, names, ips)
         if config.tls_cert_file:
             web_cert, web_key = _read_tls_files(config)
