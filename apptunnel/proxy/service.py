@@ -286,6 +286,8 @@ class ProxyService(MultiService):
         self.listeners.add(f"tunnel_listen_addr {config.tunnel_listen_addr}", tunnel_endpoint,
                            LimitedFactory(tunnel_factory, self.connections))
         TimerService(_SWEEP_INTERVAL, self._sweep).setServiceParent(self)
+        # PostgreSQL: changes made anywhere act here at once (polling stays behind it).
+        self.change_listener = _change_listener(config, reactor, self.refresh_now)
         # The admin CLI on this machine asks here so its changes hold before it returns.
         control = control_endpoint(reactor, config.data_dir)
         if control is None:
@@ -319,6 +321,8 @@ class ProxyService(MultiService):
 
     def _serving(self, _: object) -> None:
         self.peers.start()   # registered once we listen: agents may be sent here now
+        if self.change_listener is not None:
+            self.change_listener.start()
         log.info(
             "apptunnel proxy {cluster} serving https://{public} (web {web}, tunnels {tunnel}); "
             "CA pin {pin}",
@@ -333,6 +337,8 @@ class ProxyService(MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         yield self.listeners.stop()
+        if self.change_listener is not None:
+            self.change_listener.stop()
         yield super().stopService()
         self.locks.stop()
         self.users.stop()
@@ -365,6 +371,19 @@ class ProxyService(MultiService):
         d.addErrback(lambda f: log.warn("expiry sweep failed (will retry): {error}",
                                         error=f.getErrorMessage()))
         return d
+
+
+def _change_listener(config: ProxyConfig, reactor, refresh):
+    """On PostgreSQL, a LISTEN thread whose notices run ``refresh`` (debounced); else None."""
+    if config.backend_type != "postgres":
+        return None
+    from apptunnel.backend.notify import ChangeListener, Debounced
+    from apptunnel.backend.postgres import read_password_file
+
+    password = (read_password_file(config.backend_password_file)
+                if config.backend_password_file else None)
+    return ChangeListener(config.backend_dsn, password, reactor,
+                          Debounced(refresh, reactor).poke)
 
 
 def _request_webhook(config: ProxyConfig, reactor) -> RequestWebhook | None:

@@ -88,3 +88,31 @@ def test_a_bad_advertise_tunnel_addr_is_one_line_naming_file_and_key(tmp_path, v
         load_proxy_config(path)
     line = err.value.one_line()
     assert path in line and "advertise_tunnel_addr" in line and "\n" not in line
+
+
+def test_debounced_runs_once_per_burst_and_once_more_after_a_poke_during_a_run():
+    """A burst of change notices is one refresh; a notice while it runs is one more."""
+    from twisted.internet import defer
+
+    from apptunnel.backend.notify import Debounced
+
+    clock, runs, pending = Clock(), [], []
+
+    def action():
+        runs.append(clock.seconds())
+        pending.append(defer.Deferred())
+        return pending[-1]
+
+    debounced = Debounced(action, clock, delay=0.05)
+    for _ in range(5):
+        debounced.poke()
+    clock.advance(0.05)
+    assert len(runs) == 1
+    debounced.poke()
+    debounced.poke()
+    pending[0].callback(None)
+    clock.advance(0.05)
+    assert len(runs) == 2
+    pending[1].errback(RuntimeError("backend down"))   # logged, not raised
+    clock.advance(1)
+    assert len(runs) == 2
