@@ -1,0 +1,163 @@
+"""Several proxies (issue 13 items 2-4), real processes: three installed proxies on one
+PostgreSQL behind HAProxy, two agents serving one app through the balancer's tunnel port.
+
+Every agent keeps a tunnel to every proxy, so any proxy serves the app; a lock made on
+one proxy cuts a live download on another within a second (LISTEN/NOTIFY: polling alone
+takes 2 s); kill -9 of a proxy under load fails no more requests than there were
+connections on it, and the agents' tunnels come back when it restarts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.support.cluster import Browser, wait_until
+from tests.support.haproxy import ProxyFarm
+from tests.support.localhost import localhost_resolution
+from tests.support.postgres import PostgresServer
+from tests.support.upstream import HttpUpstream
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory):
+    server = PostgresServer().start()
+    upstream = HttpUpstream()
+    farm = ProxyFarm(tmp_path_factory.mktemp("ha"), server.new_database(), count=3)
+    farm.pg = server
+    try:
+        farm.start()
+        role = farm.root / "role.yaml"
+        role.write_text("kind: role\nmetadata: {name: sre}\n"
+                        "spec: {allow: {app_labels: {team: sre}}}\n")
+        farm.cli("create", "-f", str(role))
+        farm.cli("users", "add", "alice", "--roles", "sre", "--password-stdin",
+                 stdin=PASSWORD + "\n")
+        app = {"name": "hello", "uri": upstream.uri, "labels": {"team": "sre"}}
+        farm.start_agent("agent-a", [app])
+        farm.start_agent("agent-b", [app])
+        wait_until(lambda: len(tunnels(farm)) == 6, 30, "two agents with a tunnel to each of "
+                   "three proxies")
+        yield farm
+    finally:
+        farm.stop()
+        upstream.stop()
+        server.stop()
+
+
+def tunnels(farm: ProxyFarm, since: float = 0.0) -> set[tuple[str, str]]:
+    """(agent, proxy) pairs with a live tunnel, as the proxies recorded them."""
+    for agent in farm.agents:
+        assert agent.alive(), agent.log_tail()
+    out = farm.pg.psql(f"SELECT host_id, proxy_id FROM agent_tunnels WHERE since > {since}",
+                       database=farm.db["dbname"])
+    return {tuple(line.split("|")) for line in out.splitlines() if line}
+
+
+def signed_in(farm: ProxyFarm) -> Browser:
+    """alice with an app session for hello, signed in through the balancer."""
+    browser = Browser(farm)
+    landed = browser.login_through(farm.url("hello", "/echo?in=1"), "alice", PASSWORD)
+    assert landed.status_code == 200, landed.text
+    return browser
+
+
+def test_any_proxy_serves_the_app_through_either_agent(farm):
+    """Asked directly on each of the three proxies, hello answers (each has tunnels of
+    both agents); the proxies list each other (the proxies table has three live rows)."""
+    browser = signed_in(farm)
+    for web, _ in farm.ports:
+        r = browser.get(farm.url("hello", f"/echo?port={web}", port=web), allow_redirects=False)
+        assert r.status_code == 200 and r.json()["path"] == f"/echo?port={web}", r.text
+    rows = farm.pg.psql("SELECT proxy_id, tunnel_addr FROM proxies ORDER BY tunnel_addr",
+                        database=farm.db["dbname"]).split()
+    assert sorted(rows) == sorted(f"{farm.proxy_id(n)}|127.0.0.1:{tunnel}"
+                                  for n, (_, tunnel) in enumerate(farm.ports))
+
+
+def test_a_lock_made_on_one_proxy_cuts_a_live_download_on_another_within_a_second(farm):
+    """A download streams from proxy 2; `apptunnel lock` with proxy 0's config (its
+    control socket refreshes proxy 0 only) cuts it on proxy 2 within one second."""
+    browser = signed_in(farm)
+    web2 = farm.ports[2][0]
+    with localhost_resolution():
+        stream = browser.session.get(farm.url("hello", "/endless", port=web2), stream=True,
+                                     timeout=10)
+    assert stream.status_code == 200
+    chunks = stream.iter_content(64 * 1024)
+    next(chunks)
+    lock_id = farm.cli("lock", "--user", "alice", "--message", "ha test").stdout.split()[0]
+    locked_at = time.monotonic()
+    try:
+        with pytest.raises(requests.RequestException):
+            deadline = time.monotonic() + 10
+            for _ in chunks:
+                assert time.monotonic() < deadline, "the download was never cut"
+            raise requests.ConnectionError("ended")   # a clean end counts as cut too
+        assert time.monotonic() - locked_at < 1.0
+    finally:
+        stream.close()
+        farm.cli("locks", "rm", lock_id)
+
+
+def established_to(port: int) -> int:
+    """TCP connections established to 127.0.0.1:port (the server side of each)."""
+    count = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "01" and int(local.split(":")[1], 16) == port:
+                count += 1
+    return count
+
+
+def test_kill_9_of_a_proxy_under_load_fails_only_its_in_flight_requests(farm):
+    """Eight keep-alive clients through HAProxy for a bounded run; proxy 1 is killed
+    mid-run: failed requests <= the connections that were on it; the others go on.
+    Restarted, it gets both agents' tunnels back."""
+    browser = signed_in(farm)
+    cookies = browser.session.cookies
+    stop_at = time.monotonic() + 6
+    ok, failed = [0], [0]
+    lock = threading.Lock()
+
+    def client():
+        s = requests.Session()
+        s.trust_env = False
+        s.cookies.update(cookies)
+        n = 0
+        while time.monotonic() < stop_at and n < 2000:
+            n += 1
+            try:
+                with localhost_resolution():
+                    r = s.get(farm.url("hello", f"/echo?n={n}"), verify=farm.ca_file,
+                              timeout=10, allow_redirects=False)
+                good = r.status_code == 200
+            except requests.RequestException:
+                good = False
+            with lock:
+                (ok if good else failed)[0] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    on_dead = established_to(farm.ports[1][0])
+    farm.kill(1)
+    killed_at = time.time()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert ok[0] > 100, (ok, failed)
+    assert failed[0] <= on_dead, (failed, on_dead)
+
+    farm.start_proxy(1)
+    dead = farm.proxy_id(1)
+    wait_until(lambda: {p for _, p in tunnels(farm, since=killed_at)} >= {dead}
+               and len([1 for _, p in tunnels(farm, since=killed_at) if p == dead]) == 2,
+               20, "both agents' tunnels to the restarted proxy")
