@@ -31,7 +31,7 @@ __all__ = ["CHANNEL", "ChangeListener", "Debounced"]
 
 CHANNEL = "apptunnel_changes"
 WAIT = 1.0                 # seconds one notifies() wait lasts (how soon stop() is seen)
-RETRY_MIN, RETRY_MAX = 0.25, 5.0
+RETRY_MIN, RETRY_MAX = 0.25, 2.0
 DEBOUNCE = 0.05
 
 log = Logger()

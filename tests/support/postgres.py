@@ -47,6 +47,16 @@ class PostgresServer:
         subprocess.run(self._as_pg + [f"{PGBIN}/initdb", "-D", f"{self.dir}/data", "-U", ADMIN_USER,
                                       "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-locale", "--no-sync"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+        return self.resume()
+
+    def pause(self) -> None:
+        """Stop the server (fast shutdown) but keep its data: `resume` starts it again."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(STOP_TIMEOUT)
+
+    def resume(self) -> "PostgresServer":
+        """Start the server on the existing data directory and wait until it is ready."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self._as_pg + [f"{PGBIN}/postgres", "-D", f"{self.dir}/data", "-p", str(self.port),
