@@ -19,6 +19,7 @@ from collections.abc import Callable
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from apptunnel.backend.base import BackendError
 from apptunnel.backend.records import ProxyRecord
 from apptunnel.net import split_host_port
 from apptunnel.polling import Poll
@@ -83,10 +84,16 @@ class Peers:
             await self._backend.delete_proxy(self.proxy_id)
 
     async def beat(self) -> None:
+        """One heartbeat; a backend that is down is one log line (the next beat retries,
+        and the live set stays as it was meanwhile)."""
         now = self._clock.seconds()
-        await self._backend.heartbeat_proxy(ProxyRecord(
-            self.proxy_id, self._addr, self._version, self._started, now))
-        rows = await self._backend.list_proxies(now - self._stale_after)
+        try:
+            await self._backend.heartbeat_proxy(ProxyRecord(
+                self.proxy_id, self._addr, self._version, self._started, now))
+            rows = await self._backend.list_proxies(now - self._stale_after)
+        except BackendError as err:
+            log.warn("proxy heartbeat failed (retrying): {error}", error=err)
+            return
         live = live_set(rows, now, self._stale_after)
         if live == self._live:
             return
