@@ -9,6 +9,7 @@ connections on it, and the agents' tunnels come back when it restarts.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -82,6 +83,9 @@ def test_any_proxy_serves_the_app_through_either_agent(farm):
                         database=farm.db["dbname"]).split()
     assert sorted(rows) == sorted(f"{farm.proxy_id(n)}|127.0.0.1:{tunnel}"
                                   for n, (_, tunnel) in enumerate(farm.ports))
+    listed = json.loads(farm.cli("agents", "ls", "--format", "json").stdout)
+    every = sorted(farm.proxy_id(n) for n in range(3))
+    assert [sorted(agent["proxies"]) for agent in listed] == [every, every], listed
 
 
 def admin_on(farm: ProxyFarm, n: int) -> requests.Session:

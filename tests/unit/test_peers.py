@@ -116,3 +116,30 @@ def test_debounced_runs_once_per_burst_and_once_more_after_a_poke_during_a_run()
     pending[1].errback(RuntimeError("backend down"))   # logged, not raised
     clock.advance(1)
     assert len(runs) == 2
+
+
+def test_an_agent_is_listed_with_every_proxy_holding_a_live_tunnel_of_it():
+    """agents ls: the proxies with a live tunnel of the agent, oldest tunnel first as
+    connected_since; a killed proxy's (stale heartbeat) rows do not count; a proxy that
+    never registered (one proxy, ephemeral port) is believed."""
+    from apptunnel.admin.inventory import with_tunnels
+    from apptunnel.backend.records import Agent, AgentTunnel, Scope
+
+    agent = Agent("h1", Scope(), 1.0, 1e9, connected_since=50.0, proxy_id="p3")
+    proxies = [ProxyRecord("p1", "a:1", "v", 0, 99.0), ProxyRecord("p2", "b:1", "v", 0, 99.0),
+               ProxyRecord("p3", "c:1", "v", 0, 80.0)]
+    tunnels = [AgentTunnel("h1", "p2", "x", 30.0), AgentTunnel("h1", "p1", "x", 40.0),
+               AgentTunnel("h1", "p3", "x", 10.0), AgentTunnel("h2", "p1", "x", 5.0)]
+    seen = with_tunnels(agent, tunnels, proxies, now=100.0)
+    assert (seen.proxy_id, seen.connected_since) == ("p1,p2", 30.0)
+    gone = with_tunnels(agent, [t for t in tunnels if t.proxy_id == "p3"], proxies, 100.0)
+    assert gone.connected_since is None
+    single = with_tunnels(attrs_evolve(agent, proxy_id="solo"),
+                          [AgentTunnel("h1", "solo", "x", 7.0)], [], 100.0)
+    assert (single.proxy_id, single.connected_since) == ("solo", 7.0)
+
+
+def attrs_evolve(record, **changes):
+    import attrs
+
+    return attrs.evolve(record, **changes)
