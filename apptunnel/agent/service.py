@@ -147,7 +147,7 @@ class _AgentTunnel:
         elif isinstance(answer, messages.HelloRefused) and not self.up:
             self._cancel_timer()
             log.error("the proxy at {addr} refused this agent: {reason}",
-                      addr=self._service.config.proxy_addr, reason=_line(answer.message))
+                      addr=self.link.addr, reason=_line(answer.message))
             self._service.refused = True
             self._service.rejoin_wanted = answer.rejoin
             tunnel.close()
