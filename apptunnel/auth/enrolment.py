@@ -149,6 +149,18 @@ class AgentEnrolment:
                                    "with a new token", rejoin=True)
         return agent.scope
 
+    async def renewed_until(self, host_id: str, cert: x509.Certificate) -> float | None:
+        """When the agent's newest certificate expires, if it is for the key of ``cert``
+        (the one its tunnel here was authenticated with) and the agent is known and not
+        locked; None otherwise. An agent renews over one of its tunnels (one proxy): the
+        other proxies learn the new expiry here instead of cutting its tunnel."""
+        agent = await self.backend.get_agent(host_id)
+        if agent is None or self.agent_lock(host_id) is not None:
+            return None
+        if cert_pin(cert) != agent.key_pin or agent.cert_expires <= self.clock.seconds():
+            return None
+        return agent.cert_expires
+
     async def renew(self, host_id: str, csr: str) -> Issued:
         """A new certificate for the same key, while the agent is known and not locked."""
         agent = await self.backend.get_agent(host_id)

@@ -221,6 +221,7 @@ class TunnelSession:
         self._peer = "?"
         self._host_id = ""
         self._expiry = None          # closes the tunnel when the agent certificate expires
+        self._cert = None            # ... the certificate its hello was authenticated with
         self._renewing = False
         self._last_renew = float("-inf")
         self._scope = None           # the agent's token scope, checked on every announcement
@@ -373,6 +374,7 @@ class TunnelSession:
         serving, refused = self._register(tunnel, apps, [])
         self._state = "registered"
         f.sessions.setdefault(host_id, set()).add(self)
+        self._cert = cert
         self._watch_expiry(cert.not_valid_after_utc.timestamp())
         self._send(tunnel, HelloOk(proxy_id=f.proxy_id, refused=tuple(refused)))
         log.info("agent {host_id} connected from {peer} with apps {apps}", host_id=host_id,
@@ -534,8 +536,22 @@ class TunnelSession:
         self._expiry = None
 
     def _expired(self) -> None:
+        """The certificate of the hello (or of the last renewal here) expired: the tunnel
+        lives on only if the agent renewed it over another proxy, for the same key, and
+        is not locked (several proxies); else, or when storage cannot say, it is cut."""
         self._expiry = None
-        self.cut(f"the certificate of agent {self._host_id} expired")
+        d = defer.ensureDeferred(self._enrolment.renewed_until(self._host_id, self._cert))
+        d.addErrback(lambda f: log.warn("cannot check the renewal of agent {host_id}: {error}",
+                                        host_id=self._host_id, error=f.getErrorMessage()))
+        d.addCallback(self._renewed_until)
+
+    def _renewed_until(self, until: float | None) -> None:
+        if self._state != "registered" or self._expiry is not None:
+            return
+        if until is None or until <= self._factory.clock.seconds():
+            self.cut(f"the certificate of agent {self._host_id} expired")
+            return
+        self._watch_expiry(until)
 
     def _start_renew(self, tunnel: TunnelProtocol, message: dict) -> None:
         now = self._factory.clock.seconds()
