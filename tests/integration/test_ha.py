@@ -154,9 +154,27 @@ def test_kill_9_of_a_proxy_under_load_fails_only_its_in_flight_requests(farm):
     """Eight keep-alive clients through HAProxy for a bounded run; proxy 1 is killed
     mid-run: failed requests <= the connections that were on it; the others go on.
     Restarted, it gets both agents' tunnels back."""
-    browser = signed_in(farm)
-    cookies = browser.session.cookies
-    stop_at = time.monotonic() + 6
+    threads, ok, failed = load(farm, signed_in(farm).session.cookies, 6)
+    time.sleep(2)
+    on_dead = established_to(farm.ports[1][0])
+    farm.kill(1)
+    killed_at = time.time()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert ok[0] > 100, (ok, failed)
+    assert failed[0] <= on_dead, (failed, on_dead)
+
+    farm.start_proxy(1)
+    dead = farm.proxy_id(1)
+    wait_until(lambda: {p for _, p in tunnels(farm, since=killed_at)} >= {dead}
+               and len([1 for _, p in tunnels(farm, since=killed_at) if p == dead]) == 2,
+               20, "both agents' tunnels to the restarted proxy")
+
+
+def load(farm: ProxyFarm, cookies, seconds: float, clients: int = 8) -> tuple[list, list, list]:
+    """Keep-alive clients through HAProxy for a bounded run: (threads, [ok], [failed])."""
+    stop_at = time.monotonic() + seconds
     ok, failed = [0], [0]
     lock = threading.Lock()
 
@@ -177,24 +195,25 @@ def test_kill_9_of_a_proxy_under_load_fails_only_its_in_flight_requests(farm):
             with lock:
                 (ok if good else failed)[0] += 1
 
-    threads = [threading.Thread(target=client) for _ in range(8)]
+    threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
         t.start()
+    return threads, ok, failed
+
+
+def test_kill_9_of_an_agent_fails_at_most_its_in_flight_streams(farm):
+    """Eight clients through HAProxy while agent-a is killed: the other agent serves the
+    app; at most one request per client (those in flight) fails."""
+    cookies = signed_in(farm).session.cookies
+    threads, ok, failed = load(farm, cookies, 5)
     time.sleep(2)
-    on_dead = established_to(farm.ports[1][0])
-    farm.kill(1)
-    killed_at = time.time()
+    victim = farm.agents[0]
+    victim.proc.kill()
+    victim.proc.wait(10)
     for t in threads:
         t.join(30)
     assert not any(t.is_alive() for t in threads)
-    assert ok[0] > 100, (ok, failed)
-    assert failed[0] <= on_dead, (failed, on_dead)
-
-    farm.start_proxy(1)
-    dead = farm.proxy_id(1)
-    wait_until(lambda: {p for _, p in tunnels(farm, since=killed_at)} >= {dead}
-               and len([1 for _, p in tunnels(farm, since=killed_at) if p == dead]) == 2,
-               20, "both agents' tunnels to the restarted proxy")
+    assert ok[0] > 100 and failed[0] <= len(threads), (ok, failed)
 
 
 def api_login(farm: ProxyFarm, port: int | None = None) -> tuple[int, float]:
