@@ -24,11 +24,14 @@ def with_tunnels(agent: Agent, tunnels: list[AgentTunnel], proxies: list[ProxyRe
                  now: float) -> Agent:
     """The agent as its live tunnels say (several proxies): ``proxy_id`` lists every proxy
     holding a tunnel of it (comma-separated), ``connected_since`` is its oldest live
-    tunnel. A tunnel recorded by a proxy whose heartbeat went stale (killed) is not live;
-    one recorded by a proxy that never registered (a single proxy on an ephemeral port)
+    tunnel. A tunnel recorded by a proxy whose heartbeat went stale (killed), or by an
+    earlier run of a proxy (before its ``started``), is not live; one recorded by a proxy
+    that never registered (a single proxy on an ephemeral port)
     is taken at its word."""
     stale = {p.proxy_id for p in proxies if p.heartbeat < now - PROXY_STALE_AFTER}
-    live = sorted((t for t in tunnels if t.host_id == agent.host_id and t.proxy_id not in stale),
+    started = {p.proxy_id: p.started for p in proxies}
+    live = sorted((t for t in tunnels if t.host_id == agent.host_id and t.proxy_id not in stale
+                   and t.since >= started.get(t.proxy_id, t.since)),
                   key=lambda t: t.proxy_id)
     if not live:
         if agent.connected_since is not None and agent.proxy_id in stale:

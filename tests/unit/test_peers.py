@@ -134,6 +134,9 @@ def test_an_agent_is_listed_with_every_proxy_holding_a_live_tunnel_of_it():
     assert (seen.proxy_id, seen.connected_since) == ("p1,p2", 30.0)
     gone = with_tunnels(agent, [t for t in tunnels if t.proxy_id == "p3"], proxies, 100.0)
     assert gone.connected_since is None
+    restarted = [attrs_evolve(p, started=35.0) if p.proxy_id == "p2" else p for p in proxies]
+    again = with_tunnels(agent, tunnels, restarted, now=100.0)
+    assert again.proxy_id == "p1"   # p2's row is from its run before the restart
     single = with_tunnels(attrs_evolve(agent, proxy_id="solo"),
                           [AgentTunnel("h1", "solo", "x", 7.0)], [], 100.0)
     assert (single.proxy_id, single.connected_since) == ("solo", 7.0)
