@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -36,7 +37,9 @@ class Haproxy:
         self.binary = require_program("haproxy", "haproxy")
         self.config = root / "haproxy.cfg"
         self.log_path = root / "haproxy.log"
-        lines = ["global", "    maxconn 4000", "defaults", "    mode tcp",
+        self.stats_socket = root / "haproxy.sock"
+        lines = ["global", "    maxconn 4000", f"    stats socket {self.stats_socket} mode 600",
+                 "defaults", "    mode tcp",
                  "    timeout connect 2s", "    timeout client 10m", "    timeout server 10m",
                  "    retries 3", "    option redispatch 1"]
         for name, port, index in (("web", web_port, 0), ("tunnel", tunnel_port, 1)):
@@ -52,6 +55,23 @@ class Haproxy:
         self.proc = subprocess.Popen([self.binary, "-db", "-f", str(self.config)],
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
+
+    def sessions(self, backend: str, server: str) -> int:
+        """Connections HAProxy has sent to ``server`` of ``backend`` so far (``stot``)."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(self.stats_socket))
+            s.sendall(b"show stat\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        lines = data.decode().splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        for line in lines[1:]:
+            row = dict(zip(header, line.split(",")))
+            if row.get("pxname") == backend and row.get("svname") == server:
+                return int(row["stot"])
+        raise AssertionError(f"no server {server} in backend {backend}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
