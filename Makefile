@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo-data
 # Debian packages the tests and the benchmarks start for real (installed when missing, as root).
-TEST_PACKAGES := curl chromium postgresql redis-server slapd ldap-utils xmlsec1 nodejs
+TEST_PACKAGES := curl chromium postgresql redis-server slapd ldap-utils xmlsec1 nodejs haproxy
 BENCH_PACKAGES := wrk nginx openssh-server openssh-client iperf3 curl
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 

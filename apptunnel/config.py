@@ -500,6 +500,9 @@ class ProxyConfig:
     # diag_addr: the plain-HTTP /metrics, /healthz, /readyz listener (apptunnel/diag.py);
     # None is off. The loader's default is DEFAULT_PROXY_DIAG_ADDR (loopback).
     diag_addr: str | None = None
+    # Where agents reach this proxy's tunnel listener (proxy/peers.py): told to agents
+    # connected to the other proxies; "" = tunnel_listen_addr (see default_advertise_addr).
+    advertise_tunnel_addr: str = ""
 
     @property
     def public_host(self) -> str:
@@ -559,7 +562,7 @@ _PROXY_KEYS = (
     "backend", "tls", "jwt", "session_ttl", "keepalive", "audit",
     "limits", "auth",
     "agent_cert_ttl", "app_grace_period", "allowed_public_addrs", "bots",
-    "access_requests", "diag_addr", "diag_addr_public",
+    "access_requests", "diag_addr", "diag_addr_public", "advertise_tunnel_addr",
 )
 _AGENT_KEYS = ("data_dir", "proxy_addr", "join", "keepalive", "apps", "resources",
                "diag_addr", "diag_addr_public")
@@ -743,6 +746,10 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
     if not 10.0 <= agent_cert_ttl <= 90 * 86400.0:
         top.fail("agent_cert_ttl", f"must be between 10s and 90d, got {_show(top.raw('agent_cert_ttl'))}")
     allowed = _allowed_public_addrs(top)
+    # Port 0 only when inherited from a tunnel_listen_addr with port 0 (tests): such a
+    # proxy is not registered for other proxies' agents (proxy/peers.py).
+    advertise = (top.address("advertise_tunnel_addr")
+                 or default_advertise_addr(tunnel, public_host))
     return ProxyConfig(
         path=os.path.abspath(path),
         cluster_name=cluster_name,
@@ -773,6 +780,7 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
         backend_password_file=backend_password_file,
         backend_encryption_key_file=encryption_key_file,
         diag_addr=_diag_addr(top, DEFAULT_PROXY_DIAG_ADDR),
+        advertise_tunnel_addr=advertise,
     )
 
 
@@ -800,6 +808,15 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def default_advertise_addr(tunnel_listen_addr: str, public_host: str) -> str:
+    """tunnel_listen_addr, or public_host with its port when it listens on every address
+    (0.0.0.0 or ::, which no agent can dial)."""
+    host, port = _split_addr(tunnel_listen_addr, None, True)
+    if host in ("0.0.0.0", "::", ""):
+        return f"{public_host}:{port}"
+    return tunnel_listen_addr
 
 
 _DSN_PASSWORD = re.compile(r"(?:^|\s)password\s*=|^postgres(?:ql)?://[^/@]*:[^/@]*@", re.I)

@@ -37,6 +37,7 @@ __all__ = [
     "JoinOk",
     "JoinRefused",
     "MessageError",
+    "Proxies",
     "Renew",
     "RenewOk",
     "RenewRefused",
@@ -461,12 +462,49 @@ class AnnounceOk:
         return cls(refused=_refused(message, cls.TYPE))
 
 
+MAX_PROXIES = 64
+_ADDR = re.compile(r"([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
+                   r"|\[[0-9a-f:.]{2,45}\]):[0-9]{1,5}\Z")
+
+
+@attrs.frozen
+class Proxies:
+    """proxy -> agent, after hello_ok and whenever the set changes: every live proxy of
+    the cluster (``proxy_id``, ``addr`` = its advertise_tunnel_addr), the sender included.
+    The agent keeps one tunnel to each; the addresses are only dialled, every tunnel is
+    still verified against the cluster CA like the first one."""
+
+    TYPE: ClassVar[str] = "proxies"
+    proxies: tuple[tuple[str, str], ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"type": self.TYPE,
+                "proxies": [{"proxy_id": pid, "addr": addr} for pid, addr in self.proxies]}
+
+    @classmethod
+    def parse(cls, message: dict) -> Proxies:
+        raw = message.get("proxies")
+        if not isinstance(raw, list) or len(raw) > MAX_PROXIES:
+            raise MessageError(f"proxies.proxies must be a list of at most {MAX_PROXIES}")
+        out = []
+        for index, item in enumerate(raw):
+            pid = item.get("proxy_id") if isinstance(item, dict) else None
+            addr = item.get("addr") if isinstance(item, dict) else None
+            if (not isinstance(pid, str) or not 0 < len(pid) <= 64
+                    or not isinstance(addr, str) or len(addr) > 260
+                    or not _ADDR.match(addr.lower()) or not 0 < int(addr.rsplit(":", 1)[1]) < 65536):
+                raise MessageError(f"proxies.proxies[{index}] must be {{proxy_id, addr}} with "
+                                   f"addr host:port, got {_show(item)}")
+            out.append((pid, addr.lower()))
+        return cls(proxies=tuple(out))
+
+
 Message = (Join | JoinOk | JoinRefused | Hello | HelloOk | HelloRefused
-           | Renew | RenewOk | RenewRefused | AppResources | Announce | AnnounceOk)
+           | Renew | RenewOk | RenewRefused | AppResources | Announce | AnnounceOk | Proxies)
 
 _TYPES: dict[str, Any] = {cls.TYPE: cls for cls in (
     Join, JoinOk, JoinRefused, Hello, HelloOk, HelloRefused, Renew, RenewOk, RenewRefused,
-    AppResources, Announce, AnnounceOk)}
+    AppResources, Announce, AnnounceOk, Proxies)}
 
 
 def parse(message: Any) -> Message:

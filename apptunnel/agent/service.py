@@ -1,4 +1,4 @@
-"""The agent process: join once, then keep one mutual-TLS tunnel to the proxy.
+"""The agent process: join once, then keep one mutual-TLS tunnel to every proxy.
 
 Start-up order: the saved identity is used when it is there, still valid and from the
 pinned CA; otherwise the agent joins with its token (retrying with backoff while the
@@ -16,6 +16,15 @@ has no transition for a connection that is lost while it is being prepared (auto
 The certificate is short-lived: at two thirds of its remaining life the agent sends
 ``renew`` with a CSR for its own key and saves the answer (``agent.crt``, replaced
 atomically). Reconnects always present the current certificate.
+
+Several proxies: the agent dials its configured ``proxy_addr`` (a balancer or one proxy,
+the *seed*); each proxy answers the hello with ``proxies``, the live proxies' tunnel
+addresses, and the agent keeps one more link (its own ClientService and backoff with
+jitter) to each address it does not reach yet. Tunnels are deduplicated by the proxy_id
+of ``hello_ok``: a second tunnel to a proxy already held is closed, the seed's first (it
+is paused until no tunnel is up, then dials the balancer again). A proxy gone from the
+list is forgotten once its tunnel is down. The addresses come only from a proxy that
+proved itself with the cluster CA, and every link verifies its proxy the same way.
 
 Shutdown says ``go_away`` on the live tunnel first, so open streams finish (bounded by
 ``DRAIN_TIMEOUT``) before the connection is closed.
@@ -94,8 +103,10 @@ def _iso(seconds: float) -> str:
 class _AgentTunnel:
     """The agent's TunnelHandler for one connection: hello, then answer streams."""
 
-    def __init__(self, service: AgentService) -> None:
+    def __init__(self, service: AgentService, link: _ProxyLink) -> None:
         self._service = service
+        self.link = link
+        self.proxy_id = ""                   # from hello_ok
         self.tunnel: TunnelProtocol | None = None
         self.up = False
         self._timer = None
@@ -123,6 +134,7 @@ class _AgentTunnel:
         if isinstance(answer, messages.HelloOk) and not self.up:
             self._cancel_timer()
             self.up = True
+            self.proxy_id = answer.proxy_id[:64]
             for app, reason in answer.refused[:1000]:
                 log.error("the proxy refused app {app}: {reason}", app=app[:64],
                           reason=_line(reason))
@@ -132,10 +144,12 @@ class _AgentTunnel:
                      peer=tunnel.peer, proxy_id=answer.proxy_id[:64] or "?",
                      apps=", ".join(serving) or "no apps")
             self._service.tunnel_up(self)
+        elif isinstance(answer, messages.Proxies) and self.up:
+            self._service.proxies_received(answer)
         elif isinstance(answer, messages.HelloRefused) and not self.up:
             self._cancel_timer()
             log.error("the proxy at {addr} refused this agent: {reason}",
-                      addr=self._service.config.proxy_addr, reason=_line(answer.message))
+                      addr=self.link.addr, reason=_line(answer.message))
             self._service.refused = True
             self._service.rejoin_wanted = answer.rejoin
             tunnel.close()
@@ -184,13 +198,14 @@ class _AgentTunnel:
         if self.up:
             log.info("tunnel to {peer} lost: {reason}", peer=tunnel.peer,
                      reason=reason.getErrorMessage())
+            self._service.tunnel_down(self)
             return
-        self._service.hello_failed(reason)
+        self._service.hello_failed(self, reason)
 
     def _unanswered(self) -> None:
         self._timer = None
         log.warn("the proxy at {addr} did not answer our hello within {s:.0f}s",
-                 addr=self._service.config.proxy_addr, s=HELLO_TIMEOUT)
+                 addr=self.link.addr, s=HELLO_TIMEOUT)
         if self.tunnel is not None:
             self.tunnel.close()
 
@@ -204,13 +219,14 @@ class _AgentTunnel:
 class _CurrentIdentityTLS:
     """Client TLS built per connection, so a reconnect presents the renewed certificate."""
 
-    def __init__(self, service: AgentService) -> None:
+    def __init__(self, service: AgentService, host: str) -> None:
         self._service = service
+        self._host = host
 
     def clientConnectionForTLS(self, tlsProtocol):
         identity = self._service.identity
         options = ssl.optionsForClientTLS(
-            self._service.host,
+            self._host,
             trustRoot=identity.trust_root(),
             clientCertificate=identity.client_certificate(),
         )
@@ -229,18 +245,64 @@ class _TunnelFactory(Factory):
 
     noisy = False
 
-    def __init__(self, service: AgentService) -> None:
+    def __init__(self, service: AgentService, link: _ProxyLink) -> None:
         self._service = service
+        self._link = link
 
     def buildProtocol(self, addr) -> Protocol:
         if self._service.stopping:
             return _Closed()
         config = self._service.config
         return TunnelProtocol(
-            _AgentTunnel(self._service), self._service.reactor, initiator=True,
+            _AgentTunnel(self._service, self._link), self._service.reactor, initiator=True,
             keepalive_interval=config.keepalive_interval,
             keepalive_timeout=config.keepalive_timeout,
         )
+
+
+class _ProxyLink:
+    """One proxy address the agent keeps a tunnel to: its ClientService and its own count
+    of failed attempts (so one unreachable proxy backs off alone)."""
+
+    def __init__(self, service: AgentService, addr: str, seed: bool) -> None:
+        self._service = service
+        self.addr = addr
+        self.seed = seed
+        self.host, self.port = split_host_port(addr)
+        self.failures = 0              # tunnels in a row that ended without hello_ok
+        self.paused = False            # the seed, while other tunnels reach every proxy
+        self.client: ClientService | None = None
+        self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=2.0,
+                                      jitter=_jitter)
+
+    @property
+    def running(self) -> bool:
+        return self.client is not None
+
+    def start(self) -> None:
+        self.paused = False
+        if self.client is not None:
+            return
+        service = self._service
+        endpoint = wrapClientTLS(
+            _CurrentIdentityTLS(service, self.host),
+            HostnameEndpoint(service.reactor, loopback_host(self.host), self.port,
+                             timeout=CONNECT_TIMEOUT),
+        )
+        self.client = ClientService(endpoint, _TunnelFactory(service, self),
+                                    retryPolicy=self._retry_delay, clock=service.reactor)
+        self.client.setServiceParent(service)
+
+    def stop(self) -> None:
+        """Stop dialling; a live tunnel of this link is closed by ClientService."""
+        client, self.client = self.client, None
+        if client is not None:
+            client.disownServiceParent()
+
+    def _retry_delay(self, attempt: int) -> float:
+        """ClientService counts failed connects; we also count refused/unanswered hellos,
+        which ClientService sees as connections that were made."""
+        return self._backoff(max(attempt, self.failures))
 
 
 class AgentService(MultiService):
@@ -267,16 +329,13 @@ class AgentService(MultiService):
             raise JoinError(f"the agent certificate in {config.data_dir} expired at "
                             f"{_iso(self.identity.not_after)}: join again with a new token "
                             f"(set join.token and join.ca_pin in {config.path})")
-        self.host, self.port = split_host_port(config.proxy_addr)
-        self.client: ClientService | None = None
+        self.links: dict[str, _ProxyLink] = {}    # address -> link; the seed is proxy_addr
+        self._peer_addrs: set[str] = set()        # the addresses of the last ``proxies``
         self.handlers: set[_AgentTunnel] = set()
         self._joining: defer.Deferred | None = None
         self.stopping = False
         self.refused = False           # the last hello was refused (hello_error)
         self.rejoin_wanted = False     # ... because our certificate is no longer good
-        self._failures = 0             # tunnels in a row that ended without hello_ok
-        self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=2.0,
-                                      jitter=_jitter)
         self._renew_call = None
         self._renew_sent = False
         # /metrics, /healthz, /readyz on diag_addr (apptunnel/diag.py); ready = a tunnel is up.
@@ -455,32 +514,83 @@ class AgentService(MultiService):
                 handler.tunnel.send_control(message)
 
     def _start_tunnel(self) -> None:
-        endpoint = wrapClientTLS(
-            _CurrentIdentityTLS(self),
-            HostnameEndpoint(self.reactor, loopback_host(self.host), self.port,
-                             timeout=CONNECT_TIMEOUT),
-        )
-        self.client = ClientService(
-            endpoint, _TunnelFactory(self), retryPolicy=self._retry_delay, clock=self.reactor,
-        )
-        self.client.setServiceParent(self)
-
-    def _retry_delay(self, attempt: int) -> float:
-        """ClientService counts failed connects; we also count refused/unanswered hellos,
-        which ClientService sees as connections that were made."""
-        return self._backoff(max(attempt, self._failures))
+        seed = self.links[self.config.proxy_addr] = _ProxyLink(self, self.config.proxy_addr,
+                                                               seed=True)
+        seed.start()
 
     def tunnel_up(self, handler: _AgentTunnel) -> None:
-        self._failures = 0
+        handler.link.failures = 0
         self.refused = False
+        if self._dedupe(handler):
+            return
         if self._renew_call is None:
             self._renew_sent = False   # an answer lost with an earlier tunnel never comes
             self._schedule_renewal((self.identity.not_after - self.reactor.seconds()) * 2 / 3)
 
-    def hello_failed(self, reason: Failure) -> None:
+    def _dedupe(self, handler: _AgentTunnel) -> bool:
+        """One tunnel per proxy: when ``handler`` reached a proxy another live tunnel holds,
+        close the seed's (pausing the seed) or else the newer one; True if ``handler``
+        was closed."""
+        other = next((h for h in self.handlers if h is not handler and h.up
+                      and h.proxy_id and h.proxy_id == handler.proxy_id), None)
+        if other is None:
+            return False
+        doomed = other if other.link.seed and not handler.link.seed else handler
+        log.info("tunnel to {addr} reaches proxy {proxy_id}, already held: closing it",
+                 addr=doomed.link.addr, proxy_id=doomed.proxy_id)
+        if doomed.link.seed:
+            # Paused until no tunnel is up; streams already on it finish first (go_away),
+            # then tunnel_down stops its ClientService instead of reconnecting.
+            doomed.link.paused = True
+            doomed.tunnel.go_away("duplicate tunnel").addErrback(lambda _: None)
+        else:
+            self._forget(doomed.link)
+        return doomed is handler
+
+    def proxies_received(self, answer: messages.Proxies) -> None:
+        """Keep a link to every live proxy we do not reach yet; forget links to proxies
+        gone from the list whose tunnel is down."""
+        self._peer_addrs = {addr for _, addr in answer.proxies}
+        held = {h.proxy_id for h in self.handlers if h.up and not h.link.seed}
+        for proxy_id, addr in answer.proxies:
+            if self.stopping or addr in self.links or proxy_id in held:
+                continue
+            log.info("learned proxy {proxy_id} at {addr}", proxy_id=proxy_id, addr=addr)
+            link = self.links[addr] = _ProxyLink(self, addr, seed=False)
+            link.start()
+        for link in list(self.links.values()):
+            if not link.seed and link.addr not in self._peer_addrs and not self._up(link):
+                self._forget(link)
+
+    def _up(self, link: _ProxyLink) -> bool:
+        return any(h.up and h.link is link for h in self.handlers)
+
+    def _forget(self, link: _ProxyLink) -> None:
+        if not link.seed:
+            log.info("forgetting proxy address {addr}", addr=link.addr)
+            self.links.pop(link.addr, None)
+        link.stop()
+
+    def tunnel_down(self, handler: _AgentTunnel) -> None:
+        """A live tunnel ended: forget its proxy if it left the list; with no tunnel up,
+        dial the seed again (the balancer finds whichever proxy lives)."""
+        link = handler.link
+        if link.paused:
+            link.stop()
+        elif not link.seed and link.addr not in self._peer_addrs:
+            self._forget(link)
+        if self.stopping or any(h.up for h in self.handlers):
+            return
+        seed = self.links.get(self.config.proxy_addr)
+        if seed is not None and not seed.running:
+            seed.start()
+
+    def hello_failed(self, handler: _AgentTunnel, reason: Failure) -> None:
         """The tunnel ended before hello_ok: one line saying why (the refusal itself was
         logged already), and a longer wait before the next attempt."""
-        self._failures += 1
+        handler.link.failures += 1
+        if handler.link.paused:
+            handler.link.stop()
         expired = self.identity.not_after <= self.reactor.seconds()
         if (self.rejoin_wanted or expired) and self.config.join_token and not self.stopping:
             # Next turn: ClientService must first see this disconnect in its own state.
@@ -494,18 +604,18 @@ class AgentService(MultiService):
                       "(set join.token and join.ca_pin in {path} and restart)",
                       when=_iso(self.identity.not_after), path=self.config.path)
             return
-        log.warn("tunnel to {addr} not established: {reason}", addr=self.config.proxy_addr,
+        log.warn("tunnel to {addr} not established: {reason}", addr=handler.link.addr,
                  reason=reason.getErrorMessage())
 
     def _rejoin(self) -> None:
         """Our certificate is expired or unknown to the proxy and a token is configured:
         stop reconnecting with it and join again (the token may still have a use)."""
-        if self.stopping or self.client is None:
+        if self.stopping or not self.links:
             return
         log.warn("joining again with the configured token")
-        client, self.client = self.client, None
-        if client is not None:
-            client.disownServiceParent()
+        links, self.links = list(self.links.values()), {}
+        for link in links:
+            link.stop()
         self._cancel_renewal()
         self._joining = defer.ensureDeferred(self._join_until_done())
         self._joining.addErrback(lambda f: f.trap(defer.CancelledError))

@@ -24,7 +24,7 @@ from apptunnel.auth.errors import AuthError
 from apptunnel.auth.pins import cert_pin
 from apptunnel.auth.tokens import constant_time_equal, secret_hash
 from apptunnel.backend.base import AlreadyExists
-from apptunnel.backend.records import Agent, Scope
+from apptunnel.backend.records import Agent, AgentTunnel, Scope
 
 __all__ = ["AGENT_CERT_TTL", "AgentEnrolment", "EnrolmentRefused", "Issued", "Joined",
            "live_token"]
@@ -149,6 +149,18 @@ class AgentEnrolment:
                                    "with a new token", rejoin=True)
         return agent.scope
 
+    async def renewed_until(self, host_id: str, cert: x509.Certificate) -> float | None:
+        """When the agent's newest certificate expires, if it is for the key of ``cert``
+        (the one its tunnel here was authenticated with) and the agent is known and not
+        locked; None otherwise. An agent renews over one of its tunnels (one proxy): the
+        other proxies learn the new expiry here instead of cutting its tunnel."""
+        agent = await self.backend.get_agent(host_id)
+        if agent is None or self.agent_lock(host_id) is not None:
+            return None
+        if cert_pin(cert) != agent.key_pin or agent.cert_expires <= self.clock.seconds():
+            return None
+        return agent.cert_expires
+
     async def renew(self, host_id: str, csr: str) -> Issued:
         """A new certificate for the same key, while the agent is known and not locked."""
         agent = await self.backend.get_agent(host_id)
@@ -175,6 +187,7 @@ class AgentEnrolment:
         self._record(self.backend.update_agent(host_id, connected_since=now, last_seen=now,
                                                peer=peer, proxy_id=self.proxy_id, apps=apps,
                                                draining=False, version=version))
+        self._record(self.backend.put_agent_tunnel(AgentTunnel(host_id, self.proxy_id, peer, now)))
 
     def serving(self, host_id: str, apps: tuple[str, ...]) -> None:
         """Record what the agent serves now (a later announcement on a live tunnel)."""
@@ -187,6 +200,7 @@ class AgentEnrolment:
 
     def disconnected(self, host_id: str) -> None:
         """Record that the agent's last tunnel here went away."""
+        self._record(self.backend.delete_agent_tunnel(host_id, self.proxy_id))
         self._record(self.backend.update_agent(
             host_id, connected_since=None, last_seen=self.clock.seconds(), draining=False,
             only_proxy=self.proxy_id))

@@ -12,6 +12,7 @@ import typing
 from apptunnel.backend.records import (
     AccessRequest,
     Agent,
+    AgentTunnel,
     AppSession,
     Bot,
     AuditEvent,
@@ -20,6 +21,7 @@ from apptunnel.backend.records import (
     KeyRecord,
     Lock,
     MfaDevice,
+    ProxyRecord,
     Resource,
     SamlRequest,
     User,
@@ -162,6 +164,15 @@ class Backend(typing.Protocol):
     async def list_keys(self, kind: str | None = None) -> list[KeyRecord]: ...  # oldest first
     async def set_key_states(self, changes: list[tuple[str, KeyRecord]]) -> bool: ...
     async def delete_key(self, kind: str, id: str) -> bool: ...
+    # Several proxies (proxy/peers.py): each upserts its row on every heartbeat and
+    # deletes it on a clean stop; a row whose heartbeat is older than `since` is stale.
+    async def heartbeat_proxy(self, proxy: ProxyRecord) -> None: ...
+    async def list_proxies(self, since: float) -> list[ProxyRecord]: ...   # by proxy_id
+    async def delete_proxy(self, proxy_id: str) -> bool: ...
+    # Which proxies hold a tunnel of which agent: one row per (agent, proxy) pair.
+    async def put_agent_tunnel(self, tunnel: AgentTunnel) -> None: ...   # upsert
+    async def delete_agent_tunnel(self, host_id: str, proxy_id: str) -> bool: ...
+    async def list_agent_tunnels(self) -> list[AgentTunnel]: ...   # by host_id, proxy_id
 
     async def delete_expired(self, now: float) -> int: ...
     async def close(self) -> None: ...

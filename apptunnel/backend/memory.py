@@ -31,6 +31,7 @@ from apptunnel.backend.base import (
 from apptunnel.backend.records import (
     AccessRequest,
     Agent,
+    AgentTunnel,
     AppSession,
     AuditEvent,
     AuthCode,
@@ -39,6 +40,7 @@ from apptunnel.backend.records import (
     KeyRecord,
     Lock,
     MfaDevice,
+    ProxyRecord,
     Resource,
     Review,
     SamlRequest,
@@ -133,6 +135,8 @@ class MemoryBackend:
         self._resources: dict[tuple[str, str], Resource] = {}
         self._tokens: dict[str, JoinToken] = {}
         self._agents: dict[str, Agent] = {}
+        self._proxies: dict[str, ProxyRecord] = {}
+        self._agent_tunnels: dict[tuple[str, str], AgentTunnel] = {}
         self._bots: dict[str, Bot] = {}
         self._web_sessions: dict[str, WebSession] = {}
         self._app_sessions: dict[str, AppSession] = {}
@@ -632,6 +636,34 @@ class MemoryBackend:
     async def delete_key(self, kind: str, id: str) -> bool:
         self._check_open()
         return self._keys.pop((kind, id), None) is not None
+
+    # -- several proxies --------------------------------------------------------
+
+    async def heartbeat_proxy(self, proxy: ProxyRecord) -> None:
+        self._check_open()
+        self._proxies[proxy.proxy_id] = attrs.evolve(
+            proxy, started=_real(proxy.started), heartbeat=_real(proxy.heartbeat))
+
+    async def list_proxies(self, since: float) -> list[ProxyRecord]:
+        self._check_open()
+        return [p for _, p in sorted(self._proxies.items()) if p.heartbeat >= since]
+
+    async def delete_proxy(self, proxy_id: str) -> bool:
+        self._check_open()
+        return self._proxies.pop(proxy_id, None) is not None
+
+    async def put_agent_tunnel(self, tunnel: AgentTunnel) -> None:
+        self._check_open()
+        self._agent_tunnels[(tunnel.host_id, tunnel.proxy_id)] = attrs.evolve(
+            tunnel, since=_real(tunnel.since))
+
+    async def delete_agent_tunnel(self, host_id: str, proxy_id: str) -> bool:
+        self._check_open()
+        return self._agent_tunnels.pop((host_id, proxy_id), None) is not None
+
+    async def list_agent_tunnels(self) -> list[AgentTunnel]:
+        self._check_open()
+        return [t for _, t in sorted(self._agent_tunnels.items())]
 
     # -- housekeeping -----------------------------------------------------------
 

@@ -41,6 +41,34 @@ def _translate(statement: str) -> str:
 # PostgreSQL-only additions, by step: audit_events.seq stands for SQLite's implicit rowid
 # (search_audit orders ties in time by insertion order).
 _EXTRA: dict[int, tuple[str, ...]] = {0: ("ALTER TABLE audit_events ADD COLUMN seq BIGSERIAL",)}
+
+# Changes that must act at once on every proxy (backend/notify.py): a statement on one of
+# these tables announces itself with pg_notify, whoever made it. Sessions only when they
+# end (a logout, `users reset`): a new one concerns only the proxy that made it.
+NOTIFY_CHANNEL = "apptunnel_changes"
+NOTIFY_TABLES = {"locks": "INSERT OR UPDATE OR DELETE", "users": "INSERT OR UPDATE OR DELETE",
+                 "resources": "INSERT OR UPDATE OR DELETE",
+                 "access_requests": "INSERT OR UPDATE OR DELETE",
+                 "bots": "INSERT OR UPDATE OR DELETE", "web_sessions": "DELETE",
+                 "app_sessions": "DELETE"}
+
+
+def _notify_statements() -> tuple[str, ...]:
+    function = ("CREATE OR REPLACE FUNCTION apptunnel_notify() RETURNS trigger "
+                "LANGUAGE plpgsql AS $$ BEGIN "
+                f"PERFORM pg_notify('{NOTIFY_CHANNEL}', TG_TABLE_NAME); RETURN NULL; END $$")
+    return (function, *(f"CREATE TRIGGER {table}_notify AFTER {events} ON {table} "
+                        "FOR EACH STATEMENT EXECUTE FUNCTION apptunnel_notify()"
+                        for table, events in NOTIFY_TABLES.items()))
+
+
+def _step_creating(table: str) -> int:
+    """The index of the SQLite step that creates ``table`` (robust to renumbering)."""
+    return next(i for i, step in enumerate(_SQLITE_MIGRATIONS)
+                if any(f"CREATE TABLE {table} " in s for s in step))
+
+
+_EXTRA[_step_creating("proxies")] = _notify_statements()
 PG_ONLY_COLUMNS = {"audit_events": ("seq",)}
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = tuple(

@@ -102,6 +102,7 @@ class _Dialect:
 
     def __init__(self, conn: psycopg.Connection) -> None:
         self._conn = conn
+        self.executed = 0    # statements that succeeded since the worker last reset it
 
     @property
     def broken(self) -> bool:
@@ -109,7 +110,9 @@ class _Dialect:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor:
         try:
-            return self._conn.execute(translate(sql), list(params))
+            cursor = self._conn.execute(translate(sql), list(params))
+            self.executed += 1
+            return cursor
         except pg_errors.IntegrityError as err:
             raise sqlite3.IntegrityError(err.diag.message_primary or str(err)) from None
         except psycopg.Error as err:
@@ -190,13 +193,21 @@ class PostgresBackend(SqliteBackend):
         return await deferToThreadPool(reactor, self._pool, self._call, fn)
 
     def _call(self, fn: Callable[[Any], _T]) -> _T:
-        """Worker thread: (re)connect when needed, run fn, errors as SQLite's become."""
+        """Worker thread: (re)connect when needed, run fn, errors as SQLite's become.
+
+        A connection the server dropped while it sat idle (a PostgreSQL restart, a
+        failover) is only found out by the next statement: when that very first
+        statement of ``fn`` finds it broken, nothing was done, so ``fn`` runs once more on
+        a fresh connection instead of failing the request that happened to come first."""
         try:
-            if self._conn is not None and self._conn.broken:
+            try:
+                return self._call_once(fn)
+            except (sqlite3.Error, psycopg.Error):
+                conn = self._conn
+                if conn is None or not conn.broken or conn.executed:
+                    raise
                 self._close_in_thread()
-            if self._conn is None:
-                self._conn = _connect(self._dsn, self._password)
-            return fn(self._conn)
+                return self._call_once(fn)
         except BackendError:
             raise
         except sqlite3.IntegrityError as err:
@@ -207,6 +218,14 @@ class PostgresBackend(SqliteBackend):
             raise BackendError(f"{self.path}: {_one_line(err)}") from None
         except (TypeError, ValueError) as err:
             raise BackendError(f"{self.path}: cannot encode record: {err}") from None
+
+    def _call_once(self, fn: Callable[[Any], _T]) -> _T:
+        if self._conn is not None and self._conn.broken:
+            self._close_in_thread()
+        if self._conn is None:
+            self._conn = _connect(self._dsn, self._password)
+        self._conn.executed = 0
+        return fn(self._conn)
 
     def _close_in_thread(self) -> None:
         if self._conn is not None:

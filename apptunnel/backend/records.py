@@ -266,3 +266,25 @@ class KeyRecord:
     created: float
     activate_at: float | None = None
     retire_at: float | None = None
+
+
+@attrs.frozen
+class ProxyRecord:
+    """One running proxy of the cluster (proxy/peers.py): where agents reach its tunnel
+    listener, what it runs, and when it last said it is alive (its heartbeat)."""
+
+    proxy_id: str
+    tunnel_addr: str
+    version: str
+    started: float
+    heartbeat: float
+
+
+@attrs.frozen
+class AgentTunnel:
+    """One live tunnel of an agent to one proxy (an agent keeps one to every proxy)."""
+
+    host_id: str
+    proxy_id: str
+    peer: str
+    since: float

@@ -38,12 +38,14 @@ from apptunnel.backend.records import (
     AppSession,
     AuditEvent,
     Agent,
+    AgentTunnel,
     AuthCode,
     Bot,
     JoinToken,
     KeyRecord,
     Lock,
     MfaDevice,
+    ProxyRecord,
     Resource,
     Review,
     SamlRequest,
@@ -248,6 +250,14 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (kind, id))""",
         "CREATE UNIQUE INDEX keys_one_current ON keys (kind) WHERE state = 'current'",
         "CREATE UNIQUE INDEX keys_one_next ON keys (kind) WHERE state = 'next'",
+    ),
+    (
+        # Several proxies (proxy/peers.py): each one's row, kept fresh by its heartbeat,
+        # and one row per live (agent, proxy) tunnel.
+        "CREATE TABLE proxies (proxy_id TEXT PRIMARY KEY, tunnel_addr TEXT NOT NULL, "
+        "version TEXT NOT NULL, started REAL NOT NULL, heartbeat REAL NOT NULL)",
+        "CREATE TABLE agent_tunnels (host_id TEXT NOT NULL, proxy_id TEXT NOT NULL, "
+        "peer TEXT NOT NULL, since REAL NOT NULL, PRIMARY KEY (host_id, proxy_id))",
     ),
 )
 
@@ -1340,6 +1350,56 @@ class SqliteBackend:
         def run(conn: sqlite3.Connection) -> bool:
             return conn.execute("DELETE FROM keys WHERE kind = ? AND id = ?",
                                 (kind, id)).rowcount > 0
+
+        return await self._run(run)
+
+    # -- several proxies --------------------------------------------------------
+
+    async def heartbeat_proxy(self, proxy: ProxyRecord) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO proxies (proxy_id, tunnel_addr, version, started, heartbeat)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (proxy_id) DO UPDATE SET"
+                " tunnel_addr = excluded.tunnel_addr, version = excluded.version,"
+                " started = excluded.started, heartbeat = excluded.heartbeat",
+                (proxy.proxy_id, proxy.tunnel_addr, proxy.version, proxy.started,
+                 proxy.heartbeat))
+
+        await self._run(run)
+
+    async def list_proxies(self, since: float) -> list[ProxyRecord]:
+        def run(conn: sqlite3.Connection) -> list[ProxyRecord]:
+            rows = conn.execute(
+                "SELECT proxy_id, tunnel_addr, version, started, heartbeat FROM proxies"
+                " WHERE heartbeat >= ? ORDER BY proxy_id", (since,)).fetchall()
+            return [ProxyRecord(*row) for row in rows]
+
+        return await self._run(run)
+
+    async def delete_proxy(self, proxy_id: str) -> bool:
+        return await self._run(lambda conn: conn.execute(
+            "DELETE FROM proxies WHERE proxy_id = ?", (proxy_id,)).rowcount > 0)
+
+    async def put_agent_tunnel(self, tunnel: AgentTunnel) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO agent_tunnels (host_id, proxy_id, peer, since) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (host_id, proxy_id) DO UPDATE SET peer = excluded.peer,"
+                " since = excluded.since",
+                (tunnel.host_id, tunnel.proxy_id, tunnel.peer, tunnel.since))
+
+        await self._run(run)
+
+    async def delete_agent_tunnel(self, host_id: str, proxy_id: str) -> bool:
+        return await self._run(lambda conn: conn.execute(
+            "DELETE FROM agent_tunnels WHERE host_id = ? AND proxy_id = ?",
+            (host_id, proxy_id)).rowcount > 0)
+
+    async def list_agent_tunnels(self) -> list[AgentTunnel]:
+        def run(conn: sqlite3.Connection) -> list[AgentTunnel]:
+            rows = conn.execute("SELECT host_id, proxy_id, peer, since FROM agent_tunnels"
+                                " ORDER BY host_id, proxy_id").fetchall()
+            return [AgentTunnel(*row) for row in rows]
 
         return await self._run(run)
 

@@ -33,6 +33,9 @@ def _as_json(agent: Agent, locked: set[str]) -> dict:
         "version": agent.version,
         "apps": list(agent.apps) if agent.connected_since is not None else [],
         "connected_since": when(agent.connected_since),
+        # Every proxy holding a live tunnel of it (admin/inventory.py with_tunnels).
+        "proxies": agent.proxy_id.split(",") if agent.connected_since is not None
+        and agent.proxy_id else [],
         "last_seen": when(agent.last_seen),
         "joined": iso(agent.joined),
         "cert_expires": iso(agent.cert_expires),

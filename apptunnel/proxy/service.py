@@ -13,6 +13,7 @@ line and exit 1 (`apptunnel.startup.fatal`); "serving" is logged only after both
 from __future__ import annotations
 
 import os
+from importlib import metadata
 
 import attrs
 from OpenSSL import crypto
@@ -58,6 +59,7 @@ from apptunnel.proxy.control import ControlFactory, control_endpoint, control_pa
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder
 from apptunnel.proxy.identity import ProxyIdError, load_or_create_proxy_id
+from apptunnel.proxy.peers import Peers
 from apptunnel.proxy.limits import ConnectionTracker, LimitedFactory, raise_fd_limit
 from apptunnel.proxy.pool import TunnelPool
 from apptunnel.proxy.registry import AgentRegistry
@@ -207,7 +209,12 @@ class ProxyService(MultiService):
             "audit": lambda: None if self.audit.writable else FAILING,
         })
         self._notices = notices
+        # Several proxies: our row in the backend and the live set agents are told of.
+        self.peers = Peers(self.backend, reactor, self.proxy_id, config.advertise_tunnel_addr,
+                           _version())
         TimerService(_SWEEP_INTERVAL, self._sweep).setServiceParent(self)
+        # PostgreSQL: changes made anywhere act here at once (polling stays behind it).
+        self.change_listener = _change_listener(config, reactor, self.refresh_now)
 
     def _assemble(self, keys: ClusterKeys) -> None:
         """The parts that hold the cluster's keys, built once the key store is read (start)."""
@@ -225,8 +232,13 @@ class ProxyService(MultiService):
         # A rotation (`apptunnel auth rotate`) anywhere reaches this proxy's JWKS in a poll.
         self.jwt_watcher = JwtKeyWatcher(self.keystore, self.jwt_keys, reactor)
         publish_ca_cert(config.data_dir, self.ca.cert_pem)
+        # advertise_tunnel_addr's host too: agents sent here by other proxies verify it.
+        advertise = config.advertise_tunnel_addr.rpartition(":")[0].strip("[]").lower()
         names = [config.public_host, "*." + config.public_host, "localhost"]
-        ips = sorted({"127.0.0.1", *_ip_hosts(config.web_listen_host, config.tunnel_listen_host)})
+        if not is_ip(advertise) and advertise not in names:
+            names.append(advertise)
+        ips = sorted({"127.0.0.1", *_ip_hosts(config.web_listen_host, config.tunnel_listen_host,
+                                              advertise)})
         own_cert, own_key = load_server_tls(config.data_dir, self.ca, names, ips)
         if config.tls_cert_file:
             web_cert, web_key = self._operator_tls
@@ -315,6 +327,7 @@ class ProxyService(MultiService):
             locks=self.locks,
             allowed_public_addrs=config.allowed_public_addrs,
             resources=self.app_resources,
+            peers=self.peers,
         )
         tunnel_endpoint = SSL4ServerEndpoint(
             reactor, config.tunnel_listen_port,
@@ -374,6 +387,9 @@ class ProxyService(MultiService):
             raise CannotStart(f"cannot use the backend: {err}") from None
 
     def _serving(self, _: object) -> None:
+        self.peers.start()   # registered once we listen: agents may be sent here now
+        if self.change_listener is not None:
+            self.change_listener.start()
         log.info(
             "apptunnel proxy {cluster} serving https://{public} (web {web}, tunnels {tunnel}); "
             "CA pin {pin}",
@@ -388,6 +404,8 @@ class ProxyService(MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         yield self.listeners.stop()
+        if self.change_listener is not None:
+            self.change_listener.stop()
         yield super().stopService()
         self.locks.stop()
         self.users.stop()
@@ -397,6 +415,10 @@ class ProxyService(MultiService):
             self.jwt_watcher.stop()
         self.ldap_threads.stop()   # waits for binds in flight: each ends within its timeout
         self.saml_threads.stop()
+        try:
+            yield defer.ensureDeferred(self.peers.stop())
+        except BackendError as err:
+            log.warn("cannot remove this proxy's registration: {error}", error=err)
         yield defer.ensureDeferred(self.audit.stop())
         yield defer.ensureDeferred(self.backend.close())
 
@@ -431,6 +453,19 @@ class ProxyService(MultiService):
         return d
 
 
+def _change_listener(config: ProxyConfig, reactor, refresh):
+    """On PostgreSQL, a LISTEN thread whose notices run ``refresh`` (debounced); else None."""
+    if config.backend_type != "postgres":
+        return None
+    from apptunnel.backend.notify import ChangeListener, Debounced
+    from apptunnel.backend.postgres import read_password_file
+
+    password = (read_password_file(config.backend_password_file)
+                if config.backend_password_file else None)
+    return ChangeListener(config.backend_dsn, password, reactor,
+                          Debounced(refresh, reactor).poke)
+
+
 def _request_webhook(config: ProxyConfig, reactor) -> RequestWebhook | None:
     """The access-request webhook of ``access_requests:``, if configured."""
     wanted = config.access_requests
@@ -454,6 +489,13 @@ def _connection_tracker(config: ProxyConfig, reactor, metrics) -> ConnectionTrac
     limits = attrs.evolve(wanted, max_connections=budget,
                           max_connections_per_ip=min(wanted.max_connections_per_ip, budget))
     return ConnectionTracker(limits, reactor, metrics)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("apptunnel")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def _ip_hosts(*hosts: str) -> list[str]:

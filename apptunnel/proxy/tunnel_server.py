@@ -56,6 +56,7 @@ from apptunnel.messages import (
     JoinOk,
     JoinRefused,
     MessageError,
+    Proxies,
     Renew,
     RenewOk,
     RenewRefused,
@@ -108,8 +109,9 @@ class TunnelServerFactory(ServerFactory):
                  proxy_id: str, public_host: str, public_port: int,
                  keepalive_interval: float = 5.0, keepalive_timeout: float = 15.0,
                  locks=None, allowed_public_addrs: tuple[str, ...] = (),
-                 resources=None) -> None:
+                 resources=None, peers=None) -> None:
         self.enrolment = enrolment
+        self.peers = peers           # proxy.peers.Peers: the live proxies agents are told of
         self.resources = resources   # proxy.app_resources.AppResources, or None
         self.registry = registry
         self.audit = audit
@@ -219,6 +221,7 @@ class TunnelSession:
         self._peer = "?"
         self._host_id = ""
         self._expiry = None          # closes the tunnel when the agent certificate expires
+        self._cert = None            # ... the certificate its hello was authenticated with
         self._renewing = False
         self._last_renew = float("-inf")
         self._scope = None           # the agent's token scope, checked on every announcement
@@ -371,6 +374,7 @@ class TunnelSession:
         serving, refused = self._register(tunnel, apps, [])
         self._state = "registered"
         f.sessions.setdefault(host_id, set()).add(self)
+        self._cert = cert
         self._watch_expiry(cert.not_valid_after_utc.timestamp())
         self._send(tunnel, HelloOk(proxy_id=f.proxy_id, refused=tuple(refused)))
         log.info("agent {host_id} connected from {peer} with apps {apps}", host_id=host_id,
@@ -379,6 +383,15 @@ class TunnelSession:
         if f.resources is not None:
             f.resources.add_listener(self._resources_changed)
             self._push_resources()
+        if f.peers is not None:
+            f.peers.add_listener(self._peers_changed)
+            self._peers_changed(f.peers.live())
+
+    def _peers_changed(self, live) -> None:
+        """Tell the agent every live proxy (after hello_ok and on each change), so it keeps
+        a tunnel to each; an empty set (this proxy is not registered) is not sent."""
+        if live and self._state == "registered" and self._tunnel is not None:
+            self._send(self._tunnel, Proxies(proxies=tuple(live)))
 
     def _register(self, tunnel: TunnelProtocol, apps: list[AppInfo],
                   refused: list[tuple[str, str]]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -499,6 +512,8 @@ class TunnelSession:
         self._cancel_expiry()
         if f.resources is not None:
             f.resources.remove_listener(self._resources_changed)
+        if f.peers is not None:
+            f.peers.remove_listener(self._peers_changed)
         if self._announce_call is not None and self._announce_call.active():
             self._announce_call.cancel()
         self._announce_call = None
@@ -521,8 +536,22 @@ class TunnelSession:
         self._expiry = None
 
     def _expired(self) -> None:
+        """The certificate of the hello (or of the last renewal here) expired: the tunnel
+        lives on only if the agent renewed it over another proxy, for the same key, and
+        is not locked (several proxies); else, or when storage cannot say, it is cut."""
         self._expiry = None
-        self.cut(f"the certificate of agent {self._host_id} expired")
+        d = defer.ensureDeferred(self._enrolment.renewed_until(self._host_id, self._cert))
+        d.addErrback(lambda f: log.warn("cannot check the renewal of agent {host_id}: {error}",
+                                        host_id=self._host_id, error=f.getErrorMessage()))
+        d.addCallback(self._renewed_until)
+
+    def _renewed_until(self, until: float | None) -> None:
+        if self._state != "registered" or self._expiry is not None:
+            return
+        if until is None or until <= self._factory.clock.seconds():
+            self.cut(f"the certificate of agent {self._host_id} expired")
+            return
+        self._watch_expiry(until)
 
     def _start_renew(self, tunnel: TunnelProtocol, message: dict) -> None:
         now = self._factory.clock.seconds()

@@ -337,3 +337,15 @@ def test_a_proxy_refuses_to_start_on_a_newer_postgres_schema(tmp_path, postgres_
              if "#critical]" in line or "#error]" in line or "error:" in line]
     assert len(lines) == 1 and f"version {SCHEMA_VERSION + 1} is newer" in lines[0], output
     assert postgres_db["password"] not in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_dropped_by_the_server_does_not_fail_the_next_call(
+        postgres_server, postgres_db, backend):
+    """The server ends the backend's idle connection (a restart, a failover): the next
+    call notices before anything ran and succeeds on a new connection, instead of failing
+    whichever request came first."""
+    await wait(backend.create_user(user("alice")))
+    postgres_server.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         f"WHERE datname = '{postgres_db['dbname']}' AND pid <> pg_backend_pid()")
+    assert (await wait(backend.get_user("alice"))).name == "alice"

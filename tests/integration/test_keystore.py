@@ -43,6 +43,7 @@ def proxy_yaml(root: Path, name: str, backend: dict) -> Path:
         "public_addr": f"apptunnel.localhost:{web}",
         "web_listen_addr": f"127.0.0.1:{web}",
         "tunnel_listen_addr": f"127.0.0.1:{tunnel}",
+        "diag_addr": f"127.0.0.1:{free_port()}",
         "backend": backend,
     }))
     return path

@@ -23,6 +23,7 @@ from apptunnel.backend.base import (
 from apptunnel.backend.records import (
     AccessRequest,
     Agent,
+    AgentTunnel,
     AppSession,
     AuditEvent,
     AuthCode,
@@ -31,6 +32,7 @@ from apptunnel.backend.records import (
     KeyRecord,
     Lock,
     MfaDevice,
+    ProxyRecord,
     Resource,
     Review,
     Scope,
@@ -979,3 +981,37 @@ async def test_set_key_states_is_all_or_nothing_compare_and_set(backend):
     assert await backend.delete_key("jwt", "k1")
     assert not await backend.delete_key("jwt", "k1")
     assert [k.id for k in await backend.list_keys()] == ["k2"]
+# -- several proxies ----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxies_heartbeat_upserts_and_stale_rows_are_not_listed(backend):
+    """A proxy's row is replaced by its next heartbeat; rows older than `since` are not
+    listed; a clean stop deletes the row (once)."""
+    await wait(backend.heartbeat_proxy(ProxyRecord("p2", "10.0.0.2:3024", "1.0", 5.0, 5.0)))
+    await wait(backend.heartbeat_proxy(ProxyRecord("p1", "10.0.0.1:3024", "1.0", 1.0, 1.0)))
+    await wait(backend.heartbeat_proxy(ProxyRecord("p1", "10.0.0.1:3025", "1.1", 1.0, 9.5)))
+    assert await wait(backend.list_proxies(0.0)) == [
+        ProxyRecord("p1", "10.0.0.1:3025", "1.1", 1.0, 9.5),
+        ProxyRecord("p2", "10.0.0.2:3024", "1.0", 5.0, 5.0)]
+    assert [p.proxy_id for p in await wait(backend.list_proxies(6.0))] == ["p1"]
+    assert await wait(backend.delete_proxy("p1")) is True
+    assert await wait(backend.delete_proxy("p1")) is False
+    assert [p.proxy_id for p in await wait(backend.list_proxies(0.0))] == ["p2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_tunnels_one_row_per_agent_and_proxy(backend):
+    """An agent's tunnel to each proxy is its own row; a reconnect replaces it; removing
+    one leaves the agent's tunnels to other proxies."""
+    await wait(backend.put_agent_tunnel(AgentTunnel("h1", "p2", "10.0.0.9:1", 3.0)))
+    await wait(backend.put_agent_tunnel(AgentTunnel("h1", "p1", "10.0.0.9:2", 2.0)))
+    await wait(backend.put_agent_tunnel(AgentTunnel("h0", "p1", "10.0.0.8:1", 1.0)))
+    await wait(backend.put_agent_tunnel(AgentTunnel("h1", "p1", "10.0.0.9:3", 4.0)))
+    assert await wait(backend.list_agent_tunnels()) == [
+        AgentTunnel("h0", "p1", "10.0.0.8:1", 1.0), AgentTunnel("h1", "p1", "10.0.0.9:3", 4.0),
+        AgentTunnel("h1", "p2", "10.0.0.9:1", 3.0)]
+    assert await wait(backend.delete_agent_tunnel("h1", "p1")) is True
+    assert await wait(backend.delete_agent_tunnel("h1", "p1")) is False
+    assert [(t.host_id, t.proxy_id) for t in await wait(backend.list_agent_tunnels())] == [
+        ("h0", "p1"), ("h1", "p2")]

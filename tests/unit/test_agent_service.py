@@ -61,7 +61,8 @@ def test_saved_identity_dials_proxy_on_loopback(tmp_path, ca):
     service.startService()
     host, port = reactor.tcpClients[0][:2]
     assert (host, port) == ("127.0.0.1", 3024)
-    assert service.client is not None
+    [seed] = service.links.values()
+    assert seed.running and seed.seed
 
 
 def test_stale_identity_rejoins_with_token(tmp_path, ca):
@@ -70,7 +71,7 @@ def test_stale_identity_rejoins_with_token(tmp_path, ca):
     reactor = MemoryReactorClock()
     service = AgentService(config(tmp_path, token="t", pin="sha256:" + "2" * 64), reactor)
     service.startService()
-    assert service.client is None  # joining first, tunnel afterwards
+    assert not service.links  # joining first, tunnel afterwards
     assert service._joining is not None and not service._joining.called
 
 
@@ -128,11 +129,24 @@ class FakeTunnel:
     def close(self):
         self.closed = True
 
+    def go_away(self, reason):
+        from twisted.internet import defer
 
-def connected(service):
+        self.closed = True
+        return defer.succeed(None)
+
+
+def seed_link(service):
+    from apptunnel.agent.service import _ProxyLink
+
+    return service.links.setdefault(service.config.proxy_addr,
+                                    _ProxyLink(service, service.config.proxy_addr, seed=True))
+
+
+def connected(service, link=None):
     from apptunnel.agent.service import _AgentTunnel
 
-    handler = _AgentTunnel(service)
+    handler = _AgentTunnel(service, link or seed_link(service))
     tunnel = FakeTunnel()
     handler.tunnel_ready(tunnel)
     return handler, tunnel
@@ -145,7 +159,7 @@ def test_refused_hello_is_one_error_line_and_backs_off(tmp_path, ca):
 
     saved_identity(tmp_path, ca)
     service = AgentService(config(tmp_path), MemoryReactorClock())
-    service._backoff = lambda attempt: 0.5 * 2 ** attempt
+    seed_link(service)._backoff = lambda attempt: 0.5 * 2 ** attempt
     events = []
     globalLogPublisher.addObserver(events.append)
     try:
@@ -155,7 +169,7 @@ def test_refused_hello_is_one_error_line_and_backs_off(tmp_path, ca):
             handler.control_received(tunnel, {"type": "hello_error", "message": "this agent is locked"})
             handler.tunnel_lost(tunnel, Failure(ConnectionError("closed")))
             assert tunnel.closed
-            delays.append(service._retry_delay(0))   # ClientService saw a made connection
+            delays.append(seed_link(service)._retry_delay(0))   # ClientService saw a made connection
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert delays == [1.0, 2.0, 4.0]
@@ -164,7 +178,7 @@ def test_refused_hello_is_one_error_line_and_backs_off(tmp_path, ca):
     assert not [e for e in events if "log_failure" in e]
     handler, tunnel = connected(service)
     handler.control_received(tunnel, {"type": "hello_ok", "proxy_id": "p"})
-    assert service._retry_delay(0) == 0.5    # accepted: back to the first delay
+    assert seed_link(service)._retry_delay(0) == 0.5    # accepted: back to the first delay
 
 
 def test_refused_apps_are_logged_and_renewal_is_scheduled(tmp_path, ca):
