@@ -7,7 +7,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from apptunnel.agent.service import AgentService
-from tests.unit.test_agent_service import ca, config, connected, saved_identity  # noqa: F401
+from tests.support.agent_world import ca, config, connected, saved_identity  # noqa: F401
 
 PROXIES = {"type": "proxies", "proxies": [
     {"proxy_id": "p1", "addr": "127.0.0.1:4001"},
