@@ -58,6 +58,10 @@ MAX_DISCARD = 1024 * 1024
 MAX_AUDITED_HOST = 255    # a Host or path of an app-less request is cut to this in the audit
 
 
+AUDIT_UNAVAILABLE = ("This proxy cannot record requests right now (its audit log is not "
+                     "writable), so it does not serve them. Try again shortly.")
+
+
 def new_request_id() -> str:
     """A short random id naming one request on its error page and in the audit."""
     return secrets.token_hex(8)
@@ -304,9 +308,19 @@ class AppConnection(Protocol):
                 # A TLS connection's certificate cannot change: verify it once.
                 self._cert = certificate_caller(self._fw.ca, self.transport, self._clock.seconds())
             routing = self._fw.router.route(head, self._client_ip, self._cert)
+        if not self._fw.audit.writable:
+            routing = self._audit_gate(routing, self._ex)
         d = defer.Deferred.fromCoroutine(routing)
         d.addCallback(self._routed, self._ex)
         d.addErrback(self._route_failed, self._ex)
+
+    async def _audit_gate(self, routing, ex: _Exchange) -> Answer | Forward:
+        """audit.on_failure: no request starts that its audit event could not be kept for."""
+        if await self._fw.audit.admitted():
+            return await routing
+        routing.close()
+        return Answer(pages.error_response(503, AUDIT_UNAVAILABLE, close=True,
+                                           **self._page_ids(ex)), 503, True)
 
     def _routed(self, outcome: Answer | Forward, ex: _Exchange) -> None:
         if self.state in _ENDED or ex is not self._ex:

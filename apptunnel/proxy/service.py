@@ -23,6 +23,7 @@ from twisted.python.threadpool import ThreadPool
 
 from apptunnel.admin.context import AdminContext
 from apptunnel.audit import AuditLog
+from apptunnel.audit.journal import Journal
 from apptunnel.auth.access import AccessPolicy
 from apptunnel.auth.bots import BotEnrolment
 from apptunnel.auth.ca import ClusterCA, load_server_tls
@@ -141,7 +142,16 @@ class ProxyService(MultiService):
             web_cert, web_key, web_chain = own_cert, own_key, [self.ca.cert_pem]
 
         self.backend = open_backend(config, reactor)
-        self.audit = AuditLog(self.backend, reactor, json_file=config.audit_file)
+        # The audit journal (audit/journal.py) is read now; recover() replays it.
+        try:
+            journal, self._journal_held = Journal.open(
+                os.path.join(config.data_dir, "audit-journal"), config.audit.journal_max_bytes)
+        except OSError as err:
+            raise ConfigError(f"{config.path}: audit: journal in {config.data_dir}: {err.strerror}") from None
+        self.audit = AuditLog(self.backend, reactor, json_file=config.audit_file,
+                              proxy_id=self.proxy_id, journal=journal,
+                              on_failure=config.audit.on_failure,
+                              block_timeout=config.audit.block_timeout)
         self.locks = LockWatcher(self.backend, reactor)
         self.users = UserDirectory(self.backend, reactor)
         throttle = config.throttle
@@ -300,6 +310,11 @@ class ProxyService(MultiService):
         starting.addCallbacks(self._serving, self._cannot_serve)
 
     async def _start_serving(self) -> None:
+        try:   # the audit chain continues, and the journal is replayed, before any request
+            await self.audit.recover(self._journal_held)
+        except BackendError as err:
+            raise CannotStart(f"cannot use the backend: {err}") from None
+        self._journal_held = None
         await self.listeners.listen()
         try:
             await self.backend.list_locks(self.reactor.seconds())  # the store opens and reads

@@ -294,6 +294,8 @@ class TcpSession(Protocol):
         app = access.registry.app(name)
         if app is None:
             raise Refusal(404, f"no app named {name!r}")
+        if not access.audit.writable and not await access.audit.admitted():
+            raise Refusal(503, "the proxy's audit log is not writable; try again shortly")
         facts = Facts(client_ip=self.client, port=port, where="tcp session")
         decision = await access.access.decide(caller, app, facts, access.clock.seconds())
         if isinstance(decision, Deny) and decision.code == "rbac":
