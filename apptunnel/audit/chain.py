@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
-
 import attrs
 
 from apptunnel.backend.records import AuditEvent
@@ -56,8 +54,8 @@ class Problem:
 
 class ChainWalk:
     """Feed one proxy's chained events in storage (insertion) order; ``problem`` is the
-    first break. ``later_seqs`` answers "is this seq stored somewhere after?" so a gap can
-    be told apart from a move (the caller asks storage; a set works in tests)."""
+    first break. At a gap the caller passes ``moved``: the event with the first missing seq
+    if storage has it elsewhere (then it was moved, and is the one named), else None."""
 
     def __init__(self, proxy_id: str) -> None:
         self.proxy_id = proxy_id
@@ -66,7 +64,7 @@ class ChainWalk:
         self.last_digest = GENESIS
         self.problem: Problem | None = None
 
-    def feed(self, e: AuditEvent, stored_elsewhere: "Iterable[int] | None" = None) -> bool:
+    def feed(self, e: AuditEvent, moved: AuditEvent | None = None) -> bool:
         """Check one event; False (and ``problem`` set) at the first break."""
         if self.problem is not None:
             return False
@@ -74,9 +72,9 @@ class ChainWalk:
         if digest_of(attrs.evolve(e, digest="")) != e.digest:
             return self._fail("altered", e, "its digest does not match its stored fields")
         if e.seq > expected:
-            moved = stored_elsewhere is not None and expected in set(stored_elsewhere)
-            if moved:
-                return self._fail("reordered", e, f"seq {expected} is stored later, out of order")
+            if moved is not None and moved.seq == expected:
+                return self._fail("reordered", moved,
+                                  f"stored out of order: seq {e.seq} ({e.id}) comes before it")
             gap = (f"seq {expected}" if e.seq == expected + 1
                    else f"seqs {expected}..{e.seq - 1}")
             return self._fail("missing", e, f"{gap} before it are missing")

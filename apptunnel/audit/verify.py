@@ -39,11 +39,11 @@ async def verify_chain(backend: Backend, proxy_id: str, page: int = PAGE) -> Cha
     while True:
         events = await backend.audit_chain(proxy_id, offset=offset, limit=page)
         for e in events:
-            elsewhere = None
+            moved = None
             if e.seq > walk.last_seq + 1:
-                moved = await backend.audit_chain(proxy_id, limit=1, seq=walk.last_seq + 1)
-                elsewhere = [m.seq for m in moved]
-            if not walk.feed(e, elsewhere):
+                found = await backend.audit_chain(proxy_id, limit=1, seq=walk.last_seq + 1)
+                moved = found[0] if found else None
+            if not walk.feed(e, moved):
                 return ChainReport(proxy_id, walk.count, walk.problem)
         if len(events) < page:
             return ChainReport(proxy_id, walk.count, None)
