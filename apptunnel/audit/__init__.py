@@ -26,7 +26,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from apptunnel.audit.chain import GENESIS, link
+from apptunnel.audit.chain import GENESIS, link_line
 from apptunnel.audit.journal import Journal, JournalFull, Recovered
 from apptunnel.backend.base import Backend
 from apptunnel.backend.records import AuditEvent
@@ -273,21 +273,22 @@ class AuditLog:
                 outcome=str(outcome),
                 fields=_plain(fields),
             )
+            line = b""
             if self._proxy_id:
-                event = link(event, self._proxy_id, self._seq + 1, self._prev)
+                event, line = link_line(event, self._proxy_id, self._seq + 1, self._prev)
                 self._seq, self._prev = event.seq, event.digest
         except Exception:
             self._log.failure("audit event {type!r} could not be made", type=type)
             return
         self._queue.append(event)
-        self._journal_one(event)
+        self._journal_one(event, line)
 
-    def _journal_one(self, event: AuditEvent) -> None:
-        if self._journal is None or not self._proxy_id:
+    def _journal_one(self, event: AuditEvent, line: bytes) -> None:
+        if self._journal is None or not line:
             return
         if self._journal_ok:
             try:
-                self._journal.append(event)
+                self._journal.append_line(line, event.seq)
                 return
             except (JournalFull, OSError) as err:
                 self._journal_ok = False

@@ -31,10 +31,23 @@ def digest_of(e: AuditEvent) -> str:
     return hashlib.sha256(canonical(e)).hexdigest()
 
 
+def link_line(e: AuditEvent, proxy_id: str, seq: int, prev: str) -> tuple[AuditEvent, bytes]:
+    """``e`` as event number ``seq`` of ``proxy_id``'s chain, after the event digested
+    ``prev``, and its journal line (audit/journal.py): one encoding and one hash, since this
+    runs for every request on the reactor thread."""
+    body = json.dumps(
+        [proxy_id, seq, prev, e.id, e.time, e.type, e.code, e.actor, e.target, e.outcome,
+         e.fields],
+        sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+    ).encode("ascii")
+    digest = hashlib.sha256(body).hexdigest()
+    chained = AuditEvent(e.id, e.time, e.type, e.code, e.actor, e.target, e.outcome, e.fields,
+                         proxy_id, seq, prev, digest)
+    return chained, body[:-1] + b',"' + digest.encode("ascii") + b'"]\n'
+
+
 def link(e: AuditEvent, proxy_id: str, seq: int, prev: str) -> AuditEvent:
-    """``e`` as event number ``seq`` of ``proxy_id``'s chain, after the event digested ``prev``."""
-    chained = attrs.evolve(e, proxy_id=proxy_id, seq=seq, prev=prev, digest="")
-    return attrs.evolve(chained, digest=digest_of(chained))
+    return link_line(e, proxy_id, seq, prev)[0]
 
 
 @attrs.frozen

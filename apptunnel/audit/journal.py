@@ -147,9 +147,11 @@ class Journal:
         return self.size < self.max_bytes
 
     def append(self, e: AuditEvent) -> None:
-        """Write one event now (JournalFull past the bound; OSError such as ENOSPC as is).
-        A short write is cut back off, so a failed append never leaves half a line."""
-        line = encode(e)
+        self.append_line(encode(e), e.seq)
+
+    def append_line(self, line: bytes, seq: int) -> None:
+        """Write one encoded event now (JournalFull past the bound; OSError such as ENOSPC
+        as is). A short write is cut back off, so a failed append never leaves half a line."""
         if self.size + len(line) > self.max_bytes:
             raise JournalFull(f"audit journal at its bound ({self.max_bytes} bytes)")
         if self._current is None or self._current.size >= self._segment_bytes:
@@ -165,7 +167,7 @@ class Journal:
                 os.ftruncate(self._fd, self._current.size)
             raise
         self._current.size += written
-        self._current.last_seq = e.seq
+        self._current.last_seq = seq
         if not self._unsynced or self._unsynced[-1] != self._fd:
             self._unsynced.append(self._fd)
 

@@ -12,7 +12,7 @@ import stat
 import attrs
 import pytest
 import pytest_twisted
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import succeed
 
@@ -53,7 +53,7 @@ def test_a_line_round_trips_and_is_checked_by_its_digest():
     assert parse_line(line[:-5]) is None                            # torn
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=400))
 def test_garbage_is_never_an_event_and_never_raises(data):
     assert parse_line(data) is None
@@ -61,7 +61,7 @@ def test_garbage_is_never_an_event_and_never_raises(data):
     assert events == []
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(min_value=1, max_value=6), st.integers(min_value=0, max_value=400),
        st.binary(max_size=40))
 def test_a_cut_or_garbled_tail_loses_only_the_tail(n, cut, junk):
@@ -76,7 +76,7 @@ def test_a_cut_or_garbled_tail_loses_only_the_tail(n, cut, junk):
     assert got == events[:whole.count(b"\n")]     # every whole line, nothing else
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(st.text(max_size=30), st.integers(), st.floats(allow_nan=False),
                           st.booleans(), st.none()), max_size=5))
 def test_any_plain_field_values_round_trip(values):
