@@ -517,3 +517,18 @@ async def test_dry_run_without_a_certificate_is_401(env):
     """A dry run asks the same question: no certificate, no answer but 401."""
     answer = await raw(env, dry_run("db"))
     assert answer.startswith(b"HTTP/1.1 401 ") and b"run apptunnel login" in answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_audit_not_writable_refuses_new_tcp_sessions_503(env, monkeypatch):
+    """audit.on_failure: refuse (issue 13): while the audit can keep no event (backend
+    failing and journal full), a new TCP session is refused 503 with the reason; nothing
+    is opened and no session is audited."""
+    monkeypatch.setattr(AuditLog, "writable", property(lambda self: False))
+    port, said = await env.local(env.profile("alice"), "db")
+    assert await env.exchange(port, b"early bytes") == b""
+    await until(lambda: said, "the printed reason")
+    assert said[0].startswith("proxy refused: 503 Service Unavailable: the proxy's audit log "
+                              "is not writable"), said
+    monkeypatch.undo()
+    assert await env.events("tcp.session.start") == []
