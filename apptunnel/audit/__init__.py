@@ -78,6 +78,9 @@ UNKNOWN_CODES = ("T0000I", "T0000W")
 BATCH_SIZE = 500
 FLUSH_INTERVAL = 1.0
 ON_FAILURE = ("refuse", "block")
+# What a refused request or sign-in is told (audit.on_failure).
+UNAVAILABLE = ("This proxy cannot record requests right now (its audit log is not "
+               "writable), so it does not serve them. Try again shortly.")
 BLOCK_TIMEOUT = 10.0
 
 

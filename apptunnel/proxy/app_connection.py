@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from apptunnel.audit import UNAVAILABLE as audit_unavailable
 from apptunnel.auth.callers import Caller, certificate_caller
 from apptunnel.proxy import pages
 from apptunnel.proxy.http1 import (
@@ -56,10 +57,6 @@ MAX_DISCARD = 1024 * 1024
 
 
 MAX_AUDITED_HOST = 255    # a Host or path of an app-less request is cut to this in the audit
-
-
-AUDIT_UNAVAILABLE = ("This proxy cannot record requests right now (its audit log is not "
-                     "writable), so it does not serve them. Try again shortly.")
 
 
 def new_request_id() -> str:
@@ -319,7 +316,7 @@ class AppConnection(Protocol):
         if await self._fw.audit.admitted():
             return await routing
         routing.close()
-        return Answer(pages.error_response(503, AUDIT_UNAVAILABLE, close=True,
+        return Answer(pages.error_response(503, audit_unavailable, close=True,
                                            **self._page_ids(ex)), 503, True)
 
     def _routed(self, outcome: Answer | Forward, ex: _Exchange) -> None:
