@@ -211,3 +211,47 @@ def test_refuse_when_backend_and_journal_cannot_take_more_then_recover(cluster):
     log = cluster.proxy.log_path.read_text()
     assert log.count("audit is not writable") == 1, log
     assert "audit is writable again" in log
+
+
+def test_block_holds_new_requests_until_audit_is_writable_again(cluster):
+    """audit.on_failure: block: while the backend cannot commit and the journal is full a
+    new request waits (503 after block_timeout); one waiting when the backend comes back
+    is served, and its event is stored."""
+    config = yaml.safe_load(cluster.proxy_config.read_text())
+    config["audit"] = {"on_failure": "block", "block_timeout": "3s", "journal_max_bytes": 4096}
+    cluster.proxy_config.write_text(yaml.safe_dump(config))
+    cluster.start_proxy()
+    context = ssl.create_default_context(cafile=cluster.ca_file)
+    blocker = sqlite3.connect(str(cluster.root / "proxy" / "apptunnel.db"),
+                              isolation_level=None, timeout=10)
+    blocker.execute("BEGIN EXCLUSIVE")
+    answered: list[str] = []
+    held: list[tuple[int, str]] = []
+    try:
+        deadline = time.monotonic() + 40
+        status = 404
+        while time.monotonic() < deadline and status == 404:
+            started = time.monotonic()
+            _, status, rid, body = one_request(cluster, context, None, "/x")
+            if status == 404:
+                answered.append(rid)
+        assert status == 503 and "audit log is not writable" in body, cluster.proxy.log_tail()
+        assert time.monotonic() - started >= 2.5        # it was held for block_timeout
+
+        def waiting() -> None:
+            _, status, rid, _ = one_request(cluster, context, None, "/held")
+            held.append((status, rid))
+
+        thread = threading.Thread(target=waiting, daemon=True)
+        thread.start()
+        time.sleep(0.5)
+        assert held == []                               # still waiting
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    thread.join(10)
+    assert [s for s, _ in held] == [404], cluster.proxy.log_tail()
+    answered.append(held[0][1])
+    wait_until(lambda: set(answered) <= stored_request_ids(cluster), 20, "every event stored")
+    log = cluster.proxy.log_path.read_text()
+    assert log.count("audit is not writable") == 1 and "holding new sessions" in log
