@@ -1226,8 +1226,9 @@ class SqliteBackend:
                     params = [value for row in chunk
                               for value in (*row[:7], _dump(row[7]), *row[8:])]
                     conn.execute(
-                        f"INSERT OR IGNORE INTO audit_events ({_AUDIT_COLUMNS}) VALUES "
-                        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk)),
+                        f"INSERT INTO audit_events ({_AUDIT_COLUMNS}) VALUES "
+                        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+                        + " ON CONFLICT (id) DO NOTHING",   # only a stored id is skipped
                         params,
                     )
 
