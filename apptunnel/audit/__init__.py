@@ -158,6 +158,7 @@ class AuditLog:
         self._prev = GENESIS
         self._backend_ok = True
         self._journal_ok = True
+        self._journal_down = False      # an error line was logged and no write worked since
         self._refusing = False
         self._waiters: list[Deferred] = []
         self._writing: Deferred | None = None
@@ -268,7 +269,7 @@ class AuditLog:
         try:
             event = AuditEvent(
                 id=uuid.uuid4().hex,
-                time=self._clock.seconds(),
+                time=float(self._clock.seconds()),   # as stored: REAL (the digest covers it)
                 type=type,
                 code=code_for(type, outcome),
                 actor=str(actor),
@@ -292,12 +293,25 @@ class AuditLog:
         if self._journal_ok:
             try:
                 self._journal.append_line(line, event.seq)
-                return
             except (JournalFull, OSError) as err:
-                self._journal_ok = False
-                self._log.error("audit journal cannot take more ({error}): events wait in "
-                                "memory for the backend", error=str(err))
+                self._journal_failed(err)
+            else:
+                self._journal_works()
+                return
         self._unjournaled.append(event)
+
+    def _journal_failed(self, err: Exception) -> None:
+        """One error line per outage of the journal (not one per event or retry)."""
+        self._journal_ok = False
+        if not self._journal_down:
+            self._journal_down = True
+            self._log.error("audit journal cannot take more ({error}): events wait in "
+                            "memory for the backend", error=str(err))
+
+    def _journal_works(self) -> None:
+        if self._journal_down:
+            self._journal_down = False
+            self._log.info("audit journal takes writes again")
 
     def _retry_journal(self) -> None:
         """Put events the journal refused into it, in order, once it takes writes again."""
@@ -310,7 +324,7 @@ class AuditLog:
                 return
             self._unjournaled.popleft()
         self._journal_ok = True
-        self._log.info("audit journal takes writes again")
+        self._journal_works()
 
     # -- admission (audit.on_failure) ---------------------------------------------------
 
