@@ -156,6 +156,9 @@ class AuditLog:
         self._unjournaled: deque[AuditEvent] = deque()   # queued, not in the journal yet
         self._seq = 0
         self._prev = GENESIS
+        # With a proxy id, events emitted before recover() wait here to be chained after
+        # the stored head (a chain numbered from 1 again would look reordered).
+        self._early: list[AuditEvent] | None = [] if proxy_id else None
         self._backend_ok = True
         self._journal_ok = True
         self._journal_down = False      # an error line was logged and no write worked since
@@ -170,7 +173,7 @@ class AuditLog:
     @property
     def pending(self) -> int:
         """Events emitted and not yet committed to the backend."""
-        return len(self._queue)
+        return len(self._queue) + len(self._early or ())
 
     @property
     def queue_depth(self) -> int:
@@ -209,6 +212,9 @@ class AuditLog:
         self._queue.extendleft(reversed(events))
         if events:
             self._log.info("audit journal: replaying {count} events", count=len(events))
+        early, self._early = self._early or [], None
+        for event in early:
+            self._chain(event)
 
     def start(self) -> None:
         """Begin writing batches every ``interval`` seconds of the clock."""
@@ -277,13 +283,19 @@ class AuditLog:
                 outcome=str(outcome),
                 fields=_plain(fields),
             )
-            line = b""
-            if self._proxy_id:
-                event, line = link_line(event, self._proxy_id, self._seq + 1, self._prev)
-                self._seq, self._prev = event.seq, event.digest
         except Exception:
             self._log.failure("audit event {type!r} could not be made", type=type)
             return
+        if self._early is not None:      # the chain's head is not known yet (recover)
+            self._early.append(event)
+            return
+        self._chain(event)
+
+    def _chain(self, event: AuditEvent) -> None:
+        line = b""
+        if self._proxy_id:
+            event, line = link_line(event, self._proxy_id, self._seq + 1, self._prev)
+            self._seq, self._prev = event.seq, event.digest
         self._queue.append(event)
         self._journal_one(event, line)
 

@@ -183,6 +183,23 @@ async def test_the_chain_continues_from_the_backend_across_restarts(backend, clo
 
 
 @pytest_twisted.ensureDeferred
+async def test_events_emitted_before_recover_are_chained_after_the_stored_head(
+        backend, clock, tmp_path):
+    audit, held = make_log(backend, clock, tmp_path / "a")
+    await wait(audit.recover(held))
+    audit.emit("user.login")
+    await wait(audit.stop())
+    again, held = make_log(backend, clock, tmp_path / "b")
+    again.emit("agent.hello")                    # during start-up, before recover
+    assert again.pending == 1
+    await wait(again.recover(held))
+    await wait(again.stop())
+    assert [(e.type, e.seq) for e in await wait(backend.search_audit())] == [
+        ("user.login", 1), ("agent.hello", 2)]
+    assert (await wait(verify_all(backend))).intact
+
+
+@pytest_twisted.ensureDeferred
 async def test_fsync_runs_off_the_reactor_in_batches(backend, clock, tmp_path):
     calls = []
 
