@@ -61,6 +61,19 @@ def test_garbage_is_never_an_event_and_never_raises(data):
     assert events == []
 
 
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                     | st.text(max_size=10),
+                     lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_JSON, min_size=11, max_size=13))
+def test_well_formed_json_of_the_wrong_shape_is_not_an_event(values):
+    """Arrays of the right length with any types (or a forged digest) never parse."""
+    assert parse_line(json.dumps(values).encode()) is None
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(min_value=1, max_value=6), st.integers(min_value=0, max_value=400),
        st.binary(max_size=40))
