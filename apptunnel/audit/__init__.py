@@ -393,10 +393,10 @@ class AuditLog:
         """fsync what was appended since the last time, on a worker thread, one at a time."""
         if self._journal is None or self._syncing is not None:
             return
-        fsync, close = self._journal.sync_plan()
-        if not fsync and not close:
+        fsync, close, directory = self._journal.sync_plan()
+        if not fsync and not close and directory is None:
             return
-        d = self._run_in_thread(Journal.run_sync, fsync, close)
+        d = self._run_in_thread(Journal.run_sync, fsync, close, directory)
         self._syncing = d
 
         def failed(failure) -> None:

@@ -111,6 +111,7 @@ class Journal:
         self._next = 0
         self._unsynced: list[int] = []      # fds written since the last sync
         self._to_close: list[int] = []      # rotated fds: closed by the next sync
+        self._new_file = False              # a segment was created: fsync the directory
 
     @classmethod
     def open(cls, directory: str, max_bytes: int = MAX_BYTES,
@@ -179,6 +180,7 @@ class Journal:
         self._next += 1
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._current = _Segment(path, 0, 0)
+        self._new_file = True
 
     def committed(self, seq: int) -> None:
         """Every event up to ``seq`` is in the backend: delete the segments holding only
@@ -199,14 +201,17 @@ class Journal:
                 keep.append(segment)
         self._closed = keep
 
-    def sync_plan(self) -> tuple[list[int], list[int]]:
-        """Reactor thread: (fds to fsync, fds to close after) for one ``run_sync``."""
+    def sync_plan(self) -> tuple[list[int], list[int], str | None]:
+        """Reactor thread: (fds to fsync, fds to close after, the directory when a segment
+        was created since: its entry must survive power loss too) for one ``run_sync``."""
         fsync, self._unsynced = self._unsynced, []
         close, self._to_close = self._to_close, []
-        return fsync, close
+        directory = self.directory if self._new_file else None
+        self._new_file = False
+        return fsync, close, directory
 
     @staticmethod
-    def run_sync(fsync: list[int], close: list[int]) -> None:
+    def run_sync(fsync: list[int], close: list[int], directory: str | None = None) -> None:
         """Worker thread: make the appended lines survive power loss; close rotated fds."""
         for fd in fsync:
             try:
@@ -218,13 +223,19 @@ class Journal:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        if directory is not None:
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
     def close(self) -> None:
         """Blocking: sync and close everything (at stop)."""
-        fsync, close = self.sync_plan()
+        fsync, close, directory = self.sync_plan()
         if self._fd is not None:
             close.append(self._fd)
             self._current = None
             self._fd = None
-        self.run_sync([fd for fd in fsync if fd not in close], close)
+        self.run_sync([fd for fd in fsync if fd not in close], close, directory)
 
