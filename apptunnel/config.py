@@ -456,6 +456,19 @@ class AccessRequestsConfig:
 
 
 @attrs.frozen
+class AuditConfig:
+    """audit: durability (audit/journal.py) and what happens when nothing can take an
+    event (on_failure: refuse answers 503 at once; block holds up to block_timeout)."""
+
+    on_failure: str = "refuse"
+    block_timeout: float = 10.0
+    journal_max_bytes: int = 64 * 1024 * 1024
+
+
+AUDIT_ON_FAILURE = ("refuse", "block")
+
+
+@attrs.frozen
 class ProxyConfig:
     """Everything the proxy process needs; paths are absolute."""
 
@@ -476,6 +489,7 @@ class ProxyConfig:
     keepalive_interval: float = 5.0
     keepalive_timeout: float = 15.0
     audit_file: str | None = None
+    audit: AuditConfig = AuditConfig()
     limits: LimitsConfig = LimitsConfig()
     throttle: ThrottleConfig = ThrottleConfig()
     # auth.second_factor: off | otp | webauthn | on | optional (auth/mfa.py)
@@ -630,6 +644,25 @@ def _count(section: _Section, key: str, default: int, most: int = 10_000_000) ->
     return value
 
 
+
+
+def _audit(top: _Section, base: str) -> tuple[str | None, AuditConfig]:
+    audit = top.section("audit", ("file", "on_failure", "block_timeout", "journal_max_bytes"))
+    if audit is None:
+        return None, AuditConfig()
+    block_timeout = audit.duration("block_timeout", 10.0)
+    if block_timeout > 300:
+        audit.fail("block_timeout", f"must be at most 5m, got {_show(audit.raw('block_timeout'))}")
+    max_bytes = _count(audit, "journal_max_bytes", 64 * 1024 * 1024, most=1 << 40)
+    if max_bytes < 4096:
+        audit.fail("journal_max_bytes", f"must be at least 4096, got {max_bytes}")
+    return audit.file_path("file", base), AuditConfig(
+        on_failure=audit.choice("on_failure", AUDIT_ON_FAILURE, "refuse"),
+        block_timeout=block_timeout,
+        journal_max_bytes=max_bytes,
+    )
+
+
 def _limits(top: _Section) -> LimitsConfig:
     limits = top.section("limits", ("handshake_timeout", "max_connections",
                                     "max_connections_per_ip"))
@@ -736,10 +769,7 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
         jwt_algorithm = jwt.choice("algorithm", JWT_ALGORITHMS, jwt_algorithm)
         jwt_ttl = jwt.duration("ttl", jwt_ttl)
 
-    audit_file = None
-    audit = top.section("audit", ("file",))
-    if audit is not None:
-        audit_file = audit.file_path("file", base)
+    audit_file, audit_config = _audit(top, base)
 
     interval, timeout = _keepalive(top)
     agent_cert_ttl = top.duration("agent_cert_ttl", 3 * 86400.0)
@@ -768,6 +798,7 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
         keepalive_interval=interval,
         keepalive_timeout=timeout,
         audit_file=audit_file,
+        audit=audit_config,
         limits=_limits(top),
         throttle=_throttle(top),
         second_factor=_second_factor(top),

@@ -28,6 +28,7 @@ from apptunnel.auth.directory import UserDirectory, effective_identity
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.callers import Caller, caller_from_session
 from apptunnel.auth.locks import LOCK_AUDIT_INTERVAL, LockAudit, LockWatcher, lock_message  # noqa: F401
+from apptunnel.audit import UNAVAILABLE as AUDIT_UNAVAILABLE
 from apptunnel.auth.passwords import HashQueue
 from apptunnel.auth.throttle import LoginThrottle, Throttled
 from apptunnel.auth.tokens import constant_time_equal, new_secret, secret_hash
@@ -165,6 +166,7 @@ class SessionManager:
         ``enroll_only``: it may enroll a second factor and nothing else (auth/mfa.py);
         ``method``: how the user signed in (shown on the account page)."""
         self._refuse_if_locked(user.name, None, "web session")
+        await self._audit_admits()
         now = self._clock.seconds()
         secret = new_secret()
         record = WebSession(
@@ -180,6 +182,12 @@ class SessionManager:
         await self._backend.put_web_session(record)
         self._web.put(record.id_hash, record, self._cache_until(record.expires, now))
         return secret, record
+
+    async def _audit_admits(self) -> None:
+        """audit.on_failure: no new session while its events could not be kept."""
+        audit = self._audit
+        if audit is not None and not audit.writable and not await audit.admitted():
+            raise AuthError(503, AUDIT_UNAVAILABLE)
 
     async def web_session(self, secret: str | None) -> WebSession | None:
         """The live web session for this cookie value, or None."""

@@ -546,14 +546,34 @@ class MemoryBackend:
     # -- audit ------------------------------------------------------------------
 
     async def append_audit(self, events: list[AuditEvent]) -> None:
-        """All or nothing: a duplicate id stores none of the batch, as a rolled-back INSERT."""
+        """Ids already stored (or repeated in the batch) are skipped, as INSERT OR IGNORE."""
         self._check_open()
-        stored = [_event(e) for e in events]
-        ids = [e.id for e in stored]
-        if len(set(ids)) != len(ids) or not self._audit_ids.isdisjoint(ids):
-            raise AlreadyExists("audit event id already exists")
-        self._audit.extend(stored)
-        self._audit_ids.update(ids)
+        stored = [_event(e) for e in events]     # all or nothing: encode every one first
+        for e in stored:
+            if e.id not in self._audit_ids:
+                self._audit.append(e)
+                self._audit_ids.add(e.id)
+
+    async def audit_chain_head(self, proxy_id: str) -> AuditEvent | None:
+        self._check_open()
+        chained = [e for e in self._audit if e.proxy_id == proxy_id and e.seq]
+        return _event(max(chained, key=lambda e: e.seq)) if chained else None
+
+    async def audit_chain(self, proxy_id: str, offset: int = 0, limit: int = 1000,
+                          *, seq: int | None = None) -> list[AuditEvent]:
+        self._check_open()
+        found = [e for e in self._audit if e.proxy_id == proxy_id and e.seq
+                 and (seq is None or e.seq == seq)]
+        offset, limit = max(0, int(offset)), max(0, min(int(limit), MAX_SEARCH_LIMIT))
+        return [_event(e) for e in found[offset:offset + limit]]
+
+    async def audit_chains(self) -> dict[str, int]:
+        self._check_open()
+        counts: dict[str, int] = {}
+        for e in self._audit:
+            key = e.proxy_id if e.proxy_id and e.seq else ""
+            counts[key] = counts.get(key, 0) + 1
+        return counts
 
     async def search_audit(
         self,

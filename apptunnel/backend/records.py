@@ -168,6 +168,11 @@ class AuditEvent:
     target: str
     outcome: str
     fields: dict
+    # The per-proxy hash chain (audit/chain.py); "" / 0 on events stored before it existed.
+    proxy_id: str = ""
+    seq: int = 0
+    prev: str = ""
+    digest: str = ""
 
 
 @attrs.frozen

@@ -55,8 +55,10 @@ from apptunnel.backend.records import (
     WebSession,
 )
 
-# Rows per audit INSERT: 8 parameters each, under SQLite's historic 999-variable limit.
-_AUDIT_ROWS_PER_INSERT = 120
+# Rows per audit INSERT: 12 parameters each, under SQLite's historic 999-variable limit.
+_AUDIT_ROWS_PER_INSERT = 80
+_AUDIT_COLUMNS = ("id, time, type, code, actor, target, outcome, fields,"
+                  " proxy_id, chain_seq, chain_prev, chain_digest")
 
 _T = TypeVar("_T")
 
@@ -259,6 +261,15 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE agent_tunnels (host_id TEXT NOT NULL, proxy_id TEXT NOT NULL, "
         "peer TEXT NOT NULL, since REAL NOT NULL, PRIMARY KEY (host_id, proxy_id))",
     ),
+    (
+        # The per-proxy audit hash chain (audit/chain.py); older rows stay unchained
+        # (proxy_id '', chain_seq NULL).
+        "ALTER TABLE audit_events ADD COLUMN proxy_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE audit_events ADD COLUMN chain_seq INTEGER",
+        "ALTER TABLE audit_events ADD COLUMN chain_prev TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE audit_events ADD COLUMN chain_digest TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX audit_events_chain ON audit_events (proxy_id, chain_seq)",
+    ),
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -435,7 +446,8 @@ def _agent(row: tuple) -> Agent:
 
 
 def _audit_event(row: tuple) -> AuditEvent:
-    return AuditEvent(*row[:7], fields=json.loads(row[7]))
+    return AuditEvent(*row[:7], fields=json.loads(row[7]), proxy_id=row[8],
+                      seq=row[9] or 0, prev=row[10], digest=row[11])
 
 
 class _Unchanged(BackendError):
@@ -1226,8 +1238,11 @@ class SqliteBackend:
     # -- audit ------------------------------------------------------------------
 
     async def append_audit(self, events: list[AuditEvent]) -> None:
+        """Store events; ids already stored are skipped, so a batch retried after a lost
+        reply or replayed from the journal is stored once."""
         rows = [
-            (e.id, e.time, e.type, e.code, e.actor, e.target, e.outcome, e.fields)
+            (e.id, e.time, e.type, e.code, e.actor, e.target, e.outcome, e.fields,
+             e.proxy_id, e.seq if e.proxy_id else None, e.prev, e.digest)
             for e in events
         ]
         if not rows:
@@ -1240,11 +1255,12 @@ class SqliteBackend:
             with _transaction(conn):
                 for start in range(0, len(rows), _AUDIT_ROWS_PER_INSERT):
                     chunk = rows[start:start + _AUDIT_ROWS_PER_INSERT]
-                    params = [value for row in chunk for value in (*row[:7], _dump(row[7]))]
+                    params = [value for row in chunk
+                              for value in (*row[:7], _dump(row[7]), *row[8:])]
                     conn.execute(
-                        "INSERT INTO audit_events"
-                        " (id, time, type, code, actor, target, outcome, fields) VALUES "
-                        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk)),
+                        f"INSERT INTO audit_events ({_AUDIT_COLUMNS}) VALUES "
+                        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+                        + " ON CONFLICT (id) DO NOTHING",   # only a stored id is skipped
                         params,
                     )
 
@@ -1285,7 +1301,7 @@ class SqliteBackend:
         params.append(max(0, int(offset)))
         order = "time DESC, rowid DESC" if newest_first else "time, rowid"
         sql = (
-            "SELECT id, time, type, code, actor, target, outcome, fields FROM audit_events"
+            f"SELECT {_AUDIT_COLUMNS} FROM audit_events"
             + (" WHERE " + " AND ".join(where) if where else "")
             + f" ORDER BY {order} LIMIT ? OFFSET ?"   # rowid: insertion order within a tick
         )
@@ -1298,8 +1314,7 @@ class SqliteBackend:
     async def get_audit_event(self, id: str) -> AuditEvent | None:
         def run(conn: sqlite3.Connection) -> AuditEvent | None:
             row = conn.execute(
-                "SELECT id, time, type, code, actor, target, outcome, fields FROM audit_events"
-                " WHERE id = ?", (id,)).fetchone()
+                f"SELECT {_AUDIT_COLUMNS} FROM audit_events WHERE id = ?", (id,)).fetchone()
             return None if row is None else _audit_event(row)
 
         return await self._run(run)
@@ -1400,6 +1415,44 @@ class SqliteBackend:
             rows = conn.execute("SELECT host_id, proxy_id, peer, since FROM agent_tunnels"
                                 " ORDER BY host_id, proxy_id").fetchall()
             return [AgentTunnel(*row) for row in rows]
+
+        return await self._run(run)
+
+    # -- the audit hash chain -----------------------------------------------------
+
+    async def audit_chain_head(self, proxy_id: str) -> AuditEvent | None:
+        def run(conn: sqlite3.Connection) -> AuditEvent | None:
+            row = conn.execute(
+                f"SELECT {_AUDIT_COLUMNS} FROM audit_events WHERE proxy_id = ?"
+                " AND chain_seq IS NOT NULL ORDER BY chain_seq DESC LIMIT 1",
+                (proxy_id,)).fetchone()
+            return None if row is None else _audit_event(row)
+
+        return await self._run(run)
+
+    async def audit_chain(self, proxy_id: str, offset: int = 0, limit: int = 1000,
+                          *, seq: int | None = None) -> list[AuditEvent]:
+        """One proxy's chained events in storage (insertion) order, or those numbered seq."""
+        where, params = "proxy_id = ? AND chain_seq IS NOT NULL", [proxy_id]
+        if seq is not None:
+            where += " AND chain_seq = ?"
+            params.append(int(seq))
+        params += [max(0, min(int(limit), MAX_SEARCH_LIMIT)), max(0, int(offset))]
+        sql = (f"SELECT {_AUDIT_COLUMNS} FROM audit_events WHERE {where}"
+               " ORDER BY rowid LIMIT ? OFFSET ?")
+
+        def run(conn: sqlite3.Connection) -> list[AuditEvent]:
+            return [_audit_event(row) for row in conn.execute(sql, params).fetchall()]
+
+        return await self._run(run)
+
+    async def audit_chains(self) -> dict[str, int]:
+        """How many events each proxy chained; '' counts the unchained ones."""
+        def run(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute(
+                "SELECT CASE WHEN chain_seq IS NULL THEN '' ELSE proxy_id END, count(*)"
+                " FROM audit_events GROUP BY 1").fetchall()
+            return {name: count for name, count in rows}
 
         return await self._run(run)
 

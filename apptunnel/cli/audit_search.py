@@ -13,6 +13,7 @@ import json
 from apptunnel.admin import audit as admin_audit
 from apptunnel.admin.context import AdminError
 from apptunnel.backend.records import AuditEvent
+from apptunnel.cli import audit_tools
 from apptunnel.cli.context import Admin, UsageError
 from apptunnel.cli.output import clean, iso, json_text
 
@@ -38,6 +39,7 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
     search.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
     search.add_argument("--format", choices=("text", "json"), default="text")
     search.set_defaults(handler=search_audit)
+    audit_tools.add_parsers(sub, common)   # verify and export: same verb, own module
 
 
 def parse_time(option: str, text: str, now: float) -> float:

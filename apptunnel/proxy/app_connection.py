@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from apptunnel.audit import UNAVAILABLE as audit_unavailable
 from apptunnel.auth.callers import Caller, certificate_caller
 from apptunnel.proxy import pages
 from apptunnel.proxy.http1 import (
@@ -305,9 +306,19 @@ class AppConnection(Protocol):
                 # A TLS connection's certificate cannot change: verify it once.
                 self._cert = certificate_caller(self._fw.ca, self.transport, self._clock.seconds())
             routing = self._fw.router.route(head, self._client_ip, self._cert)
+        if not self._fw.audit.writable:
+            routing = self._audit_gate(routing, self._ex)
         d = defer.Deferred.fromCoroutine(routing)
         d.addCallback(self._routed, self._ex)
         d.addErrback(self._route_failed, self._ex)
+
+    async def _audit_gate(self, routing, ex: _Exchange) -> Answer | Forward:
+        """audit.on_failure: no request starts that its audit event could not be kept for."""
+        if await self._fw.audit.admitted():
+            return await routing
+        routing.close()
+        return Answer(pages.error_response(503, audit_unavailable, close=True,
+                                           **self._page_ids(ex)), 503, True)
 
     def _routed(self, outcome: Answer | Forward, ex: _Exchange) -> None:
         if self.state in _ENDED or ex is not self._ex:

@@ -27,6 +27,7 @@ from twisted.python.threadpool import ThreadPool
 
 from apptunnel.admin.context import AdminContext
 from apptunnel.audit import AuditLog
+from apptunnel.audit.journal import Journal
 from apptunnel.auth.access import AccessPolicy
 from apptunnel.auth.bots import BotEnrolment
 from apptunnel.auth.ca import ClusterCA, load_server_tls, publish_ca_cert
@@ -155,7 +156,16 @@ class ProxyService(MultiService):
         self.keystore = KeyStore(self.backend, reactor, data_dir=config.data_dir,
                                  cluster_name=config.cluster_name,
                                  jwt_algorithm=config.jwt_algorithm, sealer=sealer)
-        self.audit = AuditLog(self.backend, reactor, json_file=config.audit_file)
+        # The audit journal (audit/journal.py) is read now; recover() replays it.
+        try:
+            journal, self._journal_held = Journal.open(
+                os.path.join(config.data_dir, "audit-journal"), config.audit.journal_max_bytes)
+        except OSError as err:
+            raise ConfigError(f"{config.path}: audit: journal in {config.data_dir}: {err.strerror}") from None
+        self.audit = AuditLog(self.backend, reactor, json_file=config.audit_file,
+                              proxy_id=self.proxy_id, journal=journal,
+                              on_failure=config.audit.on_failure,
+                              block_timeout=config.audit.block_timeout)
         self.audit = CountedAudit(self.audit, self.metrics)   # apptunnel_logins_total
         self.locks = LockWatcher(self.backend, reactor)
         self.users = UserDirectory(self.backend, reactor)
@@ -367,6 +377,11 @@ class ProxyService(MultiService):
         starting.addCallbacks(self._serving, self._cannot_serve)
 
     async def _start_serving(self) -> None:
+        try:   # the audit chain continues, and the journal is replayed, before any request
+            await self.audit.recover(self._journal_held)
+        except BackendError as err:
+            raise CannotStart(f"cannot use the backend: {err}") from None
+        self._journal_held = None
         # The keys come from the backend (auth/keystore.py): read (or made) before anything
         # listens, so a proxy without usable keys never serves.
         try:

@@ -175,6 +175,8 @@ class TcpAccess(Factory):
         app = self.registry.app(name)
         if app is None:
             raise Refusal(404, f"no app named {name!r}")
+        if not self.audit.writable and not await self.audit.admitted():
+            raise Refusal(503, "the proxy's audit log is not writable; try again shortly")
         facts = Facts(client_ip=client, port=port, where="tcp session")
         decision = await self.access.decide(caller, app, facts, self.clock.seconds())
         if isinstance(decision, Deny) and decision.code == "rbac":

@@ -699,3 +699,19 @@ async def test_a_multiplexed_upgrade_is_decided_like_any_other(env):
     cert = env.ca.issue_user_cert(pub, "alice", ("dev",), {}, 3600.0)
     denied = await raw(env, MUX_UPGRADE.replace(b"/v1/tcp/db", b"/v1/tcp/prod-db"), cert + priv)
     assert denied.startswith(b"HTTP/1.1 403 ") and b"not allowed to use prod-db" in denied
+
+
+@BOTH_MODES
+@pytest_twisted.ensureDeferred
+async def test_audit_not_writable_refuses_new_tcp_sessions_503(env, monkeypatch):
+    """audit.on_failure: refuse (issue 13): while the audit can keep no event (backend
+    failing and journal full), a new TCP session is refused 503 with the reason; nothing
+    is opened and no session is audited."""
+    monkeypatch.setattr(AuditLog, "writable", property(lambda self: False))
+    port, said = await env.local(env.profile("alice"), "db")
+    assert await env.exchange(port, b"early bytes") == b""
+    await until(lambda: said, "the printed reason")
+    assert said[0].startswith("proxy refused: 503 Service Unavailable: the proxy's audit log "
+                              "is not writable"), said
+    monkeypatch.undo()
+    assert await env.events("tcp.session.start") == []

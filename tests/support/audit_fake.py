@@ -16,6 +16,12 @@ class Audit:
     def __init__(self) -> None:
         self.events: list[tuple[str, str, str, dict]] = []
         self._emitted: list[tuple[str, dict]] = []
+        self.writable = True        # AuditLog.writable: set False to test audit.on_failure
+        self.admit = False          # what admitted() answers while not writable
+
+    def admitted(self):
+        from twisted.internet.defer import succeed
+        return succeed(self.writable or self.admit)
 
     def emit(self, type, **fields):
         self._emitted.append((type, fields))

@@ -749,15 +749,49 @@ async def test_audit_batch_larger_than_one_insert_keeps_every_event_in_order(bac
 
 
 @pytest_twisted.ensureDeferred
-async def test_audit_duplicate_id_rolls_back_batch(backend):
-    """A batch with a duplicate id (stored or within itself) fails as a whole and stores
-    nothing of itself."""
+async def test_audit_stored_ids_are_skipped(backend):
+    """Issue 13 (journal replay, retried batches): an id already stored, or repeated in a
+    batch, is stored once; the rest of the batch is stored (this pinned AlreadyExists
+    before: a retried batch whose commit reply was lost must not fail forever)."""
     await wait(backend.append_audit([event(1, 1.0)]))
-    with pytest.raises(AlreadyExists):
-        await wait(backend.append_audit([event(2, 2.0), event(1, 1.0)]))
-    with pytest.raises(AlreadyExists):
-        await wait(backend.append_audit([event(3, 3.0), event(3, 3.0)]))
-    assert [e.id for e in await wait(backend.search_audit())] == ["id001"]
+    await wait(backend.append_audit([event(2, 2.0), event(1, 1.0)]))
+    await wait(backend.append_audit([event(3, 3.0), event(3, 3.0)]))
+    assert [e.id for e in await wait(backend.search_audit())] == ["id001", "id002", "id003"]
+
+
+def chained(proxy, n, prev="0" * 64):
+    """n linked events of one proxy (audit/chain.py)."""
+    from apptunnel.audit.chain import link
+    out = []
+    for i in range(1, n + 1):
+        e = link(AuditEvent(f"{proxy}-{i}", 10.0 + i, "app.request", "T2100I", "alice",
+                            "wiki", "success", {"n": i, "f": 0.1 * i}), proxy, i, prev)
+        prev = e.digest
+        out.append(e)
+    return out
+
+
+@pytest_twisted.ensureDeferred
+async def test_audit_chain_fields_round_trip_and_chain_queries(backend):
+    """Chain fields are stored as given; audit_chain lists one proxy's chained events in
+    storage order (or one seq), audit_chain_head is its highest seq, audit_chains counts
+    per proxy with '' for unchained rows."""
+    a, b = chained("pa", 5), chained("pb", 2)
+    await wait(backend.append_audit([event(1, 1.0)] + a[:3] + b))
+    await wait(backend.append_audit(a[3:]))
+    assert await wait(backend.search_audit(since=10.0, limit=50)) == sorted(
+        a + b, key=lambda e: e.time)
+    assert await wait(backend.get_audit_event("pa-2")) == a[1]
+    assert await wait(backend.audit_chain("pa")) == a
+    assert await wait(backend.audit_chain("pa", offset=2, limit=2)) == a[2:4]
+    assert await wait(backend.audit_chain("pa", seq=4)) == [a[3]]
+    assert await wait(backend.audit_chain("nobody")) == []
+    assert await wait(backend.audit_chain_head("pa")) == a[4]
+    assert await wait(backend.audit_chain_head("pb")) == b[1]
+    assert await wait(backend.audit_chain_head("nobody")) is None
+    assert await wait(backend.audit_chains()) == {"": 1, "pa": 5, "pb": 2}
+    (old,) = await wait(backend.search_audit(until=5.0))
+    assert (old.proxy_id, old.seq, old.prev, old.digest) == ("", 0, "", "")
 
 
 @pytest_twisted.ensureDeferred

@@ -36,11 +36,11 @@ class Apps:
         return succeed(proto)
 
 
-def connection(apps=None, app="grafana"):
+def connection(apps=None, app="grafana", audit=None):
     clock = Clock()
     clock.advance(NOW)
     r, _ = router()
-    audit = Audit()
+    audit = audit or Audit()
     access = AccessPolicy(roles=Roles(), audit=audit, clock=clock, users=Users(alice=("dev",)))
     apps = apps or Apps()
     fw = AppForwarder(config=r.config, registry=r.registry, sessions=None, roles=None,
@@ -100,6 +100,28 @@ def test_a_101_makes_the_connection_upgraded_then_cut_closes_it():
     assert conn.state == CLOSING
     conn.connectionLost(Failure(ConnectionDone()))
     assert conn.state == CLOSED
+
+
+def test_audit_not_writable_refuses_with_503_and_opens_nothing():
+    """audit.on_failure (issue 13): while the audit cannot keep an event, a request is
+    answered 503 with a page saying why, no stream is opened and nothing is audited."""
+    audit = Audit()
+    audit.writable = False
+    conn, client, apps = connection(audit=audit)
+    conn.dataReceived(b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert client.value().startswith(b"HTTP/1.1 503 ")
+    assert b"audit log is not writable" in client.value()
+    assert apps.streams == [] and audit.of("app.request") == []
+    assert conn.state in (CLOSING, CLOSED)
+
+
+def test_audit_admitting_again_forwards_as_usual():
+    """block policy answered True (writable again): the request goes through."""
+    audit = Audit()
+    audit.writable, audit.admit = False, True
+    conn, client, apps = connection(audit=audit)
+    conn.dataReceived(b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert conn.state == FORWARDING and len(apps.streams) == 1
 
 
 def test_states_are_the_documented_names():

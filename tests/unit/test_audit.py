@@ -79,34 +79,33 @@ async def test_search_by_type_and_since(backend, clock):
 
 
 @pytest_twisted.ensureDeferred
-async def test_overflow_drops_oldest_and_counts(backend, clock):
-    """A full queue drops the oldest events and logs how many were lost."""
-    audit = AuditLog(backend, clock, max_queue=10)
-    logged = capture(audit)
-    for i in range(15):
+async def test_nothing_is_dropped_however_many_are_queued(backend, clock):
+    """Issue 13: no queue bound drops the oldest events (the journal bounds what waits)."""
+    audit = AuditLog(backend, clock)
+    for i in range(100_001):
         audit.emit("app.request", n=i)
-    assert audit.pending == 10
+    assert audit.pending == audit.queue_depth == 100_001
     await wait(audit.flush())
-    stored = await wait(backend.search_audit())
-    assert [e.fields["n"] for e in stored] == list(range(5, 15))
-    warnings = [e for e in logged if "dropped" in e["log_format"]]
-    assert len(warnings) == 1 and warnings[0]["count"] == 5
+    assert audit.pending == 0 and sum(backend.batches) == 100_001
 
 
 @pytest_twisted.ensureDeferred
-async def test_persistent_failure_drops_batch_and_keeps_going(backend, clock):
-    """After repeated refusals a batch is dropped with an error; later events still land."""
-    backend.fail = 3
+async def test_persistent_failure_keeps_the_batch_and_retries_in_order(backend, clock):
+    """Issue 13: a refused batch is never dropped; it is retried first, one error line for
+    the whole outage and one line when the backend takes writes again."""
+    backend.fail = 5
     audit = AuditLog(backend, clock)
     logged = capture(audit)
     audit.emit("user.delete", target="x")
-    for _ in range(3):
+    for _ in range(5):
         await wait(audit.flush())
-    assert audit.pending == 0
-    assert any(e.get("log_level").name == "error" for e in logged)
+        assert audit.pending == 1
     audit.emit("user.delete", target="y")
     await wait(audit.flush())
-    assert [e.target for e in await wait(backend.search_audit())] == ["y"]
+    assert [e.target for e in await wait(backend.search_audit())] == ["x", "y"]
+    errors = [e for e in logged if e["log_level"].name == "error"]
+    assert len(errors) == 1 and "nothing is dropped" in errors[0]["log_format"]
+    assert any("takes writes again" in e["log_format"] for e in logged)
 
 
 @pytest_twisted.ensureDeferred

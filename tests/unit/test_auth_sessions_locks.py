@@ -180,3 +180,22 @@ async def test_without_a_watcher_nothing_is_locked(backend, clock):
     sessions = SessionManager(backend, clock, 3600.0, hashes=inline_hashes())
     await wait(backend.put_lock(Lock("l1", "alice", None, "", clock.seconds(), None, "admin")))
     assert (await wait(sessions.login("alice", PASSWORD))).name == "alice"
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_new_web_session_while_audit_is_not_writable(backend, clock, locks):
+    """audit.on_failure (issue 13): a sign-in whose session could not be audited is refused
+    503 with the reason; nothing is stored; admitted again, it works."""
+    from tests.support.audit_fake import Audit
+    audit = Audit()
+    audit.writable = False
+    sessions = SessionManager(backend, clock, 3600.0, locks=locks, audit=audit,
+                              hashes=inline_hashes())
+    user = await wait(sessions.login("alice", PASSWORD))
+    with pytest.raises(AuthError) as err:
+        await wait(sessions.create_web_session(user))
+    assert err.value.status == 503 and "audit log is not writable" in err.value.message
+    assert await wait(backend.list_user_web_sessions("alice")) == []
+    audit.admit = True
+    secret, web = await wait(sessions.create_web_session(user))
+    assert web.user == "alice"

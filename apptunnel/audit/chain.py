@@ -1,0 +1,101 @@
+"""The per-proxy hash chain over audit events, and the check that walks it.
+
+Each proxy numbers its events 1, 2, 3, ... (``seq``, continued across restarts) and stores
+with each the previous event's digest (``prev``) and its own: sha256 over a canonical
+encoding of every stored field plus ``prev``. Changing any stored field of one event breaks
+its digest; deleting one leaves a gap in ``seq``; moving one breaks the order of ``seq`` in
+storage order. Pure functions: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import attrs
+
+from apptunnel.backend.records import AuditEvent
+
+GENESIS = "0" * 64   # the prev of a proxy's first event
+# Built once: json.dumps with keywords makes a new encoder per call (about 2 us each).
+_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode
+
+
+def canonical(e: AuditEvent) -> bytes:
+    """Every stored field, in a fixed order, as compact JSON (sorted keys in ``fields``)."""
+    return _ENCODE(
+        [e.proxy_id, e.seq, e.prev, e.id, e.time, e.type, e.code, e.actor, e.target,
+         e.outcome, e.fields]).encode("ascii")
+
+
+def digest_of(e: AuditEvent) -> str:
+    return hashlib.sha256(canonical(e)).hexdigest()
+
+
+def link_line(e: AuditEvent, proxy_id: str, seq: int, prev: str) -> tuple[AuditEvent, bytes]:
+    """``e`` as event number ``seq`` of ``proxy_id``'s chain, after the event digested
+    ``prev``, and its journal line (audit/journal.py): one encoding and one hash, since this
+    runs for every request on the reactor thread."""
+    body = _ENCODE([proxy_id, seq, prev, e.id, e.time, e.type, e.code, e.actor, e.target,
+                    e.outcome, e.fields]).encode("ascii")
+    digest = hashlib.sha256(body).hexdigest()
+    chained = AuditEvent(e.id, e.time, e.type, e.code, e.actor, e.target, e.outcome, e.fields,
+                         proxy_id, seq, prev, digest)
+    return chained, body[:-1] + b',"' + digest.encode("ascii") + b'"]\n'
+
+
+def link(e: AuditEvent, proxy_id: str, seq: int, prev: str) -> AuditEvent:
+    return link_line(e, proxy_id, seq, prev)[0]
+
+
+@attrs.frozen
+class Problem:
+    """The first thing wrong with one proxy's chain."""
+
+    kind: str        # "altered" | "missing" | "reordered"
+    proxy_id: str
+    id: str          # the event where the walk found it
+    seq: int
+    detail: str
+
+    def __str__(self) -> str:
+        return (f"{self.kind}: proxy {self.proxy_id} event {self.id} seq {self.seq}: "
+                f"{self.detail}")
+
+
+class ChainWalk:
+    """Feed one proxy's chained events in storage (insertion) order; ``problem`` is the
+    first break. At a gap the caller passes ``moved``: the event with the first missing seq
+    if storage has it elsewhere (then it was moved, and is the one named), else None."""
+
+    def __init__(self, proxy_id: str) -> None:
+        self.proxy_id = proxy_id
+        self.count = 0
+        self.last_seq = 0
+        self.last_digest = GENESIS
+        self.problem: Problem | None = None
+
+    def feed(self, e: AuditEvent, moved: AuditEvent | None = None) -> bool:
+        """Check one event; False (and ``problem`` set) at the first break."""
+        if self.problem is not None:
+            return False
+        expected = self.last_seq + 1
+        if digest_of(attrs.evolve(e, digest="")) != e.digest:
+            return self._fail("altered", e, "its digest does not match its stored fields")
+        if e.seq > expected:
+            if moved is not None and moved.seq == expected:
+                return self._fail("reordered", moved,
+                                  f"stored out of order: seq {e.seq} ({e.id}) comes before it")
+            gap = (f"seq {expected}" if e.seq == expected + 1
+                   else f"seqs {expected}..{e.seq - 1}")
+            return self._fail("missing", e, f"{gap} before it are missing")
+        if e.seq < expected:
+            return self._fail("reordered", e, f"stored after seq {self.last_seq}")
+        if e.prev != self.last_digest:
+            return self._fail("altered", e, "its prev digest is not the previous event's digest")
+        self.count += 1
+        self.last_seq, self.last_digest = e.seq, e.digest
+        return True
+
+    def _fail(self, kind: str, e: AuditEvent, detail: str) -> bool:
+        self.problem = Problem(kind, self.proxy_id, e.id, e.seq, detail)
+        return False
