@@ -103,7 +103,8 @@ class ProxyMetrics(NoMetrics):
 
     def __init__(self, tunnels: Callable[[], Iterable[tuple[str, int, float | None]]] = tuple,
                  audit_pending: Callable[[], int] = lambda: 0,
-                 tcp_sessions: Callable[[], Iterable[str]] = tuple) -> None:
+                 tcp_sessions: Callable[[], Iterable[str]] = tuple,
+                 journal_bytes: Callable[[], int] = lambda: 0) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         _process_collectors(registry)
         self._requests = Counter(
@@ -129,6 +130,7 @@ class ProxyMetrics(NoMetrics):
         self._other_children: dict[tuple[str, str, str], Any] = {}
         self._tunnels = tunnels
         self._audit_pending = audit_pending
+        self._journal_bytes = journal_bytes
         self._tcp_sessions = tcp_sessions
         registry.register(_Scraped(self._scrape))
 
@@ -189,6 +191,10 @@ class ProxyMetrics(NoMetrics):
         queue = GaugeMetricFamily("apptunnel_audit_queue_depth",
                                   "Audit events accepted but not yet stored.",
                                   value=self._audit_pending())
+        journal = GaugeMetricFamily("apptunnel_audit_journal_bytes",
+                                    "Bytes in the local audit journal (events not yet "
+                                    "committed, and committed ones not yet trimmed).",
+                                    value=self._journal_bytes())
         tcp = GaugeMetricFamily("apptunnel_tcp_sessions", "TCP sessions relaying to apps "
                                 "(apptunnel-tcp), by app.", labels=("app",))
         per_app: dict[str, int] = {}
@@ -196,7 +202,7 @@ class ProxyMetrics(NoMetrics):
             per_app[app] = per_app.get(app, 0) + 1
         for app, count in sorted(per_app.items()):
             tcp.add_metric((app,), count)
-        return [tunnels, streams, rtt, queue, tcp]
+        return [tunnels, streams, rtt, queue, journal, tcp]
 
 
 class AgentMetrics(NoMetrics):

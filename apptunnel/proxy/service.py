@@ -146,6 +146,7 @@ class ProxyService(MultiService):
         # Metrics: counters moved by the request path, gauges read at scrape time.
         self.metrics = ProxyMetrics(
             tunnels=self._tunnel_stats, audit_pending=lambda: self.audit.pending,
+            journal_bytes=lambda: self.audit.journal_size,
             tcp_sessions=lambda: [session.app_name for session in self.tcp_access.sessions])
         self.backend = TimedBackend(open_backend(config, reactor), self.metrics, reactor)
         try:

@@ -70,7 +70,8 @@ def test_tunnels_streams_and_rtt_are_read_per_agent_at_scrape_time():
     live = [("agent-1", 3, 0.010), ("agent-1", 2, 0.030), ("agent-2", 0, None)]
     pending = [7]
     metrics = ProxyMetrics(tunnels=lambda: live, audit_pending=lambda: pending[0],
-                           tcp_sessions=lambda: ["db", "db", "ssh"])
+                           tcp_sessions=lambda: ["db", "db", "ssh"],
+                           journal_bytes=lambda: 4096)
     got = samples(metrics.registry)
     assert got[("apptunnel_tunnels", (("agent", "agent-1"),))] == 2
     assert got[("apptunnel_streams", (("agent", "agent-1"),))] == 5
@@ -78,6 +79,7 @@ def test_tunnels_streams_and_rtt_are_read_per_agent_at_scrape_time():
     assert got[("apptunnel_tunnels", (("agent", "agent-2"),))] == 1
     assert ("apptunnel_tunnel_rtt_seconds", (("agent", "agent-2"),)) not in got
     assert got[("apptunnel_audit_queue_depth", ())] == 7
+    assert got[("apptunnel_audit_journal_bytes", ())] == 4096
     assert got[("apptunnel_tcp_sessions", (("app", "db"),))] == 2
     live.clear()
     pending[0] = 0
