@@ -29,6 +29,7 @@ stream an agent tries to open.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from cryptography import x509
 from OpenSSL import crypto
@@ -82,16 +83,20 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\Z")
 
 
-def tunnel_tls_options(ca_cert_pem: bytes, cert_pem: bytes, key_pem: bytes) -> ssl.CertificateOptions:
+def tunnel_tls_options(ca_cert_pem: bytes, cert_pem: bytes, key_pem: bytes,
+                       also_trusted: Sequence[bytes] = ()) -> ssl.CertificateOptions:
     """TLS 1.3 only; our cert plus the CA in the chain (so agents can check the pin);
-    client certificates requested and verified against the cluster CA, not required."""
+    client certificates requested and verified against the cluster CA, not required.
+    ``also_trusted``: further CA certificates client certificates may chain to (the
+    other side of a CA rotation, auth/ca_rotation.py); empty outside a rotation."""
     ca = crypto.load_certificate(crypto.FILETYPE_PEM, ca_cert_pem)
+    trusted = [ca] + [crypto.load_certificate(crypto.FILETYPE_PEM, pem) for pem in also_trusted]
     return ssl.CertificateOptions(
         privateKey=crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem),
         certificate=crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem),
         extraCertChain=[ca],
         verify=True,
-        caCerts=[ca],
+        caCerts=trusted,
         requireCertificate=False,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_3,
     )

@@ -100,6 +100,20 @@ def test_tls_rejects_foreign_client_certificate(tls_server, tmp_path):
         handshake(ctx, client_context(cert_and_key=agent_pair(other)))
 
 
+def test_tls_trusts_the_other_ca_of_a_rotation_and_no_one_else(tmp_path):
+    """During a CA rotation both CAs' agent certificates pass; a third CA's still fail."""
+    old = ClusterCA.load_or_create(str(tmp_path / "old"), "unit", wall_clock)
+    new = ClusterCA.load_or_create(str(tmp_path / "new"), "unit", wall_clock)
+    stranger = ClusterCA.load_or_create(str(tmp_path / "stranger"), "unit", wall_clock)
+    cert, key = old.issue_server_cert(["localhost"], ["127.0.0.1"])
+    options = tunnel_tls_options(old.cert_pem, cert, key, also_trusted=[new.cert_pem])
+    for ca in (old, new):
+        server = handshake(options.getContext(), client_context(cert_and_key=agent_pair(ca)))
+        assert server.get_peer_certificate().get_subject().CN == "host-1"
+    with pytest.raises(SSL.Error):
+        handshake(options.getContext(), client_context(cert_and_key=agent_pair(stranger)))
+
+
 def test_tls_rejects_tls12(tls_server):
     """Clients limited to TLS 1.2 cannot connect."""
     _, ctx = tls_server
