@@ -80,7 +80,7 @@ _SWEEP_INTERVAL = 600.0
 
 
 def _web_tls_options(cert_pem: bytes, key_pem: bytes, chain: list[bytes],
-                     client_ca_pem: bytes | None = None):
+                     client_ca_pem: bytes | None = None, also_trusted: tuple[bytes, ...] = ()):
     """TLS for browsers: our certificate (plus the CA, so clients can pin it), TLS 1.2+.
 
     ALPN is pinned to HTTP/1.1: the edge speaks HTTP/1.1, and without an explicit list
@@ -90,6 +90,8 @@ def _web_tls_options(cert_pem: bytes, key_pem: bytes, chain: list[bytes],
     required: the CLI presents its user certificate, browsers present nothing and are
     served as before. A certificate that is offered must chain to the cluster CA, or the
     handshake fails; who it names is decided per request by the web routes.
+    ``also_trusted``: further CAs a client certificate may chain to (the other side of a
+    CA rotation, auth/ca_rotation.py).
     """
     cert = crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem)
     key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
@@ -99,7 +101,8 @@ def _web_tls_options(cert_pem: bytes, key_pem: bytes, chain: list[bytes],
         client_auth = {
             "verify": True,
             "requireCertificate": False,
-            "caCerts": [crypto.load_certificate(crypto.FILETYPE_PEM, client_ca_pem)],
+            "caCerts": [crypto.load_certificate(crypto.FILETYPE_PEM, pem)
+                        for pem in [client_ca_pem, *also_trusted]],
         }
     return ssl.CertificateOptions(
         privateKey=key,
