@@ -12,9 +12,10 @@ and new requests are refused or held (``on_failure``, see ``admitted``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-import uuid
+import secrets
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -88,6 +89,18 @@ BLOCK_TIMEOUT = 10.0
 def code_for(type: str, outcome: str) -> str:
     success, other = CODES.get(type, UNKNOWN_CODES)
     return success if outcome == "success" else other
+
+
+# An event id must be unique (the store keeps the first event of an id and drops a
+# replay), not secret: admins see ids, and nothing takes one as proof of anything. A random
+# 64-bit prefix per process and a counter give that for ~0.2 us instead of uuid4's ~2 us.
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNT = itertools.count(1)
+
+
+def new_event_id() -> str:
+    """32 hex digits like uuid4().hex: this process's random prefix, then a counter."""
+    return f"{_ID_PREFIX}{next(_ID_COUNT):016x}"
 
 
 _SCALARS = frozenset([str, int, float, bool, type(None)])
@@ -275,7 +288,7 @@ class AuditLog:
         """Chain, journal and queue one event. Never blocks on the network, never raises."""
         try:
             event = AuditEvent(
-                id=uuid.uuid4().hex,
+                id=new_event_id(),
                 time=float(self._clock.seconds()),   # as stored: REAL (the digest covers it)
                 type=type,
                 code=code_for(type, outcome),

@@ -29,6 +29,7 @@ from zope.interface import implementer
 from apptunnel.audit import UNAVAILABLE as audit_unavailable
 from apptunnel.auth.callers import Caller, certificate_caller
 from apptunnel.proxy import pages
+from apptunnel.proxy.eager import run_eagerly
 from apptunnel.proxy.http1 import (
     BodyBytes,
     EndOfMessage,
@@ -308,9 +309,7 @@ class AppConnection(Protocol):
             routing = self._fw.router.route(head, self._client_ip, self._cert)
         if not self._fw.audit.writable:
             routing = self._audit_gate(routing, self._ex)
-        d = defer.Deferred.fromCoroutine(routing)
-        d.addCallback(self._routed, self._ex)
-        d.addErrback(self._route_failed, self._ex)
+        run_eagerly(routing, self._routed, self._route_failed, self._ex)
 
     async def _audit_gate(self, routing, ex: _Exchange) -> Answer | Forward:
         """audit.on_failure: no request starts that its audit event could not be kept for."""

@@ -10,6 +10,7 @@ proxy then sets a value.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -66,14 +67,30 @@ def client_headers(headers: Headers, identity: frozenset[bytes]) -> Headers:
     return Headers([(n, v) for n, v in headers if not client_header_dropped(n.lower(), identity, named)])
 
 
+MAX_CACHED_HOST = 300   # longer than any valid Host (a 254-byte name, brackets, a port)
+
+
 def valid_host(raw: bytes | None) -> bool:
     """A Host value that is a DNS name or an IP literal with an optional numeric port.
 
     Anything else (``a.example:@evil.com``, userinfo, paths, empty) could be read as
     another authority by whoever uses it later, e.g. an app building URLs from it.
+    Every request asks about one of a few Host values: the answer is remembered (a pure
+    function of short bytes; the cache is bounded and longer values are checked afresh).
     """
     if not raw:
         return False
+    if len(raw) <= MAX_CACHED_HOST:
+        return _valid_host_cached(raw)
+    return _valid_host(raw)
+
+
+@functools.lru_cache(maxsize=256)
+def _valid_host_cached(raw: bytes) -> bool:
+    return _valid_host(raw)
+
+
+def _valid_host(raw: bytes) -> bool:
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError:

@@ -406,34 +406,28 @@ class TcpSession(Protocol):
 
     def _to_forwarder(self, caller: Caller) -> None:
         """101, then the connection belongs to a fixed-app ``AppConnection``."""
-        self._state = "handed"
-        conn = self._handed = self._access.forwarder.fixed_connection(self.app, caller)
-        transport = self.transport
-        transport.write(b"HTTP/1.1 101 Switching Protocols\r\n"
-                        b"Connection: Upgrade\r\nUpgrade: apptunnel-tcp\r\n\r\n")
-        early, self._held, self._held_size = b"".join(self._held), [], 0
-        self._log.info("http session {user} -> {app} from {client}", user=self.user,
-                       app=self.app, client=self.client)
-        hand_over(transport, self, conn)
-        transport.resumeProducing()   # before the early bytes: the connection may pause it
-        if early:
-            conn.dataReceived(early)
+        self._switch(b"apptunnel-tcp", self._access.forwarder.fixed_connection(self.app, caller),
+                     "http session")
 
     def _to_mux(self) -> None:
         """101, then the connection carries the tunnel protocol: one stream per local
         connection of this ``proxy app`` run (apptunnel/proxy/tcp_mux.py)."""
-        self._state = "handed"
         session = MuxSession(self._access, self.caller, self.app, self.port, self.client,
                              self.transport.getPeer())
-        conn = self._handed = session.protocol()
+        self._switch(b"apptunnel-mux", session.protocol(), "multiplexed tcp access")
+
+    def _switch(self, upgrade: bytes, conn: Protocol, what: str) -> None:
+        """Answer 101 and give the connection, with the bytes held so far, to ``conn``."""
+        self._state = "handed"
+        self._handed = conn
         transport = self.transport
         transport.write(b"HTTP/1.1 101 Switching Protocols\r\n"
-                        b"Connection: Upgrade\r\nUpgrade: apptunnel-mux\r\n\r\n")
+                        b"Connection: Upgrade\r\nUpgrade: " + upgrade + b"\r\n\r\n")
         early, self._held, self._held_size = b"".join(self._held), [], 0
-        self._log.info("multiplexed tcp access {user} -> {app} from {client}", user=self.user,
+        self._log.info("{what} {user} -> {app} from {client}", what=what, user=self.user,
                        app=self.app, client=self.client)
         hand_over(transport, self, conn)
-        transport.resumeProducing()
+        transport.resumeProducing()   # before the early bytes: the connection may pause it
         if early:
             conn.dataReceived(early)
 

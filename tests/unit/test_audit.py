@@ -118,3 +118,16 @@ async def test_emit_never_raises_on_odd_fields(backend, clock):
     (event,) = await wait(backend.search_audit())
     assert event.actor == "None" and event.target == "42"
     assert event.fields["blob"] == "b'\\x00'" and event.fields["obj"].startswith("<object")
+
+
+
+def test_event_ids_are_unique_and_shaped_like_before():
+    """The store keeps the first event of an id: two events with one id would lose one.
+    (Between processes the ids differ by a random 64-bit prefix per process.)"""
+    import re
+
+    from apptunnel.audit import new_event_id
+    ids = [new_event_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    assert len({i[:16] for i in ids}) == 1 and len({i[16:] for i in ids}) == len(ids)

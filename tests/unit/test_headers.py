@@ -97,3 +97,15 @@ def test_same_origin_prefers_origin_then_referer():
     assert same_origin(None, "not a url", allowed) is False
     assert same_origin(None, None, allowed) is None
     assert own_origins("a.example", 443) == {"https://a.example", "https://a.example:443"}
+
+
+def test_valid_host_answers_the_same_when_asked_again_and_its_memory_is_bounded():
+    from apptunnel.proxy.headers import _valid_host_cached
+    hostile = [b"a.example:@evil.com", b"a.example/x", b"[::1", b"a.example:0", b"a.example:65536",
+               b"user@a.example", b"a" * 255, b"a" * 5000, b"\xff.example", b"a.example:443"]
+    first = [valid_host(h) for h in hostile]
+    assert [valid_host(h) for h in hostile] == first
+    assert first == [False, False, False, False, False, False, False, False, False, True]
+    for n in range(1000):                       # a client cycling Host values
+        valid_host(b"h%d.example" % n)
+    assert _valid_host_cached.cache_info().currsize <= 256
