@@ -223,6 +223,11 @@ class ClusterCA:
         self.pin = cert_pin(cert)
         self.clock = clock
 
+    @property
+    def user_issuer_pem(self) -> bytes:
+        """The CA that signs user and bot certificates (this one; auth/ca_set.py splits)."""
+        return self.cert_pem
+
     @classmethod
     def from_pem(cls, cluster_name: str, key_pem: bytes, cert_pem: bytes,
                  clock: IReactorTime) -> ClusterCA:

@@ -72,12 +72,15 @@ def _call(client: ProxyClient, path: str, body: dict) -> dict:
 
 def _certificate(answer: dict, pin: str) -> tuple[bytes, bytes]:
     cert, ca = answer.get("cert"), answer.get("ca")
-    if not isinstance(cert, str) or not isinstance(ca, str):
+    # ``issuer``: the user CA that signed the certificate, once a user-CA rotation split it
+    # from ``ca`` (the pinned CA the proxy is verified against); older proxies omit it.
+    issuer = answer.get("issuer") or ca
+    if not isinstance(cert, str) or not isinstance(ca, str) or not isinstance(issuer, str):
         raise BotCallFailed("the proxy's answer has no certificate")
     try:
         ca_cert = x509.load_pem_x509_certificate(ca.encode("ascii"))
         leaf = x509.load_pem_x509_certificate(cert.encode("ascii"))
-        leaf.verify_directly_issued_by(ca_cert)
+        leaf.verify_directly_issued_by(x509.load_pem_x509_certificate(issuer.encode("ascii")))
     except (ValueError, TypeError, UnicodeEncodeError, InvalidSignature) as err:
         raise BotCallFailed(f"the proxy's certificate is unusable: {err}") from None
     if cert_pin(ca_cert) != pin:

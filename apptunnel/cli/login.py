@@ -280,7 +280,10 @@ def _check_answer(proxy: str, answer: dict, key: ec.EllipticCurvePrivateKey,
     """The certificate from the proxy's answer, if it is for our key and from the right CA."""
     try:
         cert_text, ca_text = answer.get("cert"), answer.get("ca")
-        if not isinstance(cert_text, str) or not isinstance(ca_text, str):
+        # ``issuer``: the user CA that signed it, once a user-CA rotation split it from
+        # ``ca`` (what the proxy is pinned and verified by); older proxies omit it.
+        issuer_text = answer.get("issuer") or ca_text
+        if not all(isinstance(t, str) for t in (cert_text, ca_text, issuer_text)):
             raise ValueError("the answer has no cert and ca")
         cert = x509.load_pem_x509_certificate(cert_text.encode("ascii"))
         ca = x509.load_pem_x509_certificate(ca_text.encode("ascii"))
@@ -290,7 +293,7 @@ def _check_answer(proxy: str, answer: dict, key: ec.EllipticCurvePrivateKey,
         if cert.public_key().public_bytes(serialization.Encoding.DER, ours) != \
                 key.public_key().public_bytes(serialization.Encoding.DER, ours):
             raise ValueError("the certificate is not for our key")
-        cert.verify_directly_issued_by(ca)
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(issuer_text.encode("ascii")))
     except (ValueError, TypeError, UnicodeError, InvalidSignature) as err:
         raise CliError(f"the proxy at {proxy} answered with a bad certificate: "
                        f"{err or 'signature check failed'}") from None
