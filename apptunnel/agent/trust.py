@@ -1,10 +1,12 @@
-"""The agent's trusted host-CA set on disk (issue 13 item 5; not wired in yet).
+"""The agent's trusted host-CA set on disk (issue 13 item 5, host-CA rotation).
 
-During a host-CA rotation a proxy is to send the CAs it is trusted under (``trusted_cas``,
-judged by auth/ca_rotation.parse_trust_set); the agent keeps the latest accepted set in
-``data_dir/trusted_cas.pem`` (0600, one atomic rename) so a restart during the grace still
-trusts a proxy whose certificate the new CA signed. The set must always hold the CA the
-agent joined under (``ca.crt``): a proxy may add to the agent's trust root, never replace it.
+Proxies send the host CAs they are trusted under (the ``trust`` message, judged by
+auth/trust_set.parse_trust_set); the agent keeps the latest accepted set in
+``data_dir/trusted_cas.pem`` (0600, one atomic rename) so a restart during or after the
+grace still trusts a proxy whose certificate the new CA signed. The set must always hold
+the CA that issued the agent's own certificate (the join CA, ``ca.crt``, until the agent
+renews onto a new host CA): a proxy may add to the agent's trust root and move it along
+with the agent's certificate, never swap it for a root the agent has no part in.
 """
 
 from __future__ import annotations
@@ -15,16 +17,17 @@ import re
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from apptunnel.auth.ca_rotation import TrustSetError, parse_trust_set
+from apptunnel.auth.trust_set import TrustSetError, parse_trust_set
 from apptunnel.files import write_file
 
-__all__ = ["TRUST_FILE", "load_trust_set", "save_trust_set"]
+__all__ = ["TRUST_FILE", "forget_trust_set", "load_trust_set", "save_trust_set"]
 
 TRUST_FILE = "trusted_cas.pem"
 _PEM = re.compile(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n?", re.S)
 
 
-def save_trust_set(data_dir: str, value: object, pinned: str) -> tuple[x509.Certificate, ...]:
+def save_trust_set(data_dir: str, value: object,
+                   pinned: str | x509.Certificate) -> tuple[x509.Certificate, ...]:
     """Check a received set (TrustSetError, one line) and store it; the accepted certs."""
     certs = parse_trust_set(value, pinned)
     data = b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
@@ -32,7 +35,16 @@ def save_trust_set(data_dir: str, value: object, pinned: str) -> tuple[x509.Cert
     return certs
 
 
-def load_trust_set(data_dir: str, ca_pem: bytes, pinned: str) -> tuple[x509.Certificate, ...]:
+def forget_trust_set(data_dir: str) -> None:
+    """A new join starts from its own CA: a set kept from an earlier identity is removed."""
+    try:
+        os.unlink(os.path.join(data_dir, TRUST_FILE))
+    except FileNotFoundError:
+        pass
+
+
+def load_trust_set(data_dir: str, ca_pem: bytes,
+                   pinned: str | x509.Certificate) -> tuple[x509.Certificate, ...]:
     """The stored set, or just ``ca_pem`` (the join CA) when none was received yet.
     TrustSetError when the file is damaged or no longer holds the pinned CA."""
     path = os.path.join(data_dir, TRUST_FILE)

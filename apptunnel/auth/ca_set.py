@@ -106,6 +106,13 @@ class CaSet:
         """The CA that signs user and bot certificates now (sent with them, as ``issuer``)."""
         return self.user.issuing.cert_pem
 
+    def host_trust(self) -> tuple[str, ...]:
+        """The host CAs agents are to trust (PEM), the one issuing agent certificates first:
+        an agent whose certificate is from another one renews (agent/service.py)."""
+        first = self.host.issuing
+        rest = [ca for ca in self.host.trusted if ca.pin != first.pin]
+        return tuple(ca.cert_pem.decode("ascii") for ca in (first, *rest))
+
     def issue_user_cert(self, *args, **kwargs) -> bytes:
         return self.user.issuing.issue_user_cert(*args, **kwargs)
 

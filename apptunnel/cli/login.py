@@ -24,6 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from apptunnel.auth.trust_set import TrustSetError, pinned_with_trusted
 from apptunnel.auth.pins import cert_pin, check_chain, parse_pin
 from apptunnel.auth.passwords import MAX_PASSWORD_LENGTH
 from apptunnel.cli.context import CliError, Io, UsageError, duration_arg
@@ -164,6 +165,11 @@ def _finish(args: argparse.Namespace, io: Io, code: int, answer, key, pin: str |
         raise CliError(f"the proxy at {args.proxy} refused the login: "
                        f"{_error_text(answer)} (HTTP {code})")
     cert_pem = _check_answer(args.proxy, answer, key, pin)
+    if ca_pem is not None and pin is not None:
+        try:   # a host-CA rotation: the new CA too, for when the proxies switch to it
+            ca_pem = pinned_with_trusted(ca_pem, answer.get("trusted_cas"), pin)
+        except TrustSetError as err:
+            raise CliError(f"the proxy at {args.proxy} answered with {err}") from None
     profile = Profile(
         proxy=args.proxy, trust=trust,
         cert_pem=cert_pem,

@@ -339,7 +339,9 @@ class ProxyService(MultiService):
             allowed_public_addrs=config.allowed_public_addrs,
             resources=self.app_resources,
             peers=self.peers,
+            trusted_cas=self.ca.host_trust,
         )
+        self._tunnel_factory = tunnel_factory
         tunnel_endpoint = SSL4ServerEndpoint(
             reactor, config.tunnel_listen_port,
             self.tunnel_tls,
@@ -392,6 +394,7 @@ class ProxyService(MultiService):
             web, tunnel = self._tls_options()
             self.web_tls.replace(web)
             self.tunnel_tls.replace(tunnel)
+            self._tunnel_factory.trust_changed()
         except (OSError, ValueError, crypto.Error, ssl.SSL.Error) as err:
             log.warn("cannot rebuild TLS for the new cluster CAs (new connections keep the "
                      "old ones): {error}", error=err)

@@ -10,7 +10,7 @@ import pytest
 
 from apptunnel.agent.trust import TRUST_FILE, load_trust_set, save_trust_set
 from apptunnel.auth.ca import new_ca_pem
-from apptunnel.auth.ca_rotation import TrustSetError
+from apptunnel.auth.trust_set import TrustSetError
 from apptunnel.auth.pins import cert_pin, spki_pin
 
 NOW = 1_800_000_000.0

@@ -1,4 +1,4 @@
-"""CA rotation decisions (apptunnel/auth/ca_rotation.py): grace floor, trust sets, and the
+"""CA rotation decisions (apptunnel/auth/ca_rotation.py, auth/trust_set.py): grace floor, trust sets, and the
 host-CA set an agent receives, fed hostile input."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from apptunnel.auth import ca_rotation
+from apptunnel.auth import ca_rotation, trust_set
 from apptunnel.auth.ca import new_ca_pem
-from apptunnel.auth.ca_rotation import (
-    MAX_TRUST_CAS, TrustSetError, ca_trust, grace_period, parse_trust_set)
+from apptunnel.auth.ca_rotation import ca_trust, grace_period
+from apptunnel.auth.trust_set import MAX_TRUST_CAS, TrustSetError, parse_trust_set
 from apptunnel.auth.pins import spki_pin
 from apptunnel.backend.records import KeyRecord
 
@@ -129,6 +129,6 @@ def test_trust_set_bounds_count_size_and_duplicates():
     with pytest.raises(TrustSetError, match="at most"):
         parse_trust_set([pinned] * (MAX_TRUST_CAS + 1), pin)
     with pytest.raises(TrustSetError, match="bytes"):
-        parse_trust_set([pinned, "x" * ca_rotation.MAX_TRUST_BYTES], pin)
+        parse_trust_set([pinned, "x" * trust_set.MAX_TRUST_BYTES], pin)
     with pytest.raises(TrustSetError, match="duplicate"):
         parse_trust_set([pinned, pinned], pin)

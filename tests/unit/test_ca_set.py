@@ -8,8 +8,9 @@ import attrs
 import pytest
 import pytest_twisted
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from twisted.internet.task import Clock
 
 from apptunnel.auth.ca import ClusterCA
@@ -18,10 +19,17 @@ from apptunnel.auth.errors import AuthError
 from apptunnel.auth.keystore import KIND_HOST_CA, KIND_USER_CA, KeyStore, KeyStoreError
 from apptunnel.backend.memory import MemoryBackend
 from apptunnel.proxy.tls_switch import SwitchableTls
-from tests.unit.test_ca import make_csr
 
 GRACE = 30.0
 DELAY = 5.0
+
+
+def make_csr() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+           .sign(key, hashes.SHA256()))
+    return key, csr.public_bytes(serialization.Encoding.PEM)
 
 
 def public_pem() -> bytes:
