@@ -9,7 +9,10 @@ its time comes and drops the old one after its last token expired.
 within a poll, it signs user and bot certificates from CA_PUBLISH_DELAY on, and the old
 one stays trusted for `--grace-period` (default 30h, at least the config's
 ca_min_grace_period) after that, then certificates it signed are refused.
-`--type host-ca` is not built yet and is refused rather than half done.
+`--type host-ca` the same way for the host CA: agents are sent the new CA at once (the
+`trust` message) and renew onto it once it issues; proxies keep presenting a server
+certificate of the old one until the grace ends, then switch, when every agent and every
+CLI or bot that heard of the rotation trusts the new one.
 """
 
 from __future__ import annotations
@@ -42,9 +45,6 @@ def add_parsers(verbs: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 
 async def rotate_key(admin: Admin, args: argparse.Namespace) -> int:
-    if args.type == "host-ca":
-        raise UsageError("--type host-ca: not supported yet (agents cannot yet be told the "
-                         "new host CA; --type user-ca and --type jwt rotate today)")
     if args.type != "jwt":
         return await rotate_ca(admin, args)
     if args.grace_period is not None:
@@ -98,13 +98,20 @@ async def rotate_ca(admin: Admin, args: argparse.Namespace) -> int:
                                 "retire_at": iso(plan.retire_at)}))
         return 0
     now = admin.now()
+    if args.type == "user-ca":
+        trusted, signs = "trusted by every proxy", "signs every new user and bot certificate"
+        retired = "is no longer trusted: certificates it signed are refused"
+    else:
+        trusted = "trusted by every proxy and sent to every connected agent"
+        signs = "signs agent certificates: agents renew onto it"
+        retired = ("is no longer trusted; proxies present certificates of the new CA "
+                   "(give new join tokens' ca_pin)")
     admin.io.out(
         f"New {args.type} {plan.new_id}:\n"
-        f"  {'now':<{len(iso(now))}}  trusted by every proxy (within a poll)\n"
-        f"  {iso(plan.activate_at)}  signs every new user and bot certificate "
-        f"(in {human_duration(plan.activate_at - now)})\n"
-        f"  {iso(plan.retire_at)}  old CA {plan.old_id} is no longer trusted: certificates "
-        f"it signed are refused (in {human_duration(plan.retire_at - now)})\n")
+        f"  {'now':<{len(iso(now))}}  {trusted} (within a poll)\n"
+        f"  {iso(plan.activate_at)}  {signs} (in {human_duration(plan.activate_at - now)})\n"
+        f"  {iso(plan.retire_at)}  old CA {plan.old_id} {retired} "
+        f"(in {human_duration(plan.retire_at - now)})\n")
     return 0
 
 

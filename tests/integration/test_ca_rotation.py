@@ -126,3 +126,64 @@ def test_user_ca_rotation_old_certificates_work_until_the_grace_ends(cluster, tm
     events = [e for e in audit(cluster, "auth.rotate")]
     assert [(e["target"], e["outcome"]) for e in events] == [("user-ca", "success")]
     assert "Traceback" not in (cluster.root / "proxy.log").read_text()
+
+
+def test_host_ca_rotation_agent_serves_throughout_and_trusts_the_proxy_after(cluster, tmp_path):
+    """After `auth rotate --type host-ca`: the running agent keeps serving, learns the new
+    CA, renews onto it; a CLI that logged in during the grace follows the switch; after the
+    grace the proxy presents the new CA and, restarted, still accepts the agent, which
+    still trusts it."""
+    pin = ca_pin(cluster)
+    old_ca = (cluster.root / "proxy" / "ca.crt").read_bytes()
+    agent_cert = cluster.root / "agent" / "agent.crt"
+    home = tmp_path / "alice" / ".apptunnel"
+    home.parent.mkdir()
+    log_in(cluster, "alice", home, PASSWORD, pin)
+    wait_until(lambda: "hello" in online_apps(home), 30, "hello online for alice")
+    assert issued_by(agent_cert.read_bytes(), old_ca)
+
+    plan = json.loads(cluster.cli("auth", "rotate", "--type", "host-ca", "--grace-period",
+                                  f"{int(GRACE)}s", "--format", "json").stdout)
+    rotated = time.monotonic()
+    assert plan["old_key"] == pin
+    # Told at once (the control socket's refresh pushes `trust`): the agent keeps both.
+    wait_until(lambda: (cluster.root / "agent" / "trusted_cas.pem").exists(), 5,
+               "the agent to store the host-CA set")
+    log_in(cluster, "alice", home, PASSWORD, pin)     # during the grace: still the old pin
+    assert len((home / "ca.crt").read_text().split("BEGIN CERTIFICATE")) == 3   # old + new
+    statuses = []
+
+    def serving() -> str:
+        code = through_app(cluster, home / "user.crt", home / "user.key", home / "ca.crt")
+        statuses.append(code)
+        return code
+
+    # The agent renews onto the new CA once it issues, and keeps serving meanwhile.
+    wait_until(lambda: serving() == "200" and not issued_by(agent_cert.read_bytes(), old_ca),
+               CA_PUBLISH_DELAY + 15, "the agent to renew onto the new host CA", interval=0.3)
+    assert "renewing" in (cluster.root / "agent.log").read_text()
+    # Grace over (plus a poll): the proxy presents a certificate of the new host CA.
+    wait_until(lambda: serving() == "200" and time.monotonic() - rotated
+               > CA_PUBLISH_DELAY + GRACE + KEY_POLL_INTERVAL + 0.5, 30, "the grace to end",
+               interval=0.3)
+    wait_until(lambda: (cluster.root / "proxy" / "ca.crt").read_bytes() != old_ca, 5,
+               "the proxy to present the new host CA")
+    new_ca = (cluster.root / "proxy" / "ca.crt").read_bytes()
+    assert issued_by(agent_cert.read_bytes(), new_ca)
+    assert statuses.count("200") == len(statuses), statuses      # none failed throughout
+    assert serving() == "200"          # the CLI's stored set follows the switch
+
+    # A restarted proxy (new server certificate only) accepts the agent, which trusts it.
+    cluster.proxy.stop()
+    cluster.start_proxy()
+    wait_until(lambda: "hello" in online_apps(home), 30, "the agent back after the restart")
+    assert serving() == "200"
+    assert ca_pin(cluster) == plan["new_key"]        # new join tokens pin the new CA
+    status = json.loads(cluster.cli("auth", "status", "--format", "json").stdout)
+    assert [(k["id"], k["state"]) for k in status if k["kind"] == "host_ca"] == [
+        (plan["new_key"], "current")]
+    assert [k["id"] for k in status if k["kind"] == "user_ca"] == [pin]
+    assert [(e["target"], e["outcome"]) for e in audit(cluster, "auth.rotate")] == [
+        ("host-ca", "success")]
+    for log in ("proxy.log", "agent.log"):
+        assert "Traceback" not in (cluster.root / log).read_text(), log

@@ -62,8 +62,14 @@ async def test_user_ca_rotation_keeps_the_old_ca_for_the_grace_and_is_audited(co
 
 
 @pytest_twisted.ensureDeferred
-async def test_host_ca_rotation_is_refused_not_half_done(config_path):
-    result = await cli(config_path, "auth", "rotate", "--type", "host-ca")
-    assert "not supported yet" in one_error(result, 2)
+async def test_host_ca_rotation_is_its_own_role(config_path):
+    """--type host-ca rotates the host CA only; the user CA and the old pin stay."""
+    done = await cli(config_path, "auth", "rotate", "--type", "host-ca", "--format", "json")
+    assert done.code == 0, done
+    plan = json.loads(done.out)
     status = json.loads((await cli(config_path, "auth", "status", "--format", "json")).out)
-    assert [k["state"] for k in status if k["kind"] == "host_ca"] == ["current"]
+    assert sorted((k["id"] == plan["new_key"], k["state"]) for k in status
+                  if k["kind"] == "host_ca") == [(False, "current"), (True, "next")]
+    assert [k["id"] for k in status if k["kind"] == "user_ca"] == [plan["old_key"]]
+    text = await cli(config_path, "auth", "rotate", "--type", "host-ca")
+    assert "rotation is under way" in one_error(text, 1)
