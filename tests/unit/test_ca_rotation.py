@@ -132,3 +132,22 @@ def test_trust_set_bounds_count_size_and_duplicates():
         parse_trust_set([pinned, "x" * trust_set.MAX_TRUST_BYTES], pin)
     with pytest.raises(TrustSetError, match="duplicate"):
         parse_trust_set([pinned, pinned], pin)
+
+
+def test_pinned_clients_keep_their_pinned_ca_first_and_add_the_others():
+    """CLI login and bots: ca.crt = the pinned CA then the other host CAs named; a set
+    that drops the pinned CA is refused; an older proxy's answer (no field) changes
+    nothing."""
+    from apptunnel.auth.trust_set import pinned_with_trusted
+
+    pinned, new = ca_pem(), ca_pem()
+    pin = spki_pin(pinned.encode())
+    kept = pinned_with_trusted(pinned.encode(), [new, pinned], pin)
+    certs = x509.load_pem_x509_certificates(kept)
+    assert [spki_pin(c.public_bytes(serialization.Encoding.PEM)) for c in certs] == [
+        pin, spki_pin(new.encode())]
+    assert pinned_with_trusted(pinned.encode(), None, pin) == pinned.encode()
+    with pytest.raises(TrustSetError, match="pinned"):
+        pinned_with_trusted(pinned.encode(), [new], pin)
+    with pytest.raises(TrustSetError):
+        pinned_with_trusted(pinned.encode(), [pinned, "garbage"], pin)
