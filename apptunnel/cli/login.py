@@ -282,8 +282,9 @@ def _pinned_ca(proxy: str, pin: str, now: float) -> bytes:
 
 
 def _check_answer(proxy: str, answer: dict, key: ec.EllipticCurvePrivateKey,
-                  pin: str | None) -> bytes:
-    """The certificate from the proxy's answer, if it is for our key and from the right CA."""
+                  pin: str | frozenset[str] | None) -> bytes:
+    """The certificate from the proxy's answer, if it is for our key and from the right CA
+    (``pin``: the one pinned, or any of a profile's CAs after a host-CA rotation)."""
     try:
         cert_text, ca_text = answer.get("cert"), answer.get("ca")
         # ``issuer``: the user CA that signed it, once a user-CA rotation split it from
@@ -293,8 +294,11 @@ def _check_answer(proxy: str, answer: dict, key: ec.EllipticCurvePrivateKey,
             raise ValueError("the answer has no cert and ca")
         cert = x509.load_pem_x509_certificate(cert_text.encode("ascii"))
         ca = x509.load_pem_x509_certificate(ca_text.encode("ascii"))
-        if pin is not None and cert_pin(ca) != pin:
-            raise ValueError(f"the CA it returned does not match --ca-pin {pin}")
+        pins = {pin} if isinstance(pin, str) else pin
+        if pins is not None and cert_pin(ca) not in pins:
+            raise ValueError(f"the CA it returned does not match --ca-pin {pin}"
+                             if isinstance(pin, str) else "the CA it returned is not one "
+                             "the profile trusts")
         ours = serialization.PublicFormat.SubjectPublicKeyInfo
         if cert.public_key().public_bytes(serialization.Encoding.DER, ours) != \
                 key.public_key().public_bytes(serialization.Encoding.DER, ours):
