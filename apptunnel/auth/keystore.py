@@ -327,8 +327,8 @@ class KeyStore:
                        make: Callable[[], _Fresh]) -> OpenKey:
         stored = await self._backend.list_keys(kind)
         current = [r for r in stored if r.state == CURRENT]
-        files = from_files()
         if not current:
+            files = from_files()
             fresh = files or make()
             if await self.add(kind, fresh, CURRENT):
                 if files is not None:
@@ -340,11 +340,22 @@ class KeyStore:
             current = [r for r in await self._backend.list_keys(kind) if r.state == CURRENT]
             if not current:
                 raise KeyStoreError(f"no current {kind} key stored after inserting one")
-        elif files is not None and files.id != current[0].id:
+        elif self._leftover_differs(from_files, current[0].id):
             log.warn("data_dir {dir} holds a {kind} key that is not the cluster's (stored) "
                      "one; it is ignored", dir=self._data_dir, kind=kind)
         await self._reseal_plain(stored)
         return self._open(current[0])
+
+    @staticmethod
+    def _leftover_differs(from_files: Callable[[], _Fresh | None], stored_id: str) -> bool:
+        """Whether key files left in data_dir are not the stored key. Once a key is stored
+        the files are never used, so an unreadable pair is no reason to stop: after a
+        host-CA rotation ``ca.crt`` (published, auth/ca.py) no longer fits an old ``ca.key``."""
+        try:
+            files = from_files()
+        except KeyStoreError:
+            return True
+        return files is not None and files.id != stored_id
 
     def _open(self, record: KeyRecord) -> OpenKey:
         if is_sealed(record):

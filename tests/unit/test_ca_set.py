@@ -192,3 +192,23 @@ def test_switchable_tls_gives_new_connections_the_replaced_options():
     with pytest.raises(ValueError):
         tls.replace(Options("bad"))
     assert tls.serverConnectionForTLS("p3") == ("new", "p3")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upgraded_data_dir_still_starts_after_a_host_ca_rotation(tmp_path, clock):
+    """An old data_dir keeps ca.key; after a host-CA rotation the proxy publishes the new
+    CA as data_dir/ca.crt, which no longer fits ca.key: the leftover is ignored (warned),
+    never a reason to refuse the start."""
+    from apptunnel.auth.ca import publish_ca_cert
+
+    old = ClusterCA.load_or_create(str(tmp_path), "unit", clock)   # ca.key + ca.crt
+    backend = MemoryBackend()
+    proxy = await Proxy(backend, clock, tmp_path).start()
+    assert proxy.cas.pin == old.pin                                 # imported
+    plan = await proxy.store.rotate_ca(KIND_HOST_CA, GRACE, delay=0.0)
+    clock.advance(GRACE + 1)
+    await proxy.watcher.refresh()
+    assert proxy.cas.pin == plan.new_id
+    publish_ca_cert(str(tmp_path), proxy.cas.cert_pem)
+    again = await Proxy(backend, clock, tmp_path).start()
+    assert again.cas.pin == plan.new_id
