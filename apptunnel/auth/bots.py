@@ -64,7 +64,7 @@ class BotIssued:
     ca_pem: bytes
     not_after: float
     generation: int
-    issuer_pem: bytes = b""   # the user CA that signed cert_pem (differs from ca_pem after a rotation)
+    issuer_pem: bytes = b""   # the user CA that signed cert_pem (not ca_pem after a rotation)
     trusted_cas: tuple[str, ...] = ()   # the host CAs to trust (a new one in a host-CA rotation)
 
 

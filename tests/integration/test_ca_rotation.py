@@ -141,49 +141,60 @@ def test_host_ca_rotation_agent_serves_throughout_and_trusts_the_proxy_after(clu
     log_in(cluster, "alice", home, PASSWORD, pin)
     wait_until(lambda: "hello" in online_apps(home), 30, "hello online for alice")
     assert issued_by(agent_cert.read_bytes(), old_ca)
+    identity = tmp_path / "identity"
+    bot = BotProcess(cluster, "ci", add_bot(cluster, "ci", "ci-apps"), ttl="3s",
+                     outputs=[{"type": "identity", "path": str(identity)}])
+    wait_until(lambda: (identity / "tls.crt").exists(), 10, "the bot's identity output")
+    try:
+        plan = json.loads(cluster.cli("auth", "rotate", "--type", "host-ca", "--grace-period",
+                                      f"{int(GRACE)}s", "--format", "json").stdout)
+        rotated = time.monotonic()
+        assert plan["old_key"] == pin
+        # Told at once (the control socket's refresh pushes `trust`): the agent keeps both.
+        wait_until(lambda: (cluster.root / "agent" / "trusted_cas.pem").exists(), 5,
+                   "the agent to store the host-CA set")
+        log_in(cluster, "alice", home, PASSWORD, pin)     # during the grace: still the old pin
+        assert len((home / "ca.crt").read_text().split("BEGIN CERTIFICATE")) == 3   # old + new
+        statuses = []
 
-    plan = json.loads(cluster.cli("auth", "rotate", "--type", "host-ca", "--grace-period",
-                                  f"{int(GRACE)}s", "--format", "json").stdout)
-    rotated = time.monotonic()
-    assert plan["old_key"] == pin
-    # Told at once (the control socket's refresh pushes `trust`): the agent keeps both.
-    wait_until(lambda: (cluster.root / "agent" / "trusted_cas.pem").exists(), 5,
-               "the agent to store the host-CA set")
-    log_in(cluster, "alice", home, PASSWORD, pin)     # during the grace: still the old pin
-    assert len((home / "ca.crt").read_text().split("BEGIN CERTIFICATE")) == 3   # old + new
-    statuses = []
+        def serving() -> str:
+            code = through_app(cluster, home / "user.crt", home / "user.key", home / "ca.crt")
+            statuses.append(code)
+            return code
 
-    def serving() -> str:
-        code = through_app(cluster, home / "user.crt", home / "user.key", home / "ca.crt")
-        statuses.append(code)
-        return code
+        # The agent renews onto the new CA once it issues, and keeps serving meanwhile.
+        wait_until(lambda: serving() == "200" and not issued_by(agent_cert.read_bytes(), old_ca),
+                   CA_PUBLISH_DELAY + 15, "the agent to renew onto the new host CA", interval=0.3)
+        assert "renewing" in (cluster.root / "agent.log").read_text()
+        # Grace over (plus a poll): the proxy presents a certificate of the new host CA.
+        wait_until(lambda: serving() == "200" and time.monotonic() - rotated
+                   > CA_PUBLISH_DELAY + GRACE + KEY_POLL_INTERVAL + 0.5, 30, "the grace to end",
+                   interval=0.3)
+        wait_until(lambda: (cluster.root / "proxy" / "ca.crt").read_bytes() != old_ca, 5,
+                   "the proxy to present the new host CA")
+        new_ca = (cluster.root / "proxy" / "ca.crt").read_bytes()
+        assert issued_by(agent_cert.read_bytes(), new_ca)
+        assert statuses.count("200") == len(statuses), statuses      # none failed throughout
+        assert serving() == "200"          # the CLI's stored set follows the switch
+        # The bot renewed during the grace and kept both CAs: it follows the switch too.
+        wait_until(lambda: through_app(cluster, identity / "tls.crt", identity / "tls.key",
+                                       identity / "ca.crt") == "200", 10,
+                       "the bot after the switch")
+        assert "Traceback" not in bot.log()
 
-    # The agent renews onto the new CA once it issues, and keeps serving meanwhile.
-    wait_until(lambda: serving() == "200" and not issued_by(agent_cert.read_bytes(), old_ca),
-               CA_PUBLISH_DELAY + 15, "the agent to renew onto the new host CA", interval=0.3)
-    assert "renewing" in (cluster.root / "agent.log").read_text()
-    # Grace over (plus a poll): the proxy presents a certificate of the new host CA.
-    wait_until(lambda: serving() == "200" and time.monotonic() - rotated
-               > CA_PUBLISH_DELAY + GRACE + KEY_POLL_INTERVAL + 0.5, 30, "the grace to end",
-               interval=0.3)
-    wait_until(lambda: (cluster.root / "proxy" / "ca.crt").read_bytes() != old_ca, 5,
-               "the proxy to present the new host CA")
-    new_ca = (cluster.root / "proxy" / "ca.crt").read_bytes()
-    assert issued_by(agent_cert.read_bytes(), new_ca)
-    assert statuses.count("200") == len(statuses), statuses      # none failed throughout
-    assert serving() == "200"          # the CLI's stored set follows the switch
-
-    # A restarted proxy (new server certificate only) accepts the agent, which trusts it.
-    cluster.proxy.stop()
-    cluster.start_proxy()
-    wait_until(lambda: "hello" in online_apps(home), 30, "the agent back after the restart")
-    assert serving() == "200"
-    assert ca_pin(cluster) == plan["new_key"]        # new join tokens pin the new CA
-    status = json.loads(cluster.cli("auth", "status", "--format", "json").stdout)
-    assert [(k["id"], k["state"]) for k in status if k["kind"] == "host_ca"] == [
-        (plan["new_key"], "current")]
-    assert [k["id"] for k in status if k["kind"] == "user_ca"] == [pin]
-    assert [(e["target"], e["outcome"]) for e in audit(cluster, "auth.rotate")] == [
-        ("host-ca", "success")]
-    for log in ("proxy.log", "agent.log"):
-        assert "Traceback" not in (cluster.root / log).read_text(), log
+        # A restarted proxy (new server certificate only) accepts the agent, which trusts it.
+        cluster.proxy.stop()
+        cluster.start_proxy()
+        wait_until(lambda: "hello" in online_apps(home), 30, "the agent back after the restart")
+        assert serving() == "200"
+        assert ca_pin(cluster) == plan["new_key"]        # new join tokens pin the new CA
+        status = json.loads(cluster.cli("auth", "status", "--format", "json").stdout)
+        assert [(k["id"], k["state"]) for k in status if k["kind"] == "host_ca"] == [
+            (plan["new_key"], "current")]
+        assert [k["id"] for k in status if k["kind"] == "user_ca"] == [pin]
+        assert [(e["target"], e["outcome"]) for e in audit(cluster, "auth.rotate")] == [
+            ("host-ca", "success")]
+        for log in ("proxy.log", "agent.log"):
+            assert "Traceback" not in (cluster.root / log).read_text(), log
+    finally:
+        bot.stop()
