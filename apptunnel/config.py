@@ -502,6 +502,9 @@ class ProxyConfig:
     allowed_public_addrs: tuple[str, ...] = ()
     # bots.min_certificate_ttl: the shortest bot certificate issued (auth/bots.py).
     bot_min_certificate_ttl: float = 60.0
+    # ca_min_grace_period: the shortest grace `auth rotate --type user-ca|host-ca` accepts
+    # (auth/ca_rotation.py); lowered only by tests and drills.
+    ca_min_grace_period: float = 3600.0
     # access_requests: where each state change of an access request is POSTed.
     access_requests: AccessRequestsConfig | None = None
     # backend: {type: postgres, dsn, password_file}: the dsn has no password in it (config
@@ -575,7 +578,7 @@ _PROXY_KEYS = (
     "cluster_name", "data_dir", "public_addr", "web_listen_addr", "tunnel_listen_addr",
     "backend", "tls", "jwt", "session_ttl", "keepalive", "audit",
     "limits", "auth",
-    "agent_cert_ttl", "app_grace_period", "allowed_public_addrs", "bots",
+    "agent_cert_ttl", "app_grace_period", "allowed_public_addrs", "bots", "ca_min_grace_period",
     "access_requests", "diag_addr", "diag_addr_public", "advertise_tunnel_addr",
 )
 _AGENT_KEYS = ("data_dir", "proxy_addr", "join", "keepalive", "apps", "resources",
@@ -776,6 +779,9 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
     if not 10.0 <= agent_cert_ttl <= 90 * 86400.0:
         top.fail("agent_cert_ttl", f"must be between 10s and 90d, got {_show(top.raw('agent_cert_ttl'))}")
     allowed = _allowed_public_addrs(top)
+    ca_min_grace = top.duration("ca_min_grace_period", 3600.0)
+    if not ca_min_grace >= 1.0:
+        top.fail("ca_min_grace_period", f"must be at least 1s, got {_show(top.raw('ca_min_grace_period'))}")
     # Port 0 only when inherited from a tunnel_listen_addr with port 0 (tests): such a
     # proxy is not registered for other proxies' agents (proxy/peers.py).
     advertise = (top.address("advertise_tunnel_addr")
@@ -806,6 +812,7 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
         app_grace_period=top.duration("app_grace_period", 120.0),
         allowed_public_addrs=allowed,
         bot_min_certificate_ttl=_bot_min_ttl(top),
+        ca_min_grace_period=ca_min_grace,
         access_requests=_access_requests(top, base),
         backend_dsn=backend_dsn,
         backend_password_file=backend_password_file,

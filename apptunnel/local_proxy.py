@@ -27,6 +27,8 @@ from http.client import responses
 from typing import NamedTuple
 from urllib.parse import quote
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.internet import defer, ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -245,12 +247,21 @@ class LocalProxy(Factory):
                 raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
             )
         else:
-            trust = ssl.Certificate.loadPEM(profile.ca_pem) if profile.trust == TRUST_PINNED else None
+            trust = (pinned_trust_root(profile.ca_pem) if profile.trust == TRUST_PINNED
+                     else None)
             creator = ssl.optionsForClientTLS(host, trustRoot=trust, clientCertificate=client_cert)
         tcp = HostnameEndpoint(self.reactor, loopback_host(host), port,
                                timeout=self.connect_timeout)
         return wrapClientTLS(creator, tcp)
 
+
+
+def pinned_trust_root(ca_pem: bytes):
+    """Every CA in a pinned ``ca.crt``: the pinned one, plus a new host CA learnt during a
+    host-CA rotation (the proxies switch to it when the grace ends)."""
+    return ssl.trustRootFromCertificates(
+        [ssl.Certificate.loadPEM(cert.public_bytes(serialization.Encoding.PEM))
+         for cert in x509.load_pem_x509_certificates(ca_pem)])
 
 @implementer(IHalfCloseableProtocol)
 class LocalConnection(Protocol):

@@ -41,6 +41,7 @@ __all__ = [
     "Renew",
     "RenewOk",
     "RenewRefused",
+    "Trust",
     "parse",
 ]
 
@@ -499,12 +500,40 @@ class Proxies:
         return cls(proxies=tuple(out))
 
 
+MAX_TRUSTED_CAS = 8
+
+
+@attrs.frozen
+class Trust:
+    """proxy -> agent, after hello_ok, after renew_ok and whenever it changes: the host
+    CAs the proxies are trusted under (PEM), the one that issues agent certificates now
+    first. During a host-CA rotation this is how an agent learns the new CA before any
+    proxy presents a certificate it signed; the agent judges it (auth/trust_set.py
+    parse_trust_set) and keeps it in agent/trust.py's file."""
+
+    TYPE: ClassVar[str] = "trust"
+    trusted_cas: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"type": self.TYPE, "trusted_cas": list(self.trusted_cas)}
+
+    @classmethod
+    def parse(cls, message: dict) -> Trust:
+        raw = message.get("trusted_cas")
+        if (not isinstance(raw, list) or not 0 < len(raw) <= MAX_TRUSTED_CAS
+                or not all(isinstance(pem, str) and len(pem) <= MAX_PEM for pem in raw)):
+            raise MessageError(f"trust.trusted_cas must be a list of 1 to {MAX_TRUSTED_CAS} "
+                               f"PEM strings")
+        return cls(trusted_cas=tuple(raw))
+
+
 Message = (Join | JoinOk | JoinRefused | Hello | HelloOk | HelloRefused
-           | Renew | RenewOk | RenewRefused | AppResources | Announce | AnnounceOk | Proxies)
+           | Renew | RenewOk | RenewRefused | AppResources | Announce | AnnounceOk | Proxies
+           | Trust)
 
 _TYPES: dict[str, Any] = {cls.TYPE: cls for cls in (
     Join, JoinOk, JoinRefused, Hello, HelloOk, HelloRefused, Renew, RenewOk, RenewRefused,
-    AppResources, Announce, AnnounceOk, Proxies)}
+    AppResources, Announce, AnnounceOk, Proxies, Trust)}
 
 
 def parse(message: Any) -> Message:

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from apptunnel.agent.errors import AgentError
+from apptunnel.agent.trust import TRUST_FILE, forget_trust_set, load_trust_set
 from apptunnel.auth.pins import cert_pin, check_chain
 from apptunnel.config import AgentConfig
 from apptunnel.files import write_file
@@ -69,12 +70,18 @@ class JoinError(AgentError):
 
 @attrs.frozen
 class AgentIdentity:
-    """The agent's key, its certificate and the cluster CA it trusts."""
+    """The agent's key, its certificate, the CA it joined under and the host CAs it
+    trusts (``trusted``: agent/trust.py's set; empty means just ``ca_pem``)."""
 
     host_id: str
     key_pem: bytes
     cert_pem: bytes
     ca_pem: bytes
+    trusted: tuple[bytes, ...] = ()
+
+    @property
+    def trusted_pems(self) -> tuple[bytes, ...]:
+        return self.trusted or (self.ca_pem,)
 
     @classmethod
     def load(cls, data_dir: str) -> AgentIdentity | None:
@@ -93,6 +100,11 @@ class AgentIdentity:
                 cert_pem=data["agent.crt"],
                 ca_pem=data["ca.crt"],
             )
+            certs = load_trust_set(data_dir, identity.ca_pem,
+                                   x509.load_pem_x509_certificate(identity.cert_pem))
+            if os.path.exists(os.path.join(data_dir, TRUST_FILE)):   # else: ca.crt alone
+                identity = attrs.evolve(identity, trusted=tuple(
+                    c.public_bytes(serialization.Encoding.PEM) for c in certs))
             identity.check()
         except (OSError, ValueError, TypeError) as err:
             raise JoinError(
@@ -112,10 +124,13 @@ class AgentIdentity:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         ):
             raise ValueError("agent.key does not match agent.crt")
-        try:
-            cert.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, InvalidSignature):
-            raise ValueError("agent.crt is not issued by ca.crt") from None
+        for pem in self.trusted_pems:
+            try:
+                cert.verify_directly_issued_by(x509.load_pem_x509_certificate(pem))
+                return
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+        raise ValueError("agent.crt is not issued by ca.crt or a trusted host CA")
 
     def save_cert(self, data_dir: str) -> None:
         """Replace only agent.crt (a renewal keeps the key): one atomic rename."""
@@ -131,6 +146,7 @@ class AgentIdentity:
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         write_file(os.path.join(data_dir, "host_id"), self.host_id.encode("ascii") + b"\n", 0o644)
         write_file(os.path.join(data_dir, "ca.crt"), self.ca_pem, 0o644)
+        forget_trust_set(data_dir)
         write_file(os.path.join(data_dir, "agent.key"), self.key_pem, 0o600)
         write_file(os.path.join(data_dir, "agent.crt"), self.cert_pem, 0o644)
 
@@ -143,9 +159,11 @@ class AgentIdentity:
         """Our certificate and key, for the mutual-TLS tunnel."""
         return ssl.PrivateCertificate.loadPEM(self.cert_pem + self.key_pem)
 
-    def trust_root(self) -> ssl.Certificate:
-        """The cluster CA: the only authority the tunnel trusts for the proxy."""
-        return ssl.Certificate.loadPEM(self.ca_pem)
+    def trust_root(self):
+        """The host CAs (the join CA, plus a new one during a host-CA rotation): the only
+        authorities the tunnel trusts for a proxy."""
+        return ssl.trustRootFromCertificates(
+            [ssl.Certificate.loadPEM(pem) for pem in self.trusted_pems])
 
 
 # -- the pinned handshake ---------------------------------------------------------------

@@ -38,6 +38,9 @@ import random
 from importlib import metadata
 
 import attrs
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import defer, ssl, task
@@ -49,11 +52,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from apptunnel.agent.join import AgentIdentity, JoinError, join, make_csr
+from apptunnel.agent.trust import save_trust_set
 from apptunnel import messages
 from apptunnel.agent.labels import DynamicLabels
 from apptunnel.auth.rbac import parse_label_selector, selector_matches
 from apptunnel.agent.upstream import UpstreamDialer
-from apptunnel.auth.pins import spki_pin
+from apptunnel.auth.trust_set import TrustSetError, parse_trust_set
+from apptunnel.auth.pins import cert_pin, spki_pin
 from apptunnel.config import AgentConfig, AppConfig, ConfigError, app_from_resource
 from apptunnel.net import loopback_host, split_host_port
 from apptunnel.errors import os_error_text
@@ -88,6 +93,14 @@ VERSION = _version()
 
 def _jitter() -> float:
     return random.random()
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _line(text: str) -> str:
@@ -155,6 +168,8 @@ class _AgentTunnel:
             tunnel.close()
         elif isinstance(answer, (messages.RenewOk, messages.RenewRefused)) and self.up:
             self._service.renewal_answered(answer)
+        elif isinstance(answer, messages.Trust) and self.up:
+            self._service.trust_received(answer)
         elif isinstance(answer, messages.AppResources) and self.up:
             self._service.resources_received(answer)
         elif isinstance(answer, messages.AnnounceOk) and self.up:
@@ -619,6 +634,29 @@ class AgentService(MultiService):
         self._cancel_renewal()
         self._joining = defer.ensureDeferred(self._join_until_done())
         self._joining.addErrback(lambda f: f.trap(defer.CancelledError))
+
+    # -- host CAs (a host-CA rotation, auth/ca_set.py) ----------------------------------
+
+    def trust_received(self, answer: messages.Trust) -> None:
+        """A proxy's host CAs, issuing one first: kept (agent/trust.py) and trusted for
+        every proxy from the next connection on; when our certificate is from another
+        CA than the issuing one, renew soon, well inside the rotation's grace."""
+        identity = self.identity
+        cert = x509.load_pem_x509_certificate(identity.cert_pem)
+        try:
+            certs = parse_trust_set(list(answer.trusted_cas), cert)
+            pems = tuple(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+            if pems != identity.trusted_pems:
+                save_trust_set(self.config.data_dir, list(answer.trusted_cas), cert)
+                self.identity = attrs.evolve(identity, trusted=pems)
+                log.info("trusting {count} host CA(s) for proxies now (issuing: {pin})",
+                         count=len(pems), pin=cert_pin(certs[0]))
+        except (TrustSetError, OSError) as err:
+            log.warn("ignoring the host CAs a proxy sent: {error}", error=_line(str(err)))
+            return
+        if not _issued_by(cert, certs[0]) and not self._renew_sent:
+            log.info("the cluster issues agent certificates from a new host CA; renewing")
+            self._schedule_renewal(1.0 + 4.0 * _jitter())
 
     # -- certificate renewal -----------------------------------------------------------
 

@@ -64,6 +64,8 @@ class BotIssued:
     ca_pem: bytes
     not_after: float
     generation: int
+    issuer_pem: bytes = b""   # the user CA that signed cert_pem (not ca_pem after a rotation)
+    trusted_cas: tuple[str, ...] = ()   # the host CAs to trust (a new one in a host-CA rotation)
 
 
 class BotEnrolment:
@@ -152,4 +154,4 @@ class BotEnrolment:
                                           ttl)
         not_after = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc.timestamp()
         return BotIssued(bot.name, tuple(bot.roles), cert_pem, self.ca.cert_pem, not_after,
-                         bot.generation)
+                         bot.generation, self.ca.user_issuer_pem, self.ca.host_trust())

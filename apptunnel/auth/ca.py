@@ -223,6 +223,15 @@ class ClusterCA:
         self.pin = cert_pin(cert)
         self.clock = clock
 
+    @property
+    def user_issuer_pem(self) -> bytes:
+        """The CA that signs user and bot certificates (this one; auth/ca_set.py splits)."""
+        return self.cert_pem
+
+    def host_trust(self) -> tuple[str, ...]:
+        """The host CAs clients are to trust (this one; auth/ca_set.py has more in a rotation)."""
+        return (self.cert_pem.decode("ascii"),)
+
     @classmethod
     def from_pem(cls, cluster_name: str, key_pem: bytes, cert_pem: bytes,
                  clock: IReactorTime) -> ClusterCA:

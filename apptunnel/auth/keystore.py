@@ -48,7 +48,8 @@ from apptunnel.files import read_encryption_key
 from apptunnel.jwks import MIN_REFETCH_INTERVAL
 from apptunnel.polling import Poll
 
-__all__ = ["KIND_CA", "KIND_JWT", "KIND_SAML", "PUBLISH_DELAY", "RETIRE_MARGIN", "ClusterKeys",
+__all__ = ["CA_KINDS", "CA_PUBLISH_DELAY", "KIND_CA", "KIND_HOST_CA", "KIND_JWT", "KIND_SAML",
+           "KIND_USER_CA", "PUBLISH_DELAY", "RETIRE_MARGIN", "ClusterKeys",
            "JwtKeyWatcher", "KeyStore", "KeyStoreError", "RotationPlan", "Sealer", "ring_entries",
            "sealer_from_file"]
 
@@ -57,6 +58,12 @@ log = Logger()
 KIND_CA = "ca"
 KIND_JWT = "jwt"
 KIND_SAML = "saml-sp"
+# The two CA roles (issue 13 item 5): the user CA signs user and bot certificates, the host
+# CA agents' and proxies' own. Both start as a copy of the cluster CA (``ca``), so a cluster
+# changes nothing until one of them is rotated; ``ca`` itself is no longer read after that.
+KIND_USER_CA = "user_ca"
+KIND_HOST_CA = "host_ca"
+CA_KINDS = {"user-ca": KIND_USER_CA, "host-ca": KIND_HOST_CA}
 CURRENT, NEXT, RETIRED = "current", "next", "retired"
 
 # JWT rotation timing. A new key is published by every proxy within one poll (or at once,
@@ -67,6 +74,9 @@ CURRENT, NEXT, RETIRED = "current", "next", "retired"
 KEY_POLL_INTERVAL = 2.0
 PUBLISH_DELAY = KEY_POLL_INTERVAL + MIN_REFETCH_INTERVAL + 3.0
 RETIRE_MARGIN = 15.0
+# A new CA is trusted by every proxy within a poll of being stored; it issues only after
+# that (plus a margin), so no proxy is shown a certificate it has not learnt to trust yet.
+CA_PUBLISH_DELAY = KEY_POLL_INTERVAL + 3.0
 
 SEALED_PREFIX = "enc:v1:"
 _NONCE = 12
@@ -133,11 +143,14 @@ class OpenKey:
 
 @attrs.frozen
 class ClusterKeys:
-    """What one load found: the current key of each kind, and every JWT key (for the JWKS)."""
+    """What one load found: the current key of each kind, every JWT key (for the JWKS)
+    and every stored CA of each role (issuing and trusted ones, auth/ca_set.py)."""
 
     ca: OpenKey
     jwt: tuple[OpenKey, ...]
     saml: OpenKey
+    user_ca: tuple[OpenKey, ...] = ()
+    host_ca: tuple[OpenKey, ...] = ()
 
 
 @attrs.frozen
@@ -196,8 +209,22 @@ class KeyStore:
         ca = await self._current(KIND_CA, self._ca_files, self._new_ca)
         await self._current(KIND_JWT, self._jwt_file, self._new_jwt)
         saml = await self._current(KIND_SAML, self._saml_files, self._new_saml)
+        for kind in (KIND_USER_CA, KIND_HOST_CA):
+            await self._role_from_cluster_ca(kind, ca)
         jwt = await self.keys(KIND_JWT)
-        return ClusterKeys(ca=ca, jwt=jwt, saml=saml)
+        return ClusterKeys(ca=ca, jwt=jwt, saml=saml, user_ca=await self.keys(KIND_USER_CA),
+                           host_ca=await self.keys(KIND_HOST_CA))
+
+    async def _role_from_cluster_ca(self, kind: str, ca: OpenKey) -> None:
+        """A CA role that was never stored starts as the cluster CA (same id, same key),
+        insert-if-absent: proxies starting at once on one store agree, and a role once
+        rotated is never reset."""
+        stored = await self._backend.list_keys(kind)
+        if stored:
+            await self._reseal_plain(stored)
+            return
+        if await self.add(kind, _Fresh(ca.id, ca.private_pem, ca.record.public), CURRENT):
+            log.info("the {kind} role starts as the cluster CA {id}", kind=kind, id=ca.id)
 
     async def keys(self, kind: str) -> tuple[OpenKey, ...]:
         """Every stored key of `kind`, opened, oldest first."""
@@ -243,12 +270,44 @@ class KeyStore:
             raise KeyStoreError("the current key changed during the rotation; try again")
         return RotationPlan(KIND_JWT, current.id, fresh.id, now, activate_at, retire_at)
 
-    async def settle(self) -> None:
+    async def rotate_ca(self, kind: str, grace: float,
+                        delay: float = CA_PUBLISH_DELAY) -> RotationPlan:
+        """Store a new CA of role `kind` that is trusted at once and issues from now +
+        `delay`; the current one stays trusted until `grace` after that, then goes.
+        KeyStoreError while a rotation of that role is under way."""
+        await self.load()
+        await self.settle(kind)
+        now = self._clock.seconds()
+        stored = await self._backend.list_keys(kind)
+        busy = [r for r in stored if r.state in (NEXT, RETIRED)]
+        if busy:
+            until = busy[0].activate_at if busy[0].state == NEXT else busy[0].retire_at
+            raise KeyStoreError(f"a {kind} rotation is under way until {_when(until)}")
+        [current] = [r for r in stored if r.state == CURRENT]
+        key_pem, cert_pem = new_ca_pem(self._cluster_name, now)
+        fresh = _Fresh(ClusterCA.from_pem(self._cluster_name, key_pem, cert_pem,
+                                          self._clock).pin, key_pem, cert_pem.decode("ascii"))
+        activate_at = now + delay
+        retire_at = activate_at + grace
+        if not await self.add(kind, fresh, NEXT, activate_at=activate_at):
+            raise KeyStoreError("another rotation started at the same time; run `apptunnel "
+                                "auth status`")
+        if not await self._backend.set_key_states(
+                [(CURRENT, attrs.evolve(current, retire_at=retire_at))]):
+            await self._backend.delete_key(kind, fresh.id)
+            raise KeyStoreError("the current CA changed during the rotation; try again")
+        return RotationPlan(kind, current.id, fresh.id, now, activate_at, retire_at)
+
+    async def settle(self, *kinds: str) -> None:
         """Write down what time already decided (any proxy or CLI may; compare-and-set):
         a `next` key past its activate_at becomes current (the old one retired), a retired
-        key past its retire_at is deleted."""
+        key past its retire_at is deleted. `kinds`: JWT when none are named."""
+        for kind in kinds or (KIND_JWT,):
+            await self._settle(kind)
+
+    async def _settle(self, kind: str) -> None:
         now = self._clock.seconds()
-        stored = await self._backend.list_keys(KIND_JWT)
+        stored = await self._backend.list_keys(kind)
         current = [r for r in stored if r.state == CURRENT]
         for record in stored:
             if record.state == NEXT and record.activate_at is not None \
@@ -260,7 +319,7 @@ class KeyStore:
                     (NEXT, attrs.evolve(record, state=CURRENT)),
                 ])
             elif record.state == RETIRED and (record.retire_at or 0.0) <= now:
-                await self._backend.delete_key(KIND_JWT, record.id)
+                await self._backend.delete_key(kind, record.id)
 
     # -- loading one kind --------------------------------------------------------
 
@@ -268,8 +327,8 @@ class KeyStore:
                        make: Callable[[], _Fresh]) -> OpenKey:
         stored = await self._backend.list_keys(kind)
         current = [r for r in stored if r.state == CURRENT]
-        files = from_files()
         if not current:
+            files = from_files()
             fresh = files or make()
             if await self.add(kind, fresh, CURRENT):
                 if files is not None:
@@ -281,11 +340,22 @@ class KeyStore:
             current = [r for r in await self._backend.list_keys(kind) if r.state == CURRENT]
             if not current:
                 raise KeyStoreError(f"no current {kind} key stored after inserting one")
-        elif files is not None and files.id != current[0].id:
+        elif self._leftover_differs(from_files, current[0].id):
             log.warn("data_dir {dir} holds a {kind} key that is not the cluster's (stored) "
                      "one; it is ignored", dir=self._data_dir, kind=kind)
         await self._reseal_plain(stored)
         return self._open(current[0])
+
+    @staticmethod
+    def _leftover_differs(from_files: Callable[[], _Fresh | None], stored_id: str) -> bool:
+        """Whether key files left in data_dir are not the stored key. Once a key is stored
+        the files are never used, so an unreadable pair is no reason to stop: after a
+        host-CA rotation ``ca.crt`` (published, auth/ca.py) no longer fits an old ``ca.key``."""
+        try:
+            files = from_files()
+        except KeyStoreError:
+            return True
+        return files is not None and files.id != stored_id
 
     def _open(self, record: KeyRecord) -> OpenKey:
         if is_sealed(record):

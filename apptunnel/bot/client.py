@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from apptunnel.auth.trust_set import TrustSetError, pinned_with_trusted
 from apptunnel.auth.pins import cert_pin, check_chain
 from apptunnel.cli.http import ProxyClient, fetch_chain, tls_context
 from apptunnel.errors import ApptunnelError
@@ -45,7 +46,7 @@ def join(proxy: str, pin: str, token: str, public_key: str, ttl: float,
     ca_pem = next(c for c in chain if cert_pin(c) == pin).public_bytes(Encoding.PEM)
     answer = _call(ProxyClient(proxy, tls_context(ca_pem)), "/v1/bots/join",
                    {"token": token, "public_key": public_key, "ttl": ttl})
-    return _certificate(answer, pin)
+    return _certificate(answer, {pin})
 
 
 def renew(proxy: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, public_key: str,
@@ -53,7 +54,7 @@ def renew(proxy: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, public_key
     """(cert_pem, ca_pem) for the holder of ``cert_pem`` (never a token)."""
     client = ProxyClient(proxy, tls_context(ca_pem, client=(cert_pem, key_pem)))
     answer = _call(client, "/v1/bots/renew", {"public_key": public_key, "ttl": ttl})
-    return _certificate(answer, cert_pin(x509.load_pem_x509_certificate(ca_pem)))
+    return _certificate(answer, {cert_pin(c) for c in x509.load_pem_x509_certificates(ca_pem)})
 
 
 def _call(client: ProxyClient, path: str, body: dict) -> dict:
@@ -70,16 +71,27 @@ def _call(client: ProxyClient, path: str, body: dict) -> dict:
     return answer
 
 
-def _certificate(answer: dict, pin: str) -> tuple[bytes, bytes]:
+def _certificate(answer: dict, pins: set[str]) -> tuple[bytes, bytes]:
+    """(cert_pem, the ca.crt to keep) from a join or renewal answer whose ``ca`` is one we
+    trust (``pins``); ca.crt holds the other host CAs named in ``trusted_cas`` too, so
+    the bot follows a host-CA rotation."""
     cert, ca = answer.get("cert"), answer.get("ca")
-    if not isinstance(cert, str) or not isinstance(ca, str):
+    # ``issuer``: the user CA that signed the certificate, once a user-CA rotation split it
+    # from ``ca`` (the pinned CA the proxy is verified against); older proxies omit it.
+    issuer = answer.get("issuer") or ca
+    if not isinstance(cert, str) or not isinstance(ca, str) or not isinstance(issuer, str):
         raise BotCallFailed("the proxy's answer has no certificate")
     try:
         ca_cert = x509.load_pem_x509_certificate(ca.encode("ascii"))
         leaf = x509.load_pem_x509_certificate(cert.encode("ascii"))
-        leaf.verify_directly_issued_by(ca_cert)
+        leaf.verify_directly_issued_by(x509.load_pem_x509_certificate(issuer.encode("ascii")))
     except (ValueError, TypeError, UnicodeEncodeError, InvalidSignature) as err:
         raise BotCallFailed(f"the proxy's certificate is unusable: {err}") from None
-    if cert_pin(ca_cert) != pin:
+    pin = cert_pin(ca_cert)
+    if pin not in pins:
         raise BotCallFailed("the proxy answered with a CA that does not have the pin")
-    return cert.encode("ascii"), ca.encode("ascii")
+    try:
+        kept = pinned_with_trusted(ca.encode("ascii"), answer.get("trusted_cas"), pin)
+    except TrustSetError as err:
+        raise BotCallFailed(f"the proxy answered with {err}") from None
+    return cert.encode("ascii"), kept

@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from apptunnel.admin.context import Actor, AdminContext, AdminError, USAGE
 from apptunnel.audit import AuditLog
-from apptunnel.auth.ca import ClusterCA
+from apptunnel.auth.ca_set import CaLoader, CaSet
 from apptunnel.auth.keystore import KeyStore, KeyStoreError, sealer_from_file
 from apptunnel.backend import Backend, open_backend
 from apptunnel.cli.control import refresh_proxy
@@ -174,12 +174,13 @@ class Admin:
                         cluster_name=self.config.cluster_name,
                         jwt_algorithm=self.config.jwt_algorithm, sealer=sealer)
 
-    async def cluster_ca(self) -> ClusterCA:
-        """The cluster CA (made or imported on first use, as a proxy start would)."""
+    async def cluster_ca(self) -> CaSet:
+        """The cluster's CAs (made or imported on first use, as a proxy start would); its
+        ``pin`` is the host CA the proxies present now, what joining agents and bots pin."""
         try:
             keys = await self.keystore().load()
-            return ClusterCA.from_pem(self.config.cluster_name, keys.ca.private_pem,
-                                      keys.ca.record.public.encode("ascii"), self.reactor)
+            loader = CaLoader(self.config.cluster_name, self.reactor)
+            return CaSet(*loader.roles(keys.user_ca, keys.host_ca))
         except (KeyStoreError, ValueError) as err:
             raise CliError(f"cluster keys: {err}") from None
 

@@ -24,6 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from apptunnel.auth.trust_set import TrustSetError, pinned_with_trusted
 from apptunnel.auth.pins import cert_pin, check_chain, parse_pin
 from apptunnel.auth.passwords import MAX_PASSWORD_LENGTH
 from apptunnel.cli.context import CliError, Io, UsageError, duration_arg
@@ -164,6 +165,11 @@ def _finish(args: argparse.Namespace, io: Io, code: int, answer, key, pin: str |
         raise CliError(f"the proxy at {args.proxy} refused the login: "
                        f"{_error_text(answer)} (HTTP {code})")
     cert_pem = _check_answer(args.proxy, answer, key, pin)
+    if ca_pem is not None and pin is not None:
+        try:   # a host-CA rotation: the new CA too, for when the proxies switch to it
+            ca_pem = pinned_with_trusted(ca_pem, answer.get("trusted_cas"), pin)
+        except TrustSetError as err:
+            raise CliError(f"the proxy at {args.proxy} answered with {err}") from None
     profile = Profile(
         proxy=args.proxy, trust=trust,
         cert_pem=cert_pem,
@@ -276,21 +282,28 @@ def _pinned_ca(proxy: str, pin: str, now: float) -> bytes:
 
 
 def _check_answer(proxy: str, answer: dict, key: ec.EllipticCurvePrivateKey,
-                  pin: str | None) -> bytes:
-    """The certificate from the proxy's answer, if it is for our key and from the right CA."""
+                  pin: str | frozenset[str] | None) -> bytes:
+    """The certificate from the proxy's answer, if it is for our key and from the right CA
+    (``pin``: the one pinned, or any of a profile's CAs after a host-CA rotation)."""
     try:
         cert_text, ca_text = answer.get("cert"), answer.get("ca")
-        if not isinstance(cert_text, str) or not isinstance(ca_text, str):
+        # ``issuer``: the user CA that signed it, once a user-CA rotation split it from
+        # ``ca`` (what the proxy is pinned and verified by); older proxies omit it.
+        issuer_text = answer.get("issuer") or ca_text
+        if not all(isinstance(t, str) for t in (cert_text, ca_text, issuer_text)):
             raise ValueError("the answer has no cert and ca")
         cert = x509.load_pem_x509_certificate(cert_text.encode("ascii"))
         ca = x509.load_pem_x509_certificate(ca_text.encode("ascii"))
-        if pin is not None and cert_pin(ca) != pin:
-            raise ValueError(f"the CA it returned does not match --ca-pin {pin}")
+        pins = {pin} if isinstance(pin, str) else pin
+        if pins is not None and cert_pin(ca) not in pins:
+            raise ValueError(f"the CA it returned does not match --ca-pin {pin}"
+                             if isinstance(pin, str) else "the CA it returned is not one "
+                             "the profile trusts")
         ours = serialization.PublicFormat.SubjectPublicKeyInfo
         if cert.public_key().public_bytes(serialization.Encoding.DER, ours) != \
                 key.public_key().public_bytes(serialization.Encoding.DER, ours):
             raise ValueError("the certificate is not for our key")
-        cert.verify_directly_issued_by(ca)
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(issuer_text.encode("ascii")))
     except (ValueError, TypeError, UnicodeError, InvalidSignature) as err:
         raise CliError(f"the proxy at {proxy} answered with a bad certificate: "
                        f"{err or 'signature check failed'}") from None

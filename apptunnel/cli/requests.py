@@ -169,8 +169,8 @@ def _elevate(profile: Profile, request_id: str, io: Io) -> dict:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     answer = _call(profile, "POST", f"/v1/access-requests/{request_id}/certs",
                    {"public_key": public_pem.decode("ascii")})
-    pin = (None if profile.ca_pem is None
-           else cert_pin(x509.load_pem_x509_certificate(profile.ca_pem)))
+    pin = (None if profile.ca_pem is None   # every CA of the profile: a host-CA rotation
+           else frozenset(cert_pin(c) for c in x509.load_pem_x509_certificates(profile.ca_pem)))
     cert_pem = check_certificate_answer(profile.proxy, answer, key, pin)
     Profile(proxy=profile.proxy, trust=profile.trust, cert_pem=cert_pem,
             key_pem=key.private_bytes(serialization.Encoding.PEM,

@@ -30,7 +30,8 @@ from apptunnel.audit import AuditLog
 from apptunnel.audit.journal import Journal
 from apptunnel.auth.access import AccessPolicy
 from apptunnel.auth.bots import BotEnrolment
-from apptunnel.auth.ca import ClusterCA, load_server_tls, publish_ca_cert
+from apptunnel.auth.ca import load_server_tls, publish_ca_cert
+from apptunnel.auth.ca_set import CaLoader, CaSet, CaWatcher
 from apptunnel.auth.connectors.ldap import CONCURRENT_CHECKS, LdapSignIn
 from apptunnel.auth.connectors.saml import CONCURRENT_CHECKS as SAML_CHECKS
 from apptunnel.auth.connectors.saml import SamlSignIn, SpKeys, fetch_metadata
@@ -65,6 +66,7 @@ from apptunnel.proxy.limits import ConnectionTracker, LimitedFactory, raise_fd_l
 from apptunnel.proxy.pool import TunnelPool
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.tcp_access import TcpAccess
+from apptunnel.proxy.tls_switch import SwitchableTls
 from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_options
 from apptunnel.proxy.web_channel import WebSite
 from apptunnel.startup import CannotStart, Listeners, fatal
@@ -80,7 +82,7 @@ _SWEEP_INTERVAL = 600.0
 
 
 def _web_tls_options(cert_pem: bytes, key_pem: bytes, chain: list[bytes],
-                     client_ca_pem: bytes | None = None):
+                     client_ca_pem: bytes | None = None, also_trusted: tuple[bytes, ...] = ()):
     """TLS for browsers: our certificate (plus the CA, so clients can pin it), TLS 1.2+.
 
     ALPN is pinned to HTTP/1.1: the edge speaks HTTP/1.1, and without an explicit list
@@ -90,6 +92,8 @@ def _web_tls_options(cert_pem: bytes, key_pem: bytes, chain: list[bytes],
     required: the CLI presents its user certificate, browsers present nothing and are
     served as before. A certificate that is offered must chain to the cluster CA, or the
     handshake fails; who it names is decided per request by the web routes.
+    ``also_trusted``: further CAs a client certificate may chain to (the other side of a
+    CA rotation, auth/ca_rotation.py).
     """
     cert = crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem)
     key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
@@ -99,7 +103,8 @@ def _web_tls_options(cert_pem: bytes, key_pem: bytes, chain: list[bytes],
         client_auth = {
             "verify": True,
             "requireCertificate": False,
-            "caCerts": [crypto.load_certificate(crypto.FILETYPE_PEM, client_ca_pem)],
+            "caCerts": [crypto.load_certificate(crypto.FILETYPE_PEM, pem)
+                        for pem in [client_ca_pem, *also_trusted]],
         }
     return ssl.CertificateOptions(
         privateKey=key,
@@ -154,6 +159,7 @@ class ProxyService(MultiService):
         except KeyStoreError as err:
             raise ConfigError(f"{config.path}: {err}") from None
         self.jwt_watcher: JwtKeyWatcher | None = None
+        self.ca_watcher: CaWatcher | None = None
         self.keystore = KeyStore(self.backend, reactor, data_dir=config.data_dir,
                                  cluster_name=config.cluster_name,
                                  jwt_algorithm=config.jwt_algorithm, sealer=sealer)
@@ -230,9 +236,10 @@ class ProxyService(MultiService):
     def _assemble(self, keys: ClusterKeys) -> None:
         """The parts that hold the cluster's keys, built once the key store is read (start)."""
         config, reactor, notices = self.config, self.reactor, self._notices
+        loader = CaLoader(config.cluster_name, reactor)
         try:
-            self.ca = ClusterCA.from_pem(config.cluster_name, keys.ca.private_pem,
-                                         keys.ca.record.public.encode("ascii"), reactor)
+            # The user and host CA roles (auth/ca_set.py); both start as the cluster CA.
+            self.ca = CaSet(*loader.roles(keys.user_ca, keys.host_ca))
             self.jwt_keys = JwtKeyRing(reactor, ring_entries(keys.jwt))
         except (ValueError, KeyStoreError) as err:
             raise CannotStart(f"stored cluster key unusable: {err}") from None
@@ -242,20 +249,13 @@ class ProxyService(MultiService):
                      wanted=config.jwt_algorithm, have=self.jwt_keys.signing().algorithm)
         # A rotation (`apptunnel auth rotate`) anywhere reaches this proxy's JWKS in a poll.
         self.jwt_watcher = JwtKeyWatcher(self.keystore, self.jwt_keys, reactor)
-        publish_ca_cert(config.data_dir, self.ca.cert_pem)
-        # advertise_tunnel_addr's host too: agents sent here by other proxies verify it.
-        advertise = config.advertise_tunnel_addr.rpartition(":")[0].strip("[]").lower()
-        names = [config.public_host, "*." + config.public_host, "localhost"]
-        if not is_ip(advertise) and advertise not in names:
-            names.append(advertise)
-        ips = sorted({"127.0.0.1", *_ip_hosts(config.web_listen_host, config.tunnel_listen_host,
-                                              advertise)})
-        own_cert, own_key = load_server_tls(config.data_dir, self.ca, names, ips)
-        if config.tls_cert_file:
-            web_cert, web_key = self._operator_tls
-            web_chain: list[bytes] = []
-        else:
-            web_cert, web_key, web_chain = own_cert, own_key, [self.ca.cert_pem]
+        # A CA rotation anywhere: the CAs issue and verify anew, and new connections get
+        # TLS contexts that trust the new sets (and, after a host-CA grace, show the new
+        # server certificate); connections already open keep theirs.
+        web_tls, tunnel_tls = self._tls_options()
+        self.web_tls, self.tunnel_tls = SwitchableTls(web_tls), SwitchableTls(tunnel_tls)
+        self.ca_watcher = CaWatcher(self.keystore, self.ca, loader, reactor,
+                                    on_change=self._cas_changed)
         self.saml = SamlSignIn(
             connectors=self.connectors,
             signin=ExternalSignIn(self.backend, self.audit, reactor, users=self.users,
@@ -315,7 +315,7 @@ class ProxyService(MultiService):
         )
         edge = EdgeFactory(config.public_host, site, self.forwarder, tcp_access=self.tcp_access)
         web_endpoint = SSL4ServerEndpoint(
-            reactor, config.web_listen_port, _web_tls_options(web_cert, web_key, web_chain, self.ca.cert_pem),
+            reactor, config.web_listen_port, self.web_tls,
             interface=config.web_listen_host,
         )
         self.listeners.add(f"web_listen_addr {config.web_listen_addr}", web_endpoint,
@@ -339,10 +339,12 @@ class ProxyService(MultiService):
             allowed_public_addrs=config.allowed_public_addrs,
             resources=self.app_resources,
             peers=self.peers,
+            trusted_cas=self.ca.host_trust,
         )
+        self._tunnel_factory = tunnel_factory
         tunnel_endpoint = SSL4ServerEndpoint(
             reactor, config.tunnel_listen_port,
-            tunnel_tls_options(self.ca.cert_pem, own_cert, own_key),
+            self.tunnel_tls,
             interface=config.tunnel_listen_host,
         )
         # The same limits as the web port: an agent's port is just as reachable.
@@ -361,6 +363,41 @@ class ProxyService(MultiService):
         else:
             self.listeners.add(f"the control socket {control_path(config.data_dir)}",
                                control, ControlFactory(self.refresh_now, reactor))
+
+    def _tls_options(self):
+        """(web, tunnel) TLS options for the CAs of now: the web port asks for client
+        certificates of the trusted user CAs, the tunnel port of the trusted host CAs;
+        both show a server certificate of the presented host CA (issued when needed)."""
+        config, host = self.config, self.ca.host
+        publish_ca_cert(config.data_dir, self.ca.cert_pem)
+        # advertise_tunnel_addr's host too: agents sent here by other proxies verify it.
+        advertise = config.advertise_tunnel_addr.rpartition(":")[0].strip("[]").lower()
+        names = [config.public_host, "*." + config.public_host, "localhost"]
+        if not is_ip(advertise) and advertise not in names:
+            names.append(advertise)
+        ips = sorted({"127.0.0.1", *_ip_hosts(config.web_listen_host, config.tunnel_listen_host,
+                                              advertise)})
+        own_cert, own_key = load_server_tls(config.data_dir, self.ca, names, ips)
+        if config.tls_cert_file:
+            web_cert, web_key = self._operator_tls
+            web_chain: list[bytes] = []
+        else:
+            web_cert, web_key, web_chain = own_cert, own_key, [self.ca.cert_pem]
+        [user_first, *user_more] = self.ca.user.trusted_pems()
+        web = _web_tls_options(web_cert, web_key, web_chain, user_first, tuple(user_more))
+        others = tuple(pem for pem in host.trusted_pems() if pem != self.ca.cert_pem)
+        tunnel = tunnel_tls_options(self.ca.cert_pem, own_cert, own_key, also_trusted=others)
+        return web, tunnel
+
+    def _cas_changed(self) -> None:
+        try:
+            web, tunnel = self._tls_options()
+            self.web_tls.replace(web)
+            self.tunnel_tls.replace(tunnel)
+            self._tunnel_factory.trust_changed()
+        except (OSError, ValueError, crypto.Error, ssl.SSL.Error) as err:
+            log.warn("cannot rebuild TLS for the new cluster CAs (new connections keep the "
+                     "old ones): {error}", error=err)
 
     def startService(self) -> None:
         self.audit.start()
@@ -396,6 +433,7 @@ class ProxyService(MultiService):
                      "set backend.encryption_key_file (docs/operator.rst, Keys and rotation)")
         self._assemble(keys)
         self.jwt_watcher.start()
+        self.ca_watcher.start()
         await self.listeners.listen()
         try:
             await self.backend.list_locks(self.reactor.seconds())  # the store opens and reads
@@ -429,6 +467,8 @@ class ProxyService(MultiService):
         self.requests.stop()
         if self.jwt_watcher is not None:   # built at start, once the keys were read
             self.jwt_watcher.stop()
+        if self.ca_watcher is not None:
+            self.ca_watcher.stop()
         self.ldap_threads.stop()   # waits for binds in flight: each ends within its timeout
         self.saml_threads.stop()
         try:
@@ -444,7 +484,8 @@ class ProxyService(MultiService):
         self.connectors.invalidate()
         self.access.forget()
         self.sessions.forget_cached()   # `users reset` ended sessions in storage
-        keys = ([defer.ensureDeferred(self.jwt_watcher.refresh())]
+        keys = ([defer.ensureDeferred(self.jwt_watcher.refresh()),
+                 defer.ensureDeferred(self.ca_watcher.refresh())]
                 if self.jwt_watcher is not None else [])
         return defer.gatherResults([*keys, defer.ensureDeferred(self.locks.refresh()),
                                     defer.ensureDeferred(self.users.refresh()),

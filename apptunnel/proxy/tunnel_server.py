@@ -29,6 +29,7 @@ stream an agent tries to open.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 
 from cryptography import x509
 from OpenSSL import crypto
@@ -57,6 +58,7 @@ from apptunnel.messages import (
     JoinRefused,
     MessageError,
     Proxies,
+    Trust,
     Renew,
     RenewOk,
     RenewRefused,
@@ -82,16 +84,20 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 _HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\Z")
 
 
-def tunnel_tls_options(ca_cert_pem: bytes, cert_pem: bytes, key_pem: bytes) -> ssl.CertificateOptions:
+def tunnel_tls_options(ca_cert_pem: bytes, cert_pem: bytes, key_pem: bytes,
+                       also_trusted: Sequence[bytes] = ()) -> ssl.CertificateOptions:
     """TLS 1.3 only; our cert plus the CA in the chain (so agents can check the pin);
-    client certificates requested and verified against the cluster CA, not required."""
+    client certificates requested and verified against the cluster CA, not required.
+    ``also_trusted``: further CA certificates client certificates may chain to (the
+    other side of a CA rotation, auth/ca_rotation.py); empty outside a rotation."""
     ca = crypto.load_certificate(crypto.FILETYPE_PEM, ca_cert_pem)
+    trusted = [ca] + [crypto.load_certificate(crypto.FILETYPE_PEM, pem) for pem in also_trusted]
     return ssl.CertificateOptions(
         privateKey=crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem),
         certificate=crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem),
         extraCertChain=[ca],
         verify=True,
-        caCerts=[ca],
+        caCerts=trusted,
         requireCertificate=False,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_3,
     )
@@ -109,8 +115,12 @@ class TunnelServerFactory(ServerFactory):
                  proxy_id: str, public_host: str, public_port: int,
                  keepalive_interval: float = 5.0, keepalive_timeout: float = 15.0,
                  locks=None, allowed_public_addrs: tuple[str, ...] = (),
-                 resources=None, peers=None) -> None:
+                 resources=None, peers=None,
+                 trusted_cas: Callable[[], tuple[str, ...]] | None = None) -> None:
         self.enrolment = enrolment
+        # The host CAs agents are to trust (issuing first; auth/ca_set.py), sent as
+        # ``trust`` after hello_ok and renew_ok and to every agent when they change.
+        self.trusted_cas = trusted_cas
         self.peers = peers           # proxy.peers.Peers: the live proxies agents are told of
         self.resources = resources   # proxy.app_resources.AppResources, or None
         self.registry = registry
@@ -135,6 +145,12 @@ class TunnelServerFactory(ServerFactory):
             self.audit.emit("lock.enforced", actor=lock.agent, target=self.proxy_id,
                             outcome="failure", lock=lock.id, where="agent tunnel")
             session.cut(f"agent {lock.agent} is locked")
+
+    def trust_changed(self) -> None:
+        """The host CAs changed (a host-CA rotation): tell every registered agent."""
+        for sessions in list(self.sessions.values()):
+            for session in list(sessions):
+                session.push_trust()
 
     def buildProtocol(self, addr) -> TunnelProtocol:
         return TunnelProtocol(
@@ -377,6 +393,7 @@ class TunnelSession:
         self._cert = cert
         self._watch_expiry(cert.not_valid_after_utc.timestamp())
         self._send(tunnel, HelloOk(proxy_id=f.proxy_id, refused=tuple(refused)))
+        self.push_trust()
         log.info("agent {host_id} connected from {peer} with apps {apps}", host_id=host_id,
                  peer=self._peer, apps=", ".join(serving) or "(none)")
         self._enrolment.connected(host_id, self._peer, tuple(serving), hello.version)
@@ -386,6 +403,12 @@ class TunnelSession:
         if f.peers is not None:
             f.peers.add_listener(self._peers_changed)
             self._peers_changed(f.peers.live())
+
+    def push_trust(self) -> None:
+        """Send the agent the host CAs to trust (nothing without a provider)."""
+        f = self._factory
+        if f.trusted_cas is not None and self._state == "registered" and self._tunnel is not None:
+            self._send(self._tunnel, Trust(trusted_cas=f.trusted_cas()))
 
     def _peers_changed(self, live) -> None:
         """Tell the agent every live proxy (after hello_ok and on each change), so it keeps
@@ -590,6 +613,7 @@ class TunnelSession:
             return
         self._watch_expiry(issued.not_after)
         self._send(tunnel, RenewOk(cert=issued.cert_pem.decode("ascii")))
+        self.push_trust()
         f.audit.emit("agent.renew", actor=host_id, target=f.proxy_id, outcome="success",
                      peer=self._peer)
         log.info("renewed the certificate of agent {host_id}", host_id=host_id)

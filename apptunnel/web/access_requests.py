@@ -110,5 +110,6 @@ class AccessRequestApi:
         self._service.assumed(caller, request, "certificate")
         expires = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc.timestamp()
         return {"cert": cert_pem.decode("ascii"), "ca": self._ca.cert_pem.decode("ascii"),
+                "issuer": self._ca.user_issuer_pem.decode("ascii"),
                 "expires": expires, "user": caller.user, "roles": list(roles),
                 "request_id": request.id}

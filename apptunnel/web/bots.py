@@ -81,6 +81,7 @@ def _claimed_bot(cert) -> str:
 
 def _answer(issued: BotIssued) -> dict:
     return {"cert": issued.cert_pem.decode("ascii"), "ca": issued.ca_pem.decode("ascii"),
-            "expires": issued.not_after, "bot": issued.bot, "roles": list(issued.roles)}
+            "issuer": issued.issuer_pem.decode("ascii"),
+            "trusted_cas": list(issued.trusted_cas), "expires": issued.not_after, "bot": issued.bot, "roles": list(issued.roles)}
 
 

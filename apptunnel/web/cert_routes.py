@@ -105,6 +105,8 @@ class CertRoutes(Routes):
         return json_response(request, 200, {
             "cert": cert_pem.decode("ascii"),
             "ca": ctx.ca.cert_pem.decode("ascii"),
+            "issuer": ctx.ca.user_issuer_pem.decode("ascii"),
+            "trusted_cas": list(ctx.ca.host_trust()),
             "expires": expires,
             "user": caller.user,
             "roles": list(caller.roles),

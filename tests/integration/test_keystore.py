@@ -110,8 +110,10 @@ def test_proxies_racing_on_one_postgres_share_one_sealed_ca(tmp_path, postgres_s
         assert len(pins) == 1, pins
         rows = postgres_server.psql("SELECT kind, state, material FROM keys ORDER BY kind",
                                     database=db["dbname"]).splitlines()
+        # The two CA roles start as the cluster CA (racing proxies agree: insert-if-absent).
         assert [row.split("|")[:2] for row in rows] == [
-            ["ca", "current"], ["jwt", "current"], ["saml-sp", "current"]]
+            ["ca", "current"], ["host_ca", "current"], ["jwt", "current"],
+            ["saml-sp", "current"], ["user_ca", "current"]]
         for row in rows:
             material = row.split("|", 2)[2]
             assert material.startswith("enc:v1:") and "PRIVATE KEY" not in material

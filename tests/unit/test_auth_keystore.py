@@ -38,7 +38,9 @@ async def test_first_load_makes_one_key_of_each_kind_and_later_loads_read_them(t
     assert first == again
     assert [k.state for k in first.jwt] == ["current"]
     kinds = sorted(k.kind for k in await backend.list_keys())
-    assert kinds == ["ca", "jwt", "saml-sp"]
+    # Both CA roles start as the cluster CA (same key): nothing changes until a rotation.
+    assert kinds == ["ca", "host_ca", "jwt", "saml-sp", "user_ca"]
+    assert [k.id for k in first.user_ca] == [k.id for k in first.host_ca] == [first.ca.id]
     assert os.listdir(tmp_path) == []          # nothing written to data_dir
 
 

@@ -32,9 +32,18 @@ def test_values_are_parsed_and_normalised(tmp_path):
     ("allowed_public_addrs: [5]\n", "allowed_public_addrs[0]"),
     ("allowed_public_addrs: ['*.x.example:443']\n", "allowed_public_addrs[0]"),
     ("allowed_public_addrs: ['a b']\n", "allowed_public_addrs[0]"),
+    ("ca_min_grace_period: 0s\n", "ca_min_grace_period"),
+    ("ca_min_grace_period: soon\n", "ca_min_grace_period"),
 ])
 def test_bad_values_are_one_line_naming_the_key(tmp_path, text, key):
     """Each problem is one `file:line: key: problem` line."""
     with pytest.raises(ConfigError) as info:
         load_proxy_config(write(tmp_path, PROXY_OK + text))
     assert f": {key}: " in str(info.value) and "\n" not in str(info.value)
+
+
+def test_ca_min_grace_period_defaults_to_an_hour_and_can_be_lowered(tmp_path):
+    """The floor `auth rotate --type user-ca|host-ca` enforces on --grace-period."""
+    assert load_proxy_config(write(tmp_path, PROXY_OK)).ca_min_grace_period == 3600.0
+    lowered = load_proxy_config(write(tmp_path, PROXY_OK + "ca_min_grace_period: 2s\n"))
+    assert lowered.ca_min_grace_period == 2.0

@@ -12,6 +12,7 @@ from twisted.internet import reactor
 from twisted.internet import reactor as wall_clock
 
 from apptunnel.auth.ca import ClusterCA
+from apptunnel.proxy.service import _web_tls_options
 from apptunnel.proxy.tunnel_server import (
     FIRST_MESSAGE_TIMEOUT,
     tunnel_tls_options,
@@ -98,6 +99,20 @@ def test_tls_rejects_foreign_client_certificate(tls_server, tmp_path):
     other = ClusterCA.load_or_create(str(tmp_path / "other"), "unit", wall_clock)
     with pytest.raises(SSL.Error):
         handshake(ctx, client_context(cert_and_key=agent_pair(other)))
+
+
+def test_tls_trusts_the_other_ca_of_a_rotation_and_no_one_else(tmp_path):
+    """During a CA rotation both CAs' agent certificates pass; a third CA's still fail."""
+    old = ClusterCA.load_or_create(str(tmp_path / "old"), "unit", wall_clock)
+    new = ClusterCA.load_or_create(str(tmp_path / "new"), "unit", wall_clock)
+    stranger = ClusterCA.load_or_create(str(tmp_path / "stranger"), "unit", wall_clock)
+    cert, key = old.issue_server_cert(["localhost"], ["127.0.0.1"])
+    options = tunnel_tls_options(old.cert_pem, cert, key, also_trusted=[new.cert_pem])
+    for ca in (old, new):
+        server = handshake(options.getContext(), client_context(cert_and_key=agent_pair(ca)))
+        assert server.get_peer_certificate().get_subject().CN == "host-1"
+    with pytest.raises(SSL.Error):
+        handshake(options.getContext(), client_context(cert_and_key=agent_pair(stranger)))
 
 
 def test_tls_rejects_tls12(tls_server):
@@ -285,3 +300,18 @@ async def test_certificate_of_expired_agent_cannot_hello(world):
     agent = AgentSide(hello())
     await settle(world.connect(agent, cert), lambda: agent.lost is not None, "close")
     assert world.registry.apps() == []
+
+
+def test_web_tls_trusts_the_other_ca_of_a_rotation_and_no_one_else(tmp_path):
+    """The web port's client-certificate check: both CAs of a rotation pass, others fail."""
+    old = ClusterCA.load_or_create(str(tmp_path / "old"), "unit", wall_clock)
+    new = ClusterCA.load_or_create(str(tmp_path / "new"), "unit", wall_clock)
+    stranger = ClusterCA.load_or_create(str(tmp_path / "stranger"), "unit", wall_clock)
+    cert, key = old.issue_server_cert(["localhost"], ["127.0.0.1"])
+    options = _web_tls_options(cert, key, [old.cert_pem], old.cert_pem,
+                               also_trusted=(new.cert_pem,))
+    for ca in (old, new):
+        server = handshake(options.getContext(), client_context(cert_and_key=agent_pair(ca)))
+        assert server.get_peer_certificate().get_subject().CN == "host-1"
+    with pytest.raises(SSL.Error):
+        handshake(options.getContext(), client_context(cert_and_key=agent_pair(stranger)))
