@@ -103,6 +103,9 @@ def new_event_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNT):016x}"
 
 
+# The mirror's lines are the record's fields, not the store's cached encoding of them.
+_RECORD = attrs.filters.exclude(attrs.fields(AuditEvent).fields_json)
+
 _SCALARS = frozenset([str, int, float, bool, type(None)])
 
 
@@ -482,7 +485,8 @@ class AuditLog:
         if self._json_file is None:
             return
         lines = [
-            json.dumps(attrs.asdict(e), sort_keys=True, separators=(",", ":")) + "\n"
+            json.dumps(attrs.asdict(e, filter=_RECORD), sort_keys=True,
+                       separators=(",", ":")) + "\n"
             for e in batch
         ]
         try:
