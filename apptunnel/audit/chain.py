@@ -11,13 +11,41 @@ from __future__ import annotations
 
 import hashlib
 import json
+import json.encoder
+from collections.abc import Callable
+from typing import Any
+
 import attrs
 
 from apptunnel.backend.records import AuditEvent
 
 GENESIS = "0" * 64   # the prev of a proxy's first event
-# Built once: json.dumps with keywords makes a new encoder per call (about 2 us each).
-_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode
+
+
+def _compact_encoder() -> Callable[[Any], str]:
+    """``json.dumps(o, sort_keys=True, separators=(",", ":"))``, its C encoder built once.
+
+    JSONEncoder.encode builds a new C encoder object on every call, and this runs twice per
+    request on the reactor thread; calling the one encode() would build gives the same text.
+    No circular-reference markers: what is encoded here came out of JSON-safe values
+    (audit ``_plain``, or a stored row), never a structure holding itself. Without the C
+    accelerator this is JSONEncoder.encode itself.
+    """
+    encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    make = json.encoder.c_make_encoder
+    if make is None:
+        return encoder.encode
+    run = make(None, encoder.default, json.encoder.encode_basestring_ascii, None,
+               encoder.key_separator, encoder.item_separator, encoder.sort_keys,
+               encoder.skipkeys, encoder.allow_nan)
+
+    def encode(o: Any) -> str:
+        return "".join(run(o, 0))
+
+    return encode
+
+
+_ENCODE = _compact_encoder()
 
 
 def _body(e: AuditEvent, proxy_id: str, seq: int, prev: str, fields_json: str) -> bytes:

@@ -6,12 +6,14 @@ test_backend_sqlite.py; the mirror: tests/integration/test_audit.py)."""
 from __future__ import annotations
 
 import json
+import json.encoder
 
 import attrs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import apptunnel.backend.sqlite as sqlite_backend
 from apptunnel.audit import _plain
+import apptunnel.audit.chain as chain_module
 from apptunnel.audit.chain import GENESIS, canonical, digest_of, link_line
 from apptunnel.backend.records import AuditEvent
 
@@ -50,3 +52,24 @@ def test_the_cached_encoding_is_not_part_of_the_record():
     assert chained.fields_json == '{"status":200}'
     assert chained == attrs.evolve(chained, fields_json="")
     assert "fields_json" not in repr(chained)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_VALUES)
+def test_the_prebuilt_encoder_gives_json_dumps_text(value):
+    """The C encoder built once (and its pure-Python fallback) encode like json.dumps."""
+    expected = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    assert chain_module._ENCODE(value) == expected
+    assert _FALLBACK(value) == expected
+
+
+def _fallback_encoder():
+    saved = json.encoder.c_make_encoder
+    json.encoder.c_make_encoder = None
+    try:
+        return chain_module._compact_encoder()
+    finally:
+        json.encoder.c_make_encoder = saved
+
+
+_FALLBACK = _fallback_encoder()
