@@ -16,7 +16,7 @@ import uuid
 from twisted.internet import defer
 
 from apptunnel.audit import new_event_id
-from apptunnel.audit.chain import canonical, link_line
+from apptunnel.audit.chain import canonical, link_line, link_parts
 from apptunnel.backend.records import AuditEvent
 from apptunnel.proxy.eager import run_eagerly
 from apptunnel.proxy.headers import valid_host
@@ -82,6 +82,17 @@ def _audit_after() -> None:
     chained.fields_json or _dump(chained.fields)
 
 
+_PARTS = ("a" * 32, 1234.5, "app.request", "T2100I", "alice", "hello", "success", _FIELDS)
+
+
+def _one_record_before() -> None:
+    """emit made the event, then link_line made it again with its chain fields."""
+    p = _PARTS
+    e = AuditEvent(id=p[0], time=p[1], type=p[2], code=p[3], actor=p[4], target=p[5],
+                   outcome=p[6], fields=p[7])
+    link_line(e, "p" * 32, 7, "0" * 64)
+
+
 def _canonical_before() -> None:
     """The canonical encoding (audit verify, the journal's check) with JSONEncoder.encode."""
     e = _CHAINED
@@ -96,6 +107,7 @@ PAIRS = [
     ("audit event id", lambda: uuid.uuid4().hex, new_event_id),
     ("audit canonical", _canonical_before, lambda: canonical(_CHAINED)),
     ("audit encoded once", _audit_before, _audit_after),
+    ("audit one record", _one_record_before, lambda: link_parts(_PARTS, "p" * 32, 7, "0" * 64)),
 ]
 
 

@@ -48,18 +48,11 @@ def _compact_encoder() -> Callable[[Any], str]:
 _ENCODE = _compact_encoder()
 
 
-def _body(e: AuditEvent, proxy_id: str, seq: int, prev: str, fields_json: str) -> bytes:
-    """The canonical encoding with ``fields`` already encoded: the same bytes as encoding
-    the whole list at once (compact separators, so an element is joined by a bare comma)."""
-    head = _ENCODE([proxy_id, seq, prev, e.id, e.time, e.type, e.code, e.actor, e.target,
-                    e.outcome])
-    return (head[:-1] + "," + fields_json + "]").encode("ascii")
-
-
 def canonical(e: AuditEvent) -> bytes:
     """Every stored field, in a fixed order, as compact JSON (sorted keys in ``fields``).
     Always from ``fields`` itself, never a cached ``fields_json``: this is what checks."""
-    return _body(e, e.proxy_id, e.seq, e.prev, _ENCODE(e.fields))
+    return _ENCODE([e.proxy_id, e.seq, e.prev, e.id, e.time, e.type, e.code, e.actor,
+                    e.target, e.outcome, e.fields]).encode("ascii")
 
 
 def digest_of(e: AuditEvent) -> str:
@@ -68,14 +61,25 @@ def digest_of(e: AuditEvent) -> str:
 
 def link_line(e: AuditEvent, proxy_id: str, seq: int, prev: str) -> tuple[AuditEvent, bytes]:
     """``e`` as event number ``seq`` of ``proxy_id``'s chain, after the event digested
-    ``prev``, and its journal line (audit/journal.py): one encoding and one hash, since this
-    runs for every request on the reactor thread. The fields' encoding rides along on the
-    event (``fields_json``: the stored column is the same bytes), so the store does not
-    encode them again."""
-    fields_json = _ENCODE(e.fields)
-    body = _body(e, proxy_id, seq, prev, fields_json)
+    ``prev``, and its journal line (audit/journal.py)."""
+    return link_parts((e.id, e.time, e.type, e.code, e.actor, e.target, e.outcome, e.fields),
+                      proxy_id, seq, prev)
+
+
+def link_parts(parts: tuple, proxy_id: str, seq: int, prev: str) -> tuple[AuditEvent, bytes]:
+    """link_line for an event not made yet: ``parts`` are its first eight fields (id ...
+    fields, in AuditEvent's order). This runs for every request on the reactor thread, so
+    one record is made, with one encoding of the fields and one hash. The fields' encoding
+    rides along on the record (``fields_json``: the stored column is the same text), so
+    the store does not encode them again."""
+    id, time, type, code, actor, target, outcome, fields = parts
+    fields_json = _ENCODE(fields)
+    # The head and the fields encoded apart are the bytes of the whole list encoded at
+    # once: compact separators join a list's elements with a bare comma.
+    head = _ENCODE([proxy_id, seq, prev, id, time, type, code, actor, target, outcome])
+    body = (head[:-1] + "," + fields_json + "]").encode("ascii")
     digest = hashlib.sha256(body).hexdigest()
-    chained = AuditEvent(e.id, e.time, e.type, e.code, e.actor, e.target, e.outcome, e.fields,
+    chained = AuditEvent(id, time, type, code, actor, target, outcome, fields,
                          proxy_id, seq, prev, digest, fields_json)
     return chained, body[:-1] + b',"' + digest.encode("ascii") + b'"]\n'
 
