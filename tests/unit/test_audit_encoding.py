@@ -30,7 +30,7 @@ def _event(i: int, fields: dict, actor: str = "alice") -> AuditEvent:
                       "success", fields)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.text(max_size=6), _VALUES, max_size=6), _TEXT, _TEXT)
 def test_the_chains_encoding_is_the_stored_text_and_the_canonical_body(fields, actor, prev):
     """Any fields (unicode, NaN, nesting, empty): fields_json is exactly what the store
@@ -54,7 +54,7 @@ def test_the_cached_encoding_is_not_part_of_the_record():
     assert "fields_json" not in repr(chained)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_VALUES)
 def test_the_prebuilt_encoder_gives_json_dumps_text(value):
     """The C encoder built once (and its pure-Python fallback) encode like json.dumps."""
