@@ -27,7 +27,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from apptunnel.audit.chain import GENESIS, link_line
+from apptunnel.audit.chain import GENESIS, link_parts
 from apptunnel.audit.journal import Journal, JournalFull, Recovered
 from apptunnel.backend.base import Backend
 from apptunnel.backend.records import AuditEvent
@@ -103,6 +103,9 @@ def new_event_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNT):016x}"
 
 
+# The mirror's lines are the record's fields, not the store's cached encoding of them.
+_RECORD = attrs.filters.exclude(attrs.fields(AuditEvent).fields_json)
+
 _SCALARS = frozenset([str, int, float, bool, type(None)])
 
 
@@ -172,7 +175,8 @@ class AuditLog:
         self._prev = GENESIS
         # With a proxy id, events emitted before recover() wait here to be chained after
         # the stored head (a chain numbered from 1 again would look reordered).
-        self._early: list[AuditEvent] | None = [] if proxy_id else None
+        # (Their first eight fields, as emit makes them: see link_parts.)
+        self._early: list[tuple] | None = [] if proxy_id else None
         self._backend_ok = True
         self._journal_ok = True
         self._journal_down = False      # an error line was logged and no write worked since
@@ -287,29 +291,25 @@ class AuditLog:
     ) -> None:
         """Chain, journal and queue one event. Never blocks on the network, never raises."""
         try:
-            event = AuditEvent(
-                id=new_event_id(),
-                time=float(self._clock.seconds()),   # as stored: REAL (the digest covers it)
-                type=type,
-                code=code_for(type, outcome),
-                actor=str(actor),
-                target=str(target),
-                outcome=str(outcome),
-                fields=_plain(fields),
-            )
+            # AuditEvent's first eight fields; the record is made once, chained (link_parts).
+            parts = (new_event_id(),
+                     float(self._clock.seconds()),   # as stored: REAL (the digest covers it)
+                     type, code_for(type, outcome), str(actor), str(target), str(outcome),
+                     _plain(fields))
         except Exception:
             self._log.failure("audit event {type!r} could not be made", type=type)
             return
         if self._early is not None:      # the chain's head is not known yet (recover)
-            self._early.append(event)
+            self._early.append(parts)
             return
-        self._chain(event)
+        self._chain(parts)
 
-    def _chain(self, event: AuditEvent) -> None:
-        line = b""
+    def _chain(self, parts: tuple) -> None:
         if self._proxy_id:
-            event, line = link_line(event, self._proxy_id, self._seq + 1, self._prev)
+            event, line = link_parts(parts, self._proxy_id, self._seq + 1, self._prev)
             self._seq, self._prev = event.seq, event.digest
+        else:
+            event, line = AuditEvent(*parts), b""
         self._queue.append(event)
         self._journal_one(event, line)
 
@@ -482,7 +482,8 @@ class AuditLog:
         if self._json_file is None:
             return
         lines = [
-            json.dumps(attrs.asdict(e), sort_keys=True, separators=(",", ":")) + "\n"
+            json.dumps(attrs.asdict(e, filter=_RECORD), sort_keys=True,
+                       separators=(",", ":")) + "\n"
             for e in batch
         ]
         try:

@@ -11,20 +11,48 @@ from __future__ import annotations
 
 import hashlib
 import json
+import json.encoder
+from collections.abc import Callable
+from typing import Any
+
 import attrs
 
 from apptunnel.backend.records import AuditEvent
 
 GENESIS = "0" * 64   # the prev of a proxy's first event
-# Built once: json.dumps with keywords makes a new encoder per call (about 2 us each).
-_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode
+
+
+def _compact_encoder() -> Callable[[Any], str]:
+    """``json.dumps(o, sort_keys=True, separators=(",", ":"))``, its C encoder built once.
+
+    JSONEncoder.encode builds a new C encoder object on every call, and this runs twice per
+    request on the reactor thread; calling the one encode() would build gives the same text.
+    No circular-reference markers: what is encoded here came out of JSON-safe values
+    (audit ``_plain``, or a stored row), never a structure holding itself. Without the C
+    accelerator this is JSONEncoder.encode itself.
+    """
+    encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    make = json.encoder.c_make_encoder
+    if make is None:
+        return encoder.encode
+    run = make(None, encoder.default, json.encoder.encode_basestring_ascii, None,
+               encoder.key_separator, encoder.item_separator, encoder.sort_keys,
+               encoder.skipkeys, encoder.allow_nan)
+
+    def encode(o: Any) -> str:
+        return "".join(run(o, 0))
+
+    return encode
+
+
+_ENCODE = _compact_encoder()
 
 
 def canonical(e: AuditEvent) -> bytes:
-    """Every stored field, in a fixed order, as compact JSON (sorted keys in ``fields``)."""
-    return _ENCODE(
-        [e.proxy_id, e.seq, e.prev, e.id, e.time, e.type, e.code, e.actor, e.target,
-         e.outcome, e.fields]).encode("ascii")
+    """Every stored field, in a fixed order, as compact JSON (sorted keys in ``fields``).
+    Always from ``fields`` itself, never a cached ``fields_json``: this is what checks."""
+    return _ENCODE([e.proxy_id, e.seq, e.prev, e.id, e.time, e.type, e.code, e.actor,
+                    e.target, e.outcome, e.fields]).encode("ascii")
 
 
 def digest_of(e: AuditEvent) -> str:
@@ -33,13 +61,26 @@ def digest_of(e: AuditEvent) -> str:
 
 def link_line(e: AuditEvent, proxy_id: str, seq: int, prev: str) -> tuple[AuditEvent, bytes]:
     """``e`` as event number ``seq`` of ``proxy_id``'s chain, after the event digested
-    ``prev``, and its journal line (audit/journal.py): one encoding and one hash, since this
-    runs for every request on the reactor thread."""
-    body = _ENCODE([proxy_id, seq, prev, e.id, e.time, e.type, e.code, e.actor, e.target,
-                    e.outcome, e.fields]).encode("ascii")
+    ``prev``, and its journal line (audit/journal.py)."""
+    return link_parts((e.id, e.time, e.type, e.code, e.actor, e.target, e.outcome, e.fields),
+                      proxy_id, seq, prev)
+
+
+def link_parts(parts: tuple, proxy_id: str, seq: int, prev: str) -> tuple[AuditEvent, bytes]:
+    """link_line for an event not made yet: ``parts`` are its first eight fields (id ...
+    fields, in AuditEvent's order). This runs for every request on the reactor thread, so
+    one record is made, with one encoding of the fields and one hash. The fields' encoding
+    rides along on the record (``fields_json``: the stored column is the same text), so
+    the store does not encode them again."""
+    id, time, type, code, actor, target, outcome, fields = parts
+    fields_json = _ENCODE(fields)
+    # The head and the fields encoded apart are the bytes of the whole list encoded at
+    # once: compact separators join a list's elements with a bare comma.
+    head = _ENCODE([proxy_id, seq, prev, id, time, type, code, actor, target, outcome])
+    body = (head[:-1] + "," + fields_json + "]").encode("ascii")
     digest = hashlib.sha256(body).hexdigest()
-    chained = AuditEvent(e.id, e.time, e.type, e.code, e.actor, e.target, e.outcome, e.fields,
-                         proxy_id, seq, prev, digest)
+    chained = AuditEvent(id, time, type, code, actor, target, outcome, fields,
+                         proxy_id, seq, prev, digest, fields_json)
     return chained, body[:-1] + b',"' + digest.encode("ascii") + b'"]\n'
 
 

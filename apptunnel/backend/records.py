@@ -173,6 +173,12 @@ class AuditEvent:
     seq: int = 0
     prev: str = ""
     digest: str = ""
+    # ``fields`` as stored (compact JSON, sorted keys), when the chain already encoded it
+    # (audit/chain.py link_line): the store writes it instead of encoding the fields again
+    # on every request. "" = encode when storing. Not part of the record: no eq, no repr.
+    # Evolving an event to other fields must pass fields_json="" too (a stale text would
+    # be stored, and fail ``audit verify`` as altered: the digest covers the fields).
+    fields_json: str = attrs.field(default="", eq=False, repr=False)
 
 
 @attrs.frozen

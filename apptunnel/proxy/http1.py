@@ -229,7 +229,8 @@ Event = RequestHead | ResponseHead | BodyBytes | Trailers | EndOfMessage | Upgra
 
 
 def _headers_bytes(headers: Headers) -> bytes:
-    return b"".join(b"%s: %s\r\n" % (n, v) for n, v in headers)
+    # A list, not a generator: joined faster (twice per request: the request and response heads).
+    return b"".join([b"%s: %s\r\n" % (n, v) for n, v in headers])
 
 
 def keep_alive(version: bytes, headers: Headers) -> bool:

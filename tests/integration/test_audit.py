@@ -7,9 +7,11 @@ import json
 import os
 import stat
 
+import attrs
 import pytest_twisted
 
 from apptunnel.audit import AuditLog
+from apptunnel.backend.records import AuditEvent
 from tests.support.audit_log import backend, capture, clock  # noqa: F401 - fixtures
 from tests.support.waiting import wait
 
@@ -53,3 +55,17 @@ async def test_backend_failure_is_retried_without_duplicates(backend, clock, tmp
     assert any("nothing is dropped" in e["log_format"] for e in logged)
     await wait(audit.stop())
 
+
+@pytest_twisted.ensureDeferred
+async def test_the_mirror_lines_are_the_record_without_the_cached_text(backend, clock, tmp_path):
+    """A chained event's mirror line has the record's fields and nothing more."""
+    path = str(tmp_path / "audit.jsonl")
+    audit = AuditLog(backend, clock, json_file=path, proxy_id="p1")
+    await wait(audit.recover())
+    audit.emit("app.request", actor="alice", target="wiki", status=200)
+    await wait(audit.flush())
+    with open(path) as f:
+        (line,) = [json.loads(text) for text in f]
+    assert sorted(line) == sorted(a.name for a in attrs.fields(AuditEvent)
+                                  if a.name != "fields_json")
+    assert (line["fields"], line["seq"], line["proxy_id"]) == ({"status": 200}, 1, "p1")

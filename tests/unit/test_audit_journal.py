@@ -79,6 +79,9 @@ def test_well_formed_json_of_the_wrong_shape_is_not_an_event(values):
        st.binary(max_size=40))
 def test_a_cut_or_garbled_tail_loses_only_the_tail(n, cut, junk):
     """Whole lines before a torn write are all read back; the torn part is never an event."""
+    # JSON allows whitespace after a value: a line cut just before its newline and followed
+    # by junk that starts with " \n" is whole again and rightly read (this flaked).
+    junk = junk.lstrip(b" \t\r")
     events, prev = [], GENESIS
     for i in range(1, n + 1):
         events.append(event(i, prev))

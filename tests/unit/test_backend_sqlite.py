@@ -9,6 +9,7 @@ import sqlite3
 import stat
 from types import SimpleNamespace
 
+import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
@@ -16,6 +17,9 @@ from twisted.internet import defer, reactor
 from apptunnel.backend import open_backend
 from apptunnel.backend.base import BackendError
 from apptunnel.backend.records import AuditEvent, AuthCode, JoinToken, Lock, Scope, User
+import apptunnel.backend.sqlite as sqlite_module
+from apptunnel.audit.chain import GENESIS, link_line
+from apptunnel.audit.verify import verify_all
 from apptunnel.backend.sqlite import _MIGRATIONS, SCHEMA_VERSION, SqliteBackend
 from tests.support.waiting import wait
 
@@ -264,3 +268,59 @@ async def test_version_8_database_gains_access_requests_and_sessions_assume_none
         assert await wait(b.list_access_requests()) == []
     finally:
         await wait(b.close())
+
+
+# -- the audit store reuses the chain's encoding of the fields (issue 14) ----------------
+
+
+def _chain_event(i: int, fields: dict) -> AuditEvent:
+    return AuditEvent(f"id{i:04d}", 1000.0 + i / 7, "app.request", "T2100I", "alice", "wiki",
+                      "success", fields)
+
+
+@pytest_twisted.ensureDeferred
+async def test_chained_events_are_stored_without_encoding_their_fields_again(
+        tmp_path, monkeypatch):
+    """The SQLite store writes the chain's text (no second encoding), rows from before it
+    (encoded by the store) sit beside them, and ``audit verify`` passes on both."""
+    path = str(tmp_path / "apptunnel.db")
+    backend = SqliteBackend(path, reactor)
+    try:
+        old = [_chain_event(i, {"n": i, "path": "/é"}) for i in range(3)]
+        chained, prev = [], GENESIS
+        for i in range(3, 10):
+            e, _ = link_line(_chain_event(i, {"n": i, "path": "/\u2603", "x": [1.5, None]}), "p1",
+                             i - 2, prev)
+            chained.append(e)
+            prev = e.digest
+        await wait(backend.append_audit(old + chained[:3]))     # rows as stored before
+        dumped: list = []
+        real_dump = sqlite_module._dump
+        monkeypatch.setattr(sqlite_module, "_dump",
+                            lambda value: dumped.append(value) or real_dump(value))
+        await wait(backend.append_audit(chained[3:]))
+        assert dumped == []
+        report = await wait(verify_all(backend))
+        assert report.intact and report.unchained == 3
+        assert [c.events for c in report.chains] == [7]
+        stored = await wait(backend.search_audit())
+        assert stored == old + chained
+    finally:
+        await wait(backend.close())
+    with sqlite3.connect(path) as conn:
+        texts = dict(conn.execute("SELECT id, fields FROM audit_events").fetchall())
+    assert texts["id0009"] == chained[-1].fields_json == real_dump(chained[-1].fields)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cached_text_that_lies_is_caught_by_verify(tmp_path):
+    """The digest covers the fields, not the cached text: were the two ever to differ, the
+    stored row would fail ``audit verify`` as altered, never pass silently."""
+    backend = SqliteBackend(str(tmp_path / "apptunnel.db"), reactor)
+    try:
+        e, _ = link_line(_chain_event(1, {"status": 200}), "p1", 1, GENESIS)
+        await wait(backend.append_audit([attrs.evolve(e, fields_json='{"status":500}')]))
+        report = await wait(verify_all(backend))
+        assert report.chains[0].problem.kind == "altered"
+    finally:
+        await wait(backend.close())
