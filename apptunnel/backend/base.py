@@ -46,6 +46,17 @@ class BackendError(ApptunnelError):
     """Storage failed; the message says what, never with secrets in it."""
 
 
+class StorageUnavailable(BackendError):
+    """The backend could not be reached or did not answer (connection refused or lost,
+    statement timeout, file locked or unreadable): nothing is wrong with the request, so
+    it becomes a 503 with ``retry_after`` at every boundary, one log line, no traceback.
+    Never raised for constraint errors (AlreadyExists) or bad records."""
+
+    status = 503
+    retry_after = 5
+    message = "The proxy's storage is unavailable; try again in a moment."
+
+
 class AlreadyExists(BackendError):
     """A record with the same key is already stored."""
 

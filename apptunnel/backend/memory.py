@@ -27,6 +27,7 @@ from apptunnel.backend.base import (
     AlreadyExists,
     BackendError,
     NotFound,
+    StorageUnavailable,
 )
 from apptunnel.backend.records import (
     AccessRequest,
@@ -151,10 +152,14 @@ class MemoryBackend:
         self._audit_ids: set[str] = set()
         self._keys: dict[tuple[str, str], KeyRecord] = {}
         self._closed = False
+        # Set by tests: every call fails as with a database that is down.
+        self.unreachable = False
 
     def _check_open(self) -> None:
         if self._closed:
             raise BackendError("memory backend is closed")
+        if self.unreachable:
+            raise StorageUnavailable("memory backend: unreachable (set by a test)")
 
     async def close(self) -> None:
         self._closed = True

@@ -31,6 +31,7 @@ from apptunnel.backend.base import (
     MAX_SEARCH_LIMIT,
     AlreadyExists,
     BackendError,
+    StorageUnavailable,
     NotFound,
 )
 from apptunnel.backend.records import (
@@ -450,6 +451,18 @@ def _audit_event(row: tuple) -> AuditEvent:
                       seq=row[9] or 0, prev=row[10], digest=row[11])
 
 
+# SQLite's primary result codes that say the file cannot be used right now (busy past
+# the busy timeout, locked, I/O error, disk full, cannot open), not that a request is bad.
+_UNAVAILABLE_CODES = frozenset({5, 6, 10, 13, 14})   # BUSY LOCKED IOERR FULL CANTOPEN
+
+
+def unavailable(err: sqlite3.Error) -> bool:
+    """Whether a driver error means "storage unavailable" (StorageUnavailable, a 503)
+    rather than a bad statement or record (pure; tested directly)."""
+    code = getattr(err, "sqlite_errorcode", None)
+    return code is not None and (code & 0xFF) in _UNAVAILABLE_CODES
+
+
 class _Unchanged(BackendError):
     """A compare-and-set found a row not in the state expected: roll back, answer False."""
 
@@ -496,9 +509,10 @@ class SqliteBackend:
         except sqlite3.IntegrityError as err:
             raise AlreadyExists(f"sqlite {self._path}: already exists ({err})") from None
         except sqlite3.Error as err:
-            raise BackendError(f"sqlite {self._path}: {err}") from None
+            kind = StorageUnavailable if unavailable(err) else BackendError
+            raise kind(f"sqlite {self._path}: {err}") from None
         except OSError as err:
-            raise BackendError(f"sqlite {self._path}: {err.strerror or err}") from None
+            raise StorageUnavailable(f"sqlite {self._path}: {err.strerror or err}") from None
         except (TypeError, ValueError) as err:
             raise BackendError(f"sqlite {self._path}: cannot encode record: {err}") from None
 
