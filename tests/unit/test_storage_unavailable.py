@@ -178,3 +178,17 @@ def test_unavailable_storage_calls_are_counted_by_operation():
     got = samples(metrics.registry)
     assert got[("apptunnel_backend_unavailable_total", (("operation", "get_user"),))] == 2
     assert ("apptunnel_backend_unavailable_total", (("operation", "list_users"),)) not in got
+
+
+@pytest_twisted.ensureDeferred
+async def test_sign_ins_refused_during_an_outage_use_up_no_attempts(tmp_path):
+    """Twenty sign-ins while storage is down (each a 503, no password checked) leave the
+    user's and the address's attempts untouched: the first one after the outage works."""
+    async with running_web_env(tmp_path) as env:
+        env.backend.unreachable = True
+        for _ in range(20):
+            with pytest.raises(StorageUnavailable):
+                await env.sessions.login("alice", "alice-pw", "192.0.2.7")
+        env.backend.unreachable = False
+        user = await env.sessions.login("alice", "alice-pw", "192.0.2.7")
+        assert user.name == "alice"
