@@ -285,3 +285,34 @@ async def test_certificate_of_expired_agent_cannot_hello(world):
     agent = AgentSide(hello())
     await settle(world.connect(agent, cert), lambda: agent.lost is not None, "close")
     assert world.registry.apps() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_join_and_hello_while_storage_is_down_are_refused_in_one_line(world):
+    """Storage down (issue 13 item 3): a join and a hello each get a refusal saying the
+    storage is unavailable (the agent retries with backoff), one warning line, no
+    traceback; nothing is registered."""
+    from twisted.logger import globalLogPublisher
+
+    await world.add_token("secret-1")
+    cert_pem = await enrolled(world)
+    world.backend.unreachable = True
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        joining = AgentSide({"type": "join", "token": "secret-1", "csr": csr_pem()[1],
+                             "host_id": "host-9"})
+        pump = world.connect(joining)
+        await settle(pump, lambda: joining.lost is not None, "the join to be refused")
+        greeting = AgentSide(hello())
+        pump = world.connect(greeting, cert_pem)
+        await settle(pump, lambda: greeting.controls, "the hello to be refused")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [c["type"] for c in joining.controls + greeting.controls] == ["join_error",
+                                                                         "hello_error"]
+    assert all("storage is unavailable" in c["message"]
+               for c in joining.controls + greeting.controls)
+    assert world.registry.apps() == []
+    assert [e for e in events if "log_failure" in e] == []
+    assert len([e for e in events if "storage unavailable" in e.get("log_format", "")]) == 2
