@@ -180,9 +180,14 @@ class Backend(typing.Protocol):
     async def delete_key(self, kind: str, id: str) -> bool: ...
     # Several proxies (proxy/peers.py): each upserts its row on every heartbeat and
     # deletes it on a clean stop; a row whose heartbeat is older than `since` is stale.
+    # A proxy's agent_tunnels rows go with it: heartbeat_proxy deletes those recorded
+    # before its `started` (an earlier run, killed), delete_proxy all of them, and
+    # forget_proxies removes every proxy whose heartbeat is older than `before` with its
+    # rows (one transaction each; forget_proxies returns the ids it removed).
     async def heartbeat_proxy(self, proxy: ProxyRecord) -> None: ...
     async def list_proxies(self, since: float) -> list[ProxyRecord]: ...   # by proxy_id
     async def delete_proxy(self, proxy_id: str) -> bool: ...
+    async def forget_proxies(self, before: float) -> list[str]: ...   # sorted
     # Which proxies hold a tunnel of which agent: one row per (agent, proxy) pair.
     async def put_agent_tunnel(self, tunnel: AgentTunnel) -> None: ...   # upsert
     async def delete_agent_tunnel(self, host_id: str, proxy_id: str) -> bool: ...

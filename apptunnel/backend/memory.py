@@ -668,6 +668,7 @@ class MemoryBackend:
         self._check_open()
         self._proxies[proxy.proxy_id] = attrs.evolve(
             proxy, started=_real(proxy.started), heartbeat=_real(proxy.heartbeat))
+        self._drop_tunnels(proxy.proxy_id, before=_real(proxy.started))
 
     async def list_proxies(self, since: float) -> list[ProxyRecord]:
         self._check_open()
@@ -675,7 +676,21 @@ class MemoryBackend:
 
     async def delete_proxy(self, proxy_id: str) -> bool:
         self._check_open()
+        self._drop_tunnels(proxy_id)
         return self._proxies.pop(proxy_id, None) is not None
+
+    async def forget_proxies(self, before: float) -> list[str]:
+        self._check_open()
+        gone = sorted(pid for pid, p in self._proxies.items() if p.heartbeat < before)
+        for pid in gone:
+            del self._proxies[pid]
+            self._drop_tunnels(pid)
+        return gone
+
+    def _drop_tunnels(self, proxy_id: str, before: float | None = None) -> None:
+        for key, tunnel in list(self._agent_tunnels.items()):
+            if tunnel.proxy_id == proxy_id and (before is None or tunnel.since < before):
+                del self._agent_tunnels[key]
 
     async def put_agent_tunnel(self, tunnel: AgentTunnel) -> None:
         self._check_open()

@@ -1386,13 +1386,17 @@ class SqliteBackend:
 
     async def heartbeat_proxy(self, proxy: ProxyRecord) -> None:
         def run(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO proxies (proxy_id, tunnel_addr, version, started, heartbeat)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (proxy_id) DO UPDATE SET"
-                " tunnel_addr = excluded.tunnel_addr, version = excluded.version,"
-                " started = excluded.started, heartbeat = excluded.heartbeat",
-                (proxy.proxy_id, proxy.tunnel_addr, proxy.version, proxy.started,
-                 proxy.heartbeat))
+            with _transaction(conn):
+                conn.execute(
+                    "INSERT INTO proxies (proxy_id, tunnel_addr, version, started, heartbeat)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (proxy_id) DO UPDATE SET"
+                    " tunnel_addr = excluded.tunnel_addr, version = excluded.version,"
+                    " started = excluded.started, heartbeat = excluded.heartbeat",
+                    (proxy.proxy_id, proxy.tunnel_addr, proxy.version, proxy.started,
+                     proxy.heartbeat))
+                # Tunnels an earlier run of this proxy recorded (it was killed) are gone.
+                conn.execute("DELETE FROM agent_tunnels WHERE proxy_id = ? AND since < ?",
+                             (proxy.proxy_id, proxy.started))
 
         await self._run(run)
 
@@ -1406,8 +1410,26 @@ class SqliteBackend:
         return await self._run(run)
 
     async def delete_proxy(self, proxy_id: str) -> bool:
-        return await self._run(lambda conn: conn.execute(
-            "DELETE FROM proxies WHERE proxy_id = ?", (proxy_id,)).rowcount > 0)
+        def run(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                conn.execute("DELETE FROM agent_tunnels WHERE proxy_id = ?", (proxy_id,))
+                return conn.execute("DELETE FROM proxies WHERE proxy_id = ?",
+                                    (proxy_id,)).rowcount > 0
+
+        return await self._run(run)
+
+    async def forget_proxies(self, before: float) -> list[str]:
+        def run(conn: sqlite3.Connection) -> list[str]:
+            with _transaction(conn):
+                gone = [row[0] for row in conn.execute(
+                    "SELECT proxy_id FROM proxies WHERE heartbeat < ? ORDER BY proxy_id",
+                    (before,)).fetchall()]
+                for proxy_id in gone:
+                    conn.execute("DELETE FROM agent_tunnels WHERE proxy_id = ?", (proxy_id,))
+                    conn.execute("DELETE FROM proxies WHERE proxy_id = ?", (proxy_id,))
+                return gone
+
+        return await self._run(run)
 
     async def put_agent_tunnel(self, tunnel: AgentTunnel) -> None:
         def run(conn: sqlite3.Connection) -> None:

@@ -171,11 +171,28 @@ def test_kill_9_of_a_proxy_under_load_fails_only_its_in_flight_requests(farm):
     assert ok[0] > 100, (ok, failed)
     assert failed[0] <= on_dead, (failed, on_dead, failed_reasons)
 
-    farm.start_proxy(1)
+    # Its tunnels leave `agents ls` once its row is stale (STALE_AFTER, 10 s).
     dead = farm.proxy_id(1)
-    wait_until(lambda: {p for _, p in tunnels(farm, since=killed_at)} >= {dead}
-               and len([1 for _, p in tunnels(farm, since=killed_at) if p == dead]) == 2,
+    wait_until(lambda: all(dead not in agent["proxies"] for agent in listed_agents(farm)),
+               15, "agents ls to drop the killed proxy", interval=1.0)
+    # A tunnel row its run recorded for an agent that never comes back (as if that agent
+    # died with it): the restarted proxy (same id) deletes it at its first heartbeat.
+    db = farm.db["dbname"]
+    farm.pg.psql("INSERT INTO agent_tunnels (host_id, proxy_id, peer, since) VALUES "
+                 f"('ghost-agent', '{dead}', '127.0.0.1:1', {killed_at - 1})", database=db)
+    farm.start_proxy(1)
+    wait_until(lambda: len([1 for _, p in tunnels(farm, since=killed_at) if p == dead]) == 2,
                20, "both agents' tunnels to the restarted proxy")
+    assert farm.pg.psql(f"SELECT count(*) FROM agent_tunnels WHERE proxy_id = '{dead}' "
+                        f"AND since < {killed_at}", database=db).strip() == "0"
+    every = sorted(farm.proxy_id(n) for n in range(3))
+    wait_until(lambda: [sorted(agent["proxies"]) for agent in listed_agents(farm)]
+               == [every, every], 10, "agents ls to list the restarted proxy again")
+
+
+def listed_agents(farm: ProxyFarm) -> list[dict]:
+    """`apptunnel agents ls --format json` (the admin CLI reads the backend)."""
+    return json.loads(farm.cli("agents", "ls", "--format", "json").stdout)
 
 
 failed_reasons: list[str] = []   # why requests failed, for the assertion messages

@@ -1049,3 +1049,34 @@ async def test_agent_tunnels_one_row_per_agent_and_proxy(backend):
     assert await wait(backend.delete_agent_tunnel("h1", "p1")) is False
     assert [(t.host_id, t.proxy_id) for t in await wait(backend.list_agent_tunnels())] == [
         ("h0", "p1"), ("h1", "p2")]
+
+
+def pairs(tunnels: list[AgentTunnel]) -> list[tuple[str, str]]:
+    return [(t.host_id, t.proxy_id) for t in tunnels]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_proxys_tunnel_rows_go_with_it(backend):
+    """Issue 13: agent_tunnels rows never outlive their proxy. A heartbeat of a new run
+    (later `started`) deletes the rows of the earlier run (killed) and keeps its own; a
+    clean stop deletes all of the proxy's rows; forget_proxies removes proxies silent
+    since `before` with their rows, and leaves live ones (and other proxies' rows)."""
+    await wait(backend.heartbeat_proxy(ProxyRecord("p1", "10.0.0.1:3024", "1.0", 1.0, 1.0)))
+    await wait(backend.heartbeat_proxy(ProxyRecord("p2", "10.0.0.2:3024", "1.0", 1.0, 1.0)))
+    await wait(backend.heartbeat_proxy(ProxyRecord("p3", "10.0.0.3:3024", "1.0", 1.0, 20.0)))
+    for host, proxy, since in (("h1", "p1", 2.0), ("h2", "p1", 3.0), ("h1", "p2", 2.0),
+                               ("h1", "p3", 2.0)):
+        await wait(backend.put_agent_tunnel(AgentTunnel(host, proxy, "10.0.0.9:1", since)))
+    # p1 restarted at 10 (kill -9, same id): h2 reconnected at 11, h1 has not yet.
+    await wait(backend.put_agent_tunnel(AgentTunnel("h2", "p1", "10.0.0.9:2", 11.0)))
+    await wait(backend.heartbeat_proxy(ProxyRecord("p1", "10.0.0.1:3024", "1.0", 10.0, 10.0)))
+    assert pairs(await wait(backend.list_agent_tunnels())) == [
+        ("h1", "p2"), ("h1", "p3"), ("h2", "p1")]
+    # p1 stops cleanly: its rows go with its registration.
+    assert await wait(backend.delete_proxy("p1")) is True
+    assert pairs(await wait(backend.list_agent_tunnels())) == [("h1", "p2"), ("h1", "p3")]
+    # p2 was killed and never came back: forgotten once silent since before 15; p3 stays.
+    assert await wait(backend.forget_proxies(15.0)) == ["p2"]
+    assert await wait(backend.forget_proxies(15.0)) == []
+    assert [p.proxy_id for p in await wait(backend.list_proxies(0.0))] == ["p3"]
+    assert pairs(await wait(backend.list_agent_tunnels())) == [("h1", "p3")]
