@@ -8,6 +8,7 @@ async driver can sit underneath.
 from __future__ import annotations
 
 import typing
+from collections.abc import Callable
 
 from apptunnel.backend.records import (
     AccessRequest,
@@ -195,6 +196,14 @@ class Backend(typing.Protocol):
     # The per-proxy hash chain (audit/chain.py): a proxy's newest chained event, its
     # chained events in storage order (or the one numbered `seq`), events per proxy
     # ('' counts unchained ones).
+    # A chain several processes extend (the admin CLI's, audit/__init__.py): in one write
+    # transaction no other writer of `chain` can interleave (SQLite's write lock, a
+    # PostgreSQL advisory lock), read its head, skip events whose id is stored (a retry)
+    # and store the others as its next events, each made by `link(event, chain, seq,
+    # prev)` (audit/chain.py); returns the events stored. Two writers never fork it.
+    async def append_audit_chained(self, chain: str, events: list[AuditEvent],
+                                   link: Callable[[AuditEvent, str, int, str], AuditEvent]
+                                   ) -> list[AuditEvent]: ...
     async def audit_chain_head(self, proxy_id: str) -> AuditEvent | None: ...
     async def audit_chain(self, proxy_id: str, offset: int = 0, limit: int = 1000,
                           *, seq: int | None = None) -> list[AuditEvent]: ...

@@ -16,10 +16,12 @@ CLI could not reach it, so it would only ever be a trap for an operator.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 
+from apptunnel.audit.chain import GENESIS
 from apptunnel.backend.base import (
     AGENT_STATE,
     LINK_KEEP,
@@ -558,6 +560,23 @@ class MemoryBackend:
             if e.id not in self._audit_ids:
                 self._audit.append(e)
                 self._audit_ids.add(e.id)
+
+    async def append_audit_chained(self, chain: str, events: list[AuditEvent],
+                                   link: Callable[[AuditEvent, str, int, str], AuditEvent]
+                                   ) -> list[AuditEvent]:
+        self._check_open()
+        head = await self.audit_chain_head(chain)
+        seq, prev = (head.seq, head.digest) if head is not None else (0, GENESIS)
+        stored = []
+        for e in events:
+            if e.id in self._audit_ids or any(s.id == e.id for s in stored):
+                continue
+            seq += 1
+            chained = link(_event(e), chain, seq, prev)
+            prev = chained.digest
+            stored.append(chained)
+        await self.append_audit(stored)
+        return stored
 
     async def audit_chain_head(self, proxy_id: str) -> AuditEvent | None:
         self._check_open()

@@ -24,6 +24,7 @@ migrated under an advisory lock when the first connection opens.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sqlite3
@@ -140,6 +141,13 @@ def unavailable(err: BaseException, broken: bool) -> bool:
     return broken or isinstance(err, (_Unreachable, psycopg.OperationalError))
 
 
+def chain_lock_key(chain: str) -> int:
+    """pg_advisory_xact_lock key of an audit chain: a signed 64-bit hash of its name, in a
+    different space from pg_schema.ADVISORY_LOCK_KEY (a constant) by its prefix."""
+    digest = hashlib.sha256(b"apptunnel audit chain " + chain.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
@@ -242,6 +250,11 @@ class PostgresBackend(SqliteBackend):
             self._conn = _connect(self._dsn, self._password)
         self._conn.executed = 0
         return fn(self._conn)
+
+    def _lock_chain(self, conn: Any, chain: str) -> None:
+        """Two transactions may both read a chain's head (no row lock covers an empty
+        chain or the next seq): an advisory lock on the chain's name serialises them."""
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (chain_lock_key(chain),))
 
     def _close_in_thread(self) -> None:
         if self._conn is not None:

@@ -25,6 +25,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from apptunnel.audit.chain import GENESIS
 from apptunnel.backend.base import (
     AGENT_STATE,
     LINK_KEEP,
@@ -1455,6 +1456,42 @@ class SqliteBackend:
         return await self._run(run)
 
     # -- the audit hash chain -----------------------------------------------------
+
+    async def append_audit_chained(self, chain: str, events: list[AuditEvent],
+                                   link: Callable[[AuditEvent, str, int, str], AuditEvent]
+                                   ) -> list[AuditEvent]:
+        def run(conn: sqlite3.Connection) -> list[AuditEvent]:
+            with _transaction(conn):     # BEGIN IMMEDIATE: the write lock, taken up front
+                self._lock_chain(conn, chain)
+                row = conn.execute(
+                    "SELECT chain_seq, chain_digest FROM audit_events WHERE proxy_id = ?"
+                    " AND chain_seq IS NOT NULL ORDER BY chain_seq DESC LIMIT 1",
+                    (chain,)).fetchone()
+                seq, prev = (int(row[0]), row[1]) if row is not None else (0, GENESIS)
+                stored: list[AuditEvent] = []
+                seen: set[str] = set()
+                for e in events:
+                    if e.id in seen or conn.execute(
+                            "SELECT 1 FROM audit_events WHERE id = ?", (e.id,)).fetchone():
+                        continue
+                    seen.add(e.id)
+                    seq += 1
+                    chained = link(e, chain, seq, prev)
+                    prev = chained.digest
+                    conn.execute(
+                        f"INSERT INTO audit_events ({_AUDIT_COLUMNS}) VALUES"
+                        " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (chained.id, chained.time, chained.type, chained.code, chained.actor,
+                         chained.target, chained.outcome, _dump(chained.fields),
+                         chained.proxy_id, chained.seq, chained.prev, chained.digest))
+                    stored.append(chained)
+                return stored
+
+        return await self._run(run)
+
+    def _lock_chain(self, conn: Any, chain: str) -> None:
+        """Worker thread, in a write transaction: keep other writers of ``chain`` out until
+        it ends. SQLite's BEGIN IMMEDIATE already holds the database's one write lock."""
 
     async def audit_chain_head(self, proxy_id: str) -> AuditEvent | None:
         def run(conn: sqlite3.Connection) -> AuditEvent | None:
