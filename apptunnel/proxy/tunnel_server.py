@@ -42,7 +42,6 @@ from apptunnel.auth.enrolment import AgentEnrolment, EnrolmentRefused
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.rbac import RoleError, parse_label_selector
 from apptunnel.auth.tokens import scope_refusal
-from apptunnel.backend.base import StorageUnavailable
 from apptunnel.catalog import AppInfo
 from apptunnel.config import UNREWRITABLE_HEADERS
 from apptunnel.messages import (
@@ -338,12 +337,6 @@ class TunnelSession:
         self._finish(tunnel)
 
     def _join_crashed(self, failure: Failure, tunnel: TunnelProtocol) -> None:
-        if failure.check(StorageUnavailable):
-            log.warn("join from {peer}: storage unavailable: {error}", peer=self._peer,
-                     error=failure.value.one_line())
-            self._send(tunnel, JoinRefused("the proxy's storage is unavailable, try again"))
-            self._finish(tunnel)
-            return
         log.failure("join from {peer} failed", failure, peer=self._peer)
         self._send(tunnel, JoinRefused("internal error, try again"))
         self._finish(tunnel)
@@ -506,16 +499,10 @@ class TunnelSession:
         self._finish(tunnel)
 
     def _hello_crashed(self, failure: Failure, tunnel: TunnelProtocol) -> None:
-        if failure.check(StorageUnavailable):   # one line; the agent retries with backoff
-            log.warn("hello from {peer}: storage unavailable: {error}", peer=self._peer,
-                     error=failure.value.one_line())
-            why = "the proxy's storage is unavailable, try again"
-        else:
-            log.failure("hello from {peer} failed", failure, peer=self._peer)
-            why = "internal error, try again"
+        log.failure("hello from {peer} failed", failure, peer=self._peer)
         if self._state == "registered":
             self._unregister(tunnel)
-        self._send(tunnel, HelloRefused(why))
+        self._send(tunnel, HelloRefused("internal error, try again"))
         self._finish(tunnel)
 
     def _unregister(self, tunnel: TunnelProtocol) -> None:

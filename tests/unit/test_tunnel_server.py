@@ -291,7 +291,7 @@ async def test_certificate_of_expired_agent_cannot_hello(world):
 async def test_join_and_hello_while_storage_is_down_are_refused_in_one_line(world):
     """Storage down (issue 13 item 3): a join and a hello each get a refusal saying the
     storage is unavailable (the agent retries with backoff), one warning line, no
-    traceback; nothing is registered."""
+    traceback (the refusal is audited like any other); nothing is registered."""
     from twisted.logger import globalLogPublisher
 
     await world.add_token("secret-1")
@@ -314,5 +314,9 @@ async def test_join_and_hello_while_storage_is_down_are_refused_in_one_line(worl
     assert all("storage is unavailable" in c["message"]
                for c in joining.controls + greeting.controls)
     assert world.registry.apps() == []
+    from twisted.logger import formatEvent
+
     assert [e for e in events if "log_failure" in e] == []
-    assert len([e for e in events if "storage unavailable" in e.get("log_format", "")]) == 2
+    lines = [formatEvent(e) for e in events if e.get("log_namespace", "").startswith(
+        "apptunnel.proxy.tunnel_server")]
+    assert len([line for line in lines if "storage" in line and "unavailable" in line]) == 2
