@@ -155,7 +155,8 @@ def test_kill_9_of_a_proxy_under_load_fails_only_its_in_flight_requests(farm):
     """Eight keep-alive clients through HAProxy for a bounded run; proxy 1 is killed
     mid-run: failed requests <= the connections that were on it (open at the kill, or
     sent to it by HAProxy before its health check noticed); the others go on.
-    Restarted, it gets both agents' tunnels back."""
+    `agents ls` stops listing it once its row is stale; restarted, it deletes the tunnel
+    rows its earlier run left and gets both agents' tunnels back."""
     threads, ok, failed = load(farm, signed_in(farm).session.cookies, 6)
     time.sleep(2)
     on_dead = established_to(farm.ports[1][0])
