@@ -162,7 +162,9 @@ def test_tcp_access_refuses_503_while_storage_is_down():
 def test_unavailable_storage_calls_are_counted_by_operation():
     """apptunnel_backend_unavailable_total{operation}: counted where the proxy times its
     backend, once per failed call; other errors are not counted."""
-    from tests.unit.test_metrics import samples
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from apptunnel.metrics import render
 
     class Store:
         async def get_user(self, name):
@@ -175,7 +177,9 @@ def test_unavailable_storage_calls_are_counted_by_operation():
     timed = TimedBackend(Store(), metrics, Clock())
     for call in (timed.get_user("a"), timed.get_user("b"), timed.list_users()):
         defer.ensureDeferred(call).addErrback(lambda _: None)
-    got = samples(metrics.registry)
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for family in text_string_to_metric_families(render(metrics.registry).decode())
+           for s in family.samples}
     assert got[("apptunnel_backend_unavailable_total", (("operation", "get_user"),))] == 2
     assert ("apptunnel_backend_unavailable_total", (("operation", "list_users"),)) not in got
 
