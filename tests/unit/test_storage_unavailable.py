@@ -196,3 +196,30 @@ async def test_sign_ins_refused_during_an_outage_use_up_no_attempts(tmp_path):
         env.backend.unreachable = False
         user = await env.sessions.login("alice", "alice-pw", "192.0.2.7")
         assert user.name == "alice"
+
+
+def test_a_live_recheck_that_cannot_reach_storage_is_one_line_and_cuts_nothing():
+    """A user change re-asks the policy for a live connection while storage is down: one
+    warning, no traceback, and the connection stays as last decided (not refused)."""
+    from apptunnel.auth.access import LiveRecheck
+
+    class Conn:
+        caller, app_name = cert(), "grafana"
+
+        def __init__(self):
+            self.refusals = []
+
+        def refused(self, deny):
+            self.refusals.append(deny)
+
+    clock = Clock()
+    clock.advance(NOW)
+    users = DownUsers()
+    access = AccessPolicy(roles=Roles(), audit=Audit(), clock=clock, users=users)
+    conn = Conn()
+    LiveRecheck(access, clock, lambda: [conn], {"grafana": app_info("grafana", {})}.get,
+                users=users)
+    with Logged() as log:
+        users.listener("alice", None)
+    assert conn.refusals == []
+    assert len(log.about_storage()) == 1 and log.failures() == []
