@@ -33,6 +33,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
+from apptunnel.backend.base import StorageUnavailable
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Request latency through the proxy: from the head read to the response's end.
@@ -59,6 +61,9 @@ class NoMetrics:
         pass
 
     def backend_call(self, operation: str, seconds: float) -> None:
+        pass
+
+    def backend_unavailable(self, operation: str) -> None:
         pass
 
     def upstream_error(self, app: str) -> None:
@@ -125,6 +130,10 @@ class ProxyMetrics(NoMetrics):
             "apptunnel_backend_operation_duration_seconds",
             "Storage call latency, by backend method.", ("operation",),
             buckets=BACKEND_BUCKETS, registry=registry)
+        self._unavailable = Counter(
+            "apptunnel_backend_unavailable", "Storage calls that failed because the backend "
+            "could not be reached (each a 503 where a request needed it), by backend method.",
+            ("operation",), registry=registry)
         self._request_children: dict[tuple[str, int], Any] = {}
         self._duration_children: dict[str, Any] = {}
         self._other_children: dict[tuple[str, str, str], Any] = {}
@@ -158,6 +167,9 @@ class ProxyMetrics(NoMetrics):
 
     def backend_call(self, operation: str, seconds: float) -> None:
         self._child(self._backend, "backend", operation).observe(seconds)
+
+    def backend_unavailable(self, operation: str) -> None:
+        self._child(self._unavailable, "unavailable", operation).inc()
 
     def _child(self, family, kind: str, *labels: str):
         key = (kind, *labels)
@@ -281,6 +293,9 @@ class TimedBackend:
             started = clock.seconds()
             try:
                 return await value(*args, **kwargs)
+            except StorageUnavailable:
+                metrics.backend_unavailable(name)
+                raise
             finally:
                 metrics.backend_call(name, clock.seconds() - started)
 

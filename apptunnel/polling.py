@@ -16,6 +16,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from apptunnel.backend.base import StorageUnavailable
+
 
 class Poll:
     """Calls ``refresh()`` now and then every ``interval`` seconds until `stop`."""
@@ -29,6 +31,7 @@ class Poll:
         self._interval = interval
         self._what = what
         self._loop: LoopingCall | None = None
+        self._down = False   # the last refresh found storage unreachable
 
     def start(self) -> None:
         if self._loop is not None:
@@ -49,6 +52,19 @@ class Poll:
     async def _run(self) -> None:
         try:
             await self._refresh()
+        except StorageUnavailable as err:
+            # An outage is one line when it starts and one when it ends, not a traceback
+            # every interval: the view in memory stays as last read meanwhile.
+            if not self._down:
+                self._down = True
+                self._log.warn("{what}: storage unavailable, keeping the last view and "
+                               "trying again every {interval}s: {error}", what=self._what,
+                               interval=self._interval, error=err.one_line())
+            return
         except Exception:  # noqa: BLE001 - one bad read must not end the watcher
             self._log.failure("{what}: refresh failed; trying again in {interval}s",
                               what=self._what, interval=self._interval)
+            return
+        if self._down:
+            self._down = False
+            self._log.info("{what}: storage answers again", what=self._what)

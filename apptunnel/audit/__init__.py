@@ -27,7 +27,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from apptunnel.audit.chain import GENESIS, link_parts
+from apptunnel.audit.chain import GENESIS, link, link_parts
 from apptunnel.audit.journal import Journal, JournalFull, Recovered
 from apptunnel.backend.base import Backend
 from apptunnel.backend.records import AuditEvent
@@ -141,7 +141,12 @@ def _append_lines(path: str, lines: list[str]) -> None:
 
 class AuditLog:
     """Chain and journal events now, store them soon; ``flush()`` tries to store everything
-    queued so far. Without a journal (the CLI, unit tests) events wait in memory only."""
+    queued so far. Without a journal (the CLI, unit tests) events wait in memory only.
+
+    A proxy chains its events here (``proxy_id``: it is the chain's only writer). The admin
+    CLI runs are many short-lived writers of one chain (``shared_chain``, CLI_CHAIN): their
+    events are chained by the backend as they are stored, the head read and extended in
+    one transaction (``append_audit_chained``), so two runs at once cannot fork it."""
 
     _log = Logger()
 
@@ -152,6 +157,7 @@ class AuditLog:
         json_file: str | None = None,
         *,
         proxy_id: str = "",
+        shared_chain: str = "",
         journal: Journal | None = None,
         on_failure: str = "refuse",
         block_timeout: float = BLOCK_TIMEOUT,
@@ -163,6 +169,7 @@ class AuditLog:
         self._clock = clock
         self._json_file = json_file
         self._proxy_id = proxy_id
+        self._shared_chain = shared_chain
         self._journal = journal
         self._on_failure = on_failure
         self._block_timeout = block_timeout
@@ -438,32 +445,39 @@ class AuditLog:
         try:
             while self._queue:
                 batch = [self._queue[i] for i in range(min(self._batch_size, len(self._queue)))]
-                if not await self._store(batch):
+                stored = await self._store(batch)
+                if stored is None:
                     return
                 for _ in batch:
                     self._queue.popleft()
                 self._committed(batch)
-                await self._mirror(batch)
+                await self._mirror(stored)
         except Exception:
             self._log.failure("audit writer failed")
         finally:
             self._check_writable()
 
-    async def _store(self, batch: list[AuditEvent]) -> bool:
-        """One attempt; a failure keeps the batch at the head of the queue for the next."""
+    async def _store(self, batch: list[AuditEvent]) -> list[AuditEvent] | None:
+        """One attempt: the events as stored, or None (the batch stays at the head of the
+        queue for the next attempt)."""
         try:
-            await self._backend.append_audit(batch)
+            if self._shared_chain:
+                stored = await self._backend.append_audit_chained(
+                    self._shared_chain, batch, link)
+            else:
+                await self._backend.append_audit(batch)
+                stored = batch
         except Exception as err:
             if self._backend_ok:
                 self._log.error("audit backend write of {count} events failed; retrying every "
                                 "{interval}s, nothing is dropped: {error}",
                                 count=len(batch), interval=self._interval, error=str(err))
             self._backend_ok = False
-            return False
+            return None
         if not self._backend_ok:
             self._log.info("audit backend takes writes again")
         self._backend_ok = True
-        return True
+        return stored
 
     def _committed(self, batch: list[AuditEvent]) -> None:
         if self._journal is None or not self._proxy_id:

@@ -1,5 +1,8 @@
 """The per-proxy hash chain over audit events, and the check that walks it.
 
+(The admin CLI's events form one more chain, ``CLI_CHAIN``, extended by every CLI run in
+one storage transaction each: backend ``append_audit_chained``.)
+
 Each proxy numbers its events 1, 2, 3, ... (``seq``, continued across restarts) and stores
 with each the previous event's digest (``prev``) and its own: sha256 over a canonical
 encoding of every stored field plus ``prev``. Changing any stored field of one event breaks
@@ -20,6 +23,9 @@ import attrs
 from apptunnel.backend.records import AuditEvent
 
 GENESIS = "0" * 64   # the prev of a proxy's first event
+# The one chain that is not a proxy's: the admin CLI's events (audit/__init__.py). A proxy
+# id is 16 hex digits, so it can never be this.
+CLI_CHAIN = "cli"
 
 
 def _compact_encoder() -> Callable[[Any], str]:
@@ -88,6 +94,11 @@ def link(e: AuditEvent, proxy_id: str, seq: int, prev: str) -> AuditEvent:
     return link_line(e, proxy_id, seq, prev)[0]
 
 
+def chain_name(chain: str) -> str:
+    """How people read a chain's id: ``proxy ID``, or ``admin CLI`` for the CLI's."""
+    return "admin CLI" if chain == CLI_CHAIN else f"proxy {chain}"
+
+
 @attrs.frozen
 class Problem:
     """The first thing wrong with one proxy's chain."""
@@ -99,7 +110,7 @@ class Problem:
     detail: str
 
     def __str__(self) -> str:
-        return (f"{self.kind}: proxy {self.proxy_id} event {self.id} seq {self.seq}: "
+        return (f"{self.kind}: {chain_name(self.proxy_id)} event {self.id} seq {self.seq}: "
                 f"{self.detail}")
 
 

@@ -1,4 +1,5 @@
-"""Walk every proxy's stored chain through the backend (``apptunnel audit verify``).
+"""Walk every stored chain (each proxy's, and the admin CLI's) through the backend
+(``apptunnel audit verify``).
 
 Reads page by page in storage order, so memory stays bounded by one page however long the
 trail; a gap in seq is told apart from a moved event by asking storage for the missing
@@ -26,7 +27,7 @@ class ChainReport:
 @attrs.frozen
 class VerifyReport:
     chains: list[ChainReport]
-    unchained: int              # events stored before the chain existed (or by the CLI)
+    unchained: int              # events stored before the chains existed
 
     @property
     def intact(self) -> bool:

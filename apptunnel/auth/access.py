@@ -36,6 +36,7 @@ from apptunnel.auth.access_requests import roles_for_app
 from apptunnel.auth.callers import Caller
 from apptunnel.auth.directory import REMOVED_MESSAGE, effective_identity
 from apptunnel.auth.locks import LockAudit, lock_matches, lock_message
+from apptunnel.backend.base import StorageUnavailable
 
 DECISION_TTL = 5.0
 MAX_CACHED = 10_000
@@ -340,7 +341,15 @@ class LiveRecheck:
 
     def _recheck(self, conn) -> None:
         d = Deferred.fromCoroutine(self._ask(conn))
-        d.addErrback(lambda f: self._log.failure("re-checking a live connection failed", f))
+        d.addErrback(self._recheck_failed)
+
+    def _recheck_failed(self, failure) -> None:
+        """Storage down mid re-check: one line; the connection stays as last decided."""
+        if failure.check(StorageUnavailable):
+            self._log.warn("re-checking a live connection: storage unavailable: {error}",
+                           error=failure.value.one_line())
+            return
+        self._log.failure("re-checking a live connection failed", failure)
 
     async def _ask(self, conn) -> None:
         caller, app = conn.caller, self._find_app(conn.app_name) if conn.app_name else None

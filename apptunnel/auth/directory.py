@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from apptunnel.auth.bots import bot_of, bot_principal
-from apptunnel.backend.base import Backend
+from apptunnel.backend.base import Backend, StorageUnavailable
 from apptunnel.backend.records import Bot, User
 from apptunnel.polling import Poll
 
@@ -127,6 +127,8 @@ class UserDirectory:
         polls = self._polls
         try:
             user = await self._read(name)
+        except StorageUnavailable:
+            raise   # not "no such user": the caller answers 503 (and logs it once)
         except Exception as err:
             self._log.warn("cannot read user {name!r}: {error}", name=name, error=str(err))
             return None

@@ -13,6 +13,8 @@ name the cause: "unknown token", "expired token"), ``message`` is what the agent
 
 from __future__ import annotations
 
+import functools
+
 import attrs
 from cryptography import x509
 from twisted.internet import defer
@@ -23,7 +25,7 @@ from apptunnel.auth.ca import ClusterCA
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.pins import cert_pin
 from apptunnel.auth.tokens import constant_time_equal, secret_hash
-from apptunnel.backend.base import AlreadyExists
+from apptunnel.backend.base import AlreadyExists, StorageUnavailable
 from apptunnel.backend.records import Agent, AgentTunnel, Scope
 
 __all__ = ["AGENT_CERT_TTL", "AgentEnrolment", "EnrolmentRefused", "Issued", "Joined",
@@ -44,6 +46,21 @@ class EnrolmentRefused(AuthError):
         super().__init__(403, message if message is not None else reason)
         self.reason = reason
         self.rejoin = rejoin
+
+
+STORAGE_DOWN = "the proxy's storage is unavailable, try again"
+
+
+def _storage_refusal(method):
+    """Storage down while deciding: a refusal the agent retries with backoff (one log
+    line and an audit event where the tunnel server refuses), not a crash."""
+    @functools.wraps(method)
+    async def decided(*args, **kwargs):
+        try:
+            return await method(*args, **kwargs)
+        except StorageUnavailable:
+            raise EnrolmentRefused("storage unavailable", STORAGE_DOWN) from None
+    return decided
 
 
 async def live_token(backend, token: str, kind: str, now: float):
@@ -104,6 +121,7 @@ class AgentEnrolment:
             return None
         return next((lock for lock in self.locks.locks if lock.agent == host_id), None)
 
+    @_storage_refusal
     async def join(self, token: str, csr: str, host_id: str, peer: str) -> Joined:
         """One use of ``token`` for a certificate of the key in ``csr``, recorded with the
         token's scope in one transaction; a host id already recorded joins again only with
@@ -134,6 +152,7 @@ class AgentEnrolment:
             raise EnrolmentRefused("token used up", _BAD_TOKEN)
         return Joined(cert_pem, self.ca.cert_pem)
 
+    @_storage_refusal
     async def hello(self, host_id: str, cert: x509.Certificate | None) -> Scope:
         """The scope of a known, unlocked agent presenting the certificate of its recorded
         key; EnrolmentRefused otherwise (``rejoin`` when a new join could help)."""
@@ -161,6 +180,7 @@ class AgentEnrolment:
             return None
         return agent.cert_expires
 
+    @_storage_refusal
     async def renew(self, host_id: str, csr: str) -> Issued:
         """A new certificate for the same key, while the agent is known and not locked."""
         agent = await self.backend.get_agent(host_id)

@@ -32,7 +32,7 @@ from apptunnel.audit import UNAVAILABLE as AUDIT_UNAVAILABLE
 from apptunnel.auth.passwords import HashQueue
 from apptunnel.auth.throttle import LoginThrottle, Throttled
 from apptunnel.auth.tokens import constant_time_equal, new_secret, secret_hash
-from apptunnel.backend.base import Backend
+from apptunnel.backend.base import Backend, StorageUnavailable
 from apptunnel.backend.records import AppSession, AuthCode, Lock, User, WebSession
 
 if TYPE_CHECKING:
@@ -121,7 +121,12 @@ class SessionManager:
         self._throttle.attempt(username, address, self._clock.seconds())
         user = None
         if isinstance(username, str) and 0 < len(username) <= MAX_USERNAME_LENGTH:
-            user = await self._backend.get_user(username)
+            try:
+                user = await self._backend.get_user(username)
+            except StorageUnavailable:
+                # No password was checked: an outage must not use up the user's attempts.
+                self._throttle.abandoned(username, address)
+                raise
         stored = user.password_hash if user is not None else None
         # Always run argon2 (a dummy hash for unknown users) so timing reveals nothing.
         try:

@@ -6,12 +6,14 @@ from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorCore
 
-from apptunnel.backend.base import AlreadyExists, Backend, BackendError, NotFound
+from apptunnel.backend.base import (AlreadyExists, Backend, BackendError, NotFound,
+                                    StorageUnavailable)
 
 if TYPE_CHECKING:
     from apptunnel.config import ProxyConfig
 
-__all__ = ["AlreadyExists", "Backend", "BackendError", "NotFound", "open_backend"]
+__all__ = ["AlreadyExists", "Backend", "BackendError", "NotFound", "StorageUnavailable",
+           "open_backend"]
 
 
 def open_backend(config: "ProxyConfig", reactor: IReactorCore) -> Backend:

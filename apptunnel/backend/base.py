@@ -8,6 +8,7 @@ async driver can sit underneath.
 from __future__ import annotations
 
 import typing
+from collections.abc import Callable
 
 from apptunnel.backend.records import (
     AccessRequest,
@@ -44,6 +45,17 @@ LINK_KEEP = 7 * 86400.0
 
 class BackendError(ApptunnelError):
     """Storage failed; the message says what, never with secrets in it."""
+
+
+class StorageUnavailable(BackendError):
+    """The backend could not be reached or did not answer (connection refused or lost,
+    statement timeout, file locked or unreadable): nothing is wrong with the request, so
+    it becomes a 503 with ``retry_after`` at every boundary, one log line, no traceback.
+    Never raised for constraint errors (AlreadyExists) or bad records."""
+
+    status = 503
+    retry_after = 5
+    message = "The proxy's storage is unavailable; try again in a moment."
 
 
 class AlreadyExists(BackendError):
@@ -169,9 +181,14 @@ class Backend(typing.Protocol):
     async def delete_key(self, kind: str, id: str) -> bool: ...
     # Several proxies (proxy/peers.py): each upserts its row on every heartbeat and
     # deletes it on a clean stop; a row whose heartbeat is older than `since` is stale.
+    # A proxy's agent_tunnels rows go with it: heartbeat_proxy deletes those recorded
+    # before its `started` (an earlier run, killed), delete_proxy all of them, and
+    # forget_proxies removes every proxy whose heartbeat is older than `before` with its
+    # rows (one transaction each; forget_proxies returns the ids it removed).
     async def heartbeat_proxy(self, proxy: ProxyRecord) -> None: ...
     async def list_proxies(self, since: float) -> list[ProxyRecord]: ...   # by proxy_id
     async def delete_proxy(self, proxy_id: str) -> bool: ...
+    async def forget_proxies(self, before: float) -> list[str]: ...   # sorted
     # Which proxies hold a tunnel of which agent: one row per (agent, proxy) pair.
     async def put_agent_tunnel(self, tunnel: AgentTunnel) -> None: ...   # upsert
     async def delete_agent_tunnel(self, host_id: str, proxy_id: str) -> bool: ...
@@ -183,6 +200,14 @@ class Backend(typing.Protocol):
     async def audit_chain(self, proxy_id: str, offset: int = 0, limit: int = 1000,
                           *, seq: int | None = None) -> list[AuditEvent]: ...
     async def audit_chains(self) -> dict[str, int]: ...
+    # A chain several processes extend (the admin CLI's, audit/__init__.py): in one write
+    # transaction no other writer of `chain` can interleave (SQLite's write lock, a
+    # PostgreSQL advisory lock), read its head, skip events whose id is stored (a retry)
+    # and store the others as its next events, each made by `link(event, chain, seq,
+    # prev)` (audit/chain.py); returns the events stored. Two writers never fork it.
+    async def append_audit_chained(self, chain: str, events: list[AuditEvent],
+                                   link: Callable[[AuditEvent, str, int, str], AuditEvent]
+                                   ) -> list[AuditEvent]: ...
 
     async def delete_expired(self, now: float) -> int: ...
     async def close(self) -> None: ...

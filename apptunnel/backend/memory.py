@@ -16,10 +16,12 @@ CLI could not reach it, so it would only ever be a trap for an operator.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 
+from apptunnel.audit.chain import GENESIS
 from apptunnel.backend.base import (
     AGENT_STATE,
     LINK_KEEP,
@@ -27,6 +29,7 @@ from apptunnel.backend.base import (
     AlreadyExists,
     BackendError,
     NotFound,
+    StorageUnavailable,
 )
 from apptunnel.backend.records import (
     AccessRequest,
@@ -151,10 +154,14 @@ class MemoryBackend:
         self._audit_ids: set[str] = set()
         self._keys: dict[tuple[str, str], KeyRecord] = {}
         self._closed = False
+        # Set by tests: every call fails as with a database that is down.
+        self.unreachable = False
 
     def _check_open(self) -> None:
         if self._closed:
             raise BackendError("memory backend is closed")
+        if self.unreachable:
+            raise StorageUnavailable("memory backend: unreachable (set by a test)")
 
     async def close(self) -> None:
         self._closed = True
@@ -554,6 +561,23 @@ class MemoryBackend:
                 self._audit.append(e)
                 self._audit_ids.add(e.id)
 
+    async def append_audit_chained(self, chain: str, events: list[AuditEvent],
+                                   link: Callable[[AuditEvent, str, int, str], AuditEvent]
+                                   ) -> list[AuditEvent]:
+        self._check_open()
+        head = await self.audit_chain_head(chain)
+        seq, prev = (head.seq, head.digest) if head is not None else (0, GENESIS)
+        stored = []
+        for e in events:
+            if e.id in self._audit_ids or any(s.id == e.id for s in stored):
+                continue
+            seq += 1
+            chained = link(_event(e), chain, seq, prev)
+            prev = chained.digest
+            stored.append(chained)
+        await self.append_audit(stored)
+        return stored
+
     async def audit_chain_head(self, proxy_id: str) -> AuditEvent | None:
         self._check_open()
         chained = [e for e in self._audit if e.proxy_id == proxy_id and e.seq]
@@ -663,6 +687,7 @@ class MemoryBackend:
         self._check_open()
         self._proxies[proxy.proxy_id] = attrs.evolve(
             proxy, started=_real(proxy.started), heartbeat=_real(proxy.heartbeat))
+        self._drop_tunnels(proxy.proxy_id, before=_real(proxy.started))
 
     async def list_proxies(self, since: float) -> list[ProxyRecord]:
         self._check_open()
@@ -670,7 +695,21 @@ class MemoryBackend:
 
     async def delete_proxy(self, proxy_id: str) -> bool:
         self._check_open()
+        self._drop_tunnels(proxy_id)
         return self._proxies.pop(proxy_id, None) is not None
+
+    async def forget_proxies(self, before: float) -> list[str]:
+        self._check_open()
+        gone = sorted(pid for pid, p in self._proxies.items() if p.heartbeat < before)
+        for pid in gone:
+            del self._proxies[pid]
+            self._drop_tunnels(pid)
+        return gone
+
+    def _drop_tunnels(self, proxy_id: str, before: float | None = None) -> None:
+        for key, tunnel in list(self._agent_tunnels.items()):
+            if tunnel.proxy_id == proxy_id and (before is None or tunnel.since < before):
+                del self._agent_tunnels[key]
 
     async def put_agent_tunnel(self, tunnel: AgentTunnel) -> None:
         self._check_open()

@@ -24,6 +24,7 @@ migrated under an advisory lock when the first connection opens.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sqlite3
@@ -36,7 +37,7 @@ from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 
 from apptunnel.backend import pg_schema
-from apptunnel.backend.base import AlreadyExists, BackendError
+from apptunnel.backend.base import AlreadyExists, BackendError, StorageUnavailable
 from apptunnel.backend.sqlite import SqliteBackend
 
 _T = TypeVar("_T")
@@ -115,6 +116,8 @@ class _Dialect:
             return cursor
         except pg_errors.IntegrityError as err:
             raise sqlite3.IntegrityError(err.diag.message_primary or str(err)) from None
+        except psycopg.OperationalError as err:
+            raise _Unreachable(_one_line(err)) from None
         except psycopg.Error as err:
             raise sqlite3.OperationalError(_one_line(err)) from None
 
@@ -124,6 +127,25 @@ class _Dialect:
 
     def close(self) -> None:
         self._conn.close()
+
+
+class _Unreachable(sqlite3.OperationalError):
+    """psycopg's OperationalError (connection lost or refused, statement timeout, server
+    shutting down) through SqliteBackend's code: it leaves the backend as
+    StorageUnavailable."""
+
+
+def unavailable(err: BaseException, broken: bool) -> bool:
+    """Whether a failed call means "storage unavailable" (a 503) rather than a bad
+    statement or record: psycopg's OperationalError, or any error on a broken connection."""
+    return broken or isinstance(err, (_Unreachable, psycopg.OperationalError))
+
+
+def chain_lock_key(chain: str) -> int:
+    """pg_advisory_xact_lock key of an audit chain: a signed 64-bit hash of its name, in a
+    different space from pg_schema.ADVISORY_LOCK_KEY (a constant) by its prefix."""
+    digest = hashlib.sha256(b"apptunnel audit chain " + chain.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def _one_line(err: BaseException) -> str:
@@ -213,9 +235,11 @@ class PostgresBackend(SqliteBackend):
         except sqlite3.IntegrityError as err:
             raise AlreadyExists(f"{self.path}: already exists ({err})") from None
         except (sqlite3.Error, psycopg.Error) as err:
-            if self._conn is not None and self._conn.broken:
+            broken = self._conn is not None and self._conn.broken
+            if broken:
                 self._close_in_thread()
-            raise BackendError(f"{self.path}: {_one_line(err)}") from None
+            kind = StorageUnavailable if unavailable(err, broken) else BackendError
+            raise kind(f"{self.path}: {_one_line(err)}") from None
         except (TypeError, ValueError) as err:
             raise BackendError(f"{self.path}: cannot encode record: {err}") from None
 
@@ -226,6 +250,11 @@ class PostgresBackend(SqliteBackend):
             self._conn = _connect(self._dsn, self._password)
         self._conn.executed = 0
         return fn(self._conn)
+
+    def _lock_chain(self, conn: Any, chain: str) -> None:
+        """Two transactions may both read a chain's head (no row lock covers an empty
+        chain or the next seq): an advisory lock on the chain's name serialises them."""
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (chain_lock_key(chain),))
 
     def _close_in_thread(self) -> None:
         if self._conn is not None:

@@ -25,12 +25,14 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from apptunnel.audit.chain import GENESIS
 from apptunnel.backend.base import (
     AGENT_STATE,
     LINK_KEEP,
     MAX_SEARCH_LIMIT,
     AlreadyExists,
     BackendError,
+    StorageUnavailable,
     NotFound,
 )
 from apptunnel.backend.records import (
@@ -450,6 +452,18 @@ def _audit_event(row: tuple) -> AuditEvent:
                       seq=row[9] or 0, prev=row[10], digest=row[11])
 
 
+# SQLite's primary result codes that say the file cannot be used right now (busy past
+# the busy timeout, locked, I/O error, disk full, cannot open), not that a request is bad.
+_UNAVAILABLE_CODES = frozenset({5, 6, 10, 13, 14})   # BUSY LOCKED IOERR FULL CANTOPEN
+
+
+def unavailable(err: sqlite3.Error) -> bool:
+    """Whether a driver error means "storage unavailable" (StorageUnavailable, a 503)
+    rather than a bad statement or record (pure; tested directly)."""
+    code = getattr(err, "sqlite_errorcode", None)
+    return code is not None and (code & 0xFF) in _UNAVAILABLE_CODES
+
+
 class _Unchanged(BackendError):
     """A compare-and-set found a row not in the state expected: roll back, answer False."""
 
@@ -496,9 +510,10 @@ class SqliteBackend:
         except sqlite3.IntegrityError as err:
             raise AlreadyExists(f"sqlite {self._path}: already exists ({err})") from None
         except sqlite3.Error as err:
-            raise BackendError(f"sqlite {self._path}: {err}") from None
+            kind = StorageUnavailable if unavailable(err) else BackendError
+            raise kind(f"sqlite {self._path}: {err}") from None
         except OSError as err:
-            raise BackendError(f"sqlite {self._path}: {err.strerror or err}") from None
+            raise StorageUnavailable(f"sqlite {self._path}: {err.strerror or err}") from None
         except (TypeError, ValueError) as err:
             raise BackendError(f"sqlite {self._path}: cannot encode record: {err}") from None
 
@@ -1374,13 +1389,17 @@ class SqliteBackend:
 
     async def heartbeat_proxy(self, proxy: ProxyRecord) -> None:
         def run(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO proxies (proxy_id, tunnel_addr, version, started, heartbeat)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (proxy_id) DO UPDATE SET"
-                " tunnel_addr = excluded.tunnel_addr, version = excluded.version,"
-                " started = excluded.started, heartbeat = excluded.heartbeat",
-                (proxy.proxy_id, proxy.tunnel_addr, proxy.version, proxy.started,
-                 proxy.heartbeat))
+            with _transaction(conn):
+                conn.execute(
+                    "INSERT INTO proxies (proxy_id, tunnel_addr, version, started, heartbeat)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (proxy_id) DO UPDATE SET"
+                    " tunnel_addr = excluded.tunnel_addr, version = excluded.version,"
+                    " started = excluded.started, heartbeat = excluded.heartbeat",
+                    (proxy.proxy_id, proxy.tunnel_addr, proxy.version, proxy.started,
+                     proxy.heartbeat))
+                # Tunnels an earlier run of this proxy recorded (it was killed) are gone.
+                conn.execute("DELETE FROM agent_tunnels WHERE proxy_id = ? AND since < ?",
+                             (proxy.proxy_id, proxy.started))
 
         await self._run(run)
 
@@ -1394,8 +1413,26 @@ class SqliteBackend:
         return await self._run(run)
 
     async def delete_proxy(self, proxy_id: str) -> bool:
-        return await self._run(lambda conn: conn.execute(
-            "DELETE FROM proxies WHERE proxy_id = ?", (proxy_id,)).rowcount > 0)
+        def run(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                conn.execute("DELETE FROM agent_tunnels WHERE proxy_id = ?", (proxy_id,))
+                return conn.execute("DELETE FROM proxies WHERE proxy_id = ?",
+                                    (proxy_id,)).rowcount > 0
+
+        return await self._run(run)
+
+    async def forget_proxies(self, before: float) -> list[str]:
+        def run(conn: sqlite3.Connection) -> list[str]:
+            with _transaction(conn):
+                gone = [row[0] for row in conn.execute(
+                    "SELECT proxy_id FROM proxies WHERE heartbeat < ? ORDER BY proxy_id",
+                    (before,)).fetchall()]
+                for proxy_id in gone:
+                    conn.execute("DELETE FROM agent_tunnels WHERE proxy_id = ?", (proxy_id,))
+                    conn.execute("DELETE FROM proxies WHERE proxy_id = ?", (proxy_id,))
+                return gone
+
+        return await self._run(run)
 
     async def put_agent_tunnel(self, tunnel: AgentTunnel) -> None:
         def run(conn: sqlite3.Connection) -> None:
@@ -1421,6 +1458,42 @@ class SqliteBackend:
         return await self._run(run)
 
     # -- the audit hash chain -----------------------------------------------------
+
+    async def append_audit_chained(self, chain: str, events: list[AuditEvent],
+                                   link: Callable[[AuditEvent, str, int, str], AuditEvent]
+                                   ) -> list[AuditEvent]:
+        def run(conn: sqlite3.Connection) -> list[AuditEvent]:
+            with _transaction(conn):     # BEGIN IMMEDIATE: the write lock, taken up front
+                self._lock_chain(conn, chain)
+                row = conn.execute(
+                    "SELECT chain_seq, chain_digest FROM audit_events WHERE proxy_id = ?"
+                    " AND chain_seq IS NOT NULL ORDER BY chain_seq DESC LIMIT 1",
+                    (chain,)).fetchone()
+                seq, prev = (int(row[0]), row[1]) if row is not None else (0, GENESIS)
+                stored: list[AuditEvent] = []
+                seen: set[str] = set()
+                for e in events:
+                    if e.id in seen or conn.execute(
+                            "SELECT 1 FROM audit_events WHERE id = ?", (e.id,)).fetchone():
+                        continue
+                    seen.add(e.id)
+                    seq += 1
+                    chained = link(e, chain, seq, prev)
+                    prev = chained.digest
+                    conn.execute(
+                        f"INSERT INTO audit_events ({_AUDIT_COLUMNS}) VALUES"
+                        " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (chained.id, chained.time, chained.type, chained.code, chained.actor,
+                         chained.target, chained.outcome, _dump(chained.fields),
+                         chained.proxy_id, chained.seq, chained.prev, chained.digest))
+                    stored.append(chained)
+                return stored
+
+        return await self._run(run)
+
+    def _lock_chain(self, conn: Any, chain: str) -> None:
+        """Worker thread, in a write transaction: keep other writers of ``chain`` out until
+        it ends. SQLite's BEGIN IMMEDIATE already holds the database's one write lock."""
 
     async def audit_chain_head(self, proxy_id: str) -> AuditEvent | None:
         def run(conn: sqlite3.Connection) -> AuditEvent | None:

@@ -9,6 +9,7 @@ import json
 
 from apptunnel.admin import audit as admin_audit
 from apptunnel.admin.context import AdminError
+from apptunnel.audit.chain import CLI_CHAIN, chain_name
 from apptunnel.audit.verify import verify_all
 from apptunnel.backend.base import MAX_SEARCH_LIMIT
 from apptunnel.backend.records import AuditEvent
@@ -22,9 +23,10 @@ def add_parsers(audit_actions: argparse._SubParsersAction,
                 common: argparse.ArgumentParser) -> None:
     verify = audit_actions.add_parser(
         "verify", parents=[common],
-        help="check every proxy's audit hash chain; non-zero at the first altered, missing "
-             "or reordered event")
-    verify.add_argument("--proxy", metavar="ID", help="only this proxy's chain")
+        help="check every proxy's audit hash chain and the admin CLI's; non-zero at the "
+             "first altered, missing or reordered event")
+    verify.add_argument("--proxy", metavar="ID",
+                        help=f"only this proxy's chain ({CLI_CHAIN}: the admin CLI's)")
     verify.set_defaults(handler=verify_audit)
     export = audit_actions.add_parser(
         "export", parents=[common], help="stream audit events with their chain fields")
@@ -39,9 +41,9 @@ async def verify_audit(admin: Admin, args: argparse.Namespace) -> int:
     status = 0
     for chain in report.chains:
         if chain.problem is None:
-            admin.io.out(f"proxy {chain.proxy_id}: {chain.events} events, chain intact\n")
+            admin.io.out(f"{chain_name(chain.proxy_id)}: {chain.events} events, chain intact\n")
         else:
-            admin.io.out(f"proxy {chain.proxy_id}: {clean(str(chain.problem))} "
+            admin.io.out(f"{chain_name(chain.proxy_id)}: {clean(str(chain.problem))} "
                          f"(after {chain.events} intact events)\n")
             status = EXIT_BROKEN
     if args.proxy is not None and report.chains[0].events == 0 and \
@@ -49,7 +51,7 @@ async def verify_audit(admin: Admin, args: argparse.Namespace) -> int:
         admin.io.warn(f"no chained events for proxy {args.proxy}")
     if report.unchained:
         admin.io.out(f"unchained: {report.unchained} events stored without chain data "
-                     "(before the chain existed, or by the CLI)\n")
+                     "(before the chains existed)\n")
     if not report.chains and not report.unchained:
         admin.io.warn("no audit events")
     return status

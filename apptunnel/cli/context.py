@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from apptunnel.admin.context import Actor, AdminContext, AdminError, USAGE
 from apptunnel.audit import AuditLog
+from apptunnel.audit.chain import CLI_CHAIN
 from apptunnel.auth.ca_set import CaLoader, CaSet
 from apptunnel.auth.keystore import KeyStore, KeyStoreError, sealer_from_file
 from apptunnel.backend import Backend, open_backend
@@ -139,7 +140,8 @@ class Admin:
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
         os.makedirs(os.path.dirname(config.backend_path) or ".", mode=0o700, exist_ok=True)
         backend = open_backend(config, reactor)
-        audit = AuditLog(backend, reactor, json_file=config.audit_file)
+        audit = AuditLog(backend, reactor, json_file=config.audit_file,
+                         shared_chain=CLI_CHAIN)
         audit.start()
         return cls(config, reactor, io, backend, audit)
 

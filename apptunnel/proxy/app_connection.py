@@ -28,6 +28,7 @@ from zope.interface import implementer
 
 from apptunnel.audit import UNAVAILABLE as audit_unavailable
 from apptunnel.auth.callers import Caller, certificate_caller
+from apptunnel.backend.base import StorageUnavailable
 from apptunnel.proxy import pages
 from apptunnel.proxy.eager import run_eagerly
 from apptunnel.proxy.http1 import (
@@ -341,10 +342,15 @@ class AppConnection(Protocol):
                        callbackArgs=(outcome, ex), errbackArgs=(outcome, ex))
 
     def _route_failed(self, failure: Failure, ex: _Exchange) -> None:
-        self._log.failure("routing a request failed", failure)
+        if failure.check(StorageUnavailable):   # one line, a 503: nothing is broken here
+            self._log.warn("routing a request: storage unavailable: {error}",
+                           error=failure.value.one_line())
+            status, page = 503, pages.storage_unavailable(failure.value, **self._page_ids(ex))
+        else:
+            self._log.failure("routing a request failed", failure)
+            status, page = 500, pages.error_response(500, close=True, **self._page_ids(ex))
         if self.state not in _ENDED and ex is self._ex:
-            self._answer(Answer(pages.error_response(500, close=True, **self._page_ids(ex)),
-                                500, True))
+            self._answer(Answer(page, status, True))
 
     def _app_connected(self, proto: _AppSide, outcome: Forward, ex: _Exchange) -> None:
         self._connecting = None

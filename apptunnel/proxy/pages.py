@@ -176,6 +176,14 @@ def error_response(
                     headers, close=close, head_only=head_only, home=home)
 
 
+def storage_unavailable(err, *, close: bool = True, head_only: bool = False,
+                        request_id: str = "", home: str = "") -> bytes:
+    """The 503 for a request that needed storage while the backend was unreachable
+    (backend.StorageUnavailable): its sentence and a Retry-After, no internal detail."""
+    return error_response(503, err.message, [(b"Retry-After", str(err.retry_after).encode())],
+                          close=close, head_only=head_only, request_id=request_id, home=home)
+
+
 def home_origin(public_host: str, public_port: int) -> str:
     """https://PUBLIC_HOST[:PORT]: where app-host pages take their style and links from."""
     return f"https://{public_host}" + ("" if public_port == 443 else f":{public_port}")

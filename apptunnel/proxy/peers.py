@@ -8,6 +8,14 @@ cut off from the database) drops out of the set, and agents stop dialling it onc
 tunnel is down. A clean stop deletes the row at once. The clocks of the proxies must
 agree to within a second or two (NTP), as they must for certificates and tokens.
 
+The agent_tunnels rows a proxy records go with it (backend.base): its heartbeat deletes
+those of an earlier run of the same proxy_id (killed with kill -9, then restarted), a clean
+stop deletes them with its row, and every live proxy forgets a proxy silent for
+``FORGET_AFTER`` (its row and its tunnel rows). Until then the listing (admin/inventory.py)
+already leaves out the tunnels of a stale proxy; FORGET_AFTER is much longer than
+STALE_AFTER so that a proxy cut off from the database for a while, whose tunnels are still
+up, is listed again with them as soon as it beats again.
+
 With SQLite there is one proxy: its own row, the same code. A proxy whose advertised port
 is 0 (a test listening on an ephemeral port) cannot be dialled and is not registered.
 """
@@ -24,12 +32,13 @@ from apptunnel.backend.records import ProxyRecord
 from apptunnel.net import split_host_port
 from apptunnel.polling import Poll
 
-__all__ = ["HEARTBEAT", "STALE_AFTER", "Peers", "live_set"]
+__all__ = ["FORGET_AFTER", "HEARTBEAT", "STALE_AFTER", "Peers", "live_set"]
 
 log = Logger()
 
 HEARTBEAT = 3.0
 STALE_AFTER = 10.0
+FORGET_AFTER = 600.0
 
 PeerSet = tuple[tuple[str, str], ...]   # (proxy_id, tunnel address), sorted by proxy_id
 
@@ -46,13 +55,14 @@ class Peers:
 
     def __init__(self, backend, clock: IReactorTime, proxy_id: str, tunnel_addr: str,
                  version: str, interval: float = HEARTBEAT,
-                 stale_after: float = STALE_AFTER) -> None:
+                 stale_after: float = STALE_AFTER, forget_after: float = FORGET_AFTER) -> None:
         self._backend = backend
         self._clock = clock
         self.proxy_id = proxy_id
         self._addr = tunnel_addr
         self._version = version
         self._stale_after = stale_after
+        self._forget_after = forget_after
         self._started = clock.seconds()
         self._registered = _port(tunnel_addr) != 0
         self._live: PeerSet = ((proxy_id, tunnel_addr),) if self._registered else ()
@@ -91,9 +101,13 @@ class Peers:
             await self._backend.heartbeat_proxy(ProxyRecord(
                 self.proxy_id, self._addr, self._version, self._started, now))
             rows = await self._backend.list_proxies(now - self._stale_after)
+            forgotten = await self._backend.forget_proxies(now - self._forget_after)
         except BackendError as err:
             log.warn("proxy heartbeat failed (retrying): {error}", error=err)
             return
+        for proxy_id in forgotten:
+            log.info("forgot proxy {proxy_id} (no heartbeat for {seconds:.0f} s) and the "
+                     "agent tunnels it recorded", proxy_id=proxy_id, seconds=self._forget_after)
         live = live_set(rows, now, self._stale_after)
         if live == self._live:
             return

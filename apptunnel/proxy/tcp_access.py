@@ -45,6 +45,7 @@ from apptunnel.auth.access import AccessPolicy, Allow, Deny, Facts, LiveRecheck,
 from apptunnel.auth.ca import ClusterCA
 from apptunnel.auth.callers import Caller, caller_from_certificate, peer_certificate
 from apptunnel.auth.errors import AuthError
+from apptunnel.backend.base import StorageUnavailable
 from apptunnel.catalog import AppInfo
 from apptunnel.proxy import pages
 from apptunnel.proxy.errors import Refusal
@@ -178,7 +179,11 @@ class TcpAccess(Factory):
         if not self.audit.writable and not await self.audit.admitted():
             raise Refusal(503, "the proxy's audit log is not writable; try again shortly")
         facts = Facts(client_ip=client, port=port, where="tcp session")
-        decision = await self.access.decide(caller, app, facts, self.clock.seconds())
+        try:
+            decision = await self.access.decide(caller, app, facts, self.clock.seconds())
+        except StorageUnavailable as err:
+            raise Refusal(err.status, "the proxy's storage is unavailable; try again "
+                          "shortly") from None
         if isinstance(decision, Deny) and decision.code == "rbac":
             raise Refusal(403, f"you are not allowed to use {name}")
         if isinstance(decision, NeedsMore):

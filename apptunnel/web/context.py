@@ -22,6 +22,7 @@ from apptunnel.auth.callers import Caller, caller_from_session, certificate_call
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.mfa import ENROLL_FIRST, SecondFactorRequired
 from apptunnel.auth.origins import own_origins, same_origin
+from apptunnel.backend.base import StorageUnavailable
 from apptunnel.web.http import (
     HEADINGS,
     JSON_PREFIXES,
@@ -200,6 +201,13 @@ class WebContext:
                 extra["webauthn"] = err.webauthn
         if isinstance(err, (WebError, AuthError)):
             status, message = err.status, err.message
+        elif isinstance(err, StorageUnavailable):
+            # Nothing wrong with the request: one line naming the backend, no traceback.
+            self._log.warn("web request {method} {path}: storage unavailable: {error}",
+                           method=request.method.decode("latin-1"),
+                           path=request.path.decode("latin-1"), error=err.one_line())
+            status, message = err.status, err.message
+            request.setHeader(b"Retry-After", str(err.retry_after).encode("ascii"))
         elif isinstance(err, HTTPException):
             status = err.code if err.code in HEADINGS else 404
             message = HEADINGS[status][1]

@@ -118,33 +118,41 @@ def test_every_answered_request_has_its_event_after_kill_9(cluster):
     assert "chain intact" in verify.stdout, verify.stdout
 
 
-def _tamper(db: sqlite3.Connection, how: str) -> tuple[str, int]:
-    """Edit the file as an attacker with the sqlite3 tool would; (id, seq) expected named."""
+def _tamper(db: sqlite3.Connection, how: str, chain: str) -> tuple[str, int]:
+    """Edit the file as an attacker with the sqlite3 tool would, in one chain (a proxy's or
+    the admin CLI's); (id, seq) expected named."""
     rows = db.execute("SELECT id, chain_seq FROM audit_events WHERE chain_seq IS NOT NULL"
-                      " ORDER BY chain_seq").fetchall()
-    assert len(rows) >= 8
+                      " AND proxy_id = ? ORDER BY chain_seq", (chain,)).fetchall()
+    assert len(rows) >= 2 if how == "altered" else len(rows) >= 5
+    one = "proxy_id = ? AND chain_seq = ?"
     if how == "altered":
-        db.execute("UPDATE audit_events SET actor = 'someone-else' WHERE chain_seq = 5")
-        return rows[4][0], 5
+        seq = min(5, len(rows))
+        db.execute(f"UPDATE audit_events SET actor = 'someone-else' WHERE {one}", (chain, seq))
+        return rows[seq - 1][0], seq
     if how == "deleted":
-        db.execute("DELETE FROM audit_events WHERE chain_seq = 4")
+        db.execute(f"DELETE FROM audit_events WHERE {one}", (chain, 4))
         return rows[4][0], 5             # the gap is found at the event after it
     # reordered: event 3 taken out and put back at the end of the table
     columns = "id, time, type, code, actor, target, outcome, fields, proxy_id, chain_seq, " \
               "chain_prev, chain_digest"
-    row = db.execute(f"SELECT {columns} FROM audit_events WHERE chain_seq = 3").fetchone()
-    db.execute("DELETE FROM audit_events WHERE chain_seq = 3")
+    row = db.execute(f"SELECT {columns} FROM audit_events WHERE {one}", (chain, 3)).fetchone()
+    db.execute(f"DELETE FROM audit_events WHERE {one}", (chain, 3))
     db.execute(f"INSERT INTO audit_events ({columns}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row)
     return rows[2][0], 3
 
 
 def test_audit_verify_names_altered_deleted_and_reordered_rows(cluster):
+    """Issue 13: a tampered, deleted and moved row of a proxy's chain, and a tampered event
+    of the admin CLI's chain, each named by `audit verify` (exit 3) by id and seq."""
     cluster.start_proxy()
     context = ssl.create_default_context(cafile=cluster.ca_file)
     conn = None
     for i in range(10):
         conn, status, _, _ = one_request(cluster, context, conn, f"/r{i}")
         assert status == 404
+    # Admin commands (the installed CLI, against storage directly) chain their own events.
+    for _ in range(2):
+        cluster.cli("tokens", "add", "--type", "app", "--ttl", "1h")
     cluster.proxy.stop()
     proxy_id = (cluster.root / "proxy" / "proxy_id").read_text().strip()
     live = cluster.root / "proxy" / "apptunnel.db"
@@ -154,18 +162,23 @@ def test_audit_verify_names_altered_deleted_and_reordered_rows(cluster):
 
     intact = cluster.cli("audit", "verify")
     assert intact.returncode == 0 and f"proxy {proxy_id}: 10 events, chain intact" in intact.stdout
-    for how in ("altered", "deleted", "reordered"):
+    assert "admin CLI: 2 events, chain intact" in intact.stdout, intact.stdout
+    for chain, name, how in ((proxy_id, f"proxy {proxy_id}", "altered"),
+                             (proxy_id, f"proxy {proxy_id}", "deleted"),
+                             (proxy_id, f"proxy {proxy_id}", "reordered"),
+                             ("cli", "admin CLI", "altered")):
         with sqlite3.connect(str(pristine)) as src, sqlite3.connect(str(live)) as dst:
             src.backup(dst)
         db = sqlite3.connect(str(live), isolation_level=None)
-        event_id, seq = _tamper(db, how)
+        event_id, seq = _tamper(db, how, chain)
         db.close()
         result = cluster.cli("audit", "verify", check=False)
         assert result.returncode == 3, (how, result.stdout, result.stderr)
-        assert f"{how if how != 'deleted' else 'missing'}: proxy {proxy_id} event {event_id} " \
+        assert f"{how if how != 'deleted' else 'missing'}: {name} event {event_id} " \
                f"seq {seq}" in result.stdout, (how, result.stdout)
-        only = cluster.cli("audit", "verify", "--proxy", proxy_id, check=False)
-        assert only.returncode == 3
+        if chain == proxy_id:   # (--proxy cli: tests/unit/test_cli.py)
+            only = cluster.cli("audit", "verify", "--proxy", chain, check=False)
+            assert only.returncode == 3
 
     # The export of the intact trail verifies elsewhere: the chain rebuilt from its lines.
     with sqlite3.connect(str(pristine)) as src, sqlite3.connect(str(live)) as dst:

@@ -205,6 +205,35 @@ def test_proxies_migrating_at_once_run_each_step_once(postgres_db):
     assert sorted(results) == [(0, SCHEMA_VERSION)] + [(SCHEMA_VERSION, SCHEMA_VERSION)] * 3
 
 
+@pytest_twisted.ensureDeferred
+async def test_writers_of_one_shared_chain_at_once_never_fork_it(postgres_db):
+    """Issue 13 (the admin CLI's chain): three backends (three CLI runs) append to chain
+    `cli` at once, five rounds: every event gets its own seq 1..15 and the chain verifies
+    (the advisory lock serialises reading the head and extending it)."""
+    from twisted.internet import defer
+
+    from apptunnel.audit.chain import link
+    from tests.support.backend_contract import unchained, verify_one
+
+    backends = [PostgresBackend(postgres_db["dsn"], reactor, password=postgres_db["password"])
+                for _ in range(3)]
+    try:
+        for b in backends:
+            await wait(b.list_users())           # connected (and migrated) first
+        for r in range(5):
+            await wait(defer.gatherResults([
+                defer.ensureDeferred(b.append_audit_chained("cli", unchained(f"r{r}w{n}", 1),
+                                                            link))
+                for n, b in enumerate(backends)], consumeErrors=True))
+        chain = await wait(backends[0].audit_chain("cli"))
+        assert sorted(e.seq for e in chain) == list(range(1, 16))
+        report = await verify_one(backends[0], "cli")
+        assert report.problem is None and report.events == 15
+    finally:
+        for b in backends:
+            await wait(b.close())
+
+
 # -- the installed command and config ------------------------------------------------------
 
 

@@ -155,7 +155,8 @@ def test_kill_9_of_a_proxy_under_load_fails_only_its_in_flight_requests(farm):
     """Eight keep-alive clients through HAProxy for a bounded run; proxy 1 is killed
     mid-run: failed requests <= the connections that were on it (open at the kill, or
     sent to it by HAProxy before its health check noticed); the others go on.
-    Restarted, it gets both agents' tunnels back."""
+    `agents ls` stops listing it once its row is stale; restarted, it deletes the tunnel
+    rows its earlier run left and gets both agents' tunnels back."""
     threads, ok, failed = load(farm, signed_in(farm).session.cookies, 6)
     time.sleep(2)
     on_dead = established_to(farm.ports[1][0])
@@ -171,11 +172,28 @@ def test_kill_9_of_a_proxy_under_load_fails_only_its_in_flight_requests(farm):
     assert ok[0] > 100, (ok, failed)
     assert failed[0] <= on_dead, (failed, on_dead, failed_reasons)
 
-    farm.start_proxy(1)
+    # Its tunnels leave `agents ls` once its row is stale (STALE_AFTER, 10 s).
     dead = farm.proxy_id(1)
-    wait_until(lambda: {p for _, p in tunnels(farm, since=killed_at)} >= {dead}
-               and len([1 for _, p in tunnels(farm, since=killed_at) if p == dead]) == 2,
+    wait_until(lambda: all(dead not in agent["proxies"] for agent in listed_agents(farm)),
+               15, "agents ls to drop the killed proxy", interval=1.0)
+    # A tunnel row its run recorded for an agent that never comes back (as if that agent
+    # died with it): the restarted proxy (same id) deletes it at its first heartbeat.
+    db = farm.db["dbname"]
+    farm.pg.psql("INSERT INTO agent_tunnels (host_id, proxy_id, peer, since) VALUES "
+                 f"('ghost-agent', '{dead}', '127.0.0.1:1', {killed_at - 1})", database=db)
+    farm.start_proxy(1)
+    wait_until(lambda: len([1 for _, p in tunnels(farm, since=killed_at) if p == dead]) == 2,
                20, "both agents' tunnels to the restarted proxy")
+    assert farm.pg.psql(f"SELECT count(*) FROM agent_tunnels WHERE proxy_id = '{dead}' "
+                        f"AND since < {killed_at}", database=db).strip() == "0"
+    every = sorted(farm.proxy_id(n) for n in range(3))
+    wait_until(lambda: [sorted(agent["proxies"]) for agent in listed_agents(farm)]
+               == [every, every], 10, "agents ls to list the restarted proxy again")
+
+
+def listed_agents(farm: ProxyFarm) -> list[dict]:
+    """`apptunnel agents ls --format json` (the admin CLI reads the backend)."""
+    return json.loads(farm.cli("agents", "ls", "--format", "json").stdout)
 
 
 failed_reasons: list[str] = []   # why requests failed, for the assertion messages
@@ -229,7 +247,8 @@ def test_kill_9_of_an_agent_fails_at_most_its_in_flight_streams(farm):
 
 
 def api_login(farm: ProxyFarm, port: int | None = None) -> tuple[int, float]:
-    """(status, seconds) of alice's API sign-in on a proxy (or through the balancer)."""
+    """(status, seconds) of alice's API sign-in on a proxy (or through the balancer); a
+    503 must say when to try again (Retry-After)."""
     s = requests.Session()
     s.trust_env = False
     started = time.monotonic()
@@ -239,6 +258,8 @@ def api_login(farm: ProxyFarm, port: int | None = None) -> tuple[int, float]:
                        json={"username": "alice", "password": PASSWORD},
                        verify=farm.ca_file, timeout=30)
         status = r.status_code
+        if status == 503 and not r.headers.get("Retry-After"):
+            status = -503
     except requests.RequestException as err:
         status = 0
         failed_reasons.append(f"login: {type(err).__name__}: {err}"[:300])
@@ -246,19 +267,36 @@ def api_login(farm: ProxyFarm, port: int | None = None) -> tuple[int, float]:
 
 
 def test_postgres_restarted_requests_fail_clearly_then_all_recover_within_5s(farm):
-    """PostgreSQL stopped: a sign-in (it needs the database) is refused with a server
-    error within its timeout on every proxy, none hangs; PostgreSQL back: within 5 s
-    sign-ins work on every proxy again (the very first one too), nothing restarted, and
-    the LISTEN connections are back."""
+    """PostgreSQL stopped: a sign-in (it needs the database) is refused with 503 and a
+    Retry-After within its timeout on every proxy, none hangs, and so are a sign-in form
+    POST and an admin API read; the proxies log no traceback for them; PostgreSQL back:
+    within 5 s sign-ins work on every proxy again (the very first one too), nothing
+    restarted, and the LISTEN connections are back."""
     for n in range(3):
         assert api_login(farm, farm.ports[n][0])[0] == 200
+    admin = admin_on(farm, 0)
+    logged = [farm.proxies[n].log_path.stat().st_size for n in range(3)]
     farm.pg.halt()
     try:
         for n in range(3):
             status, took = api_login(farm, farm.ports[n][0])
-            assert status >= 500 and took < 15, (n, status, took)
+            assert status == 503 and took < 15, (n, status, took, failed_reasons[-1:])
+        web0 = farm.ports[0][0]
+        with localhost_resolution():
+            form = admin.post(farm.url(path="/web/login", port=web0), timeout=15,
+                              data={"username": "alice", "password": PASSWORD})
+            agents = admin.get(farm.url(path="/v1/admin/agents", port=web0), timeout=15)
+        assert form.status_code == 503 and "storage is unavailable" in form.text, form.text
+        assert agents.status_code == 503 and agents.headers["Retry-After"] == "5", agents.text
+        assert "storage is unavailable" in agents.json()["error"]
     finally:
         farm.pg.resume()
+    for n in range(3):
+        with open(farm.proxies[n].log_path, errors="replace") as f:
+            f.seek(logged[n])
+            while_down = f.read()
+        assert "Traceback" not in while_down, while_down[-3000:]
+        assert "storage unavailable" in while_down, while_down[-3000:]
     back = time.monotonic()
     # The first request after the return is not failed by a connection the restart
     # dropped: the backend notices it before anything ran and uses a new one.

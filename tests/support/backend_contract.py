@@ -1049,3 +1049,69 @@ async def test_agent_tunnels_one_row_per_agent_and_proxy(backend):
     assert await wait(backend.delete_agent_tunnel("h1", "p1")) is False
     assert [(t.host_id, t.proxy_id) for t in await wait(backend.list_agent_tunnels())] == [
         ("h0", "p1"), ("h1", "p2")]
+
+
+def pairs(tunnels: list[AgentTunnel]) -> list[tuple[str, str]]:
+    return [(t.host_id, t.proxy_id) for t in tunnels]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_proxys_tunnel_rows_go_with_it(backend):
+    """Issue 13: agent_tunnels rows never outlive their proxy. A heartbeat of a new run
+    (later `started`) deletes the rows of the earlier run (killed) and keeps its own; a
+    clean stop deletes all of the proxy's rows; forget_proxies removes proxies silent
+    since `before` with their rows, and leaves live ones (and other proxies' rows)."""
+    await wait(backend.heartbeat_proxy(ProxyRecord("p1", "10.0.0.1:3024", "1.0", 1.0, 1.0)))
+    await wait(backend.heartbeat_proxy(ProxyRecord("p2", "10.0.0.2:3024", "1.0", 1.0, 1.0)))
+    await wait(backend.heartbeat_proxy(ProxyRecord("p3", "10.0.0.3:3024", "1.0", 1.0, 20.0)))
+    for host, proxy, since in (("h1", "p1", 2.0), ("h2", "p1", 3.0), ("h1", "p2", 2.0),
+                               ("h1", "p3", 2.0)):
+        await wait(backend.put_agent_tunnel(AgentTunnel(host, proxy, "10.0.0.9:1", since)))
+    # p1 restarted at 10 (kill -9, same id): h2 reconnected at 11, h1 has not yet.
+    await wait(backend.put_agent_tunnel(AgentTunnel("h2", "p1", "10.0.0.9:2", 11.0)))
+    await wait(backend.heartbeat_proxy(ProxyRecord("p1", "10.0.0.1:3024", "1.0", 10.0, 10.0)))
+    assert pairs(await wait(backend.list_agent_tunnels())) == [
+        ("h1", "p2"), ("h1", "p3"), ("h2", "p1")]
+    # p1 stops cleanly: its rows go with its registration.
+    assert await wait(backend.delete_proxy("p1")) is True
+    assert pairs(await wait(backend.list_agent_tunnels())) == [("h1", "p2"), ("h1", "p3")]
+    # p2 was killed and never came back: forgotten once silent since before 15; p3 stays.
+    assert await wait(backend.forget_proxies(15.0)) == ["p2"]
+    assert await wait(backend.forget_proxies(15.0)) == []
+    assert [p.proxy_id for p in await wait(backend.list_proxies(0.0))] == ["p3"]
+    assert pairs(await wait(backend.list_agent_tunnels())) == [("h1", "p3")]
+
+
+# -- a chain several processes extend (the admin CLI's) -------------------------------------
+
+
+def unchained(prefix: str, n: int, t: float = 50.0) -> list[AuditEvent]:
+    return [AuditEvent(f"{prefix}-{i}", t + i, "user.create", "T4000I", "root", f"u{i}",
+                       "success", {"n": i}) for i in range(1, n + 1)]
+
+
+async def verify_one(backend, chain: str):
+    from apptunnel.audit.verify import verify_chain
+    return await wait(defer.ensureDeferred(verify_chain(backend, chain)))
+
+
+@pytest_twisted.ensureDeferred
+async def test_append_audit_chained_extends_the_stored_head_and_skips_stored_ids(backend):
+    """Issue 13: append_audit_chained links events after the chain's stored head (seq 1
+    on an empty chain), returns what it stored, skips ids already stored (a retry), and
+    the chain verifies; other chains and unchained events are untouched."""
+    from apptunnel.audit.chain import link
+
+    first = unchained("a", 3)
+    stored = await wait(backend.append_audit_chained("cli", first, link))
+    assert [(e.id, e.proxy_id, e.seq) for e in stored] == [
+        ("a-1", "cli", 1), ("a-2", "cli", 2), ("a-3", "cli", 3)]
+    assert stored[0].prev == "0" * 64 and stored[1].prev == stored[0].digest
+    # A retry of the last batch (reply lost) with one new event: only the new one goes in.
+    again = await wait(backend.append_audit_chained("cli", first[2:] + unchained("b", 1), link))
+    assert [(e.id, e.seq, e.prev) for e in again] == [("b-1", 4, stored[2].digest)]
+    await wait(backend.append_audit(chained("pa", 2) + [event(1, 1.0)]))
+    assert await wait(backend.audit_chain("cli")) == stored + again
+    assert await wait(backend.audit_chains()) == {"": 1, "cli": 4, "pa": 2}
+    report = await verify_one(backend, "cli")
+    assert report.problem is None and report.events == 4

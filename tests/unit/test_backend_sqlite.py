@@ -15,7 +15,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from apptunnel.backend import open_backend
-from apptunnel.backend.base import BackendError
+from apptunnel.backend.base import AlreadyExists, BackendError, StorageUnavailable
 from apptunnel.backend.records import AuditEvent, AuthCode, JoinToken, Lock, Scope, User
 import apptunnel.backend.sqlite as sqlite_module
 from apptunnel.audit.chain import GENESIS, link_line
@@ -324,3 +324,19 @@ async def test_a_cached_text_that_lies_is_caught_by_verify(tmp_path):
         assert report.chains[0].problem.kind == "altered"
     finally:
         await wait(backend.close())
+@pytest_twisted.ensureDeferred
+async def test_a_file_that_cannot_be_opened_is_storage_unavailable(tmp_path, backend):
+    """Storage down (issue 13 item 3): a file that cannot be opened raises
+    StorageUnavailable (a 503 upstream), while a duplicate user stays AlreadyExists."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    down = SqliteBackend(str(blocker / "apptunnel.db"), reactor)
+    try:
+        with pytest.raises(StorageUnavailable):
+            await down.list_users()
+    finally:
+        await down.close()
+    await backend.create_user(user())
+    with pytest.raises(AlreadyExists) as raised:
+        await backend.create_user(user())
+    assert not isinstance(raised.value, StorageUnavailable)

@@ -556,3 +556,56 @@ def test_main_version_and_help(capsys, monkeypatch):
 def test_clean_escapes_control_characters():
     """Text from the network cannot put escape sequences on the operator's terminal."""
     assert clean("a\x1b[31mred\nline\x7f") == "a\\x1b[31mred\\nline\\x7f"
+
+
+# -- the admin CLI's own audit chain (issue 13) -------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_events_are_chained_and_verify_names_a_tampered_one(config_path):
+    """Admin commands run against storage directly chain their events (chain `cli`,
+    continued by each run); `audit verify` vouches for them, and names an altered CLI
+    event by id and seq with exit 3."""
+    import sqlite3
+
+    from apptunnel.audit.chain import CLI_CHAIN
+
+    for _ in range(3):
+        assert (await cli(config_path, "tokens", "add", "--type", "app", "--ttl", "1h")).code == 0
+    events = await stored(config_path, lambda b: b.audit_chain(CLI_CHAIN))
+    assert [e.seq for e in events] == [1, 2, 3] and {e.type for e in events} == {"token.create"}
+    assert events[1].prev == events[0].digest
+    verified = await cli(config_path, "audit", "verify")
+    assert verified.code == 0 and "admin CLI: 3 events, chain intact" in verified.out
+    assert "unchained" not in verified.out
+
+    data = yaml.safe_load(Path(config_path).read_text())["data_dir"]
+    db = sqlite3.connect(str(Path(config_path).parent / data / "apptunnel.db"),
+                         isolation_level=None)
+    db.execute("UPDATE audit_events SET actor = 'someone-else' WHERE proxy_id = ? "
+               "AND chain_seq = 2", (CLI_CHAIN,))
+    db.close()
+    broken = await cli(config_path, "audit", "verify")
+    assert broken.code == 3
+    assert f"altered: admin CLI event {events[1].id} seq 2" in broken.out, broken.out
+    only = await cli(config_path, "audit", "verify", "--proxy", CLI_CHAIN)
+    assert only.code == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_cli_runs_at_once_extend_one_chain_without_forking(config_path):
+    """Four admin runs at once (each its own SQLite connection and thread, as four
+    processes): their events land as seq 1..4 of the one CLI chain, which verifies."""
+    from twisted.internet import defer
+
+    from apptunnel.audit.chain import CLI_CHAIN
+
+    assert (await cli(config_path, "tokens", "ls")).code == 0    # the file exists first
+    runs = [defer.ensureDeferred(cli(config_path, "tokens", "add", "--type", "app",
+                                     "--ttl", "1h")) for _ in range(4)]
+    results = await defer.gatherResults(runs, consumeErrors=True)
+    assert [r.code for r in results] == [0, 0, 0, 0]
+    events = await stored(config_path, lambda b: b.audit_chain(CLI_CHAIN))
+    assert sorted(e.seq for e in events) == [1, 2, 3, 4]
+    verified = await cli(config_path, "audit", "verify")
+    assert verified.code == 0 and "admin CLI: 4 events, chain intact" in verified.out

@@ -146,3 +146,41 @@ def attrs_evolve(record, **changes):
     import attrs
 
     return attrs.evolve(record, **changes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dead_proxys_tunnel_rows_are_deleted_and_a_restart_clears_its_own():
+    """agent_tunnels of a proxy killed with kill -9 (issue 13): the survivors forget it
+    with its rows once it has been silent FORGET_AFTER (not before: a proxy cut off from
+    the database for a while keeps its rows); restarted with the same id, its first beat
+    deletes the rows its earlier run recorded and keeps those of the new run."""
+    from apptunnel.backend.records import AgentTunnel
+    from apptunnel.proxy.peers import FORGET_AFTER
+
+    clock, backend = Clock(), MemoryBackend()
+    clock.advance(1000)
+    a = Peers(backend, clock, "pa", "10.0.0.1:3024", "1")
+    b = Peers(backend, clock, "pb", "10.0.0.2:3024", "1")
+    c = Peers(backend, clock, "pc", "10.0.0.3:3024", "1")
+    for peers in (a, b, c):
+        await wait(peers.beat())
+    for host in ("h1", "h2"):
+        for proxy in ("pa", "pb", "pc"):
+            await wait(backend.put_agent_tunnel(AgentTunnel(host, proxy, "x:1", clock.seconds())))
+    # b and c are killed; a beats on. Stale is not forgotten:
+    clock.advance(STALE_AFTER * 3)
+    await wait(a.beat())
+    assert {t.proxy_id for t in await wait(backend.list_agent_tunnels())} == {"pa", "pb", "pc"}
+    # c restarts (same id): its earlier run's rows go at its first beat; h1 reconnects.
+    c = Peers(backend, clock, "pc", "10.0.0.3:3024", "1")
+    await wait(backend.put_agent_tunnel(AgentTunnel("h1", "pc", "x:2", clock.seconds())))
+    await wait(c.beat())
+    rows = {(t.host_id, t.proxy_id) for t in await wait(backend.list_agent_tunnels())}
+    assert rows == {("h1", "pa"), ("h2", "pa"), ("h1", "pb"), ("h2", "pb"), ("h1", "pc")}
+    # b never comes back: forgotten FORGET_AFTER after its last beat, with its rows.
+    clock.advance(FORGET_AFTER)
+    await wait(c.beat())
+    await wait(a.beat())
+    rows = {(t.host_id, t.proxy_id) for t in await wait(backend.list_agent_tunnels())}
+    assert rows == {("h1", "pa"), ("h2", "pa"), ("h1", "pc")}
+    assert [p.proxy_id for p in await wait(backend.list_proxies(0.0))] == ["pa", "pc"]

@@ -41,3 +41,28 @@ def test_a_failing_refresh_is_logged_and_retried_on_the_next_tick():
         globalLogPublisher.removeObserver(logged.append)
     assert calls == [0.0, 1.0, 2.0]
     assert [e.get("what") for e in logged if e.get("log_failure")] == ["test watcher"]
+
+
+def test_a_storage_outage_is_one_line_when_it_starts_and_one_when_it_ends():
+    """Storage unreachable (StorageUnavailable) for three ticks: one warning, no traceback,
+    then one line when a refresh works again; the loop never stops."""
+    from apptunnel.backend.base import StorageUnavailable
+
+    clock, calls, logged = Clock(), [], []
+
+    async def refresh():
+        calls.append(clock.seconds())
+        if len(calls) <= 3:
+            raise StorageUnavailable("postgres host=db: connection refused")
+
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        Poll(refresh, clock, 1.0, "test watcher").start()
+        clock.pump([1, 1, 1, 1])
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert calls == [0.0, 1.0, 2.0, 3.0, 4.0]
+    ours = [e for e in logged if e.get("what") == "test watcher"]
+    assert [e for e in ours if e.get("log_failure")] == []
+    assert ["unavailable" in e["log_format"] for e in ours] == [True, False]
+    assert "answers again" in ours[1]["log_format"]

@@ -315,3 +315,36 @@ def test_web_tls_trusts_the_other_ca_of_a_rotation_and_no_one_else(tmp_path):
         assert server.get_peer_certificate().get_subject().CN == "host-1"
     with pytest.raises(SSL.Error):
         handshake(options.getContext(), client_context(cert_and_key=agent_pair(stranger)))
+@pytest_twisted.ensureDeferred
+async def test_join_and_hello_while_storage_is_down_are_refused_in_one_line(world):
+    """Storage down (issue 13 item 3): a join and a hello each get a refusal saying the
+    storage is unavailable (the agent retries with backoff), one warning line, no
+    traceback (the refusal is audited like any other); nothing is registered."""
+    from twisted.logger import globalLogPublisher
+
+    await world.add_token("secret-1")
+    cert_pem = await enrolled(world)
+    world.backend.unreachable = True
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        joining = AgentSide({"type": "join", "token": "secret-1", "csr": csr_pem()[1],
+                             "host_id": "host-9"})
+        pump = world.connect(joining)
+        await settle(pump, lambda: joining.lost is not None, "the join to be refused")
+        greeting = AgentSide(hello())
+        pump = world.connect(greeting, cert_pem)
+        await settle(pump, lambda: greeting.controls, "the hello to be refused")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [c["type"] for c in joining.controls + greeting.controls] == ["join_error",
+                                                                         "hello_error"]
+    assert all("storage is unavailable" in c["message"]
+               for c in joining.controls + greeting.controls)
+    assert world.registry.apps() == []
+    from twisted.logger import formatEvent
+
+    assert [e for e in events if "log_failure" in e] == []
+    lines = [formatEvent(e) for e in events if e.get("log_namespace", "").startswith(
+        "apptunnel.proxy.tunnel_server")]
+    assert len([line for line in lines if "storage" in line and "unavailable" in line]) == 2
