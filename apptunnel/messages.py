@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from apptunnel.auth.jwt import JWT_CLAIMS
+from apptunnel.auth.trust_set import MAX_TRUST_CAS as MAX_TRUSTED_CAS
 from apptunnel.errors import ApptunnelError
 
 __all__ = [
@@ -498,9 +499,6 @@ class Proxies:
                                    f"addr host:port, got {_show(item)}")
             out.append((pid, addr.lower()))
         return cls(proxies=tuple(out))
-
-
-MAX_TRUSTED_CAS = 8
 
 
 @attrs.frozen
