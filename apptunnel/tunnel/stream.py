@@ -155,12 +155,12 @@ class Stream:
             producer = PullAsPush(producer, self)
         self._producer = producer
         self._producer_paused = False
-        self._tunnel._producing[self] = None
+        self._tunnel._add_producer(self)
         self._update_producer()
 
     def unregisterProducer(self) -> None:
         producer, self._producer = self._producer, None
-        self._tunnel._producing.pop(self, None)
+        self._tunnel._drop_producer(self)
         if isinstance(producer, PullAsPush):
             producer.stop_streaming()
 
@@ -211,10 +211,13 @@ class Stream:
         producer = self._producer
         if producer is None:
             return
-        pause = (self._tunnel._transport_paused
-                 or self._tunnel._pending_bytes(self) >= SEND_BUFFER_LIMIT)
+        tunnel = self._tunnel
+        pause = (tunnel._transport_paused
+                 or tunnel._pending_bytes(self) >= SEND_BUFFER_LIMIT
+                 or tunnel._awaits_turn(self))
         if pause != self._producer_paused:
             self._producer_paused = pause
+            tunnel._set_running(self, not pause)
             if pause:
                 producer.pauseProducing()
             else:
@@ -230,7 +233,7 @@ class Stream:
         self._tunnel._forget(self)
         producer, self._producer = self._producer, None
         if producer is not None:
-            self._tunnel._producing.pop(self, None)
+            self._tunnel._drop_producer(self)
             try:
                 producer.stopProducing()
             except Exception:

@@ -18,7 +18,7 @@ from apptunnel.tunnel import frames as F
 from apptunnel.tunnel.endpoints import StreamEndpoint
 from apptunnel.tunnel.errors import StreamRefused, TunnelLost
 from apptunnel.tunnel.frames import ErrorCode
-from apptunnel.tunnel.protocol import TunnelProtocol
+from apptunnel.tunnel.protocol import RESUME_BATCH, TunnelProtocol
 from apptunnel.tunnel.stream import SEND_BUFFER_LIMIT, StreamAddress
 from tests.support.tunnel_pairs import Handler, Recorder, connect, make_pair, result_of
 
@@ -262,6 +262,115 @@ def test_streams_that_did_not_write_are_resumed_first():
         last_written = rounds[-1]
         assert order[-1] == last_written and len(order) == 4
     assert order == [3, 1, 2, 0]
+
+
+class CountingProducer(RecordingProducer):
+    """Counts pause/resume calls and notes its name in `log` when resumed."""
+
+    def __init__(self, name, log):
+        super().__init__()
+        self.name, self.log = name, log
+        self.pauses = self.resumes = 0
+
+    def pauseProducing(self):
+        super().pauseProducing()
+        self.pauses += 1
+
+    def resumeProducing(self):
+        super().resumeProducing()
+        self.resumes += 1
+        self.log.append(self.name)
+
+
+class TurnClock(Clock):
+    """A Clock whose `turn()` runs what is due now, like one reactor iteration: calls
+    scheduled meanwhile wait for the next turn (Clock.advance would run them too)."""
+
+    def turn(self):
+        due = [c for c in self.calls if c.getTime() <= self.seconds()]
+        for call in due:
+            if call in self.calls:
+                self.calls.remove(call)
+                call.called = 1
+                call.func(*call.args, **call.kw)
+
+
+def busy_streams(n):
+    client, _, _, _, pump, clock = make_pair(clock=TurnClock())
+    protos = [connect(pump, client, {"app": str(i)}) for i in range(n)]
+    log = []
+    producers = [CountingProducer(i, log) for i in range(n)]
+    for proto, producer in zip(protos, producers):
+        proto.transport.registerProducer(producer, True)
+    return client, protos, producers, log, clock
+
+
+def test_a_drained_socket_resumes_stream_producers_a_batch_per_turn():
+    """1,000 busy streams: resuming every producer whenever the socket drained cost two
+    epoll_ctl calls and two Python calls per stream per 64 KiB sent (the bench's aggregate
+    collapsed to 0.09 Gbit/s). A batch is resumed per reactor turn, least recently written
+    first, the next one only while the socket still takes data; an idle stream costs its
+    turn, never the others theirs."""
+    n = 3 * RESUME_BATCH + 5
+    client, protos, producers, log, clock = busy_streams(n)
+    client.pauseProducing()
+    assert all(p.paused for p in producers)
+    log.clear()
+    client.resumeProducing()
+    assert log == list(range(RESUME_BATCH))
+    assert sum(not p.paused for p in producers) == RESUME_BATCH
+    for turn in range(2, 5):
+        clock.turn()
+        assert log == list(range(min(n, turn * RESUME_BATCH)))
+    assert not any(p.paused for p in producers)
+    assert not clock.getDelayedCalls() or all(
+        c.getTime() > clock.seconds() for c in clock.getDelayedCalls())  # keepalive only
+    # A socket full again mid-round pauses only the producers that were resumed.
+    client.pauseProducing()
+    client.resumeProducing()
+    for p in producers:
+        p.pauses = 0
+    client.pauseProducing()
+    assert sum(p.pauses for p in producers) == RESUME_BATCH
+    assert all(p.paused for p in producers)
+    clock.turn()
+    assert all(p.paused for p in producers)     # the cancelled round does not go on
+
+
+def test_busy_streams_take_turns_and_a_full_socket_costs_one_batch():
+    """Each time the socket drains, the first resumed stream refills it: over n rounds
+    every stream writes exactly once, and each round pauses and resumes one batch."""
+    n = 5 * RESUME_BATCH
+    client, protos, producers, log, clock = busy_streams(n)
+    wrote = []
+    for _ in range(n):
+        client.pauseProducing()
+        log.clear()
+        for p in producers:
+            p.pauses = p.resumes = 0
+        client.resumeProducing()
+        first = log[0]
+        protos[first].transport.write(b"x")
+        wrote.append(first)
+        client.pauseProducing()
+        assert sum(p.resumes for p in producers) == RESUME_BATCH
+        assert sum(p.pauses for p in producers) == RESUME_BATCH
+    assert sorted(wrote) == list(range(n))
+
+
+def test_a_producer_registered_mid_round_is_not_held_back():
+    """A stream that starts producing while a round is under way runs at once."""
+    n = 2 * RESUME_BATCH
+    client, protos, producers, log, clock = busy_streams(n + 1)
+    protos[n].transport.unregisterProducer()
+    client.pauseProducing()
+    client.resumeProducing()
+    late = RecordingProducer()
+    protos[n].transport.registerProducer(late, True)
+    assert not late.paused
+    protos[0].transport.unregisterProducer()     # gone mid-round: skipped, no error
+    clock.turn()
+    assert not any(p.paused for p in producers[1:n])
 
 
 def test_failing_stream_protocol_resets_only_its_stream():
