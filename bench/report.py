@@ -72,7 +72,7 @@ TESTS: dict[str, Test] = {t.key: t for t in (
     Test("fairness", "busy streams through one tunnel, each reading as fast as it can", (
         _m("streams", "streams", ".0f"), _m("flowing", "flowing", ".0f"), _GBPS,
         _m("min_mbps", "min Mbit/s", ".2f"), _m("max_mbps", "max Mbit/s", ".2f"),
-        _m("max_over_min", "max/min", ".2f", "", False)), "max_over_min"),
+        _m("max_over_min", "max/min", ".2f", "", False), _CPU_GIB), "max_over_min"),
 )}
 
 

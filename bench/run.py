@@ -349,15 +349,18 @@ class Bench:
         note = f"stopped at {result['held_count']}: {result['stopped']}" if result["stopped"] else ""
         return Measurement(test, path, values, note=note)
 
-    def fair_row(self, path: str, port: int) -> Measurement:
-        per_stream, total, flowing = fairness.measure(port, self.args.fair_streams,
-                                                      self.args.fair_duration)
+    def fair_row(self, path: str, port: int, cpu: procs.ProcessSet) -> Measurement:
+        per_stream, total, flowing, per_gib = fairness.measure(
+            port, self.args.fair_streams, self.args.fair_duration,
+            cpu=lambda: procs.cpu_seconds(cpu.pids()))
         starved = sum(1 for v in per_stream if v <= 0)
-        return Measurement("fairness", path, {
-            "streams": len(per_stream), "flowing": flowing, "gbps": total,
-            "min_mbps": min(per_stream), "max_mbps": max(per_stream),
-            "max_over_min": report.max_over_min(per_stream)},
-            note=f"{starved} streams got nothing" if starved else "")
+        values = {"streams": len(per_stream), "flowing": flowing, "gbps": total,
+                  "min_mbps": min(per_stream), "max_mbps": max(per_stream),
+                  "max_over_min": report.max_over_min(per_stream)}
+        if per_gib:
+            values["cpu_s_per_gib"] = per_gib
+        notes = [f"CPU of {cpu.what}"] + ([f"{starved} streams got nothing"] if starved else [])
+        return Measurement("fairness", path, values, note="; ".join(notes))
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -531,10 +534,19 @@ def agent_row(bench: Bench, apps: Apps) -> None:
 def fairness_rows(bench: Bench, apps: Apps) -> None:
     a = bench.args
     bench.context["fairness"] = f"{a.fair_streams} streams, {a.fair_duration}s"
-    bench.attempt("fairness", "ssh", lambda: bench.fair_row(
-        "ssh", bench.ssh_tunnel("ssh-source", apps.source_port)[1]))
-    bench.attempt("fairness", "apptunnel", lambda: bench.fair_row(
-        "apptunnel", bench.local_port("source")[1]))
+    def through_ssh() -> Measurement:
+        port, sshd, ssh = bench.ssh_sets("ssh-source", apps.source_port)
+        return bench.fair_row("ssh", port, procs.ProcessSet(
+            "sshd + ssh", lambda: sshd.pids() + ssh.pids()))
+
+    def through_apptunnel() -> Measurement:
+        cluster = bench.cluster()
+        local, port = bench.local_port("source")
+        return bench.fair_row("apptunnel", port, procs.ProcessSet(
+            "proxy + agent + proxy app", _pids(cluster.proxy, cluster.agent, local)))
+
+    bench.attempt("fairness", "ssh", through_ssh)
+    bench.attempt("fairness", "apptunnel", through_apptunnel)
 
 
 def run(bench: Bench, bulk_dir: Path) -> None:

@@ -33,8 +33,6 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from apptunnel.tunnel.endpoints import bulk_buffers
-
 __all__ = ["EARLY_LIMIT", "Relay", "RelayEnd", "can_half_close"]
 
 # Bytes an end may hold while its peer is not connected yet (it is paused meanwhile).
@@ -71,7 +69,6 @@ class RelayEnd(Protocol):
     # -- events from this end's transport ----------------------------------------------
 
     def connectionMade(self) -> None:
-        bulk_buffers(self.transport)
         peer = self.peer
         if peer.transport is None:
             # Read nothing more until there is somewhere to write it.
