@@ -15,7 +15,7 @@ from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
 from apptunnel.tunnel import frames as F
-from apptunnel.tunnel.endpoints import StreamEndpoint
+from apptunnel.tunnel.endpoints import BULK_BUFFER, StreamEndpoint, bulk_buffers
 from apptunnel.tunnel.errors import StreamRefused, TunnelLost
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import RESUME_BATCH, TunnelProtocol
@@ -371,6 +371,30 @@ def test_a_producer_registered_mid_round_is_not_held_back():
     protos[0].transport.unregisterProducer()     # gone mid-round: skipped, no error
     clock.turn()
     assert not any(p.paused for p in producers[1:n])
+
+
+def test_bulk_buffers_reach_the_socket_under_a_tls_wrapper_and_skip_the_rest():
+    """256 KiB reads and write buffer on the socket's transport, found under a wrapper's
+    ``transport``; memory transports and streams are left as they are."""
+    from twisted.internet.abstract import FileDescriptor
+
+    class Socket(FileDescriptor):
+        pass
+
+    class Wrapper:
+        def __init__(self, transport):
+            self.transport = transport
+
+    sock = Socket()
+    assert sock.bufferSize == 64 * 1024
+    bulk_buffers(Wrapper(sock))
+    assert sock.bufferSize == BULK_BUFFER
+    memory = StringTransport()
+    bulk_buffers(memory)
+    assert not hasattr(memory, "bufferSize")
+    client, _, _, _, pump, _ = make_pair()
+    proto = connect(pump, client, {"app": "x"})
+    bulk_buffers(proto.transport)   # a Stream: nothing to set, no error
 
 
 def test_failing_stream_protocol_resets_only_its_stream():
