@@ -8,6 +8,7 @@ socket pauses every stream's producer.
 from __future__ import annotations
 
 import typing
+from collections import deque
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import ConnectionLost
@@ -27,11 +28,14 @@ from apptunnel.tunnel.stream import Stream
 if typing.TYPE_CHECKING:
     from cryptography import x509
 
-# Stream producers resumed per reactor turn once the socket has drained. Resuming all of
-# them at once cost two epoll_ctl calls and two Python calls per stream for every 64 KiB
-# the socket took (1,000 busy streams: 0.09 Gbit/s); the first few refill the socket
-# anyway, so the rest are resumed a batch per turn, only while it stays writable.
+# Stream producers resumed per reactor turn once the socket has drained. Pausing and
+# resuming every producer cost two epoll_ctl calls and two Python calls per stream for
+# every 64 KiB the socket took (1,000 busy streams: 0.09 Gbit/s); the first few refill the
+# socket anyway, so the rest are resumed a batch per turn, only while it stays writable.
 RESUME_BATCH = 16
+# Bytes streams not yet paused may write while the socket is full before every producer
+# is paused (idle producers are paused only once they write, see pauseProducing).
+PAUSED_WRITE_LIMIT = 1024 * 1024
 
 
 class TunnelHandler(typing.Protocol):
@@ -77,13 +81,15 @@ class TunnelProtocol(Protocol):
         self._streams: dict[int, Stream] = {}
         self._opening: dict[int, tuple[Deferred, dict]] = {}
         self._accepting: dict[int, Deferred] = {}
-        # Streams with a registered producer, least recently written first: resuming in
-        # this order lets the streams that did not get to write go first (fairness).
-        self._producing: dict[Stream, None] = {}
-        self._unpaused: set[Stream] = set()    # ... whose producer is not paused
-        self._turns: list[Stream] = []          # ... in resume order, while resuming
-        self._next_turn = 0
-        self._admitted: set[Stream] = set()      # ... resumed so far in this round
+        # Streams with a registered producer; of those, the ones that wrote since they
+        # were last resumed, least recently written first; and the ones paused because
+        # the socket was full, waiting for their turn in that order (fairness: a stream
+        # that did not get to write goes before one that did).
+        self._producing: set[Stream] = set()
+        self._active: dict[Stream, None] = {}
+        self._held: deque[Stream] = deque()
+        self._held_set: set[Stream] = set()
+        self._paused_writes = 0
         self._admit_call: IDelayedCall | None = None
         self._transport_paused = False
         self._connected = False
@@ -228,8 +234,12 @@ class TunnelProtocol(Protocol):
         for stream in list(self._streams.values()):
             stream._connection_lost(Failure(ConnectionLost(f"tunnel lost: {why}")))
         self._producing.clear()
-        self._unpaused.clear()
-        self._stop_admitting()
+        self._active.clear()
+        self._held.clear()
+        self._held_set.clear()
+        if self._admit_call is not None and self._admit_call.active():
+            self._admit_call.cancel()
+        self._admit_call = None
         try:
             self._handler.tunnel_lost(self, reason)
         except Exception:
@@ -241,24 +251,32 @@ class TunnelProtocol(Protocol):
     # -- IPushProducer: the socket tells us when it is full ---------------------------
 
     def pauseProducing(self) -> None:
+        """The socket is full: pause the producers that wrote since they were resumed.
+
+        The others are idle; each is paused when it writes, so a full socket costs as
+        many pauses as there are busy streams, not one per stream. If idle ones write more
+        than PAUSED_WRITE_LIMIT meanwhile, all are paused.
+        """
         self._transport_paused = True
+        self._paused_writes = 0
         self._mux.set_output_blocked(True)
-        self._stop_admitting()
-        for stream in list(self._unpaused):
-            stream._update_producer()
+        if self._admit_call is not None and self._admit_call.active():
+            self._admit_call.cancel()
+        self._admit_call = None
+        for stream in list(self._active):
+            self._hold(stream)
 
     def resumeProducing(self) -> None:
-        """Resume streams least recently written first, RESUME_BATCH per reactor turn.
+        """Resume held streams in turn, RESUME_BATCH per reactor turn.
 
-        Their sockets are re-armed in this order and read in it, and the first few refill
-        the transport: in any fixed order the same few streams would take the whole tunnel
-        and the rest would starve. The next batch follows on the next turn while the
-        transport still takes data, so idle streams cannot hold busy ones back.
+        Least recently written first: their sockets are re-armed in this order and read in
+        it, and the first few refill the transport; in any fixed order the same few streams
+        would take the whole tunnel and the rest would starve. The next batch follows on
+        the next turn while the transport still takes data, so a stream that has nothing
+        to send costs its turn, never the others theirs.
         """
         self._transport_paused = False
         self._mux.set_output_blocked(False)
-        self._stop_admitting()
-        self._turns = list(self._producing)
         self._admit()
 
     def stopProducing(self) -> None:
@@ -267,10 +285,17 @@ class TunnelProtocol(Protocol):
     # -- called by Stream -------------------------------------------------------------
 
     def _stream_write(self, stream: Stream, data: bytes) -> None:
-        producing = self._producing
-        if stream in producing:   # to the back of the resume order
-            del producing[stream]
-            producing[stream] = None
+        if stream in self._producing and stream not in self._held_set:
+            active = self._active
+            active.pop(stream, None)   # to the back of the resume order
+            active[stream] = None
+            if self._transport_paused:
+                self._hold(stream)
+                self._paused_writes += len(data)
+                if self._paused_writes > PAUSED_WRITE_LIMIT:
+                    for other in list(self._producing):
+                        if other not in self._held_set:
+                            self._hold(other)
         self._mux.send_data(stream.stream_id, data)
         self._run([])
         stream._update_producer()
@@ -291,54 +316,38 @@ class TunnelProtocol(Protocol):
         return self._mux.pending_bytes(stream.stream_id)
 
     def _add_producer(self, stream: Stream) -> None:
-        self._producing[stream] = None
-        self._unpaused.add(stream)
-        if self._turns:
-            self._admitted.add(stream)   # new in this round: not held back
+        self._producing.add(stream)
 
     def _drop_producer(self, stream: Stream) -> None:
-        self._producing.pop(stream, None)
-        self._unpaused.discard(stream)
-        self._admitted.discard(stream)
-
-    def _set_running(self, stream: Stream, running: bool) -> None:
-        if running:
-            self._unpaused.add(stream)
-        else:
-            self._unpaused.discard(stream)
+        self._producing.discard(stream)
+        self._active.pop(stream, None)
+        self._held_set.discard(stream)
 
     def _awaits_turn(self, stream: Stream) -> bool:
-        """Whether the stream's producer stays paused until its batch is resumed."""
-        return bool(self._turns) and stream not in self._admitted
+        """Whether the stream's producer stays paused until its turn comes."""
+        return stream in self._held_set
+
+    def _hold(self, stream: Stream) -> None:
+        """Pause the stream's producer until its turn (at the back of the line)."""
+        self._active.pop(stream, None)
+        if stream not in self._held_set:
+            self._held_set.add(stream)
+            self._held.append(stream)
+            stream._update_producer()
 
     def _admit(self) -> None:
-        """Resume the next batch of producers; the rest on the next turn. O(batch) each
-        turn: the round's order is one list, walked with an index."""
+        """Resume the next RESUME_BATCH held producers; the rest on the next turn."""
         self._admit_call = None
-        turns, admitted = self._turns, self._admitted
+        held, held_set = self._held, self._held_set
         resumed = 0
-        while (self._next_turn < len(turns) and resumed < RESUME_BATCH
-               and not self._transport_paused and turns is self._turns):
-            stream = turns[self._next_turn]
-            self._next_turn += 1
-            if stream in self._producing and stream not in admitted:
-                admitted.add(stream)
+        while held and resumed < RESUME_BATCH and not self._transport_paused:
+            stream = held.popleft()
+            if stream in held_set:     # else dropped meanwhile
+                held_set.discard(stream)
                 stream._update_producer()
                 resumed += 1
-        if turns is not self._turns or self._transport_paused:
-            return   # paused, or a new round began, while a producer ran
-        if self._next_turn >= len(turns):
-            self._stop_admitting()   # everyone had a turn: the round is over
-        elif not self._lost:
+        if held_set and not self._transport_paused and not self._lost:
             self._admit_call = self._clock.callLater(0, self._admit)
-
-    def _stop_admitting(self) -> None:
-        if self._admit_call is not None and self._admit_call.active():
-            self._admit_call.cancel()
-        self._admit_call = None
-        self._turns = []
-        self._next_turn = 0
-        self._admitted = set()
 
     def _forget(self, stream: Stream) -> None:
         self._streams.pop(stream.stream_id, None)

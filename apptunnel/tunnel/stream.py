@@ -12,8 +12,10 @@ Backpressure invariants:
   this side granted, and a stalled reader stalls only its own stream.
 * Outbound: ``write`` sends what the peer's window allows and the tunnel queues the rest.
   A registered producer is paused while that queue holds ``SEND_BUFFER_LIMIT`` bytes or more,
-  or while the tunnel's socket is paused, and resumed when both clear.  A writer without a
-  producer (one big ``write``) is still accepted whole: the caller chose to hold that memory.
+  or, once it wrote while the tunnel's socket is full, until its turn comes after the socket
+  drained (``TunnelProtocol.resumeProducing``); it is resumed when both clear.  A writer
+  without a producer (one big ``write``) is still accepted whole: the caller chose to hold
+  that memory.
 """
 
 from __future__ import annotations
@@ -212,12 +214,10 @@ class Stream:
         if producer is None:
             return
         tunnel = self._tunnel
-        pause = (tunnel._transport_paused
-                 or tunnel._pending_bytes(self) >= SEND_BUFFER_LIMIT
-                 or tunnel._awaits_turn(self))
+        pause = (tunnel._awaits_turn(self)
+                 or tunnel._pending_bytes(self) >= SEND_BUFFER_LIMIT)
         if pause != self._producer_paused:
             self._producer_paused = pause
-            tunnel._set_running(self, not pause)
             if pause:
                 producer.pauseProducing()
             else:
