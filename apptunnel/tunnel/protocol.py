@@ -237,9 +237,7 @@ class TunnelProtocol(Protocol):
         self._active.clear()
         self._held.clear()
         self._held_set.clear()
-        if self._admit_call is not None and self._admit_call.active():
-            self._admit_call.cancel()
-        self._admit_call = None
+        self._cancel_admit()
         try:
             self._handler.tunnel_lost(self, reason)
         except Exception:
@@ -260,9 +258,7 @@ class TunnelProtocol(Protocol):
         self._transport_paused = True
         self._paused_writes = 0
         self._mux.set_output_blocked(True)
-        if self._admit_call is not None and self._admit_call.active():
-            self._admit_call.cancel()
-        self._admit_call = None
+        self._cancel_admit()
         for stream in list(self._active):
             self._hold(stream)
 
@@ -334,6 +330,11 @@ class TunnelProtocol(Protocol):
             self._held_set.add(stream)
             self._held.append(stream)
             stream._update_producer()
+
+    def _cancel_admit(self) -> None:
+        if self._admit_call is not None and self._admit_call.active():
+            self._admit_call.cancel()
+        self._admit_call = None
 
     def _admit(self) -> None:
         """Resume the next RESUME_BATCH held producers; the rest on the next turn."""
