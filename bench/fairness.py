@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from apptunnel.demo import Child, free_port, port_in_use, wait_until
@@ -62,8 +63,8 @@ def start_source(root: Path) -> tuple[Child, int]:
 
 # -- the bench side -------------------------------------------------------------------------------
 
-async def _measure(port: int, count: int, seconds: float, first_bytes_timeout: float
-                   ) -> tuple[list[int], float, int]:
+async def _measure(port: int, count: int, seconds: float, first_bytes_timeout: float,
+                   cpu: Callable[[], float]) -> tuple[list[int], float, int, float]:
     counts = [0] * count
     started = [asyncio.Event() for _ in range(count)]
     writers: list[asyncio.StreamWriter] = []
@@ -86,10 +87,10 @@ async def _measure(port: int, count: int, seconds: float, first_bytes_timeout: f
                 raise OSError(f"a stream failed: {failed[0].exception()}")
             await asyncio.sleep(0.1)
         flowing = sum(e.is_set() for e in started)
-        before = list(counts)
+        before, cpu_before = list(counts), cpu()
         t0 = time.monotonic()
         await asyncio.sleep(seconds)
-        after = list(counts)
+        after, spent = list(counts), cpu() - cpu_before
         took = time.monotonic() - t0
     finally:
         for t in tasks:
@@ -97,21 +98,24 @@ async def _measure(port: int, count: int, seconds: float, first_bytes_timeout: f
         for w in writers:
             w.transport.abort()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return [a - b for a, b in zip(after, before)], took, flowing
+    return [a - b for a, b in zip(after, before)], took, flowing, spent
 
 
-def measure(port: int, count: int, seconds: float, first_bytes_timeout: float = 30.0
-            ) -> tuple[list[float], float, int]:
-    """Per-stream throughput in Mbit/s over `seconds`, the total in Gbit/s, and how many
-    streams had received data when counting began.
+def measure(port: int, count: int, seconds: float, first_bytes_timeout: float = 30.0,
+            cpu: Callable[[], float] = lambda: 0.0) -> tuple[list[float], float, int, float]:
+    """Per-stream throughput in Mbit/s over `seconds`, the total in Gbit/s, how many
+    streams had received data when counting began, and the CPU seconds `cpu()` (the
+    path's processes) grew by per GiB counted (0.0 if nothing was counted).
 
     Counting starts once every stream has data, or after `first_bytes_timeout` in any case:
     a stream still waiting then counts with what it gets, possibly 0 (a starved stream is a
     result, not an error).
     """
-    moved, took, flowing = asyncio.run(_measure(port, count, seconds, first_bytes_timeout))
+    moved, took, flowing, spent = asyncio.run(
+        _measure(port, count, seconds, first_bytes_timeout, cpu))
     per_stream = [n * 8 / took / 1e6 for n in moved]
-    return per_stream, sum(moved) * 8 / took / 1e9, flowing
+    total = sum(moved)
+    return per_stream, total * 8 / took / 1e9, flowing, spent * 2**30 / total if total else 0.0
 
 
 if __name__ == "__main__":

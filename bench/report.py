@@ -42,6 +42,7 @@ def _m(key: str, label: str, fmt: str, unit: str = "", higher: bool = True) -> M
 
 
 _GBPS = _m("gbps", "Gbit/s", ".2f")
+_CPU_GIB = _m("cpu_s_per_gib", "CPU s/GiB", ".2f", "", False)
 TESTS: dict[str, Test] = {t.key: t for t in (
     Test("http", "HTTP keep-alive, wrk", (
         _m("req_s", "req/s", ".0f"), _m("p50_ms", "p50", ".2f", "ms", False),
@@ -52,12 +53,13 @@ TESTS: dict[str, Test] = {t.key: t for t in (
     Test("http-1", "HTTP at 1 connection, wrk -t1 -c1", (
         _m("p50_ms", "p50", ".3f", "ms", False), _m("added_p50_ms", "+p50 over direct", ".3f", "ms", False),
         _m("p99_ms", "p99", ".3f", "ms", False)), "p50_ms"),
-    Test("iperf3-up", "bulk TCP client -> app, iperf3 one stream", (_GBPS,), "gbps"),
-    Test("iperf3-down", "bulk TCP app -> client, iperf3 -R one stream", (_GBPS,), "gbps"),
+    Test("iperf3-up", "bulk TCP client -> app, iperf3 one stream", (_GBPS, _CPU_GIB), "gbps"),
+    Test("iperf3-down", "bulk TCP app -> client, iperf3 -R one stream", (_GBPS, _CPU_GIB),
+         "gbps"),
     Test("curl-down", "download of one large body, curl", (
-        _GBPS, _m("seconds", "seconds", ".2f", "s", False)), "gbps"),
+        _GBPS, _m("seconds", "seconds", ".2f", "s", False), _CPU_GIB), "gbps"),
     Test("curl-up", "upload of one large body, curl -T", (
-        _GBPS, _m("seconds", "seconds", ".2f", "s", False)), "gbps"),
+        _GBPS, _m("seconds", "seconds", ".2f", "s", False), _CPU_GIB), "gbps"),
     Test("idle", "idle TCP connections: KiB of resident memory per connection", (
         _m("held", "held", ".0f"), _m("server_kib", "proxy/sshd", ".1f", "KiB", False),
         _m("agent_kib", "agent/ssh", ".1f", "KiB", False),
@@ -70,7 +72,7 @@ TESTS: dict[str, Test] = {t.key: t for t in (
     Test("fairness", "busy streams through one tunnel, each reading as fast as it can", (
         _m("streams", "streams", ".0f"), _m("flowing", "flowing", ".0f"), _GBPS,
         _m("min_mbps", "min Mbit/s", ".2f"), _m("max_mbps", "max Mbit/s", ".2f"),
-        _m("max_over_min", "max/min", ".2f", "", False)), "max_over_min"),
+        _m("max_over_min", "max/min", ".2f", "", False), _CPU_GIB), "max_over_min"),
 )}
 
 
@@ -122,6 +124,11 @@ def added_latency(rows: Iterable[Measurement], test: str = "http-1") -> list[Mea
 def per_10k(cpu_seconds: float, requests: int) -> float | None:
     """CPU seconds per 10,000 requests, from a CPU-time delta over a counted run."""
     return None if requests <= 0 else cpu_seconds * 10_000 / requests
+
+
+def per_gib(cpu_seconds: float, moved_bytes: float) -> float | None:
+    """CPU seconds per GiB moved, from a CPU-time delta over a counted transfer."""
+    return None if moved_bytes <= 0 else cpu_seconds * 2**30 / moved_bytes
 
 
 def max_over_min(per_stream: Sequence[float]) -> float | None:

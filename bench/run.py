@@ -267,24 +267,73 @@ class Bench:
 
     # -- bulk -----------------------------------------------------------------------------------
 
-    def iperf(self, server: Child, path: str, port: int, reverse: bool) -> Measurement:
-        """One iperf3 run once the server is idle; a second try if it was turned away."""
+    def iperf(self, server: Child, path: str, port: int, reverse: bool,
+              cpu: procs.ProcessSet | None = None) -> Measurement:
+        """One iperf3 run once the server is idle; a second try if it was turned away.
+        With `cpu`, the CPU seconds those processes spent per GiB that reached the receiver."""
+        pids = cpu.pids() if cpu is not None else []
         try:
             tcp.wait_server_idle(server)
+            before = procs.cpu_seconds(pids)
             result = tcp.run(port, self.args.tcp_duration, reverse)
         except tcp.IperfError as err:
             print(f"  iperf3 {path}: {err}; once more", flush=True)
             tcp.wait_server_idle(server)
+            before = procs.cpu_seconds(pids)
             result = tcp.run(port, self.args.tcp_duration, reverse)
-        return Measurement("iperf3-down" if reverse else "iperf3-up", path,
-                           {"gbps": result.receiver_gbps})
+        spent = procs.cpu_seconds(pids) - before
+        values = {"gbps": result.receiver_gbps}
+        per = report.per_gib(spent, result.receiver_bps / 8 * result.seconds) if pids else None
+        if per is not None:
+            values["cpu_s_per_gib"] = per
+        return Measurement("iperf3-down" if reverse else "iperf3-up", path, values,
+                           note=f"CPU of {cpu.what}" if cpu is not None else "")
 
     def curl(self, path: str, url: str, headers: tuple[str, ...], upload: Path | None,
-             cafile: Path | None) -> Measurement:
+             cafile: Path | None, cpu: procs.ProcessSet | None = None) -> Measurement:
         size = self.args.bulk_mib * 1024 * 1024
+        pids = cpu.pids() if cpu is not None and path != "direct" else []
+        before = procs.cpu_seconds(pids)
         done = bulk.run(url, size, upload=upload, headers=headers, cafile=cafile)
-        return Measurement("curl-up" if upload else "curl-down", path,
-                           {"gbps": done.gbps, "seconds": done.seconds})
+        spent = procs.cpu_seconds(pids) - before
+        values = {"gbps": done.gbps, "seconds": done.seconds}
+        if pids:
+            values["cpu_s_per_gib"] = report.per_gib(spent, size)
+        return Measurement("curl-up" if upload else "curl-down", path, values,
+                           note=f"CPU of {cpu.what}" if pids else "")
+
+    def profile_tcp(self, port: int, reverse: bool) -> None:
+        """py-spy on the proxy, the agent and `proxy app` during one more iperf3 run."""
+        if not profile.have_py_spy():
+            self.profile = "no profile: py-spy is not installed (pip install '.[bench]')"
+            return
+        a, cluster = self.args, self.cluster()
+        local = self.local_port("iperf")[0]
+        who = {"proxy": cluster.proxy.proc.pid, "agent": cluster.agent.proc.pid,
+               "proxy-app": local.proc.pid}
+        outs = {name: a.out / f"profile-tcp-{name}.txt" for name in who}
+        a.out.mkdir(parents=True, exist_ok=True)
+        spies = {name: profile.record(pid, a.tcp_duration, outs[name])
+                 for name, pid in who.items()}
+        try:
+            tcp.run(port, a.tcp_duration, reverse)
+        finally:
+            for spy in spies.values():
+                try:
+                    spy.wait(a.tcp_duration + 60)
+                except subprocess.TimeoutExpired:
+                    spy.kill()
+                    spy.wait(5)
+        text = []
+        for name, out in outs.items():
+            if not out.exists():
+                text.append(f"no profile of {name}")
+                continue
+            frames, samples = profile.top_frames(out.read_text())
+            text.append(f"py-spy of {name} under iperf3{' -R' if reverse else ''} "
+                        f"-t{a.tcp_duration} (collapsed stacks: {out})\n"
+                        + profile.format_frames(frames, samples))
+        self.profile = (self.profile + "\n" if self.profile else "") + "\n".join(text)
 
     # -- streams --------------------------------------------------------------------------------
 
@@ -300,15 +349,18 @@ class Bench:
         note = f"stopped at {result['held_count']}: {result['stopped']}" if result["stopped"] else ""
         return Measurement(test, path, values, note=note)
 
-    def fair_row(self, path: str, port: int) -> Measurement:
-        per_stream, total, flowing = fairness.measure(port, self.args.fair_streams,
-                                                      self.args.fair_duration)
+    def fair_row(self, path: str, port: int, cpu: procs.ProcessSet) -> Measurement:
+        per_stream, total, flowing, per_gib = fairness.measure(
+            port, self.args.fair_streams, self.args.fair_duration,
+            cpu=lambda: procs.cpu_seconds(cpu.pids()))
         starved = sum(1 for v in per_stream if v <= 0)
-        return Measurement("fairness", path, {
-            "streams": len(per_stream), "flowing": flowing, "gbps": total,
-            "min_mbps": min(per_stream), "max_mbps": max(per_stream),
-            "max_over_min": report.max_over_min(per_stream)},
-            note=f"{starved} streams got nothing" if starved else "")
+        values = {"streams": len(per_stream), "flowing": flowing, "gbps": total,
+                  "min_mbps": min(per_stream), "max_mbps": max(per_stream),
+                  "max_over_min": report.max_over_min(per_stream)}
+        if per_gib:
+            values["cpu_s_per_gib"] = per_gib
+        notes = [f"CPU of {cpu.what}"] + ([f"{starved} streams got nothing"] if starved else [])
+        return Measurement("fairness", path, values, note="; ".join(notes))
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -412,20 +464,37 @@ def bulk_rows(bench: Bench, web: dict[str, WebPath], apps: Apps) -> None:
     bench.context["curl-down"] = bench.context["curl-up"] = f"{bench.args.bulk_mib} MiB"
     for path, w in web.items():
         bench.attempt("curl-down", path, lambda: bench.curl(
-            path, w.url + "/bulk/big", w.headers, None, w.cafile))
+            path, w.url + "/bulk/big", w.headers, None, w.cafile, w.cpu))
         bench.attempt("curl-up", path, lambda: bench.curl(
-            path, w.url + "/upload", w.headers, apps.bulk_file, w.cafile))
+            path, w.url + "/upload", w.headers, apps.bulk_file, w.cafile, w.cpu))
 
 
 def tcp_rows(bench: Bench, apps: Apps) -> None:
     bench.context["iperf3-up"] = bench.context["iperf3-down"] = f"-t{bench.args.tcp_duration}"
-    ports = {"direct": lambda: apps.iperf_port,
-             "ssh": lambda: bench.ssh_tunnel("ssh-iperf", apps.iperf_port)[1],
-             "apptunnel": lambda: bench.local_port("iperf")[1]}
+
+    def ssh() -> tuple[int, procs.ProcessSet]:
+        port, sshd, client = bench.ssh_sets("ssh-iperf", apps.iperf_port)
+        return port, procs.ProcessSet("sshd + ssh", lambda: sshd.pids() + client.pids())
+
+    def apptunnel() -> tuple[int, procs.ProcessSet]:
+        cluster = bench.cluster()
+        local, port = bench.local_port("iperf")
+        return port, procs.ProcessSet("proxy + agent + proxy app",
+                                      _pids(cluster.proxy, cluster.agent, local))
+
+    ports = {"direct": lambda: (apps.iperf_port, None), "ssh": ssh, "apptunnel": apptunnel}
     for reverse in (False, True):
-        for path, port in ports.items():
-            bench.attempt("iperf3-down" if reverse else "iperf3-up", path,
-                          lambda: bench.iperf(apps.iperf, path, port(), reverse))
+        for path, where in ports.items():
+            def row(path=path, where=where, reverse=reverse) -> Measurement:
+                port, cpu = where()
+                return bench.iperf(apps.iperf, path, port, reverse, cpu)
+
+            bench.attempt("iperf3-down" if reverse else "iperf3-up", path, row)
+    if bench.args.profile:
+        try:
+            bench.profile_tcp(bench.local_port("iperf")[1], reverse=True)
+        except FAILURES as err:
+            print(f"  iperf3 profile: failed: {err}", flush=True)
 
 
 def idle_rows(bench: Bench, apps: Apps) -> None:
@@ -465,10 +534,19 @@ def agent_row(bench: Bench, apps: Apps) -> None:
 def fairness_rows(bench: Bench, apps: Apps) -> None:
     a = bench.args
     bench.context["fairness"] = f"{a.fair_streams} streams, {a.fair_duration}s"
-    bench.attempt("fairness", "ssh", lambda: bench.fair_row(
-        "ssh", bench.ssh_tunnel("ssh-source", apps.source_port)[1]))
-    bench.attempt("fairness", "apptunnel", lambda: bench.fair_row(
-        "apptunnel", bench.local_port("source")[1]))
+    def through_ssh() -> Measurement:
+        port, sshd, ssh = bench.ssh_sets("ssh-source", apps.source_port)
+        return bench.fair_row("ssh", port, procs.ProcessSet(
+            "sshd + ssh", lambda: sshd.pids() + ssh.pids()))
+
+    def through_apptunnel() -> Measurement:
+        cluster = bench.cluster()
+        local, port = bench.local_port("source")
+        return bench.fair_row("apptunnel", port, procs.ProcessSet(
+            "proxy + agent + proxy app", _pids(cluster.proxy, cluster.agent, local)))
+
+    bench.attempt("fairness", "ssh", through_ssh)
+    bench.attempt("fairness", "apptunnel", through_apptunnel)
 
 
 def run(bench: Bench, bulk_dir: Path) -> None:
@@ -537,7 +615,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--only", default=",".join(KINDS), help="comma-separated subset of: " + ", ".join(KINDS))
     add("--out", type=Path, default=RESULTS, help="where latest.json and latest.png go")
     add("--profile", action="store_true",
-        help="after the apptunnel HTTP row, sample the proxy with py-spy under the same load")
+        help="sample with py-spy under the same load: the proxy after the apptunnel HTTP row; "
+             "proxy, agent and `proxy app` after the apptunnel iperf3 rows")
     add("--keep", action="store_true", help="keep the temp dir (every child's log) afterwards")
     args = parser.parse_args(argv)
     chosen = [t.strip() for t in args.only.split(",") if t.strip()]

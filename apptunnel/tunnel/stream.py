@@ -12,8 +12,10 @@ Backpressure invariants:
   this side granted, and a stalled reader stalls only its own stream.
 * Outbound: ``write`` sends what the peer's window allows and the tunnel queues the rest.
   A registered producer is paused while that queue holds ``SEND_BUFFER_LIMIT`` bytes or more,
-  or while the tunnel's socket is paused, and resumed when both clear.  A writer without a
-  producer (one big ``write``) is still accepted whole: the caller chose to hold that memory.
+  or, once it wrote while the tunnel's socket is full, until its turn comes after the socket
+  drained (``TunnelProtocol.resumeProducing``); it is resumed when both clear.  A writer
+  without a producer (one big ``write``) is still accepted whole: the caller chose to hold
+  that memory.
 """
 
 from __future__ import annotations
@@ -155,12 +157,12 @@ class Stream:
             producer = PullAsPush(producer, self)
         self._producer = producer
         self._producer_paused = False
-        self._tunnel._producing[self] = None
+        self._tunnel._add_producer(self)
         self._update_producer()
 
     def unregisterProducer(self) -> None:
         producer, self._producer = self._producer, None
-        self._tunnel._producing.pop(self, None)
+        self._tunnel._drop_producer(self)
         if isinstance(producer, PullAsPush):
             producer.stop_streaming()
 
@@ -211,8 +213,9 @@ class Stream:
         producer = self._producer
         if producer is None:
             return
-        pause = (self._tunnel._transport_paused
-                 or self._tunnel._pending_bytes(self) >= SEND_BUFFER_LIMIT)
+        tunnel = self._tunnel
+        pause = (tunnel._awaits_turn(self)
+                 or tunnel._pending_bytes(self) >= SEND_BUFFER_LIMIT)
         if pause != self._producer_paused:
             self._producer_paused = pause
             if pause:
@@ -230,7 +233,7 @@ class Stream:
         self._tunnel._forget(self)
         producer, self._producer = self._producer, None
         if producer is not None:
-            self._tunnel._producing.pop(self, None)
+            self._tunnel._drop_producer(self)
             try:
                 producer.stopProducing()
             except Exception:

@@ -11,7 +11,8 @@ from zope.interface import implementer
 
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
-from apptunnel.tunnel.protocol import TunnelProtocol
+from apptunnel.tunnel.endpoints import BULK_BUFFER
+from apptunnel.tunnel.protocol import RESUME_BATCH, TunnelProtocol
 from tests.support.tunnel_pairs import Echo, Handler, Recorder, connect, make_pair
 
 
@@ -129,6 +130,46 @@ def test_real_tcp_bulk_stream_leaves_other_streams_responsive():
         assert echo.data == b"ping" * rounds and rounds >= 2
         assert worst < 1.0, worst
         assert elapsed < 30, elapsed
+    finally:
+        client.transport.loseConnection()
+        yield port.stopListening()
+        for _ in range(100):
+            if all(s._lost for s in servers) and client._lost:
+                break
+            d = Deferred()
+            reactor.callLater(0.01, d.callback, None)
+            yield d
+
+
+@pytest_twisted.inlineCallbacks
+def test_many_busy_streams_over_real_tcp_all_finish():
+    """More busy streams than RESUME_BATCH over a real socket: the batches resumed turn by
+    turn by the real reactor carry every stream to its end (none is left paused), and the
+    tunnel's socket reads and buffers BULK_BUFFER bytes, not Twisted's 64 KiB."""
+    from twisted.internet import reactor
+
+    count, total = 4 * RESUME_BATCH, 256 * 1024
+    server_handler = Handler(lambda target: succeed(Sink()))
+    servers = []
+
+    def build():
+        proto = TunnelProtocol(server_handler, reactor, initiator=False)
+        servers.append(proto)
+        return proto
+
+    port = reactor.listenTCP(0, Factory.forProtocol(build), interface="127.0.0.1")
+    client = TunnelProtocol(Handler(), reactor, initiator=True)
+    try:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        yield connectProtocol(endpoint, client).addTimeout(10, reactor)
+        assert client.transport.bufferSize == BULK_BUFFER
+        streams = yield gatherResults([
+            client.connect_stream({"app": str(i)}, Factory.forProtocol(Waiter))
+            for i in range(count)]).addTimeout(10, reactor)
+        for proto in streams:
+            BlobProducer(reactor, proto.transport, total)
+        yield gatherResults([proto.done for proto in streams]).addTimeout(30, reactor)
+        assert [proto.data for proto in streams] == [b"%d" % total] * count
     finally:
         client.transport.loseConnection()
         yield port.stopListening()

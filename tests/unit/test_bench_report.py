@@ -62,6 +62,8 @@ def test_cpu_per_10k_requests_and_fairness():
     """CPU seconds scale to 10,000 requests; max/min is inf when a stream got nothing."""
     assert report.per_10k(1.6, 100_000) == pytest.approx(0.16)
     assert report.per_10k(1.0, 0) is None
+    assert report.per_gib(3.0, 2 * 2**30) == pytest.approx(1.5)
+    assert report.per_gib(1.0, 0) is None
     assert report.max_over_min([10.0, 20.0, 15.0]) == 2.0
     assert report.max_over_min([10.0, 0.0]) == math.inf
     assert report.max_over_min([]) is None
