@@ -229,9 +229,9 @@ class WorkerSupervisor(Service):
         asks = []
         for index in sorted(self._children):
             d = defer.maybeDeferred(self._refresh_child, index)
-            d.addErrback(lambda f, i=index: log.warn(
-                "worker {index} did not confirm refresh: {error}", index=i,
-                error=f.getErrorMessage()))
+            d.addErrback(lambda f, i=index: log.info(
+                "worker {index} did not confirm refresh ({error}): it sees the change at "
+                "its next poll", index=i, error=f.getErrorMessage()))
             asks.append(d)
         return defer.gatherResults(asks)
 
@@ -258,9 +258,10 @@ class _Child(ProcessProtocol):
         self._done = False
         self._kill = None
 
-    @property
-    def pid(self) -> int | None:
-        return self.transport.pid if self.transport is not None else None
+    pid: int | None = None   # kept after exit, for the log line
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         lines = (self._partial.get(fd, b"") + data).split(b"\n")
