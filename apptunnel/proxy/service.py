@@ -297,7 +297,7 @@ class ProxyService(MultiService):
         # The admin and audit API and pages (web/admin_routes.py): the CLI's services,
         # made to hold on this proxy at once by re-reading what they changed.
         mount_admin(self.web, AdminContext(self.backend, self.audit, reactor,
-                                           config.public_addr, self.refresh_now))
+                                           config.public_addr, self._refresh_all))
         site = WebSite(self.web.resource())  # a deadline on every request head
         site.displayTracebacks = False
         self.pool = TunnelPool(self.registry)  # one pool: HTTP and TCP streams alike
@@ -372,7 +372,7 @@ class ProxyService(MultiService):
                      "at the next poll (about 2 s) instead of at once")
         else:
             self.listeners.add(f"the control socket {control_path(config.data_dir, name)}",
-                               control, ControlFactory(self._refresh_all, reactor))
+                               control, ControlFactory(self._refresh_control, reactor))
 
     def startService(self) -> None:
         if self.place.index > 0:
@@ -473,17 +473,27 @@ class ProxyService(MultiService):
                                     defer.ensureDeferred(self.requests.refresh())],
                                    consumeErrors=True)
 
+    def _refresh_control(self) -> defer.Deferred:
+        """The control socket: worker 0's is the CLI's and reaches every worker; another
+        worker's is asked by worker 0 and refreshes that worker only."""
+        return self._refresh_all() if self.place.index == 0 else self.refresh_now()
+
     def _refresh_all(self) -> defer.Deferred:
-        """The control socket: this worker, then (worker 0) every other worker, so an admin
-        change holds on all of them before the CLI returns."""
+        """An admin change made here holds on every worker before it is answered: worker 0
+        asks each other worker; another worker asks worker 0, which asks them all."""
         d = self.refresh_now()
         if self.workers is not None:
             d.addCallback(lambda _: self.workers.refresh())
+        elif self.place.index > 0:
+            d.addCallback(lambda _: self._refresh_worker(0, 2 * WORKER_REFRESH_WAIT))
+            d.addErrback(lambda f: log.info("worker 0 did not confirm refresh ({error}): "
+                                            "the others see the change at their next poll",
+                                            error=f.getErrorMessage()))
         return d
 
-    def _refresh_worker(self, index: int) -> defer.Deferred:
+    def _refresh_worker(self, index: int, wait: float = WORKER_REFRESH_WAIT) -> defer.Deferred:
         path = control_path(self.config.data_dir, control_name(index))
-        return defer.ensureDeferred(ask_refresh(self.reactor, path, WORKER_REFRESH_WAIT))
+        return defer.ensureDeferred(ask_refresh(self.reactor, path, wait))
 
     async def _backend_answers(self) -> None:
         """Readiness: the store answers a small query (errors and timeouts are failures)."""

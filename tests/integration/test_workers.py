@@ -34,6 +34,9 @@ def cluster():
         c.add_role({"kind": "role", "metadata": {"name": "sre-apps"},
                     "spec": {"allow": {"app_labels": {"team": "sre"}}}})
         c.add_user("alice", ["sre-apps"], PASSWORD)
+        c.add_role({"kind": "role", "metadata": {"name": "admin"},
+                    "spec": {"allow": {"rules": [{"resources": ["*"], "verbs": ["*"]}]}}})
+        c.add_user("root", ["admin"], PASSWORD)
         c.start_agent()
         wait_until(lambda: all(tunnels(c, i) == 1 for i in range(2)), 30,
                    "one tunnel from the agent to each worker")
@@ -114,11 +117,46 @@ def test_a_killed_worker_is_started_again_and_the_agent_returns(cluster):
         assert browser.get(cluster.url("hello", f"/echo?after={n}")).status_code == 200
 
 
-def test_a_cli_lock_cuts_live_downloads_on_every_worker_at_once(cluster):
-    """Downloads on fresh connections until both workers hold some; `apptunnel lock`
-    returns once worker 0 and, through it, worker 1 re-read the locks, so every download
-    is cut within a quarter second of it. Two rounds: polling alone (every 2 s) would pass
-    a round about one time in six."""
+def admin(cluster: Cluster) -> requests.Session:
+    """root's API session, each request on a fresh connection (any worker)."""
+    s = requests.Session()
+    s.trust_env = False
+    s.verify = cluster.ca_file
+    s.headers.update({"Origin": cluster.url().rstrip("/"), **FRESH})
+    with localhost_resolution():
+        r = s.post(cluster.url(path="/v1/sessions"),
+                   json={"username": "root", "password": PASSWORD}, timeout=10)
+    assert r.status_code == 200, r.text
+    return s
+
+
+def lock_alice(cluster: Cluster, how: str) -> tuple[str, object]:
+    """A lock on alice made through the CLI or the admin API; (its id, how to remove it)."""
+    if how == "cli":
+        lock_id = cluster.cli("lock", "--user", "alice", "--message",
+                              "workers test").stdout.split()[0]
+        return lock_id, lambda: cluster.cli("locks", "rm", lock_id)
+    api = admin(cluster)
+    with localhost_resolution():
+        r = api.post(cluster.url(path="/v1/admin/locks"),
+                     json={"user": "alice", "message": "workers test"}, timeout=10)
+    assert r.status_code == 201, r.text
+    lock_id = r.json()["lock"]["id"]
+
+    def remove():
+        with localhost_resolution():
+            api.delete(cluster.url(path=f"/v1/admin/locks/{lock_id}"),
+                       timeout=10).raise_for_status()
+    return lock_id, remove
+
+
+@pytest.mark.parametrize("how", ["cli", "api"])
+def test_a_lock_cuts_live_downloads_on_every_worker_at_once(cluster, how):
+    """Downloads on fresh connections until both workers hold some; `apptunnel lock` (or
+    the admin API, on whichever worker takes it) answers once every worker re-read the
+    locks (the CLI asks worker 0, which asks the others; another worker asks worker 0),
+    so every download is cut within a quarter second of it. Two rounds: polling alone
+    (every 2 s) would pass a round about one time in six."""
     for round in range(2):
         browser = signed_in(cluster)
         streams = []
@@ -135,8 +173,7 @@ def test_a_cli_lock_cuts_live_downloads_on_every_worker_at_once(cluster):
                 next(chunks)
                 streams.append((stream, chunks))
             assert all(metric(cluster, w, "apptunnel_streams") > 0 for w in range(2))
-            lock_id = cluster.cli("lock", "--user", "alice", "--message",
-                                  "workers test").stdout.split()[0]
+            lock_id, unlock = lock_alice(cluster, how)
             locked_at = time.monotonic()
             for stream, chunks in streams:
                 with pytest.raises(requests.RequestException):
@@ -150,7 +187,7 @@ def test_a_cli_lock_cuts_live_downloads_on_every_worker_at_once(cluster):
         assert took < 0.25, (round, took)
         r = browser.get(cluster.url("hello", "/echo?locked=1"), allow_redirects=False)
         assert r.status_code != 200
-        cluster.cli("locks", "rm", lock_id)
+        unlock()
 
 
 def test_workers_stop_when_worker_0_is_killed(cluster):
