@@ -319,9 +319,13 @@ class _ParentWatch(Protocol):
         pass   # worker 0 writes nothing; anything is ignored
 
     def connectionLost(self, reason) -> None:
-        if self._reactor.running:
-            log.warn("worker 0 is gone: stopping this worker")
+        if not self._reactor.running:
+            return
+        log.warn("worker 0 is gone: stopping this worker")
+        try:
             self._reactor.stop()
+        except error.ReactorNotRunning:   # already stopping (SIGTERM from worker 0)
+            pass
 
 
 def watch_parent(reactor):

@@ -246,6 +246,15 @@ def test_a_worker_stops_when_worker_0_is_gone():
     assert stopped == [True]
 
 
+def test_a_worker_already_stopping_ignores_worker_0_going():
+    """The pipe closing while the worker already stops (SIGTERM) is not an error."""
+    def stop():
+        raise error.ReactorNotRunning()
+    fake = attrs.make_class("R", {"running": attrs.field(default=True)})()
+    fake.stop = stop
+    workers_mod._ParentWatch(fake).connectionLost(Failure(error.ConnectionDone()))
+
+
 # -- the shared listener -------------------------------------------------------------------
 
 def _free_port() -> int:
