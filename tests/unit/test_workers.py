@@ -283,3 +283,40 @@ def test_a_port_held_without_reuseport_is_a_listen_error():
     d.addErrback(failure.append)
     assert failure and failure[0].check(error.CannotListenError)
     assert reactor.adoptedPorts == []
+
+
+# -- who asks whom to refresh (ProxyService) ------------------------------------------------
+
+def _service_double(index: int, with_children: bool):
+    """Just what ProxyService's refresh routing reads: its place, supervisor and askers."""
+    from types import SimpleNamespace
+
+    from twisted.internet import defer
+
+    calls: list[str] = []
+    workers = (SimpleNamespace(refresh=lambda: calls.append("children")
+                               or defer.succeed(None)) if with_children else None)
+    double = SimpleNamespace(
+        place=SimpleNamespace(index=index), workers=workers,
+        refresh_now=lambda: calls.append("self") or defer.succeed(None),
+        _refresh_worker=lambda i, wait=None: calls.append(f"worker {i}") or defer.succeed(None))
+    from apptunnel.proxy.service import ProxyService
+
+    double._refresh_all = lambda: ProxyService._refresh_all(double)
+    return double, calls
+
+
+@pytest.mark.parametrize("index, with_children, entry, expected", [
+    (0, True, "_refresh_control", ["self", "children"]),   # the CLI: every worker
+    (0, True, "_refresh_all", ["self", "children"]),       # admin API on worker 0
+    (1, False, "_refresh_all", ["self", "worker 0"]),      # admin API on worker 1
+    (1, False, "_refresh_control", ["self"]),              # worker 0 asking: no loop back
+    (0, False, "_refresh_all", ["self"]),                  # workers: 1, as before
+])
+def test_refresh_reaches_every_worker_without_a_loop(index, with_children, entry, expected):
+    from apptunnel.proxy.service import ProxyService
+
+    double, calls = _service_double(index, with_children)
+    d = getattr(ProxyService, entry)(double)
+    assert d.called
+    assert calls == expected
