@@ -67,7 +67,7 @@ from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.tcp_access import TcpAccess
 from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_options
 from apptunnel.proxy.web_channel import WebSite
-from apptunnel.proxy.workers import (WorkerSupervisor, control_name, public_endpoint,
+from apptunnel.proxy.workers import (WorkerSupervisor, control_name, public_endpoint, share,
                                      watch_parent, worker_place)
 from apptunnel.startup import CannotStart, Listeners, fatal
 from apptunnel.web.bots import BotRoutes
@@ -180,10 +180,12 @@ class ProxyService(MultiService):
         self.users = UserDirectory(self.backend, reactor)
         throttle = config.throttle
         lock_audit = LockAudit(self.audit, reactor)  # one lock.enforced throttle for all paths
-        # One sign-in throttle for every way in (local passwords, LDAP connectors).
-        login_throttle = LoginThrottle(throttle.max_failures_per_user,
-                                       throttle.max_failures_per_address, throttle.window,
-                                       throttle.max_tracked, metrics=self.metrics)
+        # One sign-in throttle for every way in (local passwords, LDAP connectors); with
+        # several workers each counts its share, so the machine admits about the limit.
+        login_throttle = LoginThrottle(share(throttle.max_failures_per_user, config.workers),
+                                       share(throttle.max_failures_per_address, config.workers),
+                                       throttle.window, throttle.max_tracked,
+                                       metrics=self.metrics)
         self.sessions = SessionManager(
             self.backend, reactor, config.session_ttl, locks=self.locks, audit=self.audit,
             users=self.users, lock_audit=lock_audit, throttle=login_throttle,

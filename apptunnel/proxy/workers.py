@@ -44,7 +44,8 @@ from apptunnel.config import ProxyConfig
 from apptunnel.net import split_host_port
 
 __all__ = ["SharedPortEndpoint", "WorkerPlace", "WorkerSupervisor", "child_log_observer",
-           "control_name", "public_endpoint", "restart_delay", "watch_parent", "worker_place"]
+           "control_name", "public_endpoint", "restart_delay", "share", "watch_parent",
+           "worker_place"]
 
 log = Logger()
 
@@ -109,6 +110,13 @@ def worker_proxy_id(base_id: str, index: int) -> str:
 
 def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def share(limit: int, workers: int) -> int:
+    """One worker's part of a count kept in each worker's memory (the sign-in throttle):
+    the kernel spreads a client's connections over the workers, so N workers admit about
+    N shares; rounded up, so together they admit at most ``limit + workers - 1``."""
+    return max(1, -(-limit // workers))
 
 
 def restart_delay(failures: int) -> float:

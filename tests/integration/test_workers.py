@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support.cluster import Browser, Cluster, wait_until
+from tests.support.cluster import Browser, Cluster, post_from, wait_until
 from tests.support.localhost import localhost_resolution
 from tests.support.upstream import HttpUpstream
 
@@ -188,6 +188,17 @@ def test_a_lock_cuts_live_downloads_on_every_worker_at_once(cluster, how):
         r = browser.get(cluster.url("hello", "/echo?locked=1"), allow_redirects=False)
         assert r.status_code != 200
         unlock()
+
+
+def test_a_guesser_spread_over_the_workers_gets_no_more_tries(cluster):
+    """Twelve wrong passwords for one name, each on a new connection: the workers count
+    3 each (5 per user, shared), so at most 6 are checked and the rest get 429 (counted
+    in full by each worker, about 10 would have been checked)."""
+    statuses = [post_from(cluster, "/v1/sessions", {"username": "mallory",
+                                                    "password": "guess"})[0]
+                for _ in range(12)]
+    assert set(statuses) <= {401, 429}, statuses
+    assert 3 <= statuses.count(401) <= 6, statuses
 
 
 def test_workers_stop_when_worker_0_is_killed(cluster):

@@ -17,7 +17,7 @@ from apptunnel.config import ConfigError, load_proxy_config
 from apptunnel.proxy import workers as workers_mod
 from apptunnel.proxy.workers import (
     MAX_LINE, RESTART_MAX, STABLE_AFTER, STOP_TIMEOUT, SharedPortEndpoint, WorkerSupervisor,
-    restart_delay, worker_place, worker_proxy_id)
+    restart_delay, share, worker_place, worker_proxy_id)
 from tests.support.config_files import PROXY_OK, write
 
 BASE_ID = "0123456789abcdef"
@@ -111,6 +111,15 @@ def test_worker_index_outside_the_count_is_refused(tmp_path):
     config = load(tmp_path, "workers: 2\n")
     with pytest.raises(ValueError):
         worker_place(config, 2, BASE_ID)
+
+
+def test_each_worker_counts_its_share_of_the_sign_in_throttle():
+    """5 failures per user over 2 workers: 3 each (at most 6 in all, not 10); one worker
+    keeps the whole limit; a share is never 0."""
+    assert share(5, 1) == 5
+    assert share(5, 2) == 3
+    assert share(20, 4) == 5
+    assert share(1, 8) == 1
 
 
 def test_restart_delay_doubles_to_a_cap():
