@@ -197,7 +197,7 @@ class WorkerSupervisor(Service):
         self._stopping = False
 
     def pids(self) -> dict[int, int]:
-        """Live children's pids by worker index (tests, the bench)."""
+        """Live children's pids by worker index."""
         return {i: c.pid for i, c in self._children.items() if c.pid is not None}
 
     def startService(self) -> None:
@@ -212,8 +212,12 @@ class WorkerSupervisor(Service):
         child = _Child(self, self._reactor, index)
         self._children[index] = child
         argv = child_argv(self._config.path, index)
-        self._spawn(child, argv[0], argv, env=None, path=os.getcwd(),
-                    childFDs={0: "w", 1: "r", 2: "r"})
+        try:
+            self._spawn(child, argv[0], argv, env=None, path=os.getcwd(),
+                        childFDs={0: "w", 1: "r", 2: "r"})
+        except OSError as err:   # no process or descriptor to spare: try again later
+            self.ended(child, f"could not be started ({err.strerror or err})")
+            return
         log.info("worker {index} started (pid {pid})", index=index, pid=child.pid)
 
     def ended(self, child: "_Child", status: str) -> None:
@@ -231,7 +235,7 @@ class WorkerSupervisor(Service):
 
     def refresh(self) -> defer.Deferred:
         """Ask every live child to re-read locks, users and roles (the control socket's
-        ``refresh`` on worker 0); a child that does not answer is logged, not waited for."""
+        ``refresh`` on worker 0); a child that does not answer in time is logged."""
         if self._refresh_child is None:
             return defer.succeed(None)
         asks = []

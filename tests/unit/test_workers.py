@@ -195,6 +195,24 @@ def test_a_worker_that_exits_is_started_again_with_backoff(tmp_path):
     assert len(spawn.spawned) == 4
 
 
+def test_a_worker_that_cannot_be_spawned_is_tried_again(tmp_path):
+    """spawnProcess failing (no process to spare) is an exit like any other: retried."""
+    clock, spawn = MemoryReactorClock(), _Spawner()
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise OSError(11, "Resource temporarily unavailable")
+        return spawn(*args, **kwargs)
+
+    supervisor = WorkerSupervisor(clock, load(tmp_path, "workers: 2\n"), spawn=failing)
+    supervisor.startService()
+    assert supervisor.pids() == {}
+    clock.advance(1.0)
+    assert len(calls) == 2 and supervisor.pids() == {1: 1000}
+
+
 def test_stopping_terms_then_kills_and_restarts_nothing(tmp_path):
     """Stop: SIGTERM each child, SIGKILL one still there after STOP_TIMEOUT; the stop
     completes when all have exited and none is started again."""
