@@ -520,6 +520,8 @@ class ProxyConfig:
     # Where agents reach this proxy's tunnel listener (proxy/peers.py): told to agents
     # connected to the other proxies; "" = tunnel_listen_addr (see default_advertise_addr).
     advertise_tunnel_addr: str = ""
+    # workers: proxy processes sharing the listeners (proxy/workers.py); 1 = one process.
+    workers: int = 1
 
     @property
     def public_host(self) -> str:
@@ -579,7 +581,7 @@ _PROXY_KEYS = (
     "backend", "tls", "jwt", "session_ttl", "keepalive", "audit",
     "limits", "auth",
     "agent_cert_ttl", "app_grace_period", "allowed_public_addrs", "bots", "ca_min_grace_period",
-    "access_requests", "diag_addr", "diag_addr_public", "advertise_tunnel_addr",
+    "access_requests", "diag_addr", "diag_addr_public", "advertise_tunnel_addr", "workers",
 )
 _AGENT_KEYS = ("data_dir", "proxy_addr", "join", "keepalive", "apps", "resources",
                "diag_addr", "diag_addr_public")
@@ -786,6 +788,8 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
     # proxy is not registered for other proxies' agents (proxy/peers.py).
     advertise = (top.address("advertise_tunnel_addr")
                  or default_advertise_addr(tunnel, public_host))
+    diag_addr = _diag_addr(top, DEFAULT_PROXY_DIAG_ADDR)
+    workers = _workers(top, web, tunnel, advertise, diag_addr)
     return ProxyConfig(
         path=os.path.abspath(path),
         cluster_name=cluster_name,
@@ -817,9 +821,38 @@ def _build_proxy(path: str, data: _Map) -> ProxyConfig:
         backend_dsn=backend_dsn,
         backend_password_file=backend_password_file,
         backend_encryption_key_file=encryption_key_file,
-        diag_addr=_diag_addr(top, DEFAULT_PROXY_DIAG_ADDR),
+        diag_addr=diag_addr,
         advertise_tunnel_addr=advertise,
+        workers=workers,
     )
+
+
+MAX_WORKERS_PER_CPU = 4
+
+
+def _workers(top: _Section, web: str, tunnel: str, advertise: str, diag: str | None) -> int:
+    """``workers``: a count or ``auto`` (one per CPU). Several workers need fixed ports:
+    each binds the shared ones and its own tunnel (and diag) port next to them
+    (proxy/workers.py), which an ephemeral port 0 cannot give."""
+    most = (os.cpu_count() or 1) * MAX_WORKERS_PER_CPU
+    if top.raw("workers") == "auto":
+        count = min(os.cpu_count() or 1, most)
+    else:
+        count = _count(top, "workers", 1, most=most)
+    if count == 1:
+        return 1
+    # (key, address, how many ports above it the workers use: proxy/workers.py)
+    for key, addr, above in (("web_listen_addr", web, 0), ("tunnel_listen_addr", tunnel, count),
+                             ("advertise_tunnel_addr", advertise, count),
+                             ("diag_addr", diag, count - 1)):
+        if addr is None:
+            continue
+        port = _split_addr(addr, None, True)[1]
+        if port == 0:
+            top.fail("workers", f"{count} workers need a fixed port in {key} (not 0)")
+        if port + above > 65535:
+            top.fail("workers", f"{count} workers need {key}'s port + {above} to be a port")
+    return count
 
 
 def _diag_addr(top: _Section, default: str) -> str | None:

@@ -21,7 +21,7 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 from bench import report  # noqa: E402
 
 COLOURS = {"direct": "#9e9e9e", "ssh -R": "#1f77b4", "nginx TLS -> ssh -R": "#ff7f0e",
-           "apptunnel": "#2ca02c"}
+           "apptunnel": "#2ca02c", "apptunnel, 2 workers": "#98df8a"}
 
 
 def write(rows: Sequence[report.Measurement], path: Path, when: str) -> None:

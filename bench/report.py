@@ -13,9 +13,9 @@ from collections.abc import Iterable, Sequence
 import attrs
 
 BASELINE = "ssh"     # every ratio is to the `ssh -R` row of the same test
-PATHS = ("direct", "ssh", "nginx-tls", "apptunnel")
+PATHS = ("direct", "ssh", "nginx-tls", "apptunnel", "apptunnel-2w")
 LABELS = {"direct": "direct", "ssh": "ssh -R", "nginx-tls": "nginx TLS -> ssh -R",
-          "apptunnel": "apptunnel"}
+          "apptunnel": "apptunnel", "apptunnel-2w": "apptunnel, 2 workers"}
 
 
 @attrs.frozen

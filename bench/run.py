@@ -22,6 +22,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,11 +47,34 @@ from bench import bulk, fairness, idle, peers, procs, profile, report, tcp, wrk 
 from bench.report import Measurement  # noqa: E402
 
 KINDS = ("http", "latency", "tcp", "bulk", "idle", "agent", "fairness")
-HTTP_PATHS = ("direct", "ssh", "nginx-tls", "apptunnel")
+HTTP_PATHS = ("direct", "ssh", "nginx-tls", "apptunnel", "apptunnel-2w")
+WORKERS_PATH = "apptunnel-2w"   # the same proxy with `workers: 2` (HTTP rows only)
 RESULTS = Path(__file__).resolve().parent / "results"
 FAILURES = (DemoError, wrk.WrkError, tcp.IperfError, bulk.CurlError, requests.RequestException,
             OSError, subprocess.SubprocessError)
 _children: list[Child] = []
+
+
+def _free_run(count: int) -> int:
+    """The first of `count` consecutive free loopback ports (a proxy's workers use the
+    ports after its tunnel and diag ports)."""
+    for _ in range(200):
+        first = free_port()
+        try:
+            for port in range(first + 1, first + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise DemoError(f"no {count} consecutive free ports")
+
+
+def _tunnels(diag_port: int) -> float:
+    """Live tunnels on one proxy worker, from its /metrics."""
+    text = requests.get(f"http://127.0.0.1:{diag_port}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("apptunnel_tunnels{"))
 
 
 def _own(*children: Child) -> Child:
@@ -77,13 +101,13 @@ class Bench:
         self.context: dict[str, str] = {}
         self.apps: list[dict] = []
         self.perf = procs.perf_instructions_work()
-        self._cluster: LocalCluster | None = None
-        self._cluster_error: str | None = None
+        self._clusters: dict[int, LocalCluster] = {}      # by `workers`
+        self._cluster_errors: dict[int, str] = {}
         self._password = secrets.token_urlsafe(12)
         self._user_home: Path | None = None
         self._local: dict[tuple[str, int], tuple[Child, int]] = {}
         self._ssh: dict[str, tuple[list[Child], int]] = {}
-        self._cookie: str | None = None
+        self._cookies: dict[int, str] = {}
         self.profile: str | None = None      # py-spy's top frames of the proxy (--profile)
 
     def attempt(self, test: str, path: str, step: Callable[[], Measurement]) -> None:
@@ -103,21 +127,26 @@ class Bench:
 
     # -- what the rows run through --------------------------------------------------------------
 
-    def cluster(self) -> LocalCluster:
-        """One proxy + agent for every app of the run; a failed start is remembered."""
-        if self._cluster_error is not None:
-            raise DemoError(f"the apptunnel cluster did not start: {self._cluster_error}")
-        if self._cluster is None:
+    def cluster(self, workers: int = 1) -> LocalCluster:
+        """One proxy + agent for every app of the run (and one more with `workers: 2` for
+        its HTTP rows); a failed start is remembered."""
+        if workers in self._cluster_errors:
+            raise DemoError(f"the apptunnel cluster did not start: {self._cluster_errors[workers]}")
+        if workers not in self._clusters:
             try:
-                self._cluster = self._start_cluster()
+                self._clusters[workers] = self._start_cluster(workers)
             except FAILURES as err:
-                self._cluster_error = str(err).splitlines()[0]
+                self._cluster_errors[workers] = str(err).splitlines()[0]
                 raise
-        return self._cluster
+        return self._clusters[workers]
 
-    def _start_cluster(self) -> LocalCluster:
-        cluster = LocalCluster(self.root / "apptunnel", web_port=free_port(),
-                               tunnel_port=free_port(), cluster_name="bench")
+    def _start_cluster(self, workers: int) -> LocalCluster:
+        name = "apptunnel" if workers == 1 else f"apptunnel-{workers}w"
+        # Worker I also listens on the tunnel port + 1 + I and the diag port + I.
+        cluster = LocalCluster(self.root / name, web_port=free_port(),
+                               tunnel_port=_free_run(workers + 1) if workers > 1 else free_port(),
+                               cluster_name="bench")
+        cluster.diag_port = _free_run(workers)
         cluster.root.mkdir(parents=True, exist_ok=True)
         cluster.write_proxy_config()
         # Every bench connection comes from 127.0.0.1: lift the per-address cap (256) so the
@@ -125,6 +154,8 @@ class Bench:
         config = yaml.safe_load(cluster.proxy_config.read_text())
         wanted = max(self.args.agent_streams, self.args.idle_streams, self.args.fair_streams)
         config["limits"] = {"max_connections": wanted + 1000, "max_connections_per_ip": wanted + 1000}
+        if workers > 1:
+            config["workers"] = workers
         cluster.proxy_config.write_text(yaml.safe_dump(config, sort_keys=False))
         try:
             cluster.start_proxy()
@@ -139,15 +170,18 @@ class Bench:
         session = cluster.api_session("bench", self._password)
         for app in self.apps:
             cluster.wait_app_online(session, app["name"])
+        for worker in range(workers):   # the agent holds a tunnel to every worker
+            wait_until(lambda: _tunnels(cluster.diag_port + worker) > 0, 30,
+                       f"the agent's tunnel to worker {worker}", cluster.proxy)
         return cluster
 
     def add_app(self, name: str, uri: str) -> None:
         self.apps.append({"name": name, "uri": uri, "labels": {"env": "bench"}})
 
-    def cookie(self, expected_body: bytes) -> str:
+    def cookie(self, expected_body: bytes, workers: int = 1) -> str:
         """Signed in like a browser, once; checks the app answers with its own body."""
-        if self._cookie is None:
-            cluster = self.cluster()
+        if workers not in self._cookies:
+            cluster = self.cluster(workers)
             browser = cluster.browser_login("hello", "bench", self._password)
             cookie = app_cookie(browser)
             if not cookie:
@@ -156,8 +190,8 @@ class Bench:
             if page.status_code != 200 or page.content != expected_body:
                 raise DemoError(f"the app through apptunnel answered HTTP {page.status_code} "
                                 f"{page.content[:100]!r}, expected {expected_body!r}")
-            self._cookie = cookie
-        return self._cookie
+            self._cookies[workers] = cookie
+        return self._cookies[workers]
 
     def user_home(self) -> Path:
         """An APPTUNNEL_HOME signed in as the bench user with `apptunnel login`, once."""
@@ -212,21 +246,25 @@ class Bench:
 
     # -- HTTP -----------------------------------------------------------------------------------
 
-    def http(self, path: str, url: str, headers: tuple[str, ...], cpu: procs.ProcessSet) -> Measurement:
+    def http(self, path: str, url: str, headers: tuple[str, ...], cpu: procs.ProcessSet,
+             split: tuple[procs.ProcessSet, ...] = ()) -> Measurement:
         a = self.args
         if a.warmup:
             wrk.run(url, threads=a.threads, connections=a.connections, duration=a.warmup,
                     headers=headers)
         pids = cpu.pids()   # stable during a run: sshd forks per ssh login, not per forward
         counter = procs.PerfCounter(pids, self.root / f"perf-{path}.txt") if self.perf else None
+        parts = [(part.what, part.pids()) for part in split]
         before = procs.cpu_seconds(pids)
+        parts_before = [procs.cpu_seconds(p) for _, p in parts]
         result = wrk.run(url, threads=a.threads, connections=a.connections,
                          duration=a.duration, headers=headers)
         spent = procs.cpu_seconds(pids) - before
+        parts_spent = [procs.cpu_seconds(p) - b for (_, p), b in zip(parts, parts_before)]
         instructions = counter.stop() if counter else None
-        if path == "apptunnel" and a.profile:
+        if path in ("apptunnel", WORKERS_PATH) and a.profile:
             # After the counted run, so sampling costs the numbers above nothing.
-            self.profile_proxy(url, headers)
+            self.profile_proxy(url, headers, path)
         values = {"req_s": result.requests_per_s, "p50_ms": result.p50_ms,
                   "p99_ms": result.p99_ms, "errors": result.errors}
         per = report.per_10k(spent, result.requests)
@@ -234,16 +272,25 @@ class Bench:
             values["cpu_s_per_10k"] = per
         if instructions is not None and result.requests:
             values["instructions_per_req"] = instructions / result.requests
-        return Measurement("http", path, values, note=f"CPU of {cpu.what}")
+        note = f"CPU of {cpu.what}"
+        for (what, _), part in zip(parts, parts_spent):   # e.g. the proxy's and the agent's
+            per_part = report.per_10k(part, result.requests)
+            if per_part is not None:
+                values[f"cpu_s_per_10k_{what}"] = per_part
+                note += f"; {what} {per_part:.3f}"
+        return Measurement("http", path, values, note=note)
 
-    def profile_proxy(self, url: str, headers: tuple[str, ...]) -> None:
-        """py-spy on the proxy during one more wrk run of the same shape; top frames kept."""
+    def profile_proxy(self, url: str, headers: tuple[str, ...], path: str = "apptunnel") -> None:
+        """py-spy on the proxy (worker 0) during one more wrk run of the same shape; top
+        frames kept."""
         if not profile.have_py_spy():
             self.profile = "no profile: py-spy is not installed (pip install '.[bench]')"
             return
-        a, out = self.args, self.args.out / "profile-proxy.txt"
+        workers = 2 if path == WORKERS_PATH else 1
+        name = "profile-proxy.txt" if workers == 1 else "profile-proxy-2w-worker0.txt"
+        a, out = self.args, self.args.out / name
         out.parent.mkdir(parents=True, exist_ok=True)
-        spy = profile.record(self.cluster().proxy.proc.pid, a.duration, out)
+        spy = profile.record(self.cluster(workers).proxy.proc.pid, a.duration, out)
         try:
             wrk.run(url, threads=a.threads, connections=a.connections, duration=a.duration,
                     headers=headers)
@@ -256,6 +303,8 @@ class Bench:
             self.profile = f"no profile: py-spy exited {spy.returncode}: {err.decode()[-300:].strip()}"
             return
         frames, samples = profile.top_frames(out.read_text())
+        if workers > 1:   # the one-worker profile is the one the docs compare
+            return
         self.profile = (f"py-spy of the proxy under wrk -t{a.threads} -c{a.connections} "
                         f"-d{a.duration}s (collapsed stacks: {out})\n"
                         + profile.format_frames(frames, samples))
@@ -388,6 +437,7 @@ class WebPath:
     headers: tuple[str, ...]
     cafile: Path | None
     cpu: procs.ProcessSet
+    split: tuple[procs.ProcessSet, ...] = ()   # parts of `cpu` also counted alone
 
 
 def start_apps(bench: Bench, bulk_dir: Path) -> Apps:
@@ -442,8 +492,28 @@ def web_paths(bench: Bench, apps: Apps) -> dict[str, WebPath]:
     paths["apptunnel"] = WebPath(
         f"https://127.0.0.1:{cluster.web_port}",
         (f"Cookie: {APP_COOKIE}={cookie}", f"Host: hello.{PUBLIC_HOST}:{cluster.web_port}"),
-        cluster.ca_file, procs.ProcessSet("proxy + agent", _pids(cluster.proxy, cluster.agent)))
+        cluster.ca_file, procs.ProcessSet("proxy + agent", _pids(cluster.proxy, cluster.agent)),
+        _proxy_and_agent(cluster))
+    if "http" not in bench.args.only:
+        return paths
+    try:   # the same proxy with `workers: 2`: CPU over every worker (the proxy's tree)
+        cookie = bench.cookie(b"hello\n", workers=2)
+        two = bench.cluster(workers=2)
+    except FAILURES as err:
+        bench.fail("http", WORKERS_PATH, err)
+        return paths
+    paths[WORKERS_PATH] = WebPath(
+        f"https://127.0.0.1:{two.web_port}",
+        (f"Cookie: {APP_COOKIE}={cookie}", f"Host: hello.{PUBLIC_HOST}:{two.web_port}"),
+        two.ca_file, procs.ProcessSet("2 proxy workers + agent", _pids(two.proxy, two.agent)),
+        _proxy_and_agent(two))
     return paths
+
+
+def _proxy_and_agent(cluster: LocalCluster) -> tuple[procs.ProcessSet, ...]:
+    """The proxy (every worker: its process tree) and the agent, each counted alone."""
+    return (procs.ProcessSet("proxy", _pids(cluster.proxy)),
+            procs.ProcessSet("agent", _pids(cluster.agent)))
 
 
 def http_rows(bench: Bench, web: dict[str, WebPath]) -> None:
@@ -451,18 +521,23 @@ def http_rows(bench: Bench, web: dict[str, WebPath]) -> None:
     bench.context["http"] = (f"wrk -t{a.threads} -c{a.connections} -d{a.duration}s after "
                              f"{a.warmup}s warm-up; nginx `return 200 hello`")
     for path, w in web.items():
-        bench.attempt("http", path, lambda: bench.http(path, w.url + "/", w.headers, w.cpu))
+        bench.attempt("http", path, lambda: bench.http(path, w.url + "/", w.headers, w.cpu,
+                                                       w.split))
 
 
 def latency_rows(bench: Bench, web: dict[str, WebPath]) -> None:
     bench.context["http-1"] = f"-d{bench.args.latency_duration}s"
     for path, w in web.items():
+        if path == WORKERS_PATH:   # one connection lands on one worker: nothing to add
+            continue
         bench.attempt("http-1", path, lambda: bench.latency(path, w.url + "/", w.headers))
 
 
 def bulk_rows(bench: Bench, web: dict[str, WebPath], apps: Apps) -> None:
     bench.context["curl-down"] = bench.context["curl-up"] = f"{bench.args.bulk_mib} MiB"
     for path, w in web.items():
+        if path == WORKERS_PATH:   # one stream is one worker's: the HTTP rows show workers
+            continue
         bench.attempt("curl-down", path, lambda: bench.curl(
             path, w.url + "/bulk/big", w.headers, None, w.cafile, w.cpu))
         bench.attempt("curl-up", path, lambda: bench.curl(

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 
 from twisted.internet import defer
-from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint, connectProtocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -30,14 +30,15 @@ MAX_PATH = 100   # AF_UNIX paths are limited to 107 bytes on Linux
 Refresh = Callable[[], defer.Deferred]
 
 
-def control_path(data_dir: str) -> str:
-    return os.path.join(data_dir, SOCKET_NAME)
+def control_path(data_dir: str, name: str = SOCKET_NAME) -> str:
+    """``name``: worker I of several listens on its own (proxy/workers.py)."""
+    return os.path.join(data_dir, name)
 
 
-def control_endpoint(reactor, data_dir: str) -> UNIXServerEndpoint | None:
+def control_endpoint(reactor, data_dir: str, name: str = SOCKET_NAME) -> UNIXServerEndpoint | None:
     """The listening endpoint; ``wantPID`` lets a restart remove a crashed proxy's socket.
     None when the data directory's path is too long for a Unix socket."""
-    path = control_path(data_dir)
+    path = control_path(data_dir, name)
     if len(os.fsencode(path)) > MAX_PATH:
         return None
     return UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=True)
@@ -100,3 +101,40 @@ class ControlFactory(Factory):
         proto = ControlProtocol(self._refresh, self._clock)
         proto.factory = self
         return proto
+
+
+class _Ask(LineOnlyReceiver):
+    """Worker 0's side of a worker's control socket: ``refresh``, then the answer line."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = 64
+
+    def __init__(self) -> None:
+        self.answer: defer.Deferred = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.sendLine(b"refresh")
+
+    def lineReceived(self, line: bytes) -> None:
+        if not self.answer.called:
+            self.answer.callback(line.strip())
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        if not self.answer.called:
+            self.answer.callback(b"")
+
+
+async def ask_refresh(reactor, path: str, wait: float) -> None:
+    """Have the proxy listening on ``path`` refresh; raises when it does not answer ``ok``
+    within ``wait`` seconds. (The CLI's twin is cli/control.py, which cannot import us.)"""
+    ask = _Ask()
+    await connectProtocol(UNIXClientEndpoint(reactor, path, timeout=wait), ask) \
+        .addTimeout(wait, reactor)
+    try:
+        answer = await ask.answer.addTimeout(wait, reactor)
+    except defer.TimeoutError:
+        ask.transport.abortConnection()
+        raise
+    if answer != b"ok":
+        raise RuntimeError(f"answered {answer!r}")

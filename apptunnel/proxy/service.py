@@ -57,7 +57,7 @@ from apptunnel.diag import FAILING, DiagSite, Readiness, diag_endpoint, listener
 from apptunnel.metrics import CountedAudit, ProxyMetrics, TimedBackend
 from apptunnel.net import is_ip
 from apptunnel.proxy.app_resources import AppResources
-from apptunnel.proxy.control import ControlFactory, control_endpoint, control_path
+from apptunnel.proxy.control import ControlFactory, ask_refresh, control_endpoint, control_path
 from apptunnel.proxy.edge import EdgeFactory
 from apptunnel.proxy.forward import AppForwarder
 from apptunnel.proxy.identity import ProxyIdError, load_or_create_proxy_id
@@ -69,6 +69,8 @@ from apptunnel.proxy.tcp_access import TcpAccess
 from apptunnel.proxy.tls_switch import SwitchableTls
 from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_options
 from apptunnel.proxy.web_channel import WebSite
+from apptunnel.proxy.workers import (WorkerSupervisor, control_name, public_endpoint, share,
+                                     watch_parent, worker_place)
 from apptunnel.startup import CannotStart, Listeners, fatal
 from apptunnel.web.bots import BotRoutes
 from apptunnel.web.access_requests import AccessRequestApi
@@ -79,6 +81,7 @@ from apptunnel.web.saml import SamlWeb
 log = Logger()
 
 _SWEEP_INTERVAL = 600.0
+WORKER_REFRESH_WAIT = 1.5   # below the CLI's own 2 s wait for worker 0's answer
 
 
 def _web_tls_options(cert_pem: bytes, key_pem: bytes, chain: list[bytes],
@@ -135,15 +138,20 @@ def _read_tls_files(config: ProxyConfig) -> tuple[bytes, bytes]:
 class ProxyService(MultiService):
     """One proxy: web edge on `web_listen_addr`, agents' tunnels on `tunnel_listen_addr`."""
 
-    def __init__(self, config: ProxyConfig, reactor) -> None:
+    def __init__(self, config: ProxyConfig, reactor, worker: int = 0) -> None:
         super().__init__()
-        self.config = config
         self.reactor = reactor
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
         try:
-            self.proxy_id = load_or_create_proxy_id(config.data_dir)
+            base_id = load_or_create_proxy_id(config.data_dir)
         except ProxyIdError as err:
             raise ConfigError(str(err)) from None
+        # workers: N (proxy/workers.py): this worker's id, journal, diag and tunnel ports.
+        self.place = worker_place(config, worker, base_id)
+        self.config = config = self.place.config
+        self.proxy_id = self.place.proxy_id
+        self.workers = (WorkerSupervisor(reactor, config, refresh_child=self._refresh_worker)
+                        if worker == 0 and config.workers > 1 else None)
 
         if config.tls_cert_file:
             self._operator_tls = _read_tls_files(config)
@@ -166,7 +174,7 @@ class ProxyService(MultiService):
         # The audit journal (audit/journal.py) is read now; recover() replays it.
         try:
             journal, self._journal_held = Journal.open(
-                os.path.join(config.data_dir, "audit-journal"), config.audit.journal_max_bytes)
+                self.place.journal_dir, config.audit.journal_max_bytes)
         except OSError as err:
             raise ConfigError(f"{config.path}: audit: journal in {config.data_dir}: {err.strerror}") from None
         self.audit = AuditLog(self.backend, reactor, json_file=config.audit_file,
@@ -178,10 +186,12 @@ class ProxyService(MultiService):
         self.users = UserDirectory(self.backend, reactor)
         throttle = config.throttle
         lock_audit = LockAudit(self.audit, reactor)  # one lock.enforced throttle for all paths
-        # One sign-in throttle for every way in (local passwords, LDAP connectors).
-        login_throttle = LoginThrottle(throttle.max_failures_per_user,
-                                       throttle.max_failures_per_address, throttle.window,
-                                       throttle.max_tracked, metrics=self.metrics)
+        # One sign-in throttle for every way in (local passwords, LDAP connectors); with
+        # several workers each counts its share, so the machine admits about the limit.
+        login_throttle = LoginThrottle(share(throttle.max_failures_per_user, config.workers),
+                                       share(throttle.max_failures_per_address, config.workers),
+                                       throttle.window, throttle.max_tracked,
+                                       metrics=self.metrics)
         self.sessions = SessionManager(
             self.backend, reactor, config.session_ttl, locks=self.locks, audit=self.audit,
             users=self.users, lock_audit=lock_audit, throttle=login_throttle,
@@ -289,7 +299,7 @@ class ProxyService(MultiService):
         # The admin and audit API and pages (web/admin_routes.py): the CLI's services,
         # made to hold on this proxy at once by re-reading what they changed.
         mount_admin(self.web, AdminContext(self.backend, self.audit, reactor,
-                                           config.public_addr, self.refresh_now))
+                                           config.public_addr, self._refresh_all))
         site = WebSite(self.web.resource())  # a deadline on every request head
         site.displayTracebacks = False
         self.pool = TunnelPool(self.registry)  # one pool: HTTP and TCP streams alike
@@ -314,10 +324,8 @@ class ProxyService(MultiService):
             forwarder=self.forwarder, users=self.users, access=self.access,
         )
         edge = EdgeFactory(config.public_host, site, self.forwarder, tcp_access=self.tcp_access)
-        web_endpoint = SSL4ServerEndpoint(
-            reactor, config.web_listen_port, self.web_tls,
-            interface=config.web_listen_host,
-        )
+        web_endpoint = public_endpoint(reactor, config.workers, config.web_listen_port,
+                                       config.web_listen_host, self.web_tls)
         self.listeners.add(f"web_listen_addr {config.web_listen_addr}", web_endpoint,
                            LimitedFactory(edge, self.connections))
 
@@ -342,27 +350,30 @@ class ProxyService(MultiService):
             trusted_cas=self.ca.host_trust,
         )
         self._tunnel_factory = tunnel_factory
-        tunnel_endpoint = SSL4ServerEndpoint(
-            reactor, config.tunnel_listen_port,
-            self.tunnel_tls,
-            interface=config.tunnel_listen_host,
-        )
+        tunnel_endpoint = public_endpoint(reactor, config.workers, config.tunnel_listen_port,
+                                          config.tunnel_listen_host, self.tunnel_tls)
         # The same limits as the web port: an agent's port is just as reachable.
         self.listeners.add(f"tunnel_listen_addr {config.tunnel_listen_addr}", tunnel_endpoint,
                            LimitedFactory(tunnel_factory, self.connections))
+        if self.place.private_tunnel is not None:   # what agents told of this worker dial
+            host, port = self.place.private_tunnel
+            self.listeners.add(f"worker {self.place.index}'s tunnel port {port}",
+                               SSL4ServerEndpoint(reactor, port, self.tunnel_tls, interface=host),
+                               LimitedFactory(tunnel_factory, self.connections))
         if config.diag_addr is not None:
             self.listeners.add(f"diag_addr {config.diag_addr}",
                                diag_endpoint(reactor, config.diag_addr),
                                LimitedFactory(DiagSite(self.metrics.registry, self.readiness),
                                               self.connections, tls=False))
         # The admin CLI on this machine asks here so its changes hold before it returns.
-        control = control_endpoint(reactor, config.data_dir)
+        name = self.place.control_name
+        control = control_endpoint(reactor, config.data_dir, name)
         if control is None:
             log.warn("data_dir path too long for the control socket: admin changes apply "
                      "at the next poll (about 2 s) instead of at once")
         else:
-            self.listeners.add(f"the control socket {control_path(config.data_dir)}",
-                               control, ControlFactory(self.refresh_now, reactor))
+            self.listeners.add(f"the control socket {control_path(config.data_dir, name)}",
+                               control, ControlFactory(self._refresh_control, reactor))
 
     def _tls_options(self):
         """(web, tunnel) TLS options for the CAs of now: the web port asks for client
@@ -400,6 +411,8 @@ class ProxyService(MultiService):
                      "old ones): {error}", error=err)
 
     def startService(self) -> None:
+        if self.place.index > 0:
+            watch_parent(self.reactor)   # worker 0 gone (even kill -9): this one stops too
         self.audit.start()
         self.ldap_threads.start()
         self.saml_threads.start()
@@ -446,17 +459,22 @@ class ProxyService(MultiService):
             self.change_listener.start()
         log.info(
             "apptunnel proxy {cluster} serving https://{public} (web {web}, tunnels {tunnel}); "
-            "CA pin {pin}",
+            "CA pin {pin}{worker}",
             cluster=self.config.cluster_name, public=self.config.public_addr,
             web=self.config.web_listen_addr, tunnel=self.config.tunnel_listen_addr,
-            pin=self.ca.pin,
+            pin=self.ca.pin, worker=(f"; worker {self.place.index} of {self.place.count}, "
+                                     f"proxy {self.proxy_id}" if self.place.count > 1 else ""),
         )
+        if self.workers is not None:   # keys made and schema migrated: nothing races now
+            self.workers.startService()
 
     def _cannot_serve(self, failure) -> None:
         fatal(self.reactor, f"apptunnel proxy: {failure.getErrorMessage()}")
 
     @defer.inlineCallbacks
     def stopService(self):
+        workers = (self.workers.stopService() if self.workers is not None and self.workers.running
+                   else None)
         yield self.listeners.stop()
         if self.change_listener is not None:
             self.change_listener.stop()
@@ -477,6 +495,8 @@ class ProxyService(MultiService):
             log.warn("cannot remove this proxy's registration: {error}", error=err)
         yield defer.ensureDeferred(self.audit.stop())
         yield defer.ensureDeferred(self.backend.close())
+        if workers is not None:
+            yield workers
 
     def refresh_now(self) -> defer.Deferred:
         """Re-read locks, users, roles and app resources now (the control socket's ``refresh``)."""
@@ -492,6 +512,28 @@ class ProxyService(MultiService):
                                     defer.ensureDeferred(self.app_resources.refresh()),
                                     defer.ensureDeferred(self.requests.refresh())],
                                    consumeErrors=True)
+
+    def _refresh_control(self) -> defer.Deferred:
+        """The control socket: worker 0's is the CLI's and reaches every worker; another
+        worker's is asked by worker 0 and refreshes that worker only."""
+        return self._refresh_all() if self.place.index == 0 else self.refresh_now()
+
+    def _refresh_all(self) -> defer.Deferred:
+        """An admin change made here holds on every worker before it is answered: worker 0
+        asks each other worker; another worker asks worker 0, which asks them all."""
+        d = self.refresh_now()
+        if self.workers is not None:
+            d.addCallback(lambda _: self.workers.refresh())
+        elif self.place.index > 0:
+            d.addCallback(lambda _: self._refresh_worker(0, 2 * WORKER_REFRESH_WAIT))
+            d.addErrback(lambda f: log.info("worker 0 did not confirm refresh ({error}): "
+                                            "the others see the change at their next poll",
+                                            error=f.getErrorMessage()))
+        return d
+
+    def _refresh_worker(self, index: int, wait: float = WORKER_REFRESH_WAIT) -> defer.Deferred:
+        path = control_path(self.config.data_dir, control_name(index))
+        return defer.ensureDeferred(ask_refresh(self.reactor, path, wait))
 
     async def _backend_answers(self) -> None:
         """Readiness: the store answers a small query (errors and timeouts are failures)."""

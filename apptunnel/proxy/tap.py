@@ -13,6 +13,8 @@ class Options(usage.Options):
     synopsis = "--config PATH"
     optParameters = [
         ["config", "c", None, "Path of the proxy's YAML configuration file."],
+        ["worker", None, 0, "Internal: the worker index worker 0 starts this process as "
+                            "(config `workers`).", int],
     ]
 
     def postOptions(self) -> None:
@@ -26,6 +28,9 @@ class Options(usage.Options):
             self.proxy_config = load_proxy_config(self["config"])
         except ConfigError as err:
             startup_error(PROG, str(err))
+        if not 0 <= self["worker"] < self.proxy_config.workers:
+            startup_error(PROG, f"--worker {self['worker']}: the config has "
+                                f"{self.proxy_config.workers} workers")
 
 
 def makeService(options: Options):
@@ -35,7 +40,7 @@ def makeService(options: Options):
     from apptunnel.proxy.service import ProxyService
 
     try:
-        return ProxyService(options.proxy_config, reactor)
+        return ProxyService(options.proxy_config, reactor, worker=options["worker"])
     except OSError as err:
         startup_error(PROG, os_error_text(err))
     except (ApptunnelError, ValueError) as err:

@@ -240,7 +240,7 @@ class LoginRoutes(Routes):
             return self.login_page(request, err.status, "/", error=err.message,
                                    **await self._sign_in.login_choices())
         if cli is not None:
-            return self._sign_in.cli_redirect(request, user, cli)
+            return await self._sign_in.cli_redirect(request, user, cli)
         secret, _, ttl = await self._sign_in.open_web_session(request, user,
                                                               method=f"saml:{name}")
         set_session_cookie(request, secret, ttl)
@@ -271,7 +271,7 @@ class LoginRoutes(Routes):
             return self.ctx.error_page(request, err.status, err.message)
         set_cookie(request, SSO_COOKIE, "", 0)
         if done.flow.cli is not None:
-            return self._sign_in.cli_redirect(request, done.user, done.flow.cli)
+            return await self._sign_in.cli_redirect(request, done.user, done.flow.cli)
         secret, _, ttl = await self._sign_in.open_web_session(
             request, done.user, method=f"oidc:{done.flow.connector}")
         set_session_cookie(request, secret, ttl)

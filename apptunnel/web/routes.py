@@ -112,7 +112,7 @@ class WebApp:
             factors = SecondFactors(backend, clock, config.second_factor,
                                     sessions.throttle, audit,
                                     issuer=config.cluster_name, webauthn=keys)
-        self.sign_in = sign_in = SignIn(ctx, factors, ldap, connectors)
+        self.sign_in = sign_in = SignIn(ctx, factors, ldap, connectors, backend)
         self.factors = factors
         login = LoginRoutes(ctx, sign_in, PendingSignIns(clock), links, saml, oidc)
         apps = AppsRoutes(ctx, factors)

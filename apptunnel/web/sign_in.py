@@ -43,14 +43,15 @@ class SignIn:
     """Password and connector sign-in, second factors, web sessions, CLI sign-in codes."""
 
     def __init__(self, ctx: WebContext, factors: SecondFactors | None,
-                 ldap: LdapSignIn | None, connectors: ConnectorStore | None) -> None:
+                 ldap: LdapSignIn | None, connectors: ConnectorStore | None,
+                 backend=None) -> None:
         self._ctx = ctx
         self.factors = factors          # None without a backend: no second factors
         self._ldap = ldap               # sign-in through LDAP connectors
         self._connectors = connectors   # the sign-in page's single sign-on buttons
         self.sso_starts = {}            # connector kind -> start(request, name, target)
         # `apptunnel login --auth`'s one-time codes, one store for every browser connector.
-        self.cli_codes = CliCodes(ctx.clock)
+        self.cli_codes = CliCodes(ctx.clock, backend)   # in the backend: any proxy redeems
 
     async def check_password(self, request, username: str, password: str) -> User:
         """The user if the password is right, with the attempt audited; AuthError(401) if not."""
@@ -164,11 +165,11 @@ class SignIn:
 
     # -- `apptunnel login --auth`: the browser hands the CLI a one-time code ------------
 
-    def cli_redirect(self, request, user: User, cli: CliReturn) -> bytes:
+    async def cli_redirect(self, request, user: User, cli: CliReturn) -> bytes:
         """The end of a browser sign-in `apptunnel login --auth` started (OIDC or SAML):
         no web session, the browser goes to the CLI's loopback listener with a one-time
         code the CLI exchanges at POST /v1/certs with its verifier."""
-        code = self.cli_codes.issue(user.name, cli.challenge)
+        code = await self.cli_codes.issue(user.name, cli.challenge)
         query = f"code={quote(code, safe='')}&state={quote(cli.state, safe='')}"
         return redirect(request, 302, f"http://127.0.0.1:{cli.port}/callback?{query}")
 
@@ -186,7 +187,7 @@ class SignIn:
         except Throttled as err:
             retry_after(request, err)
             raise
-        name = self.cli_codes.redeem(code, verifier)
+        name = await self.cli_codes.redeem(code, verifier)
         user = None if name is None else await ctx.sessions.user(name)
         if user is None:
             ctx.audit.emit("user.login", actor="", outcome="failure", method="sso-code",

@@ -36,6 +36,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive free loopback ports (a proxy with workers uses
+    the tunnel port + 1.. and the diag port + 1..: proxy/workers.py)."""
+    for _ in range(200):
+        first = free_port()
+        if first + count > 65535:
+            continue
+        try:
+            for port in range(first + 1, first + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise AssertionError(f"no {count} consecutive free ports")
+
+
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
     """Poll `predicate` until it returns a true value; fail naming `what` after `timeout`."""
     deadline = time.monotonic() + timeout
@@ -102,11 +119,13 @@ def app_jwt_claims(cluster: "Cluster", echo: dict, app: str = "hello") -> dict:
 class Cluster:
     """A proxy + agent pair on free loopback ports, configured through files and the CLI."""
 
-    def __init__(self, apps: list[dict], root: Path | None = None):
+    def __init__(self, apps: list[dict], root: Path | None = None, workers: int = 1):
         self.root = root or Path(tempfile.mkdtemp(prefix="apptunnel-e2e-"))
+        self.workers = workers
         self.web_port = free_port()
-        self.tunnel_port = free_port()
-        self.diag_port = free_port()         # the proxy's /metrics, /healthz, /readyz
+        # workers > 1: worker I also listens on tunnel_port + 1 + I and diag_port + I.
+        self.tunnel_port = free_port_run(workers + 1) if workers > 1 else free_port()
+        self.diag_port = free_port_run(workers)   # the proxy's /metrics, /healthz, /readyz
         self.agent_diag_port = free_port()
         self.public_addr = f"{PUBLIC_HOST}:{self.web_port}"
         self.proxy_config = self.root / "proxy.yaml"
@@ -123,6 +142,7 @@ class Cluster:
             "diag_addr": f"127.0.0.1:{self.diag_port}",
             "backend": {"type": "sqlite"},
             "keepalive": {"interval": "1s", "timeout": "3s"},
+            **({"workers": workers} if workers > 1 else {}),
         }))
 
     @property

@@ -197,16 +197,18 @@ def attrs_evolve(flow, **change):
     return attrs.evolve(flow, **change)
 
 
-def test_cli_codes_need_the_verifier_and_are_spent_either_way():
+@pytest_twisted.ensureDeferred
+async def test_cli_codes_need_the_verifier_and_are_spent_either_way():
     clock = Clock()
     codes = CliCodes(clock)
-    code = codes.issue("alice", digest("verifier"))
-    assert codes.redeem(code, "wrong") is None and codes.redeem(code, "verifier") is None
-    code = codes.issue("alice", digest("verifier"))
-    assert codes.redeem(code, "verifier") == "alice"
-    code = codes.issue("alice", digest("verifier"))
+    code = await codes.issue("alice", digest("verifier"))
+    assert await codes.redeem(code, "wrong") is None
+    assert await codes.redeem(code, "verifier") is None
+    code = await codes.issue("alice", digest("verifier"))
+    assert await codes.redeem(code, "verifier") == "alice"
+    code = await codes.issue("alice", digest("verifier"))
     clock.advance(61)
-    assert codes.redeem(code, "verifier") is None
+    assert await codes.redeem(code, "verifier") is None
 
 
 @pytest_twisted.ensureDeferred

@@ -16,13 +16,13 @@ import base64
 import hashlib
 import hmac
 import secrets
-from collections import OrderedDict
-
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
+from apptunnel.backend.records import AuthCode
+
 CLI_CODE_TTL = 60.0         # from the end of the browser flow to the CLI's exchange
-MAX_CODES = 10_000
+CLI_CODE_APP = "cli:sso"    # the ``app`` of a CLI code's row: never an app's name
 
 
 def random_token() -> str:
@@ -61,25 +61,33 @@ class CliReturn:
 
 
 class CliCodes:
-    """One-time codes the CLI exchanges for a certificate: user, challenge, expiry."""
+    """One-time codes the CLI exchanges for a certificate: user, challenge, expiry.
 
-    def __init__(self, clock: IReactorTime, max_codes: int = MAX_CODES) -> None:
+    Kept in the backend's one-time hand-off codes (``auth_codes``, read and deleted in one
+    transaction), so the code a browser got from one proxy or worker is redeemed at
+    whichever one the CLI's own connection reaches (several proxies, ``workers: N``).
+    ``app`` is ``CLI_CODE_APP``, which no app name can be (app names are DNS labels), so a
+    CLI code never opens an app and an app's hand-off code is never a CLI code."""
+
+    def __init__(self, clock: IReactorTime, backend=None) -> None:
+        if backend is None:   # the web routes alone, in tests: a private store
+            from apptunnel.backend.memory import MemoryBackend
+            backend = MemoryBackend()
         self._clock = clock
-        self._max = max_codes
-        self._codes: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
+        self._backend = backend
 
-    def issue(self, user: str, challenge: str) -> str:
+    async def issue(self, user: str, challenge: str) -> str:
         code = random_token()
-        while len(self._codes) >= self._max:
-            self._codes.popitem(last=False)
-        self._codes[digest(code)] = (user, challenge, self._clock.seconds() + CLI_CODE_TTL)
+        await self._backend.put_auth_code(AuthCode(
+            code_hash=digest(code), web_session="", app=CLI_CODE_APP, path=user,
+            state_hash=challenge, expires=self._clock.seconds() + CLI_CODE_TTL))
         return code
 
-    def redeem(self, code: str, verifier: str) -> str | None:
+    async def redeem(self, code: str, verifier: str) -> str | None:
         """The user name if ``code`` is live and ``verifier`` is the one it was made for;
         the code is spent either way."""
-        entry = self._codes.pop(digest(code), None)
-        if entry is None or entry[2] <= self._clock.seconds():
+        taken = await self._backend.take_auth_code(digest(code))
+        if (taken is None or taken.expires <= self._clock.seconds()
+                or not hmac.compare_digest(taken.app, CLI_CODE_APP)):
             return None
-        user, challenge, _ = entry
-        return user if same_secret(verifier, challenge) else None
+        return taken.path if same_secret(verifier, taken.state_hash) else None
