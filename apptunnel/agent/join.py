@@ -117,7 +117,7 @@ class AgentIdentity:
         """ValueError unless key, certificate and CA belong together."""
         key = serialization.load_pem_private_key(self.key_pem, password=None)
         cert = x509.load_pem_x509_certificate(self.cert_pem)
-        ca = x509.load_pem_x509_certificate(self.ca_pem)
+        x509.load_pem_x509_certificate(self.ca_pem)   # ca.crt must at least parse
         if key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         ) != cert.public_key().public_bytes(
