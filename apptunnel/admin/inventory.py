@@ -7,11 +7,7 @@ from __future__ import annotations
 import attrs
 
 from apptunnel.admin.context import AdminContext
-from apptunnel.backend.records import Agent, AgentTunnel, ProxyRecord
-
-# A proxy whose heartbeat is older than this is dead (proxy/peers.py STALE_AFTER): the
-# tunnels it recorded are not live. Here, not imported: admin/ reads storage only.
-PROXY_STALE_AFTER = 10.0
+from apptunnel.backend.records import PROXY_STALE_AFTER, Agent, AgentTunnel, ProxyRecord
 
 
 def agent_state(agent: Agent) -> str:

@@ -279,6 +279,11 @@ class KeyRecord:
     retire_at: float | None = None
 
 
+# A proxy whose heartbeat is older than this (three missed 3 s beats) is dead: not a peer
+# for agents (proxy/peers.py), and the tunnels it recorded are not live (admin/inventory.py).
+PROXY_STALE_AFTER = 10.0
+
+
 @attrs.frozen
 class ProxyRecord:
     """One running proxy of the cluster (proxy/peers.py): where agents reach its tunnel

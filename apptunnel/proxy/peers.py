@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from apptunnel.backend.base import BackendError
-from apptunnel.backend.records import ProxyRecord
+from apptunnel.backend.records import PROXY_STALE_AFTER, ProxyRecord
 from apptunnel.net import split_host_port
 from apptunnel.polling import Poll
 
@@ -37,7 +37,7 @@ __all__ = ["FORGET_AFTER", "HEARTBEAT", "STALE_AFTER", "Peers", "live_set"]
 log = Logger()
 
 HEARTBEAT = 3.0
-STALE_AFTER = 10.0
+STALE_AFTER = PROXY_STALE_AFTER
 FORGET_AFTER = 600.0
 
 PeerSet = tuple[tuple[str, str], ...]   # (proxy_id, tunnel address), sorted by proxy_id
