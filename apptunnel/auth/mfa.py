@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from apptunnel.auth import totp
 from apptunnel.auth.errors import AuthError
+from apptunnel.auth.signin_states import MAX_PER_KIND, SignInStates
 from apptunnel.auth.throttle import LoginThrottle
 from apptunnel.auth.tokens import new_secret, secret_hash
 from apptunnel.auth.webauthn_devices import WebAuthnKeys
@@ -233,7 +234,7 @@ class SecondFactors:
             return OTP, "wrong code"
         if given.webauthn and WEBAUTHN in need.factors and self._webauthn is not None:
             devices = await self._backend.list_mfa_devices(user)
-            found = self._webauthn.verify_assertion(user, given.webauthn, devices)
+            found = await self._webauthn.verify_assertion(user, given.webauthn, devices)
             if found is None:
                 return WEBAUTHN, "wrong security key answer"
             device, count = found
@@ -252,7 +253,7 @@ class SecondFactors:
         """Fresh WebAuthn options for a sign-in of ``user``; None without a key."""
         if self._webauthn is None:
             return None
-        return self._webauthn.authentication_options(
+        return await self._webauthn.authentication_options(
             user, await self._backend.list_mfa_devices(user))
 
     # -- devices ----------------------------------------------------------------
@@ -264,7 +265,7 @@ class SecondFactors:
     async def registration_options(self, user: str) -> dict | None:
         if self._webauthn is None:
             return None
-        return self._webauthn.registration_options(
+        return await self._webauthn.registration_options(
             user, await self._backend.list_mfa_devices(user))
 
     async def add_webauthn(self, user: str, name: Any, credential: Any) -> list[str]:
@@ -276,7 +277,7 @@ class SecondFactors:
         if len(devices) >= MAX_DEVICES:
             raise AuthError(409, f"at most {MAX_DEVICES} devices per user")
         try:
-            secret, count = self._webauthn.verify_registration(user, credential)
+            secret, count = await self._webauthn.verify_registration(user, credential)
         except AuthError:
             self._emit("user.mfa.add", user, "failure", device=name, kind="webauthn",
                        reason="registration refused")
@@ -380,40 +381,29 @@ def _throttle_key(user: str) -> str:
 class PendingSignIns:
     """Browsers that passed the password and owe a second factor: ticket -> user.
 
-    The ticket lives in a host-only cookie for ``ttl`` seconds; only its hash is kept, in
-    this proxy's memory (a restart, or another proxy, asks for the password again). Bounded:
-    the oldest tickets go first.
+    The ticket lives in a host-only cookie for ``ttl`` seconds; its hash is kept in storage
+    (auth/signin_states.py), so the second step works on whichever proxy or worker it
+    reaches. Bounded: past ``limit`` unfinished sign-ins the oldest go first.
     """
 
-    def __init__(self, clock: IReactorTime, ttl: float = 300.0, limit: int = 10_000) -> None:
-        self._clock = clock
+    def __init__(self, backend: Backend, clock: IReactorTime, ttl: float = 300.0,
+                 limit: int = MAX_PER_KIND) -> None:
+        self._states = SignInStates(backend, clock, "mfa", limit)
         self._ttl = ttl
-        self._limit = limit
-        self._tickets: dict[str, tuple[str, float]] = {}
 
     @property
     def ttl(self) -> float:
         return self._ttl
 
-    def start(self, user: str) -> str:
+    async def start(self, user: str) -> str:
         ticket = new_secret()
-        now = self._clock.seconds()
-        if len(self._tickets) >= self._limit:
-            for key in [k for k, (_, until) in self._tickets.items() if until <= now]:
-                del self._tickets[key]
-            while len(self._tickets) >= self._limit:
-                del self._tickets[next(iter(self._tickets))]
-        self._tickets[secret_hash(ticket)] = (user, now + self._ttl)
+        await self._states.put(ticket, {"user": user}, self._ttl)
         return ticket
 
-    def user(self, ticket: str | None) -> str | None:
-        if not ticket or len(ticket) > 256:
-            return None
-        found = self._tickets.get(secret_hash(ticket))
-        if found is None or found[1] <= self._clock.seconds():
-            return None
-        return found[0]
+    async def user(self, ticket: str | None) -> str | None:
+        body = await self._states.peek(ticket)
+        user = body.get("user") if body is not None else None
+        return user if isinstance(user, str) else None
 
-    def finish(self, ticket: str | None) -> None:
-        if ticket and len(ticket) <= 256:
-            self._tickets.pop(secret_hash(ticket), None)
+    async def finish(self, ticket: str | None) -> None:
+        await self._states.take(ticket)

@@ -2,8 +2,8 @@
 
 The relying party id is the proxy's public host and the expected origin its public
 address with the port, so a key registered here answers nowhere else. Challenges are
-made here, kept in this proxy's memory for ``CHALLENGE_TTL`` seconds and taken out on
-first use (single use; a restart or another proxy asks again). An assertion names its
+made here, kept in storage for ``CHALLENGE_TTL`` seconds (auth/signin_states.py: any
+proxy or worker can check the answer) and taken out on first use (single use). An assertion names its
 challenge in its client data, which is how it finds it. Sign counts must grow (an
 authenticator that always reports 0 may stay at 0): a cloned key shows up as a count
 that did not.
@@ -31,6 +31,8 @@ from webauthn.helpers.structs import (
 )
 
 from apptunnel.auth.errors import AuthError
+from apptunnel.auth.signin_states import SignInStates
+from apptunnel.backend.base import Backend
 from apptunnel.backend.records import MfaDevice
 
 CHALLENGE_TTL = 120.0
@@ -48,40 +50,34 @@ def credential_of(device: MfaDevice) -> dict:
 class WebAuthnKeys:
     """Options to send to the browser and checks of what it sends back."""
 
-    def __init__(self, rp_id: str, origin: str, rp_name: str, clock: IReactorTime) -> None:
+    def __init__(self, rp_id: str, origin: str, rp_name: str, clock: IReactorTime,
+                 backend: Backend) -> None:
         self._rp_id = rp_id
         self._origin = origin
         self._rp_name = rp_name
-        self._clock = clock
-        self._challenges: dict[str, tuple[str, str, float]] = {}
+        self._challenges = SignInStates(backend, clock, "webauthn", MAX_CHALLENGES)
 
     # -- challenges -------------------------------------------------------------
 
-    def _remember(self, challenge: bytes, user: str, purpose: str) -> None:
-        now = self._clock.seconds()
-        if len(self._challenges) >= MAX_CHALLENGES:
-            for key in [k for k, (_, _, until) in self._challenges.items() if until <= now]:
-                del self._challenges[key]
-            while len(self._challenges) >= MAX_CHALLENGES:
-                del self._challenges[next(iter(self._challenges))]
-        self._challenges[bytes_to_base64url(challenge)] = (user, purpose, now + CHALLENGE_TTL)
+    async def _remember(self, challenge: bytes, user: str, purpose: str) -> None:
+        await self._challenges.put(bytes_to_base64url(challenge),
+                                   {"user": user, "purpose": purpose}, CHALLENGE_TTL)
 
-    def _take(self, credential: dict, user: str, purpose: str) -> bytes:
+    async def _take(self, credential: dict, user: str, purpose: str) -> bytes:
         """The challenge this credential answers, taken out; AuthError if not ours now."""
         try:
             client_data = json.loads(base64url_to_bytes(credential["response"]["clientDataJSON"]))
             key = client_data["challenge"]
         except (KeyError, TypeError, ValueError):
             raise AuthError(400, INVALID) from None
-        found = self._challenges.pop(key, None) if isinstance(key, str) else None
-        if found is None or found[0] != user or found[1] != purpose \
-                or found[2] <= self._clock.seconds():
+        found = await self._challenges.take(key) if isinstance(key, str) else None
+        if found is None or found.get("user") != user or found.get("purpose") != purpose:
             raise AuthError(401, "the security key challenge is unknown, used or expired")
         return base64url_to_bytes(key)
 
     # -- registration -----------------------------------------------------------
 
-    def registration_options(self, user: str, devices: list[MfaDevice]) -> dict:
+    async def registration_options(self, user: str, devices: list[MfaDevice]) -> dict:
         options = generate_registration_options(
             rp_id=self._rp_id, rp_name=self._rp_name, user_name=user,
             user_id=user.encode("utf-8"),
@@ -92,13 +88,13 @@ class WebAuthnKeys:
                 resident_key=ResidentKeyRequirement.PREFERRED,
                 user_verification=UserVerificationRequirement.PREFERRED),
         )
-        self._remember(options.challenge, user, REGISTER)
+        await self._remember(options.challenge, user, REGISTER)
         return json.loads(options_to_json(options))
 
-    def verify_registration(self, user: str, credential: Any) -> tuple[str, int]:
+    async def verify_registration(self, user: str, credential: Any) -> tuple[str, int]:
         """(secret to store, sign count) for a registration the user's browser made."""
         credential = _bounded(credential)
-        challenge = self._take(credential, user, REGISTER)
+        challenge = await self._take(credential, user, REGISTER)
         try:
             verified = verify_registration_response(
                 credential=credential, expected_challenge=challenge,
@@ -111,7 +107,7 @@ class WebAuthnKeys:
 
     # -- sign-in ----------------------------------------------------------------
 
-    def authentication_options(self, user: str, devices: list[MfaDevice]) -> dict | None:
+    async def authentication_options(self, user: str, devices: list[MfaDevice]) -> dict | None:
         keys = [d for d in devices if d.kind == "webauthn"]
         if not keys:
             return None
@@ -121,14 +117,14 @@ class WebAuthnKeys:
                 PublicKeyCredentialDescriptor(id=base64url_to_bytes(credential_of(d)["id"]))
                 for d in keys],
             user_verification=UserVerificationRequirement.PREFERRED)
-        self._remember(options.challenge, user, SIGN_IN)
+        await self._remember(options.challenge, user, SIGN_IN)
         return json.loads(options_to_json(options))
 
-    def verify_assertion(self, user: str, credential: Any, devices: list[MfaDevice]
+    async def verify_assertion(self, user: str, credential: Any, devices: list[MfaDevice]
                          ) -> tuple[MfaDevice, int] | None:
         """(device, new sign count) when the assertion is good, else None."""
         credential = _bounded(credential)
-        challenge = self._take(credential, user, SIGN_IN)
+        challenge = await self._take(credential, user, SIGN_IN)
         device = next((d for d in devices if d.kind == "webauthn"
                        and credential_of(d)["id"] == credential.get("id")), None)
         if device is None:

@@ -25,6 +25,7 @@ from apptunnel.backend.records import (
     ProxyRecord,
     Resource,
     SamlRequest,
+    SignInState,
     User,
     UserLink,
     WebSession,
@@ -129,6 +130,12 @@ class Backend(typing.Protocol):
     async def put_saml_request(self, r: SamlRequest) -> None: ...   # AlreadyExists
     async def take_saml_request(self, request_id: str, connector: str,
                                 now: float) -> SamlRequest | None: ...
+    # Pending sign-in steps: put bounded per kind; get/take only a live one of the kind.
+    async def put_signin_state(self, s: SignInState, now: float, limit: int) -> None: ...
+    async def get_signin_state(self, kind: str, key_hash: str,
+                               now: float) -> SignInState | None: ...
+    async def take_signin_state(self, kind: str, key_hash: str,
+                                now: float) -> SignInState | None: ...
 
     async def put_lock(self, lock: Lock) -> None: ...
     async def list_locks(self, now: float) -> list[Lock]: ...

@@ -47,6 +47,7 @@ from apptunnel.backend.records import (
     Resource,
     Review,
     SamlRequest,
+    SignInState,
     Scope,
     User,
     UserLink,
@@ -145,6 +146,7 @@ class MemoryBackend:
         self._app_sessions: dict[str, AppSession] = {}
         self._auth_codes: dict[str, AuthCode] = {}
         self._saml_requests: dict[str, SamlRequest] = {}
+        self._signin_states: dict[str, SignInState] = {}
         self._locks: dict[str, Lock] = {}
         self._requests: dict[str, AccessRequest] = {}
         self._links: dict[str, UserLink] = {}
@@ -435,6 +437,36 @@ class MemoryBackend:
         if found is None or found.connector != connector or found.expires <= now:
             return None
         return found
+
+    # -- pending sign-in steps ------------------------------------------------------
+
+    async def put_signin_state(self, s: SignInState, now: float, limit: int) -> None:
+        self._check_open()
+        if s.key_hash in self._signin_states:
+            raise AlreadyExists("sign-in step already exists")
+        same = sorted((st.expires, st.key_hash) for st in self._signin_states.values()
+                      if st.kind == s.kind)
+        if len(same) >= limit:
+            live = [(e, k) for e, k in same if e > now]
+            for _, key in [x for x in same if x[0] <= now] + live[:max(0, len(live) - limit + 1)]:
+                del self._signin_states[key]
+        self._signin_states[s.key_hash] = attrs.evolve(s, expires=_real(s.expires))
+
+    async def get_signin_state(self, kind: str, key_hash: str,
+                               now: float) -> SignInState | None:
+        self._check_open()
+        found = self._signin_states.get(key_hash)
+        return found if found is not None and found.kind == kind and found.expires > now \
+            else None
+
+    async def take_signin_state(self, kind: str, key_hash: str,
+                                now: float) -> SignInState | None:
+        self._check_open()
+        found = self._signin_states.get(key_hash)
+        if found is None or found.kind != kind:
+            return None
+        del self._signin_states[key_hash]
+        return found if found.expires > now else None
 
     # -- invite/reset links, second factors, recovery codes ----------------------
 
@@ -731,7 +763,7 @@ class MemoryBackend:
         self._check_open()
         removed = 0
         for table in (self._auth_codes, self._app_sessions, self._web_sessions, self._tokens,
-                      self._saml_requests):
+                      self._saml_requests, self._signin_states):
             removed += len(self._drop(table, lambda r: r.expires <= now))
         removed += len(self._drop(self._locks,
                                   lambda x: x.expires is not None and x.expires <= now))

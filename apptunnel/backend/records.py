@@ -141,6 +141,18 @@ class AuthCode:
 
 
 @attrs.frozen
+class SignInState:
+    """A pending step of a sign-in (auth/signin_states.py) kept in storage, so that any
+    proxy or worker can finish it: a second-factor ticket, a WebAuthn challenge, an OIDC
+    flow. Keyed by the hash of the step's secret, read by kind, taken at most once."""
+
+    key_hash: str
+    kind: str
+    body: str            # JSON object
+    expires: float
+
+
+@attrs.frozen
 class Lock:
     """Refuses a user, an app, or one user on one app, until removed or expired; or,
     with ``agent`` (and no user or app), one agent's hello, renewals and tunnels.

@@ -52,6 +52,7 @@ from apptunnel.backend.records import (
     Review,
     SamlRequest,
     Scope,
+    SignInState,
     User,
     UserLink,
     WebSession,
@@ -271,6 +272,14 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE audit_events ADD COLUMN chain_prev TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE audit_events ADD COLUMN chain_digest TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX audit_events_chain ON audit_events (proxy_id, chain_seq)",
+    ),
+    (
+        # Pending sign-in steps (auth/signin_states.py): a second-factor ticket, a WebAuthn
+        # challenge, an OIDC flow, finished on whichever proxy or worker the next request
+        # reaches; keyed by the hash of the step's secret.
+        "CREATE TABLE signin_states (key_hash TEXT PRIMARY KEY, kind TEXT NOT NULL, "
+        "body TEXT NOT NULL, expires REAL NOT NULL)",
+        "CREATE INDEX signin_states_kind ON signin_states (kind, expires)",
     ),
 )
 
@@ -1196,6 +1205,57 @@ class SqliteBackend:
 
         return await self._run(run)
 
+    # -- pending sign-in steps ------------------------------------------------------
+
+    async def put_signin_state(self, s: SignInState, now: float, limit: int) -> None:
+        """Store a step; with ``limit`` of its kind already stored, expired ones go first,
+        then the oldest (a flood of unfinished sign-ins stays bounded)."""
+        def run(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                count = conn.execute("SELECT COUNT(*) FROM signin_states WHERE kind = ?",
+                                     (s.kind,)).fetchone()[0]
+                if count >= limit:
+                    count -= conn.execute("DELETE FROM signin_states WHERE kind = ? AND"
+                                          " expires <= ?", (s.kind, now)).rowcount
+                if count >= limit:
+                    conn.execute("DELETE FROM signin_states WHERE key_hash IN (SELECT"
+                                 " key_hash FROM signin_states WHERE kind = ? ORDER BY"
+                                 " expires, key_hash LIMIT ?)", (s.kind, count - limit + 1))
+                try:
+                    conn.execute("INSERT INTO signin_states (key_hash, kind, body, expires)"
+                                 " VALUES (?, ?, ?, ?)", (s.key_hash, s.kind, s.body, s.expires))
+                except sqlite3.IntegrityError:
+                    raise AlreadyExists("sign-in step already exists") from None
+
+        await self._run(run)
+
+    async def get_signin_state(self, kind: str, key_hash: str,
+                               now: float) -> SignInState | None:
+        def run(conn: sqlite3.Connection) -> SignInState | None:
+            row = conn.execute("SELECT key_hash, kind, body, expires FROM signin_states"
+                               " WHERE key_hash = ?", (key_hash,)).fetchone()
+            found = SignInState(*row) if row is not None else None
+            return found if found is not None and found.kind == kind and found.expires > now \
+                else None
+
+        return await self._run(run)
+
+    async def take_signin_state(self, kind: str, key_hash: str,
+                                now: float) -> SignInState | None:
+        """Delete and return it if it is of ``kind`` and not expired, in one transaction:
+        of two racing takes (two proxies) only one gets it."""
+        def run(conn: sqlite3.Connection) -> SignInState | None:
+            with _transaction(conn):
+                row = conn.execute("SELECT key_hash, kind, body, expires FROM signin_states"
+                                   " WHERE key_hash = ?", (key_hash,)).fetchone()
+                if row is None or row[1] != kind:
+                    return None
+                conn.execute("DELETE FROM signin_states WHERE key_hash = ?", (key_hash,))
+            found = SignInState(*row)
+            return found if found.expires > now else None
+
+        return await self._run(run)
+
     # -- access requests ------------------------------------------------------------
 
     async def put_access_request(self, r: AccessRequest) -> None:
@@ -1539,7 +1599,7 @@ class SqliteBackend:
             removed = 0
             with _transaction(conn):
                 for table in ("auth_codes", "app_sessions", "web_sessions", "join_tokens",
-                              "saml_requests"):
+                              "saml_requests", "signin_states"):
                     cur = conn.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,))
                     removed += cur.rowcount
                 cur = conn.execute(

@@ -216,7 +216,7 @@ class ProxyService(MultiService):
             signin=ExternalSignIn(self.backend, self.audit, reactor, users=self.users,
                                   locks=self.locks),
             throttle=login_throttle, audit=self.audit, clock=reactor,
-            http_for=http_clients(reactor),
+            http_for=http_clients(reactor), backend=self.backend,
         )
         self.roles = RoleCache(self.backend, reactor)
         # Access requests: notices (audit, webhook), the grants every decision asks.

@@ -64,7 +64,7 @@ class LoginRoutes(Routes):
     app = Klein()
     app.handle_errors(Routes.on_error)
 
-    def __init__(self, ctx: WebContext, sign_in: SignIn, pending: PendingSignIns,
+    def __init__(self, ctx: WebContext, sign_in: SignIn, pending: PendingSignIns | None,
                  links: LinkRedeemer | None, saml: SamlWeb | None,
                  oidc: OidcSignIn | None) -> None:
         super().__init__(ctx)
@@ -102,7 +102,7 @@ class LoginRoutes(Routes):
                 request, username, password, connector=connector)
         except SecondFactorRequired:
             # The password was right: the second step asks for the factor (web/mfa page).
-            ticket = self._pending.start(username)
+            ticket = await self._pending.start(username)
             set_cookie(request, MFA_COOKIE, ticket, self._pending.ttl)
             return await self._mfa_page(request, 200, username, target, error=None)
         except AuthError as err:
@@ -124,7 +124,7 @@ class LoginRoutes(Routes):
         self.ctx.require_same_origin(request)
         target = safe_path(arg(request, "next"))
         ticket = cookie(request, MFA_COOKIE)
-        username = self._pending.user(ticket)
+        username = await self._pending.user(ticket)
         if username is None:
             return self.login_page(request, 401, target,
                                    error="Your sign-in took too long; sign in again.")
@@ -137,7 +137,7 @@ class LoginRoutes(Routes):
         except AuthError as err:
             return await self._mfa_page(request, err.status, username, target,
                                         error=err.message)
-        self._pending.finish(ticket)
+        await self._pending.finish(ticket)
         set_cookie(request, MFA_COOKIE, "", 0)
         user = await self._sign_in.user(username)
         secret, web, ttl = await self._sign_in.open_web_session(

@@ -108,13 +108,14 @@ class WebApp:
             links = LinkRedeemer(backend, clock, sessions.throttle, sessions.hashes, audit)
             port = "" if config.public_port == 443 else f":{config.public_port}"
             keys = WebAuthnKeys(config.public_host, f"https://{config.public_host}{port}",
-                                config.cluster_name, clock)
+                                config.cluster_name, clock, backend)
             factors = SecondFactors(backend, clock, config.second_factor,
                                     sessions.throttle, audit,
                                     issuer=config.cluster_name, webauthn=keys)
         self.sign_in = sign_in = SignIn(ctx, factors, ldap, connectors, backend)
         self.factors = factors
-        login = LoginRoutes(ctx, sign_in, PendingSignIns(clock), links, saml, oidc)
+        pending = PendingSignIns(backend, clock) if backend is not None else None
+        login = LoginRoutes(ctx, sign_in, pending, links, saml, oidc)
         apps = AppsRoutes(ctx, factors)
         account = AccountRoutes(ctx, sign_in, factors)
         certs = CertRoutes(ctx, sign_in, factors, bots)

@@ -14,8 +14,10 @@ import signal
 import time
 from pathlib import Path
 
+import pyotp
 import pytest
 import requests
+import yaml
 
 from tests.support.cluster import Browser, Cluster, post_from, wait_until
 from tests.support.localhost import localhost_resolution
@@ -29,6 +31,9 @@ FRESH = {"Connection": "close"}   # each request a new connection: any worker ma
 def cluster():
     upstream = HttpUpstream()
     c = Cluster([{"name": "hello", "uri": upstream.uri, "labels": {"team": "sre"}}], workers=2)
+    config = yaml.safe_load(c.proxy_config.read_text())
+    config["auth"] = {"second_factor": "optional"}   # a user with a device must use it
+    c.proxy_config.write_text(yaml.safe_dump(config))
     try:
         c.start_proxy()
         c.add_role({"kind": "role", "metadata": {"name": "sre-apps"},
@@ -101,6 +106,36 @@ def test_sign_in_works_when_its_requests_land_on_different_workers(cluster):
         signed_in(cluster)
     logins = [metric(cluster, w, "apptunnel_logins_total", outcome="success") for w in range(2)]
     assert sum(logins) >= 4, logins
+
+
+def test_the_second_factor_step_works_on_either_worker(cluster):
+    """Six form sign-ins with a TOTP second factor, the password step and the code step
+    each on a new connection (either worker may take either): all six sign in, since the
+    pending step is in the backend (with it in one worker's memory, half would fail)."""
+    cluster.add_user("carol", ["sre-apps"], PASSWORD)
+    enrolling = Browser(cluster)
+    enrolling.session.headers.update({"Origin": cluster.url().rstrip("/")})
+    r = enrolling.post(cluster.url(path="/v1/sessions"),
+                       json={"username": "carol", "password": PASSWORD})
+    assert r.status_code == 200, r.text
+    devices = []
+    for n in range(6):     # a TOTP step is good once per device: one device per sign-in
+        secret = enrolling.post(cluster.url(path="/v1/mfa/totp"), json={}).json()["secret"]
+        devices.append(pyotp.TOTP(secret))
+        r = enrolling.post(cluster.url(path="/v1/mfa/devices"),
+                           json={"type": "totp", "name": f"phone{n}", "secret": secret,
+                                 "otp": devices[-1].now()})
+        assert r.status_code == 200, r.text
+    for device in devices:
+        browser = Browser(cluster)
+        browser.session.headers.update({"Origin": cluster.url().rstrip("/"), **FRESH})
+        first = browser.post(cluster.url(path="/web/login"),
+                             data={"username": "carol", "password": PASSWORD, "next": "/web/"})
+        assert first.status_code == 200 and 'name="otp"' in first.text, first.text[:300]
+        second = browser.post(cluster.url(path="/web/login/mfa"), allow_redirects=False,
+                              data={"otp": device.at(time.time() + 30), "next": "/web/"})
+        assert second.status_code == 303, second.text[:300]
+        assert browser.get(cluster.url(path="/v1/apps")).status_code == 200
 
 
 def test_a_killed_worker_is_started_again_and_the_agent_returns(cluster):

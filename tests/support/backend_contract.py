@@ -1115,3 +1115,44 @@ async def test_append_audit_chained_extends_the_stored_head_and_skips_stored_ids
     assert await wait(backend.audit_chains()) == {"": 1, "cli": 4, "pa": 2}
     report = await verify_one(backend, "cli")
     assert report.problem is None and report.events == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_signin_states_are_read_by_kind_taken_once_and_bounded(backend):
+    """A pending sign-in step (auth/signin_states.py) is read only as its kind and while
+    live, taken once of many racing takes, dropped by delete_expired, and a kind holds at
+    most ``limit`` steps: expired ones go first, then the oldest."""
+    from apptunnel.backend.records import SignInState
+    step = SignInState("h1", "mfa", '{"user": "alice"}', 1000.0)
+    await wait(backend.put_signin_state(step, 10.0, 100))
+    with pytest.raises(AlreadyExists):
+        await wait(backend.put_signin_state(step, 10.0, 100))
+    assert await wait(backend.get_signin_state("mfa", "h1", 999.0)) == step
+    assert await wait(backend.get_signin_state("mfa", "h1", 999.0)) == step   # a read keeps it
+    assert await wait(backend.get_signin_state("oidc", "h1", 999.0)) is None
+    assert await wait(backend.get_signin_state("mfa", "h1", 1000.0)) is None  # expired
+    assert await wait(backend.take_signin_state("oidc", "h1", 999.0)) is None  # not its kind
+    assert await wait(backend.take_signin_state("mfa", "h1", 999.0)) == step
+    assert await wait(backend.take_signin_state("mfa", "h1", 999.0)) is None   # spent
+    assert await wait(backend.get_signin_state("mfa", "h1", 999.0)) is None
+    await wait(backend.put_signin_state(SignInState("h2", "mfa", "{}", 1000.0), 10.0, 100))
+    assert await wait(backend.take_signin_state("mfa", "h2", 1000.0)) is None  # expired
+    await wait(backend.put_signin_state(SignInState("h3", "mfa", "{}", 1000.0), 10.0, 100))
+    results = await defer.gatherResults(
+        [wait(backend.take_signin_state("mfa", "h3", 11.0)) for _ in range(5)])
+    assert sum(r is not None for r in results) == 1
+    # The bound: three steps of a kind; an expired one goes before any live one.
+    for key, expires in (("b1", 50.0), ("b2", 300.0), ("b3", 200.0)):
+        await wait(backend.put_signin_state(SignInState(key, "webauthn", "{}", expires), 10.0, 3))
+    await wait(backend.put_signin_state(SignInState("x1", "oidc", "{}", 500.0), 10.0, 3))
+    await wait(backend.put_signin_state(SignInState("b4", "webauthn", "{}", 400.0), 100.0, 3))
+    assert await wait(backend.get_signin_state("webauthn", "b1", 10.0)) is None
+    for key in ("b2", "b3", "b4"):
+        assert await wait(backend.get_signin_state("webauthn", key, 100.0)) is not None
+    await wait(backend.put_signin_state(SignInState("b5", "webauthn", "{}", 600.0), 100.0, 3))
+    assert await wait(backend.get_signin_state("webauthn", "b3", 100.0)) is None  # the oldest
+    for key in ("b2", "b4", "b5"):
+        assert await wait(backend.get_signin_state("webauthn", key, 100.0)) is not None
+    assert await wait(backend.get_signin_state("oidc", "x1", 100.0)) is not None  # other kind
+    assert await wait(backend.delete_expired(1000.0)) >= 4
+    assert await wait(backend.get_signin_state("webauthn", "b5", 100.0)) is None

@@ -200,7 +200,7 @@ async def test_version_1_database_is_migrated_keeping_its_data(tmp_path):
         await wait(b.close())
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 16
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 17
     finally:
         conn.close()
 

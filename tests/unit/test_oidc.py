@@ -30,6 +30,7 @@ from apptunnel.auth.connectors.oidc import (
 from apptunnel.auth.connectors.specs import ConnectorError, parse_connector, public_doc
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.throttle import LoginThrottle, Throttled
+from apptunnel.backend.memory import MemoryBackend
 from apptunnel.cli.context import CliError
 from apptunnel.cli.sso import OneShotListener, challenge_of
 from tests.support.audit_fake import Audit
@@ -177,19 +178,25 @@ def test_authorization_url_has_pkce_state_and_nonce():
     assert "verifier" not in url.replace("code_challenge", "")
 
 
-def test_flows_are_taken_once_and_expire():
-    clock = Clock()
+@pytest_twisted.ensureDeferred
+async def test_flows_are_taken_once_and_expire_on_any_proxy():
+    """A flow started on one proxy is taken by another on the same store (the callback may
+    reach either), once, before FLOW_TTL; the store keeps at most max_flows."""
+    from apptunnel.auth.connectors.cli_codes import CliReturn
+    from apptunnel.backend.memory import MemoryBackend
+    clock, backend = Clock(), MemoryBackend()
     clock.advance(NOW)
-    flows = Flows(clock, max_flows=2)
-    flow = Flow("corp", "n", "v", digest("b"), "/", None, NOW + FLOW_TTL)
-    flows.put("s1", flow)
-    assert flows.take("s1") == flow and flows.take("s1") is None
-    flows.put("s2", flow)
+    flows, other_proxy = Flows(backend, clock, max_flows=2), Flows(backend, clock, max_flows=2)
+    flow = Flow("corp", "n", "v", digest("b"), "/", CliReturn(40000, "st", "ch"), NOW + FLOW_TTL)
+    await flows.put("s1", flow)
+    assert await other_proxy.take("s1") == flow and await flows.take("s1") is None
+    await flows.put("s2", attrs_evolve(flow, cli=None))
     clock.advance(FLOW_TTL)
-    assert flows.take("s2") is None
+    assert await flows.take("s2") is None
     for state in ("a", "b", "c"):
-        flows.put(state, attrs_evolve(flow, expires=NOW + 2 * FLOW_TTL))
-    assert flows.take("a") is None and flows.take("c") is not None   # bounded, oldest out
+        clock.advance(1)
+        await flows.put(state, attrs_evolve(flow, expires=clock.seconds() + FLOW_TTL))
+    assert await flows.take("a") is None and await flows.take("c") is not None   # bounded
 
 
 def attrs_evolve(flow, **change):
@@ -219,7 +226,7 @@ async def test_bad_callbacks_count_in_the_login_throttle_per_address_and_are_aud
     clock.advance(NOW)
     audit = Audit()
     oidc = OidcSignIn(connectors=None, signin=None, throttle=LoginThrottle(), audit=audit,
-                      clock=clock, http_for=lambda ca: None)
+                      clock=clock, http_for=lambda ca: None, backend=MemoryBackend())
     for i in range(20):
         with pytest.raises(AuthError) as err:
             await oidc.finish(f"made-up-{i}", "code", None, "b", "10.0.0.1", "10.0.0.1:5")

@@ -274,30 +274,35 @@ def _answer(challenge: str) -> dict:
         "attestationObject": "AA"}}
 
 
-def test_webauthn_challenges_are_single_use_short_lived_and_per_user():
-    """A challenge answers once, for its user only, within CHALLENGE_TTL (Clock)."""
+@pytest_twisted.ensureDeferred
+async def test_webauthn_challenges_are_single_use_short_lived_and_per_user():
+    """A challenge answers once, for its user only, within CHALLENGE_TTL (Clock), on any
+    proxy sharing the store (a second WebAuthnKeys on the same backend)."""
     from twisted.internet.task import Clock
 
     from apptunnel.auth.errors import AuthError
     from apptunnel.auth.webauthn_devices import CHALLENGE_TTL, WebAuthnKeys
+    from apptunnel.backend.memory import MemoryBackend
 
-    clock = Clock()
-    keys = WebAuthnKeys("apptunnel.localhost", "https://apptunnel.localhost:3080", "t", clock)
-    challenge = keys.registration_options("alice", [])["challenge"]
-    with pytest.raises(AuthError) as bad:            # a bad attestation burns the challenge
-        keys.verify_registration("alice", _answer(challenge))
+    clock, backend = Clock(), MemoryBackend()
+    keys, other_proxy = (WebAuthnKeys("apptunnel.localhost", "https://apptunnel.localhost:3080",
+                                      "t", clock, backend) for _ in range(2))
+    challenge = (await keys.registration_options("alice", []))["challenge"]
+    with pytest.raises(AuthError) as bad:    # a bad attestation burns the challenge, everywhere
+        await other_proxy.verify_registration("alice", _answer(challenge))
     assert bad.value.status == 400
+    for proxy in (keys, other_proxy):
+        with pytest.raises(AuthError, match="unknown, used or expired"):
+            await proxy.verify_registration("alice", _answer(challenge))
+    other = (await keys.registration_options("alice", []))["challenge"]
     with pytest.raises(AuthError, match="unknown, used or expired"):
-        keys.verify_registration("alice", _answer(challenge))
-    other = keys.registration_options("alice", [])["challenge"]
-    with pytest.raises(AuthError, match="unknown, used or expired"):
-        keys.verify_registration("bob", _answer(other))
-    late = keys.registration_options("alice", [])["challenge"]
+        await keys.verify_registration("bob", _answer(other))
+    late = (await keys.registration_options("alice", []))["challenge"]
     clock.advance(CHALLENGE_TTL)
     with pytest.raises(AuthError, match="unknown, used or expired"):
-        keys.verify_registration("alice", _answer(late))
+        await keys.verify_registration("alice", _answer(late))
     with pytest.raises(AuthError):
-        keys.verify_registration("alice", "x" * 10_000)
+        await keys.verify_registration("alice", "x" * 10_000)
 
 
 @pytest_twisted.ensureDeferred

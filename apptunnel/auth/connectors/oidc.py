@@ -1,6 +1,7 @@
 """Sign-in with an OpenID Connect provider: the authorization code flow with PKCE.
 
-Each flow (`Flows`) is kept here, server-side, under its random ``state``: the connector,
+Each flow (`Flows`) is kept server-side, in storage (any proxy or worker may take the
+callback), under the hash of its random ``state``: the connector,
 the ``nonce``, the PKCE verifier, where the user goes afterwards and the hash of a random
 *binding* the browser holds in a host-only cookie. A callback is accepted once (the flow
 is taken out before anything else), within ``FLOW_TTL``, and only from the browser that
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
@@ -43,6 +43,7 @@ from apptunnel.auth.connectors.signin import ExternalIdentity, ExternalSignIn, a
 from apptunnel.auth.connectors.specs import OidcSpec
 from apptunnel.auth.errors import AuthError
 from apptunnel.auth.names import USER_NAME
+from apptunnel.auth.signin_states import SignInStates
 from apptunnel.auth.throttle import LoginThrottle, Throttled
 from apptunnel.jwks import JwksCache, JwksError
 
@@ -85,24 +86,28 @@ class Flow:
 
 
 class Flows:
-    """Flows by state: bounded (oldest first out), each taken at most once, until expiry."""
+    """Flows by state, in storage (auth/signin_states.py: the callback may reach another
+    proxy or worker than the start): bounded (oldest first out), each taken at most once,
+    until expiry."""
 
-    def __init__(self, clock: IReactorTime, max_flows: int = MAX_FLOWS) -> None:
+    def __init__(self, backend, clock: IReactorTime, max_flows: int = MAX_FLOWS) -> None:
         self._clock = clock
-        self._max = max_flows
-        self._flows: OrderedDict[str, Flow] = OrderedDict()
+        self._states = SignInStates(backend, clock, "oidc", max_flows)
 
-    def put(self, state: str, flow: Flow) -> None:
-        while len(self._flows) >= self._max:
-            self._flows.popitem(last=False)
-        self._flows[state] = flow
+    async def put(self, state: str, flow: Flow) -> None:
+        body = attrs.asdict(flow, recurse=False)
+        body["cli"] = flow.cli.text() if flow.cli is not None else ""
+        await self._states.put(state, body, flow.expires - self._clock.seconds())
 
-    def take(self, state: str) -> Flow | None:
+    async def take(self, state: str) -> Flow | None:
         """The flow of ``state`` if it is live; it is gone afterwards either way."""
-        flow = self._flows.pop(state, None)
-        if flow is None or flow.expires <= self._clock.seconds():
+        body = await self._states.take(state)
+        if body is None:
             return None
-        return flow
+        try:
+            return Flow(**{**body, "cli": CliReturn.from_text(body["cli"])})
+        except (KeyError, TypeError):    # a row this version did not write: not a flow
+            return None
 
 
 def authorization_url(endpoint: str, spec: OidcSpec, state: str, nonce: str,
@@ -269,14 +274,14 @@ class OidcSignIn:
 
     def __init__(self, *, connectors: ConnectorStore, signin: ExternalSignIn,
                  throttle: LoginThrottle, audit: AuditLog, clock: IReactorTime,
-                 http_for: Callable[[str | None], Any]) -> None:
+                 http_for: Callable[[str | None], Any], backend) -> None:
         self._connectors = connectors
         self._signin = signin
         self._throttle = throttle
         self._audit = audit
         self._clock = clock
         self._http_for = http_for       # ca_file (or None) -> a treq HTTPClient
-        self._flows = Flows(clock)
+        self._flows = Flows(backend, clock)
         self._providers: dict[tuple[str, str, str | None], Provider] = {}
 
     async def start(self, name: str, target: str, cli: CliReturn | None
@@ -289,7 +294,7 @@ class OidcSignIn:
             return None
         provider = await self._provider(spec)
         state, nonce, verifier, binding = (random_token() for _ in range(4))
-        self._flows.put(state, Flow(spec.name, nonce, verifier, digest(binding), target, cli,
+        await self._flows.put(state, Flow(spec.name, nonce, verifier, digest(binding), target, cli,
                                     self._clock.seconds() + FLOW_TTL))
         return authorization_url(provider.authorization_endpoint, spec, state, nonce,
                                  verifier), binding
@@ -304,7 +309,7 @@ class OidcSignIn:
         except Throttled as err:
             audit_login(self._audit, "", "oidc", "", client, err.reason)
             raise
-        flow = self._flows.take(state) if state and len(state) <= MAX_PARAM else None
+        flow = await self._flows.take(state) if state and len(state) <= MAX_PARAM else None
         if flow is None:
             audit_login(self._audit, "", "oidc", "", client, "unknown or used state")
             raise AuthError(400, "this sign-in link is unknown, used or expired; start the "
