@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from apptunnel.tunnel import mux as M
-from apptunnel.tunnel.endpoints import bulk_buffers, no_delay
+from apptunnel.tunnel.endpoints import bulk_buffers, no_delay, write_through
 from apptunnel.tunnel.errors import StreamRefused, TunnelError, TunnelLost, TunnelProtocolError
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.stream import Stream
@@ -192,6 +192,7 @@ class TunnelProtocol(Protocol):
         self._connected = True
         no_delay(self.transport)
         bulk_buffers(self.transport)
+        write_through(self.transport)
         self._peer = _describe(self.transport.getPeer())
         self._mux.touch(self._clock.seconds())
         self.transport.registerProducer(self, True)
