@@ -31,7 +31,7 @@ from zope.interface import implementer
 
 from apptunnel.config import AppConfig
 from apptunnel.net import loopback_host
-from apptunnel.tunnel.endpoints import no_delay
+from apptunnel.tunnel.endpoints import no_delay, write_through
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.relay import Relay
@@ -205,6 +205,7 @@ class UpstreamProtocol(Protocol):
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
+        write_through(self.transport)
         if not IHandshakeListener.providedBy(self):
             self._become_ready()
 

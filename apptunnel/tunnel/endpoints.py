@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.tcp import Connection
 from zope.interface import implementer
 
 if TYPE_CHECKING:
@@ -66,3 +67,73 @@ class StreamEndpoint:
             return self._tunnel.connect_stream(self._target, factory)
         except Exception as e:  # an endpoint never raises
             return fail(e)
+
+
+
+class _WriteThrough:
+    """Mixed into a TCP connection's class: ``write`` calls ``send()`` at once when nothing
+    is queued.
+
+    Twisted's ``FileDescriptor.write`` always queues: it registers the socket for
+    writability (an ``epoll_ctl``), waits for the reactor's next poll to call ``doWrite``
+    (a dispatch through the logging context, then ``send()``) and unregisters it once the
+    queue is empty (another ``epoll_ctl``): three Python passes and two system calls around
+    the one ``send()`` that matters, for every response and every relayed request. Here a
+    write to an idle socket is sent right away; what ``send()`` does not take (a full
+    socket) and every write while something is queued go through Twisted's ``write`` as
+    before, so order, backpressure (producers), half close and errors keep Twisted's
+    rules. A closing, half-closed, aborted or TLS-started connection always takes
+    Twisted's path.
+    """
+
+    _wt_queued = False   # registered for writing: Twisted's queue holds bytes
+    _wt_done = False     # aborted or our side closed: nothing is sent directly any more
+
+    def startWriting(self) -> None:
+        self._wt_queued = True
+        super().startWriting()
+
+    def stopWriting(self) -> None:
+        self._wt_queued = False
+        super().stopWriting()
+
+    def loseWriteConnection(self) -> None:
+        self._wt_done = True
+        super().loseWriteConnection()
+
+    def abortConnection(self) -> None:
+        self._wt_done = True
+        super().abortConnection()
+
+    def write(self, data: bytes) -> None:
+        if (self._wt_queued or self._wt_done or self.disconnecting or not self.connected
+                or self.TLS or type(data) is not bytes or not data):
+            super().write(data)
+            return
+        sent = self.writeSomeData(data)
+        if type(sent) is not int:
+            super().write(data)   # an error: Twisted's doWrite meets it again and reports it
+        elif sent < len(data):
+            super().write(data[sent:])
+
+
+_write_through_classes: dict[type, type] = {}
+
+
+def write_through(transport: object) -> None:
+    """Send writes to an idle socket at once instead of on the reactor's next turn
+    (``_WriteThrough``). Applies to a TCP connection's transport, also under a TLS wrapper
+    (whose records then leave at once); memory transports and streams are left alone."""
+    for _ in range(3):
+        if isinstance(transport, FileDescriptor):
+            cls = type(transport)
+            if isinstance(transport, Connection) and not issubclass(cls, _WriteThrough):
+                sub = _write_through_classes.get(cls)
+                if sub is None:
+                    sub = _write_through_classes[cls] = type(
+                        cls.__name__, (_WriteThrough, cls), {"__module__": __name__})
+                transport.__class__ = sub
+            return
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return

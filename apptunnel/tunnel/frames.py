@@ -27,6 +27,8 @@ MAX_U32 = 0xFFFFFFFF
 FLAG_FIN = 0x01
 
 _U32 = struct.Struct("!I")
+_DATA = 0                  # FrameType.DATA as a plain int, for the decoder's hot path
+_DATA_VT = VERSION << 4    # the first header byte of a DATA frame
 _U32_U32 = struct.Struct("!II")
 
 
@@ -242,7 +244,7 @@ def _decode_reason(payload: bytes, what: str) -> str:
 
 
 def _decode_payload(ftype: int, flags: int, sid: int, payload: bytes) -> Frame:
-    if ftype == FrameType.DATA:
+    if ftype == _DATA:
         return Data(sid, payload, bool(flags & FLAG_FIN))
     if ftype == FrameType.OPEN:
         (window,) = _U32.unpack_from(payload)
@@ -311,7 +313,7 @@ class FrameDecoder:
                 if header is None:
                     if self._size < HEADER_SIZE:
                         break
-                    header = self._header = self._parse_header(self._take(HEADER_SIZE))
+                    header = self._header = self._next_header()
                 length = header[3]
                 if self._size < length:
                     break
@@ -330,8 +332,26 @@ class FrameDecoder:
             raise self._error from None
         return frames
 
-    def _parse_header(self, raw: bytes) -> tuple[int, int, int, int]:
-        vt, flags, reserved, sid, length = HEADER.unpack(raw)
+    def _next_header(self) -> tuple[int, int, int, int]:
+        """Parse the next 12 bytes, in place when they sit in the first chunk (they
+        nearly always do), and check them."""
+        first = self._chunks[0]
+        off = self._offset
+        if len(first) - off > HEADER_SIZE:
+            fields = HEADER.unpack_from(first, off)
+            self._offset = off + HEADER_SIZE
+            self._size -= HEADER_SIZE
+        else:
+            fields = HEADER.unpack(self._take(HEADER_SIZE))
+        vt, flags, reserved, sid, length = fields
+        # The common case, a DATA frame within the limits, without the general checks.
+        if vt == _DATA_VT and not reserved and not flags & ~FLAG_FIN and sid \
+                and length <= self._max_payload:
+            return _DATA, flags, sid, length
+        return self._check_header(vt, flags, reserved, sid, length)
+
+    def _check_header(self, vt: int, flags: int, reserved: int, sid: int,
+                      length: int) -> tuple[int, int, int, int]:
         version, ftype = vt >> 4, vt & 0x0F
         if version != VERSION:
             raise _fail(f"unsupported protocol version {version}")

@@ -281,6 +281,11 @@ class Mux:
 
     # -- output -----------------------------------------------------------------------
 
+    @property
+    def has_events(self) -> bool:
+        """Whether pop_events() would return anything."""
+        return bool(self._events)
+
     def pop_events(self) -> list[Event]:
         events, self._events = self._events, []
         return events
@@ -393,17 +398,20 @@ class Mux:
         self._check_drained()
         return True
 
-    def consumed(self, stream_id: int, n: int) -> None:
-        """Return credit only once the reader has actually taken the bytes."""
+    def consumed(self, stream_id: int, n: int) -> bool:
+        """Return credit only once the reader has actually taken the bytes; True when that
+        queued a WINDOW_UPDATE (batched: once half the window is consumed)."""
         st = self._streams.get(stream_id)
         if st is None or st.state != OPEN or st.remote_fin or self._closed or n <= 0:
-            return
+            return False
         # Never return more than was granted, whatever the caller claims.
         st.unacked = min(st.unacked + n, self._window - st.recv_window)
         if st.unacked >= self._update_threshold:
             inc, st.unacked = st.unacked, 0
             st.recv_window += inc
             self._queue(F.WindowUpdate(stream_id, inc))
+            return True
+        return False
 
     def send_control(self, message: dict) -> None:
         """Queue a CONTROL frame; ValueError if not a JSON object of at most 64 KiB."""

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from apptunnel.tunnel import mux as M
-from apptunnel.tunnel.endpoints import bulk_buffers, no_delay
+from apptunnel.tunnel.endpoints import bulk_buffers, no_delay, write_through
 from apptunnel.tunnel.errors import StreamRefused, TunnelError, TunnelLost, TunnelProtocolError
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.stream import Stream
@@ -192,6 +192,7 @@ class TunnelProtocol(Protocol):
         self._connected = True
         no_delay(self.transport)
         bulk_buffers(self.transport)
+        write_through(self.transport)
         self._peer = _describe(self.transport.getPeer())
         self._mux.touch(self._clock.seconds())
         self.transport.registerProducer(self, True)
@@ -305,8 +306,8 @@ class TunnelProtocol(Protocol):
         self._run([])
 
     def _stream_consumed(self, stream: Stream, n: int) -> None:
-        self._mux.consumed(stream.stream_id, n)
-        self._run([])
+        if self._mux.consumed(stream.stream_id, n):   # else nothing queued, nothing to do
+            self._run([])
 
     def _pending_bytes(self, stream: Stream) -> int:
         return self._mux.pending_bytes(stream.stream_id)
@@ -359,6 +360,9 @@ class TunnelProtocol(Protocol):
         """Dispatch events and those they cause, then flush; re-entrant calls just queue."""
         if self._running:
             self._backlog.extend(events)
+            return
+        if not events and not self._backlog and not self._mux.has_events:
+            self._flush()   # the common case: a write queued frames and caused nothing
             return
         self._running = True
         try:

@@ -54,6 +54,7 @@ class RelayEnd(Protocol):
 
     def __init__(self, relay: Relay) -> None:
         self._relay = relay
+        self._peer: RelayEnd | None = None     # the other end, set by the relay
         self.received = 0
         self.lost: Failure | None = None       # set once this end's transport is gone
         self._held: list[bytes] = []           # read before the peer was connected
@@ -64,7 +65,7 @@ class RelayEnd(Protocol):
 
     @property
     def peer(self) -> RelayEnd:
-        return self._relay.other(self)
+        return self._peer
 
     # -- events from this end's transport ----------------------------------------------
 
@@ -80,9 +81,10 @@ class RelayEnd(Protocol):
         if self.lost is not None:
             return
         self.received += len(data)
-        peer = self.peer
-        if peer.writable:
-            peer.transport.write(data)
+        peer = self._peer
+        transport = peer.transport
+        if transport is not None and peer.lost is None and not peer._write_done:
+            transport.write(data)   # peer.writable, inlined: this runs per read
             return
         if peer.transport is not None:
             return  # the other side can take no more: drop, as a closed socket would
@@ -187,6 +189,7 @@ class Relay:
         self.early_limit = early_limit
         self.a = RelayEnd(self)
         self.b = RelayEnd(self)
+        self.a._peer, self.b._peer = self.b, self.a
         self.joined = False
 
     def other(self, end: RelayEnd) -> RelayEnd:

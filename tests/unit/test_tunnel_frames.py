@@ -198,3 +198,32 @@ def test_open_target_is_json():
     wire = F.encode(F.Open(5, 1024, {"app": "grafana"}))
     assert wire[F.HEADER_SIZE:F.HEADER_SIZE + 4] == struct.pack("!I", 1024)
     assert json.loads(wire[F.HEADER_SIZE + 4:]) == {"app": "grafana"}
+
+
+@settings(max_examples=500)
+@given(st.one_of(
+    st.binary(min_size=12, max_size=12),
+    # mostly DATA-shaped headers: version 1, type 0, any flags, reserved, id and length
+    st.builds(lambda flags, reserved, sid, length: F.HEADER.pack(0x10, flags, reserved, sid, length),
+              st.integers(0, 255), st.sampled_from([0, 0, 0, 1, 0xFFFF]),
+              st.sampled_from([0, 1, 2, F.MAX_U32]) | st.integers(0, F.MAX_U32),
+              st.sampled_from([0, 1, 1024, F.MAX_PAYLOAD, F.MAX_PAYLOAD + 1]) | st.integers(0, F.MAX_U32))),
+    st.integers(0, 2))
+def test_the_data_fast_path_decides_every_header_as_the_full_check(raw, split):
+    """The decoder's shortcut for DATA headers accepts exactly what the full check
+    accepts, with the same fields, and anything else gets the full check's error; whether
+    the header sits in one chunk or is split across chunks."""
+    def outcome(decoder_call):
+        try:
+            return decoder_call()
+        except TunnelProtocolError as e:
+            return ("error", e.code, e.reason)
+
+    full = outcome(lambda: FrameDecoder()._check_header(*F.HEADER.unpack(raw)))
+    payload = b"\0" * 4
+    chunks = [raw + payload] if split == 0 else [raw[:split * 5], raw[split * 5:] + payload]
+    dec = FrameDecoder()
+    for chunk in chunks:
+        dec._chunks.append(chunk)
+        dec._size += len(chunk)
+    assert outcome(dec._next_header) == full

@@ -145,9 +145,9 @@ def test_credit_returned_only_on_consumption():
     a.send_data(sid, b"y" * 10)
     _, eb = exchange(a, b)
     assert data_of(eb, sid) == b"" and a.pending_bytes(sid) == 10
-    b.consumed(sid, 499)
-    assert b.bytes_to_send() == b""  # below the batching threshold
-    b.consumed(sid, 1)
+    assert b.consumed(sid, 499) is False   # below the batching threshold: nothing queued
+    assert b.bytes_to_send() == b""
+    assert b.consumed(sid, 1) is True      # says so, so the protocol flushes only then
     assert frames_of(b.bytes_to_send()) == [F.WindowUpdate(sid, 500)]
 
 
