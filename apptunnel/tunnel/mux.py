@@ -131,15 +131,14 @@ OPEN = 3
 class _StreamState:
     """Per-stream bookkeeping; kept tiny because tunnels hold thousands of idle streams."""
 
-    __slots__ = ("state", "send_window", "recv_window", "granted", "unacked", "pending",
+    __slots__ = ("state", "send_window", "recv_window", "in_use", "pending",
                  "pending_bytes", "local_fin", "fin_pending", "remote_fin")
 
     def __init__(self, state: int, send_window: int, recv_window: int) -> None:
         self.state = state
         self.send_window = send_window  # credit the peer gave us
         self.recv_window = recv_window  # credit we gave the peer, not yet used
-        self.granted = recv_window      # recv_window right after we last gave credit
-        self.unacked = 0                # consumed by our reader, not yet returned
+        self.in_use = recv_window       # credit given and not yet consumed by our reader
         self.pending: deque[bytes | memoryview] | None = None  # beyond the send window
         self.pending_bytes = 0
         self.local_fin = False          # our side asked to FIN
@@ -343,7 +342,7 @@ class Mux:
         if st is None or st.state != ACCEPTING or self._closed:
             return False
         st.state = OPEN
-        st.recv_window = st.granted = window = self._shared_window()
+        st.recv_window = st.in_use = window = self._shared_window()
         self._accepting -= 1
         self._queue(F.OpenOk(stream_id, window))
         return True
@@ -420,17 +419,18 @@ class Mux:
         st = self._streams.get(stream_id)
         if st is None or st.state != OPEN or st.remote_fin or self._closed or n <= 0:
             return
-        # Never return more than was granted, whatever the caller claims, nor more than
-        # brings the peer's credit up to the stream's share now. Batched: half the share,
-        # or less if the peer had less credit after our last update (the share grew
-        # since): a peer that spent that and waits is sure to hear from us.
-        st.unacked = min(st.unacked + n, self._window - st.recv_window)
+        # Never count more than was received and not yet consumed, whatever the caller
+        # claims. Credit goes back once the stream's credit in use (the peer's window and
+        # what it sent that our reader has not taken) is half its share or less: up to
+        # the share, which may be more or less than was consumed (more streams busy, or
+        # fewer). A peer that spent its window and waits always hears from us once our
+        # reader took what it sent.
+        st.in_use -= min(n, st.in_use - st.recv_window)
         window = self._shared_window()
-        inc = min(st.unacked, window - st.recv_window)
-        if inc > 0 and inc >= max(1, min(window // 2, st.granted)):
-            st.unacked -= inc
+        inc = window - st.in_use
+        if inc > 0 and inc >= max(1, window // 2):
+            st.in_use = window
             st.recv_window += inc
-            st.granted = st.recv_window
             self._queue(F.WindowUpdate(stream_id, inc))
 
     def _shared_window(self) -> int:

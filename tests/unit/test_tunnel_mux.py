@@ -504,3 +504,18 @@ def test_a_blocked_stream_is_credited_when_its_share_grew_meanwhile(monkeypatch)
         if not held:
             break
     assert got == 512 * 1024
+
+
+def test_a_stream_opened_among_busy_ones_grows_to_its_whole_window_once_alone(monkeypatch):
+    """Opened while 16 streams are busy, a stream gets their share (64 KiB); once it is the
+    only one sending, the receiver credits it beyond what it consumed, up to the whole
+    window (credit is the receiver's to give, not only to return)."""
+    a, b, sids = _busy_pair(monkeypatch, 16)
+    _pour(a, b, sids, now=0.0, rounds=3)
+    late = opened(a, b)
+    assert a.send_window(late) == 64 * 1024
+    for t in (1.0, 2.0, 3.0):
+        _pour(a, b, [late], now=t, rounds=4)
+    a.send_data(late, b"w" * (1024 * 1024))
+    _, eb = exchange(a, b, 3.0)
+    assert len(data_of(eb, late)) > 2 * 64 * 1024     # well past its old share at once
