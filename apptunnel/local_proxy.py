@@ -44,8 +44,8 @@ from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol
 from apptunnel.tunnel.relay import Relay
 
-__all__ = ["Answer", "LocalProxy", "LocalProxyError", "SecondFactorNeeded", "check",
-           "http_answer"]
+__all__ = ["LISTEN_BACKLOG", "Answer", "LocalProxy", "LocalProxyError", "SecondFactorNeeded",
+           "check", "http_answer"]
 
 # Trust modes for the proxy's web certificate.
 TRUST_PINNED = "pinned"      # only the cluster CA in ca_pem (its pin checked at login/join)
@@ -61,6 +61,11 @@ NEEDS_FACTOR = "needs a second factor"   # the proxy's per-session MFA refusal (
 MUX_OFFERED = b"apptunnel-mux: 1"          # in a dry run's answer (tcp_access.MUX_OFFERED_HEADER)
 KEEPALIVE_INTERVAL = 15.0                  # the multiplexed connection's pings (as the proxy's)
 KEEPALIVE_TIMEOUT = 45.0
+# The local listener's accept queue (Twisted's default is 50). A client opening 100
+# connections at once overflowed 50: the kernel dropped the handshakes' last ACKs, the
+# client saw them connected while we never accepted them, and they came in only when the
+# SYN-ACK retries (1, 2, 4, 8, 16 s) got through: streams idle for up to 30 s.
+LISTEN_BACKLOG = 1024
 
 Say = Callable[[str], None]
 

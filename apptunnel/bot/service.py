@@ -40,7 +40,7 @@ from apptunnel.bot.identity import Identity, load_identity, load_key, public_pem
 from apptunnel.bot.outputs import write_identity
 from apptunnel.bot.renewal import backoff, renew_delay, retry_delay
 from apptunnel.errors import ApptunnelError
-from apptunnel.local_proxy import LocalProxy, LocalProxyError, check
+from apptunnel.local_proxy import LISTEN_BACKLOG, LocalProxy, LocalProxyError, check
 from apptunnel.startup import CannotStart, Listeners, fatal
 
 log = Logger()
@@ -221,7 +221,8 @@ class BotService(MultiService):
                            say, expired="bot certificate expired (renewal is failing)")
         endpoint_type = TCP6ServerEndpoint if ":" in output.host else TCP4ServerEndpoint
         self.listeners.add(f"outputs app-proxy {output.app} {output.host}:{output.port}",
-                           endpoint_type(self.reactor, output.port, interface=output.host),
+                           endpoint_type(self.reactor, output.port, backlog=LISTEN_BACKLOG,
+                                         interface=output.host),
                            proxy)
         self.app_proxies.append(proxy)
 

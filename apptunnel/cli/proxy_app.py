@@ -47,7 +47,7 @@ from apptunnel.cli.context import CliError, Io, UsageError
 from apptunnel.cli.login import _factor_field, _have_terminal
 from apptunnel.cli.output import clean
 from apptunnel.cli.profile import NOT_LOGGED_IN, Profile, home_dir
-from apptunnel.local_proxy import EXPIRED, LocalProxy
+from apptunnel.local_proxy import EXPIRED, LISTEN_BACKLOG, LocalProxy
 
 __all__ = ["LocalProxy", "add_parsers", "check", "parse_port_spec", "proxy_app"]
 
@@ -108,7 +108,8 @@ def proxy_app(args: argparse.Namespace, io: Io) -> int:
             proxy.bind(bound)
             proxy.kind = await check(proxy)
         try:
-            port = reactor.listenTCP(local_port, proxy, interface="127.0.0.1")
+            port = reactor.listenTCP(local_port, proxy, backlog=LISTEN_BACKLOG,
+                                     interface="127.0.0.1")
         except error.CannotListenError:
             raise CliError(f"local port {local_port} is in use") from None
         bound = port.getHost().port

@@ -1,10 +1,12 @@
 """Streams as Twisted client endpoints, so HTTP clients and relays run over a tunnel unchanged.
 
-Also the one socket option every apptunnel connection wants (``no_delay``).
+Also the socket options of apptunnel connections (``no_delay``, ``bulk_buffers``).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from typing import TYPE_CHECKING
 
 from twisted.internet.abstract import FileDescriptor
@@ -35,11 +37,44 @@ def no_delay(transport: object) -> None:
 
 BULK_BUFFER = 256 * 1024
 
+# SO_RCVBUF of a tunnel socket whose peer is on this machine (Linux doubles it: 256 KiB),
+# instead of receive autotuning. Over loopback (64 KiB segments) autotuning grows a busy
+# tunnel's buffer to 8-16 MiB; once the machine's TCP memory passes tcp_mem's pressure
+# threshold the kernel lets each socket hold about tcp_mem[2] / sockets (~570 KiB at 4,000
+# sockets) and drops what arrives beyond it, and the one socket carrying every stream is the
+# first over: retransmission timeouts stalled 1,000 busy streams. Across a network the
+# round trip needs autotuning, and segments are small: left alone there.
+# docs/performance.rst, "Bulk throughput and fairness at 1,000 busy streams".
+LOCAL_RECEIVE_BUFFER = 128 * 1024
+
+
+def on_this_host(host: str, peer: str) -> bool:
+    """Whether a connection between these two IP addresses stays on this machine: the
+    peer is a loopback address or our own end's. Anything that is not an IP address
+    (a UNIX socket's path) is not."""
+    try:
+        ours, theirs = ipaddress.ip_address(host), ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    mapped = getattr(theirs, "ipv4_mapped", None)
+    if mapped is not None:
+        theirs = mapped
+    mapped = getattr(ours, "ipv4_mapped", None)
+    if mapped is not None:
+        ours = mapped
+    return theirs.is_loopback or theirs == ours
+
+
+def receive_buffer(host: str, peer: str) -> int | None:
+    """The SO_RCVBUF a tunnel socket between `host` and `peer` gets; None keeps autotuning."""
+    return LOCAL_RECEIVE_BUFFER if on_this_host(host, peer) else None
+
 
 def bulk_buffers(transport: object, size: int = BULK_BUFFER) -> None:
     """Read up to `size` bytes a time and let `size` bytes queue before pausing the
     producer, instead of Twisted's 64 KiB: each read and each pause/resume costs a pass
-    through the reactor, the TLS layer and the tunnel, whatever its size.
+    through the reactor, the TLS layer and the tunnel, whatever its size. A peer on this
+    host also gets a bounded kernel receive buffer (``receive_buffer``).
 
     Applies to the socket's transport, also under a TLS wrapper (its ``transport``);
     transports without a socket (memory, streams) are left alone.
@@ -47,10 +82,29 @@ def bulk_buffers(transport: object, size: int = BULK_BUFFER) -> None:
     for _ in range(3):
         if isinstance(transport, FileDescriptor):
             transport.bufferSize = size
+            _bound_receive_buffer(transport)
             return
         transport = getattr(transport, "transport", None)
         if transport is None:
             return
+
+
+def _bound_receive_buffer(transport: FileDescriptor) -> None:
+    sock = getattr(transport, "socket", None)
+    if sock is None:
+        return
+    try:
+        host = getattr(transport.getHost(), "host", "")
+        peer = getattr(transport.getPeer(), "host", "")
+    except (NotImplementedError, OSError):
+        return  # no addresses to judge by: keep the default
+    size = receive_buffer(str(host), str(peer))
+    if size is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    except OSError:
+        pass  # not a socket that takes it: keep the default
 
 
 @implementer(IStreamClientEndpoint)

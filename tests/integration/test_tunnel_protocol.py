@@ -1,6 +1,8 @@
 """TunnelProtocol over a real loopback socket and real TLS, and a pull producer driven by
 the reactor's cooperator. (Memory pumps and a Clock: tests/unit/test_tunnel_protocol.py.)"""
 
+import socket
+
 import pytest_twisted
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -11,7 +13,7 @@ from zope.interface import implementer
 
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
-from apptunnel.tunnel.endpoints import BULK_BUFFER
+from apptunnel.tunnel.endpoints import BULK_BUFFER, LOCAL_RECEIVE_BUFFER
 from apptunnel.tunnel.protocol import RESUME_BATCH, TunnelProtocol
 from tests.support.tunnel_pairs import Echo, Handler, Recorder, connect, make_pair
 
@@ -144,8 +146,9 @@ def test_real_tcp_bulk_stream_leaves_other_streams_responsive():
 @pytest_twisted.inlineCallbacks
 def test_many_busy_streams_over_real_tcp_all_finish():
     """More busy streams than RESUME_BATCH over a real socket: the batches resumed turn by
-    turn by the real reactor carry every stream to its end (none is left paused), and the
-    tunnel's socket reads and buffers BULK_BUFFER bytes, not Twisted's 64 KiB."""
+    turn by the real reactor carry every stream to its end (none is left paused), the
+    tunnel's socket reads and buffers BULK_BUFFER bytes, not Twisted's 64 KiB, and over
+    loopback its kernel receive buffer is LOCAL_RECEIVE_BUFFER, not autotuned."""
     from twisted.internet import reactor
 
     count, total = 4 * RESUME_BATCH, 256 * 1024
@@ -166,6 +169,11 @@ def test_many_busy_streams_over_real_tcp_all_finish():
         streams = yield gatherResults([
             client.connect_stream({"app": str(i)}, Factory.forProtocol(Waiter))
             for i in range(count)]).addTimeout(10, reactor)
+        # Both ends are on this host: the kernel receive buffers are bounded (Linux doubles
+        # SO_RCVBUF), not autotuned.
+        for end in (client, servers[0]):
+            assert end.transport.socket.getsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * LOCAL_RECEIVE_BUFFER
         for proto in streams:
             BlobProducer(reactor, proto.transport, total)
         yield gatherResults([proto.done for proto in streams]).addTimeout(30, reactor)

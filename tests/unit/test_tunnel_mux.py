@@ -415,3 +415,107 @@ def test_blocked_output_bounds_forced_replies():
     b2.set_output_blocked(False)
     b2.receive(F.encode(F.Ping(bytes(8))), 0.0)
     assert frames_of(b2.bytes_to_send()) == [F.Pong(bytes(8))]
+
+
+# -- receive credit shared between busy streams -------------------------------------------
+
+def test_shared_window_splits_the_budget_between_busy_streams():
+    """One busy stream (or none) gets the whole window; 1,000 get WINDOW_BUDGET / 1,000 each
+    (64 KiB), never less than MIN_SHARED_WINDOW, never more than the window."""
+    w = M.DEFAULT_WINDOW
+    assert M.shared_window(w, 0) == M.shared_window(w, 1) == w
+    assert M.shared_window(w, 64) == w
+    assert M.shared_window(w, 1000) == M.WINDOW_BUDGET // 1000 == 67108
+    assert M.shared_window(w, 100_000) == M.MIN_SHARED_WINDOW
+    assert M.shared_window(1000, 100_000) == 1000
+
+
+@given(st.integers(1, M.MAX_WINDOW), st.integers(0, 10**6), st.integers(0, 10**6))
+def test_shared_window_is_bounded_and_shrinks_as_streams_get_busy(window, busy, more):
+    got = M.shared_window(window, busy)
+    assert min(window, M.MIN_SHARED_WINDOW) <= got <= window
+    assert M.shared_window(window, busy + more) <= got
+
+
+def _busy_pair(monkeypatch, streams, window=256 * 1024):
+    monkeypatch.setattr(M, "WINDOW_BUDGET", 1024 * 1024)
+    monkeypatch.setattr(M, "MIN_SHARED_WINDOW", 4096)
+    a, b = pair(initial_window=window)
+    return a, b, [opened(a, b) for _ in range(streams)]
+
+
+def _pour(a, b, sids, now, rounds=20):
+    """a writes 64 KiB per round on each stream; b's reader consumes all it gets."""
+    got = dict.fromkeys(sids, 0)
+    for _ in range(rounds):
+        for sid in sids:
+            if a.pending_bytes(sid) < 64 * 1024:
+                a.send_data(sid, b"x" * (64 * 1024))
+        _, eb = exchange(a, b, now)
+        for sid in sids:
+            n = len(data_of(eb, sid))
+            got[sid] += n
+            b.consumed(sid, n)
+        exchange(a, b, now)
+    return got
+
+
+def test_busy_streams_share_the_receive_budget_and_a_lone_one_gets_its_whole_window(monkeypatch):
+    """16 busy streams with a 1 MiB budget: the receiver keeps each one's credit at 64 KiB,
+    and every stream keeps moving. Once the others went quiet (two BUSY_INTERVALs later)
+    the one still sending is credited up to its whole window again."""
+    a, b, sids = _busy_pair(monkeypatch, 16)
+    got = _pour(a, b, sids, now=0.0)
+    assert min(got.values()) > 256 * 1024           # all of them moved, past the first window
+    assert max(got.values()) <= min(got.values()) + 64 * 1024
+    assert max(a.send_window(sid) for sid in sids) <= 64 * 1024
+    lone = sids[0]
+    t = 2 * M.BUSY_INTERVAL + 0.1
+    _pour(a, b, [lone], now=t, rounds=2)
+    _pour(a, b, [lone], now=2 * t, rounds=2)
+    assert a.send_window(lone) > 64 * 1024           # back above the share...
+    assert a.send_window(lone) + a.pending_bytes(lone) >= 64 * 1024
+    _pour(a, b, [lone], now=2 * t, rounds=8)
+    assert a.send_window(lone) > 128 * 1024          # ...up to the whole window
+
+
+def test_a_blocked_stream_is_credited_when_its_share_grew_meanwhile(monkeypatch):
+    """A stream opened among 16 busy ones gets their share (64 KiB), spends it and waits;
+    the others go quiet, so its share is the whole window (256 KiB) when its reader
+    consumes the 64 KiB: the update must still come (half the new share would never be
+    consumed: the writer cannot send more), and the rest flows."""
+    a, b, sids = _busy_pair(monkeypatch, 16)
+    _pour(a, b, sids, now=0.0, rounds=3)
+    slow = opened(a, b)
+    assert a.send_window(slow) == 64 * 1024
+    a.send_data(slow, b"y" * (512 * 1024))
+    _, eb = exchange(a, b, 0.0)
+    held = len(data_of(eb, slow))
+    assert held == 64 * 1024 and a.send_window(slow) == 0
+    for t in (1.0, 2.0):                 # two intervals with one byte on one other stream
+        a.send_data(sids[1], b"z")
+        exchange(a, b, t)
+    got = held
+    for _ in range(20):
+        b.consumed(slow, held)
+        _, eb = exchange(a, b, 2.0)
+        held = len(data_of(eb, slow))
+        got += held
+        if not held:
+            break
+    assert got == 512 * 1024
+
+
+def test_a_stream_opened_among_busy_ones_grows_to_its_whole_window_once_alone(monkeypatch):
+    """Opened while 16 streams are busy, a stream gets their share (64 KiB); once it is the
+    only one sending, the receiver credits it beyond what it consumed, up to the whole
+    window (credit is the receiver's to give, not only to return)."""
+    a, b, sids = _busy_pair(monkeypatch, 16)
+    _pour(a, b, sids, now=0.0, rounds=3)
+    late = opened(a, b)
+    assert a.send_window(late) == 64 * 1024
+    for t in (1.0, 2.0, 3.0):
+        _pour(a, b, [late], now=t, rounds=4)
+    a.send_data(late, b"w" * (1024 * 1024))
+    _, eb = exchange(a, b, 3.0)
+    assert len(data_of(eb, late)) > 2 * 64 * 1024     # well past its old share at once

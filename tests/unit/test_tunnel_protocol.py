@@ -5,6 +5,8 @@ import gc
 import tracemalloc
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
@@ -15,7 +17,8 @@ from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
 from apptunnel.tunnel import frames as F
-from apptunnel.tunnel.endpoints import BULK_BUFFER, StreamEndpoint, bulk_buffers
+from apptunnel.tunnel.endpoints import (
+    BULK_BUFFER, LOCAL_RECEIVE_BUFFER, StreamEndpoint, bulk_buffers, on_this_host, receive_buffer)
 from apptunnel.tunnel.errors import StreamRefused, TunnelLost
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import PAUSED_WRITE_LIMIT, RESUME_BATCH, TunnelProtocol
@@ -437,6 +440,67 @@ def test_bulk_buffers_reach_the_socket_under_a_tls_wrapper_and_skip_the_rest():
     client, _, _, _, pump, _ = make_pair()
     proto = connect(pump, client, {"app": "x"})
     bulk_buffers(proto.transport)   # a Stream: nothing to set, no error
+
+
+@pytest.mark.parametrize("host, peer, local", [
+    ("127.0.0.1", "127.0.0.1", True),
+    ("127.0.0.1", "127.0.0.5", True),
+    ("::1", "::1", True),
+    ("::ffff:127.0.0.1", "::ffff:127.0.0.1", True),
+    ("10.1.2.3", "10.1.2.3", True),             # our own address: through loopback
+    ("::ffff:10.1.2.3", "10.1.2.3", True),
+    ("10.1.2.3", "10.1.2.4", False),
+    ("192.0.2.7", "203.0.113.9", False),
+    ("2001:db8::1", "2001:db8::2", False),
+    ("/run/apptunnel.sock", "/run/apptunnel.sock", False),   # a UNIX socket's path
+    ("", "", False),
+])
+def test_only_a_peer_on_this_host_gets_a_bounded_receive_buffer(host, peer, local):
+    """Loopback or our own address: LOCAL_RECEIVE_BUFFER; across a network autotuning stays."""
+    assert on_this_host(host, peer) is local
+    assert receive_buffer(host, peer) == (LOCAL_RECEIVE_BUFFER if local else None)
+
+
+@given(st.text(max_size=60), st.text(max_size=60))
+def test_on_this_host_never_raises(host, peer):
+    assert on_this_host(host, peer) in (True, False)
+
+
+def test_bulk_buffers_bound_the_kernel_receive_buffer_of_a_loopback_socket_only():
+    """SO_RCVBUF is set (Linux doubles it) on a socket whose peer is on this host, found
+    under a TLS wrapper; a socket whose peer is elsewhere keeps its autotuned default."""
+    import socket
+
+    from twisted.internet.abstract import FileDescriptor
+    from twisted.internet.address import IPv4Address
+
+    class Socket(FileDescriptor):
+        def __init__(self, sock, peer):
+            super().__init__()
+            self.socket, self._peer = sock, peer
+
+        def getHost(self):
+            return IPv4Address("TCP", *self.socket.getsockname())
+
+        def getPeer(self):
+            return IPv4Address("TCP", self._peer, 443)
+
+    class Wrapper:
+        def __init__(self, transport):
+            self.transport = transport
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    try:
+        default = server.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        bulk_buffers(Wrapper(Socket(server, "192.0.2.7")))
+        assert server.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == default
+        bulk_buffers(Wrapper(Socket(client, "127.0.0.1")))
+        assert client.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * LOCAL_RECEIVE_BUFFER
+    finally:
+        for s in (client, server, listener):
+            s.close()
 
 
 def test_failing_stream_protocol_resets_only_its_stream():
