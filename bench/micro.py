@@ -18,8 +18,12 @@ from twisted.internet import defer
 from apptunnel.audit import new_event_id
 from apptunnel.audit.chain import canonical, link_line, link_parts
 from apptunnel.backend.records import AuditEvent
+from apptunnel.proxy import http1
+from apptunnel.proxy.app_heads import _app_host_header, _identity_names, forwarded_client_headers
+from apptunnel.catalog import AppInfo
 from apptunnel.proxy.eager import run_eagerly
 from apptunnel.proxy.headers import valid_host
+from bench import http_before
 
 N = 100_000
 _HOSTS = itertools.cycle([b"app%d.example.test:8443" % i for i in range(1000)])
@@ -100,7 +104,57 @@ def _canonical_before() -> None:
                  e.outcome, e.fields]).encode("ascii")
 
 
+# -- the HTTP heads of one request (reactor thread) ----------------------------------------
+
+# What a browser sends (wrk sends only Host and the cookie), and nginx's answer.
+_REQUEST = (b"GET /index.html?x=1 HTTP/1.1\r\nHost: hello.apptunnel.localhost:8443\r\n"
+            b"User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0\r\n"
+            b"Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8\r\n"
+            b"Accept-Language: en-US,en;q=0.5\r\nAccept-Encoding: gzip, deflate, br\r\n"
+            b"Connection: keep-alive\r\nCookie: theme=dark; __Host-apptunnel_app=" + b"x" * 43
+            + b"\r\nUpgrade-Insecure-Requests: 1\r\nSec-Fetch-Dest: document\r\n"
+            b"Sec-Fetch-Mode: navigate\r\nSec-Fetch-Site: none\r\nSec-Fetch-User: ?1")
+_RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Tue, 01 Dec 2026 04:00:00 GMT\r\n"
+             b"Content-Type: text/plain\r\nContent-Length: 6\r\nConnection: keep-alive")
+_APP = AppInfo("hello", "http://127.0.0.1:8080", public_addr="hello.apptunnel.localhost:8443")
+_HEAD = http1.parse_request_head(_REQUEST)
+
+
+def _head_facts_before() -> None:
+    """Framing, keep-alive (twice), the upgrade test and the Connection-named set of one
+    request, each reading the header list again."""
+    head = http_before.parse_request_head(_REQUEST)
+    h = head.headers
+    http_before.request_framing(head)
+    http_before.keep_alive(head.version, h)
+    http_before.keep_alive(head.version, h)
+    b"websocket" in http_before.tokens(h, b"upgrade") and b"upgrade" in http_before.tokens(h, b"connection")
+    http_before.tokens(h, b"connection")
+
+
+def _head_facts_after() -> None:
+    head = http1.parse_request_head(_REQUEST)
+    h = head.headers
+    http1.RequestReader._framing(head)
+    http1.keep_alive(head.version, h)
+    http1.keep_alive(head.version, h)
+    b"websocket" in h.tokens(b"upgrade") and b"upgrade" in h.tokens(b"connection")
+    h.tokens(b"connection")
+
+
+def _rewrite_after() -> None:
+    forwarded_client_headers(_HEAD.headers, _identity_names("Teleport-Jwt-Assertion", ()),
+                             _app_host_header(_APP.uri))
+
+
 PAIRS = [
+    ("request head", lambda: http_before.parse_request_head(_REQUEST),
+     lambda: http1.parse_request_head(_REQUEST)),
+    ("request facts", _head_facts_before, _head_facts_after),
+    ("client rewrite", lambda: http_before.forwarded_client_headers(_HEAD, _APP, "Teleport-Jwt-Assertion"),
+     _rewrite_after),
+    ("response head", lambda: http_before.parse_response_head(_RESPONSE),
+     lambda: http1.parse_response_head(_RESPONSE)),
     ("route driving", _deferred_route, _eager_route),
     # Before: a Host the cache has not seen (1,000 of them in turn, more than it holds).
     ("valid_host", lambda: valid_host(next(_HOSTS)), lambda: valid_host(b"app.example.test:8443")),
