@@ -699,8 +699,8 @@ class AppConnection(Protocol):
                 "request_id": ex.request_id if ex is not None else ""}
 
     def _audit(self, ex: _Exchange, incomplete: bool = False) -> None:
-        self._fw.metrics.request(ex.app.name if ex.app is not None else "",
-                                 ex.status, self._clock.seconds() - ex.started)
+        elapsed = self._clock.seconds() - ex.started   # one reading for the metric and the event
+        self._fw.metrics.request(ex.app.name if ex.app is not None else "", ex.status, elapsed)
         if ex.app is None:
             if ex.status != 404:
                 return   # refused before an app was chosen: its refusal is audited as such
@@ -718,7 +718,7 @@ class AppConnection(Protocol):
             status=ex.status,
             bytes_in=ex.bytes_in,
             bytes_out=ex.bytes_out,
-            duration_ms=round((self._clock.seconds() - ex.started) * 1000.0, 3),
+            duration_ms=round(elapsed * 1000.0, 3),
             user=ex.user,
             app=ex.app.name,
             client_ip=self._client_ip,

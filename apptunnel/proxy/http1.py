@@ -69,6 +69,11 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _STRICT_HEX = re.compile(rb"[0-9A-Fa-f]{1,8}")
 _REQUEST_VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
+# Start lines every check below accepts, in one pass each (what they refuse is checked
+# again step by step, to say why): method SP target SP HTTP/1.1 or HTTP/1.0; HTTP/1.x SP
+# three digits, then optionally SP and a reason.
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN_CHARS + rb"+) ([\x21-\x7e\x80-\xff]+) (HTTP/1\.[01])")
+_STATUS_LINE = re.compile(rb"(HTTP/1\.[0-9]) ([0-9]{3})(?: ([^" + _BAD_VALUE_CHARS + rb"]*))?")
 _CHUNK_EXT_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -329,6 +334,20 @@ def _split_head(head: bytes, status: int) -> tuple[bytes, bytes | None]:
 def parse_request_head(head: bytes) -> RequestHead:
     """One request head without its final empty line (``head`` ends before CRLFCRLF)."""
     first, section = _split_head(head, 400)
+    line = _REQUEST_LINE.fullmatch(first)
+    if line is not None:
+        method, target, version = line.groups()
+    else:
+        method, target, version = _request_line(first)  # raises: says why
+    headers = _parse_fields(section, 400)
+    hosts = headers.count(b"host")
+    if hosts > 1 or (version == b"HTTP/1.1" and not hosts):
+        raise HttpError(400, "a request needs exactly one Host header")
+    return RequestHead(method, target, version, headers)
+
+
+def _request_line(first: bytes) -> tuple[bytes, bytes, bytes]:
+    """A request line checked step by step (what ``_REQUEST_LINE`` refused)."""
     parts = first.split(b" ")
     if len(parts) != 3:
         raise HttpError(400, "malformed request line")
@@ -340,15 +359,25 @@ def parse_request_head(head: bytes) -> RequestHead:
     version = _parse_version(version, 400)
     if version not in _REQUEST_VERSIONS:
         raise HttpError(505, "unsupported HTTP version")
-    headers = _parse_fields(section, 400)
-    hosts = headers.count(b"host")
-    if hosts > 1 or (version == b"HTTP/1.1" and not hosts):
-        raise HttpError(400, "a request needs exactly one Host header")
-    return RequestHead(method, target, version, headers)
+    return method, target, version
 
 
 def parse_response_head(head: bytes) -> ResponseHead:
     first, section = _split_head(head, 502)
+    line = _STATUS_LINE.fullmatch(first)
+    if line is not None:
+        version, status_raw, reason = line.groups()
+        status = int(status_raw)
+        if status < 100:
+            raise HttpError(502, "invalid status code")
+        reason = reason or b""
+    else:
+        version, status, reason = _status_line(first)  # raises: says why
+    return ResponseHead(version, status, reason, _parse_fields(section, 502))
+
+
+def _status_line(first: bytes) -> tuple[bytes, int, bytes]:
+    """A status line checked step by step (what ``_STATUS_LINE`` refused)."""
     version, sep, rest = first.partition(b" ")
     status_raw, _, reason = rest.partition(b" ")
     if not sep or _STATUS.fullmatch(status_raw) is None:
@@ -359,7 +388,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
     status = int(status_raw)
     if status < 100:
         raise HttpError(502, "invalid status code")
-    return ResponseHead(version, status, reason, _parse_fields(section, 502))
+    return version, status, reason
 
 
 def _content_length(headers: Headers, status: int) -> int | None:
