@@ -118,6 +118,8 @@ _RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Tue, 01 Dec 2026
              b"Content-Type: text/plain\r\nContent-Length: 6\r\nConnection: keep-alive")
 _APP = AppInfo("hello", "http://127.0.0.1:8080", public_addr="hello.apptunnel.localhost:8443")
 _HEAD = http1.parse_request_head(_REQUEST)
+_FORWARDED = http1.RequestHead(_HEAD.method, _HEAD.target, _HEAD.version, http1.Headers(
+    list(_HEAD.headers) + [(b"X-Forwarded-For", b"127.0.0.1"), (b"Teleport-Jwt-Assertion", b"t" * 300)]))
 
 
 def _head_facts_before() -> None:
@@ -153,6 +155,7 @@ PAIRS = [
     ("request facts", _head_facts_before, _head_facts_after),
     ("client rewrite", lambda: http_before.forwarded_client_headers(_HEAD, _APP, "Teleport-Jwt-Assertion"),
      _rewrite_after),
+    ("head to bytes", lambda: http_before.head_bytes(_FORWARDED), _FORWARDED.to_bytes),
     ("response head", lambda: http_before.parse_response_head(_RESPONSE),
      lambda: http1.parse_response_head(_RESPONSE)),
     ("route driving", _deferred_route, _eager_route),

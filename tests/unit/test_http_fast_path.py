@@ -244,3 +244,12 @@ def test_start_lines_are_judged_as_before(first):
     for parse, old, fields in ((http1.parse_request_head, before.parse_request_head, b"\r\nHost: a"),
                                (http1.parse_response_head, before.parse_response_head, b"")):
         assert _outcome(parse, first + fields) == _outcome(old, first + fields)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_NAMES), st.sampled_from(_VALUES)), max_size=10))
+def test_heads_go_on_the_wire_as_before(fields):
+    head = http1.RequestHead(b"GET", b"/x", b"HTTP/1.1", Headers(fields))
+    assert head.to_bytes() == before.head_bytes(head)
+    resp = http1.ResponseHead(b"HTTP/1.1", 200, b"OK", Headers(fields))
+    assert resp.to_bytes() == b"HTTP/1.1 200 OK\r\n" + before.head_bytes(head).partition(b"\r\n")[2]
