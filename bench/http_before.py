@@ -219,10 +219,13 @@ def strip_proxy_cookies(headers: Headers) -> None:
     headers.replace_all(kept)
 
 
-def forwarded_client_headers(head: RequestHead, app, jwt_header: str) -> Headers:
-    """The first three steps of ``app_request_head`` before: client_headers, our cookies
-    stripped, Host set (what ``app_heads.forwarded_client_headers`` does in one pass)."""
+def forwarded_client_headers(head: RequestHead, app, jwt_header: str, added=()) -> Headers:
+    """The first steps of ``app_request_head`` before: client_headers, our cookies
+    stripped, Host set, ours added one by one (what ``app_heads.forwarded_client_headers``
+    does in one pass)."""
     out = client_headers(head.headers, _identity_names(jwt_header, app.rewrite_headers))
     strip_proxy_cookies(out)
     out.set(b"Host", _app_host_header(app.uri))
+    for name, value in added:
+        out.add(name, value)
     return out

@@ -144,16 +144,22 @@ def _head_facts_after() -> None:
     h.tokens(b"connection")
 
 
+_OURS = [(b"X-Forwarded-For", b"127.0.0.1"), (b"X-Forwarded-Proto", b"https"),
+         (b"X-Forwarded-Host", b"hello.apptunnel.localhost:8443"),
+         (b"Teleport-Jwt-Assertion", b"t" * 300)]
+
+
 def _rewrite_after() -> None:
     forwarded_client_headers(_HEAD.headers, _identity_names("Teleport-Jwt-Assertion", ()),
-                             _app_host_header(_APP.uri))
+                             _app_host_header(_APP.uri), _OURS)
 
 
 PAIRS = [
     ("request head", lambda: http_before.parse_request_head(_REQUEST),
      lambda: http1.parse_request_head(_REQUEST)),
     ("request facts", _head_facts_before, _head_facts_after),
-    ("client rewrite", lambda: http_before.forwarded_client_headers(_HEAD, _APP, "Teleport-Jwt-Assertion"),
+    ("client rewrite", lambda: http_before.forwarded_client_headers(_HEAD, _APP, "Teleport-Jwt-Assertion",
+                                                                     _OURS),
      _rewrite_after),
     ("head to bytes", lambda: http_before.head_bytes(_FORWARDED), _FORWARDED.to_bytes),
     ("response head", lambda: http_before.parse_response_head(_RESPONSE),

@@ -52,11 +52,13 @@ def strip_proxy_cookies(headers: Headers) -> None:
     headers.replace_all(kept)
 
 
-def forwarded_client_headers(headers: Headers, identity: frozenset[bytes], host: bytes) -> Headers:
-    """The client's headers the app sees, our cookies stripped, ``Host`` set last.
+def forwarded_client_headers(headers: Headers, identity: frozenset[bytes], host: bytes,
+                             added: list[tuple[bytes, bytes]] = ()) -> Headers:
+    """The client's headers the app sees, our cookies stripped, ``Host`` set, then ``added``.
 
-    ``client_headers``, then ``strip_proxy_cookies``, then ``set(b"Host", host)``, in one
-    pass over the fields (the same result; ``test_http_fast_path.py`` holds them to it).
+    ``client_headers``, then ``strip_proxy_cookies``, then ``set(b"Host", host)``, then an
+    ``add`` of each of ``added``, in one pass over the fields (the same result;
+    ``test_http_fast_path.py`` holds them to it).
     """
     named = connection_named(headers)
     items = []
@@ -73,6 +75,9 @@ def forwarded_client_headers(headers: Headers, identity: frozenset[bytes], host:
         names.append(lname)
     items.append((b"Host", host))
     names.append(b"host")
+    for item in added:
+        items.append(item)
+        names.append(item[0].lower())
     return Headers(items, lowered=names)
 
 
@@ -130,15 +135,15 @@ def app_request_head(head: RequestHead, app: AppInfo, caller, client_ip: str, up
     signed for them, sent in ``jwt_header``.
     """
     identity = _identity_names(jwt_header, app.rewrite_headers)
-    out = forwarded_client_headers(head.headers, identity, _app_host_header(app.uri))
-    if upgrade:
-        out.add(b"Connection", b"Upgrade")
-        out.add(b"Upgrade", b"websocket")
-    out.add(b"X-Forwarded-For", client_ip.encode("ascii", "replace"))
-    out.add(b"X-Forwarded-Proto", b"https")
-    # The app's public address, never the client's Host: the app builds URLs from it.
-    out.add(b"X-Forwarded-Host", app.public_addr.encode("ascii", "replace"))
-    out.add(jwt_header.encode("ascii"), token.encode("ascii"))
+    added = [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")] if upgrade else []
+    added += [
+        (b"X-Forwarded-For", client_ip.encode("ascii", "replace")),
+        (b"X-Forwarded-Proto", b"https"),
+        # The app's public address, never the client's Host: the app builds URLs from it.
+        (b"X-Forwarded-Host", app.public_addr.encode("ascii", "replace")),
+        (jwt_header.encode("ascii"), token.encode("ascii")),
+    ]
+    out = forwarded_client_headers(head.headers, identity, _app_host_header(app.uri), added)
     for name, template in app.rewrite_headers:
         value = _expand(template, caller.traits)
         if (value is None or _TOKEN.fullmatch(name) is None or _BAD_VALUE.search(value)

@@ -58,8 +58,10 @@ _BAD_VALUE = re.compile(rb"[" + _BAD_VALUE_CHARS + rb"]")
 # regex pass instead of two per line. CR and LF are bad value bytes, so the CRLFs here are
 # exactly the line ends a split finds; a section it refuses is read line by line again to
 # say what is wrong (``_parse_fields``).
-_FIELD = _TOKEN_CHARS + rb"+:[^" + _BAD_VALUE_CHARS + rb"]*"
-_FIELD_SECTION = re.compile(_FIELD + rb"(?:\r\n" + _FIELD + rb")*")
+# Possessive quantifiers: nothing a repeat took is given back, so a refused section costs
+# one pass too (no backtracking over a 64 KiB head).
+_FIELD = _TOKEN_CHARS + rb"++:[^" + _BAD_VALUE_CHARS + rb"]*+"
+_FIELD_SECTION = re.compile(_FIELD + rb"(?:\r\n" + _FIELD + rb")*+")
 _TARGET = re.compile(rb"[\x21-\x7e\x80-\xff]+")
 _VERSION = re.compile(rb"HTTP/(\d)\.(\d)")
 _STATUS = re.compile(rb"\d{3}")
@@ -72,8 +74,8 @@ _DIGITS = re.compile(rb"[0-9]{1,18}")
 # Start lines every check below accepts, in one pass each (what they refuse is checked
 # again step by step, to say why): method SP target SP HTTP/1.1 or HTTP/1.0; HTTP/1.x SP
 # three digits, then optionally SP and a reason.
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN_CHARS + rb"+) ([\x21-\x7e\x80-\xff]+) (HTTP/1\.[01])")
-_STATUS_LINE = re.compile(rb"(HTTP/1\.[0-9]) ([0-9]{3})(?: ([^" + _BAD_VALUE_CHARS + rb"]*))?")
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN_CHARS + rb"++) ([\x21-\x7e\x80-\xff]++) (HTTP/1\.[01])")
+_STATUS_LINE = re.compile(rb"(HTTP/1\.[0-9]) ([0-9]{3})(?: ([^" + _BAD_VALUE_CHARS + rb"]*+))?+")
 _CHUNK_EXT_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 

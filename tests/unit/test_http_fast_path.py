@@ -201,9 +201,11 @@ def test_client_headers_are_rewritten_in_one_pass_as_in_three(fields, looked_up)
     head = http1.RequestHead(b"GET", b"/", b"HTTP/1.1", Headers(fields))
     if looked_up:
         head.headers.get(b"host")  # lower-cased names already built, or not
+    ours = [(b"Connection", b"Upgrade"), (b"X-Forwarded-For", b"10.0.0.1"),
+            (b"Teleport-Jwt-Assertion", b"t")]
     new = forwarded_client_headers(head.headers, identity_names("Teleport-Jwt-Assertion",
-                                                                 ["X-Webauth-User"]), b"127.0.0.1:8080")
-    old = before.forwarded_client_headers(head, _APP, "Teleport-Jwt-Assertion")
+                                                                 ["X-Webauth-User"]), b"127.0.0.1:8080", ours)
+    old = before.forwarded_client_headers(head, _APP, "Teleport-Jwt-Assertion", ours)
     assert new.items() == old.items()
     assert _lowered_in_step(new)
     assert Headers(fields) == head.headers   # the client's head is left as it was
