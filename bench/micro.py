@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import secrets
 import time
 import uuid
 
@@ -21,6 +22,7 @@ from apptunnel.backend.records import AuditEvent
 from apptunnel.proxy import http1
 from apptunnel.proxy.app_heads import _app_host_header, _identity_names, forwarded_client_headers
 from apptunnel.catalog import AppInfo
+from apptunnel.proxy.app_connection import new_request_id
 from apptunnel.proxy.eager import run_eagerly
 from apptunnel.proxy.headers import valid_host
 from bench import http_before
@@ -161,6 +163,7 @@ PAIRS = [
     ("client rewrite", lambda: http_before.forwarded_client_headers(_HEAD, _APP, "Teleport-Jwt-Assertion",
                                                                      _OURS),
      _rewrite_after),
+    ("request id", lambda: secrets.token_hex(8), new_request_id),
     ("head to bytes", lambda: http_before.head_bytes(_FORWARDED), _FORWARDED.to_bytes),
     ("response head", lambda: http_before.parse_response_head(_RESPONSE),
      lambda: http1.parse_response_head(_RESPONSE)),

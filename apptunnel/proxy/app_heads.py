@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
 from apptunnel.auth.sessions import PROXY_COOKIE_PREFIX
@@ -53,7 +53,7 @@ def strip_proxy_cookies(headers: Headers) -> None:
 
 
 def forwarded_client_headers(headers: Headers, identity: frozenset[bytes], host: bytes,
-                             added: list[tuple[bytes, bytes]] = ()) -> Headers:
+                             added: Sequence[tuple[bytes, bytes]] = ()) -> Headers:
     """The client's headers the app sees, our cookies stripped, ``Host`` set, then ``added``.
 
     ``client_headers``, then ``strip_proxy_cookies``, then ``set(b"Host", host)``, then an

@@ -8,12 +8,15 @@ properties hold the new code to its results, errors (status and reason) included
 
 from __future__ import annotations
 
+import os
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apptunnel.auth.sessions import PROXY_COOKIE_PREFIX
 from apptunnel.catalog import AppInfo
 from apptunnel.proxy import http1
+from apptunnel.proxy.app_connection import RandomIds, new_request_id
 from apptunnel.proxy.app_heads import forwarded_client_headers
 from apptunnel.proxy.headers import (
     MAX_CACHED_NAME,
@@ -255,3 +258,25 @@ def test_heads_go_on_the_wire_as_before(fields):
     assert head.to_bytes() == before.head_bytes(head)
     resp = http1.ResponseHead(b"HTTP/1.1", 200, b"OK", Headers(fields))
     assert resp.to_bytes() == b"HTTP/1.1 200 OK\r\n" + before.head_bytes(head).partition(b"\r\n")[2]
+
+
+def test_request_ids_are_random_hex_across_refills_and_fresh_after_a_fork():
+    """16 lower-case hex digits, as ``secrets.token_hex(8)`` gave; all distinct across
+    several buffer refills; every byte read is used once; ``forget`` (a forked child)
+    never reuses what the parent had buffered."""
+    reads = []
+
+    def read(n):
+        data = os.urandom(n)
+        reads.append(data)
+        return data
+
+    ids = RandomIds(read)
+    got = [ids.next() for _ in range(3 * RandomIds.CHUNK // 8 + 5)]
+    assert all(len(i) == 16 and set(i) <= set("0123456789abcdef") for i in got)
+    assert len(set(got)) == len(got)
+    assert len(reads) == 4 and "".join(got[:3 * RandomIds.CHUNK // 8]) == b"".join(reads[:3]).hex()
+    ids.forget()
+    after = ids.next()
+    assert len(reads) == 5 and after == reads[4][:8].hex()
+    assert new_request_id() != new_request_id()
