@@ -44,14 +44,31 @@ def identity_names(jwt_header: str, rewrite_names: Iterable[str] = ()) -> frozen
     return frozenset(squash(n) for n in (jwt_header, *PEER_IDENTITY_HEADERS, *rewrite_names))
 
 
+MAX_CACHED_NAME = 64      # longer client header names are judged afresh each time
+
+
 def client_header_dropped(lname: bytes, identity: frozenset[bytes], named: frozenset[bytes]) -> bool:
     """Whether a client header (lower-cased ``lname``) stops at the proxy.
 
     ``named`` holds the tokens of the client's Connection header (hop-by-hop by request).
+    The rest of the answer depends on the name and the app's identity names only, and a
+    request repeats the same dozen names: it is remembered (bounded, short names only).
     """
+    if lname in named:
+        return True
+    if len(lname) <= MAX_CACHED_NAME:
+        return _dropped_by_name_cached(lname, identity)
+    return _dropped_by_name(lname, identity)
+
+
+@functools.lru_cache(maxsize=1024)
+def _dropped_by_name_cached(lname: bytes, identity: frozenset[bytes]) -> bool:
+    return _dropped_by_name(lname, identity)
+
+
+def _dropped_by_name(lname: bytes, identity: frozenset[bytes]) -> bool:
     return (
         lname in _HOP_BY_HOP
-        or lname in named
         or lname.startswith(b"proxy-")
         or b"_" in lname
         or lname == b"forwarded"
@@ -61,10 +78,16 @@ def client_header_dropped(lname: bytes, identity: frozenset[bytes], named: froze
     )
 
 
+def connection_named(headers: Headers) -> frozenset[bytes]:
+    """The fields a client's Connection header makes hop-by-hop (framing and Host never)."""
+    return frozenset(t for t in headers.tokens(b"connection") if t not in _PROTECTED)
+
+
 def client_headers(headers: Headers, identity: frozenset[bytes]) -> Headers:
     """The client's headers an app may see (the proxy adds its own afterwards)."""
-    named = frozenset(t for t in headers.tokens(b"connection") if t not in _PROTECTED)
-    return Headers([(n, v) for n, v in headers if not client_header_dropped(n.lower(), identity, named)])
+    named = connection_named(headers)
+    return Headers([item for lname, item in headers.lowered_items()
+                    if not client_header_dropped(lname, identity, named)])
 
 
 MAX_CACHED_HOST = 300   # longer than any valid Host (a 254-byte name, brackets, a port)

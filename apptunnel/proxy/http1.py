@@ -49,9 +49,19 @@ MAX_TRAILERS = 64 * 1024
 # transport meanwhile, so only one read's worth should ever arrive).
 MAX_HELD = 1024 * 1024
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_TOKEN = re.compile(_TOKEN_CHARS + rb"+")
 # field-value: VCHAR, SP, HTAB and obs-text; no CTLs, CR, LF, NUL or DEL.
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_VALUE_CHARS = rb"\x00-\x08\x0a-\x1f\x7f"
+_BAD_VALUE = re.compile(rb"[" + _BAD_VALUE_CHARS + rb"]")
+# A whole field section (lines joined by CRLF) in which every line is a valid field: one
+# regex pass instead of two per line. CR and LF are bad value bytes, so the CRLFs here are
+# exactly the line ends a split finds; a section it refuses is read line by line again to
+# say what is wrong (``_parse_fields``).
+# Possessive quantifiers: nothing a repeat took is given back, so a refused section costs
+# one pass too (no backtracking over a 64 KiB head).
+_FIELD = _TOKEN_CHARS + rb"++:[^" + _BAD_VALUE_CHARS + rb"]*+"
+_FIELD_SECTION = re.compile(_FIELD + rb"(?:\r\n" + _FIELD + rb")*+")
 _TARGET = re.compile(rb"[\x21-\x7e\x80-\xff]+")
 _VERSION = re.compile(rb"HTTP/(\d)\.(\d)")
 _STATUS = re.compile(rb"\d{3}")
@@ -61,6 +71,11 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _STRICT_HEX = re.compile(rb"[0-9A-Fa-f]{1,8}")
 _REQUEST_VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
+# Start lines every check below accepts, in one pass each (what they refuse is checked
+# again step by step, to say why): method SP target SP HTTP/1.1 or HTTP/1.0; HTTP/1.x SP
+# three digits, then optionally SP and a reason.
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN_CHARS + rb"++) ([\x21-\x7e\x80-\xff]++) (HTTP/1\.[01])")
+_STATUS_LINE = re.compile(rb"(HTTP/1\.[0-9]) ([0-9]{3})(?: ([^" + _BAD_VALUE_CHARS + rb"]*+))?+")
 _CHUNK_EXT_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -79,15 +94,19 @@ class HttpError(ProxyError):
 class Headers:
     """Ordered (name, value) byte pairs; lookups ignore case, order and spelling are kept.
 
-    The lower-cased names are computed once, on the first lookup, and kept in step with
-    every change: a request's head is looked up a dozen times on its way through.
+    The lower-cased names are computed once (by the parser, or on the first lookup) and
+    kept in step with every change, and list values (``tokens``) are remembered until the
+    next change: a request's head is looked up a dozen times on its way through.
+    ``lowered``, when given, must be the lower-cased names of ``items``, in order.
     """
 
-    __slots__ = ("_items", "_names")
+    __slots__ = ("_items", "_names", "_tokens")
 
-    def __init__(self, items: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    def __init__(self, items: Iterable[tuple[bytes, bytes]] = (),
+                 lowered: list[bytes] | None = None) -> None:
         self._items: list[tuple[bytes, bytes]] = list(items)
-        self._names: list[bytes] | None = None  # lower-cased names, parallel to _items
+        self._names: list[bytes] | None = lowered  # lower-cased names, parallel to _items
+        self._tokens: dict[bytes, tuple[bytes, ...]] | None = None  # tokens() per lower name
 
     def _lowered(self) -> list[bytes]:
         names = self._names
@@ -125,15 +144,26 @@ class Headers:
             return []
         return [item[1] for n, item in zip(names, self._items) if n == lname]
 
+    def count(self, name: bytes) -> int:
+        """How many ``name`` fields there are."""
+        return self._lowered().count(name.lower())
+
     def tokens(self, name: bytes) -> list[bytes]:
         """Comma-separated list values of every ``name`` field, lower-cased, empties dropped."""
-        found = []
-        for value in self.get_all(name):
-            for part in value.split(b","):
-                part = part.strip(b" \t").lower()
-                if part:
-                    found.append(part)
-        return found
+        lname = name.lower()
+        cache = self._tokens
+        if cache is None:
+            cache = self._tokens = {}
+        found = cache.get(lname)
+        if found is None:
+            parts = []
+            for value in self.get_all(lname):
+                for part in value.split(b","):
+                    part = part.strip(b" \t").lower()
+                    if part:
+                        parts.append(part)
+            found = cache[lname] = tuple(parts)
+        return list(found)
 
     def remove(self, name: bytes) -> int:
         """Drop every ``name`` field; returns how many went."""
@@ -144,6 +174,7 @@ class Headers:
         """Drop every field whose lower-cased name makes ``predicate`` true."""
         before = len(self._items)
         kept = [(n, item) for n, item in zip(self._lowered(), self._items) if not predicate(n)]
+        self._tokens = None
         self._names = [n for n, _ in kept]
         self._items = [item for _, item in kept]
         return before - len(self._items)
@@ -155,15 +186,21 @@ class Headers:
 
     def add(self, name: bytes, value: bytes) -> None:
         self._items.append((name, value))
+        self._tokens = None
         if self._names is not None:
             self._names.append(name.lower())
 
     def items(self) -> list[tuple[bytes, bytes]]:
         return list(self._items)
 
+    def lowered_items(self) -> list[tuple[bytes, tuple[bytes, bytes]]]:
+        """(lower-cased name, (name, value)) for every field, in order: for one-pass rewrites."""
+        return list(zip(self._lowered(), self._items))
+
     def replace_all(self, items: Iterable[tuple[bytes, bytes]]) -> None:
         self._items = list(items)
         self._names = None
+        self._tokens = None
 
 
 @attrs.define
@@ -177,10 +214,8 @@ class RequestHead:
     request_id: str = ""
 
     def to_bytes(self) -> bytes:
-        return b"".join(
-            [self.method, b" ", self.target, b" ", self.version, b"\r\n",
-             _headers_bytes(self.headers), b"\r\n"]
-        )
+        return _head_bytes([self.method, b" ", self.target, b" ", self.version, b"\r\n"],
+                           self.headers)
 
 
 @attrs.define
@@ -191,10 +226,8 @@ class ResponseHead:
     headers: Headers
 
     def to_bytes(self) -> bytes:
-        return b"".join(
-            [self.version, b" ", b"%d" % self.status, b" ", self.reason, b"\r\n",
-             _headers_bytes(self.headers), b"\r\n"]
-        )
+        return _head_bytes([self.version, b" ", b"%d" % self.status, b" ", self.reason, b"\r\n"],
+                           self.headers)
 
 
 @attrs.frozen
@@ -228,9 +261,13 @@ class Upgraded:
 Event = RequestHead | ResponseHead | BodyBytes | Trailers | EndOfMessage | Upgraded
 
 
-def _headers_bytes(headers: Headers) -> bytes:
-    # A list, not a generator: joined faster (twice per request: the request and response heads).
-    return b"".join([b"%s: %s\r\n" % (n, v) for n, v in headers])
+def _head_bytes(start: list[bytes], headers: Headers) -> bytes:
+    """A head on the wire: the start line's pieces, the fields, the empty line; one join
+    of the pieces (twice per request: the request and response heads)."""
+    for name, value in headers:
+        start += (name, b": ", value, b"\r\n")
+    start.append(b"\r\n")
+    return b"".join(start)
 
 
 def keep_alive(version: bytes, headers: Headers) -> bool:
@@ -252,10 +289,26 @@ def _parse_version(raw: bytes, status: int) -> bytes:
     return raw
 
 
-def _parse_fields(lines: list[bytes], status: int) -> Headers:
-    """Header lines to Headers; ``status`` is what a bad field becomes (400 or 502)."""
-    if len(lines) > MAX_HEADERS:
+def _parse_fields(section: bytes | None, status: int) -> Headers:
+    """A field section (lines joined by CRLF; None for none) to Headers; ``status`` is what
+    a bad field becomes (400 or 502)."""
+    if section is None:
+        return Headers()
+    if section.count(b"\r\n") >= MAX_HEADERS:
         raise HttpError(431 if status == 400 else status, "too many header fields")
+    if _FIELD_SECTION.fullmatch(section) is None:
+        return _parse_field_lines(section.split(b"\r\n"), status)  # raises: says why
+    items = []
+    names = []
+    for line in section.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        items.append((name, value.strip(b" \t")))
+        names.append(name.lower())
+    return Headers(items, lowered=names)
+
+
+def _parse_field_lines(lines: list[bytes], status: int) -> Headers:
+    """Field lines one at a time, naming the first bad one (what ``_FIELD_SECTION`` refused)."""
     items = []
     for line in lines:
         if line[:1] in (b" ", b"\t"):
@@ -270,17 +323,33 @@ def _parse_fields(lines: list[bytes], status: int) -> Headers:
     return Headers(items)
 
 
-def _split_head(head: bytes, status: int) -> tuple[bytes, list[bytes]]:
-    lines = head.split(b"\r\n")
-    # Every CR and LF left must be one of the CRLFs we split on (counted in C, not per line).
-    if head.count(b"\r") != len(lines) - 1 or head.count(b"\n") != len(lines) - 1:
+def _split_head(head: bytes, status: int) -> tuple[bytes, bytes | None]:
+    """(start line, field section or None when the head has no field lines)."""
+    crlfs = head.count(b"\r\n")
+    # Every CR and LF must be one of the CRLFs (counted in C, not per line).
+    if head.count(b"\r") != crlfs or head.count(b"\n") != crlfs:
         raise HttpError(status, "bare CR or LF in message head")
-    return lines[0], lines[1:]
+    first, sep, section = head.partition(b"\r\n")
+    return first, (section if sep else None)
 
 
 def parse_request_head(head: bytes) -> RequestHead:
     """One request head without its final empty line (``head`` ends before CRLFCRLF)."""
-    first, lines = _split_head(head, 400)
+    first, section = _split_head(head, 400)
+    line = _REQUEST_LINE.fullmatch(first)
+    if line is not None:
+        method, target, version = line.groups()
+    else:
+        method, target, version = _request_line(first)  # raises: says why
+    headers = _parse_fields(section, 400)
+    hosts = headers.count(b"host")
+    if hosts > 1 or (version == b"HTTP/1.1" and not hosts):
+        raise HttpError(400, "a request needs exactly one Host header")
+    return RequestHead(method, target, version, headers)
+
+
+def _request_line(first: bytes) -> tuple[bytes, bytes, bytes]:
+    """A request line checked step by step (what ``_REQUEST_LINE`` refused)."""
     parts = first.split(b" ")
     if len(parts) != 3:
         raise HttpError(400, "malformed request line")
@@ -292,15 +361,25 @@ def parse_request_head(head: bytes) -> RequestHead:
     version = _parse_version(version, 400)
     if version not in _REQUEST_VERSIONS:
         raise HttpError(505, "unsupported HTTP version")
-    headers = _parse_fields(lines, 400)
-    hosts = headers.get_all(b"host")
-    if len(hosts) > 1 or (version == b"HTTP/1.1" and not hosts):
-        raise HttpError(400, "a request needs exactly one Host header")
-    return RequestHead(method, target, version, headers)
+    return method, target, version
 
 
 def parse_response_head(head: bytes) -> ResponseHead:
-    first, lines = _split_head(head, 502)
+    first, section = _split_head(head, 502)
+    line = _STATUS_LINE.fullmatch(first)
+    if line is not None:
+        version, status_raw, reason = line.groups()
+        status = int(status_raw)
+        if status < 100:
+            raise HttpError(502, "invalid status code")
+        reason = reason or b""
+    else:
+        version, status, reason = _status_line(first)  # raises: says why
+    return ResponseHead(version, status, reason, _parse_fields(section, 502))
+
+
+def _status_line(first: bytes) -> tuple[bytes, int, bytes]:
+    """A status line checked step by step (what ``_STATUS_LINE`` refused)."""
     version, sep, rest = first.partition(b" ")
     status_raw, _, reason = rest.partition(b" ")
     if not sep or _STATUS.fullmatch(status_raw) is None:
@@ -311,13 +390,15 @@ def parse_response_head(head: bytes) -> ResponseHead:
     status = int(status_raw)
     if status < 100:
         raise HttpError(502, "invalid status code")
-    return ResponseHead(version, status, reason, _parse_fields(lines, 502))
+    return version, status, reason
 
 
 def _content_length(headers: Headers, status: int) -> int | None:
     values = headers.get_all(b"content-length")
     if not values:
         return None
+    if len(values) == 1 and _DIGITS.fullmatch(values[0]) is not None:
+        return int(values[0])  # one plain number: what the loop below would find
     found = set()
     for value in values:
         for part in value.split(b","):
@@ -444,7 +525,7 @@ class _Framer:
                 del buf[:pos]
                 self._scanned = self._line_start = 0
                 return True
-            _parse_fields([line], self.status)
+            _parse_field_lines([line], self.status)
 
     @staticmethod
     def _emit(buf: bytearray, pos: int, out: list) -> None:
@@ -534,6 +615,8 @@ class HeadScanner:
 
 def _take_head(buf: bytearray, scanner: HeadScanner) -> bytes | None:
     """Remove and return one head (without the blank line), None if incomplete."""
+    if not buf:
+        return None  # nothing to look at (a response reader started before any bytes came)
     found = scanner.find(buf)
     if found is None:
         return None
@@ -661,6 +744,8 @@ class RequestReader:
 
     @staticmethod
     def _framing(req: RequestHead) -> _Framer:
+        if b"content-length" not in req.headers and b"transfer-encoding" not in req.headers:
+            return _Framer("none")  # most requests: no body, nothing more to check
         chunked = _is_chunked(req.headers, 400, request=True)
         length = _content_length(req.headers, 400)
         # The head goes to the app as it came: only spellings every parser reads alike.
