@@ -199,15 +199,15 @@ class _Sockets:
     def turn(self) -> None:
         """A turn's writes of a request head each, the poll, the peers reading them."""
         for conn in self.conns:
-            conn.write(_REQUEST)
+            conn.write(_WIRE_REQUEST)
         self.reactor.doPoll(0)   # queued writes: a dispatch to doWrite each; through: none
         for peer in self.peers:
             peer.recv(65536)
 
 
-_REQUEST = b"GET / HTTP/1.1\r\n" + b"X-Header: value\r\n" * 18 + b"\r\n"
-_RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 6\r\n"
-             + b"X: y\r\n" * 6 + b"\r\nhello\n")
+_WIRE_REQUEST = b"GET / HTTP/1.1\r\n" + b"X-Header: value\r\n" * 18 + b"\r\n"
+_WIRE_RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 6\r\n"
+                  + b"X: y\r\n" * 6 + b"\r\nhello\n")
 _QUEUED, _THROUGH = None, None
 
 
@@ -250,7 +250,7 @@ class _MemoryTransport:
 
 class _App(Protocol):
     def dataReceived(self, data: bytes) -> None:
-        self.transport.write(_RESPONSE)
+        self.transport.write(_WIRE_RESPONSE)
 
 
 class _Accept:
@@ -297,7 +297,7 @@ class _TunnelPair:
     def turn(self) -> None:
         """A turn of requests: each head one way, its response back (both tunnel ends)."""
         for proto in self.streams:
-            proto.transport.write(_REQUEST)
+            proto.transport.write(_WIRE_REQUEST)
         self.move()
 
 
