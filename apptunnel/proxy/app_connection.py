@@ -122,6 +122,18 @@ class _Exchange:
     host: str = ""            # as the request named it (audited when no app has it)
 
 
+def _connection_field(ex: _Exchange, status: int) -> bytes | None:
+    """The Connection field of the response the client gets: what the proxy will do with
+    the client's connection after it (the app's own field is about the app's connection)."""
+    if status == 101:
+        return b"Upgrade"
+    if not ex.keep_alive:
+        return b"close"
+    if ex.version == b"HTTP/1.0":
+        return b"keep-alive"   # an HTTP/1.0 client closes unless told otherwise
+    return None
+
+
 @implementer(IPushProducer)
 class _Valve:
     """A producer registered with one side's transport that pauses the other side."""
@@ -552,9 +564,10 @@ class AppConnection(Protocol):
                     continue
                 ex.status = event.status
                 ex.head_sent = True
-                out.append(self._fw.response_head(event, ex.app, self._fixed_app is not None).to_bytes())
                 if self._resp.must_close and event.status != 101:
                     ex.keep_alive = False
+                out.append(self._fw.response_head(event, ex.app, self._fixed_app is not None,
+                                                  _connection_field(ex, event.status)).to_bytes())
             elif isinstance(event, Upgraded):
                 self._flush(out)
                 self._go_raw()

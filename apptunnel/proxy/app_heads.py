@@ -21,6 +21,7 @@ from apptunnel.proxy.headers import (
     connection_named,
     cookie_has_domain,
     identity_names,
+    response_header_dropped,
 )
 from apptunnel.proxy.http1 import Headers, RequestHead, ResponseHead
 from apptunnel.catalog import AppInfo
@@ -154,17 +155,24 @@ def app_request_head(head: RequestHead, app: AppInfo, caller, client_ip: str, up
 
 
 def app_response_head(head: ResponseHead, app: AppInfo, fixed: bool,
-                      dropped: Callable[[str, bytes], None]) -> ResponseHead:
-    """The head the client sees: app-origin redirects made public, our cookies kept ours.
+                      dropped: Callable[[str, bytes], None],
+                      connection: bytes | None = None) -> ResponseHead:
+    """The head the client sees: app-origin redirects made public, our cookies kept ours,
+    the app's hop-by-hop fields gone and ``connection`` (when given) as its Connection field.
 
     On a fixed-app connection the client reached us through a local port whose address
     we do not know, so app-origin redirects become origin-relative instead. A Set-Cookie
     with a Domain is dropped and ``dropped(app name, cookie name)`` told (for one log line).
+    A 101 keeps the app's Upgrade field: it names the protocol switched to.
     """
     public = "" if fixed else f"https://{app.public_addr}"
     origins = _internal_origins(app.uri)
+    named = connection_named(head.headers)
+    switching = head.status == 101
     out = []
     for lname, (name, value) in head.headers.lowered_items():
+        if response_header_dropped(lname, named) and not (switching and lname == b"upgrade"):
+            continue
         if lname == b"set-cookie" and value.lstrip().startswith(_PREFIX):
             continue
         if lname == b"set-cookie" and cookie_has_domain(value):
@@ -178,4 +186,6 @@ def app_response_head(head: ResponseHead, app: AppInfo, fixed: bool,
                     value = (public + text[len(origin):] or "/").encode("latin-1")
                     break
         out.append((name, value))
+    if connection is not None:
+        out.append((b"Connection", connection))
     return ResponseHead(head.version, head.status, head.reason, Headers(out))

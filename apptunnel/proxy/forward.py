@@ -122,6 +122,7 @@ class AppForwarder(Factory):
         self._log.info("dropped a Set-Cookie with a Domain from app {app}: {name} (only host-only "
                        "cookies reach the browser)", app=app, name=name.decode("latin-1"))
 
-    def response_head(self, head: ResponseHead, app: AppInfo, fixed: bool = False) -> ResponseHead:
+    def response_head(self, head: ResponseHead, app: AppInfo, fixed: bool = False,
+                      connection: bytes | None = None) -> ResponseHead:
         """The head the client sees (see ``app_heads.app_response_head``)."""
-        return app_response_head(head, app, fixed, self._cookie_dropped)
+        return app_response_head(head, app, fixed, self._cookie_dropped, connection)

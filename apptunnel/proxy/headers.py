@@ -25,6 +25,12 @@ _HOP_BY_HOP = frozenset(
 )
 # Never removed because a client listed them in Connection: framing and routing.
 _PROTECTED = frozenset([b"host", b"content-length", b"transfer-encoding"])
+# An app's fields about its own connection to the proxy (the client's is the proxy's to
+# describe: ``app_response_head`` adds its Connection field). Trailer stays: trailers are
+# relayed with the body.
+_RESPONSE_HOP_BY_HOP = frozenset(
+    [b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade"]
+)
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOST = re.compile(
@@ -78,8 +84,16 @@ def _dropped_by_name(lname: bytes, identity: frozenset[bytes]) -> bool:
     )
 
 
+def response_header_dropped(lname: bytes, named: frozenset[bytes]) -> bool:
+    """Whether an app's response field (lower-cased ``lname``) stops at the proxy: the
+    hop-by-hop fields of the app's connection, and those its Connection field names
+    (``named``, from ``connection_named``). A client told ``keep-alive`` by the app while
+    the proxy closes would send its next request into a closing connection."""
+    return lname in _RESPONSE_HOP_BY_HOP or lname in named
+
+
 def connection_named(headers: Headers) -> frozenset[bytes]:
-    """The fields a client's Connection header makes hop-by-hop (framing and Host never)."""
+    """The fields a Connection header makes hop-by-hop (framing and Host never)."""
     return frozenset(t for t in headers.tokens(b"connection") if t not in _PROTECTED)
 
 

@@ -128,3 +128,71 @@ def test_states_are_the_documented_names():
     """The state names the module documents (logs and tests read them)."""
     assert (READING_HEAD, ROUTING, FORWARDING, ANSWERED, UPGRADED, CLOSING, CLOSED) == (
         "reading_head", "routing", "forwarding", "answered", "upgraded", "closing", "closed")
+
+
+def _response_fields(client: StringTransport) -> list[tuple[bytes, bytes]]:
+    head = client.value().partition(b"\r\n\r\n")[0]
+    return [tuple(line.split(b": ", 1)) for line in head.split(b"\r\n")[1:]]
+
+
+def _exchange(request: bytes, response: bytes):
+    conn, client, apps = connection()
+    conn.dataReceived(request)
+    proto, _ = apps.streams[0]
+    proto.dataReceived(response)
+    return conn, client, proto
+
+
+def test_a_client_that_asks_to_close_is_told_close_whatever_the_app_said():
+    """The app keeps its own connection alive; the client's response says what the proxy
+    does with the client's: close (else the client may reuse a connection being closed)."""
+    _, client, _ = _exchange(
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n"
+        b"Content-Length: 2\r\n\r\nok")
+    fields = _response_fields(client)
+    assert [v for n, v in fields if n.lower() == b"connection"] == [b"close"]
+    assert not [n for n, _ in fields if n.lower() == b"keep-alive"]
+    assert client.value().endswith(b"ok") and client.disconnecting
+
+
+def test_an_apps_hop_by_hop_fields_stay_with_the_app():
+    """Fields about the app's connection, and those its Connection field names, never reach
+    the client; framing named there is kept; a kept-alive HTTP/1.1 exchange needs no
+    Connection field at all."""
+    conn, client, _ = _exchange(
+        b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Internal, Content-Length\r\n"
+        b"X-Internal: upstream secret\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n"
+        b"Upgrade: h2c\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok")
+    names = [n.lower() for n, _ in _response_fields(client)]
+    assert names == [b"x-kept", b"content-length"]
+    assert conn.state == READING_HEAD and not client.disconnecting
+
+
+def test_an_http_1_0_client_is_told_whether_its_connection_stays():
+    """HTTP/1.0 closes unless told keep-alive: the proxy says which it does."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    _, client, _ = _exchange(b"GET / HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n", ok)
+    assert (b"Connection", b"keep-alive") in _response_fields(client) and not client.disconnecting
+    _, client, _ = _exchange(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n", ok)
+    assert (b"Connection", b"close") in _response_fields(client) and client.disconnecting
+
+
+def test_a_response_that_ends_with_the_apps_close_says_close():
+    """A body delimited by the app closing its stream ends the client's connection too."""
+    _, client, proto = _exchange(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                                 b"HTTP/1.1 200 OK\r\n\r\nsome body")
+    assert (b"Connection", b"close") in _response_fields(client)
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert client.value().endswith(b"some body") and client.disconnecting
+
+
+def test_a_101_names_the_upgrade_once():
+    """A 101 carries Connection: Upgrade and the app's Upgrade field, once each."""
+    _, client, _ = _exchange(
+        b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Keep-Alive: timeout=5\r\n\r\n")
+    fields = [(n.lower(), v) for n, v in _response_fields(client)]
+    assert sorted(fields) == [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
