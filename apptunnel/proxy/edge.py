@@ -21,7 +21,7 @@ from apptunnel.proxy.handover import hand_over
 from apptunnel.proxy.http1 import HttpError, RequestHeadPeek
 from apptunnel.net import host_only
 from apptunnel.proxy.tcp_access import is_tcp_request
-from apptunnel.tunnel.endpoints import no_delay
+from apptunnel.tunnel.endpoints import no_delay, write_through
 
 HEAD_TIMEOUT = 30.0
 
@@ -40,6 +40,7 @@ class EdgeProtocol(Protocol):
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
+        write_through(self.transport)
         clock = self._factory.forwarder.clock
         self._timer = clock.callLater(self._factory.head_timeout, self._head_timed_out)
 
