@@ -32,7 +32,7 @@ demo: install
 
 test: test-deps
 	@bash .ci/system-deps $(TEST_PACKAGES)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 # Side-by-side with ssh -R and nginx TLS -> ssh -R; writes bench/results/latest.{json,png}.
 # BENCH_ARGS passes options (e.g. BENCH_ARGS="--only http --duration 10"); docs/performance.rst.
