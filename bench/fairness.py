@@ -7,12 +7,22 @@ The app writes to every connection as fast as the connection takes it. The bench
 (or a timeout passed), then counts what each reads in the next `seconds` and reports the slowest and the fastest
 stream (bench/report.py's max_over_min). One stream starved by the others shows as a
 large max/min even when the total looks fine.
+
+The app's sockets keep a fixed send buffer (SEND_BUFFER) instead of the kernel's
+autotuning. Autotuned, its 1,000 loopback sockets queued ~1.8 GB between them, which put
+this one machine (client, tunnel, app and ``ssh -R`` together) over the kernel's TCP memory
+pressure threshold (``net.ipv4.tcp_mem``, sized from RAM): every socket of the machine was
+then throttled, ``ssh -R`` had only 370-470 of 1,000 streams flowing, and the row measured
+the kernel's pressure rules more than either tunnel (docs/performance.rst, "Busy streams").
+An app on its own machine, as an agent's apps usually are, never pushes the client's and
+the tunnel's machine into that.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -22,12 +32,16 @@ from apptunnel.demo import Child, free_port, port_in_use, wait_until
 
 CHUNK = b"\0" * 65536
 OPEN_AT_ONCE = 100
+SEND_BUFFER = 128 * 1024   # SO_SNDBUF of the app's sockets (Linux doubles it)
 
 
 # -- the app (its own process) ------------------------------------------------------------------
 
 async def _serve(port: int) -> None:
     async def pour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         try:
             while True:
                 writer.write(CHUNK)

@@ -686,7 +686,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--streams-per-local-proxy", type=int, default=4000,
         help="agent row: streams per `proxy app` process (it holds 2 descriptors per stream)")
     add("--fair-streams", type=int, default=1000, help="busy streams for the fairness rows")
-    add("--fair-duration", type=int, default=5, help="seconds the busy streams are counted")
+    add("--fair-duration", type=int, default=20,
+        help="seconds the busy streams are counted (a stream moves in 32 KiB credit steps: "
+             "in 5 s each has only ~20 of them, and one more or less moves max/min by 10%%)")
     add("--only", default=",".join(KINDS), help="comma-separated subset of: " + ", ".join(KINDS))
     add("--out", type=Path, default=RESULTS, help="where latest.json and latest.png go")
     add("--profile", action="store_true",
