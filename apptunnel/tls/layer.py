@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
-__all__ = ["TlsServerEndpoint", "TlsServerFactory", "TlsServerProtocol"]
+__all__ = ["ContextSource", "TlsServerEndpoint", "TlsServerFactory", "TlsServerProtocol"]
 
 _log = Logger()
 
