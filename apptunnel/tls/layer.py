@@ -101,6 +101,7 @@ class TlsServerProtocol(Protocol):
     ``_writable`` is the one flag the write path reads: open, or closing with a producer.
     """
 
+    disconnecting = False    # our loseConnection was called (not the TCP transport's flag)
     _handshake_done = False
     _finished = False        # TLS is over: error, abort, or close_notify exchanged
     _writable = False        # write() may encrypt at once
@@ -167,18 +168,20 @@ class TlsServerProtocol(Protocol):
             self._fail("TLS handshake failed", err)
             return False
         self._handshake_done = True
-        self._writable = not self.disconnecting or self._producer is not None
         self._flush()
+        if self._held:   # first what was written while handshaking, in order
+            held, self._held = self._held, []
+            self._encrypt(b"".join(held))
+            if self._finished:
+                return False
+        self._writable = not self.disconnecting or self._producer is not None
+        if self._gate is not None:
+            self._gate.release()
         wrapped = self.wrappedProtocol
         if IHandshakeListener.providedBy(wrapped):
             wrapped.handshakeCompleted()
-        if self._held and not self._finished:
-            held, self._held = self._held, []
-            self._encrypt(b"".join(held))
-            if self._gate is not None:
-                self._gate.release()
-            if self.disconnecting and self._producer is None:
-                self._shutdown()
+        if self.disconnecting and self._producer is None:
+            self._shutdown()
         return not self._finished
 
     def _deliver(self) -> None:

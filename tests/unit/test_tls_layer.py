@@ -208,16 +208,20 @@ def test_a_record_split_byte_by_byte_is_delivered_once_complete(pki, web_ctx):
 
 
 def test_writes_before_the_handshake_are_held_then_sent(pki, web_ctx):
-    """What the wrapped protocol writes at connectionMade leaves after the handshake."""
+    """What the wrapped protocol writes at connectionMade leaves after the handshake,
+    before what it writes once told the handshake is done."""
     class Greeter(App):
         def connectionMade(self):
             self.transport.write(b"hello before handshake")
+
+        def handshakeCompleted(self):
+            self.transport.write(b", and after")
 
     server = server_end(web_ctx, Greeter())
     client = client_end(pki)
     pump = Pump(client, server)
     pump.flush()
-    assert client.app.data == b"hello before handshake"
+    assert client.app.data == b"hello before handshake, and after"
 
 
 # -- closing ---------------------------------------------------------------------------------
@@ -302,6 +306,21 @@ def test_abort_drops_everything_and_reports_aborted(pki, web_ctx):
     assert server.app.data == b""
     assert server.app.lost.check(ConnectionAborted)
     assert client.app.data == b""
+
+
+def test_closing_is_the_layers_own_state_not_the_tcp_transports(pki, web_ctx):
+    """``disconnecting`` is answered by the layer, not forwarded to the TCP transport."""
+    server = server_end(web_ctx)
+    client = client_end(pki)
+    pump = Pump(client, server)
+    assert server.disconnecting is False
+    pump.server_transport.disconnecting = True
+    assert server.disconnecting is False
+    pump.server_transport.disconnecting = False
+    pump.flush()
+    client.write(b"hello")
+    pump.flush()
+    assert server.app.data == b"hello"
 
 
 def test_lose_connection_before_the_handshake_aborts(pki, web_ctx):
