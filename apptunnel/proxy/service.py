@@ -343,8 +343,10 @@ class ProxyService(MultiService):
             trusted_cas=self.ca.host_trust,
         )
         self._tunnel_factory = tunnel_factory
+        # A tunnel carries many requests' frames: a turn's writes leave as one (batch_writes).
         tunnel_endpoint = public_endpoint(reactor, config.workers, config.tunnel_listen_port,
-                                          config.tunnel_listen_host, self.tunnel_tls.context)
+                                          config.tunnel_listen_host, self.tunnel_tls.context,
+                                          batch_writes=True)
         # The same limits as the web port: an agent's port is just as reachable.
         self.listeners.add(f"tunnel_listen_addr {config.tunnel_listen_addr}", tunnel_endpoint,
                            LimitedFactory(tunnel_factory, self.connections))
@@ -352,7 +354,7 @@ class ProxyService(MultiService):
             host, port = self.place.private_tunnel
             self.listeners.add(f"worker {self.place.index}'s tunnel port {port}",
                                TlsServerEndpoint(TCP4ServerEndpoint(reactor, port, interface=host),
-                                                 self.tunnel_tls.context),
+                                                 self.tunnel_tls.context, reactor),
                                LimitedFactory(tunnel_factory, self.connections))
         if config.diag_addr is not None:
             self.listeners.add(f"diag_addr {config.diag_addr}",

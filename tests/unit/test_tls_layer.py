@@ -27,7 +27,7 @@ from apptunnel.auth.callers import peer_certificate
 from apptunnel.proxy.limits import ConnectionTracker, LimitedFactory
 from apptunnel.proxy.tls_switch import SwitchableTls
 from apptunnel.config import LimitsConfig
-from apptunnel.tls import contexts
+from apptunnel.tls import contexts, layer
 from apptunnel.tls.contexts import ServerTls, server_context
 from apptunnel.tls.layer import TlsServerFactory, TlsServerProtocol
 from apptunnel.tunnel.endpoints import bulk_buffers, no_delay
@@ -183,6 +183,75 @@ def test_one_write_is_encrypted_and_sent_in_one_transport_write(pki, web_ctx):
     assert len(writes) == 2 and writes[0] > 65536
     pump.flush()
     assert client.app.data == b"x" * 65536 + b"a" * 100 + b"b" * 100
+
+
+def batching_server(pki, ctx) -> tuple[TlsServerProtocol, TLSMemoryBIOProtocol, Pump, Clock]:
+    """A server end as the tunnel ports make it: a turn's writes leave together."""
+    clock, app = Clock(), App()
+    server = TlsServerFactory(lambda: ctx, Factory.forProtocol(lambda: app),
+                              batch_clock=clock).buildProtocol(None)
+    server.app = app
+    client = client_end(pki)
+    pump = Pump(client, server, chunk=16 * 1024)
+    pump.flush()
+    return server, client, pump, clock
+
+
+def test_with_a_batch_clock_a_turns_writes_leave_together_at_its_end(pki, web_ctx):
+    """Tunnel ports: many small writes in one reactor turn are one TCP write when the turn
+    ends, in order; nothing is sent before."""
+    server, client, pump, clock = batching_server(pki, web_ctx)
+    writes = []
+    tcp_write = server.transport.write
+    server.transport.write = lambda data: (writes.append(len(data)), tcp_write(data))
+    for i in range(20):
+        server.write(b"frame %02d;" % i)
+    server.writeSequence([b"a", b"b"])
+    assert writes == []
+    clock.advance(0)
+    assert len(writes) == 1
+    clock.advance(0)
+    assert len(writes) == 1   # one timer per batch, not per write
+    pump.flush()
+    assert client.app.data == b"".join(b"frame %02d;" % i for i in range(20)) + b"ab"
+
+
+def test_a_batch_of_batch_limit_leaves_at_once_and_the_rest_at_the_turns_end(pki, web_ctx):
+    """A turn that writes BATCH_LIMIT or more sends it without waiting (the TCP transport's
+    backpressure then applies), and what follows waits for the turn's end."""
+    server, client, pump, clock = batching_server(pki, web_ctx)
+    writes = []
+    tcp_write = server.transport.write
+    server.transport.write = lambda data: (writes.append(len(data)), tcp_write(data))
+    server.write(b"x" * (layer.BATCH_LIMIT - 10))
+    assert writes == []
+    server.write(b"y" * 10)
+    assert len(writes) == 1 and writes[0] > layer.BATCH_LIMIT
+    server.write(b"z")
+    assert len(writes) == 1
+    clock.advance(0)
+    assert len(writes) == 2
+    pump.flush()
+    assert client.app.data == b"x" * (layer.BATCH_LIMIT - 10) + b"y" * 10 + b"z"
+
+
+def test_a_batch_goes_before_the_close_notify_and_an_abort_drops_it(pki, web_ctx):
+    """loseConnection sends the waiting batch, then close_notify; abortConnection drops
+    it and cancels its timer."""
+    server, client, pump, clock = batching_server(pki, web_ctx)
+    server.write(b"last words")
+    server.loseConnection()
+    pump.flush()
+    assert client.app.data == b"last words"
+    assert client.app.lost.check(ConnectionDone)
+    assert clock.getDelayedCalls() == []
+
+    server, client, pump, clock = batching_server(pki, web_ctx)
+    server.write(b"never sent")
+    server.abortConnection()
+    assert clock.getDelayedCalls() == []
+    pump.flush()
+    assert client.app.data == b""
 
 
 def test_reads_take_every_record_of_one_delivery(pki, web_ctx):
