@@ -341,6 +341,199 @@ PROBES = [
 PAIRS = PAIRS + TUNNEL_PAIRS
 
 
+# -- TLS at the proxy's ends: Twisted's layer (pyOpenSSL) against apptunnel.tls ----------
+
+class _Tls:
+    """A server certificate and both server contexts (the web port's: TLS 1.2+, ALPN,
+    client certificates requested), made once."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        from OpenSSL import crypto
+        from twisted.internet import ssl
+
+        from apptunnel.auth.ca import ClusterCA
+        from apptunnel.proxy.service import _web_tls_options
+        from apptunnel.tls.contexts import server_context
+
+        clock = Clock()
+        clock.advance(time.time())
+        with tempfile.TemporaryDirectory() as folder:
+            ca = ClusterCA.load_or_create(folder, "bench", clock)
+        cert, key = ca.issue_server_cert(["localhost"], ["127.0.0.1"])
+        self.new = server_context(_web_tls_options(cert, key, [ca.cert_pem], ca.cert_pem))
+        pem = crypto.FILETYPE_PEM
+        ca_x509 = crypto.load_certificate(pem, ca.cert_pem)
+        self.old = ssl.CertificateOptions(   # what _web_tls_options returned before
+            privateKey=crypto.load_privatekey(pem, key),
+            certificate=crypto.load_certificate(pem, cert), extraCertChain=[ca_x509],
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2, acceptableProtocols=[b"http/1.1"],
+            verify=True, requireCertificate=False, caCerts=[ca_x509])
+        self.client = ssl.optionsForClientTLS("localhost", trustRoot=ssl.Certificate.loadPEM(ca.cert_pem),
+                                              acceptableProtocols=[b"http/1.1"])
+
+
+_TLS = None
+
+
+def _tls() -> _Tls:
+    global _TLS
+    _TLS = _TLS or _Tls()
+    return _TLS
+
+
+class _Collect(Protocol):
+    def __init__(self) -> None:
+        self.received = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+
+
+class _Respond(_Collect):
+    """Answers each request with a response (the edge's side of one exchange)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        self.transport.write(_WIRE_RESPONSE)
+
+
+class _SslObjectClient:
+    """The client end on a bare ssl.SSLObject (no Twisted layer): what a client on the
+    standard library costs, for the both-ends row."""
+
+    def __init__(self, transport: _MemoryTransport) -> None:
+        import ssl as stdlib_ssl
+
+        ctx = stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = stdlib_ssl.CERT_NONE
+        ctx.set_alpn_protocols(["http/1.1"])
+        self._in, self._out = stdlib_ssl.MemoryBIO(), stdlib_ssl.MemoryBIO()
+        self._tls = ctx.wrap_bio(self._in, self._out, server_hostname="localhost")
+        self._want = stdlib_ssl.SSLWantReadError
+        self.transport = transport
+        self.app = _Collect()
+        self._done = False
+        self._step()
+
+    def _step(self) -> None:
+        if not self._done:
+            try:
+                self._tls.do_handshake()
+                self._done = True
+            except self._want:
+                pass
+        if self._out.pending:
+            self.transport.write(self._out.read())
+
+    def write(self, data: bytes) -> None:
+        self._tls.write(data)
+        self.transport.write(self._out.read())
+
+    def dataReceived(self, data: bytes) -> None:
+        self._in.write(data)
+        if not self._done:
+            self._step()
+        while self._in.pending or self._tls.pending():
+            try:
+                self.app.dataReceived(self._tls.read(self._in.pending + self._tls.pending()))
+            except self._want:
+                break
+
+
+class _TlsPair:
+    """A client and a server TLS end joined by memory transports, handshake done."""
+
+    def __init__(self, new_server: bool, new_client: bool = False, server_app=_Respond) -> None:
+        from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+
+        from apptunnel.tls.layer import TlsServerFactory
+
+        tls = _tls()
+        self.clock = Clock()
+        self.server_app = server_app()
+        if new_server:
+            context = tls.new
+            self.server = TlsServerFactory(lambda: context, Factory.forProtocol(
+                lambda: self.server_app)).buildProtocol(None)
+        else:   # the proxy's before: TLSMemoryBIOFactory (its writes batched per turn)
+            self.server = TLSMemoryBIOFactory(tls.old, False, Factory.forProtocol(
+                lambda: self.server_app), clock=self.clock).buildProtocol(None)
+        self.ts, self.tc = _MemoryTransport(), _MemoryTransport()
+        self.server.makeConnection(self.ts)
+        if new_client:
+            self.client = _SslObjectClient(self.tc)
+            self.client_app = self.client.app
+        else:
+            self.client_app = _Collect()
+            factory = TLSMemoryBIOFactory(tls.client, True, Factory.forProtocol(
+                lambda: self.client_app), clock=self.clock)
+            factory.protocol = TLSMemoryBIOProtocol   # a client writing whole requests
+            self.client = factory.buildProtocol(None)
+            self.client.makeConnection(self.tc)
+        self.move()
+
+    def move(self) -> None:
+        ts, tc = self.ts, self.tc
+        self.clock.advance(0)   # the reactor's turn: Twisted's batched TLS writes leave
+        while ts.out or tc.out:
+            if tc.out:
+                data, tc.out = b"".join(tc.out), []
+                self.server.dataReceived(data)
+            self.clock.advance(0)
+            if ts.out:
+                data, ts.out = b"".join(ts.out), []
+                self.client.dataReceived(data)
+
+    def exchange(self) -> None:
+        """One request in, its response out, through both TLS ends."""
+        self.client.write(_WIRE_REQUEST)
+        self.move()
+
+
+_TLS_PAIRS: dict = {}
+
+
+def _pair(key, **kw) -> _TlsPair:
+    pair = _TLS_PAIRS.get(key)
+    if pair is None:
+        pair = _TLS_PAIRS[key] = _TlsPair(**kw)
+    return pair
+
+
+_BULK = b"b" * 65536
+
+
+def _bulk_out(pair: _TlsPair) -> None:
+    pair.server_app.transport.write(_BULK)
+    pair.move()
+
+
+def _bulk_in(pair: _TlsPair) -> None:
+    pair.client.write(_BULK)
+    pair.move()
+
+
+TLS_PAIRS = [
+    # One small request and its response, the server end old or new, the same client
+    # (Twisted's pyOpenSSL layer): what the proxy saves per request per TLS end.
+    ("TLS server end", lambda: _pair("ss-old", new_server=False).exchange(),
+     lambda: _pair("ss-new", new_server=True).exchange(), 1),
+    # Both ends on Twisted's TLS against both on ssl.SSLObject (the client a bare one).
+    ("TLS both ends", lambda: _pair("bb-old", new_server=False).exchange(),
+     lambda: _pair("bb-new", new_server=True, new_client=True).exchange(), 1),
+]
+# 64 KiB writes (the same Twisted client): per write, and CPU s/GiB, both directions.
+TLS_BULK = [
+    ("TLS 64K write", lambda: _bulk_out(_pair("wo-old", new_server=False, server_app=_Collect)),
+     lambda: _bulk_out(_pair("wo-new", new_server=True, server_app=_Collect))),
+    ("TLS 64K read", lambda: _bulk_in(_pair("wi-old", new_server=False, server_app=_Collect)),
+     lambda: _bulk_in(_pair("wi-new", new_server=True, server_app=_Collect))),
+]
+
+
 ROUNDS = 10
 
 
@@ -363,8 +556,12 @@ def _before_and_after(before, after, n: int = N) -> tuple[float | None, float]:
     return (None if before is None else b), a
 
 
-def main() -> None:
+def main(rows: str = "all") -> None:
     print(f"{'lever':16s} {'before us':>10s} {'after us':>10s} {'saved CPU s/10k req':>20s}")
+    if rows in ("all", "tls"):
+        _tls_rows()
+    if rows == "tls":
+        return
     for name, before, after, *per in PAIRS:
         per_call = per[0] if per else 1
         b, a = _before_and_after(before, after, N // per_call)
@@ -378,5 +575,18 @@ def main() -> None:
         print(f"{name:16s} {best / per_call * 1e6:10.2f}   (now; no old mechanism to run)")
 
 
+def _tls_rows() -> None:
+    for name, before, after, per_call in TLS_PAIRS:
+        b, a = _before_and_after(before, after, N // 5)
+        print(f"{name:16s} {b * 1e6:10.2f} {a * 1e6:10.2f} {(b - a) * 1e4:20.4f}")
+    for name, before, after in TLS_BULK:
+        b, a = _before_and_after(before, after, 2000)
+        gib = 65536 / 2**30
+        print(f"{name:16s} {b * 1e6:10.2f} {a * 1e6:10.2f}   CPU s/GiB {b / gib:.2f} -> {a / gib:.2f}"
+              f" (both ends)")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1] if len(sys.argv) > 1 else "all")

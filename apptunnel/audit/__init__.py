@@ -1,8 +1,9 @@
 """The audit log: every security-relevant act, durable before the response that reports it.
 
 ``emit`` chains the event (audit/chain.py), appends it to the local journal
-(audit/journal.py: one ``os.write``, in the page cache before the response's bytes leave at
-the reactor's next write) and queues it. A background loop on the injected clock writes the
+(audit/journal.py: one ``os.write``, in the page cache before the response's bytes leave:
+``proxy/app_connection.py`` emits before it writes the bytes that complete a response,
+which leave at once) and queues it. A background loop on the injected clock writes the
 queue in batches to the backend, trims the journal behind it and fsyncs the journal on a
 worker thread. Nothing is dropped: a batch the backend refuses is retried, in order, every
 interval; events the journal cannot take (full, ENOSPC) stay queued and are retried into

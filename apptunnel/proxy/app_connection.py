@@ -120,6 +120,7 @@ class _Exchange:
     discarded: int = 0
     request_id: str = ""      # on its error page and its app.request audit event
     host: str = ""            # as the request named it (audited when no app has it)
+    audited: bool = False     # its app.request event is emitted (once)
 
 
 def _connection_field(ex: _Exchange, status: int) -> bytes | None:
@@ -449,6 +450,10 @@ class AppConnection(Protocol):
         self.state = ANSWERED
         ex.status = answer.status
         ex.response_done = True
+        # Journaled before the answer's bytes leave (see _relay's EndOfMessage), even when
+        # the rest of the request is still to be read (and thrown away): its bytes_in then
+        # counts what came before the answer.
+        self._audit(ex)
         self.transport.write(answer.data)
         if answer.close:
             self._ex = None
@@ -569,9 +574,16 @@ class AppConnection(Protocol):
                 out.append(self._fw.response_head(event, ex.app, self._fixed_app is not None,
                                                   _connection_field(ex, event.status)).to_bytes())
             elif isinstance(event, Upgraded):
+                self._audit(self._ex)   # before the 101 leaves: see EndOfMessage
                 self._flush(out)
                 self._go_raw()
             elif isinstance(event, EndOfMessage):
+                # The audit event is journaled before the bytes that complete the response
+                # leave (audit/__init__.py): a kill -9 between the two must not leave an
+                # answered request without its event. Writes leave at once (the TLS layer
+                # and write-through send in the same call), so the order here is the order
+                # on the wire.
+                self._audit(self._ex)
                 self._flush(out)
                 self._response_end()
                 if self.state in _ENDED:
@@ -618,13 +630,14 @@ class AppConnection(Protocol):
         )
         forwarding = ex is not None and self.state == FORWARDING
         self._drop_upstream(abort=True)
-        if forwarding and not ex.head_sent:
-            ex.status = 502
-            self.transport.write(pages.error_response(502, close=True,
-                                                      **self._page_ids(ex)))
         if forwarding:
-            self._audit(ex, incomplete=not ex.head_sent)
+            if not ex.head_sent:
+                ex.status = 502
+            self._audit(ex, incomplete=not ex.head_sent)   # before the 502 page leaves
             self._ex = None
+            if not ex.head_sent:
+                self.transport.write(pages.error_response(502, close=True,
+                                                          **self._page_ids(ex)))
         self._close()
 
     # Flow control and lifetime
@@ -725,6 +738,7 @@ class AppConnection(Protocol):
         self._log.info("closing idle connection from {ip}", ip=self._client_ip)
         if ex is not None and not ex.head_sent and self.state == FORWARDING:
             ex.status = 504
+            self._audit(ex, incomplete=True)   # before the 504 page leaves
             self.transport.write(pages.error_response(504, close=True,
                                                       **self._page_ids(ex)))
         self._close()
@@ -745,6 +759,11 @@ class AppConnection(Protocol):
                 "request_id": ex.request_id if ex is not None else ""}
 
     def _audit(self, ex: _Exchange, incomplete: bool = False) -> None:
+        """Count and audit the exchange, once: it is called before the bytes that complete
+        a response are written, and again where the exchange ends (then a no-op)."""
+        if ex.audited:
+            return
+        ex.audited = True
         elapsed = self._clock.seconds() - ex.started   # one reading for the metric and the event
         self._fw.metrics.request(ex.app.name if ex.app is not None else "", ex.status, elapsed)
         if ex.app is None:

@@ -253,7 +253,7 @@ class LimitedProtocol(ProtocolWrapper):
 class LimitedFactory(WrappingFactory):
     """Wraps a listener's factory so its connections count against ``tracker``.
 
-    Put it *inside* the TLS layer (``SSL4ServerEndpoint(..., LimitedFactory(factory, ...))``)
+    Put it *inside* the TLS layer (``TlsServerFactory(contexts, LimitedFactory(factory, ...))``)
     so it hears ``handshakeCompleted``; ``tls=False`` is for transports without TLS.
     """
 

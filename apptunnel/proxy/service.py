@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 from importlib import metadata
+from ssl import TLSVersion
 
 import attrs
 from OpenSSL import crypto
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
-from twisted.internet import defer, ssl
-from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -72,6 +73,8 @@ from apptunnel.proxy.web_channel import WebSite
 from apptunnel.proxy.workers import (WorkerSupervisor, control_name, public_endpoint, share,
                                      watch_parent, worker_place)
 from apptunnel.startup import CannotStart, Listeners, fatal
+from apptunnel.tls.contexts import ServerTls, server_context
+from apptunnel.tls.layer import TlsServerEndpoint
 from apptunnel.web.bots import BotRoutes
 from apptunnel.web.access_requests import AccessRequestApi
 from apptunnel.web.admin_routes import mount_admin
@@ -85,11 +88,12 @@ WORKER_REFRESH_WAIT = 1.5   # below the CLI's own 2 s wait for worker 0's answer
 
 
 def _web_tls_options(cert_pem: bytes, key_pem: bytes, chain: list[bytes],
-                     client_ca_pem: bytes | None = None, also_trusted: tuple[bytes, ...] = ()):
+                     client_ca_pem: bytes | None = None,
+                     also_trusted: tuple[bytes, ...] = ()) -> ServerTls:
     """TLS for browsers: our certificate (plus the CA, so clients can pin it), TLS 1.2+.
 
-    ALPN is pinned to HTTP/1.1: the edge speaks HTTP/1.1, and without an explicit list
-    clients that offer h2 (curl, browsers) get a handshake failure from pyOpenSSL.
+    ALPN is pinned to HTTP/1.1: the edge speaks HTTP/1.1, and clients that offer h2 as
+    well (curl, browsers) must be answered with http/1.1.
 
     With `client_ca_pem` (the cluster CA) a client certificate is *requested*, not
     required: the CLI presents its user certificate, browsers present nothing and are
@@ -98,25 +102,9 @@ def _web_tls_options(cert_pem: bytes, key_pem: bytes, chain: list[bytes],
     ``also_trusted``: further CAs a client certificate may chain to (the other side of a
     CA rotation, auth/ca_rotation.py).
     """
-    cert = crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem)
-    key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
-    extra = [crypto.load_certificate(crypto.FILETYPE_PEM, pem) for pem in chain]
-    client_auth = {}
-    if client_ca_pem is not None:
-        client_auth = {
-            "verify": True,
-            "requireCertificate": False,
-            "caCerts": [crypto.load_certificate(crypto.FILETYPE_PEM, pem)
-                        for pem in [client_ca_pem, *also_trusted]],
-        }
-    return ssl.CertificateOptions(
-        privateKey=key,
-        certificate=cert,
-        extraCertChain=extra,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-        acceptableProtocols=[b"http/1.1"],
-        **client_auth,
-    )
+    client_cas = () if client_ca_pem is None else (client_ca_pem, *also_trusted)
+    return ServerTls(cert_pem, key_pem, chain=tuple(chain), client_cas=client_cas,
+                     alpn=("http/1.1",), minimum_version=TLSVersion.TLSv1_2)
 
 
 def _read_tls_files(config: ProxyConfig) -> tuple[bytes, bytes]:
@@ -126,12 +114,17 @@ def _read_tls_files(config: ProxyConfig) -> tuple[bytes, bytes]:
             cert_pem = f.read()
         with open(config.tls_key_file, "rb") as f:
             key_pem = f.read()
-        crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem)
-        crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
     except OSError as err:
         raise ConfigError(f"{config.path}: tls: cannot read {err.filename}: {err.strerror}") from None
+    try:
+        crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem)
+        crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
     except crypto.Error:
         raise ConfigError(f"{config.path}: tls: cert_file/key_file is not a PEM certificate/key") from None
+    try:
+        server_context(ServerTls(cert_pem, key_pem))
+    except (OSError, ValueError) as err:   # ssl.SSLError: the key does not fit the certificate
+        raise ConfigError(f"{config.path}: tls: cert_file/key_file cannot be used: {err}") from None
     return cert_pem, key_pem
 
 
@@ -325,7 +318,7 @@ class ProxyService(MultiService):
         )
         edge = EdgeFactory(config.public_host, site, self.forwarder, tcp_access=self.tcp_access)
         web_endpoint = public_endpoint(reactor, config.workers, config.web_listen_port,
-                                       config.web_listen_host, self.web_tls)
+                                       config.web_listen_host, self.web_tls.context)
         self.listeners.add(f"web_listen_addr {config.web_listen_addr}", web_endpoint,
                            LimitedFactory(edge, self.connections))
 
@@ -350,15 +343,18 @@ class ProxyService(MultiService):
             trusted_cas=self.ca.host_trust,
         )
         self._tunnel_factory = tunnel_factory
+        # A tunnel carries many requests' frames: a turn's writes leave as one (batch_writes).
         tunnel_endpoint = public_endpoint(reactor, config.workers, config.tunnel_listen_port,
-                                          config.tunnel_listen_host, self.tunnel_tls)
+                                          config.tunnel_listen_host, self.tunnel_tls.context,
+                                          batch_writes=True)
         # The same limits as the web port: an agent's port is just as reachable.
         self.listeners.add(f"tunnel_listen_addr {config.tunnel_listen_addr}", tunnel_endpoint,
                            LimitedFactory(tunnel_factory, self.connections))
         if self.place.private_tunnel is not None:   # what agents told of this worker dial
             host, port = self.place.private_tunnel
             self.listeners.add(f"worker {self.place.index}'s tunnel port {port}",
-                               SSL4ServerEndpoint(reactor, port, self.tunnel_tls, interface=host),
+                               TlsServerEndpoint(TCP4ServerEndpoint(reactor, port, interface=host),
+                                                 self.tunnel_tls.context, reactor),
                                LimitedFactory(tunnel_factory, self.connections))
         if config.diag_addr is not None:
             self.listeners.add(f"diag_addr {config.diag_addr}",
@@ -406,7 +402,7 @@ class ProxyService(MultiService):
             self.web_tls.replace(web)
             self.tunnel_tls.replace(tunnel)
             self._tunnel_factory.trust_changed()
-        except (OSError, ValueError, crypto.Error, ssl.SSL.Error) as err:
+        except (OSError, ValueError, crypto.Error) as err:   # ssl.SSLError is an OSError
             log.warn("cannot rebuild TLS for the new cluster CAs (new connections keep the "
                      "old ones): {error}", error=err)
 

@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from ssl import TLSVersion
 
 from cryptography import x509
 from OpenSSL import crypto
-from twisted.internet import defer, ssl
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
@@ -67,6 +68,7 @@ from apptunnel.messages import (
 from apptunnel.net import host_only
 from apptunnel.proxy.app_resources import resource_refusal
 from apptunnel.proxy.errors import ProxyError
+from apptunnel.tls.contexts import ServerTls
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol
@@ -85,22 +87,15 @@ _HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]
 
 
 def tunnel_tls_options(ca_cert_pem: bytes, cert_pem: bytes, key_pem: bytes,
-                       also_trusted: Sequence[bytes] = ()) -> ssl.CertificateOptions:
+                       also_trusted: Sequence[bytes] = ()) -> ServerTls:
     """TLS 1.3 only; our cert plus the CA in the chain (so agents can check the pin);
-    client certificates requested and verified against the cluster CA, not required.
-    ``also_trusted``: further CA certificates client certificates may chain to (the
-    other side of a CA rotation, auth/ca_rotation.py); empty outside a rotation."""
-    ca = crypto.load_certificate(crypto.FILETYPE_PEM, ca_cert_pem)
-    trusted = [ca] + [crypto.load_certificate(crypto.FILETYPE_PEM, pem) for pem in also_trusted]
-    return ssl.CertificateOptions(
-        privateKey=crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem),
-        certificate=crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem),
-        extraCertChain=[ca],
-        verify=True,
-        caCerts=trusted,
-        requireCertificate=False,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_3,
-    )
+    client certificates requested and verified against the cluster CA, not required (a
+    joining agent has none yet). ``also_trusted``: further CA certificates client
+    certificates may chain to (the other side of a CA rotation, auth/ca_rotation.py);
+    empty outside a rotation."""
+    return ServerTls(cert_pem, key_pem, chain=(ca_cert_pem,),
+                     client_cas=(ca_cert_pem, *also_trusted), require_client_cert=False,
+                     minimum_version=TLSVersion.TLSv1_3)
 
 
 class TunnelServerFactory(ServerFactory):

@@ -33,15 +33,15 @@ from collections.abc import Callable
 import attrs
 from twisted.application.service import Service
 from twisted.internet import defer, error
-from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import FileLogObserver, Logger, eventAsText
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from apptunnel.config import ProxyConfig
 from apptunnel.net import split_host_port
+from apptunnel.tls.layer import ContextSource, TlsServerEndpoint, TlsServerFactory
 
 __all__ = ["SharedPortEndpoint", "WorkerPlace", "WorkerSupervisor", "child_log_observer",
            "control_name", "public_endpoint", "restart_delay", "share", "watch_parent",
@@ -130,14 +130,18 @@ def restart_delay(failures: int) -> float:
 class SharedPortEndpoint:
     """A TCP (or TLS) listener other workers bind too: ``SO_REUSEPORT`` before ``bind``,
     then handed to the reactor (``adoptStreamPort``). Linux lets only sockets of the same
-    user share a port, so another account cannot join in and take connections."""
+    user share a port, so another account cannot join in and take connections.
+    ``tls``: where each accepted connection's ``ssl.SSLContext`` comes from (None: TCP);
+    ``batch_writes``: a turn's writes leave together (TlsServerFactory's ``batch_clock``)."""
 
-    def __init__(self, reactor, port: int, interface: str, tls=None, backlog: int = 50) -> None:
+    def __init__(self, reactor, port: int, interface: str, tls: ContextSource | None = None,
+                 backlog: int = 50, batch_writes: bool = False) -> None:
         self._reactor = reactor
         self._port = port
         self._interface = interface
         self._tls = tls
         self._backlog = backlog
+        self._batch_writes = batch_writes
 
     def listen(self, factory) -> defer.Deferred:
         return defer.execute(self._listen, factory)
@@ -152,7 +156,8 @@ class SharedPortEndpoint:
             sock.listen(self._backlog)
             sock.setblocking(False)
             if self._tls is not None:
-                factory = TLSMemoryBIOFactory(self._tls, False, factory)
+                factory = TlsServerFactory(self._tls, factory,
+                                           self._reactor if self._batch_writes else None)
             # The reactor takes its own duplicate of the descriptor; ours is closed below.
             return self._reactor.adoptStreamPort(sock.fileno(), family, factory)
         except OSError as err:
@@ -161,11 +166,15 @@ class SharedPortEndpoint:
             sock.close()
 
 
-def public_endpoint(reactor, workers: int, port: int, interface: str, tls):
-    """A shared listener (SO_REUSEPORT) when there are several workers, else today's."""
+def public_endpoint(reactor, workers: int, port: int, interface: str, tls: ContextSource,
+                    batch_writes: bool = False):
+    """A TLS listener: shared (SO_REUSEPORT) when there are several workers, else a plain
+    TCP port. ``tls`` gives each accepted connection its ``ssl.SSLContext``;
+    ``batch_writes`` (tunnel ports): a reactor turn's writes leave together."""
     if workers > 1:
-        return SharedPortEndpoint(reactor, port, interface, tls)
-    return SSL4ServerEndpoint(reactor, port, tls, interface=interface)
+        return SharedPortEndpoint(reactor, port, interface, tls, batch_writes=batch_writes)
+    return TlsServerEndpoint(TCP4ServerEndpoint(reactor, port, interface=interface), tls,
+                             reactor if batch_writes else None)
 
 
 # -- worker 0: the supervisor --------------------------------------------------------------

@@ -112,8 +112,13 @@ class TunnelProtocol(Protocol):
                 cert = self.transport.getPeerCertificate()
             except Exception:
                 cert = None
+            # pyOpenSSL's X509 from Twisted's TLS (the agent's side), a cryptography
+            # certificate from apptunnel.tls (the proxy's).
+            to_cryptography = getattr(cert, "to_cryptography", None)
+            if to_cryptography is not None:
+                cert = to_cryptography()
             if cert is not None:
-                self._cert = cert.to_cryptography()
+                self._cert = cert
         return self._cert
 
     @property

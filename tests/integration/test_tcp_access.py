@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer, protocol, reactor, ssl
-from twisted.internet.endpoints import SSL4ClientEndpoint, SSL4ServerEndpoint, TCP4ClientEndpoint
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint
 from twisted.web import resource, server
 from twisted.internet import reactor as wall_clock
 
@@ -37,6 +37,7 @@ from apptunnel.proxy.tcp_access import TcpAccess
 from apptunnel.messages import MessageError, _tcp_ports
 from apptunnel.tunnel.protocol import TunnelProtocol
 from tests.support.keys import key_pair
+from tests.support.tls_listener import tls_endpoint
 from tests.support.tunnel_pairs import Echo
 from tests.support.waiting import until, wait
 
@@ -214,9 +215,8 @@ async def env(tmp_path, request):
                          users=e.users)
     web = resource.Resource()
     edge = e.edge = CountingEdge(PUBLIC_HOST, server.Site(web), forwarder, tcp_access=e.access)
-    listener = await wait(SSL4ServerEndpoint(
-        reactor, 0, _web_tls_options(cert, key, [e.ca.cert_pem], e.ca.cert_pem),
-        interface="127.0.0.1").listen(edge))
+    listener = await wait(tls_endpoint(
+        _web_tls_options(cert, key, [e.ca.cert_pem], e.ca.cert_pem)).listen(edge))
     e.listening.append(listener)
     e.edge_port = listener.getHost().port
     yield e

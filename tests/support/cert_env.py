@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import jwt as pyjwt
 import pytest_twisted
 from twisted.internet import reactor, ssl
-from twisted.internet.endpoints import SSL4ClientEndpoint, SSL4ServerEndpoint, TCP4ClientEndpoint
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.web import resource, server
 from twisted.internet import reactor as wall_clock
@@ -40,6 +40,7 @@ from apptunnel.proxy.service import _web_tls_options
 from apptunnel.proxy.tcp_access import TcpAccess
 from tests.support.forward_env import Client, Echo, Redirect, role_doc
 from tests.support.keys import key_pair
+from tests.support.tls_listener import tls_endpoint
 from tests.support.waiting import wait
 
 HOST = "apptunnel.localhost"
@@ -150,9 +151,8 @@ async def cert_env(tmp_path, users: tuple[User, ...] = ()):
     access = TcpAccess(ca=e.ca, registry=e.registry, roles=roles, audit=e.audit, clock=reactor,
                        connect_app=connect_app, locks=e.locks, forwarder=e.forwarder, users=e.users)
     edge = EdgeFactory(HOST, server.Site(resource.Resource()), e.forwarder, tcp_access=access)
-    listener = await wait(SSL4ServerEndpoint(
-        reactor, 0, _web_tls_options(cert, key, [e.ca.cert_pem], e.ca.cert_pem),
-        interface="127.0.0.1").listen(edge))
+    listener = await wait(tls_endpoint(
+        _web_tls_options(cert, key, [e.ca.cert_pem], e.ca.cert_pem)).listen(edge))
     e.listening.append(listener)
     e.edge_port = listener.getHost().port
     yield e

@@ -12,7 +12,6 @@ import pytest
 import pytest_twisted
 
 from twisted.internet import protocol, reactor
-from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet import reactor as wall_clock
 
 from apptunnel.audit import AuditLog
@@ -25,6 +24,7 @@ from apptunnel.config import AgentConfig
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_options
 from tests.support.tunnel_pairs import Echo
+from tests.support.tls_listener import tls_endpoint
 from tests.support.waiting import wait
 
 
@@ -49,9 +49,8 @@ class Proxy:
         self.port_number = 0
 
     async def listen(self):
-        endpoint = SSL4ServerEndpoint(
-            reactor, self.port_number, tunnel_tls_options(self.ca.cert_pem, self.cert, self.key),
-            interface="127.0.0.1")
+        endpoint = tls_endpoint(tunnel_tls_options(self.ca.cert_pem, self.cert, self.key),
+                                self.port_number)
         self.port = await endpoint.listen(self.factory)
         self.port_number = self.port.getHost().port
 

@@ -196,3 +196,70 @@ def test_a_101_names_the_upgrade_once():
         b"Keep-Alive: timeout=5\r\n\r\n")
     fields = [(n.lower(), v) for n, v in _response_fields(client)]
     assert sorted(fields) == [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
+
+
+class _AuditedWhenWritten(StringTransport):
+    """Notes, at each write, how many app.request events had been emitted by then: writes
+    leave at once under apptunnel's TLS layer, so that count is what a kill -9 right after
+    the bytes left would find in the journal."""
+
+    def __init__(self, audit):
+        super().__init__()
+        self.audit = audit
+        self.seen: list[tuple[bytes, int]] = []
+
+    def write(self, data):
+        self.seen.append((bytes(data), len(self.audit.of("app.request"))))
+        super().write(data)
+
+    def writeSequence(self, seq):
+        self.write(b"".join(seq))
+
+
+def _audited_connection(app="grafana"):
+    audit = Audit()
+    conn, _, apps = connection(app=app, audit=audit)
+    client = _AuditedWhenWritten(audit)
+    conn.makeConnection(client)
+    return conn, client, apps, audit
+
+
+def test_a_forwarded_response_is_audited_before_its_last_bytes_are_written():
+    """The event of an exchange is emitted before the bytes that complete its response."""
+    conn, client, apps, audit = _audited_connection()
+    conn.dataReceived(b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    proto, _ = apps.streams[0]
+    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+    assert client.seen[-1][1] == 0          # a partial response: no event yet
+    proto.dataReceived(b"cd")
+    assert client.seen[-1] == (b"cd", 1)    # the last bytes leave after the event
+    assert len(audit.of("app.request")) == 1
+
+
+def test_a_local_answer_is_audited_before_it_is_written_even_with_a_body_to_come():
+    """A response made here (502: the app's stream failed) is on record before its bytes
+    leave, while the rest of the request body is still to be read; one event."""
+    apps = Apps()
+    apps.hold = Deferred()
+    audit = Audit()
+    conn, _, _ = connection(apps, audit=audit)
+    client = _AuditedWhenWritten(audit)
+    conn.makeConnection(client)
+    conn.dataReceived(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n\r\nab")
+    apps.hold.errback(Failure(ConnectionDone("the app's stream failed")))
+    data, events = client.seen[-1]
+    assert data.startswith(b"HTTP/1.1 502 ") and events == 1
+    conn.dataReceived(b"cd")
+    assert conn.state == READING_HEAD and len(audit.of("app.request")) == 1
+
+
+def test_a_101_is_audited_before_it_is_written():
+    """An upgrade's exchange is on record before the 101 reaches the client."""
+    conn, client, apps, audit = _audited_connection()
+    conn.dataReceived(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
+                      b"Upgrade: websocket\r\n\r\n")
+    proto, _ = apps.streams[0]
+    proto.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                       b"Upgrade: websocket\r\n\r\n")
+    data, events = client.seen[-1]
+    assert data.startswith(b"HTTP/1.1 101 ") and events == 1

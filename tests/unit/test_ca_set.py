@@ -169,29 +169,24 @@ async def test_a_second_rotation_waits_for_the_grace_and_bad_rows_keep_the_cas_i
     assert proxy.cas.user is in_use
 
 
-def test_switchable_tls_gives_new_connections_the_replaced_options():
-    """New connections are made from the options last given; a bad replacement fails
-    at once and leaves the old ones in place."""
+def test_switchable_tls_gives_new_connections_the_replaced_options(monkeypatch):
+    """New connections get the context of the configuration last given; a bad replacement
+    fails at once (the context is built in replace) and leaves the old one in place."""
+    from apptunnel.proxy import tls_switch
 
-    class Options:
-        def __init__(self, name):
-            self.name = name
+    def build(tls):
+        if tls == "bad":
+            raise ValueError("bad certificate")
+        return f"context of {tls}"
 
-        def getContext(self):
-            if self.name == "bad":
-                raise ValueError("bad certificate")
-            return self.name
-
-        def serverConnectionForTLS(self, protocol):
-            return (self.name, protocol)
-
-    tls = SwitchableTls(Options("old"))
-    assert tls.serverConnectionForTLS("p1") == ("old", "p1")
-    tls.replace(Options("new"))
-    assert tls.serverConnectionForTLS("p2") == ("new", "p2")
+    monkeypatch.setattr(tls_switch, "server_context", build)
+    tls = SwitchableTls("old")
+    assert tls.context() == "context of old"
+    tls.replace("new")
+    assert tls.context() == "context of new"
     with pytest.raises(ValueError):
-        tls.replace(Options("bad"))
-    assert tls.serverConnectionForTLS("p3") == ("new", "p3")
+        tls.replace("bad")
+    assert tls.context() == "context of new"
 
 
 @pytest_twisted.ensureDeferred

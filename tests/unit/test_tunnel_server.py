@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 import pytest
 import pytest_twisted
 from cryptography import x509
@@ -13,6 +15,7 @@ from twisted.internet import reactor as wall_clock
 
 from apptunnel.auth.ca import ClusterCA
 from apptunnel.proxy.service import _web_tls_options
+from apptunnel.tls.contexts import ServerTls, server_context
 from apptunnel.proxy.tunnel_server import (
     FIRST_MESSAGE_TIMEOUT,
     tunnel_tls_options,
@@ -26,32 +29,52 @@ from tests.support.tunnel_server_world import (  # noqa: F401 - world is a fixtu
 WAIT = 5.0
 
 
-def handshake(server_ctx, client_ctx) -> SSL.Connection:
-    """Run a TLS handshake between two memory BIOs; SSL.Error if either side refuses."""
-    server = SSL.Connection(server_ctx, None)
-    server.set_accept_state()
+class Refused(Exception):
+    """Either side of a memory handshake refused it."""
+
+
+def handshake(server_tls: ServerTls, client_ctx: SSL.Context) -> ssl.SSLObject:
+    """A TLS handshake between the proxy's server context (the standard library's, as
+    apptunnel/tls builds it) and a pyOpenSSL client on memory BIOs; Refused if either side
+    refuses. Returns the server end."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = server_context(server_tls).wrap_bio(incoming, outgoing, server_side=True)
     client = SSL.Connection(client_ctx, None)
     client.set_connect_state()
-    done = set()
+    server_done = client_done = False
     for _ in range(20):
-        for me, peer in ((client, server), (server, client)):
+        try:
+            client.do_handshake()
+            client_done = True
+        except SSL.WantReadError:
+            pass
+        except SSL.Error as err:
+            raise Refused(f"client: {err}") from None
+        try:
+            incoming.write(client.bio_read(65536))
+        except SSL.WantReadError:
+            pass
+        if not server_done:
             try:
-                me.do_handshake()
-                done.add(me)
-            except SSL.WantReadError:
+                server.do_handshake()
+                server_done = True
+            except ssl.SSLWantReadError:
                 pass
-            try:
-                peer.bio_write(me.bio_read(65536))
-            except SSL.WantReadError:
-                pass
-        if len(done) == 2:
-            # TLS 1.3: the server judges the client certificate on the client's Finished.
-            try:
-                server.recv(1)
-            except SSL.WantReadError:
-                pass
+            except ssl.SSLError as err:
+                raise Refused(f"server: {err}") from None
+        if outgoing.pending:
+            client.bio_write(outgoing.read())
+        if server_done and client_done:
             return server
     raise AssertionError("handshake did not finish")
+
+
+def peer_cn(server: ssl.SSLObject) -> str | None:
+    der = server.getpeercert(binary_form=True)
+    if der is None:
+        return None
+    cert = x509.load_der_x509_certificate(der)
+    return cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
 
 
 def client_context(max_version=None, cert_and_key=None) -> SSL.Context:
@@ -68,7 +91,7 @@ def client_context(max_version=None, cert_and_key=None) -> SSL.Context:
 def tls_server(tmp_path):
     ca = ClusterCA.load_or_create(str(tmp_path / "tls"), "unit", wall_clock)
     cert, key = ca.issue_server_cert(["localhost"], ["127.0.0.1"])
-    return ca, tunnel_tls_options(ca.cert_pem, cert, key).getContext()
+    return ca, tunnel_tls_options(ca.cert_pem, cert, key)
 
 
 def agent_pair(ca) -> tuple[bytes, bytes]:
@@ -82,22 +105,22 @@ def test_tls_accepts_client_without_certificate(tls_server):
     """A joining agent without a certificate completes the TLS 1.3 handshake."""
     _, ctx = tls_server
     server = handshake(ctx, client_context())
-    assert server.get_protocol_version_name() == "TLSv1.3"
-    assert server.get_peer_certificate() is None
+    assert server.version() == "TLSv1.3"
+    assert peer_cn(server) is None
 
 
 def test_tls_verifies_cluster_client_certificate(tls_server):
     """An agent certificate of the cluster is accepted and visible to the proxy."""
     ca, ctx = tls_server
     server = handshake(ctx, client_context(cert_and_key=agent_pair(ca)))
-    assert server.get_peer_certificate().get_subject().CN == "host-1"
+    assert peer_cn(server) == "host-1"
 
 
 def test_tls_rejects_foreign_client_certificate(tls_server, tmp_path):
     """A client certificate from another CA fails the handshake."""
     _, ctx = tls_server
     other = ClusterCA.load_or_create(str(tmp_path / "other"), "unit", wall_clock)
-    with pytest.raises(SSL.Error):
+    with pytest.raises(Refused):
         handshake(ctx, client_context(cert_and_key=agent_pair(other)))
 
 
@@ -109,16 +132,16 @@ def test_tls_trusts_the_other_ca_of_a_rotation_and_no_one_else(tmp_path):
     cert, key = old.issue_server_cert(["localhost"], ["127.0.0.1"])
     options = tunnel_tls_options(old.cert_pem, cert, key, also_trusted=[new.cert_pem])
     for ca in (old, new):
-        server = handshake(options.getContext(), client_context(cert_and_key=agent_pair(ca)))
-        assert server.get_peer_certificate().get_subject().CN == "host-1"
-    with pytest.raises(SSL.Error):
-        handshake(options.getContext(), client_context(cert_and_key=agent_pair(stranger)))
+        server = handshake(options, client_context(cert_and_key=agent_pair(ca)))
+        assert peer_cn(server) == "host-1"
+    with pytest.raises(Refused):
+        handshake(options, client_context(cert_and_key=agent_pair(stranger)))
 
 
 def test_tls_rejects_tls12(tls_server):
     """Clients limited to TLS 1.2 cannot connect."""
     _, ctx = tls_server
-    with pytest.raises(SSL.Error):
+    with pytest.raises(Refused):
         handshake(ctx, client_context(max_version=SSL.TLS1_2_VERSION))
 
 
@@ -311,10 +334,10 @@ def test_web_tls_trusts_the_other_ca_of_a_rotation_and_no_one_else(tmp_path):
     options = _web_tls_options(cert, key, [old.cert_pem], old.cert_pem,
                                also_trusted=(new.cert_pem,))
     for ca in (old, new):
-        server = handshake(options.getContext(), client_context(cert_and_key=agent_pair(ca)))
-        assert server.get_peer_certificate().get_subject().CN == "host-1"
-    with pytest.raises(SSL.Error):
-        handshake(options.getContext(), client_context(cert_and_key=agent_pair(stranger)))
+        server = handshake(options, client_context(cert_and_key=agent_pair(ca)))
+        assert peer_cn(server) == "host-1"
+    with pytest.raises(Refused):
+        handshake(options, client_context(cert_and_key=agent_pair(stranger)))
 @pytest_twisted.ensureDeferred
 async def test_join_and_hello_while_storage_is_down_are_refused_in_one_line(world):
     """Storage down (issue 13 item 3): a join and a hello each get a refusal saying the
