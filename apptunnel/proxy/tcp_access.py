@@ -460,6 +460,9 @@ class TcpSession(Protocol):
             return
         self._state = "relaying"
         self._started = self._access.clock.seconds()
+        # Audited (journaled) before the 101 leaves: the TLS layer sends a write at once,
+        # and a kill -9 between the two must not leave a started session without its event.
+        self._access.session_started(self)
         self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n"
                              b"Connection: Upgrade\r\nUpgrade: apptunnel-tcp\r\n\r\n")
         early, self._held, self._held_size = b"".join(self._held), [], 0
@@ -469,7 +472,6 @@ class TcpSession(Protocol):
         client_end.makeConnection(self.transport)
         if early:
             client_end.dataReceived(early)
-        self._access.session_started(self)
 
     def _decide_failed(self, failure: Failure) -> None:
         self._pending = None

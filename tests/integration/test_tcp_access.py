@@ -135,13 +135,18 @@ BOTH_MODES = pytest.mark.parametrize("env", [False, True], indirect=True,
 
 
 class CountingEdge(EdgeFactory):
-    """The edge, counting the TLS connections it accepted (one per mux run)."""
+    """The edge, counting the TLS connections it accepted (one per mux run); ``on_build``
+    sees each connection's protocol."""
 
     accepted = 0
+    on_build = None
 
     def buildProtocol(self, addr):
         self.accepted += 1
-        return super().buildProtocol(addr)
+        proto = super().buildProtocol(addr)
+        if self.on_build is not None:
+            self.on_build(proto)
+        return proto
 
 
 @pytest_twisted.async_yield_fixture
@@ -262,6 +267,39 @@ async def test_relays_bytes_both_ways_and_audits_the_session(env):
     assert end[0].code == "T2301I" and end[0].fields["bytes_in"] == len(payload)
     assert end[0].fields["bytes_out"] == len(payload)
     assert end[0].fields["duration_ms"] >= 0 and end[0].fields["client_ip"].startswith("127.0.0.1:")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_is_audited_before_its_101_is_written(env):
+    """The tcp.session.start event is emitted (journaled) before the bytes of the 101 are
+    written: the TLS layer sends a write at once, and a kill -9 in between must not leave
+    a session the client saw start without its event (as for app.request)."""
+    order: list[str] = []
+    emit = env.access.audit.emit
+
+    def recording_emit(kind, *args, **kwargs):
+        order.append(kind)
+        return emit(kind, *args, **kwargs)
+
+    def watch(proto):
+        def made(made=proto.connectionMade):
+            made()
+            tls = proto.transport
+            write = tls.write
+            tls.write = lambda data: (order.append(
+                "101" if data.startswith(b"HTTP/1.1 101") else "bytes"), write(data))
+        proto.connectionMade = made
+
+    env.access.audit.emit = recording_emit
+    env.edge.on_build = watch
+    alice = env.profile("alice")
+    banner = (f"GET /v1/tcp/multi?port={env.banner_port} HTTP/1.1\r\n"   # says "banner", closes
+              "Host: apptunnel.localhost\r\nConnection: Upgrade\r\n"
+              "Upgrade: apptunnel-tcp\r\n\r\n").encode()
+    reply = await raw(env, banner, alice.cert_pem + alice.key_pem)
+    assert reply.startswith(b"HTTP/1.1 101") and reply.endswith(b"banner")
+    assert "101" in order and "tcp.session.start" in order
+    assert order.index("tcp.session.start") < order.index("101")
 
 
 @BOTH_MODES
