@@ -429,6 +429,11 @@ class TlsProtocol(Protocol):
         return cert
 
     @property
+    def batching(self) -> bool:
+        """Whether a reactor turn's writes leave together (made with a ``batch_clock``)."""
+        return self._clock is not None
+
+    @property
     def negotiatedProtocol(self) -> bytes | None:
         chosen = self._tls.selected_alpn_protocol()
         return chosen.encode("ascii") if chosen else None
