@@ -355,7 +355,7 @@ class _Tls:
 
         from apptunnel.auth.ca import ClusterCA
         from apptunnel.proxy.service import _web_tls_options
-        from apptunnel.tls.contexts import server_context
+        from apptunnel.tls.contexts import ClientTls, client_context, server_context
 
         clock = Clock()
         clock.advance(time.time())
@@ -372,6 +372,7 @@ class _Tls:
             verify=True, requireCertificate=False, caCerts=[ca_x509])
         self.client = ssl.optionsForClientTLS("localhost", trustRoot=ssl.Certificate.loadPEM(ca.cert_pem),
                                               acceptableProtocols=[b"http/1.1"])
+        self.client_new = client_context(ClientTls(trusted_cas=(ca.cert_pem,), alpn=("http/1.1",)))
 
 
 _TLS = None
@@ -446,10 +447,11 @@ class _SslObjectClient:
 class _TlsPair:
     """A client and a server TLS end joined by memory transports, handshake done."""
 
-    def __init__(self, new_server: bool, new_client: bool = False, server_app=_Respond) -> None:
+    def __init__(self, new_server: bool, new_client: bool = False, server_app=_Respond,
+                 layer_client: bool = False) -> None:
         from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
-        from apptunnel.tls.layer import TlsServerFactory
+        from apptunnel.tls.layer import TlsClientFactory, TlsServerFactory
 
         tls = _tls()
         self.clock = Clock()
@@ -466,6 +468,11 @@ class _TlsPair:
         if new_client:
             self.client = _SslObjectClient(self.tc)
             self.client_app = self.client.app
+        elif layer_client:   # apptunnel.tls in client mode (the agent's tunnel, unbatched)
+            self.client_app = _Collect()
+            self.client = TlsClientFactory(tls.client_new, "localhost", Factory.forProtocol(
+                lambda: self.client_app)).buildProtocol(None)
+            self.client.makeConnection(self.tc)
         else:
             self.client_app = _Collect()
             factory = TLSMemoryBIOFactory(tls.client, True, Factory.forProtocol(
@@ -524,6 +531,10 @@ TLS_PAIRS = [
     # Both ends on Twisted's TLS against both on ssl.SSLObject (the client a bare one).
     ("TLS both ends", lambda: _pair("bb-old", new_server=False).exchange(),
      lambda: _pair("bb-new", new_server=True, new_client=True).exchange(), 1),
+    # The client end old (Twisted's) or new (apptunnel.tls, server_side=False), the same
+    # server (ours): what the agent saves per request on its tunnel end.
+    ("TLS client end", lambda: _pair("cc-old", new_server=True).exchange(),
+     lambda: _pair("cc-new", new_server=True, layer_client=True).exchange(), 1),
 ]
 # 64 KiB writes (the same Twisted client): per write, and CPU s/GiB, both directions.
 TLS_BULK = [

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 import uuid
+from ssl import TLSVersion
 
 import attrs
 from cryptography import x509
@@ -27,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
-from twisted.internet import defer, error, ssl
+from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory
@@ -42,6 +43,7 @@ from apptunnel.config import AgentConfig
 from apptunnel.files import write_file
 from apptunnel.messages import Join, JoinOk, JoinRefused, MessageError, kind_of, parse
 from apptunnel.net import is_ip, loopback_host, split_host_port
+from apptunnel.tls.contexts import ClientTls
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol
@@ -155,15 +157,12 @@ class AgentIdentity:
         cert = x509.load_pem_x509_certificate(self.cert_pem)
         return cert.not_valid_after_utc.timestamp()
 
-    def client_certificate(self) -> ssl.PrivateCertificate:
-        """Our certificate and key, for the mutual-TLS tunnel."""
-        return ssl.PrivateCertificate.loadPEM(self.cert_pem + self.key_pem)
-
-    def trust_root(self):
-        """The host CAs (the join CA, plus a new one during a host-CA rotation): the only
-        authorities the tunnel trusts for a proxy."""
-        return ssl.trustRootFromCertificates(
-            [ssl.Certificate.loadPEM(pem) for pem in self.trusted_pems])
+    def tunnel_tls(self) -> ClientTls:
+        """The mutual-TLS tunnel's client side: our certificate and key, and the host CAs
+        (the join CA, plus a new one during a host-CA rotation) as the only authorities
+        a proxy's certificate may chain to; TLS 1.3, as the proxy's tunnel port requires."""
+        return ClientTls(trusted_cas=self.trusted_pems, cert_pem=self.cert_pem,
+                         key_pem=self.key_pem, minimum_version=TLSVersion.TLSv1_3)
 
 
 # -- the pinned handshake ---------------------------------------------------------------

@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import ssl as stdlib_ssl
 from importlib import metadata
 
 import attrs
@@ -43,13 +44,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet import defer, ssl, task
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet import defer, task
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from apptunnel.agent.join import AgentIdentity, JoinError, join, make_csr
 from apptunnel.agent.trust import save_trust_set
@@ -65,6 +64,8 @@ from apptunnel.errors import os_error_text
 from apptunnel.diag import FAILING, DiagSite, Readiness, diag_endpoint, listener_check
 from apptunnel.metrics import AgentMetrics
 from apptunnel.startup import Listeners, fatal
+from apptunnel.tls.contexts import ClientTls, client_context
+from apptunnel.tls.layer import TlsClientEndpoint
 from apptunnel.tunnel.protocol import TunnelProtocol
 
 __all__ = ["AgentService"]
@@ -230,22 +231,20 @@ class _AgentTunnel:
         self._timer = None
 
 
-@implementer(IOpenSSLClientConnectionCreator)
-class _CurrentIdentityTLS:
-    """Client TLS built per connection, so a reconnect presents the renewed certificate."""
+class _TunnelContexts:
+    """The tunnels' client TLS context, made from the identity current at each dial (so a
+    reconnect presents a renewed certificate and trusts the host CAs of a rotation), and
+    made again only when that identity changed."""
 
-    def __init__(self, service: AgentService, host: str) -> None:
+    def __init__(self, service: AgentService) -> None:
         self._service = service
-        self._host = host
+        self._made: tuple[ClientTls, stdlib_ssl.SSLContext] | None = None
 
-    def clientConnectionForTLS(self, tlsProtocol):
-        identity = self._service.identity
-        options = ssl.optionsForClientTLS(
-            self._host,
-            trustRoot=identity.trust_root(),
-            clientCertificate=identity.client_certificate(),
-        )
-        return options.clientConnectionForTLS(tlsProtocol)
+    def __call__(self) -> stdlib_ssl.SSLContext:
+        tls = self._service.identity.tunnel_tls()
+        if self._made is None or self._made[0] != tls:
+            self._made = (tls, client_context(tls))
+        return self._made[1]
 
 
 class _Closed(Protocol):
@@ -299,10 +298,12 @@ class _ProxyLink:
         if self.client is not None:
             return
         service = self._service
-        endpoint = wrapClientTLS(
-            _CurrentIdentityTLS(service, self.host),
+        # TLS on ssl.SSLObject (apptunnel/tls); the proxy's certificate must chain to our
+        # host CAs and name the host dialled. A turn's frames leave in one run of records.
+        endpoint = TlsClientEndpoint(
             HostnameEndpoint(service.reactor, loopback_host(self.host), self.port,
                              timeout=CONNECT_TIMEOUT),
+            service.tunnel_contexts, self.host, batch_clock=service.reactor,
         )
         self.client = ClientService(endpoint, _TunnelFactory(service, self),
                                     retryPolicy=self._retry_delay, clock=service.reactor)
@@ -335,6 +336,7 @@ class AgentService(MultiService):
         self._selectors = tuple(parse_label_selector("resources", raw) for raw in config.resources)
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)  # OSError: one line in tap.py
         self.identity = AgentIdentity.load(config.data_dir)
+        self.tunnel_contexts = _TunnelContexts(self)
         if self.identity is None and not config.join_token:
             raise ConfigError(config.path, f"no saved identity in {config.data_dir}: set "
                                            "join.token and join.ca_pin to join the cluster",

@@ -1,8 +1,9 @@
-"""Server ``ssl.SSLContext``s from a plain record of what a listener shows and trusts.
+"""``ssl.SSLContext``s from plain records of what a listener or a client shows and trusts.
 
-``ServerTls`` is data (PEM bytes, flags), so it can be compared, logged without secrets and
-built in tests; ``server_context`` makes the context and is where a bad certificate, a key
-that does not fit it or an unreadable CA fails (``ssl.SSLError``, an ``OSError``).
+``ServerTls`` and ``ClientTls`` are data (PEM bytes, flags), so they can be compared,
+logged without secrets and built in tests; ``server_context`` and ``client_context`` make
+the contexts and are where a bad certificate, a key that does not fit it or an unreadable
+CA fails (``ssl.SSLError``, an ``OSError``).
 
 ``SSLContext.load_cert_chain`` reads files only. The certificate and key are handed to it
 through anonymous memory files (``memfd_create``, opened by OpenSSL as
@@ -20,13 +21,14 @@ from collections.abc import Iterator
 
 import attrs
 
-__all__ = ["ServerTls", "server_context"]
+__all__ = ["ClientTls", "ServerTls", "client_context", "server_context"]
 
 # Options beyond the defaults of PROTOCOL_TLS_SERVER (which already has no compression,
 # server cipher preference and single-use (EC)DH keys): no session tickets (the contexts
 # change at a CA rotation and several workers share a port: a ticket could not be resumed
 # on another process anyway) and no renegotiation (a client could make us pay for
-# handshakes on a connection already admitted).
+# handshakes on a connection already admitted). A client context takes the same: it asks
+# for no ticket (it never resumes a session) and refuses a server's renegotiation.
 _OPTIONS = ssl.OP_NO_TICKET | ssl.OP_NO_RENEGOTIATION
 
 
@@ -55,18 +57,65 @@ def server_context(tls: ServerTls) -> ssl.SSLContext:
     ctx.minimum_version = tls.minimum_version
     ctx.options |= _OPTIONS
     ctx.num_tickets = 0
-    with _private_file(b"".join(_pem_line_end(pem) for pem in (tls.cert_pem, *tls.chain))) \
-            as cert_file, _private_file(tls.key_pem) as key_file:
-        ctx.load_cert_chain(cert_file, key_file, password=_no_password)
+    _load_cert_chain(ctx, tls.cert_pem, tls.key_pem, tls.chain)
     if tls.client_cas:
-        ctx.load_verify_locations(cadata="".join(
-            _pem_line_end(pem).decode("ascii") for pem in tls.client_cas))
+        _load_cas(ctx, tls.client_cas)
         ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     elif tls.require_client_cert:
         raise ValueError("a client certificate cannot be required without client_cas")
     if tls.alpn:
         ctx.set_alpn_protocols(list(tls.alpn))
     return ctx
+
+
+@attrs.frozen(repr=False)
+class ClientTls:
+    """What a TLS client trusts and shows: the server's certificate must chain to one of
+    ``trusted_cas`` (nothing else: no system store) and name the host dialled."""
+
+    trusted_cas: tuple[bytes, ...]        # the only authorities a server may chain to
+    cert_pem: bytes | None = None         # our client certificate, if we present one
+    key_pem: bytes | None = None          # its private key (unencrypted PEM)
+    chain: tuple[bytes, ...] = ()         # further certificates sent after ours
+    alpn: tuple[str, ...] = ()            # protocols offered by ALPN, preferred first
+    minimum_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
+
+    def __repr__(self) -> str:   # never the key
+        return (f"ClientTls(trusted_cas={len(self.trusted_cas)}, "
+                f"client_cert={self.cert_pem is not None}, alpn={self.alpn}, "
+                f"minimum_version={self.minimum_version.name})")
+
+
+def client_context(tls: ClientTls) -> ssl.SSLContext:
+    """A client context for ``tls``: the server is verified (chain to ``trusted_cas``,
+    hostname or IP address checked by ``wrap_bio(server_hostname=...)``); raises
+    ``ssl.SSLError`` or ValueError on a certificate, key or CA that cannot be used."""
+    if not tls.trusted_cas:
+        raise ValueError("a TLS client needs at least one trusted CA")
+    if (tls.cert_pem is None) != (tls.key_pem is None):
+        raise ValueError("a client certificate needs its key, and a key its certificate")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)   # CERT_REQUIRED, check_hostname
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = True
+    ctx.minimum_version = tls.minimum_version
+    ctx.options |= _OPTIONS
+    _load_cas(ctx, tls.trusted_cas)
+    if tls.cert_pem is not None:
+        _load_cert_chain(ctx, tls.cert_pem, tls.key_pem, tls.chain)
+    if tls.alpn:
+        ctx.set_alpn_protocols(list(tls.alpn))
+    return ctx
+
+
+def _load_cert_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes,
+                     chain: tuple[bytes, ...]) -> None:
+    with _private_file(b"".join(_pem_line_end(pem) for pem in (cert_pem, *chain))) \
+            as cert_file, _private_file(key_pem) as key_file:
+        ctx.load_cert_chain(cert_file, key_file, password=_no_password)
+
+
+def _load_cas(ctx: ssl.SSLContext, pems: tuple[bytes, ...]) -> None:
+    ctx.load_verify_locations(cadata="".join(_pem_line_end(pem).decode("ascii") for pem in pems))
 
 
 def _no_password() -> bytes:

@@ -1,14 +1,16 @@
-"""The server side of TLS as a Twisted protocol wrapper, on ``ssl.SSLObject`` and memory BIOs.
+"""TLS as a Twisted protocol wrapper, on ``ssl.SSLObject`` and memory BIOs, server or client.
 
 Twisted's own layer (``TLSMemoryBIOProtocol`` over pyOpenSSL) spends most of its time in
 the Python around OpenSSL: cffi calls, a ``WantReadError`` per read, a 32 KiB buffer per
 ``recv``, a ``callLater`` per connection and turn to batch small writes. Here the standard
 library's ``SSLObject`` is the sans-IO engine (bytes in, bytes out, no socket) and
-``TlsServerProtocol`` is a thin adapter with one write path:
+``TlsProtocol`` is a thin adapter with one write path, the same at both ends (a client
+differs only in sending its ClientHello when the connection is made and in checking the
+server's certificate and name, which its context and ``server_hostname`` decide):
 
 * a write is encrypted at once and its records leave in one write to the TCP transport
   (no timer: the caller already writes whole messages, ``writeSequence`` joins first);
-  except on connections made with a ``batch_clock`` (the tunnel ports), where a reactor
+  except on connections made with a ``batch_clock`` (the tunnel, at both ends), where a reactor
   turn's writes, one frame per relayed request, are encrypted and sent together at the
   end of the turn, as Twisted's layer did: without it the agent woke for each frame and
   spent twice the CPU per request;
@@ -25,8 +27,10 @@ once everything written is out, ``abortConnection``; unknown attributes are look
 the TCP transport (``setTcpNoDelay``, ``bufferSize`` ...), as ``ProtocolWrapper`` does, and
 ``.transport`` is the TCP transport, for helpers that walk down to the socket.
 
-Which context a connection gets is asked at accept time (``contexts()``): a CA rotation
-swaps what new connections get, open ones keep theirs.
+Which context a connection gets is asked per connection (``contexts()``): at accept
+time for a listener, a CA rotation swaps what new connections get, open ones keep theirs;
+at each dial for a client (``TlsClientEndpoint``), so a reconnect presents a renewed
+certificate and trusts the current set of CAs.
 """
 
 from __future__ import annotations
@@ -39,14 +43,16 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (IConsumer, IDelayedCall, IHandshakeListener,
                                          IListeningPort, INegotiated, IProtocolFactory,
                                          IPushProducer, IReactorTime, ISSLTransport,
-                                         IStreamServerEndpoint, ISystemHandle)
-from twisted.internet.defer import Deferred
+                                         IStreamClientEndpoint, IStreamServerEndpoint,
+                                         ISystemHandle)
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
-__all__ = ["ContextSource", "TlsServerEndpoint", "TlsServerFactory", "TlsServerProtocol"]
+__all__ = ["ContextSource", "TlsClientEndpoint", "TlsClientFactory", "TlsProtocol",
+           "TlsServerEndpoint", "TlsServerFactory"]
 
 _log = Logger()
 
@@ -99,9 +105,9 @@ class _ProducerGate:
 
 
 @implementer(ISSLTransport, IConsumer, IPushProducer, INegotiated, ISystemHandle)
-class TlsServerProtocol(Protocol):
-    """One TLS server connection: ciphertext below (``transport``), plaintext above
-    (``wrappedProtocol``, which may be re-pointed to hand the connection over).
+class TlsProtocol(Protocol):
+    """One TLS connection, server or client: ciphertext below (``transport``), plaintext
+    above (``wrappedProtocol``, which may be re-pointed to hand the connection over).
 
     States: handshaking (``_handshake_done`` False; writes are held), open, closing
     (``disconnecting``: close_notify sent once held writes and the producer are done),
@@ -119,8 +125,9 @@ class TlsServerProtocol(Protocol):
     _producer = None         # what registerProducer was given (streaming or not)
     _gate: _ProducerGate | None = None
 
-    def __init__(self, factory: TlsServerFactory, wrapped: Protocol,
-                 context: ssl.SSLContext, clock: IReactorTime | None = None) -> None:
+    def __init__(self, factory: Factory, wrapped: Protocol, context: ssl.SSLContext,
+                 clock: IReactorTime | None = None, *, server_side: bool = True,
+                 server_hostname: str | None = None) -> None:
         self.factory = factory
         self._clock = clock              # set: a turn's writes are encrypted and sent together
         self._batch: list[bytes] = []
@@ -129,7 +136,11 @@ class TlsServerProtocol(Protocol):
         self.wrappedProtocol = wrapped
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        # A client's context checks the server's chain and, with ``server_hostname`` (a
+        # name: SAN and SNI; an IP address: IP SANs, no SNI), that it names the host dialled.
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
+                                     server_hostname=None if server_side else server_hostname)
+        self._server_side = server_side
         self._held: list[bytes] = []     # written before the handshake was done
         self._cert = _UNREAD
 
@@ -140,6 +151,8 @@ class TlsServerProtocol(Protocol):
         directlyProvides(self, providedBy(transport))
         Protocol.makeConnection(self, transport)
         self.wrappedProtocol.makeConnection(self)
+        if not self._server_side and not self._finished:
+            self._handshake()   # the ClientHello (what connectionMade wrote is held)
 
     def dataReceived(self, data: bytes) -> None:
         if self._finished:
@@ -404,8 +417,9 @@ class TlsServerProtocol(Protocol):
     # -- what the wrapped protocol may ask ----------------------------------------------
 
     def getPeerCertificate(self) -> x509.Certificate | None:
-        """The client certificate OpenSSL verified (None without one, or before the
-        handshake); parsed once per connection, it is read per request."""
+        """The peer's certificate OpenSSL verified (a server: the client's, None without
+        one; a client: the server's), None before the handshake; parsed once per
+        connection, it is read per request."""
         cert = self._cert
         if cert is _UNREAD:
             if not self._handshake_done:
@@ -413,6 +427,11 @@ class TlsServerProtocol(Protocol):
             der = self._tls.getpeercert(binary_form=True)
             cert = self._cert = x509.load_der_x509_certificate(der) if der else None
         return cert
+
+    @property
+    def batching(self) -> bool:
+        """Whether a reactor turn's writes leave together (made with a ``batch_clock``)."""
+        return self._clock is not None
 
     @property
     def negotiatedProtocol(self) -> bytes | None:
@@ -458,11 +477,11 @@ class TlsServerFactory(Factory):
         self._clock = batch_clock
         self.wrappedFactory = wrapped
 
-    def buildProtocol(self, addr) -> TlsServerProtocol | None:
+    def buildProtocol(self, addr) -> TlsProtocol | None:
         inner = self.wrappedFactory.buildProtocol(addr)
         if inner is None:
             return None
-        return TlsServerProtocol(self, inner, self._contexts(), self._clock)
+        return TlsProtocol(self, inner, self._contexts(), self._clock)
 
     def doStart(self) -> None:
         self.wrappedFactory.doStart()
@@ -489,6 +508,59 @@ class TlsServerEndpoint:
     def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
         return self._endpoint.listen(TlsServerFactory(self._contexts, factory, self._clock))
 
+
+
+class TlsClientFactory(Factory):
+    """Wraps ``wrapped`` factory's protocols in client TLS with ``context``, checking that
+    the server's certificate names ``server_hostname``; ``batch_clock`` as for
+    ``TlsServerFactory`` (a tunnel's writes batched per reactor turn)."""
+
+    noisy = False
+
+    def __init__(self, context: ssl.SSLContext, server_hostname: str,
+                 wrapped: IProtocolFactory, batch_clock: IReactorTime | None = None) -> None:
+        self._context = context
+        self._hostname = server_hostname
+        self._clock = batch_clock
+        self.wrappedFactory = wrapped
+
+    def buildProtocol(self, addr) -> TlsProtocol | None:
+        inner = self.wrappedFactory.buildProtocol(addr)
+        if inner is None:
+            return None
+        return TlsProtocol(self, inner, self._context, self._clock, server_side=False,
+                           server_hostname=self._hostname)
+
+    def doStart(self) -> None:
+        self.wrappedFactory.doStart()
+
+    def doStop(self) -> None:
+        self.wrappedFactory.doStop()
+
+
+@implementer(IStreamClientEndpoint)
+class TlsClientEndpoint:
+    """TLS on any stream client endpoint, as ``wrapClientTLS``: the context is asked of
+    ``contexts`` at each ``connect`` (so a reconnect uses the certificate and the trusted
+    CAs current then), and the Deferred fires with the wrapped protocol once TCP is
+    connected (the handshake follows; writes wait for it)."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, contexts: ContextSource,
+                 server_hostname: str, batch_clock: IReactorTime | None = None) -> None:
+        self._endpoint = endpoint
+        self._contexts = contexts
+        self._hostname = server_hostname
+        self._clock = batch_clock
+
+    def connect(self, factory: IProtocolFactory) -> Deferred:
+        """Failures (a context that cannot be made, a refused connection) are errbacks;
+        ``cancel()`` cancels the dial below."""
+        try:
+            context = self._contexts()
+        except Exception:  # noqa: BLE001 - an endpoint fails by errback, never by raising
+            return fail()
+        tls = TlsClientFactory(context, self._hostname, factory, self._clock)
+        return self._endpoint.connect(tls).addCallback(lambda protocol: protocol.wrappedProtocol)
 
 def _peer(transport) -> str:
     try:

@@ -23,6 +23,7 @@ from apptunnel.agent.join import AgentIdentity, JoinError, join
 from apptunnel.agent.service import AgentService
 from apptunnel.auth.ca import ClusterCA
 from apptunnel.config import AppConfig
+from apptunnel.tls.layer import TlsProtocol
 from apptunnel.tunnel.errors import StreamRefused
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol
@@ -79,6 +80,15 @@ async def test_join_tunnel_and_relay(tmp_path, proxy, echo_port):
         assert info.agent_id == identity.host_id
         assert info.public_addr == "echo.apptunnel.localhost:3080"
         assert info.labels == {"env": "test"}
+        # The agent's end of the tunnel is apptunnel.tls in client mode, batching per turn,
+        # having checked the proxy's certificate for the host it dialled.
+        (handler,) = agent.handlers
+        tls = handler.tunnel.transport
+        assert isinstance(tls, TlsProtocol) and tls.batching
+        assert tls.getHandle().server_side is False
+        assert tls.getHandle().server_hostname == "localhost"
+        assert tls.getHandle().version() == "TLSv1.3"
+        assert handler.tunnel.peer_certificate.public_bytes(serialization.Encoding.PEM) == proxy.cert
 
         tunnel = proxy.registry.pick("echo")
         client = await open_collect(tunnel, {"app": "echo", "user": "alice", "client": "1.2.3.4:5"})

@@ -108,7 +108,7 @@ def test_identity_round_trip_and_modes(ca, tmp_path):
     me.save(str(tmp_path / "agent"))
     assert stat.S_IMODE(os.stat(tmp_path / "agent" / "agent.key").st_mode) == 0o600
     assert AgentIdentity.load(str(tmp_path / "agent")) == me
-    assert me.client_certificate().getSubject().commonName == b"host-1"
+    assert me.tunnel_tls().cert_pem == me.cert_pem and me.tunnel_tls().trusted_cas == (ca.cert_pem,)
 
 
 def test_identity_missing_is_none(tmp_path):

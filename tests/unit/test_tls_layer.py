@@ -8,13 +8,11 @@ import ssl as stdlib_ssl
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
-from twisted.internet import reactor as wall_clock
 from twisted.internet import ssl
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ISSLTransport
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
@@ -22,43 +20,16 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.test import iosim
 from zope.interface import implementer
 
-from apptunnel.auth.ca import ClusterCA
 from apptunnel.auth.callers import peer_certificate
 from apptunnel.proxy.limits import ConnectionTracker, LimitedFactory
 from apptunnel.proxy.tls_switch import SwitchableTls
 from apptunnel.config import LimitsConfig
 from apptunnel.tls import contexts, layer
 from apptunnel.tls.contexts import ServerTls, server_context
-from apptunnel.tls.layer import TlsServerFactory, TlsServerProtocol
+from apptunnel.tls.layer import TlsServerFactory, TlsProtocol
 from apptunnel.tunnel.endpoints import bulk_buffers, no_delay
 from tests.support.pump import Pump
-
-
-# -- certificates, made once ---------------------------------------------------------------
-
-class Pki:
-    def __init__(self, folder) -> None:
-        self.ca = ClusterCA.load_or_create(str(folder / "ca"), "unit", wall_clock)
-        self.other = ClusterCA.load_or_create(str(folder / "other"), "unit", wall_clock)
-        self.cert, self.key = self.ca.issue_server_cert(["localhost"], ["127.0.0.1"])
-        self.cert2, self.key2 = self.ca.issue_server_cert(["localhost"], ["127.0.0.1"])
-        self.client = _client_pair(self.ca, "host-1")
-        self.stranger = _client_pair(self.other, "host-1")
-
-    def tls(self, **kw) -> ServerTls:
-        kw.setdefault("chain", (self.ca.cert_pem,))
-        kw.setdefault("client_cas", (self.ca.cert_pem,))
-        return ServerTls(self.cert, self.key, **kw)
-
-
-def _client_pair(ca: ClusterCA, host_id: str) -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host_id)]))
-           .sign(key, hashes.SHA256()))
-    cert = ca.sign_agent_csr(csr.public_bytes(serialization.Encoding.PEM), host_id, 3600)
-    return cert, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption())
+from tests.support.tls_ends import App, Pki, tls_messages
 
 
 @pytest.fixture(scope="module")
@@ -82,34 +53,7 @@ def logged():
 
 # -- the two ends ----------------------------------------------------------------------------
 
-@implementer(IHandshakeListener)
-class App(Protocol):
-    """Records what the TLS layer hands up."""
-
-    def __init__(self) -> None:
-        self.received: list[bytes] = []
-        self.lost = None
-        self.handshakes = 0
-        self.made = 0
-
-    def connectionMade(self) -> None:
-        self.made += 1
-
-    def handshakeCompleted(self) -> None:
-        self.handshakes += 1
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received.append(data)
-
-    def connectionLost(self, reason) -> None:
-        self.lost = reason
-
-    @property
-    def data(self) -> bytes:
-        return b"".join(self.received)
-
-
-def server_end(ctx: stdlib_ssl.SSLContext, app: Protocol | None = None) -> TlsServerProtocol:
+def server_end(ctx: stdlib_ssl.SSLContext, app: Protocol | None = None) -> TlsProtocol:
     app = app or App()
     server = TlsServerFactory(lambda: ctx, Factory.forProtocol(lambda: app)).buildProtocol(None)
     server.app = app   # wrappedProtocol is let go at connectionLost
@@ -131,16 +75,11 @@ def client_end(pki: Pki, cert: tuple[bytes, bytes] | None = None, *, alpn=None,
     return client
 
 
-def connected(pki, ctx, cert=None, **kw) -> tuple[TlsServerProtocol, TLSMemoryBIOProtocol, Pump]:
+def connected(pki, ctx, cert=None, **kw) -> tuple[TlsProtocol, TLSMemoryBIOProtocol, Pump]:
     server, client = server_end(ctx), client_end(pki, cert, **kw)
     pump = Pump(client, server, chunk=16 * 1024)
     pump.flush()
     return server, client, pump
-
-
-def tls_messages(events) -> list[str]:
-    return [e["log_format"].format(**e) for e in events
-            if "what" in e and "TLS" in str(e.get("what"))]
 
 
 # -- handshake and data ----------------------------------------------------------------------
@@ -185,7 +124,7 @@ def test_one_write_is_encrypted_and_sent_in_one_transport_write(pki, web_ctx):
     assert client.app.data == b"x" * 65536 + b"a" * 100 + b"b" * 100
 
 
-def batching_server(pki, ctx) -> tuple[TlsServerProtocol, TLSMemoryBIOProtocol, Pump, Clock]:
+def batching_server(pki, ctx) -> tuple[TlsProtocol, TLSMemoryBIOProtocol, Pump, Clock]:
     """A server end as the tunnel ports make it: a turn's writes leave together."""
     clock, app = Clock(), App()
     server = TlsServerFactory(lambda: ctx, Factory.forProtocol(lambda: app),
