@@ -32,7 +32,10 @@ if typing.TYPE_CHECKING:
 # resuming every producer cost two epoll_ctl calls and two Python calls per stream for
 # every 64 KiB the socket took (1,000 busy streams: 0.09 Gbit/s); the first few refill the
 # socket anyway, so the rest are resumed a batch per turn, only while it stays writable.
-RESUME_BATCH = 16
+# The batch's size sets how evenly 1,000 busy streams share (fairness row, 20 s, max/min):
+# 1 gave 4.0, 16 gave 1.98-2.20, 64 gave 1.65-1.74 at ~8% more CPU per GiB
+# (docs/performance.rst, "Fairness: the first-opened streams").
+RESUME_BATCH = 64
 # Bytes streams not yet paused may write while the socket is full before every producer
 # is paused (idle producers are paused only once they write, see pauseProducing).
 PAUSED_WRITE_LIMIT = 1024 * 1024
