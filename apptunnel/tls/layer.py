@@ -62,6 +62,8 @@ MAX_RECORD = 16384       # the most plaintext one TLS record (and one SSLObject.
 # With a clock, writes wait for the end of the reactor turn and leave together (as
 # Twisted's layer did for every connection), unless this much is waiting already.
 BATCH_LIMIT = 64 * 1024
+# The most plaintext handed to the wrapped protocol in one dataReceived.
+MAX_DELIVERY = 256 * 1024
 _UNREAD = object()       # the peer certificate before it was asked for
 
 
@@ -211,8 +213,12 @@ class TlsProtocol(Protocol):
         return not self._finished
 
     def _deliver(self) -> None:
-        """Hand every complete record's plaintext to the wrapped protocol."""
+        """Hand what complete records hold to the wrapped protocol, the records of one
+        read together (up to ``MAX_DELIVERY``): a 64 KiB read is one call, not four."""
         incoming, tls = self._incoming, self._tls
+        chunks: list[bytes] = []
+        held = 0
+        closed = error = None
         while not self._finished:
             size = incoming.pending + tls.pending()
             if not size:
@@ -227,14 +233,30 @@ class TlsProtocol(Protocol):
                 # The TCP connection ended without a close_notify: connectionLost says so.
                 break
             except (ssl.SSLError, ValueError) as err:
-                self._fail("TLS connection failed", err)
-                return
+                error = err
+                break
             if not data:
-                self._peer_closed()
-                return
-            self.wrappedProtocol.dataReceived(data)
-        if self._outgoing.pending and not self._finished:
+                closed = True
+                break
+            chunks.append(data)
+            held += len(data)
+            if held >= MAX_DELIVERY:
+                self._hand_over(chunks)
+                chunks, held = [], 0
+        if chunks:
+            self._hand_over(chunks)
+        if self._finished:
+            return
+        if error is not None:
+            self._fail("TLS connection failed", error)
+        elif closed:
+            self._peer_closed()
+        elif self._outgoing.pending:
             self._flush()   # a post-handshake message (a key update) wants an answer
+
+    def _hand_over(self, chunks: list[bytes]) -> None:
+        if not self._finished:
+            self.wrappedProtocol.dataReceived(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def _peer_closed(self) -> None:
         """The peer's close_notify: answer it and close, as Twisted's layer does."""

@@ -203,6 +203,72 @@ def test_reads_take_every_record_of_one_delivery(pki, web_ctx):
     assert server.app.data == b"".join(b"%d" % i * 40000 for i in range(5))
 
 
+def test_the_records_of_one_read_are_handed_over_in_one_call(pki, web_ctx):
+    """Four records of one TCP read are one dataReceived (one pass through the relay above,
+    not four), and what arrives in a later read is another."""
+    server, client, pump = connected(pki, web_ctx)
+    server.app.received.clear()
+    client.write(b"a" * 60000)   # 4 records
+    server.dataReceived(pump.client_transport.take(1 << 22))
+    client.write(b"b" * 100)
+    server.dataReceived(pump.client_transport.take(1 << 22))
+    assert server.app.received == [b"a" * 60000, b"b" * 100]
+
+
+def test_one_call_hands_over_at_most_max_delivery(pki, web_ctx):
+    """A read holding more than MAX_DELIVERY of plaintext comes up in pieces of at most that."""
+    server, client, pump = connected(pki, web_ctx)
+    server.app.received.clear()
+    total = 2 * layer.MAX_DELIVERY + 5000
+    client.write(b"z" * total)
+    server.dataReceived(pump.client_transport.take(1 << 23))
+    sizes = [len(chunk) for chunk in server.app.received]
+    assert sum(sizes) == total and len(sizes) == 3
+    assert max(sizes) <= layer.MAX_DELIVERY + layer.MAX_RECORD
+
+
+def test_data_before_a_close_notify_in_the_same_read_arrives_first(pki, web_ctx):
+    server, client, pump = connected(pki, web_ctx)
+    server.app.received.clear()
+    client.write(b"q" * 40000)
+    client.loseConnection()
+    server.dataReceived(pump.client_transport.take(1 << 22))
+    assert server.app.received == [b"q" * 40000]
+    pump.flush()
+    assert server.app.lost.check(ConnectionDone)
+
+
+def test_good_records_before_a_corrupt_one_in_the_same_read_arrive_then_it_fails(pki, web_ctx, logged):
+    server, client, pump = connected(pki, web_ctx)
+    server.app.received.clear()
+    client.write(b"good" * 100)
+    good = pump.client_transport.take(1 << 20)
+    client.write(b"x" * 100)
+    bad = bytearray(pump.client_transport.take(1 << 20))
+    bad[-5] ^= 0xFF
+    server.dataReceived(good + bytes(bad))
+    pump.flush()
+    assert server.app.data == b"good" * 100
+    assert server.app.lost.check(stdlib_ssl.SSLError)
+    assert len(tls_messages(logged)) == 1
+
+
+def test_a_protocol_that_aborts_on_data_gets_nothing_more_of_that_read(pki, web_ctx):
+    """The wrapped protocol aborts in dataReceived: the rest of the read is not handed up."""
+    class Aborting(App):
+        def dataReceived(self, data):
+            super().dataReceived(data)
+            self.transport.abortConnection()
+
+    app = Aborting()
+    server, client = server_end(web_ctx, app), client_end(pki)
+    pump = Pump(client, server, chunk=16 * 1024)
+    pump.flush()
+    client.write(b"1" * (layer.MAX_DELIVERY + 20000))
+    server.dataReceived(pump.client_transport.take(1 << 23))
+    assert len(app.received) == 1
+
+
 def test_a_record_split_byte_by_byte_is_delivered_once_complete(pki, web_ctx):
     """Ciphertext fed a byte at a time yields the plaintext once, when its record is whole."""
     server, client, pump = connected(pki, web_ctx)
