@@ -67,7 +67,7 @@ from apptunnel.proxy.limits import ConnectionTracker, LimitedFactory, raise_fd_l
 from apptunnel.proxy.pool import TunnelPool
 from apptunnel.proxy.registry import AgentRegistry
 from apptunnel.proxy.tcp_access import TcpAccess
-from apptunnel.proxy.tls_switch import SwitchableTls
+from apptunnel.proxy.tls_switch import SwitchableTls, replace_together
 from apptunnel.proxy.tunnel_server import TunnelServerFactory, tunnel_tls_options
 from apptunnel.proxy.web_channel import WebSite
 from apptunnel.proxy.workers import (WorkerSupervisor, control_name, public_endpoint, share,
@@ -399,8 +399,7 @@ class ProxyService(MultiService):
     def _cas_changed(self) -> None:
         try:
             web, tunnel = self._tls_options()
-            self.web_tls.replace(web)
-            self.tunnel_tls.replace(tunnel)
+            replace_together((self.web_tls, web), (self.tunnel_tls, tunnel))
             self._tunnel_factory.trust_changed()
         except (OSError, ValueError, crypto.Error) as err:   # ssl.SSLError is an OSError
             log.warn("cannot rebuild TLS for the new cluster CAs (new connections keep the "

@@ -13,7 +13,7 @@ import ssl
 
 from apptunnel.tls.contexts import ServerTls, server_context
 
-__all__ = ["SwitchableTls"]
+__all__ = ["SwitchableTls", "replace_together"]
 
 
 class SwitchableTls:
@@ -25,7 +25,15 @@ class SwitchableTls:
     def replace(self, tls: ServerTls) -> None:
         """Build the new context now: a bad certificate or key fails here (``ssl.SSLError``,
         an OSError, or ValueError), not at the next accept, and the old one stays."""
-        self._context = server_context(tls)
+        replace_together((self, tls))
 
     def context(self) -> ssl.SSLContext:
         return self._context
+
+
+def replace_together(*changes: tuple[SwitchableTls, ServerTls]) -> None:
+    """Build every new context first, then switch them all: the web and tunnel ports move
+    to a rotation's CAs together, and a context that cannot be built switches none."""
+    built = [(switch, server_context(tls)) for switch, tls in changes]
+    for switch, context in built:
+        switch._context = context

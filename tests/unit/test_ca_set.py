@@ -189,6 +189,25 @@ def test_switchable_tls_gives_new_connections_the_replaced_options(monkeypatch):
     assert tls.context() == "context of new"
 
 
+def test_the_web_and_tunnel_contexts_switch_together_or_not_at_all(monkeypatch):
+    """A rotation rebuilds both ports' contexts: if the second cannot be built, the first
+    keeps its old context too (the two ports never trust different CAs)."""
+    from apptunnel.proxy import tls_switch
+
+    def build(tls):
+        if tls.startswith("bad"):
+            raise ValueError("bad certificate")
+        return f"context of {tls}"
+
+    monkeypatch.setattr(tls_switch, "server_context", build)
+    web, tunnel = SwitchableTls("web old"), SwitchableTls("tunnel old")
+    with pytest.raises(ValueError):
+        tls_switch.replace_together((web, "web new"), (tunnel, "bad tunnel"))
+    assert (web.context(), tunnel.context()) == ("context of web old", "context of tunnel old")
+    tls_switch.replace_together((web, "web new"), (tunnel, "tunnel new"))
+    assert (web.context(), tunnel.context()) == ("context of web new", "context of tunnel new")
+
+
 @pytest_twisted.ensureDeferred
 async def test_an_upgraded_data_dir_still_starts_after_a_host_ca_rotation(tmp_path, clock):
     """An old data_dir keeps ca.key; after a host-CA rotation the proxy publishes the new
