@@ -22,6 +22,7 @@ TRUST_* values), ``cert_pem``, ``key_pem``, ``ca_pem`` (for pinned trust) and
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from http.client import responses
 from typing import NamedTuple
@@ -29,9 +30,8 @@ from urllib.parse import quote
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import SSL
-from twisted.internet import defer, ssl
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -39,16 +39,18 @@ from zope.interface import implementer
 
 from apptunnel.errors import ApptunnelError
 from apptunnel.net import loopback_host, split_host_port
+from apptunnel.tls.contexts import ClientTls, client_context
+from apptunnel.tls.layer import TlsClientEndpoint, describe_error
 from apptunnel.tunnel.errors import StreamRefused, status_of
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol
 from apptunnel.tunnel.relay import Relay
 
 __all__ = ["LISTEN_BACKLOG", "Answer", "LocalProxy", "LocalProxyError", "SecondFactorNeeded",
-           "check", "http_answer"]
+           "check", "http_answer", "proxy_tls"]
 
 # Trust modes for the proxy's web certificate.
-TRUST_PINNED = "pinned"      # only the cluster CA in ca_pem (its pin checked at login/join)
+TRUST_PINNED = "pinned"      # only the CAs in ca_pem (the cluster CA's pin checked at login/join)
 TRUST_SYSTEM = "system"      # the system trust store (a publicly trusted proxy certificate)
 TRUST_INSECURE = "insecure"  # no verification at all (--insecure)
 
@@ -86,7 +88,7 @@ async def check(proxy: LocalProxy) -> str:
         raise LocalProxyError(proxy.expired)
     try:
         endpoint = proxy.endpoint(profile)
-    except (ValueError, SSL.Error) as err:
+    except (ValueError, ssl.SSLError) as err:
         raise LocalProxyError(f"cannot use the saved login: {err}") from None
     asked = _Question()
     connecting = endpoint.connect(_RemoteFactory(asked, proxy.request(dry_run=True)))
@@ -114,6 +116,7 @@ class Answer(NamedTuple):
 
     status: int          # 0 when there was no status line
     raw: bytes           # the whole answer as received (at most MAX_RESPONSE bytes)
+    ended: str = ""      # without an answer: why TLS ended the connection, if it did
 
     def text(self) -> str:
         """The first line of the body (the proxy's one-line reason)."""
@@ -124,7 +127,7 @@ class Answer(NamedTuple):
     def line(self) -> str:
         """One line to print: the proxy's status and reason."""
         if not self.raw:
-            return "the proxy closed the connection without answering"
+            return self.ended or "the proxy closed the connection without answering"
         status_line = self.raw.split(b"\r\n", 1)[0].decode("latin-1")
         text = self.text()
         return f"proxy refused: {status_line.partition(' ')[2]}" + (f": {text}" if text else "")
@@ -184,6 +187,7 @@ class LocalProxy(Factory):
         self.expired = expired
         self.multiplexed = False      # set by `check` when the proxy offers it
         self._link: _MuxLink | None = None
+        self._made: tuple[ClientTls, ssl.SSLContext] | None = None
 
     def bind(self, profile) -> None:
         """Present this one-app MFA certificate from now on, never re-reading the saved
@@ -242,31 +246,42 @@ class LocalProxy(Factory):
             self._link.retire()
             self._link = None
 
-    def endpoint(self, profile):
+    def endpoint(self, profile, batch: bool = False) -> TlsClientEndpoint:
+        """TLS to the proxy (apptunnel/tls) trusting it as ``profile`` says and presenting
+        its certificate. ``batch``: a reactor turn's writes leave as one TLS write, for the
+        multiplexed connection, which carries a frame per stream and turn. Raises
+        ValueError or ssl.SSLError on a saved login that cannot be used."""
         host, port = split_host_port(profile.proxy, 443)
-        client_cert = ssl.PrivateCertificate.loadPEM(profile.cert_pem + b"\n" + profile.key_pem)
-        if profile.trust == TRUST_INSECURE:
-            creator = ssl.CertificateOptions(
-                privateKey=client_cert.privateKey.original,
-                certificate=client_cert.original, verify=False,
-                raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-            )
-        else:
-            trust = (pinned_trust_root(profile.ca_pem) if profile.trust == TRUST_PINNED
-                     else None)
-            creator = ssl.optionsForClientTLS(host, trustRoot=trust, clientCertificate=client_cert)
+        context = self._context(proxy_tls(profile))
         tcp = HostnameEndpoint(self.reactor, loopback_host(host), port,
                                timeout=self.connect_timeout)
-        return wrapClientTLS(creator, tcp)
+        return TlsClientEndpoint(tcp, lambda: context, host,
+                                 batch_clock=self.reactor if batch else None)
+
+    def _context(self, tls: ClientTls) -> ssl.SSLContext:
+        """The context for ``tls``, made again only when the login changed: an older
+        proxy's run dials once per local connection, and loading the system's store
+        takes tens of milliseconds."""
+        if self._made is None or self._made[0] != tls:
+            self._made = (tls, client_context(tls))
+        return self._made[1]
 
 
+def proxy_tls(profile) -> ClientTls:
+    """How ``proxy app`` meets the proxy's web port, by the profile's trust mode: pinned,
+    every CA in ``ca.crt`` (the pinned one, plus a new host CA learnt during a host-CA
+    rotation) and nothing else; insecure (``login --insecure``), no check at all; any
+    other, the system's store. Verified modes check that the certificate names the host
+    dialled (``TlsClientEndpoint``). TLS 1.2 or later and no ALPN, as the port expects."""
+    shown = {"cert_pem": profile.cert_pem, "key_pem": profile.key_pem}
+    if profile.trust == TRUST_PINNED:
+        cas = tuple(cert.public_bytes(serialization.Encoding.PEM)
+                    for cert in x509.load_pem_x509_certificates(profile.ca_pem or b""))
+        return ClientTls(trusted_cas=cas, **shown)
+    if profile.trust == TRUST_INSECURE:
+        return ClientTls(trusted_cas=(), verify=False, **shown)
+    return ClientTls(trusted_cas=(), system_cas=True, **shown)
 
-def pinned_trust_root(ca_pem: bytes):
-    """Every CA in a pinned ``ca.crt``: the pinned one, plus a new host CA learnt during a
-    host-CA rotation (the proxies switch to it when the grace ends)."""
-    return ssl.trustRootFromCertificates(
-        [ssl.Certificate.loadPEM(cert.public_bytes(serialization.Encoding.PEM))
-         for cert in x509.load_pem_x509_certificates(ca_pem)])
 
 @implementer(IHalfCloseableProtocol)
 class LocalConnection(Protocol):
@@ -298,7 +313,7 @@ class LocalConnection(Protocol):
             return
         try:
             endpoint = f.endpoint(profile)
-        except (ValueError, SSL.Error) as err:
+        except (ValueError, ssl.SSLError) as err:
             self._fail(502, f"cannot use the saved login: {err}")
             return
         self._connecting = endpoint.connect(_RemoteFactory(self, f.request()))
@@ -415,8 +430,8 @@ class _MuxLink:
         self._tunnel: TunnelProtocol | None = None
         self._waiting: list[defer.Deferred] = []
         try:
-            endpoint = proxy.endpoint(profile)
-        except (ValueError, SSL.Error) as err:
+            endpoint = proxy.endpoint(profile, batch=True)
+        except (ValueError, ssl.SSLError) as err:
             self._fail(_Unserved(502, f"cannot use the saved login: {err}"))
             return
         d = endpoint.connect(_RemoteFactory(self, proxy.request(mux=True)))
@@ -547,7 +562,18 @@ class RemoteSide(Protocol):
             self._end.connectionLost(reason)
             return
         raw = bytes(self._buf)
-        self._owner.refused(Answer(_status(raw), raw))
+        self._owner.refused(Answer(_status(raw), raw, _tls_ended(reason)))
+
+
+def _tls_ended(reason: Failure) -> str:
+    """One line for a connection TLS ended (our check refused the proxy's certificate, or
+    another TLS error such as the proxy refusing ours), empty for any other end."""
+    err = reason.value
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return f"the proxy's certificate was refused: {describe_error(err)}"
+    if isinstance(err, ssl.SSLError):
+        return f"TLS with the proxy failed: {describe_error(err)}"
+    return ""
 
 
 def _status(raw: bytes) -> int:

@@ -71,35 +71,51 @@ def server_context(tls: ServerTls) -> ssl.SSLContext:
 @attrs.frozen(repr=False)
 class ClientTls:
     """What a TLS client trusts and shows: the server's certificate must chain to one of
-    ``trusted_cas`` (nothing else: no system store) and name the host dialled."""
+    ``trusted_cas`` (and, with ``system_cas``, the system's store; nothing else) and name
+    the host dialled. ``verify=False`` checks nothing (``proxy app`` after ``login
+    --insecure``) and then trusts no CA, so a record cannot seem to pin what it ignores."""
 
-    trusted_cas: tuple[bytes, ...]        # the only authorities a server may chain to
+    trusted_cas: tuple[bytes, ...]        # authorities a server may chain to
     cert_pem: bytes | None = None         # our client certificate, if we present one
     key_pem: bytes | None = None          # its private key (unencrypted PEM)
     chain: tuple[bytes, ...] = ()         # further certificates sent after ours
     alpn: tuple[str, ...] = ()            # protocols offered by ALPN, preferred first
     minimum_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
+    system_cas: bool = False              # also the system's trust store (load_default_certs)
+    verify: bool = True                   # False: no chain and no name check at all
 
     def __repr__(self) -> str:   # never the key
         return (f"ClientTls(trusted_cas={len(self.trusted_cas)}, "
+                f"system_cas={self.system_cas}, verify={self.verify}, "
                 f"client_cert={self.cert_pem is not None}, alpn={self.alpn}, "
                 f"minimum_version={self.minimum_version.name})")
 
 
 def client_context(tls: ClientTls) -> ssl.SSLContext:
-    """A client context for ``tls``: the server is verified (chain to ``trusted_cas``,
-    hostname or IP address checked by ``wrap_bio(server_hostname=...)``); raises
-    ``ssl.SSLError`` or ValueError on a certificate, key or CA that cannot be used."""
-    if not tls.trusted_cas:
+    """A client context for ``tls``: the server is verified (chain to ``trusted_cas`` or,
+    with ``system_cas``, the system's store; hostname or IP address checked by
+    ``wrap_bio(server_hostname=...)``) unless ``verify`` is False; raises ``ssl.SSLError``
+    or ValueError on a certificate, key or CA that cannot be used, or a record that trusts
+    nothing while verifying, or trusts CAs while not verifying."""
+    if tls.verify and not (tls.trusted_cas or tls.system_cas):
         raise ValueError("a TLS client needs at least one trusted CA")
+    if not tls.verify and (tls.trusted_cas or tls.system_cas):
+        raise ValueError("a TLS client that does not verify the server trusts no CA")
     if (tls.cert_pem is None) != (tls.key_pem is None):
         raise ValueError("a client certificate needs its key, and a key its certificate")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)   # CERT_REQUIRED, check_hostname
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.check_hostname = True
+    if tls.verify:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.check_hostname = True
+    else:
+        ctx.check_hostname = False   # before CERT_NONE, which it would refuse
+        ctx.verify_mode = ssl.CERT_NONE
     ctx.minimum_version = tls.minimum_version
     ctx.options |= _OPTIONS
-    _load_cas(ctx, tls.trusted_cas)
+    if tls.trusted_cas:
+        _load_cas(ctx, tls.trusted_cas)
+    if tls.system_cas:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if tls.cert_pem is not None:
         _load_cert_chain(ctx, tls.cert_pem, tls.key_pem, tls.chain)
     if tls.alpn:

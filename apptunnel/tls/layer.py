@@ -52,7 +52,7 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 __all__ = ["ContextSource", "TlsClientEndpoint", "TlsClientFactory", "TlsProtocol",
-           "TlsServerEndpoint", "TlsServerFactory"]
+           "TlsServerEndpoint", "TlsServerFactory", "describe_error"]
 
 _log = Logger()
 
@@ -270,7 +270,7 @@ class TlsProtocol(Protocol):
         """A TLS error (a bad handshake, garbage, a certificate refused): one log line, the
         alert OpenSSL made (if any) to the peer, and the connection closed."""
         _log.info("{what} with {peer}: {reason}", what=what, peer=_peer(self.transport),
-                  reason=_describe(err))
+                  reason=describe_error(err))
         self._reason = Failure(err)
         self._finished = True
         self._writable = False
@@ -593,9 +593,9 @@ def _peer(transport) -> str:
     return f"{host}:{port}" if host is not None and port is not None else str(address)
 
 
-def _describe(err: Exception) -> str:
-    """What went wrong, for the log: the certificate check's verdict, else OpenSSL's
-    reason ("wrong version number", "http request", "no shared cipher")."""
+def describe_error(err: Exception) -> str:
+    """What went wrong, for the log or a user: the certificate check's verdict, else
+    OpenSSL's reason ("wrong version number", "http request", "no shared cipher")."""
     text = getattr(err, "verify_message", None) or getattr(err, "reason", None)
     if text:
         return str(text).replace("_", " ").lower()

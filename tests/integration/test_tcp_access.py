@@ -4,6 +4,7 @@ SQLite/RoleCache/AuditLog/LockWatcher, and the CLI's LocalProxy as the client.""
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import pytest_twisted
 from cryptography import x509
@@ -581,6 +582,28 @@ async def test_check_before_listening(env):
         await check(local("multi", 22))
     assert info.value.message == "proxy refused: 403 Forbidden: port 22 is not served by multi"
     assert not env.access.sessions
+
+
+@BOTH_MODES
+@pytest_twisted.ensureDeferred
+async def test_a_proxy_outside_the_pinned_ca_is_refused_with_one_line(env, tmp_path):
+    """A login pinned to another CA: the dry run and each connection stop at the TLS
+    handshake with one line saying the proxy's certificate was refused and why."""
+    from apptunnel.cli.context import CliError
+    from apptunnel.cli.proxy_app import check
+
+    other = ClusterCA.load_or_create(str(tmp_path / "other"), "other", wall_clock)
+    profile = attrs.evolve(env.profile("alice"), ca_pem=other.cert_pem)
+    with pytest.raises(CliError) as info:
+        await check(LocalProxy(reactor, lambda: profile, "db", None, [].append))
+    line = info.value.message
+    assert line.startswith("the proxy's certificate was refused: "), line
+    assert "certificate" in line.partition(": ")[2]
+    port, said = await env.local(profile, "db")
+    assert await env.exchange(port, b"hello") == b""
+    await until(lambda: said, "the printed line")
+    assert said == [line]
+    assert await env.events("tcp.session.start") == []
 
 
 @pytest_twisted.ensureDeferred

@@ -515,3 +515,58 @@ def test_the_agents_tunnel_context_follows_its_identity(pki):
                                      trusted=(pki.ca.cert_pem, pki.other.cert_pem))
     second = contexts()
     assert second is not first and len(second.get_ca_certs()) == 2
+
+
+def test_a_client_that_does_not_verify_trusts_no_ca(pki):
+    """verify=False with CAs (given or the system's) is refused: a record must not seem to
+    pin what it does not check. The record's repr says which trust it has."""
+    with pytest.raises(ValueError):
+        client_context(ClientTls(trusted_cas=(pki.ca.cert_pem,), verify=False))
+    with pytest.raises(ValueError):
+        client_context(ClientTls(trusted_cas=(), system_cas=True, verify=False))
+    shown = repr(ClientTls(trusted_cas=(), system_cas=True))
+    assert "system_cas=True" in shown and "verify=True" in shown
+
+
+# -- trust beyond given CAs (proxy app's logins) ------------------------------------------------
+
+def test_a_client_that_does_not_verify_takes_any_server_and_shows_its_certificate(pki, logged):
+    """verify=False (a login made with --insecure): a certificate of another CA, naming
+    another host, is taken, over TLS 1.2 or later; the client certificate is still shown."""
+    cert, key = pki.client
+    tls = ClientTls(trusted_cas=(), cert_pem=cert, key_pem=key, verify=False)
+    ctx = client_context(tls)
+    assert ctx.verify_mode == stdlib_ssl.CERT_NONE and not ctx.check_hostname
+    assert ctx.minimum_version == stdlib_ssl.TLSVersion.TLSv1_2
+    foreign_cert, foreign_key = pki.foreign
+    server = our_server(server_context(ServerTls(foreign_cert, foreign_key,
+                                                 client_cas=(pki.ca.cert_pem,))))
+    client = our_client(tls, host="proxy.example.com")
+    pump = joined(client, server)
+    client.write(b"hello")
+    pump.flush()
+    assert client.app.handshakes == 1 and server.app.data == b"hello"
+    assert subject_cn(server.getPeerCertificate()) == "host-1"
+    assert tls_messages(logged) == []
+
+
+def test_system_cas_trust_the_systems_store(pki, tmp_path, monkeypatch, logged):
+    """system_cas loads the system's store (load_default_certs; SSL_CERT_FILE relocates
+    it): a server of a CA found only there is taken with it, refused without it."""
+    store = tmp_path / "system.pem"
+    store.write_bytes(pki.other.cert_pem)
+    monkeypatch.setenv("SSL_CERT_FILE", str(store))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "no-such-dir"))
+    system = ClientTls(trusted_cas=(), system_cas=True)
+    assert client_context(system).cert_store_stats()["x509_ca"] == 1
+    foreign_cert, foreign_key = pki.foreign
+
+    def foreign_server() -> TlsProtocol:
+        return our_server(server_context(ServerTls(foreign_cert, foreign_key,
+                                                   chain=(pki.other.cert_pem,))))
+
+    client = our_client(system)
+    joined(client, foreign_server())
+    assert client.app.handshakes == 1
+    refused(pki, our_client(ClientTls(trusted_cas=(pki.ca.cert_pem,))), foreign_server(),
+            logged, "self-signed certificate in certificate chain")
