@@ -481,7 +481,26 @@ class TlsProtocol(Protocol):
         return getattr(self.transport, name)
 
 
-class TlsServerFactory(Factory):
+class _WrappingFactory(Factory):
+    """What the server and client factories share: the wrapped factory starts and stops
+    with this one, and logs under its own name marked "(TLS)"."""
+
+    noisy = False
+    wrappedFactory: IProtocolFactory
+
+    def doStart(self) -> None:
+        self.wrappedFactory.doStart()
+
+    def doStop(self) -> None:
+        self.wrappedFactory.doStop()
+
+    def logPrefix(self) -> str:
+        inner = self.wrappedFactory
+        prefix = inner.logPrefix() if hasattr(inner, "logPrefix") else type(inner).__name__
+        return f"{prefix} (TLS)"
+
+
+class TlsServerFactory(_WrappingFactory):
     """Wraps ``wrapped`` factory's protocols in TLS with the context current at accept.
 
     ``batch_clock``: writes made in one reactor turn are sent together at its end
@@ -490,8 +509,6 @@ class TlsServerFactory(Factory):
     each, and the peer wakes once to read them. A client connection writes one whole
     response a turn, and a timer per connection and turn would cost more than it saves.
     """
-
-    noisy = False
 
     def __init__(self, contexts: ContextSource, wrapped: IProtocolFactory,
                  batch_clock: IReactorTime | None = None) -> None:
@@ -504,17 +521,6 @@ class TlsServerFactory(Factory):
         if inner is None:
             return None
         return TlsProtocol(self, inner, self._contexts(), self._clock)
-
-    def doStart(self) -> None:
-        self.wrappedFactory.doStart()
-
-    def doStop(self) -> None:
-        self.wrappedFactory.doStop()
-
-    def logPrefix(self) -> str:
-        inner = self.wrappedFactory
-        prefix = inner.logPrefix() if hasattr(inner, "logPrefix") else type(inner).__name__
-        return f"{prefix} (TLS)"
 
 
 @implementer(IStreamServerEndpoint)
@@ -532,12 +538,10 @@ class TlsServerEndpoint:
 
 
 
-class TlsClientFactory(Factory):
+class TlsClientFactory(_WrappingFactory):
     """Wraps ``wrapped`` factory's protocols in client TLS with ``context``, checking that
     the server's certificate names ``server_hostname``; ``batch_clock`` as for
     ``TlsServerFactory`` (a tunnel's writes batched per reactor turn)."""
-
-    noisy = False
 
     def __init__(self, context: ssl.SSLContext, server_hostname: str,
                  wrapped: IProtocolFactory, batch_clock: IReactorTime | None = None) -> None:
@@ -552,12 +556,6 @@ class TlsClientFactory(Factory):
             return None
         return TlsProtocol(self, inner, self._context, self._clock, server_side=False,
                            server_hostname=self._hostname)
-
-    def doStart(self) -> None:
-        self.wrappedFactory.doStart()
-
-    def doStop(self) -> None:
-        self.wrappedFactory.doStop()
 
 
 @implementer(IStreamClientEndpoint)
