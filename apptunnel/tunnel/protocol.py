@@ -115,8 +115,8 @@ class TunnelProtocol(Protocol):
                 cert = self.transport.getPeerCertificate()
             except Exception:
                 cert = None
-            # pyOpenSSL's X509 from Twisted's TLS (the agent's side), a cryptography
-            # certificate from apptunnel.tls (the proxy's).
+            # A cryptography certificate from apptunnel.tls (every end of ours), or
+            # pyOpenSSL's X509 under Twisted's own TLS (a peer wrapped with it).
             to_cryptography = getattr(cert, "to_cryptography", None)
             if to_cryptography is not None:
                 cert = to_cryptography()
