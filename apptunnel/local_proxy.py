@@ -41,6 +41,7 @@ from apptunnel.errors import ApptunnelError
 from apptunnel.net import loopback_host, split_host_port
 from apptunnel.tls.contexts import ClientTls, client_context
 from apptunnel.tls.layer import TlsClientEndpoint, describe_error
+from apptunnel.tunnel.endpoints import no_delay, write_through
 from apptunnel.tunnel.errors import StreamRefused, status_of
 from apptunnel.tunnel.frames import ErrorCode
 from apptunnel.tunnel.protocol import TunnelProtocol
@@ -300,6 +301,10 @@ class LocalConnection(Protocol):
         self._linger = None
 
     def connectionMade(self) -> None:
+        # Sent at once, as the agent does with an app's socket: each relayed chunk would
+        # otherwise wait for the next poll (two epoll_ctl calls and a reactor pass each).
+        no_delay(self.transport)
+        write_through(self.transport)
         # The relay reads nothing more from the client until the other end is joined.
         self._relay.a.makeConnection(self.transport)
         f = self._factory

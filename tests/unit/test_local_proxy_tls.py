@@ -5,10 +5,12 @@ network, no clock."""
 
 from __future__ import annotations
 
+import socket
 import ssl as stdlib_ssl
 
 import pytest
 from cryptography.x509.oid import NameOID
+from twisted.internet import tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
@@ -221,3 +223,27 @@ def test_the_other_connections_send_at_once(pki):
     client.transport.write(b"right away")
     pump.flush()
     assert server.data == b"right away"
+
+
+def test_a_local_connection_sends_at_once_and_without_nagle():
+    """The local client's socket is write-through (no epoll_ctl and reactor pass per relayed
+    chunk) with TCP_NODELAY, as the agent's sockets to its apps are."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname())
+    ours, _ = listener.accept()
+    listener.close()
+    reactor = MemoryReactorClock()
+    proxy = LocalProxy(reactor, lambda: None, "db", None, [].append, kind="http")
+    conn = tcp.Connection(ours, proxy.buildProtocol(None), reactor)
+    conn.connected = 1
+    conn.protocol.makeConnection(conn)   # no login: the 401 answer is the first write
+    try:
+        assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        # The memory reactor never calls doWrite: what arrived was sent by write() itself.
+        client.settimeout(5)
+        assert client.recv(4096).startswith(b"HTTP/1.1 401 ")
+    finally:
+        client.close()
+        ours.close()
