@@ -40,7 +40,7 @@ from zope.interface import implementer
 from apptunnel.errors import ApptunnelError
 from apptunnel.net import loopback_host, split_host_port
 from apptunnel.tls.contexts import ClientTls, client_context
-from apptunnel.tls.layer import TlsClientEndpoint, describe_error
+from apptunnel.tls.layer import TlsClientEndpoint, client_failure
 from apptunnel.tunnel.endpoints import no_delay, write_through
 from apptunnel.tunnel.errors import StreamRefused, status_of
 from apptunnel.tunnel.frames import ErrorCode
@@ -567,18 +567,8 @@ class RemoteSide(Protocol):
             self._end.connectionLost(reason)
             return
         raw = bytes(self._buf)
-        self._owner.refused(Answer(_status(raw), raw, _tls_ended(reason)))
-
-
-def _tls_ended(reason: Failure) -> str:
-    """One line for a connection TLS ended (our check refused the proxy's certificate, or
-    another TLS error such as the proxy refusing ours), empty for any other end."""
-    err = reason.value
-    if isinstance(err, ssl.SSLCertVerificationError):
-        return f"the proxy's certificate was refused: {describe_error(err)}"
-    if isinstance(err, ssl.SSLError):
-        return f"TLS with the proxy failed: {describe_error(err)}"
-    return ""
+        ended = client_failure(reason.value, "the proxy") or ""
+        self._owner.refused(Answer(_status(raw), raw, ended))
 
 
 def _status(raw: bytes) -> int:

@@ -65,7 +65,7 @@ from apptunnel.diag import FAILING, DiagSite, Readiness, diag_endpoint, listener
 from apptunnel.metrics import AgentMetrics
 from apptunnel.startup import Listeners, fatal
 from apptunnel.tls.contexts import ClientTls, client_context
-from apptunnel.tls.layer import TlsClientEndpoint
+from apptunnel.tls.layer import TlsClientEndpoint, client_failure
 from apptunnel.tunnel.protocol import TunnelProtocol
 
 __all__ = ["AgentService"]
@@ -622,7 +622,7 @@ class AgentService(MultiService):
                       when=_iso(self.identity.not_after), path=self.config.path)
             return
         log.warn("tunnel to {addr} not established: {reason}", addr=handler.link.addr,
-                 reason=reason.getErrorMessage())
+                 reason=client_failure(reason.value, "the proxy") or reason.getErrorMessage())
 
     def _rejoin(self) -> None:
         """Our certificate is expired or unknown to the proxy and a token is configured:

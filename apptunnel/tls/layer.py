@@ -52,7 +52,7 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 __all__ = ["ContextSource", "TlsClientEndpoint", "TlsClientFactory", "TlsProtocol",
-           "TlsServerEndpoint", "TlsServerFactory", "describe_error"]
+           "TlsServerEndpoint", "TlsServerFactory", "client_failure", "describe_error"]
 
 _log = Logger()
 
@@ -267,10 +267,13 @@ class TlsProtocol(Protocol):
         self.transport.loseConnection()
 
     def _fail(self, what: str, err: Exception) -> None:
-        """A TLS error (a bad handshake, garbage, a certificate refused): one log line, the
-        alert OpenSSL made (if any) to the peer, and the connection closed."""
-        _log.info("{what} with {peer}: {reason}", what=what, peer=_peer(self.transport),
-                  reason=describe_error(err))
+        """A TLS error (a bad handshake, garbage, a certificate refused): the alert OpenSSL
+        made (if any) to the peer, and the connection closed. A server logs one line (who
+        came and why it failed); a client's owner says it, from ``connectionLost``'s
+        reason (``client_failure``), with what it was dialling for."""
+        if self._server_side:
+            _log.info("{what} with {peer}: {reason}", what=what, peer=_peer(self.transport),
+                      reason=describe_error(err))
         self._reason = Failure(err)
         self._finished = True
         self._writable = False
@@ -589,6 +592,17 @@ def _peer(transport) -> str:
         return "an unknown peer"
     host, port = getattr(address, "host", None), getattr(address, "port", None)
     return f"{host}:{port}" if host is not None and port is not None else str(address)
+
+
+def client_failure(err: BaseException, peer: str) -> str | None:
+    """One line for a client whose TLS connection to ``peer`` ("the proxy") failed: its
+    certificate refused by our check, or another TLS error (ours refused, garbage); None
+    when ``err`` is not a TLS error."""
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return f"{peer}'s certificate was refused: {describe_error(err)}"
+    if isinstance(err, ssl.SSLError):
+        return f"TLS with {peer} failed: {describe_error(err)}"
+    return None
 
 
 def describe_error(err: Exception) -> str:

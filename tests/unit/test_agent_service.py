@@ -114,6 +114,30 @@ def test_refused_hello_is_one_error_line_and_backs_off(tmp_path, ca):
     assert seed_link(service)._retry_delay(0) == 0.5    # accepted: back to the first delay
 
 
+def test_a_refused_proxy_certificate_is_one_warning_naming_the_verdict(tmp_path, ca):
+    """The tunnel's TLS refused the proxy's certificate: one line, the agent's, with the
+    check's verdict (the TLS layer logs nothing of its own on a client)."""
+    import ssl
+
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    saved_identity(tmp_path, ca)
+    service = AgentService(config(tmp_path), MemoryReactorClock())
+    err = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    err.verify_message = "self-signed certificate in certificate chain"
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        handler, tunnel = connected(service)
+        handler.tunnel_lost(tunnel, Failure(err))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warnings = [e for e in events if e.get("log_level") >= LogLevel.warn]
+    assert len(warnings) == 1
+    assert warnings[0]["reason"] == ("the proxy's certificate was refused: "
+                                     "self-signed certificate in certificate chain")
+
+
 def test_refused_apps_are_logged_and_renewal_is_scheduled(tmp_path, ca):
     """hello_ok listing refused apps logs one line each; a renewal is asked for at two
     thirds of the certificate's remaining life with a CSR for the same key, and the

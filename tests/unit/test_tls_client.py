@@ -24,7 +24,8 @@ from zope.interface import implementer
 from apptunnel.agent.join import AgentIdentity
 from apptunnel.agent.service import _TunnelContexts
 from apptunnel.tls.contexts import ClientTls, ServerTls, client_context, server_context
-from apptunnel.tls.layer import TlsClientEndpoint, TlsClientFactory, TlsProtocol, TlsServerFactory
+from apptunnel.tls.layer import (TlsClientEndpoint, TlsClientFactory, TlsProtocol, TlsServerFactory,
+                                 client_failure)
 from apptunnel.tunnel.protocol import TunnelProtocol
 from tests.support.pump import Pump
 from tests.support.tls_ends import App, Pki, tls_messages
@@ -218,17 +219,18 @@ def test_the_agents_tunnel_protocol_over_our_client_and_server(pki, tunnel_ctx):
 # -- refusals --------------------------------------------------------------------------------
 
 def refused(pki, client, server, logged, text: str) -> None:
-    """The client refused the server: one log line naming why (the client's, whose peer is
-    127.0.0.1:3024; our server logs the alert it got), closed, nothing delivered either
-    way (what the client wrote was held and is dropped)."""
+    """The client refused the server: closed, nothing delivered either way (what the client
+    wrote was held and is dropped), and no log line of the client's own (its peer is
+    127.0.0.1:3024; our server logs the alert it got): its owner says it, from the reason
+    it gets, which ``client_failure`` turns into the one line naming why."""
     client.write(b"never sent")
     pump = joined(client, server)
     assert pump.closed
-    lines = [line for line in tls_messages(logged) if "127.0.0.1:40001" not in line]
-    assert len(lines) == 1, lines
-    assert "TLS handshake failed with 127.0.0.1:3024" in lines[0] and text in lines[0], lines
+    assert [line for line in tls_messages(logged) if "127.0.0.1:3024" in line] == []
     assert client.app.handshakes == 0
     assert client.app.lost.check(stdlib_ssl.SSLCertVerificationError)
+    line = client_failure(client.app.lost.value, "the proxy")
+    assert line.startswith("the proxy's certificate was refused: ") and text in line, line
     assert server.app.data == b"" and client.app.data == b""
 
 
@@ -288,21 +290,21 @@ def test_sni_names_the_host_and_is_not_sent_for_an_address(pki):
 
 
 def test_a_client_certificate_the_server_refuses_closes_the_client(pki, logged):
-    """Our server requires a cluster certificate; a stranger's is refused there, the
-    client hears the alert, logs one line and closes; nothing reaches the server's app."""
+    """Our server requires a cluster certificate; a stranger's is refused there (one line,
+    the server's), the client hears the alert and closes; nothing reaches the server's app."""
     ctx = server_context(pki.tls(require_client_cert=True, minimum_version=TLS13))
     client, server = our_client(agent_tls(pki, cert=pki.stranger)), our_server(ctx)
     client.write(b"hello")
     pump = joined(client, server)
     assert pump.closed and server.app.data == b""
     assert client.app.lost is not None and client.app.lost.check(stdlib_ssl.SSLError)
-    client_lines = [line for line in tls_messages(logged) if "127.0.0.1:3024" in line]
-    assert len(client_lines) == 1
+    assert [line for line in tls_messages(logged) if "127.0.0.1:3024" in line] == []
+    assert client_failure(client.app.lost.value, "the proxy").startswith("TLS with the proxy failed: ")
 
 
-def test_garbage_from_the_server_is_one_log_line_and_a_close(pki, logged):
-    """Plain text where a ServerHello should be: one line with OpenSSL's reason, closed,
-    no exception into the reactor."""
+def test_garbage_from_the_server_is_a_close_with_openssls_reason(pki, logged):
+    """Plain text where a ServerHello should be: closed, no exception into the reactor, no
+    line of the client's own; the reason its owner gets names OpenSSL's verdict."""
     client = our_client(agent_tls(pki))
     peer = App()
     pump = Pump(client, peer)
@@ -310,13 +312,14 @@ def test_garbage_from_the_server_is_one_log_line_and_a_close(pki, logged):
     client.dataReceived(b"more garbage")   # ignored
     pump.flush()
     assert pump.closed
-    lines = tls_messages(logged)
-    assert len(lines) == 1 and "handshake failed with 127.0.0.1:3024" in lines[0]
+    assert tls_messages(logged) == []
     assert client.app.lost.check(stdlib_ssl.SSLError) and client.app.data == b""
+    assert client_failure(client.app.lost.value, "the proxy") == \
+        "TLS with the proxy failed: wrong version number"
 
 
-def test_garbage_after_the_handshake_is_one_log_line_and_a_close(pki, tunnel_ctx, logged):
-    """A corrupted record from the server after the handshake: one line, closed."""
+def test_garbage_after_the_handshake_is_a_close_with_the_tls_error(pki, tunnel_ctx, logged):
+    """A corrupted record from the server after the handshake: closed, the owner told why."""
     client, server = our_client(agent_tls(pki)), our_server(tunnel_ctx)
     pump = joined(client, server)
     server.write(b"x" * 100)
@@ -325,9 +328,9 @@ def test_garbage_after_the_handshake_is_one_log_line_and_a_close(pki, tunnel_ctx
     client.dataReceived(bytes(record))
     pump.flush()
     assert pump.closed
-    lines = [line for line in tls_messages(logged) if "127.0.0.1:3024" in line]   # the client's
-    assert len(lines) == 1 and "TLS connection failed" in lines[0]
+    assert [line for line in tls_messages(logged) if "127.0.0.1:3024" in line] == []
     assert client.app.lost.check(stdlib_ssl.SSLError) and client.app.data == b""
+    assert client_failure(client.app.lost.value, "the proxy").startswith("TLS with the proxy failed: ")
 
 
 # -- closing ---------------------------------------------------------------------------------
